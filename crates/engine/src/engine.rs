@@ -1,0 +1,224 @@
+//! The engine: what triggers, the API and workers use to start, inspect, cancel and signal runs.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+
+use crate::error::{EngineError, StoreError};
+use crate::model::{RunFilter, RunId, RunStatus, RunView, StartRun, Started};
+use crate::queue::RedisQueue;
+use crate::store::PgStore;
+use crate::workflow::{Registry, WorkflowDef, WorkflowInfo};
+
+pub(crate) struct EngineInner {
+    pub(crate) store: PgStore,
+    pub(crate) queue: RedisQueue,
+    pub(crate) registry: Registry,
+}
+
+impl EngineInner {
+    /// Enqueues wake-ups for runs that are due now. A failure is logged, not returned: the
+    /// sweeper finds every due run in PostgreSQL anyway.
+    pub(crate) async fn enqueue_now(&self, runs: &[RunId]) {
+        for run in runs {
+            if let Err(e) = self.queue.enqueue(*run).await {
+                tracing::warn!(run_id = %run, error = %e, "Enqueue failed; the sweeper will pick the run up.");
+            }
+        }
+    }
+
+    /// Enqueues a wake-up for `at`.
+    pub(crate) async fn enqueue_at(&self, run: RunId, at: DateTime<Utc>) {
+        if let Err(e) = self.queue.enqueue_at(run, at).await {
+            tracing::warn!(run_id = %run, error = %e, "Delayed enqueue failed; the sweeper will pick the run up.");
+        }
+    }
+}
+
+/// The engine. Cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    pub(crate) inner: Arc<EngineInner>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").finish_non_exhaustive()
+    }
+}
+
+/// Builds an [`Engine`]: `Engine::builder(store, queue).register(def).build()`.
+#[derive(Debug)]
+pub struct EngineBuilder {
+    store: PgStore,
+    queue: RedisQueue,
+    registry: Registry,
+}
+
+impl EngineBuilder {
+    /// Registers a workflow.
+    pub fn register(mut self, def: WorkflowDef) -> Self {
+        self.registry.register(def);
+        self
+    }
+
+    /// Registers several workflows.
+    pub fn register_all(mut self, defs: impl IntoIterator<Item = WorkflowDef>) -> Self {
+        for def in defs {
+            self.registry.register(def);
+        }
+        self
+    }
+
+    /// The engine.
+    pub fn build(self) -> Engine {
+        Engine {
+            inner: Arc::new(EngineInner {
+                store: self.store,
+                queue: self.queue,
+                registry: self.registry,
+            }),
+        }
+    }
+}
+
+impl Engine {
+    /// Starts building an engine on this store and queue.
+    pub fn builder(store: PgStore, queue: RedisQueue) -> EngineBuilder {
+        EngineBuilder {
+            store,
+            queue,
+            registry: Registry::default(),
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &PgStore {
+        &self.inner.store
+    }
+
+    /// The queue.
+    pub fn queue(&self) -> &RedisQueue {
+        &self.inner.queue
+    }
+
+    /// The registered workflows.
+    pub fn workflows(&self) -> Vec<WorkflowInfo> {
+        self.inner.registry.list()
+    }
+
+    /// Starts a run (or returns the earlier one with the same idempotency key).
+    pub async fn start(&self, req: StartRun) -> Result<Started, EngineError> {
+        let def = self
+            .inner
+            .registry
+            .get(&req.workflow)
+            .ok_or_else(|| EngineError::UnknownWorkflow(req.workflow.clone()))?;
+        def.validate(&req.input)
+            .map_err(|message| EngineError::InvalidInput {
+                workflow: req.workflow.clone(),
+                message,
+            })?;
+        if let Some(key) = &req.idempotency_key
+            && (key.is_empty() || key.len() > 512)
+        {
+            return Err(EngineError::BadRequest(
+                "idempotency_key must be 1 to 512 characters".into(),
+            ));
+        }
+        if let Some(c) = &req.concurrency
+            && (c.key.is_empty() || c.limit == 0)
+        {
+            return Err(EngineError::BadRequest(
+                "concurrency.key must not be empty and concurrency.limit must be at least 1".into(),
+            ));
+        }
+        let (started, due) = self
+            .inner
+            .store
+            .create_run(&req, def.version, None)
+            .await
+            .map_err(|e| match e {
+                StoreError::Conflict(m) => EngineError::Conflict(m),
+                other => EngineError::Store(other),
+            })?;
+        if started.created {
+            tracing::info!(run_id = %started.id, workflow = %req.workflow, status = %started.status, "Run started.");
+        }
+        self.inner.enqueue_now(&due).await;
+        Ok(started)
+    }
+
+    /// A run with its steps.
+    pub async fn get_run(&self, id: RunId) -> Result<RunView, EngineError> {
+        self.inner
+            .store
+            .get_run(id)
+            .await?
+            .ok_or(EngineError::RunNotFound(id))
+    }
+
+    /// Runs, newest first.
+    pub async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunView>, EngineError> {
+        Ok(self.inner.store.list_runs(filter).await?)
+    }
+
+    /// The run's history.
+    pub async fn events(&self, id: RunId) -> Result<Vec<Value>, EngineError> {
+        self.get_run(id).await?;
+        Ok(self.inner.store.events(id).await?)
+    }
+
+    /// Requests cancellation: the step in flight is cancelled, the undos of completed steps run
+    /// in reverse, and the run ends `cancelled`. Cancelling a finished run changes nothing.
+    pub async fn cancel(
+        &self,
+        id: RunId,
+        reason: Option<&str>,
+        by: &str,
+    ) -> Result<RunStatus, EngineError> {
+        let reason = reason.unwrap_or("cancelled on request");
+        let (status, due) = self
+            .inner
+            .store
+            .cancel(id, reason, by)
+            .await?
+            .ok_or(EngineError::RunNotFound(id))?;
+        tracing::info!(run_id = %id, by, reason, "Cancellation requested.");
+        self.inner.enqueue_now(&due).await;
+        Ok(status)
+    }
+
+    /// Sends a signal to a run; a wait for it (now or later) receives `payload`.
+    pub async fn signal(
+        &self,
+        id: RunId,
+        name: &str,
+        payload: Value,
+        by: &str,
+    ) -> Result<(), EngineError> {
+        if name.is_empty() || name.len() > 200 {
+            return Err(EngineError::BadRequest(
+                "signal name must be 1 to 200 characters".into(),
+            ));
+        }
+        match self.inner.store.signal(id, name, &payload, by).await? {
+            None => Err(EngineError::RunNotFound(id)),
+            Some(Err(status)) => Err(EngineError::Conflict(format!(
+                "run {id} is {status}; it takes no more signals"
+            ))),
+            Some(Ok(due)) => {
+                self.inner.enqueue_now(&due).await;
+                Ok(())
+            }
+        }
+    }
+
+    /// Whether PostgreSQL and Redis answer.
+    pub async fn ready(&self) -> Result<(), EngineError> {
+        self.inner.store.ping().await?;
+        self.inner.queue.ping().await?;
+        Ok(())
+    }
+}

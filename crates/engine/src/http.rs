@@ -1,0 +1,260 @@
+//! The HTTP API (`/api/v1`), health and readiness.
+//!
+//! Errors are JSON `{"error": "...", "code": "..."}` with a 4xx that says what is wrong, or a
+//! 500/503 that hides internals (details go to the log).
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{FromRequest, Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::engine::Engine;
+use crate::error::EngineError;
+use crate::model::{RunFilter, RunId, RunStatus, StartRun};
+
+/// The API's routes, on an engine.
+pub fn router(engine: Engine) -> Router {
+    Router::new()
+        .route(
+            "/healthz",
+            get(|| async { Json(json!({ "status": "ok" })) }),
+        )
+        .route("/readyz", get(ready))
+        .route("/api/v1/workflows", get(workflows))
+        .route("/api/v1/runs", post(start_run).get(list_runs))
+        .route("/api/v1/runs/{id}", get(get_run))
+        .route("/api/v1/runs/{id}/events", get(run_events))
+        .route("/api/v1/runs/{id}/cancel", post(cancel_run))
+        .route("/api/v1/runs/{id}/signals/{name}", post(signal_run))
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+        })
+        .with_state(engine)
+}
+
+/// An API error response.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(json!({ "error": self.message, "code": self.code })),
+        )
+            .into_response()
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::UnknownWorkflow(_) => {
+                Self::new(StatusCode::NOT_FOUND, "unknown_workflow", e.to_string())
+            }
+            EngineError::RunNotFound(_) => {
+                Self::new(StatusCode::NOT_FOUND, "run_not_found", e.to_string())
+            }
+            EngineError::InvalidInput { .. } => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_input",
+                e.to_string(),
+            ),
+            EngineError::Conflict(_) => Self::new(StatusCode::CONFLICT, "conflict", e.to_string()),
+            EngineError::BadRequest(_) => {
+                Self::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string())
+            }
+            EngineError::Store(_) | EngineError::Queue(_) => {
+                tracing::error!(error = %e, "API request failed.");
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "the engine's database or queue is unavailable; try again",
+                )
+            }
+        }
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(r: JsonRejection) -> Self {
+        let status = match r {
+            JsonRejection::MissingJsonContentType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        Self::new(
+            status,
+            "invalid_json",
+            format!("request body: {}", r.body_text()),
+        )
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(r: QueryRejection) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_query", r.body_text())
+    }
+}
+
+/// `Json` whose rejection is an [`ApiError`].
+#[derive(FromRequest)]
+#[from_request(via(Json), rejection(ApiError))]
+struct Body<T>(T);
+
+fn parse_id(id: &str) -> Result<RunId, ApiError> {
+    id.parse()
+        .map_err(|e: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_run_id", e))
+}
+
+async fn ready(State(engine): State<Engine>) -> Result<Json<Value>, ApiError> {
+    engine.ready().await.map_err(|e| {
+        tracing::warn!(error = %e, "Not ready.");
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            format!("not ready: {e}"),
+        )
+    })?;
+    Ok(Json(json!({ "status": "ready" })))
+}
+
+async fn workflows(State(engine): State<Engine>) -> Json<Value> {
+    Json(json!({ "workflows": engine.workflows() }))
+}
+
+async fn start_run(
+    State(engine): State<Engine>,
+    Body(mut req): Body<StartRun>,
+) -> Result<Response, ApiError> {
+    req.started_by = Some("api".into());
+    let started = engine.start(req).await?;
+    let status = if started.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(started)).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    status: Option<String>,
+    workflow: Option<String>,
+    limit: Option<u32>,
+}
+
+async fn list_runs(
+    State(engine): State<Engine>,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(q) = q?;
+    let status = match q.status.as_deref() {
+        None | Some("") => None,
+        Some(s) => Some(s.parse::<RunStatus>().map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_query",
+                format!("status: {e}"),
+            )
+        })?),
+    };
+    let runs = engine
+        .list_runs(&RunFilter {
+            status,
+            workflow: q.workflow.filter(|w| !w.is_empty()),
+            limit: q.limit,
+        })
+        .await?;
+    Ok(Json(json!({ "runs": runs })))
+}
+
+async fn get_run(
+    State(engine): State<Engine>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let run = engine.get_run(parse_id(&id)?).await?;
+    Ok(Json(serde_json::to_value(run).unwrap_or(Value::Null)))
+}
+
+async fn run_events(
+    State(engine): State<Engine>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let events = engine.events(parse_id(&id)?).await?;
+    Ok(Json(json!({ "events": events })))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct CancelBody {
+    reason: Option<String>,
+}
+
+async fn cancel_run(
+    State(engine): State<Engine>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let id = parse_id(&id)?;
+    let reason = if body.is_empty() {
+        None
+    } else {
+        serde_json::from_slice::<CancelBody>(&body)
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_json",
+                    format!("cancel body: {e}"),
+                )
+            })?
+            .reason
+    };
+    let status = engine.cancel(id, reason.as_deref(), "api").await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "id": id, "status": status, "cancel_requested": true })),
+    ))
+}
+
+async fn signal_run(
+    State(engine): State<Engine>,
+    Path((id, name)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let id = parse_id(&id)?;
+    let payload: Value = if body.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_json",
+                format!("signal payload is not JSON: {e}"),
+            )
+        })?
+    };
+    engine.signal(id, &name, payload, "api").await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "id": id, "signal": name })),
+    ))
+}

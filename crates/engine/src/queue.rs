@@ -1,0 +1,209 @@
+//! The Redis queue (apalis + apalis-redis) that carries "advance run" wake-ups.
+//!
+//! # Design notes
+//! Redis is not the source of truth: a job only says "look at run R". The worker claims the
+//! run's lease in PostgreSQL; a duplicate or stale job finds nothing to do. If Redis loses its
+//! data, the sweeper (see `worker.rs`) re-enqueues every due run it finds in PostgreSQL.
+//!
+//! apalis-redis schedules delayed jobs at whole seconds, so a wake-up due within
+//! [`QueueConfig::local_timer_horizon`] is held by a timer in this process instead, and enqueued
+//! when due; should the process die first, the sweeper enqueues the run when PostgreSQL says it
+//! is due. Retries and attempts live in PostgreSQL too (apalis-redis would re-run a failed job
+//! up to 25 times whatever its policy says), so the job handler never returns an error.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use apalis::prelude::{PollSnapshot, PollStrategy, TaskBuilder, TaskSink};
+use apalis_redis::{Config, RedisStorage};
+use chrono::{DateTime, Utc};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::error::QueueError;
+use crate::model::RunId;
+
+/// The job: "advance run R".
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct AdvanceJob {
+    pub(crate) run_id: RunId,
+}
+
+/// How the queue talks to Redis.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct QueueConfig {
+    /// The apalis queue name; runs of different dayshift installations sharing a Redis must
+    /// differ. Default `dayshift:advance`.
+    pub name: String,
+    /// How often an idle worker asks Redis for new jobs: the worst-case pick-up latency.
+    /// Default 5ms (a cheap Lua call).
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Worker heartbeat; a worker silent for `heartbeat_interval × missed_heartbeats` has its
+    /// jobs handed to others. Default 5s × 3.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// See `heartbeat_interval`.
+    pub missed_heartbeats: u32,
+    /// How long one Redis command may take before it fails (redis-rs defaults to 500ms, which
+    /// turns a short stall into a dead worker). Default 5s.
+    #[serde(with = "humantime_serde")]
+    pub response_timeout: Duration,
+    /// Wake-ups due sooner than this are timed in-process rather than by Redis. Default 30s.
+    #[serde(with = "humantime_serde")]
+    pub local_timer_horizon: Duration,
+    /// Jobs fetched per poll. Default 16.
+    pub batch_size: usize,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        Self {
+            name: "dayshift:advance".into(),
+            poll_interval: Duration::from_millis(5),
+            heartbeat_interval: Duration::from_secs(5),
+            missed_heartbeats: 3,
+            response_timeout: Duration::from_secs(5),
+            local_timer_horizon: Duration::from_secs(30),
+            batch_size: 16,
+        }
+    }
+}
+
+/// The queue. Cheap to clone.
+#[derive(Clone)]
+pub struct RedisQueue {
+    storage: RedisStorage<AdvanceJob>,
+    conn: ConnectionManager,
+    config: QueueConfig,
+}
+
+impl std::fmt::Debug for RedisQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisQueue")
+            .field("name", &self.config.name)
+            .finish()
+    }
+}
+
+fn redis_err(e: impl std::fmt::Display) -> QueueError {
+    QueueError::Redis(e.to_string())
+}
+
+impl RedisQueue {
+    /// Connects to Redis at `url`.
+    pub async fn connect(url: &str, config: QueueConfig) -> Result<Self, QueueError> {
+        let client = redis::Client::open(url).map_err(redis_err)?;
+        let manager_config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(config.response_timeout))
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_number_of_retries(6);
+        let conn = ConnectionManager::new_with_config(client, manager_config)
+            .await
+            .map_err(redis_err)?;
+        let apalis_config = Config::default()
+            .queue(&config.name)
+            .heartbeat_interval(config.heartbeat_interval)
+            .missed_heartbeats(config.missed_heartbeats as usize)
+            .batch_size(config.batch_size);
+        let storage = RedisStorage::new(conn.clone()).with_config(apalis_config);
+        Ok(Self {
+            storage,
+            conn,
+            config,
+        })
+    }
+
+    /// The queue's settings.
+    pub fn config(&self) -> &QueueConfig {
+        &self.config
+    }
+
+    /// Asks for run `run` to be advanced now.
+    pub async fn enqueue(&self, run: RunId) -> Result<(), QueueError> {
+        let mut storage = self.storage.clone();
+        storage
+            .push(AdvanceJob { run_id: run })
+            .await
+            .map_err(redis_err)
+    }
+
+    /// Asks for run `run` to be advanced at `at`.
+    pub async fn enqueue_at(&self, run: RunId, at: DateTime<Utc>) -> Result<(), QueueError> {
+        let delay = (at - Utc::now()).to_std().unwrap_or_default();
+        if delay.is_zero() {
+            return self.enqueue(run).await;
+        }
+        if delay <= self.config.local_timer_horizon {
+            let queue = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                if let Err(e) = queue.enqueue(run).await {
+                    tracing::warn!(run_id = %run, error = %e, "Timed enqueue failed; the sweeper will pick the run up.");
+                }
+            });
+            return Ok(());
+        }
+        // Whole seconds, rounded up, so the job never arrives before the run is due.
+        let secs = at.timestamp() as u64 + u64::from(at.timestamp_subsec_nanos() > 0);
+        let task = TaskBuilder::new(AdvanceJob { run_id: run })
+            .run_at_timestamp(secs)
+            .build();
+        let mut storage = self.storage.clone();
+        storage.push_task(task).await.map_err(redis_err)
+    }
+
+    /// Whether Redis answers.
+    pub async fn ping(&self) -> Result<(), QueueError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .map_err(redis_err)?;
+        Ok(())
+    }
+
+    /// A polling backend for an apalis worker.
+    pub(crate) fn backend(&self) -> RedisStorage<AdvanceJob> {
+        self.storage.clone()
+    }
+
+    pub(crate) fn poll_strategy(&self) -> Tick {
+        Tick::new(self.config.poll_interval)
+    }
+}
+
+/// Wakes the apalis fetcher every `every`. Unlike the stock interval strategy, it re-arms and
+/// polls the next timer before returning, so an empty fetch never leaves the worker without a
+/// wake-up until the next heartbeat.
+pub(crate) struct Tick {
+    every: Duration,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Tick {
+    fn new(every: Duration) -> Self {
+        Self {
+            every,
+            sleep: Box::pin(tokio::time::sleep(every)),
+        }
+    }
+}
+
+impl PollStrategy for Tick {
+    fn poll_drive(&mut self, cx: &mut Context<'_>, _: &PollSnapshot) -> Poll<Option<()>> {
+        let mut fired = false;
+        while self.sleep.as_mut().poll(cx).is_ready() {
+            fired = true;
+            let next = tokio::time::Instant::now() + self.every;
+            self.sleep.as_mut().reset(next);
+        }
+        if fired {
+            Poll::Ready(Some(()))
+        } else {
+            Poll::Pending
+        }
+    }
+}

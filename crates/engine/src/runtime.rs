@@ -1,0 +1,1081 @@
+//! The runtime: replays a workflow against its journal and executes what is new.
+//!
+//! # Design notes
+//! To advance a run, a worker claims its lease, loads the journal and calls the workflow
+//! function with a fresh [`Ctx`]. Each `ctx` call takes the next position (`seq`) in the journal:
+//! - a completed entry returns its journaled result at once (a sensitive one is re-derived);
+//! - the first new entry executes, is journaled, and the function goes on to the next call in
+//!   the same pass, so a chain of steps costs one claim, not one per step;
+//! - a call that cannot finish now (a sleep, a signal wait, a child run, a retry backoff)
+//!   *halts* the pass: it records why, wakes the driver and never resolves. The driver drops the
+//!   workflow future, releases the lease with the time the run is next due, and the run holds no
+//!   worker until then.
+//!
+//! A call whose kind or name differs from the journal at its position halts with a
+//! non-determinism error: the run fails and nothing else happens.
+//!
+//! When the workflow returns an error, or the run is cancelled, the undos registered by
+//! completed steps run in reverse order, each journaled like a step at the positions after the
+//! one where the workflow stopped. Replaying a failed or cancelled run stops at the same place
+//! (the journal says so), so the undo positions are the same on every replay.
+
+use std::future::{Future, IntoFuture};
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures::future::BoxFuture;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::engine::EngineInner;
+use crate::error::{StepError, StoreError, WorkflowError};
+use crate::model::{RetryPolicy, RunId, RunStatus, StartRun, StepKind, StepStatus};
+use crate::store::{JournalEntry, Lease, Outcome, StepRecord};
+
+/// What a step's function gets: who it is, which attempt, and the run's cancellation.
+#[derive(Debug, Clone)]
+pub struct StepCtx {
+    /// The run.
+    pub run_id: RunId,
+    /// The step's name.
+    pub step: String,
+    /// Its position in the journal.
+    pub seq: i32,
+    /// 1 for the first attempt.
+    pub attempt: u32,
+    cancel: CancellationToken,
+}
+
+impl StepCtx {
+    /// Resolves when the run is cancelled. The runtime also drops the step's future then;
+    /// this is for steps that want to clean up first.
+    pub async fn cancelled(&self) {
+        self.cancel.cancelled().await
+    }
+
+    /// Whether the run has been cancelled.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+}
+
+type UndoFn = Box<dyn FnOnce(StepCtx) -> BoxFuture<'static, Result<(), StepError>> + Send>;
+
+struct Undo {
+    step: String,
+    policy: RetryPolicy,
+    timeout: Option<Duration>,
+    run: UndoFn,
+}
+
+/// Why a pass over the workflow stopped before the workflow returned.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Halt {
+    /// Due again at this time, or on an outside event if `None`.
+    Suspend(Option<DateTime<Utc>>),
+    /// The run was cancelled; undos run next.
+    Cancelled,
+    /// The code no longer matches the journal.
+    NonDeterminism(String),
+    /// Another worker took the run over.
+    LeaseLost,
+    /// The store failed; the run is retried later.
+    Store(String),
+    /// The worker is shutting down; another takes the run over at once.
+    Shutdown,
+}
+
+struct State {
+    journal: Vec<Option<JournalEntry>>,
+    cursor: i32,
+    undos: Vec<Undo>,
+    halt: Option<Halt>,
+    now: DateTime<Utc>,
+}
+
+pub(crate) struct CtxInner {
+    engine: Arc<EngineInner>,
+    lease: Lease,
+    cancel: CancellationToken,
+    shutdown: CancellationToken,
+    halted: Notify,
+    state: Mutex<State>,
+}
+
+/// The workflow's handle on the runtime. Every side effect goes through it.
+///
+/// Calls must be awaited one at a time: their journal positions are taken in call order.
+#[derive(Clone)]
+pub struct Ctx {
+    inner: Arc<CtxInner>,
+}
+
+impl std::fmt::Debug for Ctx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ctx")
+            .field("run_id", &self.inner.lease.run_id)
+            .finish()
+    }
+}
+
+enum Lookup {
+    New,
+    Found(JournalEntry),
+}
+
+impl Ctx {
+    /// The run this workflow executes.
+    pub fn run_id(&self) -> RunId {
+        self.inner.lease.run_id
+    }
+
+    /// A step: `f` runs once per attempt until it succeeds, fails permanently or runs out of
+    /// attempts. Its result is journaled, so a replay returns it without running `f`.
+    pub fn step<T, F, Fut>(&self, name: impl Into<String>, f: F) -> Step<'_, T, F>
+    where
+        T: Serialize + DeserializeOwned + Send + 'static,
+        F: FnOnce(StepCtx) -> Fut + Send,
+        Fut: Future<Output = Result<T, StepError>> + Send,
+    {
+        Step {
+            ctx: self,
+            name: name.into(),
+            f,
+            policy: RetryPolicy::default(),
+            timeout: None,
+            sensitive: false,
+            undo: None,
+            _t: PhantomData,
+        }
+    }
+
+    /// A durable timer: the run holds no worker while it sleeps, and survives restarts.
+    pub async fn sleep(
+        &self,
+        name: impl Into<String>,
+        duration: Duration,
+    ) -> Result<(), StepError> {
+        let name = name.into();
+        let (seq, found) = self.next(StepKind::Sleep, &name).await;
+        let entry = match found {
+            Lookup::Found(e) => e,
+            Lookup::New => {
+                self.halt_if_cancelled(seq, &name, StepKind::Sleep).await;
+                let wake_at = self
+                    .record(&StepRecord {
+                        seq,
+                        name: &name,
+                        kind: StepKind::Sleep,
+                        status: StepStatus::Waiting,
+                        attempts: 1,
+                        output: None,
+                        sensitive: false,
+                        error: None,
+                        wake_in: Some(duration),
+                        event: None,
+                    })
+                    .await;
+                return self.halt(Halt::Suspend(wake_at)).await;
+            }
+        };
+        if entry.status() == StepStatus::Succeeded {
+            return Ok(());
+        }
+        let now = self.now();
+        match entry.wake_at {
+            Some(at) if at > now => {
+                self.halt_if_cancelled(seq, &name, StepKind::Sleep).await;
+                self.halt(Halt::Suspend(Some(at))).await
+            }
+            _ => {
+                self.finish_wait(seq, &name, StepKind::Sleep, None).await;
+                Ok(())
+            }
+        }
+    }
+
+    /// Waits durably for a signal named `name` (sent with `POST /api/v1/runs/{id}/signals/{name}`),
+    /// at most `timeout`. Returns its payload, or `None` if the wait timed out. Signals sent
+    /// before the wait began are kept and delivered in order.
+    pub async fn wait_signal(
+        &self,
+        name: impl Into<String>,
+        timeout: Duration,
+    ) -> Result<Option<Value>, StepError> {
+        let name = name.into();
+        let (seq, found) = self.next(StepKind::Signal, &name).await;
+        let deadline = match found {
+            Lookup::Found(e) if e.status() == StepStatus::Succeeded => {
+                return Ok(e
+                    .output
+                    .and_then(|o| o.get("payload").cloned())
+                    .filter(|p| !p.is_null()));
+            }
+            Lookup::Found(e) => e.wake_at,
+            Lookup::New => {
+                self.halt_if_cancelled(seq, &name, StepKind::Signal).await;
+                self.record(&StepRecord {
+                    seq,
+                    name: &name,
+                    kind: StepKind::Signal,
+                    status: StepStatus::Waiting,
+                    attempts: 1,
+                    output: None,
+                    sensitive: false,
+                    error: None,
+                    wake_in: Some(timeout),
+                    event: None,
+                })
+                .await
+            }
+        };
+        let passed = deadline.is_some_and(|d| d <= self.now());
+        match self
+            .inner
+            .engine
+            .store
+            .take_signal(&self.inner.lease, seq, &name, passed)
+            .await
+        {
+            Ok(Some(payload)) => Ok(payload),
+            Ok(None) => {
+                self.halt_if_cancelled(seq, &name, StepKind::Signal).await;
+                self.halt(Halt::Suspend(deadline)).await
+            }
+            Err(e) => self.halt(store_halt(e)).await,
+        }
+    }
+
+    /// Starts `workflow` as a child run and waits durably for its result. A failed or cancelled
+    /// child is a permanent error; cancelling this run cancels the child.
+    pub async fn child<O: DeserializeOwned>(
+        &self,
+        workflow: &str,
+        input: impl Serialize,
+    ) -> Result<O, StepError> {
+        let (seq, found) = self.next(StepKind::Child, workflow).await;
+        let entry = match found {
+            Lookup::Found(e) => e,
+            Lookup::New => {
+                self.halt_if_cancelled(seq, workflow, StepKind::Child).await;
+                let Some(def) = self.inner.engine.registry.get(workflow) else {
+                    return Err(StepError::Permanent(format!(
+                        "unknown workflow '{workflow}'"
+                    )));
+                };
+                let input = serde_json::to_value(input).map_err(StepError::permanent)?;
+                def.validate(&input)
+                    .map_err(|e| StepError::Permanent(format!("invalid child input: {e}")))?;
+                let mut req = StartRun::new(workflow, input);
+                req.started_by = Some(format!("parent:{}", self.run_id()));
+                let child = match self
+                    .inner
+                    .engine
+                    .store
+                    .start_child(&self.inner.lease, seq, &req, def.version)
+                    .await
+                {
+                    Ok(id) => id,
+                    Err(e) => return self.halt(store_halt(e)).await,
+                };
+                self.inner.engine.enqueue_now(&[child]).await;
+                return self.halt(Halt::Suspend(None)).await;
+            }
+        };
+        let output = match entry.status() {
+            StepStatus::Succeeded => entry.output.unwrap_or(Value::Null),
+            StepStatus::Failed => {
+                return Err(StepError::from_journal(Some("permanent"), entry.error));
+            }
+            StepStatus::Cancelled => return self.halt(Halt::Cancelled).await,
+            _ => {
+                let child = RunId(entry.child_run_id.unwrap_or_default());
+                let (status, output, error) = match self.inner.engine.store.run_outcome(child).await
+                {
+                    Ok(o) => o,
+                    Err(e) => return self.halt(store_halt(e)).await,
+                };
+                match status {
+                    RunStatus::Succeeded => {
+                        let output = output.unwrap_or(Value::Null);
+                        self.finish_wait(seq, workflow, StepKind::Child, Some(&output))
+                            .await;
+                        output
+                    }
+                    RunStatus::Failed | RunStatus::Cancelled => {
+                        let msg = format!(
+                            "child run {child} ({workflow}) {status}: {}",
+                            error.unwrap_or_else(|| "no error recorded".into())
+                        );
+                        self.record(&StepRecord {
+                            seq,
+                            name: workflow,
+                            kind: StepKind::Child,
+                            status: StepStatus::Failed,
+                            attempts: 1,
+                            output: None,
+                            sensitive: false,
+                            error: Some(("permanent", &msg)),
+                            wake_in: None,
+                            event: Some("step_failed"),
+                        })
+                        .await;
+                        return Err(StepError::Permanent(msg));
+                    }
+                    _ => {
+                        self.halt_if_cancelled(seq, workflow, StepKind::Child).await;
+                        return self.halt(Halt::Suspend(None)).await;
+                    }
+                }
+            }
+        };
+        serde_json::from_value(output)
+            .map_err(|e| StepError::Permanent(format!("child output: {e}")))
+    }
+
+    // ------------------------------------------------------------ internals
+
+    fn now(&self) -> DateTime<Utc> {
+        self.inner.state.lock().expect("ctx state").now
+    }
+
+    /// Takes the next journal position and checks that the journal agrees with the call.
+    async fn next(&self, kind: StepKind, name: &str) -> (i32, Lookup) {
+        let mismatch = {
+            let mut st = self.inner.state.lock().expect("ctx state");
+            let seq = st.cursor;
+            st.cursor += 1;
+            match st.journal.get_mut(seq as usize).and_then(Option::take) {
+                None => return (seq, Lookup::New),
+                Some(e) if e.kind() == kind && e.name == name => return (seq, Lookup::Found(e)),
+                Some(e) => format!(
+                    "non-determinism at journal position {seq}: the journal has {} '{}' but the workflow now calls {} \
+                     '{}'; the workflow code changed under a running run",
+                    e.kind, e.name, kind, name
+                ),
+            }
+        };
+        self.halt(Halt::NonDeterminism(mismatch)).await
+    }
+
+    /// Stops this pass: records why, wakes the driver, never resolves.
+    async fn halt<T>(&self, halt: Halt) -> T {
+        {
+            let mut st = self.inner.state.lock().expect("ctx state");
+            st.halt.get_or_insert(halt);
+        }
+        self.inner.halted.notify_one();
+        futures::future::pending().await
+    }
+
+    async fn halt_if_cancelled(&self, seq: i32, name: &str, kind: StepKind) {
+        if self.inner.cancel.is_cancelled() {
+            self.mark_cancelled(seq, name, kind).await;
+            self.halt::<()>(Halt::Cancelled).await;
+        }
+        if self.inner.shutdown.is_cancelled() {
+            self.halt::<()>(Halt::Shutdown).await;
+        }
+    }
+
+    async fn mark_cancelled(&self, seq: i32, name: &str, kind: StepKind) {
+        // Only positions that exist are marked; a new position stays empty.
+        let _ = self
+            .inner
+            .engine
+            .store
+            .record(
+                &self.inner.lease,
+                &StepRecord {
+                    seq,
+                    name,
+                    kind,
+                    status: StepStatus::Cancelled,
+                    attempts: 1,
+                    output: None,
+                    sensitive: false,
+                    error: Some(("cancelled", "run cancelled")),
+                    wake_in: None,
+                    event: Some("step_cancelled"),
+                },
+            )
+            .await;
+    }
+
+    async fn finish_wait(&self, seq: i32, name: &str, kind: StepKind, output: Option<&Value>) {
+        self.record(&StepRecord {
+            seq,
+            name,
+            kind,
+            status: StepStatus::Succeeded,
+            attempts: 1,
+            output,
+            sensitive: false,
+            error: None,
+            wake_in: None,
+            event: None,
+        })
+        .await;
+    }
+
+    /// Journals, or halts the pass if the store refuses.
+    async fn record(&self, r: &StepRecord<'_>) -> Option<DateTime<Utc>> {
+        match self.inner.engine.store.record(&self.inner.lease, r).await {
+            Ok(at) => at,
+            Err(e) => self.halt(store_halt(e)).await,
+        }
+    }
+
+    /// Runs attempts of a step (or undo) at `seq` until one succeeds, fails for good, or a retry
+    /// must wait. Returns the result to hand back, or halts.
+    #[allow(clippy::too_many_arguments)]
+    async fn execute<'f>(
+        &self,
+        seq: i32,
+        name: &str,
+        kind: StepKind,
+        attempt: u32,
+        policy: &RetryPolicy,
+        timeout: Option<Duration>,
+        sensitive: bool,
+        cancellable: bool,
+        f: impl FnOnce(StepCtx) -> BoxFuture<'f, Result<Value, StepError>>,
+    ) -> Result<Value, StepError> {
+        if cancellable {
+            self.halt_if_cancelled(seq, name, kind).await;
+        } else if self.inner.shutdown.is_cancelled() {
+            self.halt::<()>(Halt::Shutdown).await;
+        }
+        let store = &self.inner.engine.store;
+        let lease = &self.inner.lease;
+        if let Err(e) = store
+            .step_started(lease, seq, name, kind, attempt as i32)
+            .await
+        {
+            return self.halt(store_halt(e)).await;
+        }
+        let step_cancel = if cancellable {
+            self.inner.cancel.child_token()
+        } else {
+            CancellationToken::new()
+        };
+        let sctx = StepCtx {
+            run_id: lease.run_id,
+            step: name.to_string(),
+            seq,
+            attempt,
+            cancel: step_cancel.clone(),
+        };
+        let work = f(sctx);
+        let work = async move {
+            match timeout {
+                Some(t) => tokio::time::timeout(t, work)
+                    .await
+                    .unwrap_or(Err(StepError::Timeout(t.as_millis() as u64))),
+                None => work.await,
+            }
+        };
+        let result = tokio::select! {
+            r = work => r,
+            _ = step_cancel.cancelled() => Err(StepError::Cancelled),
+            lost = self.keep_lease() => return self.halt(lost).await,
+        };
+        let attempts = attempt as i32;
+        match result {
+            Ok(value) => {
+                let event = if kind == StepKind::Undo {
+                    Some("undo_succeeded")
+                } else {
+                    None
+                };
+                self.record(&StepRecord {
+                    seq,
+                    name,
+                    kind,
+                    status: StepStatus::Succeeded,
+                    attempts,
+                    output: Some(&value),
+                    sensitive,
+                    error: None,
+                    wake_in: None,
+                    event,
+                })
+                .await;
+                Ok(value)
+            }
+            Err(StepError::Cancelled) => {
+                self.mark_cancelled(seq, name, kind).await;
+                self.halt(Halt::Cancelled).await
+            }
+            Err(e) if e.is_retryable() && attempt < policy.max_attempts => {
+                let delay = policy.delay_after(attempt);
+                tracing::info!(run_id = %lease.run_id, step = name, attempt, error = %e, ?delay, "Step attempt failed; retrying.");
+                let msg = e.to_string();
+                let wake_at = self
+                    .record(&StepRecord {
+                        seq,
+                        name,
+                        kind,
+                        status: StepStatus::Retrying,
+                        attempts,
+                        output: None,
+                        sensitive,
+                        error: Some((e.kind(), &msg)),
+                        wake_in: Some(delay),
+                        event: Some("step_attempt_failed"),
+                    })
+                    .await;
+                self.halt(Halt::Suspend(wake_at)).await
+            }
+            Err(e) => {
+                tracing::info!(run_id = %lease.run_id, step = name, attempt, error = %e, "Step failed.");
+                let msg = if e.is_retryable() {
+                    format!("{e} (attempt {attempt} of {})", policy.max_attempts)
+                } else {
+                    e.to_string()
+                };
+                self.record(&StepRecord {
+                    seq,
+                    name,
+                    kind,
+                    status: StepStatus::Failed,
+                    attempts,
+                    output: None,
+                    sensitive,
+                    error: Some(("permanent", &msg)),
+                    wake_in: None,
+                    event: Some("step_attempt_failed"),
+                })
+                .await;
+                Err(StepError::Permanent(msg))
+            }
+        }
+    }
+
+    /// Renews the lease while a step runs; resolves only if the lease is lost. Learns of
+    /// cancellation here too, should the cancel notification have been missed.
+    async fn keep_lease(&self) -> Halt {
+        let lease = &self.inner.lease;
+        let period = lease.ttl / 3;
+        loop {
+            tokio::time::sleep(period).await;
+            match self.inner.engine.store.renew(lease).await {
+                Ok(true) => self.inner.cancel.cancel(),
+                Ok(false) => {}
+                Err(StoreError::LeaseLost(_)) => return Halt::LeaseLost,
+                Err(e) => {
+                    tracing::warn!(run_id = %lease.run_id, error = %e, "Lease renewal failed; will retry.")
+                }
+            }
+        }
+    }
+
+    /// Decides what to do with a journaled step entry, or runs it.
+    #[allow(clippy::too_many_arguments)]
+    async fn run_step<'f>(
+        &self,
+        name: &str,
+        policy: &RetryPolicy,
+        timeout: Option<Duration>,
+        sensitive: bool,
+        f: impl FnOnce(StepCtx) -> BoxFuture<'f, Result<Value, StepError>>,
+    ) -> Result<Value, StepError> {
+        let (seq, found) = self.next(StepKind::Step, name).await;
+        let attempt = match found {
+            Lookup::New => 1,
+            Lookup::Found(e) => match e.status() {
+                StepStatus::Succeeded if !e.sensitive => {
+                    return Ok(e.output.unwrap_or(Value::Null));
+                }
+                StepStatus::Succeeded => {
+                    // Re-derive the sensitive result; it was never stored.
+                    let sctx = StepCtx {
+                        run_id: self.run_id(),
+                        step: name.to_string(),
+                        seq,
+                        attempt: e.attempts.max(1) as u32,
+                        cancel: self.inner.cancel.child_token(),
+                    };
+                    return match f(sctx).await {
+                        Ok(v) => Ok(v),
+                        Err(err) => {
+                            tracing::warn!(run_id = %self.run_id(), step = name, error = %err,
+                                "Re-deriving a sensitive step result failed; trying again later.");
+                            let at = self.now()
+                                + chrono::Duration::from_std(policy.delay_after(1))
+                                    .unwrap_or_default();
+                            self.halt(Halt::Suspend(Some(at))).await
+                        }
+                    };
+                }
+                StepStatus::Failed => {
+                    return Err(StepError::from_journal(e.error_kind.as_deref(), e.error));
+                }
+                StepStatus::Cancelled => return self.halt(Halt::Cancelled).await,
+                StepStatus::Retrying => match e.wake_at {
+                    Some(at) if at > self.now() => {
+                        self.halt_if_cancelled(seq, name, StepKind::Step).await;
+                        return self.halt(Halt::Suspend(Some(at))).await;
+                    }
+                    _ => e.attempts as u32 + 1,
+                },
+                // An attempt was in flight when its worker died (or the lease was lost).
+                StepStatus::Running | StepStatus::Waiting => {
+                    let tried = e.attempts.max(1) as u32;
+                    if tried >= policy.max_attempts {
+                        let msg = format!(
+                            "attempt {tried} of {} did not finish (worker lost)",
+                            policy.max_attempts
+                        );
+                        self.record(&StepRecord {
+                            seq,
+                            name,
+                            kind: StepKind::Step,
+                            status: StepStatus::Failed,
+                            attempts: tried as i32,
+                            output: None,
+                            sensitive,
+                            error: Some(("permanent", &msg)),
+                            wake_in: None,
+                            event: Some("step_attempt_failed"),
+                        })
+                        .await;
+                        return Err(StepError::Permanent(msg));
+                    }
+                    tried + 1
+                }
+            },
+        };
+        self.execute(
+            seq,
+            name,
+            StepKind::Step,
+            attempt,
+            policy,
+            timeout,
+            sensitive,
+            true,
+            f,
+        )
+        .await
+    }
+
+    fn push_undo(&self, undo: Undo) {
+        self.inner.state.lock().expect("ctx state").undos.push(undo);
+    }
+}
+
+fn store_halt(e: StoreError) -> Halt {
+    match e {
+        StoreError::LeaseLost(_) => Halt::LeaseLost,
+        other => Halt::Store(other.to_string()),
+    }
+}
+
+type UndoSpec<T> = Box<dyn FnOnce(StepCtx, T) -> BoxFuture<'static, Result<(), StepError>> + Send>;
+
+/// A step being configured; `.await` runs it.
+#[must_use = "a step does nothing until awaited"]
+pub struct Step<'a, T, F> {
+    ctx: &'a Ctx,
+    name: String,
+    f: F,
+    policy: RetryPolicy,
+    timeout: Option<Duration>,
+    sensitive: bool,
+    undo: Option<UndoSpec<T>>,
+    _t: PhantomData<fn() -> T>,
+}
+
+impl<'a, T, F, Fut> Step<'a, T, F>
+where
+    T: Serialize + DeserializeOwned + Send + 'static,
+    F: FnOnce(StepCtx) -> Fut + Send + 'a,
+    Fut: Future<Output = Result<T, StepError>> + Send + 'a,
+{
+    /// How failed attempts are retried. Default: [`RetryPolicy::default`].
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Each attempt may take at most this long; a slower one counts as a transient failure.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// The result carries a secret: it is never journaled, and a replay runs the step again to
+    /// re-derive it (so the step must be safe to repeat).
+    pub fn sensitive(mut self) -> Self {
+        self.sensitive = true;
+        self
+    }
+
+    /// How to put things back if the run later fails or is cancelled. Runs (journaled, with the
+    /// step's retry policy) for this step's result, after the undos of later steps.
+    pub fn undo<U, UFut>(mut self, undo: U) -> Self
+    where
+        U: FnOnce(StepCtx, T) -> UFut + Send + 'static,
+        UFut: Future<Output = Result<(), StepError>> + Send + 'static,
+    {
+        self.undo = Some(Box::new(move |s, t| Box::pin(undo(s, t))));
+        self
+    }
+}
+
+impl<'a, T, F, Fut> IntoFuture for Step<'a, T, F>
+where
+    T: Serialize + DeserializeOwned + Clone + Send + 'static,
+    F: FnOnce(StepCtx) -> Fut + Send + 'a,
+    Fut: Future<Output = Result<T, StepError>> + Send + 'a,
+{
+    type Output = Result<T, StepError>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Self::Output> + Send + 'a>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move {
+            let Step {
+                ctx,
+                name,
+                f,
+                policy,
+                timeout,
+                sensitive,
+                undo,
+                ..
+            } = self;
+            let f = move |s: StepCtx| -> BoxFuture<'a, Result<Value, StepError>> {
+                let fut = f(s);
+                Box::pin(async move {
+                    let v = fut.await?;
+                    serde_json::to_value(v)
+                        .map_err(|e| StepError::Permanent(format!("result is not JSON: {e}")))
+                })
+            };
+            let value = ctx.run_step(&name, &policy, timeout, sensitive, f).await?;
+            let out: T = serde_json::from_value(value).map_err(|e| {
+                StepError::Permanent(format!(
+                    "journaled result of step '{name}' no longer decodes: {e}"
+                ))
+            })?;
+            if let Some(undo) = undo {
+                let arg = out.clone();
+                ctx.push_undo(Undo {
+                    step: name,
+                    policy,
+                    timeout,
+                    run: Box::new(move |s| undo(s, arg)),
+                });
+            }
+            Ok(out)
+        })
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// The driver: one pass over one run.
+
+/// What a worker passes to each pass.
+#[derive(Clone)]
+pub(crate) struct PassOptions {
+    pub(crate) owner: String,
+    pub(crate) lease_ttl: Duration,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) cancels: CancelRegistry,
+}
+
+/// The cancellation tokens of the runs a worker is advancing, so that a cancel notification
+/// reaches the step in flight.
+#[derive(Clone, Default)]
+pub(crate) struct CancelRegistry {
+    tokens: Arc<Mutex<std::collections::HashMap<RunId, CancellationToken>>>,
+}
+
+impl CancelRegistry {
+    fn register(&self, id: RunId) -> CancellationToken {
+        let token = CancellationToken::new();
+        self.tokens
+            .lock()
+            .expect("cancel registry")
+            .insert(id, token.clone());
+        token
+    }
+
+    fn unregister(&self, id: RunId) {
+        self.tokens.lock().expect("cancel registry").remove(&id);
+    }
+
+    /// Cancels the step in flight of run `id`, if this worker runs one.
+    pub(crate) fn cancel(&self, id: RunId) {
+        if let Some(t) = self.tokens.lock().expect("cancel registry").get(&id) {
+            t.cancel();
+        }
+    }
+}
+
+/// Polls `fut` until it resolves or the pass halts.
+async fn drive<F: Future>(inner: &CtxInner, fut: F) -> Result<F::Output, Halt> {
+    let out = tokio::select! {
+        biased;
+        _ = inner.halted.notified() => None,
+        out = fut => Some(out),
+    };
+    let halt = inner.state.lock().expect("ctx state").halt.take();
+    match (out, halt) {
+        (_, Some(h)) => Err(h),
+        (Some(out), None) => Ok(out),
+        (None, None) => Err(Halt::Store("pass halted without a reason".into())),
+    }
+}
+
+/// Claims run `run_id` and advances it as far as it can go now.
+///
+/// # Cancel safety
+/// Not cancel-safe: poll to completion. Shutdown is signalled through `opts.shutdown`, which
+/// the runtime checks between steps.
+pub(crate) async fn advance(
+    engine: &Arc<EngineInner>,
+    run_id: RunId,
+    opts: &PassOptions,
+) -> Result<(), StoreError> {
+    use crate::store::ClaimMiss;
+    let (lease, claimed) = match engine
+        .store
+        .claim(run_id, &opts.owner, opts.lease_ttl)
+        .await?
+    {
+        Ok(c) => c,
+        Err(ClaimMiss::NotYet(at)) => {
+            engine.enqueue_at(run_id, at).await;
+            return Ok(());
+        }
+        Err(ClaimMiss::NotRunnable) => return Ok(()),
+    };
+    let Some(def) = engine.registry.get(&claimed.workflow).cloned() else {
+        tracing::warn!(run_id = %run_id, workflow = %claimed.workflow, worker = %opts.owner,
+            "Workflow not registered on this worker; leaving the run for another.");
+        let retry_at = claimed.now + chrono::Duration::seconds(30);
+        engine
+            .store
+            .release(&lease, Some(retry_at), RunStatus::Waiting)
+            .await?;
+        engine.enqueue_at(run_id, retry_at).await;
+        return Ok(());
+    };
+    let journal = engine.store.journal(run_id).await?;
+    let mut slots: Vec<Option<JournalEntry>> = Vec::new();
+    for e in journal {
+        let i = e.seq as usize;
+        if slots.len() <= i {
+            slots.resize_with(i + 1, || None);
+        }
+        slots[i] = Some(e);
+    }
+    let cancel = opts.cancels.register(run_id);
+    if claimed.cancel_requested {
+        cancel.cancel();
+    }
+    let inner = Arc::new(CtxInner {
+        engine: engine.clone(),
+        lease: lease.clone(),
+        cancel,
+        shutdown: opts.shutdown.clone(),
+        halted: Notify::new(),
+        state: Mutex::new(State {
+            journal: slots,
+            cursor: 0,
+            undos: Vec::new(),
+            halt: None,
+            now: claimed.now,
+        }),
+    });
+    let ctx = Ctx {
+        inner: inner.clone(),
+    };
+    let body = (def.run)(ctx.clone(), claimed.input.clone());
+    let ended = drive(&inner, body).await;
+    let result = conclude(engine, &ctx, &lease, &claimed, ended).await;
+    opts.cancels.unregister(run_id);
+    result
+}
+
+async fn conclude(
+    engine: &Arc<EngineInner>,
+    ctx: &Ctx,
+    lease: &Lease,
+    claimed: &crate::store::ClaimedRun,
+    ended: Result<Result<Value, WorkflowError>, Halt>,
+) -> Result<(), StoreError> {
+    let run_id = lease.run_id;
+    let outcome = match ended {
+        Ok(Ok(output)) => Outcome {
+            status: RunStatus::Succeeded,
+            output: Some(output),
+            error: None,
+        },
+        Ok(Err(e)) => match compensate(ctx).await {
+            Ok(undo_errors) => Outcome {
+                status: RunStatus::Failed,
+                output: None,
+                error: Some(with_undo_errors(e.to_string(), undo_errors)),
+            },
+            Err(h) => return settle(engine, lease, h).await,
+        },
+        Err(Halt::Cancelled) => match compensate(ctx).await {
+            Ok(undo_errors) => {
+                let reason = claimed
+                    .cancel_reason
+                    .clone()
+                    .unwrap_or_else(|| "cancelled".into());
+                let failed = !undo_errors.is_empty();
+                Outcome {
+                    status: RunStatus::Cancelled,
+                    output: None,
+                    error: Some(if failed {
+                        with_undo_errors(reason, undo_errors)
+                    } else {
+                        reason
+                    }),
+                }
+            }
+            Err(h) => return settle(engine, lease, h).await,
+        },
+        Err(Halt::NonDeterminism(msg)) => {
+            tracing::error!(run_id = %run_id, error = %msg, "Run stopped: non-determinism.");
+            Outcome {
+                status: RunStatus::Failed,
+                output: None,
+                error: Some(msg),
+            }
+        }
+        Err(h) => return settle(engine, lease, h).await,
+    };
+    tracing::info!(run_id = %run_id, status = %outcome.status, "Run finished.");
+    let due = engine
+        .store
+        .finish(
+            lease,
+            &outcome,
+            claimed.has_parent,
+            claimed.has_concurrency_key,
+        )
+        .await;
+    match due {
+        Ok(due) => {
+            engine.enqueue_now(&due).await;
+            Ok(())
+        }
+        Err(StoreError::LeaseLost(_)) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn with_undo_errors(error: String, undo_errors: Vec<String>) -> String {
+    if undo_errors.is_empty() {
+        error
+    } else {
+        format!("{error}; and undo failed: {}", undo_errors.join("; "))
+    }
+}
+
+/// Ends a pass that did not end the run.
+async fn settle(engine: &Arc<EngineInner>, lease: &Lease, halt: Halt) -> Result<(), StoreError> {
+    let run_id = lease.run_id;
+    let (wake_at, status) = match halt {
+        Halt::Suspend(at) => (at, RunStatus::Waiting),
+        Halt::Shutdown => (Some(Utc::now()), RunStatus::Running),
+        Halt::Store(e) => {
+            tracing::warn!(run_id = %run_id, error = %e, "Store error; the run will be retried.");
+            (
+                Some(Utc::now() + chrono::Duration::seconds(5)),
+                RunStatus::Running,
+            )
+        }
+        Halt::LeaseLost => {
+            tracing::warn!(run_id = %run_id, "Lease lost; another worker has the run.");
+            return Ok(());
+        }
+        Halt::Cancelled | Halt::NonDeterminism(_) => unreachable!("handled by conclude"),
+    };
+    match engine.store.release(lease, wake_at, status).await {
+        Ok(Some(at)) => {
+            engine.enqueue_at(run_id, at).await;
+            Ok(())
+        }
+        Ok(None) | Err(StoreError::LeaseLost(_)) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Runs the registered undos in reverse. Returns the undos that failed for good.
+async fn compensate(ctx: &Ctx) -> Result<Vec<String>, Halt> {
+    let inner = &ctx.inner;
+    let (undos, base) = {
+        let mut st = inner.state.lock().expect("ctx state");
+        (std::mem::take(&mut st.undos), st.cursor)
+    };
+    let mut failures = Vec::new();
+    for (i, undo) in undos.into_iter().rev().enumerate() {
+        let seq = base + i as i32;
+        let name = format!("undo:{}", undo.step);
+        let found = {
+            let mut st = inner.state.lock().expect("ctx state");
+            st.journal.get_mut(seq as usize).and_then(Option::take)
+        };
+        let attempt = match found {
+            None => 1,
+            Some(e) if e.kind() != StepKind::Undo || e.name != name => {
+                return Err(Halt::NonDeterminism(format!(
+                    "non-determinism at journal position {seq}: the journal has {} '{}' but compensation now runs '{}'",
+                    e.kind, e.name, name
+                )));
+            }
+            Some(e) => match e.status() {
+                StepStatus::Succeeded => continue,
+                StepStatus::Failed => {
+                    failures.push(format!("{name}: {}", e.error.unwrap_or_default()));
+                    continue;
+                }
+                StepStatus::Retrying => match e.wake_at {
+                    Some(at) if at > ctx.now() => return Err(Halt::Suspend(Some(at))),
+                    _ => e.attempts as u32 + 1,
+                },
+                _ => e.attempts.max(1) as u32 + 1,
+            },
+        };
+        let run = undo.run;
+        let work = ctx.execute(
+            seq,
+            &name,
+            StepKind::Undo,
+            attempt,
+            &undo.policy,
+            undo.timeout,
+            false,
+            false,
+            |s| Box::pin(async move { run(s).await.map(|()| Value::Null) }),
+        );
+        match drive(inner, work).await? {
+            Ok(_) => {}
+            Err(e) => failures.push(format!("{name}: {e}")),
+        }
+    }
+    Ok(failures)
+}
+
+#[allow(dead_code)]
+fn _assert_send(ctx: Ctx) -> impl Future<Output = ()> + Send {
+    async move {
+        let _ = ctx.sleep("x", Duration::from_secs(1)).await;
+        let _ = ctx
+            .step("s", |_s| async { Ok::<_, StepError>(json!(1)) })
+            .await;
+    }
+}

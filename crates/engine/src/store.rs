@@ -1,0 +1,1095 @@
+//! The PostgreSQL store: the only source of truth.
+//!
+//! # Design notes
+//! - Every write a worker makes while advancing a run is fenced by the run's lease epoch: the
+//!   statement only takes effect if `runs.lease_epoch` still equals the epoch the worker claimed.
+//!   A claim increments the epoch, so a worker that lost its lease writes nothing.
+//! - The hot path (claim, record a step, finish a plain run) is one statement, one commit each.
+//!   Rarer paths (signals, children, concurrency admission) use a transaction that first locks
+//!   the run row and checks the epoch.
+//! - All times are PostgreSQL's `now()`, so workers with skewed clocks agree on what is due.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{AssertSqlSafe, PgPool, Postgres, Row, Transaction};
+use uuid::Uuid;
+
+use crate::error::{StoreError, StoreResult};
+use crate::model::{
+    AttemptError, ConcurrencyPolicy, RunFilter, RunId, RunStatus, RunView, StartRun, Started,
+    StepKind, StepStatus, StepView,
+};
+
+/// The migrations in `migrations/`, embedded in the binary.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
+
+/// The PostgreSQL channel on which cancellations are announced (payload: the run id), so that a
+/// worker running the run's step stops it at once.
+pub(crate) const CANCEL_CHANNEL: &str = "dayshift_cancel";
+
+/// A worker's right to advance one run, fenced by `epoch`.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    /// The run.
+    pub run_id: RunId,
+    /// Who holds it (worker name).
+    pub owner: String,
+    /// The fencing epoch taken by the claim.
+    pub epoch: i64,
+    /// How long the lease lasts unless renewed; every journal write renews it.
+    pub ttl: Duration,
+}
+
+impl Lease {
+    fn ttl_secs(&self) -> f64 {
+        self.ttl.as_secs_f64()
+    }
+}
+
+/// A run a worker has just claimed.
+#[derive(Debug, Clone)]
+pub(crate) struct ClaimedRun {
+    pub(crate) workflow: String,
+    pub(crate) input: Value,
+    pub(crate) cancel_requested: bool,
+    pub(crate) cancel_reason: Option<String>,
+    pub(crate) has_parent: bool,
+    pub(crate) has_concurrency_key: bool,
+    pub(crate) now: DateTime<Utc>,
+}
+
+/// Why a claim did not succeed.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum ClaimMiss {
+    /// Not due before this time: wake it up then.
+    NotYet(DateTime<Utc>),
+    /// Another worker holds a live lease, or the run waits for an outside event, or it is over.
+    NotRunnable,
+}
+
+/// One journal entry as the runtime replays it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub(crate) struct JournalEntry {
+    pub(crate) seq: i32,
+    pub(crate) name: String,
+    pub(crate) kind: String,
+    pub(crate) status: String,
+    pub(crate) attempts: i32,
+    pub(crate) output: Option<Value>,
+    pub(crate) sensitive: bool,
+    pub(crate) error: Option<String>,
+    pub(crate) error_kind: Option<String>,
+    pub(crate) wake_at: Option<DateTime<Utc>>,
+    pub(crate) child_run_id: Option<Uuid>,
+}
+
+impl JournalEntry {
+    pub(crate) fn kind(&self) -> StepKind {
+        self.kind.parse().unwrap_or(StepKind::Step)
+    }
+    pub(crate) fn status(&self) -> StepStatus {
+        self.status.parse().unwrap_or(StepStatus::Running)
+    }
+}
+
+/// What a worker records about a journal entry.
+#[derive(Debug, Clone)]
+pub(crate) struct StepRecord<'a> {
+    pub(crate) seq: i32,
+    pub(crate) name: &'a str,
+    pub(crate) kind: StepKind,
+    pub(crate) status: StepStatus,
+    pub(crate) attempts: i32,
+    pub(crate) output: Option<&'a Value>,
+    pub(crate) sensitive: bool,
+    pub(crate) error: Option<(&'a str, &'a str)>,
+    /// Sets `wake_at` to now() plus this.
+    pub(crate) wake_in: Option<Duration>,
+    /// An event for the run's history, written in the same statement.
+    pub(crate) event: Option<&'a str>,
+}
+
+/// How a run ends.
+#[derive(Debug, Clone)]
+pub(crate) struct Outcome {
+    pub(crate) status: RunStatus,
+    pub(crate) output: Option<Value>,
+    pub(crate) error: Option<String>,
+}
+
+/// The PostgreSQL store.
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+#[derive(sqlx::FromRow)]
+struct RunRow {
+    id: Uuid,
+    workflow: String,
+    workflow_version: i32,
+    status: String,
+    input: Value,
+    output: Option<Value>,
+    error: Option<String>,
+    started_by: String,
+    idempotency_key: Option<String>,
+    concurrency_key: Option<String>,
+    parent_run_id: Option<Uuid>,
+    cancel_requested: bool,
+    wake_at: Option<DateTime<Utc>>,
+    created_at: DateTime<Utc>,
+    started_at: Option<DateTime<Utc>>,
+    finished_at: Option<DateTime<Utc>>,
+}
+
+impl RunRow {
+    fn into_view(self) -> StoreResult<RunView> {
+        Ok(RunView {
+            id: RunId(self.id),
+            workflow: self.workflow,
+            workflow_version: self.workflow_version,
+            status: self.status.parse().map_err(StoreError::Corrupt)?,
+            input: self.input,
+            output: self.output,
+            error: self.error,
+            started_by: self.started_by,
+            idempotency_key: self.idempotency_key,
+            concurrency_key: self.concurrency_key,
+            parent_run_id: self.parent_run_id.map(RunId),
+            cancel_requested: self.cancel_requested,
+            wake_at: self.wake_at,
+            created_at: self.created_at,
+            started_at: self.started_at,
+            finished_at: self.finished_at,
+            steps: Vec::new(),
+        })
+    }
+}
+
+const RUN_COLUMNS: &str = "id, workflow, workflow_version, status, input, output, error, started_by, \
+     idempotency_key, concurrency_key, parent_run_id, cancel_requested, wake_at, created_at, started_at, finished_at";
+
+const ACTIVE: &str = "('pending', 'running', 'waiting')";
+
+impl PgStore {
+    /// A store on an existing pool.
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    /// Connects a pool of at most `max_connections` to `url`.
+    pub async fn connect(url: &str, max_connections: u32) -> StoreResult<Self> {
+        let options: PgConnectOptions = url.parse()?;
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options.application_name("dayshift"))
+            .await?;
+        Ok(Self { pool })
+    }
+
+    /// The pool, for workflows that keep their own tables in the dayshift database.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Applies the migrations that are not applied yet.
+    pub async fn migrate(&self) -> StoreResult<()> {
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Whether PostgreSQL answers.
+    pub async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("select 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- starting runs
+
+    /// Creates a run, honouring its idempotency key and concurrency key.
+    ///
+    /// Returns what the caller sees and the runs that are now due (to enqueue after commit).
+    pub(crate) async fn create_run(
+        &self,
+        req: &StartRun,
+        version: u32,
+        parent: Option<(RunId, i32)>,
+    ) -> StoreResult<(Started, Vec<RunId>)> {
+        let id = RunId::new();
+        let started_by = req.started_by.clone().unwrap_or_else(|| "api".to_string());
+        let mut tx = self.pool.begin().await?;
+
+        if let Some(key) = &req.idempotency_key
+            && let Some(row) =
+                sqlx::query("select id, status, workflow from runs where idempotency_key = $1")
+                    .bind(key)
+                    .fetch_optional(&mut *tx)
+                    .await?
+        {
+            let workflow: String = row.get("workflow");
+            if workflow != req.workflow {
+                return Err(StoreError::Conflict(format!(
+                    "idempotency key '{key}' was already used to start workflow '{workflow}'"
+                )));
+            }
+            return Ok((
+                Started {
+                    id: RunId(row.get("id")),
+                    status: row
+                        .get::<String, _>("status")
+                        .parse()
+                        .map_err(StoreError::Corrupt)?,
+                    created: false,
+                    note: Some(format!(
+                        "idempotency key '{key}' was used before; this is the first run"
+                    )),
+                },
+                Vec::new(),
+            ));
+        }
+
+        let mut note = None;
+        let mut status = RunStatus::Pending;
+        let mut due = Vec::new();
+        if let Some(c) = &req.concurrency {
+            // Serialises starts and finishes per key, so that the counts below stay true.
+            sqlx::query("select pg_advisory_xact_lock(hashtextextended($1, 0))")
+                .bind(&c.key)
+                .execute(&mut *tx)
+                .await?;
+            let holders: Vec<Uuid> = sqlx::query_scalar(AssertSqlSafe(format!(
+                "select id from runs where concurrency_key = $1 and admitted and status in {ACTIVE} order by created_at"
+            )))
+            .bind(&c.key)
+            .fetch_all(&mut *tx)
+            .await?;
+            let full = holders.len() as u32 >= c.limit.max(1);
+            let holder = holders.first().map(|h| h.to_string()).unwrap_or_default();
+            match c.policy {
+                ConcurrencyPolicy::Skip if full => {
+                    status = RunStatus::Cancelled;
+                    note = Some(format!(
+                        "skipped: concurrency key '{}' is at its limit of {} (held by run {holder})",
+                        c.key, c.limit
+                    ));
+                }
+                ConcurrencyPolicy::CancelOlder => {
+                    let older: Vec<Uuid> = sqlx::query_scalar(AssertSqlSafe(format!(
+                        "select id from runs where concurrency_key = $1 and status in {ACTIVE}"
+                    )))
+                    .bind(&c.key)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                    for o in older {
+                        let reason =
+                            format!("cancelled by newer run {id} (concurrency key '{}')", c.key);
+                        due.extend(
+                            request_cancel(&mut tx, RunId(o), &reason, "concurrency").await?,
+                        );
+                    }
+                }
+                ConcurrencyPolicy::LatestWins => {
+                    let superseded = sqlx::query(AssertSqlSafe(format!(
+                        "update runs set status = 'cancelled', finished_at = now(), updated_at = now(), \
+                         error = 'superseded by newer run ' || $2::text, wake_at = null \
+                         where concurrency_key = $1 and not admitted and status in {ACTIVE} returning id"
+                    )))
+                    .bind(&c.key)
+                    .bind(id.to_string())
+                    .fetch_all(&mut *tx)
+                    .await?;
+                    for row in superseded {
+                        insert_event(
+                            &mut tx,
+                            RunId(row.get("id")),
+                            "run_superseded",
+                            json!({ "by": id }),
+                        )
+                        .await?;
+                    }
+                }
+                _ => {}
+            }
+            if status == RunStatus::Pending && full {
+                note = Some(format!(
+                    "queued: concurrency key '{}' is held by run {holder}",
+                    c.key
+                ));
+            }
+        }
+
+        let (error, finished) = match status {
+            RunStatus::Cancelled => (note.clone(), true),
+            _ => (None, false),
+        };
+        sqlx::query(
+            "insert into runs (id, workflow, workflow_version, input, status, started_by, idempotency_key, \
+             concurrency_key, concurrency_limit, admitted, parent_run_id, parent_seq, wake_at, error, finished_at) \
+             values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, \
+                     case when $10 and $5 = 'pending' then now() end, $13, case when $14 then now() end)",
+        )
+        .bind(id.0)
+        .bind(&req.workflow)
+        .bind(version as i32)
+        .bind(&req.input)
+        .bind(status.as_str())
+        .bind(&started_by)
+        .bind(&req.idempotency_key)
+        .bind(req.concurrency.as_ref().map(|c| c.key.clone()))
+        .bind(req.concurrency.as_ref().map(|c| c.limit.max(1) as i32))
+        .bind(req.concurrency.is_none())
+        .bind(parent.map(|p| p.0.0))
+        .bind(parent.map(|p| p.1))
+        .bind(error)
+        .bind(finished)
+        .execute(&mut *tx)
+        .await?;
+        insert_event(
+            &mut tx,
+            id,
+            "run_created",
+            json!({ "started_by": started_by, "workflow": req.workflow, "note": note }),
+        )
+        .await?;
+        match &req.concurrency {
+            Some(c) if status == RunStatus::Pending => {
+                due.extend(admit(&mut tx, &c.key, c.limit.max(1) as i32).await?)
+            }
+            None => due.push(id),
+            _ => {}
+        }
+        if due.contains(&id) {
+            note = None;
+        }
+        tx.commit().await?;
+        Ok((
+            Started {
+                id,
+                status,
+                created: true,
+                note,
+            },
+            due,
+        ))
+    }
+
+    // ---------------------------------------------------------------- leases
+
+    /// Takes the lease on a run if it is due and nobody holds it.
+    ///
+    /// # Guarantees
+    /// At most one live lease per run; every claim increments the fencing epoch.
+    pub(crate) async fn claim(
+        &self,
+        run_id: RunId,
+        owner: &str,
+        ttl: Duration,
+    ) -> StoreResult<Result<(Lease, ClaimedRun), ClaimMiss>> {
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "update runs set lease_owner = $2, lease_epoch = lease_epoch + 1, \
+               lease_expires_at = now() + make_interval(secs => $3), wakeup_pending = false, \
+               status = 'running', started_at = coalesce(started_at, now()), updated_at = now() \
+             where id = $1 and status in {ACTIVE} and admitted and wake_at <= now() \
+               and (lease_expires_at is null or lease_expires_at < now()) \
+             returning lease_epoch, workflow, input, cancel_requested, cancel_reason, parent_run_id is not null as has_parent, \
+               concurrency_key is not null as has_key, now() as now"
+        )))
+        .bind(run_id.0)
+        .bind(owner)
+        .bind(ttl.as_secs_f64())
+        .fetch_optional(&self.pool)
+        .await?;
+        if let Some(row) = row {
+            let lease = Lease {
+                run_id,
+                owner: owner.to_string(),
+                epoch: row.get("lease_epoch"),
+                ttl,
+            };
+            return Ok(Ok((
+                lease,
+                ClaimedRun {
+                    workflow: row.get("workflow"),
+                    input: row.get("input"),
+                    cancel_requested: row.get("cancel_requested"),
+                    cancel_reason: row.get("cancel_reason"),
+                    has_parent: row.get("has_parent"),
+                    has_concurrency_key: row.get("has_key"),
+                    now: row.get("now"),
+                },
+            )));
+        }
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "select wake_at, now() as now from runs where id = $1 and status in {ACTIVE} and admitted \
+             and (lease_expires_at is null or lease_expires_at < now())"
+        )))
+        .bind(run_id.0)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(Err(match row {
+            Some(row) => match row.get::<Option<DateTime<Utc>>, _>("wake_at") {
+                Some(at) if at > row.get::<DateTime<Utc>, _>("now") => ClaimMiss::NotYet(at),
+                _ => ClaimMiss::NotRunnable,
+            },
+            None => ClaimMiss::NotRunnable,
+        }))
+    }
+
+    /// Extends the lease. Returns whether cancellation was requested meanwhile.
+    pub(crate) async fn renew(&self, lease: &Lease) -> StoreResult<bool> {
+        sqlx::query_scalar(
+            "update runs set lease_expires_at = now() + make_interval(secs => $3) \
+             where id = $1 and lease_epoch = $2 returning cancel_requested",
+        )
+        .bind(lease.run_id.0)
+        .bind(lease.epoch)
+        .bind(lease.ttl_secs())
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or(StoreError::LeaseLost(lease.run_id))
+    }
+
+    /// Gives the lease up; the run is next due at `wake_at` (never, if `None`, until an outside
+    /// event). If an outside event arrived while the lease was held, the run is due now instead.
+    ///
+    /// Returns when the run is next due.
+    pub(crate) async fn release(
+        &self,
+        lease: &Lease,
+        wake_at: Option<DateTime<Utc>>,
+        status: RunStatus,
+    ) -> StoreResult<Option<DateTime<Utc>>> {
+        sqlx::query_scalar(
+            "update runs set lease_owner = null, lease_expires_at = null, updated_at = now(), status = $4, \
+               wake_at = case when wakeup_pending then now() else $3 end, wakeup_pending = false \
+             where id = $1 and lease_epoch = $2 returning wake_at",
+        )
+        .bind(lease.run_id.0)
+        .bind(lease.epoch)
+        .bind(wake_at)
+        .bind(status.as_str())
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or(StoreError::LeaseLost(lease.run_id))
+    }
+
+    // ---------------------------------------------------------------- the journal
+
+    /// The run's journal, in call order.
+    pub(crate) async fn journal(&self, run_id: RunId) -> StoreResult<Vec<JournalEntry>> {
+        Ok(sqlx::query_as(
+            "select seq, name, kind, status, attempts, output, sensitive, error, error_kind, wake_at, child_run_id \
+             from steps where run_id = $1 order by seq",
+        )
+        .bind(run_id.0)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Marks an attempt as started, so that the API shows it in flight and a worker that dies
+    /// mid-step still counts the attempt.
+    ///
+    /// This marker is committed without waiting for the WAL flush (`synchronous_commit = off`):
+    /// losing it in a PostgreSQL crash costs only the marker, never a result.
+    pub(crate) async fn step_started(
+        &self,
+        lease: &Lease,
+        seq: i32,
+        name: &str,
+        kind: StepKind,
+        attempt: i32,
+    ) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("set local synchronous_commit = off")
+            .execute(&mut *tx)
+            .await?;
+        let done = sqlx::query(
+            "with lease as ( \
+               update runs set lease_expires_at = now() + make_interval(secs => $6) \
+               where id = $1 and lease_epoch = $2 returning id) \
+             insert into steps (run_id, seq, name, kind, status, attempts) \
+             select $1, $3, $4, $5, 'running', $7 from lease \
+             on conflict (run_id, seq) do update set status = 'running', attempts = excluded.attempts, \
+               wake_at = null, updated_at = now() \
+             returning 1",
+        )
+        .bind(lease.run_id.0)
+        .bind(lease.epoch)
+        .bind(seq)
+        .bind(name)
+        .bind(kind.as_str())
+        .bind(lease.ttl_secs())
+        .bind(attempt)
+        .fetch_optional(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        done.map(|_| ()).ok_or(StoreError::LeaseLost(lease.run_id))
+    }
+
+    /// Journals a step's state, fenced by the lease, in one statement (the hot path).
+    ///
+    /// Returns the entry's `wake_at`.
+    pub(crate) async fn record(
+        &self,
+        lease: &Lease,
+        r: &StepRecord<'_>,
+    ) -> StoreResult<Option<DateTime<Utc>>> {
+        let terminal = matches!(
+            r.status,
+            StepStatus::Succeeded | StepStatus::Failed | StepStatus::Cancelled
+        );
+        let (error, error_kind) = match r.error {
+            Some((kind, msg)) => (Some(msg), Some(kind)),
+            None => (None, None),
+        };
+        let row = sqlx::query(
+            "with lease as ( \
+               update runs set lease_expires_at = now() + make_interval(secs => $13), updated_at = now() \
+               where id = $1 and lease_epoch = $2 returning id), \
+             step as ( \
+               insert into steps (run_id, seq, name, kind, status, attempts, output, sensitive, error, error_kind, \
+                                  wake_at, finished_at) \
+               select $1, $3, $4, $5, $6, $7, $8, $9, $10, $11, \
+                      now() + $12 * interval '1 millisecond', case when $14 then now() end from lease \
+               on conflict (run_id, seq) do update set status = excluded.status, attempts = excluded.attempts, \
+                 output = excluded.output, error = coalesce(excluded.error, steps.error), \
+                 error_kind = coalesce(excluded.error_kind, steps.error_kind), wake_at = excluded.wake_at, \
+                 finished_at = excluded.finished_at, updated_at = now() \
+               returning wake_at), \
+             event as ( \
+               insert into run_events (run_id, kind, seq, step, attempt, detail) \
+               select $1, $15, $3, $4, $7, jsonb_build_object('status', $6::text, 'error', $10::text) from lease \
+               where $15 is not null) \
+             select (select wake_at from step) as wake_at, exists (select 1 from lease) as held",
+        )
+        .bind(lease.run_id.0)
+        .bind(lease.epoch)
+        .bind(r.seq)
+        .bind(r.name)
+        .bind(r.kind.as_str())
+        .bind(r.status.as_str())
+        .bind(r.attempts)
+        .bind(if r.sensitive { None } else { r.output })
+        .bind(r.sensitive)
+        .bind(error)
+        .bind(error_kind)
+        .bind(r.wake_in.map(|d| d.as_millis() as f64))
+        .bind(lease.ttl_secs())
+        .bind(terminal)
+        .bind(r.event)
+        .fetch_one(&self.pool)
+        .await?;
+        if !row.get::<bool, _>("held") {
+            return Err(StoreError::LeaseLost(lease.run_id));
+        }
+        Ok(row.get("wake_at"))
+    }
+
+    /// Completes a signal wait with the oldest buffered signal of that name, if there is one.
+    ///
+    /// Returns the signal's payload. With `deadline_passed` and no signal, completes the wait
+    /// with no payload (the wait timed out).
+    pub(crate) async fn take_signal(
+        &self,
+        lease: &Lease,
+        seq: i32,
+        name: &str,
+        deadline_passed: bool,
+    ) -> StoreResult<Option<Option<Value>>> {
+        let mut tx = self.pool.begin().await?;
+        lock_leased(&mut tx, lease).await?;
+        let signal = sqlx::query(
+            "update signals set consumed_seq = $2 where id = ( \
+               select id from signals where run_id = $1 and name = $3 and consumed_seq is null order by id limit 1) \
+             returning payload",
+        )
+        .bind(lease.run_id.0)
+        .bind(seq)
+        .bind(name)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let payload: Option<Value> = signal.map(|r| r.get("payload"));
+        if payload.is_none() && !deadline_passed {
+            tx.rollback().await?;
+            return Ok(None);
+        }
+        let output = json!({ "payload": payload, "timed_out": payload.is_none() });
+        sqlx::query(
+            "update steps set status = 'succeeded', output = $3, finished_at = now(), updated_at = now(), attempts = 1 \
+             where run_id = $1 and seq = $2",
+        )
+        .bind(lease.run_id.0)
+        .bind(seq)
+        .bind(&output)
+        .execute(&mut *tx)
+        .await?;
+        insert_event(
+            &mut tx,
+            lease.run_id,
+            if payload.is_some() {
+                "signal_received"
+            } else {
+                "signal_timed_out"
+            },
+            json!({ "name": name, "seq": seq }),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(Some(payload))
+    }
+
+    /// Creates a child run and journals the `child` entry that points to it, atomically.
+    pub(crate) async fn start_child(
+        &self,
+        lease: &Lease,
+        seq: i32,
+        req: &StartRun,
+        version: u32,
+    ) -> StoreResult<RunId> {
+        let (started, _) = self
+            .create_run(req, version, Some((lease.run_id, seq)))
+            .await?;
+        // The child exists before the entry: if the worker dies in between, the run is re-created
+        // on replay and the orphan is cancelled below (it is found by parent_seq).
+        let mut tx = self.pool.begin().await?;
+        lock_leased(&mut tx, lease).await?;
+        sqlx::query(
+            "insert into steps (run_id, seq, name, kind, status, attempts, child_run_id) \
+             values ($1, $2, $3, 'child', 'waiting', 1, $4)",
+        )
+        .bind(lease.run_id.0)
+        .bind(seq)
+        .bind(&req.workflow)
+        .bind(started.id.0)
+        .execute(&mut *tx)
+        .await?;
+        let orphans = sqlx::query(AssertSqlSafe(format!(
+            "update runs set cancel_requested = true, cancel_reason = 'orphaned child', wake_at = now(), \
+               wakeup_pending = true \
+             where parent_run_id = $1 and parent_seq = $2 and id <> $3 and status in {ACTIVE} returning id"
+        )))
+        .bind(lease.run_id.0)
+        .bind(seq)
+        .bind(started.id.0)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        if !orphans.is_empty() {
+            tracing::warn!(run_id = %lease.run_id, seq, count = orphans.len(), "Cancelled orphaned child runs.");
+        }
+        Ok(started.id)
+    }
+
+    /// The status, output and error of a run (for a parent waiting on its child).
+    pub(crate) async fn run_outcome(
+        &self,
+        id: RunId,
+    ) -> StoreResult<(RunStatus, Option<Value>, Option<String>)> {
+        let row = sqlx::query("select status, output, error from runs where id = $1")
+            .bind(id.0)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok((
+            row.get::<String, _>("status")
+                .parse()
+                .map_err(StoreError::Corrupt)?,
+            row.get("output"),
+            row.get("error"),
+        ))
+    }
+
+    /// Ends the run. Returns the runs that are now due: the parent waiting on it, and the next
+    /// run admitted under its concurrency key.
+    pub(crate) async fn finish(
+        &self,
+        lease: &Lease,
+        outcome: &Outcome,
+        has_parent: bool,
+        has_concurrency_key: bool,
+    ) -> StoreResult<Vec<RunId>> {
+        const FINISH: &str = "update runs set status = $3, output = $4, error = $5, finished_at = now(), \
+               updated_at = now(), lease_owner = null, lease_expires_at = null, wake_at = null \
+             where id = $1 and lease_epoch = $2 \
+             returning parent_run_id, concurrency_key, concurrency_limit";
+        let detail = json!({ "status": outcome.status, "error": outcome.error });
+        if !has_parent && !has_concurrency_key {
+            // The common case in one statement.
+            let done = sqlx::query(AssertSqlSafe(format!(
+                "with r as ({FINISH}) \
+                 insert into run_events (run_id, kind, detail) select $1, 'run_finished', $6 from r returning 1"
+            )))
+            .bind(lease.run_id.0)
+            .bind(lease.epoch)
+            .bind(outcome.status.as_str())
+            .bind(&outcome.output)
+            .bind(&outcome.error)
+            .bind(&detail)
+            .fetch_optional(&self.pool)
+            .await?;
+            return done
+                .map(|_| Vec::new())
+                .ok_or(StoreError::LeaseLost(lease.run_id));
+        }
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(FINISH)
+            .bind(lease.run_id.0)
+            .bind(lease.epoch)
+            .bind(outcome.status.as_str())
+            .bind(&outcome.output)
+            .bind(&outcome.error)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(StoreError::LeaseLost(lease.run_id))?;
+        insert_event(&mut tx, lease.run_id, "run_finished", detail).await?;
+        let mut due = Vec::new();
+        if let Some(parent) = row.get::<Option<Uuid>, _>("parent_run_id") {
+            due.extend(wake(&mut tx, RunId(parent)).await?);
+        }
+        if let Some(key) = row.get::<Option<String>, _>("concurrency_key") {
+            let limit: Option<i32> = row.get("concurrency_limit");
+            due.extend(admit(&mut tx, &key, limit.unwrap_or(1)).await?);
+        }
+        tx.commit().await?;
+        Ok(due)
+    }
+
+    // ---------------------------------------------------------------- outside events
+
+    /// Requests cancellation of a run and its active children.
+    ///
+    /// Returns `None` if the run does not exist, else its status after the request and the runs
+    /// that are now due.
+    pub(crate) async fn cancel(
+        &self,
+        id: RunId,
+        reason: &str,
+        by: &str,
+    ) -> StoreResult<Option<(RunStatus, Vec<RunId>)>> {
+        let mut tx = self.pool.begin().await?;
+        let Some(status) =
+            sqlx::query_scalar::<_, String>("select status from runs where id = $1 for update")
+                .bind(id.0)
+                .fetch_optional(&mut *tx)
+                .await?
+        else {
+            return Ok(None);
+        };
+        let due = request_cancel(&mut tx, id, reason, by).await?;
+        let status = sqlx::query_scalar::<_, String>("select status from runs where id = $1")
+            .bind(id.0)
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap_or(status);
+        tx.commit().await?;
+        Ok(Some((status.parse().map_err(StoreError::Corrupt)?, due)))
+    }
+
+    /// Buffers a signal for the run and wakes it. `Err(status)` if the run is over.
+    pub(crate) async fn signal(
+        &self,
+        id: RunId,
+        name: &str,
+        payload: &Value,
+        by: &str,
+    ) -> StoreResult<Option<Result<Vec<RunId>, RunStatus>>> {
+        let mut tx = self.pool.begin().await?;
+        let Some(status) =
+            sqlx::query_scalar::<_, String>("select status from runs where id = $1 for update")
+                .bind(id.0)
+                .fetch_optional(&mut *tx)
+                .await?
+        else {
+            return Ok(None);
+        };
+        let status: RunStatus = status.parse().map_err(StoreError::Corrupt)?;
+        if status.is_terminal() {
+            return Ok(Some(Err(status)));
+        }
+        sqlx::query("insert into signals (run_id, name, payload, sent_by) values ($1, $2, $3, $4)")
+            .bind(id.0)
+            .bind(name)
+            .bind(payload)
+            .bind(by)
+            .execute(&mut *tx)
+            .await?;
+        insert_event(
+            &mut tx,
+            id,
+            "signal_sent",
+            json!({ "name": name, "by": by }),
+        )
+        .await?;
+        let due = wake(&mut tx, id).await?;
+        tx.commit().await?;
+        Ok(Some(Ok(due)))
+    }
+
+    /// Runs that are due now and not held by a live lease: what the sweeper re-enqueues.
+    pub(crate) async fn due_runs(&self, limit: i64) -> StoreResult<Vec<RunId>> {
+        let ids: Vec<Uuid> = sqlx::query_scalar(AssertSqlSafe(format!(
+            "select id from runs where status in {ACTIVE} and admitted and wake_at <= now() \
+             and (lease_expires_at is null or lease_expires_at < now()) order by wake_at limit $1"
+        )))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(ids.into_iter().map(RunId).collect())
+    }
+
+    // ---------------------------------------------------------------- reads for the API
+
+    /// One run with its steps.
+    pub async fn get_run(&self, id: RunId) -> StoreResult<Option<RunView>> {
+        let Some(row) = sqlx::query_as::<_, RunRow>(AssertSqlSafe(format!(
+            "select {RUN_COLUMNS} from runs where id = $1"
+        )))
+        .bind(id.0)
+        .fetch_optional(&self.pool)
+        .await?
+        else {
+            return Ok(None);
+        };
+        let mut view = row.into_view()?;
+        view.steps = self.steps(id).await?;
+        Ok(Some(view))
+    }
+
+    async fn steps(&self, id: RunId) -> StoreResult<Vec<StepView>> {
+        let rows = sqlx::query(
+            "select seq, name, kind, status, attempts, sensitive, output, error, child_run_id, wake_at, \
+               started_at, finished_at, (extract(epoch from (finished_at - started_at)) * 1000)::bigint as ms \
+             from steps where run_id = $1 order by seq",
+        )
+        .bind(id.0)
+        .fetch_all(&self.pool)
+        .await?;
+        let errors = sqlx::query(
+            "select seq, attempt, at, detail->>'error' as error from run_events \
+             where run_id = $1 and kind = 'step_attempt_failed' order by id",
+        )
+        .bind(id.0)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut steps = Vec::with_capacity(rows.len());
+        for r in rows {
+            let seq: i32 = r.get("seq");
+            steps.push(StepView {
+                seq,
+                name: r.get("name"),
+                kind: r
+                    .get::<String, _>("kind")
+                    .parse()
+                    .map_err(StoreError::Corrupt)?,
+                status: r
+                    .get::<String, _>("status")
+                    .parse()
+                    .map_err(StoreError::Corrupt)?,
+                attempts: r.get("attempts"),
+                sensitive: r.get("sensitive"),
+                output: r.get("output"),
+                last_error: r.get("error"),
+                errors: errors
+                    .iter()
+                    .filter(|e| e.get::<Option<i32>, _>("seq") == Some(seq))
+                    .map(|e| AttemptError {
+                        attempt: e.get::<Option<i32>, _>("attempt").unwrap_or_default(),
+                        at: e.get("at"),
+                        error: e.get::<Option<String>, _>("error").unwrap_or_default(),
+                    })
+                    .collect(),
+                child_run_id: r.get::<Option<Uuid>, _>("child_run_id").map(RunId),
+                wake_at: r.get("wake_at"),
+                started_at: r.get("started_at"),
+                finished_at: r.get("finished_at"),
+                duration_ms: r.get("ms"),
+            });
+        }
+        Ok(steps)
+    }
+
+    /// Runs, newest first.
+    pub async fn list_runs(&self, filter: &RunFilter) -> StoreResult<Vec<RunView>> {
+        let rows = sqlx::query_as::<_, RunRow>(AssertSqlSafe(format!(
+            "select {RUN_COLUMNS} from runs where ($1::text is null or status = $1) \
+             and ($2::text is null or workflow = $2) order by created_at desc, id desc limit $3"
+        )))
+        .bind(filter.status.map(|s| s.as_str()))
+        .bind(&filter.workflow)
+        .bind(filter.limit.unwrap_or(50).clamp(1, 1000) as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(RunRow::into_view).collect()
+    }
+
+    /// The run's history, oldest first.
+    pub async fn events(&self, id: RunId) -> StoreResult<Vec<Value>> {
+        let rows = sqlx::query(
+            "select jsonb_build_object('at', at, 'kind', kind, 'seq', seq, 'step', step, 'attempt', attempt, \
+               'detail', detail) as e from run_events where run_id = $1 order by id",
+        )
+        .bind(id.0)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(|r| r.get("e")).collect())
+    }
+}
+
+/// Locks the run row and checks that the lease is still ours.
+async fn lock_leased(tx: &mut Transaction<'_, Postgres>, lease: &Lease) -> StoreResult<()> {
+    sqlx::query(
+        "update runs set lease_expires_at = now() + make_interval(secs => $3), updated_at = now() \
+         where id = $1 and lease_epoch = $2 returning 1",
+    )
+    .bind(lease.run_id.0)
+    .bind(lease.epoch)
+    .bind(lease.ttl_secs())
+    .fetch_optional(&mut **tx)
+    .await?
+    .map(|_| ())
+    .ok_or(StoreError::LeaseLost(lease.run_id))
+}
+
+async fn insert_event(
+    tx: &mut Transaction<'_, Postgres>,
+    id: RunId,
+    kind: &str,
+    detail: Value,
+) -> StoreResult<()> {
+    sqlx::query("insert into run_events (run_id, kind, detail) values ($1, $2, $3)")
+        .bind(id.0)
+        .bind(kind)
+        .bind(detail)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// Makes an active run due now, or notes the wake-up for the worker holding it.
+async fn wake(tx: &mut Transaction<'_, Postgres>, id: RunId) -> StoreResult<Vec<RunId>> {
+    let rows = sqlx::query(AssertSqlSafe(format!(
+        "update runs set wake_at = now(), wakeup_pending = true, updated_at = now() \
+         where id = $1 and status in {ACTIVE} returning admitted"
+    )))
+    .bind(id.0)
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .filter(|r| r.get::<bool, _>("admitted"))
+        .map(|_| id)
+        .collect())
+}
+
+/// Admits queued runs under `key` while there is room. Caller holds no advisory lock yet.
+async fn admit(
+    tx: &mut Transaction<'_, Postgres>,
+    key: &str,
+    limit: i32,
+) -> StoreResult<Vec<RunId>> {
+    sqlx::query("select pg_advisory_xact_lock(hashtextextended($1, 0))")
+        .bind(key)
+        .execute(&mut **tx)
+        .await?;
+    let ids: Vec<Uuid> = sqlx::query_scalar(AssertSqlSafe(format!(
+        "update runs set admitted = true, wake_at = now(), updated_at = now() where id in ( \
+           select id from runs where concurrency_key = $1 and not admitted and status = 'pending' \
+           order by created_at limit greatest(0, $2 - ( \
+             select count(*) from runs where concurrency_key = $1 and admitted and status in {ACTIVE}))) \
+         returning id"
+    )))
+    .bind(key)
+    .bind(limit as i64)
+    .fetch_all(&mut **tx)
+    .await?;
+    for id in &ids {
+        insert_event(
+            tx,
+            RunId(*id),
+            "run_admitted",
+            json!({ "concurrency_key": key }),
+        )
+        .await?;
+    }
+    Ok(ids.into_iter().map(RunId).collect())
+}
+
+/// Flags a run (and its active children) for cancellation and wakes it. A run that never got
+/// a slot under its concurrency key, or never started, ends at once.
+fn request_cancel<'a>(
+    tx: &'a mut Transaction<'_, Postgres>,
+    id: RunId,
+    reason: &'a str,
+    by: &'a str,
+) -> futures::future::BoxFuture<'a, StoreResult<Vec<RunId>>> {
+    Box::pin(async move {
+        let mut due = Vec::new();
+        let ended = sqlx::query(
+            "update runs set status = 'cancelled', cancel_requested = true, cancel_reason = $2, error = $2, \
+               finished_at = now(), updated_at = now(), wake_at = null \
+             where id = $1 and status = 'pending' and started_at is null and lease_owner is null \
+             returning concurrency_key, concurrency_limit, parent_run_id",
+        )
+        .bind(id.0)
+        .bind(reason)
+        .fetch_optional(&mut **tx)
+        .await?;
+        if let Some(row) = ended {
+            insert_event(
+                tx,
+                id,
+                "run_cancelled",
+                json!({ "reason": reason, "by": by }),
+            )
+            .await?;
+            if let Some(parent) = row.get::<Option<Uuid>, _>("parent_run_id") {
+                due.extend(wake(tx, RunId(parent)).await?);
+            }
+            if let Some(key) = row.get::<Option<String>, _>("concurrency_key") {
+                let limit: Option<i32> = row.get("concurrency_limit");
+                due.extend(admit(tx, &key, limit.unwrap_or(1)).await?);
+            }
+            return Ok(due);
+        }
+        let flagged = sqlx::query(AssertSqlSafe(format!(
+            "update runs set cancel_requested = true, cancel_reason = coalesce(cancel_reason, $2), \
+               wake_at = now(), wakeup_pending = true, updated_at = now() \
+             where id = $1 and status in {ACTIVE} and not cancel_requested returning admitted"
+        )))
+        .bind(id.0)
+        .bind(reason)
+        .fetch_optional(&mut **tx)
+        .await?;
+        if let Some(row) = flagged {
+            insert_event(
+                tx,
+                id,
+                "cancel_requested",
+                json!({ "reason": reason, "by": by }),
+            )
+            .await?;
+            sqlx::query("select pg_notify($1, $2)")
+                .bind(CANCEL_CHANNEL)
+                .bind(id.to_string())
+                .execute(&mut **tx)
+                .await?;
+            if row.get::<bool, _>("admitted") {
+                due.push(id);
+            }
+            let children: Vec<Uuid> = sqlx::query_scalar(AssertSqlSafe(format!(
+                "select id from runs where parent_run_id = $1 and status in {ACTIVE}"
+            )))
+            .bind(id.0)
+            .fetch_all(&mut **tx)
+            .await?;
+            for child in children {
+                due.extend(request_cancel(tx, RunId(child), "parent run cancelled", by).await?);
+            }
+        }
+        Ok(due)
+    })
+}

@@ -1,0 +1,196 @@
+//! A worker: consumes "advance run" jobs, sweeps PostgreSQL for due runs, and relays
+//! cancellations to the steps it runs.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use apalis::prelude::*;
+use apalis::prelude::{BoxDynError, Data, WorkerBuilder};
+use serde::{Deserialize, Serialize};
+use sqlx::postgres::PgListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::engine::{Engine, EngineInner};
+use crate::error::EngineError;
+use crate::model::RunId;
+use crate::queue::AdvanceJob;
+use crate::runtime::{self, CancelRegistry, PassOptions};
+use crate::store::CANCEL_CHANNEL;
+
+/// How a worker behaves.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct WorkerConfig {
+    /// Unique per process; shows in leases and logs. Default `<host>-<pid>-<random>`.
+    pub name: String,
+    /// Runs advanced at once by this process. Default 16.
+    pub concurrency: usize,
+    /// How long a claimed run stays leased without renewal; a worker that dies holding a run
+    /// delays it by at most this. Default 30s.
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// How often PostgreSQL is scanned for due runs that no job announced (Redis lost its data,
+    /// a worker died). Default 5s.
+    #[serde(with = "humantime_serde")]
+    pub sweep_interval: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            name: default_worker_name(),
+            concurrency: 16,
+            lease_ttl: Duration::from_secs(30),
+            sweep_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// `<host>-<pid>-<random>`: unique per process start, so a restarted worker never collides with
+/// the heartbeat of its previous life.
+pub(crate) fn default_worker_name() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "worker".into());
+    format!(
+        "{host}-{}-{:06x}",
+        std::process::id(),
+        rand::random::<u32>() & 0xff_ffff
+    )
+}
+
+struct Shared {
+    engine: Arc<EngineInner>,
+    opts: PassOptions,
+}
+
+/// A worker process's loops.
+#[derive(Debug)]
+pub struct Worker {
+    engine: Engine,
+    config: WorkerConfig,
+}
+
+impl Worker {
+    /// A worker of `engine`.
+    pub fn new(engine: Engine, config: WorkerConfig) -> Self {
+        Self { engine, config }
+    }
+
+    /// Runs until `shutdown` is cancelled, then stops taking jobs; runs in flight stop at their
+    /// next step boundary and are released for another worker at once.
+    ///
+    /// # Cancel safety
+    /// Not cancel-safe: signal shutdown through the token and await the result (bounded by a
+    /// grace period in the caller); dropping it leaves leases to expire.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), EngineError> {
+        let inner = self.engine.inner.clone();
+        let cancels = CancelRegistry::default();
+        let shared = Arc::new(Shared {
+            engine: inner.clone(),
+            opts: PassOptions {
+                owner: self.config.name.clone(),
+                lease_ttl: self.config.lease_ttl,
+                shutdown: shutdown.clone(),
+                cancels: cancels.clone(),
+            },
+        });
+        tracing::info!(worker = %self.config.name, concurrency = self.config.concurrency, "Worker started.");
+
+        let listener = tokio::spawn(listen_for_cancels(inner.clone(), cancels, shutdown.clone()));
+        let sweeper = tokio::spawn(sweep(
+            inner.clone(),
+            self.config.sweep_interval,
+            shutdown.clone(),
+        ));
+
+        let queue = &inner.queue;
+        let worker = WorkerBuilder::new(self.config.name.clone())
+            .backend(queue.backend().poll_with_strategy(queue.poll_strategy()))
+            .data(shared)
+            .concurrency(self.config.concurrency.max(1))
+            .build(handle);
+        let stop = shutdown.clone();
+        let result = worker
+            .run_until(async move {
+                stop.cancelled().await;
+                Ok::<(), std::io::Error>(())
+            })
+            .await;
+        shutdown.cancel();
+        let _ = tokio::join!(listener, sweeper);
+        tracing::info!(worker = %self.config.name, "Worker stopped.");
+        result.map_err(|e| EngineError::Queue(crate::error::QueueError::Redis(e.to_string())))
+    }
+}
+
+async fn handle(job: AdvanceJob, shared: Data<Arc<Shared>>) -> Result<(), BoxDynError> {
+    if let Err(e) = runtime::advance(&shared.engine, job.run_id, &shared.opts).await {
+        // Nothing is lost: the run is due in PostgreSQL and the sweeper re-enqueues it.
+        tracing::warn!(run_id = %job.run_id, error = %e, "Advancing the run failed; it will be retried.");
+    }
+    Ok(())
+}
+
+/// Re-enqueues every run PostgreSQL says is due and nobody holds.
+async fn sweep(engine: Arc<EngineInner>, every: Duration, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match engine.store.due_runs(10_000).await {
+            Ok(due) if !due.is_empty() => {
+                tracing::debug!(count = due.len(), "Sweeper re-enqueues due runs.");
+                engine.enqueue_now(&due).await;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "Sweep failed."),
+        }
+    }
+}
+
+/// Relays `pg_notify` cancellations to the steps this worker runs.
+async fn listen_for_cancels(
+    engine: Arc<EngineInner>,
+    cancels: CancelRegistry,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let mut listener = match PgListener::connect_with(engine.store.pool()).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "Cancel listener cannot connect; retrying.");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => continue,
+                }
+            }
+        };
+        if let Err(e) = listener.listen(CANCEL_CHANNEL).await {
+            tracing::warn!(error = %e, "Cancel listener cannot listen; retrying.");
+            continue;
+        }
+        loop {
+            let n = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                n = listener.recv() => n,
+            };
+            match n {
+                Ok(n) => {
+                    if let Ok(id) = n.payload().parse::<RunId>() {
+                        cancels.cancel(id);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "Cancel listener lost its connection; reconnecting.");
+                    break;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! Workflow definitions and the registry of them.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::error::WorkflowError;
+use crate::runtime::Ctx;
+
+type RunFn = dyn Fn(Ctx, Value) -> BoxFuture<'static, Result<Value, WorkflowError>> + Send + Sync;
+type ValidateFn = dyn Fn(&Value) -> Result<(), String> + Send + Sync;
+
+/// A workflow: a name (`family.action`), a version, a one-line description, and an async
+/// function whose side effects all go through its [`Ctx`].
+///
+/// ```ignore
+/// WorkflowDef::new("backup.postgres", "Dumps a database to S3 and verifies it.", |ctx, input: BackupInput| async move {
+///     let upload = ctx.step("upload", |s| upload(s, &input)).await?;
+///     Ok(upload)
+/// })
+/// ```
+#[derive(Clone)]
+pub struct WorkflowDef {
+    pub(crate) name: String,
+    pub(crate) version: u32,
+    pub(crate) description: String,
+    pub(crate) run: Arc<RunFn>,
+    validate: Arc<ValidateFn>,
+}
+
+impl std::fmt::Debug for WorkflowDef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkflowDef")
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WorkflowDef {
+    /// Defines a workflow taking input `I` and returning `O`, at version 1.
+    ///
+    /// The input is checked against `I` when a run is started, so bad input is refused before
+    /// a run exists.
+    pub fn new<I, O, F, Fut>(name: impl Into<String>, description: impl Into<String>, f: F) -> Self
+    where
+        I: DeserializeOwned + Send + 'static,
+        O: Serialize + Send + 'static,
+        F: Fn(Ctx, I) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<O, WorkflowError>> + Send + 'static,
+    {
+        let f = Arc::new(f);
+        let run: Arc<RunFn> = Arc::new(move |ctx: Ctx, input: Value| {
+            let f = f.clone();
+            Box::pin(async move {
+                let input: I = serde_json::from_value(input)
+                    .map_err(|e| WorkflowError::failed(format!("invalid input: {e}")))?;
+                let out = f(ctx, input).await?;
+                serde_json::to_value(out)
+                    .map_err(|e| WorkflowError::failed(format!("output is not JSON: {e}")))
+            })
+        });
+        let validate: Arc<ValidateFn> = Arc::new(|v: &Value| {
+            serde_json::from_value::<I>(v.clone())
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        });
+        Self {
+            name: name.into(),
+            version: 1,
+            description: description.into(),
+            run,
+            validate,
+        }
+    }
+
+    /// Sets the version recorded on runs started from now on. Bump it when the order of the
+    /// steps changes; runs started on an older version then stop with a non-determinism error
+    /// if their journal no longer matches.
+    pub fn version(mut self, version: u32) -> Self {
+        self.version = version;
+        self
+    }
+
+    /// The workflow's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub(crate) fn validate(&self, input: &Value) -> Result<(), String> {
+        (self.validate)(input)
+    }
+}
+
+/// What `dayshift workflows` shows of a workflow.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct WorkflowInfo {
+    pub name: String,
+    pub version: u32,
+    pub description: String,
+}
+
+/// The registered workflows, by name.
+#[derive(Debug, Clone, Default)]
+pub struct Registry {
+    defs: BTreeMap<String, WorkflowDef>,
+}
+
+impl Registry {
+    /// Adds a workflow; a second one with the same name replaces the first.
+    pub fn register(&mut self, def: WorkflowDef) {
+        self.defs.insert(def.name.clone(), def);
+    }
+
+    pub(crate) fn get(&self, name: &str) -> Option<&WorkflowDef> {
+        self.defs.get(name)
+    }
+
+    /// Name, version and description of each workflow, sorted by name.
+    pub fn list(&self) -> Vec<WorkflowInfo> {
+        self.defs
+            .values()
+            .map(|d| WorkflowInfo {
+                name: d.name.clone(),
+                version: d.version,
+                description: d.description.clone(),
+            })
+            .collect()
+    }
+}

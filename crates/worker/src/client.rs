@@ -1,0 +1,266 @@
+//! The CLI side of the API: `dayshift run` and `dayshift runs …`.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use serde_json::{Value, json};
+
+/// Where the API is and how to print.
+#[derive(Args, Debug, Clone)]
+pub(crate) struct ApiArgs {
+    /// The dayshift API. Env: DAYSHIFT_SERVER.
+    #[arg(
+        long,
+        env = "DAYSHIFT_SERVER",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
+    server: String,
+    /// Machine-readable output (JSON).
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum RunsCommand {
+    /// Lists runs, newest first.
+    List {
+        /// pending, running, waiting, succeeded, failed or cancelled.
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long)]
+        workflow: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Shows a run and its steps.
+    Show { id: String },
+    /// Cancels a run: the step in flight is cancelled and the undos run.
+    Cancel {
+        id: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Sends a signal to a run.
+    Signal {
+        id: String,
+        name: String,
+        /// The payload, as JSON.
+        #[arg(long, default_value = "null")]
+        payload: String,
+    },
+}
+
+struct Api {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Api {
+    fn new(args: &ApiArgs) -> Result<Self> {
+        Ok(Self {
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()?,
+            base: args.server.trim_end_matches('/').to_string(),
+        })
+    }
+
+    async fn call(&self, req: reqwest::RequestBuilder) -> Result<Value> {
+        let resp = req.send().await.with_context(|| {
+            format!(
+                "cannot reach the dayshift API at {} (is `dayshift serve` running?)",
+                self.base
+            )
+        })?;
+        let status = resp.status();
+        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        if !status.is_success() {
+            let msg = body
+                .get("error")
+                .and_then(Value::as_str)
+                .unwrap_or("no error message");
+            bail!("{msg} (HTTP {})", status.as_u16());
+        }
+        Ok(body)
+    }
+
+    async fn get(&self, path: &str) -> Result<Value> {
+        self.call(self.http.get(format!("{}{path}", self.base)))
+            .await
+    }
+
+    async fn post(&self, path: &str, body: &Value) -> Result<Value> {
+        self.call(self.http.post(format!("{}{path}", self.base)).json(body))
+            .await
+    }
+}
+
+fn parse_json(what: &str, text: &str) -> Result<Value> {
+    serde_json::from_str(text).with_context(|| format!("{what} is not JSON: {text}"))
+}
+
+/// `dayshift run`.
+pub(crate) async fn run(
+    args: &ApiArgs,
+    workflow: &str,
+    input: &str,
+    wait: bool,
+    key: Option<String>,
+) -> Result<ExitCode> {
+    let api = Api::new(args)?;
+    let input = parse_json("--input", input)?;
+    let mut body = json!({ "workflow": workflow, "input": input });
+    if let Some(k) = key {
+        body["idempotency_key"] = json!(k);
+    }
+    let started = api.post("/api/v1/runs", &body).await?;
+    let id = started["id"]
+        .as_str()
+        .context("the API returned no run id")?
+        .to_string();
+    if !wait {
+        if args.json {
+            println!("{started}");
+        } else {
+            println!("run {id} {}", started["status"].as_str().unwrap_or("?"));
+            if let Some(note) = started["note"].as_str() {
+                println!("  {note}");
+            }
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    loop {
+        let run = api.get(&format!("/api/v1/runs/{id}")).await?;
+        let status = run["status"].as_str().unwrap_or("");
+        if matches!(status, "succeeded" | "failed" | "cancelled") {
+            print_run(&run, args.json);
+            return Ok(if status == "succeeded" {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `dayshift runs …`.
+pub(crate) async fn runs(args: &ApiArgs, command: RunsCommand) -> Result<ExitCode> {
+    let api = Api::new(args)?;
+    match command {
+        RunsCommand::List {
+            status,
+            workflow,
+            limit,
+        } => {
+            let mut url = reqwest::Url::parse(&format!("{}/api/v1/runs", api.base))?;
+            url.query_pairs_mut()
+                .append_pair("limit", &limit.to_string());
+            if let Some(s) = status {
+                url.query_pairs_mut().append_pair("status", &s);
+            }
+            if let Some(w) = workflow {
+                url.query_pairs_mut().append_pair("workflow", &w);
+            }
+            let body = api.call(api.http.get(url)).await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&body["runs"])?);
+            } else {
+                println!(
+                    "{:<36}  {:<24} {:<10} {:<25}",
+                    "ID", "WORKFLOW", "STATUS", "CREATED"
+                );
+                for r in body["runs"].as_array().into_iter().flatten() {
+                    println!(
+                        "{:<36}  {:<24} {:<10} {:<25}",
+                        r["id"].as_str().unwrap_or(""),
+                        r["workflow"].as_str().unwrap_or(""),
+                        r["status"].as_str().unwrap_or(""),
+                        r["created_at"].as_str().unwrap_or("")
+                    );
+                }
+            }
+        }
+        RunsCommand::Show { id } => {
+            let run = api.get(&format!("/api/v1/runs/{id}")).await?;
+            print_run(&run, args.json);
+        }
+        RunsCommand::Cancel { id, reason } => {
+            let body = api
+                .post(
+                    &format!("/api/v1/runs/{id}/cancel"),
+                    &json!({ "reason": reason }),
+                )
+                .await?;
+            if args.json {
+                println!("{body}");
+            } else {
+                println!(
+                    "cancellation requested for run {id} (now {})",
+                    body["status"].as_str().unwrap_or("?")
+                );
+            }
+        }
+        RunsCommand::Signal { id, name, payload } => {
+            let payload = parse_json("--payload", &payload)?;
+            let body = api
+                .post(&format!("/api/v1/runs/{id}/signals/{name}"), &payload)
+                .await?;
+            if args.json {
+                println!("{body}");
+            } else {
+                println!("signal {name} sent to run {id}");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_run(run: &Value, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(run).unwrap_or_default());
+        return;
+    }
+    let s = |v: &Value| v.as_str().map(str::to_string).unwrap_or_else(|| "-".into());
+    println!("run       {}", s(&run["id"]));
+    println!(
+        "workflow  {} v{}",
+        s(&run["workflow"]),
+        run["workflow_version"]
+    );
+    println!("status    {}", s(&run["status"]));
+    println!(
+        "started   {} by {}",
+        s(&run["created_at"]),
+        s(&run["started_by"])
+    );
+    if let Some(e) = run["error"].as_str() {
+        println!("error     {e}");
+    }
+    if !run["output"].is_null() {
+        println!("output    {}", run["output"]);
+    }
+    println!("steps");
+    println!(
+        "  {:>3}  {:<28} {:<7} {:<10} {:>8} {:>9}  LAST ERROR",
+        "#", "NAME", "KIND", "STATUS", "ATTEMPTS", "MS"
+    );
+    for st in run["steps"].as_array().into_iter().flatten() {
+        println!(
+            "  {:>3}  {:<28} {:<7} {:<10} {:>8} {:>9}  {}",
+            st["seq"].as_i64().unwrap_or_default(),
+            s(&st["name"]),
+            s(&st["kind"]),
+            s(&st["status"]),
+            st["attempts"].as_i64().unwrap_or_default(),
+            st["duration_ms"]
+                .as_i64()
+                .map(|m| m.to_string())
+                .unwrap_or_else(|| "-".into()),
+            st["last_error"].as_str().unwrap_or("")
+        );
+    }
+}

@@ -1,0 +1,316 @@
+//! The configuration every role reads: defaults, then the YAML file, then the environment.
+//!
+//! Loading is a pure function of (file text, environment map), so tests pass both in.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use dayshift_engine::{QueueConfig, WorkerConfig};
+use serde::{Deserialize, Serialize};
+
+/// A value that must never be printed (it may carry a password).
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub(crate) struct Secret(String);
+
+impl Secret {
+    /// The value itself; only for handing to the client that needs it.
+    pub(crate) fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"<redacted>\"")
+    }
+}
+
+impl From<String> for Secret {
+    fn from(s: String) -> Self {
+        Self(s)
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub(crate) struct Config {
+    /// PostgreSQL, which holds all engine state.
+    pub database: DatabaseConfig,
+    /// Redis, which carries wake-ups.
+    pub redis: RedisConfig,
+    /// The HTTP API (`dayshift serve`).
+    pub server: ServerConfig,
+    /// Workers (`dayshift worker`).
+    pub worker: WorkerConfig,
+    /// The queue on Redis.
+    pub queue: QueueConfig,
+    /// Logging.
+    pub log: LogConfig,
+    /// How long runs in flight may take to reach a step boundary after SIGTERM. Default 30s.
+    pub shutdown_grace_period: GracePeriod,
+}
+
+/// A duration with a default of 30 s.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(transparent)]
+pub(crate) struct GracePeriod(#[serde(with = "humantime_serde")] pub Duration);
+
+impl Default for GracePeriod {
+    fn default() -> Self {
+        Self(Duration::from_secs(30))
+    }
+}
+
+/// PostgreSQL settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub(crate) struct DatabaseConfig {
+    /// Connection URL. Env: `DAYSHIFT_DATABASE_URL`. Default
+    /// `postgres://dayshift:dayshift@127.0.0.1:15432/dayshift` (the local services script).
+    pub url: Secret,
+    /// Pool size per process. Default 20.
+    pub max_connections: u32,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: Secret("postgres://dayshift:dayshift@127.0.0.1:15432/dayshift".into()),
+            max_connections: 20,
+        }
+    }
+}
+
+/// Redis settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub(crate) struct RedisConfig {
+    /// Connection URL. Env: `DAYSHIFT_REDIS_URL`. Default `redis://127.0.0.1:16379/`.
+    pub url: Secret,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: Secret("redis://127.0.0.1:16379/".into()),
+        }
+    }
+}
+
+/// HTTP API settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub(crate) struct ServerConfig {
+    /// Address to listen on. Default `127.0.0.1:8080`.
+    pub listen: SocketAddr,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+        }
+    }
+}
+
+/// Log settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub(crate) struct LogConfig {
+    /// A tracing filter, e.g. `info` or `info,dayshift_engine=debug`. Env `DAYSHIFT_LOG` wins.
+    pub level: String,
+    /// `text` or `json`. Default `text`.
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// How log lines look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("config: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Loads defaults, then `file` (path and text) if given, then the environment.
+    pub(crate) fn load(
+        file: Option<(&str, &str)>,
+        env: &HashMap<String, String>,
+    ) -> Result<Self, ConfigError> {
+        let mut config = match file {
+            Some((path, text)) if !text.trim().is_empty() => serde_saphyr::from_str::<Config>(text)
+                .map_err(|e| ConfigError::Parse {
+                    path: path.to_string(),
+                    message: e.to_string(),
+                })?,
+            _ => Config::default(),
+        };
+        if let Some(url) = env.get("DAYSHIFT_DATABASE_URL").filter(|v| !v.is_empty()) {
+            config.database.url = Secret(url.clone());
+        }
+        if let Some(url) = env.get("DAYSHIFT_REDIS_URL").filter(|v| !v.is_empty()) {
+            config.redis.url = Secret(url.clone());
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads the file named by `path` (or `DAYSHIFT_CONFIG`) and loads.
+    pub(crate) fn from_path(
+        path: Option<&str>,
+        env: &HashMap<String, String>,
+    ) -> Result<Self, ConfigError> {
+        let path = path.map(str::to_string).or_else(|| {
+            env.get("DAYSHIFT_CONFIG")
+                .filter(|p| !p.is_empty())
+                .cloned()
+        });
+        match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                Self::load(Some((&path, &text)), env)
+            }
+            None => Self::load(None, env),
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let db = self.database.url.expose();
+        if !(db.starts_with("postgres://") || db.starts_with("postgresql://")) {
+            return Err(ConfigError::Invalid(
+                "database.url must start with postgres:// or postgresql://".into(),
+            ));
+        }
+        let redis = self.redis.url.expose();
+        if !(redis.starts_with("redis://")
+            || redis.starts_with("rediss://")
+            || redis.starts_with("unix://"))
+        {
+            return Err(ConfigError::Invalid(
+                "redis.url must start with redis://, rediss:// or unix://".into(),
+            ));
+        }
+        if self.database.max_connections < 2 {
+            return Err(ConfigError::Invalid(
+                "database.max-connections must be at least 2".into(),
+            ));
+        }
+        if self.worker.concurrency == 0 {
+            return Err(ConfigError::Invalid(
+                "worker.concurrency must be at least 1".into(),
+            ));
+        }
+        if self.worker.lease_ttl < Duration::from_secs(1) {
+            return Err(ConfigError::Invalid(
+                "worker.lease-ttl must be at least 1s".into(),
+            ));
+        }
+        if self.queue.poll_interval.is_zero() {
+            return Err(ConfigError::Invalid(
+                "queue.poll-interval must be more than 0".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_need_no_file() {
+        let c = Config::load(None, &env(&[])).unwrap();
+        assert_eq!(c.server.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.worker.concurrency, 16);
+    }
+
+    #[test]
+    fn env_overrides_the_file() {
+        let text = "database:\n  url: postgres://file/db\nredis:\n  url: redis://file/\n";
+        let c = Config::load(
+            Some(("c.yaml", text)),
+            &env(&[("DAYSHIFT_DATABASE_URL", "postgres://env/db")]),
+        )
+        .unwrap();
+        assert_eq!(c.database.url.expose(), "postgres://env/db");
+        assert_eq!(c.redis.url.expose(), "redis://file/");
+    }
+
+    #[test]
+    fn file_settings_are_read() {
+        let text = "worker:\n  concurrency: 4\n  lease-ttl: 10s\nserver:\n  listen: 0.0.0.0:9000\nshutdown-grace-period: 5s\n";
+        let c = Config::load(Some(("c.yaml", text)), &env(&[])).unwrap();
+        assert_eq!(c.worker.concurrency, 4);
+        assert_eq!(c.worker.lease_ttl, Duration::from_secs(10));
+        assert_eq!(c.server.listen.port(), 9000);
+        assert_eq!(c.shutdown_grace_period.0, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn an_unknown_key_is_named_with_its_line() {
+        let text = "server:\n  listen: 127.0.0.1:8080\nworker:\n  concurency: 4\n";
+        let err = Config::load(Some(("c.yaml", text)), &env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("concurency"), "{err}");
+        assert!(err.contains("line 4"), "{err}");
+        assert!(err.contains("c.yaml"), "{err}");
+    }
+
+    #[test]
+    fn a_wrong_type_is_named_with_its_line() {
+        let text = "worker:\n  concurrency: lots\n";
+        let err = Config::load(Some(("c.yaml", text)), &env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let c = Config::load(
+            None,
+            &env(&[("DAYSHIFT_DATABASE_URL", "postgres://u:hunter2@h/db")]),
+        )
+        .unwrap();
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+}

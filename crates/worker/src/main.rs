@@ -1,0 +1,273 @@
+//! `dayshift`: one binary, one process per role, all reading the same config.
+
+mod bench;
+mod client;
+mod config;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use dayshift_engine::{Engine, PgStore, RedisQueue, Worker};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{Config, LogFormat};
+
+/// dayshift: durable Day-2 workflows for Kubernetes platforms.
+#[derive(Parser, Debug)]
+#[command(name = "dayshift", version, about)]
+struct Cli {
+    /// The config file (YAML). Env: DAYSHIFT_CONFIG. Without one, defaults apply;
+    /// DAYSHIFT_DATABASE_URL and DAYSHIFT_REDIS_URL override either.
+    #[arg(long, global = true)]
+    config: Option<String>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Applies the database migrations.
+    Migrate,
+    /// Serves the HTTP API (and applies migrations first).
+    Serve {
+        /// Address to listen on; overrides server.listen.
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+    },
+    /// Executes runs.
+    Worker {
+        /// Runs advanced at once; overrides worker.concurrency.
+        #[arg(long)]
+        concurrency: Option<usize>,
+    },
+    /// Starts a run through the API.
+    Run {
+        /// The workflow, e.g. selftest.chain.
+        workflow: String,
+        /// The input, as JSON.
+        #[arg(long, default_value = "{}")]
+        input: String,
+        /// Waits until the run has finished, then shows it.
+        #[arg(long)]
+        wait: bool,
+        /// A second start with the same key returns the first run.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        #[command(flatten)]
+        api: client::ApiArgs,
+    },
+    /// Lists, shows, cancels and signals runs through the API.
+    Runs {
+        #[command(subcommand)]
+        command: client::RunsCommand,
+        #[command(flatten)]
+        api: client::ApiArgs,
+    },
+    /// Lists the registered workflows.
+    Workflows {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Checks the configuration.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Measures throughput and latency against the configured PostgreSQL and Redis.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigCommand {
+    /// Loads the configuration and reports the first error, naming the key and line.
+    Check,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn env_map() -> HashMap<String, String> {
+    std::env::vars().collect()
+}
+
+fn init_logs(config: &Config) {
+    let filter = std::env::var("DAYSHIFT_LOG").unwrap_or_else(|_| config.log.level.clone());
+    let filter = EnvFilter::try_new(&filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match config.log.format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// The engine with every built-in workflow, connected to PostgreSQL and Redis.
+async fn connect(config: &Config) -> Result<Engine> {
+    let store = PgStore::connect(
+        config.database.url.expose(),
+        config.database.max_connections,
+    )
+    .await
+    .context("cannot connect to PostgreSQL (database.url)")?;
+    let queue = RedisQueue::connect(config.redis.url.expose(), config.queue.clone())
+        .await
+        .context("cannot connect to Redis (redis.url)")?;
+    let pool = store.pool().clone();
+    Ok(Engine::builder(store, queue)
+        .register_all(dayshift_workflows::all(pool))
+        .build())
+}
+
+async fn run(cli: Cli) -> Result<std::process::ExitCode> {
+    let env = env_map();
+    let config = || Config::from_path(cli.config.as_deref(), &env);
+    match cli.command {
+        Command::Config {
+            command: ConfigCommand::Check,
+        } => {
+            let c = config()?;
+            println!(
+                "config ok: server.listen={} worker.concurrency={} worker.lease-ttl={:?}",
+                c.server.listen, c.worker.concurrency, c.worker.lease_ttl
+            );
+        }
+        Command::Migrate => {
+            let c = config()?;
+            init_logs(&c);
+            let store = PgStore::connect(c.database.url.expose(), 2)
+                .await
+                .context("cannot connect to PostgreSQL (database.url)")?;
+            store.migrate().await.context("migration failed")?;
+            println!("migrations applied");
+        }
+        Command::Serve { listen } => {
+            let mut c = config()?;
+            if let Some(l) = listen {
+                c.server.listen = l;
+            }
+            init_logs(&c);
+            serve(c).await?;
+        }
+        Command::Worker { concurrency } => {
+            let mut c = config()?;
+            if let Some(n) = concurrency {
+                anyhow::ensure!(n > 0, "--concurrency must be at least 1");
+                c.worker.concurrency = n;
+            }
+            init_logs(&c);
+            worker(c).await?;
+        }
+        Command::Workflows { json } => {
+            // Listing needs no database: this pool never connects.
+            let pool = sqlx::PgPool::connect_lazy("postgres://localhost/unused")?;
+            let mut registry = dayshift_engine::Registry::default();
+            for d in dayshift_workflows::all(pool) {
+                registry.register(d);
+            }
+            let list = registry.list();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                for w in list {
+                    println!("{:<24} v{:<3} {}", w.name, w.version, w.description);
+                }
+            }
+        }
+        Command::Run {
+            workflow,
+            input,
+            wait,
+            idempotency_key,
+            api,
+        } => return client::run(&api, &workflow, &input, wait, idempotency_key).await,
+        Command::Runs { command, api } => return client::runs(&api, command).await,
+        Command::Bench(args) => {
+            let c = config()?;
+            init_logs(&c);
+            bench::run(&c, args).await?;
+        }
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// Resolves on the first SIGTERM or SIGINT; a second one exits at once.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("Shutting down; a second signal exits at once.");
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::warn!("Second signal: exiting now.");
+        std::process::exit(130);
+    });
+}
+
+async fn serve(config: Config) -> Result<()> {
+    let engine = connect(&config).await?;
+    engine.store().migrate().await.context("migration failed")?;
+    let listener = tokio::net::TcpListener::bind(config.server.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.server.listen))?;
+    tracing::info!(listen = %config.server.listen, "API listening.");
+    // Printed on stdout so that scripts and tests can wait for it.
+    println!("listening on {}", listener.local_addr()?);
+    axum::serve(listener, dayshift_engine::http::router(engine))
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    Ok(())
+}
+
+async fn worker(config: Config) -> Result<()> {
+    let engine = connect(&config).await?;
+    let token = CancellationToken::new();
+    let worker = Worker::new(engine, config.worker.clone());
+    let run = tokio::spawn(worker.run(token.clone()));
+    println!("worker {} started", config.worker.name);
+    shutdown_signal().await;
+    token.cancel();
+    let grace: Duration = config.shutdown_grace_period.0;
+    match tokio::time::timeout(grace, run).await {
+        Ok(Ok(Ok(()))) => Ok(()),
+        Ok(Ok(Err(e))) => Err(e.into()),
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => {
+            tracing::warn!(
+                ?grace,
+                "Grace period over; leases of unfinished runs will expire."
+            );
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,16 @@
+//! dayshift-workflows: the built-in Day-2 workflows.
+//!
+//! Each family lives in its own module and is registered through [`all`].
+
+mod selftest;
+
+pub use selftest::{ChainInput, ChainOutput, chain};
+
+use dayshift_engine::WorkflowDef;
+use sqlx::PgPool;
+
+/// Every built-in workflow. `pool` is the dayshift database, for workflows that keep tables
+/// of their own there.
+pub fn all(pool: PgPool) -> Vec<WorkflowDef> {
+    vec![chain(pool)]
+}

@@ -1,0 +1,147 @@
+//! `selftest.chain`: a chain of real, journaled steps, for checking an installation, for tests
+//! and for benchmarks.
+//!
+//! With `side_effects` set to a table name, each step's work is to insert a row
+//! `(run_id, step, attempt)` into that table of the dayshift database, in its own transaction,
+//! before the step is journaled; counting the rows tells how often each step really ran.
+
+use std::time::Duration;
+
+use dayshift_engine::{Ctx, RetryPolicy, StepCtx, StepError, WorkflowDef, WorkflowError};
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+
+/// The input of `selftest.chain`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChainInput {
+    /// How many steps, 1 to 1000.
+    pub steps: u32,
+    /// Each step sleeps this long (in the step, holding the worker) before it does its work.
+    #[serde(default)]
+    pub sleep_ms: u64,
+    /// Each step fails its first K attempts with a retryable error.
+    #[serde(default)]
+    pub fail_first: u32,
+    /// A table of the dayshift database to record each step attempt in; created if missing.
+    #[serde(default)]
+    pub side_effects: Option<String>,
+}
+
+/// What `selftest.chain` returns.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ChainOutput {
+    /// How many steps ran.
+    pub steps: u32,
+    /// The attempt that succeeded, per step.
+    pub attempts: Vec<u32>,
+}
+
+/// The `selftest.chain` workflow.
+pub fn chain(pool: PgPool) -> WorkflowDef {
+    WorkflowDef::new(
+        "selftest.chain",
+        "A chain of N journaled steps (optionally slow, failing, or recording side effects); checks an installation.",
+        move |ctx: Ctx, input: ChainInput| {
+            let pool = pool.clone();
+            async move { run_chain(ctx, pool, input).await }
+        },
+    )
+}
+
+async fn run_chain(
+    ctx: Ctx,
+    pool: PgPool,
+    input: ChainInput,
+) -> Result<ChainOutput, WorkflowError> {
+    if input.steps == 0 || input.steps > 1000 {
+        return Err(WorkflowError::failed(format!(
+            "steps must be 1 to 1000, not {}",
+            input.steps
+        )));
+    }
+    let table = match &input.side_effects {
+        Some(t) => Some(checked_table(t)?),
+        None => None,
+    };
+    let retry = RetryPolicy {
+        max_attempts: input.fail_first + 3,
+        initial_delay: Duration::from_millis(100),
+        multiplier: 2.0,
+        max_delay: Duration::from_secs(5),
+        jitter: 0.2,
+    };
+    let mut attempts = Vec::with_capacity(input.steps as usize);
+    for i in 1..=input.steps {
+        let name = format!("step-{i}");
+        let (pool, table, input_ref) = (&pool, table.as_deref(), &input);
+        let attempt = ctx
+            .step(name, |s: StepCtx| async move {
+                one_step(s, pool, table, input_ref).await
+            })
+            .retry(retry.clone())
+            .await?;
+        attempts.push(attempt);
+    }
+    Ok(ChainOutput {
+        steps: input.steps,
+        attempts,
+    })
+}
+
+/// One step: sleep, maybe fail, maybe record the attempt.
+///
+/// Idempotent in the sense the test needs: running it again records another row, which is
+/// exactly what the side-effect table is there to count.
+async fn one_step(
+    s: StepCtx,
+    pool: &PgPool,
+    table: Option<&str>,
+    input: &ChainInput,
+) -> Result<u32, StepError> {
+    if input.sleep_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(input.sleep_ms)).await;
+    }
+    if let Some(table) = table {
+        let mut tx = pool.begin().await.map_err(StepError::transient)?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "create table if not exists {table} (run_id text not null, step text not null, attempt int not null, \
+             at timestamptz not null default clock_timestamp())"
+        )))
+        .execute(&mut *tx)
+        .await
+        .map_err(StepError::transient)?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "insert into {table} (run_id, step, attempt) values ($1, $2, $3)"
+        )))
+        .bind(s.run_id.to_string())
+        .bind(&s.step)
+        .bind(s.attempt as i32)
+        .execute(&mut *tx)
+        .await
+        .map_err(StepError::transient)?;
+        tx.commit().await.map_err(StepError::transient)?;
+    }
+    if s.attempt <= input.fail_first {
+        return Err(StepError::Transient(format!(
+            "{}: failing attempt {} of the first {} on purpose",
+            s.step, s.attempt, input.fail_first
+        )));
+    }
+    Ok(s.attempt)
+}
+
+/// A table name is spliced into SQL, so only plain identifiers pass.
+fn checked_table(name: &str) -> Result<String, WorkflowError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !name.starts_with(|c: char| c.is_ascii_digit());
+    if ok {
+        Ok(name.to_ascii_lowercase())
+    } else {
+        Err(WorkflowError::failed(format!(
+            "side_effects must be a plain table name (letters, digits, _), not '{name}'"
+        )))
+    }
+}

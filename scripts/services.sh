@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# Installs (where missing) and starts the services dayshift needs, on loopback, idempotently.
+#
+#   scripts/services.sh up      install what is missing, start what is not running, write .dayshift/env
+#   scripts/services.sh down    stop what `up` started
+#   scripts/services.sh status  say what runs
+#
+# Everything lives under .dayshift/ in the checkout (data, logs, pid files), so several checkouts
+# do not share state and `rm -rf .dayshift` is a full reset. Ports can be moved with the
+# variables below when something else already listens on them.
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+state="$root/.dayshift"
+PG_PORT=${DAYSHIFT_PG_PORT:-15432}
+REDIS_PORT=${DAYSHIFT_REDIS_PORT:-16379}
+PG_VERSION=15
+
+log() { printf 'services: %s\n' "$*" >&2; }
+
+apt_install() {
+  # Installs the Debian packages named, once; `apt-get update` only when something is missing.
+  local missing=()
+  for pkg in "$@"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  log "installing ${missing[*]}"
+  local sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+pg_bin() { echo "/usr/lib/postgresql/$PG_VERSION/bin/$1"; }
+
+# PostgreSQL refuses to run as root: when we are root, the cluster belongs to the `postgres`
+# user that the Debian package creates.
+as_pg() {
+  if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+postgres_up() {
+  apt_install "postgresql-$PG_VERSION" postgresql-client-$PG_VERSION
+  local data="$state/pg/data"
+  mkdir -p "$state/pg"
+  [ "$(id -u)" -eq 0 ] && chown postgres:postgres "$state/pg"
+  if [ ! -f "$data/PG_VERSION" ]; then
+    log "initialising PostgreSQL cluster in $data"
+    as_pg "$(pg_bin initdb)" -D "$data" -U postgres --auth=trust --encoding=UTF8 --locale=C.UTF-8 >/dev/null
+    cat >>"$data/postgresql.conf" <<EOF
+listen_addresses = '127.0.0.1'
+port = $PG_PORT
+unix_socket_directories = '$state/pg'
+max_connections = 300
+shared_buffers = 256MB
+EOF
+  fi
+  if as_pg "$(pg_bin pg_ctl)" -D "$data" status >/dev/null 2>&1; then
+    log "PostgreSQL already running on 127.0.0.1:$PG_PORT"
+  else
+    log "starting PostgreSQL on 127.0.0.1:$PG_PORT"
+    as_pg "$(pg_bin pg_ctl)" -D "$data" -l "$state/pg/server.log" -w -t 60 start >/dev/null
+  fi
+  # The role and database dayshift uses; CREATEDB so that tests can make a database each.
+  local psql=("$(pg_bin psql)" -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -qtAX)
+  if [ "$("${psql[@]}" -c "select 1 from pg_roles where rolname = 'dayshift'")" != 1 ]; then
+    "${psql[@]}" -c "create role dayshift login superuser password 'dayshift'"
+  fi
+  if [ "$("${psql[@]}" -c "select 1 from pg_database where datname = 'dayshift'")" != 1 ]; then
+    "${psql[@]}" -c "create database dayshift owner dayshift"
+  fi
+}
+
+redis_up() {
+  apt_install redis-server
+  mkdir -p "$state/redis"
+  if redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; then
+    log "Redis already running on 127.0.0.1:$REDIS_PORT"
+    return 0
+  fi
+  log "starting Redis on 127.0.0.1:$REDIS_PORT"
+  redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --daemonize yes \
+    --dir "$state/redis" --pidfile "$state/redis/redis.pid" --logfile "$state/redis/redis.log" \
+    --save '' --appendonly no
+  for _ in $(seq 50); do
+    redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  log "Redis did not answer; see $state/redis/redis.log"
+  return 1
+}
+
+write_env() {
+  cat >"$state/env" <<EOF
+# Written by scripts/services.sh; source it to talk to the local services.
+export DAYSHIFT_DATABASE_URL=postgres://dayshift:dayshift@127.0.0.1:$PG_PORT/dayshift
+export DAYSHIFT_REDIS_URL=redis://127.0.0.1:$REDIS_PORT/
+export DAYSHIFT_PG_PORT=$PG_PORT
+export DAYSHIFT_REDIS_PORT=$REDIS_PORT
+EOF
+}
+
+case "${1:-up}" in
+  up)
+    mkdir -p "$state"
+    postgres_up
+    redis_up
+    write_env
+    log "ready: source $state/env"
+    ;;
+  down)
+    if [ -f "$state/pg/data/PG_VERSION" ]; then
+      as_pg "$(pg_bin pg_ctl)" -D "$state/pg/data" -m fast stop >/dev/null 2>&1 || true
+    fi
+    redis-cli -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true
+    log "stopped"
+    ;;
+  status)
+    as_pg "$(pg_bin pg_ctl)" -D "$state/pg/data" status 2>/dev/null | head -1 || echo "PostgreSQL: not running"
+    redis-cli -p "$REDIS_PORT" ping 2>/dev/null || echo "Redis: not running"
+    ;;
+  *)
+    echo "usage: $0 up|down|status" >&2
+    exit 2
+    ;;
+esac
