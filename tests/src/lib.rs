@@ -1,1 +1,621 @@
-//! placeholder
+//! Test harness for dayshift's end-to-end tests, against real PostgreSQL and Redis.
+//!
+//! The services come from `scripts/services.sh`, which exports `DAYSHIFT_DATABASE_URL` and
+//! `DAYSHIFT_REDIS_URL`; a test whose service is missing fails, it does not skip. Each test
+//! gets its own database (created and migrated here) and its own Redis queue name, so tests run
+//! in parallel without seeing each other.
+
+pub mod saga;
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use dayshift_engine::{
+    Engine, PgStore, QueueConfig, RedisQueue, RunId, RunStatus, RunView, Worker, WorkerConfig,
+    WorkflowDef,
+};
+use serde_json::Value;
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio_util::sync::CancellationToken;
+
+/// The PostgreSQL server URL from the environment (the services script's).
+pub fn database_url() -> String {
+    std::env::var("DAYSHIFT_DATABASE_URL").expect(
+        "DAYSHIFT_DATABASE_URL is not set: run `scripts/services.sh up` and `source .dayshift/env`",
+    )
+}
+
+/// The Redis URL from the environment (the services script's).
+pub fn redis_url() -> String {
+    std::env::var("DAYSHIFT_REDIS_URL").expect(
+        "DAYSHIFT_REDIS_URL is not set: run `scripts/services.sh up` and `source .dayshift/env`",
+    )
+}
+
+/// A short unique suffix.
+pub fn unique() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..12].to_string()
+}
+
+/// A database of its own, migrated.
+#[derive(Debug, Clone)]
+pub struct TestDb {
+    pub url: String,
+    pub pool: PgPool,
+}
+
+impl TestDb {
+    /// Creates `dayshift_test_<unique>` and applies the migrations.
+    pub async fn new() -> Self {
+        let server = database_url();
+        let name = format!("dayshift_test_{}", unique());
+        let admin = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&server)
+            .await
+            .expect("cannot connect to PostgreSQL; is `scripts/services.sh up` running?");
+        sqlx::query(sqlx::AssertSqlSafe(format!("create database {name}")))
+            .execute(&admin)
+            .await
+            .expect("create test database");
+        admin.close().await;
+        let url = replace_db(&server, &name);
+        let pool = PgPoolOptions::new()
+            .max_connections(30)
+            .connect(&url)
+            .await
+            .expect("connect to test database");
+        PgStore::new(pool.clone()).migrate().await.expect("migrate");
+        Self { url, pool }
+    }
+
+    /// Every row of every dayshift table, as text: for checking what was stored.
+    pub async fn dump(&self) -> String {
+        let tables: Vec<String> = sqlx::query_scalar(
+            "select table_name::text from information_schema.tables where table_schema = 'public'",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .unwrap();
+        let mut out = String::new();
+        for t in tables {
+            let rows: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                "select row_to_json(t)::text from \"{t}\" t"
+            )))
+            .fetch_all(&self.pool)
+            .await
+            .unwrap();
+            for r in rows {
+                out.push_str(&t);
+                out.push(' ');
+                out.push_str(&r);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    /// Counts rows of a side-effect table per (run, step).
+    pub async fn side_effects(&self, table: &str) -> Vec<(String, String, i64)> {
+        sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "select run_id, step, count(*) from {table} group by run_id, step order by run_id, step"
+        )))
+        .fetch_all(&self.pool)
+        .await
+        .unwrap_or_default()
+    }
+}
+
+fn replace_db(url: &str, db: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let base = match base.rfind('/') {
+        Some(i) if i > "postgres://".len() => &base[..i],
+        _ => base,
+    };
+    match query {
+        Some(q) => format!("{base}/{db}?{q}"),
+        None => format!("{base}/{db}"),
+    }
+}
+
+/// Fast settings for tests: short leases, frequent sweeps.
+pub fn fast_worker(name: &str) -> WorkerConfig {
+    WorkerConfig {
+        name: format!("{name}-{}", unique()),
+        concurrency: 16,
+        lease_ttl: Duration::from_secs(2),
+        sweep_interval: Duration::from_millis(300),
+    }
+}
+
+/// An engine in this process, on a database and queue of its own.
+pub struct TestEnv {
+    pub db: TestDb,
+    pub queue_name: String,
+    pub redis_url: String,
+    pub engine: Engine,
+    workers: Vec<(CancellationToken, tokio::task::JoinHandle<()>)>,
+    defs: Vec<WorkflowDef>,
+}
+
+impl TestEnv {
+    /// A fresh database and queue, the built-in workflows and `defs`.
+    pub async fn new(defs: Vec<WorkflowDef>) -> Self {
+        Self::with_redis(defs, &redis_url()).await
+    }
+
+    /// Same, on another Redis.
+    pub async fn with_redis(defs: Vec<WorkflowDef>, redis_url: &str) -> Self {
+        Self::build(defs, redis_url, None).await
+    }
+
+    /// Same, with injected step failures.
+    pub async fn with_faults(
+        defs: Vec<WorkflowDef>,
+        faults: dayshift_engine::FaultInjector,
+    ) -> Self {
+        Self::build(defs, &redis_url(), Some(faults)).await
+    }
+
+    async fn build(
+        defs: Vec<WorkflowDef>,
+        redis_url: &str,
+        faults: Option<dayshift_engine::FaultInjector>,
+    ) -> Self {
+        let db = TestDb::new().await;
+        let queue_name = format!("dayshift:test:{}", unique());
+        let engine = build_engine(&db, &queue_name, redis_url, &defs, faults).await;
+        Self {
+            db,
+            queue_name,
+            redis_url: redis_url.to_string(),
+            engine,
+            workers: Vec::new(),
+            defs,
+        }
+    }
+
+    /// Another engine on the same database and queue, with other workflow definitions (as a
+    /// new release of the code would be).
+    pub async fn engine_with(&self, defs: Vec<WorkflowDef>) -> Engine {
+        build_engine(&self.db, &self.queue_name, &self.redis_url, &defs, None).await
+    }
+
+    /// Starts an in-process worker on this env's engine.
+    pub fn start_worker(&mut self, config: WorkerConfig) {
+        let engine = self.engine.clone();
+        self.start_worker_on(engine, config);
+    }
+
+    /// Starts an in-process worker on `engine`.
+    pub fn start_worker_on(&mut self, engine: Engine, config: WorkerConfig) {
+        let token = CancellationToken::new();
+        let t = token.clone();
+        let handle = tokio::spawn(async move {
+            Worker::new(engine, config)
+                .run(t)
+                .await
+                .expect("worker failed");
+        });
+        self.workers.push((token, handle));
+    }
+
+    /// Stops every in-process worker (gracefully).
+    pub async fn stop_workers(&mut self) {
+        for (token, handle) in self.workers.drain(..) {
+            token.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(10), handle).await;
+        }
+    }
+
+    /// The workflow definitions given to `new`.
+    pub fn defs(&self) -> &[WorkflowDef] {
+        &self.defs
+    }
+
+    /// Waits until the run is over (at most `limit`), and returns it.
+    pub async fn wait(&self, id: RunId, limit: Duration) -> RunView {
+        wait_for(&self.engine, id, limit, |r| r.status.is_terminal()).await
+    }
+}
+
+async fn build_engine(
+    db: &TestDb,
+    queue_name: &str,
+    redis_url: &str,
+    defs: &[WorkflowDef],
+    faults: Option<dayshift_engine::FaultInjector>,
+) -> Engine {
+    let queue = RedisQueue::connect(
+        redis_url,
+        QueueConfig {
+            name: queue_name.to_string(),
+            ..QueueConfig::default()
+        },
+    )
+    .await
+    .expect("cannot connect to Redis; is `scripts/services.sh up` running?");
+    let mut builder = Engine::builder(PgStore::new(db.pool.clone()), queue)
+        .register_all(dayshift_workflows::all(db.pool.clone()))
+        .register_all(defs.iter().cloned());
+    if let Some(f) = faults {
+        builder = builder.inject_faults(f);
+    }
+    builder.build()
+}
+
+/// Polls the run until `done` says so (every 20 ms, at most `limit`); panics with the run's
+/// last state otherwise.
+pub async fn wait_for(
+    engine: &Engine,
+    id: RunId,
+    limit: Duration,
+    done: impl Fn(&RunView) -> bool,
+) -> RunView {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let run = engine.get_run(id).await.expect("get run");
+        if done(&run) {
+            return run;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("run {id} did not reach the expected state within {limit:?}; last: {run:#?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Asserts the run succeeded, showing it if not.
+pub fn assert_succeeded(run: &RunView) {
+    assert_eq!(
+        run.status,
+        RunStatus::Succeeded,
+        "run did not succeed: {run:#?}"
+    );
+}
+
+// ------------------------------------------------------------------------------ the binary
+
+/// The `dayshift` binary built by this cargo invocation (next to this test executable).
+pub fn dayshift_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(|p| p.parent()).expect("target dir");
+    let bin = dir.join("dayshift");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it with `cargo build -p dayshift` (the test command does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A `dayshift` process with a config of its own.
+pub struct Proc {
+    pub child: Child,
+    pub stderr: Arc<std::sync::Mutex<String>>,
+}
+
+impl Proc {
+    /// Sends SIGKILL and waits for the process to die.
+    pub async fn kill9(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+    }
+
+    /// Sends a signal by name (`TERM`, `STOP`, `CONT`).
+    pub fn signal(&self, sig: &str) {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .arg(format!("-{sig}"))
+                .arg(pid.to_string())
+                .status();
+        }
+    }
+
+    /// What the process logged so far.
+    pub fn logs(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+/// A running `dayshift serve` plus the environment to start workers beside it.
+pub struct BinEnv {
+    pub db: TestDb,
+    pub config_path: PathBuf,
+    pub api: String,
+    pub http: reqwest::Client,
+    pub server: Option<Proc>,
+    _dir: tempdir::Dir,
+}
+
+mod tempdir {
+    /// A directory removed on drop.
+    pub(crate) struct Dir(pub(crate) std::path::PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+impl BinEnv {
+    /// A database, a config file (short leases, own queue), and `dayshift serve` on a free port.
+    pub async fn start() -> Self {
+        Self::start_with("").await
+    }
+
+    /// Same, with extra YAML appended to the config.
+    pub async fn start_with(extra_yaml: &str) -> Self {
+        let db = TestDb::new().await;
+        let dir = std::env::temp_dir().join(format!("dayshift-test-{}", unique()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = free_port();
+        let config_path = dir.join("dayshift.yaml");
+        let yaml = format!(
+            "database:\n  url: {}\nredis:\n  url: {}\nserver:\n  listen: 127.0.0.1:{port}\n\
+             queue:\n  name: dayshift:test:{}\n\
+             worker:\n  lease-ttl: 2s\n  sweep-interval: 300ms\nshutdown-grace-period: 5s\n{extra_yaml}",
+            db.url,
+            redis_url(),
+            unique()
+        );
+        std::fs::write(&config_path, yaml).unwrap();
+        let mut env = Self {
+            db,
+            config_path,
+            api: format!("http://127.0.0.1:{port}"),
+            http: reqwest::Client::new(),
+            server: None,
+            _dir: tempdir::Dir(dir),
+        };
+        env.start_server().await;
+        env
+    }
+
+    /// Starts (or restarts) `dayshift serve` and waits until it is ready.
+    pub async fn start_server(&mut self) {
+        let proc = self.spawn(&["serve"], "listening on").await;
+        self.server = Some(proc);
+    }
+
+    /// Starts `dayshift worker` and waits until it runs.
+    pub async fn start_worker(&self) -> Proc {
+        self.spawn(&["worker"], "worker ").await
+    }
+
+    /// Runs `dayshift ARGS` with this env's config, waiting for `ready` on stdout.
+    pub async fn spawn(&self, args: &[&str], ready: &str) -> Proc {
+        spawn_dayshift(&self.config_path, args, ready, &[]).await
+    }
+
+    /// `POST` JSON to the API; returns status and body.
+    pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.api))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        (
+            resp.status().as_u16(),
+            resp.json().await.unwrap_or(Value::Null),
+        )
+    }
+
+    /// `POST` raw bytes to the API.
+    pub async fn post_raw(&self, path: &str, body: &str) -> (u16, Value) {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.api))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        (
+            resp.status().as_u16(),
+            resp.json().await.unwrap_or(Value::Null),
+        )
+    }
+
+    /// `GET` from the API.
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.api))
+            .send()
+            .await
+            .unwrap();
+        (
+            resp.status().as_u16(),
+            resp.json().await.unwrap_or(Value::Null),
+        )
+    }
+
+    /// Starts a run through the API and returns its id.
+    pub async fn start_run(&self, workflow: &str, input: Value) -> String {
+        let (status, body) = self
+            .post(
+                "/api/v1/runs",
+                &serde_json::json!({ "workflow": workflow, "input": input }),
+            )
+            .await;
+        assert_eq!(status, 201, "start failed: {body}");
+        body["id"].as_str().unwrap().to_string()
+    }
+
+    /// Polls `GET /api/v1/runs/{id}` until `done` (at most `limit`).
+    pub async fn wait_run(
+        &self,
+        id: &str,
+        limit: Duration,
+        done: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let (_, run) = self.get(&format!("/api/v1/runs/{id}")).await;
+            if done(&run) {
+                return run;
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!("run {id} did not reach the expected state within {limit:?}; last: {run:#}");
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Waits until the run is over.
+    pub async fn wait_finished(&self, id: &str, limit: Duration) -> Value {
+        self.wait_run(id, limit, |r| {
+            matches!(
+                r["status"].as_str(),
+                Some("succeeded" | "failed" | "cancelled")
+            )
+        })
+        .await
+    }
+}
+
+/// Runs `dayshift --config CONFIG ARGS`, waiting for a stdout line containing `ready`.
+pub async fn spawn_dayshift(
+    config: &std::path::Path,
+    args: &[&str],
+    ready: &str,
+    env: &[(&str, &str)],
+) -> Proc {
+    let mut cmd = Command::new(dayshift_bin());
+    cmd.arg("--config")
+        .arg(config)
+        .args(args)
+        .env_remove("DAYSHIFT_DATABASE_URL")
+        .env_remove("DAYSHIFT_REDIS_URL")
+        .env("DAYSHIFT_LOG", "info,dayshift_engine=debug")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn dayshift");
+    let stderr = Arc::new(std::sync::Mutex::new(String::new()));
+    let sink = stderr.clone();
+    let err = child.stderr.take().unwrap();
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(err).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            let mut s = sink.lock().unwrap();
+            s.push_str(&line);
+            s.push('\n');
+        }
+    });
+    let out = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(out).lines();
+    let found = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains(ready) {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    if !matches!(found, Ok(true)) {
+        panic!(
+            "dayshift {args:?} did not print '{ready}'; its log:\n{}",
+            stderr.lock().unwrap()
+        );
+    }
+    // Keep draining stdout so the process never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Proc { child, stderr }
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A Redis server of its own (for tests that flush everything).
+pub struct OwnRedis {
+    pub url: String,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl OwnRedis {
+    /// Starts `redis-server` on a free loopback port.
+    pub async fn start() -> Result<Self> {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("dayshift-redis-{}", unique()));
+        std::fs::create_dir_all(&dir)?;
+        let status = std::process::Command::new("redis-server")
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--daemonize",
+                "yes",
+            ])
+            .args(["--save", "", "--appendonly", "no", "--dir"])
+            .arg(&dir)
+            .status()
+            .context("redis-server is not installed; run `scripts/services.sh up`")?;
+        if !status.success() {
+            bail!("redis-server failed to start");
+        }
+        let url = format!("redis://127.0.0.1:{port}/");
+        let client = redis::Client::open(url.as_str())?;
+        for _ in 0..100 {
+            if let Ok(mut c) = client.get_multiplexed_async_connection().await
+                && redis::cmd("PING")
+                    .query_async::<String>(&mut c)
+                    .await
+                    .is_ok()
+            {
+                return Ok(Self { url, port, dir });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        bail!("redis-server on port {port} did not answer")
+    }
+
+    /// `FLUSHALL`.
+    pub async fn flushall(&self) -> Result<()> {
+        let client = redis::Client::open(self.url.as_str())?;
+        let mut c = client.get_multiplexed_async_connection().await?;
+        redis::cmd("FLUSHALL").query_async::<String>(&mut c).await?;
+        Ok(())
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("redis-cli")
+            .args(["-p", &self.port.to_string(), "shutdown", "nosave"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

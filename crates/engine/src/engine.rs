@@ -5,16 +5,21 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
-use crate::error::{EngineError, StoreError};
+use crate::error::{EngineError, StepError, StoreError};
 use crate::model::{RunFilter, RunId, RunStatus, RunView, StartRun, Started};
 use crate::queue::RedisQueue;
 use crate::store::PgStore;
 use crate::workflow::{Registry, WorkflowDef, WorkflowInfo};
 
+/// Decides, for a run and a step name, whether the step's next attempt fails with the given
+/// error instead of running. For tests that inject a failure at each step in turn.
+pub type FaultInjector = Arc<dyn Fn(RunId, &str) -> Option<StepError> + Send + Sync>;
+
 pub(crate) struct EngineInner {
     pub(crate) store: PgStore,
     pub(crate) queue: RedisQueue,
     pub(crate) registry: Registry,
+    pub(crate) faults: Option<FaultInjector>,
 }
 
 impl EngineInner {
@@ -49,14 +54,36 @@ impl std::fmt::Debug for Engine {
 }
 
 /// Builds an [`Engine`]: `Engine::builder(store, queue).register(def).build()`.
-#[derive(Debug)]
 pub struct EngineBuilder {
     store: PgStore,
     queue: RedisQueue,
     registry: Registry,
+    faults: Option<FaultInjector>,
+}
+
+impl std::fmt::Debug for FaultInjectorSlot<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "Some(..)" } else { "None" })
+    }
+}
+struct FaultInjectorSlot<'a>(&'a Option<FaultInjector>);
+
+impl std::fmt::Debug for EngineBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineBuilder")
+            .field("registry", &self.registry)
+            .field("faults", &FaultInjectorSlot(&self.faults))
+            .finish()
+    }
 }
 
 impl EngineBuilder {
+    /// Injects step failures (tests only): see [`FaultInjector`].
+    pub fn inject_faults(mut self, faults: FaultInjector) -> Self {
+        self.faults = Some(faults);
+        self
+    }
+
     /// Registers a workflow.
     pub fn register(mut self, def: WorkflowDef) -> Self {
         self.registry.register(def);
@@ -78,6 +105,7 @@ impl EngineBuilder {
                 store: self.store,
                 queue: self.queue,
                 registry: self.registry,
+                faults: self.faults,
             }),
         }
     }
@@ -90,6 +118,7 @@ impl Engine {
             store,
             queue,
             registry: Registry::default(),
+            faults: None,
         }
     }
 

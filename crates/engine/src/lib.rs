@@ -16,7 +16,7 @@ mod store;
 mod worker;
 mod workflow;
 
-pub use engine::{Engine, EngineBuilder};
+pub use engine::{Engine, EngineBuilder, FaultInjector};
 pub use error::{EngineError, QueueError, StepError, StoreError, WorkflowError};
 pub use model::{
     AttemptError, Concurrency, ConcurrencyPolicy, RetryPolicy, RunFilter, RunId, RunStatus,

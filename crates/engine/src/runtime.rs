@@ -472,7 +472,14 @@ impl Ctx {
             attempt,
             cancel: step_cancel.clone(),
         };
-        let work = f(sctx);
+        let injected = match (&self.inner.engine.faults, kind) {
+            (Some(faults), StepKind::Step) => faults(lease.run_id, name),
+            _ => None,
+        };
+        let work: BoxFuture<'f, Result<Value, StepError>> = match injected {
+            Some(e) => Box::pin(async move { Err(e) }),
+            None => f(sctx),
+        };
         let work = async move {
             match timeout {
                 Some(t) => tokio::time::timeout(t, work)
@@ -930,10 +937,14 @@ async fn conclude(
         },
         Err(Halt::Cancelled) => match compensate(ctx).await {
             Ok(undo_errors) => {
-                let reason = claimed
-                    .cancel_reason
-                    .clone()
-                    .unwrap_or_else(|| "cancelled".into());
+                // Read now: the cancellation may have arrived after the claim.
+                let reason = match engine.store.cancel_reason(run_id).await {
+                    Ok(Some(r)) => r,
+                    _ => claimed
+                        .cancel_reason
+                        .clone()
+                        .unwrap_or_else(|| "cancelled".into()),
+                };
                 let failed = !undo_errors.is_empty();
                 Outcome {
                     status: RunStatus::Cancelled,

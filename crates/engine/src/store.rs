@@ -557,7 +557,8 @@ impl PgStore {
                select $1, $3, $4, $5, $6, $7, $8, $9, $10, $11, \
                       now() + $12 * interval '1 millisecond', case when $14 then now() end from lease \
                on conflict (run_id, seq) do update set status = excluded.status, attempts = excluded.attempts, \
-                 output = excluded.output, error = coalesce(excluded.error, steps.error), \
+                 output = excluded.output, sensitive = excluded.sensitive, \
+                 error = coalesce(excluded.error, steps.error), \
                  error_kind = coalesce(excluded.error_kind, steps.error_kind), wake_at = excluded.wake_at, \
                  finished_at = excluded.finished_at, updated_at = now() \
                returning wake_at), \
@@ -683,6 +684,17 @@ impl PgStore {
             tracing::warn!(run_id = %lease.run_id, seq, count = orphans.len(), "Cancelled orphaned child runs.");
         }
         Ok(started.id)
+    }
+
+    /// Why the run was cancelled.
+    pub(crate) async fn cancel_reason(&self, id: RunId) -> StoreResult<Option<String>> {
+        Ok(
+            sqlx::query_scalar("select cancel_reason from runs where id = $1")
+                .bind(id.0)
+                .fetch_optional(&self.pool)
+                .await?
+                .flatten(),
+        )
     }
 
     /// The status, output and error of a run (for a parent waiting on its child).

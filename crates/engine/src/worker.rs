@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use apalis::prelude::*;
-use apalis::prelude::{BoxDynError, Data, WorkerBuilder};
 use serde::{Deserialize, Serialize};
 use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
@@ -106,23 +105,47 @@ impl Worker {
             shutdown.clone(),
         ));
 
+        // The apalis consumer stops with an error when Redis loses its data (its worker
+        // registration is gone) or after a long stall; it is started again under a fresh name,
+        // while the sweeper keeps re-enqueueing from PostgreSQL.
         let queue = &inner.queue;
-        let worker = WorkerBuilder::new(self.config.name.clone())
-            .backend(queue.backend().poll_with_strategy(queue.poll_strategy()))
-            .data(shared)
-            .concurrency(self.config.concurrency.max(1))
-            .build(handle);
-        let stop = shutdown.clone();
-        let result = worker
-            .run_until(async move {
-                stop.cancelled().await;
-                Ok::<(), std::io::Error>(())
-            })
-            .await;
+        let mut generation = 0u32;
+        let result = loop {
+            let name = if generation == 0 {
+                self.config.name.clone()
+            } else {
+                format!("{}-{generation}", self.config.name)
+            };
+            let worker = WorkerBuilder::new(name)
+                .backend(queue.backend().poll_with_strategy(queue.poll_strategy()))
+                .data(shared.clone())
+                .concurrency(self.config.concurrency.max(1))
+                .build(handle);
+            let stop = shutdown.clone();
+            let outcome = worker
+                .run_until(async move {
+                    stop.cancelled().await;
+                    Ok::<(), std::io::Error>(())
+                })
+                .await;
+            match outcome {
+                Ok(()) => break Ok(()),
+                Err(_) if shutdown.is_cancelled() => break Ok(()),
+                Err(e) => {
+                    generation += 1;
+                    tracing::warn!(worker = %self.config.name, error = %e, generation,
+                        "Queue consumer stopped; starting it again.");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break Ok(()),
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    }
+                }
+            }
+        };
         shutdown.cancel();
         let _ = tokio::join!(listener, sweeper);
         tracing::info!(worker = %self.config.name, "Worker stopped.");
-        result.map_err(|e| EngineError::Queue(crate::error::QueueError::Redis(e.to_string())))
+        result
     }
 }
 

@@ -4,7 +4,7 @@
 
 mod selftest;
 
-pub use selftest::{ChainInput, ChainOutput, chain};
+pub use selftest::{ChainInput, ChainOutput, GateInput, GateOutput, chain, gate};
 
 use dayshift_engine::WorkflowDef;
 use sqlx::PgPool;
@@ -12,5 +12,5 @@ use sqlx::PgPool;
 /// Every built-in workflow. `pool` is the dayshift database, for workflows that keep tables
 /// of their own there.
 pub fn all(pool: PgPool) -> Vec<WorkflowDef> {
-    vec![chain(pool)]
+    vec![chain(pool), gate()]
 }

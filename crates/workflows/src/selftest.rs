@@ -145,3 +145,78 @@ fn checked_table(name: &str) -> Result<String, WorkflowError> {
         )))
     }
 }
+
+/// The input of `selftest.gate`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GateInput {
+    /// A durable sleep before the gate, in milliseconds.
+    #[serde(default)]
+    pub sleep_ms: u64,
+    /// The signal that opens the gate. Default `approve`.
+    #[serde(default = "approve")]
+    pub signal: String,
+    /// How long the gate waits for it. Default one hour.
+    #[serde(default = "hour_ms")]
+    pub timeout_ms: u64,
+}
+
+fn approve() -> String {
+    "approve".into()
+}
+fn hour_ms() -> u64 {
+    3_600_000
+}
+
+/// What `selftest.gate` returns.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct GateOutput {
+    /// The payload the signal carried.
+    pub approval: serde_json::Value,
+    /// When the `prepare` step ran (unix ms), to show it ran once.
+    pub prepared_at_ms: i64,
+}
+
+/// The `selftest.gate` workflow: a step, a durable sleep, a durable wait for a signal, a step.
+/// Shows that timers and approvals hold no worker and survive restarts of every process.
+pub fn gate() -> WorkflowDef {
+    WorkflowDef::new(
+        "selftest.gate",
+        "A step, a durable sleep, a wait for a signal (an approval), then a step; checks durable waits.",
+        |ctx: Ctx, input: GateInput| async move {
+            let prepared_at_ms = ctx
+                .step("prepare", |_s| async {
+                    Ok::<_, StepError>(
+                        std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map(|d| d.as_millis() as i64)
+                            .unwrap_or_default(),
+                    )
+                })
+                .await?;
+            if input.sleep_ms > 0 {
+                ctx.sleep("pause", Duration::from_millis(input.sleep_ms))
+                    .await?;
+            }
+            let Some(approval) = ctx
+                .wait_signal(&input.signal, Duration::from_millis(input.timeout_ms))
+                .await?
+            else {
+                return Err(WorkflowError::failed(format!(
+                    "no '{}' signal within {} ms",
+                    input.signal, input.timeout_ms
+                )));
+            };
+            let approval = ctx
+                .step(
+                    "apply",
+                    move |_s| async move { Ok::<_, StepError>(approval) },
+                )
+                .await?;
+            Ok(GateOutput {
+                approval,
+                prepared_at_ms,
+            })
+        },
+    )
+}
