@@ -4,6 +4,7 @@
 #   scripts/services.sh up      install what is missing, start what is not running, write .dayshift/env
 #   scripts/services.sh down    stop what `up` started
 #   scripts/services.sh status  say what runs
+#   scripts/services.sh drop-test-dbs   remove the databases earlier test runs left
 #
 # Everything lives under .dayshift/ in the checkout (data, logs, pid files), so several checkouts
 # do not share state and `rm -rf .dayshift` is a full reset. Ports can be moved with the
@@ -116,12 +117,19 @@ case "${1:-up}" in
     redis-cli -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true
     log "stopped"
     ;;
+  drop-test-dbs)
+    # Databases left by earlier test runs (each test makes one).
+    psql=("$(pg_bin psql)" -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -qtAX)
+    for db in $("${psql[@]}" -c "select datname from pg_database where datname like 'dayshift\_test\_%'"); do
+      "${psql[@]}" -c "drop database if exists $db with (force)" >/dev/null
+    done
+    ;;
   status)
     as_pg "$(pg_bin pg_ctl)" -D "$state/pg/data" status 2>/dev/null | head -1 || echo "PostgreSQL: not running"
     redis-cli -p "$REDIS_PORT" ping 2>/dev/null || echo "Redis: not running"
     ;;
   *)
-    echo "usage: $0 up|down|status" >&2
+    echo "usage: $0 up|down|status|drop-test-dbs" >&2
     exit 2
     ;;
 esac

@@ -29,7 +29,7 @@ use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -1079,14 +1079,4 @@ async fn compensate(ctx: &Ctx) -> Result<Vec<String>, Halt> {
         }
     }
     Ok(failures)
-}
-
-#[allow(dead_code)]
-fn _assert_send(ctx: Ctx) -> impl Future<Output = ()> + Send {
-    async move {
-        let _ = ctx.sleep("x", Duration::from_secs(1)).await;
-        let _ = ctx
-            .step("s", |_s| async { Ok::<_, StepError>(json!(1)) })
-            .await;
-    }
 }

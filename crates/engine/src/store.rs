@@ -1105,3 +1105,140 @@ fn request_cancel<'a>(
         Ok(due)
     })
 }
+
+#[cfg(test)]
+mod tests {
+    //! The fencing of journal writes, against a real PostgreSQL (`DAYSHIFT_DATABASE_URL`).
+
+    use super::*;
+    use crate::model::StepKind;
+
+    async fn fresh_store() -> PgStore {
+        let url = std::env::var("DAYSHIFT_DATABASE_URL")
+            .expect("DAYSHIFT_DATABASE_URL is not set: run `scripts/services.sh up` and source .dayshift/env");
+        let admin = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&url)
+            .await
+            .unwrap();
+        let name = format!(
+            "dayshift_test_{}",
+            &Uuid::new_v4().simple().to_string()[..12]
+        );
+        sqlx::query(AssertSqlSafe(format!("create database {name}")))
+            .execute(&admin)
+            .await
+            .unwrap();
+        let base = &url[..url.rfind('/').unwrap()];
+        let store = PgStore::connect(&format!("{base}/{name}"), 5)
+            .await
+            .unwrap();
+        store.migrate().await.unwrap();
+        store
+    }
+
+    fn record<'a>(output: &'a Value) -> StepRecord<'a> {
+        StepRecord {
+            seq: 0,
+            name: "s",
+            kind: StepKind::Step,
+            status: StepStatus::Succeeded,
+            attempts: 1,
+            output: Some(output),
+            sensitive: false,
+            error: None,
+            wake_in: None,
+            event: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_worker_that_lost_its_lease_cannot_write() {
+        let store = fresh_store().await;
+        let (started, _) = store
+            .create_run(&StartRun::new("w", json!(null)), 1, None)
+            .await
+            .unwrap();
+        let id = started.id;
+        let ttl = Duration::from_secs(30);
+        let (a, _) = store.claim(id, "a", ttl).await.unwrap().expect("a claims");
+        // While a's lease is live, nobody else can claim.
+        assert_eq!(
+            store.claim(id, "b", ttl).await.unwrap().err(),
+            Some(ClaimMiss::NotRunnable)
+        );
+        // a's lease expires (a paused); b takes over.
+        sqlx::query("update runs set lease_expires_at = now() - interval '1 second' where id = $1")
+            .bind(id.0)
+            .execute(store.pool())
+            .await
+            .unwrap();
+        let (b, _) = store.claim(id, "b", ttl).await.unwrap().expect("b claims");
+        assert!(b.epoch > a.epoch);
+
+        let stale = json!("from a");
+        assert!(matches!(
+            store.record(&a, &record(&stale)).await,
+            Err(StoreError::LeaseLost(_))
+        ));
+        assert!(matches!(
+            store.step_started(&a, 0, "s", StepKind::Step, 1).await,
+            Err(StoreError::LeaseLost(_))
+        ));
+        assert!(matches!(
+            store.renew(&a).await,
+            Err(StoreError::LeaseLost(_))
+        ));
+        assert!(matches!(
+            store.release(&a, None, RunStatus::Waiting).await,
+            Err(StoreError::LeaseLost(_))
+        ));
+        let done = Outcome {
+            status: RunStatus::Succeeded,
+            output: None,
+            error: None,
+        };
+        assert!(matches!(
+            store.finish(&a, &done, false, false).await,
+            Err(StoreError::LeaseLost(_))
+        ));
+        assert!(
+            store.journal(id).await.unwrap().is_empty(),
+            "a wrote to the journal"
+        );
+
+        let fresh = json!("from b");
+        store.record(&b, &record(&fresh)).await.unwrap();
+        store.finish(&b, &done, false, false).await.unwrap();
+        let journal = store.journal(id).await.unwrap();
+        assert_eq!(journal[0].output, Some(fresh));
+        assert_eq!(
+            store.get_run(id).await.unwrap().unwrap().status,
+            RunStatus::Succeeded
+        );
+    }
+
+    #[tokio::test]
+    async fn a_run_is_not_claimed_before_it_is_due() {
+        let store = fresh_store().await;
+        let (started, _) = store
+            .create_run(&StartRun::new("w", json!(null)), 1, None)
+            .await
+            .unwrap();
+        let ttl = Duration::from_secs(30);
+        let (lease, claimed) = store.claim(started.id, "a", ttl).await.unwrap().unwrap();
+        let later = claimed.now + chrono::Duration::seconds(60);
+        assert_eq!(
+            store
+                .release(&lease, Some(later), RunStatus::Waiting)
+                .await
+                .unwrap(),
+            Some(later)
+        );
+        assert_eq!(
+            store.claim(started.id, "b", ttl).await.unwrap().err(),
+            Some(ClaimMiss::NotYet(later))
+        );
+        assert!(store.due_runs(10).await.unwrap().is_empty());
+    }
+}
