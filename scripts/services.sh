@@ -57,6 +57,13 @@ max_connections = 300
 shared_buffers = 256MB
 EOF
   fi
+  # Per-statement timings for `dayshift bench` (added to clusters made before this line existed).
+  if ! grep -q "^shared_preload_libraries = 'pg_stat_statements'" "$data/postgresql.conf"; then
+    echo "shared_preload_libraries = 'pg_stat_statements'" >>"$data/postgresql.conf"
+    if as_pg "$(pg_bin pg_ctl)" -D "$data" status >/dev/null 2>&1; then
+      as_pg "$(pg_bin pg_ctl)" -D "$data" -w -t 60 restart -l "$state/pg/server.log" >/dev/null
+    fi
+  fi
   if as_pg "$(pg_bin pg_ctl)" -D "$data" status >/dev/null 2>&1; then
     log "PostgreSQL already running on 127.0.0.1:$PG_PORT"
   else
@@ -114,7 +121,11 @@ case "${1:-up}" in
     if [ -f "$state/pg/data/PG_VERSION" ]; then
       as_pg "$(pg_bin pg_ctl)" -D "$state/pg/data" -m fast stop >/dev/null 2>&1 || true
     fi
-    redis-cli -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true
+    # Only the Redis this checkout started (its pid file), whatever port it is on.
+    if [ -f "$state/redis/redis.pid" ]; then
+      kill "$(cat "$state/redis/redis.pid")" 2>/dev/null || true
+      rm -f "$state/redis/redis.pid"
+    fi
     log "stopped"
     ;;
   drop-test-dbs)

@@ -38,6 +38,9 @@ use crate::error::{StepError, StoreError, WorkflowError};
 use crate::model::{RetryPolicy, RunId, RunStatus, StartRun, StepKind, StepStatus};
 use crate::store::{JournalEntry, Lease, Outcome, StepRecord};
 
+/// How long a step runs before it is journaled as in flight.
+const MARKER_DELAY: Duration = Duration::from_millis(20);
+
 /// What a step's function gets: who it is, which attempt, and the run's cancellation.
 #[derive(Debug, Clone)]
 pub struct StepCtx {
@@ -454,12 +457,6 @@ impl Ctx {
         }
         let store = &self.inner.engine.store;
         let lease = &self.inner.lease;
-        if let Err(e) = store
-            .step_started(lease, seq, name, kind, attempt as i32)
-            .await
-        {
-            return self.halt(store_halt(e)).await;
-        }
         let step_cancel = if cancellable {
             self.inner.cancel.child_token()
         } else {
@@ -488,10 +485,25 @@ impl Ctx {
                 None => work.await,
             }
         };
-        let result = tokio::select! {
-            r = work => r,
-            _ = step_cancel.cancelled() => Err(StepError::Cancelled),
-            lost = self.keep_lease() => return self.halt(lost).await,
+        // A step still running after MARKER_DELAY is marked in flight, so that the API shows it
+        // and a worker that dies mid-attempt still counts the attempt. Faster steps are
+        // journaled once, when they finish: most steps cost one write.
+        let mut work = std::pin::pin!(work);
+        let mut keep = std::pin::pin!(self.keep_lease());
+        let mut marker = std::pin::pin!(tokio::time::sleep(MARKER_DELAY));
+        let mut marked = false;
+        let result = loop {
+            tokio::select! {
+                r = &mut work => break r,
+                _ = step_cancel.cancelled() => break Err(StepError::Cancelled),
+                lost = &mut keep => return self.halt(lost).await,
+                _ = &mut marker, if !marked => {
+                    marked = true;
+                    if let Err(e) = store.step_started(lease, seq, name, kind, attempt as i32).await {
+                        return self.halt(store_halt(e)).await;
+                    }
+                }
+            }
         };
         let attempts = attempt as i32;
         match result {
@@ -876,7 +888,12 @@ pub(crate) async fn advance(
         engine.enqueue_at(run_id, retry_at).await;
         return Ok(());
     };
-    let journal = engine.store.journal(run_id).await?;
+    // A run claimed for the first time has no journal yet.
+    let journal = if claimed.first_claim {
+        Vec::new()
+    } else {
+        engine.store.journal(run_id).await?
+    };
     let mut slots: Vec<Option<JournalEntry>> = Vec::new();
     for e in journal {
         let i = e.seq as usize;

@@ -58,6 +58,8 @@ pub(crate) struct ClaimedRun {
     pub(crate) cancel_reason: Option<String>,
     pub(crate) has_parent: bool,
     pub(crate) has_concurrency_key: bool,
+    /// No worker claimed it before, so its journal is empty.
+    pub(crate) first_claim: bool,
     pub(crate) now: DateTime<Utc>,
 }
 
@@ -184,10 +186,11 @@ impl PgStore {
     /// Connects a pool of at most `max_connections` to `url`.
     pub async fn connect(url: &str, max_connections: u32) -> StoreResult<Self> {
         let options: PgConnectOptions = url.parse()?;
+        let options = options.application_name("dayshift");
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(10))
-            .connect_with(options.application_name("dayshift"))
+            .connect_with(options)
             .await?;
         Ok(Self { pool })
     }
@@ -222,6 +225,32 @@ impl PgStore {
     ) -> StoreResult<(Started, Vec<RunId>)> {
         let id = RunId::new();
         let started_by = req.started_by.clone().unwrap_or_else(|| "api".to_string());
+        if req.idempotency_key.is_none() && req.concurrency.is_none() {
+            // The common case in one statement.
+            sqlx::query(
+                "with r as ( \
+                   insert into runs (id, workflow, workflow_version, input, started_by, parent_run_id, parent_seq, wake_at) \
+                   values ($1, $2, $3, $4, $5, $6, $7, now()) returning id) \
+                 insert into run_events (run_id, kind, detail) select id, 'run_created', $8 from r",
+            )
+            .bind(id.0)
+            .bind(&req.workflow)
+            .bind(version as i32)
+            .bind(&req.input)
+            .bind(&started_by)
+            .bind(parent.map(|p| p.0.0))
+            .bind(parent.map(|p| p.1))
+            .bind(json!({ "started_by": started_by, "workflow": req.workflow }))
+            .execute(&self.pool)
+            .await?;
+            let started = Started {
+                id,
+                status: RunStatus::Pending,
+                created: true,
+                note: None,
+            };
+            return Ok((started, vec![id]));
+        }
         let mut tx = self.pool.begin().await?;
 
         if let Some(key) = &req.idempotency_key
@@ -397,7 +426,7 @@ impl PgStore {
              where id = $1 and status in {ACTIVE} and admitted and wake_at <= now() \
                and (lease_expires_at is null or lease_expires_at < now()) \
              returning lease_epoch, workflow, input, cancel_requested, cancel_reason, parent_run_id is not null as has_parent, \
-               concurrency_key is not null as has_key, now() as now"
+               concurrency_key is not null as has_key, started_at = now() as first_claim, now() as now"
         )))
         .bind(run_id.0)
         .bind(owner)
@@ -420,6 +449,7 @@ impl PgStore {
                     cancel_reason: row.get("cancel_reason"),
                     has_parent: row.get("has_parent"),
                     has_concurrency_key: row.get("has_key"),
+                    first_claim: row.get("first_claim"),
                     now: row.get("now"),
                 },
             )));

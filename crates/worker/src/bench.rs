@@ -110,6 +110,14 @@ pub(crate) async fn run(config: &Config, args: BenchArgs) -> Result<()> {
     let idle_redis = (idle_end.1 - idle_start.1) as f64 / idle_secs;
 
     // W1
+    let statements = sqlx::query("create extension if not exists pg_stat_statements")
+        .execute(&pool)
+        .await
+        .is_ok()
+        && sqlx::query("select pg_stat_statements_reset()")
+            .execute(&pool)
+            .await
+            .is_ok();
     let before = counters(&pool, &redis_url).await?;
     let t0 = Instant::now();
     let ids = submit(&engine, args.runs, args.steps, args.submitters).await?;
@@ -125,6 +133,12 @@ pub(crate) async fn run(config: &Config, args: BenchArgs) -> Result<()> {
     let redis_cmds = (after.1 - before.1) as f64 - idle_redis * settle;
     let runs = args.runs as f64;
     let steps = runs * f64::from(args.steps);
+
+    let hot = if statements {
+        hot_statements(&pool).await.unwrap_or_default()
+    } else {
+        Vec::new()
+    };
 
     // W2
     let mut latencies = Vec::with_capacity(args.latency_runs);
@@ -197,7 +211,37 @@ pub(crate) async fn run(config: &Config, args: BenchArgs) -> Result<()> {
         ppct(0.50),
         ppct(0.95)
     );
+    if hot.is_empty() {
+        println!("\n(pg_stat_statements is not loaded: no per-statement timings)");
+    } else {
+        println!(
+            "\nW1 statements by total time (pg_stat_statements; mean is server-side execution):\n"
+        );
+        println!("| calls per run | mean ms | statement |");
+        println!("|---|---|---|");
+        for (calls, mean, query) in hot {
+            println!("| {:.2} | {mean:.3} | `{query}` |", calls as f64 / runs);
+        }
+    }
     Ok(())
+}
+
+/// The statements W1 spent most server time on: (calls, mean ms, first words).
+async fn hot_statements(pool: &sqlx::PgPool) -> Result<Vec<(i64, f64, String)>> {
+    let rows: Vec<(i64, f64, String)> = sqlx::query_as(
+        "select calls, mean_exec_time, regexp_replace(query, '\\s+', ' ', 'g') from pg_stat_statements \
+         where dbid = (select oid from pg_database where datname = current_database()) \
+         and query not like '%pg_stat_statements%' order by total_exec_time desc limit 10",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(c, m, q)| {
+            let short: String = q.chars().take(90).collect();
+            (c, m, short.replace('|', "\\|"))
+        })
+        .collect())
 }
 
 fn rand_u32() -> u32 {
