@@ -5,6 +5,10 @@
 //! run's lease in PostgreSQL; a duplicate or stale job finds nothing to do. If Redis loses its
 //! data, the sweeper (see `worker.rs`) re-enqueues every due run it finds in PostgreSQL.
 //!
+//! apalis-redis polls Redis with a Lua script (there is no blocking pop), so every enqueue also
+//! publishes on a wake-up channel; workers subscribe and fetch at once. Polling remains as the
+//! fallback for a missed message ([`QueueConfig::poll_interval`]).
+//!
 //! apalis-redis schedules delayed jobs at whole seconds, so a wake-up due within
 //! [`QueueConfig::local_timer_horizon`] is held by a timer in this process instead, and enqueued
 //! when due; should the process die first, the sweeper enqueues the run when PostgreSQL says it
@@ -12,14 +16,19 @@
 //! up to 25 times whatever its policy says), so the job handler never returns an error.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use apalis::prelude::{PollSnapshot, PollStrategy, TaskBuilder, TaskSink};
 use apalis_redis::{Config, RedisStorage};
 use chrono::{DateTime, Utc};
+use futures::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+use tokio::sync::futures::OwnedNotified;
+use tokio_util::sync::CancellationToken;
 
 use crate::error::QueueError;
 use crate::model::RunId;
@@ -37,8 +46,8 @@ pub struct QueueConfig {
     /// The apalis queue name; runs of different dayshift installations sharing a Redis must
     /// differ. Default `dayshift:advance`.
     pub name: String,
-    /// How often an idle worker asks Redis for new jobs: the worst-case pick-up latency.
-    /// Default 5ms (a cheap Lua call).
+    /// How often an idle worker asks Redis for new jobs even without a wake-up message: the
+    /// pick-up latency should a message be lost. Default 50ms (a cheap Lua call).
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
     /// Worker heartbeat; a worker silent for `heartbeat_interval × missed_heartbeats` has its
@@ -62,7 +71,7 @@ impl Default for QueueConfig {
     fn default() -> Self {
         Self {
             name: "dayshift:advance".into(),
-            poll_interval: Duration::from_millis(5),
+            poll_interval: Duration::from_millis(50),
             heartbeat_interval: Duration::from_secs(5),
             missed_heartbeats: 3,
             response_timeout: Duration::from_secs(5),
@@ -77,6 +86,7 @@ impl Default for QueueConfig {
 pub struct RedisQueue {
     storage: RedisStorage<AdvanceJob>,
     conn: ConnectionManager,
+    client: redis::Client,
     config: QueueConfig,
 }
 
@@ -96,6 +106,7 @@ impl RedisQueue {
     /// Connects to Redis at `url`.
     pub async fn connect(url: &str, config: QueueConfig) -> Result<Self, QueueError> {
         let client = redis::Client::open(url).map_err(redis_err)?;
+        let pubsub_client = client.clone();
         let manager_config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(config.response_timeout))
             .set_connection_timeout(Some(Duration::from_secs(5)))
@@ -112,6 +123,7 @@ impl RedisQueue {
         Ok(Self {
             storage,
             conn,
+            client: pubsub_client,
             config,
         })
     }
@@ -127,7 +139,68 @@ impl RedisQueue {
         storage
             .push(AdvanceJob { run_id: run })
             .await
-            .map_err(redis_err)
+            .map_err(redis_err)?;
+        self.wake_workers().await;
+        Ok(())
+    }
+
+    fn wake_channel(&self) -> String {
+        format!("{}:wake", self.config.name)
+    }
+
+    /// Tells idle workers to fetch now. Best effort: polling covers a lost message.
+    async fn wake_workers(&self) {
+        let mut conn = self.conn.clone();
+        let sent = redis::cmd("PUBLISH")
+            .arg(self.wake_channel())
+            .arg(1)
+            .query_async::<i64>(&mut conn)
+            .await;
+        if let Err(e) = sent {
+            tracing::debug!(error = %e, "Wake-up message not sent; workers will poll.");
+        }
+    }
+
+    /// Relays wake-up messages to `notify` until `shutdown`, reconnecting as needed.
+    pub(crate) async fn listen_for_wakeups(
+        &self,
+        notify: Arc<Notify>,
+        shutdown: CancellationToken,
+    ) {
+        let channel = self.wake_channel();
+        loop {
+            let subscribed = async {
+                let mut pubsub = self.client.get_async_pubsub().await?;
+                pubsub.subscribe(&channel).await?;
+                Ok::<_, redis::RedisError>(pubsub)
+            };
+            let mut pubsub = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                p = subscribed => match p {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "Cannot subscribe to wake-ups; polling meanwhile.");
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                        }
+                    }
+                },
+            };
+            let mut messages = pubsub.on_message();
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    m = messages.next() => match m {
+                        Some(_) => notify.notify_one(),
+                        None => {
+                            tracing::warn!("Wake-up subscription closed; resubscribing.");
+                            break;
+                        }
+                    },
+                }
+            }
+        }
     }
 
     /// Asks for run `run` to be advanced at `at`.
@@ -170,24 +243,29 @@ impl RedisQueue {
         self.storage.clone()
     }
 
-    pub(crate) fn poll_strategy(&self) -> Tick {
-        Tick::new(self.config.poll_interval)
+    pub(crate) fn poll_strategy(&self, wake: Arc<Notify>) -> Tick {
+        Tick::new(self.config.poll_interval, wake)
     }
 }
 
-/// Wakes the apalis fetcher every `every`. Unlike the stock interval strategy, it re-arms and
-/// polls the next timer before returning, so an empty fetch never leaves the worker without a
-/// wake-up until the next heartbeat.
+/// Wakes the apalis fetcher on a wake-up message, and every `every` regardless. Unlike the
+/// stock interval strategy, it re-arms and polls the next timer (and the next notification)
+/// before returning, so an empty fetch never leaves the worker without a wake-up until the
+/// next heartbeat.
 pub(crate) struct Tick {
     every: Duration,
     sleep: Pin<Box<tokio::time::Sleep>>,
+    notify: Arc<Notify>,
+    woken: Pin<Box<OwnedNotified>>,
 }
 
 impl Tick {
-    fn new(every: Duration) -> Self {
+    fn new(every: Duration, notify: Arc<Notify>) -> Self {
         Self {
             every,
             sleep: Box::pin(tokio::time::sleep(every)),
+            woken: Box::pin(notify.clone().notified_owned()),
+            notify,
         }
     }
 }
@@ -199,6 +277,10 @@ impl PollStrategy for Tick {
             fired = true;
             let next = tokio::time::Instant::now() + self.every;
             self.sleep.as_mut().reset(next);
+        }
+        while self.woken.as_mut().poll(cx).is_ready() {
+            fired = true;
+            self.woken = Box::pin(self.notify.clone().notified_owned());
         }
         if fired {
             Poll::Ready(Some(()))

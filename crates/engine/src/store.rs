@@ -871,13 +871,17 @@ impl PgStore {
         Ok(Some(Ok(due)))
     }
 
-    /// Runs that are due now and not held by a live lease: what the sweeper re-enqueues.
-    pub(crate) async fn due_runs(&self, limit: i64) -> StoreResult<Vec<RunId>> {
+    /// Runs that have been due for longer than `grace` and are not held by a live lease: what
+    /// the sweeper re-enqueues. The grace leaves alone runs whose wake-up is simply still in
+    /// the queue, so a backlog does not turn into duplicate jobs.
+    pub(crate) async fn due_runs(&self, grace: Duration, limit: i64) -> StoreResult<Vec<RunId>> {
         let ids: Vec<Uuid> = sqlx::query_scalar(AssertSqlSafe(format!(
-            "select id from runs where status in {ACTIVE} and admitted and wake_at <= now() \
+            "select id from runs where status in {ACTIVE} and admitted \
+             and wake_at <= now() - make_interval(secs => $2) \
              and (lease_expires_at is null or lease_expires_at < now()) order by wake_at limit $1"
         )))
         .bind(limit)
+        .bind(grace.as_secs_f64())
         .fetch_all(&self.pool)
         .await?;
         Ok(ids.into_iter().map(RunId).collect())
@@ -1269,6 +1273,6 @@ mod tests {
             store.claim(started.id, "b", ttl).await.unwrap().err(),
             Some(ClaimMiss::NotYet(later))
         );
-        assert!(store.due_runs(10).await.unwrap().is_empty());
+        assert!(store.due_runs(Duration::ZERO, 10).await.unwrap().is_empty());
     }
 }

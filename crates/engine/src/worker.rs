@@ -28,8 +28,8 @@ pub struct WorkerConfig {
     /// delays it by at most this. Default 30s.
     #[serde(with = "humantime_serde")]
     pub lease_ttl: Duration,
-    /// How often PostgreSQL is scanned for due runs that no job announced (Redis lost its data,
-    /// a worker died). Default 5s.
+    /// How often PostgreSQL is scanned for runs that have been due for this long without a
+    /// worker taking them (Redis lost its data, a worker died). Default 5s.
     #[serde(with = "humantime_serde")]
     pub sweep_interval: Duration,
 }
@@ -104,6 +104,11 @@ impl Worker {
             self.config.sweep_interval,
             shutdown.clone(),
         ));
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let waker = {
+            let (queue, wake, shutdown) = (inner.queue.clone(), wake.clone(), shutdown.clone());
+            tokio::spawn(async move { queue.listen_for_wakeups(wake, shutdown).await })
+        };
 
         // The apalis consumer stops with an error when Redis loses its data (its worker
         // registration is gone) or after a long stall; it is started again under a fresh name,
@@ -117,7 +122,11 @@ impl Worker {
                 format!("{}-{generation}", self.config.name)
             };
             let worker = WorkerBuilder::new(name)
-                .backend(queue.backend().poll_with_strategy(queue.poll_strategy()))
+                .backend(
+                    queue
+                        .backend()
+                        .poll_with_strategy(queue.poll_strategy(wake.clone())),
+                )
                 .data(shared.clone())
                 .concurrency(self.config.concurrency.max(1))
                 .build(handle);
@@ -143,7 +152,7 @@ impl Worker {
             }
         };
         shutdown.cancel();
-        let _ = tokio::join!(listener, sweeper);
+        let _ = tokio::join!(listener, sweeper, waker);
         tracing::info!(worker = %self.config.name, "Worker stopped.");
         result
     }
@@ -166,7 +175,7 @@ async fn sweep(engine: Arc<EngineInner>, every: Duration, shutdown: Cancellation
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        match engine.store.due_runs(10_000).await {
+        match engine.store.due_runs(every, 10_000).await {
             Ok(due) if !due.is_empty() => {
                 tracing::debug!(count = due.len(), "Sweeper re-enqueues due runs.");
                 engine.enqueue_now(&due).await;
