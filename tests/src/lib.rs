@@ -361,6 +361,11 @@ impl BinEnv {
 
     /// Same, with extra YAML appended to the config.
     pub async fn start_with(extra_yaml: &str) -> Self {
+        Self::start_on(&redis_url(), extra_yaml).await
+    }
+
+    /// Same, on another Redis.
+    pub async fn start_on(redis: &str, extra_yaml: &str) -> Self {
         let db = TestDb::new().await;
         let dir = std::env::temp_dir().join(format!("dayshift-test-{}", unique()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -371,7 +376,7 @@ impl BinEnv {
              queue:\n  name: dayshift:test:{}\n\
              worker:\n  lease-ttl: 2s\n  sweep-interval: 300ms\nshutdown-grace-period: 5s\n{extra_yaml}",
             db.url,
-            redis_url(),
+            redis,
             unique()
         );
         std::fs::write(&config_path, yaml).unwrap();

@@ -272,6 +272,29 @@ async fn bad_input_gets_a_clear_error() {
     let (status, body) = env
         .post(
             "/api/v1/runs",
+            &json!({ "workflow": "selftest.chain", "input": { "steps": 0 } }),
+        )
+        .await;
+    assert_eq!(status, 422);
+    let error = body["error"].as_str().unwrap();
+    assert!(error.contains("steps must be 1 to 1000, not 0"), "{body}");
+
+    let (status, body) = env
+        .post(
+            "/api/v1/runs",
+            &json!({
+                "workflow": "selftest.chain",
+                "input": { "steps": 1, "side_effects": "x; drop table runs" }
+            }),
+        )
+        .await;
+    assert_eq!(status, 422);
+    let error = body["error"].as_str().unwrap();
+    assert!(error.contains("plain table name"), "{body}");
+
+    let (status, body) = env
+        .post(
+            "/api/v1/runs",
             &json!({ "workflow": "selftest.chain", "inputs": {} }),
         )
         .await;
@@ -445,4 +468,121 @@ async fn health_and_readiness() {
     assert_eq!(env.get("/healthz").await.0, 200);
     let (status, body) = env.get("/readyz").await;
     assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test]
+async fn sigterm_hands_the_run_over_at_a_step_boundary() {
+    let env = BinEnv::start().await;
+    let mut first = env.start_worker().await;
+    let table = format!("fx_{}", unique());
+    let id = env
+        .start_run(
+            "selftest.chain",
+            json!({ "steps": 6, "sleep_ms": 300, "side_effects": table }),
+        )
+        .await;
+    env.wait_run(&id, LIMIT, |r| step_is(r, "step-2", "running"))
+        .await;
+    first.signal("TERM");
+    let status = tokio::time::timeout(Duration::from_secs(10), first.child.wait())
+        .await
+        .expect("the worker did not exit within its grace period")
+        .unwrap();
+    assert!(status.success(), "exit status {status:?}\n{}", first.logs());
+    let (_, mid) = env.get(&format!("/api/v1/runs/{id}")).await;
+    assert_ne!(
+        mid["status"], "succeeded",
+        "the worker finished the whole run instead of handing it over"
+    );
+    let _second = env.start_worker().await;
+    let run = env.wait_finished(&id, LIMIT).await;
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    // A graceful stop finishes the step in flight and journals it: nothing runs twice.
+    let effects = counts(&env.db.side_effects(&table).await);
+    assert_eq!(
+        effects,
+        (1..=6)
+            .map(|i| (format!("step-{i}"), 1))
+            .collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test]
+async fn readyz_says_which_service_is_down() {
+    let redis = dayshift_tests::OwnRedis::start().await.unwrap();
+    let env = BinEnv::start_on(&redis.url, "").await;
+    assert_eq!(env.get("/readyz").await.0, 200);
+    drop(redis);
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        let (status, body) = env.get("/readyz").await;
+        if status == 503 {
+            assert!(body["error"].as_str().unwrap().contains("redis"), "{body}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "readyz stayed {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        env.get("/healthz").await.0,
+        200,
+        "liveness does not depend on Redis"
+    );
+}
+
+#[tokio::test]
+async fn the_cli_signals_and_cancels_runs() {
+    let env = BinEnv::start().await;
+    let _worker = env.start_worker().await;
+    let cli = |args: &[&str]| {
+        let mut all: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        all.extend(["--server".to_string(), env.api.clone()]);
+        tokio::process::Command::new(dayshift_bin())
+            .args(all)
+            .output()
+    };
+    let approved = env.start_run("selftest.gate", json!({})).await;
+    env.wait_run(&approved, LIMIT, |r| r["status"] == "waiting")
+        .await;
+    let out = cli(&[
+        "runs",
+        "signal",
+        &approved,
+        "approve",
+        "--payload",
+        r#"{"ticket": "CHG-7"}"#,
+    ])
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run = env.wait_finished(&approved, LIMIT).await;
+    assert_eq!(run["output"]["approval"], json!({ "ticket": "CHG-7" }));
+
+    let doomed = env.start_run("selftest.gate", json!({})).await;
+    env.wait_run(&doomed, LIMIT, |r| r["status"] == "waiting")
+        .await;
+    let out = cli(&["runs", "cancel", &doomed, "--reason", "change freeze"])
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run = env.wait_finished(&doomed, LIMIT).await;
+    assert_eq!(run["status"], "cancelled");
+    assert_eq!(run["error"], "change freeze");
+
+    let out = cli(&["runs", "show", "01234567-0000-7000-8000-000000000000"])
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not found (HTTP 404)"));
 }

@@ -691,3 +691,122 @@ impl std::io::Write for LogSink {
         Ok(())
     }
 }
+
+#[tokio::test]
+async fn a_step_that_exceeds_its_timeout_is_retried_then_fails() {
+    let def = WorkflowDef::new(
+        "test.slow",
+        "a step that hangs",
+        |ctx: Ctx, _: Value| async move {
+            ctx.step("hang", |_s| async {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                Ok::<_, StepError>(())
+            })
+            .timeout(Duration::from_millis(100))
+            .retry(RetryPolicy {
+                max_attempts: 2,
+                initial_delay: Duration::from_millis(10),
+                multiplier: 1.0,
+                max_delay: Duration::from_millis(10),
+                jitter: 0.0,
+            })
+            .await?;
+            Ok(())
+        },
+    );
+    let mut env = TestEnv::new(vec![def]).await;
+    env.start_worker(fast_worker("w"));
+    let started = env
+        .engine
+        .start(StartRun::new("test.slow", json!(null)))
+        .await
+        .unwrap();
+    let run = env.wait(started.id, LIMIT).await;
+    assert_eq!(run.status, RunStatus::Failed);
+    let step = &run.steps[0];
+    assert_eq!(step.attempts, 2);
+    assert!(
+        step.errors
+            .iter()
+            .all(|e| e.error.contains("timed out after 100 ms")),
+        "{step:#?}"
+    );
+    env.stop_workers().await;
+}
+
+#[tokio::test]
+async fn cancel_older_cancels_the_run_holding_the_key_then_starts() {
+    let mut env = TestEnv::new(vec![]).await;
+    env.start_worker(fast_worker("w"));
+    let start = |policy| {
+        env.engine.start(
+            StartRun::new("selftest.gate", json!({ "signal": "go" })).concurrency(
+                "rotate:vault:db",
+                1,
+                policy,
+            ),
+        )
+    };
+    let older = start(ConcurrencyPolicy::Queue).await.unwrap();
+    wait_for(&env.engine, older.id, LIMIT, |r| {
+        r.status == RunStatus::Waiting
+    })
+    .await;
+    let newer = start(ConcurrencyPolicy::CancelOlder).await.unwrap();
+    let old = env.wait(older.id, LIMIT).await;
+    assert_eq!(old.status, RunStatus::Cancelled);
+    assert!(
+        old.error
+            .unwrap()
+            .contains(&format!("cancelled by newer run {}", newer.id))
+    );
+    wait_for(&env.engine, newer.id, LIMIT, |r| {
+        r.status == RunStatus::Waiting
+    })
+    .await;
+    env.engine
+        .signal(newer.id, "go", json!(true), "test")
+        .await
+        .unwrap();
+    assert_succeeded(&env.wait(newer.id, LIMIT).await);
+    env.stop_workers().await;
+}
+
+#[tokio::test]
+async fn cancelling_a_parent_cancels_its_child() {
+    let parent = WorkflowDef::new(
+        "test.parent-gate",
+        "waits on a child gate",
+        |ctx: Ctx, _: Value| async move {
+            let _: Value = ctx
+                .child("selftest.gate", json!({ "signal": "go" }))
+                .await?;
+            Ok(())
+        },
+    );
+    let mut env = TestEnv::new(vec![parent]).await;
+    env.start_worker(fast_worker("w"));
+    let started = env
+        .engine
+        .start(StartRun::new("test.parent-gate", json!(null)))
+        .await
+        .unwrap();
+    let waiting = wait_for(&env.engine, started.id, LIMIT, |r| {
+        r.status == RunStatus::Waiting && r.steps.first().is_some_and(|s| s.child_run_id.is_some())
+    })
+    .await;
+    let child_id = waiting.steps[0].child_run_id.unwrap();
+    wait_for(&env.engine, child_id, LIMIT, |r| {
+        r.status == RunStatus::Waiting
+    })
+    .await;
+    env.engine.cancel(started.id, None, "test").await.unwrap();
+    assert_eq!(
+        env.wait(started.id, LIMIT).await.status,
+        RunStatus::Cancelled
+    );
+    let child = env.wait(child_id, LIMIT).await;
+    assert_eq!(child.status, RunStatus::Cancelled);
+    assert_eq!(child.error.as_deref(), Some("parent run cancelled"));
+    env.stop_workers().await;
+}

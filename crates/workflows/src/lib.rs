@@ -4,7 +4,9 @@
 
 mod selftest;
 
-pub use selftest::{ChainInput, ChainOutput, GateInput, GateOutput, chain, gate};
+pub use selftest::{
+    ChainInput, ChainOutput, GateInput, GateOutput, StepCount, TableName, chain, gate,
+};
 
 use dayshift_engine::WorkflowDef;
 use sqlx::PgPool;

@@ -16,7 +16,7 @@ use sqlx::PgPool;
 #[serde(deny_unknown_fields)]
 pub struct ChainInput {
     /// How many steps, 1 to 1000.
-    pub steps: u32,
+    pub steps: StepCount,
     /// Each step sleeps this long (in the step, holding the worker) before it does its work.
     #[serde(default)]
     pub sleep_ms: u64,
@@ -25,7 +25,58 @@ pub struct ChainInput {
     pub fail_first: u32,
     /// A table of the dayshift database to record each step attempt in; created if missing.
     #[serde(default)]
-    pub side_effects: Option<String>,
+    pub side_effects: Option<TableName>,
+}
+
+/// A number of steps, 1 to 1000.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(try_from = "u32", into = "u32")]
+pub struct StepCount(u32);
+
+impl TryFrom<u32> for StepCount {
+    type Error = String;
+    fn try_from(n: u32) -> Result<Self, Self::Error> {
+        if (1..=1000).contains(&n) {
+            Ok(Self(n))
+        } else {
+            Err(format!("steps must be 1 to 1000, not {n}"))
+        }
+    }
+}
+
+impl From<StepCount> for u32 {
+    fn from(n: StepCount) -> u32 {
+        n.0
+    }
+}
+
+/// A plain SQL identifier (letters, digits, `_`; not starting with a digit; at most 63
+/// characters), since it is spliced into SQL.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(try_from = "String", into = "String")]
+pub struct TableName(String);
+
+impl TryFrom<String> for TableName {
+    type Error = String;
+    fn try_from(name: String) -> Result<Self, Self::Error> {
+        let ok = !name.is_empty()
+            && name.len() <= 63
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            && !name.starts_with(|c: char| c.is_ascii_digit());
+        if ok {
+            Ok(Self(name.to_ascii_lowercase()))
+        } else {
+            Err(format!(
+                "side_effects must be a plain table name (letters, digits, _), not '{name}'"
+            ))
+        }
+    }
+}
+
+impl From<TableName> for String {
+    fn from(t: TableName) -> String {
+        t.0
+    }
 }
 
 /// What `selftest.chain` returns.
@@ -54,16 +105,8 @@ async fn run_chain(
     pool: PgPool,
     input: ChainInput,
 ) -> Result<ChainOutput, WorkflowError> {
-    if input.steps == 0 || input.steps > 1000 {
-        return Err(WorkflowError::failed(format!(
-            "steps must be 1 to 1000, not {}",
-            input.steps
-        )));
-    }
-    let table = match &input.side_effects {
-        Some(t) => Some(checked_table(t)?),
-        None => None,
-    };
+    let steps = u32::from(input.steps);
+    let table = input.side_effects.as_ref().map(|t| t.0.clone());
     let retry = RetryPolicy {
         max_attempts: input.fail_first + 3,
         initial_delay: Duration::from_millis(100),
@@ -71,8 +114,8 @@ async fn run_chain(
         max_delay: Duration::from_secs(5),
         jitter: 0.2,
     };
-    let mut attempts = Vec::with_capacity(input.steps as usize);
-    for i in 1..=input.steps {
+    let mut attempts = Vec::with_capacity(steps as usize);
+    for i in 1..=steps {
         let name = format!("step-{i}");
         let (pool, table, input_ref) = (&pool, table.as_deref(), &input);
         let attempt = ctx
@@ -83,10 +126,7 @@ async fn run_chain(
             .await?;
         attempts.push(attempt);
     }
-    Ok(ChainOutput {
-        steps: input.steps,
-        attempts,
-    })
+    Ok(ChainOutput { steps, attempts })
 }
 
 /// One step: sleep, maybe fail, maybe record the attempt.
@@ -129,21 +169,6 @@ async fn one_step(
         )));
     }
     Ok(s.attempt)
-}
-
-/// A table name is spliced into SQL, so only plain identifiers pass.
-fn checked_table(name: &str) -> Result<String, WorkflowError> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-        && !name.starts_with(|c: char| c.is_ascii_digit());
-    if ok {
-        Ok(name.to_ascii_lowercase())
-    } else {
-        Err(WorkflowError::failed(format!(
-            "side_effects must be a plain table name (letters, digits, _), not '{name}'"
-        )))
-    }
 }
 
 /// The input of `selftest.gate`.
