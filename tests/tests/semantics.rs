@@ -810,3 +810,118 @@ async fn cancelling_a_parent_cancels_its_child() {
     assert_eq!(child.error.as_deref(), Some("parent run cancelled"));
     env.stop_workers().await;
 }
+
+#[tokio::test]
+async fn a_panicking_step_fails_its_run_and_the_worker_goes_on() {
+    let def = WorkflowDef::new(
+        "test.panics",
+        "a buggy step",
+        |ctx: Ctx, _: Value| async move {
+            ctx.step("buggy", |_s| async {
+                let v: Vec<u32> = Vec::new();
+                Ok::<_, StepError>(v[3])
+            })
+            .await?;
+            Ok(())
+        },
+    );
+    let mut env = TestEnv::new(vec![def]).await;
+    env.start_worker(fast_worker("w"));
+    let started = env
+        .engine
+        .start(StartRun::new("test.panics", json!(null)))
+        .await
+        .unwrap();
+    let run = env.wait(started.id, LIMIT).await;
+    assert_eq!(run.status, RunStatus::Failed);
+    assert!(
+        run.error
+            .as_deref()
+            .unwrap()
+            .contains("step panicked: index out of bounds"),
+        "{run:#?}"
+    );
+    assert_eq!(run.steps[0].attempts, 1, "a panic is not retried");
+    // The same worker still runs other runs.
+    let ok = env
+        .engine
+        .start(StartRun::new("selftest.chain", json!({ "steps": 1 })))
+        .await
+        .unwrap();
+    assert_succeeded(&env.wait(ok.id, LIMIT).await);
+    env.stop_workers().await;
+}
+
+/// A run cancelled during a sleep whose compensation waits (an undo retrying) until past the
+/// sleep's deadline: the replay must stop at the cancelled sleep, not wake up from it.
+#[tokio::test]
+async fn a_cancelled_sleep_stays_cancelled_when_compensation_outlives_it() {
+    let after: Arc<Mutex<u32>> = Arc::default();
+    let undo_attempts: Arc<Mutex<u32>> = Arc::default();
+    let (a, u) = (after.clone(), undo_attempts.clone());
+    let def = WorkflowDef::new(
+        "test.nap",
+        "a step, a sleep, a step",
+        move |ctx: Ctx, _: Value| {
+            let (a, u) = (a.clone(), u.clone());
+            async move {
+                ctx.step("reserve", |_s| async {
+                    Ok::<_, StepError>("slot-1".to_string())
+                })
+                .retry(RetryPolicy {
+                    max_attempts: 3,
+                    initial_delay: Duration::from_millis(600),
+                    multiplier: 1.0,
+                    max_delay: Duration::from_millis(600),
+                    jitter: 0.0,
+                })
+                .undo(move |_s, _slot: String| async move {
+                    let mut n = u.lock().unwrap();
+                    *n += 1;
+                    if *n == 1 {
+                        Err(StepError::transient("release endpoint busy"))
+                    } else {
+                        Ok(())
+                    }
+                })
+                .await?;
+                ctx.sleep("nap", Duration::from_millis(300)).await?;
+                ctx.step("after-nap", move |_s| async move {
+                    *a.lock().unwrap() += 1;
+                    Ok::<_, StepError>(())
+                })
+                .await?;
+                Ok(())
+            }
+        },
+    );
+    let mut env = TestEnv::new(vec![def]).await;
+    env.start_worker(fast_worker("w"));
+    let started = env
+        .engine
+        .start(StartRun::new("test.nap", json!(null)))
+        .await
+        .unwrap();
+    wait_for(&env.engine, started.id, LIMIT, |r| {
+        r.status == RunStatus::Waiting
+    })
+    .await;
+    env.engine.cancel(started.id, None, "test").await.unwrap();
+    let run = env.wait(started.id, LIMIT).await;
+    assert_eq!(run.status, RunStatus::Cancelled, "{run:#?}");
+    assert_eq!(
+        *undo_attempts.lock().unwrap(),
+        2,
+        "the undo's retry came after the sleep's deadline"
+    );
+    assert_eq!(
+        *after.lock().unwrap(),
+        0,
+        "the workflow went on past a cancelled sleep"
+    );
+    let nap = run.steps.iter().find(|s| s.name == "nap").unwrap();
+    assert_eq!(nap.status, StepStatus::Cancelled);
+    let undo = run.steps.iter().find(|s| s.name == "undo:reserve").unwrap();
+    assert_eq!((undo.status, undo.attempts), (StepStatus::Succeeded, 2));
+    env.stop_workers().await;
+}

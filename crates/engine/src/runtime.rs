@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use futures::FutureExt;
 use futures::future::BoxFuture;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -187,8 +188,10 @@ impl Ctx {
                 return self.halt(Halt::Suspend(wake_at)).await;
             }
         };
-        if entry.status() == StepStatus::Succeeded {
-            return Ok(());
+        match entry.status() {
+            StepStatus::Succeeded => return Ok(()),
+            StepStatus::Cancelled => return self.halt(Halt::Cancelled).await,
+            _ => {}
         }
         let now = self.now();
         match entry.wake_at {
@@ -219,6 +222,9 @@ impl Ctx {
                     .output
                     .and_then(|o| o.get("payload").cloned())
                     .filter(|p| !p.is_null()));
+            }
+            Lookup::Found(e) if e.status() == StepStatus::Cancelled => {
+                return self.halt(Halt::Cancelled).await;
             }
             Lookup::Found(e) => e.wake_at,
             Lookup::New => {
@@ -477,13 +483,23 @@ impl Ctx {
             Some(e) => Box::pin(async move { Err(e) }),
             None => f(sctx),
         };
+        // A panicking step is a bug, not a flaky dependency: it fails the step for good and
+        // leaves the worker running.
+        let work = std::panic::AssertUnwindSafe(work).catch_unwind();
         let work = async move {
-            match timeout {
-                Some(t) => tokio::time::timeout(t, work)
-                    .await
-                    .unwrap_or(Err(StepError::Timeout(t.as_millis() as u64))),
+            let outcome = match timeout {
+                Some(t) => match tokio::time::timeout(t, work).await {
+                    Ok(outcome) => outcome,
+                    Err(_) => Ok(Err(StepError::Timeout(t.as_millis() as u64))),
+                },
                 None => work.await,
-            }
+            };
+            outcome.unwrap_or_else(|panic| {
+                Err(StepError::Permanent(format!(
+                    "step panicked: {}",
+                    panic_message(&*panic)
+                )))
+            })
         };
         // A step still running after MARKER_DELAY is marked in flight, so that the API shows it
         // and a worker that dies mid-attempt still counts the attempt. Faster steps are
@@ -688,6 +704,15 @@ impl Ctx {
     fn push_undo(&self, undo: Undo) {
         self.inner.state.lock().expect("ctx state").undos.push(undo);
     }
+}
+
+/// The message of a panic payload, if it has one.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into())
 }
 
 fn store_halt(e: StoreError) -> Halt {
@@ -924,7 +949,15 @@ pub(crate) async fn advance(
         inner: inner.clone(),
     };
     let body = (def.run)(ctx.clone(), claimed.input.clone());
-    let ended = drive(&inner, body).await;
+    let body = std::panic::AssertUnwindSafe(body).catch_unwind();
+    let ended = drive(&inner, body).await.map(|outcome| {
+        outcome.unwrap_or_else(|panic| {
+            Err(WorkflowError::failed(format!(
+                "workflow panicked: {}",
+                panic_message(&*panic)
+            )))
+        })
+    });
     let result = conclude(engine, &ctx, &lease, &claimed, ended).await;
     opts.cancels.unregister(run_id);
     result
