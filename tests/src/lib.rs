@@ -268,10 +268,26 @@ pub async fn wait_for(
             return run;
         }
         if tokio::time::Instant::now() > deadline {
-            panic!("run {id} did not reach the expected state within {limit:?}; last: {run:#?}");
+            let active = active_runs(engine.store().pool()).await;
+            panic!(
+                "run {id} did not reach the expected state within {limit:?}; last: {run:#?}\n\
+                 active runs (id, status, wake_at, lease_owner, lease_expires_at, now):\n{active}"
+            );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Every run that is not over, with what decides when it runs next: for failure messages.
+pub async fn active_runs(pool: &PgPool) -> String {
+    let rows: Vec<(String,)> = sqlx::query_as(
+        "select concat_ws(' ', id, status, wake_at, lease_owner, lease_expires_at, now(), cancel_requested) \
+         from runs where status in ('pending', 'running', 'waiting') order by created_at limit 50",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap_or_default();
+    rows.into_iter().map(|(r,)| r + "\n").collect()
 }
 
 /// Asserts the run succeeded, showing it if not.

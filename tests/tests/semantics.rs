@@ -925,3 +925,37 @@ async fn a_cancelled_sleep_stays_cancelled_when_compensation_outlives_it() {
     assert_eq!((undo.status, undo.attempts), (StepStatus::Succeeded, 2));
     env.stop_workers().await;
 }
+
+/// FLUSHALL while the worker's only slot is busy: the first thing its consumer says to Redis
+/// afterwards is the acknowledgement of the finished job, which fails because the job is gone,
+/// and the consumer stops. The worker must start a new one, or no later run would be fetched.
+#[tokio::test]
+async fn a_consumer_silenced_by_lost_redis_data_is_replaced() {
+    let redis = OwnRedis::start().await.expect("own redis");
+    let mut env = TestEnv::with_redis(vec![], &redis.url).await;
+    env.start_worker(dayshift_engine::WorkerConfig {
+        concurrency: 1,
+        ..fast_worker("solo")
+    });
+    let first = env
+        .engine
+        .start(StartRun::new(
+            "selftest.chain",
+            json!({ "steps": 1, "sleep_ms": 1000 }),
+        ))
+        .await
+        .unwrap();
+    wait_for(&env.engine, first.id, LIMIT, |r| {
+        r.steps.iter().any(|s| s.status == StepStatus::Running)
+    })
+    .await;
+    redis.flushall().await.unwrap();
+    assert_succeeded(&env.wait(first.id, LIMIT).await);
+    let second = env
+        .engine
+        .start(StartRun::new("selftest.chain", json!({ "steps": 1 })))
+        .await
+        .unwrap();
+    assert_succeeded(&env.wait(second.id, LIMIT).await);
+    env.stop_workers().await;
+}

@@ -228,6 +228,49 @@ impl RedisQueue {
         storage.push_task(task).await.map_err(redis_err)
     }
 
+    /// Resolves when the consumer `name` is dead: its registration is gone (Redis lost its data)
+    /// or its heartbeat is older than `missed_heartbeats` intervals. Checked once per heartbeat
+    /// interval, after a first interval of grace for the registration.
+    pub(crate) async fn watch_consumer(&self, name: &str) {
+        let every = self.config.heartbeat_interval;
+        let stale_after =
+            every.as_secs_f64() * f64::from(self.config.missed_heartbeats.max(1)) + 1.0;
+        let key = format!("{}:workers", self.config.name);
+        let mut conn = self.conn.clone();
+        loop {
+            tokio::time::sleep(every).await;
+            let score = redis::cmd("ZSCORE")
+                .arg(&key)
+                .arg(name)
+                .query_async::<Option<f64>>(&mut conn)
+                .await;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or_default();
+            match score {
+                Ok(None) => {
+                    tracing::warn!(
+                        consumer = name,
+                        "Queue consumer is no longer registered in Redis."
+                    );
+                    return;
+                }
+                Ok(Some(seen)) if now - seen > stale_after => {
+                    tracing::warn!(
+                        consumer = name,
+                        silent_secs = now - seen,
+                        "Queue consumer stopped beating."
+                    );
+                    return;
+                }
+                Ok(Some(_)) => {}
+                // Redis unreachable: the consumer fails on its own; nothing to decide here.
+                Err(e) => tracing::debug!(error = %e, "Consumer watchdog cannot reach Redis."),
+            }
+        }
+    }
+
     /// Whether Redis answers.
     pub async fn ping(&self) -> Result<(), QueueError> {
         let mut conn = self.conn.clone();
@@ -287,5 +330,49 @@ impl PollStrategy for Tick {
         } else {
             Poll::Pending
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn queue(heartbeat: Duration) -> RedisQueue {
+        let url = std::env::var("DAYSHIFT_REDIS_URL").expect(
+            "DAYSHIFT_REDIS_URL is not set: run `scripts/services.sh up` and source .dayshift/env",
+        );
+        let name = format!("dayshift:test:{}", uuid::Uuid::new_v4().simple());
+        RedisQueue::connect(
+            &url,
+            QueueConfig {
+                name,
+                heartbeat_interval: heartbeat,
+                missed_heartbeats: 1,
+                ..QueueConfig::default()
+            },
+        )
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_watchdog_reports_a_consumer_that_is_not_registered() {
+        let q = queue(Duration::from_millis(50)).await;
+        q.watch_consumer("never-registered").await;
+    }
+
+    #[tokio::test]
+    async fn the_watchdog_reports_a_consumer_whose_heartbeat_stopped() {
+        let q = queue(Duration::from_millis(50)).await;
+        let mut conn = q.conn.clone();
+        let long_ago = Utc::now().timestamp() - 600;
+        redis::cmd("ZADD")
+            .arg(format!("{}:workers", q.config.name))
+            .arg(long_ago)
+            .arg("silent")
+            .query_async::<i64>(&mut conn)
+            .await
+            .unwrap();
+        q.watch_consumer("silent").await;
     }
 }

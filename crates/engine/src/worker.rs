@@ -121,7 +121,7 @@ impl Worker {
             } else {
                 format!("{}-{generation}", self.config.name)
             };
-            let worker = WorkerBuilder::new(name)
+            let worker = WorkerBuilder::new(name.clone())
                 .backend(
                     queue
                         .backend()
@@ -130,19 +130,33 @@ impl Worker {
                 .data(shared.clone())
                 .concurrency(self.config.concurrency.max(1))
                 .build(handle);
-            let stop = shutdown.clone();
+            // The consumer is stopped on shutdown, or when the watchdog finds it dead: a
+            // consumer whose acknowledgements fail (Redis lost the jobs) ends its stream
+            // quietly and would otherwise never fetch again.
+            let (stop, watched) = (shutdown.clone(), queue.clone());
             let outcome = worker
-                .run_until(async move {
-                    stop.cancelled().await;
-                    Ok::<(), std::io::Error>(())
+                .run_with_ctx(move |ctx| {
+                    let (stop, watched, name) = (stop.clone(), watched.clone(), name.clone());
+                    async move {
+                        tokio::select! {
+                            _ = stop.cancelled() => {}
+                            _ = watched.watch_consumer(&name) => {}
+                        }
+                        ctx.stop()
+                    }
                 })
                 .await;
+            if shutdown.is_cancelled() {
+                break Ok(());
+            }
             match outcome {
-                Ok(()) => break Ok(()),
-                Err(_) if shutdown.is_cancelled() => break Ok(()),
-                Err(e) => {
+                Ok(()) | Err(_) => {
                     generation += 1;
-                    tracing::warn!(worker = %self.config.name, error = %e, generation,
+                    let error = outcome
+                        .err()
+                        .map(|e| e.to_string())
+                        .unwrap_or_else(|| "registration lost".into());
+                    tracing::warn!(worker = %self.config.name, %error, generation,
                         "Queue consumer stopped; starting it again.");
                     tokio::select! {
                         _ = shutdown.cancelled() => break Ok(()),
