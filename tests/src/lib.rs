@@ -14,8 +14,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use dayshift_engine::{
-    Engine, PgStore, QueueConfig, RedisQueue, RunId, RunStatus, RunView, Worker, WorkerConfig,
-    WorkflowDef,
+    Engine, PgStore, QueueConfig, RedisQueue, RunId, RunStatus, RunView, Worker, WorkerConfig, WorkflowDef,
 };
 use serde_json::Value;
 use sqlx::PgPool;
@@ -26,16 +25,14 @@ use tokio_util::sync::CancellationToken;
 
 /// The PostgreSQL server URL from the environment (the services script's).
 pub fn database_url() -> String {
-    std::env::var("DAYSHIFT_DATABASE_URL").expect(
-        "DAYSHIFT_DATABASE_URL is not set: run `scripts/services.sh up` and `source .dayshift/env`",
-    )
+    std::env::var("DAYSHIFT_DATABASE_URL")
+        .expect("DAYSHIFT_DATABASE_URL is not set: run `scripts/services.sh up` and `source .dayshift/env`")
 }
 
 /// The Redis URL from the environment (the services script's).
 pub fn redis_url() -> String {
-    std::env::var("DAYSHIFT_REDIS_URL").expect(
-        "DAYSHIFT_REDIS_URL is not set: run `scripts/services.sh up` and `source .dayshift/env`",
-    )
+    std::env::var("DAYSHIFT_REDIS_URL")
+        .expect("DAYSHIFT_REDIS_URL is not set: run `scripts/services.sh up` and `source .dayshift/env`")
 }
 
 /// A short unique suffix.
@@ -77,12 +74,11 @@ impl TestDb {
 
     /// Every row of every dayshift table, as text: for checking what was stored.
     pub async fn dump(&self) -> String {
-        let tables: Vec<String> = sqlx::query_scalar(
-            "select table_name::text from information_schema.tables where table_schema = 'public'",
-        )
-        .fetch_all(&self.pool)
-        .await
-        .unwrap();
+        let tables: Vec<String> =
+            sqlx::query_scalar("select table_name::text from information_schema.tables where table_schema = 'public'")
+                .fetch_all(&self.pool)
+                .await
+                .unwrap();
         let mut out = String::new();
         for t in tables {
             let rows: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
@@ -159,18 +155,18 @@ impl TestEnv {
     }
 
     /// Same, with injected step failures.
-    pub async fn with_faults(
-        defs: Vec<WorkflowDef>,
-        faults: dayshift_engine::FaultInjector,
-    ) -> Self {
+    pub async fn with_faults(defs: Vec<WorkflowDef>, faults: dayshift_engine::FaultInjector) -> Self {
         Self::build(defs, &redis_url(), Some(faults)).await
     }
 
-    async fn build(
-        defs: Vec<WorkflowDef>,
-        redis_url: &str,
-        faults: Option<dayshift_engine::FaultInjector>,
-    ) -> Self {
+    /// Same, with cron schedules.
+    pub async fn with_schedules(defs: Vec<WorkflowDef>, schedules: Vec<dayshift_engine::Schedule>) -> Self {
+        let mut env = Self::build(defs, &redis_url(), None).await;
+        env.engine = build_engine_with(&env.db, &env.queue_name, &env.redis_url, &env.defs, None, schedules).await;
+        env
+    }
+
+    async fn build(defs: Vec<WorkflowDef>, redis_url: &str, faults: Option<dayshift_engine::FaultInjector>) -> Self {
         let db = TestDb::new().await;
         let queue_name = format!("dayshift:test:{}", unique());
         let engine = build_engine(&db, &queue_name, redis_url, &defs, faults).await;
@@ -201,10 +197,7 @@ impl TestEnv {
         let token = CancellationToken::new();
         let t = token.clone();
         let handle = tokio::spawn(async move {
-            Worker::new(engine, config)
-                .run(t)
-                .await
-                .expect("worker failed");
+            Worker::new(engine, config).run(t).await.expect("worker failed");
         });
         self.workers.push((token, handle));
     }
@@ -235,6 +228,17 @@ async fn build_engine(
     defs: &[WorkflowDef],
     faults: Option<dayshift_engine::FaultInjector>,
 ) -> Engine {
+    build_engine_with(db, queue_name, redis_url, defs, faults, Vec::new()).await
+}
+
+async fn build_engine_with(
+    db: &TestDb,
+    queue_name: &str,
+    redis_url: &str,
+    defs: &[WorkflowDef],
+    faults: Option<dayshift_engine::FaultInjector>,
+    schedules: Vec<dayshift_engine::Schedule>,
+) -> Engine {
     let queue = RedisQueue::connect(
         redis_url,
         QueueConfig {
@@ -246,7 +250,8 @@ async fn build_engine(
     .expect("cannot connect to Redis; is `scripts/services.sh up` running?");
     let mut builder = Engine::builder(PgStore::new(db.pool.clone()), queue)
         .register_all(dayshift_workflows::all(db.pool.clone()))
-        .register_all(defs.iter().cloned());
+        .register_all(defs.iter().cloned())
+        .schedules(schedules);
     if let Some(f) = faults {
         builder = builder.inject_faults(f);
     }
@@ -255,12 +260,7 @@ async fn build_engine(
 
 /// Polls the run until `done` says so (every 20 ms, at most `limit`); panics with the run's
 /// last state otherwise.
-pub async fn wait_for(
-    engine: &Engine,
-    id: RunId,
-    limit: Duration,
-    done: impl Fn(&RunView) -> bool,
-) -> RunView {
+pub async fn wait_for(engine: &Engine, id: RunId, limit: Duration, done: impl Fn(&RunView) -> bool) -> RunView {
     let deadline = tokio::time::Instant::now() + limit;
     loop {
         let run = engine.get_run(id).await.expect("get run");
@@ -292,11 +292,7 @@ pub async fn active_runs(pool: &PgPool) -> String {
 
 /// Asserts the run succeeded, showing it if not.
 pub fn assert_succeeded(run: &RunView) {
-    assert_eq!(
-        run.status,
-        RunStatus::Succeeded,
-        "run did not succeed: {run:#?}"
-    );
+    assert_eq!(run.status, RunStatus::Succeeded, "run did not succeed: {run:#?}");
 }
 
 // ------------------------------------------------------------------------------ the binary
@@ -433,10 +429,7 @@ impl BinEnv {
             .send()
             .await
             .unwrap();
-        (
-            resp.status().as_u16(),
-            resp.json().await.unwrap_or(Value::Null),
-        )
+        (resp.status().as_u16(), resp.json().await.unwrap_or(Value::Null))
     }
 
     /// `POST` raw bytes to the API.
@@ -449,24 +442,13 @@ impl BinEnv {
             .send()
             .await
             .unwrap();
-        (
-            resp.status().as_u16(),
-            resp.json().await.unwrap_or(Value::Null),
-        )
+        (resp.status().as_u16(), resp.json().await.unwrap_or(Value::Null))
     }
 
     /// `GET` from the API.
     pub async fn get(&self, path: &str) -> (u16, Value) {
-        let resp = self
-            .http
-            .get(format!("{}{path}", self.api))
-            .send()
-            .await
-            .unwrap();
-        (
-            resp.status().as_u16(),
-            resp.json().await.unwrap_or(Value::Null),
-        )
+        let resp = self.http.get(format!("{}{path}", self.api)).send().await.unwrap();
+        (resp.status().as_u16(), resp.json().await.unwrap_or(Value::Null))
     }
 
     /// Starts a run through the API and returns its id.
@@ -482,12 +464,7 @@ impl BinEnv {
     }
 
     /// Polls `GET /api/v1/runs/{id}` until `done` (at most `limit`).
-    pub async fn wait_run(
-        &self,
-        id: &str,
-        limit: Duration,
-        done: impl Fn(&Value) -> bool,
-    ) -> Value {
+    pub async fn wait_run(&self, id: &str, limit: Duration, done: impl Fn(&Value) -> bool) -> Value {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             let (_, run) = self.get(&format!("/api/v1/runs/{id}")).await;
@@ -504,22 +481,14 @@ impl BinEnv {
     /// Waits until the run is over.
     pub async fn wait_finished(&self, id: &str, limit: Duration) -> Value {
         self.wait_run(id, limit, |r| {
-            matches!(
-                r["status"].as_str(),
-                Some("succeeded" | "failed" | "cancelled")
-            )
+            matches!(r["status"].as_str(), Some("succeeded" | "failed" | "cancelled"))
         })
         .await
     }
 }
 
 /// Runs `dayshift --config CONFIG ARGS`, waiting for a stdout line containing `ready`.
-pub async fn spawn_dayshift(
-    config: &std::path::Path,
-    args: &[&str],
-    ready: &str,
-    env: &[(&str, &str)],
-) -> Proc {
+pub async fn spawn_dayshift(config: &std::path::Path, args: &[&str], ready: &str, env: &[(&str, &str)]) -> Proc {
     let mut cmd = Command::new(dayshift_bin());
     cmd.arg("--config")
         .arg(config)
@@ -590,14 +559,7 @@ impl OwnRedis {
         let dir = std::env::temp_dir().join(format!("dayshift-redis-{}", unique()));
         std::fs::create_dir_all(&dir)?;
         let status = std::process::Command::new("redis-server")
-            .args([
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                &port.to_string(),
-                "--daemonize",
-                "yes",
-            ])
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string(), "--daemonize", "yes"])
             .args(["--save", "", "--appendonly", "no", "--dir"])
             .arg(&dir)
             .status()
@@ -609,10 +571,7 @@ impl OwnRedis {
         let client = redis::Client::open(url.as_str())?;
         for _ in 0..100 {
             if let Ok(mut c) = client.get_multiplexed_async_connection().await
-                && redis::cmd("PING")
-                    .query_async::<String>(&mut c)
-                    .await
-                    .is_ok()
+                && redis::cmd("PING").query_async::<String>(&mut c).await.is_ok()
             {
                 return Ok(Self { url, port, dir });
             }

@@ -6,9 +6,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dayshift_engine::{
-    FaultInjector, RunStatus, StartRun, StepError, StepKind, StepStatus, WorkflowDef,
-};
+use dayshift_engine::{FaultInjector, RunStatus, StartRun, StepError, StepKind, StepStatus, WorkflowDef};
 use serde_json::Value;
 
 use crate::{TestEnv, fast_worker};
@@ -18,12 +16,8 @@ use crate::{TestEnv, fast_worker};
 /// the undos that ran must be those of the steps before the failed one, newest first.
 ///
 /// `world` snapshots whatever the workflow changes (rows, files, objects), as a comparable value.
-pub async fn failure_at_each_step_compensates<W, Fut, S>(
-    defs: Vec<WorkflowDef>,
-    workflow: &str,
-    input: Value,
-    world: W,
-) where
+pub async fn failure_at_each_step_compensates<W, Fut, S>(defs: Vec<WorkflowDef>, workflow: &str, input: Value, world: W)
+where
     W: Fn(&TestEnv) -> Fut,
     Fut: Future<Output = S>,
     S: PartialEq + std::fmt::Debug,
@@ -69,21 +63,14 @@ pub async fn failure_at_each_step_compensates<W, Fut, S>(
             "failure at '{failing}' did not fail the run: {run:#?}"
         );
         let after = world(&env).await;
-        assert_eq!(
-            before, after,
-            "failure at step '{failing}' left the world changed"
-        );
+        assert_eq!(before, after, "failure at step '{failing}' left the world changed");
 
         let ran: Vec<&str> = run
             .steps
             .iter()
             .filter(|s| s.kind == StepKind::Undo)
             .map(|s| {
-                assert_eq!(
-                    s.status,
-                    StepStatus::Succeeded,
-                    "undo did not succeed: {s:#?}"
-                );
+                assert_eq!(s.status, StepStatus::Succeeded, "undo did not succeed: {s:#?}");
                 s.name.strip_prefix("undo:").unwrap_or(&s.name)
             })
             .collect();

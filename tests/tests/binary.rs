@@ -32,16 +32,11 @@ async fn a_chain_of_n_steps_runs_each_step_exactly_once() {
         .await;
     let run = env.wait_finished(&id, LIMIT).await;
     assert_eq!(run["status"], "succeeded", "{run:#}");
-    assert_eq!(
-        run["output"],
-        json!({ "steps": 5, "attempts": [1, 1, 1, 1, 1] })
-    );
+    assert_eq!(run["output"], json!({ "steps": 5, "attempts": [1, 1, 1, 1, 1] }));
     let effects = env.db.side_effects(&table).await;
     assert_eq!(
         counts(&effects),
-        (1..=5)
-            .map(|i| (format!("step-{i}"), 1))
-            .collect::<Vec<_>>()
+        (1..=5).map(|i| (format!("step-{i}"), 1)).collect::<Vec<_>>()
     );
 }
 
@@ -68,12 +63,7 @@ async fn a_failing_step_is_retried_with_growing_delays_and_the_api_shows_each_er
             "{e}"
         );
     }
-    assert!(
-        s["last_error"]
-            .as_str()
-            .unwrap()
-            .contains("failing attempt 3")
-    );
+    assert!(s["last_error"].as_str().unwrap().contains("failing attempt 3"));
     // Backoff 100 ms, 200 ms, 400 ms (±20%): each wait is longer than the one before.
     let (_, events) = env.get(&format!("/api/v1/runs/{id}/events")).await;
     let at = |kind: &str| -> Vec<chrono::DateTime<chrono::Utc>> {
@@ -89,10 +79,7 @@ async fn a_failing_step_is_retried_with_growing_delays_and_the_api_shows_each_er
     let finished = at("run_finished");
     let mut times = failures.clone();
     times.extend(finished);
-    let gaps: Vec<i64> = times
-        .windows(2)
-        .map(|w| (w[1] - w[0]).num_milliseconds())
-        .collect();
+    let gaps: Vec<i64> = times.windows(2).map(|w| (w[1] - w[0]).num_milliseconds()).collect();
     assert_eq!(gaps.len(), 3, "{events:#}");
     assert!(
         gaps[0] >= 80 && gaps[1] > gaps[0] && gaps[2] > gaps[1],
@@ -114,10 +101,8 @@ async fn a_worker_killed_mid_step_loses_nothing() {
     // Kill the worker while step-2 is in flight (step-1 done).
     env.wait_run(&id, LIMIT, |r| {
         r["steps"].as_array().is_some_and(|s| {
-            s.iter()
-                .any(|s| s["name"] == "step-1" && s["status"] == "succeeded")
-                && s.iter()
-                    .any(|s| s["name"] == "step-2" && s["status"] == "running")
+            s.iter().any(|s| s["name"] == "step-1" && s["status"] == "succeeded")
+                && s.iter().any(|s| s["name"] == "step-2" && s["status"] == "running")
         })
     })
     .await;
@@ -132,10 +117,7 @@ async fn a_worker_killed_mid_step_loses_nothing() {
     assert!((1..=2).contains(&effects[1].1), "{effects:?}");
     assert_eq!(effects[2], ("step-3".into(), 1));
     assert_eq!(effects[3], ("step-4".into(), 1));
-    assert!(
-        step(&run, "step-2")["attempts"].as_i64().unwrap() >= 2,
-        "{run:#}"
-    );
+    assert!(step(&run, "step-2")["attempts"].as_i64().unwrap() >= 2, "{run:#}");
 }
 
 #[tokio::test]
@@ -149,8 +131,7 @@ async fn a_worker_that_lost_its_lease_cannot_journal() {
             json!({ "steps": 1, "sleep_ms": 1500, "side_effects": table }),
         )
         .await;
-    env.wait_run(&id, LIMIT, |r| step_is(r, "step-1", "running"))
-        .await;
+    env.wait_run(&id, LIMIT, |r| step_is(r, "step-1", "running")).await;
     // Freeze the worker mid-step (a long GC pause, a partition): its lease expires and another
     // worker takes the run over and finishes it.
     stale.signal("STOP");
@@ -171,10 +152,7 @@ async fn a_worker_that_lost_its_lease_cannot_journal() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let (_, after) = env.get(&format!("/api/v1/runs/{id}")).await;
-    assert_eq!(
-        after["output"], journaled,
-        "the stale worker changed the journal"
-    );
+    assert_eq!(after["output"], journaled, "the stale worker changed the journal");
     assert_eq!(step(&after, "step-1")["attempts"], 2);
     assert_eq!(after["status"], "succeeded");
     let effects = env.db.side_effects(&table).await;
@@ -192,13 +170,9 @@ async fn a_durable_sleep_and_a_signal_wait_survive_a_restart_of_every_process() 
     let mut env = BinEnv::start().await;
     let mut worker = env.start_worker().await;
     let id = env
-        .start_run(
-            "selftest.gate",
-            json!({ "sleep_ms": 1500, "signal": "approve" }),
-        )
+        .start_run("selftest.gate", json!({ "sleep_ms": 1500, "signal": "approve" }))
         .await;
-    env.wait_run(&id, LIMIT, |r| step_is(r, "pause", "waiting"))
-        .await;
+    env.wait_run(&id, LIMIT, |r| step_is(r, "pause", "waiting")).await;
     // Everything dies during the sleep.
     worker.kill9().await;
     env.server.as_mut().unwrap().kill9().await;
@@ -216,30 +190,20 @@ async fn a_durable_sleep_and_a_signal_wait_survive_a_restart_of_every_process() 
     env.start_server().await;
     let _worker = env.start_worker().await;
     let (status, body) = env
-        .post(
-            &format!("/api/v1/runs/{id}/signals/approve"),
-            &json!({ "by": "alice" }),
-        )
+        .post(&format!("/api/v1/runs/{id}/signals/approve"), &json!({ "by": "alice" }))
         .await;
     assert_eq!(status, 202, "{body}");
     let run = env.wait_finished(&id, LIMIT).await;
     assert_eq!(run["status"], "succeeded", "{run:#}");
     assert_eq!(run["output"]["approval"], json!({ "by": "alice" }));
-    assert_eq!(
-        step(&run, "prepare")["attempts"],
-        1,
-        "prepare ran again: {run:#}"
-    );
+    assert_eq!(step(&run, "prepare")["attempts"], 1, "prepare ran again: {run:#}");
 }
 
 #[tokio::test]
 async fn bad_input_gets_a_clear_error() {
     let env = BinEnv::start().await;
     let (status, body) = env
-        .post(
-            "/api/v1/runs",
-            &json!({ "workflow": "backup.nothing", "input": {} }),
-        )
+        .post("/api/v1/runs", &json!({ "workflow": "backup.nothing", "input": {} }))
         .await;
     assert_eq!(status, 404);
     assert!(
@@ -250,9 +214,7 @@ async fn bad_input_gets_a_clear_error() {
         "{body}"
     );
 
-    let (status, body) = env
-        .post_raw("/api/v1/runs", "{\"workflow\": selftest.chain")
-        .await;
+    let (status, body) = env.post_raw("/api/v1/runs", "{\"workflow\": selftest.chain").await;
     assert_eq!(status, 400);
     assert_eq!(body["code"], "invalid_json", "{body}");
     assert!(body["error"].as_str().unwrap().contains("line 1"), "{body}");
@@ -264,10 +226,7 @@ async fn bad_input_gets_a_clear_error() {
         )
         .await;
     assert_eq!(status, 422);
-    assert!(
-        body["error"].as_str().unwrap().contains("invalid type"),
-        "{body}"
-    );
+    assert!(body["error"].as_str().unwrap().contains("invalid type"), "{body}");
 
     let (status, body) = env
         .post(
@@ -293,17 +252,11 @@ async fn bad_input_gets_a_clear_error() {
     assert!(error.contains("plain table name"), "{body}");
 
     let (status, body) = env
-        .post(
-            "/api/v1/runs",
-            &json!({ "workflow": "selftest.chain", "inputs": {} }),
-        )
+        .post("/api/v1/runs", &json!({ "workflow": "selftest.chain", "inputs": {} }))
         .await;
     assert_eq!(status, 400, "{body}");
     assert!(
-        body["error"]
-            .as_str()
-            .unwrap()
-            .contains("unknown field `inputs`"),
+        body["error"].as_str().unwrap().contains("unknown field `inputs`"),
         "{body}"
     );
 
@@ -314,23 +267,14 @@ async fn bad_input_gets_a_clear_error() {
 
     let (status, body) = env.get("/api/v1/runs/not-a-uuid").await;
     assert_eq!(status, 400);
-    assert!(
-        body["error"].as_str().unwrap().contains("not a run id"),
-        "{body}"
-    );
+    assert!(body["error"].as_str().unwrap().contains("not a run id"), "{body}");
 
     let (status, body) = env.get("/api/v1/runs?status=done").await;
     assert_eq!(status, 400);
-    assert!(
-        body["error"].as_str().unwrap().contains("pending, running"),
-        "{body}"
-    );
+    assert!(body["error"].as_str().unwrap().contains("pending, running"), "{body}");
 
     let (status, _) = env
-        .post(
-            &format!("/api/v1/runs/{missing}/signals/approve"),
-            &json!(null),
-        )
+        .post(&format!("/api/v1/runs/{missing}/signals/approve"), &json!(null))
         .await;
     assert_eq!(status, 404);
     // Nothing was created by any of it.
@@ -343,11 +287,7 @@ async fn a_config_file_error_names_the_key_and_the_line() {
     let dir = std::env::temp_dir().join(format!("dayshift-cfg-{}", unique()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("bad.yaml");
-    std::fs::write(
-        &path,
-        "server:\n  listen: 127.0.0.1:8080\nworker:\n  concurency: 4\n",
-    )
-    .unwrap();
+    std::fs::write(&path, "server:\n  listen: 127.0.0.1:8080\nworker:\n  concurency: 4\n").unwrap();
     let out = tokio::process::Command::new(dayshift_bin())
         .args(["--config"])
         .arg(&path)
@@ -399,10 +339,7 @@ async fn the_cli_starts_a_run_waits_for_it_and_shows_its_steps() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("status    succeeded"), "{stdout}");
-    assert!(
-        stdout.contains("step-1") && stdout.contains("step-2"),
-        "{stdout}"
-    );
+    assert!(stdout.contains("step-1") && stdout.contains("step-2"), "{stdout}");
 
     let out = tokio::process::Command::new(dayshift_bin())
         .args(["runs", "list", "--json", "--server", &env.api])
@@ -413,14 +350,7 @@ async fn the_cli_starts_a_run_waits_for_it_and_shows_its_steps() {
     assert_eq!(runs.as_array().unwrap().len(), 1);
 
     let out = tokio::process::Command::new(dayshift_bin())
-        .args([
-            "run",
-            "selftest.chain",
-            "--input",
-            "{steps: 2}",
-            "--server",
-            &env.api,
-        ])
+        .args(["run", "selftest.chain", "--input", "{steps: 2}", "--server", &env.api])
         .output()
         .await
         .unwrap();
@@ -446,19 +376,14 @@ async fn cancelling_over_the_api_ends_a_waiting_run() {
     let id = env.start_run("selftest.gate", json!({})).await;
     env.wait_run(&id, LIMIT, |r| r["status"] == "waiting").await;
     let (status, body) = env
-        .post(
-            &format!("/api/v1/runs/{id}/cancel"),
-            &json!({ "reason": "not needed" }),
-        )
+        .post(&format!("/api/v1/runs/{id}/cancel"), &json!({ "reason": "not needed" }))
         .await;
     assert_eq!(status, 202, "{body}");
     let run = env.wait_finished(&id, LIMIT).await;
     assert_eq!(run["status"], "cancelled");
     assert_eq!(run["error"], "not needed");
     assert_eq!(step(&run, "approve")["status"], "cancelled");
-    let (status, body) = env
-        .post(&format!("/api/v1/runs/{id}/signals/approve"), &json!(1))
-        .await;
+    let (status, body) = env.post(&format!("/api/v1/runs/{id}/signals/approve"), &json!(1)).await;
     assert_eq!(status, 409, "{body}");
 }
 
@@ -481,8 +406,7 @@ async fn sigterm_hands_the_run_over_at_a_step_boundary() {
             json!({ "steps": 6, "sleep_ms": 300, "side_effects": table }),
         )
         .await;
-    env.wait_run(&id, LIMIT, |r| step_is(r, "step-2", "running"))
-        .await;
+    env.wait_run(&id, LIMIT, |r| step_is(r, "step-2", "running")).await;
     first.signal("TERM");
     let status = tokio::time::timeout(Duration::from_secs(10), first.child.wait())
         .await
@@ -499,12 +423,7 @@ async fn sigterm_hands_the_run_over_at_a_step_boundary() {
     assert_eq!(run["status"], "succeeded", "{run:#}");
     // A graceful stop finishes the step in flight and journals it: nothing runs twice.
     let effects = counts(&env.db.side_effects(&table).await);
-    assert_eq!(
-        effects,
-        (1..=6)
-            .map(|i| (format!("step-{i}"), 1))
-            .collect::<Vec<_>>()
-    );
+    assert_eq!(effects, (1..=6).map(|i| (format!("step-{i}"), 1)).collect::<Vec<_>>());
 }
 
 #[tokio::test]
@@ -520,17 +439,10 @@ async fn readyz_says_which_service_is_down() {
             assert!(body["error"].as_str().unwrap().contains("redis"), "{body}");
             break;
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "readyz stayed {status}"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "readyz stayed {status}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(
-        env.get("/healthz").await.0,
-        200,
-        "liveness does not depend on Redis"
-    );
+    assert_eq!(env.get("/healthz").await.0, 200, "liveness does not depend on Redis");
 }
 
 #[tokio::test]
@@ -540,13 +452,10 @@ async fn the_cli_signals_and_cancels_runs() {
     let cli = |args: &[&str]| {
         let mut all: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         all.extend(["--server".to_string(), env.api.clone()]);
-        tokio::process::Command::new(dayshift_bin())
-            .args(all)
-            .output()
+        tokio::process::Command::new(dayshift_bin()).args(all).output()
     };
     let approved = env.start_run("selftest.gate", json!({})).await;
-    env.wait_run(&approved, LIMIT, |r| r["status"] == "waiting")
-        .await;
+    env.wait_run(&approved, LIMIT, |r| r["status"] == "waiting").await;
     let out = cli(&[
         "runs",
         "signal",
@@ -557,25 +466,16 @@ async fn the_cli_signals_and_cancels_runs() {
     ])
     .await
     .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let run = env.wait_finished(&approved, LIMIT).await;
     assert_eq!(run["output"]["approval"], json!({ "ticket": "CHG-7" }));
 
     let doomed = env.start_run("selftest.gate", json!({})).await;
-    env.wait_run(&doomed, LIMIT, |r| r["status"] == "waiting")
-        .await;
+    env.wait_run(&doomed, LIMIT, |r| r["status"] == "waiting").await;
     let out = cli(&["runs", "cancel", &doomed, "--reason", "change freeze"])
         .await
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let run = env.wait_finished(&doomed, LIMIT).await;
     assert_eq!(run["status"], "cancelled");
     assert_eq!(run["error"], "change freeze");

@@ -5,8 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dayshift_engine::{
-    ConcurrencyPolicy, Ctx, RetryPolicy, RunStatus, StartRun, StepCtx, StepError, StepKind,
-    StepStatus, WorkflowDef,
+    ConcurrencyPolicy, Ctx, RetryPolicy, RunStatus, StartRun, StepCtx, StepError, StepKind, StepStatus, WorkflowDef,
 };
 use dayshift_tests::{OwnRedis, TestEnv, assert_succeeded, fast_worker, unique, wait_for};
 use serde_json::{Value, json};
@@ -22,27 +21,21 @@ fn chain(steps: u32, sleep_ms: u64, table: &str) -> Value {
 async fn permanent_error_fails_the_run_at_once() {
     let attempts = Arc::new(Mutex::new(0u32));
     let a = attempts.clone();
-    let def = WorkflowDef::new(
-        "test.permanent",
-        "fails for good",
-        move |ctx: Ctx, _: Value| {
-            let a = a.clone();
-            async move {
-                ctx.step("forbidden", move |_s| async move {
-                    *a.lock().unwrap() += 1;
-                    Err::<(), _>(StepError::permanent(
-                        "403 forbidden: token lacks write access",
-                    ))
-                })
-                .retry(RetryPolicy {
-                    max_attempts: 10,
-                    ..RetryPolicy::default()
-                })
-                .await?;
-                Ok(())
-            }
-        },
-    );
+    let def = WorkflowDef::new("test.permanent", "fails for good", move |ctx: Ctx, _: Value| {
+        let a = a.clone();
+        async move {
+            ctx.step("forbidden", move |_s| async move {
+                *a.lock().unwrap() += 1;
+                Err::<(), _>(StepError::permanent("403 forbidden: token lacks write access"))
+            })
+            .retry(RetryPolicy {
+                max_attempts: 10,
+                ..RetryPolicy::default()
+            })
+            .await?;
+            Ok(())
+        }
+    });
     let mut env = TestEnv::new(vec![def]).await;
     env.start_worker(fast_worker("w"));
     let started = env
@@ -52,15 +45,8 @@ async fn permanent_error_fails_the_run_at_once() {
         .unwrap();
     let run = env.wait(started.id, LIMIT).await;
     assert_eq!(run.status, RunStatus::Failed);
-    assert!(
-        run.error.as_deref().unwrap().contains("403 forbidden"),
-        "{run:#?}"
-    );
-    assert_eq!(
-        *attempts.lock().unwrap(),
-        1,
-        "a permanent error must not be retried"
-    );
+    assert!(run.error.as_deref().unwrap().contains("403 forbidden"), "{run:#?}");
+    assert_eq!(*attempts.lock().unwrap(), 1, "a permanent error must not be retried");
     assert_eq!(run.steps[0].attempts, 1);
     assert_eq!(run.steps[0].status, StepStatus::Failed);
     env.stop_workers().await;
@@ -68,27 +54,20 @@ async fn permanent_error_fails_the_run_at_once() {
 
 #[tokio::test]
 async fn retries_stop_after_max_attempts() {
-    let def = WorkflowDef::new(
-        "test.flaky",
-        "always transient",
-        |ctx: Ctx, _: Value| async move {
-            ctx.step("flaky", |s: StepCtx| async move {
-                Err::<(), _>(StepError::transient(format!(
-                    "503 on attempt {}",
-                    s.attempt
-                )))
-            })
-            .retry(RetryPolicy {
-                max_attempts: 3,
-                initial_delay: Duration::from_millis(20),
-                multiplier: 2.0,
-                max_delay: Duration::from_millis(100),
-                jitter: 0.0,
-            })
-            .await?;
-            Ok(())
-        },
-    );
+    let def = WorkflowDef::new("test.flaky", "always transient", |ctx: Ctx, _: Value| async move {
+        ctx.step("flaky", |s: StepCtx| async move {
+            Err::<(), _>(StepError::transient(format!("503 on attempt {}", s.attempt)))
+        })
+        .retry(RetryPolicy {
+            max_attempts: 3,
+            initial_delay: Duration::from_millis(20),
+            multiplier: 2.0,
+            max_delay: Duration::from_millis(100),
+            jitter: 0.0,
+        })
+        .await?;
+        Ok(())
+    });
     let mut env = TestEnv::new(vec![def]).await;
     env.start_worker(fast_worker("w"));
     let started = env
@@ -107,10 +86,7 @@ async fn retries_stop_after_max_attempts() {
         "{errors:?}"
     );
     assert!(
-        step.last_error
-            .as_deref()
-            .unwrap()
-            .contains("attempt 3 of 3"),
+        step.last_error.as_deref().unwrap().contains("attempt 3 of 3"),
         "{step:#?}"
     );
     env.stop_workers().await;
@@ -151,11 +127,10 @@ async fn redis_flushall_with_100_runs_in_flight_loses_none() {
         assert_succeeded(&env.wait(*id, LIMIT).await);
     }
     // Every step of every run completed exactly once in the journal.
-    let journaled: i64 =
-        sqlx::query_scalar("select count(*) from steps where status = 'succeeded'")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let journaled: i64 = sqlx::query_scalar("select count(*) from steps where status = 'succeeded'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
     assert_eq!(journaled, 300);
     env.stop_workers().await;
 }
@@ -165,15 +140,12 @@ async fn redis_flushall_with_100_runs_in_flight_loses_none() {
 #[tokio::test]
 async fn two_workers_never_run_steps_of_the_same_run_at_once() {
     let def = |pool: PgPool| {
-        WorkflowDef::new(
-            "test.timed",
-            "records step intervals",
-            move |ctx: Ctx, _: Value| {
-                let pool = pool.clone();
-                async move {
-                    for i in 0..4 {
-                        let pool = pool.clone();
-                        ctx.step(format!("s{i}"), move |s: StepCtx| async move {
+        WorkflowDef::new("test.timed", "records step intervals", move |ctx: Ctx, _: Value| {
+            let pool = pool.clone();
+            async move {
+                for i in 0..4 {
+                    let pool = pool.clone();
+                    ctx.step(format!("s{i}"), move |s: StepCtx| async move {
                         let started = chrono::Utc::now();
                         tokio::time::sleep(Duration::from_millis(15)).await;
                         sqlx::query("insert into intervals (run_id, step, started, ended) values ($1, $2, $3, now())")
@@ -186,29 +158,23 @@ async fn two_workers_never_run_steps_of_the_same_run_at_once() {
                         Ok(())
                     })
                     .await?;
-                    }
-                    Ok(())
                 }
-            },
-        )
+                Ok(())
+            }
+        })
     };
     let mut env = TestEnv::new(vec![]).await;
-    sqlx::query(
-        "create table intervals (run_id text, step text, started timestamptz, ended timestamptz)",
-    )
-    .execute(&env.db.pool)
-    .await
-    .unwrap();
+    sqlx::query("create table intervals (run_id text, step text, started timestamptz, ended timestamptz)")
+        .execute(&env.db.pool)
+        .await
+        .unwrap();
     let engine = env.engine_with(vec![def(env.db.pool.clone())]).await;
     for name in ["a", "b", "c"] {
         env.start_worker_on(engine.clone(), fast_worker(name));
     }
     let mut ids = Vec::new();
     for _ in 0..30 {
-        let s = engine
-            .start(StartRun::new("test.timed", json!(null)))
-            .await
-            .unwrap();
+        let s = engine.start(StartRun::new("test.timed", json!(null))).await.unwrap();
         // Duplicate wake-ups: every worker is told about every run several times.
         for _ in 0..5 {
             engine.queue().enqueue(s.id).await.unwrap();
@@ -226,16 +192,12 @@ async fn two_workers_never_run_steps_of_the_same_run_at_once() {
     .await
     .unwrap();
     assert_eq!(overlaps, 0, "steps of one run overlapped in time");
-    let per_step: Vec<i64> =
-        sqlx::query_scalar("select count(*) from intervals group by run_id, step")
-            .fetch_all(&env.db.pool)
-            .await
-            .unwrap();
+    let per_step: Vec<i64> = sqlx::query_scalar("select count(*) from intervals group by run_id, step")
+        .fetch_all(&env.db.pool)
+        .await
+        .unwrap();
     assert_eq!(per_step.len(), 120);
-    assert!(
-        per_step.iter().all(|&n| n == 1),
-        "a step ran twice: {per_step:?}"
-    );
+    assert!(per_step.iter().all(|&n| n == 1), "a step ran twice: {per_step:?}");
     env.stop_workers().await;
 }
 
@@ -262,62 +224,27 @@ async fn idempotency_key_returns_the_first_run() {
 async fn concurrency_limit_one_queues_or_skips_the_second_run() {
     let mut env = TestEnv::new(vec![]).await;
     env.start_worker(fast_worker("w"));
-    let gate = |policy| {
-        StartRun::new("selftest.gate", json!({ "signal": "go" })).concurrency(
-            "promote:web:prod",
-            1,
-            policy,
-        )
-    };
-    let first = env
-        .engine
-        .start(gate(ConcurrencyPolicy::Queue))
-        .await
-        .unwrap();
-    let queued = env
-        .engine
-        .start(gate(ConcurrencyPolicy::Queue))
-        .await
-        .unwrap();
+    let gate =
+        |policy| StartRun::new("selftest.gate", json!({ "signal": "go" })).concurrency("promote:web:prod", 1, policy);
+    let first = env.engine.start(gate(ConcurrencyPolicy::Queue)).await.unwrap();
+    let queued = env.engine.start(gate(ConcurrencyPolicy::Queue)).await.unwrap();
     assert_eq!(queued.status, RunStatus::Pending);
-    assert!(
-        queued.note.as_deref().unwrap().contains("queued"),
-        "{queued:?}"
-    );
-    let skipped = env
-        .engine
-        .start(gate(ConcurrencyPolicy::Skip))
-        .await
-        .unwrap();
+    assert!(queued.note.as_deref().unwrap().contains("queued"), "{queued:?}");
+    let skipped = env.engine.start(gate(ConcurrencyPolicy::Skip)).await.unwrap();
     assert_eq!(skipped.status, RunStatus::Cancelled);
-    assert!(
-        skipped.note.as_deref().unwrap().contains("skipped"),
-        "{skipped:?}"
-    );
+    assert!(skipped.note.as_deref().unwrap().contains("skipped"), "{skipped:?}");
 
     // The first run holds the key while it waits; the queued one has not started.
-    wait_for(&env.engine, first.id, LIMIT, |r| {
-        r.status == RunStatus::Waiting
-    })
-    .await;
+    wait_for(&env.engine, first.id, LIMIT, |r| r.status == RunStatus::Waiting).await;
     let q = env.engine.get_run(queued.id).await.unwrap();
     assert_eq!(q.status, RunStatus::Pending);
     assert!(q.steps.is_empty(), "the queued run must not start: {q:#?}");
 
-    env.engine
-        .signal(first.id, "go", json!("ok"), "test")
-        .await
-        .unwrap();
+    env.engine.signal(first.id, "go", json!("ok"), "test").await.unwrap();
     assert_succeeded(&env.wait(first.id, LIMIT).await);
     // Now the queued run gets the slot and starts.
-    wait_for(&env.engine, queued.id, LIMIT, |r| {
-        r.status == RunStatus::Waiting
-    })
-    .await;
-    env.engine
-        .signal(queued.id, "go", json!("ok"), "test")
-        .await
-        .unwrap();
+    wait_for(&env.engine, queued.id, LIMIT, |r| r.status == RunStatus::Waiting).await;
+    env.engine.signal(queued.id, "go", json!("ok"), "test").await.unwrap();
     assert_succeeded(&env.wait(queued.id, LIMIT).await);
     env.stop_workers().await;
 }
@@ -327,13 +254,12 @@ async fn latest_wins_coalesces_a_burst_to_the_newest_run() {
     let mut env = TestEnv::new(vec![]).await;
     env.start_worker(fast_worker("w"));
     let start = || {
-        env.engine.start(
-            StartRun::new("selftest.gate", json!({ "signal": "go" })).concurrency(
+        env.engine
+            .start(StartRun::new("selftest.gate", json!({ "signal": "go" })).concurrency(
                 "promote:api:stg",
                 1,
                 ConcurrencyPolicy::LatestWins,
-            ),
-        )
+            ))
     };
     let holder = start().await.unwrap();
     let mut burst = Vec::new();
@@ -346,22 +272,10 @@ async fn latest_wins_coalesces_a_burst_to_the_newest_run() {
         assert!(r.error.unwrap().contains("superseded"));
     }
     let newest = burst.last().unwrap();
-    wait_for(&env.engine, holder.id, LIMIT, |r| {
-        r.status == RunStatus::Waiting
-    })
-    .await;
-    env.engine
-        .signal(holder.id, "go", json!(1), "test")
-        .await
-        .unwrap();
-    wait_for(&env.engine, newest.id, LIMIT, |r| {
-        r.status == RunStatus::Waiting
-    })
-    .await;
-    env.engine
-        .signal(newest.id, "go", json!(2), "test")
-        .await
-        .unwrap();
+    wait_for(&env.engine, holder.id, LIMIT, |r| r.status == RunStatus::Waiting).await;
+    env.engine.signal(holder.id, "go", json!(1), "test").await.unwrap();
+    wait_for(&env.engine, newest.id, LIMIT, |r| r.status == RunStatus::Waiting).await;
+    env.engine.signal(newest.id, "go", json!(2), "test").await.unwrap();
     assert_succeeded(&env.wait(newest.id, LIMIT).await);
     env.stop_workers().await;
 }
@@ -369,48 +283,44 @@ async fn latest_wins_coalesces_a_burst_to_the_newest_run() {
 /// A workflow of three steps that each add a row and register an undo that removes it; the
 /// third step is slow (it is the one in flight when the run is cancelled).
 fn rows_workflow(pool: PgPool, slow_last: bool) -> WorkflowDef {
-    WorkflowDef::new(
-        "test.rows",
-        "adds rows, undoes them",
-        move |ctx: Ctx, _: Value| {
-            let pool = pool.clone();
-            async move {
-                for name in ["a", "b", "c"] {
-                    let (p1, p2) = (pool.clone(), pool.clone());
-                    let slow = slow_last && name == "c";
-                    // Items are per run, so an undo removes exactly what its run added; the insert
-                    // is idempotent, so a repeated attempt adds nothing more.
-                    ctx.step(name, move |s: StepCtx| async move {
-                        let item = format!("{}:{}", s.run_id, s.step);
-                        sqlx::query("insert into world (item) values ($1) on conflict do nothing")
-                            .bind(&item)
-                            .execute(&p1)
-                            .await
-                            .map_err(StepError::transient)?;
-                        if slow {
-                            tokio::time::sleep(Duration::from_secs(300)).await;
-                        }
-                        Ok(item)
-                    })
-                    .undo(move |_s, item: String| async move {
-                        sqlx::query("delete from world where item = $1")
-                            .bind(&item)
-                            .execute(&p2)
-                            .await
-                            .map_err(StepError::transient)?;
-                        sqlx::query("insert into undo_log (item) values ($1)")
-                            .bind(&item)
-                            .execute(&p2)
-                            .await
-                            .map_err(StepError::transient)?;
-                        Ok(())
-                    })
-                    .await?;
-                }
-                Ok(())
+    WorkflowDef::new("test.rows", "adds rows, undoes them", move |ctx: Ctx, _: Value| {
+        let pool = pool.clone();
+        async move {
+            for name in ["a", "b", "c"] {
+                let (p1, p2) = (pool.clone(), pool.clone());
+                let slow = slow_last && name == "c";
+                // Items are per run, so an undo removes exactly what its run added; the insert
+                // is idempotent, so a repeated attempt adds nothing more.
+                ctx.step(name, move |s: StepCtx| async move {
+                    let item = format!("{}:{}", s.run_id, s.step);
+                    sqlx::query("insert into world (item) values ($1) on conflict do nothing")
+                        .bind(&item)
+                        .execute(&p1)
+                        .await
+                        .map_err(StepError::transient)?;
+                    if slow {
+                        tokio::time::sleep(Duration::from_secs(300)).await;
+                    }
+                    Ok(item)
+                })
+                .undo(move |_s, item: String| async move {
+                    sqlx::query("delete from world where item = $1")
+                        .bind(&item)
+                        .execute(&p2)
+                        .await
+                        .map_err(StepError::transient)?;
+                    sqlx::query("insert into undo_log (item) values ($1)")
+                        .bind(&item)
+                        .execute(&p2)
+                        .await
+                        .map_err(StepError::transient)?;
+                    Ok(())
+                })
+                .await?;
             }
-        },
-    )
+            Ok(())
+        }
+    })
 }
 
 async fn world_tables(pool: &PgPool) {
@@ -428,26 +338,16 @@ async fn world_tables(pool: &PgPool) {
 async fn cancellation_stops_the_step_in_flight_and_runs_undos_in_reverse() {
     let mut env = TestEnv::new(vec![]).await;
     world_tables(&env.db.pool).await;
-    let engine = env
-        .engine_with(vec![rows_workflow(env.db.pool.clone(), true)])
-        .await;
+    let engine = env.engine_with(vec![rows_workflow(env.db.pool.clone(), true)]).await;
     env.start_worker_on(engine.clone(), fast_worker("w"));
-    let started = engine
-        .start(StartRun::new("test.rows", json!(null)))
-        .await
-        .unwrap();
+    let started = engine.start(StartRun::new("test.rows", json!(null))).await.unwrap();
     // Wait until step c is in flight.
     wait_for(&engine, started.id, LIMIT, |r| {
-        r.steps
-            .iter()
-            .any(|s| s.name == "c" && s.status == StepStatus::Running)
+        r.steps.iter().any(|s| s.name == "c" && s.status == StepStatus::Running)
     })
     .await;
     let t0 = std::time::Instant::now();
-    engine
-        .cancel(started.id, Some("change freeze"), "test")
-        .await
-        .unwrap();
+    engine.cancel(started.id, Some("change freeze"), "test").await.unwrap();
     let run = wait_for(&engine, started.id, LIMIT, |r| r.status.is_terminal()).await;
     assert_eq!(run.status, RunStatus::Cancelled, "{run:#?}");
     assert!(
@@ -464,23 +364,18 @@ async fn cancellation_stops_the_step_in_flight_and_runs_undos_in_reverse() {
         .collect();
     assert_eq!(
         undos,
-        vec![
-            ("undo:b", StepStatus::Succeeded),
-            ("undo:a", StepStatus::Succeeded)
-        ]
+        vec![("undo:b", StepStatus::Succeeded), ("undo:a", StepStatus::Succeeded)]
     );
-    let log: Vec<String> =
-        sqlx::query_scalar("select split_part(item, ':', 2) from undo_log order by id")
-            .fetch_all(&env.db.pool)
-            .await
-            .unwrap();
+    let log: Vec<String> = sqlx::query_scalar("select split_part(item, ':', 2) from undo_log order by id")
+        .fetch_all(&env.db.pool)
+        .await
+        .unwrap();
     assert_eq!(log, vec!["b", "a"]);
     // c's own row stays: it never completed, so it has no undo (its step must be idempotent).
-    let world: Vec<String> =
-        sqlx::query_scalar("select split_part(item, ':', 2) from world order by item")
-            .fetch_all(&env.db.pool)
-            .await
-            .unwrap();
+    let world: Vec<String> = sqlx::query_scalar("select split_part(item, ':', 2) from world order by item")
+        .fetch_all(&env.db.pool)
+        .await
+        .unwrap();
     assert_eq!(world, vec!["c"]);
     assert_eq!(run.error.as_deref(), Some("change freeze"));
     env.stop_workers().await;
@@ -509,11 +404,10 @@ async fn failure_at_each_step_runs_exactly_the_undos_before_it() {
         },
     )
     .await;
-    let log: Vec<String> =
-        sqlx::query_scalar("select split_part(item, ':', 2) from undo_log order by id")
-            .fetch_all(&pool)
-            .await
-            .unwrap();
+    let log: Vec<String> = sqlx::query_scalar("select split_part(item, ':', 2) from undo_log order by id")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
     // Failure at a: no undo. At b: undo a. At c: undo b, then a.
     assert_eq!(log, vec!["a", "b", "a"]);
 }
@@ -522,30 +416,25 @@ async fn failure_at_each_step_runs_exactly_the_undos_before_it() {
 async fn reordered_steps_under_a_running_run_stop_it_with_a_non_determinism_error() {
     let executed: Arc<Mutex<Vec<String>>> = Arc::default();
     let flow = |order: [&'static str; 2], log: Arc<Mutex<Vec<String>>>| {
-        WorkflowDef::new(
-            "test.order",
-            "two steps around a signal",
-            move |ctx: Ctx, _: Value| {
-                let log = log.clone();
-                async move {
-                    let l = log.clone();
-                    ctx.step(order[0], move |s: StepCtx| async move {
-                        l.lock().unwrap().push(s.step.clone());
-                        Ok(())
-                    })
-                    .await?;
-                    ctx.wait_signal("continue", Duration::from_secs(600))
-                        .await?;
-                    let l = log.clone();
-                    ctx.step(order[1], move |s: StepCtx| async move {
-                        l.lock().unwrap().push(s.step.clone());
-                        Ok(())
-                    })
-                    .await?;
+        WorkflowDef::new("test.order", "two steps around a signal", move |ctx: Ctx, _: Value| {
+            let log = log.clone();
+            async move {
+                let l = log.clone();
+                ctx.step(order[0], move |s: StepCtx| async move {
+                    l.lock().unwrap().push(s.step.clone());
                     Ok(())
-                }
-            },
-        )
+                })
+                .await?;
+                ctx.wait_signal("continue", Duration::from_secs(600)).await?;
+                let l = log.clone();
+                ctx.step(order[1], move |s: StepCtx| async move {
+                    l.lock().unwrap().push(s.step.clone());
+                    Ok(())
+                })
+                .await?;
+                Ok(())
+            }
+        })
     };
     let mut env = TestEnv::new(vec![flow(["first", "second"], executed.clone())]).await;
     env.start_worker(fast_worker("v1"));
@@ -554,36 +443,19 @@ async fn reordered_steps_under_a_running_run_stop_it_with_a_non_determinism_erro
         .start(StartRun::new("test.order", json!(null)))
         .await
         .unwrap();
-    wait_for(&env.engine, started.id, LIMIT, |r| {
-        r.status == RunStatus::Waiting
-    })
-    .await;
+    wait_for(&env.engine, started.id, LIMIT, |r| r.status == RunStatus::Waiting).await;
     env.stop_workers().await;
 
     // A new release swaps the steps; the run's journal says "first" came first.
-    let v2 = env
-        .engine_with(vec![flow(["second", "first"], executed.clone())])
-        .await;
+    let v2 = env.engine_with(vec![flow(["second", "first"], executed.clone())]).await;
     env.start_worker_on(v2.clone(), fast_worker("v2"));
-    v2.signal(started.id, "continue", json!(null), "test")
-        .await
-        .unwrap();
+    v2.signal(started.id, "continue", json!(null), "test").await.unwrap();
     let run = wait_for(&v2, started.id, LIMIT, |r| r.status.is_terminal()).await;
     assert_eq!(run.status, RunStatus::Failed);
     let error = run.error.unwrap();
-    assert!(
-        error.contains("non-determinism at journal position 0"),
-        "{error}"
-    );
-    assert!(
-        error.contains("'first'") && error.contains("'second'"),
-        "{error}"
-    );
-    assert_eq!(
-        *executed.lock().unwrap(),
-        vec!["first"],
-        "nothing else may run"
-    );
+    assert!(error.contains("non-determinism at journal position 0"), "{error}");
+    assert!(error.contains("'first'") && error.contains("'second'"), "{error}");
+    assert_eq!(*executed.lock().unwrap(), vec!["first"], "nothing else may run");
     env.stop_workers().await;
 }
 
@@ -606,10 +478,7 @@ async fn a_child_run_returns_its_result_to_the_parent() {
         .unwrap();
     let run = env.wait(started.id, LIMIT).await;
     assert_succeeded(&run);
-    assert_eq!(
-        run.output.unwrap()["child"],
-        json!({ "steps": 2, "attempts": [1, 1] })
-    );
+    assert_eq!(run.output.unwrap()["child"], json!({ "steps": 2, "attempts": [1, 1] }));
     let child_id = run.steps[0].child_run_id.expect("child id");
     let child = env.engine.get_run(child_id).await.unwrap();
     assert_eq!(child.parent_run_id, Some(started.id));
@@ -667,10 +536,7 @@ async fn a_sensitive_result_is_never_stored_or_logged() {
     env.stop_workers().await;
 
     let dump = env.db.dump().await;
-    assert!(
-        dump.contains("read-token"),
-        "the dump must cover the journal"
-    );
+    assert!(dump.contains("read-token"), "the dump must cover the journal");
     assert!(!dump.contains(&secret), "the secret is in PostgreSQL");
     let api = serde_json::to_string(&env.engine.get_run(started.id).await.unwrap()).unwrap();
     assert!(!api.contains(&secret), "the secret is in the API output");
@@ -694,41 +560,31 @@ impl std::io::Write for LogSink {
 
 #[tokio::test]
 async fn a_step_that_exceeds_its_timeout_is_retried_then_fails() {
-    let def = WorkflowDef::new(
-        "test.slow",
-        "a step that hangs",
-        |ctx: Ctx, _: Value| async move {
-            ctx.step("hang", |_s| async {
-                tokio::time::sleep(Duration::from_secs(3600)).await;
-                Ok::<_, StepError>(())
-            })
-            .timeout(Duration::from_millis(100))
-            .retry(RetryPolicy {
-                max_attempts: 2,
-                initial_delay: Duration::from_millis(10),
-                multiplier: 1.0,
-                max_delay: Duration::from_millis(10),
-                jitter: 0.0,
-            })
-            .await?;
-            Ok(())
-        },
-    );
+    let def = WorkflowDef::new("test.slow", "a step that hangs", |ctx: Ctx, _: Value| async move {
+        ctx.step("hang", |_s| async {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            Ok::<_, StepError>(())
+        })
+        .timeout(Duration::from_millis(100))
+        .retry(RetryPolicy {
+            max_attempts: 2,
+            initial_delay: Duration::from_millis(10),
+            multiplier: 1.0,
+            max_delay: Duration::from_millis(10),
+            jitter: 0.0,
+        })
+        .await?;
+        Ok(())
+    });
     let mut env = TestEnv::new(vec![def]).await;
     env.start_worker(fast_worker("w"));
-    let started = env
-        .engine
-        .start(StartRun::new("test.slow", json!(null)))
-        .await
-        .unwrap();
+    let started = env.engine.start(StartRun::new("test.slow", json!(null))).await.unwrap();
     let run = env.wait(started.id, LIMIT).await;
     assert_eq!(run.status, RunStatus::Failed);
     let step = &run.steps[0];
     assert_eq!(step.attempts, 2);
     assert!(
-        step.errors
-            .iter()
-            .all(|e| e.error.contains("timed out after 100 ms")),
+        step.errors.iter().all(|e| e.error.contains("timed out after 100 ms")),
         "{step:#?}"
     );
     env.stop_workers().await;
@@ -739,19 +595,11 @@ async fn cancel_older_cancels_the_run_holding_the_key_then_starts() {
     let mut env = TestEnv::new(vec![]).await;
     env.start_worker(fast_worker("w"));
     let start = |policy| {
-        env.engine.start(
-            StartRun::new("selftest.gate", json!({ "signal": "go" })).concurrency(
-                "rotate:vault:db",
-                1,
-                policy,
-            ),
-        )
+        env.engine
+            .start(StartRun::new("selftest.gate", json!({ "signal": "go" })).concurrency("rotate:vault:db", 1, policy))
     };
     let older = start(ConcurrencyPolicy::Queue).await.unwrap();
-    wait_for(&env.engine, older.id, LIMIT, |r| {
-        r.status == RunStatus::Waiting
-    })
-    .await;
+    wait_for(&env.engine, older.id, LIMIT, |r| r.status == RunStatus::Waiting).await;
     let newer = start(ConcurrencyPolicy::CancelOlder).await.unwrap();
     let old = env.wait(older.id, LIMIT).await;
     assert_eq!(old.status, RunStatus::Cancelled);
@@ -760,14 +608,8 @@ async fn cancel_older_cancels_the_run_holding_the_key_then_starts() {
             .unwrap()
             .contains(&format!("cancelled by newer run {}", newer.id))
     );
-    wait_for(&env.engine, newer.id, LIMIT, |r| {
-        r.status == RunStatus::Waiting
-    })
-    .await;
-    env.engine
-        .signal(newer.id, "go", json!(true), "test")
-        .await
-        .unwrap();
+    wait_for(&env.engine, newer.id, LIMIT, |r| r.status == RunStatus::Waiting).await;
+    env.engine.signal(newer.id, "go", json!(true), "test").await.unwrap();
     assert_succeeded(&env.wait(newer.id, LIMIT).await);
     env.stop_workers().await;
 }
@@ -778,9 +620,7 @@ async fn cancelling_a_parent_cancels_its_child() {
         "test.parent-gate",
         "waits on a child gate",
         |ctx: Ctx, _: Value| async move {
-            let _: Value = ctx
-                .child("selftest.gate", json!({ "signal": "go" }))
-                .await?;
+            let _: Value = ctx.child("selftest.gate", json!({ "signal": "go" })).await?;
             Ok(())
         },
     );
@@ -796,15 +636,9 @@ async fn cancelling_a_parent_cancels_its_child() {
     })
     .await;
     let child_id = waiting.steps[0].child_run_id.unwrap();
-    wait_for(&env.engine, child_id, LIMIT, |r| {
-        r.status == RunStatus::Waiting
-    })
-    .await;
+    wait_for(&env.engine, child_id, LIMIT, |r| r.status == RunStatus::Waiting).await;
     env.engine.cancel(started.id, None, "test").await.unwrap();
-    assert_eq!(
-        env.wait(started.id, LIMIT).await.status,
-        RunStatus::Cancelled
-    );
+    assert_eq!(env.wait(started.id, LIMIT).await.status, RunStatus::Cancelled);
     let child = env.wait(child_id, LIMIT).await;
     assert_eq!(child.status, RunStatus::Cancelled);
     assert_eq!(child.error.as_deref(), Some("parent run cancelled"));
@@ -813,18 +647,14 @@ async fn cancelling_a_parent_cancels_its_child() {
 
 #[tokio::test]
 async fn a_panicking_step_fails_its_run_and_the_worker_goes_on() {
-    let def = WorkflowDef::new(
-        "test.panics",
-        "a buggy step",
-        |ctx: Ctx, _: Value| async move {
-            ctx.step("buggy", |_s| async {
-                let v: Vec<u32> = Vec::new();
-                Ok::<_, StepError>(v[3])
-            })
-            .await?;
-            Ok(())
-        },
-    );
+    let def = WorkflowDef::new("test.panics", "a buggy step", |ctx: Ctx, _: Value| async move {
+        ctx.step("buggy", |_s| async {
+            let v: Vec<u32> = Vec::new();
+            Ok::<_, StepError>(v[3])
+        })
+        .await?;
+        Ok(())
+    });
     let mut env = TestEnv::new(vec![def]).await;
     env.start_worker(fast_worker("w"));
     let started = env
@@ -859,15 +689,10 @@ async fn a_cancelled_sleep_stays_cancelled_when_compensation_outlives_it() {
     let after: Arc<Mutex<u32>> = Arc::default();
     let undo_attempts: Arc<Mutex<u32>> = Arc::default();
     let (a, u) = (after.clone(), undo_attempts.clone());
-    let def = WorkflowDef::new(
-        "test.nap",
-        "a step, a sleep, a step",
-        move |ctx: Ctx, _: Value| {
-            let (a, u) = (a.clone(), u.clone());
-            async move {
-                ctx.step("reserve", |_s| async {
-                    Ok::<_, StepError>("slot-1".to_string())
-                })
+    let def = WorkflowDef::new("test.nap", "a step, a sleep, a step", move |ctx: Ctx, _: Value| {
+        let (a, u) = (a.clone(), u.clone());
+        async move {
+            ctx.step("reserve", |_s| async { Ok::<_, StepError>("slot-1".to_string()) })
                 .retry(RetryPolicy {
                     max_attempts: 3,
                     initial_delay: Duration::from_millis(600),
@@ -885,27 +710,19 @@ async fn a_cancelled_sleep_stays_cancelled_when_compensation_outlives_it() {
                     }
                 })
                 .await?;
-                ctx.sleep("nap", Duration::from_millis(300)).await?;
-                ctx.step("after-nap", move |_s| async move {
-                    *a.lock().unwrap() += 1;
-                    Ok::<_, StepError>(())
-                })
-                .await?;
-                Ok(())
-            }
-        },
-    );
+            ctx.sleep("nap", Duration::from_millis(300)).await?;
+            ctx.step("after-nap", move |_s| async move {
+                *a.lock().unwrap() += 1;
+                Ok::<_, StepError>(())
+            })
+            .await?;
+            Ok(())
+        }
+    });
     let mut env = TestEnv::new(vec![def]).await;
     env.start_worker(fast_worker("w"));
-    let started = env
-        .engine
-        .start(StartRun::new("test.nap", json!(null)))
-        .await
-        .unwrap();
-    wait_for(&env.engine, started.id, LIMIT, |r| {
-        r.status == RunStatus::Waiting
-    })
-    .await;
+    let started = env.engine.start(StartRun::new("test.nap", json!(null))).await.unwrap();
+    wait_for(&env.engine, started.id, LIMIT, |r| r.status == RunStatus::Waiting).await;
     env.engine.cancel(started.id, None, "test").await.unwrap();
     let run = env.wait(started.id, LIMIT).await;
     assert_eq!(run.status, RunStatus::Cancelled, "{run:#?}");
@@ -914,11 +731,7 @@ async fn a_cancelled_sleep_stays_cancelled_when_compensation_outlives_it() {
         2,
         "the undo's retry came after the sleep's deadline"
     );
-    assert_eq!(
-        *after.lock().unwrap(),
-        0,
-        "the workflow went on past a cancelled sleep"
-    );
+    assert_eq!(*after.lock().unwrap(), 0, "the workflow went on past a cancelled sleep");
     let nap = run.steps.iter().find(|s| s.name == "nap").unwrap();
     assert_eq!(nap.status, StepStatus::Cancelled);
     let undo = run.steps.iter().find(|s| s.name == "undo:reserve").unwrap();
@@ -939,10 +752,7 @@ async fn a_consumer_silenced_by_lost_redis_data_is_replaced() {
     });
     let first = env
         .engine
-        .start(StartRun::new(
-            "selftest.chain",
-            json!({ "steps": 1, "sleep_ms": 1000 }),
-        ))
+        .start(StartRun::new("selftest.chain", json!({ "steps": 1, "sleep_ms": 1000 })))
         .await
         .unwrap();
     wait_for(&env.engine, first.id, LIMIT, |r| {

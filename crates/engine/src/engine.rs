@@ -8,6 +8,7 @@ use serde_json::Value;
 use crate::error::{EngineError, StepError, StoreError};
 use crate::model::{RunFilter, RunId, RunStatus, RunView, StartRun, Started};
 use crate::queue::RedisQueue;
+use crate::schedule::Schedule;
 use crate::store::PgStore;
 use crate::workflow::{Registry, WorkflowDef, WorkflowInfo};
 
@@ -20,6 +21,7 @@ pub(crate) struct EngineInner {
     pub(crate) queue: RedisQueue,
     pub(crate) registry: Registry,
     pub(crate) faults: Option<FaultInjector>,
+    pub(crate) schedules: Vec<Schedule>,
 }
 
 impl EngineInner {
@@ -59,6 +61,7 @@ pub struct EngineBuilder {
     queue: RedisQueue,
     registry: Registry,
     faults: Option<FaultInjector>,
+    schedules: Vec<Schedule>,
 }
 
 impl std::fmt::Debug for FaultInjectorSlot<'_> {
@@ -84,6 +87,12 @@ impl EngineBuilder {
         self
     }
 
+    /// The cron schedules this engine fires (see [`crate::Scheduler`]).
+    pub fn schedules(mut self, schedules: Vec<Schedule>) -> Self {
+        self.schedules = schedules;
+        self
+    }
+
     /// Registers a workflow.
     pub fn register(mut self, def: WorkflowDef) -> Self {
         self.registry.register(def);
@@ -106,6 +115,7 @@ impl EngineBuilder {
                 queue: self.queue,
                 registry: self.registry,
                 faults: self.faults,
+                schedules: self.schedules,
             }),
         }
     }
@@ -119,6 +129,7 @@ impl Engine {
             queue,
             registry: Registry::default(),
             faults: None,
+            schedules: Vec::new(),
         }
     }
 
@@ -144,11 +155,10 @@ impl Engine {
             .registry
             .get(&req.workflow)
             .ok_or_else(|| EngineError::UnknownWorkflow(req.workflow.clone()))?;
-        def.validate(&req.input)
-            .map_err(|message| EngineError::InvalidInput {
-                workflow: req.workflow.clone(),
-                message,
-            })?;
+        def.validate(&req.input).map_err(|message| EngineError::InvalidInput {
+            workflow: req.workflow.clone(),
+            message,
+        })?;
         if let Some(key) = &req.idempotency_key
             && (key.is_empty() || key.len() > 512)
         {
@@ -181,11 +191,7 @@ impl Engine {
 
     /// A run with its steps.
     pub async fn get_run(&self, id: RunId) -> Result<RunView, EngineError> {
-        self.inner
-            .store
-            .get_run(id)
-            .await?
-            .ok_or(EngineError::RunNotFound(id))
+        self.inner.store.get_run(id).await?.ok_or(EngineError::RunNotFound(id))
     }
 
     /// Runs, newest first.
@@ -201,12 +207,7 @@ impl Engine {
 
     /// Requests cancellation: the step in flight is cancelled, the undos of completed steps run
     /// in reverse, and the run ends `cancelled`. Cancelling a finished run changes nothing.
-    pub async fn cancel(
-        &self,
-        id: RunId,
-        reason: Option<&str>,
-        by: &str,
-    ) -> Result<RunStatus, EngineError> {
+    pub async fn cancel(&self, id: RunId, reason: Option<&str>, by: &str) -> Result<RunStatus, EngineError> {
         let reason = reason.unwrap_or("cancelled on request");
         let (status, due) = self
             .inner
@@ -220,13 +221,7 @@ impl Engine {
     }
 
     /// Sends a signal to a run; a wait for it (now or later) receives `payload`.
-    pub async fn signal(
-        &self,
-        id: RunId,
-        name: &str,
-        payload: Value,
-        by: &str,
-    ) -> Result<(), EngineError> {
+    pub async fn signal(&self, id: RunId, name: &str, payload: Value, by: &str) -> Result<(), EngineError> {
         if name.is_empty() || name.len() > 200 {
             return Err(EngineError::BadRequest(
                 "signal name must be 1 to 200 characters".into(),
@@ -242,6 +237,38 @@ impl Engine {
                 Ok(())
             }
         }
+    }
+
+    /// Checks what can be checked of the schedules before any fires: names are unique, each
+    /// names a registered workflow, and its input (filled for a sample tick) fits the
+    /// workflow's input type. Returns one message per problem, naming the schedule.
+    pub fn check_schedules(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for s in &self.inner.schedules {
+            if !seen.insert(s.name.as_str()) {
+                problems.push(format!("schedule '{}' is declared twice", s.name));
+            }
+            let Some(def) = self.inner.registry.get(&s.workflow) else {
+                problems.push(format!(
+                    "schedule '{}': unknown workflow '{}'; `dayshift workflows` lists the registered ones",
+                    s.name, s.workflow
+                ));
+                continue;
+            };
+            match s.input_for(chrono::Utc::now()) {
+                Err(e) => problems.push(format!("schedule '{}': {e}", s.name)),
+                Ok(input) => {
+                    if let Err(e) = def.validate(&input) {
+                        problems.push(format!(
+                            "schedule '{}': input for workflow '{}': {e}",
+                            s.name, s.workflow
+                        ));
+                    }
+                }
+            }
+        }
+        problems
     }
 
     /// Whether PostgreSQL and Redis answer.

@@ -110,6 +110,9 @@ pub enum EngineError {
     InvalidInput { workflow: String, message: String },
     #[error("run {0} not found")]
     RunNotFound(RunId),
+    /// Something else named in the request does not exist (a schedule, a route).
+    #[error("{0}")]
+    NotFound(String),
     #[error("{0}")]
     Conflict(String),
     #[error("{0}")]

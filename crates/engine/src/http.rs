@@ -15,14 +15,12 @@ use serde_json::{Value, json};
 use crate::engine::Engine;
 use crate::error::EngineError;
 use crate::model::{RunFilter, RunId, RunStatus, StartRun};
+use crate::schedule::Scheduler;
 
 /// The API's routes, on an engine.
 pub fn router(engine: Engine) -> Router {
     Router::new()
-        .route(
-            "/healthz",
-            get(|| async { Json(json!({ "status": "ok" })) }),
-        )
+        .route("/healthz", get(|| async { Json(json!({ "status": "ok" })) }))
         .route("/readyz", get(ready))
         .route("/api/v1/workflows", get(workflows))
         .route("/api/v1/runs", post(start_run).get(list_runs))
@@ -30,9 +28,12 @@ pub fn router(engine: Engine) -> Router {
         .route("/api/v1/runs/{id}/events", get(run_events))
         .route("/api/v1/runs/{id}/cancel", post(cancel_run))
         .route("/api/v1/runs/{id}/signals/{name}", post(signal_run))
-        .fallback(|| async {
-            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
-        })
+        .route("/api/v1/schedules", get(list_schedules))
+        .route("/api/v1/schedules/{name}", get(get_schedule))
+        .route("/api/v1/schedules/{name}/pause", post(pause_schedule))
+        .route("/api/v1/schedules/{name}/resume", post(resume_schedule))
+        .route("/api/v1/schedules/{name}/trigger", post(trigger_schedule))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
         .with_state(engine)
 }
 
@@ -56,32 +57,21 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (
-            self.status,
-            Json(json!({ "error": self.message, "code": self.code })),
-        )
-            .into_response()
+        (self.status, Json(json!({ "error": self.message, "code": self.code }))).into_response()
     }
 }
 
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         match e {
-            EngineError::UnknownWorkflow(_) => {
-                Self::new(StatusCode::NOT_FOUND, "unknown_workflow", e.to_string())
+            EngineError::UnknownWorkflow(_) => Self::new(StatusCode::NOT_FOUND, "unknown_workflow", e.to_string()),
+            EngineError::NotFound(_) => Self::new(StatusCode::NOT_FOUND, "not_found", e.to_string()),
+            EngineError::RunNotFound(_) => Self::new(StatusCode::NOT_FOUND, "run_not_found", e.to_string()),
+            EngineError::InvalidInput { .. } => {
+                Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_input", e.to_string())
             }
-            EngineError::RunNotFound(_) => {
-                Self::new(StatusCode::NOT_FOUND, "run_not_found", e.to_string())
-            }
-            EngineError::InvalidInput { .. } => Self::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_input",
-                e.to_string(),
-            ),
             EngineError::Conflict(_) => Self::new(StatusCode::CONFLICT, "conflict", e.to_string()),
-            EngineError::BadRequest(_) => {
-                Self::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string())
-            }
+            EngineError::BadRequest(_) => Self::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string()),
             EngineError::Store(_) | EngineError::Queue(_) => {
                 tracing::error!(error = %e, "API request failed.");
                 Self::new(
@@ -96,15 +86,13 @@ impl From<EngineError> for ApiError {
 
 impl From<JsonRejection> for ApiError {
     fn from(r: JsonRejection) -> Self {
-        let status = match r {
-            JsonRejection::MissingJsonContentType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            _ => StatusCode::BAD_REQUEST,
+        // 400 for a body that is not JSON or not the request's shape, 415 without a JSON type.
+        let (status, code) = match r {
+            JsonRejection::MissingJsonContentType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "invalid_json"),
+            JsonRejection::JsonDataError(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+            _ => (StatusCode::BAD_REQUEST, "invalid_json"),
         };
-        Self::new(
-            status,
-            "invalid_json",
-            format!("request body: {}", r.body_text()),
-        )
+        Self::new(status, code, format!("request body: {}", r.body_text()))
     }
 }
 
@@ -127,11 +115,7 @@ fn parse_id(id: &str) -> Result<RunId, ApiError> {
 async fn ready(State(engine): State<Engine>) -> Result<Json<Value>, ApiError> {
     engine.ready().await.map_err(|e| {
         tracing::warn!(error = %e, "Not ready.");
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not_ready",
-            format!("not ready: {e}"),
-        )
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", format!("not ready: {e}"))
     })?;
     Ok(Json(json!({ "status": "ready" })))
 }
@@ -140,10 +124,7 @@ async fn workflows(State(engine): State<Engine>) -> Json<Value> {
     Json(json!({ "workflows": engine.workflows() }))
 }
 
-async fn start_run(
-    State(engine): State<Engine>,
-    Body(mut req): Body<StartRun>,
-) -> Result<Response, ApiError> {
+async fn start_run(State(engine): State<Engine>, Body(mut req): Body<StartRun>) -> Result<Response, ApiError> {
     req.started_by = Some("api".into());
     let started = engine.start(req).await?;
     let status = if started.created {
@@ -169,13 +150,10 @@ async fn list_runs(
     let Query(q) = q?;
     let status = match q.status.as_deref() {
         None | Some("") => None,
-        Some(s) => Some(s.parse::<RunStatus>().map_err(|e| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_query",
-                format!("status: {e}"),
-            )
-        })?),
+        Some(s) => Some(
+            s.parse::<RunStatus>()
+                .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", format!("status: {e}")))?,
+        ),
     };
     let runs = engine
         .list_runs(&RunFilter {
@@ -187,18 +165,12 @@ async fn list_runs(
     Ok(Json(json!({ "runs": runs })))
 }
 
-async fn get_run(
-    State(engine): State<Engine>,
-    Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+async fn get_run(State(engine): State<Engine>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
     let run = engine.get_run(parse_id(&id)?).await?;
     Ok(Json(serde_json::to_value(run).unwrap_or(Value::Null)))
 }
 
-async fn run_events(
-    State(engine): State<Engine>,
-    Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+async fn run_events(State(engine): State<Engine>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
     let events = engine.events(parse_id(&id)?).await?;
     Ok(Json(json!({ "events": events })))
 }
@@ -219,13 +191,7 @@ async fn cancel_run(
         None
     } else {
         serde_json::from_slice::<CancelBody>(&body)
-            .map_err(|e| {
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_json",
-                    format!("cancel body: {e}"),
-                )
-            })?
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", format!("cancel body: {e}")))?
             .reason
     };
     let status = engine.cancel(id, reason.as_deref(), "api").await?;
@@ -253,8 +219,33 @@ async fn signal_run(
         })?
     };
     engine.signal(id, &name, payload, "api").await?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(json!({ "id": id, "signal": name })),
-    ))
+    Ok((StatusCode::ACCEPTED, Json(json!({ "id": id, "signal": name }))))
+}
+
+async fn list_schedules(State(engine): State<Engine>) -> Result<Json<Value>, ApiError> {
+    let schedules = Scheduler::new(engine).list().await?;
+    Ok(Json(json!({ "schedules": schedules })))
+}
+
+async fn get_schedule(State(engine): State<Engine>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+    let schedule = Scheduler::new(engine).get(&name).await?;
+    Ok(Json(serde_json::to_value(schedule).unwrap_or(Value::Null)))
+}
+
+async fn pause_schedule(State(engine): State<Engine>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+    let schedule = Scheduler::new(engine).pause(&name, "api").await?;
+    Ok(Json(serde_json::to_value(schedule).unwrap_or(Value::Null)))
+}
+
+async fn resume_schedule(State(engine): State<Engine>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+    let schedule = Scheduler::new(engine).resume(&name, "api").await?;
+    Ok(Json(serde_json::to_value(schedule).unwrap_or(Value::Null)))
+}
+
+async fn trigger_schedule(
+    State(engine): State<Engine>,
+    Path(name): Path<String>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let run = Scheduler::new(engine).trigger(&name, "api").await?;
+    Ok((StatusCode::CREATED, Json(json!({ "schedule": name, "run_id": run }))))
 }

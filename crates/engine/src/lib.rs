@@ -12,18 +12,21 @@ pub mod http;
 mod model;
 mod queue;
 mod runtime;
+mod schedule;
 mod store;
+pub mod template;
 mod worker;
 mod workflow;
 
 pub use engine::{Engine, EngineBuilder, FaultInjector};
 pub use error::{EngineError, QueueError, StepError, StoreError, WorkflowError};
 pub use model::{
-    AttemptError, Concurrency, ConcurrencyPolicy, RetryPolicy, RunFilter, RunId, RunStatus,
-    RunView, StartRun, Started, StepKind, StepStatus, StepView,
+    AttemptError, Concurrency, ConcurrencyPolicy, RetryPolicy, RunFilter, RunId, RunStatus, RunView, StartRun, Started,
+    StepKind, StepStatus, StepView,
 };
 pub use queue::{QueueConfig, RedisQueue};
 pub use runtime::{Ctx, Step, StepCtx};
+pub use schedule::{CatchUp, CronExpr, Overlap, Schedule, ScheduleView, Scheduler, TickView, TimeZone};
 pub use store::{Lease, MIGRATOR, PgStore};
 pub use worker::{Worker, WorkerConfig};
 pub use workflow::{Registry, WorkflowDef, WorkflowInfo};

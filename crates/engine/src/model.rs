@@ -211,12 +211,7 @@ impl StartRun {
     }
 
     /// Sets the concurrency key, limit and policy.
-    pub fn concurrency(
-        mut self,
-        key: impl Into<String>,
-        limit: u32,
-        policy: ConcurrencyPolicy,
-    ) -> Self {
+    pub fn concurrency(mut self, key: impl Into<String>, limit: u32, policy: ConcurrencyPolicy) -> Self {
         self.concurrency = Some(Concurrency {
             key: key.into(),
             limit,
@@ -351,10 +346,7 @@ impl RetryPolicy {
 
     /// The delay before attempt `failed + 1`, after `failed` failed attempts (`failed >= 1`).
     pub fn delay_after(&self, failed: u32) -> Duration {
-        let exp = self
-            .multiplier
-            .max(1.0)
-            .powi(failed.saturating_sub(1).min(64) as i32);
+        let exp = self.multiplier.max(1.0).powi(failed.saturating_sub(1).min(64) as i32);
         let base = (self.initial_delay.as_secs_f64() * exp).min(self.max_delay.as_secs_f64());
         let jitter = self.jitter.clamp(0.0, 1.0);
         let factor = if jitter > 0.0 {

@@ -92,9 +92,7 @@ pub struct RedisQueue {
 
 impl std::fmt::Debug for RedisQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisQueue")
-            .field("name", &self.config.name)
-            .finish()
+        f.debug_struct("RedisQueue").field("name", &self.config.name).finish()
     }
 }
 
@@ -136,10 +134,7 @@ impl RedisQueue {
     /// Asks for run `run` to be advanced now.
     pub async fn enqueue(&self, run: RunId) -> Result<(), QueueError> {
         let mut storage = self.storage.clone();
-        storage
-            .push(AdvanceJob { run_id: run })
-            .await
-            .map_err(redis_err)?;
+        storage.push(AdvanceJob { run_id: run }).await.map_err(redis_err)?;
         self.wake_workers().await;
         Ok(())
     }
@@ -162,11 +157,7 @@ impl RedisQueue {
     }
 
     /// Relays wake-up messages to `notify` until `shutdown`, reconnecting as needed.
-    pub(crate) async fn listen_for_wakeups(
-        &self,
-        notify: Arc<Notify>,
-        shutdown: CancellationToken,
-    ) {
+    pub(crate) async fn listen_for_wakeups(&self, notify: Arc<Notify>, shutdown: CancellationToken) {
         let channel = self.wake_channel();
         loop {
             let subscribed = async {
@@ -233,8 +224,7 @@ impl RedisQueue {
     /// interval, after a first interval of grace for the registration.
     pub(crate) async fn watch_consumer(&self, name: &str) {
         let every = self.config.heartbeat_interval;
-        let stale_after =
-            every.as_secs_f64() * f64::from(self.config.missed_heartbeats.max(1)) + 1.0;
+        let stale_after = every.as_secs_f64() * f64::from(self.config.missed_heartbeats.max(1)) + 1.0;
         let key = format!("{}:workers", self.config.name);
         let mut conn = self.conn.clone();
         loop {
@@ -250,10 +240,7 @@ impl RedisQueue {
                 .unwrap_or_default();
             match score {
                 Ok(None) => {
-                    tracing::warn!(
-                        consumer = name,
-                        "Queue consumer is no longer registered in Redis."
-                    );
+                    tracing::warn!(consumer = name, "Queue consumer is no longer registered in Redis.");
                     return;
                 }
                 Ok(Some(seen)) if now - seen > stale_after => {
@@ -325,11 +312,7 @@ impl PollStrategy for Tick {
             fired = true;
             self.woken = Box::pin(self.notify.clone().notified_owned());
         }
-        if fired {
-            Poll::Ready(Some(()))
-        } else {
-            Poll::Pending
-        }
+        if fired { Poll::Ready(Some(())) } else { Poll::Pending }
     }
 }
 
@@ -338,9 +321,8 @@ mod tests {
     use super::*;
 
     async fn queue(heartbeat: Duration) -> RedisQueue {
-        let url = std::env::var("DAYSHIFT_REDIS_URL").expect(
-            "DAYSHIFT_REDIS_URL is not set: run `scripts/services.sh up` and source .dayshift/env",
-        );
+        let url = std::env::var("DAYSHIFT_REDIS_URL")
+            .expect("DAYSHIFT_REDIS_URL is not set: run `scripts/services.sh up` and source .dayshift/env");
         let name = format!("dayshift:test:{}", uuid::Uuid::new_v4().simple());
         RedisQueue::connect(
             &url,

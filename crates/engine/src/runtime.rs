@@ -122,9 +122,7 @@ pub struct Ctx {
 
 impl std::fmt::Debug for Ctx {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ctx")
-            .field("run_id", &self.inner.lease.run_id)
-            .finish()
+        f.debug_struct("Ctx").field("run_id", &self.inner.lease.run_id).finish()
     }
 }
 
@@ -160,11 +158,7 @@ impl Ctx {
     }
 
     /// A durable timer: the run holds no worker while it sleeps, and survives restarts.
-    pub async fn sleep(
-        &self,
-        name: impl Into<String>,
-        duration: Duration,
-    ) -> Result<(), StepError> {
+    pub async fn sleep(&self, name: impl Into<String>, duration: Duration) -> Result<(), StepError> {
         let name = name.into();
         let (seq, found) = self.next(StepKind::Sleep, &name).await;
         let entry = match found {
@@ -209,11 +203,7 @@ impl Ctx {
     /// Waits durably for a signal named `name` (sent with `POST /api/v1/runs/{id}/signals/{name}`),
     /// at most `timeout`. Returns its payload, or `None` if the wait timed out. Signals sent
     /// before the wait began are kept and delivered in order.
-    pub async fn wait_signal(
-        &self,
-        name: impl Into<String>,
-        timeout: Duration,
-    ) -> Result<Option<Value>, StepError> {
+    pub async fn wait_signal(&self, name: impl Into<String>, timeout: Duration) -> Result<Option<Value>, StepError> {
         let name = name.into();
         let (seq, found) = self.next(StepKind::Signal, &name).await;
         let deadline = match found {
@@ -263,20 +253,14 @@ impl Ctx {
 
     /// Starts `workflow` as a child run and waits durably for its result. A failed or cancelled
     /// child is a permanent error; cancelling this run cancels the child.
-    pub async fn child<O: DeserializeOwned>(
-        &self,
-        workflow: &str,
-        input: impl Serialize,
-    ) -> Result<O, StepError> {
+    pub async fn child<O: DeserializeOwned>(&self, workflow: &str, input: impl Serialize) -> Result<O, StepError> {
         let (seq, found) = self.next(StepKind::Child, workflow).await;
         let entry = match found {
             Lookup::Found(e) => e,
             Lookup::New => {
                 self.halt_if_cancelled(seq, workflow, StepKind::Child).await;
                 let Some(def) = self.inner.engine.registry.get(workflow) else {
-                    return Err(StepError::Permanent(format!(
-                        "unknown workflow '{workflow}'"
-                    )));
+                    return Err(StepError::Permanent(format!("unknown workflow '{workflow}'")));
                 };
                 let input = serde_json::to_value(input).map_err(StepError::permanent)?;
                 def.validate(&input)
@@ -305,16 +289,14 @@ impl Ctx {
             StepStatus::Cancelled => return self.halt(Halt::Cancelled).await,
             _ => {
                 let child = RunId(entry.child_run_id.unwrap_or_default());
-                let (status, output, error) = match self.inner.engine.store.run_outcome(child).await
-                {
+                let (status, output, error) = match self.inner.engine.store.run_outcome(child).await {
                     Ok(o) => o,
                     Err(e) => return self.halt(store_halt(e)).await,
                 };
                 match status {
                     RunStatus::Succeeded => {
                         let output = output.unwrap_or(Value::Null);
-                        self.finish_wait(seq, workflow, StepKind::Child, Some(&output))
-                            .await;
+                        self.finish_wait(seq, workflow, StepKind::Child, Some(&output)).await;
                         output
                     }
                     RunStatus::Failed | RunStatus::Cancelled => {
@@ -344,8 +326,7 @@ impl Ctx {
                 }
             }
         };
-        serde_json::from_value(output)
-            .map_err(|e| StepError::Permanent(format!("child output: {e}")))
+        serde_json::from_value(output).map_err(|e| StepError::Permanent(format!("child output: {e}")))
     }
 
     // ------------------------------------------------------------ internals
@@ -642,9 +623,7 @@ impl Ctx {
                         Err(err) => {
                             tracing::warn!(run_id = %self.run_id(), step = name, error = %err,
                                 "Re-deriving a sensitive step result failed; trying again later.");
-                            let at = self.now()
-                                + chrono::Duration::from_std(policy.delay_after(1))
-                                    .unwrap_or_default();
+                            let at = self.now() + chrono::Duration::from_std(policy.delay_after(1)).unwrap_or_default();
                             self.halt(Halt::Suspend(Some(at))).await
                         }
                     };
@@ -687,18 +666,8 @@ impl Ctx {
                 }
             },
         };
-        self.execute(
-            seq,
-            name,
-            StepKind::Step,
-            attempt,
-            policy,
-            timeout,
-            sensitive,
-            true,
-            f,
-        )
-        .await
+        self.execute(seq, name, StepKind::Step, attempt, policy, timeout, sensitive, true, f)
+            .await
     }
 
     fn push_undo(&self, undo: Undo) {
@@ -799,15 +768,12 @@ where
                 let fut = f(s);
                 Box::pin(async move {
                     let v = fut.await?;
-                    serde_json::to_value(v)
-                        .map_err(|e| StepError::Permanent(format!("result is not JSON: {e}")))
+                    serde_json::to_value(v).map_err(|e| StepError::Permanent(format!("result is not JSON: {e}")))
                 })
             };
             let value = ctx.run_step(&name, &policy, timeout, sensitive, f).await?;
             let out: T = serde_json::from_value(value).map_err(|e| {
-                StepError::Permanent(format!(
-                    "journaled result of step '{name}' no longer decodes: {e}"
-                ))
+                StepError::Permanent(format!("journaled result of step '{name}' no longer decodes: {e}"))
             })?;
             if let Some(undo) = undo {
                 let arg = out.clone();
@@ -845,10 +811,7 @@ pub(crate) struct CancelRegistry {
 impl CancelRegistry {
     fn register(&self, id: RunId) -> CancellationToken {
         let token = CancellationToken::new();
-        self.tokens
-            .lock()
-            .expect("cancel registry")
-            .insert(id, token.clone());
+        self.tokens.lock().expect("cancel registry").insert(id, token.clone());
         token
     }
 
@@ -884,17 +847,9 @@ async fn drive<F: Future>(inner: &CtxInner, fut: F) -> Result<F::Output, Halt> {
 /// # Cancel safety
 /// Not cancel-safe: poll to completion. Shutdown is signalled through `opts.shutdown`, which
 /// the runtime checks between steps.
-pub(crate) async fn advance(
-    engine: &Arc<EngineInner>,
-    run_id: RunId,
-    opts: &PassOptions,
-) -> Result<(), StoreError> {
+pub(crate) async fn advance(engine: &Arc<EngineInner>, run_id: RunId, opts: &PassOptions) -> Result<(), StoreError> {
     use crate::store::ClaimMiss;
-    let (lease, claimed) = match engine
-        .store
-        .claim(run_id, &opts.owner, opts.lease_ttl)
-        .await?
-    {
+    let (lease, claimed) = match engine.store.claim(run_id, &opts.owner, opts.lease_ttl).await? {
         Ok(c) => c,
         Err(ClaimMiss::NotYet(at)) => {
             engine.enqueue_at(run_id, at).await;
@@ -906,10 +861,7 @@ pub(crate) async fn advance(
         tracing::warn!(run_id = %run_id, workflow = %claimed.workflow, worker = %opts.owner,
             "Workflow not registered on this worker; leaving the run for another.");
         let retry_at = claimed.now + chrono::Duration::seconds(30);
-        engine
-            .store
-            .release(&lease, Some(retry_at), RunStatus::Waiting)
-            .await?;
+        engine.store.release(&lease, Some(retry_at), RunStatus::Waiting).await?;
         engine.enqueue_at(run_id, retry_at).await;
         return Ok(());
     };
@@ -945,9 +897,7 @@ pub(crate) async fn advance(
             now: claimed.now,
         }),
     });
-    let ctx = Ctx {
-        inner: inner.clone(),
-    };
+    let ctx = Ctx { inner: inner.clone() };
     let body = (def.run)(ctx.clone(), claimed.input.clone());
     let body = std::panic::AssertUnwindSafe(body).catch_unwind();
     let ended = drive(&inner, body).await.map(|outcome| {
@@ -990,10 +940,7 @@ async fn conclude(
                 // Read now: the cancellation may have arrived after the claim.
                 let reason = match engine.store.cancel_reason(run_id).await {
                     Ok(Some(r)) => r,
-                    _ => claimed
-                        .cancel_reason
-                        .clone()
-                        .unwrap_or_else(|| "cancelled".into()),
+                    _ => claimed.cancel_reason.clone().unwrap_or_else(|| "cancelled".into()),
                 };
                 let failed = !undo_errors.is_empty();
                 Outcome {
@@ -1021,12 +968,7 @@ async fn conclude(
     tracing::info!(run_id = %run_id, status = %outcome.status, "Run finished.");
     let due = engine
         .store
-        .finish(
-            lease,
-            &outcome,
-            claimed.has_parent,
-            claimed.has_concurrency_key,
-        )
+        .finish(lease, &outcome, claimed.has_parent, claimed.has_concurrency_key)
         .await;
     match due {
         Ok(due) => {
@@ -1054,10 +996,7 @@ async fn settle(engine: &Arc<EngineInner>, lease: &Lease, halt: Halt) -> Result<
         Halt::Shutdown => (Some(Utc::now()), RunStatus::Running),
         Halt::Store(e) => {
             tracing::warn!(run_id = %run_id, error = %e, "Store error; the run will be retried.");
-            (
-                Some(Utc::now() + chrono::Duration::seconds(5)),
-                RunStatus::Running,
-            )
+            (Some(Utc::now() + chrono::Duration::seconds(5)), RunStatus::Running)
         }
         Halt::LeaseLost => {
             tracing::warn!(run_id = %run_id, "Lease lost; another worker has the run.");

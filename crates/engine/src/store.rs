@@ -19,8 +19,8 @@ use uuid::Uuid;
 
 use crate::error::{StoreError, StoreResult};
 use crate::model::{
-    AttemptError, ConcurrencyPolicy, RunFilter, RunId, RunStatus, RunView, StartRun, Started,
-    StepKind, StepStatus, StepView,
+    AttemptError, ConcurrencyPolicy, RunFilter, RunId, RunStatus, RunView, StartRun, Started, StepKind, StepStatus,
+    StepView,
 };
 
 /// The migrations in `migrations/`, embedded in the binary.
@@ -254,11 +254,10 @@ impl PgStore {
         let mut tx = self.pool.begin().await?;
 
         if let Some(key) = &req.idempotency_key
-            && let Some(row) =
-                sqlx::query("select id, status, workflow from runs where idempotency_key = $1")
-                    .bind(key)
-                    .fetch_optional(&mut *tx)
-                    .await?
+            && let Some(row) = sqlx::query("select id, status, workflow from runs where idempotency_key = $1")
+                .bind(key)
+                .fetch_optional(&mut *tx)
+                .await?
         {
             let workflow: String = row.get("workflow");
             if workflow != req.workflow {
@@ -269,10 +268,7 @@ impl PgStore {
             return Ok((
                 Started {
                     id: RunId(row.get("id")),
-                    status: row
-                        .get::<String, _>("status")
-                        .parse()
-                        .map_err(StoreError::Corrupt)?,
+                    status: row.get::<String, _>("status").parse().map_err(StoreError::Corrupt)?,
                     created: false,
                     note: Some(format!(
                         "idempotency key '{key}' was used before; this is the first run"
@@ -315,11 +311,8 @@ impl PgStore {
                     .fetch_all(&mut *tx)
                     .await?;
                     for o in older {
-                        let reason =
-                            format!("cancelled by newer run {id} (concurrency key '{}')", c.key);
-                        due.extend(
-                            request_cancel(&mut tx, RunId(o), &reason, "concurrency").await?,
-                        );
+                        let reason = format!("cancelled by newer run {id} (concurrency key '{}')", c.key);
+                        due.extend(request_cancel(&mut tx, RunId(o), &reason, "concurrency").await?);
                     }
                 }
                 ConcurrencyPolicy::LatestWins => {
@@ -333,22 +326,13 @@ impl PgStore {
                     .fetch_all(&mut *tx)
                     .await?;
                     for row in superseded {
-                        insert_event(
-                            &mut tx,
-                            RunId(row.get("id")),
-                            "run_superseded",
-                            json!({ "by": id }),
-                        )
-                        .await?;
+                        insert_event(&mut tx, RunId(row.get("id")), "run_superseded", json!({ "by": id })).await?;
                     }
                 }
                 _ => {}
             }
             if status == RunStatus::Pending && full {
-                note = Some(format!(
-                    "queued: concurrency key '{}' is held by run {holder}",
-                    c.key
-                ));
+                note = Some(format!("queued: concurrency key '{}' is held by run {holder}", c.key));
             }
         }
 
@@ -386,9 +370,7 @@ impl PgStore {
         )
         .await?;
         match &req.concurrency {
-            Some(c) if status == RunStatus::Pending => {
-                due.extend(admit(&mut tx, &c.key, c.limit.max(1) as i32).await?)
-            }
+            Some(c) if status == RunStatus::Pending => due.extend(admit(&mut tx, &c.key, c.limit.max(1) as i32).await?),
             None => due.push(id),
             _ => {}
         }
@@ -564,11 +546,7 @@ impl PgStore {
     /// Journals a step's state, fenced by the lease, in one statement (the hot path).
     ///
     /// Returns the entry's `wake_at`.
-    pub(crate) async fn record(
-        &self,
-        lease: &Lease,
-        r: &StepRecord<'_>,
-    ) -> StoreResult<Option<DateTime<Utc>>> {
+    pub(crate) async fn record(&self, lease: &Lease, r: &StepRecord<'_>) -> StoreResult<Option<DateTime<Utc>>> {
         let terminal = matches!(
             r.status,
             StepStatus::Succeeded | StepStatus::Failed | StepStatus::Cancelled
@@ -682,9 +660,7 @@ impl PgStore {
         req: &StartRun,
         version: u32,
     ) -> StoreResult<RunId> {
-        let (started, _) = self
-            .create_run(req, version, Some((lease.run_id, seq)))
-            .await?;
+        let (started, _) = self.create_run(req, version, Some((lease.run_id, seq))).await?;
         // The child exists before the entry: if the worker dies in between, the run is re-created
         // on replay and the orphan is cancelled below (it is found by parent_seq).
         let mut tx = self.pool.begin().await?;
@@ -718,28 +694,21 @@ impl PgStore {
 
     /// Why the run was cancelled.
     pub(crate) async fn cancel_reason(&self, id: RunId) -> StoreResult<Option<String>> {
-        Ok(
-            sqlx::query_scalar("select cancel_reason from runs where id = $1")
-                .bind(id.0)
-                .fetch_optional(&self.pool)
-                .await?
-                .flatten(),
-        )
+        Ok(sqlx::query_scalar("select cancel_reason from runs where id = $1")
+            .bind(id.0)
+            .fetch_optional(&self.pool)
+            .await?
+            .flatten())
     }
 
     /// The status, output and error of a run (for a parent waiting on its child).
-    pub(crate) async fn run_outcome(
-        &self,
-        id: RunId,
-    ) -> StoreResult<(RunStatus, Option<Value>, Option<String>)> {
+    pub(crate) async fn run_outcome(&self, id: RunId) -> StoreResult<(RunStatus, Option<Value>, Option<String>)> {
         let row = sqlx::query("select status, output, error from runs where id = $1")
             .bind(id.0)
             .fetch_one(&self.pool)
             .await?;
         Ok((
-            row.get::<String, _>("status")
-                .parse()
-                .map_err(StoreError::Corrupt)?,
+            row.get::<String, _>("status").parse().map_err(StoreError::Corrupt)?,
             row.get("output"),
             row.get("error"),
         ))
@@ -773,9 +742,7 @@ impl PgStore {
             .bind(&detail)
             .fetch_optional(&self.pool)
             .await?;
-            return done
-                .map(|_| Vec::new())
-                .ok_or(StoreError::LeaseLost(lease.run_id));
+            return done.map(|_| Vec::new()).ok_or(StoreError::LeaseLost(lease.run_id));
         }
         let mut tx = self.pool.begin().await?;
         let row = sqlx::query(FINISH)
@@ -813,11 +780,10 @@ impl PgStore {
         by: &str,
     ) -> StoreResult<Option<(RunStatus, Vec<RunId>)>> {
         let mut tx = self.pool.begin().await?;
-        let Some(status) =
-            sqlx::query_scalar::<_, String>("select status from runs where id = $1 for update")
-                .bind(id.0)
-                .fetch_optional(&mut *tx)
-                .await?
+        let Some(status) = sqlx::query_scalar::<_, String>("select status from runs where id = $1 for update")
+            .bind(id.0)
+            .fetch_optional(&mut *tx)
+            .await?
         else {
             return Ok(None);
         };
@@ -840,11 +806,10 @@ impl PgStore {
         by: &str,
     ) -> StoreResult<Option<Result<Vec<RunId>, RunStatus>>> {
         let mut tx = self.pool.begin().await?;
-        let Some(status) =
-            sqlx::query_scalar::<_, String>("select status from runs where id = $1 for update")
-                .bind(id.0)
-                .fetch_optional(&mut *tx)
-                .await?
+        let Some(status) = sqlx::query_scalar::<_, String>("select status from runs where id = $1 for update")
+            .bind(id.0)
+            .fetch_optional(&mut *tx)
+            .await?
         else {
             return Ok(None);
         };
@@ -859,13 +824,7 @@ impl PgStore {
             .bind(by)
             .execute(&mut *tx)
             .await?;
-        insert_event(
-            &mut tx,
-            id,
-            "signal_sent",
-            json!({ "name": name, "by": by }),
-        )
-        .await?;
+        insert_event(&mut tx, id, "signal_sent", json!({ "name": name, "by": by })).await?;
         let due = wake(&mut tx, id).await?;
         tx.commit().await?;
         Ok(Some(Ok(due)))
@@ -891,12 +850,11 @@ impl PgStore {
 
     /// One run with its steps.
     pub async fn get_run(&self, id: RunId) -> StoreResult<Option<RunView>> {
-        let Some(row) = sqlx::query_as::<_, RunRow>(AssertSqlSafe(format!(
-            "select {RUN_COLUMNS} from runs where id = $1"
-        )))
-        .bind(id.0)
-        .fetch_optional(&self.pool)
-        .await?
+        let Some(row) =
+            sqlx::query_as::<_, RunRow>(AssertSqlSafe(format!("select {RUN_COLUMNS} from runs where id = $1")))
+                .bind(id.0)
+                .fetch_optional(&self.pool)
+                .await?
         else {
             return Ok(None);
         };
@@ -927,14 +885,8 @@ impl PgStore {
             steps.push(StepView {
                 seq,
                 name: r.get("name"),
-                kind: r
-                    .get::<String, _>("kind")
-                    .parse()
-                    .map_err(StoreError::Corrupt)?,
-                status: r
-                    .get::<String, _>("status")
-                    .parse()
-                    .map_err(StoreError::Corrupt)?,
+                kind: r.get::<String, _>("kind").parse().map_err(StoreError::Corrupt)?,
+                status: r.get::<String, _>("status").parse().map_err(StoreError::Corrupt)?,
                 attempts: r.get("attempts"),
                 sensitive: r.get("sensitive"),
                 output: r.get("output"),
@@ -1000,12 +952,7 @@ async fn lock_leased(tx: &mut Transaction<'_, Postgres>, lease: &Lease) -> Store
     .ok_or(StoreError::LeaseLost(lease.run_id))
 }
 
-async fn insert_event(
-    tx: &mut Transaction<'_, Postgres>,
-    id: RunId,
-    kind: &str,
-    detail: Value,
-) -> StoreResult<()> {
+async fn insert_event(tx: &mut Transaction<'_, Postgres>, id: RunId, kind: &str, detail: Value) -> StoreResult<()> {
     sqlx::query("insert into run_events (run_id, kind, detail) values ($1, $2, $3)")
         .bind(id.0)
         .bind(kind)
@@ -1032,11 +979,7 @@ async fn wake(tx: &mut Transaction<'_, Postgres>, id: RunId) -> StoreResult<Vec<
 }
 
 /// Admits queued runs under `key` while there is room. Caller holds no advisory lock yet.
-async fn admit(
-    tx: &mut Transaction<'_, Postgres>,
-    key: &str,
-    limit: i32,
-) -> StoreResult<Vec<RunId>> {
+async fn admit(tx: &mut Transaction<'_, Postgres>, key: &str, limit: i32) -> StoreResult<Vec<RunId>> {
     sqlx::query("select pg_advisory_xact_lock(hashtextextended($1, 0))")
         .bind(key)
         .execute(&mut **tx)
@@ -1053,13 +996,7 @@ async fn admit(
     .fetch_all(&mut **tx)
     .await?;
     for id in &ids {
-        insert_event(
-            tx,
-            RunId(*id),
-            "run_admitted",
-            json!({ "concurrency_key": key }),
-        )
-        .await?;
+        insert_event(tx, RunId(*id), "run_admitted", json!({ "concurrency_key": key })).await?;
     }
     Ok(ids.into_iter().map(RunId).collect())
 }
@@ -1085,13 +1022,7 @@ fn request_cancel<'a>(
         .fetch_optional(&mut **tx)
         .await?;
         if let Some(row) = ended {
-            insert_event(
-                tx,
-                id,
-                "run_cancelled",
-                json!({ "reason": reason, "by": by }),
-            )
-            .await?;
+            insert_event(tx, id, "run_cancelled", json!({ "reason": reason, "by": by })).await?;
             if let Some(parent) = row.get::<Option<Uuid>, _>("parent_run_id") {
                 due.extend(wake(tx, RunId(parent)).await?);
             }
@@ -1111,13 +1042,7 @@ fn request_cancel<'a>(
         .fetch_optional(&mut **tx)
         .await?;
         if let Some(row) = flagged {
-            insert_event(
-                tx,
-                id,
-                "cancel_requested",
-                json!({ "reason": reason, "by": by }),
-            )
-            .await?;
+            insert_event(tx, id, "cancel_requested", json!({ "reason": reason, "by": by })).await?;
             sqlx::query("select pg_notify($1, $2)")
                 .bind(CANCEL_CHANNEL)
                 .bind(id.to_string())
@@ -1150,23 +1075,14 @@ mod tests {
     async fn fresh_store() -> PgStore {
         let url = std::env::var("DAYSHIFT_DATABASE_URL")
             .expect("DAYSHIFT_DATABASE_URL is not set: run `scripts/services.sh up` and source .dayshift/env");
-        let admin = PgPoolOptions::new()
-            .max_connections(1)
-            .connect(&url)
-            .await
-            .unwrap();
-        let name = format!(
-            "dayshift_test_{}",
-            &Uuid::new_v4().simple().to_string()[..12]
-        );
+        let admin = PgPoolOptions::new().max_connections(1).connect(&url).await.unwrap();
+        let name = format!("dayshift_test_{}", &Uuid::new_v4().simple().to_string()[..12]);
         sqlx::query(AssertSqlSafe(format!("create database {name}")))
             .execute(&admin)
             .await
             .unwrap();
         let base = &url[..url.rfind('/').unwrap()];
-        let store = PgStore::connect(&format!("{base}/{name}"), 5)
-            .await
-            .unwrap();
+        let store = PgStore::connect(&format!("{base}/{name}"), 5).await.unwrap();
         store.migrate().await.unwrap();
         store
     }
@@ -1219,10 +1135,7 @@ mod tests {
             store.step_started(&a, 0, "s", StepKind::Step, 1).await,
             Err(StoreError::LeaseLost(_))
         ));
-        assert!(matches!(
-            store.renew(&a).await,
-            Err(StoreError::LeaseLost(_))
-        ));
+        assert!(matches!(store.renew(&a).await, Err(StoreError::LeaseLost(_))));
         assert!(matches!(
             store.release(&a, None, RunStatus::Waiting).await,
             Err(StoreError::LeaseLost(_))
@@ -1236,20 +1149,14 @@ mod tests {
             store.finish(&a, &done, false, false).await,
             Err(StoreError::LeaseLost(_))
         ));
-        assert!(
-            store.journal(id).await.unwrap().is_empty(),
-            "a wrote to the journal"
-        );
+        assert!(store.journal(id).await.unwrap().is_empty(), "a wrote to the journal");
 
         let fresh = json!("from b");
         store.record(&b, &record(&fresh)).await.unwrap();
         store.finish(&b, &done, false, false).await.unwrap();
         let journal = store.journal(id).await.unwrap();
         assert_eq!(journal[0].output, Some(fresh));
-        assert_eq!(
-            store.get_run(id).await.unwrap().unwrap().status,
-            RunStatus::Succeeded
-        );
+        assert_eq!(store.get_run(id).await.unwrap().unwrap().status, RunStatus::Succeeded);
     }
 
     #[tokio::test]
@@ -1263,10 +1170,7 @@ mod tests {
         let (lease, claimed) = store.claim(started.id, "a", ttl).await.unwrap().unwrap();
         let later = claimed.now + chrono::Duration::seconds(60);
         assert_eq!(
-            store
-                .release(&lease, Some(later), RunStatus::Waiting)
-                .await
-                .unwrap(),
+            store.release(&lease, Some(later), RunStatus::Waiting).await.unwrap(),
             Some(later)
         );
         assert_eq!(

@@ -99,11 +99,7 @@ impl Worker {
         tracing::info!(worker = %self.config.name, concurrency = self.config.concurrency, "Worker started.");
 
         let listener = tokio::spawn(listen_for_cancels(inner.clone(), cancels, shutdown.clone()));
-        let sweeper = tokio::spawn(sweep(
-            inner.clone(),
-            self.config.sweep_interval,
-            shutdown.clone(),
-        ));
+        let sweeper = tokio::spawn(sweep(inner.clone(), self.config.sweep_interval, shutdown.clone()));
         let wake = Arc::new(tokio::sync::Notify::new());
         let waker = {
             let (queue, wake, shutdown) = (inner.queue.clone(), wake.clone(), shutdown.clone());
@@ -122,11 +118,7 @@ impl Worker {
                 format!("{}-{generation}", self.config.name)
             };
             let worker = WorkerBuilder::new(name.clone())
-                .backend(
-                    queue
-                        .backend()
-                        .poll_with_strategy(queue.poll_strategy(wake.clone())),
-                )
+                .backend(queue.backend().poll_with_strategy(queue.poll_strategy(wake.clone())))
                 .data(shared.clone())
                 .concurrency(self.config.concurrency.max(1))
                 .build(handle);
@@ -201,11 +193,7 @@ async fn sweep(engine: Arc<EngineInner>, every: Duration, shutdown: Cancellation
 }
 
 /// Relays `pg_notify` cancellations to the steps this worker runs.
-async fn listen_for_cancels(
-    engine: Arc<EngineInner>,
-    cancels: CancelRegistry,
-    shutdown: CancellationToken,
-) {
+async fn listen_for_cancels(engine: Arc<EngineInner>, cancels: CancelRegistry, shutdown: CancellationToken) {
     loop {
         let mut listener = match PgListener::connect_with(engine.store.pool()).await {
             Ok(l) => l,

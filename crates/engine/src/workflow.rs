@@ -58,11 +58,10 @@ impl WorkflowDef {
         let run: Arc<RunFn> = Arc::new(move |ctx: Ctx, input: Value| {
             let f = f.clone();
             Box::pin(async move {
-                let input: I = serde_json::from_value(input)
-                    .map_err(|e| WorkflowError::failed(format!("invalid input: {e}")))?;
+                let input: I =
+                    serde_json::from_value(input).map_err(|e| WorkflowError::failed(format!("invalid input: {e}")))?;
                 let out = f(ctx, input).await?;
-                serde_json::to_value(out)
-                    .map_err(|e| WorkflowError::failed(format!("output is not JSON: {e}")))
+                serde_json::to_value(out).map_err(|e| WorkflowError::failed(format!("output is not JSON: {e}")))
             })
         });
         let validate: Arc<ValidateFn> = Arc::new(|v: &Value| {
@@ -119,6 +118,12 @@ impl Registry {
 
     pub(crate) fn get(&self, name: &str) -> Option<&WorkflowDef> {
         self.defs.get(name)
+    }
+
+    /// Checks `input` against the input type of workflow `name`; `None` if there is no such
+    /// workflow.
+    pub fn validate_input(&self, name: &str, input: &serde_json::Value) -> Option<Result<(), String>> {
+        self.defs.get(name).map(|d| d.validate(input))
     }
 
     /// Name, version and description of each workflow, sorted by name.

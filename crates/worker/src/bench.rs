@@ -69,12 +69,9 @@ impl Drop for Workers {
 /// Runs the benchmark and prints a Markdown report.
 pub(crate) async fn run(config: &Config, args: BenchArgs) -> Result<()> {
     let queue_name = format!("dayshift:bench:{:08x}", rand_u32());
-    let store = PgStore::connect(
-        config.database.url.expose(),
-        (args.submitters as u32 + 4).max(8),
-    )
-    .await
-    .context("cannot connect to PostgreSQL")?;
+    let store = PgStore::connect(config.database.url.expose(), (args.submitters as u32 + 4).max(8))
+        .await
+        .context("cannot connect to PostgreSQL")?;
     store.migrate().await?;
     let queue = RedisQueue::connect(
         config.redis.url.expose(),
@@ -146,10 +143,7 @@ pub(crate) async fn run(config: &Config, args: BenchArgs) -> Result<()> {
     for _ in 0..args.latency_runs {
         let t = Instant::now();
         let started = engine
-            .start(StartRun::new(
-                "selftest.chain",
-                json!({ "steps": args.steps }),
-            ))
+            .start(StartRun::new("selftest.chain", json!({ "steps": args.steps })))
             .await?;
         loop {
             let status: String = sqlx::query_scalar("select status from runs where id = $1")
@@ -196,9 +190,7 @@ pub(crate) async fn run(config: &Config, args: BenchArgs) -> Result<()> {
         "| W1: Redis commands per run (idle rate removed) | {:.1} |",
         redis_cmds / runs
     );
-    println!(
-        "| idle: PostgreSQL commits/s, Redis commands/s | {idle_commits:.0}, {idle_redis:.0} |"
-    );
+    println!("| idle: PostgreSQL commits/s, Redis commands/s | {idle_commits:.0}, {idle_redis:.0} |");
     println!("| W2: runs | {} |", args.latency_runs);
     println!(
         "| W2: end-to-end latency p50 / p95 / p99 | {:.1} / {:.1} / {:.1} ms |",
@@ -214,9 +206,7 @@ pub(crate) async fn run(config: &Config, args: BenchArgs) -> Result<()> {
     if hot.is_empty() {
         println!("\n(pg_stat_statements is not loaded: no per-statement timings)");
     } else {
-        println!(
-            "\nW1 statements by total time (pg_stat_statements; mean is server-side execution):\n"
-        );
+        println!("\nW1 statements by total time (pg_stat_statements; mean is server-side execution):\n");
         println!("| calls per run | mean ms | statement |");
         println!("|---|---|---|");
         for (calls, mean, query) in hot {
@@ -347,10 +337,7 @@ async fn wait_all(pool: &sqlx::PgPool, ids: &[RunId]) -> Result<i64> {
             return Ok(polls);
         }
         if Instant::now() > deadline {
-            bail!(
-                "only {done} of {} runs finished within 10 minutes",
-                ids.len()
-            );
+            bail!("only {done} of {} runs finished within 10 minutes", ids.len());
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -358,17 +345,13 @@ async fn wait_all(pool: &sqlx::PgPool, ids: &[RunId]) -> Result<i64> {
 
 /// (PostgreSQL commits in this database, Redis commands processed).
 async fn counters(pool: &sqlx::PgPool, redis_url: &str) -> Result<(i64, i64)> {
-    let commits: i64 = sqlx::query_scalar(
-        "select xact_commit from pg_stat_database where datname = current_database()",
-    )
-    .fetch_one(pool)
-    .await?;
+    let commits: i64 =
+        sqlx::query_scalar("select xact_commit from pg_stat_database where datname = current_database()")
+            .fetch_one(pool)
+            .await?;
     let client = redis::Client::open(redis_url)?;
     let mut conn = client.get_multiplexed_async_connection().await?;
-    let info: String = redis::cmd("INFO")
-        .arg("stats")
-        .query_async(&mut conn)
-        .await?;
+    let info: String = redis::cmd("INFO").arg("stats").query_async(&mut conn).await?;
     let cmds = info
         .lines()
         .find_map(|l| l.strip_prefix("total_commands_processed:"))

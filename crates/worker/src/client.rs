@@ -61,9 +61,7 @@ struct Api {
 impl Api {
     fn new(args: &ApiArgs) -> Result<Self> {
         Ok(Self {
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(30))
-                .build()?,
+            http: reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?,
             base: args.server.trim_end_matches('/').to_string(),
         })
     }
@@ -78,18 +76,14 @@ impl Api {
         let status = resp.status();
         let body: Value = resp.json().await.unwrap_or(Value::Null);
         if !status.is_success() {
-            let msg = body
-                .get("error")
-                .and_then(Value::as_str)
-                .unwrap_or("no error message");
+            let msg = body.get("error").and_then(Value::as_str).unwrap_or("no error message");
             bail!("{msg} (HTTP {})", status.as_u16());
         }
         Ok(body)
     }
 
     async fn get(&self, path: &str) -> Result<Value> {
-        self.call(self.http.get(format!("{}{path}", self.base)))
-            .await
+        self.call(self.http.get(format!("{}{path}", self.base))).await
     }
 
     async fn post(&self, path: &str, body: &Value) -> Result<Value> {
@@ -157,8 +151,7 @@ pub(crate) async fn runs(args: &ApiArgs, command: RunsCommand) -> Result<ExitCod
             limit,
         } => {
             let mut url = reqwest::Url::parse(&format!("{}/api/v1/runs", api.base))?;
-            url.query_pairs_mut()
-                .append_pair("limit", &limit.to_string());
+            url.query_pairs_mut().append_pair("limit", &limit.to_string());
             if let Some(s) = status {
                 url.query_pairs_mut().append_pair("status", &s);
             }
@@ -169,10 +162,7 @@ pub(crate) async fn runs(args: &ApiArgs, command: RunsCommand) -> Result<ExitCod
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&body["runs"])?);
             } else {
-                println!(
-                    "{:<36}  {:<24} {:<10} {:<25}",
-                    "ID", "WORKFLOW", "STATUS", "CREATED"
-                );
+                println!("{:<36}  {:<24} {:<10} {:<25}", "ID", "WORKFLOW", "STATUS", "CREATED");
                 for r in body["runs"].as_array().into_iter().flatten() {
                     println!(
                         "{:<36}  {:<24} {:<10} {:<25}",
@@ -190,10 +180,7 @@ pub(crate) async fn runs(args: &ApiArgs, command: RunsCommand) -> Result<ExitCod
         }
         RunsCommand::Cancel { id, reason } => {
             let body = api
-                .post(
-                    &format!("/api/v1/runs/{id}/cancel"),
-                    &json!({ "reason": reason }),
-                )
+                .post(&format!("/api/v1/runs/{id}/cancel"), &json!({ "reason": reason }))
                 .await?;
             if args.json {
                 println!("{body}");
@@ -206,9 +193,7 @@ pub(crate) async fn runs(args: &ApiArgs, command: RunsCommand) -> Result<ExitCod
         }
         RunsCommand::Signal { id, name, payload } => {
             let payload = parse_json("--payload", &payload)?;
-            let body = api
-                .post(&format!("/api/v1/runs/{id}/signals/{name}"), &payload)
-                .await?;
+            let body = api.post(&format!("/api/v1/runs/{id}/signals/{name}"), &payload).await?;
             if args.json {
                 println!("{body}");
             } else {
@@ -226,17 +211,9 @@ fn print_run(run: &Value, json: bool) {
     }
     let s = |v: &Value| v.as_str().map(str::to_string).unwrap_or_else(|| "-".into());
     println!("run       {}", s(&run["id"]));
-    println!(
-        "workflow  {} v{}",
-        s(&run["workflow"]),
-        run["workflow_version"]
-    );
+    println!("workflow  {} v{}", s(&run["workflow"]), run["workflow_version"]);
     println!("status    {}", s(&run["status"]));
-    println!(
-        "started   {} by {}",
-        s(&run["created_at"]),
-        s(&run["started_by"])
-    );
+    println!("started   {} by {}", s(&run["created_at"]), s(&run["started_by"]));
     if let Some(e) = run["error"].as_str() {
         println!("error     {e}");
     }
@@ -263,4 +240,82 @@ fn print_run(run: &Value, json: bool) {
             st["last_error"].as_str().unwrap_or("")
         );
     }
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum SchedulesCommand {
+    /// Lists schedules with their next fire times (the default).
+    List,
+    /// Shows a schedule and its recent ticks.
+    Show { name: String },
+    /// Pauses a schedule: no tick fires until it is resumed.
+    Pause { name: String },
+    /// Resumes a schedule; ticks that passed while it was paused do not fire.
+    Resume { name: String },
+    /// Starts the schedule's workflow now.
+    Trigger { name: String },
+}
+
+/// `dayshift schedules …`.
+pub(crate) async fn schedules(args: &ApiArgs, command: Option<SchedulesCommand>) -> Result<ExitCode> {
+    let api = Api::new(args)?;
+    let body = match command.unwrap_or(SchedulesCommand::List) {
+        SchedulesCommand::List => api.get("/api/v1/schedules").await?,
+        SchedulesCommand::Show { name } => api.get(&format!("/api/v1/schedules/{name}")).await?,
+        SchedulesCommand::Pause { name } => api.post(&format!("/api/v1/schedules/{name}/pause"), &json!({})).await?,
+        SchedulesCommand::Resume { name } => {
+            api.post(&format!("/api/v1/schedules/{name}/resume"), &json!({}))
+                .await?
+        }
+        SchedulesCommand::Trigger { name } => {
+            let body = api
+                .post(&format!("/api/v1/schedules/{name}/trigger"), &json!({}))
+                .await?;
+            if args.json {
+                println!("{body}");
+            } else {
+                println!("schedule {name} started run {}", body["run_id"].as_str().unwrap_or("?"));
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&body)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let list = match body.get("schedules") {
+        Some(list) => list.as_array().cloned().unwrap_or_default(),
+        None => vec![body],
+    };
+    println!(
+        "{:<24} {:<18} {:<16} {:<22} {:<7} NEXT",
+        "NAME", "CRON", "TIMEZONE", "WORKFLOW", "PAUSED"
+    );
+    for s in &list {
+        let next = s["next"]
+            .as_array()
+            .and_then(|n| n.first())
+            .and_then(Value::as_str)
+            .unwrap_or("-");
+        println!(
+            "{:<24} {:<18} {:<16} {:<22} {:<7} {next}",
+            s["name"].as_str().unwrap_or(""),
+            s["cron"].as_str().unwrap_or(""),
+            s["timezone"].as_str().unwrap_or(""),
+            s["workflow"].as_str().unwrap_or(""),
+            s["paused"].as_bool().unwrap_or(false),
+        );
+    }
+    if list.len() == 1 {
+        for t in list[0]["recent"].as_array().into_iter().flatten() {
+            println!(
+                "  {}  {:<8} {} {}",
+                t["tick"].as_str().unwrap_or(""),
+                t["outcome"].as_str().unwrap_or(""),
+                t["run_id"].as_str().unwrap_or(""),
+                t["detail"].as_str().unwrap_or("")
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

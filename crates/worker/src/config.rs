@@ -7,8 +7,9 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use dayshift_engine::{QueueConfig, WorkerConfig};
+use dayshift_engine::{CatchUp, CronExpr, Overlap, QueueConfig, Registry, Schedule, TimeZone, WorkerConfig};
 use serde::{Deserialize, Serialize};
+use serde_saphyr::Spanned;
 
 /// A value that must never be printed (it may carry a password).
 #[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,6 +53,62 @@ pub(crate) struct Config {
     pub log: LogConfig,
     /// How long runs in flight may take to reach a step boundary after SIGTERM. Default 30s.
     pub shutdown_grace_period: GracePeriod,
+    /// Cron schedules; `serve` fires them (one run per tick, however many replicas).
+    pub schedules: Vec<ScheduleConfig>,
+}
+
+/// One cron schedule.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(crate) struct ScheduleConfig {
+    /// Unique name; used in the API (`/api/v1/schedules/NAME`) and in the runs' `started_by`.
+    pub name: Spanned<String>,
+    /// Crontab expression: 5 fields, or 6/7 with seconds (and year), or @daily, @hourly, ….
+    pub cron: CronExpr,
+    /// IANA time zone the expression is read in. Default UTC.
+    #[serde(default)]
+    pub timezone: TimeZone,
+    /// The workflow each tick starts.
+    pub workflow: Spanned<String>,
+    /// The workflow's input; `{{ tick }}`, `{{ tick_utc }}` and `{{ schedule }}` are filled in.
+    #[serde(default)]
+    pub input: serde_json::Value,
+    /// Ticks missed while dayshift was down: skip (default), latest, or all (up to catch-up-limit).
+    #[serde(default)]
+    pub catch_up: CatchUp,
+    /// How many missed ticks `catch-up: all` runs at most. Default 10.
+    #[serde(default = "ten")]
+    pub catch_up_limit: u32,
+    /// A tick while the previous run still goes: allow (default), skip, or cancel the previous.
+    #[serde(default)]
+    pub overlap: Overlap,
+    /// How late a tick may fire and still count as on time rather than missed. Default 1m.
+    #[serde(default = "one_minute", with = "humantime_serde")]
+    pub misfire_grace: Duration,
+}
+
+fn ten() -> u32 {
+    10
+}
+
+fn one_minute() -> Duration {
+    Duration::from_secs(60)
+}
+
+impl ScheduleConfig {
+    pub(crate) fn to_schedule(&self) -> Schedule {
+        Schedule {
+            name: self.name.value.clone(),
+            cron: self.cron.clone(),
+            timezone: self.timezone,
+            workflow: self.workflow.value.clone(),
+            input: self.input.clone(),
+            catch_up: self.catch_up,
+            catch_up_limit: self.catch_up_limit,
+            overlap: self.overlap,
+            misfire_grace: self.misfire_grace,
+        }
+    }
 }
 
 /// A duration with a default of 30 s.
@@ -148,10 +205,7 @@ pub(crate) enum LogFormat {
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("config file {path}: {message}")]
     Parse { path: String, message: String },
     #[error("config: {0}")]
@@ -159,17 +213,70 @@ pub(crate) enum ConfigError {
 }
 
 impl Config {
+    /// The schedules, as the engine runs them.
+    pub(crate) fn schedules(&self) -> Vec<Schedule> {
+        self.schedules.iter().map(ScheduleConfig::to_schedule).collect()
+    }
+
+    /// Checks what needs the registered workflows: schedule names are unique, each names a
+    /// workflow that exists, and its input (filled for a sample tick) fits that workflow.
+    /// Each problem names the file, the line and the key.
+    pub(crate) fn check_with(&self, path: &str, registry: &Registry) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        let mut seen = std::collections::HashMap::new();
+        for (i, s) in self.schedules.iter().enumerate() {
+            let at = |line: u64, key: &str| format!("{path}, line {line}: schedules[{i}].{key}");
+            if let Some(first) = seen.insert(s.name.value.clone(), s.name.referenced.line()) {
+                problems.push(format!(
+                    "{}: schedule name '{}' is already used on line {first}; names must be unique",
+                    at(s.name.referenced.line(), "name"),
+                    s.name.value
+                ));
+            }
+            let schedule = s.to_schedule();
+            let input = match schedule.input_for(chrono::Utc::now()) {
+                Ok(input) => input,
+                Err(e) => {
+                    problems.push(format!("{}: {e}", at(s.name.referenced.line(), "input")));
+                    continue;
+                }
+            };
+            match registry.validate_input(&s.workflow.value, &input) {
+                None => problems.push(format!(
+                    "{}: unknown workflow '{}'; registered: {}",
+                    at(s.workflow.referenced.line(), "workflow"),
+                    s.workflow.value,
+                    registry
+                        .list()
+                        .iter()
+                        .map(|w| w.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )),
+                Some(Err(e)) => problems.push(format!(
+                    "{}: does not fit workflow '{}': {e}",
+                    at(s.name.referenced.line(), "input"),
+                    s.workflow.value
+                )),
+                Some(Ok(())) => {}
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems.join("\n")))
+        }
+    }
+
     /// Loads defaults, then `file` (path and text) if given, then the environment.
-    pub(crate) fn load(
-        file: Option<(&str, &str)>,
-        env: &HashMap<String, String>,
-    ) -> Result<Self, ConfigError> {
+    pub(crate) fn load(file: Option<(&str, &str)>, env: &HashMap<String, String>) -> Result<Self, ConfigError> {
         let mut config = match file {
-            Some((path, text)) if !text.trim().is_empty() => serde_saphyr::from_str::<Config>(text)
-                .map_err(|e| ConfigError::Parse {
+            Some((path, text)) if !text.trim().is_empty() => {
+                serde_saphyr::from_str::<Config>(text).map_err(|e| ConfigError::Parse {
                     path: path.to_string(),
                     message: e.to_string(),
-                })?,
+                })?
+            }
             _ => Config::default(),
         };
         if let Some(url) = env.get("DAYSHIFT_DATABASE_URL").filter(|v| !v.is_empty()) {
@@ -183,15 +290,10 @@ impl Config {
     }
 
     /// Reads the file named by `path` (or `DAYSHIFT_CONFIG`) and loads.
-    pub(crate) fn from_path(
-        path: Option<&str>,
-        env: &HashMap<String, String>,
-    ) -> Result<Self, ConfigError> {
-        let path = path.map(str::to_string).or_else(|| {
-            env.get("DAYSHIFT_CONFIG")
-                .filter(|p| !p.is_empty())
-                .cloned()
-        });
+    pub(crate) fn from_path(path: Option<&str>, env: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        let path = path
+            .map(str::to_string)
+            .or_else(|| env.get("DAYSHIFT_CONFIG").filter(|p| !p.is_empty()).cloned());
         match path {
             Some(path) => {
                 let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
@@ -212,10 +314,7 @@ impl Config {
             ));
         }
         let redis = self.redis.url.expose();
-        if !(redis.starts_with("redis://")
-            || redis.starts_with("rediss://")
-            || redis.starts_with("unix://"))
-        {
+        if !(redis.starts_with("redis://") || redis.starts_with("rediss://") || redis.starts_with("unix://")) {
             return Err(ConfigError::Invalid(
                 "redis.url must start with redis://, rediss:// or unix://".into(),
             ));
@@ -226,19 +325,13 @@ impl Config {
             ));
         }
         if self.worker.concurrency == 0 {
-            return Err(ConfigError::Invalid(
-                "worker.concurrency must be at least 1".into(),
-            ));
+            return Err(ConfigError::Invalid("worker.concurrency must be at least 1".into()));
         }
         if self.worker.lease_ttl < Duration::from_secs(1) {
-            return Err(ConfigError::Invalid(
-                "worker.lease-ttl must be at least 1s".into(),
-            ));
+            return Err(ConfigError::Invalid("worker.lease-ttl must be at least 1s".into()));
         }
         if self.queue.poll_interval.is_zero() {
-            return Err(ConfigError::Invalid(
-                "queue.poll-interval must be more than 0".into(),
-            ));
+            return Err(ConfigError::Invalid("queue.poll-interval must be more than 0".into()));
         }
         Ok(())
     }
@@ -249,10 +342,7 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     #[test]
@@ -276,7 +366,8 @@ mod tests {
 
     #[test]
     fn file_settings_are_read() {
-        let text = "worker:\n  concurrency: 4\n  lease-ttl: 10s\nserver:\n  listen: 0.0.0.0:9000\nshutdown-grace-period: 5s\n";
+        let text =
+            "worker:\n  concurrency: 4\n  lease-ttl: 10s\nserver:\n  listen: 0.0.0.0:9000\nshutdown-grace-period: 5s\n";
         let c = Config::load(Some(("c.yaml", text)), &env(&[])).unwrap();
         assert_eq!(c.worker.concurrency, 4);
         assert_eq!(c.worker.lease_ttl, Duration::from_secs(10));
@@ -287,9 +378,7 @@ mod tests {
     #[test]
     fn an_unknown_key_is_named_with_its_line() {
         let text = "server:\n  listen: 127.0.0.1:8080\nworker:\n  concurency: 4\n";
-        let err = Config::load(Some(("c.yaml", text)), &env(&[]))
-            .unwrap_err()
-            .to_string();
+        let err = Config::load(Some(("c.yaml", text)), &env(&[])).unwrap_err().to_string();
         assert!(err.contains("concurency"), "{err}");
         assert!(err.contains("line 4"), "{err}");
         assert!(err.contains("c.yaml"), "{err}");
@@ -298,19 +387,13 @@ mod tests {
     #[test]
     fn a_wrong_type_is_named_with_its_line() {
         let text = "worker:\n  concurrency: lots\n";
-        let err = Config::load(Some(("c.yaml", text)), &env(&[]))
-            .unwrap_err()
-            .to_string();
+        let err = Config::load(Some(("c.yaml", text)), &env(&[])).unwrap_err().to_string();
         assert!(err.contains("line 2"), "{err}");
     }
 
     #[test]
     fn secrets_do_not_print() {
-        let c = Config::load(
-            None,
-            &env(&[("DAYSHIFT_DATABASE_URL", "postgres://u:hunter2@h/db")]),
-        )
-        .unwrap();
+        let c = Config::load(None, &env(&[("DAYSHIFT_DATABASE_URL", "postgres://u:hunter2@h/db")])).unwrap();
         assert!(!format!("{c:?}").contains("hunter2"));
     }
 }

@@ -67,6 +67,13 @@ enum Command {
         #[command(flatten)]
         api: client::ApiArgs,
     },
+    /// Lists, shows, pauses, resumes and triggers cron schedules through the API.
+    Schedules {
+        #[command(subcommand)]
+        command: Option<client::SchedulesCommand>,
+        #[command(flatten)]
+        api: client::ApiArgs,
+    },
     /// Lists the registered workflows.
     Workflows {
         /// Machine-readable output.
@@ -84,16 +91,17 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum ConfigCommand {
-    /// Loads the configuration and reports the first error, naming the key and line.
-    Check,
+    /// Loads the configuration (FILE, else --config, else DAYSHIFT_CONFIG) and checks it without
+    /// starting anything; every error names the file, the line and the key.
+    Check {
+        /// The config file to check.
+        file: Option<String>,
+    },
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -114,10 +122,14 @@ fn env_map() -> HashMap<String, String> {
 }
 
 fn init_logs(config: &Config) {
+    use std::io::IsTerminal;
     let filter = std::env::var("DAYSHIFT_LOG").unwrap_or_else(|_| config.log.level.clone());
+    // PostgreSQL's notices ("relation already exists, skipping") are not news.
+    let filter = format!("{filter},sqlx::postgres::notice=warn");
     let filter = EnvFilter::try_new(&filter).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = match config.log.format {
         LogFormat::Json => builder.json().try_init(),
@@ -127,19 +139,35 @@ fn init_logs(config: &Config) {
 
 /// The engine with every built-in workflow, connected to PostgreSQL and Redis.
 async fn connect(config: &Config) -> Result<Engine> {
-    let store = PgStore::connect(
-        config.database.url.expose(),
-        config.database.max_connections,
-    )
-    .await
-    .context("cannot connect to PostgreSQL (database.url)")?;
+    let store = PgStore::connect(config.database.url.expose(), config.database.max_connections)
+        .await
+        .context("cannot connect to PostgreSQL (database.url)")?;
     let queue = RedisQueue::connect(config.redis.url.expose(), config.queue.clone())
         .await
         .context("cannot connect to Redis (redis.url)")?;
     let pool = store.pool().clone();
     Ok(Engine::builder(store, queue)
         .register_all(dayshift_workflows::all(pool))
+        .schedules(config.schedules())
         .build())
+}
+
+/// The built-in workflows, without a database (for checks and listings).
+fn offline_registry() -> Result<dayshift_engine::Registry> {
+    // This pool never connects: only the workflows' input types are used.
+    let pool = sqlx::PgPool::connect_lazy("postgres://localhost/unused")?;
+    let mut registry = dayshift_engine::Registry::default();
+    for d in dayshift_workflows::all(pool) {
+        registry.register(d);
+    }
+    Ok(registry)
+}
+
+/// Where the config came from, for messages.
+fn config_path(cli: Option<&str>, env: &HashMap<String, String>) -> String {
+    cli.map(str::to_string)
+        .or_else(|| env.get("DAYSHIFT_CONFIG").filter(|p| !p.is_empty()).cloned())
+        .unwrap_or_else(|| "(no config file)".into())
 }
 
 async fn run(cli: Cli) -> Result<std::process::ExitCode> {
@@ -147,12 +175,17 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
     let config = || Config::from_path(cli.config.as_deref(), &env);
     match cli.command {
         Command::Config {
-            command: ConfigCommand::Check,
+            command: ConfigCommand::Check { file },
         } => {
-            let c = config()?;
+            let path = file.or(cli.config.clone());
+            let c = Config::from_path(path.as_deref(), &env)?;
+            c.check_with(&config_path(path.as_deref(), &env), &offline_registry()?)?;
             println!(
-                "config ok: server.listen={} worker.concurrency={} worker.lease-ttl={:?}",
-                c.server.listen, c.worker.concurrency, c.worker.lease_ttl
+                "config ok: server.listen={} worker.concurrency={} worker.lease-ttl={:?} schedules={}",
+                c.server.listen,
+                c.worker.concurrency,
+                c.worker.lease_ttl,
+                c.schedules.len()
             );
         }
         Command::Migrate => {
@@ -170,6 +203,7 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
                 c.server.listen = l;
             }
             init_logs(&c);
+            c.check_with(&config_path(cli.config.as_deref(), &env), &offline_registry()?)?;
             serve(c).await?;
         }
         Command::Worker { concurrency } => {
@@ -182,12 +216,7 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             worker(c).await?;
         }
         Command::Workflows { json } => {
-            // Listing needs no database: this pool never connects.
-            let pool = sqlx::PgPool::connect_lazy("postgres://localhost/unused")?;
-            let mut registry = dayshift_engine::Registry::default();
-            for d in dayshift_workflows::all(pool) {
-                registry.register(d);
-            }
+            let registry = offline_registry()?;
             let list = registry.list();
             if json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
@@ -205,6 +234,7 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             api,
         } => return client::run(&api, &workflow, &input, wait, idempotency_key).await,
         Command::Runs { command, api } => return client::runs(&api, command).await,
+        Command::Schedules { command, api } => return client::schedules(&api, command).await,
         Command::Bench(args) => {
             let mut c = config()?;
             // The bench's own report is the output; per-run logs would only slow it down.
@@ -245,9 +275,18 @@ async fn serve(config: Config) -> Result<()> {
     tracing::info!(listen = %config.server.listen, "API listening.");
     // Printed on stdout so that scripts and tests can wait for it.
     println!("listening on {}", listener.local_addr()?);
+    let token = CancellationToken::new();
+    let scheduler =
+        tokio::spawn(dayshift_engine::Scheduler::new(engine.clone()).run(Duration::from_millis(250), token.clone()));
+    let stop = token.clone();
     axum::serve(listener, dayshift_engine::http::router(engine))
-        .with_graceful_shutdown(shutdown_signal())
+        .with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            stop.cancel();
+        })
         .await?;
+    token.cancel();
+    let _ = scheduler.await;
     Ok(())
 }
 
@@ -265,10 +304,7 @@ async fn worker(config: Config) -> Result<()> {
         Ok(Ok(Err(e))) => Err(e.into()),
         Ok(Err(e)) => Err(e.into()),
         Err(_) => {
-            tracing::warn!(
-                ?grace,
-                "Grace period over; leases of unfinished runs will expire."
-            );
+            tracing::warn!(?grace, "Grace period over; leases of unfinished runs will expire.");
             Ok(())
         }
     }

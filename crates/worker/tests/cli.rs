@@ -34,18 +34,11 @@ fn config_check_passes_with_defaults_and_env_only() {
     let out = Command::new(env!("CARGO_BIN_EXE_dayshift"))
         .args(["config", "check"])
         .env_remove("DAYSHIFT_CONFIG")
-        .env(
-            "DAYSHIFT_DATABASE_URL",
-            "postgres://u:p@db.example:5432/dayshift",
-        )
+        .env("DAYSHIFT_DATABASE_URL", "postgres://u:p@db.example:5432/dayshift")
         .env("DAYSHIFT_REDIS_URL", "redis://cache.example:6379/")
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("config ok"));
 }
 
@@ -65,21 +58,12 @@ fn a_bad_url_in_the_environment_is_refused_before_connecting() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("database.url must start with postgres://")
-    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("database.url must start with postgres://"));
 }
 
 #[test]
 fn the_example_config_in_deploy_is_valid() {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../deploy/dayshift.example.yaml"
-    );
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/dayshift.example.yaml");
     let out = dayshift(&["--config", path, "config", "check"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }

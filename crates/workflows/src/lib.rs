@@ -4,9 +4,7 @@
 
 mod selftest;
 
-pub use selftest::{
-    ChainInput, ChainOutput, GateInput, GateOutput, StepCount, TableName, chain, gate,
-};
+pub use selftest::{ChainInput, ChainOutput, GateInput, GateOutput, StepCount, TableName, chain, gate};
 
 use dayshift_engine::WorkflowDef;
 use sqlx::PgPool;

@@ -100,11 +100,7 @@ pub fn chain(pool: PgPool) -> WorkflowDef {
     )
 }
 
-async fn run_chain(
-    ctx: Ctx,
-    pool: PgPool,
-    input: ChainInput,
-) -> Result<ChainOutput, WorkflowError> {
+async fn run_chain(ctx: Ctx, pool: PgPool, input: ChainInput) -> Result<ChainOutput, WorkflowError> {
     let steps = u32::from(input.steps);
     let table = input.side_effects.as_ref().map(|t| t.0.clone());
     let retry = RetryPolicy {
@@ -119,9 +115,10 @@ async fn run_chain(
         let name = format!("step-{i}");
         let (pool, table, input_ref) = (&pool, table.as_deref(), &input);
         let attempt = ctx
-            .step(name, |s: StepCtx| async move {
-                one_step(s, pool, table, input_ref).await
-            })
+            .step(
+                name,
+                |s: StepCtx| async move { one_step(s, pool, table, input_ref).await },
+            )
             .retry(retry.clone())
             .await?;
         attempts.push(attempt);
@@ -133,12 +130,7 @@ async fn run_chain(
 ///
 /// Idempotent in the sense the test needs: running it again records another row, which is
 /// exactly what the side-effect table is there to count.
-async fn one_step(
-    s: StepCtx,
-    pool: &PgPool,
-    table: Option<&str>,
-    input: &ChainInput,
-) -> Result<u32, StepError> {
+async fn one_step(s: StepCtx, pool: &PgPool, table: Option<&str>, input: &ChainInput) -> Result<u32, StepError> {
     if input.sleep_ms > 0 {
         tokio::time::sleep(Duration::from_millis(input.sleep_ms)).await;
     }
@@ -220,8 +212,7 @@ pub fn gate() -> WorkflowDef {
                 })
                 .await?;
             if input.sleep_ms > 0 {
-                ctx.sleep("pause", Duration::from_millis(input.sleep_ms))
-                    .await?;
+                ctx.sleep("pause", Duration::from_millis(input.sleep_ms)).await?;
             }
             let Some(approval) = ctx
                 .wait_signal(&input.signal, Duration::from_millis(input.timeout_ms))
@@ -233,10 +224,7 @@ pub fn gate() -> WorkflowDef {
                 )));
             };
             let approval = ctx
-                .step(
-                    "apply",
-                    move |_s| async move { Ok::<_, StepError>(approval) },
-                )
+                .step("apply", move |_s| async move { Ok::<_, StepError>(approval) })
                 .await?;
             Ok(GateOutput {
                 approval,
