@@ -126,7 +126,7 @@ fn replace_db(url: &str, db: &str) -> String {
 /// Fast settings for tests: short leases, frequent sweeps.
 pub fn fast_worker(name: &str) -> WorkerConfig {
     WorkerConfig {
-        name: format!("{name}-{}", unique()),
+        name: Some(format!("{name}-{}", unique())),
         concurrency: 16,
         lease_ttl: Duration::from_secs(2),
         sweep_interval: Duration::from_millis(300),

@@ -40,7 +40,7 @@ pub(crate) struct AdvanceJob {
 }
 
 /// How the queue talks to Redis.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
 pub struct QueueConfig {
     /// The apalis queue name; runs of different dayshift installations sharing a Redis must
@@ -49,19 +49,23 @@ pub struct QueueConfig {
     /// How often an idle worker asks Redis for new jobs even without a wake-up message: the
     /// pick-up latency should a message be lost. Default 50ms (a cheap Lua call).
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub poll_interval: Duration,
     /// Worker heartbeat; a worker silent for `heartbeat_interval × missed_heartbeats` has its
     /// jobs handed to others. Default 5s × 3.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub heartbeat_interval: Duration,
     /// See `heartbeat_interval`.
     pub missed_heartbeats: u32,
     /// How long one Redis command may take before it fails (redis-rs defaults to 500ms, which
     /// turns a short stall into a dead worker). Default 5s.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub response_timeout: Duration,
     /// Wake-ups due sooner than this are timed in-process rather than by Redis. Default 30s.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub local_timer_horizon: Duration,
     /// Jobs fetched per poll. Default 16.
     pub batch_size: usize,

@@ -135,7 +135,7 @@ impl<'de> Deserialize<'de> for TimeZone {
 }
 
 /// What to do with ticks missed while dayshift was down.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum CatchUp {
     /// Run none of them (the default).
@@ -148,7 +148,7 @@ pub enum CatchUp {
 }
 
 /// What to do when a tick comes while the schedule's previous run is still going.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Overlap {
     /// Start it anyway (the default).

@@ -17,27 +17,30 @@ use crate::runtime::{self, CancelRegistry, PassOptions};
 use crate::store::CANCEL_CHANNEL;
 
 /// How a worker behaves.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
 pub struct WorkerConfig {
-    /// Unique per process; shows in leases and logs. Default `<host>-<pid>-<random>`.
-    pub name: String,
+    /// Unique per process; shows in leases and logs. Default `<host>-<pid>-<random>`, made
+    /// when the worker starts.
+    pub name: Option<String>,
     /// Runs advanced at once by this process. Default 16.
     pub concurrency: usize,
     /// How long a claimed run stays leased without renewal; a worker that dies holding a run
     /// delays it by at most this. Default 30s.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub lease_ttl: Duration,
     /// How often PostgreSQL is scanned for runs that have been due for this long without a
     /// worker taking them (Redis lost its data, a worker died). Default 5s.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub sweep_interval: Duration,
 }
 
 impl Default for WorkerConfig {
     fn default() -> Self {
         Self {
-            name: default_worker_name(),
+            name: None,
             concurrency: 16,
             lease_ttl: Duration::from_secs(30),
             sweep_interval: Duration::from_secs(5),
@@ -74,8 +77,14 @@ pub struct Worker {
 
 impl Worker {
     /// A worker of `engine`.
-    pub fn new(engine: Engine, config: WorkerConfig) -> Self {
+    pub fn new(engine: Engine, mut config: WorkerConfig) -> Self {
+        config.name.get_or_insert_with(default_worker_name);
         Self { engine, config }
+    }
+
+    /// This worker's name (given, or `<host>-<pid>-<random>`).
+    pub fn name(&self) -> &str {
+        self.config.name.as_deref().unwrap_or_default()
     }
 
     /// Runs until `shutdown` is cancelled, then stops taking jobs; runs in flight stop at their
@@ -90,13 +99,13 @@ impl Worker {
         let shared = Arc::new(Shared {
             engine: inner.clone(),
             opts: PassOptions {
-                owner: self.config.name.clone(),
+                owner: self.name().to_string(),
                 lease_ttl: self.config.lease_ttl,
                 shutdown: shutdown.clone(),
                 cancels: cancels.clone(),
             },
         });
-        tracing::info!(worker = %self.config.name, concurrency = self.config.concurrency, "Worker started.");
+        tracing::info!(worker = %self.name(), concurrency = self.config.concurrency, "Worker started.");
 
         let listener = tokio::spawn(listen_for_cancels(inner.clone(), cancels, shutdown.clone()));
         let sweeper = tokio::spawn(sweep(inner.clone(), self.config.sweep_interval, shutdown.clone()));
@@ -113,9 +122,9 @@ impl Worker {
         let mut generation = 0u32;
         let result = loop {
             let name = if generation == 0 {
-                self.config.name.clone()
+                self.name().to_string()
             } else {
-                format!("{}-{generation}", self.config.name)
+                format!("{}-{generation}", self.name())
             };
             let worker = WorkerBuilder::new(name.clone())
                 .backend(queue.backend().poll_with_strategy(queue.poll_strategy(wake.clone())))
@@ -148,7 +157,7 @@ impl Worker {
                         .err()
                         .map(|e| e.to_string())
                         .unwrap_or_else(|| "registration lost".into());
-                    tracing::warn!(worker = %self.config.name, %error, generation,
+                    tracing::warn!(worker = %self.name(), %error, generation,
                         "Queue consumer stopped; starting it again.");
                     tokio::select! {
                         _ = shutdown.cancelled() => break Ok(()),
@@ -159,7 +168,7 @@ impl Worker {
         };
         shutdown.cancel();
         let _ = tokio::join!(listener, sweeper, waker);
-        tracing::info!(worker = %self.config.name, "Worker stopped.");
+        tracing::info!(worker = %self.name(), "Worker stopped.");
         result
     }
 }

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_saphyr::Spanned;
 
 /// A value that must never be printed (it may carry a password).
-#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(transparent)]
 pub(crate) struct Secret(String);
 
@@ -36,8 +36,9 @@ impl From<String> for Secret {
 }
 
 /// The whole configuration.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+#[schemars(title = "dayshift configuration")]
 pub(crate) struct Config {
     /// PostgreSQL, which holds all engine state.
     pub database: DatabaseConfig,
@@ -58,17 +59,21 @@ pub(crate) struct Config {
 }
 
 /// One cron schedule.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub(crate) struct ScheduleConfig {
     /// Unique name; used in the API (`/api/v1/schedules/NAME`) and in the runs' `started_by`.
+    #[schemars(with = "String")]
     pub name: Spanned<String>,
     /// Crontab expression: 5 fields, or 6/7 with seconds (and year), or @daily, @hourly, ….
+    #[schemars(with = "String")]
     pub cron: CronExpr,
     /// IANA time zone the expression is read in. Default UTC.
     #[serde(default)]
+    #[schemars(with = "String")]
     pub timezone: TimeZone,
     /// The workflow each tick starts.
+    #[schemars(with = "String")]
     pub workflow: Spanned<String>,
     /// The workflow's input; `{{ tick }}`, `{{ tick_utc }}` and `{{ schedule }}` are filled in.
     #[serde(default)]
@@ -84,6 +89,7 @@ pub(crate) struct ScheduleConfig {
     pub overlap: Overlap,
     /// How late a tick may fire and still count as on time rather than missed. Default 1m.
     #[serde(default = "one_minute", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub misfire_grace: Duration,
 }
 
@@ -112,9 +118,13 @@ impl ScheduleConfig {
 }
 
 /// A duration with a default of 30 s.
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Copy, Deserialize, schemars::JsonSchema)]
 #[serde(transparent)]
-pub(crate) struct GracePeriod(#[serde(with = "humantime_serde")] pub Duration);
+pub(crate) struct GracePeriod(
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub Duration,
+);
 
 impl Default for GracePeriod {
     fn default() -> Self {
@@ -123,7 +133,7 @@ impl Default for GracePeriod {
 }
 
 /// PostgreSQL settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
 pub(crate) struct DatabaseConfig {
     /// Connection URL. Env: `DAYSHIFT_DATABASE_URL`. Default
@@ -143,7 +153,7 @@ impl Default for DatabaseConfig {
 }
 
 /// Redis settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
 pub(crate) struct RedisConfig {
     /// Connection URL. Env: `DAYSHIFT_REDIS_URL`. Default `redis://127.0.0.1:16379/`.
@@ -159,10 +169,11 @@ impl Default for RedisConfig {
 }
 
 /// HTTP API settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
 pub(crate) struct ServerConfig {
     /// Address to listen on. Default `127.0.0.1:8080`.
+    #[schemars(with = "String")]
     pub listen: SocketAddr,
 }
 
@@ -175,7 +186,7 @@ impl Default for ServerConfig {
 }
 
 /// Log settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
 pub(crate) struct LogConfig {
     /// A tracing filter, e.g. `info` or `info,dayshift_engine=debug`. Env `DAYSHIFT_LOG` wins.
@@ -194,7 +205,7 @@ impl Default for LogConfig {
 }
 
 /// How log lines look.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub(crate) enum LogFormat {
     Text,

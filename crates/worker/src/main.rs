@@ -97,6 +97,8 @@ enum ConfigCommand {
         /// The config file to check.
         file: Option<String>,
     },
+    /// Prints the JSON Schema of the config file, for editors (also in docs/config.schema.json).
+    Schema,
 }
 
 fn main() -> std::process::ExitCode {
@@ -187,6 +189,12 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
                 c.worker.lease_ttl,
                 c.schedules.len()
             );
+        }
+        Command::Config {
+            command: ConfigCommand::Schema,
+        } => {
+            let schema = schemars::schema_for!(Config);
+            println!("{}", serde_json::to_string_pretty(&schema)?);
         }
         Command::Migrate => {
             let c = config()?;
@@ -294,8 +302,9 @@ async fn worker(config: Config) -> Result<()> {
     let engine = connect(&config).await?;
     let token = CancellationToken::new();
     let worker = Worker::new(engine, config.worker.clone());
+    let name = worker.name().to_string();
     let run = tokio::spawn(worker.run(token.clone()));
-    println!("worker {} started", config.worker.name);
+    println!("worker {name} started");
     shutdown_signal().await;
     token.cancel();
     let grace: Duration = config.shutdown_grace_period.0;

@@ -67,3 +67,21 @@ fn the_example_config_in_deploy_is_valid() {
     let out = dayshift(&["--config", path, "config", "check"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn the_published_config_schema_is_up_to_date() {
+    let out = dayshift(&["config", "schema"]);
+    assert!(out.status.success());
+    let published =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/config.schema.json")).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        published,
+        "docs/config.schema.json is stale: run `dayshift config schema > docs/config.schema.json`"
+    );
+    let schema: serde_json::Value = serde_json::from_str(&published).unwrap();
+    let schedule = &schema["$defs"]["ScheduleConfig"]["properties"];
+    for key in ["name", "cron", "timezone", "workflow", "input", "catch-up", "overlap"] {
+        assert!(schedule.get(key).is_some(), "the schema lacks schedules[].{key}");
+    }
+}
