@@ -22,6 +22,7 @@ pub(crate) struct EngineInner {
     pub(crate) registry: Registry,
     pub(crate) faults: Option<FaultInjector>,
     pub(crate) schedules: Vec<Schedule>,
+    pub(crate) webhooks: Option<std::sync::Arc<crate::webhook::Webhooks>>,
 }
 
 impl EngineInner {
@@ -62,6 +63,7 @@ pub struct EngineBuilder {
     registry: Registry,
     faults: Option<FaultInjector>,
     schedules: Vec<Schedule>,
+    webhooks: Option<crate::webhook::Webhooks>,
 }
 
 impl std::fmt::Debug for FaultInjectorSlot<'_> {
@@ -93,6 +95,12 @@ impl EngineBuilder {
         self
     }
 
+    /// The git webhook secrets and routes (see [`crate::webhook`]).
+    pub fn webhooks(mut self, webhooks: crate::webhook::Webhooks) -> Self {
+        self.webhooks = Some(webhooks);
+        self
+    }
+
     /// Registers a workflow.
     pub fn register(mut self, def: WorkflowDef) -> Self {
         self.registry.register(def);
@@ -116,6 +124,7 @@ impl EngineBuilder {
                 registry: self.registry,
                 faults: self.faults,
                 schedules: self.schedules,
+                webhooks: self.webhooks.map(std::sync::Arc::new),
             }),
         }
     }
@@ -130,6 +139,7 @@ impl Engine {
             registry: Registry::default(),
             faults: None,
             schedules: Vec::new(),
+            webhooks: None,
         }
     }
 

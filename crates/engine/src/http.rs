@@ -19,6 +19,7 @@ use crate::schedule::Scheduler;
 
 /// The API's routes, on an engine.
 pub fn router(engine: Engine) -> Router {
+    let hook_limit = engine.inner.webhooks.as_ref().map(|w| w.max_body).unwrap_or(1 << 20);
     Router::new()
         .route("/healthz", get(|| async { Json(json!({ "status": "ok" })) }))
         .route("/readyz", get(ready))
@@ -28,12 +29,17 @@ pub fn router(engine: Engine) -> Router {
         .route("/api/v1/runs/{id}/events", get(run_events))
         .route("/api/v1/runs/{id}/cancel", post(cancel_run))
         .route("/api/v1/runs/{id}/signals/{name}", post(signal_run))
+        .route(
+            "/hooks/{forge}",
+            post(webhook).layer(axum::extract::DefaultBodyLimit::disable()),
+        )
         .route("/api/v1/schedules", get(list_schedules))
         .route("/api/v1/schedules/{name}", get(get_schedule))
         .route("/api/v1/schedules/{name}/pause", post(pause_schedule))
         .route("/api/v1/schedules/{name}/resume", post(resume_schedule))
         .route("/api/v1/schedules/{name}/trigger", post(trigger_schedule))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+        .layer(axum::Extension(HookLimit(hook_limit)))
         .with_state(engine)
 }
 
@@ -248,4 +254,61 @@ async fn trigger_schedule(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let run = Scheduler::new(engine).trigger(&name, "api").await?;
     Ok((StatusCode::CREATED, Json(json!({ "schedule": name, "run_id": run }))))
+}
+
+#[derive(Clone, Copy)]
+struct HookLimit(usize);
+
+/// `POST /hooks/{forge}`: a git forge's delivery.
+async fn webhook(
+    State(engine): State<Engine>,
+    axum::Extension(HookLimit(limit)): axum::Extension<HookLimit>,
+    Path(forge): Path<String>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    use crate::webhook::{self, Forge, HookError};
+    let forge = Forge::from_path(&forge).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no webhook endpoint for '{forge}'; use github, gitea, forgejo or gitlab"),
+        )
+    })?;
+    let hooks = engine.inner.webhooks.clone();
+    let Some(secret) = hooks.as_ref().and_then(|h| h.secrets.get(&forge)) else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_configured",
+            format!(
+                "webhooks from {} are not configured (webhooks.{}.secret)",
+                forge.as_str(),
+                forge.as_str()
+            ),
+        ));
+    };
+    let hooks = hooks.clone().expect("checked above");
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("the body is larger than {limit} bytes"),
+        )
+    })?;
+    webhook::verify(forge, &headers, &bytes, secret).map_err(|e| {
+        tracing::warn!(forge = forge.as_str(), error = %e, "Webhook delivery refused.");
+        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string())
+    })?;
+    let parsed = webhook::parse(forge, &headers, &bytes).map_err(|e| match e {
+        HookError::Unauthorized(m) => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", m),
+        HookError::BadRequest(m) => ApiError::new(StatusCode::BAD_REQUEST, "bad_request", m),
+    })?;
+    let payload: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    let outcome = webhook::deliver(&engine, &hooks, forge, parsed, &payload).await?;
+    let status = match outcome.outcome.as_str() {
+        "pong" | "duplicate" => StatusCode::OK,
+        "failed" => StatusCode::UNPROCESSABLE_ENTITY,
+        _ => StatusCode::ACCEPTED,
+    };
+    Ok((status, Json(serde_json::to_value(outcome).unwrap_or(Value::Null))))
 }

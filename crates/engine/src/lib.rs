@@ -15,6 +15,7 @@ mod runtime;
 mod schedule;
 mod store;
 pub mod template;
+pub mod webhook;
 mod worker;
 mod workflow;
 

@@ -21,6 +21,33 @@ pub fn render(template: &Value, context: &Value) -> Result<Value, String> {
     render_at(template, context, "input")
 }
 
+/// Every placeholder path in `template`, with the input key it is in.
+pub fn placeholders(template: &Value) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    collect(template, "input", &mut out);
+    out
+}
+
+fn collect(v: &Value, at: &str, out: &mut Vec<(String, String)>) {
+    match v {
+        Value::String(s) => {
+            let mut rest = s.as_str();
+            while let Some(start) = rest.find("{{") {
+                let after = &rest[start + 2..];
+                let Some(end) = after.find("}}") else { break };
+                out.push((at.to_string(), after[..end].trim().to_string()));
+                rest = &after[end + 2..];
+            }
+        }
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .for_each(|(i, v)| collect(v, &format!("{at}[{i}]"), out)),
+        Value::Object(map) => map.iter().for_each(|(k, v)| collect(v, &format!("{at}.{k}"), out)),
+        _ => {}
+    }
+}
+
 fn render_at(template: &Value, context: &Value, at: &str) -> Result<Value, String> {
     match template {
         Value::String(s) => render_str(s, context, at),

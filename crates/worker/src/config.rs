@@ -56,6 +56,115 @@ pub(crate) struct Config {
     pub shutdown_grace_period: GracePeriod,
     /// Cron schedules; `serve` fires them (one run per tick, however many replicas).
     pub schedules: Vec<ScheduleConfig>,
+    /// Git webhooks (`POST /hooks/github|gitea|forgejo|gitlab`) and the runs they start.
+    pub webhooks: WebhooksConfig,
+}
+
+/// Git webhook settings.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub(crate) struct WebhooksConfig {
+    /// Largest delivery accepted, in bytes (413 above it). Default 2 MiB.
+    pub max_body_bytes: usize,
+    /// Commit author emails that are dayshift itself: pushes made only of their commits (or of
+    /// commits with a `Dayshift-Run:` trailer) start nothing.
+    pub bot_emails: Vec<String>,
+    /// Accept deliveries from GitHub (`X-Hub-Signature-256`).
+    pub github: Option<ForgeConfig>,
+    /// Accept deliveries from Gitea (`X-Gitea-Signature`).
+    pub gitea: Option<ForgeConfig>,
+    /// Accept deliveries from Forgejo (`X-Forgejo-Signature`).
+    pub forgejo: Option<ForgeConfig>,
+    /// Accept deliveries from GitLab (`X-Gitlab-Token`).
+    pub gitlab: Option<ForgeConfig>,
+    /// Which events start which workflow; every matching route starts its run.
+    pub routes: Vec<RouteConfig>,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 2 << 20,
+            bot_emails: Vec::new(),
+            github: None,
+            gitea: None,
+            forgejo: None,
+            gitlab: None,
+            routes: Vec::new(),
+        }
+    }
+}
+
+/// A forge's shared secret (the webhook secret; GitLab's secret token).
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(crate) struct ForgeConfig {
+    /// Where the secret is; never in this file.
+    pub secret: SecretSource,
+}
+
+/// Where a secret comes from: an environment variable or a file (e.g. a mounted Kubernetes
+/// secret). Exactly one.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SecretSource {
+    /// The environment variable holding it.
+    pub env: Option<String>,
+    /// The file holding it (trailing newline ignored).
+    pub file: Option<std::path::PathBuf>,
+}
+
+impl SecretSource {
+    fn read(&self, key: &str) -> Result<Vec<u8>, String> {
+        match (&self.env, &self.file) {
+            (Some(var), None) => match std::env::var(var) {
+                Ok(v) if !v.is_empty() => Ok(v.into_bytes()),
+                _ => Err(format!("{key}: environment variable {var} is not set")),
+            },
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .map(|s| s.trim_end_matches(['\n', '\r']).as_bytes().to_vec())
+                .map_err(|e| format!("{key}: cannot read {}: {e}", path.display())),
+            _ => Err(format!("{key}: give exactly one of `env` and `file`")),
+        }
+    }
+}
+
+/// A webhook route.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(crate) struct RouteConfig {
+    /// Unique name; in the runs' `started_by`.
+    #[schemars(with = "String")]
+    pub name: Spanned<String>,
+    /// Only deliveries from this forge (a `gitea` route also takes Forgejo's); any if absent.
+    pub forge: Option<dayshift_engine::webhook::Forge>,
+    /// Repository full names, globs allowed (`platform/*`); any if absent.
+    #[serde(default)]
+    #[schemars(with = "Vec<String>")]
+    pub repositories: Vec<dayshift_engine::webhook::Pattern>,
+    /// push, tag, branch-deleted, tag-deleted, pull-request-opened, pull-request-reopened,
+    /// pull-request-synchronized, pull-request-closed, pull-request-merged.
+    pub events: Vec<dayshift_engine::webhook::EventKind>,
+    /// Branch globs (the pushed branch, or a pull request's base branch); any if absent.
+    #[serde(default)]
+    #[schemars(with = "Vec<String>")]
+    pub branches: Vec<dayshift_engine::webhook::Pattern>,
+    /// Tag globs (`v*`); any if absent.
+    #[serde(default)]
+    #[schemars(with = "Vec<String>")]
+    pub tags: Vec<dayshift_engine::webhook::Pattern>,
+    /// Changed-path globs of a push (`apps/web/**`); at least one changed path must match.
+    #[serde(default)]
+    #[schemars(with = "Vec<String>")]
+    pub paths: Vec<dayshift_engine::webhook::Pattern>,
+    /// The workflow to start.
+    #[schemars(with = "String")]
+    pub workflow: Spanned<String>,
+    /// Its input; placeholders such as `{{ branch }}`, `{{ sha }}`, `{{ payload.pusher.name }}`.
+    #[serde(default)]
+    pub input: serde_json::Value,
+    /// One (or n) at a time per target; the key may hold placeholders (`promote:{{ repository }}`).
+    pub concurrency: Option<dayshift_engine::Concurrency>,
 }
 
 /// One cron schedule.
@@ -224,6 +333,46 @@ pub(crate) enum ConfigError {
 }
 
 impl Config {
+    /// The webhook settings with their secrets read, as the engine runs them.
+    pub(crate) fn webhooks(&self) -> Result<dayshift_engine::webhook::Webhooks, ConfigError> {
+        use dayshift_engine::webhook::{Forge, WebhookRoute, Webhooks};
+        let w = &self.webhooks;
+        let mut secrets = HashMap::new();
+        for (forge, conf) in [
+            (Forge::Github, &w.github),
+            (Forge::Gitea, &w.gitea),
+            (Forge::Forgejo, &w.forgejo),
+            (Forge::Gitlab, &w.gitlab),
+        ] {
+            if let Some(conf) = conf {
+                let key = format!("webhooks.{}.secret", forge.as_str());
+                secrets.insert(forge, conf.secret.read(&key).map_err(ConfigError::Invalid)?);
+            }
+        }
+        let routes = w
+            .routes
+            .iter()
+            .map(|r| WebhookRoute {
+                name: r.name.value.clone(),
+                forge: r.forge,
+                repositories: r.repositories.clone(),
+                events: r.events.clone(),
+                branches: r.branches.clone(),
+                tags: r.tags.clone(),
+                paths: r.paths.clone(),
+                workflow: r.workflow.value.clone(),
+                input: r.input.clone(),
+                concurrency: r.concurrency.clone(),
+            })
+            .collect();
+        Ok(Webhooks {
+            secrets,
+            routes,
+            max_body: w.max_body_bytes,
+            bot_emails: w.bot_emails.clone(),
+        })
+    }
+
     /// The schedules, as the engine runs them.
     pub(crate) fn schedules(&self) -> Vec<Schedule> {
         self.schedules.iter().map(ScheduleConfig::to_schedule).collect()
@@ -272,6 +421,10 @@ impl Config {
                 Some(Ok(())) => {}
             }
         }
+        self.check_routes(path, registry, &mut problems);
+        if let Err(ConfigError::Invalid(e)) = self.webhooks() {
+            problems.push(format!("{path}: {e}"));
+        }
         if problems.is_empty() {
             Ok(())
         } else {
@@ -314,6 +467,60 @@ impl Config {
                 Self::load(Some((&path, &text)), env)
             }
             None => Self::load(None, env),
+        }
+    }
+
+    fn check_routes(&self, path: &str, registry: &Registry, problems: &mut Vec<String>) {
+        use dayshift_engine::webhook::{CONTEXT_FIELDS, Forge};
+        let w = &self.webhooks;
+        let mut seen = HashMap::new();
+        for (i, r) in w.routes.iter().enumerate() {
+            let line = r.name.referenced.line();
+            let at = |key: &str| format!("{path}, line {line}: webhooks.routes[{i}].{key}");
+            if let Some(first) = seen.insert(r.name.value.clone(), line) {
+                problems.push(format!(
+                    "{}: route name '{}' is already used on line {first}; names must be unique",
+                    at("name"),
+                    r.name.value
+                ));
+            }
+            if registry
+                .validate_input(&r.workflow.value, &serde_json::Value::Null)
+                .is_none()
+            {
+                problems.push(format!(
+                    "{path}, line {}: webhooks.routes[{i}].workflow: unknown workflow '{}'",
+                    r.workflow.referenced.line(),
+                    r.workflow.value
+                ));
+            }
+            for (key, placeholder) in dayshift_engine::template::placeholders(&r.input) {
+                let root = placeholder.split('.').next().unwrap_or_default();
+                if !CONTEXT_FIELDS.contains(&root) {
+                    problems.push(format!(
+                        "{}: '{{{{ {placeholder} }}}}' names no field of a git event; fields: {}",
+                        at(&key),
+                        CONTEXT_FIELDS.join(", ")
+                    ));
+                }
+            }
+            let route = self.webhooks().ok().and_then(|h| h.routes.into_iter().nth(i));
+            for problem in route.map(|r| r.problems()).unwrap_or_default() {
+                problems.push(at(&problem));
+            }
+            let configured = match r.forge {
+                Some(Forge::Github) => w.github.is_some(),
+                Some(Forge::Gitea) => w.gitea.is_some() || w.forgejo.is_some(),
+                Some(Forge::Forgejo) => w.forgejo.is_some(),
+                Some(Forge::Gitlab) => w.gitlab.is_some(),
+                None => w.github.is_some() || w.gitea.is_some() || w.forgejo.is_some() || w.gitlab.is_some(),
+            };
+            if !configured {
+                problems.push(format!(
+                    "{}: no forge this route listens to has a secret (webhooks.<forge>.secret)",
+                    at("forge")
+                ));
+            }
         }
     }
 

@@ -139,8 +139,9 @@ fn init_logs(config: &Config) {
     };
 }
 
-/// The engine with every built-in workflow, connected to PostgreSQL and Redis.
-async fn connect(config: &Config) -> Result<Engine> {
+/// The engine with every built-in workflow, connected to PostgreSQL and Redis; with the
+/// triggers (schedules, webhooks) when `triggers` (the `serve` role).
+async fn connect(config: &Config, triggers: bool) -> Result<Engine> {
     let store = PgStore::connect(config.database.url.expose(), config.database.max_connections)
         .await
         .context("cannot connect to PostgreSQL (database.url)")?;
@@ -148,10 +149,11 @@ async fn connect(config: &Config) -> Result<Engine> {
         .await
         .context("cannot connect to Redis (redis.url)")?;
     let pool = store.pool().clone();
-    Ok(Engine::builder(store, queue)
-        .register_all(dayshift_workflows::all(pool))
-        .schedules(config.schedules())
-        .build())
+    let mut builder = Engine::builder(store, queue).register_all(dayshift_workflows::all(pool));
+    if triggers {
+        builder = builder.schedules(config.schedules()).webhooks(config.webhooks()?);
+    }
+    Ok(builder.build())
 }
 
 /// The built-in workflows, without a database (for checks and listings).
@@ -275,7 +277,7 @@ async fn shutdown_signal() {
 }
 
 async fn serve(config: Config) -> Result<()> {
-    let engine = connect(&config).await?;
+    let engine = connect(&config, true).await?;
     engine.store().migrate().await.context("migration failed")?;
     let listener = tokio::net::TcpListener::bind(config.server.listen)
         .await
@@ -299,7 +301,7 @@ async fn serve(config: Config) -> Result<()> {
 }
 
 async fn worker(config: Config) -> Result<()> {
-    let engine = connect(&config).await?;
+    let engine = connect(&config, false).await?;
     let token = CancellationToken::new();
     let worker = Worker::new(engine, config.worker.clone());
     let name = worker.name().to_string();
