@@ -99,6 +99,13 @@ redis_up() {
   return 1
 }
 
+alertmanager_installed() {
+  # Tests start their own Alertmanager per test (each pointed at its own `dayshift serve`);
+  # here it is only installed. The Debian package's service is not started (no systemd).
+  apt_install prometheus-alertmanager
+  command -v prometheus-alertmanager >/dev/null || { log "prometheus-alertmanager missing after install"; return 1; }
+}
+
 write_env() {
   cat >"$state/env" <<EOF
 # Written by scripts/services.sh; source it to talk to the local services.
@@ -114,6 +121,7 @@ case "${1:-up}" in
     mkdir -p "$state"
     postgres_up
     redis_up
+    alertmanager_installed
     write_env
     log "ready: source $state/env"
     ;;

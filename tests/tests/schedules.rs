@@ -30,14 +30,15 @@ async fn ticks(pool: &sqlx::PgPool, name: &str) -> Vec<(DateTime<Utc>, String)> 
         .unwrap()
 }
 
-/// Moves a schedule's last tick back, as if dayshift had been down since then.
-async fn rewind(pool: &sqlx::PgPool, name: &str, by: chrono::Duration) {
+/// Moves a schedule's last tick back to the hour boundary `hours` before the current hour, as
+/// if dayshift had been down since then: an hourly schedule has then missed exactly `hours` ticks.
+async fn rewind_hours(pool: &sqlx::PgPool, name: &str, hours: i32) {
     sqlx::query(
-        "insert into schedules (name, last_tick) values ($1, now() - $2 * interval '1 second') \
+        "insert into schedules (name, last_tick) values ($1, date_trunc('hour', now()) - make_interval(hours => $2)) \
          on conflict (name) do update set last_tick = excluded.last_tick",
     )
     .bind(name)
-    .bind(by.num_seconds() as f64)
+    .bind(hours)
     .execute(pool)
     .await
     .unwrap();
@@ -105,8 +106,8 @@ async fn catch_up_skip_latest_and_all() {
     let env = TestEnv::with_schedules(vec![], vec![skip, latest, all]).await;
     let pool = env.db.pool.clone();
     for name in ["hourly-skip", "hourly-latest", "hourly-all"] {
-        // Down for ten hours and a half: ten ticks were missed.
-        rewind(&pool, name, chrono::Duration::minutes(630)).await;
+        // Down for ten hours: ten ticks were missed.
+        rewind_hours(&pool, name, 10).await;
     }
     let scheduler = Scheduler::new(env.engine.clone());
     scheduler.fire_due().await.unwrap();

@@ -23,6 +23,7 @@ pub(crate) struct EngineInner {
     pub(crate) faults: Option<FaultInjector>,
     pub(crate) schedules: Vec<Schedule>,
     pub(crate) webhooks: Option<std::sync::Arc<crate::webhook::Webhooks>>,
+    pub(crate) alerts: Option<std::sync::Arc<crate::alerts::Alerts>>,
 }
 
 impl EngineInner {
@@ -64,6 +65,7 @@ pub struct EngineBuilder {
     faults: Option<FaultInjector>,
     schedules: Vec<Schedule>,
     webhooks: Option<crate::webhook::Webhooks>,
+    alerts: Option<crate::alerts::Alerts>,
 }
 
 impl std::fmt::Debug for FaultInjectorSlot<'_> {
@@ -101,6 +103,12 @@ impl EngineBuilder {
         self
     }
 
+    /// The Alertmanager routes and guardrails (see [`crate::alerts`]).
+    pub fn alerts(mut self, alerts: crate::alerts::Alerts) -> Self {
+        self.alerts = Some(alerts);
+        self
+    }
+
     /// Registers a workflow.
     pub fn register(mut self, def: WorkflowDef) -> Self {
         self.registry.register(def);
@@ -125,6 +133,7 @@ impl EngineBuilder {
                 faults: self.faults,
                 schedules: self.schedules,
                 webhooks: self.webhooks.map(std::sync::Arc::new),
+                alerts: self.alerts.map(std::sync::Arc::new),
             }),
         }
     }
@@ -140,6 +149,7 @@ impl Engine {
             faults: None,
             schedules: Vec::new(),
             webhooks: None,
+            alerts: None,
         }
     }
 

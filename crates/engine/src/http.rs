@@ -30,9 +30,14 @@ pub fn router(engine: Engine) -> Router {
         .route("/api/v1/runs/{id}/cancel", post(cancel_run))
         .route("/api/v1/runs/{id}/signals/{name}", post(signal_run))
         .route(
+            "/hooks/alertmanager",
+            post(alertmanager).layer(axum::extract::DefaultBodyLimit::disable()),
+        )
+        .route(
             "/hooks/{forge}",
             post(webhook).layer(axum::extract::DefaultBodyLimit::disable()),
         )
+        .route("/api/v1/alerts/episodes", get(alert_episodes))
         .route("/api/v1/schedules", get(list_schedules))
         .route("/api/v1/schedules/{name}", get(get_schedule))
         .route("/api/v1/schedules/{name}/pause", post(pause_schedule))
@@ -311,4 +316,80 @@ async fn webhook(
         _ => StatusCode::ACCEPTED,
     };
     Ok((status, Json(serde_json::to_value(outcome).unwrap_or(Value::Null))))
+}
+
+/// `POST /hooks/alertmanager`: an Alertmanager webhook notification (version 4).
+async fn alertmanager(
+    State(engine): State<Engine>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let Some(alerts) = engine.inner.alerts.clone() else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_configured",
+            "Alertmanager notifications are not configured (alertmanager.routes)",
+        ));
+    };
+    if let Some(token) = &alerts.token {
+        let given = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        let same = given.len() == token.len() && given.bytes().zip(token).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0;
+        if !same {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "missing or wrong bearer token",
+            ));
+        }
+    }
+    let bytes = axum::body::to_bytes(body, alerts.max_body).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("the body is larger than {} bytes", alerts.max_body),
+        )
+    })?;
+    let notification: crate::alerts::Notification = serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("not an Alertmanager notification: {e}"),
+        )
+    })?;
+    if notification.version != "4" {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!(
+                "notification version {} is not supported; Alertmanager sends version 4",
+                notification.version
+            ),
+        ));
+    }
+    let outcome = crate::alerts::handle(&engine, &alerts, notification).await?;
+    Ok((
+        StatusCode::OK,
+        Json(serde_json::to_value(outcome).unwrap_or(Value::Null)),
+    ))
+}
+
+/// `GET /api/v1/alerts/episodes`: the newest alert episodes, with what became of each
+/// (started, held back by a guardrail and why, failed).
+async fn alert_episodes(State(engine): State<Engine>) -> Result<Json<Value>, ApiError> {
+    let rows: Vec<(Value,)> = sqlx::query_as(
+        "select jsonb_build_object('route', route, 'fingerprint', fingerprint, 'starts_at', starts_at, \
+           'target', target, 'labels', labels, 'outcome', outcome, 'detail', detail, 'run_id', run_id, \
+           'first_seen', first_seen, 'started_at', started_at, 'resolved_at', resolved_at) \
+         from alert_episodes order by first_seen desc limit 500",
+    )
+    .fetch_all(engine.store().pool())
+    .await
+    .map_err(|e| ApiError::from(EngineError::from(e)))?;
+    Ok(Json(
+        json!({ "episodes": rows.into_iter().map(|(v,)| v).collect::<Vec<_>>() }),
+    ))
 }

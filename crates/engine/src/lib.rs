@@ -6,6 +6,7 @@
 //! Redis ([`RedisQueue`]) only carries wake-ups; a sweeper re-enqueues whatever PostgreSQL says
 //! is due, so losing Redis loses no run. See ARCHITECTURE.md for the glossary and the contract.
 
+pub mod alerts;
 mod engine;
 mod error;
 pub mod http;

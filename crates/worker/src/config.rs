@@ -58,6 +58,54 @@ pub(crate) struct Config {
     pub schedules: Vec<ScheduleConfig>,
     /// Git webhooks (`POST /hooks/github|gitea|forgejo|gitlab`) and the runs they start.
     pub webhooks: WebhooksConfig,
+    /// Alertmanager notifications (`POST /hooks/alertmanager`) and the remediations they start.
+    pub alertmanager: AlertmanagerConfig,
+}
+
+/// Alertmanager settings.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub(crate) struct AlertmanagerConfig {
+    /// The bearer token Alertmanager sends (its webhook_config http_config.authorization);
+    /// none required if absent.
+    pub token: Option<SecretSource>,
+    /// Largest notification accepted, in bytes. Default 32 MiB (a storm of 10,000 alerts is
+    /// about 6 MB).
+    pub max_body_bytes: usize,
+    /// Which alerts start which workflow; every matching route starts its run.
+    pub routes: Vec<AlertRouteConfig>,
+}
+
+impl Default for AlertmanagerConfig {
+    fn default() -> Self {
+        Self {
+            token: None,
+            max_body_bytes: 32 << 20,
+            routes: Vec::new(),
+        }
+    }
+}
+
+/// An alert route.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(crate) struct AlertRouteConfig {
+    /// Unique name; in the runs' `started_by`.
+    #[schemars(with = "String")]
+    pub name: Spanned<String>,
+    /// Label matchers, all of which must match one alert: `alertname="KubePodCrashLooping"`,
+    /// `namespace=~"prod-.*"`, `severity!="info"`, `team!~"data|ml"`.
+    #[schemars(with = "Vec<String>")]
+    pub matchers: Vec<dayshift_engine::alerts::Matcher>,
+    /// The workflow to start, once per alert episode.
+    #[schemars(with = "String")]
+    pub workflow: Spanned<String>,
+    /// Its input; placeholders such as `{{ labels.namespace }}`, `{{ annotations.summary }}`.
+    #[serde(default)]
+    pub input: serde_json::Value,
+    /// Cooldown per target, runs per window, runs at once.
+    #[serde(default)]
+    pub guardrails: dayshift_engine::alerts::Guardrails,
 }
 
 /// Git webhook settings.
@@ -373,6 +421,30 @@ impl Config {
         })
     }
 
+    /// The Alertmanager settings with the token read, as the engine runs them.
+    pub(crate) fn alerts(&self) -> Result<dayshift_engine::alerts::Alerts, ConfigError> {
+        let a = &self.alertmanager;
+        let token = match &a.token {
+            Some(source) => Some(source.read("alertmanager.token").map_err(ConfigError::Invalid)?),
+            None => None,
+        };
+        Ok(dayshift_engine::alerts::Alerts {
+            token,
+            max_body: a.max_body_bytes,
+            routes: a
+                .routes
+                .iter()
+                .map(|r| dayshift_engine::alerts::AlertRoute {
+                    name: r.name.value.clone(),
+                    matchers: r.matchers.clone(),
+                    workflow: r.workflow.value.clone(),
+                    input: r.input.clone(),
+                    guardrails: r.guardrails.clone(),
+                })
+                .collect(),
+        })
+    }
+
     /// The schedules, as the engine runs them.
     pub(crate) fn schedules(&self) -> Vec<Schedule> {
         self.schedules.iter().map(ScheduleConfig::to_schedule).collect()
@@ -422,6 +494,10 @@ impl Config {
             }
         }
         self.check_routes(path, registry, &mut problems);
+        self.check_alert_routes(path, registry, &mut problems);
+        if let Err(ConfigError::Invalid(e)) = self.alerts() {
+            problems.push(format!("{path}: {e}"));
+        }
         if let Err(ConfigError::Invalid(e)) = self.webhooks() {
             problems.push(format!("{path}: {e}"));
         }
@@ -520,6 +596,45 @@ impl Config {
                     "{}: no forge this route listens to has a secret (webhooks.<forge>.secret)",
                     at("forge")
                 ));
+            }
+        }
+    }
+
+    fn check_alert_routes(&self, path: &str, registry: &Registry, problems: &mut Vec<String>) {
+        use dayshift_engine::alerts::CONTEXT_FIELDS;
+        let mut seen = HashMap::new();
+        for (i, r) in self.alertmanager.routes.iter().enumerate() {
+            let line = r.name.referenced.line();
+            let at = |key: &str| format!("{path}, line {line}: alertmanager.routes[{i}].{key}");
+            if let Some(first) = seen.insert(r.name.value.clone(), line) {
+                problems.push(format!(
+                    "{}: route name '{}' is already used on line {first}; names must be unique",
+                    at("name"),
+                    r.name.value
+                ));
+            }
+            if r.matchers.is_empty() {
+                problems.push(format!("{}: name at least one matcher", at("matchers")));
+            }
+            if registry
+                .validate_input(&r.workflow.value, &serde_json::Value::Null)
+                .is_none()
+            {
+                problems.push(format!(
+                    "{path}, line {}: alertmanager.routes[{i}].workflow: unknown workflow '{}'",
+                    r.workflow.referenced.line(),
+                    r.workflow.value
+                ));
+            }
+            for (key, placeholder) in dayshift_engine::template::placeholders(&r.input) {
+                let root = placeholder.split('.').next().unwrap_or_default();
+                if !CONTEXT_FIELDS.contains(&root) {
+                    problems.push(format!(
+                        "{}: '{{{{ {placeholder} }}}}' names no field of an alert; fields: {}",
+                        at(&key),
+                        CONTEXT_FIELDS.join(", ")
+                    ));
+                }
             }
         }
     }

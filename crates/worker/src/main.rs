@@ -151,7 +151,10 @@ async fn connect(config: &Config, triggers: bool) -> Result<Engine> {
     let pool = store.pool().clone();
     let mut builder = Engine::builder(store, queue).register_all(dayshift_workflows::all(pool));
     if triggers {
-        builder = builder.schedules(config.schedules()).webhooks(config.webhooks()?);
+        builder = builder
+            .schedules(config.schedules())
+            .webhooks(config.webhooks()?)
+            .alerts(config.alerts()?);
     }
     Ok(builder.build())
 }

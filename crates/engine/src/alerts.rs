@@ -1,0 +1,521 @@
+//! Alertmanager notifications start remediation runs: one per alert episode, within guardrails.
+//!
+//! # Design notes
+//! - Alertmanager sends no delivery id and no signature; a repeat notification is identical to
+//!   the first, and an HA pair sends each one twice. So an *episode* (the alert's `fingerprint`
+//!   and `startsAt`) starts at most one run per route: the run's idempotency key is
+//!   `alert:<route>:<fingerprint>:<startsAt>`, and `alert_episodes` records it.
+//! - Routes match each alert's labels (not the group's) with Alertmanager's operators: `=`,
+//!   `!=`, `=~`, `!~`; regular expressions match the whole value, as in Alertmanager.
+//! - A resolved alert starts nothing; it is delivered as the signal `resolved` (payload: the
+//!   alert) to the run its episode started, so a remediation can wait for it.
+//! - Guardrails per route: a cooldown per target (the values of the labels named), at most
+//!   `max-runs` per `window`, at most `max-concurrent` runs going. An episode held back is
+//!   recorded with the reason and tried again when a later notification still reports it firing.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use regex::Regex;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use sqlx::Row;
+
+use crate::engine::Engine;
+use crate::error::EngineError;
+use crate::model::{RunId, StartRun};
+use crate::template;
+
+/// One label matcher, in Alertmanager's syntax: `name="value"`, `name!="value"`,
+/// `name=~"regex"`, `name!~"regex"`.
+#[derive(Debug, Clone)]
+pub struct Matcher {
+    text: String,
+    name: String,
+    op: Op,
+    value: String,
+    regex: Option<Regex>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Op {
+    Eq,
+    Ne,
+    Re,
+    NotRe,
+}
+
+impl std::str::FromStr for Matcher {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let bad = || {
+            format!(
+                "'{text}' is not a matcher; expected name=\"value\", name!=\"value\", name=~\"regex\" or name!~\"regex\""
+            )
+        };
+        let pos = text.find(['=', '!']).ok_or_else(bad)?;
+        let name = text[..pos].trim();
+        let rest = &text[pos..];
+        let (op, value) = if let Some(v) = rest.strip_prefix("=~") {
+            (Op::Re, v)
+        } else if let Some(v) = rest.strip_prefix("!~") {
+            (Op::NotRe, v)
+        } else if let Some(v) = rest.strip_prefix("!=") {
+            (Op::Ne, v)
+        } else if let Some(v) = rest.strip_prefix('=') {
+            (Op::Eq, v)
+        } else {
+            return Err(bad());
+        };
+        let valid_name = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid_name {
+            return Err(bad());
+        }
+        let value = value.trim();
+        let value = value
+            .strip_prefix('"')
+            .and_then(|v| v.strip_suffix('"'))
+            .unwrap_or(value)
+            .to_string();
+        let regex = match op {
+            Op::Re | Op::NotRe => Some(
+                Regex::new(&format!("^(?:{value})$")).map_err(|e| format!("'{text}': bad regular expression: {e}"))?,
+            ),
+            _ => None,
+        };
+        Ok(Self {
+            text: text.to_string(),
+            name: name.to_string(),
+            op,
+            value,
+            regex,
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for Matcher {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for Matcher {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.text)
+    }
+}
+
+impl Matcher {
+    /// Whether the labels match; a missing label is the empty string, as in Alertmanager.
+    pub fn matches(&self, labels: &serde_json::Map<String, Value>) -> bool {
+        let v = labels.get(&self.name).and_then(Value::as_str).unwrap_or("");
+        match self.op {
+            Op::Eq => v == self.value,
+            Op::Ne => v != self.value,
+            Op::Re => self.regex.as_ref().is_some_and(|r| r.is_match(v)),
+            Op::NotRe => !self.regex.as_ref().is_some_and(|r| r.is_match(v)),
+        }
+    }
+}
+
+/// How much automation an alert route may do.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Guardrails {
+    /// The labels that name what a run acts on (e.g. `[namespace, deployment]`); the cooldown
+    /// applies per distinct target. Default: the alert's fingerprint.
+    #[serde(default)]
+    pub target: Vec<String>,
+    /// After a run for a target, no new run for it for this long.
+    #[serde(default, with = "humantime_serde::option")]
+    #[schemars(with = "Option<String>")]
+    pub cooldown: Option<Duration>,
+    /// At most this many runs per `window` for the route.
+    pub max_runs: Option<u32>,
+    /// The window of `max-runs`. Default 1h.
+    #[serde(default, with = "humantime_serde::option")]
+    #[schemars(with = "Option<String>")]
+    pub window: Option<Duration>,
+    /// At most this many of the route's runs going at once.
+    pub max_concurrent: Option<u32>,
+}
+
+/// An alert route.
+#[derive(Debug, Clone)]
+pub struct AlertRoute {
+    pub name: String,
+    /// All must match the alert's labels.
+    pub matchers: Vec<Matcher>,
+    pub workflow: String,
+    /// Input with placeholders: `labels.*`, `annotations.*`, `fingerprint`, `starts_at`,
+    /// `generator_url`, `status`, `receiver`, `external_url`.
+    pub input: Value,
+    pub guardrails: Guardrails,
+}
+
+/// The fields an alert route's placeholders can start with.
+pub const CONTEXT_FIELDS: &[&str] = &[
+    "labels",
+    "annotations",
+    "fingerprint",
+    "starts_at",
+    "generator_url",
+    "status",
+    "receiver",
+    "external_url",
+];
+
+/// Alertmanager settings.
+#[derive(Debug, Clone, Default)]
+pub struct Alerts {
+    /// If set, notifications must carry `Authorization: Bearer <token>`.
+    pub token: Option<Vec<u8>>,
+    pub routes: Vec<AlertRoute>,
+    pub max_body: usize,
+}
+
+/// Alertmanager's webhook payload, version 4.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Notification {
+    pub version: String,
+    #[serde(default)]
+    pub group_key: Option<String>,
+    pub status: String,
+    #[serde(default)]
+    pub receiver: Option<String>,
+    #[serde(default, rename = "externalURL")]
+    pub external_url: Option<String>,
+    pub alerts: Vec<Alert>,
+}
+
+/// One alert of a notification.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Alert {
+    pub status: String,
+    pub labels: serde_json::Map<String, Value>,
+    #[serde(default)]
+    pub annotations: serde_json::Map<String, Value>,
+    pub starts_at: DateTime<Utc>,
+    #[serde(default, rename = "generatorURL")]
+    pub generator_url: Option<String>,
+    pub fingerprint: String,
+}
+
+/// What a notification led to.
+#[derive(Debug, Default, Serialize)]
+pub struct NotificationOutcome {
+    pub alerts: usize,
+    pub started: Vec<RunId>,
+    /// Episodes that already had their run (repeat notifications, HA duplicates).
+    pub duplicates: usize,
+    pub held_back: Vec<String>,
+    /// Resolved alerts delivered as a signal to their episode's run.
+    pub resolved_signals: usize,
+    /// Firing alerts no route matched.
+    pub no_route: usize,
+    pub errors: Vec<String>,
+}
+
+/// Handles one notification.
+pub(crate) async fn handle(
+    engine: &Engine,
+    alerts: &Alerts,
+    n: Notification,
+) -> Result<NotificationOutcome, EngineError> {
+    let pool = engine.store().pool();
+    let mut out = NotificationOutcome {
+        alerts: n.alerts.len(),
+        ..Default::default()
+    };
+    for alert in &n.alerts {
+        let matching: Vec<&AlertRoute> = alerts
+            .routes
+            .iter()
+            .filter(|r| r.matchers.iter().all(|m| m.matches(&alert.labels)))
+            .collect();
+        if alert.status == "resolved" {
+            out.resolved_signals += resolve(engine, alert, &matching).await?;
+            continue;
+        }
+        if matching.is_empty() {
+            out.no_route += 1;
+            continue;
+        }
+        for route in matching {
+            match fire(engine, route, alert, &n).await? {
+                Fired::Started(id) => out.started.push(id),
+                Fired::Duplicate => out.duplicates += 1,
+                Fired::HeldBack(why) => out
+                    .held_back
+                    .push(format!("{} ({}): {why}", route.name, alert.fingerprint)),
+                Fired::Failed(why) => out
+                    .errors
+                    .push(format!("{} ({}): {why}", route.name, alert.fingerprint)),
+            }
+        }
+    }
+    sqlx::query(
+        "insert into alert_notifications (receiver, status, group_key, alerts, summary) values ($1, $2, $3, $4, $5)",
+    )
+    .bind(&n.receiver)
+    .bind(&n.status)
+    .bind(&n.group_key)
+    .bind(n.alerts.len() as i32)
+    .bind(json!({
+        "started": out.started.len(), "duplicates": out.duplicates, "held_back": out.held_back.len(),
+        "resolved_signals": out.resolved_signals, "no_route": out.no_route, "errors": out.errors.len()
+    }))
+    .execute(pool)
+    .await?;
+    tracing::info!(
+        alerts = out.alerts,
+        started = out.started.len(),
+        duplicates = out.duplicates,
+        held_back = out.held_back.len(),
+        resolved = out.resolved_signals,
+        "Alertmanager notification handled."
+    );
+    Ok(out)
+}
+
+enum Fired {
+    Started(RunId),
+    Duplicate,
+    HeldBack(String),
+    Failed(String),
+}
+
+fn target_of(route: &AlertRoute, alert: &Alert) -> String {
+    if route.guardrails.target.is_empty() {
+        return alert.fingerprint.clone();
+    }
+    route
+        .guardrails
+        .target
+        .iter()
+        .map(|l| format!("{l}={}", alert.labels.get(l).and_then(Value::as_str).unwrap_or("")))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+async fn fire(engine: &Engine, route: &AlertRoute, alert: &Alert, n: &Notification) -> Result<Fired, EngineError> {
+    let pool = engine.store().pool();
+    let target = target_of(route, alert);
+    // Serialises decisions for this route, so that caps hold under concurrent notifications.
+    let mut tx = pool.begin().await?;
+    sqlx::query("select pg_advisory_xact_lock(hashtextextended($1, 1))")
+        .bind(format!("alert-route:{}", route.name))
+        .execute(&mut *tx)
+        .await?;
+    let existing =
+        sqlx::query("select outcome from alert_episodes where route = $1 and fingerprint = $2 and starts_at = $3")
+            .bind(&route.name)
+            .bind(&alert.fingerprint)
+            .bind(alert.starts_at)
+            .fetch_optional(&mut *tx)
+            .await?;
+    if let Some(row) = &existing
+        && row.get::<String, _>("outcome") == "started"
+    {
+        return Ok(Fired::Duplicate);
+    }
+    if let Some(why) = held_back(&mut tx, route, &target).await? {
+        sqlx::query(
+            "insert into alert_episodes (route, fingerprint, starts_at, target, labels, outcome, detail) \
+             values ($1, $2, $3, $4, $5, 'held-back', $6) \
+             on conflict (route, fingerprint, starts_at) do update set detail = excluded.detail",
+        )
+        .bind(&route.name)
+        .bind(&alert.fingerprint)
+        .bind(alert.starts_at)
+        .bind(&target)
+        .bind(Value::Object(alert.labels.clone()))
+        .bind(&why)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        tracing::warn!(route = %route.name, fingerprint = %alert.fingerprint, reason = %why, "Alert held back by a guardrail.");
+        return Ok(Fired::HeldBack(why));
+    }
+    let context = json!({
+        "labels": alert.labels, "annotations": alert.annotations, "fingerprint": alert.fingerprint,
+        "starts_at": alert.starts_at.to_rfc3339(), "generator_url": alert.generator_url, "status": alert.status,
+        "receiver": n.receiver, "external_url": n.external_url,
+    });
+    let input = match template::render(&route.input, &context) {
+        Ok(i) => i,
+        Err(e) => return Ok(Fired::Failed(e)),
+    };
+    let mut req = StartRun::new(route.workflow.clone(), input);
+    req.idempotency_key = Some(format!(
+        "alert:{}:{}:{}",
+        route.name,
+        alert.fingerprint,
+        alert.starts_at.to_rfc3339()
+    ));
+    req.started_by = Some(format!(
+        "alertmanager:{} {}",
+        route.name,
+        alert.labels.get("alertname").and_then(Value::as_str).unwrap_or("alert")
+    ));
+    let started = match engine.start(req).await {
+        Ok(s) => s,
+        Err(e @ (EngineError::InvalidInput { .. } | EngineError::UnknownWorkflow(_) | EngineError::BadRequest(_))) => {
+            return Ok(Fired::Failed(e.to_string()));
+        }
+        Err(e) => return Err(e),
+    };
+    sqlx::query(
+        "insert into alert_episodes (route, fingerprint, starts_at, target, labels, outcome, run_id, started_at) \
+         values ($1, $2, $3, $4, $5, 'started', $6, now()) \
+         on conflict (route, fingerprint, starts_at) do update set outcome = 'started', detail = null, \
+           run_id = excluded.run_id, started_at = now()",
+    )
+    .bind(&route.name)
+    .bind(&alert.fingerprint)
+    .bind(alert.starts_at)
+    .bind(&target)
+    .bind(Value::Object(alert.labels.clone()))
+    .bind(started.id.0)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(if started.created {
+        Fired::Started(started.id)
+    } else {
+        Fired::Duplicate
+    })
+}
+
+/// Why a new run would break a guardrail, if it would.
+async fn held_back(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    route: &AlertRoute,
+    target: &str,
+) -> Result<Option<String>, EngineError> {
+    let g = &route.guardrails;
+    if let Some(cooldown) = g.cooldown {
+        let recent: Option<DateTime<Utc>> = sqlx::query_scalar(
+            "select max(started_at) from alert_episodes where route = $1 and target = $2 and outcome = 'started' \
+             and started_at > now() - make_interval(secs => $3)",
+        )
+        .bind(&route.name)
+        .bind(target)
+        .bind(cooldown.as_secs_f64())
+        .fetch_one(&mut **tx)
+        .await?;
+        if let Some(at) = recent {
+            return Ok(Some(format!(
+                "cooldown: a run for {target} started at {at}, less than {} ago",
+                humantime::format_duration(cooldown)
+            )));
+        }
+    }
+    if let Some(max) = g.max_runs {
+        let window = g.window.unwrap_or(Duration::from_secs(3600));
+        let count: i64 = sqlx::query_scalar(
+            "select count(*) from alert_episodes where route = $1 and outcome = 'started' \
+             and started_at > now() - make_interval(secs => $2)",
+        )
+        .bind(&route.name)
+        .bind(window.as_secs_f64())
+        .fetch_one(&mut **tx)
+        .await?;
+        if count >= i64::from(max) {
+            return Ok(Some(format!(
+                "max-runs: {count} runs in the last {}, the limit is {max}",
+                humantime::format_duration(window)
+            )));
+        }
+    }
+    if let Some(max) = g.max_concurrent {
+        let going: i64 = sqlx::query_scalar(
+            "select count(*) from alert_episodes e join runs r on r.id = e.run_id where e.route = $1 \
+             and r.status in ('pending', 'running', 'waiting')",
+        )
+        .bind(&route.name)
+        .fetch_one(&mut **tx)
+        .await?;
+        if going >= i64::from(max) {
+            return Ok(Some(format!("max-concurrent: {going} runs going, the limit is {max}")));
+        }
+    }
+    Ok(None)
+}
+
+/// Signals `resolved` to the runs the alert's episode started. Returns how many were signalled.
+async fn resolve(engine: &Engine, alert: &Alert, routes: &[&AlertRoute]) -> Result<usize, EngineError> {
+    let pool = engine.store().pool();
+    let names: Vec<String> = routes.iter().map(|r| r.name.clone()).collect();
+    let rows = sqlx::query(
+        "update alert_episodes set resolved_at = coalesce(resolved_at, now()) \
+         where fingerprint = $1 and starts_at = $2 and route = any($3) and outcome = 'started' \
+         returning run_id, (resolved_at = now()) as first",
+    )
+    .bind(&alert.fingerprint)
+    .bind(alert.starts_at)
+    .bind(&names)
+    .fetch_all(pool)
+    .await?;
+    let mut signalled = 0;
+    for row in rows {
+        // A repeated resolved notification signals nothing new.
+        if !row.get::<bool, _>("first") {
+            continue;
+        }
+        let Some(run) = row.get::<Option<uuid::Uuid>, _>("run_id") else {
+            continue;
+        };
+        let payload = json!({ "fingerprint": alert.fingerprint, "labels": alert.labels, "starts_at": alert.starts_at });
+        match engine.signal(RunId(run), "resolved", payload, "alertmanager").await {
+            Ok(()) => signalled += 1,
+            // The run already ended: nothing waits for the signal.
+            Err(EngineError::Conflict(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(signalled)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(pairs: &[(&str, &str)]) -> serde_json::Map<String, Value> {
+        pairs.iter().map(|(k, v)| (k.to_string(), json!(v))).collect()
+    }
+
+    #[test]
+    fn matchers_use_alertmanagers_operators() {
+        let l = labels(&[
+            ("alertname", "KubePodCrashLooping"),
+            ("namespace", "prod-web"),
+            ("severity", "critical"),
+        ]);
+        for (m, expected) in [
+            (r#"alertname="KubePodCrashLooping""#, true),
+            (r#"severity!="info""#, true),
+            (r#"namespace=~"prod-.*""#, true),
+            (r#"namespace=~"prod""#, false), // anchored, as in Alertmanager
+            (r#"namespace!~"staging-.*""#, true),
+            (r#"team="""#, true), // a missing label is the empty string
+            ("severity=critical", true),
+        ] {
+            assert_eq!(m.parse::<Matcher>().unwrap().matches(&l), expected, "{m}");
+        }
+    }
+
+    #[test]
+    fn bad_matchers_say_what_is_expected() {
+        assert!(
+            "alertname"
+                .parse::<Matcher>()
+                .unwrap_err()
+                .contains("expected name=\"value\"")
+        );
+        assert!(r#"x=~"(""#.parse::<Matcher>().unwrap_err().contains("bad regular expression"));
+        assert!(r#"="v""#.parse::<Matcher>().is_err());
+    }
+}

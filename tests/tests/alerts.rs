@@ -1,0 +1,310 @@
+//! Alertmanager notifications: a real Alertmanager (Debian's prometheus-alertmanager) sending to
+//! `dayshift serve`, and notifications posted in Alertmanager's exact shape for the cases a test
+//! cannot wait for (a 10,000-alert storm, guardrails, bad input).
+
+use std::time::Duration;
+
+use chrono::Utc;
+use dayshift_tests::{BinEnv, OwnAlertmanager, unique};
+use serde_json::{Value, json};
+
+const TOKEN: &str = "am-bearer-token";
+const LIMIT: Duration = Duration::from_secs(60);
+
+async fn alert_env(routes: &str) -> BinEnv {
+    let dir = std::env::temp_dir().join(format!("dayshift-alerts-{}", unique()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let token = dir.join("token");
+    std::fs::write(&token, TOKEN).unwrap();
+    BinEnv::start_with(&format!(
+        "alertmanager:\n  token: {{ file: {} }}\n  routes:\n{routes}",
+        token.display()
+    ))
+    .await
+}
+
+async fn count(env: &BinEnv, sql: &str) -> i64 {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_string()))
+        .fetch_one(&env.db.pool)
+        .await
+        .unwrap()
+}
+
+async fn wait_until(env: &BinEnv, sql: &str, at_least: i64) {
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        let n = count(env, sql).await;
+        if n >= at_least {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "`{sql}` stayed at {n}, expected {at_least}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn am_alert(name: &str, namespace: &str, starts: chrono::DateTime<Utc>, ends: Option<chrono::DateTime<Utc>>) -> Value {
+    let mut a = json!({
+        "labels": { "alertname": name, "namespace": namespace, "pod": "web-1", "severity": "critical" },
+        "annotations": { "summary": format!("{name} in {namespace}") },
+        "startsAt": starts.to_rfc3339(),
+        "generatorURL": "http://prometheus.example/graph",
+    });
+    if let Some(ends) = ends {
+        a["endsAt"] = json!(ends.to_rfc3339());
+    }
+    a
+}
+
+const CRASHLOOP: &str = "    - name: crashloop\n      matchers: ['alertname=\"KubePodCrashLooping\"', 'namespace=~\"prod-.*\"']\n      \
+                         workflow: selftest.gate\n      input: { signal: resolved, timeout_ms: 600000 }\n";
+
+#[tokio::test]
+async fn alertmanager_starts_one_run_per_episode_and_its_resolution_reaches_the_run() {
+    let env = alert_env(CRASHLOOP).await;
+    let _worker = env.start_worker().await;
+    let am = OwnAlertmanager::start(&format!("{}/hooks/alertmanager", env.api), TOKEN)
+        .await
+        .unwrap();
+    let started = Utc::now() - chrono::Duration::seconds(30);
+    am.post_alerts(&json!([
+        am_alert("KubePodCrashLooping", "prod-web", started, None),
+        am_alert("KubePodCrashLooping", "staging-web", started, None),
+        am_alert("KubeDeploymentReplicasMismatch", "prod-web", started, None),
+    ]))
+    .await
+    .unwrap();
+    // The first notification and at least two repeats: still one run, for the matching alert.
+    wait_until(&env, "select count(*) from alert_notifications", 3).await;
+    assert_eq!(count(&env, "select count(*) from runs").await, 1);
+    assert_eq!(count(&env, "select count(*) from alert_episodes").await, 1);
+    let run_id: uuid::Uuid = sqlx::query_scalar("select run_id from alert_episodes")
+        .fetch_one(&env.db.pool)
+        .await
+        .unwrap();
+    let (_, run) = env.get(&format!("/api/v1/runs/{run_id}")).await;
+    assert_eq!(run["started_by"], "alertmanager:crashloop KubePodCrashLooping");
+
+    // Resolved: nothing new starts, and the waiting run receives the signal and finishes.
+    am.post_alerts(&json!([am_alert(
+        "KubePodCrashLooping",
+        "prod-web",
+        started,
+        Some(Utc::now())
+    )]))
+    .await
+    .unwrap();
+    let run = env
+        .wait_run(&run_id.to_string(), LIMIT, |r| r["status"] == "succeeded")
+        .await;
+    assert_eq!(run["output"]["approval"]["labels"]["namespace"], "prod-web");
+    assert_eq!(count(&env, "select count(*) from runs").await, 1);
+
+    // It fires again: a new episode, a new run.
+    am.post_alerts(&json!([am_alert("KubePodCrashLooping", "prod-web", Utc::now(), None)]))
+        .await
+        .unwrap();
+    wait_until(&env, "select count(*) from runs", 2).await;
+    let episodes = count(&env, "select count(*) from alert_episodes where outcome = 'started'").await;
+    assert_eq!(episodes, 2);
+}
+
+/// Alertmanager's webhook payload (version 4) for `alerts`.
+fn notification(status: &str, alerts: Vec<Value>) -> Value {
+    json!({
+        "version": "4",
+        "groupKey": "{}:{alertname=\"KubePodCrashLooping\"}",
+        "truncatedAlerts": 0,
+        "status": status,
+        "receiver": "dayshift",
+        "groupLabels": { "alertname": "KubePodCrashLooping" },
+        "commonLabels": { "alertname": "KubePodCrashLooping" },
+        "commonAnnotations": {},
+        "externalURL": "http://alertmanager.example",
+        "alerts": alerts,
+    })
+}
+
+fn v4_alert(i: usize, namespace: &str, deployment: &str, status: &str) -> Value {
+    json!({
+        "status": status,
+        "labels": {
+            "alertname": "KubePodCrashLooping", "namespace": namespace, "deployment": deployment,
+            "pod": format!("{deployment}-{i:05}-x7k2p"), "container": "app", "severity": "critical",
+            "cluster": "k3s-prod-eu-1", "job": "kube-state-metrics", "instance": "10.42.0.17:8080",
+            "prometheus": "monitoring/k8s", "service": "kube-state-metrics", "uid": format!("{i:08x}-5d2c-4b7e-9f1a-1c2d3e4f5a6b")
+        },
+        "annotations": {
+            "summary": "Pod is crash looping.",
+            "description": format!("Pod {namespace}/{deployment}-{i:05} (app) is in waiting state (reason: \"CrashLoopBackOff\")."),
+            "runbook_url": "https://runbooks.prometheus-operator.dev/runbooks/kubernetes/kubepodcrashlooping"
+        },
+        "startsAt": "2026-11-21T08:00:00Z",
+        "endsAt": "0001-01-01T00:00:00Z",
+        "generatorURL": "http://prometheus.example/graph?g0.expr=max_over_time%28kube_pod_container_status_waiting_reason%5B5m%5D%29+%3E%3D+1",
+        "fingerprint": format!("{i:016x}")
+    })
+}
+
+async fn post(env: &BinEnv, body: &Value, token: Option<&str>) -> (u16, Value) {
+    let mut req = env.http.post(format!("{}/hooks/alertmanager", env.api)).json(body);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let r = req.send().await.unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn a_storm_of_10000_alerts_is_taken_in_one_request_and_starts_runs_only_for_matches() {
+    let env = alert_env(
+        "    - name: db\n      matchers: ['namespace=\"prod-db\"']\n      workflow: selftest.chain\n      input: { steps: 1 }\n",
+    )
+    .await;
+    let alerts: Vec<Value> = (0..10_000)
+        .map(|i| {
+            let ns = if i % 2000 == 7 { "prod-db" } else { "prod-web" };
+            v4_alert(i, ns, "web", "firing")
+        })
+        .collect();
+    let body = notification("firing", alerts);
+    let size = serde_json::to_vec(&body).unwrap().len();
+    assert!(size > 5_000_000, "the storm is {size} bytes");
+    let storm = {
+        let (http, url) = (env.http.clone(), format!("{}/hooks/alertmanager", env.api));
+        tokio::spawn(async move { http.post(url).bearer_auth(TOKEN).json(&body).send().await.unwrap() })
+    };
+    // Meanwhile the API answers.
+    for _ in 0..10 {
+        assert_eq!(env.get("/healthz").await.0, 200);
+    }
+    let resp = storm.await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let out: Value = resp.json().await.unwrap();
+    assert_eq!(out["alerts"], 10_000);
+    assert_eq!(out["started"].as_array().unwrap().len(), 5);
+    assert_eq!(out["no_route"], 9_995);
+    assert_eq!(count(&env, "select count(*) from runs").await, 5);
+}
+
+#[tokio::test]
+async fn guardrails_hold_runs_back_and_say_why() {
+    let env = alert_env(
+        "    - name: restart\n      matchers: ['alertname=\"KubePodCrashLooping\"']\n      workflow: selftest.gate\n      \
+         input: { signal: \"restart-{{ labels.namespace }}-{{ labels.deployment }}\" }\n      guardrails:\n        \
+         target: [namespace, deployment]\n        cooldown: 1h\n        max-runs: 2\n        window: 1h\n",
+    )
+    .await;
+    // Two pods of one deployment: one run; the other is held back by the cooldown.
+    let (status, out) = post(
+        &env,
+        &notification(
+            "firing",
+            vec![
+                v4_alert(1, "prod-a", "web", "firing"),
+                v4_alert(2, "prod-a", "web", "firing"),
+            ],
+        ),
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(out["started"].as_array().unwrap().len(), 1);
+    assert!(
+        out["held_back"][0]
+            .as_str()
+            .unwrap()
+            .contains("cooldown: a run for namespace=prod-a,deployment=web"),
+        "{out}"
+    );
+    // Another target starts; a third one is over max-runs.
+    let (_, out) = post(
+        &env,
+        &notification("firing", vec![v4_alert(3, "prod-b", "api", "firing")]),
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(out["started"].as_array().unwrap().len(), 1, "{out}");
+    let (_, out) = post(
+        &env,
+        &notification("firing", vec![v4_alert(4, "prod-c", "api", "firing")]),
+        Some(TOKEN),
+    )
+    .await;
+    assert!(
+        out["held_back"][0]
+            .as_str()
+            .unwrap()
+            .contains("max-runs: 2 runs in the last 1h"),
+        "{out}"
+    );
+    // A repeat notification of a started episode is a duplicate, not a new run.
+    let (_, out) = post(
+        &env,
+        &notification("firing", vec![v4_alert(3, "prod-b", "api", "firing")]),
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(out["duplicates"], 1, "{out}");
+    assert_eq!(count(&env, "select count(*) from runs").await, 2);
+    // What was held back is visible.
+    let (_, list) = env.get("/api/v1/alerts/episodes").await;
+    let held: Vec<&Value> = list["episodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["outcome"] == "held-back")
+        .collect();
+    assert_eq!(held.len(), 2, "{list}");
+    assert!(held.iter().all(|e| e["detail"].as_str().is_some_and(|d| !d.is_empty())));
+}
+
+#[tokio::test]
+async fn bad_notifications_get_the_right_status_and_start_nothing() {
+    let env = alert_env(CRASHLOOP).await;
+    let good = notification("firing", vec![v4_alert(1, "prod-web", "web", "firing")]);
+    assert_eq!(post(&env, &good, None).await.0, 401);
+    assert_eq!(post(&env, &good, Some("wrong")).await.0, 401);
+    let mut v3 = good.clone();
+    v3["version"] = json!("3");
+    let (status, body) = post(&env, &v3, Some(TOKEN)).await;
+    assert_eq!(status, 400);
+    assert!(body["error"].as_str().unwrap().contains("version 3"), "{body}");
+    let (status, body) = post(&env, &json!({ "version": "4", "status": "firing" }), Some(TOKEN)).await;
+    assert_eq!(status, 400);
+    assert!(body["error"].as_str().unwrap().contains("alerts"), "{body}");
+    let r = env
+        .http
+        .post(format!("{}/hooks/alertmanager", env.api))
+        .bearer_auth(TOKEN)
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    assert_eq!(count(&env, "select count(*) from runs").await, 0);
+}
+
+#[tokio::test]
+async fn an_ha_pair_of_alertmanagers_starts_one_run_per_episode() {
+    let env = alert_env(CRASHLOOP).await;
+    let url = format!("{}/hooks/alertmanager", env.api);
+    // Two Alertmanagers that both get the alert from Prometheus, as an HA pair does.
+    let (a, b) = (
+        OwnAlertmanager::start(&url, TOKEN).await.unwrap(),
+        OwnAlertmanager::start(&url, TOKEN).await.unwrap(),
+    );
+    let alert = json!([am_alert(
+        "KubePodCrashLooping",
+        "prod-web",
+        Utc::now() - chrono::Duration::seconds(10),
+        None
+    )]);
+    a.post_alerts(&alert).await.unwrap();
+    b.post_alerts(&alert).await.unwrap();
+    wait_until(&env, "select count(*) from alert_notifications", 4).await;
+    assert_eq!(count(&env, "select count(*) from runs").await, 1);
+}
