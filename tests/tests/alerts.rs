@@ -308,3 +308,46 @@ async fn an_ha_pair_of_alertmanagers_starts_one_run_per_episode() {
     wait_until(&env, "select count(*) from alert_notifications", 4).await;
     assert_eq!(count(&env, "select count(*) from runs").await, 1);
 }
+
+#[tokio::test]
+async fn resolved_alerts_inside_a_firing_group_are_signalled_one_by_one() {
+    let env = alert_env(CRASHLOOP).await;
+    let (a, b) = (
+        v4_alert(1, "prod-a", "web", "firing"),
+        v4_alert(2, "prod-b", "web", "firing"),
+    );
+    let (_, out) = post(&env, &notification("firing", vec![a.clone(), b.clone()]), Some(TOKEN)).await;
+    assert_eq!(out["started"].as_array().unwrap().len(), 2, "{out}");
+    // The group still fires (a does), but b inside it has resolved.
+    let mut b_resolved = b.clone();
+    b_resolved["status"] = json!("resolved");
+    b_resolved["endsAt"] = json!(Utc::now().to_rfc3339());
+    let (status, out) = post(&env, &notification("firing", vec![a, b_resolved.clone()]), Some(TOKEN)).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        (out["duplicates"].clone(), out["resolved_signals"].clone()),
+        (json!(1), json!(1)),
+        "{out}"
+    );
+    // The same resolved notification again signals nothing new.
+    let (_, out) = post(&env, &notification("resolved", vec![b_resolved]), Some(TOKEN)).await;
+    assert_eq!(out["resolved_signals"], 0, "{out}");
+    let signals: i64 = count(&env, "select count(*) from signals where name = 'resolved'").await;
+    assert_eq!(signals, 1);
+    assert_eq!(count(&env, "select count(*) from runs").await, 2);
+}
+
+#[tokio::test]
+async fn a_notification_above_the_cap_gets_413() {
+    let env = BinEnv::start_with(&format!(
+        "alertmanager:\n  max-body-bytes: 10000\n  routes:\n{CRASHLOOP}"
+    ))
+    .await;
+    let big = notification(
+        "firing",
+        (0..100).map(|i| v4_alert(i, "prod-a", "web", "firing")).collect(),
+    );
+    let (status, body) = post(&env, &big, None).await;
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(count(&env, "select count(*) from runs").await, 0);
+}

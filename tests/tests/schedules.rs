@@ -260,6 +260,21 @@ async fn schedules_are_listed_paused_resumed_and_triggered() {
         out.status.success() && text.contains("nightly") && text.contains("Europe/Berlin"),
         "{text}"
     );
+    for (command, expect) in [("pause", "true"), ("resume", "false")] {
+        let out = tokio::process::Command::new(dayshift_bin())
+            .args(["schedules", command, "nightly", "--json", "--server", &env.api])
+            .output()
+            .await
+            .unwrap();
+        let shown: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        assert_eq!(shown["paused"].to_string(), expect, "{command}: {shown}");
+    }
+    let out = tokio::process::Command::new(dayshift_bin())
+        .args(["schedules", "trigger", "nightly", "--server", &env.api])
+        .output()
+        .await
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("schedule nightly started run"));
 }
 
 #[tokio::test]

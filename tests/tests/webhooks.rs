@@ -547,3 +547,18 @@ async fn config_check_catches_route_mistakes() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn a_route_whose_input_needs_a_missing_payload_field_fails_clearly() {
+    let routes = "    - name: needs-milestone\n      events: [push]\n      workflow: selftest.gate\n      \
+                  input: { signal: \"{{ payload.milestone.title }}\" }\n";
+    let env = hooks_env(routes, "").await;
+    let (status, body) = github(&env, "push", "m-1", &fixture("github/push-branch.json")).await;
+    assert_eq!(status, 422, "{body}");
+    let error = body["errors"][0].as_str().unwrap();
+    assert!(
+        error.contains("route 'needs-milestone'") && error.contains("payload.milestone.title"),
+        "{error}"
+    );
+    assert_eq!(run_count(&env).await, 0);
+}
