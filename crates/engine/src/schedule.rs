@@ -221,29 +221,20 @@ impl Schedule {
         template::render(&self.input, &context)
     }
 
+    /// Fire times after `after`, in order.
+    fn ticks_after(&self, after: DateTime<Utc>) -> impl Iterator<Item = DateTime<Utc>> {
+        let start = after.with_timezone(&self.timezone.0);
+        self.cron.cron.clone().iter_after(start).map(|t| t.with_timezone(&Utc))
+    }
+
     /// Fire times after `after`, up to and including `until`, at most `cap` of them.
     pub fn ticks_between(&self, after: DateTime<Utc>, until: DateTime<Utc>, cap: usize) -> Vec<DateTime<Utc>> {
-        let start = after.with_timezone(&self.timezone.0);
-        self.cron
-            .cron
-            .clone()
-            .iter_after(start)
-            .map(|t| t.with_timezone(&Utc))
-            .take_while(|t| *t <= until)
-            .take(cap)
-            .collect()
+        self.ticks_after(after).take_while(|t| *t <= until).take(cap).collect()
     }
 
     /// The next `n` fire times after `after`.
     pub fn next_ticks(&self, after: DateTime<Utc>, n: usize) -> Vec<DateTime<Utc>> {
-        let start = after.with_timezone(&self.timezone.0);
-        self.cron
-            .cron
-            .clone()
-            .iter_after(start)
-            .map(|t| t.with_timezone(&Utc))
-            .take(n)
-            .collect()
+        self.ticks_after(after).take(n).collect()
     }
 
     /// Splits due ticks into those to run and those the catch-up policy drops.

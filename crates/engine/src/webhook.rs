@@ -356,6 +356,24 @@ fn commits_of(payload: &Value) -> (Vec<Commit>, Vec<String>) {
     (commits, paths.into_iter().collect())
 }
 
+/// What a push to `git_ref` is: the event kind, and the branch or the tag it names. `None` for
+/// refs that are neither (notes, pull request heads).
+fn pushed_ref(git_ref: &str, deleted: bool) -> Option<(EventKind, Option<String>, Option<String>)> {
+    if let Some(tag) = git_ref.strip_prefix("refs/tags/") {
+        let kind = if deleted { EventKind::TagDeleted } else { EventKind::Tag };
+        Some((kind, None, Some(tag.to_string())))
+    } else if let Some(branch) = git_ref.strip_prefix("refs/heads/") {
+        let kind = if deleted {
+            EventKind::BranchDeleted
+        } else {
+            EventKind::Push
+        };
+        Some((kind, Some(branch.to_string()), None))
+    } else {
+        None
+    }
+}
+
 /// Reads a delivery (after [`verify`]).
 pub fn parse(forge: Forge, headers: &dyn Headers, body: &[u8]) -> Result<Parsed, HookError> {
     let payload: Value =
@@ -434,23 +452,7 @@ fn parse_github_like(forge: Forge, event: &str, p: &Value) -> Result<Parsed, Hoo
             let after = s(p, &["after"]);
             let deleted =
                 p.get("deleted").and_then(Value::as_bool).unwrap_or(false) || after.as_deref() == Some(ZERO_SHA);
-            let (kind, branch, tag) = if let Some(tag) = git_ref.strip_prefix("refs/tags/") {
-                (
-                    if deleted { EventKind::TagDeleted } else { EventKind::Tag },
-                    None,
-                    Some(tag.to_string()),
-                )
-            } else if let Some(branch) = git_ref.strip_prefix("refs/heads/") {
-                (
-                    if deleted {
-                        EventKind::BranchDeleted
-                    } else {
-                        EventKind::Push
-                    },
-                    Some(branch.to_string()),
-                    None,
-                )
-            } else {
+            let Some((kind, branch, tag)) = pushed_ref(&git_ref, deleted) else {
                 return Ok(Parsed::NotHandled(format!("push to {git_ref}")));
             };
             let mut e = base_event(forge, kind, need_repo()?);
@@ -539,23 +541,7 @@ fn parse_gitlab(event: &str, p: &Value) -> Result<Parsed, HookError> {
             let git_ref = s(p, &["ref"]).ok_or_else(|| HookError::BadRequest("push payload has no ref".into()))?;
             let after = s(p, &["after"]);
             let deleted = after.as_deref() == Some(ZERO_SHA);
-            let (kind, branch, tag) = if let Some(tag) = git_ref.strip_prefix("refs/tags/") {
-                (
-                    if deleted { EventKind::TagDeleted } else { EventKind::Tag },
-                    None,
-                    Some(tag.to_string()),
-                )
-            } else if let Some(branch) = git_ref.strip_prefix("refs/heads/") {
-                (
-                    if deleted {
-                        EventKind::BranchDeleted
-                    } else {
-                        EventKind::Push
-                    },
-                    Some(branch.to_string()),
-                    None,
-                )
-            } else {
+            let Some((kind, branch, tag)) = pushed_ref(&git_ref, deleted) else {
                 return Ok(Parsed::NotHandled(format!("push to {git_ref}")));
             };
             let mut e = base_event(Forge::Gitlab, kind, repository?);

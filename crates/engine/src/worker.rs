@@ -173,10 +173,22 @@ impl Worker {
     }
 }
 
+/// Advances the job's run in a task of its own.
+///
+/// A pass is not cancel-safe, and apalis drops the futures of the jobs in flight when its
+/// consumer fails (as it does when Redis loses its data). A pass dropped in the middle of a
+/// `BEGIN` or `COMMIT` can hand its connection back to the pool with the server still inside a
+/// transaction, after which every statement on that connection goes uncommitted. So the pass
+/// runs as a task the handler only awaits: if the handler is dropped, the pass still finishes.
 async fn handle(job: AdvanceJob, shared: Data<Arc<Shared>>) -> Result<(), BoxDynError> {
-    if let Err(e) = runtime::advance(&shared.engine, job.run_id, &shared.opts).await {
+    let run_id = job.run_id;
+    let shared = Arc::clone(&shared);
+    let pass = tokio::spawn(async move { runtime::advance(&shared.engine, run_id, &shared.opts).await });
+    match pass.await {
+        Ok(Ok(())) => {}
         // Nothing is lost: the run is due in PostgreSQL and the sweeper re-enqueues it.
-        tracing::warn!(run_id = %job.run_id, error = %e, "Advancing the run failed; it will be retried.");
+        Ok(Err(e)) => tracing::warn!(run_id = %run_id, error = %e, "Advancing the run failed; it will be retried."),
+        Err(e) => tracing::error!(run_id = %run_id, error = %e, "A pass ended abnormally; the run will be retried."),
     }
     Ok(())
 }

@@ -380,6 +380,48 @@ pub(crate) enum ConfigError {
     Invalid(String),
 }
 
+/// The checks every kind of route needs: a unique name, a registered workflow, and input
+/// placeholders that name fields its trigger provides.
+fn check_route_basics(
+    path: &str,
+    section: &str,
+    (name, workflow, input): (&Spanned<String>, &Spanned<String>, &serde_json::Value),
+    (fields, trigger): (&[&str], &str),
+    registry: &Registry,
+    seen: &mut HashMap<String, u64>,
+    problems: &mut Vec<String>,
+) {
+    let line = name.referenced.line();
+    let at = |key: &str| format!("{path}, line {line}: {section}.{key}");
+    if let Some(first) = seen.insert(name.value.clone(), line) {
+        problems.push(format!(
+            "{}: route name '{}' is already used on line {first}; names must be unique",
+            at("name"),
+            name.value
+        ));
+    }
+    if registry
+        .validate_input(&workflow.value, &serde_json::Value::Null)
+        .is_none()
+    {
+        problems.push(format!(
+            "{path}, line {}: {section}.workflow: unknown workflow '{}'",
+            workflow.referenced.line(),
+            workflow.value
+        ));
+    }
+    for (key, placeholder) in dayshift_engine::template::placeholders(input) {
+        let root = placeholder.split('.').next().unwrap_or_default();
+        if !fields.contains(&root) {
+            problems.push(format!(
+                "{}: '{{{{ {placeholder} }}}}' names no field of {trigger}; fields: {}",
+                at(&key),
+                fields.join(", ")
+            ));
+        }
+    }
+}
+
 impl Config {
     /// The webhook settings with their secrets read, as the engine runs them.
     pub(crate) fn webhooks(&self) -> Result<dayshift_engine::webhook::Webhooks, ConfigError> {
@@ -551,35 +593,17 @@ impl Config {
         let w = &self.webhooks;
         let mut seen = HashMap::new();
         for (i, r) in w.routes.iter().enumerate() {
+            check_route_basics(
+                path,
+                &format!("webhooks.routes[{i}]"),
+                (&r.name, &r.workflow, &r.input),
+                (CONTEXT_FIELDS, "a git event"),
+                registry,
+                &mut seen,
+                problems,
+            );
             let line = r.name.referenced.line();
             let at = |key: &str| format!("{path}, line {line}: webhooks.routes[{i}].{key}");
-            if let Some(first) = seen.insert(r.name.value.clone(), line) {
-                problems.push(format!(
-                    "{}: route name '{}' is already used on line {first}; names must be unique",
-                    at("name"),
-                    r.name.value
-                ));
-            }
-            if registry
-                .validate_input(&r.workflow.value, &serde_json::Value::Null)
-                .is_none()
-            {
-                problems.push(format!(
-                    "{path}, line {}: webhooks.routes[{i}].workflow: unknown workflow '{}'",
-                    r.workflow.referenced.line(),
-                    r.workflow.value
-                ));
-            }
-            for (key, placeholder) in dayshift_engine::template::placeholders(&r.input) {
-                let root = placeholder.split('.').next().unwrap_or_default();
-                if !CONTEXT_FIELDS.contains(&root) {
-                    problems.push(format!(
-                        "{}: '{{{{ {placeholder} }}}}' names no field of a git event; fields: {}",
-                        at(&key),
-                        CONTEXT_FIELDS.join(", ")
-                    ));
-                }
-            }
             let route = self.webhooks().ok().and_then(|h| h.routes.into_iter().nth(i));
             for problem in route.map(|r| r.problems()).unwrap_or_default() {
                 problems.push(at(&problem));
@@ -604,37 +628,20 @@ impl Config {
         use dayshift_engine::alerts::CONTEXT_FIELDS;
         let mut seen = HashMap::new();
         for (i, r) in self.alertmanager.routes.iter().enumerate() {
-            let line = r.name.referenced.line();
-            let at = |key: &str| format!("{path}, line {line}: alertmanager.routes[{i}].{key}");
-            if let Some(first) = seen.insert(r.name.value.clone(), line) {
-                problems.push(format!(
-                    "{}: route name '{}' is already used on line {first}; names must be unique",
-                    at("name"),
-                    r.name.value
-                ));
-            }
+            check_route_basics(
+                path,
+                &format!("alertmanager.routes[{i}]"),
+                (&r.name, &r.workflow, &r.input),
+                (CONTEXT_FIELDS, "an alert"),
+                registry,
+                &mut seen,
+                problems,
+            );
             if r.matchers.is_empty() {
-                problems.push(format!("{}: name at least one matcher", at("matchers")));
-            }
-            if registry
-                .validate_input(&r.workflow.value, &serde_json::Value::Null)
-                .is_none()
-            {
+                let line = r.name.referenced.line();
                 problems.push(format!(
-                    "{path}, line {}: alertmanager.routes[{i}].workflow: unknown workflow '{}'",
-                    r.workflow.referenced.line(),
-                    r.workflow.value
+                    "{path}, line {line}: alertmanager.routes[{i}].matchers: name at least one matcher"
                 ));
-            }
-            for (key, placeholder) in dayshift_engine::template::placeholders(&r.input) {
-                let root = placeholder.split('.').next().unwrap_or_default();
-                if !CONTEXT_FIELDS.contains(&root) {
-                    problems.push(format!(
-                        "{}: '{{{{ {placeholder} }}}}' names no field of an alert; fields: {}",
-                        at(&key),
-                        CONTEXT_FIELDS.join(", ")
-                    ));
-                }
             }
         }
     }
