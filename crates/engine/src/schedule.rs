@@ -323,21 +323,32 @@ impl Scheduler {
     /// One pass: for every schedule, start the runs of the ticks that are due.
     pub async fn fire_due(&self) -> Result<(), EngineError> {
         let pool = self.engine.store().pool();
-        let now: DateTime<Utc> = sqlx::query_scalar("select now()").fetch_one(pool).await?;
-        for schedule in self.engine.inner.schedules.iter() {
-            // A schedule seen for the first time starts from now: no backfill.
-            let row = sqlx::query(
-                "insert into schedules (name, last_tick) values ($1, $2) \
-                 on conflict (name) do update set name = excluded.name returning paused, last_tick",
+        let names: Vec<&str> = self.engine.inner.schedules.iter().map(|s| s.name.as_str()).collect();
+        // Two statements per pass, however many schedules. A schedule seen for the first time
+        // starts from now: no backfill.
+        let now: DateTime<Utc> = sqlx::query_scalar(
+            "with new as (insert into schedules (name, last_tick) select unnest($1::text[]), now() \
+               on conflict (name) do nothing) select now()",
+        )
+        .bind(&names)
+        .fetch_one(pool)
+        .await?;
+        let states: std::collections::HashMap<String, (bool, DateTime<Utc>)> =
+            sqlx::query_as::<_, (String, bool, DateTime<Utc>)>(
+                "select name, paused, last_tick from schedules where name = any($1)",
             )
-            .bind(&schedule.name)
-            .bind(now)
-            .fetch_one(pool)
-            .await?;
-            if row.get::<bool, _>("paused") {
+            .bind(&names)
+            .fetch_all(pool)
+            .await?
+            .into_iter()
+            .map(|(name, paused, last)| (name, (paused, last)))
+            .collect();
+        for schedule in self.engine.inner.schedules.iter() {
+            // Missing only if it was inserted by this pass's first statement: due from now.
+            let (paused, last) = states.get(&schedule.name).copied().unwrap_or((false, now));
+            if paused {
                 continue;
             }
-            let last: DateTime<Utc> = row.get("last_tick");
             let due = schedule.ticks_between(last, now, 10_000);
             if due.is_empty() {
                 continue;
