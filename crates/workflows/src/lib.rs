@@ -2,6 +2,7 @@
 //!
 //! Each family lives in its own module and is registered through [`all`].
 
+pub mod adapters;
 mod selftest;
 
 pub use selftest::{ChainInput, ChainOutput, GateInput, GateOutput, StepCount, TableName, chain, gate};
