@@ -16,7 +16,9 @@ state="$root/.dayshift"
 PG_PORT=${DAYSHIFT_PG_PORT:-15432}
 REDIS_PORT=${DAYSHIFT_REDIS_PORT:-16379}
 PG_VERSION=15
-# SeaweedFS: master BASE+1, volume BASE+2, filer BASE+3, S3 gateway BASE+33 (gRPC: each +10000).
+# SeaweedFS: every port it opens comes from one base, so that two checkouts never collide:
+# master BASE+1, volume BASE+2, filer BASE+3, their gRPC BASE+11..13, S3 gateway BASE+33,
+# its gRPC BASE+14, Iceberg catalog BASE+34, Lance BASE+35.
 SEAWEED_BASE=${DAYSHIFT_SEAWEED_BASE:-18300}
 S3_PORT=$((SEAWEED_BASE + 33))
 SEAWEED_VERSION=4.48
@@ -132,13 +134,21 @@ EOF
   else
     log "starting SeaweedFS (S3 on 127.0.0.1:$S3_PORT)"
     nohup "$venv/bin/weed" server -ip=127.0.0.1 -ip.bind=127.0.0.1 -dir="$dir/data" \
-      -master.port=$((SEAWEED_BASE + 1)) -volume.port=$((SEAWEED_BASE + 2)) \
-      -filer -filer.port=$((SEAWEED_BASE + 3)) -s3 -s3.port="$S3_PORT" -s3.config="$dir/s3.json" \
-      -master.volumeSizeLimitMB=256 -volume.max=100 >"$dir/weed.log" 2>&1 &
+      -master.port=$((SEAWEED_BASE + 1)) -master.port.grpc=$((SEAWEED_BASE + 11)) \
+      -volume.port=$((SEAWEED_BASE + 2)) -volume.port.grpc=$((SEAWEED_BASE + 12)) \
+      -filer -filer.port=$((SEAWEED_BASE + 3)) -filer.port.grpc=$((SEAWEED_BASE + 13)) \
+      -s3 -s3.port="$S3_PORT" -s3.port.grpc=$((SEAWEED_BASE + 14)) \
+      -s3.port.iceberg=$((SEAWEED_BASE + 34)) -s3.port.lance=$((SEAWEED_BASE + 35)) \
+      -s3.config="$dir/s3.json" -master.volumeSizeLimitMB=256 -volume.max=0 >"$dir/weed.log" 2>&1 &
     echo $! >"$dir/weed.pid"
   fi
   # Ready when the S3 gateway answers (403 without credentials is an answer).
   for _ in $(seq 120); do
+    if ! kill -0 "$(cat "$dir/weed.pid")" 2>/dev/null; then
+      log "SeaweedFS exited; see $dir/weed.log"
+      tail -5 "$dir/weed.log" >&2
+      return 1
+    fi
     if python3 - "$S3_PORT" <<'PY' 2>/dev/null
 import sys, urllib.request, urllib.error
 try:

@@ -72,6 +72,50 @@ impl TestDb {
         Self { url, pool }
     }
 
+    /// A database of its own with nothing in it (a backup's source or restore target).
+    pub async fn empty() -> Self {
+        let server = database_url();
+        let name = format!("dayshift_test_{}", unique());
+        let admin = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&server)
+            .await
+            .expect("connect");
+        sqlx::query(sqlx::AssertSqlSafe(format!("create database {name}")))
+            .execute(&admin)
+            .await
+            .expect("create database");
+        admin.close().await;
+        let url = replace_db(&server, &name);
+        let pool = PgPoolOptions::new()
+            .max_connections(5)
+            .connect(&url)
+            .await
+            .expect("connect");
+        Self { url, pool }
+    }
+
+    /// A checksum of every row of every table in `public`, by table.
+    pub async fn table_checksums(&self) -> Vec<(String, String)> {
+        let tables: Vec<String> = sqlx::query_scalar(
+            "select table_name::text from information_schema.tables where table_schema = 'public' order by 1",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .unwrap();
+        let mut out = Vec::new();
+        for t in tables {
+            let sum: Option<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                "select md5(string_agg(x.r, ',' order by x.r)) from (select t::text as r from \"{t}\" t) x"
+            )))
+            .fetch_one(&self.pool)
+            .await
+            .unwrap();
+            out.push((t, sum.unwrap_or_default()));
+        }
+        out
+    }
+
     /// Every row of every dayshift table, as text: for checking what was stored.
     pub async fn dump(&self) -> String {
         let tables: Vec<String> =

@@ -5,22 +5,29 @@ use dayshift_workflows::adapters::s3::{S3Config, S3Store};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncRead;
 
-async fn store() -> S3Store {
+fn config(secret: Option<&str>) -> S3Config {
     let env = |k: &str| {
         std::env::var(k)
             .unwrap_or_else(|_| panic!("{k} is not set: run `scripts/services.sh up` and source .dayshift/env"))
     };
-    let store = S3Store::new(&S3Config {
+    S3Config {
         endpoint: Some(env("DAYSHIFT_S3_ENDPOINT")),
         region: env("DAYSHIFT_S3_REGION"),
-        bucket: format!("test-{}", unique()),
+        bucket: "dayshift-test".into(),
         access_key: env("DAYSHIFT_S3_ACCESS_KEY"),
-        secret_key: env("DAYSHIFT_S3_SECRET_KEY"),
+        secret_key: secret
+            .map(str::to_string)
+            .unwrap_or_else(|| env("DAYSHIFT_S3_SECRET_KEY")),
         path_style: true,
-    })
-    .await;
+    }
+}
+
+/// The shared test bucket, and a key prefix of this test's own (a bucket per test would use up
+/// SeaweedFS's volumes).
+async fn store() -> (S3Store, String) {
+    let store = S3Store::new(&config(None)).await;
     store.ensure_bucket().await.expect("create bucket");
-    store
+    (store, format!("t-{}/", unique()))
 }
 
 /// `len` bytes of a repeatable pseudo-random stream.
@@ -57,58 +64,56 @@ impl AsyncRead for FailsAfter {
 
 #[tokio::test]
 async fn a_stream_is_uploaded_in_parts_and_verified_by_its_digest() {
-    let s3 = store().await;
+    let (s3, p) = store().await;
+    let key = format!("{p}pg/main/dump.zst");
     let bytes = data(21 * 1024 * 1024 + 123, 7);
     let expected = hex::encode(Sha256::digest(&bytes));
     let stored = s3
-        .upload_stream("pg/main/dump.zst", std::io::Cursor::new(bytes.clone()), 8 << 20)
+        .upload_stream(&key, std::io::Cursor::new(bytes.clone()), 8 << 20)
         .await
         .unwrap();
     assert_eq!(
         (stored.size, stored.sha256.as_str(), stored.parts),
         (bytes.len() as u64, expected.as_str(), 3)
     );
-    assert_eq!(
-        s3.digest("pg/main/dump.zst").await.unwrap(),
-        (bytes.len() as u64, expected)
-    );
-    assert!(s3.incomplete_uploads("").await.unwrap().is_empty());
+    assert_eq!(s3.digest(&key).await.unwrap(), (bytes.len() as u64, expected));
+    assert!(s3.incomplete_uploads(&p).await.unwrap().is_empty());
     // Repeating the upload (a step that runs again) replaces the object: still one.
-    s3.upload_stream("pg/main/dump.zst", std::io::Cursor::new(bytes), 8 << 20)
+    s3.upload_stream(&key, std::io::Cursor::new(bytes), 8 << 20)
         .await
         .unwrap();
-    let listed = s3.list("pg/").await.unwrap();
-    assert_eq!(listed.len(), 1);
+    assert_eq!(s3.list(&p).await.unwrap().len(), 1);
 }
 
 #[tokio::test]
 async fn a_failed_upload_is_aborted_and_leaves_nothing() {
-    let s3 = store().await;
+    let (s3, p) = store().await;
     let source = FailsAfter {
         data: std::io::Cursor::new(data(20 << 20, 3)),
         ok: 12 << 20,
     };
     let err = s3
-        .upload_stream("pg/main/broken.zst", source, 5 << 20)
+        .upload_stream(&format!("{p}pg/main/broken.zst"), source, 5 << 20)
         .await
         .unwrap_err();
     assert!(err.to_string().contains("pg_dump exited"), "{err}");
     assert!(
-        s3.incomplete_uploads("").await.unwrap().is_empty(),
+        s3.incomplete_uploads(&p).await.unwrap().is_empty(),
         "parts were left behind"
     );
-    assert!(s3.list("").await.unwrap().is_empty());
+    assert!(s3.list(&p).await.unwrap().is_empty());
 }
 
 #[tokio::test]
 async fn an_upload_left_by_a_killed_worker_is_aborted_by_the_next_attempt() {
-    let s3 = store().await;
+    let (s3, p) = store().await;
+    let key = format!("{p}pg/main/x.zst");
     // What a worker killed mid-upload leaves: a started upload with a part, never completed.
     let started = s3
         .client()
         .create_multipart_upload()
         .bucket(s3.bucket())
-        .key("pg/main/x.zst")
+        .key(&key)
         .send()
         .await
         .unwrap();
@@ -116,37 +121,28 @@ async fn an_upload_left_by_a_killed_worker_is_aborted_by_the_next_attempt() {
     s3.client()
         .upload_part()
         .bucket(s3.bucket())
-        .key("pg/main/x.zst")
+        .key(&key)
         .upload_id(&upload_id)
         .part_number(1)
         .body(data(5 << 20, 1).into())
         .send()
         .await
         .unwrap();
-    assert_eq!(s3.incomplete_uploads("").await.unwrap().len(), 1);
-    let bytes = data(1 << 20, 9);
+    assert_eq!(s3.incomplete_uploads(&p).await.unwrap().len(), 1);
     let stored = s3
-        .upload_stream("pg/main/x.zst", std::io::Cursor::new(bytes), 5 << 20)
+        .upload_stream(&key, std::io::Cursor::new(data(1 << 20, 9)), 5 << 20)
         .await
         .unwrap();
     assert_eq!(stored.size, 1 << 20);
     assert!(
-        s3.incomplete_uploads("").await.unwrap().is_empty(),
+        s3.incomplete_uploads(&p).await.unwrap().is_empty(),
         "the orphan is still there"
     );
 }
 
 #[tokio::test]
 async fn wrong_credentials_are_a_permanent_error() {
-    let s3 = S3Store::new(&S3Config {
-        endpoint: Some(std::env::var("DAYSHIFT_S3_ENDPOINT").unwrap()),
-        region: "us-east-1".into(),
-        bucket: format!("test-{}", unique()),
-        access_key: "dayshift".into(),
-        secret_key: "not-the-secret".into(),
-        path_style: true,
-    })
-    .await;
-    let err = s3.put("k", b"v".to_vec()).await.unwrap_err();
+    let s3 = S3Store::new(&config(Some("not-the-secret"))).await;
+    let err = s3.put(&format!("t-{}/k", unique()), b"v".to_vec()).await.unwrap_err();
     assert!(!err.is_transient(), "{err}");
 }

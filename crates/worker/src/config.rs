@@ -60,6 +60,51 @@ pub(crate) struct Config {
     pub webhooks: WebhooksConfig,
     /// Alertmanager notifications (`POST /hooks/alertmanager`) and the remediations they start.
     pub alertmanager: AlertmanagerConfig,
+    /// Named connections that workflow inputs refer to (`store: backups`, `database: app`).
+    pub connections: ConnectionsConfig,
+}
+
+/// Named connections. Credentials come from the environment or files, never from this file.
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub(crate) struct ConnectionsConfig {
+    /// S3-compatible stores (SeaweedFS, MinIO, AWS), by name.
+    pub s3: std::collections::BTreeMap<String, S3ConnectionConfig>,
+    /// PostgreSQL databases, by name.
+    pub postgres: std::collections::BTreeMap<String, PostgresConnectionConfig>,
+}
+
+/// An S3 store.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(crate) struct S3ConnectionConfig {
+    /// e.g. `http://seaweedfs-s3.storage:8333`; absent for AWS itself.
+    pub endpoint: Option<String>,
+    /// Required by the SDK; any value for stores that ignore it. Default us-east-1.
+    #[serde(default = "us_east_1")]
+    pub region: String,
+    pub bucket: String,
+    /// Bucket in the path rather than the host name. Default true.
+    #[serde(default = "yes")]
+    pub path_style: bool,
+    pub access_key: SecretSource,
+    pub secret_key: SecretSource,
+}
+
+fn us_east_1() -> String {
+    "us-east-1".into()
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A PostgreSQL database.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(crate) struct PostgresConnectionConfig {
+    /// Where the connection URL (`postgres://user:password@host/db`) is.
+    pub url: SecretSource,
 }
 
 /// Alertmanager settings.
@@ -463,6 +508,46 @@ impl Config {
         })
     }
 
+    /// The named connections with their credentials read, as the workflows use them.
+    pub(crate) fn connections(&self) -> Result<dayshift_workflows::Connections, ConfigError> {
+        let c = &self.connections;
+        let mut out = dayshift_workflows::Connections::default();
+        for (name, s3) in &c.s3 {
+            let key = |k: &str| format!("connections.s3.{name}.{k}");
+            let read = |src: &SecretSource, k: &str| {
+                src.read(&key(k))
+                    .and_then(|b| String::from_utf8(b).map_err(|_| format!("{}: not UTF-8", key(k))))
+                    .map_err(ConfigError::Invalid)
+            };
+            out.s3.insert(
+                name.clone(),
+                dayshift_workflows::adapters::s3::S3Config {
+                    endpoint: s3.endpoint.clone(),
+                    region: s3.region.clone(),
+                    bucket: s3.bucket.clone(),
+                    access_key: read(&s3.access_key, "access-key")?,
+                    secret_key: read(&s3.secret_key, "secret-key")?,
+                    path_style: s3.path_style,
+                },
+            );
+        }
+        for (name, pg) in &c.postgres {
+            let key = format!("connections.postgres.{name}.url");
+            let url = pg
+                .url
+                .read(&key)
+                .and_then(|b| String::from_utf8(b).map_err(|_| format!("{key}: not UTF-8")))
+                .map_err(ConfigError::Invalid)?;
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                return Err(ConfigError::Invalid(format!(
+                    "{key}: must start with postgres:// or postgresql://"
+                )));
+            }
+            out.postgres.insert(name.clone(), url);
+        }
+        Ok(out)
+    }
+
     /// The Alertmanager settings with the token read, as the engine runs them.
     pub(crate) fn alerts(&self) -> Result<dayshift_engine::alerts::Alerts, ConfigError> {
         let a = &self.alertmanager;
@@ -538,6 +623,9 @@ impl Config {
         self.check_routes(path, registry, &mut problems);
         self.check_alert_routes(path, registry, &mut problems);
         if let Err(ConfigError::Invalid(e)) = self.alerts() {
+            problems.push(format!("{path}: {e}"));
+        }
+        if let Err(ConfigError::Invalid(e)) = self.connections() {
             problems.push(format!("{path}: {e}"));
         }
         if let Err(ConfigError::Invalid(e)) = self.webhooks() {

@@ -149,7 +149,8 @@ async fn connect(config: &Config, triggers: bool) -> Result<Engine> {
         .await
         .context("cannot connect to Redis (redis.url)")?;
     let pool = store.pool().clone();
-    let mut builder = Engine::builder(store, queue).register_all(dayshift_workflows::all(pool));
+    let mut builder =
+        Engine::builder(store, queue).register_all(dayshift_workflows::all_with(pool, config.connections()?));
     if triggers {
         builder = builder
             .schedules(config.schedules())

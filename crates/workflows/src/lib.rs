@@ -3,15 +3,30 @@
 //! Each family lives in its own module and is registered through [`all`].
 
 pub mod adapters;
+mod backup;
+mod connections;
 mod selftest;
 
+pub use backup::{BackupInput, Manifest, RestoreInput, backup_postgres, restore_postgres};
+pub use connections::Connections;
 pub use selftest::{ChainInput, ChainOutput, GateInput, GateOutput, StepCount, TableName, chain, gate};
 
 use dayshift_engine::WorkflowDef;
 use sqlx::PgPool;
 
-/// Every built-in workflow. `pool` is the dayshift database, for workflows that keep tables
-/// of their own there.
+/// Every built-in workflow, with no named connections. `pool` is the dayshift database, for
+/// workflows that keep tables of their own there.
 pub fn all(pool: PgPool) -> Vec<WorkflowDef> {
-    vec![chain(pool), gate()]
+    all_with(pool, Connections::default())
+}
+
+/// Every built-in workflow, with the connections the config file names.
+pub fn all_with(pool: PgPool, connections: Connections) -> Vec<WorkflowDef> {
+    let connections = std::sync::Arc::new(connections);
+    vec![
+        chain(pool),
+        gate(),
+        backup_postgres(connections.clone()),
+        restore_postgres(connections),
+    ]
 }

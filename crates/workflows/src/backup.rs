@@ -1,0 +1,414 @@
+//! `backup.postgres` and `restore.postgres`: a database dumped, compressed and streamed into S3,
+//! verified; and restored, after its checksum is checked.
+//!
+//! Object layout: `<prefix>/<database>/<YYYY>/<MM>/<DD>/<YYYYMMDDTHHMMSSZ>-<run id>.dump.zst`, with
+//! `….manifest.json` beside it (database, server version, size, sha256, times, run id).
+
+use std::process::Stdio;
+use std::sync::Arc;
+
+use async_compression::tokio::bufread::{ZstdDecoder, ZstdEncoder};
+use chrono::{DateTime, Utc};
+use dayshift_engine::{Ctx, RetryPolicy, StepCtx, StepError, WorkflowDef, WorkflowError};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, BufReader};
+use tokio::process::Command;
+
+use crate::adapters::s3::{S3Error, S3Store, Stored};
+use crate::connections::Connections;
+
+fn s3_err(e: S3Error) -> StepError {
+    if e.is_transient() {
+        StepError::transient(e)
+    } else {
+        StepError::permanent(e)
+    }
+}
+
+/// Network trouble with S3 or PostgreSQL is retried; bad credentials or a missing database are not.
+fn network() -> RetryPolicy {
+    RetryPolicy {
+        max_attempts: 5,
+        ..RetryPolicy::default()
+    }
+}
+
+/// A PostgreSQL URL split into what libpq takes on the command line and the password, which
+/// goes through the environment so that it never shows in a process listing.
+struct PgTarget {
+    conninfo: String,
+    password: Option<String>,
+}
+
+fn pg_target(url: &str) -> PgTarget {
+    if let Some((scheme, rest)) = url.split_once("://")
+        && let Some((auth, host)) = rest.split_once('@')
+        && let Some((user, password)) = auth.split_once(':')
+    {
+        return PgTarget {
+            conninfo: format!("{scheme}://{user}@{host}"),
+            password: Some(password.to_string()),
+        };
+    }
+    PgTarget {
+        conninfo: url.to_string(),
+        password: None,
+    }
+}
+
+/// The directory of the client tools matching the server's major version, where installed.
+async fn pg_bin(url: &str) -> (std::path::PathBuf, String) {
+    let version = match sqlx::PgPool::connect(url).await {
+        Ok(pool) => {
+            let v: Result<String, _> = sqlx::query_scalar("show server_version").fetch_one(&pool).await;
+            pool.close().await;
+            v.unwrap_or_default()
+        }
+        Err(_) => String::new(),
+    };
+    let major = version.split(['.', ' ']).next().unwrap_or_default().to_string();
+    let dir = std::path::PathBuf::from(format!("/usr/lib/postgresql/{major}/bin"));
+    if !major.is_empty() && dir.join("pg_dump").exists() {
+        (dir, version)
+    } else {
+        (std::path::PathBuf::new(), version)
+    }
+}
+
+/// Errors of pg_dump/pg_restore that another attempt cannot fix.
+fn pg_tool_error(tool: &str, stderr: &str) -> StepError {
+    let message = format!("{tool} failed: {}", stderr.trim());
+    let permanent = [
+        "authentication failed",
+        "does not exist",
+        "permission denied",
+        "no pg_hba.conf entry",
+    ]
+    .iter()
+    .any(|p| stderr.contains(p));
+    if permanent {
+        StepError::Permanent(message)
+    } else {
+        StepError::Transient(message)
+    }
+}
+
+/// The input of `backup.postgres`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupInput {
+    /// A PostgreSQL connection name (connections.postgres).
+    pub database: String,
+    /// An S3 connection name (connections.s3).
+    pub store: String,
+    /// Key prefix. Default `postgres`.
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+}
+
+fn default_prefix() -> String {
+    "postgres".into()
+}
+
+/// What `backup.postgres` stored (and the manifest beside it says).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub database: String,
+    pub server_version: String,
+    pub key: String,
+    pub size: u64,
+    pub sha256: String,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+    pub run_id: String,
+}
+
+/// The `backup.postgres` workflow.
+pub fn backup_postgres(connections: Arc<Connections>) -> WorkflowDef {
+    WorkflowDef::new(
+        "backup.postgres",
+        "Dumps a PostgreSQL database (pg_dump custom format, zstd) into S3 as a stream, with a manifest; verifies it.",
+        move |ctx: Ctx, input: BackupInput| {
+            let connections = connections.clone();
+            async move { run_backup(ctx, connections, input).await }
+        },
+    )
+}
+
+async fn run_backup(ctx: Ctx, connections: Arc<Connections>, input: BackupInput) -> Result<Manifest, WorkflowError> {
+    let url = connections
+        .postgres(&input.database)
+        .map_err(WorkflowError::failed)?
+        .to_string();
+    let s3 = S3Store::new(connections.s3(&input.store).map_err(WorkflowError::failed)?).await;
+    let run_id = ctx.run_id().to_string();
+    // The key is decided once and journaled, so that an attempt after a crash writes (and
+    // aborts the orphaned upload of) the same key.
+    let (key, started_at): (String, DateTime<Utc>) = ctx
+        .step("plan", |_s| async {
+            let now = Utc::now();
+            let key = format!(
+                "{}/{}/{}/{}-{}.dump.zst",
+                input.prefix.trim_end_matches('/'),
+                input.database,
+                now.format("%Y/%m/%d"),
+                now.format("%Y%m%dT%H%M%SZ"),
+                run_id
+            );
+            Ok::<_, StepError>((key, now))
+        })
+        .await?;
+    let (bucket_s3, key_ref, url_ref) = (&s3, key.as_str(), url.as_str());
+    let (stored, server_version): (Stored, String) = ctx
+        .step("dump-and-upload", |_s: StepCtx| async move {
+            dump_and_upload(bucket_s3, key_ref, url_ref).await
+        })
+        .retry(network())
+        .undo({
+            let s3 = s3.clone();
+            move |_s, (stored, _): (Stored, String)| async move { s3.delete(&stored.key).await.map_err(s3_err) }
+        })
+        .await?;
+    let manifest = Manifest {
+        database: input.database.clone(),
+        server_version,
+        key: stored.key.clone(),
+        size: stored.size,
+        sha256: stored.sha256.clone(),
+        started_at,
+        finished_at: Utc::now(),
+        run_id: ctx.run_id().to_string(),
+    };
+    let m = &manifest;
+    ctx.step("write-manifest", |_s| async move {
+        let bytes = serde_json::to_vec_pretty(m).map_err(StepError::permanent)?;
+        bucket_s3
+            .put(&format!("{}.manifest.json", m.key), bytes)
+            .await
+            .map_err(s3_err)
+    })
+    .retry(network())
+    .await?;
+    ctx.step("verify", |_s| async move {
+        let (size, sha256) = bucket_s3.digest(&m.key).await.map_err(s3_err)?;
+        if size != m.size || sha256 != m.sha256 {
+            return Err(StepError::Permanent(format!(
+                "verification failed: stored {size} bytes with sha256 {sha256}, uploaded {} bytes with sha256 {}",
+                m.size, m.sha256
+            )));
+        }
+        Ok(())
+    })
+    .retry(network())
+    .await?;
+    Ok(manifest)
+}
+
+/// Streams `pg_dump | zstd` into the object. Running it again replaces the object (and first
+/// aborts an upload a killed attempt left behind).
+async fn dump_and_upload(s3: &S3Store, key: &str, url: &str) -> Result<(Stored, String), StepError> {
+    s3.ensure_bucket().await.map_err(s3_err)?;
+    let (bin, version) = pg_bin(url).await;
+    let target = pg_target(url);
+    let mut cmd = Command::new(bin.join("pg_dump"));
+    cmd.args(["--format=custom", "--no-password", "--dbname", &target.conninfo])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    if let Some(p) = &target.password {
+        cmd.env("PGPASSWORD", p);
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| StepError::Permanent(format!("cannot run pg_dump: {e}")))?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut stderr = child.stderr.take().expect("piped stderr");
+    let errors = tokio::spawn(async move {
+        let mut text = String::new();
+        let _ = (&mut stderr).take(64 * 1024).read_to_string(&mut text).await;
+        text
+    });
+    let compressed = ZstdEncoder::new(BufReader::new(stdout));
+    let uploaded = s3.upload_stream(key, compressed, 8 << 20).await;
+    let status = child.wait().await.map_err(StepError::transient)?;
+    let stderr = errors.await.unwrap_or_default();
+    if !status.success() {
+        // The stream ended early but looked complete: the object is not a backup.
+        let _ = s3.delete(key).await;
+        return Err(pg_tool_error("pg_dump", &stderr));
+    }
+    let stored = uploaded.map_err(s3_err)?;
+    Ok((stored, version))
+}
+
+/// The input of `restore.postgres`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreInput {
+    /// An S3 connection name.
+    pub store: String,
+    /// The backed-up database's name (to find its latest backup), unless `key` is given.
+    #[serde(default)]
+    pub database: Option<String>,
+    /// A backup's object key; default the latest of `database`.
+    #[serde(default)]
+    pub key: Option<String>,
+    /// Key prefix. Default `postgres`.
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+    /// The PostgreSQL connection name to restore into.
+    pub target: String,
+    /// Restore even if the target has tables.
+    #[serde(default)]
+    pub overwrite: bool,
+}
+
+/// The `restore.postgres` workflow.
+pub fn restore_postgres(connections: Arc<Connections>) -> WorkflowDef {
+    WorkflowDef::new(
+        "restore.postgres",
+        "Restores a backup (the latest by default) into a database, after checking its checksum.",
+        move |ctx: Ctx, input: RestoreInput| {
+            let connections = connections.clone();
+            async move { run_restore(ctx, connections, input).await }
+        },
+    )
+}
+
+async fn run_restore(ctx: Ctx, connections: Arc<Connections>, input: RestoreInput) -> Result<Manifest, WorkflowError> {
+    let url = connections
+        .postgres(&input.target)
+        .map_err(WorkflowError::failed)?
+        .to_string();
+    let s3 = S3Store::new(connections.s3(&input.store).map_err(WorkflowError::failed)?).await;
+    let (s3r, inp) = (&s3, &input);
+    let manifest: Manifest = ctx
+        .step("choose", |_s| async move {
+            let key = match &inp.key {
+                Some(k) => k.clone(),
+                None => {
+                    let db = inp.database.as_deref().ok_or_else(|| {
+                        StepError::permanent(
+                            "give the backup's `key`, or the `database` whose latest backup to restore",
+                        )
+                    })?;
+                    let prefix = format!("{}/{db}/", inp.prefix.trim_end_matches('/'));
+                    let listed = s3r.list(&prefix).await.map_err(s3_err)?;
+                    listed
+                        .into_iter()
+                        .map(|o| o.key)
+                        .filter(|k| k.ends_with(".dump.zst"))
+                        .max()
+                        .ok_or_else(|| StepError::Permanent(format!("no backup under {prefix}")))?
+                }
+            };
+            let out = s3r
+                .client()
+                .get_object()
+                .bucket(s3r.bucket())
+                .key(format!("{key}.manifest.json"))
+                .send()
+                .await
+                .map_err(|e| StepError::Permanent(format!("no manifest for {key}: {e}")))?;
+            let bytes = out.body.collect().await.map_err(StepError::transient)?.into_bytes();
+            serde_json::from_slice::<Manifest>(&bytes)
+                .map_err(|e| StepError::Permanent(format!("bad manifest for {key}: {e}")))
+        })
+        .retry(network())
+        .await?;
+    let m = &manifest;
+    ctx.step("verify-checksum", |_s| async move {
+        let (size, sha256) = s3r.digest(&m.key).await.map_err(s3_err)?;
+        if size != m.size || sha256 != m.sha256 {
+            return Err(StepError::Permanent(format!(
+                "checksum mismatch for {}: the manifest says {} bytes with sha256 {}, the store holds {size} bytes with sha256 {sha256}; refusing to restore",
+                m.key, m.size, m.sha256
+            )));
+        }
+        Ok(())
+    })
+    .retry(network())
+    .await?;
+    let url_ref = url.as_str();
+    ctx.step("check-target", |_s| async move {
+        let pool = sqlx::PgPool::connect(url_ref).await.map_err(StepError::transient)?;
+        let tables: i64 = sqlx::query_scalar(
+            "select count(*) from information_schema.tables where table_schema not in ('pg_catalog', 'information_schema')",
+        )
+        .fetch_one(&pool)
+        .await
+        .map_err(StepError::transient)?;
+        pool.close().await;
+        if tables > 0 && !inp.overwrite {
+            return Err(StepError::Permanent(format!(
+                "the target database has {tables} tables; set `overwrite: true` to restore over them"
+            )));
+        }
+        Ok(())
+    })
+    .retry(network())
+    .await?;
+    ctx.step("restore", |_s| async move {
+        restore_into(s3r, &m.key, url_ref, inp.overwrite).await
+    })
+    .retry(network())
+    .await?;
+    Ok(manifest)
+}
+
+/// Streams the object through zstd into `pg_restore`, in one transaction: it restores all or
+/// nothing, so running it again after a failure starts from the same state.
+async fn restore_into(s3: &S3Store, key: &str, url: &str, overwrite: bool) -> Result<(), StepError> {
+    let (bin, _) = pg_bin(url).await;
+    let target = pg_target(url);
+    let out = s3
+        .client()
+        .get_object()
+        .bucket(s3.bucket())
+        .key(key)
+        .send()
+        .await
+        .map_err(|e| StepError::transient(format!("S3 GetObject failed: {e}")))?;
+    let mut decompressed = ZstdDecoder::new(BufReader::new(out.body.into_async_read()));
+    let mut cmd = Command::new(bin.join("pg_restore"));
+    cmd.args([
+        "--no-password",
+        "--no-owner",
+        "--no-privileges",
+        "--single-transaction",
+        "--exit-on-error",
+    ]);
+    if overwrite {
+        cmd.args(["--clean", "--if-exists"]);
+    }
+    cmd.args(["--dbname", &target.conninfo])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    if let Some(p) = &target.password {
+        cmd.env("PGPASSWORD", p);
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| StepError::Permanent(format!("cannot run pg_restore: {e}")))?;
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    let mut stderr = child.stderr.take().expect("piped stderr");
+    let errors = tokio::spawn(async move {
+        let mut text = String::new();
+        let _ = (&mut stderr).take(64 * 1024).read_to_string(&mut text).await;
+        text
+    });
+    let copied = tokio::io::copy(&mut decompressed, &mut stdin).await;
+    drop(stdin);
+    let status = child.wait().await.map_err(StepError::transient)?;
+    let stderr = errors.await.unwrap_or_default();
+    if let Err(e) = copied {
+        return Err(StepError::transient(format!("reading the backup failed: {e}")));
+    }
+    if !status.success() {
+        return Err(pg_tool_error("pg_restore", &stderr));
+    }
+    Ok(())
+}
