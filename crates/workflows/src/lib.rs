@@ -5,10 +5,12 @@
 pub mod adapters;
 mod backup;
 mod connections;
+mod retention;
 mod selftest;
 
 pub use backup::{BackupInput, Manifest, RestoreInput, backup_postgres, restore_postgres};
 pub use connections::Connections;
+pub use retention::{Backup, RetentionInput, RetentionPolicy, RetentionReport, backup_retention, plan, time_of};
 pub use selftest::{ChainInput, ChainOutput, GateInput, GateOutput, StepCount, TableName, chain, gate};
 
 use dayshift_engine::WorkflowDef;
@@ -27,6 +29,7 @@ pub fn all_with(pool: PgPool, connections: Connections) -> Vec<WorkflowDef> {
         chain(pool),
         gate(),
         backup_postgres(connections.clone()),
+        backup_retention(connections.clone()),
         restore_postgres(connections),
     ]
 }
