@@ -50,6 +50,17 @@ pub struct TestDb {
 impl TestDb {
     /// Creates `dayshift_test_<unique>` and applies the migrations.
     pub async fn new() -> Self {
+        let db = Self::create(30).await;
+        PgStore::new(db.pool.clone()).migrate().await.expect("migrate");
+        db
+    }
+
+    /// A database of its own with nothing in it (a backup's source or restore target).
+    pub async fn empty() -> Self {
+        Self::create(5).await
+    }
+
+    async fn create(max_connections: u32) -> Self {
         let server = database_url();
         let name = format!("dayshift_test_{}", unique());
         let admin = PgPoolOptions::new()
@@ -64,34 +75,10 @@ impl TestDb {
         admin.close().await;
         let url = replace_db(&server, &name);
         let pool = PgPoolOptions::new()
-            .max_connections(30)
+            .max_connections(max_connections)
             .connect(&url)
             .await
             .expect("connect to test database");
-        PgStore::new(pool.clone()).migrate().await.expect("migrate");
-        Self { url, pool }
-    }
-
-    /// A database of its own with nothing in it (a backup's source or restore target).
-    pub async fn empty() -> Self {
-        let server = database_url();
-        let name = format!("dayshift_test_{}", unique());
-        let admin = PgPoolOptions::new()
-            .max_connections(1)
-            .connect(&server)
-            .await
-            .expect("connect");
-        sqlx::query(sqlx::AssertSqlSafe(format!("create database {name}")))
-            .execute(&admin)
-            .await
-            .expect("create database");
-        admin.close().await;
-        let url = replace_db(&server, &name);
-        let pool = PgPoolOptions::new()
-            .max_connections(5)
-            .connect(&url)
-            .await
-            .expect("connect");
         Self { url, pool }
     }
 
@@ -164,6 +151,25 @@ fn replace_db(url: &str, db: &str) -> String {
     match query {
         Some(q) => format!("{base}/{db}?{q}"),
         None => format!("{base}/{db}"),
+    }
+}
+
+/// The shared test bucket of the local SeaweedFS (tests keep to key prefixes of their own; a
+/// bucket per test would use up its volumes). `secret` replaces the secret key, to test refusal.
+pub fn s3_test_config(secret: Option<&str>) -> dayshift_workflows::adapters::s3::S3Config {
+    let env = |k: &str| {
+        std::env::var(k)
+            .unwrap_or_else(|_| panic!("{k} is not set: run `scripts/services.sh up` and source .dayshift/env"))
+    };
+    dayshift_workflows::adapters::s3::S3Config {
+        endpoint: Some(env("DAYSHIFT_S3_ENDPOINT")),
+        region: env("DAYSHIFT_S3_REGION"),
+        bucket: "dayshift-test".into(),
+        access_key: env("DAYSHIFT_S3_ACCESS_KEY"),
+        secret_key: secret
+            .map(str::to_string)
+            .unwrap_or_else(|| env("DAYSHIFT_S3_SECRET_KEY")),
+        path_style: true,
     }
 }
 

@@ -4,24 +4,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dayshift_engine::{RunStatus, StartRun};
-use dayshift_tests::{TestDb, TestEnv, fast_worker, unique};
+use dayshift_tests::{TestDb, TestEnv, fast_worker, s3_test_config, unique};
 use dayshift_workflows::adapters::s3::{S3Config, S3Store};
 use dayshift_workflows::{Connections, backup_postgres, restore_postgres};
 use serde_json::json;
 
 const LIMIT: Duration = Duration::from_secs(120);
-
-fn s3_config() -> S3Config {
-    let env = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("{k} is not set: run `scripts/services.sh up`"));
-    S3Config {
-        endpoint: Some(env("DAYSHIFT_S3_ENDPOINT")),
-        region: env("DAYSHIFT_S3_REGION"),
-        bucket: "dayshift-test".into(),
-        access_key: env("DAYSHIFT_S3_ACCESS_KEY"),
-        secret_key: env("DAYSHIFT_S3_SECRET_KEY"),
-        path_style: true,
-    }
-}
 
 /// A source database with known content: several tables, types, an index, a sequence.
 async fn source() -> TestDb {
@@ -48,7 +36,7 @@ struct Setup {
 }
 
 async fn setup() -> Setup {
-    let (source, target, store) = (source().await, TestDb::empty().await, s3_config());
+    let (source, target, store) = (source().await, TestDb::empty().await, s3_test_config(None));
     let mut conns = Connections::default();
     conns.s3.insert("backups".into(), store.clone());
     conns.postgres.insert("app".into(), source.url.clone());

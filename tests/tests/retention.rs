@@ -5,24 +5,10 @@ use std::time::Duration;
 
 use chrono::{NaiveDate, TimeZone, Utc};
 use dayshift_engine::{RunStatus, StartRun};
-use dayshift_tests::{TestEnv, fast_worker, unique};
-use dayshift_workflows::adapters::s3::{S3Config, S3Store};
+use dayshift_tests::{TestEnv, fast_worker, s3_test_config, unique};
+use dayshift_workflows::adapters::s3::S3Store;
 use dayshift_workflows::{Connections, backup_retention};
 use serde_json::json;
-
-fn config(secret: Option<&str>) -> S3Config {
-    let env = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("{k} is not set: run `scripts/services.sh up`"));
-    S3Config {
-        endpoint: Some(env("DAYSHIFT_S3_ENDPOINT")),
-        region: env("DAYSHIFT_S3_REGION"),
-        bucket: "dayshift-test".into(),
-        access_key: env("DAYSHIFT_S3_ACCESS_KEY"),
-        secret_key: secret
-            .map(str::to_string)
-            .unwrap_or_else(|| env("DAYSHIFT_S3_SECRET_KEY")),
-        path_style: true,
-    }
-}
 
 /// 400 daily backups, 2025-10-17 … 2026-11-20, each with its manifest.
 async fn history(s3: &S3Store, prefix: &str) -> Vec<String> {
@@ -60,11 +46,11 @@ async fn history(s3: &S3Store, prefix: &str) -> Vec<String> {
 #[tokio::test]
 async fn retention_over_400_daily_backups_keeps_exactly_what_the_policy_says() {
     let prefix = format!("t-{}", unique());
-    let s3 = S3Store::new(&config(None)).await;
+    let s3 = S3Store::new(&s3_test_config(None)).await;
     let all = history(&s3, &prefix).await;
     let mut conns = Connections::default();
-    conns.s3.insert("backups".into(), config(None));
-    conns.s3.insert("broken".into(), config(Some("wrong-secret")));
+    conns.s3.insert("backups".into(), s3_test_config(None));
+    conns.s3.insert("broken".into(), s3_test_config(Some("wrong-secret")));
     let mut env = TestEnv::new(vec![backup_retention(Arc::new(conns))]).await;
     env.start_worker(fast_worker("w"));
     let run = |store: &str, dry: bool| {

@@ -1,31 +1,14 @@
 //! The S3 adapter against a real SeaweedFS (started by scripts/services.sh).
 
-use dayshift_tests::unique;
-use dayshift_workflows::adapters::s3::{S3Config, S3Store};
+use dayshift_tests::{s3_test_config, unique};
+use dayshift_workflows::adapters::s3::S3Store;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncRead;
-
-fn config(secret: Option<&str>) -> S3Config {
-    let env = |k: &str| {
-        std::env::var(k)
-            .unwrap_or_else(|_| panic!("{k} is not set: run `scripts/services.sh up` and source .dayshift/env"))
-    };
-    S3Config {
-        endpoint: Some(env("DAYSHIFT_S3_ENDPOINT")),
-        region: env("DAYSHIFT_S3_REGION"),
-        bucket: "dayshift-test".into(),
-        access_key: env("DAYSHIFT_S3_ACCESS_KEY"),
-        secret_key: secret
-            .map(str::to_string)
-            .unwrap_or_else(|| env("DAYSHIFT_S3_SECRET_KEY")),
-        path_style: true,
-    }
-}
 
 /// The shared test bucket, and a key prefix of this test's own (a bucket per test would use up
 /// SeaweedFS's volumes).
 async fn store() -> (S3Store, String) {
-    let store = S3Store::new(&config(None)).await;
+    let store = S3Store::new(&s3_test_config(None)).await;
     store.ensure_bucket().await.expect("create bucket");
     (store, format!("t-{}/", unique()))
 }
@@ -142,7 +125,7 @@ async fn an_upload_left_by_a_killed_worker_is_aborted_by_the_next_attempt() {
 
 #[tokio::test]
 async fn wrong_credentials_are_a_permanent_error() {
-    let s3 = S3Store::new(&config(Some("not-the-secret"))).await;
+    let s3 = S3Store::new(&s3_test_config(Some("not-the-secret"))).await;
     let err = s3.put(&format!("t-{}/k", unique()), b"v".to_vec()).await.unwrap_err();
     assert!(!err.is_transient(), "{err}");
 }

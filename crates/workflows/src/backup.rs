@@ -123,6 +123,50 @@ pub struct Manifest {
     pub run_id: String,
 }
 
+/// The database URL and the store named in a workflow's input.
+async fn open(connections: &Connections, database: &str, store: &str) -> Result<(String, S3Store), WorkflowError> {
+    let url = connections
+        .postgres(database)
+        .map_err(WorkflowError::failed)?
+        .to_string();
+    let s3 = S3Store::new(connections.s3(store).map_err(WorkflowError::failed)?).await;
+    Ok((url, s3))
+}
+
+/// Starts `tool` (pg_dump, pg_restore) against `url` with `args`, its stdin/stdout as given, the
+/// password in the environment; returns the child and a task collecting the first 64 KiB of its
+/// stderr (read concurrently, so the tool never blocks on a full pipe).
+fn spawn_pg_tool(
+    bin: &std::path::Path,
+    tool: &str,
+    url: &str,
+    args: &[&str],
+    stdin: Stdio,
+    stdout: Stdio,
+) -> Result<(tokio::process::Child, tokio::task::JoinHandle<String>), StepError> {
+    let target = pg_target(url);
+    let mut cmd = Command::new(bin.join(tool));
+    cmd.args(args)
+        .args(["--no-password", "--dbname", &target.conninfo])
+        .stdin(stdin)
+        .stdout(stdout)
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    if let Some(p) = &target.password {
+        cmd.env("PGPASSWORD", p);
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| StepError::Permanent(format!("cannot run {tool}: {e}")))?;
+    let mut stderr = child.stderr.take().expect("piped stderr");
+    let errors = tokio::spawn(async move {
+        let mut text = String::new();
+        let _ = (&mut stderr).take(64 * 1024).read_to_string(&mut text).await;
+        text
+    });
+    Ok((child, errors))
+}
+
 /// The `backup.postgres` workflow.
 pub fn backup_postgres(connections: Arc<Connections>) -> WorkflowDef {
     WorkflowDef::new(
@@ -136,11 +180,7 @@ pub fn backup_postgres(connections: Arc<Connections>) -> WorkflowDef {
 }
 
 async fn run_backup(ctx: Ctx, connections: Arc<Connections>, input: BackupInput) -> Result<Manifest, WorkflowError> {
-    let url = connections
-        .postgres(&input.database)
-        .map_err(WorkflowError::failed)?
-        .to_string();
-    let s3 = S3Store::new(connections.s3(&input.store).map_err(WorkflowError::failed)?).await;
+    let (url, s3) = open(&connections, &input.database, &input.store).await?;
     let run_id = ctx.run_id().to_string();
     // The key is decided once and journaled, so that an attempt after a crash writes (and
     // aborts the orphaned upload of) the same key.
@@ -209,26 +249,15 @@ async fn run_backup(ctx: Ctx, connections: Arc<Connections>, input: BackupInput)
 async fn dump_and_upload(s3: &S3Store, key: &str, url: &str) -> Result<(Stored, String), StepError> {
     s3.ensure_bucket().await.map_err(s3_err)?;
     let (bin, version) = pg_bin(url).await;
-    let target = pg_target(url);
-    let mut cmd = Command::new(bin.join("pg_dump"));
-    cmd.args(["--format=custom", "--no-password", "--dbname", &target.conninfo])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    if let Some(p) = &target.password {
-        cmd.env("PGPASSWORD", p);
-    }
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| StepError::Permanent(format!("cannot run pg_dump: {e}")))?;
+    let (mut child, errors) = spawn_pg_tool(
+        &bin,
+        "pg_dump",
+        url,
+        &["--format=custom"],
+        Stdio::null(),
+        Stdio::piped(),
+    )?;
     let stdout = child.stdout.take().expect("piped stdout");
-    let mut stderr = child.stderr.take().expect("piped stderr");
-    let errors = tokio::spawn(async move {
-        let mut text = String::new();
-        let _ = (&mut stderr).take(64 * 1024).read_to_string(&mut text).await;
-        text
-    });
     let compressed = ZstdEncoder::new(BufReader::new(stdout));
     let uploaded = s3.upload_stream(key, compressed, 8 << 20).await;
     let status = child.wait().await.map_err(StepError::transient)?;
@@ -277,11 +306,7 @@ pub fn restore_postgres(connections: Arc<Connections>) -> WorkflowDef {
 }
 
 async fn run_restore(ctx: Ctx, connections: Arc<Connections>, input: RestoreInput) -> Result<Manifest, WorkflowError> {
-    let url = connections
-        .postgres(&input.target)
-        .map_err(WorkflowError::failed)?
-        .to_string();
-    let s3 = S3Store::new(connections.s3(&input.store).map_err(WorkflowError::failed)?).await;
+    let (url, s3) = open(&connections, &input.target, &input.store).await?;
     let (s3r, inp) = (&s3, &input);
     let manifest: Manifest = ctx
         .step("choose", |_s| async move {
@@ -361,7 +386,6 @@ async fn run_restore(ctx: Ctx, connections: Arc<Connections>, input: RestoreInpu
 /// nothing, so running it again after a failure starts from the same state.
 async fn restore_into(s3: &S3Store, key: &str, url: &str, overwrite: bool) -> Result<(), StepError> {
     let (bin, _) = pg_bin(url).await;
-    let target = pg_target(url);
     let out = s3
         .client()
         .get_object()
@@ -371,35 +395,17 @@ async fn restore_into(s3: &S3Store, key: &str, url: &str, overwrite: bool) -> Re
         .await
         .map_err(|e| StepError::transient(format!("S3 GetObject failed: {e}")))?;
     let mut decompressed = ZstdDecoder::new(BufReader::new(out.body.into_async_read()));
-    let mut cmd = Command::new(bin.join("pg_restore"));
-    cmd.args([
-        "--no-password",
+    let mut args = vec![
         "--no-owner",
         "--no-privileges",
         "--single-transaction",
         "--exit-on-error",
-    ]);
+    ];
     if overwrite {
-        cmd.args(["--clean", "--if-exists"]);
+        args.extend(["--clean", "--if-exists"]);
     }
-    cmd.args(["--dbname", &target.conninfo])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    if let Some(p) = &target.password {
-        cmd.env("PGPASSWORD", p);
-    }
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| StepError::Permanent(format!("cannot run pg_restore: {e}")))?;
+    let (mut child, errors) = spawn_pg_tool(&bin, "pg_restore", url, &args, Stdio::piped(), Stdio::null())?;
     let mut stdin = child.stdin.take().expect("piped stdin");
-    let mut stderr = child.stderr.take().expect("piped stderr");
-    let errors = tokio::spawn(async move {
-        let mut text = String::new();
-        let _ = (&mut stderr).take(64 * 1024).read_to_string(&mut text).await;
-        text
-    });
     let copied = tokio::io::copy(&mut decompressed, &mut stdin).await;
     drop(stdin);
     let status = child.wait().await.map_err(StepError::transient)?;
