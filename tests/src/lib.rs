@@ -260,6 +260,25 @@ impl TestEnv {
         }
     }
 
+    /// GETs `path` from the HTTP API of this env's engine (served for the call); status and body.
+    pub async fn get_text(&self, path: &str) -> (u16, String) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let app = dayshift_engine::http::router(self.engine.clone());
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        let response = dayshift_workflows::adapters::http::client()
+            .get(format!("{base}{path}"))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        server.abort();
+        (status, text)
+    }
+
     /// The workflow definitions given to `new`.
     pub fn defs(&self) -> &[WorkflowDef] {
         &self.defs
@@ -446,7 +465,7 @@ impl BinEnv {
             db,
             config_path,
             api: format!("http://127.0.0.1:{port}"),
-            http: reqwest::Client::new(),
+            http: dayshift_workflows::adapters::http::client(),
             server: None,
             _dir: tempdir::Dir(dir),
         };
@@ -685,7 +704,7 @@ impl OwnAlertmanager {
             .spawn()
             .context("prometheus-alertmanager is not installed; run `scripts/services.sh up`")?;
         let url = format!("http://127.0.0.1:{port}");
-        let http = reqwest::Client::new();
+        let http = dayshift_workflows::adapters::http::client();
         for _ in 0..200 {
             if let Ok(r) = http.get(format!("{url}/-/ready")).send().await
                 && r.status().is_success()
@@ -699,7 +718,7 @@ impl OwnAlertmanager {
 
     /// Posts alerts to its API (`/api/v2/alerts`), as Prometheus does.
     pub async fn post_alerts(&self, alerts: &Value) -> Result<()> {
-        let r = reqwest::Client::new()
+        let r = dayshift_workflows::adapters::http::client()
             .post(format!("{}/api/v2/alerts", self.url))
             .json(alerts)
             .send()
@@ -719,5 +738,137 @@ impl Drop for OwnAlertmanager {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// An OpenBao server of its own, with raft storage, initialised and unsealed (for tests that
+/// restore snapshots, which would roll back a shared server under other tests).
+pub struct OwnOpenBao {
+    pub addr: String,
+    /// The root token.
+    pub token: String,
+    dir: PathBuf,
+}
+
+impl OwnOpenBao {
+    /// Starts one through `scripts/openbao.sh`, the services script's way, on a free port.
+    pub async fn start() -> Result<Self> {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("dayshift-openbao-{}", unique()));
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/openbao.sh");
+        let out = Command::new(&script)
+            .arg("start")
+            .arg(&dir)
+            .arg(port.to_string())
+            .output()
+            .await
+            .with_context(|| format!("cannot run {}", script.display()))?;
+        let bao = Self {
+            addr: format!("http://127.0.0.1:{port}"),
+            token: String::new(),
+            dir,
+        };
+        if !out.status.success() {
+            bail!("OpenBao did not start: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let init: Value = serde_json::from_slice(&std::fs::read(bao.dir.join("init.json"))?)?;
+        let mut bao = bao;
+        bao.token = init["root_token"]
+            .as_str()
+            .context("no root_token in init.json")?
+            .to_string();
+        Ok(bao)
+    }
+
+    /// Runs the `bao` CLI against this server as root; its stdout, or an error with its stderr.
+    pub async fn bao(&self, args: &[&str]) -> Result<String> {
+        let bin = std::env::var("DAYSHIFT_BAO").context("DAYSHIFT_BAO is not set: source .dayshift/env")?;
+        let out = Command::new(bin)
+            .args(args)
+            .env("BAO_ADDR", &self.addr)
+            .env("BAO_TOKEN", &self.token)
+            .output()
+            .await?;
+        if !out.status.success() {
+            bail!("bao {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl Drop for OwnOpenBao {
+    fn drop(&mut self) {
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/openbao.sh");
+        let _ = std::process::Command::new(script)
+            .arg("stop")
+            .arg(&self.dir)
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A chat webhook (Mattermost/Slack shaped) that records what is posted to it.
+pub struct WebhookReceiver {
+    /// The URL to post to.
+    pub url: String,
+    received: Arc<std::sync::Mutex<Vec<Value>>>,
+    arrived: Arc<tokio::sync::Notify>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl WebhookReceiver {
+    pub async fn start() -> Self {
+        let received = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let arrived = Arc::new(tokio::sync::Notify::new());
+        let (r, a) = (received.clone(), arrived.clone());
+        let app = axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |axum::Json(body): axum::Json<Value>| {
+                let (r, a) = (r.clone(), a.clone());
+                async move {
+                    r.lock().unwrap().push(body);
+                    a.notify_waiters();
+                    "ok"
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        Self {
+            url,
+            received,
+            arrived,
+            server,
+        }
+    }
+
+    /// What has been posted so far.
+    pub fn received(&self) -> Vec<Value> {
+        self.received.lock().unwrap().clone()
+    }
+
+    /// Waits until at least `n` messages have arrived; panics after `limit`.
+    pub async fn wait_for(&self, n: usize, limit: Duration) -> Vec<Value> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let arrived = self.arrived.notified();
+            let got = self.received();
+            if got.len() >= n {
+                return got;
+            }
+            if tokio::time::timeout_at(deadline, arrived).await.is_err() {
+                panic!("{} of {n} messages arrived within {limit:?}: {got:#?}", got.len());
+            }
+        }
+    }
+}
+
+impl Drop for WebhookReceiver {
+    fn drop(&mut self) {
+        self.server.abort();
     }
 }

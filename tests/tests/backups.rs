@@ -4,9 +4,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dayshift_engine::{RunStatus, StartRun};
-use dayshift_tests::{TestDb, TestEnv, fast_worker, s3_test_config, unique};
+use dayshift_tests::{TestDb, TestEnv, WebhookReceiver, database_url, fast_worker, s3_test_config, unique};
 use dayshift_workflows::adapters::s3::{S3Config, S3Store};
-use dayshift_workflows::{Connections, backup_postgres, restore_postgres};
+use dayshift_workflows::{Connections, backup_postgres, backup_restore_test, restore_postgres};
 use serde_json::json;
 
 const LIMIT: Duration = Duration::from_secs(120);
@@ -33,16 +33,26 @@ struct Setup {
     source: TestDb,
     target: TestDb,
     store: S3Config,
+    /// The `ops` notice webhook.
+    chat: WebhookReceiver,
 }
 
 async fn setup() -> Setup {
     let (source, target, store) = (source().await, TestDb::empty().await, s3_test_config(None));
+    let chat = WebhookReceiver::start().await;
     let mut conns = Connections::default();
     conns.s3.insert("backups".into(), store.clone());
     conns.postgres.insert("app".into(), source.url.clone());
     conns.postgres.insert("scratch".into(), target.url.clone());
+    conns.postgres.insert("server".into(), database_url());
+    conns.notify.insert("ops".into(), chat.url.clone());
     let conns = Arc::new(conns);
-    let mut env = TestEnv::new(vec![backup_postgres(conns.clone()), restore_postgres(conns)]).await;
+    let mut env = TestEnv::new(vec![
+        backup_postgres(conns.clone()),
+        restore_postgres(conns.clone()),
+        backup_restore_test(conns),
+    ])
+    .await;
     env.start_worker(fast_worker("w"));
     Setup {
         prefix: format!("t-{}", unique()),
@@ -50,6 +60,7 @@ async fn setup() -> Setup {
         source,
         target,
         store,
+        chat,
     }
 }
 
@@ -147,5 +158,221 @@ async fn a_dump_with_one_corrupted_byte_is_refused_with_a_checksum_error() {
     let error = restore.error.unwrap();
     assert!(error.contains("checksum mismatch"), "{error}");
     assert!(s.target.table_checksums().await.is_empty(), "something was restored");
+
+    // The restore test refuses it too, and says so in the chat.
+    let test = run(&s.env, "backup.restore-test", restore_test_input(&s, json!([]))).await;
+    assert_eq!(test.status, RunStatus::Failed);
+    assert!(
+        test.error.as_deref().unwrap().contains("checksum mismatch"),
+        "{test:#?}"
+    );
+    let notices = s.chat.wait_for(1, LIMIT).await;
+    let text = notices[0]["text"].as_str().unwrap();
+    assert!(
+        text.contains("Restore test failed") && text.contains("checksum mismatch"),
+        "{text}"
+    );
+    assert!(
+        scratch_databases()
+            .await
+            .iter()
+            .all(|d| !d.ends_with(&test.id.0.simple().to_string()))
+    );
     s.env.stop_workers().await;
+}
+
+fn restore_test_input(s: &Setup, checks: serde_json::Value) -> serde_json::Value {
+    json!({
+        "store": "backups", "database": "app", "prefix": s.prefix, "server": "server",
+        "checks": checks, "notify": "ops",
+    })
+}
+
+/// The restore-test scratch databases on the server.
+async fn scratch_databases() -> Vec<String> {
+    let admin = sqlx::PgPool::connect(&database_url()).await.unwrap();
+    let names = sqlx::query_scalar("select datname from pg_database where datname like 'dayshift_restore_test_%'")
+        .fetch_all(&admin)
+        .await
+        .unwrap();
+    admin.close().await;
+    names
+}
+
+#[tokio::test]
+async fn a_restore_test_runs_the_checks_on_a_scratch_copy_and_drops_it() {
+    let mut s = setup().await;
+    let backup = run(
+        &s.env,
+        "backup.postgres",
+        json!({ "database": "app", "store": "backups", "prefix": s.prefix }),
+    )
+    .await;
+    assert_eq!(backup.status, RunStatus::Succeeded, "{backup:#?}");
+
+    let checks = json!([
+        { "name": "customers", "query": "select count(*) from customers", "min": 5000, "max": 5000 },
+        { "name": "recent orders", "query": "select count(*) from orders where at > timestamptz '2026-01-10';", "min": 1 },
+    ]);
+    let test = run(&s.env, "backup.restore-test", restore_test_input(&s, checks)).await;
+    assert_eq!(test.status, RunStatus::Succeeded, "{test:#?}");
+    let report = test.output.clone().unwrap();
+    assert_eq!(report["key"], backup.output.clone().unwrap()["key"]);
+    assert_eq!(report["tables"], 2);
+    assert_eq!(report["checks"][0], json!({ "name": "customers", "value": 5000.0 }));
+    assert!(report["checks"][1]["value"].as_f64().unwrap() > 1000.0, "{report}");
+    let scratch = report["scratch_database"].as_str().unwrap();
+    assert!(
+        !scratch_databases().await.iter().any(|d| d == scratch),
+        "{scratch} was not dropped"
+    );
+    assert!(s.chat.received().is_empty(), "a passing test sent a notice");
+
+    // Both are fresh on /metrics, as of when their runs finished.
+    let (status, metrics) = s.env.get_text("/metrics").await;
+    assert_eq!(status, 200);
+    for (workflow, run) in [("backup.postgres", &backup), ("backup.restore-test", &test)] {
+        let line =
+            format!("dayshift_workflow_last_success_timestamp_seconds{{workflow=\"{workflow}\",source=\"app\"}} ");
+        let value: f64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&line))
+            .unwrap_or_else(|| panic!("no {line} in:\n{metrics}"))
+            .parse()
+            .unwrap();
+        let finished = run.finished_at.unwrap().timestamp_millis() as f64 / 1000.0;
+        assert!((value - finished).abs() < 0.002, "{workflow}: {value} vs {finished}");
+    }
+
+    // A check whose bound the data misses fails the run, names the check, tells the chat, and
+    // still drops the scratch database.
+    let failing = json!([{ "name": "customers", "query": "select count(*) from customers", "min": 10000 }]);
+    let test = run(&s.env, "backup.restore-test", restore_test_input(&s, failing)).await;
+    assert_eq!(test.status, RunStatus::Failed);
+    let error = test.error.clone().unwrap();
+    assert!(
+        error.contains("check 'customers' failed") && error.contains("returned 5000, expected at least 10000"),
+        "{error}"
+    );
+    let text = s.chat.wait_for(1, LIMIT).await[0]["text"].as_str().unwrap().to_string();
+    assert!(
+        text.contains("check 'customers' failed") && text.contains(&test.id.to_string()),
+        "{text}"
+    );
+    let suffix = test.id.0.simple().to_string();
+    assert!(
+        !scratch_databases().await.iter().any(|d| d.ends_with(&suffix)),
+        "scratch left behind"
+    );
+    s.env.stop_workers().await;
+}
+
+/// The backup of a database big enough that its upload takes a while, by real `dayshift`
+/// processes: the worker is SIGKILLed while the multipart upload is in flight.
+#[tokio::test]
+async fn a_worker_killed_during_the_upload_leaves_one_good_backup_and_no_incomplete_upload() {
+    let source = TestDb::empty().await;
+    // About 60 MB of poorly compressible rows: several 8 MiB parts.
+    for sql in [
+        "create table blobs (id int primary key, body text not null)",
+        "insert into blobs select i, (select string_agg(md5(random()::text || i || j), '') from generate_series(1, 8) j) from generate_series(1, 200000) i",
+    ] {
+        sqlx::query(sql).execute(&source.pool).await.unwrap();
+    }
+    let target = TestDb::empty().await;
+    let store = s3_test_config(None);
+    let dir = std::env::temp_dir().join(format!("dayshift-kill-{}", unique()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let secret = |name: &str, value: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, value).unwrap();
+        path.display().to_string()
+    };
+    let yaml = format!(
+        "connections:\n  s3:\n    backups:\n      endpoint: {}\n      bucket: {}\n      access-key: {{ file: {} }}\n      secret-key: {{ file: {} }}\n  postgres:\n    app: {{ url: {{ file: {} }} }}\n    restored: {{ url: {{ file: {} }} }}\n",
+        store.endpoint.clone().unwrap(),
+        store.bucket,
+        secret("ak", &store.access_key),
+        secret("sk", &store.secret_key),
+        secret("app", &source.url),
+        secret("restored", &target.url),
+    );
+    let env = dayshift_tests::BinEnv::start_with(&yaml).await;
+    let mut worker = env.start_worker().await;
+    let prefix = format!("t-{}", unique());
+    let id = env
+        .start_run(
+            "backup.postgres",
+            json!({ "database": "app", "store": "backups", "prefix": prefix }),
+        )
+        .await;
+
+    // Kill the worker once the upload has parts in flight.
+    let s3 = S3Store::new(&store).await;
+    let in_flight = |s3: S3Store, prefix: String| async move {
+        let listed = s3
+            .client()
+            .list_multipart_uploads()
+            .bucket(s3.bucket())
+            .prefix(&prefix)
+            .send()
+            .await
+            .unwrap();
+        listed.uploads().len()
+    };
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while in_flight(s3.clone(), prefix.clone()).await == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the upload never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    worker.kill9().await;
+    let (_, run) = env.get(&format!("/api/v1/runs/{id}")).await;
+    let upload = run["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "dump-and-upload")
+        .unwrap();
+    assert_eq!(
+        upload["status"], "running",
+        "the worker was not killed mid-upload: {run:#}"
+    );
+    assert_eq!(
+        in_flight(s3.clone(), prefix.clone()).await,
+        1,
+        "no incomplete upload to clean up"
+    );
+
+    // Another worker takes the run over once the lease expires.
+    let _second = env.start_worker().await;
+    let run = env.wait_finished(&id, LIMIT).await;
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    let upload = run["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "dump-and-upload")
+        .unwrap();
+    assert_eq!(upload["attempts"], 2, "{run:#}");
+
+    // One backup, one manifest, nothing incomplete; and it restores.
+    let mut keys: Vec<String> = s3.list(&prefix).await.unwrap().into_iter().map(|o| o.key).collect();
+    keys.sort();
+    let key = run["output"]["key"].as_str().unwrap().to_string();
+    assert_eq!(keys, vec![key.clone(), format!("{key}.manifest.json")]);
+    assert_eq!(
+        in_flight(s3.clone(), prefix.clone()).await,
+        0,
+        "an incomplete upload was left behind"
+    );
+    let restore = env
+        .start_run(
+            "restore.postgres",
+            json!({ "store": "backups", "key": key, "target": "restored" }),
+        )
+        .await;
+    let restore = env.wait_finished(&restore, LIMIT).await;
+    assert_eq!(restore["status"], "succeeded", "{restore:#}");
+    assert_eq!(source.table_checksums().await, target.table_checksums().await);
+    std::fs::remove_dir_all(&dir).unwrap();
 }

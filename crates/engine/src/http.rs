@@ -23,6 +23,7 @@ pub fn router(engine: Engine) -> Router {
     Router::new()
         .route("/healthz", get(|| async { Json(json!({ "status": "ok" })) }))
         .route("/readyz", get(ready))
+        .route("/metrics", get(metrics))
         .route("/api/v1/workflows", get(workflows))
         .route("/api/v1/runs", post(start_run).get(list_runs))
         .route("/api/v1/runs/{id}", get(get_run))
@@ -129,6 +130,18 @@ async fn ready(State(engine): State<Engine>) -> Result<Json<Value>, ApiError> {
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", format!("not ready: {e}"))
     })?;
     Ok(Json(json!({ "status": "ready" })))
+}
+
+async fn metrics(State(engine): State<Engine>) -> Result<Response, ApiError> {
+    let text = crate::metrics::render(&engine).await?;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
 }
 
 async fn workflows(State(engine): State<Engine>) -> Json<Value> {

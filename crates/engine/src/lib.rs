@@ -10,6 +10,7 @@ pub mod alerts;
 mod engine;
 mod error;
 pub mod http;
+mod metrics;
 mod model;
 mod queue;
 mod runtime;

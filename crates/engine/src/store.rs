@@ -767,6 +767,24 @@ impl PgStore {
         Ok(due)
     }
 
+    /// For each value of input field `field` among the succeeded runs of `workflow`, when the
+    /// last of them finished.
+    pub(crate) async fn last_successes(
+        &self,
+        workflow: &str,
+        field: &str,
+    ) -> StoreResult<Vec<(String, DateTime<Utc>)>> {
+        let rows = sqlx::query_as(
+            "select input->>$2, max(finished_at) from runs \
+             where workflow = $1 and status = 'succeeded' and input->>$2 is not null group by 1 order by 1",
+        )
+        .bind(workflow)
+        .bind(field)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows)
+    }
+
     // ---------------------------------------------------------------- outside events
 
     /// Requests cancellation of a run and its active children.

@@ -31,6 +31,8 @@ pub struct WorkflowDef {
     pub(crate) description: String,
     pub(crate) run: Arc<RunFn>,
     validate: Arc<ValidateFn>,
+    /// The input field naming what a run acts on (`database`), for the freshness metric.
+    freshness: Option<String>,
 }
 
 impl std::fmt::Debug for WorkflowDef {
@@ -75,7 +77,16 @@ impl WorkflowDef {
             description: description.into(),
             run,
             validate,
+            freshness: None,
         }
+    }
+
+    /// Publishes the time of the last successful run per value of the input field `field` (the
+    /// database a backup dumps, say) as `dayshift_workflow_last_success_timestamp_seconds
+    /// {workflow, source}` on `/metrics`, so that an alert rule can tell when runs silently stop.
+    pub fn freshness(mut self, field: impl Into<String>) -> Self {
+        self.freshness = Some(field.into());
+        self
     }
 
     /// Sets the version recorded on runs started from now on. Bump it when the order of the
@@ -124,6 +135,13 @@ impl Registry {
     /// workflow.
     pub fn validate_input(&self, name: &str, input: &serde_json::Value) -> Option<Result<(), String>> {
         self.defs.get(name).map(|d| d.validate(input))
+    }
+
+    /// The workflows with a freshness field, and the field.
+    pub(crate) fn freshness_fields(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.defs
+            .values()
+            .filter_map(|d| d.freshness.as_deref().map(|f| (d.name.as_str(), f)))
     }
 
     /// Name, version and description of each workflow, sorted by name.

@@ -61,7 +61,9 @@ struct Api {
 impl Api {
     fn new(args: &ApiArgs) -> Result<Self> {
         Ok(Self {
-            http: reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?,
+            http: dayshift_workflows::adapters::http::builder()
+                .timeout(Duration::from_secs(30))
+                .build()?,
             base: args.server.trim_end_matches('/').to_string(),
         })
     }

@@ -72,6 +72,31 @@ pub(crate) struct ConnectionsConfig {
     pub s3: std::collections::BTreeMap<String, S3ConnectionConfig>,
     /// PostgreSQL databases, by name.
     pub postgres: std::collections::BTreeMap<String, PostgresConnectionConfig>,
+    /// Chat webhooks for notices (Mattermost, Slack: anything taking `{"text": …}`), by name.
+    pub notify: std::collections::BTreeMap<String, NotifyConnectionConfig>,
+    /// Vault / OpenBao servers, by name.
+    pub vault: std::collections::BTreeMap<String, VaultConnectionConfig>,
+}
+
+/// A Vault or OpenBao server.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(crate) struct VaultConnectionConfig {
+    /// e.g. `https://vault.vault.svc:8200`.
+    pub address: String,
+    /// Where the token is.
+    pub token: SecretSource,
+    /// A namespace (Vault Enterprise, OpenBao namespaces).
+    #[serde(default)]
+    pub namespace: Option<String>,
+}
+
+/// A chat webhook.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(crate) struct NotifyConnectionConfig {
+    /// Where the incoming-webhook URL is (it is a credential: whoever has it can post).
+    pub url: SecretSource,
 }
 
 /// An S3 store.
@@ -545,6 +570,42 @@ impl Config {
             }
             out.postgres.insert(name.clone(), url);
         }
+        for (name, notify) in &c.notify {
+            let key = format!("connections.notify.{name}.url");
+            let url = notify
+                .url
+                .read(&key)
+                .and_then(|b| String::from_utf8(b).map_err(|_| format!("{key}: not UTF-8")))
+                .map_err(ConfigError::Invalid)?;
+            let url = url.trim().to_string();
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(ConfigError::Invalid(format!(
+                    "{key}: must start with http:// or https://"
+                )));
+            }
+            out.notify.insert(name.clone(), url);
+        }
+        for (name, vault) in &c.vault {
+            let key = format!("connections.vault.{name}");
+            if !(vault.address.starts_with("http://") || vault.address.starts_with("https://")) {
+                return Err(ConfigError::Invalid(format!(
+                    "{key}.address: must start with http:// or https://"
+                )));
+            }
+            let token = vault
+                .token
+                .read(&format!("{key}.token"))
+                .and_then(|b| String::from_utf8(b).map_err(|_| format!("{key}.token: not UTF-8")))
+                .map_err(ConfigError::Invalid)?;
+            out.vault.insert(
+                name.clone(),
+                dayshift_workflows::adapters::vault::VaultConfig {
+                    address: vault.address.clone(),
+                    token: token.trim().to_string(),
+                    namespace: vault.namespace.clone(),
+                },
+            );
+        }
         Ok(out)
     }
 
@@ -817,6 +878,53 @@ mod tests {
         let text = "worker:\n  concurrency: lots\n";
         let err = Config::load(Some(("c.yaml", text)), &env(&[])).unwrap_err().to_string();
         assert!(err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn connections_read_their_secrets_and_name_what_is_wrong() {
+        let dir = std::env::temp_dir().join(format!("dayshift-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = |name: &str, text: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).unwrap();
+            path.display().to_string()
+        };
+        let (ak, sk, pg, hook, token) = (
+            file("ak", "access\n"),
+            file("sk", "secret\n"),
+            file("pg", "postgres://u:p@db/app\n"),
+            file("hook", "https://chat.example/hooks/abc\n"),
+            file("token", "s.root-token\n"),
+        );
+        let yaml = |address: &str, hook: &str| {
+            format!(
+                "connections:\n  s3:\n    backups:\n      bucket: b\n      access-key: {{ file: {ak} }}\n      secret-key: {{ file: {sk} }}\n  postgres:\n    app: {{ url: {{ file: {pg} }} }}\n  notify:\n    ops: {{ url: {{ file: {hook} }} }}\n  vault:\n    openbao:\n      address: {address}\n      token: {{ file: {token} }}\n"
+            )
+        };
+        let c = Config::load(Some(("c.yaml", &yaml("http://127.0.0.1:8200", &hook))), &env(&[])).unwrap();
+        let conns = c.connections().unwrap();
+        assert_eq!(conns.s3["backups"].access_key, "access");
+        assert_eq!(conns.postgres["app"], "postgres://u:p@db/app");
+        assert_eq!(conns.notify["ops"], "https://chat.example/hooks/abc");
+        assert_eq!(conns.vault["openbao"].token, "s.root-token");
+        let printed = format!("{conns:?}");
+        for secret in ["access", "secret", "u:p@", "hooks/abc", "s.root-token"] {
+            assert!(!printed.contains(secret), "{secret} is printable: {printed}");
+        }
+
+        let c = Config::load(Some(("c.yaml", &yaml("openbao:8200", &hook))), &env(&[])).unwrap();
+        let err = c.connections().unwrap_err().to_string();
+        assert!(
+            err.contains("connections.vault.openbao.address: must start with http"),
+            "{err}"
+        );
+        let c = Config::load(Some(("c.yaml", &yaml("http://o:8200", "/nonexistent/hook"))), &env(&[])).unwrap();
+        let err = c.connections().unwrap_err().to_string();
+        assert!(
+            err.contains("connections.notify.ops.url: cannot read /nonexistent/hook"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

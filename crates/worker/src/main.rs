@@ -102,6 +102,8 @@ enum ConfigCommand {
 }
 
 fn main() -> std::process::ExitCode {
+    // Before any HTTP client is built (reqwest has rustls without a default provider).
+    dayshift_workflows::adapters::http::install_crypto();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,

@@ -17,7 +17,7 @@ use tokio::process::Command;
 use crate::adapters::s3::{S3Error, S3Store, Stored};
 use crate::connections::Connections;
 
-fn s3_err(e: S3Error) -> StepError {
+pub(crate) fn s3_err(e: S3Error) -> StepError {
     if e.is_transient() {
         StepError::transient(e)
     } else {
@@ -26,7 +26,7 @@ fn s3_err(e: S3Error) -> StepError {
 }
 
 /// Network trouble with S3 or PostgreSQL is retried; bad credentials or a missing database are not.
-fn network() -> RetryPolicy {
+pub(crate) fn network() -> RetryPolicy {
     RetryPolicy {
         max_attempts: 5,
         ..RetryPolicy::default()
@@ -106,14 +106,19 @@ pub struct BackupInput {
     pub prefix: String,
 }
 
-fn default_prefix() -> String {
+pub(crate) fn default_prefix() -> String {
     "postgres".into()
 }
 
-/// What `backup.postgres` stored (and the manifest beside it says).
+/// What a backup workflow stored (and the manifest beside it says).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
-    pub database: String,
+    /// What was backed up: `postgres` (a pg_dump custom-format archive, zstd) or `vault` (a
+    /// raft snapshot, as Vault/OpenBao produce it).
+    pub kind: String,
+    /// The connection name of the database or Vault backed up.
+    pub source: String,
+    /// The version of the server the backup was taken from.
     pub server_version: String,
     pub key: String,
     pub size: u64,
@@ -123,8 +128,17 @@ pub struct Manifest {
     pub run_id: String,
 }
 
+/// Whether `key` is a backup object (rather than a manifest or something else).
+pub(crate) fn is_backup_object(key: &str) -> bool {
+    key.ends_with(".dump.zst") || key.ends_with(".snap")
+}
+
 /// The database URL and the store named in a workflow's input.
-async fn open(connections: &Connections, database: &str, store: &str) -> Result<(String, S3Store), WorkflowError> {
+pub(crate) async fn open(
+    connections: &Connections,
+    database: &str,
+    store: &str,
+) -> Result<(String, S3Store), WorkflowError> {
     let url = connections
         .postgres(database)
         .map_err(WorkflowError::failed)?
@@ -177,32 +191,65 @@ pub fn backup_postgres(connections: Arc<Connections>) -> WorkflowDef {
             async move { run_backup(ctx, connections, input).await }
         },
     )
+    .freshness("database")
 }
 
 async fn run_backup(ctx: Ctx, connections: Arc<Connections>, input: BackupInput) -> Result<Manifest, WorkflowError> {
     let (url, s3) = open(&connections, &input.database, &input.store).await?;
+    let (s3r, url) = (&s3, url.as_str());
+    let target = Target {
+        kind: "postgres",
+        source: &input.database,
+        prefix: &input.prefix,
+        extension: "dump.zst",
+    };
+    store_backup(&ctx, &s3, target, "dump-and-upload", |key| async move {
+        dump_and_upload(s3r, &key, url).await
+    })
+    .await
+}
+
+/// Where a backup goes: `<prefix>/<source>/<YYYY>/<MM>/<DD>/<time>-<run id>.<extension>`.
+pub(crate) struct Target<'a> {
+    pub kind: &'a str,
+    pub source: &'a str,
+    pub prefix: &'a str,
+    pub extension: &'a str,
+}
+
+/// The steps every backup shares: plan the key (journaled, so that an attempt after a crash
+/// writes, and first cleans up, the same key), `upload` into it (step `upload_step`; returns what
+/// was stored and the server's version), write the manifest, verify size and checksum.
+pub(crate) async fn store_backup<F, Fut>(
+    ctx: &Ctx,
+    s3: &S3Store,
+    target: Target<'_>,
+    upload_step: &str,
+    upload: F,
+) -> Result<Manifest, WorkflowError>
+where
+    F: FnOnce(String) -> Fut + Send,
+    Fut: std::future::Future<Output = Result<(Stored, String), StepError>> + Send,
+{
     let run_id = ctx.run_id().to_string();
-    // The key is decided once and journaled, so that an attempt after a crash writes (and
-    // aborts the orphaned upload of) the same key.
+    let t = &target;
     let (key, started_at): (String, DateTime<Utc>) = ctx
         .step("plan", |_s| async {
             let now = Utc::now();
             let key = format!(
-                "{}/{}/{}/{}-{}.dump.zst",
-                input.prefix.trim_end_matches('/'),
-                input.database,
+                "{}/{}/{}/{}-{}.{}",
+                t.prefix.trim_end_matches('/'),
+                t.source,
                 now.format("%Y/%m/%d"),
                 now.format("%Y%m%dT%H%M%SZ"),
-                run_id
+                run_id,
+                t.extension
             );
             Ok::<_, StepError>((key, now))
         })
         .await?;
-    let (bucket_s3, key_ref, url_ref) = (&s3, key.as_str(), url.as_str());
     let (stored, server_version): (Stored, String) = ctx
-        .step("dump-and-upload", |_s: StepCtx| async move {
-            dump_and_upload(bucket_s3, key_ref, url_ref).await
-        })
+        .step(upload_step, |_s: StepCtx| upload(key))
         .retry(network())
         .undo({
             let s3 = s3.clone();
@@ -210,7 +257,8 @@ async fn run_backup(ctx: Ctx, connections: Arc<Connections>, input: BackupInput)
         })
         .await?;
     let manifest = Manifest {
-        database: input.database.clone(),
+        kind: target.kind.into(),
+        source: target.source.into(),
         server_version,
         key: stored.key.clone(),
         size: stored.size,
@@ -222,15 +270,12 @@ async fn run_backup(ctx: Ctx, connections: Arc<Connections>, input: BackupInput)
     let m = &manifest;
     ctx.step("write-manifest", |_s| async move {
         let bytes = serde_json::to_vec_pretty(m).map_err(StepError::permanent)?;
-        bucket_s3
-            .put(&format!("{}.manifest.json", m.key), bytes)
-            .await
-            .map_err(s3_err)
+        s3.put(&format!("{}.manifest.json", m.key), bytes).await.map_err(s3_err)
     })
     .retry(network())
     .await?;
     ctx.step("verify", |_s| async move {
-        let (size, sha256) = bucket_s3.digest(&m.key).await.map_err(s3_err)?;
+        let (size, sha256) = s3.digest(&m.key).await.map_err(s3_err)?;
         if size != m.size || sha256 != m.sha256 {
             return Err(StepError::Permanent(format!(
                 "verification failed: stored {size} bytes with sha256 {sha256}, uploaded {} bytes with sha256 {}",
@@ -307,64 +352,18 @@ pub fn restore_postgres(connections: Arc<Connections>) -> WorkflowDef {
 
 async fn run_restore(ctx: Ctx, connections: Arc<Connections>, input: RestoreInput) -> Result<Manifest, WorkflowError> {
     let (url, s3) = open(&connections, &input.target, &input.store).await?;
-    let (s3r, inp) = (&s3, &input);
-    let manifest: Manifest = ctx
-        .step("choose", |_s| async move {
-            let key = match &inp.key {
-                Some(k) => k.clone(),
-                None => {
-                    let db = inp.database.as_deref().ok_or_else(|| {
-                        StepError::permanent(
-                            "give the backup's `key`, or the `database` whose latest backup to restore",
-                        )
-                    })?;
-                    let prefix = format!("{}/{db}/", inp.prefix.trim_end_matches('/'));
-                    let listed = s3r.list(&prefix).await.map_err(s3_err)?;
-                    listed
-                        .into_iter()
-                        .map(|o| o.key)
-                        .filter(|k| k.ends_with(".dump.zst"))
-                        .max()
-                        .ok_or_else(|| StepError::Permanent(format!("no backup under {prefix}")))?
-                }
-            };
-            let out = s3r
-                .client()
-                .get_object()
-                .bucket(s3r.bucket())
-                .key(format!("{key}.manifest.json"))
-                .send()
-                .await
-                .map_err(|e| StepError::Permanent(format!("no manifest for {key}: {e}")))?;
-            let bytes = out.body.collect().await.map_err(StepError::transient)?.into_bytes();
-            serde_json::from_slice::<Manifest>(&bytes)
-                .map_err(|e| StepError::Permanent(format!("bad manifest for {key}: {e}")))
-        })
-        .retry(network())
-        .await?;
-    let m = &manifest;
-    ctx.step("verify-checksum", |_s| async move {
-        let (size, sha256) = s3r.digest(&m.key).await.map_err(s3_err)?;
-        if size != m.size || sha256 != m.sha256 {
-            return Err(StepError::Permanent(format!(
-                "checksum mismatch for {}: the manifest says {} bytes with sha256 {}, the store holds {size} bytes with sha256 {sha256}; refusing to restore",
-                m.key, m.size, m.sha256
-            )));
-        }
-        Ok(())
-    })
-    .retry(network())
+    let manifest = choose_backup(
+        &ctx,
+        &s3,
+        input.key.as_deref(),
+        input.database.as_deref(),
+        &input.prefix,
+    )
     .await?;
-    let url_ref = url.as_str();
+    verify_checksum(&ctx, &s3, &manifest).await?;
+    let (s3r, inp, m, url_ref) = (&s3, &input, &manifest, url.as_str());
     ctx.step("check-target", |_s| async move {
-        let pool = sqlx::PgPool::connect(url_ref).await.map_err(StepError::transient)?;
-        let tables: i64 = sqlx::query_scalar(
-            "select count(*) from information_schema.tables where table_schema not in ('pg_catalog', 'information_schema')",
-        )
-        .fetch_one(&pool)
-        .await
-        .map_err(StepError::transient)?;
-        pool.close().await;
+        let tables = count_tables(url_ref).await?;
         if tables > 0 && !inp.overwrite {
             return Err(StepError::Permanent(format!(
                 "the target database has {tables} tables; set `overwrite: true` to restore over them"
@@ -382,9 +381,85 @@ async fn run_restore(ctx: Ctx, connections: Arc<Connections>, input: RestoreInpu
     Ok(manifest)
 }
 
+/// Step `choose`: the manifest of backup `key`, or of the latest backup of `database` under
+/// `prefix`.
+pub(crate) async fn choose_backup(
+    ctx: &Ctx,
+    s3: &S3Store,
+    key: Option<&str>,
+    database: Option<&str>,
+    prefix: &str,
+) -> Result<Manifest, WorkflowError> {
+    let manifest = ctx
+        .step("choose", |_s| async move {
+            let key = match key {
+                Some(k) => k.to_string(),
+                None => {
+                    let db = database.ok_or_else(|| {
+                        StepError::permanent(
+                            "give the backup's `key`, or the `database` whose latest backup to restore",
+                        )
+                    })?;
+                    let prefix = format!("{}/{db}/", prefix.trim_end_matches('/'));
+                    let listed = s3.list(&prefix).await.map_err(s3_err)?;
+                    listed
+                        .into_iter()
+                        .map(|o| o.key)
+                        .filter(|k| k.ends_with(".dump.zst"))
+                        .max()
+                        .ok_or_else(|| StepError::Permanent(format!("no backup under {prefix}")))?
+                }
+            };
+            let out = s3
+                .client()
+                .get_object()
+                .bucket(s3.bucket())
+                .key(format!("{key}.manifest.json"))
+                .send()
+                .await
+                .map_err(|e| StepError::Permanent(format!("no manifest for {key}: {e}")))?;
+            let bytes = out.body.collect().await.map_err(StepError::transient)?.into_bytes();
+            serde_json::from_slice::<Manifest>(&bytes)
+                .map_err(|e| StepError::Permanent(format!("bad manifest for {key}: {e}")))
+        })
+        .retry(network())
+        .await?;
+    Ok(manifest)
+}
+
+/// Step `verify-checksum`: the stored object has the manifest's size and sha256.
+pub(crate) async fn verify_checksum(ctx: &Ctx, s3: &S3Store, m: &Manifest) -> Result<(), WorkflowError> {
+    ctx.step("verify-checksum", |_s| async move {
+        let (size, sha256) = s3.digest(&m.key).await.map_err(s3_err)?;
+        if size != m.size || sha256 != m.sha256 {
+            return Err(StepError::Permanent(format!(
+                "checksum mismatch for {}: the manifest says {} bytes with sha256 {}, the store holds {size} bytes with sha256 {sha256}; refusing to restore",
+                m.key, m.size, m.sha256
+            )));
+        }
+        Ok(())
+    })
+    .retry(network())
+    .await?;
+    Ok(())
+}
+
+/// The number of tables outside the system schemas.
+pub(crate) async fn count_tables(url: &str) -> Result<i64, StepError> {
+    let pool = sqlx::PgPool::connect(url).await.map_err(StepError::transient)?;
+    let tables = sqlx::query_scalar(
+        "select count(*) from information_schema.tables where table_schema not in ('pg_catalog', 'information_schema')",
+    )
+    .fetch_one(&pool)
+    .await
+    .map_err(StepError::transient);
+    pool.close().await;
+    tables
+}
+
 /// Streams the object through zstd into `pg_restore`, in one transaction: it restores all or
 /// nothing, so running it again after a failure starts from the same state.
-async fn restore_into(s3: &S3Store, key: &str, url: &str, overwrite: bool) -> Result<(), StepError> {
+pub(crate) async fn restore_into(s3: &S3Store, key: &str, url: &str, overwrite: bool) -> Result<(), StepError> {
     let (bin, _) = pg_bin(url).await;
     let out = s3
         .client()

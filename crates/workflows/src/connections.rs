@@ -3,15 +3,33 @@
 
 use std::collections::BTreeMap;
 
+use crate::adapters::notify::Notifier;
 use crate::adapters::s3::S3Config;
+use crate::adapters::vault::VaultConfig;
 
-/// The connections declared in the config file, with their secrets read.
-#[derive(Debug, Clone, Default)]
+/// The connections declared in the config file, with their secrets read. `Debug` shows the
+/// names only.
+#[derive(Clone, Default)]
 pub struct Connections {
     /// S3-compatible stores, by name.
     pub s3: BTreeMap<String, S3Config>,
     /// PostgreSQL connection URLs, by name. Never journaled, logged or returned.
     pub postgres: BTreeMap<String, String>,
+    /// Chat webhooks for notices (Mattermost, Slack), by name. The URL is a credential.
+    pub notify: BTreeMap<String, String>,
+    /// Vault / OpenBao servers, by name.
+    pub vault: BTreeMap<String, VaultConfig>,
+}
+
+impl std::fmt::Debug for Connections {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connections")
+            .field("s3", &self.s3.keys().collect::<Vec<_>>())
+            .field("postgres", &self.postgres.keys().collect::<Vec<_>>())
+            .field("notify", &self.notify.keys().collect::<Vec<_>>())
+            .field("vault", &self.vault.keys().collect::<Vec<_>>())
+            .finish()
+    }
 }
 
 impl Connections {
@@ -31,6 +49,26 @@ impl Connections {
             format!(
                 "no PostgreSQL connection named '{name}' (connections.postgres: {})",
                 self.postgres.keys().cloned().collect::<Vec<_>>().join(", ")
+            )
+        })
+    }
+
+    /// The Vault named `name`.
+    pub fn vault(&self, name: &str) -> Result<&VaultConfig, String> {
+        self.vault.get(name).ok_or_else(|| {
+            format!(
+                "no Vault connection named '{name}' (connections.vault: {})",
+                self.vault.keys().cloned().collect::<Vec<_>>().join(", ")
+            )
+        })
+    }
+
+    /// The notice webhook named `name`.
+    pub fn notifier(&self, name: &str) -> Result<Notifier, String> {
+        self.notify.get(name).map(Notifier::new).ok_or_else(|| {
+            format!(
+                "no notice webhook named '{name}' (connections.notify: {})",
+                self.notify.keys().cloned().collect::<Vec<_>>().join(", ")
             )
         })
     }

@@ -5,13 +5,17 @@
 pub mod adapters;
 mod backup;
 mod connections;
+mod restore_test;
 mod retention;
 mod selftest;
+mod vault_backup;
 
 pub use backup::{BackupInput, Manifest, RestoreInput, backup_postgres, restore_postgres};
 pub use connections::Connections;
+pub use restore_test::{Check, CheckResult, RestoreTestInput, RestoreTestReport, backup_restore_test};
 pub use retention::{Backup, RetentionInput, RetentionPolicy, RetentionReport, backup_retention, plan, time_of};
 pub use selftest::{ChainInput, ChainOutput, GateInput, GateOutput, StepCount, TableName, chain, gate};
+pub use vault_backup::{VaultBackupInput, backup_vault};
 
 use dayshift_engine::WorkflowDef;
 use sqlx::PgPool;
@@ -30,6 +34,8 @@ pub fn all_with(pool: PgPool, connections: Connections) -> Vec<WorkflowDef> {
         gate(),
         backup_postgres(connections.clone()),
         backup_retention(connections.clone()),
+        backup_restore_test(connections.clone()),
+        backup_vault(connections.clone()),
         restore_postgres(connections),
     ]
 }

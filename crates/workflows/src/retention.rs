@@ -13,7 +13,8 @@ use chrono::{DateTime, Datelike, NaiveDateTime, Utc};
 use dayshift_engine::{Ctx, RetryPolicy, StepError, WorkflowDef, WorkflowError};
 use serde::{Deserialize, Serialize};
 
-use crate::adapters::s3::{S3Error, S3Store};
+use crate::adapters::s3::S3Store;
+use crate::backup::{is_backup_object, s3_err};
 use crate::connections::Connections;
 
 /// How many generations to keep.
@@ -126,9 +127,11 @@ pub fn plan(backups: &[Backup], policy: &RetentionPolicy) -> (Vec<String>, Vec<S
 pub struct RetentionInput {
     /// An S3 connection name.
     pub store: String,
-    /// The database whose backups to prune.
-    pub database: String,
-    /// Key prefix. Default `postgres`.
+    /// Whose backups to prune: the database (or Vault) connection name the backups were taken
+    /// of. `database` is accepted too.
+    #[serde(alias = "database")]
+    pub source: String,
+    /// Key prefix. Default `postgres` (`vault` for `backup.vault`).
     #[serde(default = "prefix")]
     pub prefix: String,
     #[serde(default)]
@@ -150,14 +153,6 @@ pub struct RetentionReport {
     pub dry_run: bool,
 }
 
-fn s3_err(e: S3Error) -> StepError {
-    if e.is_transient() {
-        StepError::transient(e)
-    } else {
-        StepError::permanent(e)
-    }
-}
-
 /// The `backup.retention` workflow.
 pub fn backup_retention(connections: Arc<Connections>) -> WorkflowDef {
     WorkflowDef::new(
@@ -167,7 +162,7 @@ pub fn backup_retention(connections: Arc<Connections>) -> WorkflowDef {
             let connections = connections.clone();
             async move {
                 let s3 = S3Store::new(connections.s3(&input.store).map_err(WorkflowError::failed)?).await;
-                let root = format!("{}/{}/", input.prefix.trim_end_matches('/'), input.database);
+                let root = format!("{}/{}/", input.prefix.trim_end_matches('/'), input.source);
                 let (s3r, rootr) = (&s3, &root);
                 // Listing first, in a step of its own: if it fails, nothing is deleted.
                 let backups: Vec<Backup> = ctx
@@ -180,7 +175,7 @@ pub fn backup_retention(connections: Arc<Connections>) -> WorkflowDef {
                         Ok::<_, StepError>(
                             listed
                                 .iter()
-                                .filter(|o| o.key.ends_with(".dump.zst"))
+                                .filter(|o| is_backup_object(&o.key))
                                 .filter_map(|o| {
                                     Some(Backup {
                                         key: o.key.clone(),

@@ -20,7 +20,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Where a bucket is and how to reach it.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct S3Config {
     /// e.g. `http://127.0.0.1:18333` for SeaweedFS; `None` for AWS itself.
     pub endpoint: Option<String>,
@@ -31,6 +31,17 @@ pub struct S3Config {
     pub secret_key: String,
     /// Bucket in the path, not the host name (S3-compatible stores want it). Default true.
     pub path_style: bool,
+}
+
+impl std::fmt::Debug for S3Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Config")
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("bucket", &self.bucket)
+            .field("path_style", &self.path_style)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Why an S3 operation failed. `Transient` ones are worth retrying.
