@@ -80,9 +80,21 @@ EOF
     as_pg "$(pg_bin pg_ctl)" -D "$data" -l "$state/pg/server.log" -w -t 60 start >/dev/null
   fi
   # The role and database dayshift uses; CREATEDB so that tests can make a database each.
-  local psql=("$(pg_bin psql)" -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -qtAX)
+  # Administration goes through the Unix socket; TCP clients give a password.
+  local psql=("$(pg_bin psql)" -h "$state/pg" -p "$PG_PORT" -U postgres -d postgres -qtAX)
   if [ "$("${psql[@]}" -c "select 1 from pg_roles where rolname = 'dayshift'")" != 1 ]; then
     "${psql[@]}" -c "create role dayshift login superuser password 'dayshift'"
+  fi
+  # Password authentication over TCP, as on a real server (so that a wrong password fails the
+  # way it does in production); trust only on the socket.
+  local hba
+  hba=$(printf '%s\n' "local all all trust" \
+    "host all all 127.0.0.1/32 scram-sha-256" "host all all ::1/128 scram-sha-256" \
+    "local replication all trust")
+  if [ "$(cat "$data/pg_hba.conf")" != "$hba" ]; then
+    "${psql[@]}" -c "alter role dayshift password 'dayshift'"
+    printf '%s\n' "$hba" >"$data/pg_hba.conf"
+    as_pg "$(pg_bin pg_ctl)" -D "$data" reload >/dev/null
   fi
   if [ "$("${psql[@]}" -c "select 1 from pg_database where datname = 'dayshift'")" != 1 ]; then
     "${psql[@]}" -c "create database dayshift owner dayshift"
@@ -236,7 +248,7 @@ case "${1:-up}" in
     ;;
   drop-test-dbs)
     # Databases left by earlier test runs (each test makes one).
-    psql=("$(pg_bin psql)" -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -qtAX)
+    psql=("$(pg_bin psql)" -h "$state/pg" -p "$PG_PORT" -U postgres -d postgres -qtAX)
     for db in $("${psql[@]}" -c "select datname from pg_database where datname like 'dayshift\_test\_%'"); do
       "${psql[@]}" -c "drop database if exists $db with (force)" >/dev/null
     done

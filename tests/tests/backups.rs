@@ -3,8 +3,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use dayshift_engine::{RunStatus, StartRun};
-use dayshift_tests::{TestDb, TestEnv, WebhookReceiver, database_url, fast_worker, s3_test_config, unique};
+use dayshift_engine::{RunStatus, StartRun, StepStatus};
+use dayshift_tests::{
+    TestDb, TestEnv, WebhookReceiver, database_url, fast_worker, free_port, s3_test_config, unique, wait_for,
+};
 use dayshift_workflows::adapters::s3::{S3Config, S3Store};
 use dayshift_workflows::{Connections, backup_postgres, backup_restore_test, restore_postgres};
 use serde_json::json;
@@ -375,4 +377,55 @@ async fn a_worker_killed_during_the_upload_leaves_one_good_backup_and_no_incompl
     assert_eq!(restore["status"], "succeeded", "{restore:#}");
     assert_eq!(source.table_checksums().await, target.table_checksums().await);
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn a_wrong_password_fails_at_once_and_an_unreachable_store_is_retried() {
+    let source = TestDb::empty().await;
+    let wrong = source.url.replacen("dayshift:dayshift@", "dayshift:wrong@", 1);
+    assert_ne!(wrong, source.url);
+    let mut down = s3_test_config(None);
+    down.endpoint = Some(format!("http://127.0.0.1:{}", free_port()));
+    let mut conns = Connections::default();
+    conns.postgres.insert("wrong".into(), wrong);
+    conns.postgres.insert("app".into(), source.url.clone());
+    conns.s3.insert("backups".into(), s3_test_config(None));
+    conns.s3.insert("down".into(), down);
+    let mut env = TestEnv::new(vec![backup_postgres(Arc::new(conns))]).await;
+    env.start_worker(fast_worker("w"));
+    let prefix = format!("t-{}", unique());
+
+    // pg_dump's authentication failure: permanent, one attempt, PostgreSQL's words.
+    let run = run(
+        &env,
+        "backup.postgres",
+        json!({ "database": "wrong", "store": "backups", "prefix": prefix }),
+    )
+    .await;
+    assert_eq!(run.status, RunStatus::Failed);
+    let error = run.error.clone().unwrap();
+    assert!(error.contains("password authentication failed"), "{error}");
+    assert!(!error.contains("wrong@"), "the password reached the error: {error}");
+    let step = run.steps.iter().find(|s| s.name == "dump-and-upload").unwrap();
+    assert_eq!(step.attempts, 1, "{run:#?}");
+
+    // A store that does not answer: the step is retried with a delay.
+    let started = env
+        .engine
+        .start(StartRun::new(
+            "backup.postgres",
+            json!({ "database": "app", "store": "down", "prefix": prefix }),
+        ))
+        .await
+        .unwrap();
+    let retried = wait_for(&env.engine, started.id, LIMIT, |r| {
+        r.steps
+            .iter()
+            .any(|s| s.name == "dump-and-upload" && s.status == StepStatus::Retrying && s.attempts >= 2)
+    })
+    .await;
+    let step = retried.steps.iter().find(|s| s.name == "dump-and-upload").unwrap();
+    assert!(step.last_error.as_deref().unwrap().contains("S3"), "{step:#?}");
+    env.engine.cancel(started.id, None, "test").await.unwrap();
+    env.stop_workers().await;
 }

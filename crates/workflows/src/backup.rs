@@ -298,7 +298,8 @@ async fn dump_and_upload(s3: &S3Store, key: &str, url: &str) -> Result<(Stored, 
         &bin,
         "pg_dump",
         url,
-        &["--format=custom"],
+        // zstd below compresses; pg_dump's own zlib would cost CPU and leave zstd nothing to do.
+        &["--format=custom", "--compress=0"],
         Stdio::null(),
         Stdio::piped(),
     )?;

@@ -107,6 +107,20 @@ pub struct S3Store {
 /// Smallest part S3 accepts (except the last).
 pub const MIN_PART: usize = 5 << 20;
 
+/// Parts sent at once by [`S3Store::upload_stream`] while the next part is read: memory is
+/// `(PARTS_IN_FLIGHT + 1) × part size`.
+const PARTS_IN_FLIGHT: usize = 1;
+
+/// The result of a part upload task.
+fn joined(result: Result<Result<CompletedPart, S3Error>, tokio::task::JoinError>) -> Result<CompletedPart, S3Error> {
+    result.unwrap_or_else(|e| {
+        Err(S3Error::Transient {
+            op: "UploadPart",
+            message: format!("the part upload task ended: {e}"),
+        })
+    })
+}
+
 impl S3Store {
     /// A client for the bucket (no request is made).
     pub async fn new(conf: &S3Config) -> Self {
@@ -199,7 +213,7 @@ impl S3Store {
 
     /// Streams `source` into `key` as a multipart upload of `part_size`-byte parts.
     ///
-    /// Memory: one part. Aborts earlier incomplete uploads of `key` first, and this upload if
+    /// Memory: two parts (one being sent while the next is read). Aborts earlier incomplete uploads of `key` first, and this upload if
     /// anything fails, so no parts are left behind. Safe to repeat: the object is replaced.
     pub async fn upload_stream<R: AsyncRead + Unpin>(
         &self,
@@ -245,46 +259,57 @@ impl S3Store {
         let mut hasher = Sha256::new();
         let mut size = 0u64;
         let mut parts = Vec::new();
+        // Parts being sent while the next one is read; dropping the set (on an error) cancels them.
+        let mut sending = tokio::task::JoinSet::new();
+        let mut number = 0;
         loop {
-            let mut buf = Vec::with_capacity(part_size);
-            // Fill one part (a read may return less than asked).
-            while buf.len() < part_size {
-                let n = (&mut *source)
-                    .take((part_size - buf.len()) as u64)
-                    .read_to_end(&mut buf)
-                    .await?;
+            // Fill one part (a read may return less than asked). Exactly `part_size` bytes are
+            // allocated: `read_to_end` would double the buffer to probe for the end.
+            let mut buf = vec![0u8; part_size];
+            let mut filled = 0;
+            while filled < part_size {
+                let n = source.read(&mut buf[filled..]).await?;
                 if n == 0 {
                     break;
                 }
+                filled += n;
             }
-            if buf.is_empty() && !parts.is_empty() {
+            buf.truncate(filled);
+            if buf.is_empty() && number > 0 {
                 break;
             }
             hasher.update(&buf);
             size += buf.len() as u64;
-            let number = parts.len() as i32 + 1;
+            number += 1;
             let last = buf.len() < part_size;
-            let out = self
+            while sending.len() >= PARTS_IN_FLIGHT
+                && let Some(sent) = sending.join_next().await
+            {
+                parts.push(joined(sent)?);
+            }
+            let request = self
                 .client
                 .upload_part()
                 .bucket(&self.bucket)
                 .key(key)
                 .upload_id(upload_id)
                 .part_number(number)
-                .body(ByteStream::from(buf))
-                .send()
-                .await
-                .map_err(|e| S3Error::from_sdk("UploadPart", e))?;
-            parts.push(
-                CompletedPart::builder()
+                .body(ByteStream::from(buf));
+            sending.spawn(async move {
+                let out = request.send().await.map_err(|e| S3Error::from_sdk("UploadPart", e))?;
+                Ok(CompletedPart::builder()
                     .part_number(number)
                     .set_e_tag(out.e_tag().map(str::to_string))
-                    .build(),
-            );
+                    .build())
+            });
             if last {
                 break;
             }
         }
+        while let Some(sent) = sending.join_next().await {
+            parts.push(joined(sent)?);
+        }
+        parts.sort_by_key(|p| p.part_number());
         self.client
             .complete_multipart_upload()
             .bucket(&self.bucket)
