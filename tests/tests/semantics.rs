@@ -18,6 +18,36 @@ fn chain(steps: u32, sleep_ms: u64, table: &str) -> Value {
 }
 
 #[tokio::test]
+async fn a_fast_step_shows_how_long_it_ran() {
+    // Steps faster than the in-flight marker are journaled once, when they end; their duration
+    // must still be theirs, not zero.
+    let def = WorkflowDef::new("test.timed", "two short steps", |ctx: Ctx, _: Value| async move {
+        for name in ["first", "second"] {
+            ctx.step(name, |_s| async {
+                tokio::time::sleep(Duration::from_millis(12)).await;
+                Ok::<_, StepError>(())
+            })
+            .await?;
+        }
+        Ok(())
+    });
+    let mut env = TestEnv::new(vec![def]).await;
+    env.start_worker(fast_worker("w"));
+    let started = env
+        .engine
+        .start(StartRun::new("test.timed", json!(null)))
+        .await
+        .unwrap();
+    let run = env.wait(started.id, Duration::from_secs(30)).await;
+    assert_succeeded(&run);
+    for step in &run.steps {
+        let ms = step.duration_ms.unwrap();
+        assert!((12..1000).contains(&ms), "{}: {ms} ms", step.name);
+    }
+    env.stop_workers().await;
+}
+
+#[tokio::test]
 async fn permanent_error_fails_the_run_at_once() {
     let attempts = Arc::new(Mutex::new(0u32));
     let a = attempts.clone();

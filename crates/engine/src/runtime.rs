@@ -177,6 +177,7 @@ impl Ctx {
                         error: None,
                         wake_in: Some(duration),
                         event: None,
+                        ran_for: None,
                     })
                     .await;
                 return self.halt(Halt::Suspend(wake_at)).await;
@@ -230,6 +231,7 @@ impl Ctx {
                     error: None,
                     wake_in: Some(timeout),
                     event: None,
+                    ran_for: None,
                 })
                 .await
             }
@@ -315,6 +317,7 @@ impl Ctx {
                             error: Some(("permanent", &msg)),
                             wake_in: None,
                             event: Some("step_failed"),
+                            ran_for: None,
                         })
                         .await;
                         return Err(StepError::Permanent(msg));
@@ -393,6 +396,7 @@ impl Ctx {
                     error: Some(("cancelled", "run cancelled")),
                     wake_in: None,
                     event: Some("step_cancelled"),
+                    ran_for: None,
                 },
             )
             .await;
@@ -410,6 +414,7 @@ impl Ctx {
             error: None,
             wake_in: None,
             event: None,
+            ran_for: None,
         })
         .await;
     }
@@ -489,6 +494,7 @@ impl Ctx {
         let mut keep = std::pin::pin!(self.keep_lease());
         let mut marker = std::pin::pin!(tokio::time::sleep(MARKER_DELAY));
         let mut marked = false;
+        let began = std::time::Instant::now();
         let result = loop {
             tokio::select! {
                 r = &mut work => break r,
@@ -503,6 +509,7 @@ impl Ctx {
             }
         };
         let attempts = attempt as i32;
+        let ran_for = Some(began.elapsed());
         match result {
             Ok(value) => {
                 let event = if kind == StepKind::Undo {
@@ -521,6 +528,7 @@ impl Ctx {
                     error: None,
                     wake_in: None,
                     event,
+                    ran_for,
                 })
                 .await;
                 Ok(value)
@@ -545,6 +553,7 @@ impl Ctx {
                         error: Some((e.kind(), &msg)),
                         wake_in: Some(delay),
                         event: Some("step_attempt_failed"),
+                        ran_for,
                     })
                     .await;
                 self.halt(Halt::Suspend(wake_at)).await
@@ -567,6 +576,7 @@ impl Ctx {
                     error: Some(("permanent", &msg)),
                     wake_in: None,
                     event: Some("step_attempt_failed"),
+                    ran_for,
                 })
                 .await;
                 Err(StepError::Permanent(msg))
@@ -658,6 +668,7 @@ impl Ctx {
                             error: Some(("permanent", &msg)),
                             wake_in: None,
                             event: Some("step_attempt_failed"),
+                            ran_for: None,
                         })
                         .await;
                         return Err(StepError::Permanent(msg));

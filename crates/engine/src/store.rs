@@ -112,6 +112,8 @@ pub(crate) struct StepRecord<'a> {
     pub(crate) wake_in: Option<Duration>,
     /// An event for the run's history, written in the same statement.
     pub(crate) event: Option<&'a str>,
+    /// How long the attempt ran, for a step journaled only when it ends (its start time).
+    pub(crate) ran_for: Option<Duration>,
 }
 
 /// How a run ends.
@@ -561,9 +563,10 @@ impl PgStore {
                where id = $1 and lease_epoch = $2 returning id), \
              step as ( \
                insert into steps (run_id, seq, name, kind, status, attempts, output, sensitive, error, error_kind, \
-                                  wake_at, finished_at) \
+                                  wake_at, finished_at, started_at) \
                select $1, $3, $4, $5, $6, $7, $8, $9, $10, $11, \
-                      now() + $12 * interval '1 millisecond', case when $14 then now() end from lease \
+                      now() + $12 * interval '1 millisecond', case when $14 then now() end, \
+                      now() - coalesce($16, 0) * interval '1 millisecond' from lease \
                on conflict (run_id, seq) do update set status = excluded.status, attempts = excluded.attempts, \
                  output = excluded.output, sensitive = excluded.sensitive, \
                  error = coalesce(excluded.error, steps.error), \
@@ -591,6 +594,7 @@ impl PgStore {
         .bind(lease.ttl_secs())
         .bind(terminal)
         .bind(r.event)
+        .bind(r.ran_for.map(|d| d.as_secs_f64() * 1000.0))
         .fetch_one(&self.pool)
         .await?;
         if !row.get::<bool, _>("held") {
@@ -1117,6 +1121,7 @@ mod tests {
             error: None,
             wake_in: None,
             event: None,
+            ran_for: None,
         }
     }
 
