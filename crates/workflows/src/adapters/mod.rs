@@ -2,6 +2,7 @@
 //! says how its operations behave when repeated (steps are at-least-once).
 
 pub mod http;
+pub mod kube;
 pub mod notify;
 pub mod s3;
 pub mod vault;

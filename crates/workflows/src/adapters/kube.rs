@@ -1,0 +1,317 @@
+//! The Kubernetes API: what the workflows do to a cluster, each call safe to repeat.
+//!
+//! - [`Kube::rollout_restart`] sends what `kubectl rollout restart` sends (a strategic merge
+//!   patch of the pod template's `kubectl.kubernetes.io/restartedAt` annotation). The time is
+//!   the caller's, so a repeated call with the same time changes nothing and starts no second
+//!   rollout.
+//! - [`Kube::rollout_status`] reads what `kubectl rollout status` reads.
+//! - Secrets are changed key by key with a JSON merge patch, leaving their other keys alone.
+//!
+//! GitOps owns what ArgoCD syncs: these calls are for objects dayshift is asked to touch
+//! (restarts, Secrets it manages), never to patch what a GitOps tool would revert.
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use kube::core::{ApiResource, GroupVersionKind};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+/// How to reach a cluster.
+#[derive(Clone, Default)]
+pub struct KubeConfig {
+    /// The API server URL; absent: the kubeconfig (`KUBECONFIG`, `~/.kube/config`) or, inside a
+    /// pod, the service account.
+    pub url: Option<String>,
+    /// A bearer token, with `url`.
+    pub token: Option<String>,
+    /// A kubeconfig context other than the current one.
+    pub context: Option<String>,
+}
+
+impl std::fmt::Debug for KubeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeConfig")
+            .field("url", &self.url)
+            .field("context", &self.context)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A failed Kubernetes call.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    #[error("Kubernetes API: {0}")]
+    Transient(String),
+    #[error("Kubernetes API: {0}")]
+    Permanent(String),
+}
+
+impl KubeError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Transient(_))
+    }
+
+    fn from_kube(what: &str, e: kube::Error) -> Self {
+        match &e {
+            kube::Error::Api(s) if matches!(s.code, 400 | 401 | 403 | 404 | 405 | 415 | 422) => {
+                Self::Permanent(format!("{what}: {} ({})", s.message, s.code))
+            }
+            kube::Error::Api(s) => Self::Transient(format!("{what}: {} ({})", s.message, s.code)),
+            _ => Self::Transient(format!("{what}: {e}")),
+        }
+    }
+}
+
+/// A workload whose pods can be restarted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Workload {
+    /// `Deployment`, `StatefulSet` or `DaemonSet`.
+    pub kind: WorkloadKind,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for Workload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?} {}/{}", self.kind, self.namespace, self.name)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WorkloadKind {
+    Deployment,
+    StatefulSet,
+    DaemonSet,
+}
+
+/// Where a rollout is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rollout {
+    Complete,
+    /// Still going, and why (as `kubectl rollout status` words it).
+    Waiting(String),
+    /// It will not complete on its own (the progress deadline passed).
+    Failed(String),
+}
+
+/// A namespaced object as a Secret reference in workflow inputs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ObjectRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+/// A client for one cluster.
+#[derive(Clone)]
+pub struct Kube {
+    client: kube::Client,
+}
+
+impl std::fmt::Debug for Kube {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kube").finish_non_exhaustive()
+    }
+}
+
+impl Kube {
+    pub async fn connect(config: &KubeConfig) -> Result<Self, KubeError> {
+        super::http::install_crypto();
+        let mut c = match (&config.url, &config.context) {
+            (Some(url), _) => {
+                let uri = url
+                    .parse()
+                    .map_err(|e| KubeError::Permanent(format!("bad API server URL {url}: {e}")))?;
+                let mut c = kube::Config::new(uri);
+                c.auth_info.token = config.token.clone().map(Into::into);
+                c
+            }
+            (None, Some(context)) => kube::Config::from_kubeconfig(&kube::config::KubeConfigOptions {
+                context: Some(context.clone()),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| KubeError::Permanent(format!("kubeconfig context {context}: {e}")))?,
+            (None, None) => kube::Config::infer()
+                .await
+                .map_err(|e| KubeError::Permanent(format!("no cluster configured: {e}")))?,
+        };
+        c.connect_timeout = Some(Duration::from_secs(10));
+        c.read_timeout = Some(Duration::from_secs(60));
+        let client = kube::Client::try_from(c).map_err(|e| KubeError::Permanent(format!("{e}")))?;
+        Ok(Self { client })
+    }
+
+    /// Restarts the workload's pods the way `kubectl rollout restart` does, stamped `at`.
+    pub async fn rollout_restart(&self, w: &Workload, at: &str) -> Result<(), KubeError> {
+        let patch = json!({
+            "spec": { "template": { "metadata": { "annotations": { "kubectl.kubernetes.io/restartedAt": at } } } }
+        });
+        let params = PatchParams::default();
+        let what = format!("restart {w}");
+        let done = match w.kind {
+            WorkloadKind::Deployment => Api::<Deployment>::namespaced(self.client.clone(), &w.namespace)
+                .patch(&w.name, &params, &Patch::Strategic(&patch))
+                .await
+                .map(|_| ()),
+            WorkloadKind::StatefulSet => Api::<StatefulSet>::namespaced(self.client.clone(), &w.namespace)
+                .patch(&w.name, &params, &Patch::Strategic(&patch))
+                .await
+                .map(|_| ()),
+            WorkloadKind::DaemonSet => Api::<DaemonSet>::namespaced(self.client.clone(), &w.namespace)
+                .patch(&w.name, &params, &Patch::Strategic(&patch))
+                .await
+                .map(|_| ()),
+        };
+        done.map_err(|e| KubeError::from_kube(&what, e))
+    }
+
+    /// Where the workload's rollout is, by the rules of `kubectl rollout status`.
+    pub async fn rollout_status(&self, w: &Workload) -> Result<Rollout, KubeError> {
+        let what = format!("read {w}");
+        let err = |e| KubeError::from_kube(&what, e);
+        Ok(match w.kind {
+            WorkloadKind::Deployment => {
+                let d = Api::<Deployment>::namespaced(self.client.clone(), &w.namespace)
+                    .get(&w.name)
+                    .await
+                    .map_err(err)?;
+                let generation = d.metadata.generation.unwrap_or(0);
+                let want = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+                let s = d.status.unwrap_or_default();
+                let deadline = s
+                    .conditions
+                    .iter()
+                    .flatten()
+                    .any(|c| c.type_ == "Progressing" && c.reason.as_deref() == Some("ProgressDeadlineExceeded"));
+                let updated = s.updated_replicas.unwrap_or(0);
+                if s.observed_generation.unwrap_or(0) < generation {
+                    Rollout::Waiting("waiting for the deployment spec update to be observed".into())
+                } else if deadline {
+                    Rollout::Failed(format!("deployment {:?} exceeded its progress deadline", w.name))
+                } else if updated < want {
+                    Rollout::Waiting(format!("{updated} out of {want} new replicas have been updated"))
+                } else if s.replicas.unwrap_or(0) > updated {
+                    Rollout::Waiting(format!(
+                        "{} old replicas are pending termination",
+                        s.replicas.unwrap_or(0) - updated
+                    ))
+                } else if s.available_replicas.unwrap_or(0) < updated {
+                    Rollout::Waiting(format!(
+                        "{} of {updated} updated replicas are available",
+                        s.available_replicas.unwrap_or(0)
+                    ))
+                } else {
+                    Rollout::Complete
+                }
+            }
+            WorkloadKind::StatefulSet => {
+                let st = Api::<StatefulSet>::namespaced(self.client.clone(), &w.namespace)
+                    .get(&w.name)
+                    .await
+                    .map_err(err)?;
+                let generation = st.metadata.generation.unwrap_or(0);
+                let want = st.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+                let s = st.status.unwrap_or_default();
+                if s.observed_generation.unwrap_or(0) < generation {
+                    Rollout::Waiting("waiting for the statefulset spec update to be observed".into())
+                } else if s.ready_replicas.unwrap_or(0) < want {
+                    Rollout::Waiting(format!("{} of {want} pods are ready", s.ready_replicas.unwrap_or(0)))
+                } else if s.updated_replicas.unwrap_or(0) < want {
+                    Rollout::Waiting(format!(
+                        "{} of {want} pods have the new revision",
+                        s.updated_replicas.unwrap_or(0)
+                    ))
+                } else {
+                    Rollout::Complete
+                }
+            }
+            WorkloadKind::DaemonSet => {
+                let ds = Api::<DaemonSet>::namespaced(self.client.clone(), &w.namespace)
+                    .get(&w.name)
+                    .await
+                    .map_err(err)?;
+                let generation = ds.metadata.generation.unwrap_or(0);
+                let s = ds.status.unwrap_or_default();
+                let want = s.desired_number_scheduled;
+                if s.observed_generation.unwrap_or(0) < generation {
+                    Rollout::Waiting("waiting for the daemon set spec update to be observed".into())
+                } else if s.updated_number_scheduled.unwrap_or(0) < want {
+                    Rollout::Waiting(format!(
+                        "{} out of {want} new pods have been updated",
+                        s.updated_number_scheduled.unwrap_or(0)
+                    ))
+                } else if s.number_available.unwrap_or(0) < want {
+                    Rollout::Waiting(format!(
+                        "{} of {want} updated pods are available",
+                        s.number_available.unwrap_or(0)
+                    ))
+                } else {
+                    Rollout::Complete
+                }
+            }
+        })
+    }
+
+    /// Waits, polling every `every`, until the rollout completes; an error when it fails or
+    /// `limit` passes.
+    pub async fn wait_rollout(&self, w: &Workload, every: Duration, limit: Duration) -> Result<(), KubeError> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            match self.rollout_status(w).await? {
+                Rollout::Complete => return Ok(()),
+                Rollout::Failed(why) => return Err(KubeError::Permanent(format!("rollout of {w} failed: {why}"))),
+                Rollout::Waiting(why) => {
+                    if tokio::time::Instant::now() + every > deadline {
+                        return Err(KubeError::Permanent(format!(
+                            "rollout of {w} did not complete within {}: {why}",
+                            humantime::format_duration(limit)
+                        )));
+                    }
+                }
+            }
+            tokio::time::sleep(every).await;
+        }
+    }
+
+    /// The value of `key` in Secret `s`, if the Secret and the key exist.
+    pub async fn secret_key(&self, s: &ObjectRef, key: &str) -> Result<Option<Vec<u8>>, KubeError> {
+        let api = Api::<Secret>::namespaced(self.client.clone(), &s.namespace);
+        let secret = api
+            .get_opt(&s.name)
+            .await
+            .map_err(|e| KubeError::from_kube(&format!("read Secret {}/{}", s.namespace, s.name), e))?;
+        Ok(secret
+            .and_then(|s| s.data)
+            .and_then(|d| d.get(key).map(|v| v.0.clone())))
+    }
+
+    /// Sets `key` of Secret `s` to `value`, leaving its other keys alone. The Secret must exist.
+    pub async fn set_secret_key(&self, s: &ObjectRef, key: &str, value: &[u8]) -> Result<(), KubeError> {
+        let api = Api::<Secret>::namespaced(self.client.clone(), &s.namespace);
+        let encoded = base64::engine::general_purpose::STANDARD.encode(value);
+        let patch = json!({ "data": { key: encoded } });
+        api.patch(&s.name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map(|_| ())
+            .map_err(|e| KubeError::from_kube(&format!("update Secret {}/{}", s.namespace, s.name), e))
+    }
+
+    /// Asks the External Secrets Operator to sync an `ExternalSecret` now (its `force-sync`
+    /// annotation, stamped `at`).
+    pub async fn force_sync_external_secret(&self, s: &ObjectRef, at: &str) -> Result<(), KubeError> {
+        let gvk = GroupVersionKind::gvk("external-secrets.io", "v1beta1", "ExternalSecret");
+        let ar = ApiResource::from_gvk_with_plural(&gvk, "externalsecrets");
+        let api: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), &s.namespace, &ar);
+        let patch = json!({ "metadata": { "annotations": { "force-sync": at } } });
+        api.patch(&s.name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map(|_| ())
+            .map_err(|e| KubeError::from_kube(&format!("force-sync ExternalSecret {}/{}", s.namespace, s.name), e))
+    }
+}

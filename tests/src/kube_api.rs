@@ -1,0 +1,527 @@
+//! The Kubernetes API server stand-in: the one allowed stand-in (no cluster runs on these
+//! machines), shared by every test that needs one.
+//!
+//! It serves, in process on a loopback port, the REST paths, verbs and response shapes of the
+//! real API server for the objects dayshift touches (core `v1` and any `/apis/<group>/<version>`
+//! namespaced resource): GET, LIST, POST, PUT, DELETE, and PATCH as JSON merge patch
+//! (`application/merge-patch+json`) and strategic merge patch (treated as a merge patch, which is
+//! what it is for maps; the objects dayshift patches are maps). Errors are `Status` objects with
+//! the real reasons (`NotFound`, `AlreadyExists`, `Conflict`, `UnsupportedMediaType`).
+//!
+//! It records every request, so tests assert what dayshift sent. And it plays the controllers a
+//! rollout needs: when a Deployment, StatefulSet or DaemonSet's pod template changes, the
+//! generation goes up and the status follows as a rollout would, either completing (the default)
+//! or never becoming ready ([`KubeApi::stall_rollouts`]).
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use axum::body::Bytes;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::any;
+use axum::{Json, Router};
+use serde_json::{Value, json};
+
+/// A request the stand-in received.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: String,
+    /// e.g. `/apis/apps/v1/namespaces/shop/deployments/api`.
+    pub path: String,
+    pub query: String,
+    pub content_type: String,
+    pub body: Value,
+}
+
+/// Where an object lives: the API path prefix (`/api/v1`, `/apis/apps/v1`), the resource
+/// (plural), the namespace and the name.
+type Key = (String, String, String, String);
+
+#[derive(Default)]
+struct Inner {
+    objects: BTreeMap<Key, Value>,
+    requests: Vec<Recorded>,
+    resource_version: u64,
+    /// Workloads (`ns/name`) whose rollouts never become ready.
+    stalled: HashSet<String>,
+    /// Paths (`/api/v1/namespaces/shop/secrets/db`) whose writes fail with a 500.
+    failing: HashSet<String>,
+}
+
+/// The stand-in, serving until dropped.
+pub struct KubeApi {
+    /// The API server URL to give a kube client.
+    pub url: String,
+    inner: Arc<Mutex<Inner>>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for KubeApi {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+const WORKLOADS: [&str; 3] = ["deployments", "statefulsets", "daemonsets"];
+
+impl KubeApi {
+    /// Starts one on a free loopback port.
+    pub async fn start() -> Self {
+        let inner = Arc::new(Mutex::new(Inner::default()));
+        let app = Router::new()
+            .route("/api/{version}/namespaces/{ns}/{plural}", any(collection))
+            .route("/api/{version}/namespaces/{ns}/{plural}/{name}", any(object))
+            .route(
+                "/apis/{group}/{version}/namespaces/{ns}/{plural}",
+                any(group_collection),
+            )
+            .route(
+                "/apis/{group}/{version}/namespaces/{ns}/{plural}/{name}",
+                any(group_object),
+            )
+            .fallback(|method: Method, uri: axum::http::Uri| async move {
+                status(
+                    StatusCode::NOT_FOUND,
+                    "NotFound",
+                    &format!("the server could not find the requested resource ({method} {uri})"),
+                )
+            })
+            .with_state(inner.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self { url, inner, server }
+    }
+
+    /// Creates or replaces an object as `kubectl apply` of a fresh cluster would leave it
+    /// (metadata filled in; a workload's status as after a completed rollout).
+    pub fn put(&self, object: Value) {
+        let api_version = object["apiVersion"].as_str().expect("apiVersion").to_string();
+        let plural = plural_of(object["kind"].as_str().expect("kind"));
+        let prefix = if api_version.contains('/') {
+            format!("/apis/{api_version}")
+        } else {
+            format!("/api/{api_version}")
+        };
+        let ns = object["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("default")
+            .to_string();
+        let name = object["metadata"]["name"].as_str().expect("metadata.name").to_string();
+        let mut inner = self.inner.lock().unwrap();
+        let mut object = object;
+        object["metadata"]["namespace"] = json!(ns);
+        stamp_new(&mut inner, &mut object);
+        settle(&inner, &plural, &mut object);
+        inner.objects.insert((prefix, plural, ns, name), object);
+    }
+
+    /// The object at `path` (e.g. `/apis/apps/v1/namespaces/shop/deployments/api`), if any.
+    pub fn get(&self, path: &str) -> Option<Value> {
+        let key = key_of(path)?;
+        self.inner.lock().unwrap().objects.get(&key).cloned()
+    }
+
+    /// Every request so far.
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.inner.lock().unwrap().requests.clone()
+    }
+
+    /// The writes (anything but GET) so far.
+    pub fn writes(&self) -> Vec<Recorded> {
+        self.requests().into_iter().filter(|r| r.method != "GET").collect()
+    }
+
+    /// From now on, rollouts of workload `namespace/name` never become ready.
+    pub fn stall_rollouts(&self, namespace: &str, name: &str) {
+        self.inner.lock().unwrap().stalled.insert(format!("{namespace}/{name}"));
+    }
+
+    /// From now on, writes to `path` fail with a 500.
+    pub fn fail_writes(&self, path: &str) {
+        self.inner.lock().unwrap().failing.insert(path.to_string());
+    }
+}
+
+/// The resource name of a kind (`Deployment` → `deployments`), as the API server spells it.
+fn plural_of(kind: &str) -> String {
+    let lower = kind.to_lowercase();
+    match lower.as_str() {
+        "ingress" => "ingresses".into(),
+        "networkpolicy" => "networkpolicies".into(),
+        "storageclass" => "storageclasses".into(),
+        s if s.ends_with('s') => format!("{s}es"),
+        s if s.ends_with('y') => format!("{}ies", &s[..s.len() - 1]),
+        s => format!("{s}s"),
+    }
+}
+
+fn key_of(path: &str) -> Option<Key> {
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match parts.as_slice() {
+        ["api", v, "namespaces", ns, plural, name] => Some((
+            format!("/api/{v}"),
+            plural.to_string(),
+            ns.to_string(),
+            name.to_string(),
+        )),
+        ["apis", g, v, "namespaces", ns, plural, name] => Some((
+            format!("/apis/{g}/{v}"),
+            plural.to_string(),
+            ns.to_string(),
+            name.to_string(),
+        )),
+        _ => None,
+    }
+}
+
+fn status(code: StatusCode, reason: &str, message: &str) -> Response {
+    (
+        code,
+        Json(json!({
+            "kind": "Status", "apiVersion": "v1", "metadata": {},
+            "status": "Failure", "message": message, "reason": reason, "code": code.as_u16(),
+        })),
+    )
+        .into_response()
+}
+
+fn not_found(plural: &str, prefix: &str, name: &str) -> Response {
+    let group = prefix.strip_prefix("/apis/").and_then(|g| g.split('/').next());
+    let resource = match group {
+        Some(g) => format!("{plural}.{g}"),
+        None => plural.to_string(),
+    };
+    status(
+        StatusCode::NOT_FOUND,
+        "NotFound",
+        &format!("{resource} \"{name}\" not found"),
+    )
+}
+
+/// Fills in the metadata a new object gets.
+fn stamp_new(inner: &mut Inner, object: &mut Value) {
+    inner.resource_version += 1;
+    let meta = &mut object["metadata"];
+    meta["uid"] = json!(uuid::Uuid::new_v4().to_string());
+    meta["resourceVersion"] = json!(inner.resource_version.to_string());
+    meta["creationTimestamp"] = json!(chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string());
+    meta["generation"] = json!(1);
+}
+
+/// What the controllers would do to a workload: complete its rollout, unless it is stalled.
+fn settle(inner: &Inner, plural: &str, object: &mut Value) {
+    if !WORKLOADS.contains(&plural) {
+        return;
+    }
+    let id = format!(
+        "{}/{}",
+        object["metadata"]["namespace"].as_str().unwrap_or_default(),
+        object["metadata"]["name"].as_str().unwrap_or_default()
+    );
+    let generation = object["metadata"]["generation"].clone();
+    let replicas = object["spec"]["replicas"].as_i64().unwrap_or(1);
+    let previous = object["status"]["readyReplicas"].as_i64().unwrap_or(replicas);
+    let status = if inner.stalled.contains(&id) {
+        // The new pods never become ready; the old ones keep serving.
+        json!({
+            "observedGeneration": generation, "replicas": replicas + 1, "updatedReplicas": 1,
+            "readyReplicas": previous, "availableReplicas": previous, "unavailableReplicas": 1,
+            "currentReplicas": replicas, "updatedNumberScheduled": 0, "numberAvailable": previous,
+            "desiredNumberScheduled": replicas,
+            "conditions": [{"type": "Progressing", "status": "True", "reason": "ReplicaSetUpdated"}],
+        })
+    } else {
+        json!({
+            "observedGeneration": generation, "replicas": replicas, "updatedReplicas": replicas,
+            "readyReplicas": replicas, "availableReplicas": replicas, "currentReplicas": replicas,
+            "updatedNumberScheduled": replicas, "numberAvailable": replicas, "numberReady": replicas,
+            "desiredNumberScheduled": replicas, "currentNumberScheduled": replicas,
+            "conditions": [{"type": "Progressing", "status": "True", "reason": "NewReplicaSetAvailable"}],
+        })
+    };
+    object["status"] = status;
+}
+
+/// RFC 7386.
+fn merge(target: &mut Value, patch: &Value) {
+    match patch {
+        Value::Object(p) => {
+            if !target.is_object() {
+                *target = json!({});
+            }
+            let t = target.as_object_mut().unwrap();
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        other => *target = other.clone(),
+    }
+}
+
+type Shared = State<Arc<Mutex<Inner>>>;
+
+fn record(
+    inner: &Arc<Mutex<Inner>>,
+    method: &Method,
+    path: String,
+    query: Option<String>,
+    headers: &HeaderMap,
+    body: &Bytes,
+) {
+    let content_type = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let body = serde_json::from_slice(body).unwrap_or(Value::Null);
+    inner.lock().unwrap().requests.push(Recorded {
+        method: method.to_string(),
+        path,
+        query: query.unwrap_or_default(),
+        content_type,
+        body,
+    });
+}
+
+/// One request, as the routes see it.
+struct Req {
+    method: Method,
+    /// `/api/v1` or `/apis/<group>/<version>`.
+    prefix: String,
+    ns: String,
+    plural: String,
+    name: Option<String>,
+    query: Option<String>,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+async fn handle(inner: Arc<Mutex<Inner>>, req: Req) -> Response {
+    let Req {
+        method,
+        prefix,
+        ns,
+        plural,
+        name,
+        query,
+        headers,
+        body,
+    } = req;
+    let path = match &name {
+        Some(n) => format!("{prefix}/namespaces/{ns}/{plural}/{n}"),
+        None => format!("{prefix}/namespaces/{ns}/{plural}"),
+    };
+    record(&inner, &method, path.clone(), query.clone(), &headers, &body);
+    let mut state = inner.lock().unwrap();
+    if method != Method::GET && state.failing.contains(&path) {
+        return status(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "InternalError",
+            "etcdserver: request timed out",
+        );
+    }
+    let Some(name) = name else {
+        if method == Method::POST {
+            let mut object: Value = match serde_json::from_slice(&body) {
+                Ok(v) => v,
+                Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string()),
+            };
+            let name = object["metadata"]["name"].as_str().unwrap_or_default().to_string();
+            let key = (prefix, plural.clone(), ns.clone(), name.clone());
+            if state.objects.contains_key(&key) {
+                return status(
+                    StatusCode::CONFLICT,
+                    "AlreadyExists",
+                    &format!("{plural} \"{name}\" already exists"),
+                );
+            }
+            object["metadata"]["namespace"] = json!(ns);
+            stamp_new(&mut state, &mut object);
+            settle(&state, &plural, &mut object);
+            state.objects.insert(key, object.clone());
+            return (StatusCode::CREATED, Json(object)).into_response();
+        }
+        let items: Vec<Value> = state
+            .objects
+            .iter()
+            .filter(|((p, r, n, _), _)| *p == prefix && *r == plural && *n == ns)
+            .map(|(_, v)| v.clone())
+            .collect();
+        return Json(json!({
+            "kind": "List", "apiVersion": "v1",
+            "metadata": { "resourceVersion": state.resource_version.to_string() },
+            "items": items,
+        }))
+        .into_response();
+    };
+    let key = (prefix.clone(), plural.clone(), ns.clone(), name.clone());
+    let Some(current) = state.objects.get(&key).cloned() else {
+        return not_found(&plural, &prefix, &name);
+    };
+    match method {
+        Method::GET => Json(current).into_response(),
+        Method::DELETE => {
+            state.objects.remove(&key);
+            Json(json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "details": {"name": name}}))
+                .into_response()
+        }
+        Method::PUT | Method::PATCH => {
+            let body: Value = match serde_json::from_slice(&body) {
+                Ok(v) => v,
+                Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string()),
+            };
+            let mut updated = current.clone();
+            if method == Method::PUT {
+                let sent = body["metadata"]["resourceVersion"].as_str();
+                if sent.is_some() && sent != current["metadata"]["resourceVersion"].as_str() {
+                    return status(
+                        StatusCode::CONFLICT,
+                        "Conflict",
+                        &format!(
+                            "Operation cannot be fulfilled on {plural} \"{name}\": the object has been modified; please apply your changes to the latest version and try again"
+                        ),
+                    );
+                }
+                updated = body;
+            } else {
+                let content_type = headers
+                    .get("content-type")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default();
+                if !matches!(
+                    content_type,
+                    "application/merge-patch+json" | "application/strategic-merge-patch+json"
+                ) {
+                    return status(
+                        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                        "UnsupportedMediaType",
+                        &format!("the stand-in does not take {content_type:?} patches"),
+                    );
+                }
+                merge(&mut updated, &body);
+            }
+            // Identity and bookkeeping stay the server's.
+            for field in ["uid", "creationTimestamp", "name", "namespace"] {
+                updated["metadata"][field] = current["metadata"][field].clone();
+            }
+            state.resource_version += 1;
+            updated["metadata"]["resourceVersion"] = json!(state.resource_version.to_string());
+            let generation = current["metadata"]["generation"].as_i64().unwrap_or(1);
+            if updated.get("spec") != current.get("spec") {
+                updated["metadata"]["generation"] = json!(generation + 1);
+                settle(&state, &plural, &mut updated);
+            } else {
+                updated["metadata"]["generation"] = json!(generation);
+                updated["status"] = current["status"].clone();
+            }
+            state.objects.insert(key, updated.clone());
+            Json(updated).into_response()
+        }
+        _ => status(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", "method not allowed"),
+    }
+}
+
+async fn collection(
+    State(s): Shared,
+    method: Method,
+    Path((v, ns, plural)): Path<(String, String, String)>,
+    RawQuery(q): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(
+        s,
+        Req {
+            method,
+            prefix: format!("/api/{v}"),
+            ns,
+            plural,
+            name: None,
+            query: q,
+            headers,
+            body,
+        },
+    )
+    .await
+}
+
+async fn object(
+    State(s): Shared,
+    method: Method,
+    Path((v, ns, plural, name)): Path<(String, String, String, String)>,
+    RawQuery(q): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(
+        s,
+        Req {
+            method,
+            prefix: format!("/api/{v}"),
+            ns,
+            plural,
+            name: Some(name),
+            query: q,
+            headers,
+            body,
+        },
+    )
+    .await
+}
+
+async fn group_collection(
+    State(s): Shared,
+    method: Method,
+    Path((g, v, ns, plural)): Path<(String, String, String, String)>,
+    RawQuery(q): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(
+        s,
+        Req {
+            method,
+            prefix: format!("/apis/{g}/{v}"),
+            ns,
+            plural,
+            name: None,
+            query: q,
+            headers,
+            body,
+        },
+    )
+    .await
+}
+
+async fn group_object(
+    State(s): Shared,
+    method: Method,
+    Path((g, v, ns, plural, name)): Path<(String, String, String, String, String)>,
+    RawQuery(q): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(
+        s,
+        Req {
+            method,
+            prefix: format!("/apis/{g}/{v}"),
+            ns,
+            plural,
+            name: Some(name),
+            query: q,
+            headers,
+            body,
+        },
+    )
+    .await
+}
