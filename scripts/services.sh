@@ -247,10 +247,14 @@ case "${1:-up}" in
     log "stopped"
     ;;
   drop-test-dbs)
-    # Databases left by earlier test runs (each test makes one).
+    # Databases and roles left by earlier test runs (each test makes its own).
     psql=("$(pg_bin psql)" -h "$state/pg" -p "$PG_PORT" -U postgres -d postgres -qtAX)
-    for db in $("${psql[@]}" -c "select datname from pg_database where datname like 'dayshift\_test\_%'"); do
+    for db in $("${psql[@]}" -c "select datname from pg_database where datname like 'dayshift\_test\_%' or datname like 'dayshift\_restore\_test\_%'"); do
       "${psql[@]}" -c "drop database if exists $db with (force)" >/dev/null
+    done
+    # Roles the rotation tests made.
+    for role in $("${psql[@]}" -c "select rolname from pg_roles where rolname like 'rot\_%'"); do
+      "${psql[@]}" -c "drop role if exists $role" >/dev/null
     done
     ;;
   status)

@@ -225,23 +225,32 @@ fn settle(inner: &Inner, plural: &str, object: &mut Value) {
     );
     let generation = object["metadata"]["generation"].clone();
     let replicas = object["spec"]["replicas"].as_i64().unwrap_or(1);
-    let previous = object["status"]["readyReplicas"].as_i64().unwrap_or(replicas);
-    let status = if inner.stalled.contains(&id) {
-        // The new pods never become ready; the old ones keep serving.
-        json!({
-            "observedGeneration": generation, "replicas": replicas + 1, "updatedReplicas": 1,
-            "readyReplicas": previous, "availableReplicas": previous, "unavailableReplicas": 1,
-            "currentReplicas": replicas, "updatedNumberScheduled": 0, "numberAvailable": previous,
-            "desiredNumberScheduled": replicas,
-            "conditions": [{"type": "Progressing", "status": "True", "reason": "ReplicaSetUpdated"}],
-        })
-    } else {
+    let status = if !inner.stalled.contains(&id) {
         json!({
             "observedGeneration": generation, "replicas": replicas, "updatedReplicas": replicas,
             "readyReplicas": replicas, "availableReplicas": replicas, "currentReplicas": replicas,
             "updatedNumberScheduled": replicas, "numberAvailable": replicas, "numberReady": replicas,
             "desiredNumberScheduled": replicas, "currentNumberScheduled": replicas,
             "conditions": [{"type": "Progressing", "status": "True", "reason": "NewReplicaSetAvailable"}],
+        })
+    } else if plural == "deployments" {
+        // A surge pod of the new ReplicaSet never becomes ready; the old pods keep serving.
+        json!({
+            "observedGeneration": generation, "replicas": replicas + 1, "updatedReplicas": 1,
+            "readyReplicas": replicas, "availableReplicas": replicas, "unavailableReplicas": 1,
+            "conditions": [{"type": "Progressing", "status": "True", "reason": "ReplicaSetUpdated"}],
+        })
+    } else if plural == "statefulsets" {
+        // The highest ordinal was replaced and its new pod never becomes ready.
+        json!({
+            "observedGeneration": generation, "replicas": replicas, "updatedReplicas": 1,
+            "readyReplicas": replicas - 1, "availableReplicas": replicas - 1, "currentReplicas": replicas - 1,
+        })
+    } else {
+        json!({
+            "observedGeneration": generation, "desiredNumberScheduled": replicas,
+            "currentNumberScheduled": replicas, "updatedNumberScheduled": 1,
+            "numberReady": replicas - 1, "numberAvailable": replicas - 1, "numberUnavailable": 1,
         })
     };
     object["status"] = status;

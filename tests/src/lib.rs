@@ -742,18 +742,32 @@ impl Drop for OwnAlertmanager {
     }
 }
 
-/// An OpenBao server of its own, with raft storage, initialised and unsealed (for tests that
-/// restore snapshots, which would roll back a shared server under other tests).
-pub struct OwnOpenBao {
+/// An OpenBao server: the services script's, or one of a test's own.
+pub struct OpenBao {
     pub addr: String,
     /// The root token.
     pub token: String,
-    dir: PathBuf,
+    /// Set for a server of the test's own, stopped on drop.
+    dir: Option<PathBuf>,
 }
 
-impl OwnOpenBao {
-    /// Starts one through `scripts/openbao.sh`, the services script's way, on a free port.
-    pub async fn start() -> Result<Self> {
+impl OpenBao {
+    /// The server `scripts/services.sh` started (raft storage, unsealed). Tests on it keep to
+    /// mounts of their own.
+    pub fn shared() -> Self {
+        let addr = std::env::var("DAYSHIFT_VAULT_ADDR").expect("DAYSHIFT_VAULT_ADDR is not set: source .dayshift/env");
+        let file = std::env::var("DAYSHIFT_VAULT_TOKEN_FILE").expect("DAYSHIFT_VAULT_TOKEN_FILE is not set");
+        let token = std::fs::read_to_string(&file)
+            .expect("the OpenBao root token file")
+            .trim()
+            .to_string();
+        Self { addr, token, dir: None }
+    }
+
+    /// A server of its own, with raft storage, initialised and unsealed (for tests that restore
+    /// snapshots, which would roll back a shared server under other tests). Started through
+    /// `scripts/openbao.sh`, the services script's way, on a free port.
+    pub async fn own() -> Result<Self> {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("dayshift-openbao-{}", unique()));
         let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/openbao.sh");
@@ -767,12 +781,12 @@ impl OwnOpenBao {
         let bao = Self {
             addr: format!("http://127.0.0.1:{port}"),
             token: String::new(),
-            dir,
+            dir: Some(dir.clone()),
         };
         if !out.status.success() {
             bail!("OpenBao did not start: {}", String::from_utf8_lossy(&out.stderr));
         }
-        let init: Value = serde_json::from_slice(&std::fs::read(bao.dir.join("init.json"))?)?;
+        let init: Value = serde_json::from_slice(&std::fs::read(dir.join("init.json"))?)?;
         let mut bao = bao;
         bao.token = init["root_token"]
             .as_str()
@@ -797,15 +811,16 @@ impl OwnOpenBao {
     }
 }
 
-impl Drop for OwnOpenBao {
+impl Drop for OpenBao {
     fn drop(&mut self) {
+        let Some(dir) = &self.dir else { return };
         let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/openbao.sh");
         let _ = std::process::Command::new(script)
             .arg("stop")
-            .arg(&self.dir)
+            .arg(dir)
             .stderr(Stdio::null())
             .status();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_dir_all(dir);
     }
 }
 

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dayshift_engine::{RunStatus, StartRun};
-use dayshift_tests::{OwnOpenBao, TestEnv, fast_worker, s3_test_config, unique};
+use dayshift_tests::{OpenBao, TestEnv, fast_worker, s3_test_config, unique};
 use dayshift_workflows::adapters::s3::S3Store;
 use dayshift_workflows::adapters::vault::VaultConfig;
 use dayshift_workflows::{Connections, backup_vault};
@@ -14,7 +14,7 @@ const LIMIT: Duration = Duration::from_secs(120);
 
 #[tokio::test]
 async fn a_vault_snapshot_is_stored_verified_and_accepted_back_by_openbao() {
-    let bao = OwnOpenBao::start().await.unwrap();
+    let bao = OpenBao::own().await.unwrap();
     bao.bao(&["secrets", "enable", "-path=secret", "kv-v2"]).await.unwrap();
     bao.bao(&["kv", "put", "secret/app", "password=before"]).await.unwrap();
     // A token that may not take snapshots.

@@ -76,6 +76,21 @@ pub(crate) struct ConnectionsConfig {
     pub notify: std::collections::BTreeMap<String, NotifyConnectionConfig>,
     /// Vault / OpenBao servers, by name.
     pub vault: std::collections::BTreeMap<String, VaultConnectionConfig>,
+    /// Kubernetes clusters, by name.
+    pub kubernetes: std::collections::BTreeMap<String, KubernetesConnectionConfig>,
+}
+
+/// A Kubernetes cluster. With nothing set: the kubeconfig (`KUBECONFIG`, `~/.kube/config`),
+/// or inside a pod its service account.
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub(crate) struct KubernetesConnectionConfig {
+    /// A kubeconfig context other than the current one.
+    pub context: Option<String>,
+    /// The API server URL, instead of a kubeconfig.
+    pub url: Option<String>,
+    /// Where the bearer token is, with `url`.
+    pub token: Option<SecretSource>,
 }
 
 /// A Vault or OpenBao server.
@@ -585,9 +600,35 @@ impl Config {
             }
             out.notify.insert(name.clone(), url);
         }
+        for (name, k) in &c.kubernetes {
+            let key = format!("connections.kubernetes.{name}");
+            let token = match &k.token {
+                Some(src) => Some(
+                    src.read(&format!("{key}.token"))
+                        .and_then(|b| String::from_utf8(b).map_err(|_| format!("{key}.token: not UTF-8")))
+                        .map_err(ConfigError::Invalid)?
+                        .trim()
+                        .to_string(),
+                ),
+                None => None,
+            };
+            if token.is_some() && k.url.is_none() {
+                return Err(ConfigError::Invalid(format!("{key}.token: give `url` with it")));
+            }
+            out.kubernetes.insert(
+                name.clone(),
+                dayshift_workflows::adapters::kube::KubeConfig {
+                    url: k.url.clone(),
+                    token,
+                    context: k.context.clone(),
+                },
+            );
+        }
         for (name, vault) in &c.vault {
             let key = format!("connections.vault.{name}");
-            if !(vault.address.starts_with("http://") || vault.address.starts_with("https://")) {
+            if !(vault.address.starts_with("http://") || vault.address.starts_with("https://"))
+                || reqwest::Url::parse(&vault.address).is_err()
+            {
                 return Err(ConfigError::Invalid(format!(
                     "{key}.address: must start with http:// or https://"
                 )));

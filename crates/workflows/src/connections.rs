@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::adapters::kube::KubeConfig;
 use crate::adapters::notify::Notifier;
 use crate::adapters::s3::S3Config;
 use crate::adapters::vault::VaultConfig;
@@ -19,6 +20,8 @@ pub struct Connections {
     pub notify: BTreeMap<String, String>,
     /// Vault / OpenBao servers, by name.
     pub vault: BTreeMap<String, VaultConfig>,
+    /// Kubernetes clusters, by name.
+    pub kubernetes: BTreeMap<String, KubeConfig>,
 }
 
 impl std::fmt::Debug for Connections {
@@ -28,6 +31,7 @@ impl std::fmt::Debug for Connections {
             .field("postgres", &self.postgres.keys().collect::<Vec<_>>())
             .field("notify", &self.notify.keys().collect::<Vec<_>>())
             .field("vault", &self.vault.keys().collect::<Vec<_>>())
+            .field("kubernetes", &self.kubernetes.keys().collect::<Vec<_>>())
             .finish()
     }
 }
@@ -59,6 +63,16 @@ impl Connections {
             format!(
                 "no Vault connection named '{name}' (connections.vault: {})",
                 self.vault.keys().cloned().collect::<Vec<_>>().join(", ")
+            )
+        })
+    }
+
+    /// The Kubernetes cluster named `name`.
+    pub fn kubernetes(&self, name: &str) -> Result<&KubeConfig, String> {
+        self.kubernetes.get(name).ok_or_else(|| {
+            format!(
+                "no Kubernetes connection named '{name}' (connections.kubernetes: {})",
+                self.kubernetes.keys().cloned().collect::<Vec<_>>().join(", ")
             )
         })
     }

@@ -7,6 +7,8 @@ mod backup;
 mod connections;
 mod restore_test;
 mod retention;
+mod rotate;
+pub mod secrets;
 mod selftest;
 mod vault_backup;
 
@@ -14,6 +16,7 @@ pub use backup::{BackupInput, Manifest, RestoreInput, backup_postgres, restore_p
 pub use connections::Connections;
 pub use restore_test::{Check, CheckResult, RestoreTestInput, RestoreTestReport, backup_restore_test};
 pub use retention::{Backup, RetentionInput, RetentionPolicy, RetentionReport, backup_retention, plan, time_of};
+pub use rotate::{Basis, PgRotateInput, RotationReport, SecretKeyRef, rotate_postgres_password};
 pub use selftest::{ChainInput, ChainOutput, GateInput, GateOutput, StepCount, TableName, chain, gate};
 pub use vault_backup::{VaultBackupInput, backup_vault};
 
@@ -36,6 +39,7 @@ pub fn all_with(pool: PgPool, connections: Connections) -> Vec<WorkflowDef> {
         backup_retention(connections.clone()),
         backup_restore_test(connections.clone()),
         backup_vault(connections.clone()),
+        rotate_postgres_password(connections.clone()),
         restore_postgres(connections),
     ]
 }

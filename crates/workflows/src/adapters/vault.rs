@@ -35,6 +35,11 @@ pub enum VaultError {
     Unreachable { address: String, message: String },
     #[error("Vault answered {status} to {path}: {message}")]
     Refused { status: u16, path: String, message: String },
+    /// A check-and-set write found another version than the one it was based on.
+    #[error(
+        "{path} changed under us: its current version is no longer {expected} (a concurrent write); nothing was overwritten"
+    )]
+    Conflict { path: String, expected: u64 },
 }
 
 impl VaultError {
@@ -43,7 +48,24 @@ impl VaultError {
         match self {
             Self::Unreachable { .. } => true,
             Self::Refused { status, .. } => *status == 429 || *status >= 500,
+            Self::Conflict { .. } => false,
         }
+    }
+}
+
+/// A KV v2 entry at one version: its keys and values as stored (values need not be strings).
+#[derive(Clone, PartialEq)]
+pub struct KvEntry {
+    pub version: u64,
+    pub data: serde_json::Map<String, serde_json::Value>,
+}
+
+impl std::fmt::Debug for KvEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvEntry")
+            .field("version", &self.version)
+            .field("keys", &self.data.keys().collect::<Vec<_>>())
+            .finish()
     }
 }
 
@@ -141,5 +163,148 @@ impl Vault {
         let response = self.send(self.request(reqwest::Method::GET, path), path).await?;
         let stream = response.bytes_stream().map_err(std::io::Error::other);
         Ok(tokio_util::io::StreamReader::new(stream))
+    }
+}
+
+/// KV v2 and the database secrets engine, through vaultrs.
+impl Vault {
+    fn client(&self) -> Result<vaultrs::client::VaultClient, VaultError> {
+        let mut settings = vaultrs::client::VaultClientSettingsBuilder::default();
+        settings
+            .address(&self.config.address)
+            .token(&self.config.token)
+            .timeout(Some(Duration::from_secs(30)));
+        if let Some(ns) = &self.config.namespace {
+            settings.namespace(Some(ns.clone()));
+        }
+        let settings = settings.build().map_err(|e| VaultError::Unreachable {
+            address: self.config.address.clone(),
+            message: e.to_string(),
+        })?;
+        vaultrs::client::VaultClient::new(settings).map_err(|e| self.client_error("client", e))
+    }
+
+    fn client_error(&self, path: &str, e: vaultrs::error::ClientError) -> VaultError {
+        match e {
+            vaultrs::error::ClientError::APIError { code, errors } => VaultError::Refused {
+                status: code,
+                path: path.to_string(),
+                message: if errors.is_empty() {
+                    "no details".into()
+                } else {
+                    errors.join("; ").trim().to_string()
+                },
+            },
+            other => VaultError::Unreachable {
+                address: self.config.address.clone(),
+                message: other.to_string(),
+            },
+        }
+    }
+
+    /// The current version of a KV v2 entry.
+    pub async fn kv_read(&self, mount: &str, path: &str) -> Result<KvEntry, VaultError> {
+        let client = self.client()?;
+        let where_ = format!("{mount}/metadata/{path}");
+        let meta = vaultrs::kv2::read_metadata(&client, mount, path)
+            .await
+            .map_err(|e| self.client_error(&where_, e))?;
+        let data = self.kv_read_version(mount, path, meta.current_version).await?;
+        Ok(KvEntry {
+            version: meta.current_version,
+            data,
+        })
+    }
+
+    /// One version of a KV v2 entry.
+    pub async fn kv_read_version(
+        &self,
+        mount: &str,
+        path: &str,
+        version: u64,
+    ) -> Result<serde_json::Map<String, serde_json::Value>, VaultError> {
+        let client = self.client()?;
+        vaultrs::kv2::read_version(&client, mount, path, version)
+            .await
+            .map_err(|e| self.client_error(&format!("{mount}/data/{path} (version {version})"), e))
+    }
+
+    /// Writes `data` as the next version, only if the current version is still `based_on`
+    /// (check-and-set). Returns the new version.
+    pub async fn kv_write(
+        &self,
+        mount: &str,
+        path: &str,
+        data: &serde_json::Map<String, serde_json::Value>,
+        based_on: u64,
+    ) -> Result<u64, VaultError> {
+        let client = self.client()?;
+        let where_ = format!("{mount}/data/{path}");
+        let cas = u32::try_from(based_on).map_err(|_| VaultError::Refused {
+            status: 400,
+            path: where_.clone(),
+            message: format!("version {based_on} is beyond what check-and-set takes"),
+        })?;
+        let written = vaultrs::kv2::set_with_options(
+            &client,
+            mount,
+            path,
+            data,
+            vaultrs::api::kv2::requests::SetSecretRequestOptions { cas },
+        )
+        .await
+        .map_err(|e| match self.client_error(&where_, e) {
+            VaultError::Refused {
+                status: 400, message, ..
+            } if message.contains("check-and-set") => VaultError::Conflict {
+                path: where_.clone(),
+                expected: based_on,
+            },
+            other => other,
+        })?;
+        Ok(written.version)
+    }
+
+    /// The entry's custom metadata.
+    pub async fn kv_custom_metadata(
+        &self,
+        mount: &str,
+        path: &str,
+    ) -> Result<std::collections::HashMap<String, String>, VaultError> {
+        let client = self.client()?;
+        let meta = vaultrs::kv2::read_metadata(&client, mount, path)
+            .await
+            .map_err(|e| self.client_error(&format!("{mount}/metadata/{path}"), e))?;
+        Ok(meta.custom_metadata.unwrap_or_default())
+    }
+
+    /// Sets keys of the entry's custom metadata (absent values remove the key), keeping the others.
+    pub async fn kv_update_custom_metadata(
+        &self,
+        mount: &str,
+        path: &str,
+        changes: &[(&str, Option<&str>)],
+    ) -> Result<(), VaultError> {
+        let mut custom = self.kv_custom_metadata(mount, path).await?;
+        for (k, v) in changes {
+            match v {
+                Some(v) => custom.insert(k.to_string(), v.to_string()),
+                None => custom.remove(*k),
+            };
+        }
+        let client = self.client()?;
+        let mut request = vaultrs::api::kv2::requests::SetSecretMetadataRequest::builder();
+        request.custom_metadata(custom);
+        vaultrs::kv2::set_metadata(&client, mount, path, Some(&mut request))
+            .await
+            .map_err(|e| self.client_error(&format!("{mount}/metadata/{path}"), e))
+    }
+
+    /// Rotates the root credential the database secrets engine at `mount` uses for `connection`.
+    pub async fn rotate_database_root(&self, mount: &str, connection: &str) -> Result<(), VaultError> {
+        let client = self.client()?;
+        vaultrs::database::connection::rotate(&client, mount, connection)
+            .await
+            .map_err(|e| self.client_error(&format!("{mount}/rotate-root/{connection}"), e))
     }
 }

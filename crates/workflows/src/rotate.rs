@@ -1,0 +1,628 @@
+//! `rotate.postgres-password`: a PostgreSQL role's password, kept in Vault KV v2, rotated so
+//! that the run either completes or puts everything back.
+//!
+//! The password never enters the journal: steps return versions and names only, and every step
+//! that needs a password reads it from Vault (the version the run wrote, or the one it started
+//! from). PostgreSQL receives a SCRAM verifier, never the plaintext.
+//!
+//! Order, and why:
+//! 1. `read-current`: the KV version the rotation is based on, and which role to change.
+//! 2. `write-vault`: the new password as the next KV version, with check-and-set on that version
+//!    and every other key of the entry kept. This is the first change, so a concurrent writer
+//!    makes the run fail before anything else was touched. Its undo puts everything back.
+//! 3. `set-role-password`, then the copies named in the input (Kubernetes Secrets, PgBouncer user
+//!    lists), ExternalSecrets asked to sync, consumers restarted and their rollouts awaited,
+//!    the new password tried, and the rotation recorded in the KV entry's custom metadata.
+//!
+//! With two roles (`roles: [a, b]`, the dual-account strategy of Vault's static roles), the new
+//! password goes to the role not in use, and the entry's username switches to it: consumers
+//! keep working with the old role until they are restarted with the new one.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dayshift_engine::{Ctx, RetryPolicy, StepError, WorkflowDef, WorkflowError};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::adapters::kube::{Kube, KubeError, ObjectRef, Workload};
+use crate::adapters::vault::{Vault, VaultError};
+use crate::connections::Connections;
+use crate::secrets::{Generator, scram_verifier};
+
+/// Custom-metadata key marking an entry a run is rotating (so that a retried write can tell
+/// its own earlier write from a concurrent one).
+const PENDING: &str = "dayshift-rotation-pending";
+
+/// A key of a Kubernetes Secret that holds the password (and, for two roles, the username).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretKeyRef {
+    pub namespace: String,
+    pub name: String,
+    /// The key holding the password.
+    pub key: String,
+    /// The key holding the username, to switch with two roles.
+    #[serde(default)]
+    pub username_key: Option<String>,
+}
+
+/// The input of `rotate.postgres-password`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PgRotateInput {
+    /// A Vault connection (connections.vault).
+    pub vault: String,
+    /// The KV v2 mount. Default `secret`.
+    #[serde(default = "default_mount")]
+    pub mount: String,
+    /// The entry's path under the mount, e.g. `apps/shop/db`.
+    pub path: String,
+    /// The entry's key holding the password. Default `password`.
+    #[serde(default = "default_password_key")]
+    pub password_key: String,
+    /// The entry's key holding the username. Default `username`.
+    #[serde(default = "default_username_key")]
+    pub username_key: String,
+    /// A PostgreSQL connection allowed to `ALTER ROLE` (connections.postgres).
+    pub admin: String,
+    /// The role, for one role.
+    #[serde(default)]
+    pub role: Option<String>,
+    /// Two roles used in turn, instead of `role`.
+    #[serde(default)]
+    pub roles: Option<[String; 2]>,
+    #[serde(default)]
+    pub generator: Generator,
+    /// The Kubernetes connection for the objects below. Default `default`.
+    #[serde(default = "default_kubernetes")]
+    pub kubernetes: String,
+    /// Secrets that hold a copy of the password.
+    #[serde(default)]
+    pub secrets: Vec<SecretKeyRef>,
+    /// PgBouncer/pgpool user lists (`"user" "password"` lines) in Secrets.
+    #[serde(default)]
+    pub pgbouncer: Vec<SecretKeyRef>,
+    /// ExternalSecrets to sync from Vault now.
+    #[serde(default)]
+    pub external_secrets: Vec<ObjectRef>,
+    /// Consumers restarted to pick the new password up.
+    #[serde(default)]
+    pub restart: Vec<Workload>,
+    /// How long each rollout may take. Default 5m.
+    #[serde(default = "default_rollout_timeout", with = "humantime_serde")]
+    pub rollout_timeout: Duration,
+}
+
+fn default_mount() -> String {
+    "secret".into()
+}
+fn default_password_key() -> String {
+    "password".into()
+}
+fn default_username_key() -> String {
+    "username".into()
+}
+fn default_kubernetes() -> String {
+    "default".into()
+}
+fn default_rollout_timeout() -> Duration {
+    Duration::from_secs(300)
+}
+
+/// What `read-current` found: no secrets, only where they are.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Basis {
+    /// The KV version the rotation is based on (and rolls back to).
+    pub version: u64,
+    /// The role consumers use now.
+    pub active_role: String,
+    /// The role that gets the new password.
+    pub target_role: String,
+    /// When the rotation started; the restart stamp.
+    pub at: String,
+}
+
+/// What `rotate.postgres-password` did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RotationReport {
+    pub role: String,
+    pub previous_version: u64,
+    pub version: u64,
+    pub rotated_at: String,
+    pub restarted: Vec<String>,
+}
+
+fn vault_err(e: VaultError) -> StepError {
+    if e.is_transient() {
+        StepError::transient(e)
+    } else {
+        StepError::permanent(e)
+    }
+}
+
+fn kube_err(e: KubeError) -> StepError {
+    if e.is_transient() {
+        StepError::transient(e)
+    } else {
+        StepError::permanent(e)
+    }
+}
+
+fn network() -> RetryPolicy {
+    RetryPolicy {
+        max_attempts: 5,
+        ..RetryPolicy::default()
+    }
+}
+
+/// Everything a rotation talks to.
+#[derive(Clone)]
+struct Targets {
+    input: Arc<PgRotateInput>,
+    vault: Vault,
+    admin_url: String,
+    kube: Option<Kube>,
+}
+
+/// The `rotate.postgres-password` workflow.
+pub fn rotate_postgres_password(connections: Arc<Connections>) -> WorkflowDef {
+    WorkflowDef::new(
+        "rotate.postgres-password",
+        "Rotates a PostgreSQL role's password kept in Vault KV v2, updates its copies, restarts consumers, verifies; puts everything back on failure.",
+        move |ctx: Ctx, input: PgRotateInput| {
+            let connections = connections.clone();
+            async move {
+                let targets = open(&connections, input).await?;
+                rotate(&ctx, targets).await
+            }
+        },
+    )
+    .freshness("path")
+}
+
+async fn open(connections: &Connections, input: PgRotateInput) -> Result<Targets, WorkflowError> {
+    match (&input.role, &input.roles) {
+        (Some(_), None) => {}
+        (None, Some([a, b])) if a != b => {}
+        (None, Some(_)) => return Err(WorkflowError::failed("roles: give two different roles")),
+        _ => {
+            return Err(WorkflowError::failed(
+                "give either `role` or `roles` (two roles used in turn)",
+            ));
+        }
+    }
+    input.generator.check().map_err(WorkflowError::failed)?;
+    let vault = Vault::new(connections.vault(&input.vault).map_err(WorkflowError::failed)?.clone());
+    let admin_url = connections
+        .postgres(&input.admin)
+        .map_err(WorkflowError::failed)?
+        .to_string();
+    let needs_kube = !(input.secrets.is_empty()
+        && input.pgbouncer.is_empty()
+        && input.external_secrets.is_empty()
+        && input.restart.is_empty());
+    let kube = if needs_kube {
+        let config = connections
+            .kubernetes(&input.kubernetes)
+            .map_err(WorkflowError::failed)?;
+        Some(Kube::connect(config).await.map_err(WorkflowError::failed)?)
+    } else {
+        None
+    };
+    Ok(Targets {
+        input: Arc::new(input),
+        vault,
+        admin_url,
+        kube,
+    })
+}
+
+async fn rotate(ctx: &Ctx, t: Targets) -> Result<RotationReport, WorkflowError> {
+    let input = &t.input;
+    let tr = &t;
+    let basis: Basis = ctx
+        .step("read-current", |_s| async move {
+            let entry = tr.vault.kv_read(&input.mount, &input.path).await.map_err(vault_err)?;
+            if !entry.data.contains_key(&input.password_key) {
+                return Err(StepError::Permanent(format!(
+                    "{}/{} has no key {:?} (it has {})",
+                    input.mount,
+                    input.path,
+                    input.password_key,
+                    entry.data.keys().cloned().collect::<Vec<_>>().join(", ")
+                )));
+            }
+            let (active_role, target_role) = match (&input.role, &input.roles) {
+                (Some(role), _) => (role.clone(), role.clone()),
+                (None, Some([a, b])) => {
+                    let current = entry.data.get(&input.username_key).and_then(Value::as_str);
+                    match current {
+                        Some(u) if u == a => (a.clone(), b.clone()),
+                        Some(u) if u == b => (b.clone(), a.clone()),
+                        other => {
+                            return Err(StepError::Permanent(format!(
+                                "{}/{} key {:?} is {other:?}, neither of the roles {a} and {b}",
+                                input.mount, input.path, input.username_key
+                            )));
+                        }
+                    }
+                }
+                _ => return Err(StepError::permanent("give either `role` or `roles`")),
+            };
+            Ok(Basis {
+                version: entry.version,
+                active_role,
+                target_role,
+                at: chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+            })
+        })
+        .retry(network())
+        .await?;
+
+    let run_id = ctx.run_id().to_string();
+    let (b, run) = (&basis, run_id.as_str());
+    let version: u64 = ctx
+        .step("write-vault", |_s| async move { write_vault(tr, b, run).await })
+        .retry(network())
+        .undo({
+            let (t, basis, run) = (t.clone(), basis.clone(), run_id.clone());
+            move |_s, version: u64| async move { roll_back(&t, &basis, version, &run).await }
+        })
+        .await?;
+
+    ctx.step("set-role-password", |_s| async move {
+        let password = new_password(tr, version).await?;
+        set_role_password(&tr.admin_url, &b.target_role, &password).await
+    })
+    .retry(network())
+    .await?;
+
+    for s in &input.secrets {
+        ctx.step(
+            format!("update-secret:{}/{}/{}", s.namespace, s.name, s.key),
+            |_s| async move {
+                let password = new_password(tr, version).await?;
+                write_secret_copy(tr, s, &b.target_role, &password).await
+            },
+        )
+        .retry(network())
+        .await?;
+    }
+    for s in &input.pgbouncer {
+        ctx.step(
+            format!("update-pgbouncer:{}/{}/{}", s.namespace, s.name, s.key),
+            |_s| async move {
+                let password = new_password(tr, version).await?;
+                write_userlist(tr, s, &b.active_role, &b.target_role, &password).await
+            },
+        )
+        .retry(network())
+        .await?;
+    }
+    for es in &input.external_secrets {
+        ctx.step(format!("force-sync:{}/{}", es.namespace, es.name), |_s| async move {
+            kube(tr)?.force_sync_external_secret(es, &b.at).await.map_err(kube_err)
+        })
+        .retry(network())
+        .await?;
+    }
+    for w in &input.restart {
+        ctx.step(
+            format!("restart:{:?}/{}/{}", w.kind, w.namespace, w.name),
+            |_s| async move { kube(tr)?.rollout_restart(w, &b.at).await.map_err(kube_err) },
+        )
+        .retry(network())
+        .await?;
+    }
+    for w in &input.restart {
+        ctx.step(
+            format!("wait-rollout:{:?}/{}/{}", w.kind, w.namespace, w.name),
+            |_s| async move {
+                kube(tr)?
+                    .wait_rollout(
+                        w,
+                        Duration::from_secs(1).min(input.rollout_timeout / 10),
+                        input.rollout_timeout,
+                    )
+                    .await
+                    .map_err(kube_err)
+            },
+        )
+        .retry(network())
+        .await?;
+    }
+
+    ctx.step("verify-login", |_s| async move {
+        let password = new_password(tr, version).await?;
+        login(&tr.admin_url, &b.target_role, &password).await
+    })
+    .retry(network())
+    .await?;
+
+    ctx.step("record", |_s| async move {
+        tr.vault
+            .kv_update_custom_metadata(
+                &input.mount,
+                &input.path,
+                &[
+                    ("rotated-at", Some(&b.at)),
+                    ("rotated-by-run", Some(run)),
+                    ("rotated-version", Some(&version.to_string())),
+                    (PENDING, None),
+                ],
+            )
+            .await
+            .map_err(vault_err)
+    })
+    .retry(network())
+    .await?;
+
+    Ok(RotationReport {
+        role: basis.target_role.clone(),
+        previous_version: basis.version,
+        version,
+        rotated_at: basis.at.clone(),
+        restarted: input.restart.iter().map(ToString::to_string).collect(),
+    })
+}
+
+fn kube(t: &Targets) -> Result<&Kube, StepError> {
+    t.kube
+        .as_ref()
+        .ok_or_else(|| StepError::permanent("no Kubernetes connection"))
+}
+
+/// Writes the new password as the next KV version, based on `basis.version`; or, when an
+/// earlier attempt of this run already did, returns that version.
+async fn write_vault(t: &Targets, basis: &Basis, run_id: &str) -> Result<u64, StepError> {
+    let input = &t.input;
+    let current = t.vault.kv_read(&input.mount, &input.path).await.map_err(vault_err)?;
+    if current.version != basis.version {
+        let ours = current.version == basis.version + 1
+            && t.vault
+                .kv_custom_metadata(&input.mount, &input.path)
+                .await
+                .map_err(vault_err)?
+                .get(PENDING)
+                .map(String::as_str)
+                == Some(run_id);
+        if ours {
+            return Ok(current.version);
+        }
+        return Err(vault_err(VaultError::Conflict {
+            path: format!("{}/data/{}", input.mount, input.path),
+            expected: basis.version,
+        }));
+    }
+    t.vault
+        .kv_update_custom_metadata(&input.mount, &input.path, &[(PENDING, Some(run_id))])
+        .await
+        .map_err(vault_err)?;
+    let mut data = current.data;
+    data.insert(input.password_key.clone(), Value::String(input.generator.generate()));
+    if input.roles.is_some() {
+        data.insert(input.username_key.clone(), Value::String(basis.target_role.clone()));
+    }
+    match t.vault.kv_write(&input.mount, &input.path, &data, basis.version).await {
+        Ok(version) => Ok(version),
+        Err(e) => {
+            // Not ours to mark any more; the concurrent writer's value stays as it is.
+            let _ = t
+                .vault
+                .kv_update_custom_metadata(&input.mount, &input.path, &[(PENDING, None)])
+                .await;
+            Err(vault_err(e))
+        }
+    }
+}
+
+/// Puts back what the run changed, from the KV version it was based on: the entry (as a new
+/// version, unless someone else wrote after the run), the role's password, the copies; then
+/// asks ExternalSecrets to sync and restarts the consumers so they pick the old value up.
+/// Safe to repeat.
+async fn roll_back(t: &Targets, basis: &Basis, version: u64, run_id: &str) -> Result<(), StepError> {
+    let input = &t.input;
+    let old = t
+        .vault
+        .kv_read_version(&input.mount, &input.path, basis.version)
+        .await
+        .map_err(vault_err)?;
+    let current = t.vault.kv_read(&input.mount, &input.path).await.map_err(vault_err)?;
+    if current.version == version {
+        t.vault
+            .kv_write(&input.mount, &input.path, &old, version)
+            .await
+            .map_err(vault_err)?;
+    } else if current.data != old {
+        return Err(StepError::Permanent(format!(
+            "cannot roll back {}/{}: version {} was written after this run's version {version}; left as it is",
+            input.mount, input.path, current.version
+        )));
+    }
+    let old_password = password_of(&old, &input.password_key)?;
+    let old_username = old
+        .get(&input.username_key)
+        .and_then(Value::as_str)
+        .unwrap_or(&basis.active_role)
+        .to_string();
+    if input.roles.is_none() {
+        set_role_password(&t.admin_url, &basis.active_role, &old_password).await?;
+    }
+    for s in &input.secrets {
+        write_secret_copy(t, s, &old_username, &old_password).await?;
+    }
+    for s in &input.pgbouncer {
+        write_userlist(t, s, &basis.target_role, &basis.active_role, &old_password).await?;
+    }
+    let now = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string();
+    for es in &input.external_secrets {
+        kube(t)?.force_sync_external_secret(es, &now).await.map_err(kube_err)?;
+    }
+    for w in &input.restart {
+        kube(t)?.rollout_restart(w, &now).await.map_err(kube_err)?;
+    }
+    t.vault
+        .kv_update_custom_metadata(&input.mount, &input.path, &[(PENDING, None)])
+        .await
+        .map_err(vault_err)?;
+    tracing::warn!(run_id, path = %input.path, "Rotation rolled back.");
+    Ok(())
+}
+
+fn password_of(data: &serde_json::Map<String, Value>, key: &str) -> Result<String, StepError> {
+    data.get(key)
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .ok_or_else(|| StepError::Permanent(format!("the KV entry's {key:?} is not a string")))
+}
+
+/// The password of KV version `version` (the one this run wrote).
+async fn new_password(t: &Targets, version: u64) -> Result<String, StepError> {
+    let data = t
+        .vault
+        .kv_read_version(&t.input.mount, &t.input.path, version)
+        .await
+        .map_err(vault_err)?;
+    password_of(&data, &t.input.password_key)
+}
+
+/// `ALTER ROLE … PASSWORD '<SCRAM verifier>'`: the plaintext never reaches the server.
+async fn set_role_password(admin_url: &str, role: &str, password: &str) -> Result<(), StepError> {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(admin_url)
+        .await
+        .map_err(|e| pg_err("connect as admin", e))?;
+    let sql = format!(
+        "alter role {} password '{}'",
+        quote_ident(role),
+        scram_verifier(password)
+    );
+    let done = sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut conn).await;
+    let _ = conn.close().await;
+    done.map(|_| ())
+        .map_err(|e| pg_err(&format!("set the password of role {role}"), e))
+}
+
+/// Logs in as `role` with `password` where the admin connection points.
+async fn login(admin_url: &str, role: &str, password: &str) -> Result<(), StepError> {
+    use sqlx::Connection;
+    let options: sqlx::postgres::PgConnectOptions = admin_url
+        .parse()
+        .map_err(|e| StepError::Permanent(format!("the admin connection URL: {e}")))?;
+    let mut conn = sqlx::PgConnection::connect_with(&options.username(role).password(password))
+        .await
+        .map_err(|e| StepError::Permanent(format!("the new password of {role} does not log in: {}", redact(e))))?;
+    let one: Result<i32, _> = sqlx::query_scalar("select 1").fetch_one(&mut conn).await;
+    let _ = conn.close().await;
+    one.map(|_| ()).map_err(|e| pg_err("query as the rotated role", e))
+}
+
+fn pg_err(what: &str, e: sqlx::Error) -> StepError {
+    let message = format!("{what}: {}", redact(e));
+    if message.contains("connection refused") || message.contains("timed out") {
+        StepError::Transient(message)
+    } else {
+        StepError::Permanent(message)
+    }
+}
+
+/// A database error's message without the statement (which holds a verifier).
+fn redact(e: sqlx::Error) -> String {
+    match e {
+        sqlx::Error::Database(d) => d.message().to_string(),
+        other => other.to_string(),
+    }
+}
+
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Writes the password (and, with two roles, the username) into a Secret that holds a copy.
+async fn write_secret_copy(t: &Targets, s: &SecretKeyRef, username: &str, password: &str) -> Result<(), StepError> {
+    let kube = kube(t)?;
+    let obj = ObjectRef {
+        namespace: s.namespace.clone(),
+        name: s.name.clone(),
+    };
+    kube.set_secret_key(&obj, &s.key, password.as_bytes())
+        .await
+        .map_err(kube_err)?;
+    if let (Some(key), Some(_)) = (&s.username_key, &t.input.roles) {
+        kube.set_secret_key(&obj, key, username.as_bytes())
+            .await
+            .map_err(kube_err)?;
+    }
+    Ok(())
+}
+
+/// Replaces `from`'s line of a PgBouncer user list (`"user" "password"`) with `to`'s new
+/// password, keeping every other line.
+async fn write_userlist(t: &Targets, s: &SecretKeyRef, from: &str, to: &str, password: &str) -> Result<(), StepError> {
+    let kube = kube(t)?;
+    let obj = ObjectRef {
+        namespace: s.namespace.clone(),
+        name: s.name.clone(),
+    };
+    let current = kube
+        .secret_key(&obj, &s.key)
+        .await
+        .map_err(kube_err)?
+        .ok_or_else(|| StepError::Permanent(format!("Secret {}/{} has no key {:?}", s.namespace, s.name, s.key)))?;
+    let text = String::from_utf8(current)
+        .map_err(|_| StepError::Permanent(format!("Secret {}/{} key {:?} is not text", s.namespace, s.name, s.key)))?;
+    let updated = userlist_with(&text, from, to, password);
+    kube.set_secret_key(&obj, &s.key, updated.as_bytes())
+        .await
+        .map_err(kube_err)
+}
+
+fn userlist_quote(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// `text` with the lines of users `from` and `to` replaced by one line for `to`.
+fn userlist_with(text: &str, from: &str, to: &str, password: &str) -> String {
+    let (qf, qt) = (userlist_quote(from), userlist_quote(to));
+    let line = format!("{qt} {}", userlist_quote(password));
+    let mut out = Vec::new();
+    let mut placed = false;
+    for l in text.lines() {
+        let user = l.trim_start();
+        if user.starts_with(&format!("{qf} ")) || user.starts_with(&format!("{qt} ")) {
+            if !placed {
+                out.push(line.clone());
+                placed = true;
+            }
+        } else {
+            out.push(l.to_string());
+        }
+    }
+    if !placed {
+        out.push(line);
+    }
+    let mut joined = out.join("\n");
+    joined.push('\n');
+    joined
+}
+
+#[cfg(test)]
+mod tests {
+    use super::userlist_with;
+
+    #[test]
+    fn a_user_list_line_is_replaced_and_the_others_kept() {
+        let text = "\"admin\" \"a\"\n\"shop\" \"old\"\n\"stats\" \"s\"\n";
+        assert_eq!(
+            userlist_with(text, "shop", "shop", "n\"w"),
+            "\"admin\" \"a\"\n\"shop\" \"n\"\"w\"\n\"stats\" \"s\"\n"
+        );
+        // Two roles: the old role's line becomes the new role's.
+        assert_eq!(
+            userlist_with(text, "shop", "shop_b", "new"),
+            "\"admin\" \"a\"\n\"shop_b\" \"new\"\n\"stats\" \"s\"\n"
+        );
+        assert_eq!(userlist_with("", "u", "u", "p"), "\"u\" \"p\"\n");
+    }
+}

@@ -1,0 +1,431 @@
+//! rotate.postgres-password against real PostgreSQL and OpenBao, and the Kubernetes API
+//! stand-in.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use base64::Engine as _;
+use dayshift_engine::{FaultInjector, RunStatus, RunView, StartRun};
+use dayshift_tests::kube_api::KubeApi;
+use dayshift_tests::{OpenBao, TestEnv, database_url, fast_worker, unique};
+use dayshift_workflows::adapters::kube::KubeConfig;
+use dayshift_workflows::adapters::vault::VaultConfig;
+use dayshift_workflows::{Connections, rotate_postgres_password};
+use serde_json::{Value, json};
+use sqlx::Connection;
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+/// A role with a password, its KV entry on a mount of the test's own, a cluster with the copies
+/// and the consumers, and dayshift.
+struct Rig {
+    env: TestEnv,
+    bao: OpenBao,
+    kube: KubeApi,
+    mount: String,
+    roles: [String; 2],
+    initial: String,
+}
+
+impl Rig {
+    async fn new(dual: bool, faults: Option<FaultInjector>) -> Self {
+        let id = unique();
+        let roles = [format!("rot_{id}_a"), format!("rot_{id}_b")];
+        let initial = format!("initial-{id}");
+        let admin = sqlx::PgPool::connect(&database_url()).await.unwrap();
+        for role in &roles {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "create role {role} login password '{initial}'"
+            )))
+            .execute(&admin)
+            .await
+            .unwrap();
+        }
+        admin.close().await;
+
+        let bao = OpenBao::shared();
+        let mount = format!("kv-{id}");
+        bao.bao(&["secrets", "enable", &format!("-path={mount}"), "kv-v2"])
+            .await
+            .unwrap();
+        let seed = std::env::temp_dir().join(format!("dayshift-seed-{id}.json"));
+        std::fs::write(
+            &seed,
+            json!({ "username": roles[0], "password": initial, "host": "db.shop.svc", "port": 5432, "options": { "sslmode": "require" } })
+                .to_string(),
+        )
+        .unwrap();
+        bao.bao(&[
+            "kv",
+            "put",
+            &format!("-mount={mount}"),
+            "shop/db",
+            &format!("@{}", seed.display()),
+        ])
+        .await
+        .unwrap();
+        std::fs::remove_file(&seed).unwrap();
+
+        let kube = KubeApi::start().await;
+        let b64 = |s: &str| encode(s);
+        kube.put(json!({
+            "apiVersion": "v1", "kind": "Secret", "metadata": { "name": "db", "namespace": "shop" },
+            "data": { "username": b64(&roles[0]), "password": b64(&initial), "host": b64("db.shop.svc") },
+        }));
+        kube.put(json!({
+            "apiVersion": "v1", "kind": "Secret", "metadata": { "name": "pgbouncer", "namespace": "shop" },
+            "data": { "userlist.txt": b64(&format!("\"stats\" \"s3cret\"\n\"{}\" \"{initial}\"\n", roles[0])) },
+        }));
+        kube.put(json!({
+            "apiVersion": "external-secrets.io/v1beta1", "kind": "ExternalSecret",
+            "metadata": { "name": "db", "namespace": "shop" }, "spec": { "refreshInterval": "1h" },
+        }));
+        kube.put(json!({
+            "apiVersion": "apps/v1", "kind": "Deployment", "metadata": { "name": "api", "namespace": "shop" },
+            "spec": { "replicas": 2, "template": { "metadata": { "labels": { "app": "api" } } } },
+        }));
+        kube.put(json!({
+            "apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": { "name": "worker", "namespace": "shop" },
+            "spec": { "replicas": 1, "template": { "metadata": { "labels": { "app": "worker" } } } },
+        }));
+
+        let mut conns = Connections::default();
+        conns.postgres.insert("admin".into(), database_url());
+        conns.vault.insert(
+            "openbao".into(),
+            VaultConfig {
+                address: bao.addr.clone(),
+                token: bao.token.clone(),
+                namespace: None,
+            },
+        );
+        conns.kubernetes.insert(
+            "cluster".into(),
+            KubeConfig {
+                url: Some(kube.url.clone()),
+                ..KubeConfig::default()
+            },
+        );
+        let defs = vec![rotate_postgres_password(Arc::new(conns))];
+        let mut env = match faults {
+            Some(f) => TestEnv::with_faults(defs, f).await,
+            None => TestEnv::new(defs).await,
+        };
+        env.start_worker(fast_worker("w"));
+        let rig = Self {
+            env,
+            bao,
+            kube,
+            mount,
+            roles,
+            initial,
+        };
+        if dual {
+            // Only role a is in use; role b's password is unknown to anyone.
+            rig.alter_password(&rig.roles[1], &format!("unknown-{}", unique()))
+                .await;
+        }
+        rig
+    }
+
+    fn input(&self, dual: bool) -> Value {
+        let mut input = json!({
+            "vault": "openbao", "mount": self.mount, "path": "shop/db", "admin": "admin",
+            "kubernetes": "cluster",
+            "secrets": [{ "namespace": "shop", "name": "db", "key": "password", "username_key": "username" }],
+            "pgbouncer": [{ "namespace": "shop", "name": "pgbouncer", "key": "userlist.txt" }],
+            "external_secrets": [{ "namespace": "shop", "name": "db" }],
+            "restart": [
+                { "kind": "Deployment", "namespace": "shop", "name": "api" },
+                { "kind": "StatefulSet", "namespace": "shop", "name": "worker" },
+            ],
+            "rollout_timeout": "2s",
+        });
+        if dual {
+            input["roles"] = json!(self.roles);
+        } else {
+            input["role"] = json!(self.roles[0]);
+        }
+        input
+    }
+
+    async fn run(&self, dual: bool) -> RunView {
+        let started = self
+            .env
+            .engine
+            .start(StartRun::new("rotate.postgres-password", self.input(dual)))
+            .await
+            .unwrap();
+        self.env.wait(started.id, LIMIT).await
+    }
+
+    /// The KV entry's current version and data.
+    async fn kv(&self) -> (u64, Value) {
+        let out = self
+            .bao
+            .bao(&[
+                "kv",
+                "get",
+                "-format=json",
+                &format!("-mount={}", self.mount),
+                "shop/db",
+            ])
+            .await
+            .unwrap();
+        let v: Value = serde_json::from_str(&out).unwrap();
+        (
+            v["data"]["metadata"]["version"].as_u64().unwrap(),
+            v["data"]["data"].clone(),
+        )
+    }
+
+    async fn custom_metadata(&self) -> Value {
+        let out = self
+            .bao
+            .bao(&[
+                "kv",
+                "metadata",
+                "get",
+                "-format=json",
+                &format!("-mount={}", self.mount),
+                "shop/db",
+            ])
+            .await
+            .unwrap();
+        let v: Value = serde_json::from_str(&out).unwrap();
+        v["data"]["custom_metadata"].clone()
+    }
+
+    fn secret(&self, name: &str, key: &str) -> String {
+        let s = self
+            .kube
+            .get(&format!("/api/v1/namespaces/shop/secrets/{name}"))
+            .unwrap();
+        decode(s["data"][key].as_str().unwrap())
+    }
+
+    async fn alter_password(&self, role: &str, password: &str) {
+        let admin = sqlx::PgPool::connect(&database_url()).await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!("alter role {role} password '{password}'")))
+            .execute(&admin)
+            .await
+            .unwrap();
+        admin.close().await;
+    }
+
+    /// Whatever dayshift stored, and what its API shows of the run.
+    async fn everything_dayshift_kept(&self, run: &RunView) -> String {
+        let mut all = self.env.db.dump().await;
+        all.push_str(&serde_json::to_string(run).unwrap());
+        all
+    }
+}
+
+/// Whether `role` logs in with `password`.
+async fn logs_in(role: &str, password: &str) -> bool {
+    let options: sqlx::postgres::PgConnectOptions = database_url().parse().unwrap();
+    sqlx::PgConnection::connect_with(&options.username(role).password(password))
+        .await
+        .is_ok()
+}
+
+fn encode(text: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(text)
+}
+
+fn decode(text: &str) -> String {
+    String::from_utf8(base64::engine::general_purpose::STANDARD.decode(text).unwrap()).unwrap()
+}
+
+#[tokio::test]
+async fn a_full_rotation_changes_the_password_everywhere_and_restarts_the_consumers() {
+    let mut rig = Rig::new(false, None).await;
+    let role = rig.roles[0].clone();
+    let (before, _) = rig.kv().await;
+    let run = rig.run(false).await;
+    assert_eq!(run.status, RunStatus::Succeeded, "{run:#?}");
+
+    let (version, data) = rig.kv().await;
+    assert_eq!(version, before + 1);
+    let new = data["password"].as_str().unwrap().to_string();
+    assert_eq!(new.len(), 32);
+    assert!(new.chars().all(|c| c.is_ascii_alphanumeric()), "{new}");
+    // Every other key as it was, types included.
+    assert_eq!(data["username"], json!(role));
+    assert_eq!(data["host"], json!("db.shop.svc"));
+    assert_eq!(data["port"], json!(5432));
+    assert_eq!(data["options"], json!({ "sslmode": "require" }));
+    let meta = rig.custom_metadata().await;
+    assert_eq!(meta["rotated-by-run"], json!(run.id.to_string()), "{meta}");
+    assert!(meta["rotated-at"].as_str().unwrap().starts_with("20"), "{meta}");
+    assert!(meta.get("dayshift-rotation-pending").is_none(), "{meta}");
+
+    assert!(logs_in(&role, &new).await, "the new password does not log in");
+    assert!(!logs_in(&role, &rig.initial).await, "the old password still logs in");
+
+    assert_eq!(rig.secret("db", "password"), new);
+    assert_eq!(rig.secret("db", "host"), "db.shop.svc");
+    assert_eq!(
+        rig.secret("pgbouncer", "userlist.txt"),
+        format!("\"stats\" \"s3cret\"\n\"{role}\" \"{new}\"\n")
+    );
+    let es = rig
+        .kube
+        .get("/apis/external-secrets.io/v1beta1/namespaces/shop/externalsecrets/db")
+        .unwrap();
+    assert!(es["metadata"]["annotations"]["force-sync"].is_string(), "{es}");
+    for path in [
+        "/apis/apps/v1/namespaces/shop/deployments/api",
+        "/apis/apps/v1/namespaces/shop/statefulsets/worker",
+    ] {
+        let w = rig.kube.get(path).unwrap();
+        assert_eq!(w["metadata"]["generation"], 2, "{path} was not restarted once");
+        assert!(w["spec"]["template"]["metadata"]["annotations"]["kubectl.kubernetes.io/restartedAt"].is_string());
+    }
+
+    // The passwords are nowhere dayshift keeps anything.
+    let kept = rig.everything_dayshift_kept(&run).await;
+    assert!(!kept.contains(&new), "the new password was stored");
+    assert!(!kept.contains(&rig.initial), "the old password was stored");
+    rig.env.stop_workers().await;
+}
+
+#[tokio::test]
+async fn a_rollout_that_never_becomes_ready_puts_the_old_password_back() {
+    let mut rig = Rig::new(false, None).await;
+    let role = rig.roles[0].clone();
+    rig.kube.stall_rollouts("shop", "worker");
+    let (before, original) = rig.kv().await;
+    let run = rig.run(false).await;
+    assert_eq!(run.status, RunStatus::Failed, "{run:#?}");
+    let error = run.error.clone().unwrap();
+    assert!(
+        error.contains("rollout of StatefulSet shop/worker did not complete within 2s"),
+        "{error}"
+    );
+
+    // KV: the rotation's version, then the old value again as the current one.
+    let (version, data) = rig.kv().await;
+    assert_eq!(version, before + 2);
+    assert_eq!(data, original);
+    let rotated = rig
+        .bao
+        .bao(&[
+            "kv",
+            "get",
+            "-format=json",
+            &format!("-mount={}", rig.mount),
+            &format!("-version={}", before + 1),
+            "shop/db",
+        ])
+        .await
+        .unwrap();
+    let rotated: Value = serde_json::from_str(&rotated).unwrap();
+    let new = rotated["data"]["data"]["password"].as_str().unwrap().to_string();
+    assert!(
+        logs_in(&role, &rig.initial).await,
+        "the old password does not work again"
+    );
+    assert!(!logs_in(&role, &new).await, "the abandoned password still logs in");
+    assert_eq!(rig.secret("db", "password"), rig.initial);
+    assert_eq!(
+        rig.secret("pgbouncer", "userlist.txt"),
+        format!("\"stats\" \"s3cret\"\n\"{role}\" \"{}\"\n", rig.initial)
+    );
+    assert!(rig.custom_metadata().await.get("dayshift-rotation-pending").is_none());
+    let kept = rig.everything_dayshift_kept(&run).await;
+    assert!(
+        !kept.contains(&new) && !kept.contains(&rig.initial),
+        "a password was stored"
+    );
+    rig.env.stop_workers().await;
+}
+
+#[tokio::test]
+async fn a_concurrent_kv_write_fails_the_run_and_nothing_is_overwritten() {
+    // Another writer changes the entry after the run read it and before it writes.
+    let cell: Arc<std::sync::OnceLock<(String, String, String)>> = Arc::new(std::sync::OnceLock::new());
+    let done = Arc::new(AtomicBool::new(false));
+    let (c, d) = (cell.clone(), done.clone());
+    let faults: FaultInjector = Arc::new(move |_run, step| {
+        if step == "write-vault" && !d.swap(true, Ordering::SeqCst) {
+            let (addr, token, mount) = c.get().unwrap().clone();
+            let status = std::process::Command::new(std::env::var("DAYSHIFT_BAO").unwrap())
+                .args([
+                    "kv",
+                    "patch",
+                    &format!("-mount={mount}"),
+                    "shop/db",
+                    "password=written-by-someone-else",
+                ])
+                .env("BAO_ADDR", addr)
+                .env("BAO_TOKEN", token)
+                .stdout(std::process::Stdio::null())
+                .status()
+                .unwrap();
+            assert!(status.success());
+        }
+        None
+    });
+    let mut rig = Rig::new(false, Some(faults)).await;
+    cell.set((rig.bao.addr.clone(), rig.bao.token.clone(), rig.mount.clone()))
+        .unwrap();
+    let (before, _) = rig.kv().await;
+    let run = rig.run(false).await;
+    assert_eq!(run.status, RunStatus::Failed, "{run:#?}");
+    let error = run.error.clone().unwrap();
+    assert!(
+        error.contains("changed under us") && error.contains("nothing was overwritten"),
+        "{error}"
+    );
+    let step = run.steps.iter().find(|s| s.name == "write-vault").unwrap();
+    assert_eq!(step.attempts, 1, "a conflict is not retried");
+
+    let (version, data) = rig.kv().await;
+    assert_eq!(version, before + 1, "only the other writer's version");
+    assert_eq!(data["password"], "written-by-someone-else");
+    assert!(logs_in(&rig.roles[0], &rig.initial).await, "the role was changed");
+    assert!(
+        rig.kube.writes().is_empty(),
+        "the cluster was touched: {:?}",
+        rig.kube.writes()
+    );
+    assert!(rig.custom_metadata().await.get("dayshift-rotation-pending").is_none());
+    rig.env.stop_workers().await;
+}
+
+#[tokio::test]
+async fn with_two_roles_the_idle_role_gets_the_new_password_and_the_active_one_keeps_working() {
+    let mut rig = Rig::new(true, None).await;
+    let [a, b] = rig.roles.clone();
+    let run = rig.run(true).await;
+    assert_eq!(run.status, RunStatus::Succeeded, "{run:#?}");
+    assert_eq!(run.output.as_ref().unwrap()["role"], json!(b));
+    let (_, data) = rig.kv().await;
+    let new = data["password"].as_str().unwrap().to_string();
+    assert_eq!(data["username"], json!(b));
+    assert!(logs_in(&b, &new).await);
+    assert!(
+        logs_in(&a, &rig.initial).await,
+        "the role in use stopped working during the rotation"
+    );
+    assert_eq!(rig.secret("db", "username"), b);
+    assert_eq!(rig.secret("db", "password"), new);
+    assert_eq!(
+        rig.secret("pgbouncer", "userlist.txt"),
+        format!("\"stats\" \"s3cret\"\n\"{b}\" \"{new}\"\n")
+    );
+
+    // The next rotation goes back to role a.
+    let run = rig.run(true).await;
+    assert_eq!(run.status, RunStatus::Succeeded, "{run:#?}");
+    let (_, data) = rig.kv().await;
+    assert_eq!(data["username"], json!(a));
+    assert!(logs_in(&a, data["password"].as_str().unwrap()).await);
+    assert!(
+        logs_in(&b, &new).await,
+        "role b stopped working before its consumers moved"
+    );
+    rig.env.stop_workers().await;
+}
