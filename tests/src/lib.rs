@@ -403,6 +403,29 @@ impl Proc {
         }
     }
 
+    /// Waits until the process has stopped itself (SIGSTOP; `T` in /proc), at most `limit`.
+    pub async fn wait_stopped(&self, limit: Duration) {
+        let pid = self.child.id().expect("a running process");
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // The state follows the command name, which is in parentheses.
+            if stat
+                .rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('T'))
+                == Some(true)
+            {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "process {pid} did not stop within {limit:?}; its log:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// What the process logged so far.
     pub fn logs(&self) -> String {
         self.stderr.lock().unwrap().clone()

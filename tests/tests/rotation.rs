@@ -20,7 +20,8 @@ const LIMIT: Duration = Duration::from_secs(120);
 /// A role with a password, its KV entry on a mount of the test's own, a cluster with the copies
 /// and the consumers, and dayshift.
 struct Rig {
-    env: TestEnv,
+    /// dayshift in this process; absent when the test runs the binary.
+    env: Option<TestEnv>,
     bao: OpenBao,
     kube: KubeApi,
     mount: String,
@@ -30,6 +31,19 @@ struct Rig {
 
 impl Rig {
     async fn new(dual: bool, faults: Option<FaultInjector>) -> Self {
+        let mut rig = Self::world(dual).await;
+        let defs = vec![rotate_postgres_password(Arc::new(rig.connections(&database_url())))];
+        let mut env = match faults {
+            Some(f) => TestEnv::with_faults(defs, f).await,
+            None => TestEnv::new(defs).await,
+        };
+        env.start_worker(fast_worker("w"));
+        rig.env = Some(env);
+        rig
+    }
+
+    /// The role, the KV entry and the cluster, without dayshift.
+    async fn world(dual: bool) -> Self {
         let id = unique();
         let roles = [format!("rot_{id}_a"), format!("rot_{id}_b")];
         let initial = format!("initial-{id}");
@@ -90,31 +104,8 @@ impl Rig {
             "spec": { "replicas": 1, "template": { "metadata": { "labels": { "app": "worker" } } } },
         }));
 
-        let mut conns = Connections::default();
-        conns.postgres.insert("admin".into(), database_url());
-        conns.vault.insert(
-            "openbao".into(),
-            VaultConfig {
-                address: bao.addr.clone(),
-                token: bao.token.clone(),
-                namespace: None,
-            },
-        );
-        conns.kubernetes.insert(
-            "cluster".into(),
-            KubeConfig {
-                url: Some(kube.url.clone()),
-                ..KubeConfig::default()
-            },
-        );
-        let defs = vec![rotate_postgres_password(Arc::new(conns))];
-        let mut env = match faults {
-            Some(f) => TestEnv::with_faults(defs, f).await,
-            None => TestEnv::new(defs).await,
-        };
-        env.start_worker(fast_worker("w"));
         let rig = Self {
-            env,
+            env: None,
             bao,
             kube,
             mount,
@@ -127,6 +118,32 @@ impl Rig {
                 .await;
         }
         rig
+    }
+
+    /// The connections a rotation needs, as the config file would name them.
+    fn connections(&self, admin_url: &str) -> Connections {
+        let mut conns = Connections::default();
+        conns.postgres.insert("admin".into(), admin_url.to_string());
+        conns.vault.insert(
+            "openbao".into(),
+            VaultConfig {
+                address: self.bao.addr.clone(),
+                token: self.bao.token.clone(),
+                namespace: None,
+            },
+        );
+        conns.kubernetes.insert(
+            "cluster".into(),
+            KubeConfig {
+                url: Some(self.kube.url.clone()),
+                ..KubeConfig::default()
+            },
+        );
+        conns
+    }
+
+    fn env(&mut self) -> &mut TestEnv {
+        self.env.as_mut().expect("dayshift in process")
     }
 
     fn input(&self, dual: bool) -> Value {
@@ -151,13 +168,13 @@ impl Rig {
     }
 
     async fn run(&self, dual: bool) -> RunView {
-        let started = self
-            .env
+        let env = self.env.as_ref().expect("dayshift in process");
+        let started = env
             .engine
             .start(StartRun::new("rotate.postgres-password", self.input(dual)))
             .await
             .unwrap();
-        self.env.wait(started.id, LIMIT).await
+        env.wait(started.id, LIMIT).await
     }
 
     /// The KV entry's current version and data.
@@ -216,7 +233,7 @@ impl Rig {
 
     /// Whatever dayshift stored, and what its API shows of the run.
     async fn everything_dayshift_kept(&self, run: &RunView) -> String {
-        let mut all = self.env.db.dump().await;
+        let mut all = self.env.as_ref().expect("dayshift in process").db.dump().await;
         all.push_str(&serde_json::to_string(run).unwrap());
         all
     }
@@ -288,7 +305,7 @@ async fn a_full_rotation_changes_the_password_everywhere_and_restarts_the_consum
     let kept = rig.everything_dayshift_kept(&run).await;
     assert!(!kept.contains(&new), "the new password was stored");
     assert!(!kept.contains(&rig.initial), "the old password was stored");
-    rig.env.stop_workers().await;
+    rig.env().stop_workers().await;
 }
 
 #[tokio::test]
@@ -339,7 +356,7 @@ async fn a_rollout_that_never_becomes_ready_puts_the_old_password_back() {
         !kept.contains(&new) && !kept.contains(&rig.initial),
         "a password was stored"
     );
-    rig.env.stop_workers().await;
+    rig.env().stop_workers().await;
 }
 
 #[tokio::test]
@@ -392,7 +409,7 @@ async fn a_concurrent_kv_write_fails_the_run_and_nothing_is_overwritten() {
         rig.kube.writes()
     );
     assert!(rig.custom_metadata().await.get("dayshift-rotation-pending").is_none());
-    rig.env.stop_workers().await;
+    rig.env().stop_workers().await;
 }
 
 #[tokio::test]
@@ -427,5 +444,142 @@ async fn with_two_roles_the_idle_role_gets_the_new_password_and_the_active_one_k
         logs_in(&b, &new).await,
         "role b stopped working before its consumers moved"
     );
-    rig.env.stop_workers().await;
+    rig.env().stop_workers().await;
+}
+
+/// The config of a `dayshift` process that rotates in `rig`'s world.
+fn connections_yaml(rig: &Rig, dir: &std::path::Path) -> String {
+    let admin = dir.join("admin-url");
+    std::fs::write(&admin, database_url()).unwrap();
+    let token = dir.join("vault-token");
+    std::fs::write(&token, &rig.bao.token).unwrap();
+    format!(
+        "connections:\n  postgres:\n    admin: {{ url: {{ file: {} }} }}\n  vault:\n    openbao: {{ address: {}, token: {{ file: {} }} }}\n  kubernetes:\n    cluster: {{ url: {} }}\n",
+        admin.display(),
+        rig.bao.addr,
+        token.display(),
+        rig.kube.url
+    )
+}
+
+/// SIGKILLs a real worker at step boundary `step` of a rotation (the worker stops itself there,
+/// see DAYSHIFT_TEST_STOP_AFTER_STEP), lets a second worker finish the run, and returns it with
+/// both workers' logs.
+async fn kill_at(env: &dayshift_tests::BinEnv, rig: &Rig, step: &str) -> (Value, String) {
+    let mut first = dayshift_tests::spawn_dayshift(
+        &env.config_path,
+        &["worker"],
+        "worker ",
+        &[("DAYSHIFT_TEST_STOP_AFTER_STEP", step)],
+    )
+    .await;
+    let id = env.start_run("rotate.postgres-password", rig.input(false)).await;
+    first.wait_stopped(LIMIT).await;
+    first.kill9().await;
+    let mut second = env.start_worker().await;
+    let run = env.wait_finished(&id, LIMIT).await;
+    second.kill9().await;
+    (run, format!("{}{}", first.logs(), second.logs()))
+}
+
+#[tokio::test]
+async fn a_worker_killed_at_each_step_boundary_leaves_a_complete_rotation() {
+    let rig = Rig::world(false).await;
+    let role = rig.roles[0].clone();
+    let dir = std::env::temp_dir().join(format!("dayshift-rotation-{}", unique()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut env = dayshift_tests::BinEnv::start_with(&connections_yaml(&rig, &dir)).await;
+    let mut passwords = vec![rig.initial.clone()];
+    let mut logs = String::new();
+    let mut api = String::new();
+    for step in [
+        "read-current",
+        "write-vault",
+        "set-role-password",
+        "update-secret:shop/db/password",
+        "update-pgbouncer:shop/pgbouncer/userlist.txt",
+        "force-sync:shop/db",
+        "restart:Deployment/shop/api",
+        "restart:StatefulSet/shop/worker",
+        "wait-rollout:Deployment/shop/api",
+        "wait-rollout:StatefulSet/shop/worker",
+        "verify-login",
+        "record",
+    ] {
+        let (before, _) = rig.kv().await;
+        let (run, log) = kill_at(&env, &rig, step).await;
+        logs.push_str(&log);
+        api.push_str(&run.to_string());
+        assert_eq!(run["status"], "succeeded", "killed after {step}: {run:#}");
+        // Fully rotated: one new KV version, its password works and is everywhere, the old one
+        // no longer logs in, and the consumers were restarted once more.
+        let (version, data) = rig.kv().await;
+        assert_eq!(version, before + 1, "killed after {step}");
+        let new = data["password"].as_str().unwrap().to_string();
+        let old = passwords.last().unwrap().clone();
+        assert!(
+            logs_in(&role, &new).await,
+            "killed after {step}: the new password does not log in"
+        );
+        assert!(
+            !logs_in(&role, &old).await,
+            "killed after {step}: the old password still logs in"
+        );
+        assert_eq!(rig.secret("db", "password"), new, "killed after {step}");
+        assert!(rig.secret("pgbouncer", "userlist.txt").contains(&format!("\"{new}\"")));
+        assert!(rig.custom_metadata().await.get("dayshift-rotation-pending").is_none());
+        passwords.push(new);
+    }
+    let (_, list) = env.get("/api/v1/runs?limit=100").await;
+    api.push_str(&list.to_string());
+    let server_logs = env.server.as_ref().unwrap().logs();
+    logs.push_str(&server_logs);
+    let stored = env.db.dump().await;
+    for p in &passwords {
+        assert!(!stored.contains(p.as_str()), "a password is in dayshift's database");
+        assert!(!logs.contains(p.as_str()), "a password is in the logs");
+        assert!(!api.contains(p.as_str()), "a password is in the API output");
+    }
+    env.server.as_mut().unwrap().kill9().await;
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn a_worker_killed_at_each_boundary_of_a_failing_rotation_leaves_it_fully_rolled_back() {
+    let rig = Rig::world(false).await;
+    let role = rig.roles[0].clone();
+    rig.kube.stall_rollouts("shop", "worker");
+    let dir = std::env::temp_dir().join(format!("dayshift-rotation-{}", unique()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut env = dayshift_tests::BinEnv::start_with(&connections_yaml(&rig, &dir)).await;
+    let (_, original) = rig.kv().await;
+    for step in [
+        "write-vault",
+        "set-role-password",
+        "restart:StatefulSet/shop/worker",
+        "wait-rollout:Deployment/shop/api",
+        "undo:write-vault",
+    ] {
+        let (before, _) = rig.kv().await;
+        let (run, _) = kill_at(&env, &rig, step).await;
+        assert_eq!(run["status"], "failed", "killed after {step}: {run:#}");
+        let error = run["error"].as_str().unwrap();
+        assert!(
+            error.contains("did not complete within 2s"),
+            "killed after {step}: {error}"
+        );
+        // Fully rolled back: the KV entry as before (one version for the rotation, one for the
+        // rollback), the old password works, the copies hold it.
+        let (version, data) = rig.kv().await;
+        assert_eq!(version, before + 2, "killed after {step}");
+        assert_eq!(data, original, "killed after {step}");
+        assert!(
+            logs_in(&role, &rig.initial).await,
+            "killed after {step}: the old password does not work"
+        );
+        assert_eq!(rig.secret("db", "password"), rig.initial, "killed after {step}");
+        assert!(rig.custom_metadata().await.get("dayshift-rotation-pending").is_none());
+    }
+    env.server.as_mut().unwrap().kill9().await;
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -16,11 +16,16 @@ use crate::workflow::{Registry, WorkflowDef, WorkflowInfo};
 /// error instead of running. For tests that inject a failure at each step in turn.
 pub type FaultInjector = Arc<dyn Fn(RunId, &str) -> Option<StepError> + Send + Sync>;
 
+/// Called with the run and the step's name each time a step (or an undo) has succeeded and its
+/// result is journaled: a step boundary. For crash tests that stop a worker at each boundary.
+pub type StepHook = Arc<dyn Fn(RunId, &str) + Send + Sync>;
+
 pub(crate) struct EngineInner {
     pub(crate) store: PgStore,
     pub(crate) queue: RedisQueue,
     pub(crate) registry: Registry,
     pub(crate) faults: Option<FaultInjector>,
+    pub(crate) after_step: Option<StepHook>,
     pub(crate) schedules: Vec<Schedule>,
     pub(crate) webhooks: Option<std::sync::Arc<crate::webhook::Webhooks>>,
     pub(crate) alerts: Option<std::sync::Arc<crate::alerts::Alerts>>,
@@ -63,6 +68,7 @@ pub struct EngineBuilder {
     queue: RedisQueue,
     registry: Registry,
     faults: Option<FaultInjector>,
+    after_step: Option<StepHook>,
     schedules: Vec<Schedule>,
     webhooks: Option<crate::webhook::Webhooks>,
     alerts: Option<crate::alerts::Alerts>,
@@ -88,6 +94,12 @@ impl EngineBuilder {
     /// Injects step failures (tests only): see [`FaultInjector`].
     pub fn inject_faults(mut self, faults: FaultInjector) -> Self {
         self.faults = Some(faults);
+        self
+    }
+
+    /// Calls `hook` at every step boundary (tests only): see [`StepHook`].
+    pub fn on_step_journaled(mut self, hook: StepHook) -> Self {
+        self.after_step = Some(hook);
         self
     }
 
@@ -131,6 +143,7 @@ impl EngineBuilder {
                 queue: self.queue,
                 registry: self.registry,
                 faults: self.faults,
+                after_step: self.after_step,
                 schedules: self.schedules,
                 webhooks: self.webhooks.map(std::sync::Arc::new),
                 alerts: self.alerts.map(std::sync::Arc::new),
@@ -147,6 +160,7 @@ impl Engine {
             queue,
             registry: Registry::default(),
             faults: None,
+            after_step: None,
             schedules: Vec::new(),
             webhooks: None,
             alerts: None,

@@ -21,7 +21,7 @@ pub mod webhook;
 mod worker;
 mod workflow;
 
-pub use engine::{Engine, EngineBuilder, FaultInjector};
+pub use engine::{Engine, EngineBuilder, FaultInjector, StepHook};
 pub use error::{EngineError, QueueError, StepError, StoreError, WorkflowError};
 pub use model::{
     AttemptError, Concurrency, ConcurrencyPolicy, RetryPolicy, RunFilter, RunId, RunStatus, RunView, StartRun, Started,

@@ -531,6 +531,9 @@ impl Ctx {
                     ran_for,
                 })
                 .await;
+                if let Some(hook) = &self.inner.engine.after_step {
+                    hook(lease.run_id, name);
+                }
                 Ok(value)
             }
             Err(StepError::Cancelled) => {

@@ -153,6 +153,9 @@ async fn connect(config: &Config, triggers: bool) -> Result<Engine> {
     let pool = store.pool().clone();
     let mut builder =
         Engine::builder(store, queue).register_all(dayshift_workflows::all_with(pool, config.connections()?));
+    if let Ok(step) = std::env::var("DAYSHIFT_TEST_STOP_AFTER_STEP") {
+        builder = builder.on_step_journaled(stop_after_step(step));
+    }
     if triggers {
         builder = builder
             .schedules(config.schedules())
@@ -160,6 +163,20 @@ async fn connect(config: &Config, triggers: bool) -> Result<Engine> {
             .alerts(config.alerts()?);
     }
     Ok(builder.build())
+}
+
+/// For crash tests: the process stops itself (SIGSTOP) right after step `step` is journaled,
+/// the first time, so that a test can SIGKILL it at that exact step boundary.
+fn stop_after_step(step: String) -> dayshift_engine::StepHook {
+    let once = std::sync::atomic::AtomicBool::new(false);
+    std::sync::Arc::new(move |run_id, name: &str| {
+        if name == step && !once.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            tracing::warn!(%run_id, step = name, "DAYSHIFT_TEST_STOP_AFTER_STEP: stopping this process.");
+            let _ = std::process::Command::new("kill")
+                .args(["-STOP", &std::process::id().to_string()])
+                .status();
+        }
+    })
 }
 
 /// The built-in workflows, without a database (for checks and listings).
