@@ -11,7 +11,7 @@ use dayshift_tests::kube_api::KubeApi;
 use dayshift_tests::{OpenBao, TestEnv, database_url, fast_worker, unique};
 use dayshift_workflows::adapters::kube::KubeConfig;
 use dayshift_workflows::adapters::vault::VaultConfig;
-use dayshift_workflows::{Connections, rotate_postgres_password};
+use dayshift_workflows::{Connections, rotate_kv_secret, rotate_postgres_password, rotate_vault_database_root};
 use serde_json::{Value, json};
 use sqlx::Connection;
 
@@ -30,6 +30,15 @@ struct Rig {
 }
 
 impl Rig {
+    /// The world and an in-process dayshift with `workflow`.
+    async fn new_with(workflow: fn(Arc<Connections>) -> dayshift_engine::WorkflowDef) -> Self {
+        let mut rig = Self::world(false).await;
+        let mut env = TestEnv::new(vec![workflow(Arc::new(rig.connections(&database_url())))]).await;
+        env.start_worker(fast_worker("w"));
+        rig.env = Some(env);
+        rig
+    }
+
     async fn new(dual: bool, faults: Option<FaultInjector>) -> Self {
         let mut rig = Self::world(dual).await;
         let defs = vec![rotate_postgres_password(Arc::new(rig.connections(&database_url())))];
@@ -582,4 +591,185 @@ async fn a_worker_killed_at_each_boundary_of_a_failing_rotation_leaves_it_fully_
     }
     env.server.as_mut().unwrap().kill9().await;
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// An API that accepts the bearer token its consumer Deployment was given: the `token` key of
+/// Secret shop/api-token in the stand-in (what the restarted pods would read).
+async fn token_checking_api(kube: &KubeApi, always_refuse: bool) -> (String, tokio::task::JoinHandle<()>) {
+    let secret_url = format!("{}/api/v1/namespaces/shop/secrets/api-token", kube.url);
+    let app = axum::Router::new().route(
+        "/whoami",
+        axum::routing::get(move |headers: axum::http::HeaderMap| {
+            let secret_url = secret_url.clone();
+            async move {
+                let secret: Value = reqwest::get(&secret_url).await.unwrap().json().await.unwrap();
+                let token = decode(secret["data"]["token"].as_str().unwrap());
+                let sent = headers
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default();
+                if !always_refuse && sent == format!("Bearer {token}") {
+                    axum::http::StatusCode::OK
+                } else {
+                    axum::http::StatusCode::UNAUTHORIZED
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/whoami", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    (url, server)
+}
+
+async fn kv_secret_run(rig: &Rig, check_url: &str) -> RunView {
+    rig.kube.put(json!({
+        "apiVersion": "v1", "kind": "Secret", "metadata": { "name": "api-token", "namespace": "shop" },
+        "data": { "token": encode("token-before") },
+    }));
+    rig.bao
+        .bao(&[
+            "kv",
+            "put",
+            &format!("-mount={}", rig.mount),
+            "shop/api",
+            "token=token-before",
+            "issuer=platform",
+        ])
+        .await
+        .unwrap();
+    let input = json!({
+        "vault": "openbao", "mount": rig.mount, "path": "shop/api", "key": "token",
+        "generator": { "length": 48, "alphabet": "urlsafe" },
+        "kubernetes": "cluster",
+        "secrets": [{ "namespace": "shop", "name": "api-token", "key": "token" }],
+        "restart": [{ "kind": "Deployment", "namespace": "shop", "name": "api" }],
+        "rollout_timeout": "2s",
+        "check": { "url": check_url },
+    });
+    let env = rig.env.as_ref().unwrap();
+    let started = env
+        .engine
+        .start(StartRun::new("rotate.kv-secret", input))
+        .await
+        .unwrap();
+    env.wait(started.id, LIMIT).await
+}
+
+async fn kv_entry(rig: &Rig, path: &str) -> Value {
+    let out = rig
+        .bao
+        .bao(&["kv", "get", "-format=json", &format!("-mount={}", rig.mount), path])
+        .await
+        .unwrap();
+    serde_json::from_str::<Value>(&out).unwrap()["data"]["data"].clone()
+}
+
+#[tokio::test]
+async fn a_kv_secret_is_rotated_handed_to_its_consumer_and_checked() {
+    let mut rig = Rig::new_with(rotate_kv_secret).await;
+    let (url, _api) = token_checking_api(&rig.kube, false).await;
+    let run = kv_secret_run(&rig, &url).await;
+    assert_eq!(run.status, RunStatus::Succeeded, "{run:#?}");
+    let data = kv_entry(&rig, "shop/api").await;
+    let token = data["token"].as_str().unwrap().to_string();
+    assert_eq!(token.len(), 48);
+    assert_ne!(token, "token-before");
+    assert_eq!(data["issuer"], "platform");
+    assert_eq!(rig.secret("api-token", "token"), token);
+    assert!(run.steps.iter().any(|s| s.name == "verify-http"), "{run:#?}");
+    let kept = rig.everything_dayshift_kept(&run).await;
+    assert!(!kept.contains(&token), "the token was stored");
+    rig.env().stop_workers().await;
+}
+
+#[tokio::test]
+async fn a_kv_secret_whose_check_fails_is_put_back() {
+    let mut rig = Rig::new_with(rotate_kv_secret).await;
+    let (url, _api) = token_checking_api(&rig.kube, true).await;
+    let run = kv_secret_run(&rig, &url).await;
+    assert_eq!(run.status, RunStatus::Failed, "{run:#?}");
+    assert!(
+        run.error.as_deref().unwrap().contains("answered 401, expected 200"),
+        "{run:#?}"
+    );
+    let data = kv_entry(&rig, "shop/api").await;
+    assert_eq!(data, json!({ "token": "token-before", "issuer": "platform" }));
+    assert_eq!(rig.secret("api-token", "token"), "token-before");
+    rig.env().stop_workers().await;
+}
+
+#[tokio::test]
+async fn vaults_database_root_credential_is_rotated_and_still_issues_credentials() {
+    let id = unique();
+    let root = format!("rot_{id}_vroot");
+    let root_password = format!("root-{id}");
+    let admin = sqlx::PgPool::connect(&database_url()).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "create role {root} login createrole password '{root_password}'"
+    )))
+    .execute(&admin)
+    .await
+    .unwrap();
+    admin.close().await;
+    let bao = OpenBao::shared();
+    let mount = format!("db-{id}");
+    bao.bao(&["secrets", "enable", &format!("-path={mount}"), "database"])
+        .await
+        .unwrap();
+    let port = std::env::var("DAYSHIFT_PG_PORT").unwrap();
+    bao.bao(&[
+        "write",
+        &format!("{mount}/config/app"),
+        "plugin_name=postgresql-database-plugin",
+        &format!(
+            "connection_url=postgresql://{{{{username}}}}:{{{{password}}}}@127.0.0.1:{port}/dayshift?sslmode=disable"
+        ),
+        &format!("username={root}"),
+        &format!("password={root_password}"),
+        "allowed_roles=reader",
+    ])
+    .await
+    .unwrap();
+    bao.bao(&[
+        "write",
+        &format!("{mount}/roles/reader"),
+        "db_name=app",
+        "creation_statements=CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';",
+        "revocation_statements=DROP ROLE IF EXISTS \"{{name}}\";",
+        "default_ttl=5m",
+    ])
+    .await
+    .unwrap();
+
+    let mut conns = Connections::default();
+    conns.vault.insert(
+        "openbao".into(),
+        VaultConfig {
+            address: bao.addr.clone(),
+            token: bao.token.clone(),
+            namespace: None,
+        },
+    );
+    let mut env = TestEnv::new(vec![rotate_vault_database_root(Arc::new(conns))]).await;
+    env.start_worker(fast_worker("w"));
+    assert!(logs_in(&root, &root_password).await);
+    let started = env
+        .engine
+        .start(StartRun::new(
+            "rotate.vault-database-root",
+            json!({ "vault": "openbao", "mount": mount, "connection": "app", "verify_role": "reader" }),
+        ))
+        .await
+        .unwrap();
+    let run = env.wait(started.id, LIMIT).await;
+    assert_eq!(run.status, RunStatus::Succeeded, "{run:#?}");
+    assert!(
+        !logs_in(&root, &root_password).await,
+        "the old root password still logs in"
+    );
+    assert!(run.steps.iter().any(|s| s.name == "verify-credentials"));
+    env.stop_workers().await;
 }

@@ -16,7 +16,10 @@ pub use backup::{BackupInput, Manifest, RestoreInput, backup_postgres, restore_p
 pub use connections::Connections;
 pub use restore_test::{Check, CheckResult, RestoreTestInput, RestoreTestReport, backup_restore_test};
 pub use retention::{Backup, RetentionInput, RetentionPolicy, RetentionReport, backup_retention, plan, time_of};
-pub use rotate::{Basis, PgRotateInput, RotationReport, SecretKeyRef, rotate_postgres_password};
+pub use rotate::{
+    Basis, DatabaseRootInput, HttpCheck, KvRotateInput, PgRotateInput, RotationReport, SecretKeyRef, rotate_kv_secret,
+    rotate_postgres_password, rotate_vault_database_root,
+};
 pub use selftest::{ChainInput, ChainOutput, GateInput, GateOutput, StepCount, TableName, chain, gate};
 pub use vault_backup::{VaultBackupInput, backup_vault};
 
@@ -40,6 +43,8 @@ pub fn all_with(pool: PgPool, connections: Connections) -> Vec<WorkflowDef> {
         backup_restore_test(connections.clone()),
         backup_vault(connections.clone()),
         rotate_postgres_password(connections.clone()),
+        rotate_kv_secret(connections.clone()),
+        rotate_vault_database_root(connections.clone()),
         restore_postgres(connections),
     ]
 }

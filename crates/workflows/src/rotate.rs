@@ -110,6 +110,167 @@ fn default_rollout_timeout() -> Duration {
     Duration::from_secs(300)
 }
 
+/// A request that must succeed with the new secret: `GET url` with `header: <prefix><secret>`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpCheck {
+    pub url: String,
+    /// Default `Authorization`.
+    #[serde(default = "default_header")]
+    pub header: String,
+    /// Default `Bearer ` (with the space).
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+    /// Default 200.
+    #[serde(default = "default_status")]
+    pub expect_status: u16,
+}
+
+fn default_header() -> String {
+    "Authorization".into()
+}
+fn default_prefix() -> String {
+    "Bearer ".into()
+}
+fn default_status() -> u16 {
+    200
+}
+
+impl HttpCheck {
+    async fn run(&self, secret: &str) -> Result<(), StepError> {
+        let response = crate::adapters::http::client()
+            .get(&self.url)
+            .header(&self.header, format!("{}{secret}", self.prefix))
+            .send()
+            .await
+            .map_err(|e| StepError::transient(format!("the check of {} failed: {}", self.url, e.without_url())))?;
+        let status = response.status().as_u16();
+        if status == self.expect_status {
+            Ok(())
+        } else {
+            // Retried: a consumer just restarted may not be serving yet.
+            Err(StepError::Transient(format!(
+                "the check of {} with the new secret answered {status}, expected {}",
+                self.url, self.expect_status
+            )))
+        }
+    }
+}
+
+/// The input of `rotate.kv-secret`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KvRotateInput {
+    /// A Vault connection (connections.vault).
+    pub vault: String,
+    /// The KV v2 mount. Default `secret`.
+    #[serde(default = "default_mount")]
+    pub mount: String,
+    /// The entry's path under the mount.
+    pub path: String,
+    /// The entry's key holding the secret.
+    pub key: String,
+    #[serde(default)]
+    pub generator: Generator,
+    /// The Kubernetes connection for the objects below. Default `default`.
+    #[serde(default = "default_kubernetes")]
+    pub kubernetes: String,
+    /// Secrets that hold a copy.
+    #[serde(default)]
+    pub secrets: Vec<SecretKeyRef>,
+    /// ExternalSecrets to sync from Vault now.
+    #[serde(default)]
+    pub external_secrets: Vec<ObjectRef>,
+    /// Consumers restarted to pick the new secret up.
+    #[serde(default)]
+    pub restart: Vec<Workload>,
+    /// How long each rollout may take. Default 5m.
+    #[serde(default = "default_rollout_timeout", with = "humantime_serde")]
+    pub rollout_timeout: Duration,
+    /// Checked with the new secret once the consumers run.
+    #[serde(default)]
+    pub check: Option<HttpCheck>,
+}
+
+/// The `rotate.kv-secret` workflow.
+pub fn rotate_kv_secret(connections: Arc<Connections>) -> WorkflowDef {
+    WorkflowDef::new(
+        "rotate.kv-secret",
+        "Rotates a generated secret in Vault KV v2, updates its copies, restarts consumers, checks it over HTTP; puts everything back on failure.",
+        move |ctx: Ctx, input: KvRotateInput| {
+            let connections = connections.clone();
+            async move {
+                let spec = Spec {
+                    mount: input.mount,
+                    path: input.path,
+                    key: input.key,
+                    username_key: String::new(),
+                    generator: input.generator,
+                    secrets: input.secrets,
+                    external_secrets: input.external_secrets,
+                    restart: input.restart,
+                    rollout_timeout: input.rollout_timeout,
+                    subject: Subject::Generated { check: input.check },
+                };
+                let targets = open_targets(&connections, &input.vault, &input.kubernetes, spec).await?;
+                rotate(&ctx, targets).await
+            }
+        },
+    )
+    .freshness("path")
+}
+
+/// The input of `rotate.vault-database-root`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseRootInput {
+    /// A Vault connection (connections.vault).
+    pub vault: String,
+    /// The database secrets engine's mount. Default `database`.
+    #[serde(default = "default_database_mount")]
+    pub mount: String,
+    /// The engine's connection whose root credential to rotate.
+    pub connection: String,
+    /// A role of the engine to issue credentials from afterwards, proving Vault still reaches
+    /// the database (the lease is revoked at once).
+    #[serde(default)]
+    pub verify_role: Option<String>,
+}
+
+fn default_database_mount() -> String {
+    "database".into()
+}
+
+/// The `rotate.vault-database-root` workflow. The new root credential is known only to Vault:
+/// there is nothing to roll back to, so the run verifies instead.
+pub fn rotate_vault_database_root(connections: Arc<Connections>) -> WorkflowDef {
+    WorkflowDef::new(
+        "rotate.vault-database-root",
+        "Has Vault's database secrets engine rotate its root credential for a connection, then checks it still issues credentials.",
+        move |ctx: Ctx, input: DatabaseRootInput| {
+            let connections = connections.clone();
+            async move {
+                let vault = Vault::new(connections.vault(&input.vault).map_err(WorkflowError::failed)?.clone());
+                let (v, i) = (&vault, &input);
+                ctx.step("rotate-root", |_s| async move {
+                    v.rotate_database_root(&i.mount, &i.connection).await.map_err(vault_err)
+                })
+                .retry(network())
+                .await?;
+                if let Some(role) = &input.verify_role {
+                    ctx.step("verify-credentials", |_s| async move {
+                        v.check_database_credentials(&i.mount, role).await.map_err(vault_err)
+                    })
+                    .retry(network())
+                    .await?;
+                }
+                Ok(serde_json::json!({ "connection": input.connection, "verified_with": input.verify_role }))
+            }
+        },
+    )
+    .freshness("connection")
+}
+
 /// What `read-current` found: no secrets, only where they are.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Basis {
@@ -126,7 +287,9 @@ pub struct Basis {
 /// What `rotate.postgres-password` did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RotationReport {
-    pub role: String,
+    /// The role that got the new password (PostgreSQL rotations).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
     pub previous_version: u64,
     pub version: u64,
     pub rotated_at: String,
@@ -156,12 +319,56 @@ fn network() -> RetryPolicy {
     }
 }
 
+/// What is rotated, whichever workflow started it.
+struct Spec {
+    mount: String,
+    path: String,
+    /// The entry's key holding the secret.
+    key: String,
+    username_key: String,
+    generator: Generator,
+    secrets: Vec<SecretKeyRef>,
+    external_secrets: Vec<ObjectRef>,
+    restart: Vec<Workload>,
+    rollout_timeout: Duration,
+    subject: Subject,
+}
+
+/// Where the secret is used besides its copies.
+enum Subject {
+    /// A PostgreSQL role's password (or two roles used in turn), set through an admin
+    /// connection; PgBouncer user lists hold copies.
+    Postgres {
+        admin_url: String,
+        role: Option<String>,
+        roles: Option<[String; 2]>,
+        pgbouncer: Vec<SecretKeyRef>,
+    },
+    /// A generated secret (token, key) that consumers read; optionally checked over HTTP.
+    Generated { check: Option<HttpCheck> },
+}
+
+impl Spec {
+    fn roles(&self) -> Option<&[String; 2]> {
+        match &self.subject {
+            Subject::Postgres { roles, .. } => roles.as_ref(),
+            Subject::Generated { .. } => None,
+        }
+    }
+
+    fn pgbouncer(&self) -> &[SecretKeyRef] {
+        match &self.subject {
+            Subject::Postgres { pgbouncer, .. } => pgbouncer,
+            Subject::Generated { .. } => &[],
+        }
+    }
+}
+
 /// Everything a rotation talks to.
 #[derive(Clone)]
 struct Targets {
-    input: Arc<PgRotateInput>,
+    input: Arc<Spec>,
     vault: Vault,
-    admin_url: String,
     kube: Option<Kube>,
 }
 
@@ -192,28 +399,51 @@ async fn open(connections: &Connections, input: PgRotateInput) -> Result<Targets
             ));
         }
     }
-    input.generator.check().map_err(WorkflowError::failed)?;
-    let vault = Vault::new(connections.vault(&input.vault).map_err(WorkflowError::failed)?.clone());
     let admin_url = connections
         .postgres(&input.admin)
         .map_err(WorkflowError::failed)?
         .to_string();
-    let needs_kube = !(input.secrets.is_empty()
-        && input.pgbouncer.is_empty()
-        && input.external_secrets.is_empty()
-        && input.restart.is_empty());
+    let spec = Spec {
+        mount: input.mount,
+        path: input.path,
+        key: input.password_key,
+        username_key: input.username_key,
+        generator: input.generator,
+        secrets: input.secrets,
+        external_secrets: input.external_secrets,
+        restart: input.restart,
+        rollout_timeout: input.rollout_timeout,
+        subject: Subject::Postgres {
+            admin_url,
+            role: input.role,
+            roles: input.roles,
+            pgbouncer: input.pgbouncer,
+        },
+    };
+    open_targets(connections, &input.vault, &input.kubernetes, spec).await
+}
+
+async fn open_targets(
+    connections: &Connections,
+    vault: &str,
+    kubernetes: &str,
+    spec: Spec,
+) -> Result<Targets, WorkflowError> {
+    spec.generator.check().map_err(WorkflowError::failed)?;
+    let vault = Vault::new(connections.vault(vault).map_err(WorkflowError::failed)?.clone());
+    let needs_kube = !(spec.secrets.is_empty()
+        && spec.pgbouncer().is_empty()
+        && spec.external_secrets.is_empty()
+        && spec.restart.is_empty());
     let kube = if needs_kube {
-        let config = connections
-            .kubernetes(&input.kubernetes)
-            .map_err(WorkflowError::failed)?;
+        let config = connections.kubernetes(kubernetes).map_err(WorkflowError::failed)?;
         Some(Kube::connect(config).await.map_err(WorkflowError::failed)?)
     } else {
         None
     };
     Ok(Targets {
-        input: Arc::new(input),
+        input: Arc::new(spec),
         vault,
-        admin_url,
         kube,
     })
 }
@@ -224,18 +454,20 @@ async fn rotate(ctx: &Ctx, t: Targets) -> Result<RotationReport, WorkflowError> 
     let basis: Basis = ctx
         .step("read-current", |_s| async move {
             let entry = tr.vault.kv_read(&input.mount, &input.path).await.map_err(vault_err)?;
-            if !entry.data.contains_key(&input.password_key) {
+            if !entry.data.contains_key(&input.key) {
                 return Err(StepError::Permanent(format!(
                     "{}/{} has no key {:?} (it has {})",
                     input.mount,
                     input.path,
-                    input.password_key,
+                    input.key,
                     entry.data.keys().cloned().collect::<Vec<_>>().join(", ")
                 )));
             }
-            let (active_role, target_role) = match (&input.role, &input.roles) {
-                (Some(role), _) => (role.clone(), role.clone()),
-                (None, Some([a, b])) => {
+            let (active_role, target_role) = match &input.subject {
+                Subject::Postgres { role: Some(role), .. } => (role.clone(), role.clone()),
+                Subject::Postgres {
+                    roles: Some([a, b]), ..
+                } => {
                     let current = entry.data.get(&input.username_key).and_then(Value::as_str);
                     match current {
                         Some(u) if u == a => (a.clone(), b.clone()),
@@ -248,7 +480,8 @@ async fn rotate(ctx: &Ctx, t: Targets) -> Result<RotationReport, WorkflowError> 
                         }
                     }
                 }
-                _ => return Err(StepError::permanent("give either `role` or `roles`")),
+                Subject::Postgres { .. } => return Err(StepError::permanent("give either `role` or `roles`")),
+                Subject::Generated { .. } => (String::new(), String::new()),
             };
             Ok(Basis {
                 version: entry.version,
@@ -271,29 +504,31 @@ async fn rotate(ctx: &Ctx, t: Targets) -> Result<RotationReport, WorkflowError> 
         })
         .await?;
 
-    ctx.step("set-role-password", |_s| async move {
-        let password = new_password(tr, version).await?;
-        set_role_password(&tr.admin_url, &b.target_role, &password).await
-    })
-    .retry(network())
-    .await?;
+    if let Subject::Postgres { admin_url, .. } = &input.subject {
+        ctx.step("set-role-password", |_s| async move {
+            let password = new_secret(tr, version).await?;
+            set_role_password(admin_url, &b.target_role, &password).await
+        })
+        .retry(network())
+        .await?;
+    }
 
     for s in &input.secrets {
         ctx.step(
             format!("update-secret:{}/{}/{}", s.namespace, s.name, s.key),
             |_s| async move {
-                let password = new_password(tr, version).await?;
+                let password = new_secret(tr, version).await?;
                 write_secret_copy(tr, s, &b.target_role, &password).await
             },
         )
         .retry(network())
         .await?;
     }
-    for s in &input.pgbouncer {
+    for s in input.pgbouncer() {
         ctx.step(
             format!("update-pgbouncer:{}/{}/{}", s.namespace, s.name, s.key),
             |_s| async move {
-                let password = new_password(tr, version).await?;
+                let password = new_secret(tr, version).await?;
                 write_userlist(tr, s, &b.active_role, &b.target_role, &password).await
             },
         )
@@ -333,12 +568,25 @@ async fn rotate(ctx: &Ctx, t: Targets) -> Result<RotationReport, WorkflowError> 
         .await?;
     }
 
-    ctx.step("verify-login", |_s| async move {
-        let password = new_password(tr, version).await?;
-        login(&tr.admin_url, &b.target_role, &password).await
-    })
-    .retry(network())
-    .await?;
+    match &input.subject {
+        Subject::Postgres { admin_url, .. } => {
+            ctx.step("verify-login", |_s| async move {
+                let password = new_secret(tr, version).await?;
+                login(admin_url, &b.target_role, &password).await
+            })
+            .retry(network())
+            .await?;
+        }
+        Subject::Generated { check: Some(check) } => {
+            ctx.step("verify-http", |_s| async move {
+                let secret = new_secret(tr, version).await?;
+                check.run(&secret).await
+            })
+            .retry(network())
+            .await?;
+        }
+        Subject::Generated { check: None } => {}
+    }
 
     ctx.step("record", |_s| async move {
         tr.vault
@@ -359,7 +607,7 @@ async fn rotate(ctx: &Ctx, t: Targets) -> Result<RotationReport, WorkflowError> 
     .await?;
 
     Ok(RotationReport {
-        role: basis.target_role.clone(),
+        role: Some(basis.target_role.clone()).filter(|r| !r.is_empty()),
         previous_version: basis.version,
         version,
         rotated_at: basis.at.clone(),
@@ -400,8 +648,8 @@ async fn write_vault(t: &Targets, basis: &Basis, run_id: &str) -> Result<u64, St
         .await
         .map_err(vault_err)?;
     let mut data = current.data;
-    data.insert(input.password_key.clone(), Value::String(input.generator.generate()));
-    if input.roles.is_some() {
+    data.insert(input.key.clone(), Value::String(input.generator.generate()));
+    if input.roles().is_some() {
         data.insert(input.username_key.clone(), Value::String(basis.target_role.clone()));
     }
     match t.vault.kv_write(&input.mount, &input.path, &data, basis.version).await {
@@ -440,19 +688,22 @@ async fn roll_back(t: &Targets, basis: &Basis, version: u64, run_id: &str) -> Re
             input.mount, input.path, current.version
         )));
     }
-    let old_password = password_of(&old, &input.password_key)?;
+    let old_password = secret_of(&old, &input.key)?;
     let old_username = old
         .get(&input.username_key)
         .and_then(Value::as_str)
         .unwrap_or(&basis.active_role)
         .to_string();
-    if input.roles.is_none() {
-        set_role_password(&t.admin_url, &basis.active_role, &old_password).await?;
+    if let Subject::Postgres {
+        admin_url, roles: None, ..
+    } = &input.subject
+    {
+        set_role_password(admin_url, &basis.active_role, &old_password).await?;
     }
     for s in &input.secrets {
         write_secret_copy(t, s, &old_username, &old_password).await?;
     }
-    for s in &input.pgbouncer {
+    for s in input.pgbouncer() {
         write_userlist(t, s, &basis.target_role, &basis.active_role, &old_password).await?;
     }
     let now = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string();
@@ -470,21 +721,21 @@ async fn roll_back(t: &Targets, basis: &Basis, version: u64, run_id: &str) -> Re
     Ok(())
 }
 
-fn password_of(data: &serde_json::Map<String, Value>, key: &str) -> Result<String, StepError> {
+fn secret_of(data: &serde_json::Map<String, Value>, key: &str) -> Result<String, StepError> {
     data.get(key)
         .and_then(Value::as_str)
         .map(str::to_string)
         .ok_or_else(|| StepError::Permanent(format!("the KV entry's {key:?} is not a string")))
 }
 
-/// The password of KV version `version` (the one this run wrote).
-async fn new_password(t: &Targets, version: u64) -> Result<String, StepError> {
+/// The secret of KV version `version` (the one this run wrote).
+async fn new_secret(t: &Targets, version: u64) -> Result<String, StepError> {
     let data = t
         .vault
         .kv_read_version(&t.input.mount, &t.input.path, version)
         .await
         .map_err(vault_err)?;
-    password_of(&data, &t.input.password_key)
+    secret_of(&data, &t.input.key)
 }
 
 /// `ALTER ROLE … PASSWORD '<SCRAM verifier>'`: the plaintext never reaches the server.
@@ -549,7 +800,7 @@ async fn write_secret_copy(t: &Targets, s: &SecretKeyRef, username: &str, passwo
     kube.set_secret_key(&obj, &s.key, password.as_bytes())
         .await
         .map_err(kube_err)?;
-    if let (Some(key), Some(_)) = (&s.username_key, &t.input.roles) {
+    if let (Some(key), Some(_)) = (&s.username_key, t.input.roles()) {
         kube.set_secret_key(&obj, key, username.as_bytes())
             .await
             .map_err(kube_err)?;

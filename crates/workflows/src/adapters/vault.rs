@@ -300,6 +300,33 @@ impl Vault {
             .map_err(|e| self.client_error(&format!("{mount}/metadata/{path}"), e))
     }
 
+    /// Issues credentials from database role `role` and revokes their lease at once: proves the
+    /// engine still reaches its database. The credentials are dropped unread.
+    pub async fn check_database_credentials(&self, mount: &str, role: &str) -> Result<(), VaultError> {
+        let path = format!("{mount}/creds/{role}");
+        #[derive(Deserialize)]
+        struct Issued {
+            lease_id: String,
+        }
+        let issued: Issued = self
+            .send(self.request(reqwest::Method::GET, &path), &path)
+            .await?
+            .json()
+            .await
+            .map_err(|e| VaultError::Unreachable {
+                address: self.config.address.clone(),
+                message: e.without_url().to_string(),
+            })?;
+        let revoke = "sys/leases/revoke";
+        self.send(
+            self.request(reqwest::Method::PUT, revoke)
+                .json(&serde_json::json!({ "lease_id": issued.lease_id })),
+            revoke,
+        )
+        .await?;
+        Ok(())
+    }
+
     /// Rotates the root credential the database secrets engine at `mount` uses for `connection`.
     pub async fn rotate_database_root(&self, mount: &str, connection: &str) -> Result<(), VaultError> {
         let client = self.client()?;
