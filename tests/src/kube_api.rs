@@ -48,6 +48,8 @@ struct Inner {
     stalled: HashSet<String>,
     /// Paths (`/api/v1/namespaces/shop/secrets/db`) whose writes fail with a 500.
     failing: HashSet<String>,
+    /// Service account tokens issued: token → (namespace, name, uid).
+    tokens: BTreeMap<String, (String, String, String)>,
 }
 
 /// The stand-in, serving until dropped.
@@ -80,6 +82,10 @@ impl KubeApi {
             .route(
                 "/apis/{group}/{version}/namespaces/{ns}/{plural}/{name}",
                 any(group_object),
+            )
+            .route(
+                "/apis/authentication.k8s.io/v1/tokenreviews",
+                axum::routing::post(token_review),
             )
             .fallback(|method: Method, uri: axum::http::Uri| async move {
                 status(
@@ -139,6 +145,34 @@ impl KubeApi {
     /// From now on, rollouts of workload `namespace/name` never become ready.
     pub fn stall_rollouts(&self, namespace: &str, name: &str) {
         self.inner.lock().unwrap().stalled.insert(format!("{namespace}/{name}"));
+    }
+
+    /// A token of service account `namespace/name`, shaped like the ones the kubelet mounts (a
+    /// JWT with the service account claims); the TokenReview API authenticates it.
+    pub fn issue_service_account_token(&self, namespace: &str, name: &str) -> String {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let uid = uuid::Uuid::new_v4().to_string();
+        let now = chrono::Utc::now().timestamp();
+        let header = b64.encode(json!({ "alg": "RS256", "kid": "stand-in" }).to_string());
+        let claims = b64.encode(
+            json!({
+                "iss": "https://kubernetes.default.svc.cluster.local",
+                "aud": ["https://kubernetes.default.svc.cluster.local"],
+                "sub": format!("system:serviceaccount:{namespace}:{name}"),
+                "iat": now, "nbf": now, "exp": now + 3600,
+                "kubernetes.io": { "namespace": namespace, "serviceaccount": { "name": name, "uid": uid } },
+            })
+            .to_string(),
+        );
+        let signature = b64.encode(uuid::Uuid::new_v4().as_bytes());
+        let token = format!("{header}.{claims}.{signature}");
+        self.inner
+            .lock()
+            .unwrap()
+            .tokens
+            .insert(token.clone(), (namespace.into(), name.into(), uid));
+        token
     }
 
     /// From now on, writes to `path` fail with a 500.
@@ -533,4 +567,39 @@ async fn group_object(
         },
     )
     .await
+}
+
+/// `POST /apis/authentication.k8s.io/v1/tokenreviews`: what Vault's Kubernetes auth asks.
+async fn token_review(State(s): Shared, headers: HeaderMap, body: Bytes) -> Response {
+    record(
+        &s,
+        &Method::POST,
+        "/apis/authentication.k8s.io/v1/tokenreviews".into(),
+        None,
+        &headers,
+        &body,
+    );
+    let review: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let token = review["spec"]["token"].as_str().unwrap_or_default();
+    let known = s.lock().unwrap().tokens.get(token).cloned();
+    let status = match known {
+        Some((ns, name, uid)) => json!({
+            "authenticated": true,
+            "user": {
+                "username": format!("system:serviceaccount:{ns}:{name}"),
+                "uid": uid,
+                "groups": ["system:serviceaccounts", format!("system:serviceaccounts:{ns}"), "system:authenticated"],
+            },
+            "audiences": review["spec"]["audiences"].clone(),
+        }),
+        None => json!({ "authenticated": false, "error": "invalid bearer token" }),
+    };
+    (
+        StatusCode::CREATED,
+        Json(json!({
+            "apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+            "metadata": { "creationTimestamp": null }, "spec": review["spec"].clone(), "status": status,
+        })),
+    )
+        .into_response()
 }

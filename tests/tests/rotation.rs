@@ -135,11 +135,7 @@ impl Rig {
         conns.postgres.insert("admin".into(), admin_url.to_string());
         conns.vault.insert(
             "openbao".into(),
-            VaultConfig {
-                address: self.bao.addr.clone(),
-                token: self.bao.token.clone(),
-                namespace: None,
-            },
+            VaultConfig::with_token(self.bao.addr.clone(), self.bao.token.clone()),
         );
         conns.kubernetes.insert(
             "cluster".into(),
@@ -747,11 +743,7 @@ async fn vaults_database_root_credential_is_rotated_and_still_issues_credentials
     let mut conns = Connections::default();
     conns.vault.insert(
         "openbao".into(),
-        VaultConfig {
-            address: bao.addr.clone(),
-            token: bao.token.clone(),
-            namespace: None,
-        },
+        VaultConfig::with_token(bao.addr.clone(), bao.token.clone()),
     );
     let mut env = TestEnv::new(vec![rotate_vault_database_root(Arc::new(conns))]).await;
     env.start_worker(fast_worker("w"));

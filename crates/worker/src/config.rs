@@ -99,11 +99,37 @@ pub(crate) struct KubernetesConnectionConfig {
 pub(crate) struct VaultConnectionConfig {
     /// e.g. `https://vault.vault.svc:8200`.
     pub address: String,
-    /// Where the token is.
-    pub token: SecretSource,
+    /// Where the token is; or use `kubernetes`.
+    #[serde(default)]
+    pub token: Option<SecretSource>,
+    /// Kubernetes auth with the pod's service account, instead of `token`.
+    #[serde(default)]
+    pub kubernetes: Option<VaultKubernetesAuthConfig>,
     /// A namespace (Vault Enterprise, OpenBao namespaces).
     #[serde(default)]
     pub namespace: Option<String>,
+}
+
+/// Vault's Kubernetes auth method.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(crate) struct VaultKubernetesAuthConfig {
+    /// The Vault role to log in as.
+    pub role: String,
+    /// Where the auth method is mounted. Default `kubernetes`.
+    #[serde(default = "kubernetes_mount")]
+    pub mount: String,
+    /// The service account token. Default the one Kubernetes mounts into every pod.
+    #[serde(default = "service_account_token")]
+    pub jwt_file: std::path::PathBuf,
+}
+
+fn kubernetes_mount() -> String {
+    "kubernetes".into()
+}
+
+fn service_account_token() -> std::path::PathBuf {
+    "/var/run/secrets/kubernetes.io/serviceaccount/token".into()
 }
 
 /// A chat webhook.
@@ -633,16 +659,32 @@ impl Config {
                     "{key}.address: must start with http:// or https://"
                 )));
             }
-            let token = vault
-                .token
-                .read(&format!("{key}.token"))
-                .and_then(|b| String::from_utf8(b).map_err(|_| format!("{key}.token: not UTF-8")))
-                .map_err(ConfigError::Invalid)?;
+            use dayshift_workflows::adapters::vault::VaultAuth;
+            let auth = match (&vault.token, &vault.kubernetes) {
+                (Some(source), None) => VaultAuth::Token(
+                    source
+                        .read(&format!("{key}.token"))
+                        .and_then(|b| String::from_utf8(b).map_err(|_| format!("{key}.token: not UTF-8")))
+                        .map_err(ConfigError::Invalid)?
+                        .trim()
+                        .to_string(),
+                ),
+                (None, Some(k)) => VaultAuth::Kubernetes {
+                    mount: k.mount.clone(),
+                    role: k.role.clone(),
+                    jwt_file: k.jwt_file.clone(),
+                },
+                _ => {
+                    return Err(ConfigError::Invalid(format!(
+                        "{key}: give exactly one of `token` and `kubernetes`"
+                    )));
+                }
+            };
             out.vault.insert(
                 name.clone(),
                 dayshift_workflows::adapters::vault::VaultConfig {
                     address: vault.address.clone(),
-                    token: token.trim().to_string(),
+                    auth,
                     namespace: vault.namespace.clone(),
                 },
             );
@@ -947,7 +989,9 @@ mod tests {
         assert_eq!(conns.s3["backups"].access_key, "access");
         assert_eq!(conns.postgres["app"], "postgres://u:p@db/app");
         assert_eq!(conns.notify["ops"], "https://chat.example/hooks/abc");
-        assert_eq!(conns.vault["openbao"].token, "s.root-token");
+        assert!(
+            matches!(&conns.vault["openbao"].auth, dayshift_workflows::adapters::vault::VaultAuth::Token(t) if t == "s.root-token")
+        );
         let printed = format!("{conns:?}");
         for secret in ["access", "secret", "u:p@", "hooks/abc", "s.root-token"] {
             assert!(!printed.contains(secret), "{secret} is printable: {printed}");

@@ -2,8 +2,11 @@
 //! snapshot (`GET /v1/sys/storage/raft/snapshot`), which can be as large as the storage.
 //!
 //! The token is a credential: it goes only into the `X-Vault-Token` header, never into an error.
+//! It is given (from the environment or a file), or obtained by Kubernetes auth: the pod's
+//! service account token exchanged at `auth/<mount>/login`, and again before it expires.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
 use serde::Deserialize;
@@ -14,9 +17,33 @@ use tokio::io::AsyncRead;
 pub struct VaultConfig {
     /// e.g. `https://vault.vault:8200`.
     pub address: String,
-    pub token: String,
+    pub auth: VaultAuth,
     /// The namespace header, for Vault Enterprise / OpenBao namespaces.
     pub namespace: Option<String>,
+}
+
+impl VaultConfig {
+    /// A server reached with a token.
+    pub fn with_token(address: impl Into<String>, token: impl Into<String>) -> Self {
+        Self {
+            address: address.into(),
+            auth: VaultAuth::Token(token.into()),
+            namespace: None,
+        }
+    }
+}
+
+/// How dayshift gets its Vault token.
+#[derive(Clone)]
+pub enum VaultAuth {
+    Token(String),
+    /// Kubernetes auth: `role` at `auth/<mount>/login`, with the service account token read
+    /// from `jwt_file` at each login (the kubelet rotates it).
+    Kubernetes {
+        mount: String,
+        role: String,
+        jwt_file: std::path::PathBuf,
+    },
 }
 
 impl std::fmt::Debug for VaultConfig {
@@ -74,6 +101,8 @@ impl std::fmt::Debug for KvEntry {
 pub struct Vault {
     config: VaultConfig,
     http: reqwest::Client,
+    /// A token from Kubernetes auth, and when to log in again.
+    login: Arc<tokio::sync::Mutex<Option<(String, Instant)>>>,
 }
 
 #[derive(Deserialize)]
@@ -97,20 +126,77 @@ impl Vault {
             .read_timeout(Duration::from_secs(60))
             .build()
             .expect("an HTTP client with static settings builds");
-        Self { config, http }
+        Self {
+            config,
+            http,
+            login: Arc::default(),
+        }
     }
 
-    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        let url = format!("{}/v1/{path}", self.config.address.trim_end_matches('/'));
+    fn url(&self, path: &str) -> String {
+        format!("{}/v1/{path}", self.config.address.trim_end_matches('/'))
+    }
+
+    /// The token to send: the configured one, or one from Kubernetes auth (logging in when
+    /// there is none or it is about to expire).
+    async fn token(&self) -> Result<String, VaultError> {
+        let (mount, role, jwt_file) = match &self.config.auth {
+            VaultAuth::Token(token) => return Ok(token.clone()),
+            VaultAuth::Kubernetes { mount, role, jwt_file } => (mount, role, jwt_file),
+        };
+        let mut cached = self.login.lock().await;
+        if let Some((token, renew_at)) = cached.as_ref()
+            && Instant::now() < *renew_at
+        {
+            return Ok(token.clone());
+        }
+        let jwt = std::fs::read_to_string(jwt_file).map_err(|e| VaultError::Refused {
+            status: 0,
+            path: format!("auth/{mount}/login"),
+            message: format!("cannot read the service account token {}: {e}", jwt_file.display()),
+        })?;
+        #[derive(Deserialize)]
+        struct Login {
+            auth: LoginAuth,
+        }
+        #[derive(Deserialize)]
+        struct LoginAuth {
+            client_token: String,
+            lease_duration: u64,
+        }
+        let path = format!("auth/{mount}/login");
         let mut req = self
             .http
-            .request(method, url)
-            .header("X-Vault-Token", &self.config.token)
+            .post(self.url(&path))
+            .json(&serde_json::json!({ "role": role, "jwt": jwt.trim() }));
+        if let Some(ns) = &self.config.namespace {
+            req = req.header("X-Vault-Namespace", ns);
+        }
+        let login: Login = self
+            .send(req, &path)
+            .await?
+            .json()
+            .await
+            .map_err(|e| VaultError::Unreachable {
+                address: self.config.address.clone(),
+                message: e.without_url().to_string(),
+            })?;
+        // Log in again when two thirds of the lease have passed.
+        let renew_at = Instant::now() + Duration::from_secs(login.auth.lease_duration.max(3) * 2 / 3);
+        *cached = Some((login.auth.client_token.clone(), renew_at));
+        Ok(login.auth.client_token)
+    }
+
+    async fn request(&self, method: reqwest::Method, path: &str) -> Result<reqwest::RequestBuilder, VaultError> {
+        let mut req = self
+            .http
+            .request(method, self.url(path))
+            .header("X-Vault-Token", self.token().await?)
             .header("X-Vault-Request", "true");
         if let Some(ns) = &self.config.namespace {
             req = req.header("X-Vault-Namespace", ns);
         }
-        req
+        Ok(req)
     }
 
     async fn send(&self, req: reqwest::RequestBuilder, path: &str) -> Result<reqwest::Response, VaultError> {
@@ -138,7 +224,7 @@ impl Vault {
     pub async fn version(&self) -> Result<String, VaultError> {
         let path = "sys/seal-status";
         let status: SealStatus = self
-            .send(self.request(reqwest::Method::GET, path), path)
+            .send(self.request(reqwest::Method::GET, path).await?, path)
             .await?
             .json()
             .await
@@ -160,7 +246,7 @@ impl Vault {
     /// `POST sys/storage/raft/snapshot` accepts back).
     pub async fn raft_snapshot(&self) -> Result<impl AsyncRead + Unpin + Send + use<>, VaultError> {
         let path = "sys/storage/raft/snapshot";
-        let response = self.send(self.request(reqwest::Method::GET, path), path).await?;
+        let response = self.send(self.request(reqwest::Method::GET, path).await?, path).await?;
         let stream = response.bytes_stream().map_err(std::io::Error::other);
         Ok(tokio_util::io::StreamReader::new(stream))
     }
@@ -168,11 +254,11 @@ impl Vault {
 
 /// KV v2 and the database secrets engine, through vaultrs.
 impl Vault {
-    fn client(&self) -> Result<vaultrs::client::VaultClient, VaultError> {
+    async fn client(&self) -> Result<vaultrs::client::VaultClient, VaultError> {
         let mut settings = vaultrs::client::VaultClientSettingsBuilder::default();
         settings
             .address(&self.config.address)
-            .token(&self.config.token)
+            .token(self.token().await?)
             .timeout(Some(Duration::from_secs(30)));
         if let Some(ns) = &self.config.namespace {
             settings.namespace(Some(ns.clone()));
@@ -204,7 +290,7 @@ impl Vault {
 
     /// The current version of a KV v2 entry.
     pub async fn kv_read(&self, mount: &str, path: &str) -> Result<KvEntry, VaultError> {
-        let client = self.client()?;
+        let client = self.client().await?;
         let where_ = format!("{mount}/metadata/{path}");
         let meta = vaultrs::kv2::read_metadata(&client, mount, path)
             .await
@@ -223,7 +309,7 @@ impl Vault {
         path: &str,
         version: u64,
     ) -> Result<serde_json::Map<String, serde_json::Value>, VaultError> {
-        let client = self.client()?;
+        let client = self.client().await?;
         vaultrs::kv2::read_version(&client, mount, path, version)
             .await
             .map_err(|e| self.client_error(&format!("{mount}/data/{path} (version {version})"), e))
@@ -238,7 +324,7 @@ impl Vault {
         data: &serde_json::Map<String, serde_json::Value>,
         based_on: u64,
     ) -> Result<u64, VaultError> {
-        let client = self.client()?;
+        let client = self.client().await?;
         let where_ = format!("{mount}/data/{path}");
         let cas = u32::try_from(based_on).map_err(|_| VaultError::Refused {
             status: 400,
@@ -271,7 +357,7 @@ impl Vault {
         mount: &str,
         path: &str,
     ) -> Result<std::collections::HashMap<String, String>, VaultError> {
-        let client = self.client()?;
+        let client = self.client().await?;
         let meta = vaultrs::kv2::read_metadata(&client, mount, path)
             .await
             .map_err(|e| self.client_error(&format!("{mount}/metadata/{path}"), e))?;
@@ -292,7 +378,7 @@ impl Vault {
                 None => custom.remove(*k),
             };
         }
-        let client = self.client()?;
+        let client = self.client().await?;
         let mut request = vaultrs::api::kv2::requests::SetSecretMetadataRequest::builder();
         request.custom_metadata(custom);
         vaultrs::kv2::set_metadata(&client, mount, path, Some(&mut request))
@@ -309,7 +395,7 @@ impl Vault {
             lease_id: String,
         }
         let issued: Issued = self
-            .send(self.request(reqwest::Method::GET, &path), &path)
+            .send(self.request(reqwest::Method::GET, &path).await?, &path)
             .await?
             .json()
             .await
@@ -320,6 +406,7 @@ impl Vault {
         let revoke = "sys/leases/revoke";
         self.send(
             self.request(reqwest::Method::PUT, revoke)
+                .await?
                 .json(&serde_json::json!({ "lease_id": issued.lease_id })),
             revoke,
         )
@@ -329,7 +416,7 @@ impl Vault {
 
     /// Rotates the root credential the database secrets engine at `mount` uses for `connection`.
     pub async fn rotate_database_root(&self, mount: &str, connection: &str) -> Result<(), VaultError> {
-        let client = self.client()?;
+        let client = self.client().await?;
         vaultrs::database::connection::rotate(&client, mount, connection)
             .await
             .map_err(|e| self.client_error(&format!("{mount}/rotate-root/{connection}"), e))
