@@ -1,4 +1,5 @@
-//! Vault/OpenBao: backup.vault against a real OpenBao with raft storage and SeaweedFS; tokens from Kubernetes auth.
+//! Vault/OpenBao: backup.vault against a real OpenBao with raft storage and SeaweedFS, and
+//! tokens from Kubernetes auth.
 
 use std::sync::Arc;
 use std::time::Duration;
