@@ -799,3 +799,27 @@ async fn a_consumer_silenced_by_lost_redis_data_is_replaced() {
     assert_succeeded(&env.wait(second.id, LIMIT).await);
     env.stop_workers().await;
 }
+
+#[tokio::test]
+async fn the_api_redacts_fields_named_like_secrets_in_runs() {
+    // Inputs should only name connections; when one carries a secret anyway, the API does not
+    // show it.
+    let def = WorkflowDef::new("test.echo", "returns its input", |_ctx: Ctx, input: Value| async move {
+        Ok(input)
+    });
+    let mut env = TestEnv::new(vec![def]).await;
+    env.start_worker(fast_worker("w"));
+    let input = json!({ "database": "app", "password": "hunter2", "nested": { "api_key": "k-123" } });
+    let started = env.engine.start(StartRun::new("test.echo", input)).await.unwrap();
+    assert_succeeded(&env.wait(started.id, LIMIT).await);
+    for path in [format!("/api/v1/runs/{}", started.id), "/api/v1/runs".to_string()] {
+        let (status, body) = env.get_text(&path).await;
+        assert_eq!(status, 200);
+        assert!(!body.contains("hunter2") && !body.contains("k-123"), "{path}: {body}");
+        assert!(
+            body.contains("\"password\":\"[redacted]\"") && body.contains("\"database\":\"app\""),
+            "{body}"
+        );
+    }
+    env.stop_workers().await;
+}

@@ -186,11 +186,12 @@ async fn list_runs(
             limit: q.limit,
         })
         .await?;
+    let runs: Vec<_> = runs.into_iter().map(crate::model::RunView::redacted).collect();
     Ok(Json(json!({ "runs": runs })))
 }
 
 async fn get_run(State(engine): State<Engine>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
-    let run = engine.get_run(parse_id(&id)?).await?;
+    let run = engine.get_run(parse_id(&id)?).await?.redacted();
     Ok(Json(serde_json::to_value(run).unwrap_or(Value::Null)))
 }
 

@@ -259,6 +259,58 @@ pub struct RunView {
     pub steps: Vec<StepView>,
 }
 
+impl RunView {
+    /// The run with the values of fields named like secrets (`password`, `token`, …) in its
+    /// input, output and step results replaced, for showing. Inputs name connections and should
+    /// hold no secret; this catches the ones that do anyway.
+    pub fn redacted(mut self) -> Self {
+        redact_secrets(&mut self.input);
+        if let Some(output) = &mut self.output {
+            redact_secrets(output);
+        }
+        for step in &mut self.steps {
+            if let Some(output) = &mut step.output {
+                redact_secrets(output);
+            }
+        }
+        self
+    }
+}
+
+/// Field names whose string values are secrets wherever they appear.
+const SECRET_FIELDS: [&str; 12] = [
+    "password",
+    "passwd",
+    "secret",
+    "token",
+    "api_key",
+    "apikey",
+    "private_key",
+    "client_secret",
+    "secret_key",
+    "access_token",
+    "refresh_token",
+    "secret_access_key",
+];
+
+/// Replaces, at any depth, the string values of fields named like secrets with `[redacted]`.
+pub(crate) fn redact_secrets(value: &mut Value) {
+    match value {
+        Value::Object(map) => {
+            for (k, v) in map.iter_mut() {
+                let key = k.to_ascii_lowercase().replace('-', "_");
+                if v.is_string() && SECRET_FIELDS.contains(&key.as_str()) {
+                    *v = Value::String("[redacted]".into());
+                } else {
+                    redact_secrets(v);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(redact_secrets),
+        _ => {}
+    }
+}
+
 /// One journal entry as the API shows it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StepView {
@@ -393,6 +445,29 @@ mod tests {
         assert!(
             err.contains("pending, running, waiting, succeeded, failed, cancelled"),
             "{err}"
+        );
+    }
+}
+
+#[cfg(test)]
+mod redaction_tests {
+    use serde_json::json;
+
+    use super::redact_secrets;
+
+    #[test]
+    fn values_of_secret_fields_are_redacted_at_any_depth_and_names_are_kept() {
+        let mut v = json!({
+            "password": "hunter2", "Api-Key": "k", "password_key": "password",
+            "nested": [{ "token": "t", "key": "token" }], "secret": { "name": "db" },
+        });
+        redact_secrets(&mut v);
+        assert_eq!(
+            v,
+            json!({
+                "password": "[redacted]", "Api-Key": "[redacted]", "password_key": "password",
+                "nested": [{ "token": "[redacted]", "key": "token" }], "secret": { "name": "db" },
+            })
         );
     }
 }

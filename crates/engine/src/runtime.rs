@@ -302,6 +302,14 @@ impl Ctx {
                         output
                     }
                     RunStatus::Failed | RunStatus::Cancelled => {
+                        // A child cancelled along with this run: this run's cancellation wins
+                        // over the child's outcome, even if this pass was claimed before it.
+                        if status == RunStatus::Cancelled
+                            && let Ok(true) = self.inner.engine.store.renew(&self.inner.lease).await
+                        {
+                            self.inner.cancel.cancel();
+                        }
+                        self.halt_if_cancelled(seq, workflow, StepKind::Child).await;
                         let msg = format!(
                             "child run {child} ({workflow}) {status}: {}",
                             error.unwrap_or_else(|| "no error recorded".into())
