@@ -765,3 +765,31 @@ async fn vaults_database_root_credential_is_rotated_and_still_issues_credentials
     assert!(run.steps.iter().any(|s| s.name == "verify-credentials"));
     env.stop_workers().await;
 }
+
+#[tokio::test]
+async fn plan_mode_says_what_would_change_and_changes_nothing() {
+    let mut rig = Rig::new(false, None).await;
+    let (before, original) = rig.kv().await;
+    let mut input = rig.input(false);
+    input["plan"] = json!(true);
+    let env = rig.env.as_ref().unwrap();
+    let started = env
+        .engine
+        .start(StartRun::new("rotate.postgres-password", input))
+        .await
+        .unwrap();
+    let run = env.wait(started.id, LIMIT).await;
+    assert_eq!(run.status, RunStatus::Succeeded, "{run:#?}");
+    let changes: Vec<String> = serde_json::from_value(run.output.clone().unwrap()["would_change"].clone()).unwrap();
+    assert_eq!(changes.len(), 7, "{changes:#?}");
+    assert!(changes[0].contains(&format!(
+        "as version {} (check-and-set on version {before})",
+        before + 1
+    )));
+    assert!(changes[1].contains(&format!("set the password of role {}", rig.roles[0])));
+    assert!(changes[6].contains("restart StatefulSet shop/worker"), "{changes:#?}");
+    assert_eq!(rig.kv().await, (before, original));
+    assert!(logs_in(&rig.roles[0], &rig.initial).await);
+    assert!(rig.kube.writes().is_empty(), "{:?}", rig.kube.writes());
+    rig.env().stop_workers().await;
+}

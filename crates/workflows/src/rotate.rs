@@ -92,6 +92,9 @@ pub struct PgRotateInput {
     /// How long each rollout may take. Default 5m.
     #[serde(default = "default_rollout_timeout", with = "humantime_serde")]
     pub rollout_timeout: Duration,
+    /// Report what would change and change nothing.
+    #[serde(default)]
+    pub plan: bool,
 }
 
 fn default_mount() -> String {
@@ -187,6 +190,9 @@ pub struct KvRotateInput {
     /// How long each rollout may take. Default 5m.
     #[serde(default = "default_rollout_timeout", with = "humantime_serde")]
     pub rollout_timeout: Duration,
+    /// Report what would change and change nothing.
+    #[serde(default)]
+    pub plan: bool,
     /// Checked with the new secret once the consumers run.
     #[serde(default)]
     pub check: Option<HttpCheck>,
@@ -210,6 +216,7 @@ pub fn rotate_kv_secret(connections: Arc<Connections>) -> WorkflowDef {
                     external_secrets: input.external_secrets,
                     restart: input.restart,
                     rollout_timeout: input.rollout_timeout,
+                    plan: input.plan,
                     subject: Subject::Generated { check: input.check },
                 };
                 let targets = open_targets(&connections, &input.vault, &input.kubernetes, spec).await?;
@@ -291,9 +298,14 @@ pub struct RotationReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub role: Option<String>,
     pub previous_version: u64,
-    pub version: u64,
+    /// The KV version written; absent in plan mode.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
     pub rotated_at: String,
     pub restarted: Vec<String>,
+    /// Plan mode: what the rotation would change (nothing was).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub would_change: Vec<String>,
 }
 
 fn vault_err(e: VaultError) -> StepError {
@@ -331,6 +343,7 @@ struct Spec {
     external_secrets: Vec<ObjectRef>,
     restart: Vec<Workload>,
     rollout_timeout: Duration,
+    plan: bool,
     subject: Subject,
 }
 
@@ -413,6 +426,7 @@ async fn open(connections: &Connections, input: PgRotateInput) -> Result<Targets
         external_secrets: input.external_secrets,
         restart: input.restart,
         rollout_timeout: input.rollout_timeout,
+        plan: input.plan,
         subject: Subject::Postgres {
             admin_url,
             role: input.role,
@@ -492,6 +506,10 @@ async fn rotate(ctx: &Ctx, t: Targets) -> Result<RotationReport, WorkflowError> 
         })
         .retry(network())
         .await?;
+
+    if input.plan {
+        return Ok(plan(input, &basis));
+    }
 
     let run_id = ctx.run_id().to_string();
     let (b, run) = (&basis, run_id.as_str());
@@ -609,10 +627,49 @@ async fn rotate(ctx: &Ctx, t: Targets) -> Result<RotationReport, WorkflowError> 
     Ok(RotationReport {
         role: Some(basis.target_role.clone()).filter(|r| !r.is_empty()),
         previous_version: basis.version,
-        version,
+        version: Some(version),
         rotated_at: basis.at.clone(),
         restarted: input.restart.iter().map(ToString::to_string).collect(),
+        would_change: Vec::new(),
     })
+}
+
+/// What a rotation based on `basis` would change, in order.
+fn plan(input: &Spec, basis: &Basis) -> RotationReport {
+    let mut changes = vec![format!(
+        "write a new {} at {}/{} as version {} (check-and-set on version {}), other keys kept",
+        input.key,
+        input.mount,
+        input.path,
+        basis.version + 1,
+        basis.version
+    )];
+    if let Subject::Postgres { .. } = &input.subject {
+        changes.push(format!("set the password of role {}", basis.target_role));
+    }
+    for s in &input.secrets {
+        changes.push(format!("update key {} of Secret {}/{}", s.key, s.namespace, s.name));
+    }
+    for s in input.pgbouncer() {
+        changes.push(format!(
+            "update the line of {} in key {} of Secret {}/{}",
+            basis.target_role, s.key, s.namespace, s.name
+        ));
+    }
+    for es in &input.external_secrets {
+        changes.push(format!("force-sync ExternalSecret {}/{}", es.namespace, es.name));
+    }
+    for w in &input.restart {
+        changes.push(format!("restart {w} and wait for its rollout"));
+    }
+    RotationReport {
+        role: Some(basis.target_role.clone()).filter(|r| !r.is_empty()),
+        previous_version: basis.version,
+        version: None,
+        rotated_at: basis.at.clone(),
+        restarted: Vec::new(),
+        would_change: changes,
+    }
 }
 
 fn kube(t: &Targets) -> Result<&Kube, StepError> {
