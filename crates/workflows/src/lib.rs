@@ -5,6 +5,7 @@
 pub mod adapters;
 mod backup;
 mod connections;
+pub mod gitops;
 mod restore_test;
 mod retention;
 mod rotate;

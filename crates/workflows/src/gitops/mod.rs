@@ -1,0 +1,4 @@
+//! GitOps: promotions are commits to the infra repository that ArgoCD syncs, never patches to
+//! what ArgoCD manages.
+
+pub mod values;
