@@ -122,9 +122,10 @@ redis_up() {
 
 monitoring_installed() {
   # Tests start their own Alertmanager per test (each pointed at its own `dayshift serve`), and
-  # check the shipped alerting rules with Prometheus' promtool; here both are only installed.
+  # check the shipped alerting rules with Prometheus' promtool; here both are only installed
+  # (and git, whose daemon serves the tests' infra repositories).
   # The Debian packages' services are not started (no systemd).
-  apt_install prometheus-alertmanager prometheus
+  apt_install prometheus-alertmanager prometheus git
   command -v prometheus-alertmanager >/dev/null || { log "prometheus-alertmanager missing after install"; return 1; }
   command -v promtool >/dev/null || { log "promtool missing after installing prometheus"; return 1; }
 }

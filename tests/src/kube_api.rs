@@ -132,6 +132,18 @@ impl KubeApi {
         self.inner.lock().unwrap().objects.get(&key).cloned()
     }
 
+    /// Replaces the status of the object at `path`, as its controller would (ArgoCD for an
+    /// `Application`).
+    pub fn set_status(&self, path: &str, status: Value) {
+        let key = key_of(path).expect("an object path");
+        let mut inner = self.inner.lock().unwrap();
+        inner.resource_version += 1;
+        let rv = inner.resource_version.to_string();
+        let object = inner.objects.get_mut(&key).expect("the object exists");
+        object["status"] = status;
+        object["metadata"]["resourceVersion"] = json!(rv);
+    }
+
     /// Every request so far.
     pub fn requests(&self) -> Vec<Recorded> {
         self.inner.lock().unwrap().requests.clone()

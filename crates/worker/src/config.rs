@@ -78,6 +78,33 @@ pub(crate) struct ConnectionsConfig {
     pub vault: std::collections::BTreeMap<String, VaultConnectionConfig>,
     /// Kubernetes clusters, by name.
     pub kubernetes: std::collections::BTreeMap<String, KubernetesConnectionConfig>,
+    /// Git repositories (the infra repositories ArgoCD watches), by name.
+    pub git: std::collections::BTreeMap<String, GitConnectionConfig>,
+}
+
+/// A git repository dayshift commits to.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(crate) struct GitConnectionConfig {
+    /// `https://…`, `ssh://…` (keys from the usual ssh setup) or `git://…`.
+    pub url: String,
+    /// Where an https token is (sent as basic auth, user `x-access-token`).
+    #[serde(default)]
+    pub token: Option<SecretSource>,
+    /// Default `dayshift`.
+    #[serde(default = "dayshift_name")]
+    pub author_name: String,
+    /// Default `dayshift@localhost`; list it in webhooks.bot-emails too.
+    #[serde(default = "dayshift_email")]
+    pub author_email: String,
+}
+
+fn dayshift_name() -> String {
+    "dayshift".into()
+}
+
+fn dayshift_email() -> String {
+    "dayshift@localhost".into()
 }
 
 /// A Kubernetes cluster. With nothing set: the kubeconfig (`KUBECONFIG`, `~/.kube/config`),
@@ -647,6 +674,28 @@ impl Config {
                     url: k.url.clone(),
                     token,
                     context: k.context.clone(),
+                },
+            );
+        }
+        for (name, g) in &c.git {
+            let key = format!("connections.git.{name}");
+            let token = match &g.token {
+                Some(src) => Some(
+                    src.read(&format!("{key}.token"))
+                        .and_then(|b| String::from_utf8(b).map_err(|_| format!("{key}.token: not UTF-8")))
+                        .map_err(ConfigError::Invalid)?
+                        .trim()
+                        .to_string(),
+                ),
+                None => None,
+            };
+            out.git.insert(
+                name.clone(),
+                dayshift_workflows::adapters::git::GitConfig {
+                    url: g.url.clone(),
+                    token,
+                    author_name: g.author_name.clone(),
+                    author_email: g.author_email.clone(),
                 },
             );
         }

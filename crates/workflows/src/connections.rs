@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::adapters::git::GitConfig;
 use crate::adapters::kube::KubeConfig;
 use crate::adapters::notify::Notifier;
 use crate::adapters::s3::S3Config;
@@ -22,6 +23,8 @@ pub struct Connections {
     pub vault: BTreeMap<String, VaultConfig>,
     /// Kubernetes clusters, by name.
     pub kubernetes: BTreeMap<String, KubeConfig>,
+    /// Git repositories, by name.
+    pub git: BTreeMap<String, GitConfig>,
 }
 
 impl std::fmt::Debug for Connections {
@@ -32,6 +35,7 @@ impl std::fmt::Debug for Connections {
             .field("notify", &self.notify.keys().collect::<Vec<_>>())
             .field("vault", &self.vault.keys().collect::<Vec<_>>())
             .field("kubernetes", &self.kubernetes.keys().collect::<Vec<_>>())
+            .field("git", &self.git.keys().collect::<Vec<_>>())
             .finish()
     }
 }
@@ -73,6 +77,16 @@ impl Connections {
             format!(
                 "no Kubernetes connection named '{name}' (connections.kubernetes: {})",
                 self.kubernetes.keys().cloned().collect::<Vec<_>>().join(", ")
+            )
+        })
+    }
+
+    /// The git repository named `name`.
+    pub fn git(&self, name: &str) -> Result<&GitConfig, String> {
+        self.git.get(name).ok_or_else(|| {
+            format!(
+                "no git connection named '{name}' (connections.git: {})",
+                self.git.keys().cloned().collect::<Vec<_>>().join(", ")
             )
         })
     }

@@ -15,6 +15,7 @@ mod vault_backup;
 
 pub use backup::{BackupInput, Manifest, RestoreInput, backup_postgres, restore_postgres};
 pub use connections::Connections;
+pub use gitops::promote::{ArgoApp, PromoteInput, Promotion, Pushed, promote_image};
 pub use restore_test::{Check, CheckResult, RestoreTestInput, RestoreTestReport, backup_restore_test};
 pub use retention::{Backup, RetentionInput, RetentionPolicy, RetentionReport, backup_retention, plan, time_of};
 pub use rotate::{
@@ -46,6 +47,7 @@ pub fn all_with(pool: PgPool, connections: Connections) -> Vec<WorkflowDef> {
         rotate_postgres_password(connections.clone()),
         rotate_kv_secret(connections.clone()),
         rotate_vault_database_root(connections.clone()),
+        promote_image(connections.clone()),
         restore_postgres(connections),
     ]
 }

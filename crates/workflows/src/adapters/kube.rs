@@ -314,4 +314,20 @@ impl Kube {
             .map(|_| ())
             .map_err(|e| KubeError::from_kube(&format!("force-sync ExternalSecret {}/{}", s.namespace, s.name), e))
     }
+
+    /// An ArgoCD `Application` (`argoproj.io/v1alpha1`), as JSON; `None` if it does not exist.
+    pub async fn argocd_application(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<serde_json::Value>, KubeError> {
+        let gvk = GroupVersionKind::gvk("argoproj.io", "v1alpha1", "Application");
+        let ar = ApiResource::from_gvk_with_plural(&gvk, "applications");
+        let api: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), namespace, &ar);
+        let app = api
+            .get_opt(name)
+            .await
+            .map_err(|e| KubeError::from_kube(&format!("read Application {namespace}/{name}"), e))?;
+        Ok(app.map(|a| serde_json::to_value(a).unwrap_or_default()))
+    }
 }

@@ -1,4 +1,5 @@
 //! GitOps: promotions are commits to the infra repository that ArgoCD syncs, never patches to
 //! what ArgoCD manages.
 
+pub mod promote;
 pub mod values;

@@ -1,0 +1,232 @@
+//! Git through the `git` CLI (full protocol and auth support, nothing to build; see CRATES.md):
+//! a fresh shallow clone per step, a commit, a push that reports a rejection (the branch moved)
+//! apart from other failures, and a revert.
+//!
+//! A token never appears on a command line: it reaches git as an `http.extraHeader` through
+//! the environment (`GIT_CONFIG_*`), and is kept out of error messages.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use base64::Engine as _;
+use tokio::process::Command;
+
+/// A repository dayshift commits to.
+#[derive(Clone, Default)]
+pub struct GitConfig {
+    /// `https://…`, `ssh://…`, `git://…` or a path.
+    pub url: String,
+    /// For https: sent as basic auth with user `x-access-token` (GitHub, Gitea, GitLab accept it).
+    pub token: Option<String>,
+    pub author_name: String,
+    pub author_email: String,
+}
+
+impl std::fmt::Debug for GitConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GitConfig")
+            .field("url", &self.url)
+            .field("author_email", &self.author_email)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A failed git command.
+#[derive(Debug, thiserror::Error)]
+pub enum GitError {
+    /// The push was refused because the branch moved on (someone else pushed first).
+    #[error("the push to {branch} was rejected: the branch moved ({detail})")]
+    Rejected { branch: String, detail: String },
+    #[error("git {command} failed: {detail}")]
+    Failed { command: String, detail: String },
+}
+
+/// A working copy of one branch.
+pub struct Checkout {
+    config: GitConfig,
+    dir: PathBuf,
+    pub branch: String,
+    _tmp: TempDir,
+}
+
+/// A directory removed on drop.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl GitConfig {
+    fn command(&self, dir: Option<&Path>) -> Command {
+        let mut cmd = Command::new("git");
+        if let Some(dir) = dir {
+            cmd.current_dir(dir);
+        }
+        cmd.env("GIT_TERMINAL_PROMPT", "0")
+            .env("GIT_AUTHOR_NAME", &self.author_name)
+            .env("GIT_AUTHOR_EMAIL", &self.author_email)
+            .env("GIT_COMMITTER_NAME", &self.author_name)
+            .env("GIT_COMMITTER_EMAIL", &self.author_email)
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        if let Some(token) = &self.token {
+            let basic = base64::engine::general_purpose::STANDARD.encode(format!("x-access-token:{token}"));
+            cmd.env("GIT_CONFIG_COUNT", "1")
+                .env("GIT_CONFIG_KEY_0", "http.extraHeader")
+                .env("GIT_CONFIG_VALUE_0", format!("Authorization: Basic {basic}"));
+        }
+        cmd
+    }
+
+    async fn run(&self, dir: Option<&Path>, args: &[&str]) -> Result<String, GitError> {
+        let out = self
+            .command(dir)
+            .args(args)
+            .output()
+            .await
+            .map_err(|e| GitError::Failed {
+                command: args.first().copied().unwrap_or_default().to_string(),
+                detail: format!("cannot run git: {e}"),
+            })?;
+        if out.status.success() {
+            return Ok(String::from_utf8_lossy(&out.stdout).trim().to_string());
+        }
+        let mut detail = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        if let Some(token) = &self.token {
+            detail = detail.replace(token.as_str(), "[redacted]");
+        }
+        Err(GitError::Failed {
+            command: args.first().copied().unwrap_or_default().to_string(),
+            detail,
+        })
+    }
+
+    /// A shallow clone of `branch` into a fresh temporary directory.
+    pub async fn checkout(&self, branch: &str) -> Result<Checkout, GitError> {
+        let tmp = std::env::temp_dir().join(format!("dayshift-git-{}", uuid::Uuid::new_v4().simple()));
+        let dir = tmp.join("repo");
+        let path = dir.to_string_lossy().into_owned();
+        let guard = TempDir(tmp);
+        self.run(
+            None,
+            &[
+                "clone",
+                "--quiet",
+                "--depth",
+                "20",
+                "--branch",
+                branch,
+                "--single-branch",
+                &self.url,
+                &path,
+            ],
+        )
+        .await?;
+        Ok(Checkout {
+            config: self.clone(),
+            dir,
+            branch: branch.to_string(),
+            _tmp: guard,
+        })
+    }
+}
+
+impl Checkout {
+    /// The working directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The commit checked out.
+    pub async fn head(&self) -> Result<String, GitError> {
+        self.config.run(Some(&self.dir), &["rev-parse", "HEAD"]).await
+    }
+
+    /// The full message of commit `rev`.
+    pub async fn message(&self, rev: &str) -> Result<String, GitError> {
+        self.config
+            .run(Some(&self.dir), &["log", "-1", "--format=%B", rev])
+            .await
+    }
+
+    /// The messages of the last `n` commits, newest first, with their ids.
+    pub async fn recent(&self, n: usize) -> Result<Vec<(String, String)>, GitError> {
+        let out = self
+            .config
+            .run(Some(&self.dir), &["log", &format!("-{n}"), "--format=%H%x00%B%x1e"])
+            .await?;
+        Ok(out
+            .split('\u{1e}')
+            .filter_map(|c| c.trim().split_once('\0'))
+            .map(|(id, msg)| (id.trim().to_string(), msg.trim().to_string()))
+            .collect())
+    }
+
+    /// Commits `files` (paths relative to the work tree) with `message`; returns the commit.
+    pub async fn commit(&self, files: &[&str], message: &str) -> Result<String, GitError> {
+        let mut add = vec!["add", "--"];
+        add.extend_from_slice(files);
+        self.config.run(Some(&self.dir), &add).await?;
+        self.config
+            .run(Some(&self.dir), &["commit", "--quiet", "--no-verify", "-m", message])
+            .await?;
+        self.head().await
+    }
+
+    /// `git revert` of `commit` with `message`; returns the new commit.
+    pub async fn revert(&self, commit: &str, message: &str) -> Result<String, GitError> {
+        self.config
+            .run(Some(&self.dir), &["revert", "--no-edit", "--no-commit", commit])
+            .await?;
+        self.config
+            .run(Some(&self.dir), &["commit", "--quiet", "--no-verify", "-m", message])
+            .await?;
+        self.head().await
+    }
+
+    /// Pushes the branch. A rejection because the remote branch moved is
+    /// [`GitError::Rejected`]; never forced.
+    pub async fn push(&self) -> Result<(), GitError> {
+        let refspec = format!("HEAD:refs/heads/{}", self.branch);
+        match self
+            .config
+            .run(Some(&self.dir), &["push", "--quiet", "origin", &refspec])
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(GitError::Failed { detail, .. })
+                if [
+                    "[rejected]",
+                    "fetch first",
+                    "non-fast-forward",
+                    "cannot lock ref",
+                    "failed to update ref",
+                ]
+                .iter()
+                .any(|p| detail.contains(p)) =>
+            {
+                Err(GitError::Rejected {
+                    branch: self.branch.clone(),
+                    detail: detail.lines().last().unwrap_or_default().to_string(),
+                })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Fetches the branch and moves the work tree to its tip, dropping local commits.
+    pub async fn reset_to_remote(&self) -> Result<(), GitError> {
+        self.config
+            .run(
+                Some(&self.dir),
+                &["fetch", "--quiet", "--depth", "20", "origin", &self.branch],
+            )
+            .await?;
+        self.config
+            .run(Some(&self.dir), &["reset", "--quiet", "--hard", "FETCH_HEAD"])
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,487 @@
+//! `promote.image`: writes an image tag one environment further in the infra repository that
+//! ArgoCD watches, and knows whether it worked.
+//!
+//! Steps: `commit-and-push` (clone, change exactly the value, commit with the `Dayshift-Run`
+//! trailer that dayshift's webhook intake recognises as its own, push; when the branch moved,
+//! fetch and apply again) and `wait-healthy` (the ArgoCD Application reports the pushed
+//! revision `Synced` and `Healthy`). When the application turns `Degraded` or the wait times
+//! out, the undo reverts the commit with a new commit (never a force-push), pushes it, waits for
+//! health again and sends a notice.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dayshift_engine::{Ctx, RetryPolicy, StepError, WorkflowDef, WorkflowError};
+use serde::{Deserialize, Serialize};
+
+use super::values;
+use crate::adapters::git::{Checkout, GitConfig, GitError};
+use crate::adapters::kube::{Kube, KubeError};
+use crate::adapters::notify::Notifier;
+use crate::connections::Connections;
+
+/// How many times a push is re-applied on a branch that keeps moving.
+const PUSH_ATTEMPTS: u32 = 5;
+
+/// The ArgoCD Application that syncs the environment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArgoApp {
+    /// The Kubernetes connection where ArgoCD runs. Default `default`.
+    #[serde(default = "default_kubernetes")]
+    pub kubernetes: String,
+    /// Default `argocd`.
+    #[serde(default = "default_argocd_namespace")]
+    pub namespace: String,
+    pub name: String,
+}
+
+fn default_kubernetes() -> String {
+    "default".into()
+}
+fn default_argocd_namespace() -> String {
+    "argocd".into()
+}
+fn default_branch() -> String {
+    "main".into()
+}
+fn default_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+
+/// The input of `promote.image`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PromoteInput {
+    /// A git connection (connections.git): the infra repository.
+    pub repository: String,
+    /// The application, for messages.
+    pub application: String,
+    /// The target environment, for messages.
+    pub environment: String,
+    /// The image tag (`2.15.0`) or digest (`sha256:…`).
+    pub tag: String,
+    /// The branch holding the environment's values. Default `main`.
+    #[serde(default = "default_branch")]
+    pub branch: String,
+    /// The file, relative to the repository root (`envs/prod/values.yaml`).
+    pub file: String,
+    /// A Helm values key path (`api-gateway.image.tag`)...
+    #[serde(default)]
+    pub key: Option<String>,
+    /// ...or a kustomization image name, whose `newTag` (or `digest`) is set.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// The commit that built the image, for the message.
+    #[serde(default)]
+    pub source_commit: Option<String>,
+    /// Wait for this Application to be Synced and Healthy at the pushed revision.
+    #[serde(default)]
+    pub argocd: Option<ArgoApp>,
+    /// How long to wait for health. Default 10m.
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// A notice webhook (connections.notify).
+    #[serde(default)]
+    pub notify: Option<String>,
+}
+
+/// What `commit-and-push` did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pushed {
+    /// The commit that carries the value (ours, or the tip if the value was already there).
+    pub commit: String,
+    /// Whether this run made a commit.
+    pub changed: bool,
+    /// The line changed.
+    pub line: Option<usize>,
+    /// Pushes tried (more than one: the branch moved under us).
+    pub push_attempts: u32,
+}
+
+/// What `promote.image` did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Promotion {
+    pub application: String,
+    pub environment: String,
+    pub tag: String,
+    #[serde(flatten)]
+    pub pushed: Pushed,
+}
+
+fn git_err(e: GitError) -> StepError {
+    StepError::transient(e)
+}
+
+fn kube_err(e: KubeError) -> StepError {
+    if e.is_transient() {
+        StepError::transient(e)
+    } else {
+        StepError::permanent(e)
+    }
+}
+
+/// Checks a tag or digest the way registries do (OCI distribution spec).
+pub fn check_tag(tag: &str) -> Result<(), String> {
+    if let Some(hex) = tag.strip_prefix("sha256:") {
+        if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+            return Ok(());
+        }
+        return Err(format!(
+            "{tag:?} is not a sha256 digest (sha256: and 64 lowercase hex digits)"
+        ));
+    }
+    let ok = !tag.is_empty()
+        && tag.len() <= 128
+        && tag
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_')
+        && tag.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{tag:?} is not a valid image tag: 1 to 128 of A-Z a-z 0-9 _ . -, not starting with . or -"
+        ))
+    }
+}
+
+/// The key path the input names.
+fn key_path(input: &PromoteInput) -> Result<String, String> {
+    match (&input.key, &input.image) {
+        (Some(key), None) => Ok(key.clone()),
+        (None, Some(image)) => {
+            let field = if input.tag.starts_with("sha256:") {
+                "digest"
+            } else {
+                "newTag"
+            };
+            Ok(format!("images.[name={image}].{field}"))
+        }
+        _ => Err("give either `key` (a Helm values key path) or `image` (a kustomization image name)".into()),
+    }
+}
+
+struct Promote {
+    input: PromoteInput,
+    path: String,
+    git: GitConfig,
+    kube: Option<Kube>,
+    notifier: Option<Notifier>,
+}
+
+/// The `promote.image` workflow.
+pub fn promote_image(connections: Arc<Connections>) -> WorkflowDef {
+    WorkflowDef::new(
+        "promote.image",
+        "Writes an image tag into an environment's values in git, waits until ArgoCD reports it Synced and Healthy; reverts the commit when it does not.",
+        move |ctx: Ctx, input: PromoteInput| {
+            let connections = connections.clone();
+            async move {
+                check_tag(&input.tag).map_err(WorkflowError::failed)?;
+                let path = key_path(&input).map_err(WorkflowError::failed)?;
+                let git = connections
+                    .git(&input.repository)
+                    .map_err(WorkflowError::failed)?
+                    .clone();
+                let kube = match &input.argocd {
+                    Some(app) => {
+                        let config = connections.kubernetes(&app.kubernetes).map_err(WorkflowError::failed)?;
+                        Some(Kube::connect(config).await.map_err(WorkflowError::failed)?)
+                    }
+                    None => None,
+                };
+                let notifier = match &input.notify {
+                    Some(n) => Some(connections.notifier(n).map_err(WorkflowError::failed)?),
+                    None => None,
+                };
+                let p = Arc::new(Promote {
+                    input,
+                    path,
+                    git,
+                    kube,
+                    notifier,
+                });
+                promote(&ctx, p).await
+            }
+        },
+    )
+}
+
+async fn promote(ctx: &Ctx, p: Arc<Promote>) -> Result<Promotion, WorkflowError> {
+    let run_id = ctx.run_id().to_string();
+    let (pr, run) = (&p, run_id.as_str());
+    let pushed: Pushed = ctx
+        .step("commit-and-push", |_s| async move { commit_and_push(pr, run).await })
+        .retry(RetryPolicy {
+            max_attempts: 5,
+            ..RetryPolicy::default()
+        })
+        .undo({
+            let (p, run) = (p.clone(), run_id.clone());
+            move |_s, pushed: Pushed| async move { revert(&p, &pushed, &run).await }
+        })
+        .await?;
+
+    if let Some(app) = &p.input.argocd {
+        let commit = pushed.commit.as_str();
+        ctx.step("wait-healthy", |_s| async move { wait_healthy(pr, app, commit).await })
+            .retry(RetryPolicy {
+                max_attempts: 3,
+                ..RetryPolicy::default()
+            })
+            .await?;
+    }
+    let text = format!(
+        ":white_check_mark: **{}** promoted to **{}**: `{}` (commit `{}`, run `{run_id}`)",
+        p.input.application,
+        p.input.environment,
+        p.input.tag,
+        short(&pushed.commit)
+    );
+    notify(ctx, &p, "notify-promoted", text).await;
+    Ok(Promotion {
+        application: p.input.application.clone(),
+        environment: p.input.environment.clone(),
+        tag: p.input.tag.clone(),
+        pushed,
+    })
+}
+
+fn short(commit: &str) -> &str {
+    &commit[..commit.len().min(10)]
+}
+
+/// Sends a notice if a webhook is configured; a notice that cannot be sent is logged, not fatal.
+async fn notify(ctx: &Ctx, p: &Promote, step: &str, text: String) {
+    let Some(notifier) = &p.notifier else { return };
+    let sent = ctx
+        .step(step, |_s| async move {
+            notifier.send(&text).await.map_err(|e| {
+                if e.is_transient() {
+                    StepError::transient(e)
+                } else {
+                    StepError::permanent(e)
+                }
+            })
+        })
+        .await;
+    if let Err(e) = sent {
+        tracing::warn!(run_id = %ctx.run_id(), error = %e, "A promotion notice could not be sent.");
+    }
+}
+
+fn message(p: &Promote, run_id: &str) -> String {
+    let i = &p.input;
+    let mut m = format!("promote {} to {}: {}\n\n", i.application, i.environment, i.tag);
+    m.push_str(&format!("Sets {} in {} on {}.\n\n", p.path, i.file, i.branch));
+    if let Some(source) = &i.source_commit {
+        m.push_str(&format!("Source-Commit: {source}\n"));
+    }
+    m.push_str(&format!("Dayshift-Run: {run_id}\n"));
+    m
+}
+
+/// Our commit among the branch's recent ones (an attempt that pushed before a crash).
+async fn find_ours(checkout: &Checkout, marker: &str) -> Result<Option<String>, StepError> {
+    let recent = checkout.recent(50).await.map_err(git_err)?;
+    Ok(recent
+        .into_iter()
+        .find(|(_, msg)| msg.lines().any(|l| l.trim() == marker))
+        .map(|(id, _)| id))
+}
+
+async fn commit_and_push(p: &Promote, run_id: &str) -> Result<Pushed, StepError> {
+    let i = &p.input;
+    let checkout = p.git.checkout(&i.branch).await.map_err(git_err)?;
+    let marker = format!("Dayshift-Run: {run_id}");
+    for attempt in 1..=PUSH_ATTEMPTS {
+        if attempt > 1 {
+            checkout.reset_to_remote().await.map_err(git_err)?;
+        }
+        if let Some(commit) = find_ours(&checkout, &marker).await? {
+            return Ok(Pushed {
+                commit,
+                changed: true,
+                line: None,
+                push_attempts: attempt,
+            });
+        }
+        let file = checkout.dir().join(&i.file);
+        let text = std::fs::read_to_string(&file)
+            .map_err(|e| StepError::Permanent(format!("{} on {}: {e}", i.file, i.branch)))?;
+        let (new_text, change) =
+            values::set(&text, &p.path, &i.tag).map_err(|e| StepError::Permanent(format!("{}: {e}", i.file)))?;
+        if new_text == text {
+            // Already there (someone promoted this tag before us): nothing to commit.
+            return Ok(Pushed {
+                commit: checkout.head().await.map_err(git_err)?,
+                changed: false,
+                line: None,
+                push_attempts: attempt - 1,
+            });
+        }
+        std::fs::write(&file, &new_text).map_err(|e| StepError::Transient(format!("write {}: {e}", i.file)))?;
+        let commit = checkout
+            .commit(&[i.file.as_str()], &message(p, run_id))
+            .await
+            .map_err(git_err)?;
+        match checkout.push().await {
+            Ok(()) => {
+                return Ok(Pushed {
+                    commit,
+                    changed: true,
+                    line: Some(change.line),
+                    push_attempts: attempt,
+                });
+            }
+            Err(GitError::Rejected { detail, .. }) => {
+                tracing::info!(run_id, attempt, detail, "The branch moved; applying the change again.");
+            }
+            Err(e) => return Err(git_err(e)),
+        }
+    }
+    Err(StepError::Transient(format!(
+        "{} kept moving: {PUSH_ATTEMPTS} pushes were rejected",
+        i.branch
+    )))
+}
+
+/// Waits until the Application reports `commit` Synced and Healthy; a permanent error when it
+/// turns Degraded or the timeout passes.
+async fn wait_healthy(p: &Promote, app: &ArgoApp, commit: &str) -> Result<(), StepError> {
+    let kube = p
+        .kube
+        .as_ref()
+        .ok_or_else(|| StepError::permanent("no Kubernetes connection"))?;
+    let deadline = tokio::time::Instant::now() + p.input.timeout;
+    let every = Duration::from_secs(2)
+        .min(p.input.timeout / 20)
+        .max(Duration::from_millis(20));
+    loop {
+        let found = kube
+            .argocd_application(&app.namespace, &app.name)
+            .await
+            .map_err(kube_err)?;
+        let Some(a) = found else {
+            return Err(StepError::Permanent(format!(
+                "there is no ArgoCD Application {}/{}",
+                app.namespace, app.name
+            )));
+        };
+        let status = &a["status"];
+        let revision = status["sync"]["revision"].as_str().unwrap_or_default();
+        let sync = status["sync"]["status"].as_str().unwrap_or("Unknown");
+        let health = status["health"]["status"].as_str().unwrap_or("Unknown");
+        let at_commit = revision == commit;
+        if at_commit && health == "Degraded" {
+            let why = status["health"]["message"].as_str().unwrap_or("no message");
+            return Err(StepError::Permanent(format!(
+                "Application {} is Degraded at {}: {why}",
+                app.name,
+                short(commit)
+            )));
+        }
+        if at_commit && sync == "Synced" && health == "Healthy" {
+            return Ok(());
+        }
+        let last = format!("revision {}, {sync}, {health}", short(revision));
+        if tokio::time::Instant::now() + every > deadline {
+            return Err(StepError::Permanent(format!(
+                "Application {} did not become Synced and Healthy at {} within {} (last: {last})",
+                app.name,
+                short(commit),
+                humantime::format_duration(p.input.timeout)
+            )));
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// The undo: a revert commit of ours (never a force-push), pushed, health awaited again, a
+/// notice. Safe to repeat: an existing revert is found by its trailer.
+async fn revert(p: &Promote, pushed: &Pushed, run_id: &str) -> Result<(), StepError> {
+    if !pushed.changed {
+        return Ok(());
+    }
+    let i = &p.input;
+    let marker = format!("Dayshift-Revert-Of: {}", pushed.commit);
+    let checkout = p.git.checkout(&i.branch).await.map_err(git_err)?;
+    let mut reverted = None;
+    for attempt in 1..=PUSH_ATTEMPTS {
+        if attempt > 1 {
+            checkout.reset_to_remote().await.map_err(git_err)?;
+        }
+        if let Some(commit) = find_ours(&checkout, &marker).await? {
+            reverted = Some(commit);
+            break;
+        }
+        let message = format!(
+            "revert the promotion of {} to {}: {}\n\nThe application did not become healthy.\n\n{marker}\nDayshift-Run: {run_id}\n",
+            i.application, i.environment, i.tag
+        );
+        let commit = checkout.revert(&pushed.commit, &message).await.map_err(git_err)?;
+        match checkout.push().await {
+            Ok(()) => {
+                reverted = Some(commit);
+                break;
+            }
+            Err(GitError::Rejected { .. }) => continue,
+            Err(e) => return Err(git_err(e)),
+        }
+    }
+    let reverted = reverted.ok_or_else(|| StepError::transient("the branch kept moving while reverting"))?;
+    let health = match &i.argocd {
+        Some(app) => match wait_healthy(p, app, &reverted).await {
+            Ok(()) => "healthy again".to_string(),
+            Err(e) => format!("NOT healthy after the revert: {e}"),
+        },
+        None => "no Application to watch".to_string(),
+    };
+    tracing::warn!(run_id, commit = %pushed.commit, revert = %reverted, "Promotion reverted.");
+    if let Some(notifier) = &p.notifier {
+        let text = format!(
+            ":rewind: **{}** promotion to **{}** of `{}` was rolled back: commit `{}` reverted by `{}`; {health} (run `{run_id}`)",
+            i.application,
+            i.environment,
+            i.tag,
+            short(&pushed.commit),
+            short(&reverted)
+        );
+        if let Err(e) = notifier.send(&text).await {
+            tracing::warn!(run_id, error = %e, "The rollback notice could not be sent.");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_tag;
+
+    #[test]
+    fn tags_and_digests_are_checked_as_registries_do() {
+        for ok in [
+            "2.15.0",
+            "v1",
+            "latest",
+            "1.0.0-rc.1_build.7",
+            &format!("sha256:{}", "a".repeat(64)),
+        ] {
+            check_tag(ok).unwrap();
+        }
+        for bad in [
+            "",
+            "-v1",
+            ".v1",
+            "v1 2",
+            "v1:2",
+            "feature/x",
+            &"a".repeat(129),
+            "sha256:XYZ",
+        ] {
+            assert!(check_tag(bad).is_err(), "{bad:?}");
+        }
+    }
+}
