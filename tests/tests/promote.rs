@@ -20,7 +20,8 @@ struct Rig {
     git: Arc<GitServer>,
     kube: Arc<KubeApi>,
     chat: WebhookReceiver,
-    env: TestEnv,
+    /// dayshift in this process; absent when the test runs the binary.
+    env: Option<TestEnv>,
     argocd: tokio::task::JoinHandle<()>,
     original: String,
 }
@@ -31,6 +32,49 @@ fn fixture(name: &str) -> String {
 
 impl Rig {
     async fn new() -> Self {
+        let mut rig = Self::world().await;
+        let mut env = TestEnv::new(vec![promote_image(Arc::new(rig.connections()))]).await;
+        env.start_worker(fast_worker("w"));
+        rig.env = Some(env);
+        rig
+    }
+
+    fn connections(&self) -> Connections {
+        let mut conns = Connections::default();
+        conns.git.insert(
+            "infra".into(),
+            GitConfig {
+                url: self.git.url("infra"),
+                token: None,
+                author_name: "dayshift".into(),
+                author_email: "dayshift@acme.io".into(),
+            },
+        );
+        conns.kubernetes.insert(
+            "cluster".into(),
+            KubeConfig {
+                url: Some(self.kube.url.clone()),
+                ..KubeConfig::default()
+            },
+        );
+        conns.notify.insert("chat".into(), self.chat.url.clone());
+        conns
+    }
+
+    /// The config file's connections, for a `dayshift` process.
+    fn connections_yaml(&self) -> String {
+        let chat = self.git.dir.join("chat-url");
+        std::fs::write(&chat, &self.chat.url).unwrap();
+        format!(
+            "connections:\n  git:\n    infra: {{ url: \"{}\", author-email: dayshift@acme.io }}\n  kubernetes:\n    cluster: {{ url: \"{}\" }}\n  notify:\n    chat: {{ url: {{ file: {} }} }}\n",
+            self.git.url("infra"),
+            self.kube.url,
+            chat.display()
+        )
+    }
+
+    /// The repository, the cluster and the chat, without dayshift.
+    async fn world() -> Self {
         let git = Arc::new(GitServer::start().await);
         let original = fixture("umbrella-values-prod.yaml");
         git.create(
@@ -50,44 +94,20 @@ impl Rig {
         }));
         let argocd = tokio::spawn(play_argocd(git.clone(), kube.clone()));
         let chat = WebhookReceiver::start().await;
-        let mut conns = Connections::default();
-        conns.git.insert(
-            "infra".into(),
-            GitConfig {
-                url: git.url("infra"),
-                token: None,
-                author_name: "dayshift".into(),
-                author_email: "dayshift@acme.io".into(),
-            },
-        );
-        conns.kubernetes.insert(
-            "cluster".into(),
-            KubeConfig {
-                url: Some(kube.url.clone()),
-                ..KubeConfig::default()
-            },
-        );
-        conns.notify.insert("chat".into(), chat.url.clone());
-        let mut env = TestEnv::new(vec![promote_image(Arc::new(conns))]).await;
-        env.start_worker(fast_worker("w"));
         Self {
             git,
             kube,
             chat,
-            env,
+            env: None,
             argocd,
             original,
         }
     }
 
     async fn promote(&self, input: Value) -> RunView {
-        let started = self
-            .env
-            .engine
-            .start(StartRun::new("promote.image", input))
-            .await
-            .unwrap();
-        self.env.wait(started.id, LIMIT).await
+        let env = self.env.as_ref().expect("dayshift in process");
+        let started = env.engine.start(StartRun::new("promote.image", input)).await.unwrap();
+        env.wait(started.id, LIMIT).await
     }
 }
 
@@ -181,7 +201,7 @@ async fn a_promotion_commits_one_line_and_waits_until_argocd_is_healthy() {
     assert_eq!(again.status, RunStatus::Succeeded, "{again:#?}");
     assert_eq!(again.output.unwrap()["changed"], false);
     assert_eq!(rig.git.log("infra", "main").len(), log.len());
-    rig.env.stop_workers().await;
+    rig.env.as_mut().unwrap().stop_workers().await;
 }
 
 #[tokio::test]
@@ -214,7 +234,7 @@ async fn a_degraded_application_gets_its_promotion_reverted_by_a_new_commit() {
         text.contains("was rolled back") && text.contains("healthy again"),
         "{text}"
     );
-    rig.env.stop_workers().await;
+    rig.env.as_mut().unwrap().stop_workers().await;
 }
 
 #[tokio::test]
@@ -237,7 +257,7 @@ async fn a_push_rejected_because_another_writer_pushed_first_is_applied_again() 
         rig.git.read("infra", "main", "README.md"),
         "infra, edited by someone else"
     );
-    rig.env.stop_workers().await;
+    rig.env.as_mut().unwrap().stop_workers().await;
 }
 
 #[tokio::test]
@@ -268,5 +288,119 @@ async fn bad_input_fails_clearly_and_pushes_nothing() {
         assert!(error.contains(expected), "{error}");
     }
     assert_eq!(rig.git.head("infra", "main"), seed, "something was pushed");
-    rig.env.stop_workers().await;
+    rig.env.as_mut().unwrap().stop_workers().await;
+}
+
+#[tokio::test]
+async fn a_prod_promotion_waits_for_approvals_across_a_restart_and_a_rejection_pushes_nothing() {
+    let rig = Rig::world().await;
+    let mut env = dayshift_tests::BinEnv::start_with(&rig.connections_yaml()).await;
+    let mut worker = env.start_worker().await;
+    let seed = rig.git.head("infra", "main");
+    let mut gated = input("2.16.0");
+    gated["approval"] = json!({ "approvers": ["alice", "bob", "carol"], "required": 2 });
+    gated["requested_by"] = json!("carol");
+    let id = env.start_run("promote.image", gated.clone()).await;
+    let waiting = env
+        .wait_run(&id, LIMIT, |r| {
+            r["steps"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|s| s["name"] == "approval" && s["status"] == "waiting"))
+        })
+        .await;
+    // The run shows who may approve, how many, and since when.
+    let request = waiting["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "request-approval")
+        .unwrap();
+    assert_eq!(request["output"]["approvers"], json!(["alice", "bob", "carol"]));
+    assert_eq!(request["output"]["required"], 2);
+    assert!(request["output"]["since"].as_str().unwrap().starts_with("20"));
+
+    // The author cannot approve her own change.
+    let (status, _) = env
+        .post(&format!("/api/v1/runs/{id}/approve"), &json!({ "by": "carol" }))
+        .await;
+    assert_eq!(status, 202);
+    env.wait_run(&id, LIMIT, |r| {
+        r["steps"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|s| s["name"] == "decision:1"))
+    })
+    .await;
+
+    // Every process restarts while the run waits.
+    worker.kill9().await;
+    env.server.as_mut().unwrap().kill9().await;
+    env.start_server().await;
+    let _worker = env.start_worker().await;
+
+    // Alice approves with the CLI, Bob through the API.
+    let out = std::process::Command::new(dayshift_tests::dayshift_bin())
+        .args([
+            "runs",
+            "approve",
+            &id,
+            "--as",
+            "alice",
+            "--comment",
+            "looks good",
+            "--server",
+            &env.api,
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    env.wait_run(&id, LIMIT, |r| {
+        r["status"] == "waiting"
+            && r["steps"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|s| s["name"] == "decision:2"))
+    })
+    .await;
+    assert_eq!(rig.git.head("infra", "main"), seed, "pushed with one approval");
+    let (status, _) = env
+        .post(&format!("/api/v1/runs/{id}/approve"), &json!({ "by": "bob" }))
+        .await;
+    assert_eq!(status, 202);
+    let run = env.wait_finished(&id, LIMIT).await;
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    let steps = run["steps"].as_array().unwrap();
+    let decision = |n: usize| steps.iter().find(|s| s["name"] == format!("decision:{n}")).unwrap()["output"].clone();
+    assert_eq!(decision(1)["ignored"], "carol made the change and may not approve it");
+    assert_eq!(decision(2)["by"], "alice");
+    assert_eq!(decision(2)["comment"], "looks good");
+    assert_eq!(decision(3)["by"], "bob");
+    assert!(rig.git.read("infra", "main", VALUES).contains("tag: \"2.16.0\""));
+
+    // A rejection ends the next promotion with nothing pushed.
+    let head = rig.git.head("infra", "main");
+    gated["tag"] = json!("2.17.0");
+    let id = env.start_run("promote.image", gated).await;
+    env.wait_run(&id, LIMIT, |r| {
+        r["steps"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|s| s["name"] == "approval" && s["status"] == "waiting"))
+    })
+    .await;
+    let (status, _) = env
+        .post(
+            &format!("/api/v1/runs/{id}/reject"),
+            &json!({ "by": "bob", "comment": "freeze until Monday" }),
+        )
+        .await;
+    assert_eq!(status, 202);
+    let run = env.wait_finished(&id, LIMIT).await;
+    assert_eq!(run["status"], "failed");
+    assert!(
+        run["error"]
+            .as_str()
+            .unwrap()
+            .contains("rejected by bob: freeze until Monday"),
+        "{run:#}"
+    );
+    assert_eq!(rig.git.head("infra", "main"), head, "a rejected promotion pushed");
+    env.server.as_mut().unwrap().kill9().await;
 }

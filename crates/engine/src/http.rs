@@ -30,6 +30,8 @@ pub fn router(engine: Engine) -> Router {
         .route("/api/v1/runs/{id}/events", get(run_events))
         .route("/api/v1/runs/{id}/cancel", post(cancel_run))
         .route("/api/v1/runs/{id}/signals/{name}", post(signal_run))
+        .route("/api/v1/runs/{id}/approve", post(approve_run))
+        .route("/api/v1/runs/{id}/reject", post(reject_run))
         .route(
             "/hooks/alertmanager",
             post(alertmanager).layer(axum::extract::DefaultBodyLimit::disable()),
@@ -245,6 +247,55 @@ async fn signal_run(
     };
     engine.signal(id, &name, payload, "api").await?;
     Ok((StatusCode::ACCEPTED, Json(json!({ "id": id, "signal": name }))))
+}
+
+/// An approve or reject call: who decides, and why.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DecisionBody {
+    by: String,
+    #[serde(default)]
+    comment: Option<String>,
+}
+
+async fn approve_run(
+    engine: State<Engine>,
+    id: Path<String>,
+    body: Body<DecisionBody>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    decide(engine, id, body, true).await
+}
+
+async fn reject_run(
+    engine: State<Engine>,
+    id: Path<String>,
+    body: Body<DecisionBody>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    decide(engine, id, body, false).await
+}
+
+/// Approvals are the signal `approval` with `{by, approve, comment}`; the workflow decides
+/// whether the decision counts (who may approve, no self-approval) and journals it.
+async fn decide(
+    State(engine): State<Engine>,
+    Path(id): Path<String>,
+    Body(d): Body<DecisionBody>,
+    approve: bool,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let id = parse_id(&id)?;
+    if d.by.trim().is_empty() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            "`by` must name who decides",
+        ));
+    }
+    let payload = json!({ "by": d.by, "approve": approve, "comment": d.comment });
+    engine.signal(id, "approval", payload, &d.by).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "id": id, "decision": if approve { "approve" } else { "reject" }, "by": d.by })),
+    ))
 }
 
 async fn list_schedules(State(engine): State<Engine>) -> Result<Json<Value>, ApiError> {

@@ -51,6 +51,24 @@ pub(crate) enum RunsCommand {
         #[arg(long, default_value = "null")]
         payload: String,
     },
+    /// Approves a run waiting for approval (a promotion gate).
+    Approve {
+        id: String,
+        /// Who approves. Default $USER.
+        #[arg(long = "as", env = "USER")]
+        by: String,
+        #[arg(long)]
+        comment: Option<String>,
+    },
+    /// Rejects a run waiting for approval: it ends without changing anything.
+    Reject {
+        id: String,
+        /// Who rejects. Default $USER.
+        #[arg(long = "as", env = "USER")]
+        by: String,
+        #[arg(long)]
+        comment: Option<String>,
+    },
 }
 
 struct Api {
@@ -193,6 +211,8 @@ pub(crate) async fn runs(args: &ApiArgs, command: RunsCommand) -> Result<ExitCod
                 );
             }
         }
+        RunsCommand::Approve { id, by, comment } => decide(&api, args, "approve", &id, &by, comment).await?,
+        RunsCommand::Reject { id, by, comment } => decide(&api, args, "reject", &id, &by, comment).await?,
         RunsCommand::Signal { id, name, payload } => {
             let payload = parse_json("--payload", &payload)?;
             let body = api.post(&format!("/api/v1/runs/{id}/signals/{name}"), &payload).await?;
@@ -320,4 +340,20 @@ pub(crate) async fn schedules(args: &ApiArgs, command: Option<SchedulesCommand>)
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `runs approve` / `runs reject`.
+async fn decide(api: &Api, args: &ApiArgs, verb: &str, id: &str, by: &str, comment: Option<String>) -> Result<()> {
+    let body = api
+        .post(
+            &format!("/api/v1/runs/{id}/{verb}"),
+            &json!({ "by": by, "comment": comment }),
+        )
+        .await?;
+    if args.json {
+        println!("{body}");
+    } else {
+        println!("{verb} of run {id} by {by} sent");
+    }
+    Ok(())
 }

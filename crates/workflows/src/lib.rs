@@ -15,7 +15,9 @@ mod vault_backup;
 
 pub use backup::{BackupInput, Manifest, RestoreInput, backup_postgres, restore_postgres};
 pub use connections::Connections;
-pub use gitops::promote::{ArgoApp, PromoteInput, Promotion, Pushed, promote_image};
+pub use gitops::promote::{
+    ApprovalGate, ApprovalRequest, ArgoApp, Counted, Decision, PromoteInput, Promotion, Pushed, promote_image,
+};
 pub use restore_test::{Check, CheckResult, RestoreTestInput, RestoreTestReport, backup_restore_test};
 pub use retention::{Backup, RetentionInput, RetentionPolicy, RetentionReport, backup_retention, plan, time_of};
 pub use rotate::{
