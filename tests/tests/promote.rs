@@ -92,7 +92,11 @@ impl Rig {
             "metadata": { "name": "shop-prod", "namespace": "argocd" },
             "spec": { "source": { "repoURL": git.url("infra"), "targetRevision": "main", "path": "envs/prod" } },
         }));
-        let argocd = tokio::spawn(play_argocd(git.clone(), kube.clone()));
+        let argocd = tokio::spawn(play_argocd(
+            git.clone(),
+            kube.clone(),
+            vec![(APP.to_string(), VALUES.to_string())],
+        ));
         let chat = WebhookReceiver::start().await;
         Self {
             git,
@@ -120,31 +124,37 @@ impl Drop for Rig {
 /// ArgoCD, as seen through the API: when the branch moves, the Application goes OutOfSync,
 /// then Synced and Progressing at the new revision, then Healthy; or Degraded when the values
 /// hold a tag ending in `-broken`.
-async fn play_argocd(git: Arc<GitServer>, kube: Arc<KubeApi>) {
+async fn play_argocd(git: Arc<GitServer>, kube: Arc<KubeApi>, apps: Vec<(String, String)>) {
     let mut seen = String::new();
     loop {
         let head = git.head("infra", "main");
         if head != seen {
-            kube.set_status(
-                APP,
-                json!({ "sync": { "status": "OutOfSync", "revision": seen }, "health": { "status": "Healthy" } }),
-            );
+            for (app, _) in &apps {
+                kube.set_status(
+                    app,
+                    json!({ "sync": { "status": "OutOfSync", "revision": seen }, "health": { "status": "Healthy" } }),
+                );
+            }
             tokio::time::sleep(Duration::from_millis(60)).await;
-            kube.set_status(
-                APP,
-                json!({ "sync": { "status": "Synced", "revision": head }, "health": { "status": "Progressing" } }),
-            );
+            for (app, _) in &apps {
+                kube.set_status(
+                    app,
+                    json!({ "sync": { "status": "Synced", "revision": head }, "health": { "status": "Progressing" } }),
+                );
+            }
             tokio::time::sleep(Duration::from_millis(60)).await;
-            let broken = git.read("infra", "main", VALUES).contains("-broken\"");
-            let health = if broken {
-                json!({ "status": "Degraded", "message": "Deployment shop/api-gateway: 0/3 pods ready (CrashLoopBackOff)" })
-            } else {
-                json!({ "status": "Healthy" })
-            };
-            kube.set_status(
-                APP,
-                json!({ "sync": { "status": "Synced", "revision": head }, "health": health }),
-            );
+            for (app, values) in &apps {
+                let broken = git.read("infra", "main", values).contains("-broken\"");
+                let health = if broken {
+                    json!({ "status": "Degraded", "message": "Deployment shop/api-gateway: 0/3 pods ready (CrashLoopBackOff)" })
+                } else {
+                    json!({ "status": "Healthy" })
+                };
+                kube.set_status(
+                    app,
+                    json!({ "sync": { "status": "Synced", "revision": head }, "health": health }),
+                );
+            }
             seen = head;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -402,5 +412,177 @@ async fn a_prod_promotion_waits_for_approvals_across_a_restart_and_a_rejection_p
         "{run:#}"
     );
     assert_eq!(rig.git.head("infra", "main"), head, "a rejected promotion pushed");
+    env.server.as_mut().unwrap().kill9().await;
+}
+
+const SECRET: &str = "chain-webhook-secret";
+
+fn signed(body: &[u8]) -> String {
+    use hmac::{KeyInit, Mac};
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+#[tokio::test]
+async fn a_push_to_dev_starts_the_chain_through_staging_and_an_approved_prod() {
+    let git = Arc::new(GitServer::start().await);
+    let values = fixture("umbrella-values-prod.yaml");
+    let paths: Vec<String> = ["dev", "staging", "prod"]
+        .iter()
+        .map(|e| format!("envs/{e}/values.yaml"))
+        .collect();
+    let files: Vec<(&str, &str)> = paths.iter().map(|p| (p.as_str(), values.as_str())).collect();
+    git.create("infra", "main", &files);
+    let kube = Arc::new(KubeApi::start().await);
+    let mut apps = Vec::new();
+    for env in ["staging", "prod"] {
+        kube.put(json!({
+            "apiVersion": "argoproj.io/v1alpha1", "kind": "Application",
+            "metadata": { "name": format!("shop-{env}"), "namespace": "argocd" }, "spec": {},
+        }));
+        apps.push((
+            format!("/apis/argoproj.io/v1alpha1/namespaces/argocd/applications/shop-{env}"),
+            format!("envs/{env}/values.yaml"),
+        ));
+    }
+    let argocd = tokio::spawn(play_argocd(git.clone(), kube.clone(), apps));
+
+    let dir = git.dir.join("config");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("secret"), SECRET).unwrap();
+    let env_yaml = |name: &str, extra: &str| {
+        format!(
+            "      - name: {name}\n        file: envs/{name}/values.yaml\n        key: api-gateway.image.tag\n{extra}"
+        )
+    };
+    let yaml = format!(
+        "connections:\n  git:\n    infra: {{ url: \"{}\", author-email: dayshift@acme.io }}\n  kubernetes:\n    cluster: {{ url: \"{}\" }}\n\
+         webhooks:\n  github:\n    secret: {{ file: {} }}\n  bot-emails: [dayshift@acme.io]\n  routes:\n    - name: promote-api-gateway\n      forge: github\n      repositories: [acme/infra]\n      events: [push]\n      branches: [main]\n      paths: [envs/dev/**]\n      workflow: promote.chain\n      input: {{ application: api-gateway, from: dev, source_commit: \"{{{{ sha }}}}\", requested_by: \"{{{{ payload.head_commit.author.email }}}}\" }}\n      concurrency: {{ key: promote-api-gateway, policy: cancel-older }}\n\
+         promotions:\n  api-gateway:\n    repository: infra\n    kubernetes: cluster\n    environments:\n{}{}{}",
+        git.url("infra"),
+        kube.url,
+        dir.join("secret").display(),
+        env_yaml("dev", ""),
+        env_yaml(
+            "staging",
+            "        argocd-application: shop-staging\n        timeout: 20s\n        soak: 1s\n"
+        ),
+        env_yaml(
+            "prod",
+            "        argocd-application: shop-prod\n        timeout: 20s\n        soak: 1s\n        approval: { approvers: [alice, ci@acme.io] }\n"
+        ),
+    );
+    let mut env = dayshift_tests::BinEnv::start_with(&yaml).await;
+    let _worker = env.start_worker().await;
+
+    // CI writes the new tag into dev's values and pushes; GitHub tells dayshift.
+    let dev = fixture("umbrella-values-prod.yaml").replace("tag: \"2.14.0\"", "tag: \"2.18.0\"");
+    git.push_other("infra", "main", "envs/dev/values.yaml", &dev);
+    let sha = git.head("infra", "main");
+    let mut push: Value = serde_json::from_str(
+        &std::fs::read_to_string(format!(
+            "{}/fixtures/github/push-branch.json",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    push["ref"] = json!("refs/heads/main");
+    push["after"] = json!(sha);
+    push["repository"]["full_name"] = json!("acme/infra");
+    let commit = json!({
+        "id": sha, "tree_id": sha, "distinct": true, "message": "ci: api-gateway 2.18.0 to dev",
+        "timestamp": "2026-11-21T10:00:00Z", "url": "https://github.com/acme/infra/commit/x",
+        "author": { "name": "CI", "email": "ci@acme.io", "username": "ci" },
+        "committer": { "name": "CI", "email": "ci@acme.io", "username": "ci" },
+        "added": [], "removed": [], "modified": ["envs/dev/values.yaml"],
+    });
+    push["commits"] = json!([commit]);
+    push["head_commit"] = commit;
+    let body = serde_json::to_vec(&push).unwrap();
+    let resp = env
+        .http
+        .post(format!("{}/hooks/github", env.api))
+        .header("content-type", "application/json")
+        .header("X-GitHub-Event", "push")
+        .header("X-GitHub-Delivery", "d-1")
+        .header("X-Hub-Signature-256", signed(&body))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    assert!(status < 300, "{status} {}", resp.text().await.unwrap());
+
+    // Staging is promoted on its own; prod waits for an approval, which CI cannot give itself.
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    let prod = loop {
+        let (_, runs) = env.get("/api/v1/runs?workflow=promote.image&limit=10").await;
+        let waiting = runs["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["status"] == "waiting" && r["input"]["environment"] == "prod")
+            .cloned();
+        if let Some(r) = waiting {
+            break r["id"].as_str().unwrap().to_string();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no prod promotion waits: {runs:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        git.read("infra", "main", "envs/staging/values.yaml")
+            .contains("tag: \"2.18.0\"")
+    );
+    assert!(
+        git.read("infra", "main", "envs/prod/values.yaml")
+            .contains("tag: \"2.14.0\"")
+    );
+    for by in ["ci@acme.io", "alice"] {
+        let (status, _) = env
+            .post(&format!("/api/v1/runs/{prod}/approve"), &json!({ "by": by }))
+            .await;
+        assert_eq!(status, 202);
+    }
+    let (_, chains) = env.get("/api/v1/runs?workflow=promote.chain").await;
+    let chain = chains["runs"][0]["id"].as_str().unwrap().to_string();
+    let chain = env.wait_finished(&chain, LIMIT).await;
+    assert_eq!(chain["status"], "succeeded", "{chain:#}");
+    assert_eq!(chain["output"]["promoted"], json!(["staging", "prod"]));
+    assert_eq!(chain["output"]["tag"], "2.18.0");
+    assert!(
+        chain["started_by"].as_str().unwrap().contains("promote-api-gateway"),
+        "{chain:#}"
+    );
+    let steps = chain["steps"].as_array().unwrap();
+    assert!(steps.iter().any(|s| s["name"] == "soak:prod"), "{chain:#}");
+    assert!(
+        git.read("infra", "main", "envs/prod/values.yaml")
+            .contains("tag: \"2.18.0\"")
+    );
+    let log = git.log("infra", "main");
+    assert!(log[0].2.starts_with("promote api-gateway to prod: 2.18.0"), "{log:#?}");
+    assert!(
+        log[1].2.starts_with("promote api-gateway to staging: 2.18.0"),
+        "{log:#?}"
+    );
+    assert!(log[0].2.contains(&format!("Source-Commit: {sha}")), "{log:#?}");
+    // The approval by the author of the change did not count.
+    let (_, prod_run) = env.get(&format!("/api/v1/runs/{prod}")).await;
+    let first = prod_run["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "decision:1")
+        .unwrap();
+    assert_eq!(
+        first["output"]["ignored"],
+        "ci@acme.io made the change and may not approve it"
+    );
+    argocd.abort();
     env.server.as_mut().unwrap().kill9().await;
 }

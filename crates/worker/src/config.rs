@@ -62,6 +62,115 @@ pub(crate) struct Config {
     pub alertmanager: AlertmanagerConfig,
     /// Named connections that workflow inputs refer to (`store: backups`, `database: app`).
     pub connections: ConnectionsConfig,
+    /// How each application is promoted through its environments (`promote.chain`).
+    pub promotions: std::collections::BTreeMap<String, PromotionConfig>,
+}
+
+/// One application's promotions.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(crate) struct PromotionConfig {
+    /// The git connection of the infra repository.
+    pub repository: String,
+    /// The Kubernetes connection where ArgoCD runs. Default `default`.
+    #[serde(default = "default_connection")]
+    pub kubernetes: String,
+    /// Default `argocd`.
+    #[serde(default = "argocd")]
+    pub argocd_namespace: String,
+    /// A notice webhook (connections.notify).
+    #[serde(default)]
+    pub notify: Option<String>,
+    /// In promotion order (dev, staging, prod).
+    pub environments: Vec<EnvironmentConfig>,
+}
+
+/// One environment of an application.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(crate) struct EnvironmentConfig {
+    pub name: String,
+    /// Default `main` (a branch per environment: name it here).
+    #[serde(default = "main_branch")]
+    pub branch: String,
+    /// The values file (a file or directory per environment: name it here).
+    pub file: String,
+    /// A Helm values key path (`api-gateway.image.tag`)...
+    #[serde(default)]
+    pub key: Option<String>,
+    /// ...or a kustomization image name.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// The ArgoCD Application that syncs it.
+    #[serde(default)]
+    pub argocd_application: Option<String>,
+    /// How long it may take to become healthy. Default 10m.
+    #[serde(default = "ten_minutes", with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub timeout: Duration,
+    /// Wait this long after the previous environment became healthy.
+    #[serde(default, with = "humantime_serde::option")]
+    #[schemars(with = "Option<String>")]
+    pub soak: Option<Duration>,
+    /// When promotions may happen.
+    #[serde(default)]
+    pub window: Option<WindowConfig>,
+    /// Approvals required before pushing.
+    #[serde(default)]
+    pub approval: Option<ApprovalConfig>,
+}
+
+/// A promotion window.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(crate) struct WindowConfig {
+    /// `mon` … `sun`; every day if empty.
+    #[serde(default)]
+    pub days: Vec<String>,
+    /// `HH:MM`.
+    pub from: String,
+    /// `HH:MM`.
+    pub to: String,
+    /// IANA time zone. Default UTC.
+    #[serde(default = "utc")]
+    pub timezone: String,
+}
+
+/// An approval gate.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(crate) struct ApprovalConfig {
+    /// Who may approve (names or emails, as `dayshift runs approve --as` gives them).
+    pub approvers: Vec<String>,
+    /// Distinct approvals needed. Default 1.
+    #[serde(default = "one")]
+    pub required: usize,
+    /// How long to wait. Default 72h.
+    #[serde(default = "three_days", with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub timeout: Duration,
+}
+
+fn default_connection() -> String {
+    "default".into()
+}
+fn argocd() -> String {
+    "argocd".into()
+}
+fn main_branch() -> String {
+    "main".into()
+}
+fn ten_minutes() -> Duration {
+    Duration::from_secs(600)
+}
+fn utc() -> String {
+    "UTC".into()
+}
+fn one() -> usize {
+    1
+}
+fn three_days() -> Duration {
+    Duration::from_secs(3 * 86400)
 }
 
 /// Named connections. Credentials come from the environment or files, never from this file.
@@ -677,6 +786,10 @@ impl Config {
                 },
             );
         }
+        for (app, p) in &self.promotions {
+            out.promotions
+                .insert(app.clone(), promotion(app, p).map_err(ConfigError::Invalid)?);
+        }
         for (name, g) in &c.git {
             let key = format!("connections.git.{name}");
             let token = match &g.token {
@@ -958,6 +1071,69 @@ impl Config {
     }
 }
 
+/// `promotions.<app>` as `promote.chain` takes it, checked.
+fn promotion(app: &str, p: &PromotionConfig) -> Result<dayshift_workflows::AppPromotion, String> {
+    if p.environments.is_empty() {
+        return Err(format!("promotions.{app}.environments: give at least one"));
+    }
+    let mut environments = Vec::new();
+    for (n, e) in p.environments.iter().enumerate() {
+        let key = format!("promotions.{app}.environments[{n}]");
+        if e.key.is_some() == e.image.is_some() {
+            return Err(format!("{key}: give exactly one of `key` and `image`"));
+        }
+        let window = match &e.window {
+            Some(w) => {
+                let time = |t: &str, k: &str| {
+                    chrono::NaiveTime::parse_from_str(t, "%H:%M")
+                        .map_err(|_| format!("{key}.window.{k}: {t:?} is not HH:MM"))
+                };
+                let days = w
+                    .days
+                    .iter()
+                    .map(|d| {
+                        d.parse::<chrono::Weekday>()
+                            .map_err(|_| format!("{key}.window.days: {d:?} is not a day (mon … sun)"))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Some(dayshift_workflows::Window {
+                    days,
+                    from: time(&w.from, "from")?,
+                    to: time(&w.to, "to")?,
+                    timezone: w
+                        .timezone
+                        .parse()
+                        .map_err(|_| format!("{key}.window.timezone: {:?} is not an IANA time zone", w.timezone))?,
+                })
+            }
+            None => None,
+        };
+        environments.push(dayshift_workflows::EnvPromotion {
+            name: e.name.clone(),
+            branch: e.branch.clone(),
+            file: e.file.clone(),
+            key: e.key.clone(),
+            image: e.image.clone(),
+            argocd_application: e.argocd_application.clone(),
+            timeout: e.timeout,
+            soak: e.soak,
+            window,
+            approval: e.approval.as_ref().map(|a| dayshift_workflows::ApprovalGate {
+                approvers: a.approvers.clone(),
+                required: a.required,
+                timeout: a.timeout,
+            }),
+        });
+    }
+    Ok(dayshift_workflows::AppPromotion {
+        repository: p.repository.clone(),
+        kubernetes: p.kubernetes.clone(),
+        argocd_namespace: p.argocd_namespace.clone(),
+        notify: p.notify.clone(),
+        environments,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1059,6 +1235,45 @@ mod tests {
             "{err}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn promotion_mistakes_are_named_with_where_they_are() {
+        let base =
+            "promotions:\n  api:\n    repository: infra\n    environments:\n      - name: prod\n        file: v.yaml\n";
+        let cases = [
+            (
+                "        key: a.b\n        image: x\n",
+                "promotions.api.environments[0]: give exactly one of `key` and `image`",
+            ),
+            (
+                "        key: a.b\n        window: { from: \"9am\", to: \"16:00\" }\n",
+                "promotions.api.environments[0].window.from: \"9am\" is not HH:MM",
+            ),
+            (
+                "        key: a.b\n        window: { days: [funday], from: \"09:00\", to: \"16:00\" }\n",
+                "window.days: \"funday\" is not a day",
+            ),
+            (
+                "        key: a.b\n        window: { from: \"09:00\", to: \"16:00\", timezone: Mars/Olympus }\n",
+                "window.timezone: \"Mars/Olympus\" is not an IANA time zone",
+            ),
+        ];
+        for (extra, expected) in cases {
+            let c = Config::load(Some(("c.yaml", &format!("{base}{extra}"))), &env(&[])).unwrap();
+            let err = c.connections().unwrap_err().to_string();
+            assert!(err.contains(expected), "{err}");
+        }
+        let ok = Config::load(
+            Some(("c.yaml", &format!("{base}        key: a.b\n        soak: 10m\n"))),
+            &env(&[]),
+        )
+        .unwrap();
+        let conns = ok.connections().unwrap();
+        assert_eq!(
+            conns.promotions["api"].environments[0].soak,
+            Some(Duration::from_secs(600))
+        );
     }
 
     #[test]

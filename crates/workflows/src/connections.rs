@@ -8,6 +8,7 @@ use crate::adapters::kube::KubeConfig;
 use crate::adapters::notify::Notifier;
 use crate::adapters::s3::S3Config;
 use crate::adapters::vault::VaultConfig;
+use crate::gitops::chain::AppPromotion;
 
 /// The connections declared in the config file, with their secrets read. `Debug` shows the
 /// names only.
@@ -25,6 +26,8 @@ pub struct Connections {
     pub kubernetes: BTreeMap<String, KubeConfig>,
     /// Git repositories, by name.
     pub git: BTreeMap<String, GitConfig>,
+    /// How each application is promoted through its environments (`promotions:`).
+    pub promotions: BTreeMap<String, AppPromotion>,
 }
 
 impl std::fmt::Debug for Connections {
@@ -87,6 +90,16 @@ impl Connections {
             format!(
                 "no git connection named '{name}' (connections.git: {})",
                 self.git.keys().cloned().collect::<Vec<_>>().join(", ")
+            )
+        })
+    }
+
+    /// How application `name` is promoted.
+    pub fn promotion(&self, name: &str) -> Result<&AppPromotion, String> {
+        self.promotions.get(name).ok_or_else(|| {
+            format!(
+                "no promotions configured for application '{name}' (promotions: {})",
+                self.promotions.keys().cloned().collect::<Vec<_>>().join(", ")
             )
         })
     }

@@ -15,6 +15,7 @@ mod vault_backup;
 
 pub use backup::{BackupInput, Manifest, RestoreInput, backup_postgres, restore_postgres};
 pub use connections::Connections;
+pub use gitops::chain::{AppPromotion, ChainPlan, EnvPromotion, PromoteChainInput, Window, promote_chain};
 pub use gitops::promote::{
     ApprovalGate, ApprovalRequest, ArgoApp, Counted, Decision, PromoteInput, Promotion, Pushed, promote_image,
 };
@@ -50,6 +51,7 @@ pub fn all_with(pool: PgPool, connections: Connections) -> Vec<WorkflowDef> {
         rotate_kv_secret(connections.clone()),
         rotate_vault_database_root(connections.clone()),
         promote_image(connections.clone()),
+        promote_chain(connections.clone()),
         restore_postgres(connections),
     ]
 }

@@ -381,6 +381,17 @@ pub fn set(text: &str, path: &str, value: &str) -> Result<(String, Change), Stri
     ))
 }
 
+/// The string value at `path` of `text`.
+pub fn get(text: &str, path: &str) -> Result<String, String> {
+    let segments = parse_path(path)?;
+    let (found, seen) = locate(text, &segments)?;
+    match found.as_slice() {
+        [one] => Ok(unquote(&text[one.start..one.end], one.style)),
+        [] => Err(not_found(&segments, &seen)),
+        _ => Err(format!("{path} is set more than once")),
+    }
+}
+
 /// The error for a path that is not in the file: where the path stops, and what is there.
 fn not_found(path: &[Segment], seen: &[Vec<Segment>]) -> String {
     let mut deepest = 0;

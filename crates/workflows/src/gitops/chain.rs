@@ -1,0 +1,284 @@
+//! `promote.chain`: one application promoted through its environments in order, each with the
+//! gates the config gives it (a soak time after the previous environment became healthy, a
+//! time window, an approval), each environment a `promote.image` child run.
+//!
+//! Started by hand with a tag, or by a push to the first environment's values (a webhook
+//! route with `from: dev`): the tag is then read from that environment's values file.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Datelike, NaiveTime, TimeZone, Utc};
+use dayshift_engine::{Ctx, RetryPolicy, StepError, WorkflowDef, WorkflowError};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::promote::{ApprovalGate, check_tag};
+use super::values;
+use crate::connections::Connections;
+
+/// How one application is promoted (the config's `promotions.<application>`).
+#[derive(Debug, Clone, Default)]
+pub struct AppPromotion {
+    /// The git connection of the infra repository.
+    pub repository: String,
+    /// Where ArgoCD runs.
+    pub kubernetes: String,
+    pub argocd_namespace: String,
+    pub notify: Option<String>,
+    /// In promotion order.
+    pub environments: Vec<EnvPromotion>,
+}
+
+/// One environment of an application.
+#[derive(Debug, Clone, Default)]
+pub struct EnvPromotion {
+    pub name: String,
+    pub branch: String,
+    pub file: String,
+    pub key: Option<String>,
+    pub image: Option<String>,
+    /// The ArgoCD Application syncing it; no health wait without one.
+    pub argocd_application: Option<String>,
+    pub timeout: Duration,
+    pub soak: Option<Duration>,
+    pub window: Option<Window>,
+    pub approval: Option<ApprovalGate>,
+}
+
+/// When promotions to an environment may happen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Window {
+    /// Days of the week (`mon` … `sun`); every day if empty.
+    pub days: Vec<chrono::Weekday>,
+    pub from: NaiveTime,
+    pub to: NaiveTime,
+    pub timezone: chrono_tz::Tz,
+}
+
+impl Window {
+    /// `now` if the window is open, else when it next opens.
+    pub fn next_open(&self, now: DateTime<Utc>) -> DateTime<Utc> {
+        let local = now.with_timezone(&self.timezone).date_naive();
+        for offset in 0..8 {
+            let day = local + chrono::Days::new(offset);
+            if !self.days.is_empty() && !self.days.contains(&day.weekday()) {
+                continue;
+            }
+            let at = |t: NaiveTime| {
+                self.timezone
+                    .from_local_datetime(&day.and_time(t))
+                    .earliest()
+                    .map(|d| d.with_timezone(&Utc))
+            };
+            let (Some(start), Some(end)) = (at(self.from), at(self.to)) else {
+                continue;
+            };
+            if now < start {
+                return start;
+            }
+            if now < end {
+                return now;
+            }
+        }
+        now
+    }
+}
+
+/// The input of `promote.chain`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PromoteChainInput {
+    /// The application (the config's `promotions.<application>`).
+    pub application: String,
+    /// The tag to promote; default the one in `from`'s values.
+    #[serde(default)]
+    pub tag: Option<String>,
+    /// The environment the tag comes from; the chain promotes to the ones after it. Default:
+    /// promote to every environment.
+    #[serde(default)]
+    pub from: Option<String>,
+    #[serde(default)]
+    pub source_commit: Option<String>,
+    /// Who made the change (may not approve it).
+    #[serde(default)]
+    pub requested_by: Option<String>,
+}
+
+/// What `resolve` decided.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChainPlan {
+    pub tag: String,
+    pub environments: Vec<String>,
+}
+
+/// The `promote.chain` workflow.
+pub fn promote_chain(connections: std::sync::Arc<Connections>) -> WorkflowDef {
+    WorkflowDef::new(
+        "promote.chain",
+        "Promotes an application's tag through its environments in order, with each environment's gates (soak, window, approval).",
+        move |ctx: Ctx, input: PromoteChainInput| {
+            let connections = connections.clone();
+            async move { chain(&ctx, &connections, input).await }
+        },
+    )
+}
+
+async fn chain(ctx: &Ctx, connections: &Connections, input: PromoteChainInput) -> Result<Value, WorkflowError> {
+    let app = connections
+        .promotion(&input.application)
+        .map_err(WorkflowError::failed)?
+        .clone();
+    let (a, i) = (&app, &input);
+    let plan: ChainPlan = ctx
+        .step("resolve", |_s| async move { resolve(connections, a, i).await })
+        .retry(RetryPolicy {
+            max_attempts: 5,
+            ..RetryPolicy::default()
+        })
+        .await?;
+    let mut promoted = Vec::new();
+    for (n, name) in plan.environments.iter().enumerate() {
+        let env = app
+            .environments
+            .iter()
+            .find(|e| &e.name == name)
+            .ok_or_else(|| WorkflowError::failed(format!("environment {name} is no longer configured")))?;
+        // The soak starts when the previous environment became healthy: its child run ended.
+        if let Some(soak) = env.soak
+            && (n > 0 || input.from.is_some())
+        {
+            ctx.sleep(format!("soak:{name}"), soak).await?;
+        }
+        if let Some(window) = &env.window {
+            let wait_ms: u64 = ctx
+                .step(format!("window:{name}"), |_s| async move {
+                    let now = Utc::now();
+                    Ok::<_, StepError>((window.next_open(now) - now).num_milliseconds().max(0) as u64)
+                })
+                .await?;
+            if wait_ms > 0 {
+                ctx.sleep(format!("wait-window:{name}"), Duration::from_millis(wait_ms))
+                    .await?;
+            }
+        }
+        let mut child = json!({
+            "repository": app.repository, "application": input.application, "environment": name,
+            "tag": plan.tag, "branch": env.branch, "file": env.file,
+            "timeout": humantime::format_duration(env.timeout).to_string(),
+        });
+        for (k, v) in [("key", &env.key), ("image", &env.image)] {
+            if let Some(v) = v {
+                child[k] = json!(v);
+            }
+        }
+        if let Some(name) = &env.argocd_application {
+            child["argocd"] = json!({ "kubernetes": app.kubernetes, "namespace": app.argocd_namespace, "name": name });
+        }
+        if let Some(n) = &app.notify {
+            child["notify"] = json!(n);
+        }
+        if let Some(gate) = &env.approval {
+            child["approval"] = json!({
+                "approvers": gate.approvers, "required": gate.required,
+                "timeout": humantime::format_duration(gate.timeout).to_string(),
+            });
+        }
+        for (k, v) in [
+            ("source_commit", &input.source_commit),
+            ("requested_by", &input.requested_by),
+        ] {
+            if let Some(v) = v {
+                child[k] = json!(v);
+            }
+        }
+        let _: Value = ctx.child("promote.image", child).await?;
+        promoted.push(name.clone());
+    }
+    Ok(json!({ "application": input.application, "tag": plan.tag, "promoted": promoted }))
+}
+
+/// The tag and the environments to promote to.
+async fn resolve(
+    connections: &Connections,
+    app: &AppPromotion,
+    input: &PromoteChainInput,
+) -> Result<ChainPlan, StepError> {
+    let names: Vec<String> = app.environments.iter().map(|e| e.name.clone()).collect();
+    let (source, targets) = match &input.from {
+        Some(from) => {
+            let at = names.iter().position(|n| n == from).ok_or_else(|| {
+                StepError::Permanent(format!(
+                    "{} has no environment {from} (it has {})",
+                    input.application,
+                    names.join(", ")
+                ))
+            })?;
+            (Some(&app.environments[at]), names[at + 1..].to_vec())
+        }
+        None => (None, names.clone()),
+    };
+    let tag = match (&input.tag, source) {
+        (Some(tag), _) => tag.clone(),
+        (None, Some(env)) => {
+            let git = connections.git(&app.repository).map_err(StepError::Permanent)?;
+            let checkout = git.checkout(&env.branch).await.map_err(StepError::transient)?;
+            let text = std::fs::read_to_string(checkout.dir().join(&env.file))
+                .map_err(|e| StepError::Permanent(format!("{} on {}: {e}", env.file, env.branch)))?;
+            let path = match (&env.key, &env.image) {
+                (Some(k), _) => k.clone(),
+                (None, Some(image)) => format!("images.[name={image}].newTag"),
+                _ => return Err(StepError::permanent("the environment names neither key nor image")),
+            };
+            values::get(&text, &path).map_err(|e| StepError::Permanent(format!("{}: {e}", env.file)))?
+        }
+        (None, None) => {
+            return Err(StepError::permanent(
+                "give the `tag`, or `from`: the environment to take it from",
+            ));
+        }
+    };
+    check_tag(&tag).map_err(StepError::Permanent)?;
+    if targets.is_empty() {
+        return Err(StepError::Permanent(format!(
+            "{} is the last environment of {}: nothing to promote to",
+            input.from.as_deref().unwrap_or_default(),
+            input.application
+        )));
+    }
+    Ok(ChainPlan {
+        tag,
+        environments: targets,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::{NaiveTime, TimeZone, Utc, Weekday};
+
+    use super::Window;
+
+    #[test]
+    fn a_window_opens_on_its_days_and_hours_in_its_time_zone() {
+        let w = Window {
+            days: vec![Weekday::Mon, Weekday::Tue, Weekday::Wed, Weekday::Thu],
+            from: NaiveTime::from_hms_opt(9, 0, 0).unwrap(),
+            to: NaiveTime::from_hms_opt(16, 0, 0).unwrap(),
+            timezone: chrono_tz::Europe::Berlin,
+        };
+        // Tuesday 2026-11-17 10:00 Berlin (09:00 UTC): open.
+        let inside = Utc.with_ymd_and_hms(2026, 11, 17, 9, 0, 0).unwrap();
+        assert_eq!(w.next_open(inside), inside);
+        // Tuesday 17:00 Berlin: Wednesday 09:00 Berlin = 08:00 UTC.
+        let evening = Utc.with_ymd_and_hms(2026, 11, 17, 16, 0, 0).unwrap();
+        assert_eq!(
+            w.next_open(evening),
+            Utc.with_ymd_and_hms(2026, 11, 18, 8, 0, 0).unwrap()
+        );
+        // Friday noon: Monday 09:00 Berlin.
+        let friday = Utc.with_ymd_and_hms(2026, 11, 20, 11, 0, 0).unwrap();
+        assert_eq!(
+            w.next_open(friday),
+            Utc.with_ymd_and_hms(2026, 11, 23, 8, 0, 0).unwrap()
+        );
+    }
+}
