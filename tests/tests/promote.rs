@@ -197,14 +197,10 @@ async fn a_promotion_commits_one_line_and_waits_until_argocd_is_healthy() {
         ]
     );
     assert_eq!(out["push_attempts"], 1);
-    let notices = rig.chat.wait_for(1, LIMIT).await;
-    assert!(
-        notices[0]["text"]
-            .as_str()
-            .unwrap()
-            .contains("promoted to **prod**: `2.15.0`"),
-        "{notices:?}"
-    );
+    let notices = rig.chat.wait_for(2, LIMIT).await;
+    let texts: Vec<&str> = notices.iter().map(|n| n["text"].as_str().unwrap()).collect();
+    assert!(texts[0].contains("promoting **api-gateway** to **prod**"), "{texts:?}");
+    assert!(texts[1].contains("promoted to **prod**: `2.15.0`"), "{texts:?}");
 
     // Promoting the same tag again changes nothing.
     let again = rig.promote(input("2.15.0")).await;
@@ -238,8 +234,8 @@ async fn a_degraded_application_gets_its_promotion_reverted_by_a_new_commit() {
     // ArgoCD reports the revert healthy; the chat hears of the rollback.
     let status = rig.kube.get(APP).unwrap()["status"].clone();
     assert_eq!(status["sync"]["revision"], json!(revert));
-    let notices = rig.chat.wait_for(1, LIMIT).await;
-    let text = notices[0]["text"].as_str().unwrap();
+    let notices = rig.chat.wait_for(2, LIMIT).await;
+    let text = notices[1]["text"].as_str().unwrap();
     assert!(
         text.contains("was rolled back") && text.contains("healthy again"),
         "{text}"
@@ -585,4 +581,109 @@ async fn a_push_to_dev_starts_the_chain_through_staging_and_an_approved_prod() {
     );
     argocd.abort();
     env.server.as_mut().unwrap().kill9().await;
+}
+
+/// Posts a signed GitHub `pull_request` delivery for `branch`; the run it started.
+async fn deliver_pr(env: &dayshift_tests::BinEnv, file: &str, branch: &str, delivery: &str) -> String {
+    let mut body: Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{}/fixtures/github/{file}", env!("CARGO_MANIFEST_DIR"))).unwrap(),
+    )
+    .unwrap();
+    body["pull_request"]["head"]["ref"] = json!(branch);
+    let bytes = serde_json::to_vec(&body).unwrap();
+    let resp = env
+        .http
+        .post(format!("{}/hooks/github", env.api))
+        .header("content-type", "application/json")
+        .header("X-GitHub-Event", "pull_request")
+        .header("X-GitHub-Delivery", delivery)
+        .header("X-Hub-Signature-256", signed(&bytes))
+        .body(bytes)
+        .send()
+        .await
+        .unwrap();
+    let answer: Value = resp.json().await.unwrap();
+    answer["runs"][0]["run_id"]
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| panic!("{answer:#}"))
+}
+
+#[tokio::test]
+async fn pull_requests_get_a_preview_created_and_removed_by_their_webhooks() {
+    let git = Arc::new(GitServer::start().await);
+    git.create(
+        "infra",
+        "main",
+        &[
+            (VALUES, &fixture("umbrella-values-prod.yaml")),
+            ("charts/shop/Chart.yaml", "name: shop\n"),
+        ],
+    );
+    let dir = git.dir.join("config");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("secret"), SECRET).unwrap();
+    let create = "{ repository: infra, branch: \"{{ pull_request.head_branch }}\", template: envs/prod/values.yaml, key: api-gateway.image.tag, tag: \"pr-{{ pull_request.number }}\", chart: charts/shop }";
+    let delete = "{ repository: infra, branch: \"{{ pull_request.head_branch }}\" }";
+    let yaml = format!(
+        "connections:\n  git:\n    infra: {{ url: \"{}\", author-email: dayshift@acme.io }}\n\
+         webhooks:\n  github:\n    secret: {{ file: {} }}\n  routes:\n\
+         \x20   - name: preview-create\n      forge: github\n      events: [pull-request-opened, pull-request-reopened]\n      workflow: preview.create\n      input: {create}\n\
+         \x20   - name: preview-delete\n      forge: github\n      events: [pull-request-closed, pull-request-merged]\n      workflow: preview.delete\n      input: {delete}\n",
+        git.url("infra"),
+        dir.join("secret").display(),
+    );
+    let env = dayshift_tests::BinEnv::start_with(&yaml).await;
+    let _worker = env.start_worker().await;
+
+    let opened = deliver_pr(&env, "pull_request-opened.json", "feature/Login_UI", "p-1").await;
+    let run = env.wait_finished(&opened, LIMIT).await;
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    assert_eq!(run["output"]["name"], "feature-login-ui");
+    let values = git.read("infra", "main", "previews/feature-login-ui/values.yaml");
+    assert!(values.contains("tag: \"pr-2\""), "{values}");
+    let app = git.read("infra", "main", "previews/feature-login-ui/application.yaml");
+    assert!(
+        app.contains("name: preview-feature-login-ui") && app.contains("namespace: preview-feature-login-ui"),
+        "{app}"
+    );
+    assert!(app.contains("- ../../previews/feature-login-ui/values.yaml"), "{app}");
+
+    // Creating it again changes nothing.
+    let again = env
+        .start_run(
+            "preview.create",
+            json!({ "repository": "infra", "branch": "feature/Login_UI", "template": VALUES,
+                    "key": "api-gateway.image.tag", "tag": "pr-2", "chart": "charts/shop" }),
+        )
+        .await;
+    let again = env.wait_finished(&again, LIMIT).await;
+    assert_eq!(again["status"], "succeeded", "{again:#}");
+    assert!(again["output"]["commit"].is_null(), "{again:#}");
+
+    let closed = deliver_pr(&env, "pull_request-closed.json", "feature/Login_UI", "p-2").await;
+    let run = env.wait_finished(&closed, LIMIT).await;
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    let listing = std::process::Command::new("git")
+        .args(["ls-tree", "-r", "--name-only", "main"])
+        .current_dir(git.dir.join("infra.git"))
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    assert!(!listing.contains("previews/") && listing.contains(VALUES), "{listing}");
+
+    // A branch that cannot name a preview is refused with the reason.
+    let bad = env
+        .start_run(
+            "preview.create",
+            json!({ "repository": "infra", "branch": "///", "template": VALUES,
+                    "key": "api-gateway.image.tag", "tag": "pr-3", "chart": "charts/shop" }),
+        )
+        .await;
+    let bad = env.wait_finished(&bad, LIMIT).await;
+    assert_eq!(bad["status"], "failed");
+    assert!(
+        bad["error"].as_str().unwrap().contains("no letters or digits"),
+        "{bad:#}"
+    );
 }

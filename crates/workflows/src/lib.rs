@@ -16,6 +16,7 @@ mod vault_backup;
 pub use backup::{BackupInput, Manifest, RestoreInput, backup_postgres, restore_postgres};
 pub use connections::Connections;
 pub use gitops::chain::{AppPromotion, ChainPlan, EnvPromotion, PromoteChainInput, Window, promote_chain};
+pub use gitops::preview::{PreviewChange, PreviewInput, dns_label, preview_create, preview_delete};
 pub use gitops::promote::{
     ApprovalGate, ApprovalRequest, ArgoApp, Counted, Decision, PromoteInput, Promotion, Pushed, promote_image,
 };
@@ -52,6 +53,8 @@ pub fn all_with(pool: PgPool, connections: Connections) -> Vec<WorkflowDef> {
         rotate_vault_database_root(connections.clone()),
         promote_image(connections.clone()),
         promote_chain(connections.clone()),
+        preview_create(connections.clone()),
+        preview_delete(connections.clone()),
         restore_postgres(connections),
     ]
 }

@@ -175,6 +175,20 @@ impl Checkout {
         self.head().await
     }
 
+    /// Commits every change in the work tree (additions and deletions) with `message`; `None`
+    /// when there is nothing to commit.
+    pub async fn commit_all(&self, message: &str) -> Result<Option<String>, GitError> {
+        self.config.run(Some(&self.dir), &["add", "-A"]).await?;
+        let status = self.config.run(Some(&self.dir), &["status", "--porcelain"]).await?;
+        if status.is_empty() {
+            return Ok(None);
+        }
+        self.config
+            .run(Some(&self.dir), &["commit", "--quiet", "--no-verify", "-m", message])
+            .await?;
+        self.head().await.map(Some)
+    }
+
     /// `git revert` of `commit` with `message`; returns the new commit.
     pub async fn revert(&self, commit: &str, message: &str) -> Result<String, GitError> {
         self.config

@@ -2,5 +2,6 @@
 //! what ArgoCD manages.
 
 pub mod chain;
+pub mod preview;
 pub mod promote;
 pub mod values;

@@ -266,6 +266,11 @@ pub fn promote_image(connections: Arc<Connections>) -> WorkflowDef {
 
 async fn promote(ctx: &Ctx, p: Arc<Promote>) -> Result<Promotion, WorkflowError> {
     let run_id = ctx.run_id().to_string();
+    let text = format!(
+        ":arrow_forward: promoting **{}** to **{}**: `{}` (run `{run_id}`)",
+        p.input.application, p.input.environment, p.input.tag
+    );
+    notify(ctx, &p, "notify-start", text).await;
     if let Some(gate) = &p.input.approval {
         approve(ctx, &p, gate).await?;
     }
