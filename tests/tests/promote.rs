@@ -420,8 +420,14 @@ fn signed(body: &[u8]) -> String {
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
 }
 
-#[tokio::test]
-async fn a_push_to_dev_starts_the_chain_through_staging_and_an_approved_prod() {
+/// A repository with dev, staging and prod values, ArgoCD for staging and prod, and `dayshift
+/// serve` + a worker configured with the api-gateway promotions and the push route.
+async fn chain_world() -> (
+    Arc<GitServer>,
+    tokio::task::JoinHandle<()>,
+    dayshift_tests::BinEnv,
+    dayshift_tests::Proc,
+) {
     let git = Arc::new(GitServer::start().await);
     let values = fixture("umbrella-values-prod.yaml");
     let paths: Vec<String> = ["dev", "staging", "prod"]
@@ -469,11 +475,14 @@ async fn a_push_to_dev_starts_the_chain_through_staging_and_an_approved_prod() {
             "        argocd-application: shop-prod\n        timeout: 20s\n        soak: 1s\n        approval: { approvers: [alice, ci@acme.io] }\n"
         ),
     );
-    let mut env = dayshift_tests::BinEnv::start_with(&yaml).await;
-    let _worker = env.start_worker().await;
+    let env = dayshift_tests::BinEnv::start_with(&yaml).await;
+    let worker = env.start_worker().await;
+    (git, argocd, env, worker)
+}
 
-    // CI writes the new tag into dev's values and pushes; GitHub tells dayshift.
-    let dev = fixture("umbrella-values-prod.yaml").replace("tag: \"2.14.0\"", "tag: \"2.18.0\"");
+/// CI writes `tag` into dev's values and pushes; GitHub tells dayshift (delivery `delivery`).
+async fn ci_pushes_to_dev(git: &GitServer, env: &dayshift_tests::BinEnv, tag: &str, delivery: &str) -> String {
+    let dev = fixture("umbrella-values-prod.yaml").replace("tag: \"2.14.0\"", &format!("tag: \"{tag}\""));
     git.push_other("infra", "main", "envs/dev/values.yaml", &dev);
     let sha = git.head("infra", "main");
     let mut push: Value = serde_json::from_str(
@@ -488,7 +497,7 @@ async fn a_push_to_dev_starts_the_chain_through_staging_and_an_approved_prod() {
     push["after"] = json!(sha);
     push["repository"]["full_name"] = json!("acme/infra");
     let commit = json!({
-        "id": sha, "tree_id": sha, "distinct": true, "message": "ci: api-gateway 2.18.0 to dev",
+        "id": sha, "tree_id": sha, "distinct": true, "message": format!("ci: api-gateway {tag} to dev"),
         "timestamp": "2026-11-21T10:00:00Z", "url": "https://github.com/acme/infra/commit/x",
         "author": { "name": "CI", "email": "ci@acme.io", "username": "ci" },
         "committer": { "name": "CI", "email": "ci@acme.io", "username": "ci" },
@@ -502,7 +511,7 @@ async fn a_push_to_dev_starts_the_chain_through_staging_and_an_approved_prod() {
         .post(format!("{}/hooks/github", env.api))
         .header("content-type", "application/json")
         .header("X-GitHub-Event", "push")
-        .header("X-GitHub-Delivery", "d-1")
+        .header("X-GitHub-Delivery", delivery)
         .header("X-Hub-Signature-256", signed(&body))
         .body(body)
         .send()
@@ -510,6 +519,13 @@ async fn a_push_to_dev_starts_the_chain_through_staging_and_an_approved_prod() {
         .unwrap();
     let status = resp.status().as_u16();
     assert!(status < 300, "{status} {}", resp.text().await.unwrap());
+    sha
+}
+
+#[tokio::test]
+async fn a_push_to_dev_starts_the_chain_through_staging_and_an_approved_prod() {
+    let (git, argocd, mut env, _worker) = chain_world().await;
+    let sha = ci_pushes_to_dev(&git, &env, "2.18.0", "d-1").await;
 
     // Staging is promoted on its own; prod waits for an approval, which CI cannot give itself.
     let deadline = tokio::time::Instant::now() + LIMIT;
@@ -686,4 +702,61 @@ async fn pull_requests_get_a_preview_created_and_removed_by_their_webhooks() {
         bad["error"].as_str().unwrap().contains("no letters or digits"),
         "{bad:#}"
     );
+}
+
+/// The prod promotion of `tag` waiting for approval, once there is one.
+async fn waiting_prod(env: &dayshift_tests::BinEnv, tag: &str) -> String {
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        let (_, runs) = env.get("/api/v1/runs?workflow=promote.image&limit=20").await;
+        let found = runs["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["status"] == "waiting" && r["input"]["environment"] == "prod" && r["input"]["tag"] == tag);
+        if let Some(r) = found {
+            return r["id"].as_str().unwrap().to_string();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no prod promotion of {tag} waits: {runs:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_newer_tag_cancels_the_older_chain_still_waiting_for_approval() {
+    let (git, argocd, mut env, _worker) = chain_world().await;
+    ci_pushes_to_dev(&git, &env, "2.18.0", "d-1").await;
+    let old_prod = waiting_prod(&env, "2.18.0").await;
+    let (_, chains) = env.get("/api/v1/runs?workflow=promote.chain").await;
+    let old_chain = chains["runs"][0]["id"].as_str().unwrap().to_string();
+
+    // 2.19.0 arrives while 2.18.0 waits for prod's approval: the older chain is cancelled.
+    ci_pushes_to_dev(&git, &env, "2.19.0", "d-2").await;
+    let old = env.wait_finished(&old_chain, LIMIT).await;
+    assert_eq!(old["status"], "cancelled", "{old:#}");
+    let old_prod = env.wait_finished(&old_prod, LIMIT).await;
+    assert_eq!(old_prod["status"], "cancelled", "{old_prod:#}");
+
+    let new_prod = waiting_prod(&env, "2.19.0").await;
+    let (status, _) = env
+        .post(&format!("/api/v1/runs/{new_prod}/approve"), &json!({ "by": "alice" }))
+        .await;
+    assert_eq!(status, 202);
+    let new = env.wait_finished(&new_prod, LIMIT).await;
+    assert_eq!(new["status"], "succeeded", "{new:#}");
+    assert!(
+        git.read("infra", "main", "envs/prod/values.yaml")
+            .contains("tag: \"2.19.0\"")
+    );
+    assert!(
+        !git.log("infra", "main")
+            .iter()
+            .any(|(_, _, m)| m.starts_with("promote api-gateway to prod: 2.18.0")),
+        "the superseded tag reached prod"
+    );
+    argocd.abort();
+    env.server.as_mut().unwrap().kill9().await;
 }
