@@ -64,6 +64,45 @@ pub(crate) struct Config {
     pub connections: ConnectionsConfig,
     /// How each application is promoted through its environments (`promote.chain`).
     pub promotions: std::collections::BTreeMap<String, PromotionConfig>,
+    /// Alertmanager remediation playbooks (`remediate`), by name.
+    pub playbooks: std::collections::BTreeMap<String, PlaybookConfig>,
+}
+
+/// A remediation playbook.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(crate) struct PlaybookConfig {
+    /// The Kubernetes connection. Default `default`.
+    #[serde(default = "default_connection")]
+    pub kubernetes: String,
+    /// Record what would be done and do nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// Namespaces the actions may touch (globs: `prod-*`); any if absent.
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+    /// Never scale above this many replicas.
+    #[serde(default)]
+    pub max_replicas: Option<i32>,
+    /// In order: `{ action: kube.rollout-restart | kube.scale | notify, with: {...} }`, the
+    /// `with` values may hold `{{ labels.* }}` and `{{ annotations.* }}`.
+    pub actions: Vec<ActionConfig>,
+    /// How long to wait for the alert to resolve. Default 10m.
+    #[serde(default = "ten_minutes", with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub wait_resolved: Duration,
+    /// A notice webhook told when the alert does not resolve.
+    #[serde(default)]
+    pub escalate: Option<String>,
+}
+
+/// One playbook action.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ActionConfig {
+    pub action: String,
+    #[serde(default)]
+    pub with: serde_json::Value,
 }
 
 /// One application's promotions.
@@ -786,6 +825,10 @@ impl Config {
                 },
             );
         }
+        for (name, p) in &self.playbooks {
+            out.playbooks
+                .insert(name.clone(), playbook(name, p).map_err(ConfigError::Invalid)?);
+        }
         for (app, p) in &self.promotions {
             out.promotions
                 .insert(app.clone(), promotion(app, p).map_err(ConfigError::Invalid)?);
@@ -1069,6 +1112,43 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// `playbooks.<name>` as `remediate` takes it, checked.
+fn playbook(name: &str, p: &PlaybookConfig) -> Result<dayshift_workflows::Playbook, String> {
+    const ACTIONS: [&str; 3] = ["kube.rollout-restart", "kube.scale", "notify"];
+    let mut actions = Vec::new();
+    for (n, a) in p.actions.iter().enumerate() {
+        if !ACTIONS.contains(&a.action.as_str()) {
+            return Err(format!(
+                "playbooks.{name}.actions[{n}].action: {:?} is not one of {}",
+                a.action,
+                ACTIONS.join(", ")
+            ));
+        }
+        actions.push(dayshift_workflows::ActionSpec {
+            action: a.action.clone(),
+            with: a.with.clone(),
+        });
+    }
+    let namespaces = p
+        .namespaces
+        .iter()
+        .map(|g| {
+            globset::Glob::new(g)
+                .map(|g| g.compile_matcher())
+                .map_err(|e| format!("playbooks.{name}.namespaces: {g:?}: {e}"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(dayshift_workflows::Playbook {
+        kubernetes: p.kubernetes.clone(),
+        dry_run: p.dry_run,
+        namespaces,
+        actions,
+        wait_resolved: p.wait_resolved,
+        escalate_notify: p.escalate.clone(),
+        max_replicas: p.max_replicas,
+    })
 }
 
 /// `promotions.<app>` as `promote.chain` takes it, checked.

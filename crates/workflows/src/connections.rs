@@ -9,6 +9,7 @@ use crate::adapters::notify::Notifier;
 use crate::adapters::s3::S3Config;
 use crate::adapters::vault::VaultConfig;
 use crate::gitops::chain::AppPromotion;
+use crate::remediate::Playbook;
 
 /// The connections declared in the config file, with their secrets read. `Debug` shows the
 /// names only.
@@ -28,6 +29,8 @@ pub struct Connections {
     pub git: BTreeMap<String, GitConfig>,
     /// How each application is promoted through its environments (`promotions:`).
     pub promotions: BTreeMap<String, AppPromotion>,
+    /// Alertmanager remediation playbooks, by name (`playbooks:`).
+    pub playbooks: BTreeMap<String, Playbook>,
 }
 
 impl std::fmt::Debug for Connections {
@@ -100,6 +103,16 @@ impl Connections {
             format!(
                 "no promotions configured for application '{name}' (promotions: {})",
                 self.promotions.keys().cloned().collect::<Vec<_>>().join(", ")
+            )
+        })
+    }
+
+    /// The playbook named `name`.
+    pub fn playbook(&self, name: &str) -> Result<&Playbook, String> {
+        self.playbooks.get(name).ok_or_else(|| {
+            format!(
+                "no playbook named '{name}' (playbooks: {})",
+                self.playbooks.keys().cloned().collect::<Vec<_>>().join(", ")
             )
         })
     }

@@ -6,6 +6,7 @@ pub mod adapters;
 mod backup;
 mod connections;
 pub mod gitops;
+mod remediate;
 mod restore_test;
 mod retention;
 mod rotate;
@@ -20,6 +21,7 @@ pub use gitops::preview::{PreviewChange, PreviewInput, dns_label, preview_create
 pub use gitops::promote::{
     ApprovalGate, ApprovalRequest, ArgoApp, Counted, Decision, PromoteInput, Promotion, Pushed, promote_image,
 };
+pub use remediate::{Action, ActionSpec, Playbook, RemediateInput, Remediation, Taken, remediate};
 pub use restore_test::{Check, CheckResult, RestoreTestInput, RestoreTestReport, backup_restore_test};
 pub use retention::{Backup, RetentionInput, RetentionPolicy, RetentionReport, backup_retention, plan, time_of};
 pub use rotate::{
@@ -55,6 +57,7 @@ pub fn all_with(pool: PgPool, connections: Connections) -> Vec<WorkflowDef> {
         promote_chain(connections.clone()),
         preview_create(connections.clone()),
         preview_delete(connections.clone()),
+        remediate(connections.clone()),
         restore_postgres(connections),
     ]
 }

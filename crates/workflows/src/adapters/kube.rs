@@ -315,6 +315,44 @@ impl Kube {
             .map_err(|e| KubeError::from_kube(&format!("force-sync ExternalSecret {}/{}", s.namespace, s.name), e))
     }
 
+    /// The replicas a Deployment or StatefulSet asks for.
+    pub async fn replicas(&self, w: &Workload) -> Result<i32, KubeError> {
+        let what = format!("read {w}");
+        match w.kind {
+            WorkloadKind::Deployment => Api::<Deployment>::namespaced(self.client.clone(), &w.namespace)
+                .get(&w.name)
+                .await
+                .map(|d| d.spec.and_then(|s| s.replicas).unwrap_or(1))
+                .map_err(|e| KubeError::from_kube(&what, e)),
+            WorkloadKind::StatefulSet => Api::<StatefulSet>::namespaced(self.client.clone(), &w.namespace)
+                .get(&w.name)
+                .await
+                .map(|d| d.spec.and_then(|s| s.replicas).unwrap_or(1))
+                .map_err(|e| KubeError::from_kube(&what, e)),
+            WorkloadKind::DaemonSet => Err(KubeError::Permanent(format!("{w}: a DaemonSet has no replica count"))),
+        }
+    }
+
+    /// Sets the replicas of a Deployment or StatefulSet (a merge patch of `spec.replicas`).
+    pub async fn scale(&self, w: &Workload, replicas: i32) -> Result<(), KubeError> {
+        let patch = json!({ "spec": { "replicas": replicas } });
+        let params = PatchParams::default();
+        let what = format!("scale {w}");
+        match w.kind {
+            WorkloadKind::Deployment => Api::<Deployment>::namespaced(self.client.clone(), &w.namespace)
+                .patch(&w.name, &params, &Patch::Merge(&patch))
+                .await
+                .map(|_| ())
+                .map_err(|e| KubeError::from_kube(&what, e)),
+            WorkloadKind::StatefulSet => Api::<StatefulSet>::namespaced(self.client.clone(), &w.namespace)
+                .patch(&w.name, &params, &Patch::Merge(&patch))
+                .await
+                .map(|_| ())
+                .map_err(|e| KubeError::from_kube(&what, e)),
+            WorkloadKind::DaemonSet => Err(KubeError::Permanent(format!("{w}: a DaemonSet cannot be scaled"))),
+        }
+    }
+
     /// An ArgoCD `Application` (`argoproj.io/v1alpha1`), as JSON; `None` if it does not exist.
     pub async fn argocd_application(
         &self,

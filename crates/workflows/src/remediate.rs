@@ -1,0 +1,389 @@
+//! `remediate`: an Alertmanager playbook run. An alert route starts it with the alert; the
+//! playbook (config `playbooks.<name>`) says which actions to take, with inputs from the alert's
+//! labels and annotations. After acting it waits for the alert's `resolved` signal: resolved,
+//! the run succeeds and notes how long it took; not resolved, it escalates.
+//!
+//! Guardrails beyond the trigger's cooldowns: a plan step renders every action first (a label
+//! the alert lacks fails the run before anything is done), checks the namespace allow-list and
+//! the blast radius (replica bounds); dry-run records the plan and does nothing.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dayshift_engine::{Ctx, RetryPolicy, StepError, WorkflowDef, WorkflowError};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+
+use crate::adapters::kube::{Kube, KubeError, Workload, WorkloadKind};
+use crate::connections::Connections;
+
+/// A playbook, as the config gives it.
+#[derive(Debug, Clone, Default)]
+pub struct Playbook {
+    pub kubernetes: String,
+    /// Record what would be done; do nothing.
+    pub dry_run: bool,
+    /// Namespaces actions may touch (globs); any if empty.
+    pub namespaces: Vec<globset::GlobMatcher>,
+    pub actions: Vec<ActionSpec>,
+    /// How long to wait for the alert to resolve.
+    pub wait_resolved: Duration,
+    /// A notice webhook told when the alert does not resolve.
+    pub escalate_notify: Option<String>,
+    /// Never scale above this many replicas.
+    pub max_replicas: Option<i32>,
+}
+
+/// One action with its parameters (placeholders `{{ labels.* }}`, `{{ annotations.* }}`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ActionSpec {
+    pub action: String,
+    pub with: Value,
+}
+
+/// The input of `remediate` (what an alert route passes).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemediateInput {
+    pub playbook: String,
+    #[serde(default)]
+    pub labels: Map<String, Value>,
+    #[serde(default)]
+    pub annotations: Map<String, Value>,
+    #[serde(default)]
+    pub fingerprint: Option<String>,
+    /// When the alert started firing (RFC 3339).
+    #[serde(default)]
+    pub starts_at: Option<String>,
+}
+
+/// An action after its placeholders were filled in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "action")]
+pub enum Action {
+    #[serde(rename = "kube.rollout-restart")]
+    RolloutRestart {
+        kind: WorkloadKind,
+        namespace: String,
+        name: String,
+    },
+    #[serde(rename = "kube.scale")]
+    Scale {
+        kind: WorkloadKind,
+        namespace: String,
+        name: String,
+        /// Scale to this many replicas...
+        #[serde(default)]
+        replicas: Option<i32>,
+        /// ...or by this many (negative: down).
+        #[serde(default)]
+        by: Option<i32>,
+    },
+    #[serde(rename = "notify")]
+    Notify { to: String, text: String },
+}
+
+impl Action {
+    fn namespace(&self) -> Option<&str> {
+        match self {
+            Self::RolloutRestart { namespace, .. } | Self::Scale { namespace, .. } => Some(namespace),
+            Self::Notify { .. } => None,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Self::RolloutRestart { kind, namespace, name } => format!("restart {kind:?} {namespace}/{name}"),
+            Self::Scale {
+                kind,
+                namespace,
+                name,
+                replicas,
+                by,
+            } => match (replicas, by) {
+                (Some(n), _) => format!("scale {kind:?} {namespace}/{name} to {n}"),
+                (None, Some(b)) => format!("scale {kind:?} {namespace}/{name} by {b:+}"),
+                _ => format!("scale {kind:?} {namespace}/{name}"),
+            },
+            Self::Notify { to, .. } => format!("notify {to}"),
+        }
+    }
+}
+
+/// What an action did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Taken {
+    pub action: String,
+    /// What the Kubernetes API answered (the object's generation, replicas), or the notice sent.
+    pub response: Value,
+}
+
+/// How a remediation ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Remediation {
+    pub playbook: String,
+    pub alert: Value,
+    pub dry_run: bool,
+    /// The plan (what was, or in a dry run would be, done).
+    pub plan: Vec<String>,
+    pub taken: Vec<Taken>,
+    /// `resolved`, `dry-run`.
+    pub outcome: String,
+    /// Seconds from the alert's start to its resolution.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub time_to_resolve_seconds: Option<f64>,
+}
+
+fn kube_err(e: KubeError) -> StepError {
+    if e.is_transient() {
+        StepError::transient(e)
+    } else {
+        StepError::permanent(e)
+    }
+}
+
+/// The `remediate` workflow.
+pub fn remediate(connections: Arc<Connections>) -> WorkflowDef {
+    WorkflowDef::new(
+        "remediate",
+        "Runs an Alertmanager playbook: actions from the alert's labels, within guardrails; waits for the alert to resolve, escalates when it does not.",
+        move |ctx: Ctx, input: RemediateInput| {
+            let connections = connections.clone();
+            async move { run(&ctx, &connections, input).await }
+        },
+    )
+    .freshness("playbook")
+}
+
+async fn run(ctx: &Ctx, connections: &Connections, input: RemediateInput) -> Result<Remediation, WorkflowError> {
+    let book = connections
+        .playbook(&input.playbook)
+        .map_err(WorkflowError::failed)?
+        .clone();
+    let alert = json!({ "labels": input.labels, "annotations": input.annotations, "fingerprint": input.fingerprint });
+    let (b, a) = (&book, &alert);
+    let plan: Vec<Action> = ctx.step("plan", |_s| async move { plan(b, a) }).await?;
+    let described: Vec<String> = plan.iter().map(Action::describe).collect();
+    let mut report = Remediation {
+        playbook: input.playbook.clone(),
+        alert: alert.clone(),
+        dry_run: book.dry_run,
+        plan: described,
+        taken: Vec::new(),
+        outcome: String::new(),
+        time_to_resolve_seconds: None,
+    };
+    if book.dry_run {
+        report.outcome = "dry-run".into();
+        return Ok(report);
+    }
+    let kube = if plan.iter().any(|a| a.namespace().is_some()) {
+        let config = connections
+            .kubernetes(&book.kubernetes)
+            .map_err(WorkflowError::failed)?;
+        Some(Kube::connect(config).await.map_err(WorkflowError::failed)?)
+    } else {
+        None
+    };
+    for (n, action) in plan.iter().enumerate() {
+        let (k, act, max) = (&kube, action, book.max_replicas);
+        let taken: Taken = ctx
+            .step(format!("action:{}:{}", n + 1, action.describe()), |_s| async move {
+                perform(connections, k.as_ref(), act, max).await
+            })
+            .retry(RetryPolicy {
+                max_attempts: 3,
+                ..RetryPolicy::default()
+            })
+            .await?;
+        report.taken.push(taken);
+    }
+
+    match ctx.wait_signal("resolved", book.wait_resolved).await? {
+        Some(_) => {
+            let seconds: f64 = ctx
+                .step("resolved", |_s| async {
+                    let started = input
+                        .starts_at
+                        .as_deref()
+                        .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok());
+                    Ok::<_, StepError>(
+                        started
+                            .map(|s| {
+                                (chrono::Utc::now() - s.with_timezone(&chrono::Utc)).num_milliseconds() as f64 / 1000.0
+                            })
+                            .unwrap_or(0.0),
+                    )
+                })
+                .await?;
+            report.outcome = "resolved".into();
+            report.time_to_resolve_seconds = Some(seconds);
+            Ok(report)
+        }
+        None => {
+            let wait = humantime::format_duration(book.wait_resolved).to_string();
+            if let Some(to) = &book.escalate_notify {
+                let notifier = connections.notifier(to).map_err(WorkflowError::failed)?;
+                let text = format!(
+                    ":sos: **{}** did not resolve within {wait} after playbook **{}** ran (run `{}`).\n\nAlert: {}\n\nTried: {}",
+                    input
+                        .labels
+                        .get("alertname")
+                        .and_then(Value::as_str)
+                        .unwrap_or("the alert"),
+                    input.playbook,
+                    ctx.run_id(),
+                    Value::Object(input.labels.clone()),
+                    report.plan.join("; ")
+                );
+                let n = &notifier;
+                ctx.step("escalate", |_s| async move {
+                    n.send(&text).await.map_err(|e| {
+                        if e.is_transient() {
+                            StepError::transient(e)
+                        } else {
+                            StepError::permanent(e)
+                        }
+                    })
+                })
+                .retry(RetryPolicy {
+                    max_attempts: 5,
+                    ..RetryPolicy::default()
+                })
+                .await?;
+            }
+            Err(WorkflowError::failed(format!(
+                "the alert did not resolve within {wait} after {}; escalated",
+                report.plan.join("; ")
+            )))
+        }
+    }
+}
+
+/// Renders every action against the alert and checks the guardrails; nothing is done here.
+fn plan(book: &Playbook, alert: &Value) -> Result<Vec<Action>, StepError> {
+    let mut out = Vec::new();
+    for (n, spec) in book.actions.iter().enumerate() {
+        let mut with = dayshift_engine::template::render(&spec.with, alert).map_err(|e| {
+            StepError::Permanent(format!(
+                "action {} ({}): {e}; the alert has labels {}",
+                n + 1,
+                spec.action,
+                alert["labels"]
+                    .as_object()
+                    .map(|m| m.keys().cloned().collect::<Vec<_>>().join(", "))
+                    .unwrap_or_default()
+            ))
+        })?;
+        with["action"] = json!(spec.action);
+        let action: Action = serde_json::from_value(with)
+            .map_err(|e| StepError::Permanent(format!("action {} ({}): {e}", n + 1, spec.action)))?;
+        if let Some(ns) = action.namespace()
+            && !book.namespaces.is_empty()
+            && !book.namespaces.iter().any(|g| g.is_match(ns))
+        {
+            return Err(StepError::Permanent(format!(
+                "action {} ({}): namespace {ns:?} is not in the playbook's allow-list; nothing was done",
+                n + 1,
+                action.describe()
+            )));
+        }
+        if let (Action::Scale { replicas: Some(r), .. }, Some(max)) = (&action, book.max_replicas)
+            && *r > max
+        {
+            return Err(StepError::Permanent(format!(
+                "action {} ({}): above the playbook's maximum of {max} replicas; nothing was done",
+                n + 1,
+                action.describe()
+            )));
+        }
+        out.push(action);
+    }
+    Ok(out)
+}
+
+async fn perform(
+    connections: &Connections,
+    kube: Option<&Kube>,
+    action: &Action,
+    max_replicas: Option<i32>,
+) -> Result<Taken, StepError> {
+    let response = match action {
+        Action::RolloutRestart { kind, namespace, name } => {
+            let kube = kube.ok_or_else(|| StepError::permanent("no Kubernetes connection"))?;
+            let w = Workload {
+                kind: *kind,
+                namespace: namespace.clone(),
+                name: name.clone(),
+            };
+            let at = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string();
+            kube.rollout_restart(&w, &at).await.map_err(kube_err)?;
+            json!({ "patched": w.to_string(), "restartedAt": at })
+        }
+        Action::Scale {
+            kind,
+            namespace,
+            name,
+            replicas,
+            by,
+        } => {
+            let kube = kube.ok_or_else(|| StepError::permanent("no Kubernetes connection"))?;
+            let w = Workload {
+                kind: *kind,
+                namespace: namespace.clone(),
+                name: name.clone(),
+            };
+            let current = kube.replicas(&w).await.map_err(kube_err)?;
+            let mut want = match (replicas, by) {
+                (Some(n), _) => *n,
+                (None, Some(b)) => current + b,
+                _ => return Err(StepError::permanent("kube.scale needs `replicas` or `by`")),
+            };
+            want = want.max(0);
+            if let Some(max) = max_replicas {
+                want = want.min(max);
+            }
+            kube.scale(&w, want).await.map_err(kube_err)?;
+            json!({ "scaled": w.to_string(), "from": current, "to": want })
+        }
+        Action::Notify { to, text } => {
+            let notifier = connections.notifier(to).map_err(StepError::Permanent)?;
+            notifier.send(text).await.map_err(|e| {
+                if e.is_transient() {
+                    StepError::transient(e)
+                } else {
+                    StepError::permanent(e)
+                }
+            })?;
+            json!({ "notified": to })
+        }
+    };
+    Ok(Taken {
+        action: action.describe(),
+        response,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::{ActionSpec, Playbook, plan};
+
+    #[test]
+    fn a_label_the_alert_lacks_fails_the_plan_and_names_it() {
+        let book = Playbook {
+            actions: vec![ActionSpec {
+                action: "kube.rollout-restart".into(),
+                with: json!({ "kind": "Deployment", "namespace": "{{ labels.namespace }}", "name": "{{ labels.deployment }}" }),
+            }],
+            ..Playbook::default()
+        };
+        let alert = json!({ "labels": { "alertname": "KubePodCrashLooping", "namespace": "shop" } });
+        let err = plan(&book, &alert).unwrap_err().to_string();
+        assert!(
+            err.contains("labels.deployment") && err.contains("alertname, namespace"),
+            "{err}"
+        );
+    }
+}

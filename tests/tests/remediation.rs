@@ -1,0 +1,271 @@
+//! Alertmanager remediation playbooks: a real Alertmanager (or its exact notifications) to
+//! `dayshift serve`, actions against the Kubernetes API stand-in, notices to a local webhook.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use dayshift_tests::kube_api::KubeApi;
+use dayshift_tests::{BinEnv, OwnAlertmanager, WebhookReceiver, unique};
+use serde_json::{Value, json};
+
+const TOKEN: &str = "am-bearer-token";
+const LIMIT: Duration = Duration::from_secs(60);
+const WEB: &str = "/apis/apps/v1/namespaces/prod-web/deployments/web";
+
+struct Rig {
+    env: BinEnv,
+    kube: KubeApi,
+    chat: WebhookReceiver,
+}
+
+/// `dayshift serve` and a worker with the crash-loop route and playbook `extra` (YAML lines
+/// under the playbook), a cluster with Deployment prod-web/web and staging-web/web.
+async fn rig(playbook: &str) -> Rig {
+    let kube = KubeApi::start().await;
+    for ns in ["prod-web", "staging-web"] {
+        kube.put(json!({
+            "apiVersion": "apps/v1", "kind": "Deployment", "metadata": { "name": "web", "namespace": ns },
+            "spec": { "replicas": 2, "template": { "metadata": { "labels": { "app": "web" } } } },
+        }));
+    }
+    let chat = WebhookReceiver::start().await;
+    let dir = std::env::temp_dir().join(format!("dayshift-remediation-{}", unique()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("token"), TOKEN).unwrap();
+    std::fs::write(dir.join("chat"), &chat.url).unwrap();
+    let yaml = format!(
+        "alertmanager:\n  token: {{ file: {} }}\n  routes:\n    - name: crashloop\n      matchers: ['alertname=\"KubePodCrashLooping\"']\n      workflow: remediate\n      \
+         input: {{ playbook: crash-loop, labels: \"{{{{ labels }}}}\", annotations: \"{{{{ annotations }}}}\", fingerprint: \"{{{{ fingerprint }}}}\", starts_at: \"{{{{ starts_at }}}}\" }}\n      \
+         guardrails: {{ target: [namespace, deployment], cooldown: 10m }}\n\
+         connections:\n  kubernetes:\n    cluster: {{ url: \"{}\" }}\n  notify:\n    ops: {{ url: {{ file: {} }} }}\n\
+         playbooks:\n  crash-loop:\n    kubernetes: cluster\n    namespaces: [\"prod-*\"]\n    escalate: ops\n{playbook}",
+        dir.join("token").display(),
+        kube.url,
+        dir.join("chat").display(),
+    );
+    let env = BinEnv::start_with(&yaml).await;
+    Rig { env, kube, chat }
+}
+
+const RESTART: &str = "    actions:\n      - action: kube.rollout-restart\n        with: { kind: Deployment, namespace: \"{{ labels.namespace }}\", name: \"{{ labels.deployment }}\" }\n";
+
+fn alert(namespace: &str, starts: chrono::DateTime<Utc>, ends: Option<chrono::DateTime<Utc>>) -> Value {
+    let mut a = json!({
+        "labels": { "alertname": "KubePodCrashLooping", "namespace": namespace, "deployment": "web", "pod": "web-7d9f-x2", "severity": "critical" },
+        "annotations": { "summary": "Pod web-7d9f-x2 is crash looping." },
+        "startsAt": starts.to_rfc3339(),
+        "generatorURL": "http://prometheus.example/graph",
+    });
+    if let Some(ends) = ends {
+        a["endsAt"] = json!(ends.to_rfc3339());
+    }
+    a
+}
+
+/// The remediation runs so far.
+async fn runs(env: &BinEnv) -> Vec<Value> {
+    let (_, list) = env.get("/api/v1/runs?workflow=remediate&limit=100").await;
+    list["runs"].as_array().unwrap().clone()
+}
+
+async fn first_run(env: &BinEnv) -> String {
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        if let Some(r) = runs(env).await.first() {
+            return r["id"].as_str().unwrap().to_string();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no remediation started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn restarts(kube: &KubeApi) -> Vec<dayshift_tests::kube_api::Recorded> {
+    kube.writes().into_iter().filter(|w| w.method == "PATCH").collect()
+}
+
+#[tokio::test]
+async fn a_crash_loop_gets_one_rollout_restart_and_the_resolution_ends_the_run() {
+    let rig = rig(&format!("{RESTART}    wait-resolved: 5m\n")).await;
+    let _worker = rig.env.start_worker().await;
+    let am = OwnAlertmanager::start(&format!("{}/hooks/alertmanager", rig.env.api), TOKEN)
+        .await
+        .unwrap();
+    let started = Utc::now() - chrono::Duration::seconds(30);
+    am.post_alerts(&json!([alert("prod-web", started, None)]))
+        .await
+        .unwrap();
+    let id = first_run(&rig.env).await;
+    rig.env
+        .wait_run(&id, LIMIT, |r| {
+            r["steps"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|s| s["name"] == "resolved" && s["status"] == "waiting"))
+        })
+        .await;
+    // Exactly the patch `kubectl rollout restart` sends, once, repeats included.
+    let patches = restarts(&rig.kube);
+    assert_eq!(patches.len(), 1, "{patches:#?}");
+    assert_eq!(patches[0].path, WEB);
+    assert_eq!(patches[0].content_type, "application/strategic-merge-patch+json");
+    assert!(
+        patches[0].body["spec"]["template"]["metadata"]["annotations"]["kubectl.kubernetes.io/restartedAt"].is_string()
+    );
+    am.post_alerts(&json!([alert("prod-web", started, Some(Utc::now()))]))
+        .await
+        .unwrap();
+    let run = rig.env.wait_finished(&id, LIMIT).await;
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    assert_eq!(run["output"]["outcome"], "resolved");
+    assert!(
+        run["output"]["time_to_resolve_seconds"].as_f64().unwrap() >= 30.0,
+        "{run:#}"
+    );
+    assert_eq!(run["output"]["taken"][0]["action"], "restart Deployment prod-web/web");
+    assert_eq!(restarts(&rig.kube).len(), 1);
+}
+
+#[tokio::test]
+async fn an_alert_that_never_resolves_escalates_with_the_alert_and_what_was_tried() {
+    let rig = rig(&format!("{RESTART}    wait-resolved: 2s\n")).await;
+    let _worker = rig.env.start_worker().await;
+    let am = OwnAlertmanager::start(&format!("{}/hooks/alertmanager", rig.env.api), TOKEN)
+        .await
+        .unwrap();
+    am.post_alerts(&json!([alert("prod-web", Utc::now(), None)]))
+        .await
+        .unwrap();
+    let id = first_run(&rig.env).await;
+    let run = rig.env.wait_finished(&id, LIMIT).await;
+    assert_eq!(run["status"], "failed", "{run:#}");
+    assert!(
+        run["error"].as_str().unwrap().contains("did not resolve within 2s"),
+        "{run:#}"
+    );
+    let notice = rig.chat.wait_for(1, LIMIT).await[0]["text"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        notice.contains("KubePodCrashLooping") && notice.contains("did not resolve"),
+        "{notice}"
+    );
+    assert!(
+        notice.contains("restart Deployment prod-web/web") && notice.contains("\"namespace\":\"prod-web\""),
+        "{notice}"
+    );
+    assert!(notice.contains(&id), "{notice}");
+}
+
+/// Alertmanager's webhook body (version 4).
+fn notification(status: &str, mut alerts: Vec<Value>) -> Value {
+    for a in &mut alerts {
+        if a.get("fingerprint").is_none() {
+            a["fingerprint"] = json!(format!("fp-{}", a["labels"]["namespace"].as_str().unwrap_or_default()));
+        }
+        if a.get("status").is_none() {
+            a["status"] = json!(status);
+        }
+    }
+    json!({
+        "version": "4", "groupKey": "{}:{alertname=\"KubePodCrashLooping\"}", "truncatedAlerts": 0,
+        "status": status, "receiver": "dayshift", "groupLabels": {}, "commonLabels": {},
+        "commonAnnotations": {}, "externalURL": "http://alertmanager.example", "alerts": alerts,
+    })
+}
+
+async fn notify(env: &BinEnv, body: &Value) {
+    let r = env
+        .http
+        .post(format!("{}/hooks/alertmanager", env.api))
+        .bearer_auth(TOKEN)
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+}
+
+#[tokio::test]
+async fn a_flapping_alert_does_not_restart_twenty_times() {
+    let rig = rig(&format!("{RESTART}    wait-resolved: 5m\n")).await;
+    let _worker = rig.env.start_worker().await;
+    let base = Utc::now() - chrono::Duration::seconds(60);
+    for i in 0..20 {
+        let starts = base + chrono::Duration::seconds(3 * i);
+        let mut firing = alert("prod-web", starts, None);
+        firing["status"] = json!("firing");
+        firing["fingerprint"] = json!("f00d");
+        notify(&rig.env, &notification("firing", vec![firing.clone()])).await;
+        let mut resolved = alert("prod-web", starts, Some(starts + chrono::Duration::seconds(2)));
+        resolved["status"] = json!("resolved");
+        resolved["fingerprint"] = json!("f00d");
+        notify(&rig.env, &notification("resolved", vec![resolved])).await;
+    }
+    let id = first_run(&rig.env).await;
+    rig.env.wait_finished(&id, LIMIT).await;
+    assert_eq!(
+        runs(&rig.env).await.len(),
+        1,
+        "more than one remediation for a flapping alert"
+    );
+    assert_eq!(restarts(&rig.kube).len(), 1);
+}
+
+#[tokio::test]
+async fn dry_run_allow_list_and_missing_labels_do_nothing_and_say_so() {
+    // Dry run: the plan is recorded, nothing is sent to the cluster.
+    let rig_dry = rig(&format!("{RESTART}    dry-run: true\n")).await;
+    let _w = rig_dry.env.start_worker().await;
+    notify(
+        &rig_dry.env,
+        &notification("firing", vec![alert("prod-web", Utc::now(), None)]),
+    )
+    .await;
+    let run = rig_dry.env.wait_finished(&first_run(&rig_dry.env).await, LIMIT).await;
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    assert_eq!(run["output"]["outcome"], "dry-run");
+    assert_eq!(run["output"]["plan"], json!(["restart Deployment prod-web/web"]));
+    assert!(rig_dry.kube.writes().is_empty());
+
+    // A namespace outside the allow-list is refused, and the refusal is the run's error.
+    let rig_ns = rig(&format!("{RESTART}    wait-resolved: 5m\n")).await;
+    let _w = rig_ns.env.start_worker().await;
+    notify(
+        &rig_ns.env,
+        &notification("firing", vec![alert("staging-web", Utc::now(), None)]),
+    )
+    .await;
+    let run = rig_ns.env.wait_finished(&first_run(&rig_ns.env).await, LIMIT).await;
+    assert_eq!(run["status"], "failed");
+    assert!(
+        run["error"]
+            .as_str()
+            .unwrap()
+            .contains("namespace \"staging-web\" is not in the playbook's allow-list"),
+        "{run:#}"
+    );
+    assert!(rig_ns.kube.writes().is_empty());
+
+    // A playbook that needs a label the alert does not have: a clear error, nothing done.
+    let rig_label = rig(
+        "    actions:\n      - action: kube.rollout-restart\n        with: { kind: Deployment, namespace: \"{{ labels.namespace }}\", name: \"{{ labels.statefulset }}\" }\n",
+    )
+    .await;
+    let _w = rig_label.env.start_worker().await;
+    notify(
+        &rig_label.env,
+        &notification("firing", vec![alert("prod-web", Utc::now(), None)]),
+    )
+    .await;
+    let run = rig_label
+        .env
+        .wait_finished(&first_run(&rig_label.env).await, LIMIT)
+        .await;
+    assert_eq!(run["status"], "failed");
+    let error = run["error"].as_str().unwrap();
+    assert!(
+        error.contains("labels.statefulset") && error.contains("alertname, deployment, namespace"),
+        "{error}"
+    );
+    assert!(rig_label.kube.writes().is_empty());
+}
