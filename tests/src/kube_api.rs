@@ -68,6 +68,16 @@ impl Drop for KubeApi {
 
 const WORKLOADS: [&str; 3] = ["deployments", "statefulsets", "daemonsets"];
 
+/// Kinds that live outside namespaces.
+const CLUSTER_KINDS: [&str; 6] = [
+    "Node",
+    "StorageClass",
+    "Namespace",
+    "PersistentVolume",
+    "ClusterRole",
+    "CustomResourceDefinition",
+];
+
 impl KubeApi {
     /// Starts one on a free loopback port.
     pub async fn start() -> Self {
@@ -87,6 +97,8 @@ impl KubeApi {
                 "/apis/authentication.k8s.io/v1/tokenreviews",
                 axum::routing::post(token_review),
             )
+            .route("/api/{version}/{plural}/{name}", any(cluster_object))
+            .route("/apis/{group}/{version}/{plural}/{name}", any(group_cluster_object))
             .fallback(|method: Method, uri: axum::http::Uri| async move {
                 status(
                     StatusCode::NOT_FOUND,
@@ -113,14 +125,21 @@ impl KubeApi {
         } else {
             format!("/api/{api_version}")
         };
-        let ns = object["metadata"]["namespace"]
-            .as_str()
-            .unwrap_or("default")
-            .to_string();
+        let kind = object["kind"].as_str().unwrap_or_default();
+        let ns = if CLUSTER_KINDS.contains(&kind) {
+            String::new()
+        } else {
+            object["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or("default")
+                .to_string()
+        };
         let name = object["metadata"]["name"].as_str().expect("metadata.name").to_string();
         let mut inner = self.inner.lock().unwrap();
         let mut object = object;
-        object["metadata"]["namespace"] = json!(ns);
+        if !ns.is_empty() {
+            object["metadata"]["namespace"] = json!(ns);
+        }
         stamp_new(&mut inner, &mut object);
         settle(&inner, &plural, &mut object);
         inner.objects.insert((prefix, plural, ns, name), object);
@@ -213,6 +232,13 @@ fn key_of(path: &str) -> Option<Key> {
             format!("/api/{v}"),
             plural.to_string(),
             ns.to_string(),
+            name.to_string(),
+        )),
+        ["api", v, plural, name] => Some((format!("/api/{v}"), plural.to_string(), String::new(), name.to_string())),
+        ["apis", g, v, plural, name] => Some((
+            format!("/apis/{g}/{v}"),
+            plural.to_string(),
+            String::new(),
             name.to_string(),
         )),
         ["apis", g, v, "namespaces", ns, plural, name] => Some((
@@ -371,9 +397,10 @@ async fn handle(inner: Arc<Mutex<Inner>>, req: Req) -> Response {
         headers,
         body,
     } = req;
-    let path = match &name {
-        Some(n) => format!("{prefix}/namespaces/{ns}/{plural}/{n}"),
-        None => format!("{prefix}/namespaces/{ns}/{plural}"),
+    let path = match (&name, ns.is_empty()) {
+        (Some(n), true) => format!("{prefix}/{plural}/{n}"),
+        (Some(n), false) => format!("{prefix}/namespaces/{ns}/{plural}/{n}"),
+        (None, _) => format!("{prefix}/namespaces/{ns}/{plural}"),
     };
     record(&inner, &method, path.clone(), query.clone(), &headers, &body);
     let mut state = inner.lock().unwrap();
@@ -614,4 +641,52 @@ async fn token_review(State(s): Shared, headers: HeaderMap, body: Bytes) -> Resp
         })),
     )
         .into_response()
+}
+
+async fn cluster_object(
+    State(s): Shared,
+    method: Method,
+    Path((v, plural, name)): Path<(String, String, String)>,
+    RawQuery(q): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(
+        s,
+        Req {
+            method,
+            prefix: format!("/api/{v}"),
+            ns: String::new(),
+            plural,
+            name: Some(name),
+            query: q,
+            headers,
+            body,
+        },
+    )
+    .await
+}
+
+async fn group_cluster_object(
+    State(s): Shared,
+    method: Method,
+    Path((g, v, plural, name)): Path<(String, String, String, String)>,
+    RawQuery(q): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(
+        s,
+        Req {
+            method,
+            prefix: format!("/apis/{g}/{v}"),
+            ns: String::new(),
+            plural,
+            name: Some(name),
+            query: q,
+            headers,
+            body,
+        },
+    )
+    .await
 }

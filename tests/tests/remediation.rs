@@ -21,6 +21,11 @@ struct Rig {
 /// `dayshift serve` and a worker with the crash-loop route and playbook `extra` (YAML lines
 /// under the playbook), a cluster with Deployment prod-web/web and staging-web/web.
 async fn rig(playbook: &str) -> Rig {
+    rig_for("KubePodCrashLooping", playbook).await
+}
+
+/// Same, for alerts named `alertname`.
+async fn rig_for(alertname: &str, playbook: &str) -> Rig {
     let kube = KubeApi::start().await;
     for ns in ["prod-web", "staging-web"] {
         kube.put(json!({
@@ -34,7 +39,7 @@ async fn rig(playbook: &str) -> Rig {
     std::fs::write(dir.join("token"), TOKEN).unwrap();
     std::fs::write(dir.join("chat"), &chat.url).unwrap();
     let yaml = format!(
-        "alertmanager:\n  token: {{ file: {} }}\n  routes:\n    - name: crashloop\n      matchers: ['alertname=\"KubePodCrashLooping\"']\n      workflow: remediate\n      \
+        "alertmanager:\n  token: {{ file: {} }}\n  routes:\n    - name: crashloop\n      matchers: ['alertname=\"{alertname}\"']\n      workflow: remediate\n      \
          input: {{ playbook: crash-loop, labels: \"{{{{ labels }}}}\", annotations: \"{{{{ annotations }}}}\", fingerprint: \"{{{{ fingerprint }}}}\", starts_at: \"{{{{ starts_at }}}}\" }}\n      \
          guardrails: {{ target: [namespace, deployment], cooldown: 10m }}\n\
          connections:\n  kubernetes:\n    cluster: {{ url: \"{}\" }}\n  notify:\n    ops: {{ url: {{ file: {} }} }}\n\
@@ -268,4 +273,141 @@ async fn dry_run_allow_list_and_missing_labels_do_nothing_and_say_so() {
         "{error}"
     );
     assert!(rig_label.kube.writes().is_empty());
+}
+
+#[tokio::test]
+async fn a_filling_volume_grows_only_where_its_storage_class_allows_and_remediations_are_listed() {
+    let rig = rig_for(
+        "KubePersistentVolumeFillingUp",
+        "    actions:\n      - action: pvc.expand\n        with: { namespace: \"{{ labels.namespace }}\", name: \"{{ labels.persistentvolumeclaim }}\", percent: 50, max: 30Gi }\n    wait-resolved: 5m\n",
+    )
+    .await;
+    for (name, expandable) in [("expandable", true), ("fixed", false)] {
+        rig.kube.put(json!({
+            "apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "metadata": { "name": name },
+            "provisioner": "driver.longhorn.io", "allowVolumeExpansion": expandable,
+        }));
+    }
+    for (pvc, class) in [("data-0", "expandable"), ("data-1", "fixed")] {
+        rig.kube.put(json!({
+            "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": { "name": pvc, "namespace": "prod-db" },
+            "spec": { "storageClassName": class, "accessModes": ["ReadWriteOnce"], "resources": { "requests": { "storage": "10Gi" } } },
+        }));
+    }
+    let _worker = rig.env.start_worker().await;
+    let since = Utc::now() - chrono::Duration::seconds(120);
+    let filling = |pvc: &str, ends: Option<chrono::DateTime<Utc>>| {
+        let mut a = json!({
+            "labels": { "alertname": "KubePersistentVolumeFillingUp", "namespace": "prod-db", "deployment": pvc, "persistentvolumeclaim": pvc },
+            "annotations": { "summary": "volume is 97% full" },
+            "startsAt": since.to_rfc3339(),
+            "fingerprint": format!("fp-{pvc}"), "status": if ends.is_some() { "resolved" } else { "firing" },
+        });
+        if let Some(ends) = ends {
+            a["endsAt"] = json!(ends.to_rfc3339());
+        }
+        a
+    };
+    notify(&rig.env, &notification("firing", vec![filling("data-0", None)])).await;
+    let grown = first_run(&rig.env).await;
+    rig.env
+        .wait_run(&grown, LIMIT, |r| {
+            r["steps"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|s| s["name"] == "resolved" && s["status"] == "waiting"))
+        })
+        .await;
+    let pvc = rig
+        .kube
+        .get("/api/v1/namespaces/prod-db/persistentvolumeclaims/data-0")
+        .unwrap();
+    assert_eq!(pvc["spec"]["resources"]["requests"]["storage"], "15Gi");
+    notify(
+        &rig.env,
+        &notification("resolved", vec![filling("data-0", Some(Utc::now()))]),
+    )
+    .await;
+    let run = rig.env.wait_finished(&grown, LIMIT).await;
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    assert_eq!(
+        run["output"]["taken"][0]["response"],
+        json!({ "expanded": "prod-db/data-0", "from": "10Gi", "to": "15Gi" })
+    );
+
+    notify(&rig.env, &notification("firing", vec![filling("data-1", None)])).await;
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    let refused = loop {
+        let all = runs(&rig.env).await;
+        if all.len() == 2 {
+            break all[0]["id"].as_str().unwrap().to_string();
+        }
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let run = rig.env.wait_finished(&refused, LIMIT).await;
+    assert_eq!(run["status"], "failed");
+    assert!(
+        run["error"]
+            .as_str()
+            .unwrap()
+            .contains("StorageClass fixed of PersistentVolumeClaim prod-db/data-1 does not allow volume expansion"),
+        "{run:#}"
+    );
+    let pvc = rig
+        .kube
+        .get("/api/v1/namespaces/prod-db/persistentvolumeclaims/data-1")
+        .unwrap();
+    assert_eq!(pvc["spec"]["resources"]["requests"]["storage"], "10Gi");
+
+    // Both are on record, through the API and the CLI.
+    let (_, list) = rig.env.get("/api/v1/remediations").await;
+    let list = list["remediations"].as_array().unwrap().clone();
+    assert_eq!(list.len(), 2);
+    assert_eq!(list[1]["outcome"], "resolved");
+    assert_eq!(list[1]["alert"]["labels"]["persistentvolumeclaim"], "data-0");
+    assert!(list[1]["time_to_resolve_seconds"].as_f64().unwrap() >= 120.0);
+    assert_eq!(list[0]["outcome"], "failed");
+    let out = std::process::Command::new(dayshift_tests::dayshift_bin())
+        .args(["remediations", "--server", &rig.env.api])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(
+        text.contains("crash-loop")
+            && text.contains("KubePersistentVolumeFillingUp prod-db")
+            && text.contains("expand PersistentVolumeClaim prod-db/data-0 by 50% up to 30Gi"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn escalation_actions_run_when_the_first_fix_did_not_help() {
+    let rig = rig(
+        "    actions:\n      - action: kube.delete-pod\n        with: { namespace: \"{{ labels.namespace }}\", name: \"{{ labels.pod }}\" }\n    wait-resolved: 1s\n    escalate-actions:\n      - action: kube.cordon-node\n        with: { node: \"{{ labels.node }}\" }\n",
+    )
+    .await;
+    rig.kube.put(json!({ "apiVersion": "v1", "kind": "Pod", "metadata": { "name": "web-7d9f-x2", "namespace": "prod-web" }, "spec": {} }));
+    rig.kube
+        .put(json!({ "apiVersion": "v1", "kind": "Node", "metadata": { "name": "node-1" }, "spec": {} }));
+    let _worker = rig.env.start_worker().await;
+    let mut a = alert("prod-web", Utc::now(), None);
+    a["labels"]["node"] = json!("node-1");
+    notify(&rig.env, &notification("firing", vec![a])).await;
+    let run = rig.env.wait_finished(&first_run(&rig.env).await, LIMIT).await;
+    assert_eq!(run["status"], "failed", "{run:#}");
+    assert!(
+        rig.kube.get("/api/v1/namespaces/prod-web/pods/web-7d9f-x2").is_none(),
+        "the pod was not deleted"
+    );
+    assert_eq!(
+        rig.kube.get("/api/v1/nodes/node-1").unwrap()["spec"]["unschedulable"],
+        true
+    );
+    assert!(
+        rig.chat.wait_for(1, LIMIT).await[0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("did not resolve within 1s")
+    );
 }

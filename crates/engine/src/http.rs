@@ -41,6 +41,7 @@ pub fn router(engine: Engine) -> Router {
             post(webhook).layer(axum::extract::DefaultBodyLimit::disable()),
         )
         .route("/api/v1/alerts/episodes", get(alert_episodes))
+        .route("/api/v1/remediations", get(remediations))
         .route("/api/v1/schedules", get(list_schedules))
         .route("/api/v1/schedules/{name}", get(get_schedule))
         .route("/api/v1/schedules/{name}/pause", post(pause_schedule))
@@ -296,6 +297,44 @@ async fn decide(
         StatusCode::ACCEPTED,
         Json(json!({ "id": id, "decision": if approve { "approve" } else { "reject" }, "by": d.by })),
     ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RemediationsQuery {
+    limit: Option<u32>,
+}
+
+/// The runs of the `remediate` workflow as on-call reads them: alert, playbook, what was
+/// planned and done (with the Kubernetes responses), outcome, time to resolve.
+async fn remediations(
+    State(engine): State<Engine>,
+    q: Result<Query<RemediationsQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(q) = q?;
+    let runs = engine
+        .list_runs(&RunFilter {
+            status: None,
+            workflow: Some("remediate".into()),
+            limit: q.limit,
+        })
+        .await?;
+    let list: Vec<Value> = runs
+        .into_iter()
+        .map(|r| {
+            let r = r.redacted();
+            let out = r.output.clone().unwrap_or(Value::Null);
+            json!({
+                "id": r.id, "status": r.status, "playbook": r.input["playbook"],
+                "alert": { "labels": r.input["labels"], "fingerprint": r.input["fingerprint"], "starts_at": r.input["starts_at"] },
+                "started_by": r.started_by, "plan": out["plan"], "taken": out["taken"],
+                "outcome": out.get("outcome").cloned().unwrap_or_else(|| json!(r.status)),
+                "time_to_resolve_seconds": out["time_to_resolve_seconds"], "error": r.error,
+                "created_at": r.created_at, "finished_at": r.finished_at,
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "remediations": list })))
 }
 
 async fn list_schedules(State(engine): State<Engine>) -> Result<Json<Value>, ApiError> {

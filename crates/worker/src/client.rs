@@ -357,3 +357,42 @@ async fn decide(api: &Api, args: &ApiArgs, verb: &str, id: &str, by: &str, comme
     }
     Ok(())
 }
+
+/// `dayshift remediations`.
+pub(crate) async fn remediations(args: &ApiArgs, limit: u32) -> Result<ExitCode> {
+    let api = Api::new(args)?;
+    let body = api.get(&format!("/api/v1/remediations?limit={limit}")).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&body)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<38}{:<11}{:<16}{:<34}{:<12}ACTIONS",
+        "RUN", "STATUS", "PLAYBOOK", "ALERT", "RESOLVED IN"
+    );
+    for r in body["remediations"].as_array().cloned().unwrap_or_default() {
+        let alert = format!(
+            "{} {}",
+            r["alert"]["labels"]["alertname"].as_str().unwrap_or("?"),
+            r["alert"]["labels"]["namespace"].as_str().unwrap_or("")
+        );
+        let resolved = r["time_to_resolve_seconds"]
+            .as_f64()
+            .map(|s| format!("{s:.0}s"))
+            .unwrap_or_else(|| r["outcome"].as_str().unwrap_or("-").to_string());
+        let actions: Vec<String> = r["plan"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
+            .unwrap_or_default();
+        println!(
+            "{:<38}{:<11}{:<16}{:<34}{:<12}{}",
+            r["id"].as_str().unwrap_or(""),
+            r["status"].as_str().unwrap_or(""),
+            r["playbook"].as_str().unwrap_or(""),
+            alert,
+            resolved,
+            actions.join("; ")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -94,6 +94,9 @@ pub(crate) struct PlaybookConfig {
     /// A notice webhook told when the alert does not resolve.
     #[serde(default)]
     pub escalate: Option<String>,
+    /// Actions taken after that notice, when the alert does not resolve.
+    #[serde(default)]
+    pub escalate_actions: Vec<ActionConfig>,
 }
 
 /// One playbook action.
@@ -1116,21 +1119,37 @@ impl Config {
 
 /// `playbooks.<name>` as `remediate` takes it, checked.
 fn playbook(name: &str, p: &PlaybookConfig) -> Result<dayshift_workflows::Playbook, String> {
-    const ACTIONS: [&str; 3] = ["kube.rollout-restart", "kube.scale", "notify"];
-    let mut actions = Vec::new();
-    for (n, a) in p.actions.iter().enumerate() {
-        if !ACTIONS.contains(&a.action.as_str()) {
-            return Err(format!(
-                "playbooks.{name}.actions[{n}].action: {:?} is not one of {}",
-                a.action,
-                ACTIONS.join(", ")
-            ));
-        }
-        actions.push(dayshift_workflows::ActionSpec {
-            action: a.action.clone(),
-            with: a.with.clone(),
-        });
-    }
+    const ACTIONS: [&str; 8] = [
+        "kube.rollout-restart",
+        "kube.scale",
+        "kube.delete-pod",
+        "kube.cordon-node",
+        "pvc.expand",
+        "workflow",
+        "http",
+        "notify",
+    ];
+    let specs = |list: &[ActionConfig], field: &str| {
+        list.iter()
+            .enumerate()
+            .map(|(n, a)| {
+                if ACTIONS.contains(&a.action.as_str()) {
+                    Ok(dayshift_workflows::ActionSpec {
+                        action: a.action.clone(),
+                        with: a.with.clone(),
+                    })
+                } else {
+                    Err(format!(
+                        "playbooks.{name}.{field}[{n}].action: {:?} is not one of {}",
+                        a.action,
+                        ACTIONS.join(", ")
+                    ))
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let actions = specs(&p.actions, "actions")?;
+    let escalate_actions = specs(&p.escalate_actions, "escalate-actions")?;
     let namespaces = p
         .namespaces
         .iter()
@@ -1148,6 +1167,7 @@ fn playbook(name: &str, p: &PlaybookConfig) -> Result<dayshift_workflows::Playbo
         wait_resolved: p.wait_resolved,
         escalate_notify: p.escalate.clone(),
         max_replicas: p.max_replicas,
+        escalate_actions,
     })
 }
 

@@ -67,6 +67,14 @@ enum Command {
         #[command(flatten)]
         api: client::ApiArgs,
     },
+    /// Lists Alertmanager remediations: alert, playbook, actions, outcome, time to resolve.
+    Remediations {
+        /// How many, newest first.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        #[command(flatten)]
+        api: client::ApiArgs,
+    },
     /// Lists, shows, pauses, resumes and triggers cron schedules through the API.
     Schedules {
         #[command(subcommand)]
@@ -268,6 +276,7 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
         } => return client::run(&api, &workflow, &input, wait, idempotency_key).await,
         Command::Runs { command, api } => return client::runs(&api, command).await,
         Command::Schedules { command, api } => return client::schedules(&api, command).await,
+        Command::Remediations { limit, api } => return client::remediations(&api, limit).await,
         Command::Bench(args) => {
             let mut c = config()?;
             // The bench's own report is the output; per-run logs would only slow it down.

@@ -32,6 +32,8 @@ pub struct Playbook {
     pub escalate_notify: Option<String>,
     /// Never scale above this many replicas.
     pub max_replicas: Option<i32>,
+    /// Taken, after the escalation notice, when the alert does not resolve.
+    pub escalate_actions: Vec<ActionSpec>,
 }
 
 /// One action with its parameters (placeholders `{{ labels.* }}`, `{{ annotations.* }}`).
@@ -79,15 +81,56 @@ pub enum Action {
         #[serde(default)]
         by: Option<i32>,
     },
+    #[serde(rename = "kube.delete-pod")]
+    DeletePod { namespace: String, name: String },
+    #[serde(rename = "kube.cordon-node")]
+    CordonNode { node: String },
+    #[serde(rename = "pvc.expand")]
+    PvcExpand {
+        namespace: String,
+        name: String,
+        /// Grow by this much. Default 20.
+        #[serde(default = "twenty")]
+        percent: u32,
+        /// Never above this size (`100Gi`).
+        max: String,
+    },
+    #[serde(rename = "workflow")]
+    Workflow {
+        workflow: String,
+        #[serde(default)]
+        input: Value,
+    },
+    #[serde(rename = "http")]
+    Http {
+        url: String,
+        #[serde(default = "get")]
+        method: String,
+        #[serde(default = "ok")]
+        expect_status: u16,
+    },
     #[serde(rename = "notify")]
     Notify { to: String, text: String },
+}
+
+fn twenty() -> u32 {
+    20
+}
+fn get() -> String {
+    "GET".into()
+}
+fn ok() -> u16 {
+    200
 }
 
 impl Action {
     fn namespace(&self) -> Option<&str> {
         match self {
-            Self::RolloutRestart { namespace, .. } | Self::Scale { namespace, .. } => Some(namespace),
-            Self::Notify { .. } => None,
+            Self::RolloutRestart { namespace, .. }
+            | Self::Scale { namespace, .. }
+            | Self::DeletePod { namespace, .. }
+            | Self::PvcExpand { namespace, .. } => Some(namespace),
+            Self::CordonNode { .. } | Self::Workflow { .. } | Self::Http { .. } | Self::Notify { .. } => None,
         }
     }
 
@@ -105,6 +148,16 @@ impl Action {
                 (None, Some(b)) => format!("scale {kind:?} {namespace}/{name} by {b:+}"),
                 _ => format!("scale {kind:?} {namespace}/{name}"),
             },
+            Self::DeletePod { namespace, name } => format!("delete Pod {namespace}/{name}"),
+            Self::CordonNode { node } => format!("cordon Node {node}"),
+            Self::PvcExpand {
+                namespace,
+                name,
+                percent,
+                max,
+            } => format!("expand PersistentVolumeClaim {namespace}/{name} by {percent}% up to {max}"),
+            Self::Workflow { workflow, .. } => format!("start workflow {workflow}"),
+            Self::Http { method, url, .. } => format!("{method} {url}"),
             Self::Notify { to, .. } => format!("notify {to}"),
         }
     }
@@ -162,7 +215,11 @@ async fn run(ctx: &Ctx, connections: &Connections, input: RemediateInput) -> Res
         .clone();
     let alert = json!({ "labels": input.labels, "annotations": input.annotations, "fingerprint": input.fingerprint });
     let (b, a) = (&book, &alert);
-    let plan: Vec<Action> = ctx.step("plan", |_s| async move { plan(b, a) }).await?;
+    let (plan, escalation): (Vec<Action>, Vec<Action>) = ctx
+        .step("plan", |_s| async move {
+            Ok::<_, StepError>((plan(b, &b.actions, a)?, plan(b, &b.escalate_actions, a)?))
+        })
+        .await?;
     let described: Vec<String> = plan.iter().map(Action::describe).collect();
     let mut report = Remediation {
         playbook: input.playbook.clone(),
@@ -177,7 +234,11 @@ async fn run(ctx: &Ctx, connections: &Connections, input: RemediateInput) -> Res
         report.outcome = "dry-run".into();
         return Ok(report);
     }
-    let kube = if plan.iter().any(|a| a.namespace().is_some()) {
+    let kube = if plan
+        .iter()
+        .chain(&escalation)
+        .any(|a| !matches!(a, Action::Workflow { .. } | Action::Http { .. } | Action::Notify { .. }))
+    {
         let config = connections
             .kubernetes(&book.kubernetes)
             .map_err(WorkflowError::failed)?;
@@ -186,16 +247,15 @@ async fn run(ctx: &Ctx, connections: &Connections, input: RemediateInput) -> Res
         None
     };
     for (n, action) in plan.iter().enumerate() {
-        let (k, act, max) = (&kube, action, book.max_replicas);
-        let taken: Taken = ctx
-            .step(format!("action:{}:{}", n + 1, action.describe()), |_s| async move {
-                perform(connections, k.as_ref(), act, max).await
-            })
-            .retry(RetryPolicy {
-                max_attempts: 3,
-                ..RetryPolicy::default()
-            })
-            .await?;
+        let taken = act(
+            ctx,
+            connections,
+            kube.as_ref(),
+            action,
+            &book,
+            &format!("action:{}", n + 1),
+        )
+        .await?;
         report.taken.push(taken);
     }
 
@@ -252,6 +312,17 @@ async fn run(ctx: &Ctx, connections: &Connections, input: RemediateInput) -> Res
                 })
                 .await?;
             }
+            for (n, action) in escalation.iter().enumerate() {
+                act(
+                    ctx,
+                    connections,
+                    kube.as_ref(),
+                    action,
+                    &book,
+                    &format!("escalation:{}", n + 1),
+                )
+                .await?;
+            }
             Err(WorkflowError::failed(format!(
                 "the alert did not resolve within {wait} after {}; escalated",
                 report.plan.join("; ")
@@ -260,10 +331,39 @@ async fn run(ctx: &Ctx, connections: &Connections, input: RemediateInput) -> Res
     }
 }
 
+/// One action as a journaled step (a `workflow` action is a child run).
+async fn act(
+    ctx: &Ctx,
+    connections: &Connections,
+    kube: Option<&Kube>,
+    action: &Action,
+    book: &Playbook,
+    step: &str,
+) -> Result<Taken, WorkflowError> {
+    if let Action::Workflow { workflow, input } = action {
+        let output: Value = ctx.child(workflow, input.clone()).await?;
+        return Ok(Taken {
+            action: action.describe(),
+            response: output,
+        });
+    }
+    let max = book.max_replicas;
+    let taken = ctx
+        .step(format!("{step}:{}", action.describe()), |_s| async move {
+            perform(connections, kube, action, max).await
+        })
+        .retry(RetryPolicy {
+            max_attempts: 3,
+            ..RetryPolicy::default()
+        })
+        .await?;
+    Ok(taken)
+}
+
 /// Renders every action against the alert and checks the guardrails; nothing is done here.
-fn plan(book: &Playbook, alert: &Value) -> Result<Vec<Action>, StepError> {
+fn plan(book: &Playbook, actions: &[ActionSpec], alert: &Value) -> Result<Vec<Action>, StepError> {
     let mut out = Vec::new();
-    for (n, spec) in book.actions.iter().enumerate() {
+    for (n, spec) in actions.iter().enumerate() {
         let mut with = dayshift_engine::template::render(&spec.with, alert).map_err(|e| {
             StepError::Permanent(format!(
                 "action {} ({}): {e}; the alert has labels {}",
@@ -346,6 +446,55 @@ async fn perform(
             kube.scale(&w, want).await.map_err(kube_err)?;
             json!({ "scaled": w.to_string(), "from": current, "to": want })
         }
+        Action::DeletePod { namespace, name } => {
+            let kube = kube.ok_or_else(|| StepError::permanent("no Kubernetes connection"))?;
+            let existed = kube.delete_pod(namespace, name).await.map_err(kube_err)?;
+            json!({ "deleted": format!("{namespace}/{name}"), "existed": existed })
+        }
+        Action::CordonNode { node } => {
+            let kube = kube.ok_or_else(|| StepError::permanent("no Kubernetes connection"))?;
+            kube.cordon(node).await.map_err(kube_err)?;
+            json!({ "cordoned": node })
+        }
+        Action::PvcExpand {
+            namespace,
+            name,
+            percent,
+            max,
+        } => {
+            let kube = kube.ok_or_else(|| StepError::permanent("no Kubernetes connection"))?;
+            let max_bytes = crate::adapters::kube::parse_quantity(max)
+                .ok_or_else(|| StepError::Permanent(format!("pvc.expand max {max:?} is not a size")))?;
+            let (from, to) = kube
+                .expand_pvc(namespace, name, *percent, max_bytes)
+                .await
+                .map_err(kube_err)?;
+            json!({
+                "expanded": format!("{namespace}/{name}"),
+                "from": crate::adapters::kube::format_gi(from), "to": crate::adapters::kube::format_gi(to),
+            })
+        }
+        Action::Http {
+            url,
+            method,
+            expect_status,
+        } => {
+            let method = reqwest::Method::from_bytes(method.as_bytes())
+                .map_err(|_| StepError::Permanent(format!("http: {method:?} is not a method")))?;
+            let response = crate::adapters::http::client()
+                .request(method, url)
+                .send()
+                .await
+                .map_err(|e| StepError::transient(format!("{url}: {}", e.without_url())))?;
+            let status = response.status().as_u16();
+            if status != *expect_status {
+                return Err(StepError::Transient(format!(
+                    "{url} answered {status}, expected {expect_status}"
+                )));
+            }
+            json!({ "status": status })
+        }
+        Action::Workflow { .. } => return Err(StepError::permanent("a workflow action runs as a child run")),
         Action::Notify { to, text } => {
             let notifier = connections.notifier(to).map_err(StepError::Permanent)?;
             notifier.send(text).await.map_err(|e| {
@@ -380,7 +529,7 @@ mod tests {
             ..Playbook::default()
         };
         let alert = json!({ "labels": { "alertname": "KubePodCrashLooping", "namespace": "shop" } });
-        let err = plan(&book, &alert).unwrap_err().to_string();
+        let err = plan(&book, &book.actions, &alert).unwrap_err().to_string();
         assert!(
             err.contains("labels.deployment") && err.contains("alertname, namespace"),
             "{err}"

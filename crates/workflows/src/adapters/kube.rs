@@ -353,6 +353,80 @@ impl Kube {
         }
     }
 
+    /// Deletes a pod (its controller makes a new one). Returns whether it existed.
+    pub async fn delete_pod(&self, namespace: &str, name: &str) -> Result<bool, KubeError> {
+        let api = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(self.client.clone(), namespace);
+        match api.delete(name, &kube::api::DeleteParams::default()).await {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
+            Err(e) => Err(KubeError::from_kube(&format!("delete Pod {namespace}/{name}"), e)),
+        }
+    }
+
+    /// Marks a node unschedulable, as `kubectl cordon` does.
+    pub async fn cordon(&self, node: &str) -> Result<(), KubeError> {
+        let api = Api::<k8s_openapi::api::core::v1::Node>::all(self.client.clone());
+        api.patch(
+            node,
+            &PatchParams::default(),
+            &Patch::Strategic(json!({ "spec": { "unschedulable": true } })),
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| KubeError::from_kube(&format!("cordon Node {node}"), e))
+    }
+
+    /// Grows a PersistentVolumeClaim by `percent`, at most to `max_bytes`, if its StorageClass
+    /// allows expansion. Returns the old and new requested sizes in bytes.
+    pub async fn expand_pvc(
+        &self,
+        namespace: &str,
+        name: &str,
+        percent: u32,
+        max_bytes: u64,
+    ) -> Result<(u64, u64), KubeError> {
+        use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+        use k8s_openapi::api::storage::v1::StorageClass;
+        let what = format!("PersistentVolumeClaim {namespace}/{name}");
+        let pvcs = Api::<PersistentVolumeClaim>::namespaced(self.client.clone(), namespace);
+        let pvc = pvcs
+            .get(name)
+            .await
+            .map_err(|e| KubeError::from_kube(&format!("read {what}"), e))?;
+        let spec = pvc.spec.unwrap_or_default();
+        let class = spec.storage_class_name.ok_or_else(|| {
+            KubeError::Permanent(format!("{what} names no StorageClass; cannot tell whether it may grow"))
+        })?;
+        let sc = Api::<StorageClass>::all(self.client.clone())
+            .get(&class)
+            .await
+            .map_err(|e| KubeError::from_kube(&format!("read StorageClass {class}"), e))?;
+        if sc.allow_volume_expansion != Some(true) {
+            return Err(KubeError::Permanent(format!(
+                "StorageClass {class} of {what} does not allow volume expansion"
+            )));
+        }
+        let current = spec
+            .resources
+            .and_then(|r| r.requests)
+            .and_then(|r| r.get("storage").map(|q| q.0.clone()))
+            .ok_or_else(|| KubeError::Permanent(format!("{what} requests no storage size")))?;
+        let bytes = parse_quantity(&current)
+            .ok_or_else(|| KubeError::Permanent(format!("{what}: storage {current:?} is not a size")))?;
+        if bytes >= max_bytes {
+            return Err(KubeError::Permanent(format!(
+                "{what} is {current} already, at or above the maximum of {}",
+                format_gi(max_bytes)
+            )));
+        }
+        let grown = (bytes + bytes * u64::from(percent) / 100).min(max_bytes);
+        let patch = json!({ "spec": { "resources": { "requests": { "storage": format_gi(grown) } } } });
+        pvcs.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map_err(|e| KubeError::from_kube(&format!("expand {what}"), e))?;
+        Ok((bytes, grown))
+    }
+
     /// An ArgoCD `Application` (`argoproj.io/v1alpha1`), as JSON; `None` if it does not exist.
     pub async fn argocd_application(
         &self,
@@ -367,5 +441,47 @@ impl Kube {
             .await
             .map_err(|e| KubeError::from_kube(&format!("read Application {namespace}/{name}"), e))?;
         Ok(app.map(|a| serde_json::to_value(a).unwrap_or_default()))
+    }
+}
+
+/// A Kubernetes quantity of bytes (`10Gi`, `500M`, `1073741824`).
+pub fn parse_quantity(q: &str) -> Option<u64> {
+    let q = q.trim();
+    let split = q.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(q.len());
+    let (number, unit) = q.split_at(split);
+    let number: f64 = number.parse().ok()?;
+    let factor: f64 = match unit {
+        "" => 1.0,
+        "Ki" => 1024.0,
+        "Mi" => 1024f64.powi(2),
+        "Gi" => 1024f64.powi(3),
+        "Ti" => 1024f64.powi(4),
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        _ => return None,
+    };
+    Some((number * factor).ceil() as u64)
+}
+
+/// Bytes as whole `Gi`, rounded up (what a volume resize asks for).
+pub fn format_gi(bytes: u64) -> String {
+    let gi = 1u64 << 30;
+    format!("{}Gi", bytes.div_ceil(gi))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{format_gi, parse_quantity};
+
+    #[test]
+    fn quantities_are_read_and_written() {
+        assert_eq!(parse_quantity("10Gi"), Some(10 << 30));
+        assert_eq!(parse_quantity("500M"), Some(500_000_000));
+        assert_eq!(parse_quantity("1.5Gi"), Some(3 << 29));
+        assert_eq!(parse_quantity("ten"), None);
+        assert_eq!(format_gi(10 << 30), "10Gi");
+        assert_eq!(format_gi((10 << 30) + 1), "11Gi");
     }
 }
