@@ -411,3 +411,99 @@ async fn escalation_actions_run_when_the_first_fix_did_not_help() {
             .contains("did not resolve within 1s")
     );
 }
+
+#[tokio::test]
+async fn a_destructive_action_waits_for_an_approval_and_a_rejection_does_nothing() {
+    let rig = rig(
+        "    actions:\n      - action: kube.delete-pod\n        destructive: true\n        with: { namespace: \"{{ labels.namespace }}\", name: \"{{ labels.pod }}\" }\n    approval: { approvers: [oncall@acme.io] }\n    wait-resolved: 5m\n",
+    )
+    .await;
+    rig.kube.put(json!({ "apiVersion": "v1", "kind": "Pod", "metadata": { "name": "web-7d9f-x2", "namespace": "prod-web" }, "spec": {} }));
+    let _worker = rig.env.start_worker().await;
+    let waiting_for_approval = |r: &Value| {
+        r["steps"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|s| s["name"] == "approval" && s["status"] == "waiting"))
+    };
+    notify(
+        &rig.env,
+        &notification("firing", vec![alert("prod-web", Utc::now(), None)]),
+    )
+    .await;
+    let id = first_run(&rig.env).await;
+    rig.env.wait_run(&id, LIMIT, waiting_for_approval).await;
+    assert!(
+        rig.kube.get("/api/v1/namespaces/prod-web/pods/web-7d9f-x2").is_some(),
+        "deleted before approval"
+    );
+    let notice = rig.chat.wait_for(1, LIMIT).await[0]["text"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        notice.contains("wants to delete Pod prod-web/web-7d9f-x2") && notice.contains(&id),
+        "{notice}"
+    );
+    // Someone not on the list cannot approve; on-call can.
+    for by in ["intern@acme.io", "oncall@acme.io"] {
+        let (status, _) = rig
+            .env
+            .post(&format!("/api/v1/runs/{id}/approve"), &json!({ "by": by }))
+            .await;
+        assert_eq!(status, 202);
+    }
+    rig.env
+        .wait_run(&id, LIMIT, |r| {
+            r["steps"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|s| s["name"] == "resolved" && s["status"] == "waiting"))
+        })
+        .await;
+    assert!(
+        rig.kube.get("/api/v1/namespaces/prod-web/pods/web-7d9f-x2").is_none(),
+        "not deleted after approval"
+    );
+    let (_, run) = rig.env.get(&format!("/api/v1/runs/{id}")).await;
+    let steps = run["steps"].as_array().unwrap();
+    let decision = |n: usize| steps.iter().find(|s| s["name"] == format!("decision:{n}")).unwrap()["output"].clone();
+    assert_eq!(decision(1)["ignored"], "intern@acme.io may not approve");
+    assert_eq!(decision(2)["by"], "oncall@acme.io");
+
+    // The next episode (another pod's deployment) is rejected: nothing is deleted.
+    rig.kube.put(json!({ "apiVersion": "v1", "kind": "Pod", "metadata": { "name": "api-1", "namespace": "prod-web" }, "spec": {} }));
+    let mut second = alert("prod-web", Utc::now(), None);
+    second["labels"]["pod"] = json!("api-1");
+    second["labels"]["deployment"] = json!("api");
+    second["fingerprint"] = json!("fp-api");
+    notify(&rig.env, &notification("firing", vec![second])).await;
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    let id2 = loop {
+        let all = runs(&rig.env).await;
+        if let Some(r) = all.iter().find(|r| r["id"] != json!(id)) {
+            break r["id"].as_str().unwrap().to_string();
+        }
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    rig.env.wait_run(&id2, LIMIT, waiting_for_approval).await;
+    let (status, _) = rig
+        .env
+        .post(
+            &format!("/api/v1/runs/{id2}/reject"),
+            &json!({ "by": "oncall@acme.io", "comment": "api is being migrated" }),
+        )
+        .await;
+    assert_eq!(status, 202);
+    let run = rig.env.wait_finished(&id2, LIMIT).await;
+    assert_eq!(run["status"], "failed");
+    assert!(
+        run["error"]
+            .as_str()
+            .unwrap()
+            .contains("rejected by oncall@acme.io: api is being migrated")
+    );
+    assert!(
+        rig.kube.get("/api/v1/namespaces/prod-web/pods/api-1").is_some(),
+        "deleted after a rejection"
+    );
+}

@@ -97,6 +97,9 @@ pub(crate) struct PlaybookConfig {
     /// Actions taken after that notice, when the alert does not resolve.
     #[serde(default)]
     pub escalate_actions: Vec<ActionConfig>,
+    /// Approvals required before the first action marked `destructive`.
+    #[serde(default)]
+    pub approval: Option<ApprovalConfig>,
 }
 
 /// One playbook action.
@@ -106,6 +109,9 @@ pub(crate) struct ActionConfig {
     pub action: String,
     #[serde(default)]
     pub with: serde_json::Value,
+    /// Wait for the playbook's `approval` before taking it.
+    #[serde(default)]
+    pub destructive: bool,
 }
 
 /// One application's promotions.
@@ -1137,6 +1143,7 @@ fn playbook(name: &str, p: &PlaybookConfig) -> Result<dayshift_workflows::Playbo
                     Ok(dayshift_workflows::ActionSpec {
                         action: a.action.clone(),
                         with: a.with.clone(),
+                        destructive: a.destructive,
                     })
                 } else {
                     Err(format!(
@@ -1168,6 +1175,11 @@ fn playbook(name: &str, p: &PlaybookConfig) -> Result<dayshift_workflows::Playbo
         escalate_notify: p.escalate.clone(),
         max_replicas: p.max_replicas,
         escalate_actions,
+        approval: p.approval.as_ref().map(|a| dayshift_workflows::ApprovalGate {
+            approvers: a.approvers.clone(),
+            required: a.required,
+            timeout: a.timeout,
+        }),
     })
 }
 

@@ -5,6 +5,7 @@
 pub mod adapters;
 mod backup;
 mod connections;
+mod gates;
 pub mod gitops;
 mod remediate;
 mod restore_test;
@@ -16,11 +17,10 @@ mod vault_backup;
 
 pub use backup::{BackupInput, Manifest, RestoreInput, backup_postgres, restore_postgres};
 pub use connections::Connections;
+pub use gates::{ApprovalGate, ApprovalRequest, Counted, Decision};
 pub use gitops::chain::{AppPromotion, ChainPlan, EnvPromotion, PromoteChainInput, Window, promote_chain};
 pub use gitops::preview::{PreviewChange, PreviewInput, dns_label, preview_create, preview_delete};
-pub use gitops::promote::{
-    ApprovalGate, ApprovalRequest, ArgoApp, Counted, Decision, PromoteInput, Promotion, Pushed, promote_image,
-};
+pub use gitops::promote::{ArgoApp, PromoteInput, Promotion, Pushed, promote_image};
 pub use remediate::{Action, ActionSpec, Playbook, RemediateInput, Remediation, Taken, remediate};
 pub use restore_test::{Check, CheckResult, RestoreTestInput, RestoreTestReport, backup_restore_test};
 pub use retention::{Backup, RetentionInput, RetentionPolicy, RetentionReport, backup_retention, plan, time_of};

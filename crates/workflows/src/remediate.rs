@@ -34,6 +34,8 @@ pub struct Playbook {
     pub max_replicas: Option<i32>,
     /// Taken, after the escalation notice, when the alert does not resolve.
     pub escalate_actions: Vec<ActionSpec>,
+    /// Approvals required before the first action marked destructive.
+    pub approval: Option<crate::gates::ApprovalGate>,
 }
 
 /// One action with its parameters (placeholders `{{ labels.* }}`, `{{ annotations.* }}`).
@@ -41,6 +43,8 @@ pub struct Playbook {
 pub struct ActionSpec {
     pub action: String,
     pub with: Value,
+    /// Waits for the playbook's approval gate before it is taken.
+    pub destructive: bool,
 }
 
 /// The input of `remediate` (what an alert route passes).
@@ -246,7 +250,33 @@ async fn run(ctx: &Ctx, connections: &Connections, input: RemediateInput) -> Res
     } else {
         None
     };
+    let mut approved = false;
     for (n, action) in plan.iter().enumerate() {
+        if book.actions[n].destructive
+            && !approved
+            && let Some(gate) = &book.approval
+        {
+            let notice = match &book.escalate_notify {
+                Some(to) => Some((
+                    connections.notifier(to).map_err(WorkflowError::failed)?,
+                    format!(
+                        ":raised_hand: playbook **{}** wants to {} for {}; approve with `dayshift runs approve {}` (approvers: {})",
+                        input.playbook,
+                        report.plan.join("; "),
+                        input
+                            .labels
+                            .get("alertname")
+                            .and_then(Value::as_str)
+                            .unwrap_or("the alert"),
+                        ctx.run_id(),
+                        gate.approvers.join(", ")
+                    ),
+                )),
+                None => None,
+            };
+            crate::gates::approval(ctx, gate, None, notice.as_ref().map(|(n, t)| (n, t.clone()))).await?;
+            approved = true;
+        }
         let taken = act(
             ctx,
             connections,
@@ -525,6 +555,7 @@ mod tests {
             actions: vec![ActionSpec {
                 action: "kube.rollout-restart".into(),
                 with: json!({ "kind": "Deployment", "namespace": "{{ labels.namespace }}", "name": "{{ labels.deployment }}" }),
+                destructive: false,
             }],
             ..Playbook::default()
         };

@@ -12,9 +12,10 @@ use dayshift_engine::{Ctx, RetryPolicy, StepError, WorkflowDef, WorkflowError};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::promote::{ApprovalGate, check_tag};
+use super::promote::check_tag;
 use super::values;
 use crate::connections::Connections;
+use crate::gates::ApprovalGate;
 
 /// How one application is promoted (the config's `promotions.<application>`).
 #[derive(Debug, Clone, Default)]

@@ -19,6 +19,7 @@ use crate::adapters::git::{Checkout, GitConfig, GitError};
 use crate::adapters::kube::{Kube, KubeError};
 use crate::adapters::notify::Notifier;
 use crate::connections::Connections;
+use crate::gates::ApprovalGate;
 
 /// How many times a push is re-applied on a branch that keeps moving.
 const PUSH_ATTEMPTS: u32 = 5;
@@ -90,55 +91,6 @@ pub struct PromoteInput {
     /// Who made the change being promoted (the commit author): they may not approve it.
     #[serde(default)]
     pub requested_by: Option<String>,
-}
-
-/// Who must approve, and how many of them.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ApprovalGate {
-    /// Who may approve (names or emails, as the approve call gives them).
-    pub approvers: Vec<String>,
-    /// Distinct approvals needed. Default 1.
-    #[serde(default = "one")]
-    pub required: usize,
-    /// How long to wait. Default 3 days.
-    #[serde(default = "three_days", with = "humantime_serde")]
-    pub timeout: Duration,
-}
-
-fn one() -> usize {
-    1
-}
-fn three_days() -> Duration {
-    Duration::from_secs(3 * 86400)
-}
-
-/// What `request-approval` shows while the run waits: who may approve, how many, since when.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ApprovalRequest {
-    pub approvers: Vec<String>,
-    pub required: usize,
-    pub requested_by: Option<String>,
-    pub since: String,
-}
-
-/// One approve or reject call, as a signal `approval` carries it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Decision {
-    pub by: String,
-    pub approve: bool,
-    #[serde(default)]
-    pub comment: Option<String>,
-}
-
-/// How a decision was taken into account (journaled per decision).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Counted {
-    pub by: String,
-    pub approve: bool,
-    pub comment: Option<String>,
-    /// Why it did not count, if it did not.
-    pub ignored: Option<String>,
 }
 
 /// What `commit-and-push` did.
@@ -312,84 +264,25 @@ async fn promote(ctx: &Ctx, p: Arc<Promote>) -> Result<Promotion, WorkflowError>
     })
 }
 
-/// Waits until `gate.required` distinct allowed approvers (not the author of the change) have
-/// approved; fails on a rejection by an allowed approver or when the wait times out.
+/// The approval gate, with a notice to the promotion's webhook while it waits.
 async fn approve(ctx: &Ctx, p: &Promote, gate: &ApprovalGate) -> Result<(), WorkflowError> {
     let i = &p.input;
-    let request: ApprovalRequest = ctx
-        .step("request-approval", |_s| async move {
-            Ok::<_, StepError>(ApprovalRequest {
-                approvers: gate.approvers.clone(),
-                required: gate.required,
-                requested_by: i.requested_by.clone(),
-                since: chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string(),
-            })
-        })
-        .await?;
     let text = format!(
         ":hourglass: **{}** to **{}** (`{}`) waits for {} approval(s) from {} (run `{}`)",
         i.application,
         i.environment,
         i.tag,
-        request.required,
-        request.approvers.join(", "),
+        gate.required,
+        gate.approvers.join(", "),
         ctx.run_id()
     );
-    notify(ctx, p, "notify-approval", text).await;
-    let mut approved: Vec<String> = Vec::new();
-    let mut n = 0;
-    while approved.len() < gate.required {
-        n += 1;
-        // The wait's deadline is journaled with it, so restarts do not extend it.
-        let Some(payload) = ctx.wait_signal("approval", gate.timeout).await? else {
-            return Err(WorkflowError::failed(format!(
-                "no approval within {} ({} of {} given: {})",
-                humantime::format_duration(gate.timeout),
-                approved.len(),
-                gate.required,
-                if approved.is_empty() {
-                    "none".into()
-                } else {
-                    approved.join(", ")
-                }
-            )));
-        };
-        let (seen, requester) = (&approved, &request.requested_by);
-        let counted: Counted = ctx
-            .step(format!("decision:{n}"), |_s| async move {
-                let d: Decision = serde_json::from_value(payload).map_err(|e| {
-                    StepError::Permanent(format!("an approval signal must be {{by, approve, comment?}}: {e}"))
-                })?;
-                let ignored = if !gate.approvers.iter().any(|a| a.eq_ignore_ascii_case(&d.by)) {
-                    Some(format!("{} may not approve", d.by))
-                } else if requester.as_deref().is_some_and(|r| r.eq_ignore_ascii_case(&d.by)) {
-                    Some(format!("{} made the change and may not approve it", d.by))
-                } else if d.approve && seen.iter().any(|a| a.eq_ignore_ascii_case(&d.by)) {
-                    Some(format!("{} approved already", d.by))
-                } else {
-                    None
-                };
-                Ok::<_, StepError>(Counted {
-                    by: d.by,
-                    approve: d.approve,
-                    comment: d.comment,
-                    ignored,
-                })
-            })
-            .await?;
-        if counted.ignored.is_some() {
-            continue;
-        }
-        if !counted.approve {
-            return Err(WorkflowError::failed(format!(
-                "rejected by {}{}",
-                counted.by,
-                counted.comment.map(|c| format!(": {c}")).unwrap_or_default()
-            )));
-        }
-        approved.push(counted.by);
-    }
-    Ok(())
+    crate::gates::approval(
+        ctx,
+        gate,
+        i.requested_by.as_deref(),
+        p.notifier.as_ref().map(|n| (n, text)),
+    )
+    .await
 }
 
 fn short(commit: &str) -> &str {
