@@ -507,3 +507,52 @@ async fn a_destructive_action_waits_for_an_approval_and_a_rejection_does_nothing
         "deleted after a rejection"
     );
 }
+
+#[tokio::test]
+async fn scale_stays_within_the_blast_radius_and_workflow_http_and_notify_actions_run() {
+    let rig = rig(
+        "    max-replicas: 3\n    actions:\n      - action: kube.scale\n        with: { kind: Deployment, namespace: \"{{ labels.namespace }}\", name: \"{{ labels.deployment }}\", by: 5 }\n      - action: workflow\n        with: { workflow: selftest.chain, input: { steps: 1 } }\n      - action: http\n        with: { url: \"{{ annotations.hook }}\" }\n      - action: notify\n        with: { to: ops, text: \"scaled {{ labels.deployment }} in {{ labels.namespace }}\" }\n    wait-resolved: 1s\n",
+    )
+    .await;
+    let _worker = rig.env.start_worker().await;
+    let mut a = alert("prod-web", Utc::now(), None);
+    a["annotations"]["hook"] = json!(format!("{}/healthz", rig.env.api));
+    notify(&rig.env, &notification("firing", vec![a])).await;
+    let run = rig.env.wait_finished(&first_run(&rig.env).await, LIMIT).await;
+    assert_eq!(run["status"], "failed", "{run:#}");
+    assert!(
+        run["error"].as_str().unwrap().contains("did not resolve within 1s"),
+        "{run:#}"
+    );
+    // +5 from 2 would be 7: the playbook's maximum of 3 holds.
+    let web = rig.kube.get(WEB).unwrap();
+    assert_eq!(web["spec"]["replicas"], 3);
+    let steps = run["steps"].as_array().unwrap();
+    let scaled = steps
+        .iter()
+        .find(|s| s["name"].as_str().unwrap().starts_with("action:1:"))
+        .unwrap();
+    assert_eq!(
+        scaled["output"]["response"],
+        json!({ "scaled": "Deployment prod-web/web", "from": 2, "to": 3 })
+    );
+    let child = steps.iter().find(|s| s["kind"] == "child").unwrap();
+    let (_, chain) = rig
+        .env
+        .get(&format!("/api/v1/runs/{}", child["child_run_id"].as_str().unwrap()))
+        .await;
+    assert_eq!(chain["status"], "succeeded");
+    let http = steps
+        .iter()
+        .find(|s| s["name"].as_str().unwrap().starts_with("action:3:"))
+        .unwrap();
+    assert_eq!(http["output"]["response"], json!({ "status": 200 }));
+    // The notice, then the escalation, reached the webhook receiver.
+    let got = rig.chat.wait_for(2, LIMIT).await;
+    assert!(got.iter().any(|m| m["text"] == "scaled web in prod-web"), "{got:#?}");
+    assert!(
+        got.iter()
+            .any(|m| m["text"].as_str().is_some_and(|t| t.contains("did not resolve"))),
+        "{got:#?}"
+    );
+}
