@@ -328,6 +328,87 @@ fn settle(inner: &Inner, plural: &str, object: &mut Value) {
     object["status"] = status;
 }
 
+/// Server-side apply, as far as it can be observed: creates the object or merges the applied
+/// fields into it, records the field manager in `managedFields`, and with `dryRun=All` answers
+/// with the result without storing it. A field manager is required, as on a real server.
+fn apply(state: &mut Inner, key: Key, query: &str, body: &Bytes) -> Response {
+    let param = |name: &str| {
+        query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+            .map(str::to_string)
+    };
+    let Some(manager) = param("fieldManager").filter(|m| !m.is_empty()) else {
+        return status(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Invalid",
+            "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch",
+        );
+    };
+    let dry_run = param("dryRun").as_deref() == Some("All");
+    let applied: Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", &format!("not an object: {e}")),
+    };
+    let (plural, ns, name) = (key.1.clone(), key.2.clone(), key.3.clone());
+    let entry = json!({
+        "manager": manager, "operation": "Apply", "apiVersion": applied["apiVersion"],
+        "time": chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string(), "fieldsType": "FieldsV1",
+    });
+    let (object, created) = match state.objects.get(&key).cloned() {
+        None => {
+            let mut object = applied;
+            object["metadata"]["name"] = json!(name);
+            if !ns.is_empty() {
+                object["metadata"]["namespace"] = json!(ns);
+            }
+            stamp_new(state, &mut object);
+            settle(state, &plural, &mut object);
+            object["metadata"]["managedFields"] = json!([entry]);
+            (object, true)
+        }
+        Some(current) => {
+            let mut updated = current.clone();
+            merge(&mut updated, &applied);
+            for field in [
+                "uid",
+                "creationTimestamp",
+                "name",
+                "namespace",
+                "resourceVersion",
+                "generation",
+            ] {
+                updated["metadata"][field] = current["metadata"][field].clone();
+            }
+            let fields: Vec<Value> = current["metadata"]["managedFields"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let known = fields.iter().any(|f| f["manager"] == json!(manager));
+            if updated == current && known {
+                // Nothing new: the object stays as it is, resourceVersion included.
+                return (StatusCode::OK, Json(current)).into_response();
+            }
+            let mut fields: Vec<Value> = fields.into_iter().filter(|f| f["manager"] != json!(manager)).collect();
+            fields.push(entry);
+            updated["metadata"]["managedFields"] = json!(fields);
+            state.resource_version += 1;
+            updated["metadata"]["resourceVersion"] = json!(state.resource_version.to_string());
+            if updated.get("spec") != current.get("spec") {
+                let generation = current["metadata"]["generation"].as_i64().unwrap_or(1);
+                updated["metadata"]["generation"] = json!(generation + 1);
+                settle(state, &plural, &mut updated);
+            }
+            (updated, false)
+        }
+    };
+    if !dry_run {
+        state.objects.insert(key, object.clone());
+    }
+    let code = if created { StatusCode::CREATED } else { StatusCode::OK };
+    (code, Json(object)).into_response()
+}
+
 /// RFC 7386.
 fn merge(target: &mut Value, patch: &Value) {
     match patch {
@@ -446,6 +527,14 @@ async fn handle(inner: Arc<Mutex<Inner>>, req: Req) -> Response {
         .into_response();
     };
     let key = (prefix.clone(), plural.clone(), ns.clone(), name.clone());
+    let content_type = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    if method == Method::PATCH && content_type == "application/apply-patch+yaml" {
+        return apply(&mut state, key, query.as_deref().unwrap_or_default(), &body);
+    }
     let Some(current) = state.objects.get(&key).cloned() else {
         return not_found(&plural, &prefix, &name);
     };

@@ -123,3 +123,69 @@ async fn a_secret_key_changes_alone_and_an_external_secret_is_asked_to_sync() {
     assert_eq!(es["metadata"]["annotations"]["force-sync"], "1795000000");
     assert_eq!(es["spec"]["refreshInterval"], "1h");
 }
+
+#[tokio::test]
+async fn server_side_apply_creates_patches_records_the_manager_and_dry_runs() {
+    let (api, kube) = cluster().await;
+    let deployment = |image: &str| {
+        json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": { "name": "catalog", "namespace": "shop", "labels": { "app.kubernetes.io/managed-by": "dayshift" } },
+            "spec": { "replicas": 1, "template": { "spec": { "containers": [{ "name": "app", "image": image }] } } },
+        })
+    };
+    let namespace = json!({ "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": "shop" } });
+    kube.apply(&namespace, "dayshift", false).await.unwrap();
+    assert_eq!(
+        api.get("/api/v1/namespaces/shop").unwrap()["metadata"]["managedFields"][0]["manager"],
+        "dayshift"
+    );
+    let created = kube.apply(&deployment("catalog:1"), "dayshift", false).await.unwrap();
+    assert_eq!(created["metadata"]["managedFields"][0]["manager"], "dayshift");
+    assert_eq!(created["metadata"]["managedFields"][0]["operation"], "Apply");
+    let path = "/apis/apps/v1/namespaces/shop/deployments/catalog";
+    let last = api.writes().last().unwrap().clone();
+    assert_eq!(last.content_type, "application/apply-patch+yaml");
+    assert!(
+        last.query.contains("fieldManager=dayshift") && last.query.contains("force=true"),
+        "{}",
+        last.query
+    );
+
+    // The same again changes nothing; a new image is a new generation.
+    let rv = api.get(path).unwrap()["metadata"]["resourceVersion"].clone();
+    kube.apply(&deployment("catalog:1"), "dayshift", false).await.unwrap();
+    assert_eq!(api.get(path).unwrap()["metadata"]["resourceVersion"], rv);
+    // A dry run answers with the result and stores nothing.
+    let planned = kube.apply(&deployment("catalog:2"), "dayshift", true).await.unwrap();
+    assert_eq!(
+        planned["spec"]["template"]["spec"]["containers"][0]["image"],
+        "catalog:2"
+    );
+    assert_eq!(
+        api.get(path).unwrap()["spec"]["template"]["spec"]["containers"][0]["image"],
+        "catalog:1"
+    );
+    assert!(api.writes().last().unwrap().query.contains("dryRun=All"));
+    kube.apply(&deployment("catalog:2"), "dayshift", false).await.unwrap();
+    let live = api.get(path).unwrap();
+    assert_eq!(live["metadata"]["generation"], 2);
+    assert_eq!(live["spec"]["template"]["spec"]["containers"][0]["image"], "catalog:2");
+
+    // A kind dayshift does not know is refused before anything is sent.
+    let writes = api.writes().len();
+    let err = kube
+        .apply(
+            &json!({ "apiVersion": "example.com/v1", "kind": "Widget", "metadata": { "name": "w" } }),
+            "dayshift",
+            false,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("kind Widget (example.com/v1) is not one dayshift knows"),
+        "{err}"
+    );
+    assert_eq!(api.writes().len(), writes);
+}

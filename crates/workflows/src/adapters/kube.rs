@@ -427,6 +427,45 @@ impl Kube {
         Ok((bytes, grown))
     }
 
+    /// Server-side apply of `object` under field manager `manager` (forced: dayshift owns what it
+    /// applies); with `dry_run` the API server computes the result and stores nothing.
+    pub async fn apply(
+        &self,
+        object: &serde_json::Value,
+        manager: &str,
+        dry_run: bool,
+    ) -> Result<serde_json::Value, KubeError> {
+        let api_version = object["apiVersion"].as_str().unwrap_or_default();
+        let kind = object["kind"].as_str().unwrap_or_default();
+        let name = object["metadata"]["name"]
+            .as_str()
+            .ok_or_else(|| KubeError::Permanent(format!("a {kind} without metadata.name")))?;
+        let (plural, namespaced) = resource_of(api_version, kind).ok_or_else(|| {
+            KubeError::Permanent(format!(
+                "kind {kind} ({api_version}) is not one dayshift knows how to apply"
+            ))
+        })?;
+        let (group, version) = match api_version.split_once('/') {
+            Some((g, v)) => (g, v),
+            None => ("", api_version),
+        };
+        let gvk = GroupVersionKind::gvk(group, version, kind);
+        let ar = ApiResource::from_gvk_with_plural(&gvk, plural);
+        let api: Api<DynamicObject> = if namespaced {
+            let ns = object["metadata"]["namespace"].as_str().unwrap_or("default");
+            Api::namespaced_with(self.client.clone(), ns, &ar)
+        } else {
+            Api::all_with(self.client.clone(), &ar)
+        };
+        let mut params = PatchParams::apply(manager).force();
+        params.dry_run = dry_run;
+        let applied = api
+            .patch(name, &params, &Patch::Apply(object))
+            .await
+            .map_err(|e| KubeError::from_kube(&format!("apply {kind} {name}"), e))?;
+        Ok(serde_json::to_value(applied).unwrap_or_default())
+    }
+
     /// An ArgoCD `Application` (`argoproj.io/v1alpha1`), as JSON; `None` if it does not exist.
     pub async fn argocd_application(
         &self,
@@ -442,6 +481,33 @@ impl Kube {
             .map_err(|e| KubeError::from_kube(&format!("read Application {namespace}/{name}"), e))?;
         Ok(app.map(|a| serde_json::to_value(a).unwrap_or_default()))
     }
+}
+
+/// The resource name and scope of the kinds dayshift applies.
+pub fn resource_of(api_version: &str, kind: &str) -> Option<(&'static str, bool)> {
+    Some(match (api_version, kind) {
+        ("v1", "Namespace") => ("namespaces", false),
+        ("v1", "ConfigMap") => ("configmaps", true),
+        ("v1", "Secret") => ("secrets", true),
+        ("v1", "Service") => ("services", true),
+        ("v1", "ServiceAccount") => ("serviceaccounts", true),
+        ("v1", "PersistentVolumeClaim") => ("persistentvolumeclaims", true),
+        ("apps/v1", "Deployment") => ("deployments", true),
+        ("apps/v1", "StatefulSet") => ("statefulsets", true),
+        ("apps/v1", "DaemonSet") => ("daemonsets", true),
+        ("batch/v1", "Job") => ("jobs", true),
+        ("batch/v1", "CronJob") => ("cronjobs", true),
+        ("networking.k8s.io/v1", "Ingress") => ("ingresses", true),
+        ("networking.k8s.io/v1", "NetworkPolicy") => ("networkpolicies", true),
+        ("policy/v1", "PodDisruptionBudget") => ("poddisruptionbudgets", true),
+        ("rbac.authorization.k8s.io/v1", "Role") => ("roles", true),
+        ("rbac.authorization.k8s.io/v1", "RoleBinding") => ("rolebindings", true),
+        ("rbac.authorization.k8s.io/v1", "ClusterRole") => ("clusterroles", false),
+        ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => ("clusterrolebindings", false),
+        ("apiextensions.k8s.io/v1", "CustomResourceDefinition") => ("customresourcedefinitions", false),
+        ("autoscaling/v2", "HorizontalPodAutoscaler") => ("horizontalpodautoscalers", true),
+        _ => return None,
+    })
 }
 
 /// A Kubernetes quantity of bytes (`10Gi`, `500M`, `1073741824`).
