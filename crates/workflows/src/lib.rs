@@ -7,6 +7,7 @@ mod backup;
 mod connections;
 mod gates;
 pub mod gitops;
+mod install;
 mod remediate;
 mod restore_test;
 mod retention;
@@ -21,6 +22,7 @@ pub use gates::{ApprovalGate, ApprovalRequest, Counted, Decision};
 pub use gitops::chain::{AppPromotion, ChainPlan, EnvPromotion, PromoteChainInput, Window, promote_chain};
 pub use gitops::preview::{PreviewChange, PreviewInput, dns_label, preview_create, preview_delete};
 pub use gitops::promote::{ArgoApp, PromoteInput, Promotion, Pushed, promote_image};
+pub use install::{FIELD_MANAGER, InstallInput, Installed, install_component, load as load_manifests};
 pub use remediate::{Action, ActionSpec, Playbook, RemediateInput, Remediation, Taken, remediate};
 pub use restore_test::{Check, CheckResult, RestoreTestInput, RestoreTestReport, backup_restore_test};
 pub use retention::{Backup, RetentionInput, RetentionPolicy, RetentionReport, backup_retention, plan, time_of};
@@ -58,6 +60,7 @@ pub fn all_with(pool: PgPool, connections: Connections) -> Vec<WorkflowDef> {
         preview_create(connections.clone()),
         preview_delete(connections.clone()),
         remediate(connections.clone()),
+        install_component(connections.clone()),
         restore_postgres(connections),
     ]
 }

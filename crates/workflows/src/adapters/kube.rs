@@ -466,6 +466,42 @@ impl Kube {
         Ok(serde_json::to_value(applied).unwrap_or_default())
     }
 
+    /// Whether namespace `name` exists.
+    pub async fn namespace_exists(&self, name: &str) -> Result<bool, KubeError> {
+        Api::<k8s_openapi::api::core::v1::Namespace>::all(self.client.clone())
+            .get_opt(name)
+            .await
+            .map(|n| n.is_some())
+            .map_err(|e| KubeError::from_kube(&format!("read Namespace {name}"), e))
+    }
+
+    /// Waits until CustomResourceDefinition `name` is `Established` (its API is served).
+    pub async fn wait_crd_established(&self, name: &str, limit: Duration) -> Result<(), KubeError> {
+        let gvk = GroupVersionKind::gvk("apiextensions.k8s.io", "v1", "CustomResourceDefinition");
+        let ar = ApiResource::from_gvk_with_plural(&gvk, "customresourcedefinitions");
+        let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &ar);
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let crd = api
+                .get(name)
+                .await
+                .map_err(|e| KubeError::from_kube(&format!("read CustomResourceDefinition {name}"), e))?;
+            let established = crd.data["status"]["conditions"]
+                .as_array()
+                .is_some_and(|c| c.iter().any(|c| c["type"] == "Established" && c["status"] == "True"));
+            if established {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(KubeError::Permanent(format!(
+                    "CustomResourceDefinition {name} was not Established within {}",
+                    humantime::format_duration(limit)
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// An ArgoCD `Application` (`argoproj.io/v1alpha1`), as JSON; `None` if it does not exist.
     pub async fn argocd_application(
         &self,
