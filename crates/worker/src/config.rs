@@ -470,6 +470,12 @@ impl SecretSource {
             _ => Err(format!("{key}: give exactly one of `env` and `file`")),
         }
     }
+
+    /// The secret as text (URLs, tokens).
+    fn read_text(&self, key: &str) -> Result<String, String> {
+        self.read(key)
+            .and_then(|b| String::from_utf8(b).map_err(|_| format!("{key}: not UTF-8")))
+    }
 }
 
 /// A webhook route.
@@ -764,11 +770,7 @@ impl Config {
         let mut out = dayshift_workflows::Connections::default();
         for (name, s3) in &c.s3 {
             let key = |k: &str| format!("connections.s3.{name}.{k}");
-            let read = |src: &SecretSource, k: &str| {
-                src.read(&key(k))
-                    .and_then(|b| String::from_utf8(b).map_err(|_| format!("{}: not UTF-8", key(k))))
-                    .map_err(ConfigError::Invalid)
-            };
+            let read = |src: &SecretSource, k: &str| src.read_text(&key(k)).map_err(ConfigError::Invalid);
             out.s3.insert(
                 name.clone(),
                 dayshift_workflows::adapters::s3::S3Config {
@@ -783,11 +785,7 @@ impl Config {
         }
         for (name, pg) in &c.postgres {
             let key = format!("connections.postgres.{name}.url");
-            let url = pg
-                .url
-                .read(&key)
-                .and_then(|b| String::from_utf8(b).map_err(|_| format!("{key}: not UTF-8")))
-                .map_err(ConfigError::Invalid)?;
+            let url = pg.url.read_text(&key).map_err(ConfigError::Invalid)?;
             if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
                 return Err(ConfigError::Invalid(format!(
                     "{key}: must start with postgres:// or postgresql://"
@@ -797,11 +795,7 @@ impl Config {
         }
         for (name, notify) in &c.notify {
             let key = format!("connections.notify.{name}.url");
-            let url = notify
-                .url
-                .read(&key)
-                .and_then(|b| String::from_utf8(b).map_err(|_| format!("{key}: not UTF-8")))
-                .map_err(ConfigError::Invalid)?;
+            let url = notify.url.read_text(&key).map_err(ConfigError::Invalid)?;
             let url = url.trim().to_string();
             if !(url.starts_with("http://") || url.starts_with("https://")) {
                 return Err(ConfigError::Invalid(format!(
@@ -814,8 +808,7 @@ impl Config {
             let key = format!("connections.kubernetes.{name}");
             let token = match &k.token {
                 Some(src) => Some(
-                    src.read(&format!("{key}.token"))
-                        .and_then(|b| String::from_utf8(b).map_err(|_| format!("{key}.token: not UTF-8")))
+                    src.read_text(&format!("{key}.token"))
                         .map_err(ConfigError::Invalid)?
                         .trim()
                         .to_string(),
@@ -846,8 +839,7 @@ impl Config {
             let key = format!("connections.git.{name}");
             let token = match &g.token {
                 Some(src) => Some(
-                    src.read(&format!("{key}.token"))
-                        .and_then(|b| String::from_utf8(b).map_err(|_| format!("{key}.token: not UTF-8")))
+                    src.read_text(&format!("{key}.token"))
                         .map_err(ConfigError::Invalid)?
                         .trim()
                         .to_string(),
@@ -877,8 +869,7 @@ impl Config {
             let auth = match (&vault.token, &vault.kubernetes) {
                 (Some(source), None) => VaultAuth::Token(
                     source
-                        .read(&format!("{key}.token"))
-                        .and_then(|b| String::from_utf8(b).map_err(|_| format!("{key}.token: not UTF-8")))
+                        .read_text(&format!("{key}.token"))
                         .map_err(ConfigError::Invalid)?
                         .trim()
                         .to_string(),

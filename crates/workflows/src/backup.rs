@@ -14,16 +14,9 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, BufReader};
 use tokio::process::Command;
 
-use crate::adapters::s3::{S3Error, S3Store, Stored};
+use crate::adapters::s3::{S3Store, Stored};
+use crate::adapters::step_err;
 use crate::connections::Connections;
-
-pub(crate) fn s3_err(e: S3Error) -> StepError {
-    if e.is_transient() {
-        StepError::transient(e)
-    } else {
-        StepError::permanent(e)
-    }
-}
 
 /// Network trouble with S3 or PostgreSQL is retried; bad credentials or a missing database are not.
 pub(crate) fn network() -> RetryPolicy {
@@ -253,7 +246,7 @@ where
         .retry(network())
         .undo({
             let s3 = s3.clone();
-            move |_s, (stored, _): (Stored, String)| async move { s3.delete(&stored.key).await.map_err(s3_err) }
+            move |_s, (stored, _): (Stored, String)| async move { s3.delete(&stored.key).await.map_err(step_err) }
         })
         .await?;
     let manifest = Manifest {
@@ -270,12 +263,14 @@ where
     let m = &manifest;
     ctx.step("write-manifest", |_s| async move {
         let bytes = serde_json::to_vec_pretty(m).map_err(StepError::permanent)?;
-        s3.put(&format!("{}.manifest.json", m.key), bytes).await.map_err(s3_err)
+        s3.put(&format!("{}.manifest.json", m.key), bytes)
+            .await
+            .map_err(step_err)
     })
     .retry(network())
     .await?;
     ctx.step("verify", |_s| async move {
-        let (size, sha256) = s3.digest(&m.key).await.map_err(s3_err)?;
+        let (size, sha256) = s3.digest(&m.key).await.map_err(step_err)?;
         if size != m.size || sha256 != m.sha256 {
             return Err(StepError::Permanent(format!(
                 "verification failed: stored {size} bytes with sha256 {sha256}, uploaded {} bytes with sha256 {}",
@@ -292,7 +287,7 @@ where
 /// Streams `pg_dump | zstd` into the object. Running it again replaces the object (and first
 /// aborts an upload a killed attempt left behind).
 async fn dump_and_upload(s3: &S3Store, key: &str, url: &str) -> Result<(Stored, String), StepError> {
-    s3.ensure_bucket().await.map_err(s3_err)?;
+    s3.ensure_bucket().await.map_err(step_err)?;
     let (bin, version) = pg_bin(url).await;
     let (mut child, errors) = spawn_pg_tool(
         &bin,
@@ -313,7 +308,7 @@ async fn dump_and_upload(s3: &S3Store, key: &str, url: &str) -> Result<(Stored, 
         let _ = s3.delete(key).await;
         return Err(pg_tool_error("pg_dump", &stderr));
     }
-    let stored = uploaded.map_err(s3_err)?;
+    let stored = uploaded.map_err(step_err)?;
     Ok((stored, version))
 }
 
@@ -402,7 +397,7 @@ pub(crate) async fn choose_backup(
                         )
                     })?;
                     let prefix = format!("{}/{db}/", prefix.trim_end_matches('/'));
-                    let listed = s3.list(&prefix).await.map_err(s3_err)?;
+                    let listed = s3.list(&prefix).await.map_err(step_err)?;
                     listed
                         .into_iter()
                         .map(|o| o.key)
@@ -431,7 +426,7 @@ pub(crate) async fn choose_backup(
 /// Step `verify-checksum`: the stored object has the manifest's size and sha256.
 pub(crate) async fn verify_checksum(ctx: &Ctx, s3: &S3Store, m: &Manifest) -> Result<(), WorkflowError> {
     ctx.step("verify-checksum", |_s| async move {
-        let (size, sha256) = s3.digest(&m.key).await.map_err(s3_err)?;
+        let (size, sha256) = s3.digest(&m.key).await.map_err(step_err)?;
         if size != m.size || sha256 != m.sha256 {
             return Err(StepError::Permanent(format!(
                 "checksum mismatch for {}: the manifest says {} bytes with sha256 {}, the store holds {size} bytes with sha256 {sha256}; refusing to restore",

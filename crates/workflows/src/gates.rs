@@ -7,6 +7,7 @@ use dayshift_engine::{Ctx, StepError, WorkflowError};
 use serde::{Deserialize, Serialize};
 
 use crate::adapters::notify::Notifier;
+use crate::adapters::step_err;
 
 /// Who must approve, and how many of them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,13 +82,7 @@ pub(crate) async fn approval(
     if let Some((notifier, text)) = notice {
         let sent = ctx
             .step("notify-approval", |_s| async move {
-                notifier.send(&text).await.map_err(|e| {
-                    if e.is_transient() {
-                        StepError::transient(e)
-                    } else {
-                        StepError::permanent(e)
-                    }
-                })
+                notifier.send(&text).await.map_err(step_err)
             })
             .await;
         if let Err(e) = sent {

@@ -15,7 +15,8 @@ use dayshift_engine::{Ctx, RetryPolicy, StepError, WorkflowDef, WorkflowError};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::adapters::kube::{Kube, KubeError, Workload, WorkloadKind, resource_of};
+use crate::adapters::kube::{Kube, Workload, WorkloadKind, resource_of};
+use crate::adapters::step_err;
 use crate::connections::Connections;
 
 /// The field manager of everything dayshift applies.
@@ -52,14 +53,6 @@ pub struct Installed {
     pub component: String,
     /// `Kind namespace/name`, in the order applied.
     pub applied: Vec<String>,
-}
-
-fn kube_err(e: KubeError) -> StepError {
-    if e.is_transient() {
-        StepError::transient(e)
-    } else {
-        StepError::permanent(e)
-    }
 }
 
 /// The manifests' objects, in file order, each with its namespace filled in (if namespaced)
@@ -165,7 +158,7 @@ async fn install(ctx: &Ctx, connections: &Connections, input: InstallInput) -> R
             for o in &objects {
                 if let Some(ns) = o["metadata"]["namespace"].as_str()
                     && !created.contains(&ns)
-                    && !k.namespace_exists(ns).await.map_err(kube_err)?
+                    && !k.namespace_exists(ns).await.map_err(step_err)?
                 {
                     return Err(StepError::Permanent(format!(
                         "{} is in namespace {ns}, which neither the manifests nor the cluster has",
@@ -185,7 +178,7 @@ async fn install(ctx: &Ctx, connections: &Connections, input: InstallInput) -> R
                 let objects = load(&i.manifests, &i.component, &i.namespace).map_err(StepError::Permanent)?;
                 let mut n = 0;
                 for o in objects.iter().filter(|o| phase_of(o) == phase) {
-                    k.apply(o, FIELD_MANAGER, false).await.map_err(kube_err)?;
+                    k.apply(o, FIELD_MANAGER, false).await.map_err(step_err)?;
                     n += 1;
                 }
                 Ok::<_, StepError>(n)
@@ -200,7 +193,7 @@ async fn install(ctx: &Ctx, connections: &Connections, input: InstallInput) -> R
                 let objects = load(&i.manifests, &i.component, &i.namespace).map_err(StepError::Permanent)?;
                 for o in objects.iter().filter(|o| phase_of(o) == 0) {
                     let name = o["metadata"]["name"].as_str().unwrap_or_default();
-                    k.wait_crd_established(name, i.timeout).await.map_err(kube_err)?;
+                    k.wait_crd_established(name, i.timeout).await.map_err(step_err)?;
                 }
                 Ok(())
             })
@@ -224,7 +217,7 @@ async fn install(ctx: &Ctx, connections: &Connections, input: InstallInput) -> R
             };
             k.wait_rollout(&w, Duration::from_millis(500).min(i.timeout / 10), i.timeout)
                 .await
-                .map_err(kube_err)?;
+                .map_err(step_err)?;
         }
         Ok(())
     })

@@ -14,7 +14,8 @@ use dayshift_engine::{Ctx, RetryPolicy, StepError, WorkflowDef, WorkflowError};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
-use crate::adapters::kube::{Kube, KubeError, Workload, WorkloadKind};
+use crate::adapters::kube::{Kube, Workload, WorkloadKind};
+use crate::adapters::step_err;
 use crate::connections::Connections;
 
 /// A playbook, as the config gives it.
@@ -191,14 +192,6 @@ pub struct Remediation {
     pub time_to_resolve_seconds: Option<f64>,
 }
 
-fn kube_err(e: KubeError) -> StepError {
-    if e.is_transient() {
-        StepError::transient(e)
-    } else {
-        StepError::permanent(e)
-    }
-}
-
 /// The `remediate` workflow.
 pub fn remediate(connections: Arc<Connections>) -> WorkflowDef {
     WorkflowDef::new(
@@ -327,20 +320,12 @@ async fn run(ctx: &Ctx, connections: &Connections, input: RemediateInput) -> Res
                     report.plan.join("; ")
                 );
                 let n = &notifier;
-                ctx.step("escalate", |_s| async move {
-                    n.send(&text).await.map_err(|e| {
-                        if e.is_transient() {
-                            StepError::transient(e)
-                        } else {
-                            StepError::permanent(e)
-                        }
+                ctx.step("escalate", |_s| async move { n.send(&text).await.map_err(step_err) })
+                    .retry(RetryPolicy {
+                        max_attempts: 5,
+                        ..RetryPolicy::default()
                     })
-                })
-                .retry(RetryPolicy {
-                    max_attempts: 5,
-                    ..RetryPolicy::default()
-                })
-                .await?;
+                    .await?;
             }
             for (n, action) in escalation.iter().enumerate() {
                 act(
@@ -447,7 +432,7 @@ async fn perform(
                 name: name.clone(),
             };
             let at = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string();
-            kube.rollout_restart(&w, &at).await.map_err(kube_err)?;
+            kube.rollout_restart(&w, &at).await.map_err(step_err)?;
             json!({ "patched": w.to_string(), "restartedAt": at })
         }
         Action::Scale {
@@ -463,7 +448,7 @@ async fn perform(
                 namespace: namespace.clone(),
                 name: name.clone(),
             };
-            let current = kube.replicas(&w).await.map_err(kube_err)?;
+            let current = kube.replicas(&w).await.map_err(step_err)?;
             let mut want = match (replicas, by) {
                 (Some(n), _) => *n,
                 (None, Some(b)) => current + b,
@@ -473,17 +458,17 @@ async fn perform(
             if let Some(max) = max_replicas {
                 want = want.min(max);
             }
-            kube.scale(&w, want).await.map_err(kube_err)?;
+            kube.scale(&w, want).await.map_err(step_err)?;
             json!({ "scaled": w.to_string(), "from": current, "to": want })
         }
         Action::DeletePod { namespace, name } => {
             let kube = kube.ok_or_else(|| StepError::permanent("no Kubernetes connection"))?;
-            let existed = kube.delete_pod(namespace, name).await.map_err(kube_err)?;
+            let existed = kube.delete_pod(namespace, name).await.map_err(step_err)?;
             json!({ "deleted": format!("{namespace}/{name}"), "existed": existed })
         }
         Action::CordonNode { node } => {
             let kube = kube.ok_or_else(|| StepError::permanent("no Kubernetes connection"))?;
-            kube.cordon(node).await.map_err(kube_err)?;
+            kube.cordon(node).await.map_err(step_err)?;
             json!({ "cordoned": node })
         }
         Action::PvcExpand {
@@ -498,7 +483,7 @@ async fn perform(
             let (from, to) = kube
                 .expand_pvc(namespace, name, *percent, max_bytes)
                 .await
-                .map_err(kube_err)?;
+                .map_err(step_err)?;
             json!({
                 "expanded": format!("{namespace}/{name}"),
                 "from": crate::adapters::kube::format_gi(from), "to": crate::adapters::kube::format_gi(to),
@@ -527,13 +512,7 @@ async fn perform(
         Action::Workflow { .. } => return Err(StepError::permanent("a workflow action runs as a child run")),
         Action::Notify { to, text } => {
             let notifier = connections.notifier(to).map_err(StepError::Permanent)?;
-            notifier.send(text).await.map_err(|e| {
-                if e.is_transient() {
-                    StepError::transient(e)
-                } else {
-                    StepError::permanent(e)
-                }
-            })?;
+            notifier.send(text).await.map_err(step_err)?;
             json!({ "notified": to })
         }
     };

@@ -8,6 +8,7 @@ use std::time::Instant;
 use dayshift_engine::{Ctx, StepError, WorkflowDef, WorkflowError};
 use serde::{Deserialize, Serialize};
 
+use crate::adapters::step_err;
 use crate::backup::{choose_backup, count_tables, default_prefix, network, open, restore_into, verify_checksum};
 use crate::connections::Connections;
 
@@ -98,13 +99,7 @@ pub fn backup_restore_test(connections: Arc<Connections>) -> WorkflowDef {
                     let notifier = &notifier;
                     let sent = ctx
                         .step("notify", |_s| async move {
-                            notifier.send(&text).await.map_err(|e| {
-                                if e.is_transient() {
-                                    StepError::transient(e)
-                                } else {
-                                    StepError::permanent(e)
-                                }
-                            })
+                            notifier.send(&text).await.map_err(step_err)
                         })
                         .retry(network())
                         .await;

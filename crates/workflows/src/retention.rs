@@ -14,7 +14,8 @@ use dayshift_engine::{Ctx, RetryPolicy, StepError, WorkflowDef, WorkflowError};
 use serde::{Deserialize, Serialize};
 
 use crate::adapters::s3::S3Store;
-use crate::backup::{is_backup_object, s3_err};
+use crate::adapters::step_err;
+use crate::backup::is_backup_object;
 use crate::connections::Connections;
 
 /// How many generations to keep.
@@ -167,7 +168,7 @@ pub fn backup_retention(connections: Arc<Connections>) -> WorkflowDef {
                 // Listing first, in a step of its own: if it fails, nothing is deleted.
                 let backups: Vec<Backup> = ctx
                     .step("list", |_s| async move {
-                        let listed = s3r.list(rootr).await.map_err(s3_err)?;
+                        let listed = s3r.list(rootr).await.map_err(step_err)?;
                         let manifests: BTreeSet<&str> = listed
                             .iter()
                             .filter_map(|o| o.key.strip_suffix(".manifest.json"))
@@ -194,8 +195,8 @@ pub fn backup_retention(connections: Arc<Connections>) -> WorkflowDef {
                     // Deleting what is already gone is not an error: safe to repeat.
                     ctx.step("delete", |_s| async move {
                         for key in doomed {
-                            s3r.delete(key).await.map_err(s3_err)?;
-                            s3r.delete(&format!("{key}.manifest.json")).await.map_err(s3_err)?;
+                            s3r.delete(key).await.map_err(step_err)?;
+                            s3r.delete(&format!("{key}.manifest.json")).await.map_err(step_err)?;
                         }
                         Ok::<_, StepError>(doomed.len())
                     })

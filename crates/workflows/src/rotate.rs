@@ -25,7 +25,8 @@ use dayshift_engine::{Ctx, RetryPolicy, StepError, WorkflowDef, WorkflowError};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::adapters::kube::{Kube, KubeError, ObjectRef, Workload};
+use crate::adapters::kube::{Kube, ObjectRef, Workload};
+use crate::adapters::step_err;
 use crate::adapters::vault::{Vault, VaultError};
 use crate::connections::Connections;
 use crate::secrets::{Generator, scram_verifier};
@@ -260,13 +261,13 @@ pub fn rotate_vault_database_root(connections: Arc<Connections>) -> WorkflowDef 
                 let vault = Vault::new(connections.vault(&input.vault).map_err(WorkflowError::failed)?.clone());
                 let (v, i) = (&vault, &input);
                 ctx.step("rotate-root", |_s| async move {
-                    v.rotate_database_root(&i.mount, &i.connection).await.map_err(vault_err)
+                    v.rotate_database_root(&i.mount, &i.connection).await.map_err(step_err)
                 })
                 .retry(network())
                 .await?;
                 if let Some(role) = &input.verify_role {
                     ctx.step("verify-credentials", |_s| async move {
-                        v.check_database_credentials(&i.mount, role).await.map_err(vault_err)
+                        v.check_database_credentials(&i.mount, role).await.map_err(step_err)
                     })
                     .retry(network())
                     .await?;
@@ -306,22 +307,6 @@ pub struct RotationReport {
     /// Plan mode: what the rotation would change (nothing was).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub would_change: Vec<String>,
-}
-
-fn vault_err(e: VaultError) -> StepError {
-    if e.is_transient() {
-        StepError::transient(e)
-    } else {
-        StepError::permanent(e)
-    }
-}
-
-fn kube_err(e: KubeError) -> StepError {
-    if e.is_transient() {
-        StepError::transient(e)
-    } else {
-        StepError::permanent(e)
-    }
 }
 
 fn network() -> RetryPolicy {
@@ -467,7 +452,7 @@ async fn rotate(ctx: &Ctx, t: Targets) -> Result<RotationReport, WorkflowError> 
     let tr = &t;
     let basis: Basis = ctx
         .step("read-current", |_s| async move {
-            let entry = tr.vault.kv_read(&input.mount, &input.path).await.map_err(vault_err)?;
+            let entry = tr.vault.kv_read(&input.mount, &input.path).await.map_err(step_err)?;
             if !entry.data.contains_key(&input.key) {
                 return Err(StepError::Permanent(format!(
                     "{}/{} has no key {:?} (it has {})",
@@ -555,7 +540,7 @@ async fn rotate(ctx: &Ctx, t: Targets) -> Result<RotationReport, WorkflowError> 
     }
     for es in &input.external_secrets {
         ctx.step(format!("force-sync:{}/{}", es.namespace, es.name), |_s| async move {
-            kube(tr)?.force_sync_external_secret(es, &b.at).await.map_err(kube_err)
+            kube(tr)?.force_sync_external_secret(es, &b.at).await.map_err(step_err)
         })
         .retry(network())
         .await?;
@@ -563,7 +548,7 @@ async fn rotate(ctx: &Ctx, t: Targets) -> Result<RotationReport, WorkflowError> 
     for w in &input.restart {
         ctx.step(
             format!("restart:{:?}/{}/{}", w.kind, w.namespace, w.name),
-            |_s| async move { kube(tr)?.rollout_restart(w, &b.at).await.map_err(kube_err) },
+            |_s| async move { kube(tr)?.rollout_restart(w, &b.at).await.map_err(step_err) },
         )
         .retry(network())
         .await?;
@@ -579,7 +564,7 @@ async fn rotate(ctx: &Ctx, t: Targets) -> Result<RotationReport, WorkflowError> 
                         input.rollout_timeout,
                     )
                     .await
-                    .map_err(kube_err)
+                    .map_err(step_err)
             },
         )
         .retry(network())
@@ -619,7 +604,7 @@ async fn rotate(ctx: &Ctx, t: Targets) -> Result<RotationReport, WorkflowError> 
                 ],
             )
             .await
-            .map_err(vault_err)
+            .map_err(step_err)
     })
     .retry(network())
     .await?;
@@ -682,20 +667,20 @@ fn kube(t: &Targets) -> Result<&Kube, StepError> {
 /// earlier attempt of this run already did, returns that version.
 async fn write_vault(t: &Targets, basis: &Basis, run_id: &str) -> Result<u64, StepError> {
     let input = &t.input;
-    let current = t.vault.kv_read(&input.mount, &input.path).await.map_err(vault_err)?;
+    let current = t.vault.kv_read(&input.mount, &input.path).await.map_err(step_err)?;
     if current.version != basis.version {
         let ours = current.version == basis.version + 1
             && t.vault
                 .kv_custom_metadata(&input.mount, &input.path)
                 .await
-                .map_err(vault_err)?
+                .map_err(step_err)?
                 .get(PENDING)
                 .map(String::as_str)
                 == Some(run_id);
         if ours {
             return Ok(current.version);
         }
-        return Err(vault_err(VaultError::Conflict {
+        return Err(step_err(VaultError::Conflict {
             path: format!("{}/data/{}", input.mount, input.path),
             expected: basis.version,
         }));
@@ -703,7 +688,7 @@ async fn write_vault(t: &Targets, basis: &Basis, run_id: &str) -> Result<u64, St
     t.vault
         .kv_update_custom_metadata(&input.mount, &input.path, &[(PENDING, Some(run_id))])
         .await
-        .map_err(vault_err)?;
+        .map_err(step_err)?;
     let mut data = current.data;
     data.insert(input.key.clone(), Value::String(input.generator.generate()));
     if input.roles().is_some() {
@@ -717,7 +702,7 @@ async fn write_vault(t: &Targets, basis: &Basis, run_id: &str) -> Result<u64, St
                 .vault
                 .kv_update_custom_metadata(&input.mount, &input.path, &[(PENDING, None)])
                 .await;
-            Err(vault_err(e))
+            Err(step_err(e))
         }
     }
 }
@@ -732,13 +717,13 @@ async fn roll_back(t: &Targets, basis: &Basis, version: u64, run_id: &str) -> Re
         .vault
         .kv_read_version(&input.mount, &input.path, basis.version)
         .await
-        .map_err(vault_err)?;
-    let current = t.vault.kv_read(&input.mount, &input.path).await.map_err(vault_err)?;
+        .map_err(step_err)?;
+    let current = t.vault.kv_read(&input.mount, &input.path).await.map_err(step_err)?;
     if current.version == version {
         t.vault
             .kv_write(&input.mount, &input.path, &old, version)
             .await
-            .map_err(vault_err)?;
+            .map_err(step_err)?;
     } else if current.data != old {
         return Err(StepError::Permanent(format!(
             "cannot roll back {}/{}: version {} was written after this run's version {version}; left as it is",
@@ -765,15 +750,15 @@ async fn roll_back(t: &Targets, basis: &Basis, version: u64, run_id: &str) -> Re
     }
     let now = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string();
     for es in &input.external_secrets {
-        kube(t)?.force_sync_external_secret(es, &now).await.map_err(kube_err)?;
+        kube(t)?.force_sync_external_secret(es, &now).await.map_err(step_err)?;
     }
     for w in &input.restart {
-        kube(t)?.rollout_restart(w, &now).await.map_err(kube_err)?;
+        kube(t)?.rollout_restart(w, &now).await.map_err(step_err)?;
     }
     t.vault
         .kv_update_custom_metadata(&input.mount, &input.path, &[(PENDING, None)])
         .await
-        .map_err(vault_err)?;
+        .map_err(step_err)?;
     tracing::warn!(run_id, path = %input.path, "Rotation rolled back.");
     Ok(())
 }
@@ -791,7 +776,7 @@ async fn new_secret(t: &Targets, version: u64) -> Result<String, StepError> {
         .vault
         .kv_read_version(&t.input.mount, &t.input.path, version)
         .await
-        .map_err(vault_err)?;
+        .map_err(step_err)?;
     secret_of(&data, &t.input.key)
 }
 
@@ -856,11 +841,11 @@ async fn write_secret_copy(t: &Targets, s: &SecretKeyRef, username: &str, passwo
     };
     kube.set_secret_key(&obj, &s.key, password.as_bytes())
         .await
-        .map_err(kube_err)?;
+        .map_err(step_err)?;
     if let (Some(key), Some(_)) = (&s.username_key, t.input.roles()) {
         kube.set_secret_key(&obj, key, username.as_bytes())
             .await
-            .map_err(kube_err)?;
+            .map_err(step_err)?;
     }
     Ok(())
 }
@@ -876,14 +861,14 @@ async fn write_userlist(t: &Targets, s: &SecretKeyRef, from: &str, to: &str, pas
     let current = kube
         .secret_key(&obj, &s.key)
         .await
-        .map_err(kube_err)?
+        .map_err(step_err)?
         .ok_or_else(|| StepError::Permanent(format!("Secret {}/{} has no key {:?}", s.namespace, s.name, s.key)))?;
     let text = String::from_utf8(current)
         .map_err(|_| StepError::Permanent(format!("Secret {}/{} key {:?} is not text", s.namespace, s.name, s.key)))?;
     let updated = userlist_with(&text, from, to, password);
     kube.set_secret_key(&obj, &s.key, updated.as_bytes())
         .await
-        .map_err(kube_err)
+        .map_err(step_err)
 }
 
 fn userlist_quote(s: &str) -> String {

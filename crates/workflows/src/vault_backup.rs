@@ -4,12 +4,13 @@
 
 use std::sync::Arc;
 
-use dayshift_engine::{Ctx, StepError, WorkflowDef, WorkflowError};
+use dayshift_engine::{Ctx, WorkflowDef, WorkflowError};
 use serde::{Deserialize, Serialize};
 
 use crate::adapters::s3::S3Store;
-use crate::adapters::vault::{Vault, VaultError};
-use crate::backup::{Manifest, Target, s3_err, store_backup};
+use crate::adapters::step_err;
+use crate::adapters::vault::Vault;
+use crate::backup::{Manifest, Target, store_backup};
 use crate::connections::Connections;
 
 /// The input of `backup.vault`.
@@ -28,14 +29,6 @@ pub struct VaultBackupInput {
 
 fn default_prefix() -> String {
     "vault".into()
-}
-
-fn vault_err(e: VaultError) -> StepError {
-    if e.is_transient() {
-        StepError::transient(e)
-    } else {
-        StepError::permanent(e)
-    }
 }
 
 /// The `backup.vault` workflow.
@@ -62,10 +55,10 @@ async fn run(ctx: Ctx, connections: &Connections, input: VaultBackupInput) -> Re
     };
     let (s3r, vault) = (&s3, &vault);
     store_backup(&ctx, &s3, target, "snapshot-and-upload", |key| async move {
-        s3r.ensure_bucket().await.map_err(s3_err)?;
-        let version = vault.version().await.map_err(vault_err)?;
-        let snapshot = vault.raft_snapshot().await.map_err(vault_err)?;
-        let stored = s3r.upload_stream(&key, snapshot, 8 << 20).await.map_err(s3_err)?;
+        s3r.ensure_bucket().await.map_err(step_err)?;
+        let version = vault.version().await.map_err(step_err)?;
+        let snapshot = vault.raft_snapshot().await.map_err(step_err)?;
+        let stored = s3r.upload_stream(&key, snapshot, 8 << 20).await.map_err(step_err)?;
         Ok((stored, version))
     })
     .await

@@ -7,3 +7,31 @@ pub mod kube;
 pub mod notify;
 pub mod s3;
 pub mod vault;
+
+use dayshift_engine::StepError;
+
+/// An adapter error that knows whether another attempt may succeed.
+pub(crate) trait Transient: std::fmt::Display {
+    fn is_transient(&self) -> bool;
+}
+
+/// The step error for an adapter error: retried if transient, permanent otherwise.
+pub(crate) fn step_err<E: Transient>(e: E) -> StepError {
+    if e.is_transient() {
+        StepError::transient(e)
+    } else {
+        StepError::permanent(e)
+    }
+}
+
+macro_rules! transient {
+    ($($t:ty),*) => {
+        $(impl Transient for $t {
+            fn is_transient(&self) -> bool {
+                <$t>::is_transient(self)
+            }
+        })*
+    };
+}
+
+transient!(s3::S3Error, kube::KubeError, vault::VaultError, notify::NotifyError);

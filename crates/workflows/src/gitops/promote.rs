@@ -16,8 +16,9 @@ use serde::{Deserialize, Serialize};
 
 use super::values;
 use crate::adapters::git::{Checkout, GitConfig, GitError};
-use crate::adapters::kube::{Kube, KubeError};
+use crate::adapters::kube::Kube;
 use crate::adapters::notify::Notifier;
+use crate::adapters::step_err;
 use crate::connections::Connections;
 use crate::gates::ApprovalGate;
 
@@ -118,14 +119,6 @@ pub struct Promotion {
 
 fn git_err(e: GitError) -> StepError {
     StepError::transient(e)
-}
-
-fn kube_err(e: KubeError) -> StepError {
-    if e.is_transient() {
-        StepError::transient(e)
-    } else {
-        StepError::permanent(e)
-    }
 }
 
 /// Checks a tag or digest the way registries do (OCI distribution spec).
@@ -293,15 +286,7 @@ fn short(commit: &str) -> &str {
 async fn notify(ctx: &Ctx, p: &Promote, step: &str, text: String) {
     let Some(notifier) = &p.notifier else { return };
     let sent = ctx
-        .step(step, |_s| async move {
-            notifier.send(&text).await.map_err(|e| {
-                if e.is_transient() {
-                    StepError::transient(e)
-                } else {
-                    StepError::permanent(e)
-                }
-            })
-        })
+        .step(step, |_s| async move { notifier.send(&text).await.map_err(step_err) })
         .await;
     if let Err(e) = sent {
         tracing::warn!(run_id = %ctx.run_id(), error = %e, "A promotion notice could not be sent.");
@@ -399,7 +384,7 @@ async fn wait_healthy(p: &Promote, app: &ArgoApp, commit: &str) -> Result<(), St
         let found = kube
             .argocd_application(&app.namespace, &app.name)
             .await
-            .map_err(kube_err)?;
+            .map_err(step_err)?;
         let Some(a) = found else {
             return Err(StepError::Permanent(format!(
                 "there is no ArgoCD Application {}/{}",
