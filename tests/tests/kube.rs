@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use dayshift_tests::kube_api::KubeApi;
-use dayshift_workflows::adapters::kube::{Kube, KubeConfig, ObjectRef, Rollout, Workload, WorkloadKind};
+use dayshift_workflows::adapters::kube::{Kube, KubeConfig, ObjectRef, Resource, Rollout, Workload, WorkloadKind};
 use serde_json::json;
 
 async fn cluster() -> (KubeApi, Kube) {
@@ -135,12 +135,17 @@ async fn server_side_apply_creates_patches_records_the_manager_and_dry_runs() {
         })
     };
     let namespace = json!({ "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": "shop" } });
-    kube.apply(&namespace, "dayshift", false).await.unwrap();
+    let namespaces = Resource::builtin("v1", "Namespace").unwrap();
+    let deployments = Resource::builtin("apps/v1", "Deployment").unwrap();
+    kube.apply(&namespaces, &namespace, "dayshift", false).await.unwrap();
     assert_eq!(
         api.get("/api/v1/namespaces/shop").unwrap()["metadata"]["managedFields"][0]["manager"],
         "dayshift"
     );
-    let created = kube.apply(&deployment("catalog:1"), "dayshift", false).await.unwrap();
+    let created = kube
+        .apply(&deployments, &deployment("catalog:1"), "dayshift", false)
+        .await
+        .unwrap();
     assert_eq!(created["metadata"]["managedFields"][0]["manager"], "dayshift");
     assert_eq!(created["metadata"]["managedFields"][0]["operation"], "Apply");
     let path = "/apis/apps/v1/namespaces/shop/deployments/catalog";
@@ -154,10 +159,15 @@ async fn server_side_apply_creates_patches_records_the_manager_and_dry_runs() {
 
     // The same again changes nothing; a new image is a new generation.
     let rv = api.get(path).unwrap()["metadata"]["resourceVersion"].clone();
-    kube.apply(&deployment("catalog:1"), "dayshift", false).await.unwrap();
+    kube.apply(&deployments, &deployment("catalog:1"), "dayshift", false)
+        .await
+        .unwrap();
     assert_eq!(api.get(path).unwrap()["metadata"]["resourceVersion"], rv);
     // A dry run answers with the result and stores nothing.
-    let planned = kube.apply(&deployment("catalog:2"), "dayshift", true).await.unwrap();
+    let planned = kube
+        .apply(&deployments, &deployment("catalog:2"), "dayshift", true)
+        .await
+        .unwrap();
     assert_eq!(
         planned["spec"]["template"]["spec"]["containers"][0]["image"],
         "catalog:2"
@@ -167,25 +177,22 @@ async fn server_side_apply_creates_patches_records_the_manager_and_dry_runs() {
         "catalog:1"
     );
     assert!(api.writes().last().unwrap().query.contains("dryRun=All"));
-    kube.apply(&deployment("catalog:2"), "dayshift", false).await.unwrap();
+    kube.apply(&deployments, &deployment("catalog:2"), "dayshift", false)
+        .await
+        .unwrap();
     let live = api.get(path).unwrap();
     assert_eq!(live["metadata"]["generation"], 2);
     assert_eq!(live["spec"]["template"]["spec"]["containers"][0]["image"], "catalog:2");
 
-    // A kind dayshift does not know is refused before anything is sent.
-    let writes = api.writes().len();
-    let err = kube
-        .apply(
-            &json!({ "apiVersion": "example.com/v1", "kind": "Widget", "metadata": { "name": "w" } }),
-            "dayshift",
-            false,
-        )
-        .await
-        .unwrap_err();
-    assert!(
-        err.to_string()
-            .contains("kind Widget (example.com/v1) is not one dayshift knows"),
-        "{err}"
+    // A field applied before and no longer applied is removed; the same apply by another
+    // manager leaves dayshift's fields alone.
+    let mut fewer = deployment("catalog:2");
+    fewer["spec"].as_object_mut().unwrap().remove("replicas");
+    kube.apply(&deployments, &fewer, "dayshift", false).await.unwrap();
+    let live = api.get(path).unwrap();
+    assert!(live["spec"].get("replicas").is_none(), "{live:#}");
+    assert_eq!(
+        live["metadata"]["managedFields"][0]["fieldsV1"]["f:spec"]["f:template"]["f:spec"]["f:containers"],
+        json!({})
     );
-    assert_eq!(api.writes().len(), writes);
 }

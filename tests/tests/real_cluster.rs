@@ -1,6 +1,7 @@
-//! install.component against a real cluster, when there is one: with `KUBECONFIG` set, a small
-//! component (a namespace, a ConfigMap and a Deployment) is installed and installed again, then
-//! removed. Without `KUBECONFIG` the test says it is skipped and passes; these machines have no
+//! install.component and upgrade.component against a real cluster, when there is one: with
+//! `KUBECONFIG` set, a small component (a namespace, a ConfigMap and a Deployment) is installed
+//! and installed again, upgraded to a version without the ConfigMap (pruned), upgraded to an
+//! image that does not exist (rolled back), then removed. Without `KUBECONFIG` the test says it is skipped and passes; these machines have no
 //! cluster, so CI runs the stand-in tests instead.
 
 use std::sync::Arc;
@@ -9,7 +10,7 @@ use std::time::Duration;
 use dayshift_engine::{RunStatus, StartRun};
 use dayshift_tests::{TestEnv, fast_worker, unique};
 use dayshift_workflows::adapters::kube::KubeConfig;
-use dayshift_workflows::{Connections, install_component};
+use dayshift_workflows::{Connections, install_component, upgrade_component};
 use serde_json::json;
 
 #[tokio::test]
@@ -31,7 +32,8 @@ async fn a_small_component_installs_on_a_real_cluster() {
     .unwrap();
     let mut conns = Connections::default();
     conns.kubernetes.insert("cluster".into(), KubeConfig::default());
-    let mut env = TestEnv::new(vec![install_component(Arc::new(conns))]).await;
+    let conns = Arc::new(conns);
+    let mut env = TestEnv::new(vec![install_component(conns.clone()), upgrade_component(conns)]).await;
     env.start_worker(fast_worker("w"));
     let input =
         json!({ "component": "hello", "manifests": dir, "namespace": ns, "kubernetes": "cluster", "timeout": "5m" });
@@ -44,6 +46,65 @@ async fn a_small_component_installs_on_a_real_cluster() {
         let run = env.wait(started.id, Duration::from_secs(600)).await;
         assert_eq!(run.status, RunStatus::Succeeded, "{attempt}: {run:#?}");
     }
+
+    // Version 2 drops the ConfigMap: pruned once the new Deployment is ready.
+    let v2 = std::fs::read_to_string(dir.join("component.yaml"))
+        .unwrap()
+        .replace(
+            "---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: hello\ndata:\n  greeting: hello\n",
+            "",
+        )
+        .replace("pause:3.9", "pause:3.10");
+    let v2_dir = dir.join("v2");
+    std::fs::create_dir_all(&v2_dir).unwrap();
+    std::fs::write(v2_dir.join("component.yaml"), &v2).unwrap();
+    let mut upgrade = input.clone();
+    upgrade["manifests"] = json!(v2_dir);
+    let started = env
+        .engine
+        .start(StartRun::new("upgrade.component", upgrade.clone()))
+        .await
+        .unwrap();
+    let run = env.wait(started.id, Duration::from_secs(600)).await;
+    assert_eq!(run.status, RunStatus::Succeeded, "upgrade: {run:#?}");
+    assert_eq!(run.output.unwrap()["pruned"], json!([format!("ConfigMap {ns}/hello")]));
+
+    // Version 3's image does not exist: its pods never become ready, and it is rolled back.
+    let v3_dir = dir.join("v3");
+    std::fs::create_dir_all(&v3_dir).unwrap();
+    std::fs::write(
+        v3_dir.join("component.yaml"),
+        v2.replace("registry.k8s.io/pause:3.10", "registry.k8s.io/pause:does-not-exist"),
+    )
+    .unwrap();
+    upgrade["manifests"] = json!(v3_dir);
+    upgrade["timeout"] = json!("90s");
+    let started = env
+        .engine
+        .start(StartRun::new("upgrade.component", upgrade))
+        .await
+        .unwrap();
+    let run = env.wait(started.id, Duration::from_secs(600)).await;
+    assert_eq!(run.status, RunStatus::Failed, "bad image: {run:#?}");
+    assert!(
+        run.steps
+            .iter()
+            .any(|s| s.name == "undo:rollback-point" && format!("{:?}", s.status) == "Succeeded"),
+        "{run:#?}"
+    );
+    let image = std::process::Command::new("kubectl")
+        .args([
+            "-n",
+            &ns,
+            "get",
+            "deployment",
+            "hello",
+            "-o",
+            "jsonpath={.spec.template.spec.containers[0].image}",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&image.stdout), "registry.k8s.io/pause:3.10");
     env.stop_workers().await;
     let _ = std::process::Command::new("kubectl")
         .args(["delete", "namespace", &ns, "--wait=false"])

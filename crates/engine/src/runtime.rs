@@ -256,11 +256,22 @@ impl Ctx {
     /// Starts `workflow` as a child run and waits durably for its result. A failed or cancelled
     /// child is a permanent error; cancelling this run cancels the child.
     pub async fn child<O: DeserializeOwned>(&self, workflow: &str, input: impl Serialize) -> Result<O, StepError> {
-        let (seq, found) = self.next(StepKind::Child, workflow).await;
+        self.child_named(workflow, workflow, input).await
+    }
+
+    /// [`Ctx::child`], journaled as step `name` (e.g. `install:databases/postgres`), so a run
+    /// with several children of one workflow shows which is which.
+    pub async fn child_named<O: DeserializeOwned>(
+        &self,
+        name: &str,
+        workflow: &str,
+        input: impl Serialize,
+    ) -> Result<O, StepError> {
+        let (seq, found) = self.next(StepKind::Child, name).await;
         let entry = match found {
             Lookup::Found(e) => e,
             Lookup::New => {
-                self.halt_if_cancelled(seq, workflow, StepKind::Child).await;
+                self.halt_if_cancelled(seq, name, StepKind::Child).await;
                 let Some(def) = self.inner.engine.registry.get(workflow) else {
                     return Err(StepError::Permanent(format!("unknown workflow '{workflow}'")));
                 };
@@ -273,7 +284,7 @@ impl Ctx {
                     .inner
                     .engine
                     .store
-                    .start_child(&self.inner.lease, seq, &req, def.version)
+                    .start_child(&self.inner.lease, seq, name, &req, def.version)
                     .await
                 {
                     Ok(id) => id,
@@ -298,7 +309,7 @@ impl Ctx {
                 match status {
                     RunStatus::Succeeded => {
                         let output = output.unwrap_or(Value::Null);
-                        self.finish_wait(seq, workflow, StepKind::Child, Some(&output)).await;
+                        self.finish_wait(seq, name, StepKind::Child, Some(&output)).await;
                         output
                     }
                     RunStatus::Failed | RunStatus::Cancelled => {
@@ -309,14 +320,14 @@ impl Ctx {
                         {
                             self.inner.cancel.cancel();
                         }
-                        self.halt_if_cancelled(seq, workflow, StepKind::Child).await;
+                        self.halt_if_cancelled(seq, name, StepKind::Child).await;
                         let msg = format!(
                             "child run {child} ({workflow}) {status}: {}",
                             error.unwrap_or_else(|| "no error recorded".into())
                         );
                         self.record(&StepRecord {
                             seq,
-                            name: workflow,
+                            name,
                             kind: StepKind::Child,
                             status: StepStatus::Failed,
                             attempts: 1,
@@ -331,7 +342,7 @@ impl Ctx {
                         return Err(StepError::Permanent(msg));
                     }
                     _ => {
-                        self.halt_if_cancelled(seq, workflow, StepKind::Child).await;
+                        self.halt_if_cancelled(seq, name, StepKind::Child).await;
                         return self.halt(Halt::Suspend(None)).await;
                     }
                 }

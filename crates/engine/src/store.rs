@@ -661,6 +661,7 @@ impl PgStore {
         &self,
         lease: &Lease,
         seq: i32,
+        name: &str,
         req: &StartRun,
         version: u32,
     ) -> StoreResult<RunId> {
@@ -675,7 +676,7 @@ impl PgStore {
         )
         .bind(lease.run_id.0)
         .bind(seq)
-        .bind(&req.workflow)
+        .bind(name)
         .bind(started.id.0)
         .execute(&mut *tx)
         .await?;

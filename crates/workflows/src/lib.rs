@@ -4,10 +4,10 @@
 
 pub mod adapters;
 mod backup;
+pub mod component;
 mod connections;
 mod gates;
 pub mod gitops;
-mod install;
 mod remediate;
 mod restore_test;
 mod retention;
@@ -17,12 +17,15 @@ mod selftest;
 mod vault_backup;
 
 pub use backup::{BackupInput, Manifest, RestoreInput, backup_postgres, restore_postgres};
+pub use component::{
+    ChildRun, ComponentInput, ComponentReport, FIELD_MANAGER, Phase, PlatformInput, PlatformReport, RollbackPoint,
+    SmokeCheck, install_component, install_platform, upgrade_component,
+};
 pub use connections::Connections;
 pub use gates::{ApprovalGate, ApprovalRequest, Counted, Decision};
 pub use gitops::chain::{AppPromotion, ChainPlan, EnvPromotion, PromoteChainInput, Window, promote_chain};
 pub use gitops::preview::{PreviewChange, PreviewInput, dns_label, preview_create, preview_delete};
 pub use gitops::promote::{ArgoApp, PromoteInput, Promotion, Pushed, promote_image};
-pub use install::{FIELD_MANAGER, InstallInput, Installed, install_component, load as load_manifests};
 pub use remediate::{Action, ActionSpec, Playbook, RemediateInput, Remediation, Taken, remediate};
 pub use restore_test::{Check, CheckResult, RestoreTestInput, RestoreTestReport, backup_restore_test};
 pub use retention::{Backup, RetentionInput, RetentionPolicy, RetentionReport, backup_retention, plan, time_of};
@@ -61,6 +64,8 @@ pub fn all_with(pool: PgPool, connections: Connections) -> Vec<WorkflowDef> {
         preview_delete(connections.clone()),
         remediate(connections.clone()),
         install_component(connections.clone()),
+        upgrade_component(connections.clone()),
+        install_platform(),
         restore_postgres(connections),
     ]
 }

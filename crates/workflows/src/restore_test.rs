@@ -207,7 +207,7 @@ async fn admin(url: &str, sql: &str) -> Result<(), StepError> {
 }
 
 /// Runs `check` against the restored database and compares its number with the bounds.
-async fn run_check(url: &str, check: &Check) -> Result<f64, StepError> {
+pub(crate) async fn run_check(url: &str, check: &Check) -> Result<f64, StepError> {
     use sqlx::Connection;
     let query = check.query.trim().trim_end_matches(';');
     let mut conn = sqlx::PgConnection::connect(url).await.map_err(pg_err)?;

@@ -427,43 +427,134 @@ impl Kube {
         Ok((bytes, grown))
     }
 
-    /// Server-side apply of `object` under field manager `manager` (forced: dayshift owns what it
-    /// applies); with `dry_run` the API server computes the result and stores nothing.
+    fn dynamic(&self, r: &Resource, namespace: Option<&str>) -> Api<DynamicObject> {
+        let (group, version) = match r.api_version.split_once('/') {
+            Some((g, v)) => (g, v),
+            None => ("", r.api_version.as_str()),
+        };
+        let gvk = GroupVersionKind::gvk(group, version, &r.kind);
+        let ar = ApiResource::from_gvk_with_plural(&gvk, &r.plural);
+        match (r.namespaced, namespace) {
+            (true, Some(ns)) => Api::namespaced_with(self.client.clone(), ns, &ar),
+            _ => Api::all_with(self.client.clone(), &ar),
+        }
+    }
+
+    /// Server-side apply of `object` (of resource `r`) under field manager `manager` (forced:
+    /// dayshift owns what it applies); with `dry_run` the API server computes the result and
+    /// stores nothing. Returns the object as the server has it (or would have it).
     pub async fn apply(
         &self,
+        r: &Resource,
         object: &serde_json::Value,
         manager: &str,
         dry_run: bool,
     ) -> Result<serde_json::Value, KubeError> {
-        let api_version = object["apiVersion"].as_str().unwrap_or_default();
-        let kind = object["kind"].as_str().unwrap_or_default();
-        let name = object["metadata"]["name"]
-            .as_str()
-            .ok_or_else(|| KubeError::Permanent(format!("a {kind} without metadata.name")))?;
-        let (plural, namespaced) = resource_of(api_version, kind).ok_or_else(|| {
-            KubeError::Permanent(format!(
-                "kind {kind} ({api_version}) is not one dayshift knows how to apply"
-            ))
-        })?;
-        let (group, version) = match api_version.split_once('/') {
-            Some((g, v)) => (g, v),
-            None => ("", api_version),
-        };
-        let gvk = GroupVersionKind::gvk(group, version, kind);
-        let ar = ApiResource::from_gvk_with_plural(&gvk, plural);
-        let api: Api<DynamicObject> = if namespaced {
-            let ns = object["metadata"]["namespace"].as_str().unwrap_or("default");
-            Api::namespaced_with(self.client.clone(), ns, &ar)
-        } else {
-            Api::all_with(self.client.clone(), &ar)
-        };
+        let id = ObjectId::of(object);
+        let api = self.dynamic(r, id.namespace.as_deref());
         let mut params = PatchParams::apply(manager).force();
         params.dry_run = dry_run;
         let applied = api
-            .patch(name, &params, &Patch::Apply(object))
+            .patch(&id.name, &params, &Patch::Apply(object))
             .await
-            .map_err(|e| KubeError::from_kube(&format!("apply {kind} {name}"), e))?;
+            .map_err(|e| KubeError::from_kube(&format!("apply {id}"), e))?;
         Ok(serde_json::to_value(applied).unwrap_or_default())
+    }
+
+    /// The object `id` (of resource `r`) as the server has it; `None` if it does not exist.
+    pub async fn get(&self, r: &Resource, id: &ObjectId) -> Result<Option<serde_json::Value>, KubeError> {
+        let found = self
+            .dynamic(r, id.namespace.as_deref())
+            .get_opt(&id.name)
+            .await
+            .map_err(|e| KubeError::from_kube(&format!("read {id}"), e))?;
+        Ok(found.map(|o| serde_json::to_value(o).unwrap_or_default()))
+    }
+
+    /// Deletes object `id`; `false` if it was already gone. Dependents are deleted in the
+    /// background, as `kubectl delete` does.
+    pub async fn delete(&self, r: &Resource, id: &ObjectId) -> Result<bool, KubeError> {
+        let params = kube::api::DeleteParams::background();
+        match self.dynamic(r, id.namespace.as_deref()).delete(&id.name, &params).await {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
+            Err(e) => Err(KubeError::from_kube(&format!("delete {id}"), e)),
+        }
+    }
+
+    /// The objects of resource `r` (in every namespace) carrying every label of `labels`.
+    pub async fn list_labelled(
+        &self,
+        r: &Resource,
+        labels: &[(&str, &str)],
+    ) -> Result<Vec<serde_json::Value>, KubeError> {
+        let selector = labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let list = match self
+            .dynamic(r, None)
+            .list(&kube::api::ListParams::default().labels(&selector))
+            .await
+        {
+            Ok(list) => list,
+            // A kind this cluster does not serve has no objects.
+            Err(kube::Error::Api(s)) if s.code == 404 => return Ok(Vec::new()),
+            Err(e) => return Err(KubeError::from_kube(&format!("list {} -l {selector}", r.plural), e)),
+        };
+        Ok(list
+            .items
+            .into_iter()
+            .map(|o| serde_json::to_value(o).unwrap_or_default())
+            .collect())
+    }
+
+    /// The CustomResourceDefinitions the cluster serves.
+    pub async fn crds(&self) -> Result<Vec<serde_json::Value>, KubeError> {
+        let r = Resource::builtin("apiextensions.k8s.io/v1", "CustomResourceDefinition").expect("built in");
+        let list = self
+            .dynamic(&r, None)
+            .list(&kube::api::ListParams::default())
+            .await
+            .map_err(|e| KubeError::from_kube("list CustomResourceDefinitions", e))?;
+        Ok(list
+            .items
+            .into_iter()
+            .map(|o| serde_json::to_value(o).unwrap_or_default())
+            .collect())
+    }
+
+    /// Waits until Job `namespace/name` has completed; a Job that failed fails at once, with the
+    /// reason its controller gave.
+    pub async fn wait_job(&self, namespace: &str, name: &str, limit: Duration) -> Result<(), KubeError> {
+        let jobs: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(self.client.clone(), namespace);
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let job = jobs
+                .get(name)
+                .await
+                .map_err(|e| KubeError::from_kube(&format!("read Job {namespace}/{name}"), e))?;
+            let conditions = job.status.and_then(|s| s.conditions).unwrap_or_default();
+            let with = |t: &str| conditions.iter().find(|c| c.type_ == t && c.status == "True");
+            if with("Complete").is_some() {
+                return Ok(());
+            }
+            if let Some(c) = with("Failed") {
+                return Err(KubeError::Permanent(format!(
+                    "Job {namespace}/{name} failed: {} ({})",
+                    c.message.as_deref().unwrap_or("no message"),
+                    c.reason.as_deref().unwrap_or("no reason")
+                )));
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(KubeError::Permanent(format!(
+                    "Job {namespace}/{name} did not complete within {}",
+                    humantime::format_duration(limit)
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(200).min(limit / 10)).await;
+        }
     }
 
     /// Whether namespace `name` exists.
@@ -519,8 +610,117 @@ impl Kube {
     }
 }
 
-/// The resource name and scope of the kinds dayshift applies.
-pub fn resource_of(api_version: &str, kind: &str) -> Option<(&'static str, bool)> {
+/// A kind as the API serves it: where its objects live and whether they are namespaced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resource {
+    pub api_version: String,
+    pub kind: String,
+    /// The resource name in paths (`deployments`).
+    pub plural: String,
+    pub namespaced: bool,
+}
+
+impl Resource {
+    /// One of the built-in kinds dayshift knows ([`Resource::builtins`]).
+    pub fn builtin(api_version: &str, kind: &str) -> Option<Self> {
+        builtin(api_version, kind).map(|(plural, namespaced)| Self {
+            api_version: api_version.into(),
+            kind: kind.into(),
+            plural: plural.into(),
+            namespaced,
+        })
+    }
+
+    /// Every built-in kind dayshift knows.
+    pub fn builtins() -> Vec<Self> {
+        BUILTIN
+            .iter()
+            .filter_map(|(api_version, kind)| Self::builtin(api_version, kind))
+            .collect()
+    }
+
+    /// The kinds a CustomResourceDefinition defines, one per served version.
+    pub fn from_crd(crd: &serde_json::Value) -> Vec<Self> {
+        let spec = &crd["spec"];
+        let (Some(group), Some(kind), Some(plural)) = (
+            spec["group"].as_str(),
+            spec["names"]["kind"].as_str(),
+            spec["names"]["plural"].as_str(),
+        ) else {
+            return Vec::new();
+        };
+        spec["versions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|v| v["served"].as_bool() != Some(false))
+            .filter_map(|v| v["name"].as_str())
+            .map(|version| Self {
+                api_version: format!("{group}/{version}"),
+                kind: kind.into(),
+                plural: plural.into(),
+                namespaced: spec["scope"].as_str() != Some("Cluster"),
+            })
+            .collect()
+    }
+}
+
+/// An object's identity: `Kind namespace/name`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ObjectId {
+    pub api_version: String,
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    pub name: String,
+}
+
+impl ObjectId {
+    pub fn of(object: &serde_json::Value) -> Self {
+        let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
+        Self {
+            api_version: text(&object["apiVersion"]),
+            kind: text(&object["kind"]),
+            namespace: object["metadata"]["namespace"].as_str().map(str::to_string),
+            name: text(&object["metadata"]["name"]),
+        }
+    }
+}
+
+impl std::fmt::Display for ObjectId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.namespace {
+            Some(ns) => write!(f, "{} {ns}/{}", self.kind, self.name),
+            None => write!(f, "{} {}", self.kind, self.name),
+        }
+    }
+}
+
+const BUILTIN: [(&str, &str); 20] = [
+    ("v1", "Namespace"),
+    ("v1", "ConfigMap"),
+    ("v1", "Secret"),
+    ("v1", "Service"),
+    ("v1", "ServiceAccount"),
+    ("v1", "PersistentVolumeClaim"),
+    ("apps/v1", "Deployment"),
+    ("apps/v1", "StatefulSet"),
+    ("apps/v1", "DaemonSet"),
+    ("batch/v1", "Job"),
+    ("batch/v1", "CronJob"),
+    ("networking.k8s.io/v1", "Ingress"),
+    ("networking.k8s.io/v1", "NetworkPolicy"),
+    ("policy/v1", "PodDisruptionBudget"),
+    ("rbac.authorization.k8s.io/v1", "Role"),
+    ("rbac.authorization.k8s.io/v1", "RoleBinding"),
+    ("rbac.authorization.k8s.io/v1", "ClusterRole"),
+    ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding"),
+    ("apiextensions.k8s.io/v1", "CustomResourceDefinition"),
+    ("autoscaling/v2", "HorizontalPodAutoscaler"),
+];
+
+/// The resource name and scope of the built-in kinds dayshift applies.
+fn builtin(api_version: &str, kind: &str) -> Option<(&'static str, bool)> {
     Some(match (api_version, kind) {
         ("v1", "Namespace") => ("namespaces", false),
         ("v1", "ConfigMap") => ("configmaps", true),
