@@ -418,6 +418,7 @@ fn apply(state: &mut Inner, key: Key, query: &str, body: &Bytes) -> Response {
             }
             stamp_new(state, &mut object);
             settle(state, &plural, &mut object);
+            fold_string_data(&plural, &mut object);
             object["metadata"]["managedFields"] = json!([entry]);
             (object, true)
         }
@@ -449,6 +450,7 @@ fn apply(state: &mut Inner, key: Key, query: &str, body: &Bytes) -> Response {
                 remove_path(&mut updated, gone);
             }
             merge(&mut updated, &applied);
+            fold_string_data(&plural, &mut updated);
             for field in [
                 "uid",
                 "creationTimestamp",
@@ -497,6 +499,21 @@ fn apply(state: &mut Inner, key: Key, query: &str, body: &Bytes) -> Response {
     }
     let code = if created { StatusCode::CREATED } else { StatusCode::OK };
     (code, Json(object)).into_response()
+}
+
+/// A Secret's `stringData` is write-only: the server folds it into `data`, base64-encoded.
+fn fold_string_data(plural: &str, object: &mut Value) {
+    use base64::Engine as _;
+    if plural != "secrets" {
+        return;
+    }
+    let Some(Value::Object(strings)) = object.as_object_mut().and_then(|o| o.remove("stringData")) else {
+        return;
+    };
+    for (k, v) in strings {
+        let text = v.as_str().unwrap_or_default().as_bytes().to_vec();
+        object["data"][k] = json!(base64::engine::general_purpose::STANDARD.encode(text));
+    }
 }
 
 /// The fields an applied object sets, as paths to leaves (a list is one leaf, as an atomic list

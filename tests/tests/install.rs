@@ -764,3 +764,126 @@ async fn kustomize_directories_and_helm_template_output_are_sources() {
     assert_eq!(rig.kube.writes().len(), before);
     rig.env.stop_workers().await;
 }
+
+#[tokio::test]
+async fn a_worker_killed_mid_upgrade_resumes_and_either_finishes_or_rolls_back() {
+    let kube = Arc::new(KubeApi::start().await);
+    let yaml = format!(
+        "connections:\n  kubernetes:\n    cluster: {{ url: \"{}\" }}\n",
+        kube.url
+    );
+    let env = dayshift_tests::BinEnv::start_with(&yaml).await;
+    let cases = [
+        ("rollback-point", "1.5.0", true),
+        ("apply:resources", "1.5.0", true),
+        ("apply:resources", "1.5.0-broken", false),
+    ];
+    kube.stall_image("registry.acme.io/catalog-api:1.5.0-broken");
+    for (n, (step, version, healthy)) in cases.into_iter().enumerate() {
+        let ns = format!("catalog-{n}");
+        let v1 = manifests(&[
+            ("01-namespace.yaml", &NAMESPACE.replace("catalog", &ns)),
+            ("02-app.yaml", APP),
+        ]);
+        let v2 = manifests(&[(
+            "02-app.yaml",
+            &catalog_v2(&format!("registry.acme.io/catalog-api:{version}")),
+        )]);
+        let input = |dir: &std::path::Path| json!({ "component": format!("catalog-{n}"), "manifests": dir, "namespace": ns, "kubernetes": "cluster", "timeout": "3s" });
+        let mut worker = env.start_worker().await;
+        let id = env.start_run("install.component", input(&v1)).await;
+        assert_eq!(env.wait_finished(&id, LIMIT).await["status"], "succeeded");
+        worker.kill9().await;
+
+        let before = kube.writes().len();
+        let mut first = dayshift_tests::spawn_dayshift(
+            &env.config_path,
+            &["worker"],
+            "worker ",
+            &[("DAYSHIFT_TEST_STOP_AFTER_STEP", step)],
+        )
+        .await;
+        let id = env.start_run("upgrade.component", input(&v2)).await;
+        first.wait_stopped(LIMIT).await;
+        first.kill9().await;
+        let mut second = env.start_worker().await;
+        let run = env.wait_finished(&id, LIMIT).await;
+        second.kill9().await;
+
+        let deployment = format!("/apis/apps/v1/namespaces/{ns}/deployments/catalog-api");
+        let image = kube.get(&deployment).unwrap()["spec"]["template"]["spec"]["containers"][0]["image"].clone();
+        if healthy {
+            assert_eq!(run["status"], "succeeded", "killed after {step}: {run:#}");
+            assert_eq!(image, format!("registry.acme.io/catalog-api:{version}"));
+            // Nothing journaled as done was done again: each object applied and pruned once.
+            let writes: Vec<String> = kube.writes()[before..]
+                .iter()
+                .filter(|w| !w.query.contains("dryRun") && !w.path.contains("/secrets/"))
+                .map(|w| format!("{} {}", w.method, w.path))
+                .collect();
+            let mut unique_writes = writes.clone();
+            unique_writes.sort();
+            unique_writes.dedup();
+            assert_eq!(writes.len(), 4, "killed after {step}: {writes:#?}");
+            assert_eq!(unique_writes.len(), 4, "killed after {step}: {writes:#?}");
+            assert!(
+                writes.contains(&format!("DELETE /api/v1/namespaces/{ns}/configmaps/catalog-config")),
+                "{writes:#?}"
+            );
+        } else {
+            assert_eq!(run["status"], "failed", "killed after {step}: {run:#}");
+            assert_eq!(
+                image, "registry.acme.io/catalog-api:1.4.0",
+                "killed after {step}: {run:#}"
+            );
+            assert!(
+                kube.get(&format!("/api/v1/namespaces/{ns}/configmaps/catalog-flags"))
+                    .is_none(),
+                "killed after {step}: what the upgrade created is gone"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn secret_values_in_manifests_never_reach_the_journal() {
+    const PASSWORD: &str = "hunter2-Zq8v-not-for-journals";
+    let secret = |password: &str| {
+        format!("apiVersion: v1\nkind: Secret\nmetadata:\n  name: catalog-db\nstringData:\n  password: {password}\n")
+    };
+    let mut rig = rig(&[
+        ("01-namespace.yaml", NAMESPACE),
+        ("02-app.yaml", APP),
+        ("03-secret.yaml", &secret(PASSWORD)),
+    ])
+    .await;
+    assert_eq!(install(&rig).await.status, RunStatus::Succeeded);
+    let rotated = format!("{PASSWORD}-2");
+    let v2 = manifests(&[("02-app.yaml", APP), ("03-secret.yaml", &secret(&rotated))]);
+    let mut input = component(&v2);
+    input["plan"] = json!(true);
+    let planned = run(&rig, "upgrade.component", input).await;
+    assert_eq!(planned.status, RunStatus::Succeeded, "{planned:#?}");
+    let plan = planned.output.clone().unwrap()["plan"].to_string();
+    assert!(plan.contains("(secret value)"), "{plan}");
+    // A failed upgrade, so the rollback point is written and read back.
+    rig.kube.stall_rollouts("catalog", "catalog-api");
+    let v3 = manifests(&[
+        ("02-app.yaml", &APP.replace("1.4.0", "1.4.1")),
+        ("03-secret.yaml", &secret(&rotated)),
+    ]);
+    let failed = run(&rig, "upgrade.component", component(&v3)).await;
+    assert_eq!(failed.status, RunStatus::Failed, "{failed:#?}");
+    let secret = rig.kube.get("/api/v1/namespaces/catalog/secrets/catalog-db").unwrap();
+    use base64::Engine as _;
+    assert_eq!(
+        secret["data"]["password"],
+        base64::engine::general_purpose::STANDARD.encode(PASSWORD),
+        "rolled back"
+    );
+
+    let stored = rig.env.db.dump().await;
+    assert!(stored.contains("rollback-point"), "the dump has the journal");
+    assert!(!stored.contains(PASSWORD), "a Secret value reached dayshift's database");
+    rig.env.stop_workers().await;
+}

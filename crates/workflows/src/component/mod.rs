@@ -366,7 +366,7 @@ pub struct Change {
     pub object: String,
     /// `create`, `change`, `unchanged` or `prune`.
     pub action: String,
-    /// What changes, field by field (`spec.replicas: 2 → 3`); a Secret's values are not shown.
+    /// What changes, field by field (`spec.replicas: 2 → 3`); no value of a Secret is shown.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub fields: Vec<String>,
 }
@@ -452,7 +452,8 @@ fn diff(path: &str, a: &Value, b: &Value, secret: bool, out: &mut Vec<String>) {
     }
     let show = |v: &Value| match v {
         Value::Null => "(none)".to_string(),
-        _ if secret && (path.starts_with("data.") || path.starts_with("stringData.")) => "(secret value)".into(),
+        // Any field of a Secret may hold its value (data, stringData, a last-applied annotation).
+        _ if secret => "(secret value)".into(),
         Value::String(s) => s.clone(),
         v => v.to_string(),
     };

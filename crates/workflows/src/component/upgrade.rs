@@ -228,6 +228,13 @@ async fn record(k: &Kube, i: &ComponentInput, c: &Checked, run_id: &str) -> Resu
             ours: ours(o, &i.component),
         });
         let mut object = applied_fields(o, FIELD_MANAGER).unwrap_or_else(|| comparable(o));
+        if r.kind == "Secret" {
+            // `stringData` is write-only: what it set is in `data`, which is restored whole.
+            if let Some(m) = object.as_object_mut() {
+                m.remove("stringData");
+            }
+            object["data"] = o["data"].clone();
+        }
         object["apiVersion"] = json!(r.api_version);
         object["kind"] = json!(r.kind);
         object["metadata"]["name"] = json!(id.name);
