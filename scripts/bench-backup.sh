@@ -104,6 +104,10 @@ connections:
     bench: { url: { file: $work/db } }
 EOF
 export DAYSHIFT_SERVER=http://127.0.0.1:$port
+"$bin" --config "$work/dayshift.yaml" migrate >/dev/null
+"$bin" --config "$work/dayshift.yaml" tokens revoke bench >/dev/null 2>&1 || true
+DAYSHIFT_TOKEN=$("$bin" --config "$work/dayshift.yaml" tokens create bench --role operator 2>/dev/null)
+export DAYSHIFT_TOKEN
 "$bin" --config "$work/dayshift.yaml" serve >"$work/serve.log" 2>&1 &
 pids+=($!)
 "$bin" --config "$work/dayshift.yaml" worker >"$work/worker.log" 2>&1 &

@@ -49,6 +49,10 @@ export DAYSHIFT_CONFIG=.dayshift/demo.yaml
 bin="$bin --config $DAYSHIFT_CONFIG"
 
 $bin migrate
+# The API wants a bearer token; the demo makes its own operator token (stored hashed).
+$bin tokens revoke demo >/dev/null 2>&1 || true
+DAYSHIFT_TOKEN=$($bin tokens create demo --role operator 2>/dev/null)
+export DAYSHIFT_TOKEN
 echo "== dayshift serve --listen 127.0.0.1:$port   (log: .dayshift/logs/serve.log)"
 $bin serve --listen "127.0.0.1:$port" >.dayshift/logs/serve.log 2>&1 &
 pids+=($!)

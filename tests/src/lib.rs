@@ -261,7 +261,8 @@ impl TestEnv {
         }
     }
 
-    /// GETs `path` from the HTTP API of this env's engine (served for the call); status and body.
+    /// GETs `path` from the HTTP API of this env's engine (served for the call), with a viewer
+    /// token; status and body.
     pub async fn get_text(&self, path: &str) -> (u16, String) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
@@ -269,8 +270,18 @@ impl TestEnv {
         let server = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
+        let viewer = dayshift_engine::auth::create_token(
+            &self.db.pool,
+            &format!("test-viewer-{}", unique()),
+            dayshift_engine::auth::Role::Viewer,
+            None,
+            "test",
+        )
+        .await
+        .unwrap();
         let response = dayshift_workflows::adapters::http::client()
             .get(format!("{base}{path}"))
+            .bearer_auth(viewer)
             .send()
             .await
             .unwrap();
@@ -438,11 +449,28 @@ impl Drop for Proc {
     }
 }
 
+/// An HTTP client that sends `token` as its bearer token.
+fn authorized_client(token: &str) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        reqwest::header::HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
+    );
+    dayshift_workflows::adapters::http::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap()
+}
+
 /// A running `dayshift serve` plus the environment to start workers beside it.
 pub struct BinEnv {
     pub db: TestDb,
     pub config_path: PathBuf,
     pub api: String,
+    /// An admin token (`test-admin`); [`BinEnv::http`] sends it.
+    pub token: String,
+    /// Tokens made by [`BinEnv::as_user`], by name.
+    users: std::sync::Mutex<std::collections::HashMap<String, String>>,
     pub http: reqwest::Client,
     pub server: Option<Proc>,
     _dir: tempdir::Dir,
@@ -485,11 +513,22 @@ impl BinEnv {
             unique()
         );
         std::fs::write(&config_path, yaml).unwrap();
+        let token = dayshift_engine::auth::create_token(
+            &db.pool,
+            "test-admin",
+            dayshift_engine::auth::Role::Admin,
+            None,
+            "test",
+        )
+        .await
+        .unwrap();
         let mut env = Self {
             db,
             config_path,
             api: format!("http://127.0.0.1:{port}"),
-            http: dayshift_workflows::adapters::http::client(),
+            http: authorized_client(&token),
+            token,
+            users: Default::default(),
             server: None,
             _dir: tempdir::Dir(dir),
         };
@@ -511,6 +550,69 @@ impl BinEnv {
     /// Runs `dayshift ARGS` with this env's config, waiting for `ready` on stdout.
     pub async fn spawn(&self, args: &[&str], ready: &str) -> Proc {
         spawn_dayshift(&self.config_path, args, ready, &[]).await
+    }
+
+    /// A new token named `name` with `role`.
+    pub async fn token_for(&self, name: &str, role: &str) -> String {
+        dayshift_engine::auth::create_token(&self.db.pool, name, role.parse().unwrap(), None, "test")
+            .await
+            .unwrap()
+    }
+
+    /// The operator token of `name` (made on first use): what a person approves with.
+    pub async fn as_user(&self, name: &str) -> String {
+        if let Some(t) = self.users.lock().unwrap().get(name) {
+            return t.clone();
+        }
+        let token = self.token_for(name, "operator").await;
+        self.users.lock().unwrap().insert(name.to_string(), token.clone());
+        token
+    }
+
+    /// `POST` JSON to the API with `token` (none if empty); returns status and body.
+    pub async fn post_as(&self, token: &str, path: &str, body: &Value) -> (u16, Value) {
+        let mut req = dayshift_workflows::adapters::http::client()
+            .post(format!("{}{path}", self.api))
+            .json(body);
+        if !token.is_empty() {
+            req = req.bearer_auth(token);
+        }
+        let resp = req.send().await.unwrap();
+        (resp.status().as_u16(), resp.json().await.unwrap_or(Value::Null))
+    }
+
+    /// `GET` from the API with `token` (none if empty).
+    pub async fn get_as(&self, token: &str, path: &str) -> (u16, Value) {
+        let mut req = dayshift_workflows::adapters::http::client().get(format!("{}{path}", self.api));
+        if !token.is_empty() {
+            req = req.bearer_auth(token);
+        }
+        let resp = req.send().await.unwrap();
+        (resp.status().as_u16(), resp.json().await.unwrap_or(Value::Null))
+    }
+
+    /// `dayshift ARGS` as a CLI call against this env's API with its admin token; the output.
+    pub async fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(dayshift_bin())
+            .args(args)
+            .args(["--server", &self.api])
+            .env("DAYSHIFT_TOKEN", &self.token)
+            .output()
+            .await
+            .unwrap()
+    }
+
+    /// `dayshift --config <this env's config> ARGS`, as an admin on the host runs it (tokens,
+    /// audit): the output.
+    pub fn local_cli(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(dayshift_bin())
+            .arg("--config")
+            .arg(&self.config_path)
+            .args(args)
+            .env_remove("DAYSHIFT_DATABASE_URL")
+            .env_remove("DAYSHIFT_REDIS_URL")
+            .output()
+            .unwrap()
     }
 
     /// `POST` JSON to the API; returns status and body.

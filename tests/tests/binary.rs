@@ -332,6 +332,7 @@ async fn the_cli_starts_a_run_waits_for_it_and_shows_its_steps() {
             "--server",
             &env.api,
         ])
+        .env("DAYSHIFT_TOKEN", &env.token)
         .output()
         .await
         .unwrap();
@@ -346,6 +347,7 @@ async fn the_cli_starts_a_run_waits_for_it_and_shows_its_steps() {
 
     let out = tokio::process::Command::new(dayshift_bin())
         .args(["runs", "list", "--json", "--server", &env.api])
+        .env("DAYSHIFT_TOKEN", &env.token)
         .output()
         .await
         .unwrap();
@@ -354,6 +356,7 @@ async fn the_cli_starts_a_run_waits_for_it_and_shows_its_steps() {
 
     let out = tokio::process::Command::new(dayshift_bin())
         .args(["run", "selftest.chain", "--input", "{steps: 2}", "--server", &env.api])
+        .env("DAYSHIFT_TOKEN", &env.token)
         .output()
         .await
         .unwrap();
@@ -455,7 +458,10 @@ async fn the_cli_signals_and_cancels_runs() {
     let cli = |args: &[&str]| {
         let mut all: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         all.extend(["--server".to_string(), env.api.clone()]);
-        tokio::process::Command::new(dayshift_bin()).args(all).output()
+        tokio::process::Command::new(dayshift_bin())
+            .args(all)
+            .env("DAYSHIFT_TOKEN", &env.token)
+            .output()
     };
     let approved = env.start_run("selftest.gate", json!({})).await;
     env.wait_run(&approved, LIMIT, |r| r["status"] == "waiting").await;

@@ -327,7 +327,11 @@ async fn a_prod_promotion_waits_for_approvals_across_a_restart_and_a_rejection_p
 
     // The author cannot approve her own change.
     let (status, _) = env
-        .post(&format!("/api/v1/runs/{id}/approve"), &json!({ "by": "carol" }))
+        .post_as(
+            &env.as_user("carol").await,
+            &format!("/api/v1/runs/{id}/approve"),
+            &json!({}),
+        )
         .await;
     assert_eq!(status, 202);
     env.wait_run(&id, LIMIT, |r| {
@@ -343,7 +347,8 @@ async fn a_prod_promotion_waits_for_approvals_across_a_restart_and_a_rejection_p
     env.start_server().await;
     let _worker = env.start_worker().await;
 
-    // Alice approves with the CLI, Bob through the API.
+    // Alice approves with the CLI (her own token), Bob through the API.
+    let alice = env.as_user("alice").await;
     let out = std::process::Command::new(dayshift_tests::dayshift_bin())
         .args([
             "runs",
@@ -356,6 +361,7 @@ async fn a_prod_promotion_waits_for_approvals_across_a_restart_and_a_rejection_p
             "--server",
             &env.api,
         ])
+        .env("DAYSHIFT_TOKEN", &alice)
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -368,7 +374,11 @@ async fn a_prod_promotion_waits_for_approvals_across_a_restart_and_a_rejection_p
     .await;
     assert_eq!(rig.git.head("infra", "main"), seed, "pushed with one approval");
     let (status, _) = env
-        .post(&format!("/api/v1/runs/{id}/approve"), &json!({ "by": "bob" }))
+        .post_as(
+            &env.as_user("bob").await,
+            &format!("/api/v1/runs/{id}/approve"),
+            &json!({}),
+        )
         .await;
     assert_eq!(status, 202);
     let run = env.wait_finished(&id, LIMIT).await;
@@ -392,9 +402,10 @@ async fn a_prod_promotion_waits_for_approvals_across_a_restart_and_a_rejection_p
     })
     .await;
     let (status, _) = env
-        .post(
+        .post_as(
+            &env.as_user("bob").await,
             &format!("/api/v1/runs/{id}/reject"),
-            &json!({ "by": "bob", "comment": "freeze until Monday" }),
+            &json!({ "comment": "freeze until Monday" }),
         )
         .await;
     assert_eq!(status, 202);
@@ -556,7 +567,11 @@ async fn a_push_to_dev_starts_the_chain_through_staging_and_an_approved_prod() {
     );
     for by in ["ci@acme.io", "alice"] {
         let (status, _) = env
-            .post(&format!("/api/v1/runs/{prod}/approve"), &json!({ "by": by }))
+            .post_as(
+                &env.as_user(by).await,
+                &format!("/api/v1/runs/{prod}/approve"),
+                &json!({}),
+            )
             .await;
         assert_eq!(status, 202);
     }
@@ -742,7 +757,11 @@ async fn a_newer_tag_cancels_the_older_chain_still_waiting_for_approval() {
 
     let new_prod = waiting_prod(&env, "2.19.0").await;
     let (status, _) = env
-        .post(&format!("/api/v1/runs/{new_prod}/approve"), &json!({ "by": "alice" }))
+        .post_as(
+            &env.as_user("alice").await,
+            &format!("/api/v1/runs/{new_prod}/approve"),
+            &json!({}),
+        )
         .await;
     assert_eq!(status, 202);
     let new = env.wait_finished(&new_prod, LIMIT).await;

@@ -369,6 +369,7 @@ async fn a_filling_volume_grows_only_where_its_storage_class_allows_and_remediat
     assert_eq!(list[0]["outcome"], "failed");
     let out = std::process::Command::new(dayshift_tests::dayshift_bin())
         .args(["remediations", "--server", &rig.env.api])
+        .env("DAYSHIFT_TOKEN", &rig.env.token)
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -448,7 +449,11 @@ async fn a_destructive_action_waits_for_an_approval_and_a_rejection_does_nothing
     for by in ["intern@acme.io", "oncall@acme.io"] {
         let (status, _) = rig
             .env
-            .post(&format!("/api/v1/runs/{id}/approve"), &json!({ "by": by }))
+            .post_as(
+                &rig.env.as_user(by).await,
+                &format!("/api/v1/runs/{id}/approve"),
+                &json!({}),
+            )
             .await;
         assert_eq!(status, 202);
     }
@@ -488,9 +493,10 @@ async fn a_destructive_action_waits_for_an_approval_and_a_rejection_does_nothing
     rig.env.wait_run(&id2, LIMIT, waiting_for_approval).await;
     let (status, _) = rig
         .env
-        .post(
+        .post_as(
+            &rig.env.as_user("oncall@acme.io").await,
             &format!("/api/v1/runs/{id2}/reject"),
-            &json!({ "by": "oncall@acme.io", "comment": "api is being migrated" }),
+            &json!({ "comment": "api is being migrated" }),
         )
         .await;
     assert_eq!(status, 202);

@@ -252,6 +252,7 @@ async fn schedules_are_listed_paused_resumed_and_triggered() {
 
     let out = tokio::process::Command::new(dayshift_bin())
         .args(["schedules", "--server", &env.api])
+        .env("DAYSHIFT_TOKEN", &env.token)
         .output()
         .await
         .unwrap();
@@ -263,6 +264,7 @@ async fn schedules_are_listed_paused_resumed_and_triggered() {
     for (command, expect) in [("pause", "true"), ("resume", "false")] {
         let out = tokio::process::Command::new(dayshift_bin())
             .args(["schedules", command, "nightly", "--json", "--server", &env.api])
+            .env("DAYSHIFT_TOKEN", &env.token)
             .output()
             .await
             .unwrap();
@@ -271,6 +273,7 @@ async fn schedules_are_listed_paused_resumed_and_triggered() {
     }
     let out = tokio::process::Command::new(dayshift_bin())
         .args(["schedules", "trigger", "nightly", "--server", &env.api])
+        .env("DAYSHIFT_TOKEN", &env.token)
         .output()
         .await
         .unwrap();

@@ -29,6 +29,7 @@ pub(crate) struct EngineInner {
     pub(crate) schedules: Vec<Schedule>,
     pub(crate) webhooks: Option<std::sync::Arc<crate::webhook::Webhooks>>,
     pub(crate) alerts: Option<std::sync::Arc<crate::alerts::Alerts>>,
+    pub(crate) auth: crate::auth::AuthConfig,
 }
 
 impl EngineInner {
@@ -72,6 +73,7 @@ pub struct EngineBuilder {
     schedules: Vec<Schedule>,
     webhooks: Option<crate::webhook::Webhooks>,
     alerts: Option<crate::alerts::Alerts>,
+    auth: crate::auth::AuthConfig,
 }
 
 impl std::fmt::Debug for FaultInjectorSlot<'_> {
@@ -121,6 +123,12 @@ impl EngineBuilder {
         self
     }
 
+    /// How the API authenticates (see [`crate::auth`]).
+    pub fn auth(mut self, auth: crate::auth::AuthConfig) -> Self {
+        self.auth = auth;
+        self
+    }
+
     /// Registers a workflow.
     pub fn register(mut self, def: WorkflowDef) -> Self {
         self.registry.register(def);
@@ -147,6 +155,7 @@ impl EngineBuilder {
                 schedules: self.schedules,
                 webhooks: self.webhooks.map(std::sync::Arc::new),
                 alerts: self.alerts.map(std::sync::Arc::new),
+                auth: self.auth,
             }),
         }
     }
@@ -164,6 +173,7 @@ impl Engine {
             schedules: Vec::new(),
             webhooks: None,
             alerts: None,
+            auth: crate::auth::AuthConfig::default(),
         }
     }
 

@@ -1,5 +1,9 @@
 //! The HTTP API (`/api/v1`), health and readiness.
 //!
+//! Every call but health, readiness, metrics and the webhook endpoints needs a bearer token of
+//! a role that may make it ([`crate::auth`]); 401 without a valid token, 403 with a weaker role.
+//! What a caller changes is recorded in the audit trail with its name.
+//!
 //! Errors are JSON `{"error": "...", "code": "..."}` with a 4xx that says what is wrong, or a
 //! 500/503 that hides internals (details go to the log).
 
@@ -12,6 +16,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::auth::{Caller, Role};
 use crate::engine::Engine;
 use crate::error::EngineError;
 use crate::model::{RunFilter, RunId, RunStatus, StartRun};
@@ -47,8 +52,12 @@ pub fn router(engine: Engine) -> Router {
         .route("/api/v1/schedules/{name}/pause", post(pause_schedule))
         .route("/api/v1/schedules/{name}/resume", post(resume_schedule))
         .route("/api/v1/schedules/{name}/trigger", post(trigger_schedule))
+        .route("/api/v1/tokens", get(list_tokens).post(create_token))
+        .route("/api/v1/tokens/{name}", axum::routing::delete(revoke_token))
+        .route("/api/v1/audit", get(audit_log))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
         .layer(axum::Extension(HookLimit(hook_limit)))
+        .layer(axum::middleware::from_fn_with_state(engine.clone(), authenticate))
         .with_state(engine)
 }
 
@@ -122,6 +131,74 @@ impl From<QueryRejection> for ApiError {
 #[from_request(via(Json), rejection(ApiError))]
 struct Body<T>(T);
 
+/// Checks the caller's token against the role the call needs; the caller goes into the
+/// request's extensions for the handlers.
+async fn authenticate(
+    State(engine): State<Engine>,
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(needed) = crate::auth::required_role(request.method(), request.uri().path(), &engine.inner.auth) else {
+        return next.run(request).await;
+    };
+    let token = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .unwrap_or("");
+    let unauthorized = |message: &str| {
+        let mut r = ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message).into_response();
+        r.headers_mut().insert(
+            axum::http::header::WWW_AUTHENTICATE,
+            axum::http::HeaderValue::from_static("Bearer realm=\"dayshift\""),
+        );
+        r
+    };
+    if token.is_empty() {
+        return unauthorized(
+            "this endpoint needs a bearer token (Authorization: Bearer …); `dayshift tokens create` makes one",
+        );
+    }
+    let caller = match crate::auth::authenticate(engine.store().pool(), token).await {
+        Ok(Some(caller)) => caller,
+        Ok(None) => return unauthorized("the bearer token is not valid (unknown, revoked or expired)"),
+        Err(e) => return ApiError::from(EngineError::from(e)).into_response(),
+    };
+    if caller.role < needed {
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "this needs the {needed} role; the token '{}' has {}",
+                caller.name, caller.role
+            ),
+        )
+        .into_response();
+    }
+    request.extensions_mut().insert(caller);
+    next.run(request).await
+}
+
+type Who = axum::Extension<Caller>;
+
+/// Records what `caller` did; a failure to record is logged (the action has happened).
+async fn audit(engine: &Engine, caller: &Caller, action: &str, target: &str, detail: Value) {
+    if let Err(e) = crate::auth::audit(
+        engine.store().pool(),
+        &caller.name,
+        Some(caller.role),
+        action,
+        Some(target),
+        detail,
+    )
+    .await
+    {
+        tracing::error!(error = %e, actor = %caller.name, action, target, "Audit entry not recorded.");
+    }
+}
+
 fn parse_id(id: &str) -> Result<RunId, ApiError> {
     id.parse()
         .map_err(|e: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_run_id", e))
@@ -151,9 +228,24 @@ async fn workflows(State(engine): State<Engine>) -> Json<Value> {
     Json(json!({ "workflows": engine.workflows() }))
 }
 
-async fn start_run(State(engine): State<Engine>, Body(mut req): Body<StartRun>) -> Result<Response, ApiError> {
-    req.started_by = Some("api".into());
+async fn start_run(
+    State(engine): State<Engine>,
+    axum::Extension(caller): Who,
+    Body(mut req): Body<StartRun>,
+) -> Result<Response, ApiError> {
+    req.started_by = Some(format!("api:{}", caller.name));
+    let workflow = req.workflow.clone();
     let started = engine.start(req).await?;
+    if started.created {
+        audit(
+            &engine,
+            &caller,
+            "run.start",
+            &started.id.to_string(),
+            json!({ "workflow": workflow }),
+        )
+        .await;
+    }
     let status = if started.created {
         StatusCode::CREATED
     } else {
@@ -211,6 +303,7 @@ struct CancelBody {
 
 async fn cancel_run(
     State(engine): State<Engine>,
+    axum::Extension(caller): Who,
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
@@ -222,7 +315,15 @@ async fn cancel_run(
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", format!("cancel body: {e}")))?
             .reason
     };
-    let status = engine.cancel(id, reason.as_deref(), "api").await?;
+    let status = engine.cancel(id, reason.as_deref(), &caller.name).await?;
+    audit(
+        &engine,
+        &caller,
+        "run.cancel",
+        &id.to_string(),
+        json!({ "reason": reason }),
+    )
+    .await;
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({ "id": id, "status": status, "cancel_requested": true })),
@@ -231,6 +332,7 @@ async fn cancel_run(
 
 async fn signal_run(
     State(engine): State<Engine>,
+    axum::Extension(caller): Who,
     Path((id, name)): Path<(String, String)>,
     body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
@@ -246,56 +348,87 @@ async fn signal_run(
             )
         })?
     };
-    engine.signal(id, &name, payload, "api").await?;
+    engine.signal(id, &name, payload, &caller.name).await?;
+    audit(
+        &engine,
+        &caller,
+        "run.signal",
+        &id.to_string(),
+        json!({ "signal": name }),
+    )
+    .await;
     Ok((StatusCode::ACCEPTED, Json(json!({ "id": id, "signal": name }))))
 }
 
-/// An approve or reject call: who decides, and why.
-#[derive(Deserialize)]
+/// An approve or reject call: why. Who decides is the caller (the token's name).
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct DecisionBody {
-    by: String,
+    /// If given, it must be the caller's name: no one approves as someone else.
+    #[serde(default)]
+    by: Option<String>,
     #[serde(default)]
     comment: Option<String>,
 }
 
 async fn approve_run(
     engine: State<Engine>,
+    caller: Who,
     id: Path<String>,
-    body: Body<DecisionBody>,
+    body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    decide(engine, id, body, true).await
+    decide(engine, caller, id, body, true).await
 }
 
 async fn reject_run(
     engine: State<Engine>,
+    caller: Who,
     id: Path<String>,
-    body: Body<DecisionBody>,
+    body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    decide(engine, id, body, false).await
+    decide(engine, caller, id, body, false).await
 }
 
 /// Approvals are the signal `approval` with `{by, approve, comment}`; the workflow decides
 /// whether the decision counts (who may approve, no self-approval) and journals it.
 async fn decide(
     State(engine): State<Engine>,
+    axum::Extension(caller): Who,
     Path(id): Path<String>,
-    Body(d): Body<DecisionBody>,
+    body: axum::body::Bytes,
     approve: bool,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let id = parse_id(&id)?;
-    if d.by.trim().is_empty() {
+    let d: DecisionBody = if body.is_empty() {
+        DecisionBody::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", format!("decision body: {e}")))?
+    };
+    if let Some(by) = d.by.as_deref()
+        && by != caller.name
+    {
         return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_body",
-            "`by` must name who decides",
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("the token '{}' cannot decide as '{by}'", caller.name),
         ));
     }
-    let payload = json!({ "by": d.by, "approve": approve, "comment": d.comment });
-    engine.signal(id, "approval", payload, &d.by).await?;
+    let by = caller.name.clone();
+    let payload = json!({ "by": by, "approve": approve, "comment": d.comment });
+    engine.signal(id, "approval", payload, &by).await?;
+    let action = if approve { "run.approve" } else { "run.reject" };
+    audit(
+        &engine,
+        &caller,
+        action,
+        &id.to_string(),
+        json!({ "comment": d.comment }),
+    )
+    .await;
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({ "id": id, "decision": if approve { "approve" } else { "reject" }, "by": d.by })),
+        Json(json!({ "id": id, "decision": if approve { "approve" } else { "reject" }, "by": by })),
     ))
 }
 
@@ -347,22 +480,108 @@ async fn get_schedule(State(engine): State<Engine>, Path(name): Path<String>) ->
     Ok(Json(serde_json::to_value(schedule).unwrap_or(Value::Null)))
 }
 
-async fn pause_schedule(State(engine): State<Engine>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
-    let schedule = Scheduler::new(engine).pause(&name, "api").await?;
+async fn pause_schedule(
+    State(engine): State<Engine>,
+    axum::Extension(caller): Who,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let schedule = Scheduler::new(engine.clone()).pause(&name, &caller.name).await?;
+    audit(&engine, &caller, "schedule.pause", &name, Value::Null).await;
     Ok(Json(serde_json::to_value(schedule).unwrap_or(Value::Null)))
 }
 
-async fn resume_schedule(State(engine): State<Engine>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
-    let schedule = Scheduler::new(engine).resume(&name, "api").await?;
+async fn resume_schedule(
+    State(engine): State<Engine>,
+    axum::Extension(caller): Who,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let schedule = Scheduler::new(engine.clone()).resume(&name, &caller.name).await?;
+    audit(&engine, &caller, "schedule.resume", &name, Value::Null).await;
     Ok(Json(serde_json::to_value(schedule).unwrap_or(Value::Null)))
 }
 
 async fn trigger_schedule(
     State(engine): State<Engine>,
+    axum::Extension(caller): Who,
     Path(name): Path<String>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let run = Scheduler::new(engine).trigger(&name, "api").await?;
+    let run = Scheduler::new(engine.clone()).trigger(&name, &caller.name).await?;
+    audit(&engine, &caller, "schedule.trigger", &name, json!({ "run_id": run })).await;
     Ok((StatusCode::CREATED, Json(json!({ "schedule": name, "run_id": run }))))
+}
+
+async fn list_tokens(State(engine): State<Engine>) -> Result<Json<Value>, ApiError> {
+    let tokens = crate::auth::list_tokens(engine.store().pool())
+        .await
+        .map_err(EngineError::from)?;
+    Ok(Json(json!({ "tokens": tokens })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewToken {
+    name: String,
+    role: Role,
+    /// When it stops working, e.g. `90d`; never if absent.
+    #[serde(default, with = "humantime_serde")]
+    expires_in: Option<std::time::Duration>,
+}
+
+/// `POST /api/v1/tokens`: the token is in this answer and nowhere else.
+async fn create_token(
+    State(engine): State<Engine>,
+    axum::Extension(caller): Who,
+    Body(t): Body<NewToken>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let expires_at = t
+        .expires_in
+        .map(|d| chrono::Utc::now() + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX));
+    let token = crate::auth::create_token(engine.store().pool(), &t.name, t.role, expires_at, &caller.name)
+        .await
+        .map_err(|e| match e {
+            crate::error::StoreError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
+            other => ApiError::from(EngineError::from(other)),
+        })?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "name": t.name, "role": t.role, "expires_at": expires_at, "token": token })),
+    ))
+}
+
+async fn revoke_token(
+    State(engine): State<Engine>,
+    axum::Extension(caller): Who,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let revoked = crate::auth::revoke_token(engine.store().pool(), &name, &caller.name)
+        .await
+        .map_err(EngineError::from)?;
+    if !revoked {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no live token named '{name}'"),
+        ));
+    }
+    Ok(Json(json!({ "name": name, "revoked": true })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditQuery {
+    target: Option<String>,
+    limit: Option<u32>,
+}
+
+async fn audit_log(
+    State(engine): State<Engine>,
+    q: Result<Query<AuditQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(q) = q?;
+    let entries = crate::auth::list_audit(engine.store().pool(), q.target.as_deref(), q.limit.unwrap_or(200))
+        .await
+        .map_err(EngineError::from)?;
+    Ok(Json(json!({ "audit": entries })))
 }
 
 #[derive(Clone, Copy)]

@@ -7,6 +7,7 @@
 //! is due, so losing Redis loses no run. See ARCHITECTURE.md for the glossary and the contract.
 
 pub mod alerts;
+pub mod auth;
 mod engine;
 mod error;
 pub mod http;

@@ -18,6 +18,9 @@ pub(crate) struct ApiArgs {
         global = true
     )]
     server: String,
+    /// A bearer token (`dayshift tokens create`). Env: DAYSHIFT_TOKEN.
+    #[arg(long, env = "DAYSHIFT_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
     /// Machine-readable output (JSON).
     #[arg(long, global = true)]
     json: bool,
@@ -51,21 +54,21 @@ pub(crate) enum RunsCommand {
         #[arg(long, default_value = "null")]
         payload: String,
     },
-    /// Approves a run waiting for approval (a promotion gate).
+    /// Approves a run waiting for approval (a promotion gate), as the token's owner.
     Approve {
         id: String,
-        /// Who approves. Default $USER.
-        #[arg(long = "as", env = "USER")]
-        by: String,
+        /// Who approves: if given, it must be the token's name (no one approves as someone else).
+        #[arg(long = "as")]
+        by: Option<String>,
         #[arg(long)]
         comment: Option<String>,
     },
     /// Rejects a run waiting for approval: it ends without changing anything.
     Reject {
         id: String,
-        /// Who rejects. Default $USER.
-        #[arg(long = "as", env = "USER")]
-        by: String,
+        /// Who rejects: if given, it must be the token's name.
+        #[arg(long = "as")]
+        by: Option<String>,
         #[arg(long)]
         comment: Option<String>,
     },
@@ -78,9 +81,17 @@ struct Api {
 
 impl Api {
     fn new(args: &ApiArgs) -> Result<Self> {
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(token) = args.token.as_deref().filter(|t| !t.is_empty()) {
+            let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+                .context("--token / DAYSHIFT_TOKEN has characters a header cannot carry")?;
+            value.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+        }
         Ok(Self {
             http: dayshift_workflows::adapters::http::builder()
                 .timeout(Duration::from_secs(30))
+                .default_headers(headers)
                 .build()?,
             base: args.server.trim_end_matches('/').to_string(),
         })
@@ -211,8 +222,8 @@ pub(crate) async fn runs(args: &ApiArgs, command: RunsCommand) -> Result<ExitCod
                 );
             }
         }
-        RunsCommand::Approve { id, by, comment } => decide(&api, args, "approve", &id, &by, comment).await?,
-        RunsCommand::Reject { id, by, comment } => decide(&api, args, "reject", &id, &by, comment).await?,
+        RunsCommand::Approve { id, by, comment } => decide(&api, args, "approve", &id, by, comment).await?,
+        RunsCommand::Reject { id, by, comment } => decide(&api, args, "reject", &id, by, comment).await?,
         RunsCommand::Signal { id, name, payload } => {
             let payload = parse_json("--payload", &payload)?;
             let body = api.post(&format!("/api/v1/runs/{id}/signals/{name}"), &payload).await?;
@@ -343,17 +354,26 @@ pub(crate) async fn schedules(args: &ApiArgs, command: Option<SchedulesCommand>)
 }
 
 /// `runs approve` / `runs reject`.
-async fn decide(api: &Api, args: &ApiArgs, verb: &str, id: &str, by: &str, comment: Option<String>) -> Result<()> {
-    let body = api
-        .post(
-            &format!("/api/v1/runs/{id}/{verb}"),
-            &json!({ "by": by, "comment": comment }),
-        )
-        .await?;
+async fn decide(
+    api: &Api,
+    args: &ApiArgs,
+    verb: &str,
+    id: &str,
+    by: Option<String>,
+    comment: Option<String>,
+) -> Result<()> {
+    let mut request = json!({ "comment": comment });
+    if let Some(by) = by {
+        request["by"] = json!(by);
+    }
+    let body = api.post(&format!("/api/v1/runs/{id}/{verb}"), &request).await?;
     if args.json {
         println!("{body}");
     } else {
-        println!("{verb} of run {id} by {by} sent");
+        println!(
+            "{verb} of run {id} by {} sent",
+            body["by"].as_str().unwrap_or("(unknown)")
+        );
     }
     Ok(())
 }

@@ -633,12 +633,16 @@ pub(crate) struct ServerConfig {
     /// Address to listen on. Default `127.0.0.1:8080`.
     #[schemars(with = "String")]
     pub listen: SocketAddr,
+    /// Serve `/metrics` without a token (for Prometheus). Default true; false: it needs a
+    /// viewer token.
+    pub public_metrics: bool,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            public_metrics: true,
         }
     }
 }

@@ -82,6 +82,22 @@ enum Command {
         #[command(flatten)]
         api: client::ApiArgs,
     },
+    /// Creates, lists and revokes API tokens (in the database: run it where the config is).
+    Tokens {
+        #[command(subcommand)]
+        command: TokensCommand,
+    },
+    /// Lists who did what to which run, schedule or token, newest first.
+    Audit {
+        /// Only entries about this run id, schedule or token name.
+        #[arg(long)]
+        target: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Lists the registered workflows.
     Workflows {
         /// Machine-readable output.
@@ -95,6 +111,29 @@ enum Command {
     },
     /// Measures throughput and latency against the configured PostgreSQL and Redis.
     Bench(bench::BenchArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum TokensCommand {
+    /// Creates a token and prints it, once: it is stored only as a hash.
+    Create {
+        /// Who or what uses it (recorded as the actor of what it does), e.g. `alice` or `ci`.
+        name: String,
+        /// viewer (reads), operator (also starts, cancels, signals, approves) or admin (also
+        /// tokens and schedules).
+        #[arg(long)]
+        role: dayshift_engine::auth::Role,
+        /// When it stops working, e.g. `90d`; never by default.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        expires_in: Option<Duration>,
+    },
+    /// Lists tokens (never the tokens themselves).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revokes a token: it stops working at once.
+    Revoke { name: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -164,6 +203,9 @@ async fn connect(config: &Config, triggers: bool) -> Result<Engine> {
     if let Ok(step) = std::env::var("DAYSHIFT_TEST_STOP_AFTER_STEP") {
         builder = builder.on_step_journaled(stop_after_step(step));
     }
+    builder = builder.auth(dayshift_engine::auth::AuthConfig {
+        public_metrics: config.server.public_metrics,
+    });
     if triggers {
         builder = builder
             .schedules(config.schedules())
@@ -256,6 +298,40 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             init_logs(&c);
             worker(c).await?;
         }
+        Command::Tokens { command } => {
+            let c = config()?;
+            let store = PgStore::connect(c.database.url.expose(), 2)
+                .await
+                .context("cannot connect to PostgreSQL (database.url)")?;
+            store.migrate().await.context("migration failed")?;
+            tokens(store.pool(), command).await?;
+        }
+        Command::Audit { target, limit, json } => {
+            let c = config()?;
+            let store = PgStore::connect(c.database.url.expose(), 2)
+                .await
+                .context("cannot connect to PostgreSQL (database.url)")?;
+            let entries = dayshift_engine::auth::list_audit(store.pool(), target.as_deref(), limit).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&entries)?);
+            } else {
+                for e in entries {
+                    println!(
+                        "{}  {:<16} {:<9} {:<16} {} {}",
+                        e.at.format("%Y-%m-%d %H:%M:%S"),
+                        e.actor,
+                        e.role.as_deref().unwrap_or("-"),
+                        e.action,
+                        e.target.as_deref().unwrap_or("-"),
+                        if e.detail.as_object().is_some_and(|o| o.is_empty()) {
+                            String::new()
+                        } else {
+                            e.detail.to_string()
+                        }
+                    );
+                }
+            }
+        }
         Command::Workflows { json } => {
             let registry = offline_registry()?;
             let list = registry.list();
@@ -286,6 +362,61 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
         }
     }
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// Who runs the CLI, as the actor of token changes.
+fn local_actor() -> String {
+    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+    format!("cli:{user}")
+}
+
+async fn tokens(pool: &sqlx::PgPool, command: TokensCommand) -> Result<()> {
+    use dayshift_engine::auth;
+    match command {
+        TokensCommand::Create { name, role, expires_in } => {
+            let expires_at =
+                expires_in.map(|d| chrono::Utc::now() + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX));
+            let token = auth::create_token(pool, &name, role, expires_at, &local_actor()).await?;
+            eprintln!("token '{name}' ({role}) created; it is shown this once:");
+            println!("{token}");
+        }
+        TokensCommand::List { json } => {
+            let list = auth::list_tokens(pool).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                for t in list {
+                    let state = match (t.revoked_at, t.expires_at) {
+                        (Some(at), _) => format!("revoked {}", at.format("%Y-%m-%d %H:%M")),
+                        (None, Some(at)) if at < chrono::Utc::now() => {
+                            format!("expired {}", at.format("%Y-%m-%d %H:%M"))
+                        }
+                        (None, Some(at)) => format!("expires {}", at.format("%Y-%m-%d %H:%M")),
+                        (None, None) => "live".into(),
+                    };
+                    println!(
+                        "{:<24} {:<9} {:<24} created {} by {}, last used {}",
+                        t.name,
+                        t.role,
+                        state,
+                        t.created_at.format("%Y-%m-%d %H:%M"),
+                        t.created_by,
+                        t.last_used_at
+                            .map(|a| a.format("%Y-%m-%d %H:%M").to_string())
+                            .unwrap_or_else(|| "never".into())
+                    );
+                }
+            }
+        }
+        TokensCommand::Revoke { name } => {
+            anyhow::ensure!(
+                auth::revoke_token(pool, &name, &local_actor()).await?,
+                "no live token named '{name}'"
+            );
+            println!("token '{name}' revoked");
+        }
+    }
+    Ok(())
 }
 
 /// Resolves on the first SIGTERM or SIGINT; a second one exits at once.

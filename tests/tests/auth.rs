@@ -1,0 +1,233 @@
+//! The API's tokens and roles, and the audit trail, against a real `dayshift serve`.
+
+use std::time::Duration;
+
+use dayshift_tests::BinEnv;
+use serde_json::{Value, json};
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+/// A call with an optional bearer token; the status and the `WWW-Authenticate` header.
+async fn call(env: &BinEnv, method: &str, path: &str, token: Option<&str>) -> (u16, Option<String>) {
+    let client = dayshift_workflows::adapters::http::client();
+    let url = format!("{}{path}", env.api);
+    let mut req = match method {
+        "GET" => client.get(url),
+        "POST" => client.post(url).json(&json!({})),
+        "DELETE" => client.delete(url),
+        other => panic!("{other}"),
+    };
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let resp = req.send().await.unwrap();
+    let challenge = resp
+        .headers()
+        .get("www-authenticate")
+        .map(|v| v.to_str().unwrap().to_string());
+    (resp.status().as_u16(), challenge)
+}
+
+#[tokio::test]
+async fn each_endpoint_refuses_callers_without_the_role_it_needs() {
+    let env = BinEnv::start().await;
+    let viewer = env.token_for("vera", "viewer").await;
+    let operator = env.token_for("otto", "operator").await;
+    let admin = env.token.clone();
+    let run = env.start_run("selftest.gate", json!({})).await;
+    let endpoints: Vec<(&str, String, &str)> = vec![
+        ("GET", "/api/v1/workflows".into(), "viewer"),
+        ("GET", "/api/v1/runs".into(), "viewer"),
+        ("GET", format!("/api/v1/runs/{run}"), "viewer"),
+        ("GET", format!("/api/v1/runs/{run}/events"), "viewer"),
+        ("GET", "/api/v1/schedules".into(), "viewer"),
+        ("GET", "/api/v1/remediations".into(), "viewer"),
+        ("GET", "/api/v1/alerts/episodes".into(), "viewer"),
+        ("POST", "/api/v1/runs".into(), "operator"),
+        ("POST", format!("/api/v1/runs/{run}/signals/approve"), "operator"),
+        ("POST", format!("/api/v1/runs/{run}/approve"), "operator"),
+        ("POST", format!("/api/v1/runs/{run}/reject"), "operator"),
+        ("POST", format!("/api/v1/runs/{run}/cancel"), "operator"),
+        ("POST", "/api/v1/schedules/nightly/pause".into(), "admin"),
+        ("POST", "/api/v1/schedules/nightly/resume".into(), "admin"),
+        ("POST", "/api/v1/schedules/nightly/trigger".into(), "admin"),
+        ("GET", "/api/v1/tokens".into(), "admin"),
+        ("POST", "/api/v1/tokens".into(), "admin"),
+        ("DELETE", "/api/v1/tokens/nobody".into(), "admin"),
+        ("GET", "/api/v1/audit".into(), "admin"),
+    ];
+    let rank = |r: &str| ["viewer", "operator", "admin"].iter().position(|x| *x == r).unwrap();
+    for (method, path, needs) in &endpoints {
+        let (status, challenge) = call(&env, method, path, None).await;
+        assert_eq!(status, 401, "{method} {path} without a token");
+        assert_eq!(challenge.as_deref(), Some("Bearer realm=\"dayshift\""));
+        let (status, _) = call(&env, method, path, Some("dsh_0000000000000000")).await;
+        assert_eq!(status, 401, "{method} {path} with an unknown token");
+        for (role, token) in [("viewer", &viewer), ("operator", &operator), ("admin", &admin)] {
+            let (status, _) = call(&env, method, path, Some(token)).await;
+            if rank(role) < rank(needs) {
+                assert_eq!(status, 403, "{method} {path} as {role} (needs {needs})");
+            } else {
+                assert!(
+                    status != 401 && status != 403,
+                    "{method} {path} as {role} (needs {needs}): {status}"
+                );
+            }
+        }
+    }
+    // Health, readiness, metrics and webhooks (signed on their own) need no token.
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        assert_eq!(call(&env, "GET", path, None).await.0, 200, "{path}");
+    }
+    assert_eq!(
+        call(&env, "POST", "/hooks/github", None).await.0,
+        404,
+        "not configured, not 401"
+    );
+}
+
+#[tokio::test]
+async fn tokens_are_stored_hashed_and_a_revoked_one_stops_working_at_once() {
+    let env = BinEnv::start().await;
+    let cli = |args: &[&str]| env.local_cli(args);
+    let out = cli(&["tokens", "create", "ci", "--role", "operator"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(token.starts_with("dsh_") && token.len() > 60, "{token}");
+    assert_eq!(call(&env, "GET", "/api/v1/runs", Some(&token)).await.0, 200);
+
+    // Not in the database in clear, nor in what the API lists.
+    let dump = env.db.dump().await;
+    assert!(dump.contains("api_tokens"), "the dump has the table");
+    assert!(
+        !dump.contains(&token) && !dump.contains(&token[4..]),
+        "a token is stored in clear"
+    );
+    let (_, listed) = env.get("/api/v1/tokens").await;
+    assert!(!listed.to_string().contains(&token[4..]));
+    let ci = listed["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "ci")
+        .unwrap()
+        .clone();
+    assert_eq!(ci["role"], "operator");
+    assert!(ci["last_used_at"].is_string(), "{ci}");
+    let out = cli(&["tokens", "list"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ci "), "{out:?}");
+
+    // Revoked: the very next call is refused.
+    let out = cli(&["tokens", "revoke", "ci"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(call(&env, "GET", "/api/v1/runs", Some(&token)).await.0, 401);
+    let out = cli(&["tokens", "revoke", "ci"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no live token named 'ci'"));
+
+    // Through the API (admin): created, used, revoked; an expired token is refused.
+    let (status, made) = env
+        .post("/api/v1/tokens", &json!({ "name": "deploy-bot", "role": "viewer" }))
+        .await;
+    assert_eq!(status, 201, "{made}");
+    let bot = made["token"].as_str().unwrap().to_string();
+    assert_eq!(call(&env, "GET", "/api/v1/runs", Some(&bot)).await.0, 200);
+    assert_eq!(
+        call(&env, "DELETE", "/api/v1/tokens/deploy-bot", Some(&env.token))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(call(&env, "GET", "/api/v1/runs", Some(&bot)).await.0, 401);
+    let (status, made) = env
+        .post(
+            "/api/v1/tokens",
+            &json!({ "name": "brief", "role": "viewer", "expires_in": "1s" }),
+        )
+        .await;
+    assert_eq!(status, 201, "{made}");
+    let brief = made["token"].as_str().unwrap().to_string();
+    let expired = tokio::time::Instant::now() + Duration::from_secs(1);
+    tokio::time::sleep_until(expired + Duration::from_millis(100)).await;
+    assert_eq!(call(&env, "GET", "/api/v1/runs", Some(&brief)).await.0, 401);
+    // Bad input says what is wrong.
+    let (status, body) = env
+        .post("/api/v1/tokens", &json!({ "name": "x", "role": "root" }))
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("role"), "{body}");
+}
+
+#[tokio::test]
+async fn who_did_what_to_which_run_is_in_the_audit_trail() {
+    let env = BinEnv::start().await;
+    let _worker = env.start_worker().await;
+    let alice = env.as_user("alice").await;
+    let bob = env.as_user("bob").await;
+    let (status, started) = env
+        .post_as(
+            &alice,
+            "/api/v1/runs",
+            &json!({ "workflow": "selftest.gate", "input": {} }),
+        )
+        .await;
+    assert_eq!(status, 201, "{started}");
+    let id = started["id"].as_str().unwrap().to_string();
+    env.wait_run(&id, LIMIT, |r| r["status"] == "waiting").await;
+
+    // Nobody approves as somebody else.
+    let (status, body) = env
+        .post_as(&bob, &format!("/api/v1/runs/{id}/approve"), &json!({ "by": "alice" }))
+        .await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("cannot decide as 'alice'"));
+
+    let (status, _) = env
+        .post_as(
+            &bob,
+            &format!("/api/v1/runs/{id}/cancel"),
+            &json!({ "reason": "not today" }),
+        )
+        .await;
+    assert_eq!(status, 202);
+    let run = env.wait_finished(&id, LIMIT).await;
+    assert_eq!(run["status"], "cancelled");
+    assert_eq!(run["started_by"], "api:alice");
+    let (_, events) = env.get(&format!("/api/v1/runs/{id}/events")).await;
+    let cancel = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "cancel_requested")
+        .cloned()
+        .unwrap_or(Value::Null);
+    assert_eq!(cancel["detail"]["by"], "bob", "{events:#}");
+
+    let (_, audit) = env.get(&format!("/api/v1/audit?target={id}")).await;
+    let entries: Vec<(String, String, String)> = audit["audit"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["actor"].as_str().unwrap().to_string(),
+                e["role"].as_str().unwrap().to_string(),
+                e["action"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        entries,
+        [
+            ("bob".to_string(), "operator".to_string(), "run.cancel".to_string()),
+            ("alice".to_string(), "operator".to_string(), "run.start".to_string()),
+        ]
+    );
+    let out = env.local_cli(&["audit", "--target", &id]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        text.contains("bob") && text.contains("run.cancel") && text.contains("not today"),
+        "{text}"
+    );
+}
