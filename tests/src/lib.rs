@@ -181,6 +181,7 @@ pub fn fast_worker(name: &str) -> WorkerConfig {
         concurrency: 16,
         lease_ttl: Duration::from_secs(2),
         sweep_interval: Duration::from_millis(300),
+        metrics_listen: None,
     }
 }
 

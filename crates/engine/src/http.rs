@@ -214,14 +214,7 @@ async fn ready(State(engine): State<Engine>) -> Result<Json<Value>, ApiError> {
 
 async fn metrics(State(engine): State<Engine>) -> Result<Response, ApiError> {
     let text = crate::metrics::render(&engine).await?;
-    Ok((
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        text,
-    )
-        .into_response())
+    Ok(([(axum::http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
 }
 
 async fn workflows(State(engine): State<Engine>) -> Json<Value> {
@@ -625,6 +618,7 @@ async fn webhook(
     })?;
     webhook::verify(forge, &headers, &bytes, secret).map_err(|e| {
         tracing::warn!(forge = forge.as_str(), error = %e, "Webhook delivery refused.");
+        crate::metrics::metrics().delivery(forge.as_str(), "refused");
         ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string())
     })?;
     let parsed = webhook::parse(forge, &headers, &bytes).map_err(|e| match e {
@@ -633,6 +627,7 @@ async fn webhook(
     })?;
     let payload: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
     let outcome = webhook::deliver(&engine, &hooks, forge, parsed, &payload).await?;
+    crate::metrics::metrics().delivery(forge.as_str(), &outcome.outcome);
     let status = match outcome.outcome.as_str() {
         "pong" | "duplicate" => StatusCode::OK,
         "failed" => StatusCode::UNPROCESSABLE_ENTITY,
@@ -694,6 +689,20 @@ async fn alertmanager(
         ));
     }
     let outcome = crate::alerts::handle(&engine, &alerts, notification).await?;
+    let m = crate::metrics::metrics();
+    let results = [
+        ("started", outcome.started.len()),
+        ("duplicate", outcome.duplicates),
+        ("held_back", outcome.held_back.len()),
+        ("resolved", outcome.resolved_signals),
+        ("no_route", outcome.no_route),
+        ("failed", outcome.errors.len()),
+    ];
+    for (result, n) in results {
+        for _ in 0..n {
+            m.delivery("alertmanager", result);
+        }
+    }
     Ok((
         StatusCode::OK,
         Json(serde_json::to_value(outcome).unwrap_or(Value::Null)),

@@ -11,7 +11,7 @@ pub mod auth;
 mod engine;
 mod error;
 pub mod http;
-mod metrics;
+pub mod metrics;
 mod model;
 mod queue;
 mod runtime;

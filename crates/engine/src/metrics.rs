@@ -1,16 +1,174 @@
-//! `/metrics` in the Prometheus text exposition format.
+//! `/metrics`, in the OpenMetrics text format (which Prometheus scrapes).
 //!
-//! What is served is read from PostgreSQL at scrape time, so every `serve` replica tells the
-//! same story and nothing is lost on restart.
+//! Two kinds of numbers:
+//! - **what this process did**, counted as it happens: runs started and finished, step
+//!   durations, retries, leases lost, runs recovered after a worker died, trigger deliveries,
+//!   schedule lag. `serve` serves its own on `/metrics`, each worker on `worker.metrics-listen`;
+//!   Prometheus sums them across processes.
+//! - **what PostgreSQL says**, read at scrape time by `serve` (so every replica tells the same
+//!   story and nothing is lost on restart): backup freshness, the queue's depth and lag.
 
 use std::fmt::Write;
+use std::sync::OnceLock;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
 
 use crate::engine::Engine;
 use crate::error::EngineError;
 
-/// The metrics, rendered.
-pub(crate) async fn render(engine: &Engine) -> Result<String, EngineError> {
+type Labels = Vec<(&'static str, String)>;
+
+/// The counters of this process.
+pub struct Metrics {
+    registry: Registry,
+    runs_started: Family<Labels, Counter>,
+    runs_finished: Family<Labels, Counter>,
+    step_seconds: Family<Labels, Histogram>,
+    step_retries: Family<Labels, Counter>,
+    leases_lost: Counter,
+    runs_recovered: Counter,
+    deliveries: Family<Labels, Counter>,
+    schedule_lag: Histogram,
+}
+
+fn step_histogram() -> Histogram {
+    // 5 ms to about 45 minutes.
+    Histogram::new(exponential_buckets(0.005, 4.0, 10))
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let mut registry = Registry::default();
+        let runs_started = Family::<Labels, Counter>::default();
+        registry.register(
+            "dayshift_runs_started",
+            "Runs started, by workflow and trigger (api, schedule, webhook, alert, parent)",
+            runs_started.clone(),
+        );
+        let runs_finished = Family::<Labels, Counter>::default();
+        registry.register(
+            "dayshift_runs_finished",
+            "Runs finished, by workflow and outcome (succeeded, failed, cancelled)",
+            runs_finished.clone(),
+        );
+        let step_seconds = Family::<Labels, Histogram>::new_with_constructor(step_histogram as fn() -> Histogram);
+        registry.register(
+            "dayshift_step_duration_seconds",
+            "How long step attempts ran, by workflow and step",
+            step_seconds.clone(),
+        );
+        let step_retries = Family::<Labels, Counter>::default();
+        registry.register(
+            "dayshift_step_retries",
+            "Step attempts that failed and will be retried, by workflow and step",
+            step_retries.clone(),
+        );
+        let leases_lost = Counter::default();
+        registry.register(
+            "dayshift_leases_lost",
+            "Runs this worker stopped advancing because its lease had expired (another worker took over)",
+            leases_lost.clone(),
+        );
+        let runs_recovered = Counter::default();
+        registry.register(
+            "dayshift_runs_recovered",
+            "Runs claimed after the worker holding them stopped renewing its lease",
+            runs_recovered.clone(),
+        );
+        let deliveries = Family::<Labels, Counter>::default();
+        registry.register(
+            "dayshift_trigger_deliveries",
+            "Trigger deliveries (webhook, alertmanager, schedule) by source and result",
+            deliveries.clone(),
+        );
+        let schedule_lag = Histogram::new(exponential_buckets(0.01, 4.0, 9));
+        registry.register(
+            "dayshift_schedule_lag_seconds",
+            "How late schedule ticks started their run, after the tick time",
+            schedule_lag.clone(),
+        );
+        Self {
+            registry,
+            runs_started,
+            runs_finished,
+            step_seconds,
+            step_retries,
+            leases_lost,
+            runs_recovered,
+            deliveries,
+            schedule_lag,
+        }
+    }
+
+    pub(crate) fn run_started(&self, workflow: &str, started_by: &str) {
+        let trigger = started_by.split(':').next().unwrap_or("api");
+        self.runs_started
+            .get_or_create(&vec![("workflow", workflow.into()), ("trigger", trigger.into())])
+            .inc();
+    }
+
+    pub(crate) fn run_finished(&self, workflow: &str, outcome: &str) {
+        self.runs_finished
+            .get_or_create(&vec![("workflow", workflow.into()), ("outcome", outcome.into())])
+            .inc();
+    }
+
+    pub(crate) fn step_attempt(&self, workflow: &str, step: &str, seconds: f64, retrying: bool) {
+        let labels = vec![("workflow", workflow.into()), ("step", step.into())];
+        self.step_seconds.get_or_create(&labels).observe(seconds);
+        if retrying {
+            self.step_retries.get_or_create(&labels).inc();
+        }
+    }
+
+    pub(crate) fn lease_lost(&self) {
+        self.leases_lost.inc();
+    }
+
+    pub(crate) fn run_recovered(&self) {
+        self.runs_recovered.inc();
+    }
+
+    pub(crate) fn delivery(&self, source: &str, result: &str) {
+        self.deliveries
+            .get_or_create(&vec![("source", source.into()), ("result", result.into())])
+            .inc();
+    }
+
+    pub(crate) fn schedule_lag(&self, seconds: f64) {
+        self.schedule_lag.observe(seconds.max(0.0));
+    }
+}
+
+/// This process's metrics.
+pub fn metrics() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(Metrics::new)
+}
+
+/// The content type of what [`render`] and [`render_process`] return.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// This process's counters (a worker's `/metrics`).
+pub fn render_process() -> String {
+    let mut out = encode();
+    out.push_str("# EOF\n");
+    out
+}
+
+fn encode() -> String {
     let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, &metrics().registry).expect("writing to a String");
+    // Gauges from PostgreSQL follow; the end marker goes after them.
+    out.strip_suffix("# EOF\n").map(str::to_string).unwrap_or(out)
+}
+
+/// `serve`'s `/metrics`: its counters, then what PostgreSQL says.
+pub(crate) async fn render(engine: &Engine) -> Result<String, EngineError> {
+    let mut out = encode();
     out.push_str(
         "# HELP dayshift_workflow_last_success_timestamp_seconds When the last successful run for this source finished (Unix time).\n\
          # TYPE dayshift_workflow_last_success_timestamp_seconds gauge\n",
@@ -26,6 +184,17 @@ pub(crate) async fn render(engine: &Engine) -> Result<String, EngineError> {
             );
         }
     }
+    let (depth, lag) = engine.inner.store.queue_depth().await?;
+    let _ = write!(
+        out,
+        "# HELP dayshift_queue_depth Runs due now that no worker holds.\n\
+         # TYPE dayshift_queue_depth gauge\n\
+         dayshift_queue_depth {depth}\n\
+         # HELP dayshift_queue_lag_seconds How long the longest-waiting due run has waited for a worker.\n\
+         # TYPE dayshift_queue_lag_seconds gauge\n\
+         dayshift_queue_lag_seconds {lag}\n"
+    );
+    out.push_str("# EOF\n");
     Ok(out)
 }
 

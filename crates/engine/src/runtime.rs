@@ -105,6 +105,7 @@ struct State {
 
 pub(crate) struct CtxInner {
     engine: Arc<EngineInner>,
+    workflow: String,
     lease: Lease,
     cancel: CancellationToken,
     shutdown: CancellationToken,
@@ -529,6 +530,10 @@ impl Ctx {
         };
         let attempts = attempt as i32;
         let ran_for = Some(began.elapsed());
+        if !matches!(result, Err(StepError::Cancelled)) {
+            let retrying = matches!(&result, Err(e) if e.is_retryable() && attempt < policy.max_attempts);
+            crate::metrics::metrics().step_attempt(&self.inner.workflow, name, began.elapsed().as_secs_f64(), retrying);
+        }
         match result {
             Ok(value) => {
                 let event = if kind == StepKind::Undo {
@@ -918,6 +923,7 @@ pub(crate) async fn advance(engine: &Arc<EngineInner>, run_id: RunId, opts: &Pas
     }
     let inner = Arc::new(CtxInner {
         engine: engine.clone(),
+        workflow: claimed.workflow.clone(),
         lease: lease.clone(),
         cancel,
         shutdown: opts.shutdown.clone(),
@@ -1005,10 +1011,14 @@ async fn conclude(
         .await;
     match due {
         Ok(due) => {
+            crate::metrics::metrics().run_finished(&claimed.workflow, outcome.status.as_str());
             engine.enqueue_now(&due).await;
             Ok(())
         }
-        Err(StoreError::LeaseLost(_)) => Ok(()),
+        Err(StoreError::LeaseLost(_)) => {
+            crate::metrics::metrics().lease_lost();
+            Ok(())
+        }
         Err(e) => Err(e),
     }
 }
@@ -1033,6 +1043,7 @@ async fn settle(engine: &Arc<EngineInner>, lease: &Lease, halt: Halt) -> Result<
         }
         Halt::LeaseLost => {
             tracing::warn!(run_id = %run_id, "Lease lost; another worker has the run.");
+            crate::metrics::metrics().lease_lost();
             return Ok(());
         }
         Halt::Cancelled | Halt::NonDeterminism(_) => unreachable!("handled by conclude"),

@@ -387,11 +387,17 @@ impl Scheduler {
                 };
                 if started.created {
                     tracing::info!(schedule = %schedule.name, %tick, run_id = %started.id, outcome, "Schedule fired.");
+                    let m = crate::metrics::metrics();
+                    m.delivery("schedule", outcome);
+                    if !manual {
+                        m.schedule_lag((Utc::now() - tick).num_milliseconds() as f64 / 1000.0);
+                    }
                 }
                 record_tick(pool, &schedule.name, tick, outcome, Some(started.id), detail).await?;
                 Ok(started.id)
             }
             Err(e @ (EngineError::UnknownWorkflow(_) | EngineError::InvalidInput { .. })) => {
+                crate::metrics::metrics().delivery("schedule", "failed");
                 record_tick(pool, &schedule.name, tick, "failed", None, Some(&e.to_string())).await?;
                 tracing::error!(schedule = %schedule.name, %tick, error = %e, "Schedule could not start its run.");
                 Err(e)

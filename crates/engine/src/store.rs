@@ -251,6 +251,7 @@ impl PgStore {
                 created: true,
                 note: None,
             };
+            crate::metrics::metrics().run_started(&req.workflow, &started_by);
             return Ok((started, vec![id]));
         }
         let mut tx = self.pool.begin().await?;
@@ -380,6 +381,7 @@ impl PgStore {
             note = None;
         }
         tx.commit().await?;
+        crate::metrics::metrics().run_started(&req.workflow, &started_by);
         Ok((
             Started {
                 id,
@@ -403,14 +405,18 @@ impl PgStore {
         owner: &str,
         ttl: Duration,
     ) -> StoreResult<Result<(Lease, ClaimedRun), ClaimMiss>> {
+        // `before` is the row as it was: a lease owner still set means the worker holding the
+        // run stopped renewing (a clean pass clears it).
         let row = sqlx::query(AssertSqlSafe(format!(
-            "update runs set lease_owner = $2, lease_epoch = lease_epoch + 1, \
+            "update runs r set lease_owner = $2, lease_epoch = r.lease_epoch + 1, \
                lease_expires_at = now() + make_interval(secs => $3), wakeup_pending = false, \
-               status = 'running', started_at = coalesce(started_at, now()), updated_at = now() \
-             where id = $1 and status in {ACTIVE} and admitted and wake_at <= now() \
-               and (lease_expires_at is null or lease_expires_at < now()) \
-             returning lease_epoch, workflow, input, cancel_requested, cancel_reason, parent_run_id is not null as has_parent, \
-               concurrency_key is not null as has_key, started_at = now() as first_claim, now() as now"
+               status = 'running', started_at = coalesce(r.started_at, now()), updated_at = now() \
+             from (select id, lease_owner from runs where id = $1 for update) before \
+             where r.id = $1 and before.id = r.id and r.status in {ACTIVE} and r.admitted and r.wake_at <= now() \
+               and (r.lease_expires_at is null or r.lease_expires_at < now()) \
+             returning r.lease_epoch, r.workflow, r.input, r.cancel_requested, r.cancel_reason, \
+               r.parent_run_id is not null as has_parent, r.concurrency_key is not null as has_key, \
+               r.started_at = now() as first_claim, now() as now, before.lease_owner is not null as recovered"
         )))
         .bind(run_id.0)
         .bind(owner)
@@ -424,6 +430,9 @@ impl PgStore {
                 epoch: row.get("lease_epoch"),
                 ttl,
             };
+            if row.get::<bool, _>("recovered") {
+                crate::metrics::metrics().run_recovered();
+            }
             return Ok(Ok((
                 lease,
                 ClaimedRun {
@@ -452,6 +461,19 @@ impl PgStore {
             },
             None => ClaimMiss::NotRunnable,
         }))
+    }
+
+    /// Runs due now that no worker holds, and how long the oldest of them has waited (seconds).
+    pub(crate) async fn queue_depth(&self) -> StoreResult<(i64, f64)> {
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "select count(*) as depth, \
+               coalesce(extract(epoch from now() - min(wake_at)), 0)::float8 as lag \
+             from runs where status in {ACTIVE} and admitted and wake_at <= now() \
+               and (lease_expires_at is null or lease_expires_at < now())"
+        )))
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((row.get("depth"), row.get("lag")))
     }
 
     /// Extends the lease. Returns whether cancellation was requested meanwhile.

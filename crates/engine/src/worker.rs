@@ -35,6 +35,10 @@ pub struct WorkerConfig {
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String")]
     pub sweep_interval: Duration,
+    /// Where `dayshift worker` serves its own `/metrics` (step durations, retries, runs
+    /// finished, leases lost), e.g. `0.0.0.0:9464` in a pod. Default: not served.
+    #[schemars(with = "Option<String>")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl Default for WorkerConfig {
@@ -44,6 +48,7 @@ impl Default for WorkerConfig {
             concurrency: 16,
             lease_ttl: Duration::from_secs(30),
             sweep_interval: Duration::from_secs(5),
+            metrics_listen: None,
         }
     }
 }

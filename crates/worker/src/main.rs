@@ -469,6 +469,27 @@ async fn worker(config: Config) -> Result<()> {
     let worker = Worker::new(engine, config.worker.clone());
     let name = worker.name().to_string();
     let run = tokio::spawn(worker.run(token.clone()));
+    if let Some(addr) = config.worker.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} (worker.metrics-listen)"))?;
+        let app = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(|| async {
+                (
+                    [(axum::http::header::CONTENT_TYPE, dayshift_engine::metrics::CONTENT_TYPE)],
+                    dayshift_engine::metrics::render_process(),
+                )
+            }),
+        );
+        println!("worker metrics on {}", listener.local_addr()?);
+        let stop = token.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+        });
+    }
     println!("worker {name} started");
     shutdown_signal().await;
     token.cancel();
