@@ -192,3 +192,113 @@ async fn prometheus_scrapes_serve_and_a_worker_and_the_counters_move_as_runs_run
     assert_eq!(depth.len(), 1, "{depth:?}");
     assert_eq!(depth[0].1, 0.0);
 }
+
+#[tokio::test]
+async fn one_trace_per_run_joins_the_spans_of_two_workers_and_links_its_trigger() {
+    let receiver = dayshift_tests::OtlpReceiver::start().await;
+    let mut env = BinEnv::start_with(&format!(
+        "telemetry:\n  otlp-endpoint: {}\nlog:\n  format: json\n\
+         schedules:\n  - name: nightly\n    cron: \"0 3 * * *\"\n    workflow: selftest.chain\n    input: {{ steps: 1 }}\n",
+        receiver.url
+    ))
+    .await;
+    // A run handed from one worker to another: the first stops (SIGTERM) at a step boundary.
+    let mut first = env.start_worker().await;
+    let id = env
+        .start_run(
+            "selftest.chain",
+            json!({ "steps": 4, "sleep_ms": 400, "fail_first": 1 }),
+        )
+        .await;
+    env.wait_run(&id, LIMIT, |r| {
+        r["steps"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|s| s["status"] == "succeeded"))
+    })
+    .await;
+    first.terminate(LIMIT).await;
+    let mut second = env.start_worker().await;
+    assert_eq!(env.wait_finished(&id, LIMIT).await["status"], "succeeded");
+    // A schedule tick started by hand: the run it starts links to the tick's span.
+    let (status, body) = env.post("/api/v1/schedules/nightly/trigger", &json!({})).await;
+    assert_eq!(status, 201, "{body}");
+    let scheduled = body["run_id"].as_str().unwrap().to_string();
+    env.wait_finished(&scheduled, LIMIT).await;
+    second.terminate(LIMIT).await;
+    env.server.as_mut().unwrap().terminate(LIMIT).await;
+
+    let spans = receiver.spans();
+    let passes: Vec<_> = spans
+        .iter()
+        .filter(|s| s.name == "pass selftest.chain" && s.attributes.get("run_id") == Some(&id))
+        .collect();
+    assert!(
+        passes.len() >= 2,
+        "{passes:#?}\nall spans: {:?}\nworker log:\n{}",
+        spans.iter().map(|s| &s.name).collect::<Vec<_>>(),
+        first.logs()
+    );
+    let trace = passes[0].trace_id.clone();
+    assert!(passes.iter().all(|p| p.trace_id == trace), "one trace: {passes:#?}");
+    let workers: std::collections::BTreeSet<&String> =
+        passes.iter().map(|p| &p.resource["service.instance.id"]).collect();
+    assert_eq!(workers.len(), 2, "passes by two worker processes: {passes:#?}");
+    // The root, from serve, started the trace; every pass is its child.
+    let root = spans
+        .iter()
+        .find(|s| s.trace_id == trace && s.parent_span_id.is_empty())
+        .expect("the run's root span");
+    assert_eq!(root.name, "run selftest.chain");
+    assert_eq!(root.resource["dayshift.role"], "serve");
+    assert!(passes.iter().all(|p| p.parent_span_id == root.span_id), "{passes:#?}");
+    // A span per step attempt (4 steps, each failing once), each inside a pass.
+    let pass_ids: Vec<&String> = passes.iter().map(|p| &p.span_id).collect();
+    let attempts: Vec<_> = spans
+        .iter()
+        .filter(|s| s.trace_id == trace && s.attributes.contains_key("step"))
+        .collect();
+    assert_eq!(attempts.len(), 8, "{attempts:#?}");
+    assert!(attempts.iter().all(|a| pass_ids.contains(&&a.parent_span_id)));
+    for n in 1..=4 {
+        let step = format!("step-{n}");
+        let tries: Vec<&String> = attempts
+            .iter()
+            .filter(|a| a.name == step)
+            .map(|a| &a.attributes["attempt"])
+            .collect();
+        assert_eq!(tries.len(), 2, "{step}: {tries:?}");
+    }
+
+    // The scheduled run: a trace of its own, linked to the tick that started it.
+    let tick = spans
+        .iter()
+        .find(|s| s.name == "schedule nightly")
+        .expect("the tick's span");
+    let scheduled_pass = spans
+        .iter()
+        .find(|s| s.attributes.get("run_id") == Some(&scheduled))
+        .expect("the scheduled run's pass");
+    let scheduled_root = spans
+        .iter()
+        .find(|s| s.trace_id == scheduled_pass.trace_id && s.parent_span_id.is_empty())
+        .expect("the scheduled run's root");
+    assert_ne!(scheduled_root.trace_id, tick.trace_id);
+    assert_eq!(scheduled_root.links, [(tick.trace_id.clone(), tick.span_id.clone())]);
+
+    // Every log line about a step carries the run, the workflow, the step and the attempt.
+    let logs = second.logs() + &first.logs();
+    let lines: Vec<Value> = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| l["fields"]["message"] == "Step attempt failed; retrying.")
+        .collect();
+    assert!(!lines.is_empty(), "{logs}");
+    for l in &lines {
+        assert_eq!(l["span"]["run_id"], id.as_str(), "{l}");
+        assert_eq!(l["span"]["workflow"], "selftest.chain", "{l}");
+        assert!(
+            l["fields"]["step"].is_string() && l["fields"]["attempt"].is_number(),
+            "{l}"
+        );
+    }
+}

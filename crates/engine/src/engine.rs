@@ -193,7 +193,7 @@ impl Engine {
     }
 
     /// Starts a run (or returns the earlier one with the same idempotency key).
-    pub async fn start(&self, req: StartRun) -> Result<Started, EngineError> {
+    pub async fn start(&self, mut req: StartRun) -> Result<Started, EngineError> {
         let def = self
             .inner
             .registry
@@ -216,6 +216,9 @@ impl Engine {
             return Err(EngineError::BadRequest(
                 "concurrency.key must not be empty and concurrency.limit must be at least 1".into(),
             ));
+        }
+        if req.trace_context.is_none() {
+            req.trace_context = crate::telemetry::begin_run(&req.workflow);
         }
         let (started, due) = self
             .inner

@@ -626,7 +626,11 @@ async fn webhook(
         HookError::BadRequest(m) => ApiError::new(StatusCode::BAD_REQUEST, "bad_request", m),
     })?;
     let payload: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-    let outcome = webhook::deliver(&engine, &hooks, forge, parsed, &payload).await?;
+    // The delivery's span: the runs it starts link to it.
+    let span =
+        tracing::info_span!("webhook", otel.name = %format!("webhook {}", forge.as_str()), forge = forge.as_str());
+    let outcome =
+        tracing::Instrument::instrument(webhook::deliver(&engine, &hooks, forge, parsed, &payload), span).await?;
     crate::metrics::metrics().delivery(forge.as_str(), &outcome.outcome);
     let status = match outcome.outcome.as_str() {
         "pong" | "duplicate" => StatusCode::OK,
@@ -688,7 +692,12 @@ async fn alertmanager(
             ),
         ));
     }
-    let outcome = crate::alerts::handle(&engine, &alerts, notification).await?;
+    let span = tracing::info_span!(
+        "alertmanager",
+        otel.name = "alertmanager notification",
+        receiver = notification.receiver.as_deref().unwrap_or("")
+    );
+    let outcome = tracing::Instrument::instrument(crate::alerts::handle(&engine, &alerts, notification), span).await?;
     let m = crate::metrics::metrics();
     let results = [
         ("started", outcome.started.len()),

@@ -17,6 +17,7 @@ mod queue;
 mod runtime;
 mod schedule;
 mod store;
+mod telemetry;
 pub mod template;
 pub mod webhook;
 mod worker;

@@ -190,6 +190,9 @@ pub struct StartRun {
     /// Who or what starts it (`api`, `cli`, `cron:<schedule>`, ...). Set by the caller's front door.
     #[serde(default, skip_deserializing)]
     pub started_by: Option<String>,
+    /// The run's trace (W3C traceparent); set by the engine when tracing is on.
+    #[serde(skip)]
+    pub trace_context: Option<String>,
 }
 
 impl StartRun {
@@ -201,6 +204,7 @@ impl StartRun {
             idempotency_key: None,
             concurrency: None,
             started_by: None,
+            trace_context: None,
         }
     }
 

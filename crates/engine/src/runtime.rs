@@ -281,6 +281,7 @@ impl Ctx {
                     .map_err(|e| StepError::Permanent(format!("invalid child input: {e}")))?;
                 let mut req = StartRun::new(workflow, input);
                 req.started_by = Some(format!("parent:{}", self.run_id()));
+                req.trace_context = crate::telemetry::begin_run(workflow);
                 let child = match self
                     .inner
                     .engine
@@ -489,6 +490,11 @@ impl Ctx {
             Some(e) => Box::pin(async move { Err(e) }),
             None => f(sctx),
         };
+        // One span per attempt, within the pass's span: its logs carry step and attempt.
+        let work = tracing::Instrument::instrument(
+            work,
+            tracing::info_span!("step", otel.name = %name, step = %name, attempt, kind = %kind.as_str()),
+        );
         // A panicking step is a bug, not a flaky dependency: it fails the step for good and
         // leaves the worker running.
         let work = std::panic::AssertUnwindSafe(work).catch_unwind();
@@ -903,6 +909,24 @@ pub(crate) async fn advance(engine: &Arc<EngineInner>, run_id: RunId, opts: &Pas
         engine.enqueue_at(run_id, retry_at).await;
         return Ok(());
     };
+    let span = crate::telemetry::pass_span(
+        &run_id.to_string(),
+        &claimed.workflow,
+        &opts.owner,
+        claimed.trace_context.as_deref(),
+    );
+    tracing::Instrument::instrument(pass(engine, run_id, opts, lease, claimed, def), span).await
+}
+
+/// One pass over a claimed run: replays its journal and runs it on until it ends or halts.
+async fn pass(
+    engine: &Arc<EngineInner>,
+    run_id: RunId,
+    opts: &PassOptions,
+    lease: Lease,
+    claimed: crate::store::ClaimedRun,
+    def: crate::workflow::WorkflowDef,
+) -> Result<(), StoreError> {
     // A run claimed for the first time has no journal yet.
     let journal = if claimed.first_claim {
         Vec::new()

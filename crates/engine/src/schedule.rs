@@ -379,7 +379,10 @@ impl Scheduler {
                 return Err(EngineError::BadRequest(e));
             }
         };
-        match self.engine.start(schedule.start_request(tick, input, manual)).await {
+        let span = tracing::info_span!("schedule", otel.name = %format!("schedule {}", schedule.name), schedule = %schedule.name, %tick);
+        let started =
+            tracing::Instrument::instrument(self.engine.start(schedule.start_request(tick, input, manual)), span).await;
+        match started {
             Ok(started) => {
                 let (outcome, detail) = match &started.note {
                     Some(note) if note.starts_with("skipped") => ("skipped", Some(note.as_str())),

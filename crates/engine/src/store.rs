@@ -61,6 +61,8 @@ pub(crate) struct ClaimedRun {
     /// No worker claimed it before, so its journal is empty.
     pub(crate) first_claim: bool,
     pub(crate) now: DateTime<Utc>,
+    /// The run's trace (W3C traceparent), if traced.
+    pub(crate) trace_context: Option<String>,
 }
 
 /// Why a claim did not succeed.
@@ -231,8 +233,8 @@ impl PgStore {
             // The common case in one statement.
             sqlx::query(
                 "with r as ( \
-                   insert into runs (id, workflow, workflow_version, input, started_by, parent_run_id, parent_seq, wake_at) \
-                   values ($1, $2, $3, $4, $5, $6, $7, now()) returning id) \
+                   insert into runs (id, workflow, workflow_version, input, started_by, parent_run_id, parent_seq, wake_at, trace_context) \
+                   values ($1, $2, $3, $4, $5, $6, $7, now(), $9) returning id) \
                  insert into run_events (run_id, kind, detail) select id, 'run_created', $8 from r",
             )
             .bind(id.0)
@@ -243,6 +245,7 @@ impl PgStore {
             .bind(parent.map(|p| p.0.0))
             .bind(parent.map(|p| p.1))
             .bind(json!({ "started_by": started_by, "workflow": req.workflow }))
+            .bind(&req.trace_context)
             .execute(&self.pool)
             .await?;
             let started = Started {
@@ -345,9 +348,9 @@ impl PgStore {
         };
         sqlx::query(
             "insert into runs (id, workflow, workflow_version, input, status, started_by, idempotency_key, \
-             concurrency_key, concurrency_limit, admitted, parent_run_id, parent_seq, wake_at, error, finished_at) \
+             concurrency_key, concurrency_limit, admitted, parent_run_id, parent_seq, wake_at, error, finished_at, trace_context) \
              values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, \
-                     case when $10 and $5 = 'pending' then now() end, $13, case when $14 then now() end)",
+                     case when $10 and $5 = 'pending' then now() end, $13, case when $14 then now() end, $15)",
         )
         .bind(id.0)
         .bind(&req.workflow)
@@ -363,6 +366,7 @@ impl PgStore {
         .bind(parent.map(|p| p.1))
         .bind(error)
         .bind(finished)
+        .bind(&req.trace_context)
         .execute(&mut *tx)
         .await?;
         insert_event(
@@ -416,7 +420,8 @@ impl PgStore {
                and (r.lease_expires_at is null or r.lease_expires_at < now()) \
              returning r.lease_epoch, r.workflow, r.input, r.cancel_requested, r.cancel_reason, \
                r.parent_run_id is not null as has_parent, r.concurrency_key is not null as has_key, \
-               r.started_at = now() as first_claim, now() as now, before.lease_owner is not null as recovered"
+               r.started_at = now() as first_claim, now() as now, before.lease_owner is not null as recovered, \
+               r.trace_context"
         )))
         .bind(run_id.0)
         .bind(owner)
@@ -444,6 +449,7 @@ impl PgStore {
                     has_concurrency_key: row.get("has_key"),
                     first_claim: row.get("first_claim"),
                     now: row.get("now"),
+                    trace_context: row.get("trace_context"),
                 },
             )));
         }

@@ -52,6 +52,8 @@ pub(crate) struct Config {
     pub queue: QueueConfig,
     /// Logging.
     pub log: LogConfig,
+    /// Traces to an OpenTelemetry collector (OTLP).
+    pub telemetry: TelemetryConfig,
     /// How long runs in flight may take to reach a step boundary after SIGTERM. Default 30s.
     pub shutdown_grace_period: GracePeriod,
     /// Cron schedules; `serve` fires them (one run per tick, however many replicas).
@@ -643,6 +645,31 @@ impl Default for ServerConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             public_metrics: true,
+        }
+    }
+}
+
+/// Trace export settings.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub(crate) struct TelemetryConfig {
+    /// An OpenTelemetry collector's OTLP/HTTP endpoint, e.g. `http://otel-collector:4318`;
+    /// traces are sent to `<endpoint>/v1/traces`. Default: `OTEL_EXPORTER_OTLP_ENDPOINT` if
+    /// set, else no traces. A collector that is down never slows or fails work: spans are
+    /// dropped.
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of the spans. Default `dayshift`.
+    pub service_name: String,
+    /// The fraction of runs traced, 0 to 1. Default 1.
+    pub sample_ratio: f64,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            service_name: "dayshift".into(),
+            sample_ratio: 1.0,
         }
     }
 }

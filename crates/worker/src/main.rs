@@ -3,6 +3,7 @@
 mod bench;
 mod client;
 mod config;
+mod telemetry;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -11,9 +12,8 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use dayshift_engine::{Engine, PgStore, RedisQueue, Worker};
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
 
-use crate::config::{Config, LogFormat};
+use crate::config::Config;
 
 /// dayshift: durable Day-2 workflows for Kubernetes platforms.
 #[derive(Parser, Debug)]
@@ -159,33 +159,19 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    let code = match runtime.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
         }
-    }
+    };
+    telemetry::shutdown();
+    code
 }
 
 fn env_map() -> HashMap<String, String> {
     std::env::vars().collect()
-}
-
-fn init_logs(config: &Config) {
-    use std::io::IsTerminal;
-    let filter = std::env::var("DAYSHIFT_LOG").unwrap_or_else(|_| config.log.level.clone());
-    // PostgreSQL's notices ("relation already exists, skipping") are not news.
-    let filter = format!("{filter},sqlx::postgres::notice=warn");
-    let filter = EnvFilter::try_new(&filter).unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    let _ = match config.log.format {
-        LogFormat::Json => builder.json().try_init(),
-        LogFormat::Text => builder.try_init(),
-    };
 }
 
 /// The engine with every built-in workflow, connected to PostgreSQL and Redis; with the
@@ -273,7 +259,7 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
         }
         Command::Migrate => {
             let c = config()?;
-            init_logs(&c);
+            telemetry::init(&c, None);
             let store = PgStore::connect(c.database.url.expose(), 2)
                 .await
                 .context("cannot connect to PostgreSQL (database.url)")?;
@@ -285,7 +271,7 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             if let Some(l) = listen {
                 c.server.listen = l;
             }
-            init_logs(&c);
+            telemetry::init(&c, Some("serve"));
             c.check_with(&config_path(cli.config.as_deref(), &env), &offline_registry()?)?;
             serve(c).await?;
         }
@@ -295,7 +281,7 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
                 anyhow::ensure!(n > 0, "--concurrency must be at least 1");
                 c.worker.concurrency = n;
             }
-            init_logs(&c);
+            telemetry::init(&c, Some("worker"));
             worker(c).await?;
         }
         Command::Tokens { command } => {
@@ -357,7 +343,7 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             let mut c = config()?;
             // The bench's own report is the output; per-run logs would only slow it down.
             c.log.level = "warn".into();
-            init_logs(&c);
+            telemetry::init(&c, None);
             bench::run(&c, args).await?;
         }
     }
