@@ -1,13 +1,16 @@
-//! The Prometheus rules shipped in deploy/prometheus, run through Prometheus' own rule tester.
+//! The Prometheus rules shipped in deploy/prometheus (backups' freshness, dayshift itself), run
+//! through Prometheus' own rule checker and unit tester.
 
 use std::path::PathBuf;
 
 #[test]
-fn the_shipped_backup_alerts_fire_when_backups_stop_and_only_then() {
+fn the_shipped_alerts_fire_when_backups_stop_or_dayshift_fails_and_only_then() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/prometheus");
     for args in [
         ["check", "rules", "dayshift-backups.rules.yml"],
         ["test", "rules", "dayshift-backups.rules.test.yml"],
+        ["check", "rules", "dayshift.rules.yml"],
+        ["test", "rules", "dayshift.rules.test.yml"],
     ] {
         let out = std::process::Command::new("promtool")
             .args(args)

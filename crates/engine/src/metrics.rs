@@ -184,6 +184,28 @@ pub(crate) async fn render(engine: &Engine) -> Result<String, EngineError> {
             );
         }
     }
+    // A schedule is overdue when the first tick after its last one is past and not fired.
+    out.push_str(
+        "# HELP dayshift_schedule_overdue_seconds How long a schedule's next tick is overdue (0: on time or paused).\n\
+         # TYPE dayshift_schedule_overdue_seconds gauge\n",
+    );
+    let now = chrono::Utc::now();
+    for view in crate::schedule::Scheduler::new(engine.clone()).list().await? {
+        let schedule = engine.inner.schedules.iter().find(|s| s.name == view.name);
+        let overdue = match (view.paused, view.last_tick, schedule) {
+            (false, Some(last), Some(s)) => s
+                .next_ticks(last, 1)
+                .first()
+                .map(|next| (now - *next).num_milliseconds().max(0) as f64 / 1000.0)
+                .unwrap_or(0.0),
+            _ => 0.0,
+        };
+        let _ = writeln!(
+            out,
+            "dayshift_schedule_overdue_seconds{{schedule=\"{}\"}} {overdue}",
+            escape(&view.name)
+        );
+    }
     let (depth, lag) = engine.inner.store.queue_depth().await?;
     let _ = write!(
         out,
