@@ -231,3 +231,97 @@ async fn who_did_what_to_which_run_is_in_the_audit_trail() {
         "{text}"
     );
 }
+
+/// A JWT as the platform's identity provider would issue it.
+fn jwt(key: &str, claims: &Value) -> String {
+    let pem = std::fs::read(
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures/oidc")
+            .join(key),
+    )
+    .unwrap();
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+    header.kid = Some("platform-sso-1".into());
+    jsonwebtoken::encode(&header, claims, &jsonwebtoken::EncodingKey::from_rsa_pem(&pem).unwrap()).unwrap()
+}
+
+#[tokio::test]
+async fn tokens_of_the_platforms_identity_provider_carry_the_role_their_groups_grant() {
+    // The provider's signing keys, served as Keycloak serves them.
+    let jwks =
+        std::fs::read_to_string(std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/oidc/jwks.json"))
+            .unwrap();
+    let app = axum::Router::new().route(
+        "/realms/platform/protocol/openid-connect/certs",
+        axum::routing::get(move || {
+            let jwks = jwks.clone();
+            async move { ([("content-type", "application/json")], jwks) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sso = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let issuer = format!("{sso}/realms/platform");
+    let mut env = BinEnv::start().await;
+    let config = std::fs::read_to_string(&env.config_path).unwrap().replace(
+        "server:\n",
+        &format!(
+            "server:\n  oidc:\n    issuer: {issuer}\n    audience: dayshift\n    \
+             jwks-url: {issuer}/protocol/openid-connect/certs\n    roles-claim: realm_access.roles\n    \
+             roles: {{ operator: [platform-oncall], viewer: [platform] }}\n"
+        ),
+    );
+    std::fs::write(&env.config_path, config).unwrap();
+    env.server.as_mut().unwrap().kill9().await;
+    env.start_server().await;
+    let now = chrono::Utc::now().timestamp();
+    let claims = |user: &str, roles: &[&str]| {
+        json!({
+            "iss": issuer, "aud": "dayshift", "sub": format!("uuid-{user}"), "preferred_username": user,
+            "iat": now, "exp": now + 300, "realm_access": { "roles": roles },
+        })
+    };
+    let alice = jwt("signing-key.pem", &claims("alice", &["platform", "platform-oncall"]));
+    let bob = jwt("signing-key.pem", &claims("bob", &["platform"]));
+    let start = json!({ "workflow": "selftest.gate", "input": {} });
+
+    // Alice is on call: an operator, named as herself.
+    let (status, started) = env.post_as(&alice, "/api/v1/runs", &start).await;
+    assert_eq!(status, 201, "{started}");
+    let (_, run) = env
+        .get(&format!("/api/v1/runs/{}", started["id"].as_str().unwrap()))
+        .await;
+    assert_eq!(run["started_by"], "api:alice");
+    // Bob may look, not act.
+    assert_eq!(env.get_as(&bob, "/api/v1/runs").await.0, 200);
+    let (status, body) = env.post_as(&bob, "/api/v1/runs", &start).await;
+    assert_eq!(status, 403, "{body}");
+
+    // Refused, each saying why: no role, expired, for another audience, signed by someone else.
+    let carol = jwt("signing-key.pem", &claims("carol", &["finance"]));
+    let (status, body) = env.get_as(&carol, "/api/v1/runs").await;
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("'carol' has no dayshift role"),
+        "{body}"
+    );
+    let mut expired = claims("alice", &["platform"]);
+    expired["exp"] = json!(now - 3600);
+    let mut elsewhere = claims("alice", &["platform"]);
+    elsewhere["aud"] = json!("grafana");
+    for (token, why) in [
+        (jwt("signing-key.pem", &expired), "ExpiredSignature"),
+        (jwt("signing-key.pem", &elsewhere), "InvalidAudience"),
+        (
+            jwt("other-key.pem", &claims("mallory", &["platform-oncall"])),
+            "InvalidSignature",
+        ),
+    ] {
+        let (status, body) = env.get_as(&token, "/api/v1/runs").await;
+        assert_eq!(status, 401, "{why}: {body}");
+        assert!(body["error"].as_str().unwrap().contains(why), "{why}: {body}");
+    }
+    // dayshift's own tokens still work beside them.
+    assert_eq!(env.get("/api/v1/runs").await.0, 200);
+    server.abort();
+}

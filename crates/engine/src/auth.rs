@@ -8,6 +8,9 @@
 //!
 //! `/healthz`, `/readyz`, `/metrics` (unless configured otherwise) and the webhook endpoints
 //! (`/hooks/…`, which check their own signatures) need no token.
+//!
+//! Besides dayshift's own tokens, JWTs of the platform's OpenID Connect provider can be
+//! accepted ([`Oidc`]): the caller is named by a claim and gets the role its groups map to.
 
 use std::fmt;
 use std::str::FromStr;
@@ -22,7 +25,7 @@ use sqlx::{PgPool, Row};
 use crate::error::StoreError;
 
 /// What a caller may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Viewer,
@@ -64,11 +67,16 @@ pub struct Caller {
 pub struct AuthConfig {
     /// Serve `/metrics` without a token (the default: Prometheus scrapes it).
     pub public_metrics: bool,
+    /// Also accept JWTs of this OpenID Connect provider.
+    pub oidc: Option<std::sync::Arc<Oidc>>,
 }
 
 impl Default for AuthConfig {
     fn default() -> Self {
-        Self { public_metrics: true }
+        Self {
+            public_metrics: true,
+            oidc: None,
+        }
     }
 }
 
@@ -288,4 +296,165 @@ pub fn required_role(method: &axum::http::Method, path: &str, config: &AuthConfi
     }
     // Anything else that changes something: the strictest role.
     Some(Role::Admin)
+}
+
+/// OpenID Connect: JWTs issued by the platform's identity provider (Keycloak, Authentik, ...),
+/// accepted beside dayshift's own tokens.
+#[derive(Debug, Clone)]
+pub struct OidcConfig {
+    /// The `iss` the tokens must carry, e.g. `https://sso.example.com/realms/platform`.
+    pub issuer: String,
+    /// The `aud` the tokens must carry (the client id dayshift is registered as).
+    pub audience: String,
+    /// Where the provider publishes its signing keys (JWKS).
+    pub jwks_url: String,
+    /// The claim naming the caller (recorded as who did what). Default `preferred_username`.
+    pub username_claim: String,
+    /// The claim listing the caller's groups or roles; a dotted path for nested claims
+    /// (`realm_access.roles` in Keycloak). Default `groups`.
+    pub roles_claim: String,
+    /// Which claim values grant which role; the caller gets the strongest role granted.
+    pub roles: Vec<(Role, Vec<String>)>,
+}
+
+/// Why an OIDC token was refused.
+#[derive(Debug)]
+pub enum OidcRefusal {
+    /// Not a valid token of the configured provider (401).
+    Invalid(String),
+    /// A valid token whose claims grant no role (403).
+    NoRole(String),
+}
+
+/// Verifies OIDC tokens against the provider's keys, fetched from its JWKS URL and cached;
+/// an unknown key id refreshes them (at most every 30 s), so key rotation needs no restart.
+pub struct Oidc {
+    config: OidcConfig,
+    http: reqwest::Client,
+    keys: tokio::sync::Mutex<(Option<jsonwebtoken::jwk::JwkSet>, Option<std::time::Instant>)>,
+}
+
+impl std::fmt::Debug for Oidc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Oidc")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Oidc {
+    pub fn new(config: OidcConfig) -> Result<Self, String> {
+        let http = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(10))
+            .build()
+            .map_err(|e| format!("OIDC: cannot build an HTTP client: {e}"))?;
+        Ok(Self {
+            config,
+            http,
+            keys: tokio::sync::Mutex::new((None, None)),
+        })
+    }
+
+    async fn key(&self, kid: &str) -> Result<jsonwebtoken::DecodingKey, OidcRefusal> {
+        let mut keys = self.keys.lock().await;
+        let known = keys.0.as_ref().and_then(|set| set.find(kid).cloned());
+        let jwk = match known {
+            Some(jwk) => jwk,
+            None => {
+                let recent = keys
+                    .1
+                    .is_some_and(|at| at.elapsed() < std::time::Duration::from_secs(30));
+                if recent {
+                    return Err(OidcRefusal::Invalid(format!(
+                        "no signing key '{kid}' at {}",
+                        self.config.jwks_url
+                    )));
+                }
+                let set: jsonwebtoken::jwk::JwkSet = async {
+                    self.http
+                        .get(&self.config.jwks_url)
+                        .send()
+                        .await?
+                        .error_for_status()?
+                        .json()
+                        .await
+                }
+                .await
+                .map_err(|e| {
+                    OidcRefusal::Invalid(format!("cannot read the signing keys at {}: {e}", self.config.jwks_url))
+                })?;
+                *keys = (Some(set), Some(std::time::Instant::now()));
+                keys.0.as_ref().and_then(|set| set.find(kid).cloned()).ok_or_else(|| {
+                    OidcRefusal::Invalid(format!("no signing key '{kid}' at {}", self.config.jwks_url))
+                })?
+            }
+        };
+        jsonwebtoken::DecodingKey::from_jwk(&jwk).map_err(|e| OidcRefusal::Invalid(format!("signing key '{kid}': {e}")))
+    }
+
+    /// The caller a token names, if the provider signed it for dayshift and it grants a role.
+    pub async fn verify(&self, token: &str) -> Result<Caller, OidcRefusal> {
+        use jsonwebtoken::Algorithm;
+        let header = jsonwebtoken::decode_header(token).map_err(|e| OidcRefusal::Invalid(e.to_string()))?;
+        if !matches!(
+            header.alg,
+            Algorithm::RS256
+                | Algorithm::RS384
+                | Algorithm::RS512
+                | Algorithm::PS256
+                | Algorithm::ES256
+                | Algorithm::ES384
+        ) {
+            return Err(OidcRefusal::Invalid(format!(
+                "algorithm {:?} is not accepted",
+                header.alg
+            )));
+        }
+        let kid = header
+            .kid
+            .ok_or_else(|| OidcRefusal::Invalid("the token names no signing key (kid)".into()))?;
+        let key = self.key(&kid).await?;
+        let mut validation = jsonwebtoken::Validation::new(header.alg);
+        validation.set_issuer(&[&self.config.issuer]);
+        validation.set_audience(&[&self.config.audience]);
+        validation.set_required_spec_claims(&["exp", "iss", "aud"]);
+        validation.leeway = 30;
+        let claims = jsonwebtoken::decode::<Value>(token, &key, &validation)
+            .map_err(|e| OidcRefusal::Invalid(e.to_string()))?
+            .claims;
+        let name = claims
+            .get(&self.config.username_claim)
+            .and_then(Value::as_str)
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| OidcRefusal::Invalid(format!("the token has no '{}' claim", self.config.username_claim)))?
+            .to_string();
+        let mut held = &claims;
+        for part in self.config.roles_claim.split('.') {
+            held = &held[part];
+        }
+        let held: Vec<&str> = match held {
+            Value::Array(items) => items.iter().filter_map(Value::as_str).collect(),
+            Value::String(s) => s.split([' ', ',']).filter(|s| !s.is_empty()).collect(),
+            _ => Vec::new(),
+        };
+        let role = self
+            .config
+            .roles
+            .iter()
+            .filter(|(_, values)| values.iter().any(|v| held.contains(&v.as_str())))
+            .map(|(role, _)| *role)
+            .max()
+            .ok_or_else(|| {
+                OidcRefusal::NoRole(format!(
+                    "'{name}' has no dayshift role: its {} ({}) grant none",
+                    self.config.roles_claim,
+                    if held.is_empty() {
+                        "none".to_string()
+                    } else {
+                        held.join(", ")
+                    }
+                ))
+            })?;
+        Ok(Caller { name, role })
+    }
 }

@@ -161,10 +161,28 @@ async fn authenticate(
             "this endpoint needs a bearer token (Authorization: Bearer …); `dayshift tokens create` makes one",
         );
     }
-    let caller = match crate::auth::authenticate(engine.store().pool(), token).await {
-        Ok(Some(caller)) => caller,
-        Ok(None) => return unauthorized("the bearer token is not valid (unknown, revoked or expired)"),
-        Err(e) => return ApiError::from(EngineError::from(e)).into_response(),
+    let oidc = engine
+        .inner
+        .auth
+        .oidc
+        .as_ref()
+        .filter(|_| !token.starts_with(crate::auth::TOKEN_PREFIX) && token.matches('.').count() == 2);
+    let caller = match oidc {
+        Some(oidc) => match oidc.verify(token).await {
+            Ok(caller) => caller,
+            Err(crate::auth::OidcRefusal::Invalid(why)) => {
+                tracing::info!(reason = %why, "OIDC token refused.");
+                return unauthorized(&format!("the bearer token is not valid: {why}"));
+            }
+            Err(crate::auth::OidcRefusal::NoRole(why)) => {
+                return ApiError::new(StatusCode::FORBIDDEN, "forbidden", why).into_response();
+            }
+        },
+        None => match crate::auth::authenticate(engine.store().pool(), token).await {
+            Ok(Some(caller)) => caller,
+            Ok(None) => return unauthorized("the bearer token is not valid (unknown, revoked or expired)"),
+            Err(e) => return ApiError::from(EngineError::from(e)).into_response(),
+        },
     };
     if caller.role < needed {
         return ApiError::new(

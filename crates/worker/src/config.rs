@@ -638,6 +638,8 @@ pub(crate) struct ServerConfig {
     /// Serve `/metrics` without a token (for Prometheus). Default true; false: it needs a
     /// viewer token.
     pub public_metrics: bool,
+    /// Also accept JWTs of the platform's OpenID Connect provider (Keycloak, Authentik, ...).
+    pub oidc: Option<OidcConfig>,
 }
 
 impl Default for ServerConfig {
@@ -645,8 +647,38 @@ impl Default for ServerConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             public_metrics: true,
+            oidc: None,
         }
     }
+}
+
+/// An OpenID Connect provider whose tokens the API accepts.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(crate) struct OidcConfig {
+    /// The tokens' `iss`, e.g. `https://sso.example.com/realms/platform`.
+    pub issuer: String,
+    /// The tokens' `aud`: the client id dayshift is registered as.
+    pub audience: String,
+    /// The provider's signing keys (JWKS), e.g. `<issuer>/protocol/openid-connect/certs`.
+    pub jwks_url: String,
+    /// The claim naming the caller. Default `preferred_username`.
+    #[serde(default = "preferred_username")]
+    pub username_claim: String,
+    /// The claim with the caller's groups; a dotted path for nested ones (Keycloak:
+    /// `realm_access.roles`). Default `groups`.
+    #[serde(default = "groups")]
+    pub roles_claim: String,
+    /// Which groups grant which role, e.g. `{ operator: [platform-oncall], viewer: [platform] }`;
+    /// the strongest role granted wins.
+    pub roles: std::collections::BTreeMap<dayshift_engine::auth::Role, Vec<String>>,
+}
+
+fn preferred_username() -> String {
+    "preferred_username".into()
+}
+fn groups() -> String {
+    "groups".into()
 }
 
 /// Trace export settings.

@@ -189,8 +189,23 @@ async fn connect(config: &Config, triggers: bool) -> Result<Engine> {
     if let Ok(step) = std::env::var("DAYSHIFT_TEST_STOP_AFTER_STEP") {
         builder = builder.on_step_journaled(stop_after_step(step));
     }
+    let oidc = match &config.server.oidc {
+        Some(o) => Some(std::sync::Arc::new(
+            dayshift_engine::auth::Oidc::new(dayshift_engine::auth::OidcConfig {
+                issuer: o.issuer.clone(),
+                audience: o.audience.clone(),
+                jwks_url: o.jwks_url.clone(),
+                username_claim: o.username_claim.clone(),
+                roles_claim: o.roles_claim.clone(),
+                roles: o.roles.iter().map(|(r, v)| (*r, v.clone())).collect(),
+            })
+            .map_err(anyhow::Error::msg)?,
+        )),
+        None => None,
+    };
     builder = builder.auth(dayshift_engine::auth::AuthConfig {
         public_metrics: config.server.public_metrics,
+        oidc,
     });
     if triggers {
         builder = builder
