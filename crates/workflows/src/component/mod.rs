@@ -485,7 +485,7 @@ async fn plan_and_approve(
             .map(|c| format!("- {} {}", c.action, c.object))
             .collect();
         let text = format!(
-            "{workflow} of {} (run {}) waits for approval: {} object(s) change:\n{}\nApprove with `dayshift runs approve {} --as NAME`.",
+            "{workflow} of {} (run {}) waits for approval: {} object(s) change:\n{}\nApprove with `dayshift runs approve {}` (with your own token).",
             i.component,
             ctx.run_id(),
             changed.len(),
