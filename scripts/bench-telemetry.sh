@@ -48,5 +48,5 @@ for variant in off live down; do
   echo "== traces $variant ${endpoint:+($endpoint)}"
   OTEL_EXPORTER_OTLP_ENDPOINT=$endpoint "$bin" bench --runs "$runs" --latency-runs "$latency_runs" 2>/dev/null |
     grep -E '^\| (W1: wall time|W1: runs/s|W1: steps/s|W2: end-to-end|W2: pick-up)'
-  [ "$variant" = live ] && echo "receiver: $(cat "$received")"
+  if [ "$variant" = live ]; then echo "receiver: $(cat "$received")"; fi
 done
