@@ -1038,9 +1038,15 @@ impl GitServer {
         let dir = std::env::temp_dir().join(format!("dayshift-git-server-{}", unique()));
         std::fs::create_dir_all(&dir).unwrap();
         let port = free_port();
-        let daemon = Command::new("git")
+        // git-daemon itself, not `git daemon`: the `git` wrapper would leave the daemon running
+        // when it is killed.
+        let exec_path = std::process::Command::new("git")
+            .arg("--exec-path")
+            .output()
+            .expect("git is missing: run `scripts/services.sh up`");
+        let daemon_bin = PathBuf::from(String::from_utf8_lossy(&exec_path.stdout).trim()).join("git-daemon");
+        let daemon = Command::new(daemon_bin)
             .args([
-                "daemon",
                 "--reuseaddr",
                 "--export-all",
                 "--enable=receive-pack",

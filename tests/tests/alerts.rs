@@ -106,9 +106,9 @@ async fn alertmanager_starts_one_run_per_episode_and_its_resolution_reaches_the_
     am.post_alerts(&json!([am_alert("KubePodCrashLooping", "prod-web", Utc::now(), None)]))
         .await
         .unwrap();
-    wait_until(&env, "select count(*) from runs", 2).await;
-    let episodes = count(&env, "select count(*) from alert_episodes where outcome = 'started'").await;
-    assert_eq!(episodes, 2);
+    // The episode is recorded once its run is started: wait for the episode, then count runs.
+    wait_until(&env, "select count(*) from alert_episodes where outcome = 'started'", 2).await;
+    assert_eq!(count(&env, "select count(*) from runs").await, 2);
 }
 
 /// Alertmanager's webhook payload (version 4) for `alerts`.
