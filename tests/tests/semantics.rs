@@ -823,3 +823,67 @@ async fn the_api_redacts_fields_named_like_secrets_in_runs() {
     }
     env.stop_workers().await;
 }
+
+#[tokio::test]
+async fn runs_are_listed_by_trigger_and_time_a_page_at_a_time() {
+    let def = WorkflowDef::new("test.noop", "does nothing", |_ctx: Ctx, _input: Value| async move {
+        Ok(Value::Null)
+    });
+    let env = TestEnv::new(vec![def]).await;
+    let mut ids = Vec::new();
+    for by in [
+        "api:alice",
+        "schedule:nightly",
+        "webhook:infra:github push",
+        "alertmanager:crashloop KubePodCrashLooping",
+        "schedule:nightly",
+        "api:bob",
+        "schedule:hourly",
+    ] {
+        let mut req = StartRun::new("test.noop", json!({}));
+        req.started_by = Some(by.into());
+        ids.push(env.engine.start(req).await.unwrap().id.to_string());
+    }
+    let list = |body: &str| -> (Vec<String>, Value) {
+        let v: Value = serde_json::from_str(body).unwrap();
+        let ids = v["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["id"].as_str().unwrap().to_string())
+            .collect();
+        (ids, v["next"].clone())
+    };
+    // By trigger, newest first.
+    let (status, body) = env.get_text("/api/v1/runs?trigger=schedule").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(list(&body).0, [ids[6].clone(), ids[4].clone(), ids[1].clone()]);
+    let (_, body) = env.get_text("/api/v1/runs?trigger=api").await;
+    assert_eq!(list(&body).0, [ids[5].clone(), ids[0].clone()]);
+
+    // Pages of 3: every run once, in order, and the last page says there is no next one.
+    let mut seen = Vec::new();
+    let mut path = "/api/v1/runs?limit=3".to_string();
+    loop {
+        let (_, body) = env.get_text(&path).await;
+        let (page, next) = list(&body);
+        seen.extend(page);
+        match next.as_str() {
+            Some(cursor) => path = format!("/api/v1/runs?limit=3&before={cursor}"),
+            None => break,
+        }
+    }
+    let newest_first: Vec<String> = ids.iter().rev().cloned().collect();
+    assert_eq!(seen, newest_first);
+
+    // A time window: nothing before the first run, everything since it.
+    let (_, body) = env
+        .get_text(&format!("/api/v1/runs?until={}", "2000-01-01T00:00:00Z"))
+        .await;
+    assert!(list(&body).0.is_empty());
+    let (_, body) = env.get_text("/api/v1/runs?since=2000-01-01T00:00:00Z&limit=1000").await;
+    assert_eq!(list(&body).0.len(), 7);
+    let (status, body) = env.get_text("/api/v1/runs?since=yesterday").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("since"), "{body}");
+}

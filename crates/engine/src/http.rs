@@ -270,6 +270,10 @@ async fn start_run(
 struct ListQuery {
     status: Option<String>,
     workflow: Option<String>,
+    trigger: Option<String>,
+    since: Option<chrono::DateTime<chrono::Utc>>,
+    until: Option<chrono::DateTime<chrono::Utc>>,
+    before: Option<String>,
     limit: Option<u32>,
 }
 
@@ -285,15 +289,28 @@ async fn list_runs(
                 .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", format!("status: {e}")))?,
         ),
     };
+    let before = match q.before.as_deref() {
+        None | Some("") => None,
+        Some(id) => Some(parse_id(id)?),
+    };
+    let limit = q.limit.unwrap_or(50).clamp(1, 1000);
     let runs = engine
         .list_runs(&RunFilter {
             status,
             workflow: q.workflow.filter(|w| !w.is_empty()),
-            limit: q.limit,
+            trigger: q.trigger.filter(|t| !t.is_empty()),
+            since: q.since,
+            until: q.until,
+            before,
+            limit: Some(limit),
         })
         .await?;
+    // A full page may have more after it: `next` is the cursor for `before`.
+    let next = (runs.len() == limit as usize)
+        .then(|| runs.last().map(|r| r.id.to_string()))
+        .flatten();
     let runs: Vec<_> = runs.into_iter().map(crate::model::RunView::redacted).collect();
-    Ok(Json(json!({ "runs": runs })))
+    Ok(Json(json!({ "runs": runs, "next": next })))
 }
 
 async fn get_run(State(engine): State<Engine>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
@@ -458,9 +475,9 @@ async fn remediations(
     let Query(q) = q?;
     let runs = engine
         .list_runs(&RunFilter {
-            status: None,
             workflow: Some("remediate".into()),
             limit: q.limit,
+            ..RunFilter::default()
         })
         .await?;
     let list: Vec<Value> = runs

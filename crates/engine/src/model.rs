@@ -353,6 +353,19 @@ pub struct AttemptError {
 pub struct RunFilter {
     pub status: Option<RunStatus>,
     pub workflow: Option<String>,
+    /// What started the runs: `api`, `schedule`, `webhook`, `alertmanager` or `parent` (the
+    /// part of `started_by` before the first `:`).
+    #[serde(default)]
+    pub trigger: Option<String>,
+    /// Created at or after this time.
+    #[serde(default)]
+    pub since: Option<DateTime<Utc>>,
+    /// Created before this time.
+    #[serde(default)]
+    pub until: Option<DateTime<Utc>>,
+    /// The page after this run (the last of the previous page): runs created before it.
+    #[serde(default)]
+    pub before: Option<RunId>,
     /// At most this many, newest first. Default 50, at most 1000.
     pub limit: Option<u32>,
 }

@@ -965,11 +965,20 @@ impl PgStore {
     pub async fn list_runs(&self, filter: &RunFilter) -> StoreResult<Vec<RunView>> {
         let rows = sqlx::query_as::<_, RunRow>(AssertSqlSafe(format!(
             "select {RUN_COLUMNS} from runs where ($1::text is null or status = $1) \
-             and ($2::text is null or workflow = $2) order by created_at desc, id desc limit $3"
+             and ($2::text is null or workflow = $2) \
+             and ($4::text is null or started_by = $4 or started_by like $4 || ':%') \
+             and ($5::timestamptz is null or created_at >= $5) \
+             and ($6::timestamptz is null or created_at < $6) \
+             and ($7::uuid is null or (created_at, id) < (select created_at, id from runs where id = $7)) \
+             order by created_at desc, id desc limit $3"
         )))
         .bind(filter.status.map(|s| s.as_str()))
         .bind(&filter.workflow)
         .bind(filter.limit.unwrap_or(50).clamp(1, 1000) as i64)
+        .bind(&filter.trigger)
+        .bind(filter.since)
+        .bind(filter.until)
+        .bind(filter.before.map(|b| b.0))
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter().map(RunRow::into_view).collect()
