@@ -25,7 +25,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use axum::body::Bytes;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
@@ -93,31 +93,14 @@ impl KubeApi {
     pub async fn start() -> Self {
         let inner = Arc::new(Mutex::new(Inner::default()));
         let app = Router::new()
-            .route("/api/{version}/namespaces/{ns}/{plural}", any(collection))
-            .route("/api/{version}/namespaces/{ns}/{plural}/{name}", any(object))
-            .route(
-                "/apis/{group}/{version}/namespaces/{ns}/{plural}",
-                any(group_collection),
-            )
-            .route(
-                "/apis/{group}/{version}/namespaces/{ns}/{plural}/{name}",
-                any(group_object),
-            )
             .route(
                 "/apis/authentication.k8s.io/v1/tokenreviews",
                 axum::routing::post(token_review),
             )
-            .route("/api/{version}/{plural}", any(cluster_collection))
-            .route("/apis/{group}/{version}/{plural}", any(group_cluster_collection))
-            .route("/api/{version}/{plural}/{name}", any(cluster_object))
-            .route("/apis/{group}/{version}/{plural}/{name}", any(group_cluster_object))
-            .fallback(|method: Method, uri: axum::http::Uri| async move {
-                status(
-                    StatusCode::NOT_FOUND,
-                    "NotFound",
-                    &format!("the server could not find the requested resource ({method} {uri})"),
-                )
-            })
+            // Namespaced and cluster-scoped objects and lists, core and grouped.
+            .route("/api/{*path}", any(resource))
+            .route("/apis/{*path}", any(resource))
+            .fallback(|method: Method, uri: axum::http::Uri| async move { not_a_resource(&method, &uri) })
             .with_state(inner.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -809,100 +792,54 @@ async fn handle(inner: Arc<Mutex<Inner>>, req: Req) -> Response {
     }
 }
 
-async fn collection(
+/// Any resource path: `/api/v1` or `/apis/<group>/<version>`, then `namespaces/<ns>/` for a
+/// namespaced resource, the resource (plural), and the name for one object. A list without a
+/// namespace covers all of them.
+async fn resource(
     State(s): Shared,
     method: Method,
-    Path((v, ns, plural)): Path<(String, String, String)>,
-    RawQuery(q): RawQuery,
+    uri: axum::http::Uri,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    handle(
-        s,
-        Req {
-            method,
-            prefix: format!("/api/{v}"),
-            ns,
-            plural,
-            name: None,
-            query: q,
-            headers,
-            body,
-        },
-    )
-    .await
+    let parts: Vec<String> = uri
+        .path()
+        .trim_start_matches('/')
+        .split('/')
+        .map(str::to_string)
+        .collect();
+    let (prefix, rest) = match parts.first().map(String::as_str) {
+        Some("api") if parts.len() >= 2 => (format!("/api/{}", parts[1]), &parts[2..]),
+        Some("apis") if parts.len() >= 3 => (format!("/apis/{}/{}", parts[1], parts[2]), &parts[3..]),
+        _ => return not_a_resource(&method, &uri),
+    };
+    let (ns, plural, name) = match rest {
+        [ns_word, ns, plural] if ns_word == "namespaces" => (ns.clone(), plural.clone(), None),
+        [ns_word, ns, plural, name] if ns_word == "namespaces" => (ns.clone(), plural.clone(), Some(name.clone())),
+        [plural] => (String::new(), plural.clone(), None),
+        [plural, name] => (String::new(), plural.clone(), Some(name.clone())),
+        _ => return not_a_resource(&method, &uri),
+    };
+    let req = Req {
+        method,
+        prefix,
+        ns,
+        plural,
+        name,
+        query,
+        headers,
+        body,
+    };
+    handle(s, req).await
 }
 
-async fn object(
-    State(s): Shared,
-    method: Method,
-    Path((v, ns, plural, name)): Path<(String, String, String, String)>,
-    RawQuery(q): RawQuery,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    handle(
-        s,
-        Req {
-            method,
-            prefix: format!("/api/{v}"),
-            ns,
-            plural,
-            name: Some(name),
-            query: q,
-            headers,
-            body,
-        },
+fn not_a_resource(method: &Method, uri: &axum::http::Uri) -> Response {
+    status(
+        StatusCode::NOT_FOUND,
+        "NotFound",
+        &format!("the server could not find the requested resource ({method} {uri})"),
     )
-    .await
-}
-
-async fn group_collection(
-    State(s): Shared,
-    method: Method,
-    Path((g, v, ns, plural)): Path<(String, String, String, String)>,
-    RawQuery(q): RawQuery,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    handle(
-        s,
-        Req {
-            method,
-            prefix: format!("/apis/{g}/{v}"),
-            ns,
-            plural,
-            name: None,
-            query: q,
-            headers,
-            body,
-        },
-    )
-    .await
-}
-
-async fn group_object(
-    State(s): Shared,
-    method: Method,
-    Path((g, v, ns, plural, name)): Path<(String, String, String, String, String)>,
-    RawQuery(q): RawQuery,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    handle(
-        s,
-        Req {
-            method,
-            prefix: format!("/apis/{g}/{v}"),
-            ns,
-            plural,
-            name: Some(name),
-            query: q,
-            headers,
-            body,
-        },
-    )
-    .await
 }
 
 /// `POST /apis/authentication.k8s.io/v1/tokenreviews`: what Vault's Kubernetes auth asks.
@@ -938,101 +875,4 @@ async fn token_review(State(s): Shared, headers: HeaderMap, body: Bytes) -> Resp
         })),
     )
         .into_response()
-}
-
-/// A list of a cluster-scoped resource, or of a namespaced one across all namespaces.
-async fn cluster_collection(
-    State(s): Shared,
-    method: Method,
-    Path((v, plural)): Path<(String, String)>,
-    RawQuery(q): RawQuery,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    handle(
-        s,
-        Req {
-            method,
-            prefix: format!("/api/{v}"),
-            ns: String::new(),
-            plural,
-            name: None,
-            query: q,
-            headers,
-            body,
-        },
-    )
-    .await
-}
-
-async fn group_cluster_collection(
-    State(s): Shared,
-    method: Method,
-    Path((g, v, plural)): Path<(String, String, String)>,
-    RawQuery(q): RawQuery,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    handle(
-        s,
-        Req {
-            method,
-            prefix: format!("/apis/{g}/{v}"),
-            ns: String::new(),
-            plural,
-            name: None,
-            query: q,
-            headers,
-            body,
-        },
-    )
-    .await
-}
-
-async fn cluster_object(
-    State(s): Shared,
-    method: Method,
-    Path((v, plural, name)): Path<(String, String, String)>,
-    RawQuery(q): RawQuery,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    handle(
-        s,
-        Req {
-            method,
-            prefix: format!("/api/{v}"),
-            ns: String::new(),
-            plural,
-            name: Some(name),
-            query: q,
-            headers,
-            body,
-        },
-    )
-    .await
-}
-
-async fn group_cluster_object(
-    State(s): Shared,
-    method: Method,
-    Path((g, v, plural, name)): Path<(String, String, String, String)>,
-    RawQuery(q): RawQuery,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    handle(
-        s,
-        Req {
-            method,
-            prefix: format!("/apis/{g}/{v}"),
-            ns: String::new(),
-            plural,
-            name: Some(name),
-            query: q,
-            headers,
-            body,
-        },
-    )
-    .await
 }
