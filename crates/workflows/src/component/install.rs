@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use dayshift_engine::{Ctx, WorkflowDef, WorkflowError};
 
-use super::{ComponentInput, ComponentReport, apply_phases, check, connect, plan_and_approve, smoke, wait_ready};
+use super::{
+    ComponentInput, ComponentReport, apply_phases, check, connect, notifier, plan_and_approve, smoke, wait_ready,
+};
 use crate::connections::Connections;
 
 /// The `install.component` workflow.
@@ -35,9 +37,10 @@ async fn install(
         ));
     }
     let kube = connect(connections, &input).await?;
+    let notifier = notifier(connections, &input)?;
     let (k, i) = (&kube, &input);
     let checked = check(ctx, k, i).await?;
-    let plan = plan_and_approve(ctx, connections, k, i, &checked, "install.component").await?;
+    let plan = plan_and_approve(ctx, notifier.as_ref(), k, i, &checked, "install.component").await?;
     if i.plan {
         return Ok(ComponentReport {
             component: i.component.clone(),

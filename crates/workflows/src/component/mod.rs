@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::adapters::kube::{Kube, ObjectId, Resource, Workload, WorkloadKind};
+use crate::adapters::notify::Notifier;
 use crate::adapters::step_err;
 use crate::connections::Connections;
 use crate::gates::ApprovalGate;
@@ -187,6 +188,15 @@ fn reload(input: &ComponentInput, checked: &Checked) -> Result<Vec<Value>, StepE
         )));
     }
     Ok(objects)
+}
+
+/// The notice webhook `input.notify` names, if any.
+fn notifier(connections: &Connections, input: &ComponentInput) -> Result<Option<Notifier>, WorkflowError> {
+    input
+        .notify
+        .as_deref()
+        .map(|name| connections.notifier(name).map_err(WorkflowError::failed))
+        .transpose()
 }
 
 async fn connect(connections: &Connections, input: &ComponentInput) -> Result<Kube, WorkflowError> {
@@ -464,7 +474,7 @@ fn diff(path: &str, a: &Value, b: &Value, secret: bool, out: &mut Vec<String>) {
 /// the plan that was approved.
 async fn plan_and_approve(
     ctx: &Ctx,
-    connections: &Connections,
+    notifier: Option<&Notifier>,
     k: &Kube,
     i: &ComponentInput,
     checked: &Checked,
@@ -475,10 +485,6 @@ async fn plan_and_approve(
     }
     let changes: Vec<Change> = ctx.step("plan", |_s| async move { plan(k, i, checked).await }).await?;
     if let (false, Some(gate)) = (i.plan, &i.approval) {
-        let notifier = match &i.notify {
-            Some(name) => Some(connections.notifier(name).map_err(WorkflowError::failed)?),
-            None => None,
-        };
         let changed: Vec<String> = changes
             .iter()
             .filter(|c| c.action != "unchanged")
@@ -492,13 +498,7 @@ async fn plan_and_approve(
             changed.join("\n"),
             ctx.run_id()
         );
-        crate::gates::approval(
-            ctx,
-            gate,
-            i.requested_by.as_deref(),
-            notifier.as_ref().map(|n| (n, text)),
-        )
-        .await?;
+        crate::gates::approval(ctx, gate, i.requested_by.as_deref(), notifier.map(|n| (n, text))).await?;
     }
     Ok(changes)
 }

@@ -30,7 +30,7 @@ use tokio::io::AsyncReadExt as _;
 
 use super::{
     COMPONENT_LABEL, Checked, ComponentInput, ComponentReport, FIELD_MANAGER, apply_phases, check, comparable, connect,
-    phase_of, plan_and_approve, ready, smoke, wait_ready,
+    notifier, phase_of, plan_and_approve, ready, smoke, wait_ready,
 };
 use crate::adapters::kube::{Kube, ObjectId, Resource};
 use crate::adapters::notify::Notifier;
@@ -82,13 +82,10 @@ async fn upgrade(
     input: ComponentInput,
 ) -> Result<ComponentReport, WorkflowError> {
     let kube = connect(connections, &input).await?;
-    let notifier = match &input.notify {
-        Some(name) => Some(connections.notifier(name).map_err(WorkflowError::failed)?),
-        None => None,
-    };
+    let notifier = notifier(connections, &input)?;
     let (k, i) = (&kube, &input);
     let checked = check(ctx, k, i).await?;
-    let plan = plan_and_approve(ctx, connections, k, i, &checked, "upgrade.component").await?;
+    let plan = plan_and_approve(ctx, notifier.as_ref(), k, i, &checked, "upgrade.component").await?;
     if i.plan {
         return Ok(ComponentReport {
             component: i.component.clone(),
