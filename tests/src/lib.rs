@@ -5,6 +5,7 @@
 //! gets its own database (created and migrated here) and its own Redis queue name, so tests run
 //! in parallel without seeing each other.
 
+pub mod browser;
 pub mod kube_api;
 pub mod saga;
 

@@ -278,6 +278,13 @@ pub fn required_role(method: &axum::http::Method, path: &str, config: &AuthConfi
     if path == "/healthz" || path == "/readyz" || path.starts_with("/hooks/") {
         return None;
     }
+    // The console's pages and scripts hold no data: what they show comes from the API, with
+    // the token the person signs in with.
+    if (path == "/" || path == "/console" || path.starts_with("/console/"))
+        && (method == Method::GET || method == Method::HEAD)
+    {
+        return None;
+    }
     if path == "/metrics" {
         return (!config.public_metrics).then_some(Role::Viewer);
     }

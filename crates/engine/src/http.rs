@@ -37,6 +37,10 @@ pub fn router(engine: Engine) -> Router {
         .route("/api/v1/runs/{id}/signals/{name}", post(signal_run))
         .route("/api/v1/runs/{id}/approve", post(approve_run))
         .route("/api/v1/runs/{id}/reject", post(reject_run))
+        .route("/api/v1/runs/{id}/retry", post(retry_run))
+        .route("/api/v1/runs/{id}/trigger", get(run_trigger))
+        .route("/api/v1/approvals", get(approvals))
+        .route("/api/v1/whoami", get(whoami))
         .route(
             "/hooks/alertmanager",
             post(alertmanager).layer(axum::extract::DefaultBodyLimit::disable()),
@@ -55,6 +59,7 @@ pub fn router(engine: Engine) -> Router {
         .route("/api/v1/tokens", get(list_tokens).post(create_token))
         .route("/api/v1/tokens/{name}", axum::routing::delete(revoke_token))
         .route("/api/v1/audit", get(audit_log))
+        .merge(crate::console::routes())
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
         .layer(axum::Extension(HookLimit(hook_limit)))
         .layer(axum::middleware::from_fn_with_state(engine.clone(), authenticate))
@@ -458,6 +463,78 @@ async fn decide(
         StatusCode::ACCEPTED,
         Json(json!({ "id": id, "decision": if approve { "approve" } else { "reject" }, "by": by })),
     ))
+}
+
+/// `POST /api/v1/runs/{id}/retry`: a failed or cancelled run started again, as a new run of
+/// the same workflow with the same input (the stored one, not the redacted one shown) and
+/// under the same concurrency key (queued for a slot). Retrying a run twice gives the first
+/// retry back (`200`): a double click starts one run; to retry again, retry the newer run.
+async fn retry_run(
+    State(engine): State<Engine>,
+    axum::Extension(caller): Who,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    let run = engine.get_run(id).await?;
+    if !matches!(run.status, RunStatus::Failed | RunStatus::Cancelled) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!(
+                "run {id} is {}; only a failed or cancelled run can be retried",
+                run.status
+            ),
+        ));
+    }
+    let mut req = StartRun::new(run.workflow.clone(), run.input);
+    req.idempotency_key = Some(format!("retry:{id}"));
+    req.started_by = Some(format!("api:{} (retry of {id})", caller.name));
+    if let Some(key) = run.concurrency_key {
+        let limit = crate::views::concurrency_limit(&engine, id).await?.unwrap_or(1).max(1);
+        req = req.concurrency(key, limit as u32, crate::model::ConcurrencyPolicy::Queue);
+    }
+    let started = engine.start(req).await?;
+    if started.created {
+        audit(
+            &engine,
+            &caller,
+            "run.retry",
+            &id.to_string(),
+            json!({ "run_id": started.id, "workflow": run.workflow }),
+        )
+        .await;
+    }
+    let status = if started.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((
+        status,
+        Json(json!({ "id": started.id, "status": started.status, "created": started.created, "retry_of": id })),
+    )
+        .into_response())
+}
+
+/// `GET /api/v1/runs/{id}/trigger`: what started the run (see [`crate::views::trigger`]).
+async fn run_trigger(State(engine): State<Engine>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    let run = engine.get_run(parse_id(&id)?).await?;
+    Ok(Json(crate::views::trigger(&engine, &run).await?))
+}
+
+/// `GET /api/v1/approvals`: the runs waiting at an approval gate (see [`crate::views::approvals`]).
+async fn approvals(State(engine): State<Engine>, axum::Extension(caller): Who) -> Result<Json<Value>, ApiError> {
+    let approvals = crate::views::approvals(&engine, &caller).await?;
+    Ok(Json(json!({ "approvals": approvals })))
+}
+
+/// `GET /api/v1/whoami`: the caller's name and role, and what that role may do.
+async fn whoami(axum::Extension(caller): Who) -> Json<Value> {
+    Json(json!({
+        "name": caller.name,
+        "role": caller.role,
+        "may": { "operate": caller.role >= Role::Operator, "administer": caller.role >= Role::Admin },
+    }))
 }
 
 #[derive(Deserialize)]

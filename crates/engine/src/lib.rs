@@ -8,6 +8,7 @@
 
 pub mod alerts;
 pub mod auth;
+mod console;
 mod engine;
 mod error;
 pub mod http;
@@ -19,6 +20,7 @@ mod schedule;
 mod store;
 mod telemetry;
 pub mod template;
+pub mod views;
 pub mod webhook;
 mod worker;
 mod workflow;

@@ -1,0 +1,125 @@
+// Runs: newest first, filtered by workflow, status, what started them and when; a page at a
+// time (the API's keyset cursor), refreshed live.
+
+import { get, query } from "../api.js";
+import { duration, emptyRow, fill, h, runLink, status, table, when } from "../dom.js";
+
+const STATUSES = ["pending", "running", "waiting", "succeeded", "failed", "cancelled"];
+const TRIGGERS = [
+  ["api", "API or console"],
+  ["schedule", "Schedule"],
+  ["webhook", "Git webhook"],
+  ["alertmanager", "Alertmanager"],
+  ["parent", "Parent run"],
+];
+const WINDOWS = [
+  ["15m", "Last 15 minutes", 15 * 60],
+  ["1h", "Last hour", 3600],
+  ["24h", "Last 24 hours", 86400],
+  ["7d", "Last 7 days", 7 * 86400],
+  ["30d", "Last 30 days", 30 * 86400],
+];
+const PAGE = 50;
+
+export async function mount(ctx) {
+  const q = ctx.query;
+  const filters = {
+    workflow: q.get("workflow") ?? "",
+    status: q.get("status") ?? "",
+    trigger: q.get("trigger") ?? "",
+    window: q.get("window") ?? "",
+    before: q.get("before") ?? "",
+  };
+  const { workflows } = await get("/workflows");
+  const body = h("div", { id: "runs-table" });
+  const pager = h("nav", { class: "pager", "aria-label": "Pages of runs" });
+  fill(
+    ctx.main,
+    h("div", { class: "page-head" }, h("h1", {}, "Runs")),
+    filterForm(ctx, filters, workflows.map((w) => w.name)),
+    body,
+    pager,
+  );
+  let seen = null;
+  const refresh = async () => {
+    const win = WINDOWS.find((w) => w[0] === filters.window);
+    const since = win ? new Date(Date.now() - win[2] * 1000).toISOString() : "";
+    const answer = await get(
+      `/runs${query({ workflow: filters.workflow, status: filters.status, trigger: filters.trigger, since, before: filters.before, limit: PAGE })}`,
+    );
+    if (ctx.stale()) return;
+    const fresh = seen ? new Set(answer.runs.filter((r) => !seen.has(r.id)).map((r) => r.id)) : new Set();
+    seen = new Set(answer.runs.map((r) => r.id));
+    fill(body, runsTable(answer.runs, fresh, filters));
+    fill(pager, pagerLinks(filters, answer.next));
+  };
+  await refresh();
+  return { refresh };
+}
+
+function filterForm(ctx, f, workflowNames) {
+  const select = (name, label, options, value) => {
+    const id = `filter-${name}`;
+    return h(
+      "div",
+      { class: "field" },
+      h("label", { for: id }, label),
+      h(
+        "select",
+        { id, name },
+        h("option", { value: "" }, "Any"),
+        options.map(([v, text]) => h("option", { value: v, selected: v === value }, text)),
+      ),
+    );
+  };
+  const form = h(
+    "form",
+    { class: "filters", role: "search", "aria-label": "Filter runs" },
+    select("workflow", "Workflow", workflowNames.map((n) => [n, n]), f.workflow),
+    select("status", "Status", STATUSES.map((s) => [s, s[0].toUpperCase() + s.slice(1)]), f.status),
+    select("trigger", "Started by", TRIGGERS, f.trigger),
+    select("window", "Created", WINDOWS.map(([v, t]) => [v, t]), f.window),
+    h("button", { type: "reset", class: "secondary" }, "Clear filters"),
+  );
+  const apply = () => {
+    const data = Object.fromEntries(new FormData(form));
+    ctx.go(`#/runs${query(data)}`);
+  };
+  form.addEventListener("change", apply);
+  form.addEventListener("reset", (e) => {
+    e.preventDefault();
+    ctx.go("#/runs");
+  });
+  return form;
+}
+
+function runsTable(runs, fresh, filters) {
+  const rows = runs.map((r) =>
+    h(
+      "tr",
+      { class: [r.status === "failed" ? "row-failed" : "", fresh.has(r.id) ? "row-new" : ""].join(" ").trim() || null, dataset: { run: r.id } },
+      h("td", {}, status(r.status)),
+      h("td", {}, h("a", { href: `#/runs/${r.id}` }, r.workflow)),
+      h("td", {}, runLink(r.id)),
+      h("td", { class: "trigger" }, r.started_by),
+      h("td", {}, when(r.created_at)),
+      h("td", { class: "num" }, duration(r.finished_at && r.started_at ? Date.parse(r.finished_at) - Date.parse(r.started_at) : null)),
+      h("td", { class: "error-cell" }, r.error ? h("span", { title: r.error }, r.error) : ""),
+    ),
+  );
+  const anyFilter = filters.workflow || filters.status || filters.trigger || filters.window;
+  return table(
+    "Runs, newest first",
+    ["Status", "Workflow", "Run", "Started by", "Created", "Took", "Error"],
+    rows.length ? rows : emptyRow(7, anyFilter ? "No run matches these filters." : "No runs yet."),
+    { class: "runs" },
+  );
+}
+
+function pagerLinks(filters, next) {
+  const base = { workflow: filters.workflow, status: filters.status, trigger: filters.trigger, window: filters.window };
+  return [
+    filters.before ? h("a", { href: `#/runs${query(base)}` }, "← Newest") : null,
+    next ? h("a", { href: `#/runs${query({ ...base, before: next })}`, rel: "next" }, "Older →") : null,
+  ];
+}

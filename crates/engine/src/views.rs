@@ -1,0 +1,198 @@
+//! Read models the console asks for and the journal does not hold in one place: the runs
+//! waiting for an approval (with what they ask to approve and whether the caller may), and
+//! what started a run (its schedule tick, webhook delivery, alert episode or parent).
+//!
+//! Everything here is read from PostgreSQL and redacted like any run the API shows.
+
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::auth::{Caller, Role};
+use crate::engine::Engine;
+use crate::error::EngineError;
+use crate::model::{RunId, RunView, StepKind};
+
+/// The signal an approval gate waits for (see `dayshift_workflows::gates`).
+pub const APPROVAL_SIGNAL: &str = "approval";
+
+/// The runs waiting at an approval gate, longest-waiting first, each with what it asks to
+/// approve (the `plan` step's result, else the run's input), who may approve, the decisions
+/// so far, and whether `caller` may decide (and why not).
+pub async fn approvals(engine: &Engine, caller: &Caller) -> Result<Vec<Value>, EngineError> {
+    let waiting: Vec<(Uuid,)> = sqlx::query_as(
+        "select s.run_id from steps s join runs r on r.id = s.run_id \
+         where s.kind = 'signal' and s.status = 'waiting' and s.name = $1 \
+           and r.status in ('pending', 'running', 'waiting') \
+         order by s.started_at limit 500",
+    )
+    .bind(APPROVAL_SIGNAL)
+    .fetch_all(engine.store().pool())
+    .await?;
+    let mut out = Vec::with_capacity(waiting.len());
+    for (id,) in waiting {
+        let run = match engine.get_run(RunId(id)).await {
+            Ok(run) => run.redacted(),
+            Err(EngineError::RunNotFound(_)) => continue,
+            Err(e) => return Err(e),
+        };
+        out.push(approval(&run, caller));
+    }
+    Ok(out)
+}
+
+/// One waiting approval as the console shows it.
+fn approval(run: &RunView, caller: &Caller) -> Value {
+    let last_output = |name: &str| {
+        run.steps
+            .iter()
+            .rev()
+            .find(|s| s.name == name && s.kind == StepKind::Step)
+            .and_then(|s| s.output.clone())
+    };
+    let request = last_output("request-approval").unwrap_or(Value::Null);
+    let wait = run
+        .steps
+        .iter()
+        .rev()
+        .find(|s| s.kind == StepKind::Signal && s.name == APPROVAL_SIGNAL);
+    let decisions: Vec<Value> = run
+        .steps
+        .iter()
+        .filter(|s| s.name.starts_with("decision:"))
+        .filter_map(|s| s.output.clone())
+        .collect();
+    let approvers: Vec<String> = request["approvers"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+        .unwrap_or_default();
+    let requested_by = request["requested_by"].as_str();
+    let approved_by: Vec<&str> = decisions
+        .iter()
+        .filter(|d| d["approve"] == true && d["ignored"].is_null())
+        .filter_map(|d| d["by"].as_str())
+        .collect();
+    let why_not = if caller.role < Role::Operator {
+        Some(format!("the {} role cannot approve or reject", caller.role))
+    } else if !approvers.iter().any(|a| a.eq_ignore_ascii_case(&caller.name)) {
+        Some(format!("{} is not one of the approvers", caller.name))
+    } else if requested_by.is_some_and(|r| r.eq_ignore_ascii_case(&caller.name)) {
+        Some(format!("{} made the change and may not approve it", caller.name))
+    } else if approved_by.iter().any(|a| a.eq_ignore_ascii_case(&caller.name)) {
+        Some(format!("{} has approved already", caller.name))
+    } else {
+        None
+    };
+    let (about, about_kind) = match last_output("plan") {
+        Some(plan) => (plan, "plan"),
+        None => (run.input.clone(), "input"),
+    };
+    json!({
+        "run": {
+            "id": run.id, "workflow": run.workflow, "status": run.status, "started_by": run.started_by,
+            "created_at": run.created_at,
+        },
+        "about": about,
+        "about_kind": about_kind,
+        "approvers": approvers,
+        "required": request["required"],
+        "requested_by": requested_by,
+        "waiting_since": wait.map(|w| w.started_at),
+        "deadline": wait.and_then(|w| w.wake_at),
+        "decisions": decisions,
+        "approved_by": approved_by,
+        "may_decide": why_not.is_none(),
+        "why_not": why_not,
+    })
+}
+
+/// What started `run`, as recorded by the trigger that did: the schedule tick (or who
+/// triggered it by hand), the webhook delivery, the alert episode, the parent run's step, or
+/// the API caller. `kind` is one of `schedule`, `webhook`, `alertmanager`, `parent`, `api`,
+/// `other`; the record is null when it is gone (or the run predates it).
+pub async fn trigger(engine: &Engine, run: &RunView) -> Result<Value, EngineError> {
+    let pool = engine.store().pool();
+    let by = run.started_by.as_str();
+    let id = run.id.0;
+    let one = |sql: &'static str| sqlx::query_scalar::<_, Value>(sql).bind(id);
+    let found = if let Some(rest) = by.strip_prefix("schedule:") {
+        let (name, by_hand) = match rest.split_once(" (") {
+            Some((name, _)) => (name, true),
+            None => (rest, false),
+        };
+        let tick = one(
+            "select jsonb_build_object('tick', tick, 'outcome', outcome, 'detail', detail, 'at', at) \
+             from schedule_ticks where run_id = $1 limit 1",
+        )
+        .fetch_optional(pool)
+        .await
+        .map_err(EngineError::from)?;
+        let by_whom = if by_hand {
+            sqlx::query_scalar::<_, Value>(
+                "select jsonb_build_object('actor', actor, 'at', at) from audit_log \
+                 where target = $1 and action = 'schedule.trigger' and detail->>'run_id' = $2 limit 1",
+            )
+            .bind(name)
+            .bind(id.to_string())
+            .fetch_optional(pool)
+            .await
+            .map_err(EngineError::from)?
+        } else {
+            None
+        };
+        json!({ "kind": "schedule", "schedule": name, "by_hand": by_hand, "tick": tick, "triggered_by": by_whom })
+    } else if by.starts_with("webhook:") {
+        let delivery = one(
+            "select jsonb_build_object('forge', forge, 'delivery_id', delivery_id, 'event', event, \
+               'repository', repository, 'outcome', outcome, 'detail', detail, 'received_at', received_at, \
+               'runs', cardinality(run_ids)) \
+             from webhook_deliveries where run_ids @> array[$1] order by id limit 1",
+        )
+        .fetch_optional(pool)
+        .await
+        .map_err(EngineError::from)?;
+        json!({ "kind": "webhook", "delivery": delivery })
+    } else if by.starts_with("alertmanager:") {
+        let episode = one(
+            "select jsonb_build_object('route', route, 'fingerprint', fingerprint, 'starts_at', starts_at, \
+               'target', target, 'labels', labels, 'outcome', outcome, 'first_seen', first_seen, \
+               'resolved_at', resolved_at) \
+             from alert_episodes where run_id = $1 limit 1",
+        )
+        .fetch_optional(pool)
+        .await
+        .map_err(EngineError::from)?;
+        json!({ "kind": "alertmanager", "episode": episode })
+    } else if let Some(parent) = run.parent_run_id {
+        let found = sqlx::query_scalar::<_, Value>(
+            "select jsonb_build_object('id', r.id, 'workflow', r.workflow, 'status', r.status, 'step', s.name) \
+             from runs r left join steps s on s.run_id = r.id and s.child_run_id = $2 where r.id = $1 limit 1",
+        )
+        .bind(parent.0)
+        .bind(id)
+        .fetch_optional(pool)
+        .await
+        .map_err(EngineError::from)?;
+        json!({ "kind": "parent", "parent": found })
+    } else if let Some(rest) = by.strip_prefix("api:") {
+        let (caller, retry_of) = match rest.split_once(" (retry of ") {
+            Some((caller, of)) => (caller, Some(of.trim_end_matches(')'))),
+            None => (rest, None),
+        };
+        json!({ "kind": "api", "caller": caller, "retry_of": retry_of })
+    } else {
+        json!({ "kind": "other" })
+    };
+    let mut found = found;
+    found["started_by"] = json!(by);
+    Ok(found)
+}
+
+/// The concurrency limit `run` was started under, for starting it again the same way.
+pub async fn concurrency_limit(engine: &Engine, id: RunId) -> Result<Option<i32>, EngineError> {
+    sqlx::query_scalar("select concurrency_limit from runs where id = $1")
+        .bind(id.0)
+        .fetch_optional(engine.store().pool())
+        .await
+        .map(Option::flatten)
+        .map_err(EngineError::from)
+}

@@ -1,0 +1,525 @@
+//! The web console in a real browser (headless Chromium through ChromeDriver) against
+//! `dayshift serve` and a `dayshift worker` with real PostgreSQL and Redis; the Kubernetes
+//! API is the shared stand-in. The tests leave screenshots of the main pages in
+//! `docs/console/`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dayshift_tests::browser::{Browser, Scheme};
+use dayshift_tests::kube_api::KubeApi;
+use dayshift_tests::{BinEnv, Proc, unique};
+use serde_json::{Value, json};
+
+const LIMIT: Duration = Duration::from_secs(60);
+const TAB: char = '\u{E004}';
+const ENTER: char = '\u{E007}';
+
+fn catalog(version: &str) -> String {
+    format!(
+        "apiVersion: v1
+kind: Namespace
+metadata:
+  name: catalog
+---
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: catalog-config
+data:
+  LOG_LEVEL: info
+  RELEASE: \"{version}\"
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: catalog-api
+spec:
+  replicas: 2
+  selector: {{ matchLabels: {{ app: catalog-api }} }}
+  template:
+    metadata: {{ labels: {{ app: catalog-api }} }}
+    spec:
+      containers:
+        - name: api
+          image: registry.acme.io/catalog-api:{version}
+"
+    )
+}
+
+/// A directory holding `files`.
+fn manifests(files: &[(&str, &str)]) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("dayshift-console-{}", unique()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, text) in files {
+        std::fs::write(dir.join(name), text).unwrap();
+    }
+    dir
+}
+
+struct Rig {
+    env: BinEnv,
+    kube: Arc<KubeApi>,
+    _worker: Proc,
+}
+
+/// `dayshift serve` and a worker, with the Kubernetes stand-in as connection `cluster`, a
+/// nightly schedule, and an Alertmanager route to a restart playbook.
+async fn rig() -> Rig {
+    let kube = Arc::new(KubeApi::start().await);
+    kube.put(json!({
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": { "name": "web", "namespace": "prod-web" },
+        "spec": { "replicas": 2, "template": { "metadata": { "labels": { "app": "web" } } } },
+    }));
+    let yaml = format!(
+        "connections:\n  kubernetes:\n    cluster: {{ url: \"{}\" }}\n\
+         schedules:\n  - name: nightly-backup\n    cron: \"0 3 * * *\"\n    timezone: Europe/Berlin\n    workflow: selftest.chain\n    input: {{ steps: 2 }}\n\
+         alertmanager:\n  routes:\n    - name: crashloop\n      matchers: ['alertname=\"KubePodCrashLooping\"']\n      workflow: remediate\n      \
+         input: {{ playbook: crash-loop, labels: \"{{{{ labels }}}}\", annotations: \"{{{{ annotations }}}}\", fingerprint: \"{{{{ fingerprint }}}}\", starts_at: \"{{{{ starts_at }}}}\" }}\n      \
+         guardrails: {{ target: [namespace, deployment], cooldown: 10m }}\n\
+         playbooks:\n  crash-loop:\n    kubernetes: cluster\n    namespaces: [\"prod-*\"]\n    \
+         actions:\n      - action: kube.rollout-restart\n        with: {{ kind: Deployment, namespace: \"{{{{ labels.namespace }}}}\", name: \"{{{{ labels.deployment }}}}\" }}\n",
+        kube.url
+    );
+    let env = BinEnv::start_with(&yaml).await;
+    let worker = env.start_worker().await;
+    Rig {
+        env,
+        kube,
+        _worker: worker,
+    }
+}
+
+impl Rig {
+    /// A run of install.component whose manifests are broken: it fails at `check`.
+    async fn failed_install(&self) -> Value {
+        let dir = manifests(&[
+            ("01-config.yaml", &catalog("1.4.0")),
+            (
+                "02-api.yaml",
+                "apiVersion: apps/v1\nkind: Deployment\nmetadata: [catalog-api\n",
+            ),
+        ]);
+        let id = self
+            .env
+            .start_run(
+                "install.component",
+                json!({ "component": "catalog", "manifests": dir, "namespace": "catalog", "kubernetes": "cluster" }),
+            )
+            .await;
+        let run = self.env.wait_finished(&id, LIMIT).await;
+        assert_eq!(run["status"], "failed", "{run:#}");
+        run
+    }
+
+    /// catalog 1.4.0 installed, then an upgrade to 1.5.0 made by `bob` that waits for the
+    /// approval of one of `approvers`; the waiting run.
+    async fn waiting_upgrade(&self, approvers: &[&str]) -> Value {
+        let v1 = manifests(&[("catalog.yaml", &catalog("1.4.0"))]);
+        let input = |dir: &std::path::Path| json!({ "component": "catalog", "manifests": dir, "namespace": "catalog", "kubernetes": "cluster", "timeout": "10s" });
+        let installed = self.env.start_run("install.component", input(&v1)).await;
+        let run = self.env.wait_finished(&installed, LIMIT).await;
+        assert_eq!(run["status"], "succeeded", "{run:#}");
+        let v2 = manifests(&[("catalog.yaml", &catalog("1.5.0"))]);
+        let mut upgrade = input(&v2);
+        upgrade["requested_by"] = json!("bob");
+        upgrade["approval"] = json!({ "approvers": approvers });
+        let id = self.env.start_run("upgrade.component", upgrade).await;
+        self.env
+            .wait_run(&id, LIMIT, |r| {
+                r["steps"]
+                    .as_array()
+                    .is_some_and(|s| s.iter().any(|s| s["kind"] == "signal" && s["status"] == "waiting"))
+            })
+            .await
+    }
+}
+
+fn id(run: &Value) -> String {
+    run["id"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn a_failing_run_shows_its_failing_step_and_error_and_new_runs_appear_live() {
+    let rig = rig().await;
+    let failed = rig.failed_install().await;
+    let failed_id = id(&failed);
+    let error = failed["error"].as_str().unwrap().to_string();
+    assert!(error.contains("02-api.yaml"), "{error}");
+
+    let b = Browser::start(&rig.env.api, Scheme::Light).await;
+    b.sign_in(&rig.env.as_user("oncall").await).await;
+    let row = format!("tr[data-run='{failed_id}']");
+    assert!(b.wait_text(&row, "Failed").await.contains("install.component"));
+
+    // A run started elsewhere shows up without reloading the page.
+    b.script("window.__sameDocument = true; return true;").await;
+    let newer = rig.env.start_run("selftest.chain", json!({ "steps": 2 })).await;
+    b.find(&format!("tr[data-run='{newer}']")).await;
+    assert_eq!(
+        b.script("return window.__sameDocument === true").await,
+        true,
+        "the page was reloaded"
+    );
+
+    // Filtering on failed runs keeps the failed one and drops the other.
+    b.find("#filter-status").await.select_by_value("failed").await.unwrap();
+    b.wait_text("#runs-table", "install.component").await;
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while b.has(&format!("tr[data-run='{newer}']")).await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the succeeded run stayed in the failed filter"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(b.has(&row).await);
+    assert!(
+        b.client.current_url().await.unwrap().as_str().contains("status=failed"),
+        "the filter is in the address, to share it"
+    );
+    b.screenshot("runs").await;
+
+    // The run page says where and why it failed.
+    b.click(&format!("{row} a")).await;
+    let why = b.wait_text("#why-failed", "Failed at step check").await;
+    assert!(why.contains("02-api.yaml"), "{why}");
+    let seq = failed["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "check")
+        .unwrap()["seq"]
+        .clone();
+    let step_row = format!("#step-{seq}");
+    assert!(b.text(&step_row).await.contains("Failed"));
+    assert_eq!(
+        b.find(&step_row).await.attr("class").await.unwrap().as_deref(),
+        Some("row-failed")
+    );
+    assert!(b.text("#trigger-h").await.contains("API call"));
+    b.screenshot("run-failed").await;
+    // Jumping to the step opens its attempts.
+    b.click("#why-failed a.step-ref").await;
+    b.wait_text(&format!("{step_row} details"), "02-api.yaml").await;
+
+    // An operator can retry it as a new run.
+    b.click("#run-actions button").await;
+    b.wait_text(".crumbs", "Runs").await;
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    let retry = loop {
+        let url = b.client.current_url().await.unwrap().to_string();
+        if !url.contains(&failed_id) && url.contains("#/runs/") {
+            break url.rsplit('/').next().unwrap().to_string();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no retry page: {url}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let (_, retried) = rig.env.get(&format!("/api/v1/runs/{retry}")).await;
+    assert_eq!(retried["workflow"], "install.component");
+    assert_eq!(retried["input"], failed["input"]);
+    assert_eq!(retried["started_by"], format!("api:oncall (retry of {failed_id})"));
+    b.close().await;
+}
+
+#[tokio::test]
+async fn approving_a_waiting_run_from_the_page_lets_it_continue() {
+    let rig = rig().await;
+    let waiting = rig.waiting_upgrade(&["alice"]).await;
+    let run_id = id(&waiting);
+
+    let b = Browser::start(&rig.env.api, Scheme::Light).await;
+    b.sign_in(&rig.env.as_user("alice").await).await;
+    b.wait_text("#approvals-count", "1").await;
+    b.click("#nav a[data-nav=approvals]").await;
+    let card = format!("article.approval[data-run='{run_id}']");
+    let text = b.wait_text(&card, "Who may approve").await;
+    assert!(text.contains("alice"), "{text}");
+    assert!(text.contains("bob (may not approve it)"), "{text}");
+    // The plan: what the upgrade would change, field by field.
+    let plan = b.text(&format!("{card} table.plan")).await;
+    assert!(plan.contains("Deployment catalog/catalog-api"), "{plan}");
+    let containers = plan
+        .lines()
+        .find(|l| l.starts_with("spec.template.spec.containers: "))
+        .unwrap_or_else(|| panic!("no container change in {plan}"));
+    let (before, after) = containers.split_once(" → ").unwrap();
+    assert!(
+        before.contains("catalog-api:1.4.0") && after.contains("catalog-api:1.5.0"),
+        "{plan}"
+    );
+    assert!(plan.contains("ConfigMap catalog/catalog-config"), "{plan}");
+    b.screenshot("approvals").await;
+
+    b.find(&format!("{card} textarea"))
+        .await
+        .send_keys("diff checked, 1.5.0 is in staging since Tuesday")
+        .await
+        .unwrap();
+    b.click(&format!("{card} button.approve")).await;
+    b.wait_text("#announcer", "Approved as alice").await;
+
+    let done = rig.env.wait_finished(&run_id, LIMIT).await;
+    assert_eq!(done["status"], "succeeded", "{done:#}");
+    let decision = done["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "decision:1")
+        .unwrap()["output"]
+        .clone();
+    assert_eq!(decision["by"], "alice");
+    assert_eq!(decision["comment"], "diff checked, 1.5.0 is in staging since Tuesday");
+    assert_eq!(decision["ignored"], Value::Null);
+    let live = rig
+        .kube
+        .get("/apis/apps/v1/namespaces/catalog/deployments/catalog-api")
+        .unwrap();
+    assert_eq!(
+        live["spec"]["template"]["spec"]["containers"][0]["image"],
+        "registry.acme.io/catalog-api:1.5.0"
+    );
+    let (_, audit) = rig.env.get(&format!("/api/v1/audit?target={run_id}")).await;
+    assert!(
+        audit["audit"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["action"] == "run.approve" && e["actor"] == "alice"),
+        "{audit:#}"
+    );
+
+    // The page no longer lists it; the run page shows the whole upgrade.
+    b.wait_text("#approvals", "Nothing waits for an approval.").await;
+    b.open(&format!("#/runs/{run_id}")).await;
+    b.wait_text("h1", "Succeeded").await;
+    b.wait_text("table.timeline", "decision:1").await;
+    b.screenshot("run-succeeded").await;
+    b.close().await;
+}
+
+#[tokio::test]
+async fn a_viewer_sees_no_action_buttons_and_the_api_refuses_anyway() {
+    let rig = rig().await;
+    let failed = rig.failed_install().await;
+    let waiting = rig.waiting_upgrade(&["vera", "olga"]).await;
+    let (failed_id, waiting_id) = (id(&failed), id(&waiting));
+    let vera = rig.env.token_for("vera", "viewer").await;
+
+    let b = Browser::start(&rig.env.api, Scheme::Light).await;
+    b.sign_in(&vera).await;
+    assert!(b.text("#user").await.contains("viewer"));
+
+    b.open(&format!("#/runs/{waiting_id}")).await;
+    b.wait_text("#run-actions", "you can see this run but not act on it")
+        .await;
+    assert!(!b.has("#run-actions button").await);
+    assert!(!b.has("#run-actions form").await);
+
+    b.open(&format!("#/runs/{failed_id}")).await;
+    b.wait_text("#run-actions", "you can see this run but not act on it")
+        .await;
+    assert!(!b.has("#run-actions button").await);
+
+    b.open("#/approvals").await;
+    let card = format!("article.approval[data-run='{waiting_id}']");
+    b.wait_text(&card, "the viewer role cannot approve or reject").await;
+    assert!(!b.has(&format!("{card} button")).await);
+    assert!(!b.has(&format!("{card} textarea")).await);
+
+    b.open("#/schedules").await;
+    b.wait_text("tr[data-schedule='nightly-backup']", "selftest.chain")
+        .await;
+    assert!(!b.has("#schedules button").await);
+    assert!(b.text("main").await.contains("needs the admin role"));
+
+    // The API refuses what the page does not offer.
+    for (path, body) in [
+        (
+            format!("/api/v1/runs/{waiting_id}/approve"),
+            json!({ "comment": "lgtm" }),
+        ),
+        (format!("/api/v1/runs/{waiting_id}/cancel"), json!({})),
+        (format!("/api/v1/runs/{failed_id}/retry"), json!({})),
+        ("/api/v1/schedules/nightly-backup/trigger".to_string(), json!({})),
+    ] {
+        let (status, answer) = rig.env.post_as(&vera, &path, &body).await;
+        assert_eq!(status, 403, "{path}: {answer}");
+    }
+    let (_, still) = rig.env.get(&format!("/api/v1/runs/{waiting_id}")).await;
+    assert_eq!(still["status"], "waiting");
+
+    // An operator among the approvers gets the buttons the viewer did not.
+    b.script("sessionStorage.clear(); localStorage.clear(); return true;")
+        .await;
+    b.client.refresh().await.unwrap();
+    b.sign_in(&rig.env.as_user("olga").await).await;
+    b.open(&format!("#/runs/{waiting_id}")).await;
+    b.wait_text("#run-actions", "Cancel").await;
+    assert!(b.has("#run-actions button.approve").await);
+    b.close().await;
+}
+
+#[tokio::test]
+async fn schedules_and_remediations_show_what_happened_and_admins_act_on_schedules() {
+    let rig = rig().await;
+    let b = Browser::start(&rig.env.api, Scheme::Light).await;
+    b.sign_in(&rig.env.token).await;
+
+    b.open("#/schedules").await;
+    let row = "tr[data-schedule='nightly-backup']";
+    let text = b.wait_text(row, "Active").await;
+    assert!(text.contains("0 3 * * *") && text.contains("Europe/Berlin"), "{text}");
+    let (_, schedule) = rig.env.get("/api/v1/schedules/nightly-backup").await;
+    let next = chrono::DateTime::parse_from_rfc3339(schedule["next"][0].as_str().unwrap()).unwrap();
+    assert_eq!(next.format("%M").to_string(), "00", "{schedule:#}");
+
+    b.click(&format!("{row} button[data-action='trigger:nightly-backup']"))
+        .await;
+    b.wait_text("#announcer", "Started run").await;
+    let (_, runs) = rig.env.get("/api/v1/runs?trigger=schedule").await;
+    let triggered = runs["runs"][0].clone();
+    assert_eq!(triggered["started_by"], "schedule:nightly-backup (triggered by hand)");
+
+    b.click(&format!("{row} button[data-action='pause:nightly-backup']"))
+        .await;
+    b.wait_text(row, "Paused").await;
+    let (_, schedule) = rig.env.get("/api/v1/schedules/nightly-backup").await;
+    assert_eq!(schedule["paused"], true);
+    b.screenshot("schedules").await;
+    b.click(&format!("{row} button[data-action='resume:nightly-backup']"))
+        .await;
+    b.wait_text(row, "Active").await;
+
+    // The run page names the schedule and who triggered it.
+    b.open(&format!("#/runs/{}", id(&triggered))).await;
+    let trigger = b.wait_text("#trigger-h", "Schedule tick").await;
+    assert!(trigger.contains("Schedule tick"));
+    b.wait_text("#run-trigger", "test-admin").await;
+
+    // An alert from Alertmanager runs its playbook; the remediations page shows it.
+    let starts = chrono::Utc::now() - chrono::Duration::minutes(3);
+    let notification = |status: &str| {
+        json!({
+            "version": "4", "status": status, "receiver": "dayshift", "groupKey": "{}:{alertname=\"KubePodCrashLooping\"}",
+            "alerts": [{
+                "status": status,
+                "labels": { "alertname": "KubePodCrashLooping", "namespace": "prod-web", "deployment": "web", "severity": "critical" },
+                "annotations": { "summary": "web is crash looping" },
+                "startsAt": starts.to_rfc3339(), "fingerprint": "f00dfeed",
+            }],
+        })
+    };
+    let (status, answer) = rig.env.post("/hooks/alertmanager", &notification("firing")).await;
+    assert_eq!(status, 200, "{answer}");
+    let run_id = answer["started"][0].as_str().unwrap().to_string();
+    rig.env
+        .wait_run(&run_id, LIMIT, |r| {
+            r["steps"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|s| s["kind"] == "signal" && s["status"] == "waiting"))
+        })
+        .await;
+    let (status, _) = rig.env.post("/hooks/alertmanager", &notification("resolved")).await;
+    assert_eq!(status, 200);
+    let done = rig.env.wait_finished(&run_id, LIMIT).await;
+    assert_eq!(done["status"], "succeeded", "{done:#}");
+
+    b.open("#/remediations").await;
+    let rem = b.wait_text("table.remediations", "KubePodCrashLooping").await;
+    assert!(rem.contains("crash-loop"), "{rem}");
+    assert!(rem.contains("resolved"), "{rem}");
+    let episodes = b.wait_text("table.episodes", "prod-web").await;
+    assert!(episodes.contains("started"), "{episodes}");
+    b.screenshot("remediations").await;
+
+    b.open(&format!("#/runs/{run_id}")).await;
+    b.wait_text("#trigger-h", "Alert episode").await;
+    b.wait_text("#run-trigger", "KubePodCrashLooping").await;
+    b.close().await;
+}
+
+#[tokio::test]
+async fn every_page_passes_axe_in_light_and_dark_and_works_from_the_keyboard() {
+    let rig = rig().await;
+    let failed = id(&rig.failed_install().await);
+    let waiting = id(&rig.waiting_upgrade(&["alice"]).await);
+    let alice = rig.env.as_user("alice").await;
+    for scheme in [Scheme::Light, Scheme::Dark] {
+        let b = Browser::start(&rig.env.api, scheme).await;
+        b.open("#/runs").await;
+        b.find("#token").await;
+        let mut found = Vec::new();
+        found.extend(
+            b.accessibility_violations()
+                .await
+                .into_iter()
+                .map(|v| format!("sign-in: {v}")),
+        );
+        b.sign_in(&alice).await;
+        let pages = [
+            ("#/runs", "tbody tr[data-run]"),
+            (&*format!("#/runs/{failed}"), "#why-failed"),
+            (&*format!("#/runs/{waiting}"), "form.decision"),
+            ("#/approvals", "article.approval"),
+            ("#/schedules", "tr[data-schedule]"),
+            ("#/remediations", "table.episodes"),
+        ];
+        for (route, ready) in pages {
+            b.open(route).await;
+            b.find(ready).await;
+            found.extend(
+                b.accessibility_violations()
+                    .await
+                    .into_iter()
+                    .map(|v| format!("{route} ({scheme:?}): {v}")),
+            );
+        }
+        assert!(found.is_empty(), "accessibility violations:\n{}", found.join("\n"));
+        if scheme == Scheme::Dark {
+            b.open(&format!("#/runs/{failed}")).await;
+            b.find("#why-failed").await;
+            b.screenshot("run-failed-dark").await;
+            b.open("#/runs").await;
+            b.find("tbody tr[data-run]").await;
+            b.screenshot("runs-dark").await;
+        }
+        b.close().await;
+    }
+
+    // From the keyboard alone: skip to the content, reach a run, open it; the page's heading
+    // takes the focus so a screen reader says where it is.
+    let b = Browser::start(&rig.env.api, Scheme::Light).await;
+    b.sign_in(&alice).await;
+    b.client.refresh().await.unwrap();
+    b.find("tbody tr[data-run]").await;
+    b.press(TAB).await;
+    assert_eq!(b.script("return document.activeElement.className").await, "skip");
+    b.press(ENTER).await;
+    let mut reached = false;
+    for _ in 0..60 {
+        b.press(TAB).await;
+        let href = b.script("return document.activeElement.getAttribute('href')").await;
+        if href.as_str().is_some_and(|h| h.starts_with("#/runs/") && h.len() > 20) {
+            reached = true;
+            break;
+        }
+    }
+    assert!(reached, "no run link reachable with Tab");
+    b.press(ENTER).await;
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        let focused = b
+            .script("const a = document.activeElement; return a.tagName + ':' + a.textContent")
+            .await;
+        if focused.as_str().is_some_and(|f| f.starts_with("H1:")) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the run page's heading never took the focus: {focused}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    b.close().await;
+}
