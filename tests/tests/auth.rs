@@ -43,6 +43,10 @@ async fn each_endpoint_refuses_callers_without_the_role_it_needs() {
         ("GET", "/api/v1/schedules".into(), "viewer"),
         ("GET", "/api/v1/remediations".into(), "viewer"),
         ("GET", "/api/v1/alerts/episodes".into(), "viewer"),
+        ("GET", "/api/v1/approvals".into(), "viewer"),
+        ("GET", "/api/v1/whoami".into(), "viewer"),
+        ("GET", format!("/api/v1/runs/{run}/trigger"), "viewer"),
+        ("POST", format!("/api/v1/runs/{run}/retry"), "operator"),
         ("POST", "/api/v1/runs".into(), "operator"),
         ("POST", format!("/api/v1/runs/{run}/signals/approve"), "operator"),
         ("POST", format!("/api/v1/runs/{run}/approve"), "operator"),
@@ -75,8 +79,9 @@ async fn each_endpoint_refuses_callers_without_the_role_it_needs() {
             }
         }
     }
-    // Health, readiness, metrics and webhooks (signed on their own) need no token.
-    for path in ["/healthz", "/readyz", "/metrics"] {
+    // Health, readiness, metrics, webhooks (signed on their own) and the console's page and
+    // scripts (which hold no data) need no token.
+    for path in ["/healthz", "/readyz", "/metrics", "/console/", "/console/js/app.js"] {
         assert_eq!(call(&env, "GET", path, None).await.0, 200, "{path}");
     }
     assert_eq!(

@@ -523,3 +523,87 @@ async fn every_page_passes_axe_in_light_and_dark_and_works_from_the_keyboard() {
     }
     b.close().await;
 }
+
+#[tokio::test]
+async fn a_retry_starts_the_same_input_once_and_only_for_a_run_that_ended_badly() {
+    let rig = rig().await;
+    let failed = rig.failed_install().await;
+    let failed_id = id(&failed);
+    let otto = rig.env.as_user("otto").await;
+    let path = format!("/api/v1/runs/{failed_id}/retry");
+    let (status, first) = rig.env.post_as(&otto, &path, &json!({})).await;
+    assert_eq!(status, 201, "{first}");
+    // A second click gives the same retry back rather than a second run.
+    let (status, again) = rig.env.post_as(&otto, &path, &json!({})).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["id"], first["id"]);
+    let retry = first["id"].as_str().unwrap();
+    let (_, trigger) = rig.env.get(&format!("/api/v1/runs/{retry}/trigger")).await;
+    assert_eq!(trigger["kind"], "api");
+    assert_eq!(trigger["caller"], "otto");
+    assert_eq!(trigger["retry_of"], failed_id.as_str());
+    let (_, audit) = rig.env.get(&format!("/api/v1/audit?target={failed_id}")).await;
+    let entry = audit["audit"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["action"] == "run.retry")
+        .cloned()
+        .unwrap_or_else(|| panic!("{audit:#}"));
+    assert_eq!(entry["actor"], "otto");
+
+    // A run that has not ended badly is not retried.
+    let waiting = id(&rig.waiting_upgrade(&["alice"]).await);
+    let (status, refused) = rig
+        .env
+        .post_as(&otto, &format!("/api/v1/runs/{waiting}/retry"), &json!({}))
+        .await;
+    assert_eq!(status, 409, "{refused}");
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap()
+            .contains("only a failed or cancelled run can be retried"),
+        "{refused}"
+    );
+    let (_, approvals) = rig.env.get_as(&otto, "/api/v1/approvals").await;
+    let a = &approvals["approvals"][0];
+    assert_eq!(a["run"]["id"], waiting.as_str());
+    assert_eq!(a["approvers"], json!(["alice"]));
+    assert_eq!(a["may_decide"], false);
+    assert_eq!(a["why_not"], "otto is not one of the approvers");
+    assert_eq!(a["about_kind"], "plan");
+}
+
+#[tokio::test]
+async fn the_console_is_served_by_dayshift_serve_with_a_strict_policy_and_revalidated() {
+    let env = BinEnv::start().await;
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let root = http.get(format!("{}/", env.api)).send().await.unwrap();
+    assert_eq!(root.status().as_u16(), 303);
+    assert_eq!(root.headers()["location"], "/console/");
+
+    let page = http.get(format!("{}/console/", env.api)).send().await.unwrap();
+    assert_eq!(page.status().as_u16(), 200);
+    let csp = page.headers()["content-security-policy"].to_str().unwrap().to_string();
+    assert!(csp.contains("script-src 'self'") && csp.contains("frame-ancestors 'none'"), "{csp}");
+    assert!(page.headers()["content-type"].to_str().unwrap().starts_with("text/html"));
+    let etag = page.headers()["etag"].to_str().unwrap().to_string();
+    assert!(page.text().await.unwrap().contains("<script type=\"module\" src=\"js/app.js\">"));
+
+    let again = http
+        .get(format!("{}/console/", env.api))
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status().as_u16(), 304);
+
+    let script = http.get(format!("{}/console/js/app.js", env.api)).send().await.unwrap();
+    assert_eq!(script.headers()["content-type"], "text/javascript; charset=utf-8");
+    let missing = http.get(format!("{}/console/js/nothing.js", env.api)).send().await.unwrap();
+    assert_eq!(missing.status().as_u16(), 404);
+}
