@@ -86,3 +86,13 @@ python3 -c "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1]
 echo
 echo "== dayshift runs list"
 $bin runs list --limit 5
+echo
+# The console signs in with a token; the demo's is kept in a file readable only by you.
+(umask 077 && printf '%s\n' "$DAYSHIFT_TOKEN" >.dayshift/demo-token)
+echo "== the web console: $DAYSHIFT_SERVER/console/   (token: cat .dayshift/demo-token)"
+if [ "${DAYSHIFT_DEMO_STAY:-}" = 1 ]; then
+  echo "serve and the worker stay up until Ctrl-C"
+  wait
+else
+  echo "   DAYSHIFT_DEMO_STAY=1 scripts/demo.sh keeps serve and the worker up to look at it"
+fi

@@ -382,6 +382,10 @@ pub fn assert_succeeded(run: &RunView) {
 
 /// The `dayshift` binary built by this cargo invocation (next to this test executable).
 pub fn dayshift_bin() -> PathBuf {
+    // Benchmarks point this at a release build.
+    if let Some(bin) = std::env::var_os("DAYSHIFT_BIN") {
+        return PathBuf::from(bin);
+    }
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe.parent().and_then(|p| p.parent()).expect("target dir");
     let bin = dir.join("dayshift");

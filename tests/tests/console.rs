@@ -386,10 +386,10 @@ async fn schedules_and_remediations_show_what_happened_and_admins_act_on_schedul
     b.wait_text(row, "Paused").await;
     let (_, schedule) = rig.env.get("/api/v1/schedules/nightly-backup").await;
     assert_eq!(schedule["paused"], true);
-    b.screenshot("schedules").await;
     b.click(&format!("{row} button[data-action='resume:nightly-backup']"))
         .await;
     b.wait_text(row, "Active").await;
+    b.screenshot("schedules").await;
 
     // The run page names the schedule and who triggered it.
     b.open(&format!("#/runs/{}", id(&triggered))).await;
@@ -606,4 +606,116 @@ async fn the_console_is_served_by_dayshift_serve_with_a_strict_policy_and_revali
     assert_eq!(script.headers()["content-type"], "text/javascript; charset=utf-8");
     let missing = http.get(format!("{}/console/js/nothing.js", env.api)).send().await.unwrap();
     assert_eq!(missing.status().as_u16(), 404);
+}
+
+/// The benchmark of docs/benchmarks.md ("Console"): the run list with 10,000 runs in the
+/// database. Run by `scripts/bench-console.sh` against a release build; it prints figures
+/// and checks only that each page is whole.
+#[tokio::test]
+#[ignore = "a benchmark: scripts/bench-console.sh"]
+async fn bench_the_run_list_with_10000_runs() {
+    let env = BinEnv::start().await;
+    // Runs as a busy platform leaves them over a week: five workflows, every trigger, one in
+    // seven failed with an error; created a minute apart. Inserted directly: the benchmark is
+    // about listing them, not running them.
+    sqlx::query(
+        "insert into runs (id, workflow, workflow_version, input, status, output, error, started_by, \
+           created_at, started_at, finished_at, updated_at) \
+         select gen_random_uuid(), \
+           (array['backup.postgres', 'rotate.vault-secret', 'promote', 'remediate', 'install.component'])[1 + i % 5], 1, \
+           jsonb_build_object('target', 'db-' || (i % 40), 'bucket', 'backups'), \
+           (array['succeeded', 'succeeded', 'succeeded', 'failed', 'succeeded', 'cancelled', 'waiting'])[1 + i % 7], \
+           case when i % 7 in (0, 1, 2, 4) then jsonb_build_object('bytes', i * 1000) end, \
+           case when i % 7 = 3 then 'step upload failed after 5 attempts: connection refused' end, \
+           (array['schedule:nightly-backup', 'webhook:promote:gitea push', 'alertmanager:crashloop KubePodCrashLooping', 'api:alice'])[1 + i % 4], \
+           now() - make_interval(secs => i * 60), now() - make_interval(secs => i * 60 - 1), \
+           case when i % 7 <> 6 then now() - make_interval(secs => i * 60 - 30) end, now() \
+         from generate_series(1, 10000) i",
+    )
+    .execute(&env.db.pool)
+    .await
+    .unwrap();
+    let viewer = env.token_for("bench-viewer", "viewer").await;
+    let http = reqwest::Client::new();
+    let time = |path: String| {
+        let (http, viewer, api) = (http.clone(), viewer.clone(), env.api.clone());
+        async move {
+            let started = std::time::Instant::now();
+            let body: Value = http
+                .get(format!("{api}{path}"))
+                .bearer_auth(&viewer)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            (started.elapsed().as_secs_f64() * 1000.0, body)
+        }
+    };
+    let summary = |mut ms: Vec<f64>| {
+        ms.sort_by(f64::total_cmp);
+        let at = |q: f64| ms[((ms.len() as f64 - 1.0) * q).round() as usize];
+        format!("p50 {:.1} ms, p95 {:.1} ms, max {:.1} ms ({} loads)", at(0.5), at(0.95), at(1.0), ms.len())
+    };
+    let since = (chrono::Utc::now() - chrono::Duration::hours(24)).to_rfc3339();
+    let queries = [
+        ("first page", "/api/v1/runs?limit=50".to_string()),
+        ("failed", "/api/v1/runs?limit=50&status=failed".to_string()),
+        ("one workflow", "/api/v1/runs?limit=50&workflow=backup.postgres".to_string()),
+        ("schedule-started", "/api/v1/runs?limit=50&trigger=schedule".to_string()),
+        (
+            "last 24 h, failed",
+            format!("/api/v1/runs?limit=50&status=failed&since={}", urlencode(&since)),
+        ),
+    ];
+    println!("API, 10,000 runs, sequential calls with a viewer token:");
+    for (name, path) in queries {
+        time(path.clone()).await; // warm
+        let mut ms = Vec::new();
+        for _ in 0..200 {
+            let (t, body) = time(path.clone()).await;
+            assert_eq!(body["runs"].as_array().map(Vec::len), Some(50), "{name}: {body}");
+            ms.push(t);
+        }
+        println!("  {name:<20} {}", summary(ms));
+    }
+    // Deep paging: the 100th page through the cursor costs what the first does.
+    let mut path = "/api/v1/runs?limit=50".to_string();
+    let mut deep = 0.0;
+    for _ in 0..100 {
+        let (t, body) = time(path.clone()).await;
+        deep = t;
+        path = format!("/api/v1/runs?limit=50&before={}", body["next"].as_str().unwrap());
+    }
+    println!("  {:<20} {deep:.1} ms", "100th page");
+
+    // The console: a cold load of the run list in Chromium until its first page is drawn
+    // (navigation start to the `dayshift:runs-rendered` mark), the token already kept.
+    let b = Browser::start(&env.api, Scheme::Light).await;
+    b.sign_in(&viewer).await;
+    let mut ms = Vec::new();
+    for _ in 0..30 {
+        b.client.refresh().await.unwrap();
+        let deadline = tokio::time::Instant::now() + LIMIT;
+        let t = loop {
+            let mark = b
+                .script("const m = performance.getEntriesByName('dayshift:runs-rendered')[0]; return m ? m.startTime : null;")
+                .await;
+            if let Some(t) = mark.as_f64() {
+                break t;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "the run list never rendered");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        let rows = b.script("return document.querySelectorAll('tbody tr[data-run]').length").await;
+        assert_eq!(rows, 50);
+        ms.push(t);
+    }
+    println!("Console, navigation start to the first 50 runs drawn: {}", summary(ms));
+    b.close().await;
+}
+
+fn urlencode(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }

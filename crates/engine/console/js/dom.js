@@ -117,5 +117,8 @@ export function emptyRow(columns, text) {
 /** A message for screen readers and sighted people: goes to the live region. */
 export function announce(text, kind = "info") {
   const region = document.getElementById("announcer");
-  fill(region, h("p", { class: `notice notice-${kind}` }, text));
+  const notice = h("p", { class: `notice notice-${kind}` }, text);
+  fill(region, notice);
+  // Information goes away after a while; an error stays until the next message.
+  if (kind === "info") setTimeout(() => notice.remove(), 8000);
 }

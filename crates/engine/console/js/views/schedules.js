@@ -48,7 +48,7 @@ function row(s, admin, refresh) {
         h("span", { class: `badge tick-${t.outcome}` }, t.outcome), " ", when(t.tick), t.run_id ? [" ", runLink(t.run_id)] : "",
         t.detail ? h("div", { class: "muted" }, t.detail) : ""))),
       problems.length ? h("p", { class: "text-failed" }, `${problems.length} of the last ${s.recent.length} ticks did not start a run`) : null),
-    admin ? h("td", { class: "actions" },
+    admin ? h("td", { class: "row-actions" }, h("div", {},
       s.paused ? act("resume", "Resume", "secondary") : act("pause", "Pause", "secondary"),
-      act("trigger", "Trigger now", null)) : null);
+      act("trigger", "Trigger now", null))) : null);
 }
