@@ -162,7 +162,17 @@ async fn a_failing_run_shows_its_failing_step_and_error_and_new_runs_appear_live
         "the page was reloaded"
     );
 
-    // Filtering on failed runs keeps the failed one and drops the other.
+    // More of what a run list holds, for the screenshot: a run waiting for a signal, a longer chain.
+    let gate = rig.env.start_run("selftest.gate", json!({})).await;
+    let chain = rig
+        .env
+        .start_run("selftest.chain", json!({ "steps": 5, "fail_first": 1 }))
+        .await;
+    b.wait_text(&format!("tr[data-run='{gate}']"), "Waiting").await;
+    b.wait_text(&format!("tr[data-run='{chain}']"), "Succeeded").await;
+    b.screenshot("runs").await;
+
+    // Filtering on failed runs keeps the failed one and drops the others.
     b.find("#filter-status").await.select_by_value("failed").await.unwrap();
     b.wait_text("#runs-table", "install.component").await;
     let deadline = tokio::time::Instant::now() + LIMIT;
@@ -178,7 +188,6 @@ async fn a_failing_run_shows_its_failing_step_and_error_and_new_runs_appear_live
         b.client.current_url().await.unwrap().as_str().contains("status=failed"),
         "the filter is in the address, to share it"
     );
-    b.screenshot("runs").await;
 
     // The run page says where and why it failed.
     b.click(&format!("{row} a")).await;
@@ -506,6 +515,14 @@ async fn every_page_passes_axe_in_light_and_dark_and_works_from_the_keyboard() {
         }
     }
     assert!(reached, "no run link reachable with Tab");
+    // A live refresh that redraws the list leaves the focus where it was.
+    let focused = b.script("return document.activeElement.getAttribute('href')").await;
+    let newer = rig.env.start_run("selftest.chain", json!({ "steps": 1 })).await;
+    b.find(&format!("tr[data-run='{newer}']")).await;
+    let still = b
+        .script("return document.activeElement.closest('tr') && document.activeElement.getAttribute('href')")
+        .await;
+    assert_eq!(still, focused, "the refresh moved the focus");
     b.press(ENTER).await;
     let deadline = tokio::time::Instant::now() + LIMIT;
     loop {
@@ -589,10 +606,23 @@ async fn the_console_is_served_by_dayshift_serve_with_a_strict_policy_and_revali
     let page = http.get(format!("{}/console/", env.api)).send().await.unwrap();
     assert_eq!(page.status().as_u16(), 200);
     let csp = page.headers()["content-security-policy"].to_str().unwrap().to_string();
-    assert!(csp.contains("script-src 'self'") && csp.contains("frame-ancestors 'none'"), "{csp}");
-    assert!(page.headers()["content-type"].to_str().unwrap().starts_with("text/html"));
+    assert!(
+        csp.contains("script-src 'self'") && csp.contains("frame-ancestors 'none'"),
+        "{csp}"
+    );
+    assert!(
+        page.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
     let etag = page.headers()["etag"].to_str().unwrap().to_string();
-    assert!(page.text().await.unwrap().contains("<script type=\"module\" src=\"js/app.js\">"));
+    assert!(
+        page.text()
+            .await
+            .unwrap()
+            .contains("<script type=\"module\" src=\"js/app.js\">")
+    );
 
     let again = http
         .get(format!("{}/console/", env.api))
@@ -604,7 +634,11 @@ async fn the_console_is_served_by_dayshift_serve_with_a_strict_policy_and_revali
 
     let script = http.get(format!("{}/console/js/app.js", env.api)).send().await.unwrap();
     assert_eq!(script.headers()["content-type"], "text/javascript; charset=utf-8");
-    let missing = http.get(format!("{}/console/js/nothing.js", env.api)).send().await.unwrap();
+    let missing = http
+        .get(format!("{}/console/js/nothing.js", env.api))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(missing.status().as_u16(), 404);
 }
 
@@ -656,13 +690,22 @@ async fn bench_the_run_list_with_10000_runs() {
     let summary = |mut ms: Vec<f64>| {
         ms.sort_by(f64::total_cmp);
         let at = |q: f64| ms[((ms.len() as f64 - 1.0) * q).round() as usize];
-        format!("p50 {:.1} ms, p95 {:.1} ms, max {:.1} ms ({} loads)", at(0.5), at(0.95), at(1.0), ms.len())
+        format!(
+            "p50 {:.1} ms, p95 {:.1} ms, max {:.1} ms ({} loads)",
+            at(0.5),
+            at(0.95),
+            at(1.0),
+            ms.len()
+        )
     };
     let since = (chrono::Utc::now() - chrono::Duration::hours(24)).to_rfc3339();
     let queries = [
         ("first page", "/api/v1/runs?limit=50".to_string()),
         ("failed", "/api/v1/runs?limit=50&status=failed".to_string()),
-        ("one workflow", "/api/v1/runs?limit=50&workflow=backup.postgres".to_string()),
+        (
+            "one workflow",
+            "/api/v1/runs?limit=50&workflow=backup.postgres".to_string(),
+        ),
         ("schedule-started", "/api/v1/runs?limit=50&trigger=schedule".to_string()),
         (
             "last 24 h, failed",
@@ -708,7 +751,9 @@ async fn bench_the_run_list_with_10000_runs() {
             assert!(tokio::time::Instant::now() < deadline, "the run list never rendered");
             tokio::time::sleep(Duration::from_millis(5)).await;
         };
-        let rows = b.script("return document.querySelectorAll('tbody tr[data-run]').length").await;
+        let rows = b
+            .script("return document.querySelectorAll('tbody tr[data-run]').length")
+            .await;
         assert_eq!(rows, 50);
         ms.push(t);
     }

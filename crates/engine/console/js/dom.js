@@ -22,6 +22,28 @@ function append(el, children) {
   }
 }
 
+/**
+ * Redraws `el` with `draw()` while keeping the keyboard focus where it was: a live refresh
+ * must not throw a keyboard or screen reader user back to the top of the page. The focus is
+ * found again by the row it was in (`id`, `data-run`, `data-seq`, `data-schedule`), so rows
+ * arriving above it do not move it.
+ */
+export function redraw(el, draw) {
+  const active = document.activeElement;
+  if (!active || active === el || !el.contains(active)) return draw();
+  const anchor = active.closest("[id], [data-run], [data-seq], [data-schedule]");
+  const root = anchor && el.contains(anchor) ? anchor : el;
+  const selector = root === el ? null
+    : root.id ? `#${CSS.escape(root.id)}`
+    : ["run", "seq", "schedule"].filter((k) => root.dataset[k]).map((k) => `[data-${k}="${CSS.escape(root.dataset[k])}"]`)[0];
+  const path = [];
+  for (let n = active; n !== root; n = n.parentElement) path.unshift([...n.parentElement.children].indexOf(n));
+  draw();
+  let n = selector ? el.querySelector(selector) : el;
+  for (const i of path) n = n?.children[i];
+  if (n && n.tagName === active.tagName) n.focus({ preventScroll: true });
+}
+
 /** Replaces the children of `el`. */
 export function fill(el, ...children) {
   el.replaceChildren();

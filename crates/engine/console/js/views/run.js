@@ -3,7 +3,7 @@
 // its history. Operators can cancel, retry, signal, approve or reject from here.
 
 import { get, post } from "../api.js";
-import { announce, duration, exact, fill, h, json, runLink, shortId, status, table, when } from "../dom.js";
+import { announce, duration, exact, fill, h, json, redraw, runLink, shortId, status, table, when } from "../dom.js";
 import { decisionPanel } from "./approvals.js";
 
 const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
@@ -35,23 +35,27 @@ export async function mount(ctx) {
       actionsKey = key;
       fill(actions, await actionsFor(ctx, run));
     }
-    fill(summary, h("h2", { id: "summary-h" }, "Run"), summaryList(run));
-    drawTimeline(timeline, run);
+    redraw(summary, () => fill(summary, h("h2", { id: "summary-h" }, "Run"), summaryList(run)));
+    redraw(timeline, () => drawTimeline(timeline, run));
     fill(data,
       h("section", { class: "card", "aria-labelledby": "input-h" }, h("h2", { id: "input-h" }, "Input"),
         h("p", { class: "help" }, "Values of fields named like secrets are shown as [redacted]."), json(run.input, "Run input")),
       run.output !== null && run.output !== undefined
         ? h("section", { class: "card", "aria-labelledby": "output-h" }, h("h2", { id: "output-h" }, "Output"), json(run.output, "Run output"))
         : null);
-    fill(history, h("h2", { id: "events-h" }, "History"), eventsTable(events));
+    redraw(history, () => fill(history, h("h2", { id: "events-h" }, "History"), eventsTable(events)));
   };
   await draw(run, events);
 
   let done = TERMINAL.has(run.status);
+  let shown = JSON.stringify([Math.floor(Date.now() / 30000), run, events.length]);
   const refresh = async () => {
     if (done) return;
     const [run, { events }] = await Promise.all([get(`/runs/${id}`), get(`/runs/${id}/events`)]);
     if (ctx.stale()) return;
+    const signature = JSON.stringify([Math.floor(Date.now() / 30000), run, events.length]);
+    if (signature === shown) return;
+    shown = signature;
     await draw(run, events);
     if (TERMINAL.has(run.status)) {
       done = true;

@@ -2,7 +2,7 @@
 // time (the API's keyset cursor), refreshed live.
 
 import { get, query } from "../api.js";
-import { duration, emptyRow, fill, h, runLink, status, table, when } from "../dom.js";
+import { duration, emptyRow, fill, h, redraw, runLink, status, table, when } from "../dom.js";
 
 const STATUSES = ["pending", "running", "waiting", "succeeded", "failed", "cancelled"];
 const TRIGGERS = [
@@ -41,6 +41,7 @@ export async function mount(ctx) {
     pager,
   );
   let seen = null;
+  let shown = null;
   const refresh = async () => {
     const win = WINDOWS.find((w) => w[0] === filters.window);
     const since = win ? new Date(Date.now() - win[2] * 1000).toISOString() : "";
@@ -48,10 +49,15 @@ export async function mount(ctx) {
       `/runs${query({ workflow: filters.workflow, status: filters.status, trigger: filters.trigger, since, before: filters.before, limit: PAGE })}`,
     );
     if (ctx.stale()) return;
+    // Nothing changed: leave the page alone (and the focus and selection in it).
+    // (At least every half minute all the same, for the "… ago" times.)
+    const signature = JSON.stringify([Math.floor(Date.now() / 30000), answer.next, answer.runs.map((r) => [r.id, r.status, r.error, r.finished_at])]);
+    if (signature === shown) return;
+    shown = signature;
     const fresh = seen ? new Set(answer.runs.filter((r) => !seen.has(r.id)).map((r) => r.id)) : new Set();
     seen = new Set(answer.runs.map((r) => r.id));
-    fill(body, runsTable(answer.runs, fresh, filters));
-    fill(pager, pagerLinks(filters, answer.next));
+    redraw(body, () => fill(body, runsTable(answer.runs, fresh, filters)));
+    redraw(pager, () => fill(pager, pagerLinks(filters, answer.next)));
   };
   await refresh();
   // For the benchmark (docs/benchmarks.md): when the first page of runs is on screen.
@@ -83,6 +89,13 @@ function filterForm(ctx, f, workflowNames) {
     select("window", "Created", WINDOWS.map(([v, t]) => [v, t]), f.window),
     h("button", { type: "reset", class: "secondary" }, "Clear filters"),
   );
+  const goto = h("input", { id: "goto-run", type: "text", name: "run", placeholder: "a run id", autocomplete: "off", spellcheck: "false",
+    pattern: "[0-9a-fA-F-]{36}", title: "a run id: 36 characters, e.g. 01a1ff3b-…" });
+  const jump = h("form", { class: "goto", "aria-label": "Go to a run", onsubmit: (e) => {
+    e.preventDefault();
+    const id = goto.value.trim().toLowerCase();
+    if (/^[0-9a-f-]{36}$/.test(id)) ctx.go(`#/runs/${id}`);
+  } }, h("div", { class: "field" }, h("label", { for: "goto-run" }, "Go to run"), goto), h("button", { type: "submit", class: "secondary" }, "Open"));
   const apply = () => {
     const data = Object.fromEntries(new FormData(form));
     ctx.go(`#/runs${query(data)}`);
@@ -92,7 +105,7 @@ function filterForm(ctx, f, workflowNames) {
     e.preventDefault();
     ctx.go("#/runs");
   });
-  return form;
+  return h("div", { class: "toolbar" }, form, jump);
 }
 
 function runsTable(runs, fresh, filters) {
