@@ -12,6 +12,7 @@ use dayshift_tests::{BinEnv, Proc, unique};
 use serde_json::{Value, json};
 
 const LIMIT: Duration = Duration::from_secs(60);
+const HOOK_SECRET: &str = "console-test-hook-secret";
 const TAB: char = '\u{E004}';
 const ENTER: char = '\u{E007}';
 
@@ -71,14 +72,20 @@ async fn rig() -> Rig {
         "apiVersion": "apps/v1", "kind": "Deployment", "metadata": { "name": "web", "namespace": "prod-web" },
         "spec": { "replicas": 2, "template": { "metadata": { "labels": { "app": "web" } } } },
     }));
+    let dir = std::env::temp_dir().join(format!("dayshift-console-{}", unique()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("hook-secret"), HOOK_SECRET).unwrap();
     let yaml = format!(
-        "connections:\n  kubernetes:\n    cluster: {{ url: \"{}\" }}\n\
+        "webhooks:\n  github:\n    secret: {{ file: {} }}\n  routes:\n    - name: ci-push\n      forge: github\n      \
+         events: [push]\n      workflow: selftest.chain\n      input: {{ steps: 2 }}\n\
+         connections:\n  kubernetes:\n    cluster: {{ url: \"{}\" }}\n\
          schedules:\n  - name: nightly-backup\n    cron: \"0 3 * * *\"\n    timezone: Europe/Berlin\n    workflow: selftest.chain\n    input: {{ steps: 2 }}\n\
          alertmanager:\n  routes:\n    - name: crashloop\n      matchers: ['alertname=\"KubePodCrashLooping\"']\n      workflow: remediate\n      \
          input: {{ playbook: crash-loop, labels: \"{{{{ labels }}}}\", annotations: \"{{{{ annotations }}}}\", fingerprint: \"{{{{ fingerprint }}}}\", starts_at: \"{{{{ starts_at }}}}\" }}\n      \
          guardrails: {{ target: [namespace, deployment], cooldown: 10m }}\n\
          playbooks:\n  crash-loop:\n    kubernetes: cluster\n    namespaces: [\"prod-*\"]\n    \
          actions:\n      - action: kube.rollout-restart\n        with: {{ kind: Deployment, namespace: \"{{{{ labels.namespace }}}}\", name: \"{{{{ labels.deployment }}}}\" }}\n",
+        dir.join("hook-secret").display(),
         kube.url
     );
     let env = BinEnv::start_with(&yaml).await;
@@ -188,6 +195,20 @@ async fn a_failing_run_shows_its_failing_step_and_error_and_new_runs_appear_live
         b.client.current_url().await.unwrap().as_str().contains("status=failed"),
         "the filter is in the address, to share it"
     );
+    assert_eq!(
+        b.script("return document.activeElement.id").await,
+        "filter-status",
+        "filtering moved the focus away from the filter"
+    );
+    // A time range that ends before the run was created leaves nothing.
+    b.script(
+        "const to = document.getElementById('filter-to'); to.value = '2020-01-01T00:00'; \
+         to.dispatchEvent(new Event('change', { bubbles: true })); return true;",
+    )
+    .await;
+    b.wait_text("#runs-table", "No run matches these filters.").await;
+    b.open("#/runs?status=failed").await;
+    b.wait_text(&row, "Failed").await;
 
     // The run page says where and why it failed.
     b.click(&format!("{row} a")).await;
@@ -316,6 +337,12 @@ async fn a_viewer_sees_no_action_buttons_and_the_api_refuses_anyway() {
     let vera = rig.env.token_for("vera", "viewer").await;
 
     let b = Browser::start(&rig.env.api, Scheme::Light).await;
+    // A token that is not valid says so, and leaves the sign-in form up.
+    b.open("#/runs").await;
+    b.find("#token").await.send_keys("dsh_not-a-token").await.unwrap();
+    b.click("form.sign-in button[type=submit]").await;
+    b.wait_text("form.sign-in [role=alert]", "not valid").await;
+    b.find("#token").await.clear().await.unwrap();
     b.sign_in(&vera).await;
     assert!(b.text("#user").await.contains("viewer"));
 
@@ -445,6 +472,80 @@ async fn schedules_and_remediations_show_what_happened_and_admins_act_on_schedul
     b.open(&format!("#/runs/{run_id}")).await;
     b.wait_text("#trigger-h", "Alert episode").await;
     b.wait_text("#run-trigger", "KubePodCrashLooping").await;
+
+    // A git push delivered by GitHub: the run page shows the delivery.
+    let push =
+        std::fs::read(std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/github/push-branch.json"))
+            .unwrap();
+    let signature = {
+        use hmac::{KeyInit, Mac};
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(HOOK_SECRET.as_bytes()).unwrap();
+        mac.update(&push);
+        format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+    };
+    let delivered: Value = reqwest::Client::new()
+        .post(format!("{}/hooks/github", rig.env.api))
+        .header("content-type", "application/json")
+        .header("X-GitHub-Event", "push")
+        .header("X-GitHub-Delivery", "console-delivery-1")
+        .header("X-Hub-Signature-256", signature)
+        .body(push)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let pushed = delivered["runs"][0]["run_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no run started: {delivered}"))
+        .to_string();
+    b.open(&format!("#/runs/{pushed}")).await;
+    b.wait_text("#trigger-h", "Webhook delivery").await;
+    let delivery = b.wait_text("#run-trigger", "console-delivery-1").await;
+    assert!(delivery.contains("github") && delivery.contains("push"), "{delivery}");
+    b.close().await;
+}
+
+#[tokio::test]
+async fn a_failed_upgrade_shows_its_undo_steps_and_that_they_succeeded() {
+    let rig = rig().await;
+    let v1 = manifests(&[("catalog.yaml", &catalog("1.4.0"))]);
+    let input = |dir: &std::path::Path| json!({ "component": "catalog", "manifests": dir, "namespace": "catalog", "kubernetes": "cluster", "timeout": "2s" });
+    let installed = rig.env.start_run("install.component", input(&v1)).await;
+    assert_eq!(rig.env.wait_finished(&installed, LIMIT).await["status"], "succeeded");
+    // 1.5.0 never becomes ready: the upgrade fails at wait-ready and is rolled back.
+    rig.kube.stall_image("registry.acme.io/catalog-api:1.5.0");
+    let v2 = manifests(&[("catalog.yaml", &catalog("1.5.0"))]);
+    let id = rig.env.start_run("upgrade.component", input(&v2)).await;
+    let run = rig.env.wait_finished(&id, LIMIT).await;
+    assert_eq!(run["status"], "failed", "{run:#}");
+    let undo = run["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["kind"] == "undo")
+        .cloned()
+        .unwrap_or_else(|| panic!("no undo step: {run:#}"));
+
+    let b = Browser::start(&rig.env.api, Scheme::Light).await;
+    b.sign_in(&rig.env.as_user("oncall").await).await;
+    b.open(&format!("#/runs/{id}")).await;
+    let why = b.wait_text("#why-failed", "Failed at step wait-ready").await;
+    assert!(why.contains("undo step") && why.contains("all succeeded"), "{why}");
+    let row = format!("#step-{}", undo["seq"]);
+    let text = b.text(&row).await;
+    assert!(
+        text.contains(undo["name"].as_str().unwrap()) && text.contains("undo") && text.contains("Succeeded"),
+        "{text}"
+    );
+    assert_eq!(
+        b.find(&row).await.attr("class").await.unwrap().as_deref(),
+        Some("row-undo")
+    );
+    b.script("document.getElementById('timeline-h').scrollIntoView(); return true;")
+        .await;
+    b.screenshot("run-rolled-back").await;
     b.close().await;
 }
 

@@ -47,6 +47,8 @@ async function route() {
     try {
       me = await get("/whoami");
     } catch (e) {
+      // A token that is not (or no longer) valid is forgotten.
+      if (e instanceof ApiError && e.status === 401) signOut();
       return showSignIn(e instanceof ApiError && e.status === 401 ? e.message : undefined, e);
     }
     drawUser();
@@ -57,18 +59,22 @@ async function route() {
     if (a.dataset.nav === match.r.nav) a.setAttribute("aria-current", "page");
     else a.removeAttribute("aria-current");
   }
+  // The page is drawn apart and shown only if it is still the one asked for: a slower page
+  // asked for before must not replace it (the previous page stays up meanwhile).
   const mine = ++generation;
-  fill(main);
-  const ctx = { main, params: match.m.slice(1), query, me, go, stale: () => mine !== generation };
+  const view = h("div", { class: "view" });
+  const ctx = { main: view, params: match.m.slice(1), query, me, go, stale: () => mine !== generation };
   let mounted;
   try {
     mounted = await match.r.view.mount(ctx);
   } catch (e) {
+    if (mine !== generation) return;
     return showError(e);
   }
   if (mine !== generation) return;
+  fill(main, view);
   markUpdated();
-  const heading = main.querySelector("h1");
+  const heading = view.querySelector("h1");
   if (heading) {
     heading.setAttribute("tabindex", "-1");
     document.title = `${heading.textContent} · dayshift`;

@@ -99,7 +99,8 @@ function undoSummary(run) {
   const undos = run.steps?.filter((s) => s.kind === "undo") ?? [];
   if (!undos.length) return null;
   const failed = undos.filter((s) => s.status === "failed");
-  return h("p", {}, `${undos.length} undo step${undos.length === 1 ? "" : "s"} ran`,
+  return h("p", {}, `${undos.length} undo step${undos.length === 1 ? "" : "s"} ran (`,
+    undos.map((s, i) => [i ? ", " : "", h("a", { href: `#step-${s.seq}`, onclick: jump(s.seq) }, s.name)]), ")",
     failed.length ? h("strong", { class: "text-failed" }, `; ${failed.length} failed: ${failed.map((s) => s.name).join(", ")}`) : "; all succeeded", ".");
 }
 
@@ -251,7 +252,7 @@ function drawTimeline(section, run) {
   const rows = steps.map((s) => {
     const start = Date.parse(s.started_at);
     const end = s.finished_at ? Date.parse(s.finished_at) : Date.now();
-    const left = Math.max(0, ((start - t0) / span) * 100);
+    const left = Math.min(99.5, Math.max(0, ((start - t0) / span) * 100));
     const width = Math.max(0.5, Math.min(100 - left, ((end - start) / span) * 100));
     const details = h("details", { dataset: { seq: String(s.seq) }, open: open.has(String(s.seq)) },
       h("summary", {}, s.name),
@@ -264,7 +265,8 @@ function drawTimeline(section, run) {
       s.output !== null && s.output !== undefined ? json(s.output, `Result of ${s.name}`) : null);
     return h("tr", { id: `step-${s.seq}`, class: s.status === "failed" ? "row-failed" : s.kind === "undo" ? "row-undo" : null },
       h("td", { class: "num" }, String(s.seq)),
-      h("td", { class: "step-name" }, details, s.kind !== "step" ? h("span", { class: `badge kind-${s.kind}` }, s.kind) : null),
+      h("td", { class: "step-name" }, details, s.kind !== "step" ? h("span", { class: `badge kind-${s.kind}` }, s.kind) : null,
+        s.child_run_id ? [" ", runLink(s.child_run_id, `child run ${shortId(s.child_run_id)}`)] : null),
       h("td", {}, status(s.status)),
       h("td", { class: "num" }, String(s.attempts)),
       h("td", {}, when(s.started_at)),

@@ -2,7 +2,7 @@
 // time (the API's keyset cursor), refreshed live.
 
 import { get, query } from "../api.js";
-import { duration, emptyRow, fill, h, redraw, runLink, status, table, when } from "../dom.js";
+import { announce, duration, emptyRow, fill, h, redraw, runLink, status, table, when } from "../dom.js";
 
 const STATUSES = ["pending", "running", "waiting", "succeeded", "failed", "cancelled"];
 const TRIGGERS = [
@@ -28,27 +28,45 @@ export async function mount(ctx) {
     status: q.get("status") ?? "",
     trigger: q.get("trigger") ?? "",
     window: q.get("window") ?? "",
+    from: q.get("from") ?? "",
+    to: q.get("to") ?? "",
     before: q.get("before") ?? "",
   };
   const { workflows } = await get("/workflows");
   const body = h("div", { id: "runs-table" });
   const pager = h("nav", { class: "pager", "aria-label": "Pages of runs" });
+  // Filtering redraws the list in place (the address follows, to be shared): the focus stays
+  // on the control being changed, whether by mouse or by arrow keys.
+  const apply = (data) => {
+    for (const k of Object.keys(filters)) filters[k] = data[k] ?? "";
+    history.replaceState(null, "", `#/runs${query(filters)}`);
+    seen = null;
+    shown = null;
+    refresh().catch((e) => announce(e.message, "error"));
+  };
+  const [form, jump] = filterForm(ctx, filters, workflows.map((w) => w.name), apply);
   fill(
     ctx.main,
-    h("div", { class: "page-head" }, h("h1", {}, "Runs")),
-    filterForm(ctx, filters, workflows.map((w) => w.name)),
+    h("div", { class: "page-head row" }, h("h1", {}, "Runs"), jump),
+    form,
     body,
     pager,
   );
   let seen = null;
   let shown = null;
+  let latest = 0;
   const refresh = async () => {
+    const mine = ++latest;
     const win = WINDOWS.find((w) => w[0] === filters.window);
-    const since = win ? new Date(Date.now() - win[2] * 1000).toISOString() : "";
+    // The later of the window's start and "from"; "from" and "to" are local times.
+    const starts = [win ? Date.now() - win[2] * 1000 : null, filters.from ? Date.parse(filters.from) : null].filter((t) => Number.isFinite(t));
+    const since = starts.length ? new Date(Math.max(...starts)).toISOString() : "";
+    const until = filters.to && Number.isFinite(Date.parse(filters.to)) ? new Date(Date.parse(filters.to)).toISOString() : "";
     const answer = await get(
-      `/runs${query({ workflow: filters.workflow, status: filters.status, trigger: filters.trigger, since, before: filters.before, limit: PAGE })}`,
+      `/runs${query({ workflow: filters.workflow, status: filters.status, trigger: filters.trigger, since, until, before: filters.before, limit: PAGE })}`,
     );
-    if (ctx.stale()) return;
+    // A newer refresh (after a filter change) has been asked for: this answer is out of date.
+    if (ctx.stale() || mine !== latest) return;
     // Nothing changed: leave the page alone (and the focus and selection in it).
     // (At least every half minute all the same, for the "… ago" times.)
     const signature = JSON.stringify([Math.floor(Date.now() / 30000), answer.next, answer.runs.map((r) => [r.id, r.status, r.error, r.finished_at])]);
@@ -65,7 +83,7 @@ export async function mount(ctx) {
   return { refresh };
 }
 
-function filterForm(ctx, f, workflowNames) {
+function filterForm(ctx, f, workflowNames, apply) {
   const select = (name, label, options, value) => {
     const id = `filter-${name}`;
     return h(
@@ -87,6 +105,10 @@ function filterForm(ctx, f, workflowNames) {
     select("status", "Status", STATUSES.map((s) => [s, s[0].toUpperCase() + s.slice(1)]), f.status),
     select("trigger", "Started by", TRIGGERS, f.trigger),
     select("window", "Created", WINDOWS.map(([v, t]) => [v, t]), f.window),
+    h("div", { class: "field" }, h("label", { for: "filter-from" }, "From (local time)"),
+      h("input", { id: "filter-from", name: "from", type: "datetime-local", value: f.from })),
+    h("div", { class: "field" }, h("label", { for: "filter-to" }, "To"),
+      h("input", { id: "filter-to", name: "to", type: "datetime-local", value: f.to })),
     h("button", { type: "reset", class: "secondary" }, "Clear filters"),
   );
   const goto = h("input", { id: "goto-run", type: "text", name: "run", placeholder: "a run id", autocomplete: "off", spellcheck: "false",
@@ -96,16 +118,13 @@ function filterForm(ctx, f, workflowNames) {
     const id = goto.value.trim().toLowerCase();
     if (/^[0-9a-f-]{36}$/.test(id)) ctx.go(`#/runs/${id}`);
   } }, h("div", { class: "field" }, h("label", { for: "goto-run" }, "Go to run"), goto), h("button", { type: "submit", class: "secondary" }, "Open"));
-  const apply = () => {
-    const data = Object.fromEntries(new FormData(form));
-    ctx.go(`#/runs${query(data)}`);
-  };
-  form.addEventListener("change", apply);
+  form.addEventListener("change", () => apply(Object.fromEntries(new FormData(form))));
   form.addEventListener("reset", (e) => {
     e.preventDefault();
-    ctx.go("#/runs");
+    for (const el of form.elements) if (el.name) el.value = "";
+    apply({});
   });
-  return h("div", { class: "toolbar" }, form, jump);
+  return [form, jump];
 }
 
 function runsTable(runs, fresh, filters) {
@@ -122,7 +141,7 @@ function runsTable(runs, fresh, filters) {
       h("td", { class: "error-cell" }, r.error ? h("span", { title: r.error }, r.error) : ""),
     ),
   );
-  const anyFilter = filters.workflow || filters.status || filters.trigger || filters.window;
+  const anyFilter = filters.workflow || filters.status || filters.trigger || filters.window || filters.from || filters.to;
   return table(
     "Runs, newest first",
     ["Status", "Workflow", "Run", "Started by", "Created", "Took", "Error"],
@@ -132,7 +151,7 @@ function runsTable(runs, fresh, filters) {
 }
 
 function pagerLinks(filters, next) {
-  const base = { workflow: filters.workflow, status: filters.status, trigger: filters.trigger, window: filters.window };
+  const base = { workflow: filters.workflow, status: filters.status, trigger: filters.trigger, window: filters.window, from: filters.from, to: filters.to };
   return [
     filters.before ? h("a", { href: `#/runs${query(base)}` }, "← Newest") : null,
     next ? h("a", { href: `#/runs${query({ ...base, before: next })}`, rel: "next" }, "Older →") : null,
