@@ -656,6 +656,13 @@ async fn a_retry_starts_the_same_input_once_and_only_for_a_run_that_ended_badly(
     assert_eq!(status, 200, "{again}");
     assert_eq!(again["id"], first["id"]);
     let retry = first["id"].as_str().unwrap();
+    // The CLI gives the same retry back too.
+    let out = rig.env.cli(&["runs", "retry", &failed_id]).await;
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("run {failed_id} was retried already, as run {retry}")
+    );
     let (_, trigger) = rig.env.get(&format!("/api/v1/runs/{retry}/trigger")).await;
     assert_eq!(trigger["kind"], "api");
     assert_eq!(trigger["caller"], "otto");

@@ -46,6 +46,9 @@ pub(crate) enum RunsCommand {
         #[arg(long)]
         reason: Option<String>,
     },
+    /// Starts a failed or cancelled run again, as a new run with the same input; a run
+    /// retried already gives that retry back.
+    Retry { id: String },
     /// Sends a signal to a run.
     Signal {
         id: String,
@@ -219,6 +222,19 @@ pub(crate) async fn runs(args: &ApiArgs, command: RunsCommand) -> Result<ExitCod
                 println!(
                     "cancellation requested for run {id} (now {})",
                     body["status"].as_str().unwrap_or("?")
+                );
+            }
+        }
+        RunsCommand::Retry { id } => {
+            let body = api.post(&format!("/api/v1/runs/{id}/retry"), &json!({})).await?;
+            if args.json {
+                println!("{body}");
+            } else if body["created"] == true {
+                println!("run {id} started again as run {}", body["id"].as_str().unwrap_or("?"));
+            } else {
+                println!(
+                    "run {id} was retried already, as run {}",
+                    body["id"].as_str().unwrap_or("?")
                 );
             }
         }

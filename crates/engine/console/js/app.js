@@ -74,6 +74,10 @@ async function route() {
   if (mine !== generation) return;
   fill(main, view);
   markUpdated();
+  // For the benchmark (docs/benchmarks.md): when the first page of runs is on screen.
+  if (match.r.view === runs && !performance.getEntriesByName("dayshift:runs-rendered").length) {
+    performance.mark("dayshift:runs-rendered");
+  }
   const heading = view.querySelector("h1");
   if (heading) {
     heading.setAttribute("tabindex", "-1");

@@ -78,8 +78,6 @@ export async function mount(ctx) {
     redraw(pager, () => fill(pager, pagerLinks(filters, answer.next)));
   };
   await refresh();
-  // For the benchmark (docs/benchmarks.md): when the first page of runs is on screen.
-  if (!performance.getEntriesByName("dayshift:runs-rendered").length) performance.mark("dayshift:runs-rendered");
   return { refresh };
 }
 
