@@ -872,3 +872,71 @@ async fn bench_the_run_list_with_10000_runs() {
 fn urlencode(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
+
+#[tokio::test]
+async fn an_operator_signals_and_cancels_waiting_runs_from_their_pages() {
+    let rig = rig().await;
+    let waits = rig
+        .env
+        .start_run("selftest.gate", json!({ "signal": "go-ahead" }))
+        .await;
+    let doomed = rig.env.start_run("selftest.gate", json!({})).await;
+    for id in [&waits, &doomed] {
+        rig.env
+            .wait_run(id, LIMIT, |r| {
+                r["steps"]
+                    .as_array()
+                    .is_some_and(|s| s.iter().any(|s| s["kind"] == "signal" && s["status"] == "waiting"))
+            })
+            .await;
+    }
+    let b = Browser::start(&rig.env.api, Scheme::Light).await;
+    b.sign_in(&rig.env.as_user("oncall").await).await;
+
+    // The page says what the run waits for, and offers that signal.
+    b.open(&format!("#/runs/{waits}")).await;
+    b.wait_text("#run-why", "Waiting for the signal “go-ahead”").await;
+    assert_eq!(
+        b.find("#signal-name").await.prop("value").await.unwrap().as_deref(),
+        Some("go-ahead")
+    );
+    b.find("#signal-payload")
+        .await
+        .send_keys("{\"ticket\": \"OPS-1234\"}")
+        .await
+        .unwrap();
+    b.click("form.signal button[type=submit]").await;
+    b.wait_text("#announcer", "Signal “go-ahead” sent.").await;
+    b.wait_text("h1", "Succeeded").await;
+    let (_, run) = rig.env.get(&format!("/api/v1/runs/{waits}")).await;
+    assert_eq!(run["output"]["approval"], json!({ "ticket": "OPS-1234" }));
+
+    // A payload that is not JSON is refused in the page, with why.
+    b.open(&format!("#/runs/{doomed}")).await;
+    b.find("#signal-payload").await.send_keys("{not json").await.unwrap();
+    b.click("form.signal button[type=submit]").await;
+    b.wait_text("#announcer", "The payload is not JSON").await;
+
+    // Cancelling asks for confirmation and a reason; both are recorded with who did it.
+    b.click("#run-actions button.danger").await;
+    b.find("#cancel-reason")
+        .await
+        .send_keys("superseded by OPS-1235")
+        .await
+        .unwrap();
+    b.click("#run-actions .confirm button[type=submit]").await;
+    b.wait_text("h1", "Cancelled").await;
+    b.wait_text("#run-why", "superseded by OPS-1235").await;
+    let (_, events) = rig.env.get(&format!("/api/v1/runs/{doomed}/events")).await;
+    let asked = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"].as_str().is_some_and(|k| k.contains("cancel")))
+        .cloned()
+        .unwrap_or_else(|| panic!("{events:#}"));
+    assert!(asked.to_string().contains("oncall"), "{asked}");
+    let (_, signals) = rig.env.get(&format!("/api/v1/runs/{doomed}")).await;
+    assert_eq!(signals["status"], "cancelled");
+    b.close().await;
+}
