@@ -175,7 +175,8 @@ async fn a_failing_run_shows_its_failing_step_and_error_and_new_runs_appear_live
         .env
         .start_run("selftest.chain", json!({ "steps": 5, "fail_first": 1 }))
         .await;
-    b.wait_text(&format!("tr[data-run='{gate}']"), "Waiting").await;
+    b.wait_text(&format!("tr[data-run='{gate}']"), "for signal approve")
+        .await;
     b.wait_text(&format!("tr[data-run='{chain}']"), "Succeeded").await;
     b.screenshot("runs").await;
 
@@ -261,8 +262,10 @@ async fn approving_a_waiting_run_from_the_page_lets_it_continue() {
     let b = Browser::start(&rig.env.api, Scheme::Light).await;
     b.sign_in(&rig.env.as_user("alice").await).await;
     b.wait_text("#approvals-count", "1").await;
-    b.click("#nav a[data-nav=approvals]").await;
     let card = format!("article.approval[data-run='{run_id}']");
+    // The run list says what the upgrade waits for.
+    b.wait_text(&format!("tr[data-run='{run_id}']"), "for approval").await;
+    b.click("#nav a[data-nav=approvals]").await;
     let text = b.wait_text(&card, "Who may approve").await;
     assert!(text.contains("alice"), "{text}");
     assert!(text.contains("bob (may not approve it)"), "{text}");

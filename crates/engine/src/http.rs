@@ -314,7 +314,20 @@ async fn list_runs(
     let next = (runs.len() == limit as usize)
         .then(|| runs.last().map(|r| r.id.to_string()))
         .flatten();
-    let runs: Vec<_> = runs.into_iter().map(crate::model::RunView::redacted).collect();
+    // What the runs still going wait on (a signal, a timer, a child, a retry), at a glance.
+    let going: Vec<RunId> = runs.iter().filter(|r| !r.status.is_terminal()).map(|r| r.id).collect();
+    let mut waiting = crate::views::waiting_on(&engine, &going).await?;
+    let runs: Vec<Value> = runs
+        .into_iter()
+        .map(|r| {
+            let id = r.id;
+            let mut v = serde_json::to_value(r.redacted()).unwrap_or(Value::Null);
+            if let Some(w) = waiting.remove(&id) {
+                v["waiting_on"] = w;
+            }
+            v
+        })
+        .collect();
     Ok(Json(json!({ "runs": runs, "next": next })))
 }
 

@@ -196,3 +196,25 @@ pub async fn concurrency_limit(engine: &Engine, id: RunId) -> Result<Option<i32>
         .map(Option::flatten)
         .map_err(EngineError::from)
 }
+
+/// For each run of `ids` that waits, what it waits on: its newest waiting or retrying step
+/// (`{kind, name, status, until}`), for run listings.
+pub async fn waiting_on(
+    engine: &Engine,
+    ids: &[RunId],
+) -> Result<std::collections::HashMap<RunId, Value>, EngineError> {
+    if ids.is_empty() {
+        return Ok(Default::default());
+    }
+    let ids: Vec<Uuid> = ids.iter().map(|id| id.0).collect();
+    let rows: Vec<(Uuid, Value)> = sqlx::query_as(
+        "select distinct on (run_id) run_id, \
+           jsonb_build_object('kind', kind, 'name', name, 'status', status, 'until', wake_at) \
+         from steps where run_id = any($1) and status in ('waiting', 'retrying') \
+         order by run_id, seq desc",
+    )
+    .bind(&ids)
+    .fetch_all(engine.store().pool())
+    .await?;
+    Ok(rows.into_iter().map(|(id, v)| (RunId(id), v)).collect())
+}

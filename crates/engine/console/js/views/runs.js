@@ -69,7 +69,7 @@ export async function mount(ctx) {
     if (ctx.stale() || mine !== latest) return;
     // Nothing changed: leave the page alone (and the focus and selection in it).
     // (At least every half minute all the same, for the "… ago" times.)
-    const signature = JSON.stringify([Math.floor(Date.now() / 30000), answer.next, answer.runs.map((r) => [r.id, r.status, r.error, r.finished_at])]);
+    const signature = JSON.stringify([Math.floor(Date.now() / 30000), answer.next, answer.runs.map((r) => [r.id, r.status, r.error, r.finished_at, r.waiting_on])]);
     if (signature === shown) return;
     shown = signature;
     const fresh = seen ? new Set(answer.runs.filter((r) => !seen.has(r.id)).map((r) => r.id)) : new Set();
@@ -130,7 +130,7 @@ function runsTable(runs, fresh, filters) {
     h(
       "tr",
       { class: [r.status === "failed" ? "row-failed" : "", fresh.has(r.id) ? "row-new" : ""].join(" ").trim() || null, dataset: { run: r.id } },
-      h("td", {}, status(r.status)),
+      h("td", {}, status(r.status), waitingOn(r.waiting_on)),
       h("td", {}, h("a", { href: `#/runs/${r.id}` }, r.workflow)),
       h("td", {}, runLink(r.id)),
       h("td", { class: "trigger" }, r.started_by),
@@ -146,6 +146,18 @@ function runsTable(runs, fresh, filters) {
     rows.length ? rows : emptyRow(7, anyFilter ? "No run matches these filters." : "No runs yet."),
     { class: "runs" },
   );
+}
+
+/** What a run still going waits on, in a few words under its status. */
+function waitingOn(w) {
+  if (!w) return null;
+  const text =
+    w.status === "retrying" ? [`retrying ${w.name} `, when(w.until)] :
+    w.kind === "signal" && w.name === "approval" ? ["for ", h("a", { href: "#/approvals" }, "approval")] :
+    w.kind === "signal" ? `for signal ${w.name}` :
+    w.kind === "sleep" ? ["until ", when(w.until)] :
+    w.kind === "child" ? `for child run (${w.name})` : null;
+  return text ? h("div", { class: "waiting-on muted" }, text) : null;
 }
 
 function pagerLinks(filters, next) {
