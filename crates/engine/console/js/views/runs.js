@@ -32,7 +32,8 @@ export async function mount(ctx) {
     to: q.get("to") ?? "",
     before: q.get("before") ?? "",
   };
-  const { workflows } = await get("/workflows");
+  // The workflow names (for the filter) and the first page are fetched at once.
+  const names = get("/workflows");
   const body = h("div", { id: "runs-table" });
   const pager = h("nav", { class: "pager", "aria-label": "Pages of runs" });
   // Filtering redraws the list in place (the address follows, to be shared): the focus stays
@@ -44,14 +45,6 @@ export async function mount(ctx) {
     shown = null;
     refresh().catch((e) => announce(e.message, "error"));
   };
-  const [form, jump] = filterForm(ctx, filters, workflows.map((w) => w.name), apply);
-  fill(
-    ctx.main,
-    h("div", { class: "page-head row" }, h("h1", {}, "Runs"), jump),
-    form,
-    body,
-    pager,
-  );
   let seen = null;
   let shown = null;
   let latest = 0;
@@ -77,7 +70,9 @@ export async function mount(ctx) {
     redraw(body, () => fill(body, runsTable(answer.runs, fresh, filters)));
     redraw(pager, () => fill(pager, pagerLinks(filters, answer.next)));
   };
-  await refresh();
+  const [{ workflows }] = await Promise.all([names, refresh()]);
+  const [form, jump] = filterForm(ctx, filters, workflows.map((w) => w.name), apply);
+  fill(ctx.main, h("div", { class: "page-head row" }, h("h1", {}, "Runs"), jump), form, body, pager);
   return { refresh };
 }
 
