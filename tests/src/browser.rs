@@ -41,6 +41,9 @@ impl Browser {
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())
                 .kill_on_drop(true)
+                // Its own process group, with the browser it starts: dropping the Browser
+                // kills them all, even when a failed test never closes the session.
+                .process_group(0)
                 .spawn()
                 .expect("chromedriver runs (scripts/services.sh installs chromium-driver)");
         let url = format!("http://127.0.0.1:{port}");
@@ -223,7 +226,17 @@ impl Browser {
     }
 
     pub async fn close(self) {
-        let _ = self.client.close().await;
+        let _ = self.client.clone().close().await;
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        if let Some(pid) = self._driver.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", "--", &format!("-{pid}")])
+                .status();
+        }
     }
 }
 
