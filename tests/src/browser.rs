@@ -117,8 +117,7 @@ impl Browser {
     /// Signs in through the sign-in form, as a person does, and waits for the runs page.
     pub async fn sign_in(&self, token: &str) {
         self.open("#/runs").await;
-        let field = self.find("#token").await;
-        field.send_keys(token).await.unwrap();
+        self.type_into("#token", token).await;
         self.click("form.sign-in button[type=submit]").await;
         self.find("#user .who").await;
     }
@@ -145,6 +144,15 @@ impl Browser {
             .click()
             .await
             .unwrap_or_else(|e| panic!("click '{css}': {e}"));
+    }
+
+    /// Types `text` into the first element matching `css`, once there is one.
+    pub async fn type_into(&self, css: &str, text: &str) {
+        self.find(css)
+            .await
+            .send_keys(text)
+            .await
+            .unwrap_or_else(|e| panic!("typing into '{css}': {e}"));
     }
 
     /// The text of the first element matching `css`.

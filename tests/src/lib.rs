@@ -749,6 +749,15 @@ pub async fn spawn_dayshift(config: &std::path::Path, args: &[&str], ready: &str
 }
 
 /// A port that was free a moment ago.
+/// The hex HMAC-SHA256 of `body` with `secret`: how git forges sign webhook deliveries
+/// (GitHub's `X-Hub-Signature-256` is `sha256=` and this; Gitea's is this alone).
+pub fn hmac_sha256_hex(secret: &str, body: &[u8]) -> String {
+    use hmac::{KeyInit, Mac};
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
+    mac.update(body);
+    hex::encode(mac.finalize().into_bytes())
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

@@ -98,6 +98,17 @@ async fn rig() -> Rig {
 }
 
 impl Rig {
+    /// Waits until run `id` waits for a signal; the run.
+    async fn waiting_for_a_signal(&self, id: &str) -> Value {
+        self.env
+            .wait_run(id, LIMIT, |r| {
+                r["steps"]
+                    .as_array()
+                    .is_some_and(|s| s.iter().any(|s| s["kind"] == "signal" && s["status"] == "waiting"))
+            })
+            .await
+    }
+
     /// A run of install.component whose manifests are broken: it fails at `check`.
     async fn failed_install(&self) -> Value {
         let dir = manifests(&[
@@ -132,13 +143,7 @@ impl Rig {
         upgrade["requested_by"] = json!("bob");
         upgrade["approval"] = json!({ "approvers": approvers });
         let id = self.env.start_run("upgrade.component", upgrade).await;
-        self.env
-            .wait_run(&id, LIMIT, |r| {
-                r["steps"]
-                    .as_array()
-                    .is_some_and(|s| s.iter().any(|s| s["kind"] == "signal" && s["status"] == "waiting"))
-            })
-            .await
+        self.waiting_for_a_signal(&id).await
     }
 }
 
@@ -284,11 +289,11 @@ async fn approving_a_waiting_run_from_the_page_lets_it_continue() {
     assert!(plan.contains("ConfigMap catalog/catalog-config"), "{plan}");
     b.screenshot("approvals").await;
 
-    b.find(&format!("{card} textarea"))
-        .await
-        .send_keys("diff checked, 1.5.0 is in staging since Tuesday")
-        .await
-        .unwrap();
+    b.type_into(
+        &format!("{card} textarea"),
+        "diff checked, 1.5.0 is in staging since Tuesday",
+    )
+    .await;
     b.click(&format!("{card} button.approve")).await;
     b.wait_text("#announcer", "Approved as alice").await;
 
@@ -342,7 +347,7 @@ async fn a_viewer_sees_no_action_buttons_and_the_api_refuses_anyway() {
     let b = Browser::start(&rig.env.api, Scheme::Light).await;
     // A token that is not valid says so, and leaves the sign-in form up.
     b.open("#/runs").await;
-    b.find("#token").await.send_keys("dsh_not-a-token").await.unwrap();
+    b.type_into("#token", "dsh_not-a-token").await;
     b.click("form.sign-in button[type=submit]").await;
     b.wait_text("form.sign-in [role=alert]", "not valid").await;
     b.find("#token").await.clear().await.unwrap();
@@ -452,13 +457,7 @@ async fn schedules_and_remediations_show_what_happened_and_admins_act_on_schedul
     let (status, answer) = rig.env.post("/hooks/alertmanager", &notification("firing")).await;
     assert_eq!(status, 200, "{answer}");
     let run_id = answer["started"][0].as_str().unwrap().to_string();
-    rig.env
-        .wait_run(&run_id, LIMIT, |r| {
-            r["steps"]
-                .as_array()
-                .is_some_and(|s| s.iter().any(|s| s["kind"] == "signal" && s["status"] == "waiting"))
-        })
-        .await;
+    rig.waiting_for_a_signal(&run_id).await;
     let (status, _) = rig.env.post("/hooks/alertmanager", &notification("resolved")).await;
     assert_eq!(status, 200);
     let done = rig.env.wait_finished(&run_id, LIMIT).await;
@@ -480,12 +479,7 @@ async fn schedules_and_remediations_show_what_happened_and_admins_act_on_schedul
     let push =
         std::fs::read(std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/github/push-branch.json"))
             .unwrap();
-    let signature = {
-        use hmac::{KeyInit, Mac};
-        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(HOOK_SECRET.as_bytes()).unwrap();
-        mac.update(&push);
-        format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
-    };
+    let signature = format!("sha256={}", dayshift_tests::hmac_sha256_hex(HOOK_SECRET, &push));
     let delivered: Value = reqwest::Client::new()
         .post(format!("{}/hooks/github", rig.env.api))
         .header("content-type", "application/json")
@@ -885,13 +879,7 @@ async fn an_operator_signals_and_cancels_waiting_runs_from_their_pages() {
         .await;
     let doomed = rig.env.start_run("selftest.gate", json!({})).await;
     for id in [&waits, &doomed] {
-        rig.env
-            .wait_run(id, LIMIT, |r| {
-                r["steps"]
-                    .as_array()
-                    .is_some_and(|s| s.iter().any(|s| s["kind"] == "signal" && s["status"] == "waiting"))
-            })
-            .await;
+        rig.waiting_for_a_signal(id).await;
     }
     let b = Browser::start(&rig.env.api, Scheme::Light).await;
     b.sign_in(&rig.env.as_user("oncall").await).await;
@@ -903,11 +891,7 @@ async fn an_operator_signals_and_cancels_waiting_runs_from_their_pages() {
         b.find("#signal-name").await.prop("value").await.unwrap().as_deref(),
         Some("go-ahead")
     );
-    b.find("#signal-payload")
-        .await
-        .send_keys("{\"ticket\": \"OPS-1234\"}")
-        .await
-        .unwrap();
+    b.type_into("#signal-payload", "{\"ticket\": \"OPS-1234\"}").await;
     b.click("form.signal button[type=submit]").await;
     b.wait_text("#announcer", "Signal “go-ahead” sent.").await;
     b.wait_text("h1", "Succeeded").await;
@@ -916,17 +900,13 @@ async fn an_operator_signals_and_cancels_waiting_runs_from_their_pages() {
 
     // A payload that is not JSON is refused in the page, with why.
     b.open(&format!("#/runs/{doomed}")).await;
-    b.find("#signal-payload").await.send_keys("{not json").await.unwrap();
+    b.type_into("#signal-payload", "{not json").await;
     b.click("form.signal button[type=submit]").await;
     b.wait_text("#announcer", "The payload is not JSON").await;
 
     // Cancelling asks for confirmation and a reason; both are recorded with who did it.
     b.click("#run-actions button.danger").await;
-    b.find("#cancel-reason")
-        .await
-        .send_keys("superseded by OPS-1235")
-        .await
-        .unwrap();
+    b.type_into("#cancel-reason", "superseded by OPS-1235").await;
     b.click("#run-actions .confirm button[type=submit]").await;
     b.wait_text("h1", "Cancelled").await;
     b.wait_text("#run-why", "superseded by OPS-1235").await;

@@ -425,10 +425,7 @@ async fn a_prod_promotion_waits_for_approvals_across_a_restart_and_a_rejection_p
 const SECRET: &str = "chain-webhook-secret";
 
 fn signed(body: &[u8]) -> String {
-    use hmac::{KeyInit, Mac};
-    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
-    mac.update(body);
-    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+    format!("sha256={}", dayshift_tests::hmac_sha256_hex(SECRET, body))
 }
 
 /// A repository with dev, staging and prod values, ArgoCD for staging and prod, and `dayshift

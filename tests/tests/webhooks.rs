@@ -4,7 +4,6 @@
 use std::path::PathBuf;
 
 use dayshift_tests::{BinEnv, unique};
-use hmac::{KeyInit, Mac};
 use serde_json::{Value, json};
 
 const SECRET: &str = "It's a Secret to Everybody";
@@ -12,12 +11,6 @@ const SECRET: &str = "It's a Secret to Everybody";
 fn fixture(path: &str) -> Value {
     let file = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(path);
     serde_json::from_str(&std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()))).unwrap()
-}
-
-fn hmac_hex(secret: &str, body: &[u8]) -> String {
-    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
-    mac.update(body);
-    hex::encode(mac.finalize().into_bytes())
 }
 
 /// A serve process with webhook secrets in files and the given routes.
@@ -37,7 +30,7 @@ async fn hooks_env(routes: &str, extra: &str) -> BinEnv {
 /// Posts a GitHub delivery, signed.
 async fn github(env: &BinEnv, event: &str, delivery: &str, body: &Value) -> (u16, Value) {
     let bytes = serde_json::to_vec(body).unwrap();
-    let sig = format!("sha256={}", hmac_hex(SECRET, &bytes));
+    let sig = format!("sha256={}", dayshift_tests::hmac_sha256_hex(SECRET, &bytes));
     send(
         env,
         "github",
@@ -208,8 +201,8 @@ async fn pushes_made_by_dayshift_start_nothing() {
 async fn bad_deliveries_get_the_right_status_and_start_nothing() {
     let env = hooks_env(PUSH_ROUTE, "  max-body-bytes: 30000\n").await;
     let push = serde_json::to_vec(&fixture("github/push-branch.json")).unwrap();
-    let good = format!("sha256={}", hmac_hex(SECRET, &push));
-    let wrong = format!("sha256={}", hmac_hex("another secret", &push));
+    let good = format!("sha256={}", dayshift_tests::hmac_sha256_hex(SECRET, &push));
+    let wrong = format!("sha256={}", dayshift_tests::hmac_sha256_hex("another secret", &push));
     type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, Vec<u8>, u16);
     let cases: Vec<Case> = vec![
         ("no signature", vec![("X-GitHub-Event", "push")], push.clone(), 401),
@@ -244,7 +237,7 @@ async fn bad_deliveries_get_the_right_status_and_start_nothing() {
         assert!(answer["error"].is_string(), "{what}: {answer}");
     }
     let not_json = b"{\"ref\": refs/heads/master".to_vec();
-    let sig = format!("sha256={}", hmac_hex(SECRET, &not_json));
+    let sig = format!("sha256={}", dayshift_tests::hmac_sha256_hex(SECRET, &not_json));
     let (status, answer) = send(
         &env,
         "github",
@@ -280,7 +273,7 @@ async fn a_forge_without_a_secret_is_not_listened_to() {
 /// Posts a Gitea (or Forgejo) delivery: bare hex HMAC, event and delivery headers.
 async fn gitea(env: &BinEnv, forge: &str, event: &str, delivery: &str, body: &Value) -> (u16, Value) {
     let bytes = serde_json::to_vec(body).unwrap();
-    let sig = hmac_hex(SECRET, &bytes);
+    let sig = dayshift_tests::hmac_sha256_hex(SECRET, &bytes);
     let prefix = if forge == "forgejo" { "X-Forgejo" } else { "X-Gitea" };
     let (ev, dl, sg) = (
         format!("{prefix}-Event"),
@@ -396,7 +389,7 @@ async fn gitea_and_forgejo_deliveries_start_their_routes_once() {
     assert_eq!(merged["outcome"], "started");
 
     let bytes = serde_json::to_vec(&push).unwrap();
-    let prefixed = format!("sha256={}", hmac_hex(SECRET, &bytes));
+    let prefixed = format!("sha256={}", dayshift_tests::hmac_sha256_hex(SECRET, &bytes));
     let (status, _) = send(
         &env,
         "gitea",
