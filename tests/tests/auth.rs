@@ -44,6 +44,7 @@ async fn each_endpoint_refuses_callers_without_the_role_it_needs() {
         ("GET", "/api/v1/remediations".into(), "viewer"),
         ("GET", "/api/v1/alerts/episodes".into(), "viewer"),
         ("GET", "/api/v1/approvals".into(), "viewer"),
+        ("GET", "/api/v1/runs/summary".into(), "viewer"),
         ("GET", "/api/v1/whoami".into(), "viewer"),
         ("GET", format!("/api/v1/runs/{run}/trigger"), "viewer"),
         ("POST", format!("/api/v1/runs/{run}/retry"), "operator"),

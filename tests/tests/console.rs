@@ -183,6 +183,9 @@ async fn a_failing_run_shows_its_failing_step_and_error_and_new_runs_appear_live
     b.wait_text(&format!("tr[data-run='{gate}']"), "for signal approve")
         .await;
     b.wait_text(&format!("tr[data-run='{chain}']"), "Succeeded").await;
+    // At a glance: the last 24 hours by status; "1 failed" leads to the failed runs.
+    let glance = b.wait_text("#runs-glance", "1 failed").await;
+    assert!(glance.contains("1 waiting"), "{glance}");
     b.screenshot("runs").await;
 
     // Filtering on failed runs keeps the failed one and drops the others.

@@ -31,6 +31,7 @@ pub fn router(engine: Engine) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/v1/workflows", get(workflows))
         .route("/api/v1/runs", post(start_run).get(list_runs))
+        .route("/api/v1/runs/summary", get(run_summary))
         .route("/api/v1/runs/{id}", get(get_run))
         .route("/api/v1/runs/{id}/events", get(run_events))
         .route("/api/v1/runs/{id}/cancel", post(cancel_run))
@@ -527,6 +528,25 @@ async fn retry_run(
         Json(json!({ "id": started.id, "status": started.status, "created": started.created, "retry_of": id })),
     )
         .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SummaryQuery {
+    since: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// `GET /api/v1/runs/summary?since=`: how many runs were created since then (default: the
+/// last 24 hours), by status.
+async fn run_summary(
+    State(engine): State<Engine>,
+    q: Result<Query<SummaryQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(q) = q?;
+    let since = q
+        .since
+        .unwrap_or_else(|| chrono::Utc::now() - chrono::Duration::hours(24));
+    Ok(Json(crate::views::run_counts(&engine, since).await?))
 }
 
 /// `GET /api/v1/runs/{id}/trigger`: what started the run (see [`crate::views::trigger`]).

@@ -218,3 +218,18 @@ pub async fn waiting_on(
     .await?;
     Ok(rows.into_iter().map(|(id, v)| (RunId(id), v)).collect())
 }
+
+/// How many runs were created since `since`, by status: the console's at-a-glance counts.
+pub async fn run_counts(engine: &Engine, since: chrono::DateTime<chrono::Utc>) -> Result<Value, EngineError> {
+    let rows: Vec<(String, i64)> =
+        sqlx::query_as("select status, count(*) from runs where created_at >= $1 group by status")
+            .bind(since)
+            .fetch_all(engine.store().pool())
+            .await?;
+    let mut counts = serde_json::Map::new();
+    for status in ["pending", "running", "waiting", "succeeded", "failed", "cancelled"] {
+        let n = rows.iter().find(|(s, _)| s == status).map_or(0, |(_, n)| *n);
+        counts.insert(status.into(), json!(n));
+    }
+    Ok(json!({ "since": since, "counts": counts }))
+}

@@ -34,6 +34,7 @@ export async function mount(ctx) {
   };
   // The workflow names (for the filter) and the first page are fetched at once.
   const names = get("/workflows");
+  const glance = h("p", { id: "runs-glance", class: "glance" });
   const body = h("div", { id: "runs-table" });
   const pager = h("nav", { class: "pager", "aria-label": "Pages of runs" });
   // Filtering redraws the list in place (the address follows, to be shared): the focus stays
@@ -55,24 +56,26 @@ export async function mount(ctx) {
     const starts = [win ? Date.now() - win[2] * 1000 : null, filters.from ? Date.parse(filters.from) : null].filter((t) => Number.isFinite(t));
     const since = starts.length ? new Date(Math.max(...starts)).toISOString() : "";
     const until = filters.to && Number.isFinite(Date.parse(filters.to)) ? new Date(Date.parse(filters.to)).toISOString() : "";
-    const answer = await get(
-      `/runs${query({ workflow: filters.workflow, status: filters.status, trigger: filters.trigger, since, until, before: filters.before, limit: PAGE })}`,
-    );
+    const [answer, summary] = await Promise.all([
+      get(`/runs${query({ workflow: filters.workflow, status: filters.status, trigger: filters.trigger, since, until, before: filters.before, limit: PAGE })}`),
+      get("/runs/summary"),
+    ]);
     // A newer refresh (after a filter change) has been asked for: this answer is out of date.
     if (ctx.stale() || mine !== latest) return;
     // Nothing changed: leave the page alone (and the focus and selection in it).
     // (At least every half minute all the same, for the "… ago" times.)
-    const signature = JSON.stringify([Math.floor(Date.now() / 30000), answer.next, answer.runs.map((r) => [r.id, r.status, r.error, r.finished_at, r.waiting_on])]);
+    const signature = JSON.stringify([Math.floor(Date.now() / 30000), summary.counts, answer.next, answer.runs.map((r) => [r.id, r.status, r.error, r.finished_at, r.waiting_on])]);
     if (signature === shown) return;
     shown = signature;
     const fresh = seen ? new Set(answer.runs.filter((r) => !seen.has(r.id)).map((r) => r.id)) : new Set();
     seen = new Set(answer.runs.map((r) => r.id));
+    redraw(glance, () => fill(glance, atAGlance(summary.counts)));
     redraw(body, () => fill(body, runsTable(answer.runs, fresh, filters)));
     redraw(pager, () => fill(pager, pagerLinks(filters, answer.next)));
   };
   const [{ workflows }] = await Promise.all([names, refresh()]);
   const [form, jump] = filterForm(ctx, filters, workflows.map((w) => w.name), apply);
-  fill(ctx.main, h("div", { class: "page-head row" }, h("h1", {}, "Runs"), jump), form, body, pager);
+  fill(ctx.main, h("div", { class: "page-head row" }, h("h1", {}, "Runs"), jump), glance, form, body, pager);
   return { refresh };
 }
 
@@ -141,6 +144,14 @@ function runsTable(runs, fresh, filters) {
     rows.length ? rows : emptyRow(7, anyFilter ? "No run matches these filters." : "No runs yet."),
     { class: "runs" },
   );
+}
+
+/** The last 24 hours by status, each a link to those runs. */
+function atAGlance(counts) {
+  const order = ["failed", "waiting", "running", "pending", "cancelled", "succeeded"];
+  const parts = order.filter((s) => counts[s] > 0).map((s) =>
+    h("a", { href: `#/runs${query({ status: s, window: "24h" })}`, class: `badge status-${s}`, dataset: { count: s } }, `${counts[s]} ${s}`));
+  return ["Last 24 hours: ", parts.length ? parts.map((p, i) => [i ? " " : "", p]) : h("span", { class: "muted" }, "no runs")];
 }
 
 /** What a run still going waits on, in a few words under its status. */
