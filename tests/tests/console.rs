@@ -831,6 +831,21 @@ async fn bench_the_run_list_with_10000_runs() {
         }
         println!("  {name:<20} {}", summary(ms));
     }
+    // The counts at the top of the page: the last 24 hours (1,440 runs) by status.
+    let mut ms = Vec::new();
+    for _ in 0..200 {
+        let (t, body) = time("/api/v1/runs/summary".to_string()).await;
+        let total: i64 = body["counts"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|n| n.as_i64().unwrap())
+            .sum();
+        // (A run a minute for a day: 1,440, less the oldest as the window moves on.)
+        assert!((1430..=1440).contains(&total), "{body}");
+        ms.push(t);
+    }
+    println!("  {:<20} {}", "24 h by status", summary(ms));
     // Deep paging: the 100th page through the cursor costs what the first does.
     let mut path = "/api/v1/runs?limit=50".to_string();
     let mut deep = 0.0;
