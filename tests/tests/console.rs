@@ -130,16 +130,24 @@ impl Rig {
         run
     }
 
+    /// catalog 1.4.0 installed (readiness timeout `timeout`); the input of an install or
+    /// upgrade of catalog `version` with the same timeout.
+    async fn catalog_installed(&self, timeout: &str) -> impl Fn(&str) -> Value {
+        let input = move |version: &str| {
+            let dir = manifests(&[("catalog.yaml", &catalog(version))]);
+            json!({ "component": "catalog", "manifests": dir, "namespace": "catalog", "kubernetes": "cluster", "timeout": timeout })
+        };
+        let installed = self.env.start_run("install.component", input("1.4.0")).await;
+        let run = self.env.wait_finished(&installed, LIMIT).await;
+        assert_eq!(run["status"], "succeeded", "{run:#}");
+        input
+    }
+
     /// catalog 1.4.0 installed, then an upgrade to 1.5.0 made by `bob` that waits for the
     /// approval of one of `approvers`; the waiting run.
     async fn waiting_upgrade(&self, approvers: &[&str]) -> Value {
-        let v1 = manifests(&[("catalog.yaml", &catalog("1.4.0"))]);
-        let input = |dir: &std::path::Path| json!({ "component": "catalog", "manifests": dir, "namespace": "catalog", "kubernetes": "cluster", "timeout": "10s" });
-        let installed = self.env.start_run("install.component", input(&v1)).await;
-        let run = self.env.wait_finished(&installed, LIMIT).await;
-        assert_eq!(run["status"], "succeeded", "{run:#}");
-        let v2 = manifests(&[("catalog.yaml", &catalog("1.5.0"))]);
-        let mut upgrade = input(&v2);
+        let input = self.catalog_installed("10s").await;
+        let mut upgrade = input("1.5.0");
         upgrade["requested_by"] = json!("bob");
         upgrade["approval"] = json!({ "approvers": approvers });
         let id = self.env.start_run("upgrade.component", upgrade).await;
@@ -510,14 +518,10 @@ async fn schedules_and_remediations_show_what_happened_and_admins_act_on_schedul
 #[tokio::test]
 async fn a_failed_upgrade_shows_its_undo_steps_and_that_they_succeeded() {
     let rig = rig().await;
-    let v1 = manifests(&[("catalog.yaml", &catalog("1.4.0"))]);
-    let input = |dir: &std::path::Path| json!({ "component": "catalog", "manifests": dir, "namespace": "catalog", "kubernetes": "cluster", "timeout": "2s" });
-    let installed = rig.env.start_run("install.component", input(&v1)).await;
-    assert_eq!(rig.env.wait_finished(&installed, LIMIT).await["status"], "succeeded");
+    let input = rig.catalog_installed("2s").await;
     // 1.5.0 never becomes ready: the upgrade fails at wait-ready and is rolled back.
     rig.kube.stall_image("registry.acme.io/catalog-api:1.5.0");
-    let v2 = manifests(&[("catalog.yaml", &catalog("1.5.0"))]);
-    let id = rig.env.start_run("upgrade.component", input(&v2)).await;
+    let id = rig.env.start_run("upgrade.component", input("1.5.0")).await;
     let run = rig.env.wait_finished(&id, LIMIT).await;
     assert_eq!(run["status"], "failed", "{run:#}");
     let undo = run["steps"]
