@@ -80,8 +80,17 @@ EOF
 
 stop() {
   local dir=$1
+  # Waits for it to be gone, so that a start right after finds the ports free.
+  local pid
   if [ -f "$dir/bao.pid" ]; then
-    kill "$(cat "$dir/bao.pid")" 2>/dev/null || true
+    pid=$(cat "$dir/bao.pid")
+    if kill "$pid" 2>/dev/null; then
+      for _ in $(seq 150); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.2
+      done
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
     rm -f "$dir/bao.pid"
   fi
 }

