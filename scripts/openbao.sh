@@ -15,6 +15,8 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 bao=${DAYSHIFT_BAO:-$root/.dayshift/venv/bin/bao}
 
 log() { printf 'openbao: %s\n' "$*" >&2; }
+# shellcheck source=scripts/lib.sh
+. "$root/scripts/lib.sh"
 
 json_field() {
   # json_field FILE EXPR: prints a field of a JSON file (EXPR indexes `d`).
@@ -80,19 +82,7 @@ EOF
 
 stop() {
   local dir=$1
-  # Waits for it to be gone, so that a start right after finds the ports free.
-  local pid
-  if [ -f "$dir/bao.pid" ]; then
-    pid=$(cat "$dir/bao.pid")
-    if kill "$pid" 2>/dev/null; then
-      for _ in $(seq 150); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.2
-      done
-      kill -KILL "$pid" 2>/dev/null || true
-    fi
-    rm -f "$dir/bao.pid"
-  fi
+  stop_pidfile "$dir/bao.pid"
 }
 
 case "${1:-}" in

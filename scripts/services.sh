@@ -27,6 +27,8 @@ VAULT_PORT=${DAYSHIFT_VAULT_PORT:-18200}
 OPENBAO_VERSION=2.7.2
 
 log() { printf 'services: %s\n' "$*" >&2; }
+# shellcheck source=scripts/lib.sh
+. "$root/scripts/lib.sh"
 
 apt_install() {
   # Installs the Debian packages named, once; `apt-get update` only when something is missing.
@@ -177,22 +179,6 @@ openbao_up() {
   fi
   log "starting OpenBao (raft storage, 127.0.0.1:$VAULT_PORT)"
   DAYSHIFT_BAO="$venv/bin/bao" "$root/scripts/openbao.sh" start "$state/openbao" "$VAULT_PORT"
-}
-
-stop_pidfile() {
-  # Stops the process named in pid file $1 and waits for it to be gone, so that an `up` right
-  # after finds its ports free.
-  local file=$1 pid
-  [ -f "$file" ] || return 0
-  pid=$(cat "$file")
-  if kill "$pid" 2>/dev/null; then
-    for _ in $(seq 150); do
-      kill -0 "$pid" 2>/dev/null || break
-      sleep 0.2
-    done
-    kill -KILL "$pid" 2>/dev/null || true
-  fi
-  rm -f "$file"
 }
 
 disk_space_ok() {
