@@ -285,7 +285,81 @@ async fn bad_notifications_get_the_right_status_and_start_nothing() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 400);
+    // An alert whose own status is neither firing nor resolved is refused, naming the alert.
+    let exploding = notification(
+        "firing",
+        vec![
+            v4_alert(1, "prod-web", "web", "firing"),
+            v4_alert(2, "prod-web", "web", "exploding"),
+        ],
+    );
+    let (status, body) = post(&env, &exploding, Some(TOKEN)).await;
+    assert_eq!(status, 400, "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(
+        error.contains("alerts[1]") && error.contains("0000000000000002") && error.contains("\"exploding\""),
+        "{error}"
+    );
     assert_eq!(count(&env, "select count(*) from runs").await, 0);
+    // Nothing was recorded of any of these: not a notification, not an episode.
+    assert_eq!(count(&env, "select count(*) from alert_notifications").await, 0);
+    assert_eq!(count(&env, "select count(*) from alert_episodes").await, 0);
+}
+
+#[tokio::test]
+async fn alert_routes_without_credentials_are_refused_unless_the_config_says_so_in_so_many_words() {
+    let dir = std::env::temp_dir().join(format!("dayshift-alerts-{}", unique()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let check = |yaml: String| {
+        let path = dir.join(format!("{}.yaml", unique()));
+        std::fs::write(&path, yaml).unwrap();
+        std::process::Command::new(dayshift_tests::dayshift_bin())
+            .args(["config", "check", path.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    let out = check(format!("alertmanager:\n  routes:\n{CRASHLOOP}"));
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("alertmanager.token") && stderr.contains("allow-unauthenticated: true"),
+        "{stderr}"
+    );
+    // An empty secret file is no secret.
+    std::fs::write(dir.join("empty"), "\n").unwrap();
+    let out = check(format!(
+        "alertmanager:\n  token: {{ file: {} }}\n  routes:\n{CRASHLOOP}",
+        dir.join("empty").display()
+    ));
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("is empty"), "{stderr}");
+    let out = check(format!(
+        "alertmanager:\n  allow-unauthenticated: true\n  routes:\n{CRASHLOOP}"
+    ));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // Basic auth, as Alertmanager's http_config.basic_auth sends it.
+    std::fs::write(dir.join("password"), "s3cret-am\n").unwrap();
+    let env = BinEnv::start_with(&format!(
+        "alertmanager:\n  basic-auth: {{ username: am, password: {{ file: {} }} }}\n  routes:\n{CRASHLOOP}",
+        dir.join("password").display()
+    ))
+    .await;
+    let good = notification("firing", vec![v4_alert(1, "prod-web", "web", "firing")]);
+    let send = |user: &str, password: &str| {
+        env.http
+            .post(format!("{}/hooks/alertmanager", env.api))
+            .basic_auth(user, Some(password))
+            .json(&good)
+            .send()
+    };
+    assert_eq!(send("am", "wrong").await.unwrap().status().as_u16(), 401);
+    assert_eq!(send("other", "s3cret-am").await.unwrap().status().as_u16(), 401);
+    assert_eq!(post(&env, &good, Some("s3cret-am")).await.0, 401);
+    assert_eq!(count(&env, "select count(*) from alert_notifications").await, 0);
+    assert_eq!(send("am", "s3cret-am").await.unwrap().status().as_u16(), 200);
+    assert_eq!(count(&env, "select count(*) from alert_episodes").await, 1);
 }
 
 #[tokio::test]
@@ -340,7 +414,7 @@ async fn resolved_alerts_inside_a_firing_group_are_signalled_one_by_one() {
 #[tokio::test]
 async fn a_notification_above_the_cap_gets_413() {
     let env = BinEnv::start_with(&format!(
-        "alertmanager:\n  max-body-bytes: 10000\n  routes:\n{CRASHLOOP}"
+        "alertmanager:\n  max-body-bytes: 10000\n  allow-unauthenticated: true\n  routes:\n{CRASHLOOP}"
     ))
     .await;
     let big = notification(

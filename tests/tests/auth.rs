@@ -198,7 +198,7 @@ async fn who_did_what_to_which_run_is_in_the_audit_trail() {
     assert_eq!(status, 202);
     let run = env.wait_finished(&id, LIMIT).await;
     assert_eq!(run["status"], "cancelled");
-    assert_eq!(run["started_by"], "api:alice");
+    assert_eq!(run["started_by"], "api:token:alice");
     let (_, events) = env.get(&format!("/api/v1/runs/{id}/events")).await;
     let cancel = events["events"]
         .as_array()
@@ -207,7 +207,7 @@ async fn who_did_what_to_which_run_is_in_the_audit_trail() {
         .find(|e| e["kind"] == "cancel_requested")
         .cloned()
         .unwrap_or(Value::Null);
-    assert_eq!(cancel["detail"]["by"], "bob", "{events:#}");
+    assert_eq!(cancel["detail"]["by"], "token:bob", "{events:#}");
 
     let (_, audit) = env.get(&format!("/api/v1/audit?target={id}")).await;
     let entries: Vec<(String, String, String)> = audit["audit"]
@@ -225,8 +225,21 @@ async fn who_did_what_to_which_run_is_in_the_audit_trail() {
     assert_eq!(
         entries,
         [
-            ("bob".to_string(), "operator".to_string(), "run.cancel".to_string()),
-            ("alice".to_string(), "operator".to_string(), "run.start".to_string()),
+            (
+                "token:bob".to_string(),
+                "operator".to_string(),
+                "run.cancel".to_string()
+            ),
+            (
+                "token:bob".to_string(),
+                "operator".to_string(),
+                "run.approve.refused".to_string()
+            ),
+            (
+                "token:alice".to_string(),
+                "operator".to_string(),
+                "run.start".to_string()
+            ),
         ]
     );
     let out = env.local_cli(&["audit", "--target", &id]);
@@ -297,7 +310,8 @@ async fn tokens_of_the_platforms_identity_provider_carry_the_role_their_groups_g
     let (_, run) = env
         .get(&format!("/api/v1/runs/{}", started["id"].as_str().unwrap()))
         .await;
-    assert_eq!(run["started_by"], "api:alice");
+    // Namespaced: an OIDC user is never taken for the API token of the same name.
+    assert_eq!(run["started_by"], "api:oidc:alice");
     // Bob may look, not act.
     assert_eq!(env.get_as(&bob, "/api/v1/runs").await.0, 200);
     let (status, body) = env.post_as(&bob, "/api/v1/runs", &start).await;

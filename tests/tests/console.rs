@@ -80,7 +80,7 @@ async fn rig() -> Rig {
          events: [push]\n      workflow: selftest.chain\n      input: {{ steps: 2 }}\n\
          connections:\n  kubernetes:\n    cluster: {{ url: \"{}\" }}\n\
          schedules:\n  - name: nightly-backup\n    cron: \"0 3 * * *\"\n    timezone: Europe/Berlin\n    workflow: selftest.chain\n    input: {{ steps: 2 }}\n\
-         alertmanager:\n  routes:\n    - name: crashloop\n      matchers: ['alertname=\"KubePodCrashLooping\"']\n      workflow: remediate\n      \
+         alertmanager:\n  allow-unauthenticated: true\n  routes:\n    - name: crashloop\n      matchers: ['alertname=\"KubePodCrashLooping\"']\n      workflow: remediate\n      \
          input: {{ playbook: crash-loop, labels: \"{{{{ labels }}}}\", annotations: \"{{{{ annotations }}}}\", fingerprint: \"{{{{ fingerprint }}}}\", starts_at: \"{{{{ starts_at }}}}\" }}\n      \
          guardrails: {{ target: [namespace, deployment], cooldown: 10m }}\n\
          playbooks:\n  crash-loop:\n    kubernetes: cluster\n    namespaces: [\"prod-*\"]\n    \
@@ -149,6 +149,7 @@ impl Rig {
         let input = self.catalog_installed("10s").await;
         let mut upgrade = input("1.5.0");
         upgrade["requested_by"] = json!("bob");
+        let approvers: Vec<String> = approvers.iter().map(|a| format!("token:{a}")).collect();
         upgrade["approval"] = json!({ "approvers": approvers });
         let id = self.env.start_run("upgrade.component", upgrade).await;
         self.waiting_for_a_signal(&id).await
@@ -265,7 +266,10 @@ async fn a_failing_run_shows_its_failing_step_and_error_and_new_runs_appear_live
     let (_, retried) = rig.env.get(&format!("/api/v1/runs/{retry}")).await;
     assert_eq!(retried["workflow"], "install.component");
     assert_eq!(retried["input"], failed["input"]);
-    assert_eq!(retried["started_by"], format!("api:oncall (retry of {failed_id})"));
+    assert_eq!(
+        retried["started_by"],
+        format!("api:token:oncall (retry of {failed_id})")
+    );
     b.close().await;
 }
 
@@ -284,6 +288,7 @@ async fn approving_a_waiting_run_from_the_page_lets_it_continue() {
     b.click("#nav a[data-nav=approvals]").await;
     let text = b.wait_text(&card, "Who may approve").await;
     assert!(text.contains("alice"), "{text}");
+    assert!(text.contains("token:alice"), "{text}");
     assert!(text.contains("bob (may not approve it)"), "{text}");
     // The plan: what the upgrade would change, field by field.
     let plan = b.text(&format!("{card} table.plan")).await;
@@ -306,7 +311,7 @@ async fn approving_a_waiting_run_from_the_page_lets_it_continue() {
     )
     .await;
     b.click(&format!("{card} button.approve")).await;
-    b.wait_text("#announcer", "Approved as alice").await;
+    b.wait_text("#announcer", "Approved as token:alice").await;
 
     let done = rig.env.wait_finished(&run_id, LIMIT).await;
     assert_eq!(done["status"], "succeeded", "{done:#}");
@@ -317,7 +322,7 @@ async fn approving_a_waiting_run_from_the_page_lets_it_continue() {
         .find(|s| s["name"] == "decision:1")
         .unwrap()["output"]
         .clone();
-    assert_eq!(decision["by"], "alice");
+    assert_eq!(decision["by"], "token:alice");
     assert_eq!(decision["comment"], "diff checked, 1.5.0 is in staging since Tuesday");
     assert_eq!(decision["ignored"], Value::Null);
     let live = rig
@@ -334,7 +339,7 @@ async fn approving_a_waiting_run_from_the_page_lets_it_continue() {
             .as_array()
             .unwrap()
             .iter()
-            .any(|e| e["action"] == "run.approve" && e["actor"] == "alice"),
+            .any(|e| e["action"] == "run.approve" && e["actor"] == "token:alice"),
         "{audit:#}"
     );
 
@@ -669,7 +674,7 @@ async fn a_retry_starts_the_same_input_once_and_only_for_a_run_that_ended_badly(
     );
     let (_, trigger) = rig.env.get(&format!("/api/v1/runs/{retry}/trigger")).await;
     assert_eq!(trigger["kind"], "api");
-    assert_eq!(trigger["caller"], "otto");
+    assert_eq!(trigger["caller"], "token:otto");
     assert_eq!(trigger["retry_of"], failed_id.as_str());
     let (_, audit) = rig.env.get(&format!("/api/v1/audit?target={failed_id}")).await;
     let entry = audit["audit"]
@@ -679,7 +684,7 @@ async fn a_retry_starts_the_same_input_once_and_only_for_a_run_that_ended_badly(
         .find(|e| e["action"] == "run.retry")
         .cloned()
         .unwrap_or_else(|| panic!("{audit:#}"));
-    assert_eq!(entry["actor"], "otto");
+    assert_eq!(entry["actor"], "token:otto");
 
     // A run that has not ended badly is not retried.
     let waiting = id(&rig.waiting_upgrade(&["alice"]).await);
@@ -698,9 +703,9 @@ async fn a_retry_starts_the_same_input_once_and_only_for_a_run_that_ended_badly(
     let (_, approvals) = rig.env.get_as(&otto, "/api/v1/approvals").await;
     let a = &approvals["approvals"][0];
     assert_eq!(a["run"]["id"], waiting.as_str());
-    assert_eq!(a["approvers"], json!(["alice"]));
+    assert_eq!(a["approvers"], json!(["token:alice"]));
     assert_eq!(a["may_decide"], false);
-    assert_eq!(a["why_not"], "otto is not one of the approvers");
+    assert_eq!(a["why_not"], "token:otto is not one of the approvers");
     assert_eq!(a["about_kind"], "plan");
 }
 

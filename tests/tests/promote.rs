@@ -304,7 +304,7 @@ async fn a_prod_promotion_waits_for_approvals_across_a_restart_and_a_rejection_p
     let mut worker = env.start_worker().await;
     let seed = rig.git.head("infra", "main");
     let mut gated = input("2.16.0");
-    gated["approval"] = json!({ "approvers": ["alice", "bob", "carol"], "required": 2 });
+    gated["approval"] = json!({ "approvers": ["token:alice", "token:bob", "token:carol"], "required": 2 });
     gated["requested_by"] = json!("carol");
     let id = env.start_run("promote.image", gated.clone()).await;
     let waiting = env
@@ -321,25 +321,23 @@ async fn a_prod_promotion_waits_for_approvals_across_a_restart_and_a_rejection_p
         .iter()
         .find(|s| s["name"] == "request-approval")
         .unwrap();
-    assert_eq!(request["output"]["approvers"], json!(["alice", "bob", "carol"]));
+    assert_eq!(
+        request["output"]["approvers"],
+        json!(["token:alice", "token:bob", "token:carol"])
+    );
     assert_eq!(request["output"]["required"], 2);
     assert!(request["output"]["since"].as_str().unwrap().starts_with("20"));
 
-    // The author cannot approve her own change.
-    let (status, _) = env
+    // The author cannot approve her own change: refused, and nothing is counted.
+    let (status, refused) = env
         .post_as(
             &env.as_user("carol").await,
             &format!("/api/v1/runs/{id}/approve"),
             &json!({}),
         )
         .await;
-    assert_eq!(status, 202);
-    env.wait_run(&id, LIMIT, |r| {
-        r["steps"]
-            .as_array()
-            .is_some_and(|s| s.iter().any(|s| s["name"] == "decision:1"))
-    })
-    .await;
+    assert_eq!(status, 403, "{refused}");
+    assert_eq!(refused["error"], "token:carol made the change and may not approve it");
 
     // Every process restarts while the run waits.
     worker.kill9().await;
@@ -369,7 +367,7 @@ async fn a_prod_promotion_waits_for_approvals_across_a_restart_and_a_rejection_p
         r["status"] == "waiting"
             && r["steps"]
                 .as_array()
-                .is_some_and(|s| s.iter().any(|s| s["name"] == "decision:2"))
+                .is_some_and(|s| s.iter().any(|s| s["name"] == "decision:1"))
     })
     .await;
     assert_eq!(rig.git.head("infra", "main"), seed, "pushed with one approval");
@@ -385,10 +383,9 @@ async fn a_prod_promotion_waits_for_approvals_across_a_restart_and_a_rejection_p
     assert_eq!(run["status"], "succeeded", "{run:#}");
     let steps = run["steps"].as_array().unwrap();
     let decision = |n: usize| steps.iter().find(|s| s["name"] == format!("decision:{n}")).unwrap()["output"].clone();
-    assert_eq!(decision(1)["ignored"], "carol made the change and may not approve it");
-    assert_eq!(decision(2)["by"], "alice");
-    assert_eq!(decision(2)["comment"], "looks good");
-    assert_eq!(decision(3)["by"], "bob");
+    assert_eq!(decision(1)["by"], "token:alice");
+    assert_eq!(decision(1)["comment"], "looks good");
+    assert_eq!(decision(2)["by"], "token:bob");
     assert!(rig.git.read("infra", "main", VALUES).contains("tag: \"2.16.0\""));
 
     // A rejection ends the next promotion with nothing pushed.
@@ -415,7 +412,7 @@ async fn a_prod_promotion_waits_for_approvals_across_a_restart_and_a_rejection_p
         run["error"]
             .as_str()
             .unwrap()
-            .contains("rejected by bob: freeze until Monday"),
+            .contains("rejected by token:bob: freeze until Monday"),
         "{run:#}"
     );
     assert_eq!(rig.git.head("infra", "main"), head, "a rejected promotion pushed");
@@ -480,7 +477,7 @@ async fn chain_world() -> (
         ),
         env_yaml(
             "prod",
-            "        argocd-application: shop-prod\n        timeout: 20s\n        soak: 1s\n        approval: { approvers: [alice, ci@acme.io] }\n"
+            "        argocd-application: shop-prod\n        timeout: 20s\n        soak: 1s\n        approval: { approvers: [\"token:alice\", \"token:ci@acme.io\"] }\n"
         ),
     );
     let env = dayshift_tests::BinEnv::start_with(&yaml).await;
@@ -562,15 +559,16 @@ async fn a_push_to_dev_starts_the_chain_through_staging_and_an_approved_prod() {
         git.read("infra", "main", "envs/prod/values.yaml")
             .contains("tag: \"2.14.0\"")
     );
-    for by in ["ci@acme.io", "alice"] {
-        let (status, _) = env
+    // The commit's author (a token of the same name) is refused; alice approves.
+    for (by, expected) in [("ci@acme.io", 403), ("alice", 202)] {
+        let (status, body) = env
             .post_as(
                 &env.as_user(by).await,
                 &format!("/api/v1/runs/{prod}/approve"),
                 &json!({}),
             )
             .await;
-        assert_eq!(status, 202);
+        assert_eq!(status, expected, "{by}: {body}");
     }
     let (_, chains) = env.get("/api/v1/runs?workflow=promote.chain").await;
     let chain = chains["runs"][0]["id"].as_str().unwrap().to_string();
@@ -595,18 +593,16 @@ async fn a_push_to_dev_starts_the_chain_through_staging_and_an_approved_prod() {
         "{log:#?}"
     );
     assert!(log[0].2.contains(&format!("Source-Commit: {sha}")), "{log:#?}");
-    // The approval by the author of the change did not count.
+    // Only alice's approval reached the gate.
     let (_, prod_run) = env.get(&format!("/api/v1/runs/{prod}")).await;
-    let first = prod_run["steps"]
+    let decisions: Vec<&Value> = prod_run["steps"]
         .as_array()
         .unwrap()
         .iter()
-        .find(|s| s["name"] == "decision:1")
-        .unwrap();
-    assert_eq!(
-        first["output"]["ignored"],
-        "ci@acme.io made the change and may not approve it"
-    );
+        .filter(|s| s["name"].as_str().unwrap().starts_with("decision:"))
+        .collect();
+    assert_eq!(decisions.len(), 1, "{prod_run:#}");
+    assert_eq!(decisions[0]["output"]["by"], "token:alice");
     argocd.abort();
     env.server.as_mut().unwrap().kill9().await;
 }

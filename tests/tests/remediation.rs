@@ -217,6 +217,53 @@ async fn a_flapping_alert_does_not_restart_twenty_times() {
 }
 
 #[tokio::test]
+async fn label_values_that_are_not_kubernetes_names_act_on_nothing_and_say_why() {
+    // The allow-list glob `prod-*` would match these; the names must still be names.
+    let rig = rig(&format!("{RESTART}    wait-resolved: 5m\n")).await;
+    let _w = rig.env.start_worker().await;
+    let cases = [
+        (
+            "prod-web/../../kube-system",
+            "web",
+            "namespace \"prod-web/../../kube-system\" is not a Kubernetes namespace",
+        ),
+        (
+            "prod-web",
+            "web?dryRun=All",
+            "name \"web?dryRun=All\" is not a Kubernetes object name",
+        ),
+        (
+            "prod-Web",
+            "web",
+            "namespace \"prod-Web\" is not a Kubernetes namespace",
+        ),
+    ];
+    for (i, (namespace, deployment, _)) in cases.iter().enumerate() {
+        let mut a = alert(namespace, Utc::now(), None);
+        a["labels"]["deployment"] = json!(deployment);
+        a["fingerprint"] = json!(format!("fp-hostile-{i}"));
+        notify(&rig.env, &notification("firing", vec![a])).await;
+    }
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    let all = loop {
+        let all = runs(&rig.env).await;
+        if all.len() == cases.len() && all.iter().all(|r| r["status"] == "failed") {
+            break all;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{all:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for (_, _, expected) in cases {
+        assert!(
+            all.iter()
+                .any(|r| r["error"].as_str().unwrap_or_default().contains(expected)),
+            "no run failed with {expected:?}: {all:#?}"
+        );
+    }
+    assert!(rig.kube.writes().is_empty(), "{:?}", rig.kube.writes());
+}
+
+#[tokio::test]
 async fn dry_run_allow_list_and_missing_labels_do_nothing_and_say_so() {
     // Dry run: the plan is recorded, nothing is sent to the cluster.
     let rig_dry = rig(&format!("{RESTART}    dry-run: true\n")).await;
@@ -416,7 +463,7 @@ async fn escalation_actions_run_when_the_first_fix_did_not_help() {
 #[tokio::test]
 async fn a_destructive_action_waits_for_an_approval_and_a_rejection_does_nothing() {
     let rig = rig(
-        "    actions:\n      - action: kube.delete-pod\n        destructive: true\n        with: { namespace: \"{{ labels.namespace }}\", name: \"{{ labels.pod }}\" }\n    approval: { approvers: [oncall@acme.io] }\n    wait-resolved: 5m\n",
+        "    actions:\n      - action: kube.delete-pod\n        destructive: true\n        with: { namespace: \"{{ labels.namespace }}\", name: \"{{ labels.pod }}\" }\n    approval: { approvers: [\"token:oncall@acme.io\"] }\n    wait-resolved: 5m\n",
     )
     .await;
     rig.kube.put(json!({ "apiVersion": "v1", "kind": "Pod", "metadata": { "name": "web-7d9f-x2", "namespace": "prod-web" }, "spec": {} }));
@@ -446,8 +493,8 @@ async fn a_destructive_action_waits_for_an_approval_and_a_rejection_does_nothing
         "{notice}"
     );
     // Someone not on the list cannot approve; on-call can.
-    for by in ["intern@acme.io", "oncall@acme.io"] {
-        let (status, _) = rig
+    for (by, expected) in [("intern@acme.io", 403), ("oncall@acme.io", 202)] {
+        let (status, body) = rig
             .env
             .post_as(
                 &rig.env.as_user(by).await,
@@ -455,7 +502,7 @@ async fn a_destructive_action_waits_for_an_approval_and_a_rejection_does_nothing
                 &json!({}),
             )
             .await;
-        assert_eq!(status, 202);
+        assert_eq!(status, expected, "{by}: {body}");
     }
     rig.env
         .wait_run(&id, LIMIT, |r| {
@@ -471,8 +518,8 @@ async fn a_destructive_action_waits_for_an_approval_and_a_rejection_does_nothing
     let (_, run) = rig.env.get(&format!("/api/v1/runs/{id}")).await;
     let steps = run["steps"].as_array().unwrap();
     let decision = |n: usize| steps.iter().find(|s| s["name"] == format!("decision:{n}")).unwrap()["output"].clone();
-    assert_eq!(decision(1)["ignored"], "intern@acme.io may not approve");
-    assert_eq!(decision(2)["by"], "oncall@acme.io");
+    assert_eq!(decision(1)["by"], "token:oncall@acme.io");
+    assert_eq!(decision(1)["ignored"], Value::Null);
 
     // The next episode (another pod's deployment) is rejected: nothing is deleted.
     rig.kube.put(json!({ "apiVersion": "v1", "kind": "Pod", "metadata": { "name": "api-1", "namespace": "prod-web" }, "spec": {} }));
@@ -506,7 +553,7 @@ async fn a_destructive_action_waits_for_an_approval_and_a_rejection_does_nothing
         run["error"]
             .as_str()
             .unwrap()
-            .contains("rejected by oncall@acme.io: api is being migrated")
+            .contains("rejected by token:oncall@acme.io: api is being migrated")
     );
     assert!(
         rig.kube.get("/api/v1/namespaces/prod-web/pods/api-1").is_some(),

@@ -165,11 +165,62 @@ pub const CONTEXT_FIELDS: &[&str] = &[
     "external_url",
 ];
 
+/// The credentials a notification must carry, as Alertmanager's `http_config` sends them.
+#[derive(Clone, Default)]
+pub enum IntakeAuth {
+    /// `Authorization: Bearer <token>`.
+    Bearer(Vec<u8>),
+    /// `Authorization: Basic <user:password>`.
+    Basic { username: String, password: Vec<u8> },
+    /// None: only when the config says `allow-unauthenticated: true`.
+    #[default]
+    None,
+}
+
+impl std::fmt::Debug for IntakeAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Bearer(_) => "Bearer(..)",
+            Self::Basic { .. } => "Basic(..)",
+            Self::None => "None",
+        })
+    }
+}
+
+impl IntakeAuth {
+    /// Whether the request's `Authorization` header carries these credentials. Compared in
+    /// constant time; checked before the body is read.
+    pub fn admits(&self, authorization: Option<&str>) -> bool {
+        let given = authorization.unwrap_or("");
+        match self {
+            Self::None => true,
+            Self::Bearer(token) => crate::auth::bearer(given).is_some_and(|t| crate::auth::same(t.as_bytes(), token)),
+            Self::Basic { username, password } => {
+                use base64::Engine as _;
+                let Some(encoded) = given
+                    .split_once(' ')
+                    .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("basic"))
+                    .map(|(_, v)| v.trim())
+                else {
+                    return false;
+                };
+                let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(encoded) else {
+                    return false;
+                };
+                let mut expected = username.as_bytes().to_vec();
+                expected.push(b':');
+                expected.extend_from_slice(password);
+                crate::auth::same(&decoded, &expected)
+            }
+        }
+    }
+}
+
 /// Alertmanager settings.
 #[derive(Debug, Clone, Default)]
 pub struct Alerts {
-    /// If set, notifications must carry `Authorization: Bearer <token>`.
-    pub token: Option<Vec<u8>>,
+    /// The credentials notifications must carry.
+    pub auth: IntakeAuth,
     pub routes: Vec<AlertRoute>,
     pub max_body: usize,
 }
@@ -225,6 +276,20 @@ pub(crate) async fn handle(
     n: Notification,
 ) -> Result<NotificationOutcome, EngineError> {
     let pool = engine.store().pool();
+    // Alertmanager sends `firing` or `resolved`; anything else is not its notification, and
+    // taking it as firing would start a remediation. Refused whole, before anything is done.
+    if let Some((i, a)) = n
+        .alerts
+        .iter()
+        .enumerate()
+        .find(|(_, a)| a.status != "firing" && a.status != "resolved")
+    {
+        let status: String = a.status.chars().take(40).collect();
+        return Err(EngineError::BadRequest(format!(
+            "alerts[{i}] (fingerprint {}) has status {status:?}; Alertmanager sends \"firing\" or \"resolved\"",
+            a.fingerprint.chars().take(64).collect::<String>()
+        )));
+    }
     let mut out = NotificationOutcome {
         alerts: n.alerts.len(),
         ..Default::default()
@@ -469,7 +534,10 @@ async fn resolve(engine: &Engine, alert: &Alert, routes: &[&AlertRoute]) -> Resu
             continue;
         };
         let payload = json!({ "fingerprint": alert.fingerprint, "labels": alert.labels, "starts_at": alert.starts_at });
-        match engine.signal(RunId(run), "resolved", payload, "alertmanager").await {
+        match engine
+            .send_signal(RunId(run), crate::approval::RESOLVED_SIGNAL, payload, "alertmanager")
+            .await
+        {
             Ok(()) => signalled += 1,
             // The run already ended: nothing waits for the signal.
             Err(EngineError::Conflict(_)) => {}

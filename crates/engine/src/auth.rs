@@ -55,11 +55,27 @@ impl FromStr for Role {
     }
 }
 
-/// An authenticated caller: the name its token was created with (or its OIDC identity).
+/// An authenticated caller.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Caller {
+    /// Who it is, namespaced so that a token and an OIDC user never share an identity:
+    /// `token:<the token's name>` or `oidc:<the username claim>`. Recorded as who did what.
     pub name: String,
     pub role: Role,
+    /// The OIDC groups (or roles) the token's claim lists; none for an API token.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
+}
+
+impl Caller {
+    /// The caller of an API token named `name`.
+    pub fn token(name: &str, role: Role) -> Self {
+        Self {
+            name: format!("token:{name}"),
+            role,
+            groups: Vec::new(),
+        }
+    }
 }
 
 /// How the API authenticates.
@@ -97,6 +113,17 @@ pub const TOKEN_PREFIX: &str = "dsh_";
 
 fn hash(token: &str) -> Vec<u8> {
     sha2::Sha256::digest(token.as_bytes()).to_vec()
+}
+
+/// The token of an `Authorization: Bearer <token>` header value (the scheme in any case).
+pub fn bearer(authorization: &str) -> Option<&str> {
+    let (scheme, token) = authorization.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// Compares two secrets in time that depends only on their lengths.
+pub fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Creates a token named `name` with `role`; returns the token, shown this once.
@@ -205,10 +232,10 @@ pub async fn authenticate(pool: &PgPool, token: &str) -> Result<Option<Caller>, 
     .fetch_optional(pool)
     .await?;
     row.map(|r| {
-        Ok(Caller {
-            name: r.get("name"),
-            role: r.get::<String, _>("role").parse().map_err(StoreError::Conflict)?,
-        })
+        Ok(Caller::token(
+            r.get("name"),
+            r.get::<String, _>("role").parse().map_err(StoreError::Conflict)?,
+        ))
     })
     .transpose()
 }
@@ -462,6 +489,10 @@ impl Oidc {
                     }
                 ))
             })?;
-        Ok(Caller { name, role })
+        Ok(Caller {
+            name: format!("oidc:{name}"),
+            role,
+            groups: held.into_iter().map(str::to_string).collect(),
+        })
     }
 }

@@ -267,13 +267,54 @@ impl Engine {
         Ok(status)
     }
 
-    /// Sends a signal to a run; a wait for it (now or later) receives `payload`.
+    /// Sends a signal to a run; a wait for it (now or later) receives `payload`. `by` is the
+    /// authenticated sender. The engine's own signals (approvals, alert resolutions: see
+    /// [`crate::approval::is_reserved_signal`]) are refused: approvals go through
+    /// [`Engine::decide`].
     pub async fn signal(&self, id: RunId, name: &str, payload: Value, by: &str) -> Result<(), EngineError> {
         if name.is_empty() || name.len() > 200 {
             return Err(EngineError::BadRequest(
                 "signal name must be 1 to 200 characters".into(),
             ));
         }
+        if crate::approval::is_reserved_signal(name) {
+            return Err(EngineError::Forbidden(format!(
+                "the signal '{name}' is the engine's own; approve or reject with `dayshift runs approve|reject`"
+            )));
+        }
+        self.send_signal(id, name, payload, by).await
+    }
+
+    /// Decides at the approval gate `id` waits at, as `caller`. Refused (`Forbidden`, saying
+    /// why) when the gate would not count the decision; `Conflict` when the run waits at no
+    /// gate. The identity recorded is the caller's, never anything the caller sends.
+    pub async fn decide(
+        &self,
+        id: RunId,
+        caller: &crate::auth::Caller,
+        approve: bool,
+        comment: Option<String>,
+    ) -> Result<(), EngineError> {
+        let run = self.get_run(id).await?;
+        let Some(pending) = crate::approval::PendingApproval::of(&run) else {
+            return Err(EngineError::Conflict(format!(
+                "run {id} is {} and waits at no approval gate",
+                run.status
+            )));
+        };
+        pending.may_decide(caller, approve).map_err(EngineError::Forbidden)?;
+        let payload = serde_json::to_value(crate::approval::DecisionSignal {
+            approve,
+            comment,
+            groups: caller.groups.clone(),
+        })
+        .expect("a decision serializes");
+        self.send_signal(id, crate::approval::APPROVAL_SIGNAL, payload, &caller.name)
+            .await
+    }
+
+    /// Sends any signal, the engine's own included.
+    pub(crate) async fn send_signal(&self, id: RunId, name: &str, payload: Value, by: &str) -> Result<(), EngineError> {
         match self.inner.store.signal(id, name, &payload, by).await? {
             None => Err(EngineError::RunNotFound(id)),
             Some(Err(status)) => Err(EngineError::Conflict(format!(

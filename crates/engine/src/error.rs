@@ -117,6 +117,9 @@ pub enum EngineError {
     Conflict(String),
     #[error("{0}")]
     BadRequest(String),
+    /// The caller may not do this (outside what the config allows it).
+    #[error("{0}")]
+    Forbidden(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]

@@ -102,6 +102,7 @@ impl From<EngineError> for ApiError {
             }
             EngineError::Conflict(_) => Self::new(StatusCode::CONFLICT, "conflict", e.to_string()),
             EngineError::BadRequest(_) => Self::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string()),
+            EngineError::Forbidden(_) => Self::new(StatusCode::FORBIDDEN, "forbidden", e.to_string()),
             EngineError::Store(_) | EngineError::Queue(_) => {
                 tracing::error!(error = %e, "API request failed.");
                 Self::new(
@@ -151,8 +152,7 @@ async fn authenticate(
         .headers()
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
+        .and_then(crate::auth::bearer)
         .unwrap_or("");
     let unauthorized = |message: &str| {
         let mut r = ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message).into_response();
@@ -194,10 +194,7 @@ async fn authenticate(
         return ApiError::new(
             StatusCode::FORBIDDEN,
             "forbidden",
-            format!(
-                "this needs the {needed} role; the token '{}' has {}",
-                caller.name, caller.role
-            ),
+            format!("this needs the {needed} role; {} has {}", caller.name, caller.role),
         )
         .into_response();
     }
@@ -384,6 +381,24 @@ async fn signal_run(
     body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let id = parse_id(&id)?;
+    if crate::approval::is_reserved_signal(&name) {
+        audit(
+            &engine,
+            &caller,
+            "run.signal.refused",
+            &id.to_string(),
+            json!({ "signal": name }),
+        )
+        .await;
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "reserved_signal",
+            format!(
+                "the signal '{name}' is the engine's own and cannot be sent here; approve or reject with \
+                 POST /api/v1/runs/{id}/approve or /reject (as yourself)"
+            ),
+        ));
+    }
     let payload: Value = if body.is_empty() {
         Value::Null
     } else {
@@ -407,11 +422,11 @@ async fn signal_run(
     Ok((StatusCode::ACCEPTED, Json(json!({ "id": id, "signal": name }))))
 }
 
-/// An approve or reject call: why. Who decides is the caller (the token's name).
+/// An approve or reject call: why. Who decides is the caller.
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct DecisionBody {
-    /// If given, it must be the caller's name: no one approves as someone else.
+    /// If given, it must be the caller's identity: no one decides as someone else.
     #[serde(default)]
     by: Option<String>,
     #[serde(default)]
@@ -436,8 +451,9 @@ async fn reject_run(
     decide(engine, caller, id, body, false).await
 }
 
-/// Approvals are the signal `approval` with `{by, approve, comment}`; the workflow decides
-/// whether the decision counts (who may approve, no self-approval) and journals it.
+/// An approval or rejection, as the authenticated caller. A caller the gate would not count
+/// (not an approver, the change's author, approved already) is refused here with why, and the
+/// refusal is in the audit trail; the gate applies the same rule to what reaches it.
 async fn decide(
     State(engine): State<Engine>,
     axum::Extension(caller): Who,
@@ -446,25 +462,39 @@ async fn decide(
     approve: bool,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let id = parse_id(&id)?;
+    let action = if approve { "run.approve" } else { "run.reject" };
     let d: DecisionBody = if body.is_empty() {
         DecisionBody::default()
     } else {
         serde_json::from_slice(&body)
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", format!("decision body: {e}")))?
     };
+    let refused = |why: String| {
+        let (engine, caller, id) = (engine.clone(), caller.clone(), id);
+        async move {
+            audit(
+                &engine,
+                &caller,
+                &format!("{action}.refused"),
+                &id.to_string(),
+                json!({ "why": why }),
+            )
+            .await;
+            ApiError::new(StatusCode::FORBIDDEN, "forbidden", why)
+        }
+    };
+    // `by` (the CLI's `--as`) only asserts who the caller is: the identity, or its bare name.
     if let Some(by) = d.by.as_deref()
         && by != caller.name
+        && caller.name.split_once(':').map(|(_, bare)| bare) != Some(by)
     {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            format!("the token '{}' cannot decide as '{by}'", caller.name),
-        ));
+        return Err(refused(format!("{} cannot decide as '{by}'", caller.name)).await);
     }
-    let by = caller.name.clone();
-    let payload = json!({ "by": by, "approve": approve, "comment": d.comment });
-    engine.signal(id, "approval", payload, &by).await?;
-    let action = if approve { "run.approve" } else { "run.reject" };
+    match engine.decide(id, &caller, approve, d.comment.clone()).await {
+        Ok(()) => {}
+        Err(EngineError::Forbidden(why)) => return Err(refused(why).await),
+        Err(e) => return Err(e.into()),
+    }
     audit(
         &engine,
         &caller,
@@ -475,7 +505,7 @@ async fn decide(
     .await;
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({ "id": id, "decision": if approve { "approve" } else { "reject" }, "by": by })),
+        Json(json!({ "id": id, "decision": if approve { "approve" } else { "reject" }, "by": caller.name })),
     ))
 }
 
@@ -798,20 +828,15 @@ async fn alertmanager(
             "Alertmanager notifications are not configured (alertmanager.routes)",
         ));
     };
-    if let Some(token) = &alerts.token {
-        let given = headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        let same = given.len() == token.len() && given.bytes().zip(token).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0;
-        if !same {
-            return Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "missing or wrong bearer token",
-            ));
-        }
+    let authorization = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if !alerts.auth.admits(authorization) {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or wrong credentials (the token or basic auth of alertmanager in dayshift's config)",
+        ));
     }
     let bytes = axum::body::to_bytes(body, alerts.max_body).await.map_err(|_| {
         ApiError::new(

@@ -7,6 +7,7 @@
 //! is due, so losing Redis loses no run. See ARCHITECTURE.md for the glossary and the contract.
 
 pub mod alerts;
+pub mod approval;
 pub mod auth;
 mod console;
 mod engine;
@@ -25,6 +26,7 @@ pub mod webhook;
 mod worker;
 mod workflow;
 
+pub use approval::{ApprovalGate, ApprovalRequest, Approver, Counted};
 pub use engine::{Engine, EngineBuilder, FaultInjector, StepHook};
 pub use error::{EngineError, QueueError, StepError, StoreError, WorkflowError};
 pub use model::{

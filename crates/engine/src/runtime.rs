@@ -106,6 +106,8 @@ struct State {
 pub(crate) struct CtxInner {
     engine: Arc<EngineInner>,
     workflow: String,
+    /// What started the run (`api:token:alice`, ...): an API caller made the change.
+    started_by: String,
     lease: Lease,
     cancel: CancellationToken,
     shutdown: CancellationToken,
@@ -206,14 +208,24 @@ impl Ctx {
     /// at most `timeout`. Returns its payload, or `None` if the wait timed out. Signals sent
     /// before the wait began are kept and delivered in order.
     pub async fn wait_signal(&self, name: impl Into<String>, timeout: Duration) -> Result<Option<Value>, StepError> {
-        let name = name.into();
+        Ok(self
+            .wait_signal_from(name.into(), timeout)
+            .await?
+            .map(|(payload, _)| payload))
+    }
+
+    /// [`Ctx::wait_signal`], with who sent the signal (the identity the engine recorded).
+    async fn wait_signal_from(&self, name: String, timeout: Duration) -> Result<Option<(Value, String)>, StepError> {
         let (seq, found) = self.next(StepKind::Signal, &name).await;
         let deadline = match found {
             Lookup::Found(e) if e.status() == StepStatus::Succeeded => {
-                return Ok(e
-                    .output
-                    .and_then(|o| o.get("payload").cloned())
-                    .filter(|p| !p.is_null()));
+                // A signal sent with no payload is journaled as null: `timed_out` tells them apart.
+                let output = e.output.unwrap_or_default();
+                if output["timed_out"] != Value::Bool(false) {
+                    return Ok(None);
+                }
+                let sent_by = output["sent_by"].as_str().unwrap_or_default().to_string();
+                return Ok(Some((output["payload"].clone(), sent_by)));
             }
             Lookup::Found(e) if e.status() == StepStatus::Cancelled => {
                 return self.halt(Halt::Cancelled).await;
@@ -245,13 +257,112 @@ impl Ctx {
             .take_signal(&self.inner.lease, seq, &name, passed)
             .await
         {
-            Ok(Some(payload)) => Ok(payload),
+            Ok(Some(received)) => Ok(received),
             Ok(None) => {
                 self.halt_if_cancelled(seq, &name, StepKind::Signal).await;
                 self.halt(Halt::Suspend(deadline)).await
             }
             Err(e) => self.halt(store_halt(e)).await,
         }
+    }
+
+    /// An approval gate: waits until `gate.required` distinct approvers have approved, and
+    /// returns who did. Fails on a rejection by an approver, or when `gate.timeout` passes.
+    ///
+    /// A decision counts as the authenticated identity the engine recorded with it
+    /// ([`crate::Engine::decide`]), checked by [`crate::approval::may_decide`]: an approver of
+    /// the gate, not whoever started the run through the API nor `requested_by` (the author
+    /// the trigger names), once each. The run shows who may approve and since when (step
+    /// `request-approval`), and each decision with its identity and whether it counted
+    /// (steps `decision:<n>`). `notice`, if given, runs as step `notify-approval` once the
+    /// wait begins; a notice that fails is logged, not fatal.
+    pub async fn approval<F, Fut>(
+        &self,
+        gate: &crate::approval::ApprovalGate,
+        requested_by: Option<&str>,
+        notice: Option<F>,
+    ) -> Result<Vec<String>, WorkflowError>
+    where
+        F: FnOnce() -> Fut + Send,
+        Fut: Future<Output = Result<(), StepError>> + Send,
+    {
+        use crate::approval::{APPROVAL_SIGNAL, ApprovalRequest, Counted, Decider, DecisionSignal, may_decide};
+        let started_by = self
+            .inner
+            .started_by
+            .strip_prefix("api:")
+            .map(|s| s.split(" (").next().unwrap_or(s).to_string());
+        let request: ApprovalRequest = self
+            .step("request-approval", |_s| async move {
+                Ok::<_, StepError>(ApprovalRequest {
+                    approvers: gate.approvers.clone(),
+                    required: gate.required,
+                    requested_by: requested_by.map(str::to_string),
+                    started_by,
+                    since: Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+                })
+            })
+            .await?;
+        if let Some(notice) = notice {
+            let sent = self.step("notify-approval", |_s| notice()).await;
+            if let Err(e) = sent {
+                tracing::warn!(run_id = %self.run_id(), error = %e, "An approval notice could not be sent.");
+            }
+        }
+        let mut approved: Vec<String> = Vec::new();
+        let mut n = 0;
+        while approved.len() < gate.required {
+            n += 1;
+            // The wait's deadline is journaled with it, so restarts do not extend it.
+            let Some((payload, sent_by)) = self.wait_signal_from(APPROVAL_SIGNAL.into(), gate.timeout).await? else {
+                return Err(WorkflowError::failed(format!(
+                    "no approval within {} ({} of {} given: {})",
+                    humantime::format_duration(gate.timeout),
+                    approved.len(),
+                    gate.required,
+                    if approved.is_empty() {
+                        "none".into()
+                    } else {
+                        approved.join(", ")
+                    }
+                )));
+            };
+            let (seen, request) = (&approved, &request);
+            let counted: Counted = self
+                .step(format!("decision:{n}"), |_s| async move {
+                    // Only the engine sends this signal; a payload of another shape is ignored.
+                    let d: DecisionSignal = serde_json::from_value(payload).unwrap_or(DecisionSignal {
+                        approve: false,
+                        comment: None,
+                        groups: Vec::new(),
+                    });
+                    let decider = Decider {
+                        identity: sent_by,
+                        groups: d.groups,
+                    };
+                    let ignored = may_decide(request, seen, &decider, d.approve).err();
+                    Ok::<_, StepError>(Counted {
+                        by: decider.identity,
+                        approve: d.approve,
+                        comment: d.comment,
+                        ignored,
+                    })
+                })
+                .await?;
+            if let Some(why) = &counted.ignored {
+                tracing::warn!(run_id = %self.run_id(), by = %counted.by, why = %why, "A decision did not count.");
+                continue;
+            }
+            if !counted.approve {
+                return Err(WorkflowError::failed(format!(
+                    "rejected by {}{}",
+                    counted.by,
+                    counted.comment.map(|c| format!(": {c}")).unwrap_or_default()
+                )));
+            }
+            approved.push(counted.by);
+        }
+        Ok(approved)
     }
 
     /// Starts `workflow` as a child run and waits durably for its result. A failed or cancelled
@@ -948,6 +1059,7 @@ async fn pass(
     let inner = Arc::new(CtxInner {
         engine: engine.clone(),
         workflow: claimed.workflow.clone(),
+        started_by: claimed.started_by.clone(),
         lease: lease.clone(),
         cancel,
         shutdown: opts.shutdown.clone(),

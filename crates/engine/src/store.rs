@@ -63,6 +63,8 @@ pub(crate) struct ClaimedRun {
     pub(crate) now: DateTime<Utc>,
     /// The run's trace (W3C traceparent), if traced.
     pub(crate) trace_context: Option<String>,
+    /// What started the run (`api:token:alice`, `schedule:nightly`, ...).
+    pub(crate) started_by: String,
 }
 
 /// Why a claim did not succeed.
@@ -421,7 +423,7 @@ impl PgStore {
              returning r.lease_epoch, r.workflow, r.input, r.cancel_requested, r.cancel_reason, \
                r.parent_run_id is not null as has_parent, r.concurrency_key is not null as has_key, \
                r.started_at = now() as first_claim, now() as now, before.lease_owner is not null as recovered, \
-               r.trace_context"
+               r.trace_context, r.started_by"
         )))
         .bind(run_id.0)
         .bind(owner)
@@ -450,6 +452,7 @@ impl PgStore {
                     first_claim: row.get("first_claim"),
                     now: row.get("now"),
                     trace_context: row.get("trace_context"),
+                    started_by: row.get("started_by"),
                 },
             )));
         }
@@ -633,7 +636,7 @@ impl PgStore {
 
     /// Completes a signal wait with the oldest buffered signal of that name, if there is one.
     ///
-    /// Returns the signal's payload. With `deadline_passed` and no signal, completes the wait
+    /// Returns the signal's payload and who sent it. With `deadline_passed` and no signal, completes the wait
     /// with no payload (the wait timed out).
     pub(crate) async fn take_signal(
         &self,
@@ -641,25 +644,30 @@ impl PgStore {
         seq: i32,
         name: &str,
         deadline_passed: bool,
-    ) -> StoreResult<Option<Option<Value>>> {
+    ) -> StoreResult<Option<Option<(Value, String)>>> {
         let mut tx = self.pool.begin().await?;
         lock_leased(&mut tx, lease).await?;
         let signal = sqlx::query(
             "update signals set consumed_seq = $2 where id = ( \
                select id from signals where run_id = $1 and name = $3 and consumed_seq is null order by id limit 1) \
-             returning payload",
+             returning payload, sent_by",
         )
         .bind(lease.run_id.0)
         .bind(seq)
         .bind(name)
         .fetch_optional(&mut *tx)
         .await?;
-        let payload: Option<Value> = signal.map(|r| r.get("payload"));
-        if payload.is_none() && !deadline_passed {
+        let received: Option<(Value, String)> = signal.map(|r| (r.get("payload"), r.get("sent_by")));
+        if received.is_none() && !deadline_passed {
             tx.rollback().await?;
             return Ok(None);
         }
-        let output = json!({ "payload": payload, "timed_out": payload.is_none() });
+        let (payload, sent_by) = match &received {
+            Some((payload, by)) => (Some(payload), Some(by)),
+            None => (None, None),
+        };
+        // Who sent it is journaled with it: an approval counts as its authenticated sender.
+        let output = json!({ "payload": payload, "timed_out": payload.is_none(), "sent_by": sent_by });
         sqlx::query(
             "update steps set status = 'succeeded', output = $3, finished_at = now(), updated_at = now(), attempts = 1 \
              where run_id = $1 and seq = $2",
@@ -681,7 +689,7 @@ impl PgStore {
         )
         .await?;
         tx.commit().await?;
-        Ok(Some(payload))
+        Ok(Some(received))
     }
 
     /// Creates a child run and journals the `child` entry that points to it, atomically.

@@ -12,8 +12,7 @@ use crate::engine::Engine;
 use crate::error::EngineError;
 use crate::model::{RunId, RunView, StepKind};
 
-/// The signal an approval gate waits for (see `dayshift_workflows::gates`).
-pub const APPROVAL_SIGNAL: &str = "approval";
+pub use crate::approval::APPROVAL_SIGNAL;
 
 /// The runs waiting at an approval gate, longest-waiting first, each with what it asks to
 /// approve (the `plan` step's result, else the run's input), who may approve, the decisions
@@ -35,74 +34,48 @@ pub async fn approvals(engine: &Engine, caller: &Caller) -> Result<Vec<Value>, E
             Err(EngineError::RunNotFound(_)) => continue,
             Err(e) => return Err(e),
         };
-        out.push(approval(&run, caller));
+        out.extend(approval(&run, caller));
     }
     Ok(out)
 }
 
-/// One waiting approval as the console shows it.
-fn approval(run: &RunView, caller: &Caller) -> Value {
-    let last_output = |name: &str| {
-        run.steps
-            .iter()
-            .rev()
-            .find(|s| s.name == name && s.kind == StepKind::Step)
-            .and_then(|s| s.output.clone())
-    };
-    let request = last_output("request-approval").unwrap_or(Value::Null);
-    let wait = run
+/// One waiting approval as the console shows it. Whether the caller may decide is the same
+/// rule the gate applies ([`crate::approval::may_decide`]), after the role the API needs.
+fn approval(run: &RunView, caller: &Caller) -> Option<Value> {
+    let pending = crate::approval::PendingApproval::of(run)?;
+    let plan = run
         .steps
         .iter()
         .rev()
-        .find(|s| s.kind == StepKind::Signal && s.name == APPROVAL_SIGNAL);
-    let decisions: Vec<Value> = run
-        .steps
-        .iter()
-        .filter(|s| s.name.starts_with("decision:"))
-        .filter_map(|s| s.output.clone())
-        .collect();
-    let approvers: Vec<String> = request["approvers"]
-        .as_array()
-        .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
-        .unwrap_or_default();
-    let requested_by = request["requested_by"].as_str();
-    let approved_by: Vec<&str> = decisions
-        .iter()
-        .filter(|d| d["approve"] == true && d["ignored"].is_null())
-        .filter_map(|d| d["by"].as_str())
-        .collect();
+        .find(|s| s.name == "plan" && s.kind == StepKind::Step)
+        .and_then(|s| s.output.clone());
     let why_not = if caller.role < Role::Operator {
         Some(format!("the {} role cannot approve or reject", caller.role))
-    } else if !approvers.iter().any(|a| a.eq_ignore_ascii_case(&caller.name)) {
-        Some(format!("{} is not one of the approvers", caller.name))
-    } else if requested_by.is_some_and(|r| r.eq_ignore_ascii_case(&caller.name)) {
-        Some(format!("{} made the change and may not approve it", caller.name))
-    } else if approved_by.iter().any(|a| a.eq_ignore_ascii_case(&caller.name)) {
-        Some(format!("{} has approved already", caller.name))
     } else {
-        None
+        pending.may_decide(caller, true).err()
     };
-    let (about, about_kind) = match last_output("plan") {
+    let (about, about_kind) = match plan {
         Some(plan) => (plan, "plan"),
         None => (run.input.clone(), "input"),
     };
-    json!({
+    let request = &pending.request;
+    Some(json!({
         "run": {
             "id": run.id, "workflow": run.workflow, "status": run.status, "started_by": run.started_by,
             "created_at": run.created_at,
         },
         "about": about,
         "about_kind": about_kind,
-        "approvers": approvers,
-        "required": request["required"],
-        "requested_by": requested_by,
-        "waiting_since": wait.map(|w| w.started_at),
-        "deadline": wait.and_then(|w| w.wake_at),
-        "decisions": decisions,
-        "approved_by": approved_by,
+        "approvers": request.approvers,
+        "required": request.required,
+        "requested_by": request.requested_by.as_ref().or(request.started_by.as_ref()),
+        "waiting_since": pending.wait.started_at,
+        "deadline": pending.wait.wake_at,
+        "decisions": pending.decisions,
+        "approved_by": pending.approved,
         "may_decide": why_not.is_none(),
         "why_not": why_not,
-    })
+    }))
 }
 
 /// What started `run`, as recorded by the trigger that did: the schedule tick (or who

@@ -80,7 +80,8 @@ pub(crate) struct PlaybookConfig {
     /// Record what would be done and do nothing.
     #[serde(default)]
     pub dry_run: bool,
-    /// Namespaces the actions may touch (globs: `prod-*`); any if absent.
+    /// Namespaces the actions may touch (globs: `prod-*`; `"*"` means all and must be written
+    /// out). Required when an action acts in a namespace.
     #[serde(default)]
     pub namespaces: Vec<String>,
     /// Never scale above this many replicas.
@@ -190,8 +191,9 @@ pub(crate) struct WindowConfig {
 #[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub(crate) struct ApprovalConfig {
-    /// Who may approve (names or emails, as `dayshift runs approve --as` gives them).
-    pub approvers: Vec<String>,
+    /// Who may approve: `token:<API token name>`, `oidc:<OIDC user>` or `group:<OIDC group>`.
+    /// A decision counts as the identity that made it, authenticated by the API.
+    pub approvers: Vec<dayshift_engine::Approver>,
     /// Distinct approvals needed. Default 1.
     #[serde(default = "one")]
     pub required: usize,
@@ -199,6 +201,19 @@ pub(crate) struct ApprovalConfig {
     #[serde(default = "three_days", with = "humantime_serde")]
     #[schemars(with = "String")]
     pub timeout: Duration,
+}
+
+impl ApprovalConfig {
+    /// The gate, checked; an error names `key`.
+    fn gate(&self, key: &str) -> Result<dayshift_workflows::ApprovalGate, String> {
+        let gate = dayshift_workflows::ApprovalGate {
+            approvers: self.approvers.clone(),
+            required: self.required,
+            timeout: self.timeout,
+        };
+        gate.check().map_err(|e| format!("{key}: {e}"))?;
+        Ok(gate)
+    }
 }
 
 fn default_connection() -> String {
@@ -363,9 +378,14 @@ pub(crate) struct PostgresConnectionConfig {
 #[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
 pub(crate) struct AlertmanagerConfig {
-    /// The bearer token Alertmanager sends (its webhook_config http_config.authorization);
-    /// none required if absent.
+    /// The bearer token Alertmanager sends (its webhook_config `http_config.authorization`).
     pub token: Option<SecretSource>,
+    /// Or the user and password it sends (`http_config.basic_auth`).
+    pub basic_auth: Option<BasicAuthConfig>,
+    /// Accept notifications that carry no credentials at all. With any route configured, a
+    /// token or basic auth is required unless this says `true` in so many words: alert labels
+    /// choose what a remediation restarts, scales or deletes. Logged as a warning at start.
+    pub allow_unauthenticated: bool,
     /// Largest notification accepted, in bytes. Default 32 MiB (a storm of 10,000 alerts is
     /// about 6 MB).
     pub max_body_bytes: usize,
@@ -377,10 +397,20 @@ impl Default for AlertmanagerConfig {
     fn default() -> Self {
         Self {
             token: None,
+            basic_auth: None,
+            allow_unauthenticated: false,
             max_body_bytes: 32 << 20,
             routes: Vec::new(),
         }
     }
+}
+
+/// HTTP basic auth credentials, as Alertmanager's `http_config.basic_auth` sends them.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(crate) struct BasicAuthConfig {
+    pub username: String,
+    pub password: SecretSource,
 }
 
 /// An alert route.
@@ -466,9 +496,14 @@ impl SecretSource {
                 Ok(v) if !v.is_empty() => Ok(v.into_bytes()),
                 _ => Err(format!("{key}: environment variable {var} is not set")),
             },
-            (None, Some(path)) => std::fs::read_to_string(path)
-                .map(|s| s.trim_end_matches(['\n', '\r']).as_bytes().to_vec())
-                .map_err(|e| format!("{key}: cannot read {}: {e}", path.display())),
+            (None, Some(path)) => match std::fs::read_to_string(path) {
+                Ok(s) if s.trim_end_matches(['\n', '\r']).is_empty() => Err(format!(
+                    "{key}: {} is empty; an empty secret is a key anyone can use",
+                    path.display()
+                )),
+                Ok(s) => Ok(s.trim_end_matches(['\n', '\r']).as_bytes().to_vec()),
+                Err(e) => Err(format!("{key}: cannot read {}: {e}", path.display())),
+            },
             _ => Err(format!("{key}: give exactly one of `env` and `file`")),
         }
     }
@@ -963,12 +998,27 @@ impl Config {
     /// The Alertmanager settings with the token read, as the engine runs them.
     pub(crate) fn alerts(&self) -> Result<dayshift_engine::alerts::Alerts, ConfigError> {
         let a = &self.alertmanager;
-        let token = match &a.token {
-            Some(source) => Some(source.read("alertmanager.token").map_err(ConfigError::Invalid)?),
-            None => None,
+        use dayshift_engine::alerts::IntakeAuth;
+        let auth = match (&a.token, &a.basic_auth) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::Invalid(
+                    "alertmanager: give one of `token` and `basic-auth`, not both".into(),
+                ));
+            }
+            (Some(source), None) => {
+                IntakeAuth::Bearer(source.read("alertmanager.token").map_err(ConfigError::Invalid)?)
+            }
+            (None, Some(b)) => IntakeAuth::Basic {
+                username: b.username.clone(),
+                password: b
+                    .password
+                    .read("alertmanager.basic-auth.password")
+                    .map_err(ConfigError::Invalid)?,
+            },
+            (None, None) => IntakeAuth::None,
         };
         Ok(dayshift_engine::alerts::Alerts {
-            token,
+            auth,
             max_body: a.max_body_bytes,
             routes: a
                 .routes
@@ -1173,6 +1223,15 @@ impl Config {
         if self.queue.poll_interval.is_zero() {
             return Err(ConfigError::Invalid("queue.poll-interval must be more than 0".into()));
         }
+        let a = &self.alertmanager;
+        if !a.routes.is_empty() && a.token.is_none() && a.basic_auth.is_none() && !a.allow_unauthenticated {
+            return Err(ConfigError::Invalid(
+                "alertmanager.routes are configured but neither alertmanager.token nor alertmanager.basic-auth \
+                 is: anyone who reaches /hooks/alertmanager could choose what a remediation acts on. Give the \
+                 credentials Alertmanager's http_config sends, or set alertmanager.allow-unauthenticated: true"
+                    .into(),
+            ));
+        }
         Ok(())
     }
 }
@@ -1220,6 +1279,18 @@ fn playbook(name: &str, p: &PlaybookConfig) -> Result<dayshift_workflows::Playbo
                 .map_err(|e| format!("playbooks.{name}.namespaces: {g:?}: {e}"))
         })
         .collect::<Result<Vec<_>, _>>()?;
+    const NAMESPACED: [&str; 4] = ["kube.rollout-restart", "kube.scale", "kube.delete-pod", "pvc.expand"];
+    if namespaces.is_empty()
+        && actions
+            .iter()
+            .chain(&escalate_actions)
+            .any(|a| NAMESPACED.contains(&a.action.as_str()))
+    {
+        return Err(format!(
+            "playbooks.{name}.namespaces: list the namespaces its actions may act in (globs such as \
+             `prod-*`, or \"*\" for all): alert labels choose the namespace"
+        ));
+    }
     Ok(dayshift_workflows::Playbook {
         kubernetes: p.kubernetes.clone(),
         dry_run: p.dry_run,
@@ -1229,11 +1300,11 @@ fn playbook(name: &str, p: &PlaybookConfig) -> Result<dayshift_workflows::Playbo
         escalate_notify: p.escalate.clone(),
         max_replicas: p.max_replicas,
         escalate_actions,
-        approval: p.approval.as_ref().map(|a| dayshift_workflows::ApprovalGate {
-            approvers: a.approvers.clone(),
-            required: a.required,
-            timeout: a.timeout,
-        }),
+        approval: p
+            .approval
+            .as_ref()
+            .map(|a| a.gate(&format!("playbooks.{name}.approval")))
+            .transpose()?,
     })
 }
 
@@ -1284,11 +1355,11 @@ fn promotion(app: &str, p: &PromotionConfig) -> Result<dayshift_workflows::AppPr
             timeout: e.timeout,
             soak: e.soak,
             window,
-            approval: e.approval.as_ref().map(|a| dayshift_workflows::ApprovalGate {
-                approvers: a.approvers.clone(),
-                required: a.required,
-                timeout: a.timeout,
-            }),
+            approval: e
+                .approval
+                .as_ref()
+                .map(|a| a.gate(&format!("{key}.approval")))
+                .transpose()?,
         });
     }
     Ok(dayshift_workflows::AppPromotion {
@@ -1306,6 +1377,24 @@ mod tests {
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn a_playbook_that_acts_in_namespaces_must_list_them_and_approvers_say_what_they_are() {
+        let text = "playbooks:\n  p:\n    actions:\n      - action: kube.rollout-restart\n        \
+                    with: { kind: Deployment, namespace: x, name: y }\n"
+            .to_string();
+        let c = Config::load(Some(("c.yaml", &text)), &env(&[])).unwrap();
+        let err = playbook("p", &c.playbooks["p"]).unwrap_err();
+        assert!(err.contains("playbooks.p.namespaces") && err.contains("\"*\""), "{err}");
+        let text = text.replace("    actions:", "    namespaces: [\"*\"]\n    actions:");
+        let c = Config::load(Some(("c.yaml", &text)), &env(&[])).unwrap();
+        assert!(playbook("p", &c.playbooks["p"]).is_ok());
+        let text = format!("{text}    approval: {{ approvers: [alice] }}\n");
+        let err = Config::load(Some(("c.yaml", &text)), &env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("token:alice") && err.contains("line 7"), "{err}");
     }
 
     #[test]

@@ -447,6 +447,12 @@ async fn serve(config: Config) -> Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", config.server.listen))?;
     tracing::info!(listen = %config.server.listen, "API listening.");
+    if config.alertmanager.allow_unauthenticated && !config.alertmanager.routes.is_empty() {
+        tracing::warn!(
+            "Alertmanager notifications are accepted without credentials (alertmanager.allow-unauthenticated): \
+             anyone who reaches /hooks/alertmanager can start remediations."
+        );
+    }
     // Printed on stdout so that scripts and tests can wait for it.
     println!("listening on {}", listener.local_addr()?);
     let token = CancellationToken::new();

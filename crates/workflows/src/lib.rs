@@ -22,7 +22,7 @@ pub use component::{
     SmokeCheck, install_component, install_platform, upgrade_component,
 };
 pub use connections::Connections;
-pub use gates::{ApprovalGate, ApprovalRequest, Counted, Decision};
+pub use gates::{ApprovalGate, ApprovalRequest, Approver, Counted};
 pub use gitops::chain::{AppPromotion, ChainPlan, EnvPromotion, PromoteChainInput, Window, promote_chain};
 pub use gitops::preview::{PreviewChange, PreviewInput, dns_label, preview_create, preview_delete};
 pub use gitops::promote::{ArgoApp, PromoteInput, Promotion, Pushed, promote_image};

@@ -24,7 +24,7 @@ pub struct Playbook {
     pub kubernetes: String,
     /// Record what would be done; do nothing.
     pub dry_run: bool,
-    /// Namespaces actions may touch (globs); any if empty.
+    /// Namespaces actions may touch (globs; `"*"` for all, written out). None if empty.
     pub namespaces: Vec<globset::GlobMatcher>,
     pub actions: Vec<ActionSpec>,
     /// How long to wait for the alert to resolve.
@@ -139,6 +139,21 @@ impl Action {
         }
     }
 
+    /// The Kubernetes names the action acts on, with the rule each must follow.
+    fn kube_names(&self) -> Vec<(&'static str, &str, KubeName)> {
+        match self {
+            Self::RolloutRestart { namespace, name, .. }
+            | Self::Scale { namespace, name, .. }
+            | Self::DeletePod { namespace, name }
+            | Self::PvcExpand { namespace, name, .. } => vec![
+                ("namespace", namespace, KubeName::Label),
+                ("name", name, KubeName::Subdomain),
+            ],
+            Self::CordonNode { node } => vec![("node", node, KubeName::Subdomain)],
+            Self::Workflow { .. } | Self::Http { .. } | Self::Notify { .. } => Vec::new(),
+        }
+    }
+
     fn describe(&self) -> String {
         match self {
             Self::RolloutRestart { kind, namespace, name } => format!("restart {kind:?} {namespace}/{name}"),
@@ -164,6 +179,35 @@ impl Action {
             Self::Workflow { workflow, .. } => format!("start workflow {workflow}"),
             Self::Http { method, url, .. } => format!("{method} {url}"),
             Self::Notify { to, .. } => format!("notify {to}"),
+        }
+    }
+}
+
+/// The two shapes of Kubernetes object names (RFC 1123).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum KubeName {
+    /// A DNS label: namespaces (at most 63 of `a-z`, `0-9`, `-`, alphanumeric at both ends).
+    Label,
+    /// A DNS subdomain: most object names (labels joined by `.`, at most 253 characters).
+    Subdomain,
+}
+
+impl KubeName {
+    /// `Err` says what is wrong with `value`.
+    pub(crate) fn check(self, value: &str) -> Result<(), String> {
+        let label_ok = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        };
+        match self {
+            Self::Label if label_ok(value) => Ok(()),
+            Self::Label => Err("is not a Kubernetes namespace or label name (RFC 1123: at most 63 of a-z, 0-9 and '-', starting and ending alphanumeric)".into()),
+            Self::Subdomain if value.len() <= 253 && value.split('.').all(label_ok) => Ok(()),
+            Self::Subdomain => Err("is not a Kubernetes object name (RFC 1123 subdomain: at most 253 of a-z, 0-9, '-' and '.')".into()),
         }
     }
 }
@@ -262,7 +306,7 @@ async fn run(ctx: &Ctx, connections: &Connections, input: RemediateInput) -> Res
                             .and_then(Value::as_str)
                             .unwrap_or("the alert"),
                         ctx.run_id(),
-                        gate.approvers.join(", ")
+                        gate.approver_list()
                     ),
                 )),
                 None => None,
@@ -393,8 +437,18 @@ fn plan(book: &Playbook, actions: &[ActionSpec], alert: &Value) -> Result<Vec<Ac
         with["action"] = json!(spec.action);
         let action: Action = serde_json::from_value(with)
             .map_err(|e| StepError::Permanent(format!("action {} ({}): {e}", n + 1, spec.action)))?;
+        // Label values become object names: each must be a Kubernetes name, so that no value
+        // reaches the API as a path, a selector or another namespace's object.
+        for (field, value, rule) in action.kube_names() {
+            rule.check(value).map_err(|why| {
+                StepError::Permanent(format!(
+                    "action {} ({}): {field} {value:?} {why}; nothing was done",
+                    n + 1,
+                    spec.action
+                ))
+            })?;
+        }
         if let Some(ns) = action.namespace()
-            && !book.namespaces.is_empty()
             && !book.namespaces.iter().any(|g| g.is_match(ns))
         {
             return Err(StepError::Permanent(format!(

@@ -266,7 +266,7 @@ async fn approve(ctx: &Ctx, p: &Promote, gate: &ApprovalGate) -> Result<(), Work
         i.environment,
         i.tag,
         gate.required,
-        gate.approvers.join(", "),
+        gate.approver_list(),
         ctx.run_id()
     );
     crate::gates::approval(

@@ -1,0 +1,247 @@
+//! Trust boundaries: what a caller outside its bounds tries, and that it is refused with
+//! nothing changed. Real PostgreSQL and Redis, the engine and its HTTP API in this process.
+
+use std::time::Duration;
+
+use dayshift_engine::auth::Role;
+use dayshift_engine::{ApprovalGate, Ctx, RunId, RunStatus, StepKind, WorkflowDef};
+use dayshift_tests::{TestEnv, fast_worker, unique, wait_for};
+use serde_json::{Value, json};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// The engine's API served on a port of its own, and tokens to call it with.
+struct Api {
+    base: String,
+    server: tokio::task::JoinHandle<()>,
+    pool: sqlx::PgPool,
+}
+
+impl Api {
+    async fn serve(env: &TestEnv) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let app = dayshift_engine::http::router(env.engine.clone());
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self {
+            base,
+            server,
+            pool: env.db.pool.clone(),
+        }
+    }
+
+    async fn token(&self, name: &str, role: Role) -> String {
+        dayshift_engine::auth::create_token(&self.pool, name, role, None, "test")
+            .await
+            .unwrap()
+    }
+
+    async fn post(&self, token: &str, path: &str, body: &Value) -> (u16, Value) {
+        let response = dayshift_workflows::adapters::http::client()
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(token)
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn get(&self, token: &str, path: &str) -> (u16, Value) {
+        let response = dayshift_workflows::adapters::http::client()
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// The audit trail of `target`, oldest first, as (actor, action).
+    async fn audit(&self, target: &str) -> Vec<(String, String)> {
+        sqlx::query_as("select actor, action from audit_log where target = $1 order by id")
+            .bind(target)
+            .fetch_all(&self.pool)
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for Api {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+/// A workflow behind a gate that its "config" (this test) names: two of alice, bob and carol.
+fn gated() -> WorkflowDef {
+    WorkflowDef::new(
+        "test.gated",
+        "waits for two approvals",
+        |ctx: Ctx, _: Value| async move {
+            let gate = ApprovalGate {
+                approvers: ["token:alice", "token:bob", "token:carol"]
+                    .iter()
+                    .map(|a| a.parse().unwrap())
+                    .collect(),
+                required: 2,
+                timeout: Duration::from_secs(3600),
+            };
+            let approved = ctx.approval(&gate, None, None::<fn() -> std::future::Ready<_>>).await?;
+            Ok(json!({ "approved_by": approved }))
+        },
+    )
+}
+
+fn decisions(run: &dayshift_engine::RunView) -> Vec<Value> {
+    run.steps
+        .iter()
+        .filter(|s| s.name.starts_with("decision:"))
+        .filter_map(|s| s.output.clone())
+        .collect()
+}
+
+async fn waiting_at_gate(env: &TestEnv, id: RunId) -> dayshift_engine::RunView {
+    wait_for(&env.engine, id, LIMIT, |r| {
+        r.steps.iter().any(|s| {
+            s.kind == StepKind::Signal && s.name == "approval" && s.status == dayshift_engine::StepStatus::Waiting
+        })
+    })
+    .await
+}
+
+#[tokio::test]
+async fn an_approval_counts_only_as_the_authenticated_approver_and_a_quorum_needs_two_of_them() {
+    let mut env = TestEnv::new(vec![gated()]).await;
+    env.start_worker(fast_worker(&format!("w-{}", unique())));
+    let api = Api::serve(&env).await;
+    let (alice, bob, carol, otto) = (
+        api.token("alice", Role::Operator).await,
+        api.token("bob", Role::Operator).await,
+        api.token("carol", Role::Operator).await,
+        api.token("otto", Role::Operator).await,
+    );
+    // Carol starts the run: she made the change.
+    let (status, started) = api
+        .post(
+            &carol,
+            "/api/v1/runs",
+            &json!({ "workflow": "test.gated", "input": {} }),
+        )
+        .await;
+    assert_eq!(status, 201, "{started}");
+    let id: RunId = started["id"].as_str().unwrap().parse().unwrap();
+    waiting_at_gate(&env, id).await;
+    let path = |what: &str| format!("/api/v1/runs/{id}/{what}");
+
+    // Otto is no approver: neither the generic signal route (naming alice) nor /approve counts.
+    let (status, body) = api
+        .post(
+            &otto,
+            &path("signals/approval"),
+            &json!({ "by": "alice", "approve": true }),
+        )
+        .await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["code"], "reserved_signal");
+    assert!(body["error"].as_str().unwrap().contains("/approve"), "{body}");
+    let (status, body) = api.post(&otto, &path("approve"), &json!({})).await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["error"], "token:otto is not one of the approvers");
+    // Nor may the engine's other signals or its reserved prefix be sent.
+    for name in ["resolved", "dayshift.anything"] {
+        let (status, _) = api.post(&otto, &path(&format!("signals/{name}")), &json!({})).await;
+        assert_eq!(status, 403, "{name}");
+    }
+
+    // Carol, the author, names another approver, then asks as herself: refused both ways.
+    let (status, body) = api.post(&carol, &path("approve"), &json!({ "by": "alice" })).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("cannot decide as 'alice'"),
+        "{body}"
+    );
+    let (status, body) = api
+        .post(
+            &carol,
+            &path("signals/approval"),
+            &json!({ "by": "alice", "approve": true }),
+        )
+        .await;
+    assert_eq!(status, 403, "{body}");
+    let (status, body) = api.post(&carol, &path("approve"), &json!({})).await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["error"], "token:carol made the change and may not approve it");
+
+    // Nothing counted: the run still waits, no signal is buffered, no decision journaled.
+    let run = env.engine.get_run(id).await.unwrap();
+    assert_eq!(run.status, RunStatus::Waiting);
+    assert!(decisions(&run).is_empty(), "{run:#?}");
+    let buffered: i64 = sqlx::query_scalar("select count(*) from signals where run_id = $1")
+        .bind(id.0)
+        .fetch_one(&env.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(buffered, 0);
+    // Every refusal is in the audit trail, as the identity that tried.
+    let audit = api.audit(&id.to_string()).await;
+    let refused: Vec<(&str, &str)> = audit
+        .iter()
+        .filter(|(_, action)| action.ends_with(".refused"))
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
+    assert_eq!(
+        refused,
+        [
+            ("token:otto", "run.signal.refused"),
+            ("token:otto", "run.approve.refused"),
+            ("token:otto", "run.signal.refused"),
+            ("token:otto", "run.signal.refused"),
+            ("token:carol", "run.approve.refused"),
+            ("token:carol", "run.signal.refused"),
+            ("token:carol", "run.approve.refused"),
+        ]
+    );
+
+    // The console's view says the same as the gate, from the same rule.
+    let (_, approvals) = api.get(&otto, "/api/v1/approvals").await;
+    let mine = approvals["approvals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["run"]["id"] == id.to_string())
+        .cloned()
+        .unwrap();
+    assert_eq!(mine["may_decide"], false);
+    assert_eq!(mine["why_not"], "token:otto is not one of the approvers");
+    assert_eq!(mine["approvers"], json!(["token:alice", "token:bob", "token:carol"]));
+
+    // Alice's approval counts once: a second one from her does not make a quorum of two.
+    assert_eq!(api.post(&alice, &path("approve"), &json!({})).await.0, 202);
+    wait_for(&env.engine, id, LIMIT, |r| !decisions(r).is_empty()).await;
+    let run = waiting_at_gate(&env, id).await;
+    assert_eq!(run.status, RunStatus::Waiting);
+    let (status, body) = api.post(&alice, &path("approve"), &json!({})).await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["error"], "token:alice has approved already");
+    assert_eq!(env.engine.get_run(id).await.unwrap().status, RunStatus::Waiting);
+
+    // Bob is the second distinct identity.
+    assert_eq!(
+        api.post(&bob, &path("approve"), &json!({ "comment": "ok" })).await.0,
+        202
+    );
+    let run = env.wait(id, LIMIT).await;
+    assert_eq!(run.status, RunStatus::Succeeded, "{run:#?}");
+    assert_eq!(run.output.unwrap()["approved_by"], json!(["token:alice", "token:bob"]));
+    let by: Vec<Value> = decisions(&env.engine.get_run(id).await.unwrap())
+        .iter()
+        .map(|d| d["by"].clone())
+        .collect();
+    assert_eq!(by, [json!("token:alice"), json!("token:bob")]);
+    env.stop_workers().await;
+}
