@@ -106,10 +106,14 @@ fn decisions(run: &dayshift_engine::RunView) -> Vec<Value> {
 }
 
 async fn waiting_at_gate(env: &TestEnv, id: RunId) -> dayshift_engine::RunView {
+    // Waiting as a whole (released by its worker), at its newest approval wait.
     wait_for(&env.engine, id, LIMIT, |r| {
-        r.steps.iter().any(|s| {
-            s.kind == StepKind::Signal && s.name == "approval" && s.status == dayshift_engine::StepStatus::Waiting
-        })
+        r.status == RunStatus::Waiting
+            && r.steps
+                .iter()
+                .rev()
+                .find(|s| s.kind == StepKind::Signal && s.name == "approval")
+                .is_some_and(|s| s.status == dayshift_engine::StepStatus::Waiting)
     })
     .await
 }
@@ -223,8 +227,7 @@ async fn an_approval_counts_only_as_the_authenticated_approver_and_a_quorum_need
     // Alice's approval counts once: a second one from her does not make a quorum of two.
     assert_eq!(api.post(&alice, &path("approve"), &json!({})).await.0, 202);
     wait_for(&env.engine, id, LIMIT, |r| !decisions(r).is_empty()).await;
-    let run = waiting_at_gate(&env, id).await;
-    assert_eq!(run.status, RunStatus::Waiting);
+    waiting_at_gate(&env, id).await;
     let (status, body) = api.post(&alice, &path("approve"), &json!({})).await;
     assert_eq!(status, 403, "{body}");
     assert_eq!(body["error"], "token:alice has approved already");
@@ -244,4 +247,92 @@ async fn an_approval_counts_only_as_the_authenticated_approver_and_a_quorum_need
         .collect();
     assert_eq!(by, [json!("token:alice"), json!("token:bob")]);
     env.stop_workers().await;
+}
+
+#[tokio::test]
+async fn concurrent_starts_with_one_key_make_one_run_and_every_answer_names_it() {
+    let env = TestEnv::new(vec![]).await;
+    let api = Api::serve(&env).await;
+    let op = api.token("op", Role::Operator).await;
+    let key = format!("deploy-{}", unique());
+    let body = json!({ "workflow": "selftest.chain", "input": { "steps": 1 }, "idempotency_key": key });
+    let answers = futures::future::join_all((0..8).map(|_| api.post(&op, "/api/v1/runs", &body))).await;
+    let mut statuses: Vec<u16> = answers.iter().map(|(s, _)| *s).collect();
+    statuses.sort();
+    assert_eq!(statuses, [200, 200, 200, 200, 200, 200, 200, 201], "{answers:#?}");
+    let ids: std::collections::BTreeSet<&str> = answers.iter().map(|(_, b)| b["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), 1, "{answers:#?}");
+    let runs: i64 = sqlx::query_scalar("select count(*) from runs where idempotency_key = $1")
+        .bind(&key)
+        .fetch_one(&env.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(runs, 1);
+}
+
+#[tokio::test]
+async fn a_trigger_s_key_is_refused_from_the_api_and_a_conflicting_tick_does_not_stop_the_schedules() {
+    use dayshift_engine::{CatchUp, Overlap, Schedule, Scheduler, StartRun};
+    let hourly = |name: &str| Schedule {
+        name: name.into(),
+        cron: "0 * * * *".parse().unwrap(),
+        timezone: Default::default(),
+        workflow: "selftest.chain".into(),
+        input: json!({ "steps": 1 }),
+        catch_up: CatchUp::Latest,
+        catch_up_limit: 10,
+        overlap: Overlap::Allow,
+        misfire_grace: Duration::from_secs(7200),
+    };
+    let env = TestEnv::with_schedules(vec![], vec![hourly("a-first"), hourly("b-second")]).await;
+    let api = Api::serve(&env).await;
+    let op = api.token("op", Role::Operator).await;
+    let tick = {
+        use chrono::{DurationRound, Utc};
+        Utc::now().duration_trunc(chrono::Duration::hours(1)).unwrap()
+    };
+    let claimed = format!("schedule:a-first:{}", tick.to_rfc3339());
+
+    // The API refuses every key a trigger owns, naming the field; nothing is created.
+    for key in [claimed.as_str(), "hook:promote:abc", "alert:crashloop:fp:t", "retry:01"] {
+        let body = json!({ "workflow": "selftest.chain", "input": { "steps": 1 }, "idempotency_key": key });
+        let (status, answer) = api.post(&op, "/api/v1/runs", &body).await;
+        assert_eq!(status, 422, "{key}: {answer}");
+        assert!(
+            answer["error"].as_str().unwrap().contains("idempotency_key"),
+            "{answer}"
+        );
+    }
+    let body = json!({ "workflow": "selftest.chain", "input": {}, "concurrency": { "key": "schedule:a-first" } });
+    assert_eq!(api.post(&op, "/api/v1/runs", &body).await.0, 422);
+    let runs: i64 = sqlx::query_scalar("select count(*) from runs")
+        .fetch_one(&env.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(runs, 0);
+
+    // Were the key taken anyway (by a run of another workflow), that tick fails and is
+    // recorded; the next schedule in the config still fires.
+    env.engine
+        .start(StartRun::new("selftest.gate", json!({})).idempotency_key(claimed.clone()))
+        .await
+        .unwrap();
+    for name in ["a-first", "b-second"] {
+        sqlx::query("insert into schedules (name, last_tick) values ($1, $2 - interval '1 hour')")
+            .bind(name)
+            .bind(tick)
+            .execute(&env.db.pool)
+            .await
+            .unwrap();
+    }
+    Scheduler::new(env.engine.clone()).fire_due().await.unwrap();
+    let ticks: Vec<(String, String, Option<String>)> =
+        sqlx::query_as("select schedule, outcome, detail from schedule_ticks order by schedule")
+            .fetch_all(&env.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(ticks.len(), 2, "{ticks:?}");
+    assert_eq!((ticks[0].0.as_str(), ticks[0].1.as_str()), ("a-first", "failed"));
+    assert!(ticks[0].2.as_deref().unwrap().contains("already used"), "{ticks:?}");
+    assert_eq!((ticks[1].0.as_str(), ticks[1].1.as_str()), ("b-second", "started"));
 }

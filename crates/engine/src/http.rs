@@ -248,6 +248,16 @@ async fn start_run(
     Body(mut req): Body<StartRun>,
 ) -> Result<Response, ApiError> {
     req.started_by = Some(format!("api:{}", caller.name));
+    let keys = [
+        ("idempotency_key", req.idempotency_key.as_deref()),
+        ("concurrency.key", req.concurrency.as_ref().map(|c| c.key.as_str())),
+    ];
+    for (field, key) in keys {
+        if let Some(key) = key {
+            crate::model::check_api_key(field, key)
+                .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_key", e))?;
+        }
+    }
     let workflow = req.workflow.clone();
     let started = engine.start(req).await?;
     if started.created {

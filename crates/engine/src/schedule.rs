@@ -358,7 +358,13 @@ impl Scheduler {
                 record_tick(pool, &schedule.name, *tick, "missed", None, Some("catch-up policy")).await?;
             }
             for tick in &run {
-                self.start_tick(schedule, *tick, false).await?;
+                // A tick that cannot start (recorded as failed) does not stop the others; only
+                // the database or the queue being down ends the pass.
+                match self.start_tick(schedule, *tick, false).await {
+                    Ok(_) => {}
+                    Err(e @ (EngineError::Store(_) | EngineError::Queue(_))) => return Err(e),
+                    Err(_) => {}
+                }
             }
             let newest = *due.last().expect("due is not empty");
             sqlx::query("update schedules set last_tick = greatest(last_tick, $2), updated_at = now() where name = $1")
@@ -399,7 +405,9 @@ impl Scheduler {
                 record_tick(pool, &schedule.name, tick, outcome, Some(started.id), detail).await?;
                 Ok(started.id)
             }
-            Err(e @ (EngineError::UnknownWorkflow(_) | EngineError::InvalidInput { .. })) => {
+            Err(
+                e @ (EngineError::UnknownWorkflow(_) | EngineError::InvalidInput { .. } | EngineError::Conflict(_)),
+            ) => {
                 crate::metrics::metrics().delivery("schedule", "failed");
                 record_tick(pool, &schedule.name, tick, "failed", None, Some(&e.to_string())).await?;
                 tracing::error!(schedule = %schedule.name, %tick, error = %e, "Schedule could not start its run.");

@@ -261,6 +261,14 @@ impl PgStore {
         }
         let mut tx = self.pool.begin().await?;
 
+        if let Some(key) = &req.idempotency_key {
+            // Serialises starts with one key: the second waits for the first to commit, then
+            // finds its run below (two replicas firing one tick, a forge's push+create pair).
+            sqlx::query("select pg_advisory_xact_lock(hashtextextended($1, 1))")
+                .bind(key)
+                .execute(&mut *tx)
+                .await?;
+        }
         if let Some(key) = &req.idempotency_key
             && let Some(row) = sqlx::query("select id, status, workflow from runs where idempotency_key = $1")
                 .bind(key)
