@@ -363,6 +363,29 @@ async fn alert_routes_without_credentials_are_refused_unless_the_config_says_so_
 }
 
 #[tokio::test]
+async fn two_hundred_concurrent_notifications_for_one_route_are_all_answered_with_one_run_per_episode() {
+    let env = alert_env(CRASHLOOP).await;
+    // 50 episodes, each sent four times at once (repeats, an HA pair, a group's re-sends).
+    let bodies: Vec<Value> = (0..200)
+        .map(|i| notification("firing", vec![v4_alert(i % 50, "prod-web", "web", "firing")]))
+        .collect();
+    let answers = futures::future::join_all(bodies.iter().map(|b| post(&env, b, Some(TOKEN)))).await;
+    let failed: Vec<&(u16, Value)> = answers.iter().filter(|(s, _)| *s != 200).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of 200 not answered 200: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(3)]
+    );
+    assert_eq!(count(&env, "select count(*) from runs").await, 50);
+    assert_eq!(
+        count(&env, "select count(*) from alert_episodes where outcome = 'started'").await,
+        50
+    );
+    assert_eq!(count(&env, "select count(*) from alert_notifications").await, 200);
+}
+
+#[tokio::test]
 async fn an_ha_pair_of_alertmanagers_starts_one_run_per_episode() {
     let env = alert_env(CRASHLOOP).await;
     let url = format!("{}/hooks/alertmanager", env.api);

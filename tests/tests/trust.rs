@@ -336,3 +336,124 @@ async fn a_trigger_s_key_is_refused_from_the_api_and_a_conflicting_tick_does_not
     assert!(ticks[0].2.as_deref().unwrap().contains("already used"), "{ticks:?}");
     assert_eq!((ticks[1].0.as_str(), ticks[1].1.as_str()), ("b-second", "started"));
 }
+
+/// A TCP proxy to PostgreSQL that can be cut: every connection through it is dropped and new
+/// ones are refused, as when a worker's node loses its route to the database.
+struct CutProxy {
+    port: u16,
+    cut: tokio_util::sync::CancellationToken,
+}
+
+impl CutProxy {
+    async fn start(target: std::net::SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = tokio_util::sync::CancellationToken::new();
+        let stop = cut.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut inbound, _) = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    accepted = listener.accept() => accepted.unwrap(),
+                };
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = stop.cancelled() => {}
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                    }
+                });
+            }
+        });
+        Self { port, cut }
+    }
+}
+
+#[tokio::test]
+async fn a_worker_cut_off_from_postgresql_stops_its_step_before_another_worker_takes_the_run() {
+    use std::sync::{Arc, Mutex};
+    use std::time::Instant;
+    // Every execution of the step notes, every 50 ms, that it is still running.
+    type Beats = Arc<Mutex<Vec<(String, Instant)>>>;
+    let beats: Beats = Arc::default();
+    let b = beats.clone();
+    let def = WorkflowDef::new("test.long", "one long step", move |ctx: Ctx, _: Value| {
+        let b = b.clone();
+        async move {
+            ctx.step("long", move |_s| async move {
+                let me = unique();
+                for _ in 0..100 {
+                    b.lock().unwrap().push((me.clone(), Instant::now()));
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Ok::<_, dayshift_engine::StepError>(())
+            })
+            .await?;
+            Ok(())
+        }
+    });
+    let mut env = TestEnv::new(vec![def.clone()]).await;
+
+    // Worker A reaches PostgreSQL through the proxy; worker B directly.
+    let options: sqlx::postgres::PgConnectOptions = env.db.url.parse().unwrap();
+    let target = format!("{}:{}", options.get_host(), options.get_port())
+        .parse()
+        .unwrap();
+    let proxy = CutProxy::start(target).await;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(5)
+        .acquire_timeout(Duration::from_secs(1))
+        .connect_with(options.host("127.0.0.1").port(proxy.port))
+        .await
+        .unwrap();
+    let queue = dayshift_engine::RedisQueue::connect(
+        &env.redis_url,
+        dayshift_engine::QueueConfig {
+            name: env.queue_name.clone(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let engine_a = dayshift_engine::Engine::builder(dayshift_engine::PgStore::new(pool), queue)
+        .register_all([def])
+        .build();
+    env.start_worker_on(engine_a, fast_worker("a"));
+    let id = env
+        .engine
+        .start(dayshift_engine::StartRun::new("test.long", json!(null)))
+        .await
+        .unwrap()
+        .id;
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while beats.lock().unwrap().len() < 5 {
+        assert!(tokio::time::Instant::now() < deadline, "the step never started");
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // A loses PostgreSQL mid-step; B may take the run once A's lease (2 s) has run out.
+    proxy.cut.cancel();
+    env.start_worker(fast_worker("b"));
+    let run = env.wait(id, LIMIT).await;
+    assert_eq!(run.status, RunStatus::Succeeded, "{run:#?}");
+
+    let beats = beats.lock().unwrap().clone();
+    let first = beats[0].0.clone();
+    let last_of_a = beats
+        .iter()
+        .filter(|(who, _)| *who == first)
+        .map(|(_, at)| *at)
+        .max()
+        .unwrap();
+    let first_of_b = beats.iter().filter(|(who, _)| *who != first).map(|(_, at)| *at).min();
+    let first_of_b = first_of_b.expect("the step never ran on the second worker");
+    assert!(
+        last_of_a < first_of_b,
+        "the cut-off worker's step was still running {:?} after the other worker's began",
+        last_of_a - first_of_b
+    );
+    env.stop_workers().await;
+}

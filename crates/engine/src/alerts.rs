@@ -425,7 +425,10 @@ async fn fire(engine: &Engine, route: &AlertRoute, alert: &Alert, n: &Notificati
         route.name,
         alert.labels.get("alertname").and_then(Value::as_str).unwrap_or("alert")
     ));
-    let started = match engine.start(req).await {
+    // Created in this transaction: no second connection, no Redis call while the route's lock
+    // is held (about twenty concurrent notifications used to exhaust the pool).
+    let (workflow, started_by) = (req.workflow.clone(), req.started_by.clone().unwrap_or_default());
+    let (started, due) = match engine.start_in_tx(&mut tx, req).await {
         Ok(s) => s,
         Err(e @ (EngineError::InvalidInput { .. } | EngineError::UnknownWorkflow(_) | EngineError::BadRequest(_))) => {
             return Ok(Fired::Failed(e.to_string()));
@@ -447,6 +450,7 @@ async fn fire(engine: &Engine, route: &AlertRoute, alert: &Alert, n: &Notificati
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
+    engine.started_in_tx(&workflow, &started_by, &started, &due).await;
     Ok(if started.created {
         Fired::Started(started.id)
     } else {

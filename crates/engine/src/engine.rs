@@ -194,6 +194,51 @@ impl Engine {
 
     /// Starts a run (or returns the earlier one with the same idempotency key).
     pub async fn start(&self, mut req: StartRun) -> Result<Started, EngineError> {
+        let version = self.prepare(&mut req)?;
+        let (started, due) = self
+            .inner
+            .store
+            .create_run(&req, version, None)
+            .await
+            .map_err(|e| match e {
+                StoreError::Conflict(m) => EngineError::Conflict(m),
+                other => EngineError::Store(other),
+            })?;
+        if started.created {
+            tracing::info!(run_id = %started.id, workflow = %req.workflow, status = %started.status, "Run started.");
+        }
+        self.inner.enqueue_now(&due).await;
+        Ok(started)
+    }
+
+    /// [`Engine::start`] inside the caller's transaction (a trigger recording what it did in
+    /// the same commit). Nothing is enqueued: once `tx` commits, pass the runs returned to
+    /// [`Engine::started_in_tx`].
+    pub(crate) async fn start_in_tx(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+        mut req: StartRun,
+    ) -> Result<(Started, Vec<RunId>), EngineError> {
+        let version = self.prepare(&mut req)?;
+        crate::store::create_run_in(tx, RunId::new(), &req, version, None)
+            .await
+            .map_err(|e| match e {
+                StoreError::Conflict(m) => EngineError::Conflict(m),
+                other => EngineError::Store(other),
+            })
+    }
+
+    /// What follows the commit of [`Engine::start_in_tx`]'s transaction.
+    pub(crate) async fn started_in_tx(&self, workflow: &str, started_by: &str, started: &Started, due: &[RunId]) {
+        if started.created {
+            crate::metrics::metrics().run_started(workflow, started_by);
+            tracing::info!(run_id = %started.id, workflow, status = %started.status, "Run started.");
+        }
+        self.inner.enqueue_now(due).await;
+    }
+
+    /// Checks a start request before anything is written; the workflow's version.
+    fn prepare(&self, req: &mut StartRun) -> Result<u32, EngineError> {
         let def = self
             .inner
             .registry
@@ -220,20 +265,7 @@ impl Engine {
         if req.trace_context.is_none() {
             req.trace_context = crate::telemetry::begin_run(&req.workflow);
         }
-        let (started, due) = self
-            .inner
-            .store
-            .create_run(&req, def.version, None)
-            .await
-            .map_err(|e| match e {
-                StoreError::Conflict(m) => EngineError::Conflict(m),
-                other => EngineError::Store(other),
-            })?;
-        if started.created {
-            tracing::info!(run_id = %started.id, workflow = %req.workflow, status = %started.status, "Run started.");
-        }
-        self.inner.enqueue_now(&due).await;
-        Ok(started)
+        Ok(def.version)
     }
 
     /// A run with its steps.

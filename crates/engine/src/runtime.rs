@@ -108,6 +108,9 @@ pub(crate) struct CtxInner {
     workflow: String,
     /// What started the run (`api:token:alice`, ...): an API caller made the change.
     started_by: String,
+    /// When the last write that renewed the lease was sent (the claim, a journal write, a
+    /// renewal): the lease runs out `ttl` after it unless renewed again.
+    renewed: Mutex<std::time::Instant>,
     lease: Lease,
     cancel: CancellationToken,
     shutdown: CancellationToken,
@@ -553,8 +556,12 @@ impl Ctx {
 
     /// Journals, or halts the pass if the store refuses.
     async fn record(&self, r: &StepRecord<'_>) -> Option<DateTime<Utc>> {
+        let sent = std::time::Instant::now();
         match self.inner.engine.store.record(&self.inner.lease, r).await {
-            Ok(at) => at,
+            Ok(at) => {
+                *self.inner.renewed.lock().expect("lease clock") = sent;
+                at
+            }
             Err(e) => self.halt(store_halt(e)).await,
         }
     }
@@ -730,14 +737,36 @@ impl Ctx {
 
     /// Renews the lease while a step runs; resolves only if the lease is lost. Learns of
     /// cancellation here too, should the cancel notification have been missed.
+    ///
+    /// # Guarantees
+    /// The step stops before its lease can run out: when renewals fail (PostgreSQL unreachable
+    /// from this worker) until `ttl`, less a margin, has passed since the last one that
+    /// succeeded was sent, this resolves as lost, and the step's future is dropped before
+    /// another worker can claim the run.
     async fn keep_lease(&self) -> Halt {
         let lease = &self.inner.lease;
         let period = lease.ttl / 3;
+        let margin = (lease.ttl / 10).max(Duration::from_millis(100)).min(lease.ttl / 2);
         loop {
-            tokio::time::sleep(period).await;
+            let expires = *self.inner.renewed.lock().expect("lease clock") + lease.ttl - margin;
+            let now = std::time::Instant::now();
+            if now >= expires {
+                tracing::warn!(run_id = %lease.run_id, ttl = ?lease.ttl,
+                    "The lease could not be renewed before it ran out; stopping the step.");
+                return Halt::LeaseLost;
+            }
+            tokio::time::sleep(period.min(expires - now)).await;
+            if std::time::Instant::now() >= expires {
+                continue;
+            }
+            let sent = std::time::Instant::now();
             match self.inner.engine.store.renew(lease).await {
-                Ok(true) => self.inner.cancel.cancel(),
-                Ok(false) => {}
+                Ok(cancelled) => {
+                    *self.inner.renewed.lock().expect("lease clock") = sent;
+                    if cancelled {
+                        self.inner.cancel.cancel();
+                    }
+                }
                 Err(StoreError::LeaseLost(_)) => return Halt::LeaseLost,
                 Err(e) => {
                     tracing::warn!(run_id = %lease.run_id, error = %e, "Lease renewal failed; will retry.")
@@ -1004,6 +1033,8 @@ async fn drive<F: Future>(inner: &CtxInner, fut: F) -> Result<F::Output, Halt> {
 /// the runtime checks between steps.
 pub(crate) async fn advance(engine: &Arc<EngineInner>, run_id: RunId, opts: &PassOptions) -> Result<(), StoreError> {
     use crate::store::ClaimMiss;
+    // Taken before the claim is sent: the lease runs out `ttl` after the database's now().
+    let claimed_at = std::time::Instant::now();
     let (lease, claimed) = match engine.store.claim(run_id, &opts.owner, opts.lease_ttl).await? {
         Ok(c) => c,
         Err(ClaimMiss::NotYet(at)) => {
@@ -1026,7 +1057,7 @@ pub(crate) async fn advance(engine: &Arc<EngineInner>, run_id: RunId, opts: &Pas
         &opts.owner,
         claimed.trace_context.as_deref(),
     );
-    tracing::Instrument::instrument(pass(engine, run_id, opts, lease, claimed, def), span).await
+    tracing::Instrument::instrument(pass(engine, run_id, opts, lease, claimed, claimed_at, def), span).await
 }
 
 /// One pass over a claimed run: replays its journal and runs it on until it ends or halts.
@@ -1036,6 +1067,7 @@ async fn pass(
     opts: &PassOptions,
     lease: Lease,
     claimed: crate::store::ClaimedRun,
+    claimed_at: std::time::Instant,
     def: crate::workflow::WorkflowDef,
 ) -> Result<(), StoreError> {
     // A run claimed for the first time has no journal yet.
@@ -1060,6 +1092,7 @@ async fn pass(
         engine: engine.clone(),
         workflow: claimed.workflow.clone(),
         started_by: claimed.started_by.clone(),
+        renewed: Mutex::new(claimed_at),
         lease: lease.clone(),
         cancel,
         shutdown: opts.shutdown.clone(),

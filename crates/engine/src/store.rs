@@ -260,151 +260,12 @@ impl PgStore {
             return Ok((started, vec![id]));
         }
         let mut tx = self.pool.begin().await?;
-
-        if let Some(key) = &req.idempotency_key {
-            // Serialises starts with one key: the second waits for the first to commit, then
-            // finds its run below (two replicas firing one tick, a forge's push+create pair).
-            sqlx::query("select pg_advisory_xact_lock(hashtextextended($1, 1))")
-                .bind(key)
-                .execute(&mut *tx)
-                .await?;
-        }
-        if let Some(key) = &req.idempotency_key
-            && let Some(row) = sqlx::query("select id, status, workflow from runs where idempotency_key = $1")
-                .bind(key)
-                .fetch_optional(&mut *tx)
-                .await?
-        {
-            let workflow: String = row.get("workflow");
-            if workflow != req.workflow {
-                return Err(StoreError::Conflict(format!(
-                    "idempotency key '{key}' was already used to start workflow '{workflow}'"
-                )));
-            }
-            return Ok((
-                Started {
-                    id: RunId(row.get("id")),
-                    status: row.get::<String, _>("status").parse().map_err(StoreError::Corrupt)?,
-                    created: false,
-                    note: Some(format!(
-                        "idempotency key '{key}' was used before; this is the first run"
-                    )),
-                },
-                Vec::new(),
-            ));
-        }
-
-        let mut note = None;
-        let mut status = RunStatus::Pending;
-        let mut due = Vec::new();
-        if let Some(c) = &req.concurrency {
-            // Serialises starts and finishes per key, so that the counts below stay true.
-            sqlx::query("select pg_advisory_xact_lock(hashtextextended($1, 0))")
-                .bind(&c.key)
-                .execute(&mut *tx)
-                .await?;
-            let holders: Vec<Uuid> = sqlx::query_scalar(AssertSqlSafe(format!(
-                "select id from runs where concurrency_key = $1 and admitted and status in {ACTIVE} order by created_at"
-            )))
-            .bind(&c.key)
-            .fetch_all(&mut *tx)
-            .await?;
-            let full = holders.len() as u32 >= c.limit.max(1);
-            let holder = holders.first().map(|h| h.to_string()).unwrap_or_default();
-            match c.policy {
-                ConcurrencyPolicy::Skip if full => {
-                    status = RunStatus::Cancelled;
-                    note = Some(format!(
-                        "skipped: concurrency key '{}' is at its limit of {} (held by run {holder})",
-                        c.key, c.limit
-                    ));
-                }
-                ConcurrencyPolicy::CancelOlder => {
-                    let older: Vec<Uuid> = sqlx::query_scalar(AssertSqlSafe(format!(
-                        "select id from runs where concurrency_key = $1 and status in {ACTIVE}"
-                    )))
-                    .bind(&c.key)
-                    .fetch_all(&mut *tx)
-                    .await?;
-                    for o in older {
-                        let reason = format!("cancelled by newer run {id} (concurrency key '{}')", c.key);
-                        due.extend(request_cancel(&mut tx, RunId(o), &reason, "concurrency").await?);
-                    }
-                }
-                ConcurrencyPolicy::LatestWins => {
-                    let superseded = sqlx::query(AssertSqlSafe(format!(
-                        "update runs set status = 'cancelled', finished_at = now(), updated_at = now(), \
-                         error = 'superseded by newer run ' || $2::text, wake_at = null \
-                         where concurrency_key = $1 and not admitted and status in {ACTIVE} returning id"
-                    )))
-                    .bind(&c.key)
-                    .bind(id.to_string())
-                    .fetch_all(&mut *tx)
-                    .await?;
-                    for row in superseded {
-                        insert_event(&mut tx, RunId(row.get("id")), "run_superseded", json!({ "by": id })).await?;
-                    }
-                }
-                _ => {}
-            }
-            if status == RunStatus::Pending && full {
-                note = Some(format!("queued: concurrency key '{}' is held by run {holder}", c.key));
-            }
-        }
-
-        let (error, finished) = match status {
-            RunStatus::Cancelled => (note.clone(), true),
-            _ => (None, false),
-        };
-        sqlx::query(
-            "insert into runs (id, workflow, workflow_version, input, status, started_by, idempotency_key, \
-             concurrency_key, concurrency_limit, admitted, parent_run_id, parent_seq, wake_at, error, finished_at, trace_context) \
-             values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, \
-                     case when $10 and $5 = 'pending' then now() end, $13, case when $14 then now() end, $15)",
-        )
-        .bind(id.0)
-        .bind(&req.workflow)
-        .bind(version as i32)
-        .bind(&req.input)
-        .bind(status.as_str())
-        .bind(&started_by)
-        .bind(&req.idempotency_key)
-        .bind(req.concurrency.as_ref().map(|c| c.key.clone()))
-        .bind(req.concurrency.as_ref().map(|c| c.limit.max(1) as i32))
-        .bind(req.concurrency.is_none())
-        .bind(parent.map(|p| p.0.0))
-        .bind(parent.map(|p| p.1))
-        .bind(error)
-        .bind(finished)
-        .bind(&req.trace_context)
-        .execute(&mut *tx)
-        .await?;
-        insert_event(
-            &mut tx,
-            id,
-            "run_created",
-            json!({ "started_by": started_by, "workflow": req.workflow, "note": note }),
-        )
-        .await?;
-        match &req.concurrency {
-            Some(c) if status == RunStatus::Pending => due.extend(admit(&mut tx, &c.key, c.limit.max(1) as i32).await?),
-            None => due.push(id),
-            _ => {}
-        }
-        if due.contains(&id) {
-            note = None;
-        }
+        let (started, due) = create_run_in(&mut tx, id, req, version, parent).await?;
         tx.commit().await?;
-        crate::metrics::metrics().run_started(&req.workflow, &started_by);
-        Ok((
-            Started {
-                id,
-                status,
-                created: true,
-                note,
-            },
-            due,
-        ))
+        if started.created {
+            crate::metrics::metrics().run_started(&req.workflow, &started_by);
+        }
+        Ok((started, due))
     }
 
     // ---------------------------------------------------------------- leases
@@ -709,11 +570,11 @@ impl PgStore {
         req: &StartRun,
         version: u32,
     ) -> StoreResult<RunId> {
-        let (started, _) = self.create_run(req, version, Some((lease.run_id, seq))).await?;
-        // The child exists before the entry: if the worker dies in between, the run is re-created
-        // on replay and the orphan is cancelled below (it is found by parent_seq).
+        // Fenced like every write of a pass: a worker that lost its lease creates no child.
+        // The child and the entry that points to it commit together.
         let mut tx = self.pool.begin().await?;
         lock_leased(&mut tx, lease).await?;
+        let (started, _) = create_run_in(&mut tx, RunId::new(), req, version, Some((lease.run_id, seq))).await?;
         sqlx::query(
             "insert into steps (run_id, seq, name, kind, status, attempts, child_run_id) \
              values ($1, $2, $3, 'child', 'waiting', 1, $4)",
@@ -735,6 +596,7 @@ impl PgStore {
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
+        crate::metrics::metrics().run_started(&req.workflow, req.started_by.as_deref().unwrap_or("api"));
         if !orphans.is_empty() {
             tracing::warn!(run_id = %lease.run_id, seq, count = orphans.len(), "Cancelled orphaned child runs.");
         }
@@ -1014,6 +876,161 @@ impl PgStore {
 }
 
 /// Locks the run row and checks that the lease is still ours.
+/// Creates a run in `tx`, honouring its idempotency key and concurrency key; what the caller
+/// sees and the runs that are due once `tx` commits.
+pub(crate) async fn create_run_in(
+    tx: &mut Transaction<'_, Postgres>,
+    id: RunId,
+    req: &StartRun,
+    version: u32,
+    parent: Option<(RunId, i32)>,
+) -> StoreResult<(Started, Vec<RunId>)> {
+    let started_by = req.started_by.clone().unwrap_or_else(|| "api".to_string());
+
+    if let Some(key) = &req.idempotency_key {
+        // Serialises starts with one key: the second waits for the first to commit, then
+        // finds its run below (two replicas firing one tick, a forge's push+create pair).
+        sqlx::query("select pg_advisory_xact_lock(hashtextextended($1, 1))")
+            .bind(key)
+            .execute(&mut **tx)
+            .await?;
+    }
+    if let Some(key) = &req.idempotency_key
+        && let Some(row) = sqlx::query("select id, status, workflow from runs where idempotency_key = $1")
+            .bind(key)
+            .fetch_optional(&mut **tx)
+            .await?
+    {
+        let workflow: String = row.get("workflow");
+        if workflow != req.workflow {
+            return Err(StoreError::Conflict(format!(
+                "idempotency key '{key}' was already used to start workflow '{workflow}'"
+            )));
+        }
+        return Ok((
+            Started {
+                id: RunId(row.get("id")),
+                status: row.get::<String, _>("status").parse().map_err(StoreError::Corrupt)?,
+                created: false,
+                note: Some(format!(
+                    "idempotency key '{key}' was used before; this is the first run"
+                )),
+            },
+            Vec::new(),
+        ));
+    }
+
+    let mut note = None;
+    let mut status = RunStatus::Pending;
+    let mut due = Vec::new();
+    if let Some(c) = &req.concurrency {
+        // Serialises starts and finishes per key, so that the counts below stay true.
+        sqlx::query("select pg_advisory_xact_lock(hashtextextended($1, 0))")
+            .bind(&c.key)
+            .execute(&mut **tx)
+            .await?;
+        let holders: Vec<Uuid> = sqlx::query_scalar(AssertSqlSafe(format!(
+            "select id from runs where concurrency_key = $1 and admitted and status in {ACTIVE} order by created_at"
+        )))
+        .bind(&c.key)
+        .fetch_all(&mut **tx)
+        .await?;
+        let full = holders.len() as u32 >= c.limit.max(1);
+        let holder = holders.first().map(|h| h.to_string()).unwrap_or_default();
+        match c.policy {
+            ConcurrencyPolicy::Skip if full => {
+                status = RunStatus::Cancelled;
+                note = Some(format!(
+                    "skipped: concurrency key '{}' is at its limit of {} (held by run {holder})",
+                    c.key, c.limit
+                ));
+            }
+            ConcurrencyPolicy::CancelOlder => {
+                let older: Vec<Uuid> = sqlx::query_scalar(AssertSqlSafe(format!(
+                    "select id from runs where concurrency_key = $1 and status in {ACTIVE}"
+                )))
+                .bind(&c.key)
+                .fetch_all(&mut **tx)
+                .await?;
+                for o in older {
+                    let reason = format!("cancelled by newer run {id} (concurrency key '{}')", c.key);
+                    due.extend(request_cancel(tx, RunId(o), &reason, "concurrency").await?);
+                }
+            }
+            ConcurrencyPolicy::LatestWins => {
+                let superseded = sqlx::query(AssertSqlSafe(format!(
+                    "update runs set status = 'cancelled', finished_at = now(), updated_at = now(), \
+                         error = 'superseded by newer run ' || $2::text, wake_at = null \
+                         where concurrency_key = $1 and not admitted and status in {ACTIVE} returning id"
+                )))
+                .bind(&c.key)
+                .bind(id.to_string())
+                .fetch_all(&mut **tx)
+                .await?;
+                for row in superseded {
+                    insert_event(tx, RunId(row.get("id")), "run_superseded", json!({ "by": id })).await?;
+                }
+            }
+            _ => {}
+        }
+        if status == RunStatus::Pending && full {
+            note = Some(format!("queued: concurrency key '{}' is held by run {holder}", c.key));
+        }
+    }
+
+    let (error, finished) = match status {
+        RunStatus::Cancelled => (note.clone(), true),
+        _ => (None, false),
+    };
+    sqlx::query(
+            "insert into runs (id, workflow, workflow_version, input, status, started_by, idempotency_key, \
+             concurrency_key, concurrency_limit, admitted, parent_run_id, parent_seq, wake_at, error, finished_at, trace_context) \
+             values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, \
+                     case when $10 and $5 = 'pending' then now() end, $13, case when $14 then now() end, $15)",
+        )
+        .bind(id.0)
+        .bind(&req.workflow)
+        .bind(version as i32)
+        .bind(&req.input)
+        .bind(status.as_str())
+        .bind(&started_by)
+        .bind(&req.idempotency_key)
+        .bind(req.concurrency.as_ref().map(|c| c.key.clone()))
+        .bind(req.concurrency.as_ref().map(|c| c.limit.max(1) as i32))
+        .bind(req.concurrency.is_none())
+        .bind(parent.map(|p| p.0.0))
+        .bind(parent.map(|p| p.1))
+        .bind(error)
+        .bind(finished)
+        .bind(&req.trace_context)
+        .execute(&mut **tx)
+        .await?;
+    insert_event(
+        tx,
+        id,
+        "run_created",
+        json!({ "started_by": started_by, "workflow": req.workflow, "note": note }),
+    )
+    .await?;
+    match &req.concurrency {
+        Some(c) if status == RunStatus::Pending => due.extend(admit(tx, &c.key, c.limit.max(1) as i32).await?),
+        None => due.push(id),
+        _ => {}
+    }
+    if due.contains(&id) {
+        note = None;
+    }
+    Ok((
+        Started {
+            id,
+            status,
+            created: true,
+            note,
+        },
+        due,
+    ))
+}
+
 async fn lock_leased(tx: &mut Transaction<'_, Postgres>, lease: &Lease) -> StoreResult<()> {
     sqlx::query(
         "update runs set lease_expires_at = now() + make_interval(secs => $3), updated_at = now() \
@@ -1213,6 +1230,22 @@ mod tests {
             Err(StoreError::LeaseLost(_))
         ));
         assert!(matches!(store.renew(&a).await, Err(StoreError::LeaseLost(_))));
+        // Nor can it start a child: no run is created.
+        let runs_before: i64 = sqlx::query_scalar("select count(*) from runs")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+        assert!(matches!(
+            store
+                .start_child(&a, 0, "child", &StartRun::new("w", json!(null)), 1)
+                .await,
+            Err(StoreError::LeaseLost(_))
+        ));
+        let runs_after: i64 = sqlx::query_scalar("select count(*) from runs")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+        assert_eq!(runs_after, runs_before, "a stale worker created a child run");
         assert!(matches!(
             store.release(&a, None, RunStatus::Waiting).await,
             Err(StoreError::LeaseLost(_))
