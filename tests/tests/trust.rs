@@ -457,3 +457,137 @@ async fn a_worker_cut_off_from_postgresql_stops_its_step_before_another_worker_t
     );
     env.stop_workers().await;
 }
+
+#[tokio::test]
+async fn revisions_and_branches_from_input_are_never_read_as_git_options() {
+    use dayshift_workflows::adapters::git::GitConfig;
+    let git = dayshift_tests::GitServer::start().await;
+    git.create("infra", "main", &[("README.md", "hello\n")]);
+    let config = GitConfig {
+        url: git.url("infra"),
+        author_name: "dayshift".into(),
+        author_email: "dayshift@acme.io".into(),
+        ..Default::default()
+    };
+    let scratch = std::env::temp_dir().join(format!("dayshift-pwned-{}", unique()));
+    let hostile = format!("--output={}", scratch.display());
+    let checkout = config.checkout("main").await.unwrap();
+    assert!(checkout.message(&hostile).await.is_err());
+    assert!(checkout.revert(&hostile, "x").await.is_err());
+    for branch in [
+        format!("--upload-pack=touch {}", scratch.display()),
+        "main..x".into(),
+        "a b".into(),
+    ] {
+        let e = config
+            .checkout(&branch)
+            .await
+            .err()
+            .expect("a hostile branch was checked out");
+        assert!(e.to_string().contains("is not a branch name"), "{e}");
+    }
+    assert!(!scratch.exists(), "git wrote {}", scratch.display());
+    // A branch name git accepts still works.
+    assert!(!checkout.message("HEAD").await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_token_that_would_expire_beyond_any_date_is_refused_not_a_crash() {
+    let env = TestEnv::new(vec![]).await;
+    let api = Api::serve(&env).await;
+    let admin = api.token("root", Role::Admin).await;
+    for far in ["1000000years", "0s"] {
+        let (status, body) = api
+            .post(
+                &admin,
+                "/api/v1/tokens",
+                &json!({ "name": format!("t-{far}"), "role": "viewer", "expires_in": far }),
+            )
+            .await;
+        assert_eq!(status, 422, "{far}: {body}");
+        assert!(body["error"].as_str().unwrap().contains("expires_in"), "{body}");
+    }
+    let (status, body) = api
+        .post(
+            &admin,
+            "/api/v1/tokens",
+            &json!({ "name": "ok", "role": "viewer", "expires_in": "90d" }),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    // The server is still there.
+    assert_eq!(api.get(&admin, "/api/v1/tokens").await.0, 200);
+}
+
+#[tokio::test]
+async fn a_slow_body_is_cut_off_and_requests_beyond_the_limit_are_shed_at_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let env = TestEnv::new(vec![]).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let limits = dayshift_engine::http::Limits {
+        max_concurrent_requests: 2,
+        body_timeout: Duration::from_secs(3),
+        ..Default::default()
+    };
+    let app = dayshift_engine::http::router_with(env.engine.clone(), limits);
+    let server = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let token = dayshift_engine::auth::create_token(&env.db.pool, "op", Role::Operator, None, "test")
+        .await
+        .unwrap();
+    // A start whose body promises 100 bytes and sends 10.
+    let slow = || async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let head = format!(
+            "POST /api/v1/runs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+             Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"workflow\""
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        s
+    };
+    let answer = |mut s: tokio::net::TcpStream| async move {
+        let mut buf = vec![0u8; 4096];
+        let n = s.read(&mut buf).await.unwrap();
+        String::from_utf8_lossy(&buf[..n]).to_string()
+    };
+    let (a, b) = (slow().await, slow().await);
+    // Once both slots are held by the slow bodies, a third request is shed (503), not queued
+    // behind them (it would then get 200).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    let shed = loop {
+        let r = dayshift_workflows::adapters::http::client()
+            .get(format!("http://{addr}/api/v1/runs"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        if r.status().as_u16() == 503 || tokio::time::Instant::now() > deadline {
+            break r;
+        }
+        tokio::task::yield_now().await;
+    };
+    assert_eq!(shed.status().as_u16(), 503);
+    assert_eq!(shed.headers()["retry-after"], "1");
+    // The slow bodies are cut off with 408, and nothing was started.
+    for s in [a, b] {
+        let text = answer(s).await;
+        assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+        assert!(text.contains("did not arrive within"), "{text}");
+    }
+    let runs: i64 = sqlx::query_scalar("select count(*) from runs")
+        .fetch_one(&env.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(runs, 0);
+    // The slots are free again.
+    let ok = dayshift_workflows::adapters::http::client()
+        .get(format!("http://{addr}/api/v1/runs"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status().as_u16(), 200);
+    server.abort();
+}

@@ -178,12 +178,19 @@ async fn changed_path_globs_select_routes() {
 
 #[tokio::test]
 async fn pushes_made_by_dayshift_start_nothing() {
-    let env = hooks_env(PUSH_ROUTE, "").await;
+    let env = hooks_env(PUSH_ROUTE, "  bot-emails: [dayshift@acme.io]\n").await;
     let mut push = fixture("github/push-branch.json");
     let message = push["commits"][0]["message"].as_str().unwrap().to_string();
     push["commits"][0]["message"] = json!(format!(
         "{message}\n\nDayshift-Run: 01a1fd85-bb7e-74e6-b688-276161ff3a10"
     ));
+    // The trailer from anyone but dayshift's own identity means nothing: the route runs.
+    let (status, body) = github(&env, "push", "l-0", &push).await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["outcome"], "started", "{body}");
+    assert_eq!(run_count(&env).await, 1);
+    push["commits"][0]["author"]["email"] = json!("dayshift@acme.io");
+    push["after"] = json!("1111111111111111111111111111111111111111");
     let (status, body) = github(&env, "push", "l-1", &push).await;
     assert_eq!(status, 202, "{body}");
     assert_eq!(body["outcome"], "ignored");
@@ -194,7 +201,7 @@ async fn pushes_made_by_dayshift_start_nothing() {
             .contains("01a1fd85-bb7e-74e6-b688-276161ff3a10"),
         "{body}"
     );
-    assert_eq!(run_count(&env).await, 0);
+    assert_eq!(run_count(&env).await, 1);
 }
 
 #[tokio::test]
@@ -235,6 +242,50 @@ async fn bad_deliveries_get_the_right_status_and_start_nothing() {
         let (status, answer) = send(&env, "github", body, &headers).await;
         assert_eq!(status, expected, "{what}: {answer}");
         assert!(answer["error"].is_string(), "{what}: {answer}");
+    }
+    // A 2 KB event type is refused before it is logged or stored, and so are 20 KB of
+    // headers of any name.
+    let long = "push".repeat(500);
+    let huge = "push".repeat(5000);
+    let (status, answer) = send(
+        &env,
+        "github",
+        push.clone(),
+        &[("X-GitHub-Event", &long), ("X-Hub-Signature-256", &good)],
+    )
+    .await;
+    assert_eq!(status, 431, "{answer}");
+    assert!(answer["error"].as_str().unwrap().contains("x-github-event"), "{answer}");
+    let (status, _) = send(
+        &env,
+        "github",
+        push.clone(),
+        &[
+            ("X-GitHub-Event", "push"),
+            ("X-Hub-Signature-256", &good),
+            ("X-Padding", &huge),
+        ],
+    )
+    .await;
+    assert_eq!(status, 431);
+    // A body sent form-encoded or as text is not taken for JSON.
+    for content_type in ["application/x-www-form-urlencoded", "text/plain"] {
+        let r = env
+            .http
+            .post(format!("{}/hooks/github", env.api))
+            .header("content-type", content_type)
+            .header("X-GitHub-Event", "push")
+            .header("X-Hub-Signature-256", &good)
+            .body(push.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 415, "{content_type}");
+        let answer: Value = r.json().await.unwrap();
+        assert!(
+            answer["error"].as_str().unwrap().contains("choose application/json"),
+            "{answer}"
+        );
     }
     let not_json = b"{\"ref\": refs/heads/master".to_vec();
     let sig = format!("sha256={}", dayshift_tests::hmac_sha256_hex(SECRET, &not_json));

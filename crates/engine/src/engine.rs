@@ -397,4 +397,19 @@ impl Engine {
         self.inner.queue.ping().await?;
         Ok(())
     }
+
+    /// Which services are unreachable (`postgresql`, `redis`), for `/readyz`: names only, the
+    /// errors go to the log.
+    pub async fn unreachable(&self) -> Vec<&'static str> {
+        let mut down = Vec::new();
+        if let Err(e) = self.inner.store.ping().await {
+            tracing::warn!(error = %e, "Not ready: PostgreSQL is unreachable.");
+            down.push("postgresql");
+        }
+        if let Err(e) = self.inner.queue.ping().await {
+            tracing::warn!(error = %e, "Not ready: Redis is unreachable.");
+            down.push("redis");
+        }
+        down
+    }
 }

@@ -22,9 +22,46 @@ use crate::error::EngineError;
 use crate::model::{RunFilter, RunId, RunStatus, StartRun};
 use crate::schedule::Scheduler;
 
-/// The API's routes, on an engine.
+/// The longest forge header value (event type, delivery id, signature) a delivery may carry.
+const MAX_HOOK_HEADER: usize = 256;
+
+/// What `serve` lets one request, or all of them at once, take before anything is checked.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Requests handled at once; more are answered 503 at once (load shedding), not queued.
+    pub max_concurrent_requests: usize,
+    /// How long a request body may take to arrive (a client sending one byte a minute holds
+    /// nothing longer than this). 408 after it.
+    pub body_timeout: std::time::Duration,
+    /// All the request's header names and values together; 431 above it.
+    pub max_header_bytes: usize,
+    /// The largest API request body (webhook and Alertmanager bodies have their own); 413.
+    pub max_body_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_concurrent_requests: 512,
+            body_timeout: std::time::Duration::from_secs(10),
+            max_header_bytes: 16 << 10,
+            max_body_bytes: 2 << 20,
+        }
+    }
+}
+
+/// The API's routes, on an engine, with the default [`Limits`].
 pub fn router(engine: Engine) -> Router {
+    router_with(engine, Limits::default())
+}
+
+/// The API's routes, on an engine.
+pub fn router_with(engine: Engine, limits: Limits) -> Router {
     let hook_limit = engine.inner.webhooks.as_ref().map(|w| w.max_body).unwrap_or(1 << 20);
+    let limits = std::sync::Arc::new(Guard {
+        permits: std::sync::Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent_requests.max(1))),
+        limits,
+    });
     Router::new()
         .route("/healthz", get(|| async { Json(json!({ "status": "ok" })) }))
         .route("/readyz", get(ready))
@@ -63,8 +100,98 @@ pub fn router(engine: Engine) -> Router {
         .merge(crate::console::routes())
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
         .layer(axum::Extension(HookLimit(hook_limit)))
+        .layer(axum::Extension(BodyTimeout(limits.limits.body_timeout)))
+        .layer(axum::middleware::from_fn_with_state(limits.clone(), read_body_in_time))
         .layer(axum::middleware::from_fn_with_state(engine.clone(), authenticate))
+        .layer(axum::middleware::from_fn_with_state(limits, admit))
         .with_state(engine)
+}
+
+/// The limits as the middleware holds them.
+struct Guard {
+    limits: Limits,
+    permits: std::sync::Arc<tokio::sync::Semaphore>,
+}
+
+/// Before anything else: headers within their size, and a free slot (else 503 at once).
+async fn admit(
+    State(guard): State<std::sync::Arc<Guard>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let header_bytes: usize = request
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len())
+        .sum();
+    if header_bytes > guard.limits.max_header_bytes {
+        return ApiError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers_too_large",
+            format!(
+                "the request's headers are {header_bytes} bytes; at most {} are accepted",
+                guard.limits.max_header_bytes
+            ),
+        )
+        .into_response();
+    }
+    let Ok(_permit) = guard.permits.clone().try_acquire_owned() else {
+        let mut r = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy",
+            "too many requests in flight; try again shortly",
+        )
+        .into_response();
+        r.headers_mut().insert(
+            axum::http::header::RETRY_AFTER,
+            axum::http::HeaderValue::from_static("1"),
+        );
+        return r;
+    };
+    next.run(request).await
+}
+
+/// After authentication: an API request's body is read within `body_timeout` and
+/// `max_body_bytes`, before any handler sees it. The intake endpoints (`/hooks/…`) check their
+/// credentials first and read their own bodies, within the same time.
+async fn read_body_in_time(
+    State(guard): State<std::sync::Arc<Guard>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if request.uri().path().starts_with("/hooks/") {
+        return next.run(request).await;
+    }
+    let (parts, body) = request.into_parts();
+    let limits = &guard.limits;
+    match read_body(body, limits.max_body_bytes, limits.body_timeout).await {
+        Ok(bytes) => {
+            next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes)))
+                .await
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Reads a body of at most `limit` bytes within `timeout`: 413 above it, 408 too slow.
+async fn read_body(
+    body: axum::body::Body,
+    limit: usize,
+    timeout: std::time::Duration,
+) -> Result<axum::body::Bytes, ApiError> {
+    match tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(_)) => Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("the body is larger than {limit} bytes"),
+        )),
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            format!("the body did not arrive within {}", humantime::format_duration(timeout)),
+        )),
+    }
 }
 
 /// An API error response.
@@ -225,11 +352,16 @@ fn parse_id(id: &str) -> Result<RunId, ApiError> {
         .map_err(|e: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_run_id", e))
 }
 
+/// `/readyz` is public: it names what is down, never an error's text (hosts, users, versions).
 async fn ready(State(engine): State<Engine>) -> Result<Json<Value>, ApiError> {
-    engine.ready().await.map_err(|e| {
-        tracing::warn!(error = %e, "Not ready.");
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", format!("not ready: {e}"))
-    })?;
+    let down = engine.unreachable().await;
+    if !down.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            format!("not ready: {} unreachable", down.join(" and ")),
+        ));
+    }
     Ok(Json(json!({ "status": "ready" })))
 }
 
@@ -711,9 +843,18 @@ async fn create_token(
     axum::Extension(caller): Who,
     Body(t): Body<NewToken>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
+    const TEN_YEARS: std::time::Duration = std::time::Duration::from_secs(10 * 366 * 86400);
+    if t.expires_in.is_some_and(|d| d > TEN_YEARS || d.is_zero()) {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_input",
+            "expires_in must be more than 0 and at most 10 years (omit it for a token that does not expire)",
+        ));
+    }
     let expires_at = t
         .expires_in
-        .map(|d| chrono::Utc::now() + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX));
+        .and_then(|d| chrono::Duration::from_std(d).ok())
+        .map(|d| chrono::Utc::now() + d);
     let token = crate::auth::create_token(engine.store().pool(), &t.name, t.role, expires_at, &caller.name)
         .await
         .map_err(|e| match e {
@@ -765,10 +906,15 @@ async fn audit_log(
 #[derive(Clone, Copy)]
 struct HookLimit(usize);
 
+/// How long an intake's body may take to arrive ([`Limits::body_timeout`]).
+#[derive(Clone, Copy)]
+struct BodyTimeout(std::time::Duration);
+
 /// `POST /hooks/{forge}`: a git forge's delivery.
 async fn webhook(
     State(engine): State<Engine>,
     axum::Extension(HookLimit(limit)): axum::Extension<HookLimit>,
+    axum::Extension(BodyTimeout(body_timeout)): axum::Extension<BodyTimeout>,
     Path(forge): Path<String>,
     headers: axum::http::HeaderMap,
     body: axum::body::Body,
@@ -794,13 +940,47 @@ async fn webhook(
         ));
     };
     let hooks = hooks.clone().expect("checked above");
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_large",
-            format!("the body is larger than {limit} bytes"),
-        )
-    })?;
+    // What is stored and echoed of a delivery's headers is bounded.
+    if let Some((name, value)) = headers.iter().find(|(name, value)| {
+        let n = name.as_str();
+        ["x-github-", "x-gitea-", "x-forgejo-", "x-gitlab-", "x-hub-", "x-gogs-"]
+            .iter()
+            .any(|p| n.starts_with(p))
+            && value.len() > MAX_HOOK_HEADER
+    }) {
+        return Err(ApiError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "header_too_large",
+            format!(
+                "header {name} is {} bytes; at most {MAX_HOOK_HEADER} are accepted",
+                value.len()
+            ),
+        ));
+    }
+    let content_type = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let media = content_type.split(';').next().unwrap_or("").trim();
+    if !media.eq_ignore_ascii_case("application/json") {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!(
+                "the delivery is sent as {:?}; choose application/json as the content type in the {} webhook's settings",
+                media.chars().take(100).collect::<String>(),
+                forge.as_str()
+            ),
+        ));
+    }
+    // GitLab's token is a header: checked before the body is read.
+    if forge == Forge::Gitlab {
+        webhook::verify(forge, &headers, &[], secret).map_err(|e| {
+            crate::metrics::metrics().delivery(forge.as_str(), "refused");
+            ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string())
+        })?;
+    }
+    let bytes = read_body(body, limit, body_timeout).await?;
     webhook::verify(forge, &headers, &bytes, secret).map_err(|e| {
         tracing::warn!(forge = forge.as_str(), error = %e, "Webhook delivery refused.");
         crate::metrics::metrics().delivery(forge.as_str(), "refused");
@@ -828,6 +1008,7 @@ async fn webhook(
 /// `POST /hooks/alertmanager`: an Alertmanager webhook notification (version 4).
 async fn alertmanager(
     State(engine): State<Engine>,
+    axum::Extension(BodyTimeout(body_timeout)): axum::Extension<BodyTimeout>,
     headers: axum::http::HeaderMap,
     body: axum::body::Body,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
@@ -848,13 +1029,7 @@ async fn alertmanager(
             "missing or wrong credentials (the token or basic auth of alertmanager in dayshift's config)",
         ));
     }
-    let bytes = axum::body::to_bytes(body, alerts.max_body).await.map_err(|_| {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_large",
-            format!("the body is larger than {} bytes", alerts.max_body),
-        )
-    })?;
+    let bytes = read_body(body, alerts.max_body, body_timeout).await?;
     let notification: crate::alerts::Notification = serde_json::from_slice(&bytes).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,

@@ -116,8 +116,13 @@ impl Metrics {
             .inc();
     }
 
+    /// `step` is labelled by its family, the name up to its first `:` (`action:1:restart
+    /// Deployment prod-web/web` is `action`): names carry data (alert labels, counters) that
+    /// would make the series grow without bound.
     pub(crate) fn step_attempt(&self, workflow: &str, step: &str, seconds: f64, retrying: bool) {
-        let labels = vec![("workflow", workflow.into()), ("step", step.into())];
+        let family = step.split(':').next().unwrap_or(step);
+        let family: String = family.chars().take(64).collect();
+        let labels = vec![("workflow", workflow.into()), ("step", family)];
         self.step_seconds.get_or_create(&labels).observe(seconds);
         if retrying {
             self.step_retries.get_or_create(&labels).inc();
@@ -227,7 +232,26 @@ fn escape(value: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::escape;
+    use super::{escape, metrics, render_process};
+
+    #[test]
+    fn step_series_are_per_step_family_whatever_the_names_carry() {
+        for target in ["prod-web/web", "prod-web/api", "staging/x"] {
+            metrics().step_attempt(
+                "test.families",
+                &format!("action:1:restart Deployment {target}"),
+                0.1,
+                false,
+            );
+        }
+        let text = render_process();
+        let series: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("dayshift_step_duration_seconds_count") && l.contains("test.families"))
+            .collect();
+        assert_eq!(series.len(), 1, "{series:?}");
+        assert!(series[0].contains("step=\"action\""), "{series:?}");
+    }
 
     #[test]
     fn label_values_are_escaped() {

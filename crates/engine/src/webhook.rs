@@ -12,8 +12,10 @@
 //!   and `create`). So runs are started with an idempotency key made of the route and the
 //!   event's *identity*: push = repository, ref, before, after; tag = repository, tag; deletion =
 //!   repository, ref; pull request = repository, number, action, head commit.
-//! - **Loop protection**: a push whose every commit carries the trailer `Dayshift-Run: <id>` (or
-//!   is authored by one of `bot-emails`) was made by dayshift itself and starts nothing.
+//! - **Loop protection**: a push whose every commit is authored by dayshift's own identity
+//!   (`bot-emails` and the git connections' `author-email`) was made by dayshift and starts
+//!   nothing. The `Dayshift-Run: <id>` trailer names the run that made such a commit; from any
+//!   other author it means nothing, or anyone could write it to silence a route.
 
 use std::collections::BTreeSet;
 
@@ -199,22 +201,24 @@ impl GitEvent {
         })
     }
 
-    /// The dayshift run that made this push, if dayshift made every commit of it.
+    /// The dayshift run that made this push, if dayshift's own identity (`bot_emails`)
+    /// authored every commit of it; the `Dayshift-Run:` trailer of such a commit names the run.
     pub fn pushed_by_dayshift(&self, bot_emails: &[String]) -> Option<String> {
         if self.kind != EventKind::Push || self.commits.is_empty() {
             return None;
         }
         let mut run = None;
         for c in &self.commits {
+            if !bot_emails.iter().any(|e| e.eq_ignore_ascii_case(&c.author_email)) {
+                return None;
+            }
             let trailer = c
                 .message
                 .lines()
                 .rev()
                 .find_map(|l| l.trim().strip_prefix("Dayshift-Run:"));
-            match trailer {
-                Some(id) => run = Some(id.trim().to_string()),
-                None if bot_emails.iter().any(|e| e.eq_ignore_ascii_case(&c.author_email)) => {}
-                None => return None,
+            if let Some(id) = trailer {
+                run = Some(id.trim().to_string());
             }
         }
         Some(run.unwrap_or_else(|| "a commit by dayshift's own author".into()))

@@ -441,8 +441,9 @@ pub(crate) struct AlertRouteConfig {
 pub(crate) struct WebhooksConfig {
     /// Largest delivery accepted, in bytes (413 above it). Default 2 MiB.
     pub max_body_bytes: usize,
-    /// Commit author emails that are dayshift itself: pushes made only of their commits (or of
-    /// commits with a `Dayshift-Run:` trailer) start nothing.
+    /// Commit author emails that are dayshift itself (the git connections' `author-email` are
+    /// too): pushes made only of their commits start nothing. A `Dayshift-Run:` trailer from
+    /// any other author means nothing.
     pub bot_emails: Vec<String>,
     /// Accept deliveries from GitHub (`X-Hub-Signature-256`).
     pub github: Option<ForgeConfig>,
@@ -675,14 +676,43 @@ pub(crate) struct ServerConfig {
     pub public_metrics: bool,
     /// Also accept JWTs of the platform's OpenID Connect provider (Keycloak, Authentik, ...).
     pub oidc: Option<OidcConfig>,
+    /// Requests handled at once; more get 503 at once (with `Retry-After`), never a queue.
+    /// Default 512.
+    pub max_concurrent_requests: usize,
+    /// How long a request body may take to arrive; 408 after it. Default 10s.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub body_timeout: Duration,
+    /// All of a request's headers together, in bytes; 431 above it. Default 16384.
+    pub max_header_bytes: usize,
+    /// The largest API request body, in bytes (webhooks and Alertmanager have their own);
+    /// 413 above it. Default 2 MiB.
+    pub max_body_bytes: usize,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
+        let limits = dayshift_engine::http::Limits::default();
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             public_metrics: true,
             oidc: None,
+            max_concurrent_requests: limits.max_concurrent_requests,
+            body_timeout: limits.body_timeout,
+            max_header_bytes: limits.max_header_bytes,
+            max_body_bytes: limits.max_body_bytes,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// The request limits, as the router applies them.
+    pub(crate) fn limits(&self) -> dayshift_engine::http::Limits {
+        dayshift_engine::http::Limits {
+            max_concurrent_requests: self.max_concurrent_requests,
+            body_timeout: self.body_timeout,
+            max_header_bytes: self.max_header_bytes,
+            max_body_bytes: self.max_body_bytes,
         }
     }
 }
@@ -858,7 +888,13 @@ impl Config {
             secrets,
             routes,
             max_body: w.max_body_bytes,
-            bot_emails: w.bot_emails.clone(),
+            // dayshift's own commits are authored as the git connections say.
+            bot_emails: w
+                .bot_emails
+                .iter()
+                .cloned()
+                .chain(self.connections.git.values().map(|g| g.author_email.clone()))
+                .collect(),
         })
     }
 
@@ -1219,6 +1255,11 @@ impl Config {
         }
         if self.worker.lease_ttl < Duration::from_secs(1) {
             return Err(ConfigError::Invalid("worker.lease-ttl must be at least 1s".into()));
+        }
+        if self.server.max_concurrent_requests == 0 || self.server.body_timeout.is_zero() {
+            return Err(ConfigError::Invalid(
+                "server.max-concurrent-requests and server.body-timeout must be more than 0".into(),
+            ));
         }
         if self.queue.poll_interval.is_zero() {
             return Err(ConfigError::Invalid("queue.poll-interval must be more than 0".into()));

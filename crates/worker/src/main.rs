@@ -459,12 +459,15 @@ async fn serve(config: Config) -> Result<()> {
     let scheduler =
         tokio::spawn(dayshift_engine::Scheduler::new(engine.clone()).run(Duration::from_millis(250), token.clone()));
     let stop = token.clone();
-    axum::serve(listener, dayshift_engine::http::router(engine))
-        .with_graceful_shutdown(async move {
-            shutdown_signal().await;
-            stop.cancel();
-        })
-        .await?;
+    axum::serve(
+        listener,
+        dayshift_engine::http::router_with(engine, config.server.limits()),
+    )
+    .with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        stop.cancel();
+    })
+    .await?;
     token.cancel();
     let _ = scheduler.await;
     Ok(())

@@ -41,6 +41,29 @@ pub enum GitError {
     Failed { command: String, detail: String },
 }
 
+/// Refuses a branch name git would read as an option or a revision expression: every value
+/// that reaches a git command line from input is either checked here or after `--`.
+pub fn check_branch(branch: &str) -> Result<(), GitError> {
+    let bad = branch.is_empty()
+        || branch.len() > 255
+        || branch.starts_with(['-', '/', '.'])
+        || branch.ends_with(['/', '.'])
+        || branch.ends_with(".lock")
+        || branch.contains("..")
+        || branch.contains("//")
+        || branch.contains("@{")
+        || branch
+            .chars()
+            .any(|c| c.is_control() || c.is_whitespace() || "~^:?*[\\".contains(c));
+    if bad {
+        return Err(GitError::Failed {
+            command: "checkout".into(),
+            detail: format!("{branch:?} is not a branch name git accepts"),
+        });
+    }
+    Ok(())
+}
+
 /// A working copy of one branch.
 pub struct Checkout {
     config: GitConfig,
@@ -105,6 +128,7 @@ impl GitConfig {
 
     /// A shallow clone of `branch` into a fresh temporary directory.
     pub async fn checkout(&self, branch: &str) -> Result<Checkout, GitError> {
+        check_branch(branch)?;
         let tmp = std::env::temp_dir().join(format!("dayshift-git-{}", uuid::Uuid::new_v4().simple()));
         let dir = tmp.join("repo");
         let path = dir.to_string_lossy().into_owned();
@@ -119,6 +143,7 @@ impl GitConfig {
                 "--branch",
                 branch,
                 "--single-branch",
+                "--",
                 &self.url,
                 &path,
             ],
@@ -147,7 +172,10 @@ impl Checkout {
     /// The full message of commit `rev`.
     pub async fn message(&self, rev: &str) -> Result<String, GitError> {
         self.config
-            .run(Some(&self.dir), &["log", "-1", "--format=%B", rev])
+            .run(
+                Some(&self.dir),
+                &["log", "-1", "--format=%B", "--end-of-options", rev, "--"],
+            )
             .await
     }
 
@@ -192,7 +220,10 @@ impl Checkout {
     /// `git revert` of `commit` with `message`; returns the new commit.
     pub async fn revert(&self, commit: &str, message: &str) -> Result<String, GitError> {
         self.config
-            .run(Some(&self.dir), &["revert", "--no-edit", "--no-commit", commit])
+            .run(
+                Some(&self.dir),
+                &["revert", "--no-edit", "--no-commit", "--end-of-options", commit],
+            )
             .await?;
         self.config
             .run(Some(&self.dir), &["commit", "--quiet", "--no-verify", "-m", message])
@@ -235,7 +266,15 @@ impl Checkout {
         self.config
             .run(
                 Some(&self.dir),
-                &["fetch", "--quiet", "--depth", "20", "origin", &self.branch],
+                &[
+                    "fetch",
+                    "--quiet",
+                    "--depth",
+                    "20",
+                    "--end-of-options",
+                    "origin",
+                    &format!("refs/heads/{}", self.branch),
+                ],
             )
             .await?;
         self.config
