@@ -591,3 +591,171 @@ async fn a_slow_body_is_cut_off_and_requests_beyond_the_limit_are_shed_at_once()
     assert_eq!(ok.status().as_u16(), 200);
     server.abort();
 }
+
+/// A JWT of the test identity provider, with key id `kid`.
+fn oidc_token(kid: &str, claims: &Value) -> String {
+    let pem = std::fs::read(std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/oidc/signing-key.pem"))
+        .unwrap();
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+    header.kid = Some(kid.into());
+    jsonwebtoken::encode(&header, claims, &jsonwebtoken::EncodingKey::from_rsa_pem(&pem).unwrap()).unwrap()
+}
+
+#[tokio::test]
+async fn a_slow_identity_provider_and_random_key_ids_stall_no_login_and_nbf_is_checked() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    // Installs the TLS provider reqwest needs, as `dayshift` does at start.
+    let _ = dayshift_workflows::adapters::http::client();
+    // The provider's key endpoint answers only when the test lets it, and counts its calls.
+    let jwks =
+        std::fs::read_to_string(std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/oidc/jwks.json"))
+            .unwrap();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let down_calls = Arc::new(AtomicUsize::new(0));
+    let (g, c, d) = (gate.clone(), calls.clone(), down_calls.clone());
+    let app = axum::Router::new()
+        .route(
+            "/certs",
+            axum::routing::get(move || {
+                let (jwks, g, c) = (jwks.clone(), g.clone(), c.clone());
+                async move {
+                    c.fetch_add(1, Ordering::SeqCst);
+                    g.acquire().await.unwrap().forget();
+                    ([("content-type", "application/json")], jwks)
+                }
+            }),
+        )
+        .route(
+            "/down",
+            axum::routing::get(move || {
+                let d = d.clone();
+                async move {
+                    d.fetch_add(1, Ordering::SeqCst);
+                    (axum::http::StatusCode::BAD_GATEWAY, "down")
+                }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sso = format!("http://{}", listener.local_addr().unwrap());
+    let idp = tokio::spawn(async move { axum::serve(listener, app).await });
+    let issuer = format!("{sso}/realms/platform");
+    let oidc = |path: &str| {
+        dayshift_engine::auth::Oidc::new(dayshift_engine::auth::OidcConfig {
+            issuer: issuer.clone(),
+            audience: "dayshift".into(),
+            jwks_url: format!("{sso}{path}"),
+            username_claim: "preferred_username".into(),
+            roles_claim: "groups".into(),
+            roles: vec![(Role::Viewer, vec!["platform".into()])],
+        })
+        .unwrap()
+        // Unknown key ids may refetch at once: the single flight is what is tested.
+        .with_cache_times(Duration::ZERO, Duration::from_secs(60))
+    };
+    let now = chrono::Utc::now().timestamp();
+    let claims = |nbf: i64| {
+        json!({ "iss": issuer, "aud": "dayshift", "preferred_username": "alice", "groups": ["platform"],
+                "iat": now, "nbf": nbf, "exp": now + 300 })
+    };
+    let valid = oidc_token("platform-sso-1", &claims(now));
+
+    let serve = |oidc: dayshift_engine::auth::Oidc| {
+        let env_db = TestEnv::new(vec![]);
+        async move {
+            let env = env_db.await;
+            let queue = dayshift_engine::RedisQueue::connect(
+                &env.redis_url,
+                dayshift_engine::QueueConfig {
+                    name: env.queue_name.clone(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+            let engine = dayshift_engine::Engine::builder(dayshift_engine::PgStore::new(env.db.pool.clone()), queue)
+                .auth(dayshift_engine::auth::AuthConfig {
+                    public_metrics: true,
+                    oidc: Some(Arc::new(oidc)),
+                })
+                .build();
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let base = format!("http://{}", listener.local_addr().unwrap());
+            let app = dayshift_engine::http::router(engine);
+            tokio::spawn(async move { axum::serve(listener, app).await });
+            (env, base)
+        }
+    };
+    let (_env, base) = serve(oidc("/certs")).await;
+    let login = |token: String| {
+        let url = format!("{base}/api/v1/whoami");
+        async move {
+            let r = dayshift_workflows::adapters::http::client()
+                .get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+
+    // The first login fetches the keys.
+    gate.add_permits(1);
+    assert_eq!(login(valid.clone()).await.0, 200);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+    // Ten tokens naming random key ids: one fetch goes out and hangs at the provider...
+    let randoms: Vec<_> = (0..10)
+        .map(|_| tokio::spawn(login(oidc_token(&unique(), &claims(now)))))
+        .collect();
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while calls.load(Ordering::SeqCst) < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no refetch for an unknown key id"
+        );
+        tokio::task::yield_now().await;
+    }
+    // ...and a login with a known key is answered meanwhile, the fetch still hanging.
+    let meanwhile = tokio::time::timeout(LIMIT, login(valid.clone()))
+        .await
+        .expect("a valid login waited on the provider");
+    assert_eq!(meanwhile.0, 200, "{meanwhile:?}");
+    assert_eq!(meanwhile.1["name"], "oidc:alice");
+    gate.add_permits(100);
+    for r in randoms {
+        let (status, body) = r.await.unwrap();
+        assert_eq!(status, 401, "{body}");
+    }
+    // The ten waited for that one fetch instead of each making its own.
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+
+    // A token not valid yet is refused.
+    let (status, body) = login(oidc_token("platform-sso-1", &claims(now + 3600))).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("ImmatureSignature"), "{body}");
+
+    // A provider that is down is asked once, not once per login.
+    let (_env2, base2) = serve(oidc("/down")).await;
+    let answers = futures::future::join_all((0..10).map(|_| {
+        let url = format!("{base2}/api/v1/whoami");
+        let token = valid.clone();
+        async move {
+            dayshift_workflows::adapters::http::client()
+                .get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    }))
+    .await;
+    assert!(answers.iter().all(|s| *s == 401), "{answers:?}");
+    assert_eq!(down_calls.load(Ordering::SeqCst), 1);
+    idp.abort();
+}

@@ -360,12 +360,39 @@ pub enum OidcRefusal {
     NoRole(String),
 }
 
-/// Verifies OIDC tokens against the provider's keys, fetched from its JWKS URL and cached;
-/// an unknown key id refreshes them (at most every 30 s), so key rotation needs no restart.
+/// Verifies OIDC tokens against the provider's keys, fetched from its JWKS URL and cached.
+///
+/// # Design notes
+/// Every login may name a key id, and anyone can send a token naming a random one, so:
+/// - the cache is read without waiting on a fetch: a fetch happens outside its lock, one at a
+///   time (single flight); logins with known keys never wait for it;
+/// - an unknown key id refetches at most every [`REFETCH_AFTER`], and a failed fetch is
+///   remembered for [`FAILURE_TTL`]: a slow or down provider costs each refused login nothing;
+/// - [`Oidc::refresh_every`] refetches the keys in the background, so a rotation is picked up
+///   before the first token signed with the new key arrives.
 pub struct Oidc {
     config: OidcConfig,
     http: reqwest::Client,
-    keys: tokio::sync::Mutex<(Option<jsonwebtoken::jwk::JwkSet>, Option<std::time::Instant>)>,
+    cache: std::sync::RwLock<KeyCache>,
+    fetching: tokio::sync::Mutex<()>,
+    /// Fetches finished, so that logins that waited for one do not fetch again.
+    fetches: std::sync::atomic::AtomicU64,
+    refetch_after: std::time::Duration,
+    failure_ttl: std::time::Duration,
+}
+
+/// An unknown key id refetches the keys at most this often.
+pub const REFETCH_AFTER: std::time::Duration = std::time::Duration::from_secs(30);
+/// A failed fetch is not retried for this long.
+pub const FAILURE_TTL: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a fetch of the provider's keys may take.
+const FETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+#[derive(Default)]
+struct KeyCache {
+    keys: Option<jsonwebtoken::jwk::JwkSet>,
+    fetched_at: Option<std::time::Instant>,
+    failed: Option<(std::time::Instant, String)>,
 }
 
 impl std::fmt::Debug for Oidc {
@@ -379,48 +406,131 @@ impl std::fmt::Debug for Oidc {
 impl Oidc {
     pub fn new(config: OidcConfig) -> Result<Self, String> {
         let http = reqwest::Client::builder()
-            .timeout(std::time::Duration::from_secs(10))
+            .timeout(FETCH_TIMEOUT)
             .build()
             .map_err(|e| format!("OIDC: cannot build an HTTP client: {e}"))?;
         Ok(Self {
             config,
             http,
-            keys: tokio::sync::Mutex::new((None, None)),
+            cache: Default::default(),
+            fetching: tokio::sync::Mutex::new(()),
+            fetches: Default::default(),
+            refetch_after: REFETCH_AFTER,
+            failure_ttl: FAILURE_TTL,
         })
     }
 
+    /// Other times than [`REFETCH_AFTER`] and [`FAILURE_TTL`] (tests, tuning).
+    pub fn with_cache_times(mut self, refetch_after: std::time::Duration, failure_ttl: std::time::Duration) -> Self {
+        self.refetch_after = refetch_after;
+        self.failure_ttl = failure_ttl;
+        self
+    }
+
+    /// Refetches the provider's keys every `period` until the process ends (a key the provider
+    /// removed stops working within it).
+    pub fn refresh_every(self: std::sync::Arc<Self>, period: std::time::Duration) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(period).await;
+                let _one = self.fetching.lock().await;
+                if let Err(e) = self.fetch().await {
+                    tracing::warn!(error = %e, "OIDC signing keys could not be refreshed; keeping the ones known.");
+                }
+            }
+        })
+    }
+
+    fn cached(&self, kid: &str) -> Option<jsonwebtoken::jwk::Jwk> {
+        let cache = self.cache.read().expect("key cache");
+        cache.keys.as_ref().and_then(|set| set.find(kid).cloned())
+    }
+
+    /// Why an unknown key id is not fetched for now, if it is not.
+    fn fetch_refused(&self, kid: &str) -> Option<String> {
+        let cache = self.cache.read().expect("key cache");
+        if let Some((at, why)) = &cache.failed
+            && at.elapsed() < self.failure_ttl
+        {
+            return Some(format!(
+                "cannot read the signing keys at {}: {why}",
+                self.config.jwks_url
+            ));
+        }
+        cache
+            .fetched_at
+            .filter(|at| at.elapsed() < self.refetch_after)
+            .map(|_| format!("no signing key '{kid}' at {}", self.config.jwks_url))
+    }
+
+    /// Fetches the keys into the cache. Call with `fetching` held.
+    async fn fetch(&self) -> Result<(), String> {
+        let fetched: Result<jsonwebtoken::jwk::JwkSet, reqwest::Error> = async {
+            self.http
+                .get(&self.config.jwks_url)
+                .send()
+                .await?
+                .error_for_status()?
+                .json()
+                .await
+        }
+        .await;
+        let mut cache = self.cache.write().expect("key cache");
+        self.fetches.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        match fetched {
+            Ok(set) => {
+                *cache = KeyCache {
+                    keys: Some(set),
+                    fetched_at: Some(std::time::Instant::now()),
+                    failed: None,
+                };
+                Ok(())
+            }
+            Err(e) => {
+                let why = e.to_string();
+                cache.failed = Some((std::time::Instant::now(), why.clone()));
+                Err(why)
+            }
+        }
+    }
+
     async fn key(&self, kid: &str) -> Result<jsonwebtoken::DecodingKey, OidcRefusal> {
-        let mut keys = self.keys.lock().await;
-        let known = keys.0.as_ref().and_then(|set| set.find(kid).cloned());
-        let jwk = match known {
+        let jwk = match self.cached(kid) {
             Some(jwk) => jwk,
             None => {
-                let recent = keys
-                    .1
-                    .is_some_and(|at| at.elapsed() < std::time::Duration::from_secs(30));
-                if recent {
-                    return Err(OidcRefusal::Invalid(format!(
-                        "no signing key '{kid}' at {}",
-                        self.config.jwks_url
-                    )));
+                if let Some(why) = self.fetch_refused(kid) {
+                    return Err(OidcRefusal::Invalid(why));
                 }
-                let set: jsonwebtoken::jwk::JwkSet = async {
-                    self.http
-                        .get(&self.config.jwks_url)
-                        .send()
-                        .await?
-                        .error_for_status()?
-                        .json()
-                        .await
+                // One fetch at a time; whoever waited for it takes what it fetched.
+                let seen = self.fetches.load(std::sync::atomic::Ordering::SeqCst);
+                let _one = self.fetching.lock().await;
+                let fetched_meanwhile = self.fetches.load(std::sync::atomic::Ordering::SeqCst) != seen;
+                match self.cached(kid) {
+                    Some(jwk) => jwk,
+                    None if fetched_meanwhile => {
+                        let cache = self.cache.read().expect("key cache");
+                        return Err(OidcRefusal::Invalid(match &cache.failed {
+                            Some((_, why)) => {
+                                format!("cannot read the signing keys at {}: {why}", self.config.jwks_url)
+                            }
+                            None => format!("no signing key '{kid}' at {}", self.config.jwks_url),
+                        }));
+                    }
+                    None => {
+                        if let Some(why) = self.fetch_refused(kid) {
+                            return Err(OidcRefusal::Invalid(why));
+                        }
+                        self.fetch().await.map_err(|e| {
+                            OidcRefusal::Invalid(format!(
+                                "cannot read the signing keys at {}: {e}",
+                                self.config.jwks_url
+                            ))
+                        })?;
+                        self.cached(kid).ok_or_else(|| {
+                            OidcRefusal::Invalid(format!("no signing key '{kid}' at {}", self.config.jwks_url))
+                        })?
+                    }
                 }
-                .await
-                .map_err(|e| {
-                    OidcRefusal::Invalid(format!("cannot read the signing keys at {}: {e}", self.config.jwks_url))
-                })?;
-                *keys = (Some(set), Some(std::time::Instant::now()));
-                keys.0.as_ref().and_then(|set| set.find(kid).cloned()).ok_or_else(|| {
-                    OidcRefusal::Invalid(format!("no signing key '{kid}' at {}", self.config.jwks_url))
-                })?
             }
         };
         jsonwebtoken::DecodingKey::from_jwk(&jwk).map_err(|e| OidcRefusal::Invalid(format!("signing key '{kid}': {e}")))
@@ -452,6 +562,8 @@ impl Oidc {
         validation.set_issuer(&[&self.config.issuer]);
         validation.set_audience(&[&self.config.audience]);
         validation.set_required_spec_claims(&["exp", "iss", "aud"]);
+        // A token not valid yet (`nbf`) is refused too; 30 s of leeway for clock skew.
+        validation.validate_nbf = true;
         validation.leeway = 30;
         let claims = jsonwebtoken::decode::<Value>(token, &key, &validation)
             .map_err(|e| OidcRefusal::Invalid(e.to_string()))?

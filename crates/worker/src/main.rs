@@ -203,6 +203,11 @@ async fn connect(config: &Config, triggers: bool) -> Result<Engine> {
         )),
         None => None,
     };
+    if let (Some(oidc), true) = (&oidc, triggers) {
+        // serve: the provider's keys are refetched in the background, so a rotation needs no
+        // login to wait for it.
+        oidc.clone().refresh_every(Duration::from_secs(15 * 60));
+    }
     builder = builder.auth(dayshift_engine::auth::AuthConfig {
         public_metrics: config.server.public_metrics,
         oidc,
