@@ -186,6 +186,25 @@ pub fn fast_worker(name: &str) -> WorkerConfig {
     }
 }
 
+/// A `policy:` section that lets API callers give any value to every guarded input field of
+/// every built-in workflow, as a platform's config would list its own targets. Tests of other
+/// behaviour start their runs through the API with it; the trust tests (`tests/trust.rs`) and
+/// any config that has a `policy:` of its own get none.
+pub fn open_policy_yaml() -> String {
+    let defs = dayshift_workflows::all(PgPool::connect_lazy("postgres://unused/unused").expect("a lazy pool"));
+    let mut fields: Vec<String> = defs
+        .iter()
+        .flat_map(|d| d.guards().map(str::to_string).collect::<Vec<_>>())
+        .collect();
+    fields.sort();
+    fields.dedup();
+    let mut yaml = String::from("policy:\n  workflows:\n    \"*\":\n      inputs:\n");
+    for f in fields {
+        yaml.push_str(&format!("        \"{f}\": [\"*\"]\n"));
+    }
+    yaml
+}
+
 /// An engine in this process, on a database and queue of its own.
 pub struct TestEnv {
     pub db: TestDb,
@@ -521,10 +540,15 @@ impl BinEnv {
         std::fs::create_dir_all(&dir).unwrap();
         let port = free_port();
         let config_path = dir.join("dayshift.yaml");
+        let policy = if extra_yaml.contains("\npolicy:") || extra_yaml.starts_with("policy:") {
+            String::new()
+        } else {
+            open_policy_yaml()
+        };
         let yaml = format!(
             "database:\n  url: {}\nredis:\n  url: {}\nserver:\n  listen: 127.0.0.1:{port}\n\
              queue:\n  name: dayshift:test:{}\n\
-             worker:\n  lease-ttl: 2s\n  sweep-interval: 300ms\nshutdown-grace-period: 5s\n{extra_yaml}",
+             worker:\n  lease-ttl: 2s\n  sweep-interval: 300ms\nshutdown-grace-period: 5s\n{extra_yaml}{policy}",
             db.url,
             redis,
             unique()

@@ -77,6 +77,29 @@ impl Drop for Api {
     }
 }
 
+/// An engine on `env`'s database and queue, with the built-in workflows and `auth` (a policy,
+/// an OIDC provider), serving its API on a port of its own; the API's address.
+async fn serve_with_auth(env: &TestEnv, auth: dayshift_engine::auth::AuthConfig) -> String {
+    let queue = dayshift_engine::RedisQueue::connect(
+        &env.redis_url,
+        dayshift_engine::QueueConfig {
+            name: env.queue_name.clone(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let engine = dayshift_engine::Engine::builder(dayshift_engine::PgStore::new(env.db.pool.clone()), queue)
+        .register_all(dayshift_workflows::all(env.db.pool.clone()))
+        .auth(auth)
+        .build();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let app = dayshift_engine::http::router(engine);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    base
+}
+
 /// A workflow behind a gate that its "config" (this test) names: two of alice, bob and carol.
 fn gated() -> WorkflowDef {
     WorkflowDef::new(
@@ -661,31 +684,14 @@ async fn a_slow_identity_provider_and_random_key_ids_stall_no_login_and_nbf_is_c
     };
     let valid = oidc_token("platform-sso-1", &claims(now));
 
-    let serve = |oidc: dayshift_engine::auth::Oidc| {
-        let env_db = TestEnv::new(vec![]);
-        async move {
-            let env = env_db.await;
-            let queue = dayshift_engine::RedisQueue::connect(
-                &env.redis_url,
-                dayshift_engine::QueueConfig {
-                    name: env.queue_name.clone(),
-                    ..Default::default()
-                },
-            )
-            .await
-            .unwrap();
-            let engine = dayshift_engine::Engine::builder(dayshift_engine::PgStore::new(env.db.pool.clone()), queue)
-                .auth(dayshift_engine::auth::AuthConfig {
-                    public_metrics: true,
-                    oidc: Some(Arc::new(oidc)),
-                })
-                .build();
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let base = format!("http://{}", listener.local_addr().unwrap());
-            let app = dayshift_engine::http::router(engine);
-            tokio::spawn(async move { axum::serve(listener, app).await });
-            (env, base)
-        }
+    let serve = |oidc: dayshift_engine::auth::Oidc| async move {
+        let env = TestEnv::new(vec![]).await;
+        let auth = dayshift_engine::auth::AuthConfig {
+            oidc: Some(Arc::new(oidc)),
+            ..Default::default()
+        };
+        let base = serve_with_auth(&env, auth).await;
+        (env, base)
     };
     let (_env, base) = serve(oidc("/certs")).await;
     let login = |token: String| {
@@ -758,4 +764,226 @@ async fn a_slow_identity_provider_and_random_key_ids_stall_no_login_and_nbf_is_c
     assert!(answers.iter().all(|s| *s == 401), "{answers:?}");
     assert_eq!(down_calls.load(Ordering::SeqCst), 1);
     idp.abort();
+}
+
+#[tokio::test]
+async fn an_operator_can_start_only_what_the_policy_names_and_is_told_which_field() {
+    use dayshift_engine::policy::{Policy, Rule};
+    let inputs = |pairs: &[(&str, &[&str])]| {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.iter().map(|x| x.to_string()).collect()))
+            .collect()
+    };
+    // The platform's config: which roles, Vault paths and Secrets rotations may touch, the one
+    // restore-test query, the infra repository's dev file; kv-secret rotations are admins'.
+    let policy = Policy {
+        rules: vec![
+            Rule::new(
+                "rotate.*",
+                None,
+                inputs(&[
+                    ("role", &["app_*"]),
+                    ("path", &["apps/*"]),
+                    ("secrets[].namespace", &["shop"]),
+                    ("secrets[].name", &["shop-*"]),
+                ]),
+            )
+            .unwrap(),
+            Rule::new(
+                "rotate.kv-secret",
+                Some(vec!["admin".parse().unwrap()]),
+                Default::default(),
+            )
+            .unwrap(),
+            Rule::new(
+                "backup.restore-test",
+                None,
+                inputs(&[("checks[].query", &["select count(*) from orders"])]),
+            )
+            .unwrap(),
+            Rule::new("promote.image", None, inputs(&[("file", &["envs/dev/values.yaml"])])).unwrap(),
+        ],
+    };
+    let env = TestEnv::new(vec![]).await;
+    let base = serve_with_auth(
+        &env,
+        dayshift_engine::auth::AuthConfig {
+            policy,
+            ..Default::default()
+        },
+    )
+    .await;
+    let op = dayshift_engine::auth::create_token(&env.db.pool, "op", Role::Operator, None, "test")
+        .await
+        .unwrap();
+    let post = |path: String, body: Value| {
+        let (url, op) = (format!("{base}{path}"), op.clone());
+        async move {
+            let r = dayshift_workflows::adapters::http::client()
+                .post(url)
+                .bearer_auth(op)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let rotate = json!({ "vault": "main", "path": "apps/shop/db", "admin": "pg", "role": "app_shop",
+                         "secrets": [{ "namespace": "shop", "name": "shop-db", "key": "password" }] });
+    let with = |field: &str, value: Value| {
+        let mut i = rotate.clone();
+        i[field] = value;
+        i
+    };
+    let component = json!({ "component": "x", "manifests": "/etc", "namespace": "x" });
+    let cases = [
+        // The superuser's password, a Secret elsewhere, a Vault path elsewhere.
+        (
+            "rotate.postgres-password",
+            with("role", json!("postgres")),
+            "input field role (\"postgres\")",
+        ),
+        (
+            "rotate.postgres-password",
+            with(
+                "secrets",
+                json!([{ "namespace": "shop", "name": "shop-db", "key": "p" }, { "namespace": "kube-system", "name": "shop-x", "key": "p" }]),
+            ),
+            "secrets[1].namespace (\"kube-system\")",
+        ),
+        (
+            "rotate.postgres-password",
+            with("path", json!("platform/root")),
+            "input field path",
+        ),
+        // A fresh secret sent to any URL: kv rotations are admins' here anyway.
+        (
+            "rotate.kv-secret",
+            json!({ "vault": "main", "path": "apps/x", "key": "k", "check": { "url": "https://evil.example/" } }),
+            "policy.workflows.\"rotate.kv-secret\".start allows admin",
+        ),
+        (
+            "backup.restore-test",
+            json!({ "store": "s", "database": "d", "server": "p", "checks": [{ "name": "n", "query": "select string_agg(passwd, ',') from pg_shadow" }] }),
+            "checks[0].query",
+        ),
+        (
+            "promote.image",
+            json!({ "repository": "infra", "application": "a", "environment": "prod", "tag": "1", "file": "../../etc/passwd", "key": "a" }),
+            "input field file (\"../../etc/passwd\")",
+        ),
+        (
+            "install.component",
+            component,
+            "input field manifests (\"/etc\") is a privileged target and the config allows none",
+        ),
+        (
+            "remediate",
+            json!({ "playbook": "restart", "labels": { "namespace": "kube-system" } }),
+            "started by its trigger only",
+        ),
+    ];
+    for (workflow, input, expected) in &cases {
+        let (status, body) = post("/api/v1/runs".into(), json!({ "workflow": workflow, "input": input })).await;
+        assert_eq!(status, 403, "{workflow}: {body}");
+        assert!(body["error"].as_str().unwrap().contains(expected), "{workflow}: {body}");
+    }
+    // Nothing was created, and every refusal is on the record.
+    let runs: i64 = sqlx::query_scalar("select count(*) from runs")
+        .fetch_one(&env.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(runs, 0);
+    let refused: i64 =
+        sqlx::query_scalar("select count(*) from audit_log where action = 'run.start.refused' and actor = 'token:op'")
+            .fetch_one(&env.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(refused, cases.len() as i64);
+
+    // What the config names is started.
+    let (status, body) = post(
+        "/api/v1/runs".into(),
+        json!({ "workflow": "rotate.postgres-password", "input": rotate }),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+
+    // A retry is a start: a run made by a trigger with a target outside the policy is not
+    // started again through the API.
+    let outside = env
+        .engine
+        .start(dayshift_engine::StartRun::new(
+            "rotate.postgres-password",
+            with("role", json!("postgres")),
+        ))
+        .await
+        .unwrap();
+    // (It failed; no worker runs here, so it is marked so directly.)
+    sqlx::query("update runs set status = 'failed', finished_at = now(), wake_at = null where id = $1")
+        .bind(outside.id.0)
+        .execute(&env.db.pool)
+        .await
+        .unwrap();
+    let (status, body) = post(format!("/api/v1/runs/{}/retry", outside.id), json!({})).await;
+    assert_eq!(status, 403, "{body}");
+
+    // The caller is told what it may start and which fields the config bounds.
+    let listed = dayshift_workflows::adapters::http::client()
+        .get(format!("{base}/api/v1/workflows"))
+        .bearer_auth(&op)
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap();
+    let find = |name: &str| {
+        listed["workflows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["name"] == name)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(find("rotate.kv-secret")["may_start"], false);
+    assert_eq!(find("rotate.postgres-password")["may_start"], true);
+    assert!(
+        find("rotate.postgres-password")["guarded_inputs"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("role"))
+    );
+    assert_eq!(find("remediate")["may_start"], false);
+}
+
+#[test]
+fn repository_paths_stay_inside_their_checkout() {
+    use dayshift_workflows::adapters::git::inside;
+    let root = std::env::temp_dir().join(format!("dayshift-checkout-{}", unique()));
+    std::fs::create_dir_all(root.join("envs/dev")).unwrap();
+    std::fs::write(root.join("envs/dev/values.yaml"), "a: 1\n").unwrap();
+    std::os::unix::fs::symlink("/etc", root.join("envs/escape")).unwrap();
+    std::os::unix::fs::symlink("/nonexistent-dayshift", root.join("dangling")).unwrap();
+    assert_eq!(
+        inside(&root, "envs/dev/values.yaml").unwrap(),
+        root.join("envs/dev/values.yaml")
+    );
+    // A path that does not exist yet (a new preview's directory) is fine inside.
+    assert!(inside(&root, "previews/feat/values.yaml").is_ok());
+    for hostile in [
+        "/etc/passwd",
+        "../../etc/passwd",
+        "envs/../../x",
+        "envs/escape/passwd",
+        "dangling/x",
+        "",
+    ] {
+        let e = inside(&root, hostile).expect_err(hostile);
+        assert!(e.contains("repository"), "{hostile}: {e}");
+    }
+    std::fs::remove_dir_all(&root).unwrap();
 }

@@ -237,6 +237,46 @@ impl Engine {
         self.inner.enqueue_now(due).await;
     }
 
+    /// Whether `caller` may start `req` through the API: the config's policy on who starts the
+    /// workflow, and on the values of its guarded input fields ([`crate::policy`]). `Forbidden`
+    /// names the field or the rule.
+    pub fn check_api_start(&self, caller: &crate::auth::Caller, req: &StartRun) -> Result<(), EngineError> {
+        let policy = &self.inner.auth.policy;
+        if self.inner.registry.get(&req.workflow).is_none() {
+            return Err(EngineError::UnknownWorkflow(req.workflow.clone()));
+        }
+        policy
+            .may_start(caller, &req.workflow)
+            .map_err(EngineError::Forbidden)?;
+        policy
+            .check_input(&req.workflow, self.inner.registry.guards_of(&req.workflow), &req.input)
+            .map_err(EngineError::Forbidden)
+    }
+
+    /// The registered workflows, each with whether `caller` may start it and, if it has any,
+    /// its guarded input fields.
+    pub fn workflows_for(&self, caller: &crate::auth::Caller) -> Vec<Value> {
+        self.inner
+            .registry
+            .list()
+            .into_iter()
+            .map(|w| {
+                let why_not = self.inner.auth.policy.may_start(caller, &w.name).err();
+                let guarded: Vec<&str> = self
+                    .inner
+                    .registry
+                    .guards_of(&w.name)
+                    .iter()
+                    .map(|g| g.path.as_str())
+                    .collect();
+                serde_json::json!({
+                    "name": w.name, "version": w.version, "description": w.description,
+                    "may_start": why_not.is_none(), "why_not": why_not, "guarded_inputs": guarded,
+                })
+            })
+            .collect()
+    }
+
     /// Checks a start request before anything is written; the workflow's version.
     fn prepare(&self, req: &mut StartRun) -> Result<u32, EngineError> {
         let def = self

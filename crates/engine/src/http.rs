@@ -370,8 +370,9 @@ async fn metrics(State(engine): State<Engine>) -> Result<Response, ApiError> {
     Ok(([(axum::http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
 }
 
-async fn workflows(State(engine): State<Engine>) -> Json<Value> {
-    Json(json!({ "workflows": engine.workflows() }))
+/// The workflows, each saying whether the caller may start it (and why not).
+async fn workflows(State(engine): State<Engine>, axum::Extension(caller): Who) -> Json<Value> {
+    Json(json!({ "workflows": engine.workflows_for(&caller) }))
 }
 
 async fn start_run(
@@ -380,6 +381,19 @@ async fn start_run(
     Body(mut req): Body<StartRun>,
 ) -> Result<Response, ApiError> {
     req.started_by = Some(format!("api:{}", caller.name));
+    if let Err(e) = engine.check_api_start(&caller, &req) {
+        if let EngineError::Forbidden(why) = &e {
+            audit(
+                &engine,
+                &caller,
+                "run.start.refused",
+                &req.workflow,
+                json!({ "why": why }),
+            )
+            .await;
+        }
+        return Err(e.into());
+    }
     let keys = [
         ("idempotency_key", req.idempotency_key.as_deref()),
         ("concurrency.key", req.concurrency.as_ref().map(|c| c.key.as_str())),
@@ -679,6 +693,8 @@ async fn retry_run(
         let limit = crate::views::concurrency_limit(&engine, id).await?.unwrap_or(1).max(1);
         req = req.concurrency(key, limit as u32, crate::model::ConcurrencyPolicy::Queue);
     }
+    // A retry is a start through the API: the same policy applies to it.
+    engine.check_api_start(&caller, &req)?;
     let started = engine.start(req).await?;
     if started.created {
         audit(

@@ -15,6 +15,7 @@ mod error;
 pub mod http;
 pub mod metrics;
 mod model;
+pub mod policy;
 mod queue;
 mod runtime;
 mod schedule;

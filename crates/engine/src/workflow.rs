@@ -33,6 +33,8 @@ pub struct WorkflowDef {
     validate: Arc<ValidateFn>,
     /// The input field naming what a run acts on (`database`), for the freshness metric.
     freshness: Option<String>,
+    /// The input fields that choose privileged targets ([`crate::policy`]).
+    guards: Vec<crate::policy::Guard>,
 }
 
 impl std::fmt::Debug for WorkflowDef {
@@ -78,7 +80,34 @@ impl WorkflowDef {
             run,
             validate,
             freshness: None,
+            guards: Vec::new(),
         }
+    }
+
+    /// Marks the input field at `path` (dotted, `[]` for each element of an array:
+    /// `secrets[].namespace`) as choosing a privileged target: given through the API, its
+    /// value must match an allow-list of the config's `policy` ([`crate::policy`]).
+    pub fn guard(mut self, path: &str) -> Self {
+        self.guards.push(crate::policy::Guard {
+            path: path.into(),
+            exact: false,
+        });
+        self
+    }
+
+    /// [`WorkflowDef::guard`] for a field whose allowed values are compared verbatim, not as
+    /// globs (SQL queries).
+    pub fn guard_exact(mut self, path: &str) -> Self {
+        self.guards.push(crate::policy::Guard {
+            path: path.into(),
+            exact: true,
+        });
+        self
+    }
+
+    /// The guarded input fields.
+    pub fn guards(&self) -> impl Iterator<Item = &str> {
+        self.guards.iter().map(|g| g.path.as_str())
     }
 
     /// Publishes the time of the last successful run per value of the input field `field` (the
@@ -129,6 +158,16 @@ impl Registry {
 
     pub(crate) fn get(&self, name: &str) -> Option<&WorkflowDef> {
         self.defs.get(name)
+    }
+
+    /// The guarded input fields of workflow `name`.
+    pub(crate) fn guards_of(&self, name: &str) -> &[crate::policy::Guard] {
+        self.defs.get(name).map_or(&[], |d| d.guards.as_slice())
+    }
+
+    /// The paths of the guarded input fields of workflow `name`.
+    pub fn guards(&self, name: &str) -> impl Iterator<Item = &str> {
+        self.guards_of(name).iter().map(|g| g.path.as_str())
     }
 
     /// Checks `input` against the input type of workflow `name`; `None` if there is no such

@@ -68,6 +68,34 @@ pub(crate) struct Config {
     pub promotions: std::collections::BTreeMap<String, PromotionConfig>,
     /// Alertmanager remediation playbooks (`remediate`), by name.
     pub playbooks: std::collections::BTreeMap<String, PlaybookConfig>,
+    /// What API callers may make dayshift do: who starts which workflow, and the values the
+    /// privileged input fields may take (docs/security.md).
+    pub policy: PolicyConfig,
+}
+
+/// The API's policy.
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(crate) struct PolicyConfig {
+    /// Rules by workflow glob (`rotate.*`); every rule whose glob matches applies.
+    #[serde(default)]
+    pub workflows: std::collections::BTreeMap<String, WorkflowPolicyConfig>,
+}
+
+/// Who may start the workflows a glob matches, and with what.
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(crate) struct WorkflowPolicyConfig {
+    /// Roles (`operator`, `admin`: each includes the stronger ones) and OIDC groups
+    /// (`group:<name>`) that may start them through the API. Default: operators (but
+    /// `remediate`, which only its alert routes start).
+    #[serde(default)]
+    pub start: Option<Vec<String>>,
+    /// For each guarded input field (`GET /api/v1/workflows` lists them; `[]` for each element:
+    /// `secrets[].namespace`), the values an API caller may give: globs (`app_*`), or for
+    /// SQL the exact query. A guarded field without a list here takes no value from the API.
+    #[serde(default)]
+    pub inputs: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 /// A remediation playbook.
@@ -1031,6 +1059,27 @@ impl Config {
         Ok(out)
     }
 
+    /// The API's policy, as the engine applies it.
+    pub(crate) fn policy(&self) -> Result<dayshift_engine::policy::Policy, String> {
+        let mut rules = Vec::new();
+        for (pattern, rule) in &self.policy.workflows {
+            let start = rule
+                .start
+                .as_ref()
+                .map(|s| {
+                    s.iter()
+                        .map(|x| {
+                            x.parse()
+                                .map_err(|e| format!("policy.workflows.{pattern:?}.start: {e}"))
+                        })
+                        .collect::<Result<Vec<_>, String>>()
+                })
+                .transpose()?;
+            rules.push(dayshift_engine::policy::Rule::new(pattern, start, rule.inputs.clone())?);
+        }
+        Ok(dayshift_engine::policy::Policy { rules })
+    }
+
     /// The Alertmanager settings with the token read, as the engine runs them.
     pub(crate) fn alerts(&self) -> Result<dayshift_engine::alerts::Alerts, ConfigError> {
         let a = &self.alertmanager;
@@ -1120,6 +1169,34 @@ impl Config {
         }
         self.check_routes(path, registry, &mut problems);
         self.check_alert_routes(path, registry, &mut problems);
+        if let Err(e) = self.policy() {
+            problems.push(format!("{path}: {e}"));
+        }
+        for (pattern, rule) in &self.policy.workflows {
+            let Ok(glob) = globset::Glob::new(pattern) else {
+                continue;
+            };
+            let glob = glob.compile_matcher();
+            let matched: Vec<String> = registry
+                .list()
+                .into_iter()
+                .map(|w| w.name)
+                .filter(|n| glob.is_match(n))
+                .collect();
+            if matched.is_empty() {
+                problems.push(format!(
+                    "{path}: policy.workflows.{pattern:?} matches no registered workflow"
+                ));
+            }
+            for field in rule.inputs.keys() {
+                if !matched.iter().any(|w| registry.guards(w).any(|g| g == field)) {
+                    problems.push(format!(
+                        "{path}: policy.workflows.{pattern:?}.inputs.{field}: no workflow it matches guards that field \
+                         (GET /api/v1/workflows lists the guarded inputs)"
+                    ));
+                }
+            }
+        }
         if let Err(ConfigError::Invalid(e)) = self.alerts() {
             problems.push(format!("{path}: {e}"));
         }

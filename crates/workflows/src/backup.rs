@@ -344,6 +344,7 @@ pub fn restore_postgres(connections: Arc<Connections>) -> WorkflowDef {
             async move { run_restore(ctx, connections, input).await }
         },
     )
+    .guard("target")
 }
 
 async fn run_restore(ctx: Ctx, connections: Arc<Connections>, input: RestoreInput) -> Result<Manifest, WorkflowError> {

@@ -111,6 +111,7 @@ pub fn backup_restore_test(connections: Arc<Connections>) -> WorkflowDef {
             }
         },
     )
+    .guard_exact("checks[].query")
     .freshness("database")
 }
 

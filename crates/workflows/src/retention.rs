@@ -211,6 +211,8 @@ pub fn backup_retention(connections: Arc<Connections>) -> WorkflowDef {
             }
         },
     )
+    .guard("prefix")
+    .guard("source")
 }
 
 #[cfg(test)]

@@ -225,6 +225,15 @@ pub fn rotate_kv_secret(connections: Arc<Connections>) -> WorkflowDef {
             }
         },
     )
+    .guard("mount")
+    .guard("path")
+    .guard("secrets[].namespace")
+    .guard("secrets[].name")
+    .guard("external_secrets[].namespace")
+    .guard("external_secrets[].name")
+    .guard("restart[].namespace")
+    .guard("restart[].name")
+    .guard("check.url")
     .freshness("path")
 }
 
@@ -276,6 +285,9 @@ pub fn rotate_vault_database_root(connections: Arc<Connections>) -> WorkflowDef 
             }
         },
     )
+    .guard("mount")
+    .guard("connection")
+    .guard("verify_role")
     .freshness("connection")
 }
 
@@ -383,6 +395,18 @@ pub fn rotate_postgres_password(connections: Arc<Connections>) -> WorkflowDef {
             }
         },
     )
+    .guard("mount")
+    .guard("path")
+    .guard("role")
+    .guard("roles[]")
+    .guard("secrets[].namespace")
+    .guard("secrets[].name")
+    .guard("pgbouncer[].namespace")
+    .guard("pgbouncer[].name")
+    .guard("external_secrets[].namespace")
+    .guard("external_secrets[].name")
+    .guard("restart[].namespace")
+    .guard("restart[].name")
     .freshness("path")
 }
 

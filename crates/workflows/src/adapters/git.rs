@@ -64,6 +64,38 @@ pub fn check_branch(branch: &str) -> Result<(), GitError> {
     Ok(())
 }
 
+/// `relative` under `root`, refused unless it stays inside `root` (see [`Checkout::inside`]).
+pub fn inside(root: &Path, relative: &str) -> Result<PathBuf, String> {
+    use std::path::Component;
+    let path = Path::new(relative);
+    let plain = !relative.is_empty()
+        && !relative.contains('\0')
+        && path
+            .components()
+            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
+    if !plain {
+        return Err(format!(
+            "{relative:?} must be a path relative to the repository, without '..' or a leading '/'"
+        ));
+    }
+    let joined = root.join(path);
+    let root = root.canonicalize().map_err(|e| format!("{}: {e}", root.display()))?;
+    let mut existing = joined.as_path();
+    // A dangling link counts as existing: resolving it then fails, as it must.
+    while existing.symlink_metadata().is_err() {
+        existing = existing.parent().unwrap_or(&root);
+    }
+    let resolved = existing
+        .canonicalize()
+        .map_err(|e| format!("{relative:?} cannot be resolved inside the repository: {e}"))?;
+    if !resolved.starts_with(&root) {
+        return Err(format!(
+            "{relative:?} leads out of the repository (through a symbolic link)"
+        ));
+    }
+    Ok(joined)
+}
+
 /// A working copy of one branch.
 pub struct Checkout {
     config: GitConfig,
@@ -162,6 +194,13 @@ impl Checkout {
     /// The working directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The path of `relative` in the work tree, refused unless it stays inside it: relative,
+    /// no `..`, and no symbolic link on the way that leads out (the nearest part that exists
+    /// is resolved and checked).
+    pub fn inside(&self, relative: &str) -> Result<PathBuf, String> {
+        inside(&self.dir, relative)
     }
 
     /// The commit checked out.

@@ -23,6 +23,11 @@ pub fn install_component(connections: Arc<Connections>) -> WorkflowDef {
             async move { install(&ctx, &connections, input).await }
         },
     )
+    .guard("manifests")
+    .guard("namespace")
+    .guard("smoke[].http.url")
+    .guard_exact("smoke[].sql.query")
+    .guard("backup.workflow")
     .freshness("component")
 }
 

@@ -55,6 +55,11 @@ pub fn install_platform() -> WorkflowDef {
         "Installs a platform phase by phase, each phase's components as install.component child runs; a phase starts when the previous one is healthy.",
         move |ctx: Ctx, input: PlatformInput| async move { install(&ctx, input).await },
     )
+    .guard("phases[].components[].manifests")
+    .guard("phases[].components[].namespace")
+    .guard("phases[].components[].smoke[].http.url")
+    .guard_exact("phases[].components[].smoke[].sql.query")
+    .guard("phases[].components[].backup.workflow")
 }
 
 fn check(input: &PlatformInput) -> Result<(), String> {

@@ -73,6 +73,11 @@ pub fn upgrade_component(connections: Arc<Connections>) -> WorkflowDef {
             async move { upgrade(&ctx, &connections, input).await }
         },
     )
+    .guard("manifests")
+    .guard("namespace")
+    .guard("smoke[].http.url")
+    .guard_exact("smoke[].sql.query")
+    .guard("backup.workflow")
     .freshness("component")
 }
 

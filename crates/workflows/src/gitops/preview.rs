@@ -94,6 +94,11 @@ pub fn preview_create(connections: Arc<Connections>) -> WorkflowDef {
             async move { preview(&ctx, &connections, input, true).await }
         },
     )
+    .guard("infra_branch")
+    .guard("directory")
+    .guard("template")
+    .guard("chart")
+    .guard("repo_url")
 }
 
 /// The `preview.delete` workflow.
@@ -106,6 +111,8 @@ pub fn preview_delete(connections: Arc<Connections>) -> WorkflowDef {
             async move { preview(&ctx, &connections, input, false).await }
         },
     )
+    .guard("infra_branch")
+    .guard("directory")
 }
 
 async fn preview(
@@ -162,10 +169,10 @@ async fn change_and_push(
         if attempt > 1 {
             checkout.reset_to_remote().await.map_err(StepError::transient)?;
         }
-        let root = checkout.dir().join(&dir);
+        let root = checkout.inside(&dir).map_err(StepError::Permanent)?;
         if create {
             let template = input.template.as_deref().unwrap_or_default();
-            let text = std::fs::read_to_string(checkout.dir().join(template))
+            let text = std::fs::read_to_string(checkout.inside(template).map_err(StepError::Permanent)?)
                 .map_err(|e| StepError::Permanent(format!("{template}: {e}")))?;
             let (values, _) = values::set(
                 &text,
@@ -175,8 +182,8 @@ async fn change_and_push(
             .map_err(|e| StepError::Permanent(format!("{template}: {e}")))?;
             std::fs::create_dir_all(&root).map_err(StepError::transient)?;
             std::fs::write(root.join("values.yaml"), values).map_err(StepError::transient)?;
-            std::fs::write(root.join("application.yaml"), application(input, name, git, &dir))
-                .map_err(StepError::transient)?;
+            let app = application(input, name, git, &dir).map_err(StepError::Permanent)?;
+            std::fs::write(root.join("application.yaml"), app).map_err(StepError::transient)?;
         } else if root.exists() {
             std::fs::remove_dir_all(&root).map_err(StepError::transient)?;
         }
@@ -201,49 +208,76 @@ async fn change_and_push(
 }
 
 /// The ArgoCD Application of a preview: its own namespace, synced and pruned automatically.
-fn application(input: &PreviewInput, name: &str, git: &GitConfig, dir: &str) -> String {
+/// Written by a YAML serializer, so no input can add a key or a document to it.
+fn application(input: &PreviewInput, name: &str, git: &GitConfig, dir: &str) -> Result<String, String> {
     let chart = input.chart.as_deref().unwrap_or_default().trim_end_matches('/');
     let depth = chart.split('/').filter(|p| !p.is_empty()).count();
     let values = format!("{}{dir}/values.yaml", "../".repeat(depth));
     let repo = input.repo_url.clone().unwrap_or_else(|| git.url.clone());
-    format!(
-        "# Written by dayshift (preview.create) for branch {branch:?}; removed when the pull request closes.
-apiVersion: argoproj.io/v1alpha1
-kind: Application
-metadata:
-  name: preview-{name}
-  namespace: argocd
-  labels:
-    dayshift.io/preview: {name}
-  finalizers:
-    - resources-finalizer.argocd.argoproj.io
-spec:
-  project: default
-  source:
-    repoURL: {repo}
-    targetRevision: {target}
-    path: {chart}
-    helm:
-      valueFiles:
-        - {values}
-  destination:
-    server: https://kubernetes.default.svc
-    namespace: preview-{name}
-  syncPolicy:
-    automated:
-      prune: true
-      selfHeal: true
-    syncOptions:
-      - CreateNamespace=true
-",
-        branch = input.branch,
-        target = input.infra_branch,
-    )
+    let app = serde_json::json!({
+        "apiVersion": "argoproj.io/v1alpha1",
+        "kind": "Application",
+        "metadata": {
+            "name": format!("preview-{name}"),
+            "namespace": "argocd",
+            "labels": { "dayshift.io/preview": name },
+            "finalizers": ["resources-finalizer.argocd.argoproj.io"],
+        },
+        "spec": {
+            "project": "default",
+            "source": {
+                "repoURL": repo,
+                "targetRevision": input.infra_branch,
+                "path": chart,
+                "helm": { "valueFiles": [values] },
+            },
+            "destination": {
+                "server": "https://kubernetes.default.svc",
+                "namespace": format!("preview-{name}"),
+            },
+            "syncPolicy": {
+                "automated": { "prune": true, "selfHeal": true },
+                "syncOptions": ["CreateNamespace=true"],
+            },
+        },
+    });
+    let body = serde_saphyr::to_string(&app).map_err(|e| format!("the preview's Application: {e}"))?;
+    // The branch is shown escaped ({:?}): a newline in it cannot end the comment.
+    Ok(format!(
+        "# Written by dayshift (preview.create) for branch {:?}; removed when the pull request closes.\n{body}",
+        input.branch.chars().take(200).collect::<String>()
+    ))
 }
 
 #[cfg(test)]
 mod tests {
-    use super::dns_label;
+    use super::{PreviewInput, application, dns_label};
+
+    #[test]
+    fn hostile_fields_cannot_add_keys_or_documents_to_the_application() {
+        let input: PreviewInput = serde_json::from_value(serde_json::json!({
+            "repository": "infra",
+            "branch": "feat\n---\nkind: ClusterRoleBinding",
+            "chart": "charts/shop\n  project: production\n---\nkind: Secret",
+            "repo_url": "https://git.example/infra.git\"\n    path: /",
+        }))
+        .unwrap();
+        let git = crate::adapters::git::GitConfig::default();
+        let text = application(&input, "feat", &git, "previews/feat").unwrap();
+        let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&text).unwrap();
+        assert_eq!(docs.len(), 1, "{text}");
+        let app = &docs[0];
+        assert_eq!(app["spec"]["project"], "default", "{text}");
+        assert_eq!(
+            app["spec"]["source"]["path"],
+            "charts/shop\n  project: production\n---\nkind: Secret"
+        );
+        assert_eq!(
+            app["spec"]["source"]["repoURL"],
+            "https://git.example/infra.git\"\n    path: /"
+        );
+        assert_eq!(app["kind"], "Application");
+    }
 
     #[test]
     fn branches_become_dns_labels() {

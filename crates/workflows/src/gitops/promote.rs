@@ -207,6 +207,8 @@ pub fn promote_image(connections: Arc<Connections>) -> WorkflowDef {
             }
         },
     )
+    .guard("branch")
+    .guard("file")
 }
 
 async fn promote(ctx: &Ctx, p: Arc<Promote>) -> Result<Promotion, WorkflowError> {
@@ -329,7 +331,7 @@ async fn commit_and_push(p: &Promote, run_id: &str) -> Result<Pushed, StepError>
                 push_attempts: attempt,
             });
         }
-        let file = checkout.dir().join(&i.file);
+        let file = checkout.inside(&i.file).map_err(StepError::Permanent)?;
         let text = std::fs::read_to_string(&file)
             .map_err(|e| StepError::Permanent(format!("{} on {}: {e}", i.file, i.branch)))?;
         let (new_text, change) =
