@@ -114,6 +114,62 @@ async fn a_tag_push_and_its_create_event_start_one_run() {
 }
 
 #[tokio::test]
+async fn a_signed_body_replayed_under_another_event_is_refused_and_a_tag_made_again_is_new() {
+    let routes = "    - name: release\n      events: [tag]\n      tags: [\"simple-*\"]\n      workflow: selftest.chain\n      \
+                  input: { steps: 1 }\n    \
+                  - name: cleanup\n      events: [tag-deleted]\n      workflow: selftest.chain\n      input: { steps: 1 }\n";
+    let env = hooks_env(routes, "").await;
+    let create = fixture("github/create-tag.json");
+    let (status, made) = github(&env, "create", "r-1", &create).await;
+    assert_eq!((status, made["outcome"].clone()), (202, json!("started")), "{made}");
+    // The same signed body, with the header saying delete: refused, nothing started.
+    let (status, replay) = github(&env, "delete", "r-2", &create).await;
+    assert_eq!(status, 409, "{replay}");
+    assert!(
+        replay["error"]
+            .as_str()
+            .unwrap()
+            .contains("delivered before as a tag event"),
+        "{replay}"
+    );
+    assert_eq!(run_count(&env).await, 1);
+
+    // The tag is deleted, then made again: both are new events, each with its run.
+    let (status, deleted) = github(&env, "delete", "r-3", &fixture("github/delete-tag.json")).await;
+    assert_eq!(
+        (status, deleted["outcome"].clone()),
+        (202, json!("started")),
+        "{deleted}"
+    );
+    let mut again = create.clone();
+    again["description"] = json!("made again");
+    let (status, made_again) = github(&env, "create", "r-4", &again).await;
+    assert_eq!(
+        (status, made_again["outcome"].clone()),
+        (202, json!("started")),
+        "{made_again}"
+    );
+    // Deleted a second time: a second cleanup, not a duplicate of the first.
+    let mut second_delete = fixture("github/delete-tag.json");
+    second_delete["pusher_type"] = json!("user ");
+    let (status, deleted_again) = github(&env, "delete", "r-5", &second_delete).await;
+    assert_eq!(
+        (status, deleted_again["outcome"].clone()),
+        (202, json!("started")),
+        "{deleted_again}"
+    );
+    assert_eq!(run_count(&env).await, 4);
+    // A redelivery of one of them (same delivery id) is still a duplicate.
+    let (status, redelivered) = github(&env, "delete", "r-5", &second_delete).await;
+    assert_eq!(
+        (status, redelivered["outcome"].clone()),
+        (200, json!("duplicate")),
+        "{redelivered}"
+    );
+    assert_eq!(run_count(&env).await, 4);
+}
+
+#[tokio::test]
 async fn pull_request_events_start_the_routes_for_their_action() {
     let routes = "    - name: preview-up\n      events: [pull-request-opened, pull-request-synchronized]\n      \
                   workflow: selftest.gate\n      input: { signal: \"pr-{{ pull_request.number }}-{{ pull_request.head_branch }}\" }\n    \

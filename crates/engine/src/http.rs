@@ -1007,11 +1007,18 @@ async fn webhook(
         HookError::BadRequest(m) => ApiError::new(StatusCode::BAD_REQUEST, "bad_request", m),
     })?;
     let payload: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    let digest = {
+        use sha2::Digest as _;
+        hex::encode(sha2::Sha256::digest(&bytes))
+    };
     // The delivery's span: the runs it starts link to it.
     let span =
         tracing::info_span!("webhook", otel.name = %format!("webhook {}", forge.as_str()), forge = forge.as_str());
-    let outcome =
-        tracing::Instrument::instrument(webhook::deliver(&engine, &hooks, forge, parsed, &payload), span).await?;
+    let outcome = tracing::Instrument::instrument(
+        webhook::deliver(&engine, &hooks, forge, parsed, &payload, &digest),
+        span,
+    )
+    .await?;
     crate::metrics::metrics().delivery(forge.as_str(), &outcome.outcome);
     let status = match outcome.outcome.as_str() {
         "pong" | "duplicate" => StatusCode::OK,

@@ -147,6 +147,10 @@ pub struct GitEvent {
     pub changed_paths: Vec<String>,
     pub sender: Option<String>,
     pub delivery: Option<String>,
+    /// For a tag: how many deletions of it were delivered before, so that a tag deleted and
+    /// made again is a new event (set by the intake from its records).
+    #[serde(skip)]
+    pub generation: u64,
 }
 
 impl GitEvent {
@@ -160,9 +164,25 @@ impl GitEvent {
                 self.before.as_deref().unwrap_or_default(),
                 self.after.as_deref().unwrap_or_default()
             ),
-            EventKind::Tag => format!("tag|{r}|{}", self.tag.as_deref().unwrap_or_default()),
-            EventKind::TagDeleted => format!("tag-deleted|{r}|{}", self.tag.as_deref().unwrap_or_default()),
-            EventKind::BranchDeleted => format!("branch-deleted|{r}|{}", self.branch.as_deref().unwrap_or_default()),
+            // GitHub announces a tag twice (push and create, only the first with its commit):
+            // one event, until the tag is deleted and made again.
+            EventKind::Tag => match self.generation {
+                0 => format!("tag|{r}|{}", self.tag.as_deref().unwrap_or_default()),
+                n => format!("tag|{r}|{}|{n}", self.tag.as_deref().unwrap_or_default()),
+            },
+            // A deletion is one occurrence: its delivery (and the commit the ref pointed to, where
+            // the forge says), so a branch name used again is deleted again.
+            EventKind::TagDeleted | EventKind::BranchDeleted => format!(
+                "{}|{r}|{}|{}|{}",
+                self.kind.as_str(),
+                self.git_ref
+                    .as_deref()
+                    .or(self.branch.as_deref())
+                    .or(self.tag.as_deref())
+                    .unwrap_or_default(),
+                self.before.as_deref().unwrap_or_default(),
+                self.delivery.as_deref().unwrap_or_default()
+            ),
             kind => {
                 let pr = self.pull_request.as_ref();
                 format!(
@@ -433,6 +453,7 @@ fn base_event(forge: Forge, kind: EventKind, repository: String) -> GitEvent {
         changed_paths: Vec::new(),
         sender: None,
         delivery: None,
+        generation: 0,
     }
 }
 
@@ -854,8 +875,10 @@ pub(crate) async fn deliver(
     forge: Forge,
     parsed: Parsed,
     payload: &Value,
+    body_sha256: &str,
 ) -> Result<DeliveryOutcome, crate::error::EngineError> {
-    let (mut out, event) = match parsed {
+    let pool = engine.store().pool();
+    let (mut out, mut event) = match parsed {
         Parsed::Ping => (DeliveryOutcome::new("pong"), None),
         Parsed::NotHandled(what) => {
             let mut o = DeliveryOutcome::new("not handled");
@@ -868,6 +891,43 @@ pub(crate) async fn deliver(
             (o, Some(e))
         }
     };
+    // The event type is not signed: a body is bound to the one it first came as.
+    let kind = out.event.clone().unwrap_or_else(|| "ping".into());
+    let before: Option<String> = sqlx::query_scalar(
+        "select event from webhook_deliveries where forge = $1 and body_sha256 = $2 and event <> $3 limit 1",
+    )
+    .bind(forge.as_str())
+    .bind(body_sha256)
+    .bind(&kind)
+    .fetch_optional(pool)
+    .await?;
+    if let Some(first) = before {
+        return Err(crate::error::EngineError::Conflict(format!(
+            "this signed body was delivered before as a {first} event; it is not taken again as {kind}"
+        )));
+    }
+    if let Some(e) = &mut event
+        && e.kind == EventKind::Tag
+    {
+        let deleted: i64 = sqlx::query_scalar(
+            "select count(*) from webhook_deliveries where forge = $1 and event = 'tag-deleted' \
+             and repository = $2 and identity like $3",
+        )
+        .bind(forge.as_str())
+        .bind(&e.repository)
+        .bind(format!(
+            "tag-deleted|{}|refs/tags/{}|%",
+            e.repository.replace('%', "\\%").replace('_', "\\_"),
+            e.tag
+                .as_deref()
+                .unwrap_or_default()
+                .replace('%', "\\%")
+                .replace('_', "\\_")
+        ))
+        .fetch_one(pool)
+        .await?;
+        e.generation = deleted as u64;
+    }
     if let Some(e) = &event {
         if let Some(run) = e.pushed_by_dayshift(&hooks.bot_emails) {
             out.outcome = "ignored".into();
@@ -911,8 +971,8 @@ pub(crate) async fn deliver(
     }
     let run_ids: Vec<uuid::Uuid> = out.runs.iter().map(|r| r.run_id.0).collect();
     sqlx::query(
-        "insert into webhook_deliveries (forge, delivery_id, event, repository, identity, outcome, detail, run_ids) \
-         values ($1, $2, $3, $4, $5, $6, $7, $8)",
+        "insert into webhook_deliveries (forge, delivery_id, event, repository, identity, outcome, detail, run_ids, body_sha256) \
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
     )
     .bind(forge.as_str())
     .bind(event.as_ref().and_then(|e| e.delivery.clone()))
@@ -926,7 +986,8 @@ pub(crate) async fn deliver(
             .or_else(|| (!out.errors.is_empty()).then(|| out.errors.join("; "))),
     )
     .bind(&run_ids)
-    .execute(engine.store().pool())
+    .bind(body_sha256)
+    .execute(pool)
     .await?;
     tracing::info!(forge = forge.as_str(), event = ?out.event, outcome = %out.outcome, runs = out.runs.len(), "Webhook delivery handled.");
     Ok(out)
