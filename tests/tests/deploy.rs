@@ -78,6 +78,8 @@ fn check_typed(o: &Value) -> Result<(), String> {
         ("networking.k8s.io/v1", "NetworkPolicy") => round::<networking::v1::NetworkPolicy>(o)?,
         ("rbac.authorization.k8s.io/v1", "ClusterRole") => round::<rbac::v1::ClusterRole>(o)?,
         ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => round::<rbac::v1::ClusterRoleBinding>(o)?,
+        ("rbac.authorization.k8s.io/v1", "Role") => round::<rbac::v1::Role>(o)?,
+        ("rbac.authorization.k8s.io/v1", "RoleBinding") => round::<rbac::v1::RoleBinding>(o)?,
         ("monitoring.coreos.com/v1", "PrometheusRule" | "ServiceMonitor") => return Ok(()),
         other => return Err(format!("{other:?} is not a kind this test knows")),
     };
@@ -234,6 +236,117 @@ fn the_overlays_render_into_valid_objects_that_fit_together() {
     // The installer's rights are production's only.
     let staging = render(&repo().join("deploy/kubernetes/overlays/staging"));
     assert!(!staging.iter().any(|o| o["metadata"]["name"] == "dayshift-installer"));
+}
+
+#[test]
+fn each_pod_holds_only_the_rights_its_role_needs() {
+    for overlay in ["staging", "production"] {
+        let objects = render(&repo().join("deploy/kubernetes/overlays").join(overlay));
+        let of_kind = |kind: &str| -> Vec<&Value> { objects.iter().filter(|o| o["kind"] == kind).collect() };
+        // serve: its own ServiceAccount, no token mounted, no connection credentials.
+        let serve = named(&objects, "Deployment", "dayshift-serve");
+        let worker = named(&objects, "Deployment", "dayshift-worker");
+        let pod = &serve["spec"]["template"]["spec"];
+        assert_eq!(pod["serviceAccountName"], "dayshift-serve", "{overlay}");
+        assert_eq!(pod["automountServiceAccountToken"], false, "{overlay}");
+        assert_eq!(
+            named(&objects, "ServiceAccount", "dayshift-serve")["automountServiceAccountToken"],
+            false
+        );
+        let env_of =
+            |d: &Value| d["spec"]["template"]["spec"]["containers"][0]["envFrom"][0]["secretRef"]["name"].clone();
+        assert_eq!(env_of(&serve), "dayshift-serve-env", "{overlay}");
+        assert_eq!(env_of(&worker), "dayshift-worker-env", "{overlay}");
+        assert_eq!(
+            worker["spec"]["template"]["spec"]["serviceAccountName"],
+            "dayshift-worker"
+        );
+        let job = named(&objects, "Job", "dayshift-migrate");
+        assert_eq!(job["spec"]["template"]["spec"]["automountServiceAccountToken"], false);
+
+        // Nothing is granted cluster-wide but what a component adds on purpose, and no rule
+        // reads or writes Secrets except by name.
+        let cluster_bindings: Vec<&str> = of_kind("ClusterRoleBinding")
+            .iter()
+            .map(|b| b["roleRef"]["name"].as_str().unwrap())
+            .collect();
+        let expected: &[&str] = if overlay == "production" {
+            &["dayshift-installer"]
+        } else {
+            &[]
+        };
+        assert_eq!(cluster_bindings, expected, "{overlay}");
+        for role in of_kind("ClusterRole").into_iter().chain(of_kind("Role")) {
+            for rule in role["rules"].as_array().unwrap() {
+                let resources = rule["resources"].as_array().unwrap();
+                if resources.iter().any(|r| r == "secrets") {
+                    assert!(
+                        rule["resourceNames"].as_array().is_some_and(|n| !n.is_empty()),
+                        "{overlay}: {} grants Secrets without resourceNames",
+                        role["metadata"]["name"]
+                    );
+                }
+            }
+        }
+        let day2 = named(&objects, "ClusterRole", "dayshift-day2");
+        let granted: Vec<&Value> = day2["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|r| r["resources"].as_array().unwrap())
+            .collect();
+        assert!(!granted.iter().any(|r| *r == "nodes" || *r == "secrets"), "{granted:?}");
+        // Every binding is to the workers, and the ArgoCD rights are in argocd only.
+        for b in of_kind("RoleBinding").into_iter().chain(of_kind("ClusterRoleBinding")) {
+            for s in b["subjects"].as_array().unwrap() {
+                assert_eq!(s["name"], "dayshift-worker", "{overlay}: {}", b["metadata"]["name"]);
+            }
+        }
+        assert_eq!(
+            named(&objects, "Role", "dayshift-argocd")["metadata"]["namespace"],
+            "argocd"
+        );
+
+        // Egress is bounded, and the cloud's metadata service is out of reach of every pod.
+        for policy in of_kind("NetworkPolicy") {
+            let name = policy["metadata"]["name"].as_str().unwrap();
+            assert!(
+                policy["spec"]["policyTypes"]
+                    .as_array()
+                    .unwrap()
+                    .contains(&Value::from("Egress")),
+                "{overlay}: {name} leaves egress open"
+            );
+            for rule in policy["spec"]["egress"].as_array().unwrap() {
+                for to in rule["to"].as_array().unwrap() {
+                    if let Some(block) = to.get("ipBlock") {
+                        let except = block["except"].as_array().cloned().unwrap_or_default();
+                        assert!(
+                            except.contains(&Value::from("169.254.0.0/16")),
+                            "{overlay}: {name} reaches the metadata service"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    // Previews deploy through their own AppProject: into preview-* namespaces only, of the
+    // cluster-scoped kinds only their Namespace; and it is what preview.create names by default.
+    let project =
+        yaml_docs(&std::fs::read_to_string(repo().join("deploy/argocd/previews-appproject.yaml")).unwrap()).remove(0);
+    assert_eq!(project["kind"], "AppProject");
+    let destinations = project["spec"]["destinations"].as_array().unwrap();
+    assert!(
+        destinations.iter().all(|d| d["namespace"] == "preview-*"),
+        "{destinations:?}"
+    );
+    assert_eq!(
+        project["spec"]["clusterResourceWhitelist"],
+        serde_json::json!([{ "group": "", "kind": "Namespace" }])
+    );
+    let input: dayshift_workflows::PreviewInput =
+        serde_json::from_value(serde_json::json!({ "repository": "infra", "branch": "feat" })).unwrap();
+    assert_eq!(project["metadata"]["name"], input.project.as_str());
 }
 
 /// The files themselves are checked and unit-tested by promtool (tests/tests/monitoring.rs).

@@ -184,8 +184,14 @@ async fn connect(config: &Config, triggers: bool) -> Result<Engine> {
         .await
         .context("cannot connect to Redis (redis.url)")?;
     let pool = store.pool().clone();
-    let mut builder =
-        Engine::builder(store, queue).register_all(dayshift_workflows::all_with(pool, config.connections()?));
+    // serve checks inputs against the workflows but never runs a step: it holds no connection's
+    // credentials (Vault tokens, database passwords, S3 keys), so a compromised API pod has none.
+    let connections = if triggers {
+        dayshift_workflows::Connections::default()
+    } else {
+        config.connections()?
+    };
+    let mut builder = Engine::builder(store, queue).register_all(dayshift_workflows::all_with(pool, connections));
     if let Ok(step) = std::env::var("DAYSHIFT_TEST_STOP_AFTER_STEP") {
         builder = builder.on_step_journaled(stop_after_step(step));
     }

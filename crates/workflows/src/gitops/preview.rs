@@ -67,6 +67,15 @@ pub struct PreviewInput {
     /// `preview.create`: the repository URL ArgoCD reads. Default the connection's.
     #[serde(default)]
     pub repo_url: Option<String>,
+    /// `preview.create`: the ArgoCD AppProject of the Application. Default `dayshift-previews`
+    /// (deploy/argocd: it may deploy only into `preview-*` namespaces, never `default`'s
+    /// cluster-wide rights).
+    #[serde(default = "default_project")]
+    pub project: String,
+}
+
+fn default_project() -> String {
+    "dayshift-previews".into()
 }
 
 fn default_branch() -> String {
@@ -99,6 +108,7 @@ pub fn preview_create(connections: Arc<Connections>) -> WorkflowDef {
     .guard("template")
     .guard("chart")
     .guard("repo_url")
+    .guard("project")
 }
 
 /// The `preview.delete` workflow.
@@ -224,7 +234,7 @@ fn application(input: &PreviewInput, name: &str, git: &GitConfig, dir: &str) -> 
             "finalizers": ["resources-finalizer.argocd.argoproj.io"],
         },
         "spec": {
-            "project": "default",
+            "project": input.project,
             "source": {
                 "repoURL": repo,
                 "targetRevision": input.infra_branch,
@@ -267,7 +277,7 @@ mod tests {
         let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&text).unwrap();
         assert_eq!(docs.len(), 1, "{text}");
         let app = &docs[0];
-        assert_eq!(app["spec"]["project"], "default", "{text}");
+        assert_eq!(app["spec"]["project"], "dayshift-previews", "{text}");
         assert_eq!(
             app["spec"]["source"]["path"],
             "charts/shop\n  project: production\n---\nkind: Secret"
