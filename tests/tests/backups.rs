@@ -266,6 +266,31 @@ async fn a_restore_test_runs_the_checks_on_a_scratch_copy_and_drops_it() {
         !scratch_databases().await.iter().any(|d| d.ends_with(&suffix)),
         "scratch left behind"
     );
+
+    // A query that quotes data in its failure shows only the SQLSTATE; one that writes is
+    // refused (the checks run read-only) and changes nothing.
+    let leaking = json!([
+        { "name": "leak", "query": "select name from customers order by id limit 1" },
+    ]);
+    let test = run(&s.env, "backup.restore-test", restore_test_input(&s, leaking)).await;
+    assert_eq!(test.status, RunStatus::Failed);
+    let error = test.error.clone().unwrap();
+    assert!(error.contains("SQLSTATE 22P02"), "{error}");
+    let first: String = sqlx::query_scalar("select name from customers order by id limit 1")
+        .fetch_one(&s.source.pool)
+        .await
+        .unwrap();
+    assert!(!error.contains(&first), "the error quotes the data: {error}");
+    let writing = json!([
+        { "name": "write", "query": "select nextval('customers_id_seq')" },
+    ]);
+    let test = run(&s.env, "backup.restore-test", restore_test_input(&s, writing)).await;
+    assert_eq!(test.status, RunStatus::Failed);
+    assert!(
+        test.error.clone().unwrap().contains("SQLSTATE 25006"),
+        "{:?}",
+        test.error
+    );
     s.env.stop_workers().await;
 }
 

@@ -207,18 +207,33 @@ async fn admin(url: &str, sql: &str) -> Result<(), StepError> {
     done.map(|_| ())
 }
 
-/// Runs `check` against the restored database and compares its number with the bounds.
+/// Runs `check` against the restored database, read-only, and compares its number with the
+/// bounds. A query that fails is reported by its SQLSTATE, not the server's message, which can
+/// quote the data it choked on (a value that is not a number) to everyone who reads the run.
 pub(crate) async fn run_check(url: &str, check: &Check) -> Result<f64, StepError> {
     use sqlx::Connection;
     let query = check.query.trim().trim_end_matches(';');
     let mut conn = sqlx::PgConnection::connect(url).await.map_err(pg_err)?;
+    sqlx::query("set session characteristics as transaction read only")
+        .execute(&mut conn)
+        .await
+        .map_err(pg_err)?;
     let value: Result<Option<f64>, _> =
         sqlx::query_scalar(sqlx::AssertSqlSafe(format!("select (({query}))::double precision")))
             .fetch_one(&mut conn)
             .await;
     let _ = conn.close().await;
     let value = value
-        .map_err(|e| StepError::Permanent(format!("check '{}': the query failed: {e}", check.name)))?
+        .map_err(|e| {
+            let why = match &e {
+                sqlx::Error::Database(db) => format!(
+                    "SQLSTATE {} (the server's message is not shown: it may quote data)",
+                    db.code().as_deref().unwrap_or("unknown")
+                ),
+                other => other.to_string(),
+            };
+            StepError::Permanent(format!("check '{}': the query failed: {why}", check.name))
+        })?
         .ok_or_else(|| StepError::Permanent(format!("check '{}': the query returned NULL", check.name)))?;
     if let Some(min) = check.min
         && value < min
