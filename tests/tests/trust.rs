@@ -987,3 +987,68 @@ fn repository_paths_stay_inside_their_checkout() {
     }
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+#[tokio::test]
+async fn headers_sent_a_byte_at_a_time_are_cut_off_and_connections_are_capped() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let env = TestEnv::new(vec![]).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let limits = dayshift_engine::http::Limits {
+        header_timeout: Duration::from_secs(2),
+        max_connections: 2,
+        ..Default::default()
+    };
+    let app = dayshift_engine::http::router_with(env.engine.clone(), limits.clone());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let s = stop.clone();
+    let server = tokio::spawn(async move {
+        dayshift_engine::http::serve(listener, app, &limits, async move { s.cancelled().await })
+            .await
+            .unwrap();
+    });
+    // Two clients that never finish their headers hold the two connections...
+    let mut slow = Vec::new();
+    for _ in 0..2 {
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+        slow.push(c);
+    }
+    // ...until their header deadline closes them.
+    for mut c in slow {
+        let mut buf = [0u8; 256];
+        let n = tokio::time::timeout(LIMIT, c.read(&mut buf))
+            .await
+            .expect("never closed")
+            .unwrap_or(0);
+        let text = String::from_utf8_lossy(&buf[..n]);
+        assert!(n == 0 || text.starts_with("HTTP/1.1 408"), "{text}");
+    }
+    // The slots are free again: a whole request is answered.
+    let ok = dayshift_workflows::adapters::http::client()
+        .get(format!("http://{addr}/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status().as_u16(), 200);
+    // With the cap at two, of three connections held open at once one is closed as it arrives.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+        held.push(c);
+    }
+    let mut open = 0;
+    for c in held.iter_mut() {
+        let mut b = [0u8; 64];
+        match tokio::time::timeout(Duration::from_millis(200), c.read(&mut b)).await {
+            Err(_) => open += 1,
+            Ok(r) => assert!(matches!(r, Ok(0) | Err(_)), "{r:?}"),
+        }
+    }
+    assert!(open <= 2, "{open} connections open beyond max-connections");
+    assert!(open >= 1, "no connection was served at all");
+    drop(held);
+    stop.cancel();
+    server.await.unwrap();
+}

@@ -37,6 +37,11 @@ pub struct Limits {
     pub max_header_bytes: usize,
     /// The largest API request body (webhook and Alertmanager bodies have their own); 413.
     pub max_body_bytes: usize,
+    /// How long a client may take to send a request's headers; the connection is closed after
+    /// it ([`serve`]).
+    pub header_timeout: std::time::Duration,
+    /// Connections open at once; more are closed as they are accepted ([`serve`]).
+    pub max_connections: usize,
 }
 
 impl Default for Limits {
@@ -46,6 +51,8 @@ impl Default for Limits {
             body_timeout: std::time::Duration::from_secs(10),
             max_header_bytes: 16 << 10,
             max_body_bytes: 2 << 20,
+            header_timeout: std::time::Duration::from_secs(10),
+            max_connections: 1024,
         }
     }
 }
@@ -105,6 +112,71 @@ pub fn router_with(engine: Engine, limits: Limits) -> Router {
         .layer(axum::middleware::from_fn_with_state(engine.clone(), authenticate))
         .layer(axum::middleware::from_fn_with_state(limits, admit))
         .with_state(engine)
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves, then lets the requests in flight
+/// finish (the caller bounds how long). Over `axum::serve` it adds what a server facing
+/// strangers needs before any request reaches a handler: a deadline for the headers
+/// (`limits.header_timeout`: a client trickling them holds a connection no longer) and a cap on
+/// open connections (`limits.max_connections`).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    limits: &Limits,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use tower::ServiceExt as _;
+    let open = std::sync::Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut connections = tokio::task::JoinSet::new();
+    let header_timeout = limits.header_timeout;
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => accepted,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors, say: wait a moment rather than spin.
+                tracing::warn!(error = %e, "Accepting a connection failed.");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            tracing::warn!(
+                limit = limits.max_connections,
+                "Too many open connections; closing a new one."
+            );
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(
+            app.clone()
+                .map_request(|r: axum::http::Request<hyper::body::Incoming>| r.map(axum::body::Body::new)),
+        );
+        let mut stopped = stopped.clone();
+        connections.spawn(async move {
+            let _permit = permit;
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder.timer(TokioTimer::new()).header_read_timeout(header_timeout);
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = stopped.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+        while connections.try_join_next().is_some() {}
+    }
+    let _ = stop.send(true);
+    while connections.join_next().await.is_some() {}
+    Ok(())
 }
 
 /// The limits as the middleware holds them.

@@ -716,6 +716,13 @@ pub(crate) struct ServerConfig {
     /// The largest API request body, in bytes (webhooks and Alertmanager have their own);
     /// 413 above it. Default 2 MiB.
     pub max_body_bytes: usize,
+    /// How long a client may take to send its request's headers; then the connection is
+    /// closed. Default 10s.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub header_timeout: Duration,
+    /// Connections open at once; more are closed as they arrive. Default 1024.
+    pub max_connections: usize,
 }
 
 impl Default for ServerConfig {
@@ -729,6 +736,8 @@ impl Default for ServerConfig {
             body_timeout: limits.body_timeout,
             max_header_bytes: limits.max_header_bytes,
             max_body_bytes: limits.max_body_bytes,
+            header_timeout: limits.header_timeout,
+            max_connections: limits.max_connections,
         }
     }
 }
@@ -741,6 +750,8 @@ impl ServerConfig {
             body_timeout: self.body_timeout,
             max_header_bytes: self.max_header_bytes,
             max_body_bytes: self.max_body_bytes,
+            header_timeout: self.header_timeout,
+            max_connections: self.max_connections,
         }
     }
 }
@@ -1333,9 +1344,16 @@ impl Config {
         if self.worker.lease_ttl < Duration::from_secs(1) {
             return Err(ConfigError::Invalid("worker.lease-ttl must be at least 1s".into()));
         }
-        if self.server.max_concurrent_requests == 0 || self.server.body_timeout.is_zero() {
+        let s = &self.server;
+        if s.max_concurrent_requests == 0
+            || s.body_timeout.is_zero()
+            || s.header_timeout.is_zero()
+            || s.max_connections == 0
+        {
             return Err(ConfigError::Invalid(
-                "server.max-concurrent-requests and server.body-timeout must be more than 0".into(),
+                "server.max-concurrent-requests, server.max-connections, server.body-timeout and \
+                 server.header-timeout must be more than 0"
+                    .into(),
             ));
         }
         if self.queue.poll_interval.is_zero() {

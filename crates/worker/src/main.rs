@@ -471,14 +471,16 @@ async fn serve(config: Config) -> Result<()> {
     let scheduler =
         tokio::spawn(dayshift_engine::Scheduler::new(engine.clone()).run(Duration::from_millis(250), token.clone()));
     let stop = token.clone();
-    axum::serve(
+    let limits = config.server.limits();
+    dayshift_engine::http::serve(
         listener,
-        dayshift_engine::http::router_with(engine, config.server.limits()),
+        dayshift_engine::http::router_with(engine, limits.clone()),
+        &limits,
+        async move {
+            shutdown_signal().await;
+            stop.cancel();
+        },
     )
-    .with_graceful_shutdown(async move {
-        shutdown_signal().await;
-        stop.cancel();
-    })
     .await?;
     token.cancel();
     let _ = scheduler.await;
