@@ -880,6 +880,26 @@ async fn an_operator_can_start_only_what_the_policy_names_and_is_told_which_fiel
             "input field manifests (\"/etc\") is a privileged target and the config allows none",
         ),
         (
+            "rotate.vault-database-root",
+            json!({ "vault": "main", "connection": "billing" }),
+            "input field connection (\"billing\")",
+        ),
+        (
+            "restore.postgres",
+            json!({ "store": "backups", "database": "shop", "target": "production" }),
+            "input field target (\"production\")",
+        ),
+        (
+            "backup.retention",
+            json!({ "store": "backups", "source": "shop", "prefix": "", "policy": { "keep_last": 1 } }),
+            "input field prefix",
+        ),
+        (
+            "preview.create",
+            json!({ "repository": "infra", "branch": "feat", "template": "../../../etc/passwd", "project": "default" }),
+            "input field template",
+        ),
+        (
             "remediate",
             json!({ "playbook": "restart", "labels": { "namespace": "kube-system" } }),
             "started by its trigger only",
