@@ -44,6 +44,12 @@ connections:
     scratch-server: { url: { env: DEMO_SERVER_URL } }
   vault:
     openbao: { address: $DAYSHIFT_VAULT_ADDR, token: { file: $DAYSHIFT_VAULT_TOKEN_FILE } }
+# What API callers may run (docs/security.md): the restore test's one query.
+policy:
+  workflows:
+    backup.restore-test:
+      inputs:
+        "checks[].query": ["select count(*) from customers"]
 EOF
 export DAYSHIFT_CONFIG=.dayshift/demo.yaml
 bin="$bin --config $DAYSHIFT_CONFIG"
