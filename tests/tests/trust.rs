@@ -77,10 +77,9 @@ impl Drop for Api {
     }
 }
 
-/// An engine on `env`'s database and queue, with the built-in workflows and `auth` (a policy,
-/// an OIDC provider), serving its API on a port of its own; the API's address.
-async fn serve_with_auth(env: &TestEnv, auth: dayshift_engine::auth::AuthConfig) -> String {
-    let queue = dayshift_engine::RedisQueue::connect(
+/// `env`'s queue, for another engine on it.
+async fn queue_of(env: &TestEnv) -> dayshift_engine::RedisQueue {
+    dayshift_engine::RedisQueue::connect(
         &env.redis_url,
         dayshift_engine::QueueConfig {
             name: env.queue_name.clone(),
@@ -88,11 +87,22 @@ async fn serve_with_auth(env: &TestEnv, auth: dayshift_engine::auth::AuthConfig)
         },
     )
     .await
-    .unwrap();
-    let engine = dayshift_engine::Engine::builder(dayshift_engine::PgStore::new(env.db.pool.clone()), queue)
-        .register_all(dayshift_workflows::all(env.db.pool.clone()))
-        .auth(auth)
-        .build();
+    .unwrap()
+}
+
+/// An engine on `env`'s database and queue, with the built-in workflows, `auth` (an OIDC
+/// provider) and `policy`, serving its API on a port of its own; the API's address.
+async fn serve_with_auth(
+    env: &TestEnv,
+    auth: dayshift_engine::auth::AuthConfig,
+    policy: dayshift_engine::policy::Policy,
+) -> String {
+    let engine =
+        dayshift_engine::Engine::builder(dayshift_engine::PgStore::new(env.db.pool.clone()), queue_of(env).await)
+            .register_all(dayshift_workflows::all(env.db.pool.clone()))
+            .auth(auth)
+            .policy(policy)
+            .build();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let app = dayshift_engine::http::router(engine);
@@ -432,16 +442,7 @@ async fn a_worker_cut_off_from_postgresql_stops_its_step_before_another_worker_t
         .connect_with(options.host("127.0.0.1").port(proxy.port))
         .await
         .unwrap();
-    let queue = dayshift_engine::RedisQueue::connect(
-        &env.redis_url,
-        dayshift_engine::QueueConfig {
-            name: env.queue_name.clone(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
-    let engine_a = dayshift_engine::Engine::builder(dayshift_engine::PgStore::new(pool), queue)
+    let engine_a = dayshift_engine::Engine::builder(dayshift_engine::PgStore::new(pool), queue_of(&env).await)
         .register_all([def])
         .build();
     env.start_worker_on(engine_a, fast_worker("a"));
@@ -690,7 +691,7 @@ async fn a_slow_identity_provider_and_random_key_ids_stall_no_login_and_nbf_is_c
             oidc: Some(Arc::new(oidc)),
             ..Default::default()
         };
-        let base = serve_with_auth(&env, auth).await;
+        let base = serve_with_auth(&env, auth, Default::default()).await;
         (env, base)
     };
     let (_env, base) = serve(oidc("/certs")).await;
@@ -806,14 +807,7 @@ async fn an_operator_can_start_only_what_the_policy_names_and_is_told_which_fiel
         ],
     };
     let env = TestEnv::new(vec![]).await;
-    let base = serve_with_auth(
-        &env,
-        dayshift_engine::auth::AuthConfig {
-            policy,
-            ..Default::default()
-        },
-    )
-    .await;
+    let base = serve_with_auth(&env, Default::default(), policy).await;
     let op = dayshift_engine::auth::create_token(&env.db.pool, "op", Role::Operator, None, "test")
         .await
         .unwrap();

@@ -85,8 +85,6 @@ pub struct AuthConfig {
     pub public_metrics: bool,
     /// Also accept JWTs of this OpenID Connect provider.
     pub oidc: Option<std::sync::Arc<Oidc>>,
-    /// Who may start which workflow, with which privileged input ([`crate::policy`]).
-    pub policy: crate::policy::Policy,
 }
 
 impl Default for AuthConfig {
@@ -94,7 +92,6 @@ impl Default for AuthConfig {
         Self {
             public_metrics: true,
             oidc: None,
-            policy: Default::default(),
         }
     }
 }

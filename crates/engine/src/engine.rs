@@ -30,6 +30,7 @@ pub(crate) struct EngineInner {
     pub(crate) webhooks: Option<std::sync::Arc<crate::webhook::Webhooks>>,
     pub(crate) alerts: Option<std::sync::Arc<crate::alerts::Alerts>>,
     pub(crate) auth: crate::auth::AuthConfig,
+    pub(crate) policy: crate::policy::Policy,
 }
 
 impl EngineInner {
@@ -74,6 +75,7 @@ pub struct EngineBuilder {
     webhooks: Option<crate::webhook::Webhooks>,
     alerts: Option<crate::alerts::Alerts>,
     auth: crate::auth::AuthConfig,
+    policy: crate::policy::Policy,
 }
 
 impl std::fmt::Debug for FaultInjectorSlot<'_> {
@@ -129,6 +131,12 @@ impl EngineBuilder {
         self
     }
 
+    /// What API callers may start, with which values of guarded input ([`crate::policy`]).
+    pub fn policy(mut self, policy: crate::policy::Policy) -> Self {
+        self.policy = policy;
+        self
+    }
+
     /// Registers a workflow.
     pub fn register(mut self, def: WorkflowDef) -> Self {
         self.registry.register(def);
@@ -156,6 +164,7 @@ impl EngineBuilder {
                 webhooks: self.webhooks.map(std::sync::Arc::new),
                 alerts: self.alerts.map(std::sync::Arc::new),
                 auth: self.auth,
+                policy: self.policy,
             }),
         }
     }
@@ -174,6 +183,7 @@ impl Engine {
             webhooks: None,
             alerts: None,
             auth: crate::auth::AuthConfig::default(),
+            policy: Default::default(),
         }
     }
 
@@ -241,7 +251,7 @@ impl Engine {
     /// workflow, and on the values of its guarded input fields ([`crate::policy`]). `Forbidden`
     /// names the field or the rule.
     pub fn check_api_start(&self, caller: &crate::auth::Caller, req: &StartRun) -> Result<(), EngineError> {
-        let policy = &self.inner.auth.policy;
+        let policy = &self.inner.policy;
         if self.inner.registry.get(&req.workflow).is_none() {
             return Err(EngineError::UnknownWorkflow(req.workflow.clone()));
         }
@@ -261,7 +271,7 @@ impl Engine {
             .list()
             .into_iter()
             .map(|w| {
-                let why_not = self.inner.auth.policy.may_start(caller, &w.name).err();
+                let why_not = self.inner.policy.may_start(caller, &w.name).err();
                 let guarded: Vec<&str> = self
                     .inner
                     .registry

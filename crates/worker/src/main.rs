@@ -217,8 +217,8 @@ async fn connect(config: &Config, triggers: bool) -> Result<Engine> {
     builder = builder.auth(dayshift_engine::auth::AuthConfig {
         public_metrics: config.server.public_metrics,
         oidc,
-        policy: config.policy().map_err(anyhow::Error::msg)?,
     });
+    builder = builder.policy(config.policy().map_err(anyhow::Error::msg)?);
     if triggers {
         builder = builder
             .schedules(config.schedules())
