@@ -1066,3 +1066,48 @@ async fn headers_sent_a_byte_at_a_time_are_cut_off_and_connections_are_capped() 
     stop.cancel();
     server.await.unwrap();
 }
+
+#[tokio::test]
+async fn a_request_past_its_deadline_gets_504_and_still_completes_whole() {
+    let env = TestEnv::new(vec![]).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let limits = dayshift_engine::http::Limits {
+        request_timeout: Duration::ZERO,
+        ..Default::default()
+    };
+    let app = dayshift_engine::http::router_with(env.engine.clone(), limits);
+    let server = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let token = dayshift_engine::auth::create_token(&env.db.pool, "op", Role::Operator, None, "test")
+        .await
+        .unwrap();
+    let key = format!("late-{}", unique());
+    let r = dayshift_workflows::adapters::http::client()
+        .post(format!("http://{addr}/api/v1/runs"))
+        .bearer_auth(&token)
+        .json(&json!({ "workflow": "selftest.chain", "input": { "steps": 1 }, "idempotency_key": key }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 504);
+    let body: Value = r.json().await.unwrap();
+    assert!(body["error"].as_str().unwrap().contains("may still complete"), "{body}");
+    // The start was not cut off: its run and its audit entry are there, whole.
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        let found: Option<(String,)> = sqlx::query_as("select started_by from runs where idempotency_key = $1")
+            .bind(&key)
+            .fetch_optional(&env.db.pool)
+            .await
+            .unwrap();
+        if let Some((by,)) = found {
+            assert_eq!(by, "api:token:op");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the late start never completed");
+        tokio::task::yield_now().await;
+    }
+    server.abort();
+}

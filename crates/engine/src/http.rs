@@ -42,6 +42,9 @@ pub struct Limits {
     pub header_timeout: std::time::Duration,
     /// Connections open at once; more are closed as they are accepted ([`serve`]).
     pub max_connections: usize,
+    /// How long the caller waits for an answer; 504 after it. The handler is not cut off (it
+    /// finishes in the background, holding its slot), so nothing is left half done.
+    pub request_timeout: std::time::Duration,
 }
 
 impl Default for Limits {
@@ -53,6 +56,7 @@ impl Default for Limits {
             max_body_bytes: 2 << 20,
             header_timeout: std::time::Duration::from_secs(10),
             max_connections: 1024,
+            request_timeout: std::time::Duration::from_secs(60),
         }
     }
 }
@@ -207,7 +211,7 @@ async fn admit(
         )
         .into_response();
     }
-    let Ok(_permit) = guard.permits.clone().try_acquire_owned() else {
+    let Ok(permit) = guard.permits.clone().try_acquire_owned() else {
         let mut r = ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "busy",
@@ -220,7 +224,29 @@ async fn admit(
         );
         return r;
     };
-    next.run(request).await
+    // The handler runs as a task of its own, holding its slot until it ends: past the deadline
+    // the caller gets 504, but the handler is never cut off in the middle of a transaction
+    // (see ARCHITECTURE.md, "Rules the runtime keeps").
+    let handler = tokio::spawn(async move {
+        let _permit = permit;
+        next.run(request).await
+    });
+    match tokio::time::timeout(guard.limits.request_timeout, handler).await {
+        Ok(Ok(response)) => response,
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "A request handler panicked.");
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the request failed").into_response()
+        }
+        Err(_) => ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "request_timeout",
+            format!(
+                "no answer within {}; what was asked may still complete (look before asking again)",
+                humantime::format_duration(guard.limits.request_timeout)
+            ),
+        )
+        .into_response(),
+    }
 }
 
 /// After authentication: an API request's body is read within `body_timeout` and

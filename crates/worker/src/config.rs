@@ -723,6 +723,11 @@ pub(crate) struct ServerConfig {
     pub header_timeout: Duration,
     /// Connections open at once; more are closed as they arrive. Default 1024.
     pub max_connections: usize,
+    /// How long a caller waits for an answer; 504 after it (the request still completes, it
+    /// is never cut off half done). Default 60s.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub request_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -738,6 +743,7 @@ impl Default for ServerConfig {
             max_body_bytes: limits.max_body_bytes,
             header_timeout: limits.header_timeout,
             max_connections: limits.max_connections,
+            request_timeout: limits.request_timeout,
         }
     }
 }
@@ -752,6 +758,7 @@ impl ServerConfig {
             max_body_bytes: self.max_body_bytes,
             header_timeout: self.header_timeout,
             max_connections: self.max_connections,
+            request_timeout: self.request_timeout,
         }
     }
 }
@@ -1349,10 +1356,11 @@ impl Config {
             || s.body_timeout.is_zero()
             || s.header_timeout.is_zero()
             || s.max_connections == 0
+            || s.request_timeout.is_zero()
         {
             return Err(ConfigError::Invalid(
-                "server.max-concurrent-requests, server.max-connections, server.body-timeout and \
-                 server.header-timeout must be more than 0"
+                "server.max-concurrent-requests, server.max-connections, server.body-timeout, \
+                 server.header-timeout and server.request-timeout must be more than 0"
                     .into(),
             ));
         }
