@@ -13,22 +13,29 @@ const LIMIT: Duration = Duration::from_secs(60);
 /// The engine's API served on a port of its own, and tokens to call it with.
 struct Api {
     base: String,
+    addr: std::net::SocketAddr,
     server: tokio::task::JoinHandle<()>,
     pool: sqlx::PgPool,
 }
 
 impl Api {
+    /// `env`'s engine with the default limits.
     async fn serve(env: &TestEnv) -> Self {
+        Self::on(dayshift_engine::http::router(env.engine.clone()), &env.db.pool).await
+    }
+
+    /// Serves `app`, whose tokens live in `pool`.
+    async fn on(app: axum::Router, pool: &sqlx::PgPool) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let app = dayshift_engine::http::router(env.engine.clone());
+        let addr = listener.local_addr().unwrap();
         let server = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
         Self {
-            base,
+            base: format!("http://{addr}"),
+            addr,
             server,
-            pool: env.db.pool.clone(),
+            pool: pool.clone(),
         }
     }
 
@@ -91,23 +98,19 @@ async fn queue_of(env: &TestEnv) -> dayshift_engine::RedisQueue {
 }
 
 /// An engine on `env`'s database and queue, with the built-in workflows, `auth` (an OIDC
-/// provider) and `policy`, serving its API on a port of its own; the API's address.
+/// provider) and `policy`, serving its API on a port of its own.
 async fn serve_with_auth(
     env: &TestEnv,
     auth: dayshift_engine::auth::AuthConfig,
     policy: dayshift_engine::policy::Policy,
-) -> String {
+) -> Api {
     let engine =
         dayshift_engine::Engine::builder(dayshift_engine::PgStore::new(env.db.pool.clone()), queue_of(env).await)
             .register_all(dayshift_workflows::all(env.db.pool.clone()))
             .auth(auth)
             .policy(policy)
             .build();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let app = dayshift_engine::http::router(engine);
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    base
+    Api::on(dayshift_engine::http::router(engine), &env.db.pool).await
 }
 
 /// A workflow behind a gate that its "config" (this test) names: two of alice, bob and carol.
@@ -547,20 +550,17 @@ async fn a_token_that_would_expire_beyond_any_date_is_refused_not_a_crash() {
 async fn a_slow_body_is_cut_off_and_requests_beyond_the_limit_are_shed_at_once() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let env = TestEnv::new(vec![]).await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let limits = dayshift_engine::http::Limits {
         max_concurrent_requests: 2,
         body_timeout: Duration::from_secs(3),
         ..Default::default()
     };
-    let app = dayshift_engine::http::router_with(env.engine.clone(), limits);
-    let server = tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    let token = dayshift_engine::auth::create_token(&env.db.pool, "op", Role::Operator, None, "test")
-        .await
-        .unwrap();
+    let api = Api::on(
+        dayshift_engine::http::router_with(env.engine.clone(), limits),
+        &env.db.pool,
+    )
+    .await;
+    let (addr, token) = (api.addr, api.token("op", Role::Operator).await);
     // A start whose body promises 100 bytes and sends 10.
     let slow = || async {
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -613,7 +613,6 @@ async fn a_slow_body_is_cut_off_and_requests_beyond_the_limit_are_shed_at_once()
         .await
         .unwrap();
     assert_eq!(ok.status().as_u16(), 200);
-    server.abort();
 }
 
 /// A JWT of the test identity provider, with key id `kid`.
@@ -691,10 +690,11 @@ async fn a_slow_identity_provider_and_random_key_ids_stall_no_login_and_nbf_is_c
             oidc: Some(Arc::new(oidc)),
             ..Default::default()
         };
-        let base = serve_with_auth(&env, auth, Default::default()).await;
-        (env, base)
+        let api = serve_with_auth(&env, auth, Default::default()).await;
+        (env, api)
     };
-    let (_env, base) = serve(oidc("/certs")).await;
+    let (_env, api) = serve(oidc("/certs")).await;
+    let base = api.base.clone();
     let login = |token: String| {
         let url = format!("{base}/api/v1/whoami");
         async move {
@@ -746,7 +746,8 @@ async fn a_slow_identity_provider_and_random_key_ids_stall_no_login_and_nbf_is_c
     assert!(body["error"].as_str().unwrap().contains("ImmatureSignature"), "{body}");
 
     // A provider that is down is asked once, not once per login.
-    let (_env2, base2) = serve(oidc("/down")).await;
+    let (_env2, api2) = serve(oidc("/down")).await;
+    let base2 = api2.base.clone();
     let answers = futures::future::join_all((0..10).map(|_| {
         let url = format!("{base2}/api/v1/whoami");
         let token = valid.clone();
@@ -807,7 +808,8 @@ async fn an_operator_can_start_only_what_the_policy_names_and_is_told_which_fiel
         ],
     };
     let env = TestEnv::new(vec![]).await;
-    let base = serve_with_auth(&env, Default::default(), policy).await;
+    let api = serve_with_auth(&env, Default::default(), policy).await;
+    let base = api.base.clone();
     let op = dayshift_engine::auth::create_token(&env.db.pool, "op", Role::Operator, None, "test")
         .await
         .unwrap();
@@ -1070,19 +1072,16 @@ async fn headers_sent_a_byte_at_a_time_are_cut_off_and_connections_are_capped() 
 #[tokio::test]
 async fn a_request_past_its_deadline_gets_504_and_still_completes_whole() {
     let env = TestEnv::new(vec![]).await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let limits = dayshift_engine::http::Limits {
         request_timeout: Duration::ZERO,
         ..Default::default()
     };
-    let app = dayshift_engine::http::router_with(env.engine.clone(), limits);
-    let server = tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    let token = dayshift_engine::auth::create_token(&env.db.pool, "op", Role::Operator, None, "test")
-        .await
-        .unwrap();
+    let api = Api::on(
+        dayshift_engine::http::router_with(env.engine.clone(), limits),
+        &env.db.pool,
+    )
+    .await;
+    let (addr, token) = (api.addr, api.token("op", Role::Operator).await);
     let key = format!("late-{}", unique());
     let r = dayshift_workflows::adapters::http::client()
         .post(format!("http://{addr}/api/v1/runs"))
@@ -1109,5 +1108,4 @@ async fn a_request_past_its_deadline_gets_504_and_still_completes_whole() {
         assert!(tokio::time::Instant::now() < deadline, "the late start never completed");
         tokio::task::yield_now().await;
     }
-    server.abort();
 }

@@ -103,7 +103,8 @@ impl schemars::JsonSchema for Approver {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ApprovalGate {
-    /// Who may approve.
+    /// Who may approve: `token:<API token name>`, `oidc:<OIDC user>` or `group:<OIDC group>`.
+    /// A decision counts as the identity that made it, authenticated by the API.
     pub approvers: Vec<Approver>,
     /// Distinct approvals needed. Default 1.
     #[serde(default = "one")]

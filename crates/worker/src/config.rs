@@ -130,7 +130,7 @@ pub(crate) struct PlaybookConfig {
     pub escalate_actions: Vec<ActionConfig>,
     /// Approvals required before the first action marked `destructive`.
     #[serde(default)]
-    pub approval: Option<ApprovalConfig>,
+    pub approval: Option<dayshift_workflows::ApprovalGate>,
 }
 
 /// One playbook action.
@@ -196,7 +196,7 @@ pub(crate) struct EnvironmentConfig {
     pub window: Option<WindowConfig>,
     /// Approvals required before pushing.
     #[serde(default)]
-    pub approval: Option<ApprovalConfig>,
+    pub approval: Option<dayshift_workflows::ApprovalGate>,
 }
 
 /// A promotion window.
@@ -215,33 +215,14 @@ pub(crate) struct WindowConfig {
     pub timezone: String,
 }
 
-/// An approval gate.
-#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub(crate) struct ApprovalConfig {
-    /// Who may approve: `token:<API token name>`, `oidc:<OIDC user>` or `group:<OIDC group>`.
-    /// A decision counts as the identity that made it, authenticated by the API.
-    pub approvers: Vec<dayshift_engine::Approver>,
-    /// Distinct approvals needed. Default 1.
-    #[serde(default = "one")]
-    pub required: usize,
-    /// How long to wait. Default 72h.
-    #[serde(default = "three_days", with = "humantime_serde")]
-    #[schemars(with = "String")]
-    pub timeout: Duration,
-}
-
-impl ApprovalConfig {
-    /// The gate, checked; an error names `key`.
-    fn gate(&self, key: &str) -> Result<dayshift_workflows::ApprovalGate, String> {
-        let gate = dayshift_workflows::ApprovalGate {
-            approvers: self.approvers.clone(),
-            required: self.required,
-            timeout: self.timeout,
-        };
-        gate.check().map_err(|e| format!("{key}: {e}"))?;
-        Ok(gate)
-    }
+/// An approval gate as the config gives it ([`dayshift_workflows::ApprovalGate`]), checked; an
+/// error names `key`.
+fn checked_gate(
+    gate: &dayshift_workflows::ApprovalGate,
+    key: &str,
+) -> Result<dayshift_workflows::ApprovalGate, String> {
+    gate.check().map_err(|e| format!("{key}: {e}"))?;
+    Ok(gate.clone())
 }
 
 fn default_connection() -> String {
@@ -258,12 +239,6 @@ fn ten_minutes() -> Duration {
 }
 fn utc() -> String {
     "UTC".into()
-}
-fn one() -> usize {
-    1
-}
-fn three_days() -> Duration {
-    Duration::from_secs(3 * 86400)
 }
 
 /// Named connections. Credentials come from the environment or files, never from this file.
@@ -1447,7 +1422,7 @@ fn playbook(name: &str, p: &PlaybookConfig) -> Result<dayshift_workflows::Playbo
         approval: p
             .approval
             .as_ref()
-            .map(|a| a.gate(&format!("playbooks.{name}.approval")))
+            .map(|a| checked_gate(a, &format!("playbooks.{name}.approval")))
             .transpose()?,
     })
 }
@@ -1502,7 +1477,7 @@ fn promotion(app: &str, p: &PromotionConfig) -> Result<dayshift_workflows::AppPr
             approval: e
                 .approval
                 .as_ref()
-                .map(|a| a.gate(&format!("{key}.approval")))
+                .map(|a| checked_gate(a, &format!("{key}.approval")))
                 .transpose()?,
         });
     }
