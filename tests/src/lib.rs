@@ -213,6 +213,7 @@ pub struct TestEnv {
     pub engine: Engine,
     workers: Vec<(CancellationToken, tokio::task::JoinHandle<()>)>,
     defs: Vec<WorkflowDef>,
+    schedules: Vec<dayshift_engine::Schedule>,
 }
 
 impl TestEnv {
@@ -234,7 +235,7 @@ impl TestEnv {
     /// Same, with cron schedules.
     pub async fn with_schedules(defs: Vec<WorkflowDef>, schedules: Vec<dayshift_engine::Schedule>) -> Self {
         let mut env = Self::build(defs, &redis_url(), None).await;
-        env.engine = build_engine_with(&env.db, &env.queue_name, &env.redis_url, &env.defs, None, schedules).await;
+        env.schedules = schedules;
         env
     }
 
@@ -249,6 +250,7 @@ impl TestEnv {
             engine,
             workers: Vec::new(),
             defs,
+            schedules: Vec::new(),
         }
     }
 
@@ -269,7 +271,7 @@ impl TestEnv {
         let token = CancellationToken::new();
         let t = token.clone();
         let handle = tokio::spawn(async move {
-            Worker::new(engine, config).run(t).await.expect("worker failed");
+            Worker::new(engine.core(), config).run(t).await.expect("worker failed");
         });
         self.workers.push((token, handle));
     }
@@ -287,14 +289,14 @@ impl TestEnv {
     pub async fn get_text(&self, path: &str) -> (u16, String) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
-        let app = dayshift_engine::http::router(self.engine.clone());
+        let app = self.api().router(dayshift_engine::api::Limits::default());
         let server = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        let viewer = dayshift_engine::auth::create_token(
+        let viewer = dayshift_engine::api::auth::create_token(
             &self.db.pool,
             &format!("test-viewer-{}", unique()),
-            dayshift_engine::auth::Role::Viewer,
+            dayshift_engine::api::auth::Role::Viewer,
             None,
             "test",
         )
@@ -310,6 +312,18 @@ impl TestEnv {
         let text = response.text().await.unwrap();
         server.abort();
         (status, text)
+    }
+
+    /// The API's state over this env's engine, with its schedules.
+    pub fn api(&self) -> dayshift_engine::api::Api {
+        dayshift_engine::api::Api::builder(self.engine.clone())
+            .schedules(self.schedules.clone())
+            .build()
+    }
+
+    /// The scheduler of this env's schedules.
+    pub fn scheduler(&self) -> dayshift_engine::Scheduler {
+        self.api().scheduler().clone()
     }
 
     /// The workflow definitions given to `new`.
@@ -330,17 +344,6 @@ async fn build_engine(
     defs: &[WorkflowDef],
     faults: Option<dayshift_engine::FaultInjector>,
 ) -> Engine {
-    build_engine_with(db, queue_name, redis_url, defs, faults, Vec::new()).await
-}
-
-async fn build_engine_with(
-    db: &TestDb,
-    queue_name: &str,
-    redis_url: &str,
-    defs: &[WorkflowDef],
-    faults: Option<dayshift_engine::FaultInjector>,
-    schedules: Vec<dayshift_engine::Schedule>,
-) -> Engine {
     let queue = RedisQueue::connect(
         redis_url,
         QueueConfig {
@@ -352,8 +355,7 @@ async fn build_engine_with(
     .expect("cannot connect to Redis; is `scripts/services.sh up` running?");
     let mut builder = Engine::builder(PgStore::new(db.pool.clone()), queue)
         .register_all(dayshift_workflows::all(db.pool.clone()))
-        .register_all(defs.iter().cloned())
-        .schedules(schedules);
+        .register_all(defs.iter().cloned());
     if let Some(f) = faults {
         builder = builder.inject_faults(f);
     }
@@ -554,10 +556,10 @@ impl BinEnv {
             unique()
         );
         std::fs::write(&config_path, yaml).unwrap();
-        let token = dayshift_engine::auth::create_token(
+        let token = dayshift_engine::api::auth::create_token(
             &db.pool,
             "test-admin",
-            dayshift_engine::auth::Role::Admin,
+            dayshift_engine::api::auth::Role::Admin,
             None,
             "test",
         )
@@ -595,7 +597,7 @@ impl BinEnv {
 
     /// A new token named `name` with `role`.
     pub async fn token_for(&self, name: &str, role: &str) -> String {
-        dayshift_engine::auth::create_token(&self.db.pool, name, role.parse().unwrap(), None, "test")
+        dayshift_engine::api::auth::create_token(&self.db.pool, name, role.parse().unwrap(), None, "test")
             .await
             .unwrap()
     }

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use dayshift_engine::{CatchUp, Overlap, Schedule, Scheduler};
+use dayshift_engine::{CatchUp, Overlap, Schedule};
 use dayshift_tests::{BinEnv, TestEnv, dayshift_bin, unique};
 use serde_json::{Value, json};
 
@@ -109,7 +109,7 @@ async fn catch_up_skip_latest_and_all() {
         // Down for ten hours: ten ticks were missed.
         rewind_hours(&pool, name, 10).await;
     }
-    let scheduler = Scheduler::new(env.engine.clone());
+    let scheduler = env.scheduler();
     scheduler.fire_due().await.unwrap();
     scheduler.fire_due().await.unwrap(); // a second pass (another replica) changes nothing
 
@@ -155,7 +155,7 @@ async fn overlap_skip_holds_ticks_back_while_the_previous_run_goes_and_records_t
     let mut env = TestEnv::with_schedules(vec![], vec![gate]).await;
     env.start_worker(dayshift_tests::fast_worker("w"));
     let token = tokio_util::sync::CancellationToken::new();
-    let scheduler = tokio::spawn(Scheduler::new(env.engine.clone()).run(Duration::from_millis(100), token.clone()));
+    let scheduler = tokio::spawn(env.scheduler().run(Duration::from_millis(100), token.clone()));
     // Wait until the first run waits for its signal and two later ticks were held back.
     let pool = env.db.pool.clone();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -191,7 +191,7 @@ async fn overlap_cancel_replaces_the_previous_run() {
     let mut env = TestEnv::with_schedules(vec![], vec![gate]).await;
     env.start_worker(dayshift_tests::fast_worker("w"));
     let token = tokio_util::sync::CancellationToken::new();
-    let scheduler = tokio::spawn(Scheduler::new(env.engine.clone()).run(Duration::from_millis(100), token.clone()));
+    let scheduler = tokio::spawn(env.scheduler().run(Duration::from_millis(100), token.clone()));
     let pool = env.db.pool.clone();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use dayshift_engine::auth::Role;
+use dayshift_engine::api::auth::Role;
 use dayshift_engine::{ApprovalGate, Ctx, RunId, RunStatus, StepKind, WorkflowDef};
 use dayshift_tests::{TestEnv, fast_worker, unique, wait_for};
 use serde_json::{Value, json};
@@ -21,7 +21,7 @@ struct Api {
 impl Api {
     /// `env`'s engine with the default limits.
     async fn serve(env: &TestEnv) -> Self {
-        Self::on(dayshift_engine::http::router(env.engine.clone()), &env.db.pool).await
+        Self::on(dayshift_engine::api::router(env.engine.clone()), &env.db.pool).await
     }
 
     /// Serves `app`, whose tokens live in `pool`.
@@ -40,7 +40,7 @@ impl Api {
     }
 
     async fn token(&self, name: &str, role: Role) -> String {
-        dayshift_engine::auth::create_token(&self.pool, name, role, None, "test")
+        dayshift_engine::api::auth::create_token(&self.pool, name, role, None, "test")
             .await
             .unwrap()
     }
@@ -101,16 +101,18 @@ async fn queue_of(env: &TestEnv) -> dayshift_engine::RedisQueue {
 /// provider) and `policy`, serving its API on a port of its own.
 async fn serve_with_auth(
     env: &TestEnv,
-    auth: dayshift_engine::auth::AuthConfig,
+    auth: dayshift_engine::api::auth::AuthConfig,
     policy: dayshift_engine::policy::Policy,
 ) -> Api {
     let engine =
         dayshift_engine::Engine::builder(dayshift_engine::PgStore::new(env.db.pool.clone()), queue_of(env).await)
             .register_all(dayshift_workflows::all(env.db.pool.clone()))
-            .auth(auth)
-            .policy(policy)
             .build();
-    Api::on(dayshift_engine::http::router(engine), &env.db.pool).await
+    let api = dayshift_engine::api::Api::builder(engine)
+        .auth(auth)
+        .policy(policy)
+        .build();
+    Api::on(api.router(dayshift_engine::api::Limits::default()), &env.db.pool).await
 }
 
 /// A workflow behind a gate that its "config" (this test) names: two of alice, bob and carol.
@@ -308,7 +310,7 @@ async fn concurrent_starts_with_one_key_make_one_run_and_every_answer_names_it()
 
 #[tokio::test]
 async fn a_trigger_s_key_is_refused_from_the_api_and_a_conflicting_tick_does_not_stop_the_schedules() {
-    use dayshift_engine::{CatchUp, Overlap, Schedule, Scheduler, StartRun};
+    use dayshift_engine::{CatchUp, Overlap, Schedule, StartRun};
     let hourly = |name: &str| Schedule {
         name: name.into(),
         cron: "0 * * * *".parse().unwrap(),
@@ -361,7 +363,7 @@ async fn a_trigger_s_key_is_refused_from_the_api_and_a_conflicting_tick_does_not
             .await
             .unwrap();
     }
-    Scheduler::new(env.engine.clone()).fire_due().await.unwrap();
+    env.scheduler().fire_due().await.unwrap();
     let ticks: Vec<(String, String, Option<String>)> =
         sqlx::query_as("select schedule, outcome, detail from schedule_ticks order by schedule")
             .fetch_all(&env.db.pool)
@@ -550,16 +552,12 @@ async fn a_token_that_would_expire_beyond_any_date_is_refused_not_a_crash() {
 async fn a_slow_body_is_cut_off_and_requests_beyond_the_limit_are_shed_at_once() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let env = TestEnv::new(vec![]).await;
-    let limits = dayshift_engine::http::Limits {
+    let limits = dayshift_engine::api::Limits {
         max_concurrent_requests: 2,
         body_timeout: Duration::from_secs(3),
         ..Default::default()
     };
-    let api = Api::on(
-        dayshift_engine::http::router_with(env.engine.clone(), limits),
-        &env.db.pool,
-    )
-    .await;
+    let api = Api::on(env.api().router(limits), &env.db.pool).await;
     let (addr, token) = (api.addr, api.token("op", Role::Operator).await);
     // A start whose body promises 100 bytes and sends 10.
     let slow = || async {
@@ -665,7 +663,7 @@ async fn a_slow_identity_provider_and_random_key_ids_stall_no_login_and_nbf_is_c
     let idp = tokio::spawn(async move { axum::serve(listener, app).await });
     let issuer = format!("{sso}/realms/platform");
     let oidc = |path: &str| {
-        dayshift_engine::auth::Oidc::new(dayshift_engine::auth::OidcConfig {
+        dayshift_engine::api::auth::Oidc::new(dayshift_engine::api::auth::OidcConfig {
             issuer: issuer.clone(),
             audience: "dayshift".into(),
             jwks_url: format!("{sso}{path}"),
@@ -684,9 +682,9 @@ async fn a_slow_identity_provider_and_random_key_ids_stall_no_login_and_nbf_is_c
     };
     let valid = oidc_token("platform-sso-1", &claims(now));
 
-    let serve = |oidc: dayshift_engine::auth::Oidc| async move {
+    let serve = |oidc: dayshift_engine::api::auth::Oidc| async move {
         let env = TestEnv::new(vec![]).await;
-        let auth = dayshift_engine::auth::AuthConfig {
+        let auth = dayshift_engine::api::auth::AuthConfig {
             oidc: Some(Arc::new(oidc)),
             ..Default::default()
         };
@@ -810,7 +808,7 @@ async fn an_operator_can_start_only_what_the_policy_names_and_is_told_which_fiel
     let env = TestEnv::new(vec![]).await;
     let api = serve_with_auth(&env, Default::default(), policy).await;
     let base = api.base.clone();
-    let op = dayshift_engine::auth::create_token(&env.db.pool, "op", Role::Operator, None, "test")
+    let op = dayshift_engine::api::auth::create_token(&env.db.pool, "op", Role::Operator, None, "test")
         .await
         .unwrap();
     let post = |path: String, body: Value| {
@@ -1010,16 +1008,16 @@ async fn headers_sent_a_byte_at_a_time_are_cut_off_and_connections_are_capped() 
     let env = TestEnv::new(vec![]).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let limits = dayshift_engine::http::Limits {
+    let limits = dayshift_engine::api::Limits {
         header_timeout: Duration::from_secs(2),
         max_connections: 2,
         ..Default::default()
     };
-    let app = dayshift_engine::http::router_with(env.engine.clone(), limits.clone());
+    let app = env.api().router(limits.clone());
     let stop = tokio_util::sync::CancellationToken::new();
     let s = stop.clone();
     let server = tokio::spawn(async move {
-        dayshift_engine::http::serve(listener, app, &limits, async move { s.cancelled().await })
+        dayshift_engine::api::serve(listener, app, &limits, async move { s.cancelled().await })
             .await
             .unwrap();
     });
@@ -1072,15 +1070,11 @@ async fn headers_sent_a_byte_at_a_time_are_cut_off_and_connections_are_capped() 
 #[tokio::test]
 async fn a_request_past_its_deadline_gets_504_and_still_completes_whole() {
     let env = TestEnv::new(vec![]).await;
-    let limits = dayshift_engine::http::Limits {
+    let limits = dayshift_engine::api::Limits {
         request_timeout: Duration::ZERO,
         ..Default::default()
     };
-    let api = Api::on(
-        dayshift_engine::http::router_with(env.engine.clone(), limits),
-        &env.db.pool,
-    )
-    .await;
+    let api = Api::on(env.api().router(limits), &env.db.pool).await;
     let (addr, token) = (api.addr, api.token("op", Role::Operator).await);
     let key = format!("late-{}", unique());
     let r = dayshift_workflows::adapters::http::client()
@@ -1108,4 +1102,87 @@ async fn a_request_past_its_deadline_gets_504_and_still_completes_whole() {
         assert!(tokio::time::Instant::now() < deadline, "the late start never completed");
         tokio::task::yield_now().await;
     }
+}
+
+/// Roles are declared on the routes themselves: every route of the table that names a role
+/// refuses a caller without a token (401) and one with the role below it (403), and changes
+/// nothing; public routes and intakes are exactly those the table says. A route added without
+/// an access does not compile (`Routes` takes one with every route).
+#[tokio::test]
+async fn every_route_refuses_a_caller_below_the_role_it_declares() {
+    use dayshift_engine::api::{Access, Limits, route_table};
+    let env = TestEnv::new(vec![]).await;
+    let state = env.api();
+    let table = route_table(&state);
+    let api = Api::on(state.router(Limits::default()), &env.db.pool).await;
+    let weaker = |role: Role| match role {
+        Role::Viewer => None,
+        Role::Operator => Some(Role::Viewer),
+        Role::Admin => Some(Role::Operator),
+    };
+    let viewer = api.token("weaker-viewer", Role::Viewer).await;
+    let operator = api.token("weaker-operator", Role::Operator).await;
+    let before = env.db.table_checksums().await;
+    let client = dayshift_workflows::adapters::http::client();
+    let mut roles = 0;
+    for route in &table {
+        let path = route
+            .path
+            .replace("{id}", &RunId::new().to_string())
+            .replace("{name}", "x")
+            .replace("{*path}", "x");
+        let Access::Role(role) = route.access else {
+            continue;
+        };
+        roles += 1;
+        let call = |token: Option<String>| {
+            let mut request = client.request(route.method.clone(), format!("{}{path}", api.base));
+            if let Some(t) = token {
+                request = request.bearer_auth(t);
+            }
+            async move { request.send().await.unwrap().status().as_u16() }
+        };
+        assert_eq!(call(None).await, 401, "{} {} without a token", route.method, route.path);
+        if let Some(weaker) = weaker(role) {
+            let token = if weaker == Role::Viewer { &viewer } else { &operator };
+            assert_eq!(
+                call(Some(token.clone())).await,
+                403,
+                "{} {} with the {weaker} role (it declares {role})",
+                route.method,
+                route.path
+            );
+        }
+    }
+    assert!(roles >= 25, "the table lists the API's routes: {table:#?}");
+    let public: Vec<&str> = table
+        .iter()
+        .filter(|r| r.access == Access::Public)
+        .map(|r| r.path)
+        .collect();
+    assert_eq!(
+        public,
+        [
+            "/healthz",
+            "/readyz",
+            "/metrics",
+            "/",
+            "/console",
+            "/console/",
+            "/console/{*path}"
+        ]
+    );
+    let intakes: Vec<&str> = table
+        .iter()
+        .filter(|r| r.access == Access::Intake)
+        .map(|r| r.path)
+        .collect();
+    assert_eq!(intakes, ["/hooks/alertmanager", "/hooks/{forge}"]);
+    // Nothing changed but the tokens' last use.
+    let after = env.db.table_checksums().await;
+    let changed: Vec<_> = after
+        .iter()
+        .filter(|t| !before.contains(t) && t.0 != "api_tokens")
+        .collect();
+    assert!(changed.is_empty(), "refused calls changed {changed:?}");
 }

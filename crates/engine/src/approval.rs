@@ -258,13 +258,13 @@ pub struct PendingApproval {
     pub decisions: Vec<Counted>,
     pub approved: Vec<String>,
     /// The wait itself (when it began, its deadline).
-    pub wait: crate::model::StepView,
+    pub wait: crate::core::model::StepView,
 }
 
 impl PendingApproval {
     /// The approval `run` waits for now, if it waits at a gate.
-    pub fn of(run: &crate::model::RunView) -> Option<Self> {
-        use crate::model::{StepKind, StepStatus};
+    pub fn of(run: &crate::core::model::RunView) -> Option<Self> {
+        use crate::core::model::{StepKind, StepStatus};
         let wait = run
             .steps
             .iter()
@@ -299,7 +299,7 @@ impl PendingApproval {
     }
 
     /// Whether `caller` may decide now ([`may_decide`]), and as whom.
-    pub fn may_decide(&self, caller: &crate::auth::Caller, approve: bool) -> Result<(), String> {
+    pub fn may_decide(&self, caller: &crate::identity::Caller, approve: bool) -> Result<(), String> {
         let decider = Decider {
             identity: caller.name.clone(),
             groups: caller.groups.clone(),

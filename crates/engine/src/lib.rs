@@ -1,42 +1,38 @@
-//! dayshift-engine: the durable core of dayshift.
+//! dayshift-engine: the durable core of dayshift and its front doors.
 //!
 //! Workflows are async functions whose side effects go through a [`Ctx`]. The runtime journals
 //! each completed step in PostgreSQL ([`PgStore`]), so a run survives the death of any worker:
 //! another one replays the journal and carries on from the first step that has no result.
 //! Redis ([`RedisQueue`]) only carries wake-ups; a sweeper re-enqueues whatever PostgreSQL says
 //! is due, so losing Redis loses no run. See ARCHITECTURE.md for the glossary and the contract.
+//!
+//! The crate reads top down, each layer using only those above it:
+//! - [`core`]: model, context and pass (journal and replay), store, queue, worker loops;
+//! - [`Engine`] (`engine.rs`): the front door over the core (start, cancel, signal, decide, read);
+//! - [`identity`], [`approval`], [`policy`], [`template`]: what the front doors share;
+//! - [`triggers`]: cron schedules, git webhooks, Alertmanager: each intake whole in its module;
+//! - [`api`]: the HTTP API (one file per resource, roles declared on the routes), the console.
 
-pub mod alerts;
+pub mod api;
 pub mod approval;
-pub mod auth;
-mod console;
+pub mod core;
 mod engine;
-mod error;
-pub mod http;
-pub mod metrics;
-mod model;
+pub mod identity;
 pub mod policy;
-mod queue;
-mod runtime;
-mod schedule;
-mod store;
-mod telemetry;
 pub mod template;
-pub mod views;
-pub mod webhook;
-mod worker;
-mod workflow;
+pub mod triggers;
 
 pub use approval::{ApprovalGate, ApprovalRequest, Approver, Counted};
-pub use engine::{Engine, EngineBuilder, FaultInjector, StepHook};
-pub use error::{EngineError, QueueError, StepError, StoreError, WorkflowError};
-pub use model::{
+pub use core::ctx::{Ctx, Step, StepCtx};
+pub use core::error::{EngineError, QueueError, StepError, StoreError, WorkflowError};
+pub use core::model::{
     AttemptError, Concurrency, ConcurrencyPolicy, RetryPolicy, RunFilter, RunId, RunStatus, RunView, StartRun, Started,
     StepKind, StepStatus, StepView,
 };
-pub use queue::{QueueConfig, RedisQueue};
-pub use runtime::{Ctx, Step, StepCtx};
-pub use schedule::{CatchUp, CronExpr, Overlap, Schedule, ScheduleView, Scheduler, TickView, TimeZone};
-pub use store::{Lease, MIGRATOR, PgStore};
-pub use worker::{Worker, WorkerConfig};
-pub use workflow::{Registry, WorkflowDef, WorkflowInfo};
+pub use core::queue::{QueueConfig, RedisQueue};
+pub use core::store::{Lease, MIGRATOR, PgStore};
+pub use core::worker::{Worker, WorkerConfig};
+pub use core::workflow::{Registry, WorkflowDef, WorkflowInfo};
+pub use core::{Core, FaultInjector, StepHook};
+pub use engine::{Engine, EngineBuilder};
+pub use triggers::schedule::{CatchUp, CronExpr, Overlap, Schedule, ScheduleView, Scheduler, TickView, TimeZone};

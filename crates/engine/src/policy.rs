@@ -22,20 +22,12 @@ use std::collections::BTreeMap;
 use globset::{Glob, GlobMatcher};
 use serde_json::Value;
 
-use crate::auth::{Caller, Role};
+use crate::core::workflow::Guard;
+use crate::identity::{Caller, Role};
 
 /// Started only by their triggers unless a policy rule names who else may: a remediation's
 /// labels choose what it restarts, scales or deletes.
 pub const DEFAULT_UNSTARTABLE: &[&str] = &["remediate"];
-
-/// One guarded field: a dotted path into the input, `[]` for every element of an array
-/// (`secrets[].namespace`). `exact` fields (SQL) match their allow-list verbatim, others as
-/// globs (`apps/*`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Guard {
-    pub path: String,
-    pub exact: bool,
-}
 
 /// Who may start a workflow.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -426,7 +426,7 @@ pub(crate) struct AlertRouteConfig {
     /// Label matchers, all of which must match one alert: `alertname="KubePodCrashLooping"`,
     /// `namespace=~"prod-.*"`, `severity!="info"`, `team!~"data|ml"`.
     #[schemars(with = "Vec<String>")]
-    pub matchers: Vec<dayshift_engine::alerts::Matcher>,
+    pub matchers: Vec<dayshift_engine::triggers::alerts::Matcher>,
     /// The workflow to start, once per alert episode.
     #[schemars(with = "String")]
     pub workflow: Spanned<String>,
@@ -435,7 +435,7 @@ pub(crate) struct AlertRouteConfig {
     pub input: serde_json::Value,
     /// Cooldown per target, runs per window, runs at once.
     #[serde(default)]
-    pub guardrails: dayshift_engine::alerts::Guardrails,
+    pub guardrails: dayshift_engine::triggers::alerts::Guardrails,
 }
 
 /// Git webhook settings.
@@ -527,26 +527,26 @@ pub(crate) struct RouteConfig {
     #[schemars(with = "String")]
     pub name: Spanned<String>,
     /// Only deliveries from this forge (a `gitea` route also takes Forgejo's); any if absent.
-    pub forge: Option<dayshift_engine::webhook::Forge>,
+    pub forge: Option<dayshift_engine::triggers::webhook::Forge>,
     /// Repository full names, globs allowed (`platform/*`); any if absent.
     #[serde(default)]
     #[schemars(with = "Vec<String>")]
-    pub repositories: Vec<dayshift_engine::webhook::Pattern>,
+    pub repositories: Vec<dayshift_engine::triggers::webhook::Pattern>,
     /// push, tag, branch-deleted, tag-deleted, pull-request-opened, pull-request-reopened,
     /// pull-request-synchronized, pull-request-closed, pull-request-merged.
-    pub events: Vec<dayshift_engine::webhook::EventKind>,
+    pub events: Vec<dayshift_engine::triggers::webhook::EventKind>,
     /// Branch globs (the pushed branch, or a pull request's base branch); any if absent.
     #[serde(default)]
     #[schemars(with = "Vec<String>")]
-    pub branches: Vec<dayshift_engine::webhook::Pattern>,
+    pub branches: Vec<dayshift_engine::triggers::webhook::Pattern>,
     /// Tag globs (`v*`); any if absent.
     #[serde(default)]
     #[schemars(with = "Vec<String>")]
-    pub tags: Vec<dayshift_engine::webhook::Pattern>,
+    pub tags: Vec<dayshift_engine::triggers::webhook::Pattern>,
     /// Changed-path globs of a push (`apps/web/**`); at least one changed path must match.
     #[serde(default)]
     #[schemars(with = "Vec<String>")]
-    pub paths: Vec<dayshift_engine::webhook::Pattern>,
+    pub paths: Vec<dayshift_engine::triggers::webhook::Pattern>,
     /// The workflow to start.
     #[schemars(with = "String")]
     pub workflow: Spanned<String>,
@@ -707,7 +707,7 @@ pub(crate) struct ServerConfig {
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        let limits = dayshift_engine::http::Limits::default();
+        let limits = dayshift_engine::api::Limits::default();
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             public_metrics: true,
@@ -725,8 +725,8 @@ impl Default for ServerConfig {
 
 impl ServerConfig {
     /// The request limits, as the router applies them.
-    pub(crate) fn limits(&self) -> dayshift_engine::http::Limits {
-        dayshift_engine::http::Limits {
+    pub(crate) fn limits(&self) -> dayshift_engine::api::Limits {
+        dayshift_engine::api::Limits {
             max_concurrent_requests: self.max_concurrent_requests,
             body_timeout: self.body_timeout,
             max_header_bytes: self.max_header_bytes,
@@ -757,7 +757,7 @@ pub(crate) struct OidcConfig {
     pub roles_claim: String,
     /// Which groups grant which role, e.g. `{ operator: [platform-oncall], viewer: [platform] }`;
     /// the strongest role granted wins.
-    pub roles: std::collections::BTreeMap<dayshift_engine::auth::Role, Vec<String>>,
+    pub roles: std::collections::BTreeMap<dayshift_engine::api::auth::Role, Vec<String>>,
 }
 
 fn preferred_username() -> String {
@@ -874,8 +874,8 @@ fn check_route_basics(
 
 impl Config {
     /// The webhook settings with their secrets read, as the engine runs them.
-    pub(crate) fn webhooks(&self) -> Result<dayshift_engine::webhook::Webhooks, ConfigError> {
-        use dayshift_engine::webhook::{Forge, WebhookRoute, Webhooks};
+    pub(crate) fn webhooks(&self) -> Result<dayshift_engine::triggers::webhook::Webhooks, ConfigError> {
+        use dayshift_engine::triggers::webhook::{Forge, WebhookRoute, Webhooks};
         let w = &self.webhooks;
         let mut secrets = HashMap::new();
         for (forge, conf) in [
@@ -1074,9 +1074,9 @@ impl Config {
     }
 
     /// The Alertmanager settings with the token read, as the engine runs them.
-    pub(crate) fn alerts(&self) -> Result<dayshift_engine::alerts::Alerts, ConfigError> {
+    pub(crate) fn alerts(&self) -> Result<dayshift_engine::triggers::alerts::Alerts, ConfigError> {
         let a = &self.alertmanager;
-        use dayshift_engine::alerts::IntakeAuth;
+        use dayshift_engine::triggers::alerts::IntakeAuth;
         let auth = match (&a.token, &a.basic_auth) {
             (Some(_), Some(_)) => {
                 return Err(ConfigError::Invalid(
@@ -1095,13 +1095,13 @@ impl Config {
             },
             (None, None) => IntakeAuth::None,
         };
-        Ok(dayshift_engine::alerts::Alerts {
+        Ok(dayshift_engine::triggers::alerts::Alerts {
             auth,
             max_body: a.max_body_bytes,
             routes: a
                 .routes
                 .iter()
-                .map(|r| dayshift_engine::alerts::AlertRoute {
+                .map(|r| dayshift_engine::triggers::alerts::AlertRoute {
                     name: r.name.value.clone(),
                     matchers: r.matchers.clone(),
                     workflow: r.workflow.value.clone(),
@@ -1245,7 +1245,7 @@ impl Config {
     }
 
     fn check_routes(&self, path: &str, registry: &Registry, problems: &mut Vec<String>) {
-        use dayshift_engine::webhook::{CONTEXT_FIELDS, Forge};
+        use dayshift_engine::triggers::webhook::{CONTEXT_FIELDS, Forge};
         let w = &self.webhooks;
         let mut seen = HashMap::new();
         for (i, r) in w.routes.iter().enumerate() {
@@ -1281,7 +1281,7 @@ impl Config {
     }
 
     fn check_alert_routes(&self, path: &str, registry: &Registry, problems: &mut Vec<String>) {
-        use dayshift_engine::alerts::CONTEXT_FIELDS;
+        use dayshift_engine::triggers::alerts::CONTEXT_FIELDS;
         let mut seen = HashMap::new();
         for (i, r) in self.alertmanager.routes.iter().enumerate() {
             check_route_basics(

@@ -122,7 +122,7 @@ enum TokensCommand {
         /// viewer (reads), operator (also starts, cancels, signals, approves) or admin (also
         /// tokens and schedules).
         #[arg(long)]
-        role: dayshift_engine::auth::Role,
+        role: dayshift_engine::api::auth::Role,
         /// When it stops working, e.g. `90d`; never by default.
         #[arg(long, value_parser = humantime::parse_duration)]
         expires_in: Option<Duration>,
@@ -174,9 +174,9 @@ fn env_map() -> HashMap<String, String> {
     std::env::vars().collect()
 }
 
-/// The engine with every built-in workflow, connected to PostgreSQL and Redis; with the
-/// triggers (schedules, webhooks) when `triggers` (the `serve` role).
-async fn connect(config: &Config, triggers: bool) -> Result<Engine> {
+/// The engine with every built-in workflow, connected to PostgreSQL and Redis. `serve` is the
+/// API's role: it holds no connection's credentials.
+async fn connect(config: &Config, serve: bool) -> Result<Engine> {
     let store = PgStore::connect(config.database.url.expose(), config.database.max_connections)
         .await
         .context("cannot connect to PostgreSQL (database.url)")?;
@@ -186,7 +186,7 @@ async fn connect(config: &Config, triggers: bool) -> Result<Engine> {
     let pool = store.pool().clone();
     // serve checks inputs against the workflows but never runs a step: it holds no connection's
     // credentials (Vault tokens, database passwords, S3 keys), so a compromised API pod has none.
-    let connections = if triggers {
+    let connections = if serve {
         dayshift_workflows::Connections::default()
     } else {
         config.connections()?
@@ -195,9 +195,15 @@ async fn connect(config: &Config, triggers: bool) -> Result<Engine> {
     if let Ok(step) = std::env::var("DAYSHIFT_TEST_STOP_AFTER_STEP") {
         builder = builder.on_step_journaled(stop_after_step(step));
     }
+    Ok(builder.build())
+}
+
+/// What `serve` serves over `engine`: authentication, the policy and the triggers, from the
+/// config.
+fn api(config: &Config, engine: &Engine) -> Result<dayshift_engine::api::Api> {
     let oidc = match &config.server.oidc {
         Some(o) => Some(std::sync::Arc::new(
-            dayshift_engine::auth::Oidc::new(dayshift_engine::auth::OidcConfig {
+            dayshift_engine::api::auth::Oidc::new(dayshift_engine::api::auth::OidcConfig {
                 issuer: o.issuer.clone(),
                 audience: o.audience.clone(),
                 jwks_url: o.jwks_url.clone(),
@@ -209,23 +215,21 @@ async fn connect(config: &Config, triggers: bool) -> Result<Engine> {
         )),
         None => None,
     };
-    if let (Some(oidc), true) = (&oidc, triggers) {
+    if let Some(oidc) = &oidc {
         // serve: the provider's keys are refetched in the background, so a rotation needs no
         // login to wait for it.
         oidc.clone().refresh_every(Duration::from_secs(15 * 60));
     }
-    builder = builder.auth(dayshift_engine::auth::AuthConfig {
-        public_metrics: config.server.public_metrics,
-        oidc,
-    });
-    builder = builder.policy(config.policy().map_err(anyhow::Error::msg)?);
-    if triggers {
-        builder = builder
-            .schedules(config.schedules())
-            .webhooks(config.webhooks()?)
-            .alerts(config.alerts()?);
-    }
-    Ok(builder.build())
+    Ok(dayshift_engine::api::Api::builder(engine.clone())
+        .auth(dayshift_engine::api::auth::AuthConfig {
+            public_metrics: config.server.public_metrics,
+            oidc,
+        })
+        .policy(config.policy().map_err(anyhow::Error::msg)?)
+        .schedules(config.schedules())
+        .webhooks(config.webhooks()?)
+        .alerts(config.alerts()?)
+        .build())
 }
 
 /// For crash tests: the process stops itself (SIGSTOP) right after step `step` is journaled,
@@ -324,7 +328,7 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             let store = PgStore::connect(c.database.url.expose(), 2)
                 .await
                 .context("cannot connect to PostgreSQL (database.url)")?;
-            let entries = dayshift_engine::auth::list_audit(store.pool(), target.as_deref(), limit).await?;
+            let entries = dayshift_engine::api::auth::list_audit(store.pool(), target.as_deref(), limit).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&entries)?);
             } else {
@@ -384,7 +388,7 @@ fn local_actor() -> String {
 }
 
 async fn tokens(pool: &sqlx::PgPool, command: TokensCommand) -> Result<()> {
-    use dayshift_engine::auth;
+    use dayshift_engine::api::auth;
     match command {
         TokensCommand::Create { name, role, expires_in } => {
             let expires_at =
@@ -454,6 +458,7 @@ async fn shutdown_signal() {
 
 async fn serve(config: Config) -> Result<()> {
     let engine = connect(&config, true).await?;
+    let api = api(&config, &engine)?;
     engine.store().migrate().await.context("migration failed")?;
     let listener = tokio::net::TcpListener::bind(config.server.listen)
         .await
@@ -468,19 +473,13 @@ async fn serve(config: Config) -> Result<()> {
     // Printed on stdout so that scripts and tests can wait for it.
     println!("listening on {}", listener.local_addr()?);
     let token = CancellationToken::new();
-    let scheduler =
-        tokio::spawn(dayshift_engine::Scheduler::new(engine.clone()).run(Duration::from_millis(250), token.clone()));
+    let scheduler = tokio::spawn(api.scheduler().clone().run(Duration::from_millis(250), token.clone()));
     let stop = token.clone();
     let limits = config.server.limits();
-    dayshift_engine::http::serve(
-        listener,
-        dayshift_engine::http::router_with(engine, limits.clone()),
-        &limits,
-        async move {
-            shutdown_signal().await;
-            stop.cancel();
-        },
-    )
+    dayshift_engine::api::serve(listener, api.router(limits.clone()), &limits, async move {
+        shutdown_signal().await;
+        stop.cancel();
+    })
     .await?;
     token.cancel();
     let _ = scheduler.await;
@@ -490,7 +489,7 @@ async fn serve(config: Config) -> Result<()> {
 async fn worker(config: Config) -> Result<()> {
     let engine = connect(&config, false).await?;
     let token = CancellationToken::new();
-    let worker = Worker::new(engine, config.worker.clone());
+    let worker = Worker::new(engine.core(), config.worker.clone());
     let name = worker.name().to_string();
     let run = tokio::spawn(worker.run(token.clone()));
     if let Some(addr) = config.worker.metrics_listen {
@@ -501,8 +500,11 @@ async fn worker(config: Config) -> Result<()> {
             "/metrics",
             axum::routing::get(|| async {
                 (
-                    [(axum::http::header::CONTENT_TYPE, dayshift_engine::metrics::CONTENT_TYPE)],
-                    dayshift_engine::metrics::render_process(),
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        dayshift_engine::core::metrics::CONTENT_TYPE,
+                    )],
+                    dayshift_engine::core::metrics::render_process(),
                 )
             }),
         );

@@ -34,10 +34,10 @@ use serde_json::Value;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::EngineInner;
-use crate::error::{StepError, StoreError, WorkflowError};
-use crate::model::{RetryPolicy, RunId, RunStatus, StartRun, StepKind, StepStatus};
-use crate::store::{JournalEntry, Lease, Outcome, StepRecord};
+use crate::core::error::{StepError, StoreError, WorkflowError};
+use crate::core::model::{RetryPolicy, RunId, RunStatus, StartRun, StepKind, StepStatus};
+use crate::core::queue::RedisQueue;
+use crate::core::store::{JournalEntry, Lease, PgStore, StepRecord};
 
 /// How long a step runs before it is journaled as in flight.
 const MARKER_DELAY: Duration = Duration::from_millis(20);
@@ -80,7 +80,7 @@ struct Undo {
 
 /// Why a pass over the workflow stopped before the workflow returned.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) enum Halt {
+pub(super) enum Halt {
     /// Due again at this time, or on an outside event if `None`.
     Suspend(Option<DateTime<Utc>>),
     /// The run was cancelled; undos run next.
@@ -103,8 +103,24 @@ struct State {
     now: DateTime<Utc>,
 }
 
+/// What a run's context uses of the engine: the journal, the queue, the workflows a child may
+/// be started as, and the test hooks. The engine's [`crate::core::Core`] is it; a trait, so
+/// that the context does not depend on the registry of workflows that depend on it.
+pub(crate) trait Host: Send + Sync + 'static {
+    /// The journal.
+    fn store(&self) -> &PgStore;
+    /// Wake-ups.
+    fn queue(&self) -> &RedisQueue;
+    /// The version of `workflow` for a child run with `input`, or why it cannot be started.
+    fn child_version(&self, workflow: &str, input: &Value) -> Result<u32, StepError>;
+    /// A failure injected into this attempt of a step (tests only).
+    fn injected_fault(&self, run: RunId, step: &str) -> Option<StepError>;
+    /// Called at each step boundary (tests only).
+    fn step_journaled(&self, run: RunId, step: &str);
+}
+
 pub(crate) struct CtxInner {
-    engine: Arc<EngineInner>,
+    pub(super) host: Arc<dyn Host>,
     workflow: String,
     /// What started the run (`api:token:alice`, ...): an API caller made the change.
     started_by: String,
@@ -116,6 +132,40 @@ pub(crate) struct CtxInner {
     shutdown: CancellationToken,
     halted: Notify,
     state: Mutex<State>,
+}
+
+impl CtxInner {
+    /// The context of a pass over a claimed run, with the run's journal by position.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn new(
+        host: Arc<dyn Host>,
+        workflow: String,
+        started_by: String,
+        renewed: std::time::Instant,
+        lease: Lease,
+        cancel: CancellationToken,
+        shutdown: CancellationToken,
+        journal: Vec<Option<JournalEntry>>,
+        now: DateTime<Utc>,
+    ) -> Self {
+        Self {
+            host,
+            workflow,
+            started_by,
+            renewed: Mutex::new(renewed),
+            lease,
+            cancel,
+            shutdown,
+            halted: Notify::new(),
+            state: Mutex::new(State {
+                journal,
+                cursor: 0,
+                undos: Vec::new(),
+                halt: None,
+                now,
+            }),
+        }
+    }
 }
 
 /// The workflow's handle on the runtime. Every side effect goes through it.
@@ -138,6 +188,10 @@ enum Lookup {
 }
 
 impl Ctx {
+    pub(super) fn from_inner(inner: Arc<CtxInner>) -> Self {
+        Self { inner }
+    }
+
     /// The run this workflow executes.
     pub fn run_id(&self) -> RunId {
         self.inner.lease.run_id
@@ -255,8 +309,8 @@ impl Ctx {
         let passed = deadline.is_some_and(|d| d <= self.now());
         match self
             .inner
-            .engine
-            .store
+            .host
+            .store()
             .take_signal(&self.inner.lease, seq, &name, passed)
             .await
         {
@@ -387,26 +441,22 @@ impl Ctx {
             Lookup::Found(e) => e,
             Lookup::New => {
                 self.halt_if_cancelled(seq, name, StepKind::Child).await;
-                let Some(def) = self.inner.engine.registry.get(workflow) else {
-                    return Err(StepError::Permanent(format!("unknown workflow '{workflow}'")));
-                };
                 let input = serde_json::to_value(input).map_err(StepError::permanent)?;
-                def.validate(&input)
-                    .map_err(|e| StepError::Permanent(format!("invalid child input: {e}")))?;
+                let version = self.inner.host.child_version(workflow, &input)?;
                 let mut req = StartRun::new(workflow, input);
                 req.started_by = Some(format!("parent:{}", self.run_id()));
-                req.trace_context = crate::telemetry::begin_run(workflow);
+                req.trace_context = crate::core::telemetry::begin_run(workflow);
                 let child = match self
                     .inner
-                    .engine
-                    .store
-                    .start_child(&self.inner.lease, seq, name, &req, def.version)
+                    .host
+                    .store()
+                    .start_child(&self.inner.lease, seq, name, &req, version)
                     .await
                 {
                     Ok(id) => id,
                     Err(e) => return self.halt(store_halt(e)).await,
                 };
-                self.inner.engine.enqueue_now(&[child]).await;
+                self.inner.host.queue().wake_now(&[child]).await;
                 return self.halt(Halt::Suspend(None)).await;
             }
         };
@@ -418,7 +468,7 @@ impl Ctx {
             StepStatus::Cancelled => return self.halt(Halt::Cancelled).await,
             _ => {
                 let child = RunId(entry.child_run_id.unwrap_or_default());
-                let (status, output, error) = match self.inner.engine.store.run_outcome(child).await {
+                let (status, output, error) = match self.inner.host.store().run_outcome(child).await {
                     Ok(o) => o,
                     Err(e) => return self.halt(store_halt(e)).await,
                 };
@@ -432,7 +482,7 @@ impl Ctx {
                         // A child cancelled along with this run: this run's cancellation wins
                         // over the child's outcome, even if this pass was claimed before it.
                         if status == RunStatus::Cancelled
-                            && let Ok(true) = self.inner.engine.store.renew(&self.inner.lease).await
+                            && let Ok(true) = self.inner.host.store().renew(&self.inner.lease).await
                         {
                             self.inner.cancel.cancel();
                         }
@@ -516,8 +566,8 @@ impl Ctx {
         // Only positions that exist are marked; a new position stays empty.
         let _ = self
             .inner
-            .engine
-            .store
+            .host
+            .store()
             .record(
                 &self.inner.lease,
                 &StepRecord {
@@ -557,7 +607,7 @@ impl Ctx {
     /// Journals, or halts the pass if the store refuses.
     async fn record(&self, r: &StepRecord<'_>) -> Option<DateTime<Utc>> {
         let sent = std::time::Instant::now();
-        match self.inner.engine.store.record(&self.inner.lease, r).await {
+        match self.inner.host.store().record(&self.inner.lease, r).await {
             Ok(at) => {
                 *self.inner.renewed.lock().expect("lease clock") = sent;
                 at
@@ -586,7 +636,7 @@ impl Ctx {
         } else if self.inner.shutdown.is_cancelled() {
             self.halt::<()>(Halt::Shutdown).await;
         }
-        let store = &self.inner.engine.store;
+        let store = &self.inner.host.store();
         let lease = &self.inner.lease;
         let step_cancel = if cancellable {
             self.inner.cancel.child_token()
@@ -600,8 +650,8 @@ impl Ctx {
             attempt,
             cancel: step_cancel.clone(),
         };
-        let injected = match (&self.inner.engine.faults, kind) {
-            (Some(faults), StepKind::Step) => faults(lease.run_id, name),
+        let injected = match kind {
+            StepKind::Step => self.inner.host.injected_fault(lease.run_id, name),
             _ => None,
         };
         let work: BoxFuture<'f, Result<Value, StepError>> = match injected {
@@ -656,7 +706,12 @@ impl Ctx {
         let ran_for = Some(began.elapsed());
         if !matches!(result, Err(StepError::Cancelled)) {
             let retrying = matches!(&result, Err(e) if e.is_retryable() && attempt < policy.max_attempts);
-            crate::metrics::metrics().step_attempt(&self.inner.workflow, name, began.elapsed().as_secs_f64(), retrying);
+            crate::core::metrics::metrics().step_attempt(
+                &self.inner.workflow,
+                name,
+                began.elapsed().as_secs_f64(),
+                retrying,
+            );
         }
         match result {
             Ok(value) => {
@@ -679,9 +734,7 @@ impl Ctx {
                     ran_for,
                 })
                 .await;
-                if let Some(hook) = &self.inner.engine.after_step {
-                    hook(lease.run_id, name);
-                }
+                self.inner.host.step_journaled(lease.run_id, name);
                 Ok(value)
             }
             Err(StepError::Cancelled) => {
@@ -760,7 +813,7 @@ impl Ctx {
                 continue;
             }
             let sent = std::time::Instant::now();
-            match self.inner.engine.store.renew(lease).await {
+            match self.inner.host.store().renew(lease).await {
                 Ok(cancelled) => {
                     *self.inner.renewed.lock().expect("lease clock") = sent;
                     if cancelled {
@@ -860,7 +913,7 @@ impl Ctx {
 }
 
 /// The message of a panic payload, if it has one.
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+pub(super) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     panic
         .downcast_ref::<&str>()
         .map(|s| s.to_string())
@@ -973,46 +1026,8 @@ where
     }
 }
 
-// ------------------------------------------------------------------------------------------
-// The driver: one pass over one run.
-
-/// What a worker passes to each pass.
-#[derive(Clone)]
-pub(crate) struct PassOptions {
-    pub(crate) owner: String,
-    pub(crate) lease_ttl: Duration,
-    pub(crate) shutdown: CancellationToken,
-    pub(crate) cancels: CancelRegistry,
-}
-
-/// The cancellation tokens of the runs a worker is advancing, so that a cancel notification
-/// reaches the step in flight.
-#[derive(Clone, Default)]
-pub(crate) struct CancelRegistry {
-    tokens: Arc<Mutex<std::collections::HashMap<RunId, CancellationToken>>>,
-}
-
-impl CancelRegistry {
-    fn register(&self, id: RunId) -> CancellationToken {
-        let token = CancellationToken::new();
-        self.tokens.lock().expect("cancel registry").insert(id, token.clone());
-        token
-    }
-
-    fn unregister(&self, id: RunId) {
-        self.tokens.lock().expect("cancel registry").remove(&id);
-    }
-
-    /// Cancels the step in flight of run `id`, if this worker runs one.
-    pub(crate) fn cancel(&self, id: RunId) {
-        if let Some(t) = self.tokens.lock().expect("cancel registry").get(&id) {
-            t.cancel();
-        }
-    }
-}
-
 /// Polls `fut` until it resolves or the pass halts.
-async fn drive<F: Future>(inner: &CtxInner, fut: F) -> Result<F::Output, Halt> {
+pub(super) async fn drive<F: Future>(inner: &CtxInner, fut: F) -> Result<F::Output, Halt> {
     let out = tokio::select! {
         biased;
         _ = inner.halted.notified() => None,
@@ -1026,209 +1041,8 @@ async fn drive<F: Future>(inner: &CtxInner, fut: F) -> Result<F::Output, Halt> {
     }
 }
 
-/// Claims run `run_id` and advances it as far as it can go now.
-///
-/// # Cancel safety
-/// Not cancel-safe: poll to completion. Shutdown is signalled through `opts.shutdown`, which
-/// the runtime checks between steps.
-pub(crate) async fn advance(engine: &Arc<EngineInner>, run_id: RunId, opts: &PassOptions) -> Result<(), StoreError> {
-    use crate::store::ClaimMiss;
-    // Taken before the claim is sent: the lease runs out `ttl` after the database's now().
-    let claimed_at = std::time::Instant::now();
-    let (lease, claimed) = match engine.store.claim(run_id, &opts.owner, opts.lease_ttl).await? {
-        Ok(c) => c,
-        Err(ClaimMiss::NotYet(at)) => {
-            engine.enqueue_at(run_id, at).await;
-            return Ok(());
-        }
-        Err(ClaimMiss::NotRunnable) => return Ok(()),
-    };
-    let Some(def) = engine.registry.get(&claimed.workflow).cloned() else {
-        tracing::warn!(run_id = %run_id, workflow = %claimed.workflow, worker = %opts.owner,
-            "Workflow not registered on this worker; leaving the run for another.");
-        let retry_at = claimed.now + chrono::Duration::seconds(30);
-        engine.store.release(&lease, Some(retry_at), RunStatus::Waiting).await?;
-        engine.enqueue_at(run_id, retry_at).await;
-        return Ok(());
-    };
-    let span = crate::telemetry::pass_span(
-        &run_id.to_string(),
-        &claimed.workflow,
-        &opts.owner,
-        claimed.trace_context.as_deref(),
-    );
-    tracing::Instrument::instrument(pass(engine, run_id, opts, lease, claimed, claimed_at, def), span).await
-}
-
-/// One pass over a claimed run: replays its journal and runs it on until it ends or halts.
-async fn pass(
-    engine: &Arc<EngineInner>,
-    run_id: RunId,
-    opts: &PassOptions,
-    lease: Lease,
-    claimed: crate::store::ClaimedRun,
-    claimed_at: std::time::Instant,
-    def: crate::workflow::WorkflowDef,
-) -> Result<(), StoreError> {
-    // A run claimed for the first time has no journal yet.
-    let journal = if claimed.first_claim {
-        Vec::new()
-    } else {
-        engine.store.journal(run_id).await?
-    };
-    let mut slots: Vec<Option<JournalEntry>> = Vec::new();
-    for e in journal {
-        let i = e.seq as usize;
-        if slots.len() <= i {
-            slots.resize_with(i + 1, || None);
-        }
-        slots[i] = Some(e);
-    }
-    let cancel = opts.cancels.register(run_id);
-    if claimed.cancel_requested {
-        cancel.cancel();
-    }
-    let inner = Arc::new(CtxInner {
-        engine: engine.clone(),
-        workflow: claimed.workflow.clone(),
-        started_by: claimed.started_by.clone(),
-        renewed: Mutex::new(claimed_at),
-        lease: lease.clone(),
-        cancel,
-        shutdown: opts.shutdown.clone(),
-        halted: Notify::new(),
-        state: Mutex::new(State {
-            journal: slots,
-            cursor: 0,
-            undos: Vec::new(),
-            halt: None,
-            now: claimed.now,
-        }),
-    });
-    let ctx = Ctx { inner: inner.clone() };
-    let body = (def.run)(ctx.clone(), claimed.input.clone());
-    let body = std::panic::AssertUnwindSafe(body).catch_unwind();
-    let ended = drive(&inner, body).await.map(|outcome| {
-        outcome.unwrap_or_else(|panic| {
-            Err(WorkflowError::failed(format!(
-                "workflow panicked: {}",
-                panic_message(&*panic)
-            )))
-        })
-    });
-    let result = conclude(engine, &ctx, &lease, &claimed, ended).await;
-    opts.cancels.unregister(run_id);
-    result
-}
-
-async fn conclude(
-    engine: &Arc<EngineInner>,
-    ctx: &Ctx,
-    lease: &Lease,
-    claimed: &crate::store::ClaimedRun,
-    ended: Result<Result<Value, WorkflowError>, Halt>,
-) -> Result<(), StoreError> {
-    let run_id = lease.run_id;
-    let outcome = match ended {
-        Ok(Ok(output)) => Outcome {
-            status: RunStatus::Succeeded,
-            output: Some(output),
-            error: None,
-        },
-        Ok(Err(e)) => match compensate(ctx).await {
-            Ok(undo_errors) => Outcome {
-                status: RunStatus::Failed,
-                output: None,
-                error: Some(with_undo_errors(e.to_string(), undo_errors)),
-            },
-            Err(h) => return settle(engine, lease, h).await,
-        },
-        Err(Halt::Cancelled) => match compensate(ctx).await {
-            Ok(undo_errors) => {
-                // Read now: the cancellation may have arrived after the claim.
-                let reason = match engine.store.cancel_reason(run_id).await {
-                    Ok(Some(r)) => r,
-                    _ => claimed.cancel_reason.clone().unwrap_or_else(|| "cancelled".into()),
-                };
-                let failed = !undo_errors.is_empty();
-                Outcome {
-                    status: RunStatus::Cancelled,
-                    output: None,
-                    error: Some(if failed {
-                        with_undo_errors(reason, undo_errors)
-                    } else {
-                        reason
-                    }),
-                }
-            }
-            Err(h) => return settle(engine, lease, h).await,
-        },
-        Err(Halt::NonDeterminism(msg)) => {
-            tracing::error!(run_id = %run_id, error = %msg, "Run stopped: non-determinism.");
-            Outcome {
-                status: RunStatus::Failed,
-                output: None,
-                error: Some(msg),
-            }
-        }
-        Err(h) => return settle(engine, lease, h).await,
-    };
-    tracing::info!(run_id = %run_id, status = %outcome.status, "Run finished.");
-    let due = engine
-        .store
-        .finish(lease, &outcome, claimed.has_parent, claimed.has_concurrency_key)
-        .await;
-    match due {
-        Ok(due) => {
-            crate::metrics::metrics().run_finished(&claimed.workflow, outcome.status.as_str());
-            engine.enqueue_now(&due).await;
-            Ok(())
-        }
-        Err(StoreError::LeaseLost(_)) => {
-            crate::metrics::metrics().lease_lost();
-            Ok(())
-        }
-        Err(e) => Err(e),
-    }
-}
-
-fn with_undo_errors(error: String, undo_errors: Vec<String>) -> String {
-    if undo_errors.is_empty() {
-        error
-    } else {
-        format!("{error}; and undo failed: {}", undo_errors.join("; "))
-    }
-}
-
-/// Ends a pass that did not end the run.
-async fn settle(engine: &Arc<EngineInner>, lease: &Lease, halt: Halt) -> Result<(), StoreError> {
-    let run_id = lease.run_id;
-    let (wake_at, status) = match halt {
-        Halt::Suspend(at) => (at, RunStatus::Waiting),
-        Halt::Shutdown => (Some(Utc::now()), RunStatus::Running),
-        Halt::Store(e) => {
-            tracing::warn!(run_id = %run_id, error = %e, "Store error; the run will be retried.");
-            (Some(Utc::now() + chrono::Duration::seconds(5)), RunStatus::Running)
-        }
-        Halt::LeaseLost => {
-            tracing::warn!(run_id = %run_id, "Lease lost; another worker has the run.");
-            crate::metrics::metrics().lease_lost();
-            return Ok(());
-        }
-        Halt::Cancelled | Halt::NonDeterminism(_) => unreachable!("handled by conclude"),
-    };
-    match engine.store.release(lease, wake_at, status).await {
-        Ok(Some(at)) => {
-            engine.enqueue_at(run_id, at).await;
-            Ok(())
-        }
-        Ok(None) | Err(StoreError::LeaseLost(_)) => Ok(()),
-        Err(e) => Err(e),
-    }
-}
-
 /// Runs the registered undos in reverse. Returns the undos that failed for good.
-async fn compensate(ctx: &Ctx) -> Result<Vec<String>, Halt> {
+pub(super) async fn compensate(ctx: &Ctx) -> Result<Vec<String>, Halt> {
     let inner = &ctx.inner;
     let (undos, base) = {
         let mut st = inner.state.lock().expect("ctx state");

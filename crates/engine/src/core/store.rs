@@ -17,8 +17,8 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, PgPool, Postgres, Row, Transaction};
 use uuid::Uuid;
 
-use crate::error::{StoreError, StoreResult};
-use crate::model::{
+use crate::core::error::{StoreError, StoreResult};
+use crate::core::model::{
     AttemptError, ConcurrencyPolicy, RunFilter, RunId, RunStatus, RunView, StartRun, Started, StepKind, StepStatus,
     StepView,
 };
@@ -256,14 +256,14 @@ impl PgStore {
                 created: true,
                 note: None,
             };
-            crate::metrics::metrics().run_started(&req.workflow, &started_by);
+            crate::core::metrics::metrics().run_started(&req.workflow, &started_by);
             return Ok((started, vec![id]));
         }
         let mut tx = self.pool.begin().await?;
         let (started, due) = create_run_in(&mut tx, id, req, version, parent).await?;
         tx.commit().await?;
         if started.created {
-            crate::metrics::metrics().run_started(&req.workflow, &started_by);
+            crate::core::metrics::metrics().run_started(&req.workflow, &started_by);
         }
         Ok((started, due))
     }
@@ -307,7 +307,7 @@ impl PgStore {
                 ttl,
             };
             if row.get::<bool, _>("recovered") {
-                crate::metrics::metrics().run_recovered();
+                crate::core::metrics::metrics().run_recovered();
             }
             return Ok(Ok((
                 lease,
@@ -596,7 +596,7 @@ impl PgStore {
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
-        crate::metrics::metrics().run_started(&req.workflow, req.started_by.as_deref().unwrap_or("api"));
+        crate::core::metrics::metrics().run_started(&req.workflow, req.started_by.as_deref().unwrap_or("api"));
         if !orphans.is_empty() {
             tracing::warn!(run_id = %lease.run_id, seq, count = orphans.len(), "Cancelled orphaned child runs.");
         }
@@ -1163,7 +1163,7 @@ mod tests {
     //! The fencing of journal writes, against a real PostgreSQL (`DAYSHIFT_DATABASE_URL`).
 
     use super::*;
-    use crate::model::StepKind;
+    use crate::core::model::StepKind;
 
     async fn fresh_store() -> PgStore {
         let url = std::env::var("DAYSHIFT_DATABASE_URL")

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::RunId;
+use crate::core::model::RunId;
 
 /// How a step failed. Journaled, so it round-trips through serde.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]

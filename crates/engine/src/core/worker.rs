@@ -9,12 +9,12 @@ use serde::{Deserialize, Serialize};
 use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::{Engine, EngineInner};
-use crate::error::EngineError;
-use crate::model::RunId;
-use crate::queue::AdvanceJob;
-use crate::runtime::{self, CancelRegistry, PassOptions};
-use crate::store::CANCEL_CHANNEL;
+use crate::core::Core;
+use crate::core::error::EngineError;
+use crate::core::model::RunId;
+use crate::core::pass::{self, CancelRegistry, PassOptions};
+use crate::core::queue::AdvanceJob;
+use crate::core::store::CANCEL_CHANNEL;
 
 /// How a worker behaves.
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
@@ -69,22 +69,22 @@ pub(crate) fn default_worker_name() -> String {
 }
 
 struct Shared {
-    engine: Arc<EngineInner>,
+    core: Arc<Core>,
     opts: PassOptions,
 }
 
 /// A worker process's loops.
 #[derive(Debug)]
 pub struct Worker {
-    engine: Engine,
+    core: Arc<Core>,
     config: WorkerConfig,
 }
 
 impl Worker {
-    /// A worker of `engine`.
-    pub fn new(engine: Engine, mut config: WorkerConfig) -> Self {
+    /// A worker advancing the runs of `core` ([`crate::Engine::core`]).
+    pub fn new(core: Arc<Core>, mut config: WorkerConfig) -> Self {
         config.name.get_or_insert_with(default_worker_name);
-        Self { engine, config }
+        Self { core, config }
     }
 
     /// This worker's name (given, or `<host>-<pid>-<random>`).
@@ -99,10 +99,10 @@ impl Worker {
     /// Not cancel-safe: signal shutdown through the token and await the result (bounded by a
     /// grace period in the caller); dropping it leaves leases to expire.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), EngineError> {
-        let inner = self.engine.inner.clone();
+        let inner = self.core.clone();
         let cancels = CancelRegistry::default();
         let shared = Arc::new(Shared {
-            engine: inner.clone(),
+            core: inner.clone(),
             opts: PassOptions {
                 owner: self.name().to_string(),
                 lease_ttl: self.config.lease_ttl,
@@ -188,7 +188,7 @@ impl Worker {
 async fn handle(job: AdvanceJob, shared: Data<Arc<Shared>>) -> Result<(), BoxDynError> {
     let run_id = job.run_id;
     let shared = Arc::clone(&shared);
-    let pass = tokio::spawn(async move { runtime::advance(&shared.engine, run_id, &shared.opts).await });
+    let pass = tokio::spawn(async move { pass::advance(&shared.core, run_id, &shared.opts).await });
     match pass.await {
         Ok(Ok(())) => {}
         // Nothing is lost: the run is due in PostgreSQL and the sweeper re-enqueues it.
@@ -199,7 +199,7 @@ async fn handle(job: AdvanceJob, shared: Data<Arc<Shared>>) -> Result<(), BoxDyn
 }
 
 /// Re-enqueues every run PostgreSQL says is due and nobody holds.
-async fn sweep(engine: Arc<EngineInner>, every: Duration, shutdown: CancellationToken) {
+async fn sweep(core: Arc<Core>, every: Duration, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -207,10 +207,10 @@ async fn sweep(engine: Arc<EngineInner>, every: Duration, shutdown: Cancellation
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        match engine.store.due_runs(every, 10_000).await {
+        match core.store.due_runs(every, 10_000).await {
             Ok(due) if !due.is_empty() => {
                 tracing::debug!(count = due.len(), "Sweeper re-enqueues due runs.");
-                engine.enqueue_now(&due).await;
+                core.queue.wake_now(&due).await;
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "Sweep failed."),
@@ -219,9 +219,9 @@ async fn sweep(engine: Arc<EngineInner>, every: Duration, shutdown: Cancellation
 }
 
 /// Relays `pg_notify` cancellations to the steps this worker runs.
-async fn listen_for_cancels(engine: Arc<EngineInner>, cancels: CancelRegistry, shutdown: CancellationToken) {
+async fn listen_for_cancels(core: Arc<Core>, cancels: CancelRegistry, shutdown: CancellationToken) {
     loop {
-        let mut listener = match PgListener::connect_with(engine.store.pool()).await {
+        let mut listener = match PgListener::connect_with(core.store.pool()).await {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(error = %e, "Cancel listener cannot connect; retrying.");

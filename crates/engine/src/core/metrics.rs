@@ -8,16 +8,12 @@
 //! - **what PostgreSQL says**, read at scrape time by `serve` (so every replica tells the same
 //!   story and nothing is lost on restart): backup freshness, the queue's depth and lag.
 
-use std::fmt::Write;
 use std::sync::OnceLock;
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-
-use crate::engine::Engine;
-use crate::error::EngineError;
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -164,69 +160,15 @@ pub fn render_process() -> String {
     out
 }
 
-fn encode() -> String {
+pub(crate) fn encode() -> String {
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &metrics().registry).expect("writing to a String");
     // Gauges from PostgreSQL follow; the end marker goes after them.
     out.strip_suffix("# EOF\n").map(str::to_string).unwrap_or(out)
 }
 
-/// `serve`'s `/metrics`: its counters, then what PostgreSQL says.
-pub(crate) async fn render(engine: &Engine) -> Result<String, EngineError> {
-    let mut out = encode();
-    out.push_str(
-        "# HELP dayshift_workflow_last_success_timestamp_seconds When the last successful run for this source finished (Unix time).\n\
-         # TYPE dayshift_workflow_last_success_timestamp_seconds gauge\n",
-    );
-    for (workflow, field) in engine.inner.registry.freshness_fields() {
-        for (source, at) in engine.inner.store.last_successes(workflow, field).await? {
-            let _ = writeln!(
-                out,
-                "dayshift_workflow_last_success_timestamp_seconds{{workflow=\"{}\",source=\"{}\"}} {}",
-                escape(workflow),
-                escape(&source),
-                at.timestamp_millis() as f64 / 1000.0
-            );
-        }
-    }
-    // A schedule is overdue when the first tick after its last one is past and not fired.
-    out.push_str(
-        "# HELP dayshift_schedule_overdue_seconds How long a schedule's next tick is overdue (0: on time or paused).\n\
-         # TYPE dayshift_schedule_overdue_seconds gauge\n",
-    );
-    let now = chrono::Utc::now();
-    for view in crate::schedule::Scheduler::new(engine.clone()).list().await? {
-        let schedule = engine.inner.schedules.iter().find(|s| s.name == view.name);
-        let overdue = match (view.paused, view.last_tick, schedule) {
-            (false, Some(last), Some(s)) => s
-                .next_ticks(last, 1)
-                .first()
-                .map(|next| (now - *next).num_milliseconds().max(0) as f64 / 1000.0)
-                .unwrap_or(0.0),
-            _ => 0.0,
-        };
-        let _ = writeln!(
-            out,
-            "dayshift_schedule_overdue_seconds{{schedule=\"{}\"}} {overdue}",
-            escape(&view.name)
-        );
-    }
-    let (depth, lag) = engine.inner.store.queue_depth().await?;
-    let _ = write!(
-        out,
-        "# HELP dayshift_queue_depth Runs due now that no worker holds.\n\
-         # TYPE dayshift_queue_depth gauge\n\
-         dayshift_queue_depth {depth}\n\
-         # HELP dayshift_queue_lag_seconds How long the longest-waiting due run has waited for a worker.\n\
-         # TYPE dayshift_queue_lag_seconds gauge\n\
-         dayshift_queue_lag_seconds {lag}\n"
-    );
-    out.push_str("# EOF\n");
-    Ok(out)
-}
-
 /// A label value as the exposition format wants it.
-fn escape(value: &str) -> String {
+pub(crate) fn escape(value: &str) -> String {
     value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 

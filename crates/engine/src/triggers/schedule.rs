@@ -28,9 +28,9 @@ use serde_json::{Value, json};
 use sqlx::Row;
 use tokio_util::sync::CancellationToken;
 
+use crate::core::error::EngineError;
+use crate::core::model::{ConcurrencyPolicy, RunId, StartRun};
 use crate::engine::Engine;
-use crate::error::EngineError;
-use crate::model::{ConcurrencyPolicy, RunId, StartRun};
 use crate::template;
 
 /// A cron expression, checked when it is read.
@@ -282,18 +282,57 @@ impl Schedule {
 #[derive(Clone, Debug)]
 pub struct Scheduler {
     engine: Engine,
+    schedules: std::sync::Arc<[Schedule]>,
 }
 
 impl Scheduler {
-    /// The scheduler of `engine`'s schedules.
-    pub fn new(engine: Engine) -> Self {
-        Self { engine }
+    /// The scheduler of `schedules`, starting their runs on `engine`.
+    pub fn new(engine: Engine, schedules: Vec<Schedule>) -> Self {
+        Self {
+            engine,
+            schedules: schedules.into(),
+        }
+    }
+
+    /// The schedules.
+    pub fn schedules(&self) -> &[Schedule] {
+        &self.schedules
+    }
+
+    /// Checks what can be checked of the schedules before any fires: names are unique, each
+    /// names a registered workflow, and its input (filled for a sample tick) fits the
+    /// workflow's input type. Returns one message per problem, naming the schedule.
+    pub fn check(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for s in self.schedules.iter() {
+            if !seen.insert(s.name.as_str()) {
+                problems.push(format!("schedule '{}' is declared twice", s.name));
+            }
+            let Some(def) = self.engine.registry().get(&s.workflow) else {
+                problems.push(format!(
+                    "schedule '{}': unknown workflow '{}'; `dayshift workflows` lists the registered ones",
+                    s.name, s.workflow
+                ));
+                continue;
+            };
+            match s.input_for(chrono::Utc::now()) {
+                Err(e) => problems.push(format!("schedule '{}': {e}", s.name)),
+                Ok(input) => {
+                    if let Err(e) = def.validate(&input) {
+                        problems.push(format!(
+                            "schedule '{}': input for workflow '{}': {e}",
+                            s.name, s.workflow
+                        ));
+                    }
+                }
+            }
+        }
+        problems
     }
 
     fn schedule(&self, name: &str) -> Result<&Schedule, EngineError> {
-        self.engine
-            .inner
-            .schedules
+        self.schedules
             .iter()
             .find(|s| s.name == name)
             .ok_or_else(|| EngineError::NotFound(format!("schedule '{name}' not found")))
@@ -303,10 +342,10 @@ impl Scheduler {
     ///
     /// Safe to run in several processes at once: each tick starts one run.
     pub async fn run(self, period: Duration, shutdown: CancellationToken) {
-        if self.engine.inner.schedules.is_empty() {
+        if self.schedules.is_empty() {
             return;
         }
-        tracing::info!(count = self.engine.inner.schedules.len(), "Scheduler started.");
+        tracing::info!(count = self.schedules.len(), "Scheduler started.");
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -323,7 +362,7 @@ impl Scheduler {
     /// One pass: for every schedule, start the runs of the ticks that are due.
     pub async fn fire_due(&self) -> Result<(), EngineError> {
         let pool = self.engine.store().pool();
-        let names: Vec<&str> = self.engine.inner.schedules.iter().map(|s| s.name.as_str()).collect();
+        let names: Vec<&str> = self.schedules.iter().map(|s| s.name.as_str()).collect();
         // Two statements per pass, however many schedules. A schedule seen for the first time
         // starts from now: no backfill.
         let now: DateTime<Utc> = sqlx::query_scalar(
@@ -343,7 +382,7 @@ impl Scheduler {
             .into_iter()
             .map(|(name, paused, last)| (name, (paused, last)))
             .collect();
-        for schedule in self.engine.inner.schedules.iter() {
+        for schedule in self.schedules.iter() {
             // Missing only if it was inserted by this pass's first statement: due from now.
             let (paused, last) = states.get(&schedule.name).copied().unwrap_or((false, now));
             if paused {
@@ -396,7 +435,7 @@ impl Scheduler {
                 };
                 if started.created {
                     tracing::info!(schedule = %schedule.name, %tick, run_id = %started.id, outcome, "Schedule fired.");
-                    let m = crate::metrics::metrics();
+                    let m = crate::core::metrics::metrics();
                     m.delivery("schedule", outcome);
                     if !manual {
                         m.schedule_lag((Utc::now() - tick).num_milliseconds() as f64 / 1000.0);
@@ -408,7 +447,7 @@ impl Scheduler {
             Err(
                 e @ (EngineError::UnknownWorkflow(_) | EngineError::InvalidInput { .. } | EngineError::Conflict(_)),
             ) => {
-                crate::metrics::metrics().delivery("schedule", "failed");
+                crate::core::metrics::metrics().delivery("schedule", "failed");
                 record_tick(pool, &schedule.name, tick, "failed", None, Some(&e.to_string())).await?;
                 tracing::error!(schedule = %schedule.name, %tick, error = %e, "Schedule could not start its run.");
                 Err(e)
@@ -420,7 +459,7 @@ impl Scheduler {
     /// Every schedule with its state and next fire times.
     pub async fn list(&self) -> Result<Vec<ScheduleView>, EngineError> {
         let mut out = Vec::new();
-        for s in self.engine.inner.schedules.iter() {
+        for s in self.schedules.iter() {
             out.push(self.view(s).await?);
         }
         Ok(out)

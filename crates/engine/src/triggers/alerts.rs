@@ -21,9 +21,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sqlx::Row;
 
+use crate::core::error::EngineError;
+use crate::core::model::{RunId, StartRun};
 use crate::engine::Engine;
-use crate::error::EngineError;
-use crate::model::{RunId, StartRun};
 use crate::template;
 
 /// One label matcher, in Alertmanager's syntax: `name="value"`, `name!="value"`,
@@ -194,7 +194,9 @@ impl IntakeAuth {
         let given = authorization.unwrap_or("");
         match self {
             Self::None => true,
-            Self::Bearer(token) => crate::auth::bearer(given).is_some_and(|t| crate::auth::same(t.as_bytes(), token)),
+            Self::Bearer(token) => {
+                crate::identity::bearer(given).is_some_and(|t| crate::identity::same(t.as_bytes(), token))
+            }
             Self::Basic { username, password } => {
                 use base64::Engine as _;
                 let Some(encoded) = given
@@ -210,7 +212,7 @@ impl IntakeAuth {
                 let mut expected = username.as_bytes().to_vec();
                 expected.push(b':');
                 expected.extend_from_slice(password);
-                crate::auth::same(&decoded, &expected)
+                crate::identity::same(&decoded, &expected)
             }
         }
     }

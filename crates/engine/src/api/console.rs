@@ -9,14 +9,12 @@
 
 use std::sync::LazyLock;
 
-use axum::Router;
 use axum::extract::Path;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
-use axum::routing::get;
 use sha2::{Digest, Sha256};
 
-use crate::engine::Engine;
+use crate::api::access::{Access, Routes};
 
 /// One file of the console: its path under `/console/`, media type and content.
 struct Asset {
@@ -30,7 +28,7 @@ macro_rules! assets {
         &[$(Asset {
             path: $path,
             media_type: $media_type,
-            body: include_bytes!(concat!("../console/", $path)),
+            body: include_bytes!(concat!("../../console/", $path)),
         }),+]
     };
 }
@@ -63,18 +61,19 @@ static ETAGS: LazyLock<Vec<String>> = LazyLock::new(|| {
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
                    connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
-/// The console's routes: `/` and `/console` lead to `/console/`.
-pub(crate) fn routes() -> Router<Engine> {
-    Router::new()
-        .route("/", get(|| async { Redirect::to("/console/") }))
-        .route("/console", get(|| async { Redirect::to("/console/") }))
-        .route(
-            "/console/",
-            get(|headers: HeaderMap| async move { asset("index.html", &headers) }),
-        )
-        .route(
+/// The console's routes: `/` and `/console` lead to `/console/`. Public: the files hold no
+/// data.
+pub(crate) fn routes(routes: Routes) -> Routes {
+    routes
+        .get("/", Access::Public, || async { Redirect::to("/console/") })
+        .get("/console", Access::Public, || async { Redirect::to("/console/") })
+        .get("/console/", Access::Public, |headers: HeaderMap| async move {
+            asset("index.html", &headers)
+        })
+        .get(
             "/console/{*path}",
-            get(|Path(path): Path<String>, headers: HeaderMap| async move { asset(&path, &headers) }),
+            Access::Public,
+            |Path(path): Path<String>, headers: HeaderMap| async move { asset(&path, &headers) },
         )
 }
 

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use crate::model::{Concurrency, StartRun};
+use crate::core::model::{Concurrency, StartRun};
 use crate::template;
 
 /// A git forge.
@@ -308,7 +308,7 @@ pub fn verify(forge: Forge, headers: &dyn Headers, body: &[u8], secret: &[u8]) -
     match forge {
         Forge::Gitlab => match headers.get("x-gitlab-token") {
             None => unauthorized("missing X-Gitlab-Token"),
-            Some(token) if crate::auth::same(token.as_bytes(), secret) => Ok(()),
+            Some(token) if crate::identity::same(token.as_bytes(), secret) => Ok(()),
             Some(_) => unauthorized("wrong X-Gitlab-Token"),
         },
         Forge::Github | Forge::Gitea | Forge::Forgejo => {
@@ -851,7 +851,7 @@ pub struct DeliveryOutcome {
 pub struct StartedByRoute {
     pub route: String,
     pub workflow: String,
-    pub run_id: crate::model::RunId,
+    pub run_id: crate::core::model::RunId,
     pub duplicate: bool,
 }
 
@@ -876,7 +876,7 @@ pub(crate) async fn deliver(
     parsed: Parsed,
     payload: &Value,
     body_sha256: &str,
-) -> Result<DeliveryOutcome, crate::error::EngineError> {
+) -> Result<DeliveryOutcome, crate::core::error::EngineError> {
     let pool = engine.store().pool();
     let (mut out, mut event) = match parsed {
         Parsed::Ping => (DeliveryOutcome::new("pong"), None),
@@ -902,7 +902,7 @@ pub(crate) async fn deliver(
     .fetch_optional(pool)
     .await?;
     if let Some(first) = before {
-        return Err(crate::error::EngineError::Conflict(format!(
+        return Err(crate::core::error::EngineError::Conflict(format!(
             "this signed body was delivered before as a {first} event; it is not taken again as {kind}"
         )));
     }
@@ -949,10 +949,10 @@ pub(crate) async fn deliver(
                         duplicate: !started.created,
                     }),
                     Err(
-                        err @ (crate::error::EngineError::InvalidInput { .. }
-                        | crate::error::EngineError::UnknownWorkflow(_)
-                        | crate::error::EngineError::BadRequest(_)
-                        | crate::error::EngineError::Conflict(_)),
+                        err @ (crate::core::error::EngineError::InvalidInput { .. }
+                        | crate::core::error::EngineError::UnknownWorkflow(_)
+                        | crate::core::error::EngineError::BadRequest(_)
+                        | crate::core::error::EngineError::Conflict(_)),
                     ) => out.errors.push(format!("route '{}': {err}", route.name)),
                     Err(err) => return Err(err),
                 }

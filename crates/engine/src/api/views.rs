@@ -7,10 +7,10 @@
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::auth::{Caller, Role};
+use crate::api::auth::{Caller, Role};
+use crate::core::error::EngineError;
+use crate::core::model::{RunId, RunView, StepKind};
 use crate::engine::Engine;
-use crate::error::EngineError;
-use crate::model::{RunId, RunView, StepKind};
 
 pub use crate::approval::APPROVAL_SIGNAL;
 

@@ -30,8 +30,8 @@ use tokio::sync::Notify;
 use tokio::sync::futures::OwnedNotified;
 use tokio_util::sync::CancellationToken;
 
-use crate::error::QueueError;
-use crate::model::RunId;
+use crate::core::error::QueueError;
+use crate::core::model::RunId;
 
 /// The job: "advance run R".
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -105,6 +105,23 @@ fn redis_err(e: impl std::fmt::Display) -> QueueError {
 }
 
 impl RedisQueue {
+    /// Enqueues wake-ups for runs that are due now. A failure is logged, not returned: the
+    /// sweeper finds every due run in PostgreSQL anyway.
+    pub(crate) async fn wake_now(&self, runs: &[RunId]) {
+        for run in runs {
+            if let Err(e) = self.enqueue(*run).await {
+                tracing::warn!(run_id = %run, error = %e, "Enqueue failed; the sweeper will pick the run up.");
+            }
+        }
+    }
+
+    /// Enqueues a wake-up for `at`; a failure is logged, as for [`RedisQueue::wake_now`].
+    pub(crate) async fn wake_at(&self, run: RunId, at: chrono::DateTime<chrono::Utc>) {
+        if let Err(e) = self.enqueue_at(run, at).await {
+            tracing::warn!(run_id = %run, error = %e, "Delayed enqueue failed; the sweeper will pick the run up.");
+        }
+    }
+
     /// Connects to Redis at `url`.
     pub async fn connect(url: &str, config: QueueConfig) -> Result<Self, QueueError> {
         let client = redis::Client::open(url).map_err(redis_err)?;

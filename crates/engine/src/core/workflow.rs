@@ -9,8 +9,17 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::error::WorkflowError;
-use crate::runtime::Ctx;
+use crate::core::ctx::Ctx;
+use crate::core::error::WorkflowError;
+
+/// One guarded input field ([`crate::policy`] checks it against the config): a dotted path into the input, `[]` for every element of an array
+/// (`secrets[].namespace`). `exact` fields (SQL) match their allow-list verbatim, others as
+/// globs (`apps/*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Guard {
+    pub path: String,
+    pub exact: bool,
+}
 
 type RunFn = dyn Fn(Ctx, Value) -> BoxFuture<'static, Result<Value, WorkflowError>> + Send + Sync;
 type ValidateFn = dyn Fn(&Value) -> Result<(), String> + Send + Sync;
@@ -34,7 +43,7 @@ pub struct WorkflowDef {
     /// The input field naming what a run acts on (`database`), for the freshness metric.
     freshness: Option<String>,
     /// The input fields that choose privileged targets ([`crate::policy`]).
-    guards: Vec<crate::policy::Guard>,
+    guards: Vec<Guard>,
 }
 
 impl std::fmt::Debug for WorkflowDef {
@@ -88,7 +97,7 @@ impl WorkflowDef {
     /// `secrets[].namespace`) as choosing a privileged target: given through the API, its
     /// value must match an allow-list of the config's `policy` ([`crate::policy`]).
     pub fn guard(mut self, path: &str) -> Self {
-        self.guards.push(crate::policy::Guard {
+        self.guards.push(Guard {
             path: path.into(),
             exact: false,
         });
@@ -98,7 +107,7 @@ impl WorkflowDef {
     /// [`WorkflowDef::guard`] for a field whose allowed values are compared verbatim, not as
     /// globs (SQL queries).
     pub fn guard_exact(mut self, path: &str) -> Self {
-        self.guards.push(crate::policy::Guard {
+        self.guards.push(Guard {
             path: path.into(),
             exact: true,
         });
@@ -161,7 +170,7 @@ impl Registry {
     }
 
     /// The guarded input fields of workflow `name`.
-    pub(crate) fn guards_of(&self, name: &str) -> &[crate::policy::Guard] {
+    pub(crate) fn guards_of(&self, name: &str) -> &[Guard] {
         self.defs.get(name).map_or(&[], |d| d.guards.as_slice())
     }
 

@@ -1,0 +1,189 @@
+//! `POST /hooks/{forge}` and `POST /hooks/alertmanager`: the trigger intakes' HTTP side.
+//! Each checks the sender's credentials before it reads the body, within its own size, then
+//! hands the request to its trigger ([`crate::triggers`]).
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use serde_json::Value;
+
+use crate::api::error::ApiError;
+use crate::api::server::{BodyTimeout, HookLimit, read_body};
+use crate::api::state::Api;
+
+/// The longest forge header value (event type, delivery id, signature) a delivery may carry.
+const MAX_HOOK_HEADER: usize = 256;
+
+/// `POST /hooks/{forge}`: a git forge's delivery.
+pub(crate) async fn webhook(
+    State(api): State<Api>,
+    axum::Extension(HookLimit(limit)): axum::Extension<HookLimit>,
+    axum::Extension(BodyTimeout(body_timeout)): axum::Extension<BodyTimeout>,
+    Path(forge): Path<String>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    use crate::triggers::webhook::{self, Forge, HookError};
+    let forge = Forge::from_path(&forge).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no webhook endpoint for '{forge}'; use github, gitea, forgejo or gitlab"),
+        )
+    })?;
+    let hooks = api.webhooks().cloned();
+    let Some(secret) = hooks.as_ref().and_then(|h| h.secrets.get(&forge)) else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_configured",
+            format!(
+                "webhooks from {} are not configured (webhooks.{}.secret)",
+                forge.as_str(),
+                forge.as_str()
+            ),
+        ));
+    };
+    let hooks = hooks.clone().expect("checked above");
+    // What is stored and echoed of a delivery's headers is bounded.
+    if let Some((name, value)) = headers.iter().find(|(name, value)| {
+        let n = name.as_str();
+        ["x-github-", "x-gitea-", "x-forgejo-", "x-gitlab-", "x-hub-", "x-gogs-"]
+            .iter()
+            .any(|p| n.starts_with(p))
+            && value.len() > MAX_HOOK_HEADER
+    }) {
+        return Err(ApiError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "header_too_large",
+            format!(
+                "header {name} is {} bytes; at most {MAX_HOOK_HEADER} are accepted",
+                value.len()
+            ),
+        ));
+    }
+    let content_type = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let media = content_type.split(';').next().unwrap_or("").trim();
+    if !media.eq_ignore_ascii_case("application/json") {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!(
+                "the delivery is sent as {:?}; choose application/json as the content type in the {} webhook's settings",
+                media.chars().take(100).collect::<String>(),
+                forge.as_str()
+            ),
+        ));
+    }
+    // GitLab's token is a header: checked before the body is read.
+    if forge == Forge::Gitlab {
+        webhook::verify(forge, &headers, &[], secret).map_err(|e| {
+            crate::core::metrics::metrics().delivery(forge.as_str(), "refused");
+            ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string())
+        })?;
+    }
+    let bytes = read_body(body, limit, body_timeout).await?;
+    webhook::verify(forge, &headers, &bytes, secret).map_err(|e| {
+        tracing::warn!(forge = forge.as_str(), error = %e, "Webhook delivery refused.");
+        crate::core::metrics::metrics().delivery(forge.as_str(), "refused");
+        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string())
+    })?;
+    let parsed = webhook::parse(forge, &headers, &bytes).map_err(|e| match e {
+        HookError::Unauthorized(m) => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", m),
+        HookError::BadRequest(m) => ApiError::new(StatusCode::BAD_REQUEST, "bad_request", m),
+    })?;
+    let payload: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    let digest = {
+        use sha2::Digest as _;
+        hex::encode(sha2::Sha256::digest(&bytes))
+    };
+    // The delivery's span: the runs it starts link to it.
+    let span =
+        tracing::info_span!("webhook", otel.name = %format!("webhook {}", forge.as_str()), forge = forge.as_str());
+    let outcome = tracing::Instrument::instrument(
+        webhook::deliver(api.engine(), &hooks, forge, parsed, &payload, &digest),
+        span,
+    )
+    .await?;
+    crate::core::metrics::metrics().delivery(forge.as_str(), &outcome.outcome);
+    let status = match outcome.outcome.as_str() {
+        "pong" | "duplicate" => StatusCode::OK,
+        "failed" => StatusCode::UNPROCESSABLE_ENTITY,
+        _ => StatusCode::ACCEPTED,
+    };
+    Ok((status, Json(serde_json::to_value(outcome).unwrap_or(Value::Null))))
+}
+
+/// `POST /hooks/alertmanager`: an Alertmanager webhook notification (version 4).
+pub(crate) async fn alertmanager(
+    State(api): State<Api>,
+    axum::Extension(BodyTimeout(body_timeout)): axum::Extension<BodyTimeout>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let Some(alerts) = api.alerts().cloned() else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_configured",
+            "Alertmanager notifications are not configured (alertmanager.routes)",
+        ));
+    };
+    let authorization = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if !alerts.auth.admits(authorization) {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or wrong credentials (the token or basic auth of alertmanager in dayshift's config)",
+        ));
+    }
+    let bytes = read_body(body, alerts.max_body, body_timeout).await?;
+    let notification: crate::triggers::alerts::Notification = serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("not an Alertmanager notification: {e}"),
+        )
+    })?;
+    if notification.version != "4" {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!(
+                "notification version {} is not supported; Alertmanager sends version 4",
+                notification.version
+            ),
+        ));
+    }
+    let span = tracing::info_span!(
+        "alertmanager",
+        otel.name = "alertmanager notification",
+        receiver = notification.receiver.as_deref().unwrap_or("")
+    );
+    let outcome = tracing::Instrument::instrument(
+        crate::triggers::alerts::handle(api.engine(), &alerts, notification),
+        span,
+    )
+    .await?;
+    let m = crate::core::metrics::metrics();
+    let results = [
+        ("started", outcome.started.len()),
+        ("duplicate", outcome.duplicates),
+        ("held_back", outcome.held_back.len()),
+        ("resolved", outcome.resolved_signals),
+        ("no_route", outcome.no_route),
+        ("failed", outcome.errors.len()),
+    ];
+    for (result, n) in results {
+        for _ in 0..n {
+            m.delivery("alertmanager", result);
+        }
+    }
+    Ok((
+        StatusCode::OK,
+        Json(serde_json::to_value(outcome).unwrap_or(Value::Null)),
+    ))
+}
