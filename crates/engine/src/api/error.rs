@@ -11,6 +11,7 @@ use serde_json::json;
 
 use crate::core::error::EngineError;
 use crate::core::model::RunId;
+use crate::triggers::webhook::{HookError, Refusal};
 
 /// An API error response.
 #[derive(Debug)]
@@ -56,6 +57,24 @@ impl From<EngineError> for ApiError {
                     "the engine's database or queue is unavailable; try again",
                 )
             }
+        }
+    }
+}
+
+impl From<HookError> for ApiError {
+    fn from(e: HookError) -> Self {
+        match e {
+            HookError::Unauthorized(m) => Self::new(StatusCode::UNAUTHORIZED, "unauthorized", m),
+            HookError::BadRequest(m) => Self::new(StatusCode::BAD_REQUEST, "bad_request", m),
+        }
+    }
+}
+
+impl From<Refusal> for ApiError {
+    fn from(e: Refusal) -> Self {
+        match e {
+            Refusal::Hook(e) => e.into(),
+            Refusal::Engine(e) => e.into(),
         }
     }
 }

@@ -23,7 +23,7 @@ pub(crate) async fn webhook(
     headers: axum::http::HeaderMap,
     body: axum::body::Body,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    use crate::triggers::webhook::{self, Forge, HookError};
+    use crate::triggers::webhook::{self, Forge};
     let forge = Forge::from_path(&forge).ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
@@ -85,34 +85,8 @@ pub(crate) async fn webhook(
         })?;
     }
     let bytes = read_body(body, limit, body_timeout).await?;
-    webhook::verify(forge, &headers, &bytes, secret).map_err(|e| {
-        tracing::warn!(forge = forge.as_str(), error = %e, "Webhook delivery refused.");
-        crate::core::metrics::metrics().delivery(forge.as_str(), "refused");
-        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string())
-    })?;
-    let parsed = webhook::parse(forge, &headers, &bytes).map_err(|e| match e {
-        HookError::Unauthorized(m) => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", m),
-        HookError::BadRequest(m) => ApiError::new(StatusCode::BAD_REQUEST, "bad_request", m),
-    })?;
-    let payload: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-    let digest = {
-        use sha2::Digest as _;
-        hex::encode(sha2::Sha256::digest(&bytes))
-    };
-    // The delivery's span: the runs it starts link to it.
-    let span =
-        tracing::info_span!("webhook", otel.name = %format!("webhook {}", forge.as_str()), forge = forge.as_str());
-    let outcome = tracing::Instrument::instrument(
-        webhook::deliver(api.engine(), &hooks, forge, parsed, &payload, &digest),
-        span,
-    )
-    .await?;
-    crate::core::metrics::metrics().delivery(forge.as_str(), &outcome.outcome);
-    let status = match outcome.outcome.as_str() {
-        "pong" | "duplicate" => StatusCode::OK,
-        "failed" => StatusCode::UNPROCESSABLE_ENTITY,
-        _ => StatusCode::ACCEPTED,
-    };
+    let outcome = webhook::receive(api.engine(), &hooks, forge, secret, &headers, &bytes).await?;
+    let status = StatusCode::from_u16(outcome.outcome.status()).expect("a valid status");
     Ok((status, Json(serde_json::to_value(outcome).unwrap_or(Value::Null))))
 }
 

@@ -1,0 +1,265 @@
+//! A delivery, whole: verified, parsed once, loop-protected, routed, its runs started and what
+//! it led to recorded, with a typed outcome and the one mapping of outcomes to HTTP statuses.
+
+use serde::Serialize;
+use serde_json::Value;
+
+use sha2::Digest as _;
+
+use crate::core::error::EngineError;
+use crate::core::metrics::metrics;
+use crate::engine::Engine;
+use crate::triggers::webhook::event::{EventKind, Forge, HookError, Parsed};
+use crate::triggers::webhook::parse::parse_payload;
+use crate::triggers::webhook::routes::Webhooks;
+use crate::triggers::webhook::verify::{Headers, verify};
+
+/// What a delivery led to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Outcome {
+    /// A route started a run.
+    #[serde(rename = "started")]
+    Started,
+    /// Every run the routes name was started for an earlier delivery of the same event.
+    #[serde(rename = "duplicate")]
+    Duplicate,
+    /// No route matches the event.
+    #[serde(rename = "no route")]
+    NoRoute,
+    /// Pushed by dayshift itself: its own commits start nothing.
+    #[serde(rename = "ignored")]
+    Ignored,
+    /// An event dayshift does not act on.
+    #[serde(rename = "not handled")]
+    NotHandled,
+    /// The forge checking the hook.
+    #[serde(rename = "pong")]
+    Pong,
+    /// Routes match but none could start its run (the errors say why).
+    #[serde(rename = "failed")]
+    Failed,
+}
+
+impl Outcome {
+    /// As recorded in `webhook_deliveries.outcome` and the metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Started => "started",
+            Self::Duplicate => "duplicate",
+            Self::NoRoute => "no route",
+            Self::Ignored => "ignored",
+            Self::NotHandled => "not handled",
+            Self::Pong => "pong",
+            Self::Failed => "failed",
+        }
+    }
+
+    /// The HTTP status the forge gets: 200 for what needs nothing more, 422 when routes
+    /// matched and none could start, 202 for the rest (accepted, runs on their way).
+    pub fn status(self) -> u16 {
+        match self {
+            Self::Pong | Self::Duplicate => 200,
+            Self::Failed => 422,
+            Self::Started | Self::NoRoute | Self::Ignored | Self::NotHandled => 202,
+        }
+    }
+}
+
+/// What a delivery led to, as the forge's response shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeliveryOutcome {
+    pub outcome: Outcome,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub runs: Vec<StartedByRoute>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<String>,
+}
+
+/// A run a route started (or had started for an earlier delivery of the same event).
+#[derive(Debug, Clone, Serialize)]
+pub struct StartedByRoute {
+    pub route: String,
+    pub workflow: String,
+    pub run_id: crate::core::model::RunId,
+    pub duplicate: bool,
+}
+
+impl DeliveryOutcome {
+    fn new(outcome: Outcome) -> Self {
+        Self {
+            outcome,
+            event: None,
+            reason: None,
+            runs: Vec::new(),
+            errors: Vec::new(),
+        }
+    }
+}
+
+/// Why a delivery was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    /// The sender is not who the secret says, or the delivery is not a forge's.
+    #[error(transparent)]
+    Hook(#[from] HookError),
+    /// The engine refused or failed (a replay under another event: `Conflict`).
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+/// Takes one delivery of `forge` whose body has been read: checks its signature or token,
+/// reads it (once), then routes it ([`deliver`]).
+pub async fn receive(
+    engine: &Engine,
+    hooks: &Webhooks,
+    forge: Forge,
+    secret: &[u8],
+    headers: &(dyn Headers + Sync),
+    body: &[u8],
+) -> Result<DeliveryOutcome, Refusal> {
+    if let Err(e) = verify(forge, headers, body, secret) {
+        tracing::warn!(forge = forge.as_str(), error = %e, "Webhook delivery refused.");
+        metrics().delivery(forge.as_str(), "refused");
+        return Err(e.into());
+    }
+    let payload: Value =
+        serde_json::from_slice(body).map_err(|e| HookError::BadRequest(format!("body is not JSON: {e}")))?;
+    let parsed = parse_payload(forge, headers, &payload)?;
+    let digest = hex::encode(sha2::Sha256::digest(body));
+    // The delivery's span: the runs it starts link to it.
+    let span =
+        tracing::info_span!("webhook", otel.name = %format!("webhook {}", forge.as_str()), forge = forge.as_str());
+    let outcome =
+        tracing::Instrument::instrument(deliver(engine, hooks, forge, parsed, &payload, &digest), span).await?;
+    metrics().delivery(forge.as_str(), outcome.outcome.as_str());
+    Ok(outcome)
+}
+
+/// Handles one authenticated, parsed delivery: loop protection, routing, starting runs,
+/// recording. `Err` only when the store or queue failed.
+async fn deliver(
+    engine: &Engine,
+    hooks: &Webhooks,
+    forge: Forge,
+    parsed: Parsed,
+    payload: &Value,
+    body_sha256: &str,
+) -> Result<DeliveryOutcome, EngineError> {
+    let pool = engine.store().pool();
+    let (mut out, mut event) = match parsed {
+        Parsed::Ping => (DeliveryOutcome::new(Outcome::Pong), None),
+        Parsed::NotHandled(what) => {
+            let mut o = DeliveryOutcome::new(Outcome::NotHandled);
+            o.event = Some(what);
+            (o, None)
+        }
+        Parsed::Event(e) => {
+            let mut o = DeliveryOutcome::new(Outcome::NoRoute);
+            o.event = Some(e.kind.as_str().to_string());
+            (o, Some(e))
+        }
+    };
+    // The event type is not signed: a body is bound to the one it first came as.
+    let kind = out.event.clone().unwrap_or_else(|| "ping".into());
+    let before: Option<String> = sqlx::query_scalar(
+        "select event from webhook_deliveries where forge = $1 and body_sha256 = $2 and event <> $3 limit 1",
+    )
+    .bind(forge.as_str())
+    .bind(body_sha256)
+    .bind(&kind)
+    .fetch_optional(pool)
+    .await?;
+    if let Some(first) = before {
+        return Err(EngineError::Conflict(format!(
+            "this signed body was delivered before as a {first} event; it is not taken again as {kind}"
+        )));
+    }
+    if let Some(e) = &mut event
+        && e.kind == EventKind::Tag
+    {
+        let deleted: i64 = sqlx::query_scalar(
+            "select count(*) from webhook_deliveries where forge = $1 and event = 'tag-deleted' \
+             and repository = $2 and identity like $3",
+        )
+        .bind(forge.as_str())
+        .bind(&e.repository)
+        .bind(format!(
+            "tag-deleted|{}|refs/tags/{}|%",
+            e.repository.replace('%', "\\%").replace('_', "\\_"),
+            e.tag
+                .as_deref()
+                .unwrap_or_default()
+                .replace('%', "\\%")
+                .replace('_', "\\_")
+        ))
+        .fetch_one(pool)
+        .await?;
+        e.generation = deleted as u64;
+    }
+    if let Some(e) = &event {
+        if let Some(run) = e.pushed_by_dayshift(&hooks.bot_emails) {
+            out.outcome = Outcome::Ignored;
+            out.reason = Some(format!("pushed by dayshift ({run}); its own commits start nothing"));
+        } else {
+            for route in hooks.routes.iter().filter(|r| r.matches(e)) {
+                let req = match route.start_request(e, payload) {
+                    Ok(req) => req,
+                    Err(err) => {
+                        out.errors.push(format!("route '{}': {err}", route.name));
+                        continue;
+                    }
+                };
+                match engine.start(req).await {
+                    Ok(started) => out.runs.push(StartedByRoute {
+                        route: route.name.clone(),
+                        workflow: route.workflow.clone(),
+                        run_id: started.id,
+                        duplicate: !started.created,
+                    }),
+                    Err(
+                        err @ (EngineError::InvalidInput { .. }
+                        | EngineError::UnknownWorkflow(_)
+                        | EngineError::BadRequest(_)
+                        | EngineError::Conflict(_)),
+                    ) => out.errors.push(format!("route '{}': {err}", route.name)),
+                    Err(err) => return Err(err),
+                }
+            }
+            if !out.runs.is_empty() {
+                out.outcome = if out.runs.iter().all(|r| r.duplicate) {
+                    Outcome::Duplicate
+                } else {
+                    Outcome::Started
+                };
+            } else if !out.errors.is_empty() {
+                out.outcome = Outcome::Failed;
+            }
+        }
+    }
+    let run_ids: Vec<uuid::Uuid> = out.runs.iter().map(|r| r.run_id.0).collect();
+    sqlx::query(
+        "insert into webhook_deliveries (forge, delivery_id, event, repository, identity, outcome, detail, run_ids, body_sha256) \
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+    )
+    .bind(forge.as_str())
+    .bind(event.as_ref().and_then(|e| e.delivery.clone()))
+    .bind(out.event.clone().unwrap_or_else(|| "ping".into()))
+    .bind(event.as_ref().map(|e| e.repository.clone()))
+    .bind(event.as_ref().map(|e| e.identity()))
+    .bind(out.outcome.as_str())
+    .bind(
+        out.reason
+            .clone()
+            .or_else(|| (!out.errors.is_empty()).then(|| out.errors.join("; "))),
+    )
+    .bind(&run_ids)
+    .bind(body_sha256)
+    .execute(pool)
+    .await?;
+    tracing::info!(forge = forge.as_str(), event = ?out.event, outcome = out.outcome.as_str(), runs = out.runs.len(), "Webhook delivery handled.");
+    Ok(out)
+}
