@@ -1,0 +1,215 @@
+//! An engine in this process ([`TestEnv`]) on a database and queue of its own, its workers,
+//! and the helpers that wait for runs.
+
+use std::time::Duration;
+
+use dayshift_engine::{
+    Engine, PgStore, QueueConfig, RedisQueue, RunId, RunStatus, RunView, Worker, WorkerConfig, WorkflowDef,
+};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::{TestDb, redis_url, unique};
+
+/// Fast settings for tests: short leases, frequent sweeps.
+pub fn fast_worker(name: &str) -> WorkerConfig {
+    WorkerConfig {
+        name: Some(format!("{name}-{}", unique())),
+        concurrency: 16,
+        lease_ttl: Duration::from_secs(2),
+        sweep_interval: Duration::from_millis(300),
+        metrics_listen: None,
+    }
+}
+
+/// An engine in this process, on a database and queue of its own.
+pub struct TestEnv {
+    pub db: TestDb,
+    pub queue_name: String,
+    pub redis_url: String,
+    pub engine: Engine,
+    workers: Vec<(CancellationToken, tokio::task::JoinHandle<()>)>,
+    defs: Vec<WorkflowDef>,
+}
+
+impl TestEnv {
+    /// A fresh database and queue, the built-in workflows and `defs`.
+    pub async fn new(defs: Vec<WorkflowDef>) -> Self {
+        Self::with_redis(defs, &redis_url()).await
+    }
+
+    /// Same, on another Redis.
+    pub async fn with_redis(defs: Vec<WorkflowDef>, redis_url: &str) -> Self {
+        Self::build(defs, redis_url, None).await
+    }
+
+    /// Same, with injected step failures.
+    pub async fn with_faults(defs: Vec<WorkflowDef>, faults: dayshift_engine::FaultInjector) -> Self {
+        Self::build(defs, &redis_url(), Some(faults)).await
+    }
+
+    /// Same, with cron schedules.
+    pub async fn with_schedules(defs: Vec<WorkflowDef>, schedules: Vec<dayshift_engine::Schedule>) -> Self {
+        let mut env = Self::build(defs, &redis_url(), None).await;
+        env.engine = build_engine_with(&env.db, &env.queue_name, &env.redis_url, &env.defs, None, schedules).await;
+        env
+    }
+
+    async fn build(defs: Vec<WorkflowDef>, redis_url: &str, faults: Option<dayshift_engine::FaultInjector>) -> Self {
+        let db = TestDb::new().await;
+        let queue_name = format!("dayshift:test:{}", unique());
+        let engine = build_engine(&db, &queue_name, redis_url, &defs, faults).await;
+        Self {
+            db,
+            queue_name,
+            redis_url: redis_url.to_string(),
+            engine,
+            workers: Vec::new(),
+            defs,
+        }
+    }
+
+    /// Another engine on the same database and queue, with other workflow definitions (as a
+    /// new release of the code would be).
+    pub async fn engine_with(&self, defs: Vec<WorkflowDef>) -> Engine {
+        build_engine(&self.db, &self.queue_name, &self.redis_url, &defs, None).await
+    }
+
+    /// Starts an in-process worker on this env's engine.
+    pub fn start_worker(&mut self, config: WorkerConfig) {
+        let engine = self.engine.clone();
+        self.start_worker_on(engine, config);
+    }
+
+    /// Starts an in-process worker on `engine`.
+    pub fn start_worker_on(&mut self, engine: Engine, config: WorkerConfig) {
+        let token = CancellationToken::new();
+        let t = token.clone();
+        let handle = tokio::spawn(async move {
+            Worker::new(engine, config).run(t).await.expect("worker failed");
+        });
+        self.workers.push((token, handle));
+    }
+
+    /// Stops every in-process worker (gracefully).
+    pub async fn stop_workers(&mut self) {
+        for (token, handle) in self.workers.drain(..) {
+            token.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(10), handle).await;
+        }
+    }
+
+    /// GETs `path` from the HTTP API of this env's engine (served for the call), with a viewer
+    /// token; status and body.
+    pub async fn get_text(&self, path: &str) -> (u16, String) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let app = dayshift_engine::http::router(self.engine.clone());
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        let viewer = dayshift_engine::auth::create_token(
+            &self.db.pool,
+            &format!("test-viewer-{}", unique()),
+            dayshift_engine::auth::Role::Viewer,
+            None,
+            "test",
+        )
+        .await
+        .unwrap();
+        let response = dayshift_workflows::adapters::http::client()
+            .get(format!("{base}{path}"))
+            .bearer_auth(viewer)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        server.abort();
+        (status, text)
+    }
+
+    /// The workflow definitions given to `new`.
+    pub fn defs(&self) -> &[WorkflowDef] {
+        &self.defs
+    }
+
+    /// Waits until the run is over (at most `limit`), and returns it.
+    pub async fn wait(&self, id: RunId, limit: Duration) -> RunView {
+        wait_for(&self.engine, id, limit, |r| r.status.is_terminal()).await
+    }
+}
+
+async fn build_engine(
+    db: &TestDb,
+    queue_name: &str,
+    redis_url: &str,
+    defs: &[WorkflowDef],
+    faults: Option<dayshift_engine::FaultInjector>,
+) -> Engine {
+    build_engine_with(db, queue_name, redis_url, defs, faults, Vec::new()).await
+}
+
+async fn build_engine_with(
+    db: &TestDb,
+    queue_name: &str,
+    redis_url: &str,
+    defs: &[WorkflowDef],
+    faults: Option<dayshift_engine::FaultInjector>,
+    schedules: Vec<dayshift_engine::Schedule>,
+) -> Engine {
+    let queue = RedisQueue::connect(
+        redis_url,
+        QueueConfig {
+            name: queue_name.to_string(),
+            ..QueueConfig::default()
+        },
+    )
+    .await
+    .expect("cannot connect to Redis; is `scripts/services.sh up` running?");
+    let mut builder = Engine::builder(PgStore::new(db.pool.clone()), queue)
+        .register_all(dayshift_workflows::all(db.pool.clone()))
+        .register_all(defs.iter().cloned())
+        .schedules(schedules);
+    if let Some(f) = faults {
+        builder = builder.inject_faults(f);
+    }
+    builder.build()
+}
+
+/// Polls the run until `done` says so (every 20 ms, at most `limit`); panics with the run's
+/// last state otherwise.
+pub async fn wait_for(engine: &Engine, id: RunId, limit: Duration, done: impl Fn(&RunView) -> bool) -> RunView {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let run = engine.get_run(id).await.expect("get run");
+        if done(&run) {
+            return run;
+        }
+        if tokio::time::Instant::now() > deadline {
+            let active = active_runs(engine.store().pool()).await;
+            panic!(
+                "run {id} did not reach the expected state within {limit:?}; last: {run:#?}\n\
+                 active runs (id, status, wake_at, lease_owner, lease_expires_at, now):\n{active}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Every run that is not over, with what decides when it runs next: for failure messages.
+pub async fn active_runs(pool: &PgPool) -> String {
+    let rows: Vec<(String,)> = sqlx::query_as(
+        "select concat_ws(' ', id, status, wake_at, lease_owner, lease_expires_at, now(), cancel_requested) \
+         from runs where status in ('pending', 'running', 'waiting') order by created_at limit 50",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap_or_default();
+    rows.into_iter().map(|(r,)| r + "\n").collect()
+}
+
+/// Asserts the run succeeded, showing it if not.
+pub fn assert_succeeded(run: &RunView) {
+    assert_eq!(run.status, RunStatus::Succeeded, "run did not succeed: {run:#?}");
+}
