@@ -4,8 +4,10 @@
 use std::time::Duration;
 
 use dayshift_engine::{
-    Engine, PgStore, QueueConfig, RedisQueue, RunId, RunStatus, RunView, Worker, WorkerConfig, WorkflowDef,
+    Engine, FaultInjector, PgStore, QueueConfig, RedisQueue, RunId, RunStatus, RunView, Schedule, StartRun, Worker,
+    WorkerConfig, WorkflowDef,
 };
+use serde_json::Value;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -22,6 +24,10 @@ pub fn fast_worker(name: &str) -> WorkerConfig {
     }
 }
 
+/// How long [`TestEnv::run`] waits for a run to finish: long enough for any built-in workflow
+/// against the local services, short enough that a hung run fails the test.
+pub const RUN_LIMIT: Duration = Duration::from_secs(60);
+
 /// An engine in this process, on a database and queue of its own.
 pub struct TestEnv {
     pub db: TestDb,
@@ -32,47 +38,85 @@ pub struct TestEnv {
     defs: Vec<WorkflowDef>,
 }
 
-impl TestEnv {
-    /// A fresh database and queue, the built-in workflows and `defs`.
-    pub async fn new(defs: Vec<WorkflowDef>) -> Self {
-        Self::with_redis(defs, &redis_url()).await
+/// What a [`TestEnv`] is built with; the options combine (`TestEnv::builder(defs).faults(f)
+/// .schedules(s).build()`), and the engine is built once, with all of them.
+#[must_use = "a builder does nothing until `build` is awaited"]
+pub struct TestEnvBuilder {
+    defs: Vec<WorkflowDef>,
+    redis_url: Option<String>,
+    faults: Option<FaultInjector>,
+    schedules: Vec<Schedule>,
+    workers: Vec<WorkerConfig>,
+}
+
+impl TestEnvBuilder {
+    /// Uses the Redis at `url` instead of the shared one (a test's own, to flush or stop it).
+    pub fn redis(mut self, url: &str) -> Self {
+        self.redis_url = Some(url.to_string());
+        self
     }
 
-    /// Same, on another Redis.
-    pub async fn with_redis(defs: Vec<WorkflowDef>, redis_url: &str) -> Self {
-        Self::build(defs, redis_url, None).await
+    /// Injects step failures: see [`FaultInjector`].
+    pub fn faults(mut self, faults: FaultInjector) -> Self {
+        self.faults = Some(faults);
+        self
     }
 
-    /// Same, with injected step failures.
-    pub async fn with_faults(defs: Vec<WorkflowDef>, faults: dayshift_engine::FaultInjector) -> Self {
-        Self::build(defs, &redis_url(), Some(faults)).await
+    /// Gives the engine these cron schedules.
+    pub fn schedules(mut self, schedules: Vec<Schedule>) -> Self {
+        self.schedules = schedules;
+        self
     }
 
-    /// Same, with cron schedules.
-    pub async fn with_schedules(defs: Vec<WorkflowDef>, schedules: Vec<dayshift_engine::Schedule>) -> Self {
-        let mut env = Self::build(defs, &redis_url(), None).await;
-        env.engine = build_engine_with(&env.db, &env.queue_name, &env.redis_url, &env.defs, None, schedules).await;
-        env
+    /// Starts an in-process worker with `config` once the env is built (one per call).
+    pub fn worker(mut self, config: WorkerConfig) -> Self {
+        self.workers.push(config);
+        self
     }
 
-    async fn build(defs: Vec<WorkflowDef>, redis_url: &str, faults: Option<dayshift_engine::FaultInjector>) -> Self {
+    /// A fresh database and queue, and the engine with the built-in workflows, the builder's
+    /// `defs` and every option given.
+    pub async fn build(self) -> TestEnv {
+        let redis_url = self.redis_url.unwrap_or_else(redis_url);
         let db = TestDb::new().await;
         let queue_name = format!("dayshift:test:{}", unique());
-        let engine = build_engine(&db, &queue_name, redis_url, &defs, faults).await;
-        Self {
+        let engine = build_engine(&db, &queue_name, &redis_url, &self.defs, self.faults, self.schedules).await;
+        let mut env = TestEnv {
             db,
             queue_name,
-            redis_url: redis_url.to_string(),
+            redis_url,
             engine,
             workers: Vec::new(),
-            defs,
+            defs: self.defs,
+        };
+        for config in self.workers {
+            env.start_worker(config);
         }
+        env
+    }
+}
+
+impl TestEnv {
+    /// An env with the built-in workflows and `defs`; the builder's options add to it.
+    pub fn builder(defs: Vec<WorkflowDef>) -> TestEnvBuilder {
+        TestEnvBuilder {
+            defs,
+            redis_url: None,
+            faults: None,
+            schedules: Vec::new(),
+            workers: Vec::new(),
+        }
+    }
+
+    /// A fresh database and queue, the built-in workflows and `defs`, nothing else.
+    pub async fn new(defs: Vec<WorkflowDef>) -> Self {
+        Self::builder(defs).build().await
     }
 
     /// Another engine on the same database and queue, with other workflow definitions (as a
     /// new release of the code would be).
     pub async fn engine_with(&self, defs: Vec<WorkflowDef>) -> Engine {
-        build_engine(&self.db, &self.queue_name, &self.redis_url, &defs, None).await
+        build_engine(&self.db, &self.queue_name, &self.redis_url, &defs, None, Vec::new()).await
     }
 
     /// Starts an in-process worker on this env's engine.
@@ -129,7 +173,7 @@ impl TestEnv {
         (status, text)
     }
 
-    /// The workflow definitions given to `new`.
+    /// The workflow definitions the env was built with.
     pub fn defs(&self) -> &[WorkflowDef] {
         &self.defs
     }
@@ -138,6 +182,22 @@ impl TestEnv {
     pub async fn wait(&self, id: RunId, limit: Duration) -> RunView {
         wait_for(&self.engine, id, limit, |r| r.status.is_terminal()).await
     }
+
+    /// Starts `workflow` with `input` and waits until the run is over (at most [`RUN_LIMIT`]).
+    /// Someone must run it: a worker of this env's or of another engine on its queue.
+    pub async fn run(&self, workflow: &str, input: Value) -> RunView {
+        self.run_within(workflow, input, RUN_LIMIT).await
+    }
+
+    /// [`TestEnv::run`], waiting at most `limit`.
+    pub async fn run_within(&self, workflow: &str, input: Value, limit: Duration) -> RunView {
+        let started = self
+            .engine
+            .start(StartRun::new(workflow, input))
+            .await
+            .unwrap_or_else(|e| panic!("cannot start {workflow}: {e}"));
+        self.wait(started.id, limit).await
+    }
 }
 
 async fn build_engine(
@@ -145,18 +205,8 @@ async fn build_engine(
     queue_name: &str,
     redis_url: &str,
     defs: &[WorkflowDef],
-    faults: Option<dayshift_engine::FaultInjector>,
-) -> Engine {
-    build_engine_with(db, queue_name, redis_url, defs, faults, Vec::new()).await
-}
-
-async fn build_engine_with(
-    db: &TestDb,
-    queue_name: &str,
-    redis_url: &str,
-    defs: &[WorkflowDef],
-    faults: Option<dayshift_engine::FaultInjector>,
-    schedules: Vec<dayshift_engine::Schedule>,
+    faults: Option<FaultInjector>,
+    schedules: Vec<Schedule>,
 ) -> Engine {
     let queue = RedisQueue::connect(
         redis_url,

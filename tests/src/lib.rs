@@ -12,7 +12,7 @@
 //! |---|---|
 //! | `services` | the shared services' addresses, the test bucket, [`unique`] names, [`free_port`] |
 //! | `db` | [`TestDb`]: a database of a test's own, and what was stored in it |
-//! | `env` | [`TestEnv`]: an engine in this process, its workers; waiting for runs |
+//! | `env` | [`TestEnv`] and its [`TestEnvBuilder`]: an engine in this process, its workers, [`TestEnv::run`]; waiting for runs |
 //! | `binary` | the `dayshift` binary: [`dayshift_bin`], [`Proc`], [`BinEnv`], [`spawn_dayshift`] |
 //! | [`saga`] | generic checks over any workflow: a failure at each step compensates |
 //! | [`kube_api`] | the Kubernetes API stand-in |
@@ -41,7 +41,7 @@ mod webhook_receiver;
 pub use alertmanager::OwnAlertmanager;
 pub use binary::{BinEnv, Proc, dayshift_bin, open_policy_yaml, spawn_dayshift};
 pub use db::TestDb;
-pub use env::{TestEnv, active_runs, assert_succeeded, fast_worker, wait_for};
+pub use env::{RUN_LIMIT, TestEnv, TestEnvBuilder, active_runs, assert_succeeded, fast_worker, wait_for};
 pub use forge::hmac_sha256_hex;
 pub use git_server::GitServer;
 pub use openbao::OpenBao;

@@ -28,7 +28,7 @@ where
         (t.lock().unwrap().as_deref() == Some(step))
             .then(|| StepError::Permanent(format!("injected failure at step '{step}'")))
     });
-    let mut env = TestEnv::with_faults(defs, faults).await;
+    let mut env = TestEnv::builder(defs).faults(faults).build().await;
     env.start_worker(fast_worker("saga"));
 
     // The steps, in order, from a run that succeeds.

@@ -67,8 +67,7 @@ async fn setup() -> Setup {
 }
 
 async fn run(env: &TestEnv, workflow: &str, input: serde_json::Value) -> dayshift_engine::RunView {
-    let started = env.engine.start(StartRun::new(workflow, input)).await.unwrap();
-    env.wait(started.id, LIMIT).await
+    env.run_within(workflow, input, LIMIT).await
 }
 
 #[tokio::test]

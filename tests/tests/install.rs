@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use dayshift_engine::{RunStatus, RunView, StartRun};
+use dayshift_engine::{RunStatus, RunView};
 use dayshift_tests::kube_api::KubeApi;
 use dayshift_tests::{TestEnv, fast_worker, unique};
 use dayshift_workflows::adapters::kube::KubeConfig;
@@ -113,19 +113,12 @@ async fn rig(files: &[(&str, &str)]) -> Rig {
 
 /// Runs `workflow` with `input` to its end.
 async fn run(rig: &Rig, workflow: &str, input: serde_json::Value) -> RunView {
-    let started = rig.env.engine.start(StartRun::new(workflow, input)).await.unwrap();
-    rig.env.wait(started.id, LIMIT).await
+    rig.env.run(workflow, input).await
 }
 
 async fn install(rig: &Rig) -> RunView {
     let input = json!({ "component": "catalog", "manifests": rig.dir, "namespace": "catalog", "kubernetes": "cluster", "timeout": "10s" });
-    let started = rig
-        .env
-        .engine
-        .start(StartRun::new("install.component", input))
-        .await
-        .unwrap();
-    rig.env.wait(started.id, LIMIT).await
+    rig.env.run("install.component", input).await
 }
 
 #[tokio::test]

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use dayshift_engine::{RunStatus, RunView, StartRun};
+use dayshift_engine::{RunStatus, RunView};
 use dayshift_tests::kube_api::KubeApi;
 use dayshift_tests::{GitServer, TestEnv, WebhookReceiver, fast_worker};
 use dayshift_workflows::adapters::git::GitConfig;
@@ -110,8 +110,7 @@ impl Rig {
 
     async fn promote(&self, input: Value) -> RunView {
         let env = self.env.as_ref().expect("dayshift in process");
-        let started = env.engine.start(StartRun::new("promote.image", input)).await.unwrap();
-        env.wait(started.id, LIMIT).await
+        env.run_within("promote.image", input, LIMIT).await
     }
 }
 
