@@ -98,6 +98,12 @@ impl GitServer {
         git(&self.bare(repo), &["rev-parse", branch])
     }
 
+    /// The tree (every file's content) at the tip of `branch`: equal for two commits that hold
+    /// the same files, as a commit and the revert of the commit after it do.
+    pub fn tree(&self, repo: &str, branch: &str) -> String {
+        git(&self.bare(repo), &["rev-parse", &format!("{branch}^{{tree}}")])
+    }
+
     /// `path` at the tip of `branch`.
     pub fn read(&self, repo: &str, branch: &str, path: &str) -> String {
         git(&self.bare(repo), &["show", &format!("{branch}:{path}")])

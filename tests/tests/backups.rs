@@ -453,3 +453,32 @@ async fn a_wrong_password_fails_at_once_and_an_unreachable_store_is_retried() {
     env.engine.cancel(started.id, None, "test").await.unwrap();
     env.stop_workers().await;
 }
+
+// TODO-correctness: fails today at step `verify`: `write-manifest` has no undo, so a backup that
+// fails after it (at `verify`) leaves `<key>.manifest.json` under the prefix while the undo of
+// `dump-and-upload` deletes the dump it describes: a manifest of a backup that does not exist.
+// `store_backup` in crates/workflows/src/backup.rs (shared with backup.vault) needs an undo on
+// `write-manifest`. Failures at `plan`, `dump-and-upload` and `write-manifest` compensate.
+#[tokio::test]
+#[ignore = "compensation bug: a failure at `verify` leaves the manifest behind (see the comment)"]
+async fn a_backup_failing_at_any_step_leaves_nothing_behind() {
+    let (source, store) = (source().await, s3_test_config(None));
+    let mut conns = Connections::default();
+    conns.s3.insert("backups".into(), store.clone());
+    conns.postgres.insert("app".into(), source.url.clone());
+    let prefix = format!("t-{}", unique());
+    let s3 = S3Store::new(&store).await;
+    let (s3, p) = (&s3, prefix.as_str());
+    dayshift_tests::saga::failure_at_each_step_compensates(
+        TestEnv::builder(vec![backup_postgres(Arc::new(conns))]),
+        "backup.postgres",
+        json!({ "database": "app", "store": "backups", "prefix": prefix }),
+        // What a backup writes: objects (dump and manifest) and multipart uploads under the
+        // test's prefix.
+        move |_env| async move {
+            let objects: Vec<(String, u64)> = s3.list(p).await.unwrap().into_iter().map(|o| (o.key, o.size)).collect();
+            (objects, s3.incomplete_uploads(p).await.unwrap())
+        },
+    )
+    .await;
+}

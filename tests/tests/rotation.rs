@@ -776,3 +776,33 @@ async fn plan_mode_says_what_would_change_and_changes_nothing() {
     assert!(rig.kube.writes().is_empty(), "{:?}", rig.kube.writes());
     rig.env().stop_workers().await;
 }
+
+#[tokio::test]
+async fn a_rotation_failing_at_any_step_leaves_the_old_password_working_everywhere() {
+    let rig = Rig::world(false).await;
+    let defs = vec![rotate_postgres_password(Arc::new(rig.connections(&database_url())))];
+    let r = &rig;
+    dayshift_tests::saga::failure_at_each_step_compensates(
+        TestEnv::builder(defs),
+        "rotate.postgres-password",
+        rig.input(false),
+        // What the role's users see: the KV entry's data and metadata, whether its password logs
+        // in, and the copies in the cluster. Not the KV version (a rollback writes the old value
+        // as a new version, as the existing rollback test asserts), not the role's SCRAM verifier
+        // (setting the old password again salts it anew), and not the consumers' restart and
+        // force-sync annotations (a rollback restarts them again so they read the old password).
+        move |_env| async move {
+            let (_, data) = r.kv().await;
+            let password = data["password"].as_str().unwrap().to_string();
+            (
+                logs_in(&r.roles[0], &password).await,
+                data,
+                r.custom_metadata().await,
+                r.secret("db", "username"),
+                r.secret("db", "password"),
+                r.secret("pgbouncer", "userlist.txt"),
+            )
+        },
+    )
+    .await;
+}

@@ -404,7 +404,7 @@ async fn failure_at_each_step_runs_exactly_the_undos_before_it() {
     let pool = shared.pool.clone();
     let snapshot_pool = pool.clone();
     dayshift_tests::saga::failure_at_each_step_compensates(
-        vec![rows_workflow(pool.clone(), false)],
+        TestEnv::builder(vec![rows_workflow(pool.clone(), false)]),
         "test.rows",
         json!(null),
         move |_env| {
