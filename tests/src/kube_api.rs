@@ -146,6 +146,24 @@ impl KubeApi {
         self.inner.lock().unwrap().objects.get(&key).cloned()
     }
 
+    /// Every object stored, by its path (as [`KubeApi::get`] takes it), in path order: what a
+    /// test compares to see what a run left in the cluster.
+    pub fn objects(&self) -> Vec<(String, Value)> {
+        let inner = self.inner.lock().unwrap();
+        inner
+            .objects
+            .iter()
+            .map(|((prefix, plural, ns, name), o)| {
+                let path = if ns.is_empty() {
+                    format!("{prefix}/{plural}/{name}")
+                } else {
+                    format!("{prefix}/namespaces/{ns}/{plural}/{name}")
+                };
+                (path, o.clone())
+            })
+            .collect()
+    }
+
     /// Replaces the status of the object at `path`, as its controller would (ArgoCD for an
     /// `Application`).
     pub fn set_status(&self, path: &str, status: Value) {

@@ -67,8 +67,7 @@ async fn setup() -> Setup {
 }
 
 async fn run(env: &TestEnv, workflow: &str, input: serde_json::Value) -> dayshift_engine::RunView {
-    let started = env.engine.start(StartRun::new(workflow, input)).await.unwrap();
-    env.wait(started.id, LIMIT).await
+    env.run_within(workflow, input, LIMIT).await
 }
 
 #[tokio::test]
@@ -453,4 +452,29 @@ async fn a_wrong_password_fails_at_once_and_an_unreachable_store_is_retried() {
     assert!(step.last_error.as_deref().unwrap().contains("S3"), "{step:#?}");
     env.engine.cancel(started.id, None, "test").await.unwrap();
     env.stop_workers().await;
+}
+
+/// A failure at any step (verification included) leaves no dump and no manifest behind: each
+/// step's undo removes what it wrote.
+#[tokio::test]
+async fn a_backup_failing_at_any_step_leaves_nothing_behind() {
+    let (source, store) = (source().await, s3_test_config(None));
+    let mut conns = Connections::default();
+    conns.s3.insert("backups".into(), store.clone());
+    conns.postgres.insert("app".into(), source.url.clone());
+    let prefix = format!("t-{}", unique());
+    let s3 = S3Store::new(&store).await;
+    let (s3, p) = (&s3, prefix.as_str());
+    dayshift_tests::saga::failure_at_each_step_compensates(
+        TestEnv::builder(vec![backup_postgres(Arc::new(conns))]),
+        "backup.postgres",
+        json!({ "database": "app", "store": "backups", "prefix": prefix }),
+        // What a backup writes: objects (dump and manifest) and multipart uploads under the
+        // test's prefix.
+        move |_env| async move {
+            let objects: Vec<(String, u64)> = s3.list(p).await.unwrap().into_iter().map(|o| (o.key, o.size)).collect();
+            (objects, s3.incomplete_uploads(p).await.unwrap())
+        },
+    )
+    .await;
 }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use dayshift_engine::{RunStatus, RunView, StartRun};
+use dayshift_engine::{RunStatus, RunView};
 use dayshift_tests::kube_api::KubeApi;
 use dayshift_tests::{TestEnv, fast_worker, unique};
 use dayshift_workflows::adapters::kube::KubeConfig;
@@ -86,10 +86,8 @@ fn manifests(files: &[(&str, &str)]) -> std::path::PathBuf {
     dir
 }
 
-async fn rig(files: &[(&str, &str)]) -> Rig {
-    let kube = Arc::new(KubeApi::start().await);
-    let dir = manifests(files);
-    let app = dayshift_tests::TestDb::empty().await;
+/// The connections the components use: the stand-in as `cluster`, `app` as `app`.
+fn connections(kube: &KubeApi, app: &dayshift_tests::TestDb) -> Arc<Connections> {
     let mut conns = Connections::default();
     conns.kubernetes.insert(
         "cluster".into(),
@@ -99,7 +97,14 @@ async fn rig(files: &[(&str, &str)]) -> Rig {
         },
     );
     conns.postgres.insert("app".into(), app.url.clone());
-    let conns = Arc::new(conns);
+    Arc::new(conns)
+}
+
+async fn rig(files: &[(&str, &str)]) -> Rig {
+    let kube = Arc::new(KubeApi::start().await);
+    let dir = manifests(files);
+    let app = dayshift_tests::TestDb::empty().await;
+    let conns = connections(&kube, &app);
     let mut env = TestEnv::new(vec![
         install_component(conns.clone()),
         upgrade_component(conns),
@@ -113,19 +118,12 @@ async fn rig(files: &[(&str, &str)]) -> Rig {
 
 /// Runs `workflow` with `input` to its end.
 async fn run(rig: &Rig, workflow: &str, input: serde_json::Value) -> RunView {
-    let started = rig.env.engine.start(StartRun::new(workflow, input)).await.unwrap();
-    rig.env.wait(started.id, LIMIT).await
+    rig.env.run(workflow, input).await
 }
 
 async fn install(rig: &Rig) -> RunView {
     let input = json!({ "component": "catalog", "manifests": rig.dir, "namespace": "catalog", "kubernetes": "cluster", "timeout": "10s" });
-    let started = rig
-        .env
-        .engine
-        .start(StartRun::new("install.component", input))
-        .await
-        .unwrap();
-    rig.env.wait(started.id, LIMIT).await
+    rig.env.run("install.component", input).await
 }
 
 #[tokio::test]
@@ -886,4 +884,62 @@ async fn secret_values_in_manifests_never_reach_the_journal() {
     assert!(stored.contains("rollback-point"), "the dump has the journal");
     assert!(!stored.contains(PASSWORD), "a Secret value reached dayshift's database");
     rig.env.stop_workers().await;
+}
+
+/// A later version of the catalog: `image`, a new ConfigMap `catalog-extra`, and no
+/// `catalog-flags` any more (so an upgrade to it creates, changes and prunes).
+fn catalog_v3(image: &str) -> String {
+    let v3 = catalog_v2(image).replacen(
+        "name: catalog-flags\ndata:\n  NEW_SEARCH: \"on\"",
+        "name: catalog-extra\ndata:\n  EXTRA: \"yes\"",
+        1,
+    );
+    assert!(
+        v3.contains("catalog-extra"),
+        "version 2 no longer has catalog-flags: {v3}"
+    );
+    v3
+}
+
+#[tokio::test]
+async fn an_upgrade_failing_at_any_step_leaves_the_previous_version_running() {
+    let mut rig = rig(&[("01-namespace.yaml", NAMESPACE), ("02-app.yaml", APP)]).await;
+    assert_eq!(install(&rig).await.status, RunStatus::Succeeded);
+    rig.env.stop_workers().await;
+    let kube = &rig.kube;
+    // Run 0 (the one that succeeds) upgrades to version 2; every later run tries a version 3
+    // of its own, which the failure must undo back to version 2.
+    dayshift_tests::saga::Saga::new("upgrade.component", |i| {
+        let text = match i {
+            0 => catalog_v2("registry.acme.io/catalog-api:1.5.0"),
+            i => catalog_v3(&format!("registry.acme.io/catalog-api:1.6.{i}")),
+        };
+        component(&manifests(&[("02-app.yaml", &text)]))
+    })
+    // Deleting old rollback points is housekeeping: the upgrade stands when it fails.
+    .tolerating(["retire-rollback-points"])
+    .failure_at_each_step_compensates(
+        TestEnv::builder(vec![upgrade_component(connections(&rig.kube, &rig.app))]),
+        // What the cluster runs: each object's identity, labels, annotations, spec and data, and
+        // whether its pods are ready; not what changes on any write (resourceVersion,
+        // generation, uid, managedFields). Not the rollback points either: a failed upgrade
+        // keeps its own (dayshift-rollback-*), as the rollback test asserts, for a later
+        // upgrade's `retire-rollback-points` to delete.
+        move |_env| async move {
+            kube.objects()
+                .into_iter()
+                .filter(|(path, _)| !path.contains("/secrets/dayshift-rollback-"))
+                .map(|(path, o)| {
+                    let m = &o["metadata"];
+                    let s = &o["status"];
+                    let seen = json!({
+                        "labels": m["labels"], "annotations": m["annotations"], "spec": o["spec"],
+                        "data": o["data"], "ready": [s["readyReplicas"], s["updatedReplicas"]],
+                    });
+                    (path, seen)
+                })
+                .collect::<Vec<_>>()
+        },
+    )
+    .await;
 }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use dayshift_engine::{RunStatus, RunView, StartRun};
+use dayshift_engine::{RunStatus, RunView};
 use dayshift_tests::kube_api::KubeApi;
 use dayshift_tests::{GitServer, TestEnv, WebhookReceiver, fast_worker};
 use dayshift_workflows::adapters::git::GitConfig;
@@ -110,8 +110,7 @@ impl Rig {
 
     async fn promote(&self, input: Value) -> RunView {
         let env = self.env.as_ref().expect("dayshift in process");
-        let started = env.engine.start(StartRun::new("promote.image", input)).await.unwrap();
-        env.wait(started.id, LIMIT).await
+        env.run_within("promote.image", input, LIMIT).await
     }
 }
 
@@ -771,4 +770,24 @@ async fn a_newer_tag_cancels_the_older_chain_still_waiting_for_approval() {
     );
     argocd.abort();
     env.server.as_mut().unwrap().kill9().await;
+}
+
+#[tokio::test]
+async fn a_promotion_failing_at_any_step_leaves_the_environment_at_its_previous_version() {
+    let rig = Rig::world().await;
+    let git = &rig.git;
+    // Each run promotes a tag of its own: promoting the tag already there commits nothing, and
+    // there would be nothing to revert.
+    dayshift_tests::saga::Saga::new("promote.image", |i| input(&format!("2.16.{i}")))
+        // A notice that cannot be sent is logged, not fatal: the promotion stands.
+        .tolerating(["notify-start", "notify-promoted"])
+        .failure_at_each_step_compensates(
+            TestEnv::builder(vec![promote_image(Arc::new(rig.connections()))]),
+            // What ArgoCD deploys: the files at the tip of the branch. Not the tip itself: the
+            // undo reverts with a commit of its own (never a force-push), so after a failure
+            // at `wait-healthy` the history has the promotion and its revert, and the files as
+            // before.
+            move |_env| async move { (git.tree("infra", "main"), git.read("infra", "main", VALUES)) },
+        )
+        .await;
 }

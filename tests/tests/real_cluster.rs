@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use dayshift_engine::{RunStatus, StartRun};
+use dayshift_engine::RunStatus;
 use dayshift_tests::{TestEnv, fast_worker, unique};
 use dayshift_workflows::adapters::kube::KubeConfig;
 use dayshift_workflows::{Connections, install_component, upgrade_component};
@@ -38,12 +38,9 @@ async fn a_small_component_installs_on_a_real_cluster() {
     let input =
         json!({ "component": "hello", "manifests": dir, "namespace": ns, "kubernetes": "cluster", "timeout": "5m" });
     for attempt in ["install", "install again"] {
-        let started = env
-            .engine
-            .start(StartRun::new("install.component", input.clone()))
-            .await
-            .unwrap();
-        let run = env.wait(started.id, Duration::from_secs(600)).await;
+        let run = env
+            .run_within("install.component", input.clone(), Duration::from_secs(600))
+            .await;
         assert_eq!(run.status, RunStatus::Succeeded, "{attempt}: {run:#?}");
     }
 
@@ -60,12 +57,9 @@ async fn a_small_component_installs_on_a_real_cluster() {
     std::fs::write(v2_dir.join("component.yaml"), &v2).unwrap();
     let mut upgrade = input.clone();
     upgrade["manifests"] = json!(v2_dir);
-    let started = env
-        .engine
-        .start(StartRun::new("upgrade.component", upgrade.clone()))
-        .await
-        .unwrap();
-    let run = env.wait(started.id, Duration::from_secs(600)).await;
+    let run = env
+        .run_within("upgrade.component", upgrade.clone(), Duration::from_secs(600))
+        .await;
     assert_eq!(run.status, RunStatus::Succeeded, "upgrade: {run:#?}");
     assert_eq!(run.output.unwrap()["pruned"], json!([format!("ConfigMap {ns}/hello")]));
 
@@ -79,12 +73,9 @@ async fn a_small_component_installs_on_a_real_cluster() {
     .unwrap();
     upgrade["manifests"] = json!(v3_dir);
     upgrade["timeout"] = json!("90s");
-    let started = env
-        .engine
-        .start(StartRun::new("upgrade.component", upgrade))
-        .await
-        .unwrap();
-    let run = env.wait(started.id, Duration::from_secs(600)).await;
+    let run = env
+        .run_within("upgrade.component", upgrade, Duration::from_secs(600))
+        .await;
     assert_eq!(run.status, RunStatus::Failed, "bad image: {run:#?}");
     assert!(
         run.steps

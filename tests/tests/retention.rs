@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{NaiveDate, TimeZone, Utc};
-use dayshift_engine::{RunStatus, StartRun};
+use dayshift_engine::RunStatus;
 use dayshift_tests::{TestEnv, fast_worker, s3_test_config, unique};
 use dayshift_workflows::adapters::s3::S3Store;
 use dayshift_workflows::{Connections, backup_retention};
@@ -53,31 +53,28 @@ async fn retention_over_400_daily_backups_keeps_exactly_what_the_policy_says() {
     conns.s3.insert("broken".into(), s3_test_config(Some("wrong-secret")));
     let mut env = TestEnv::new(vec![backup_retention(Arc::new(conns))]).await;
     env.start_worker(fast_worker("w"));
+    let wait = Duration::from_secs(120);
     let run = |store: &str, dry: bool| {
         let input = json!({
             "store": store, "database": "app", "prefix": prefix, "dry_run": dry,
             "policy": { "keep-last": 3, "daily": 7, "weekly": 4, "monthly": 12 }
         });
-        env.engine.start(StartRun::new("backup.retention", input))
+        env.run_within("backup.retention", input, wait)
     };
-    let wait = Duration::from_secs(120);
 
     // A listing that fails deletes nothing.
-    let broken = run("broken", false).await.unwrap();
-    let r = env.wait(broken.id, wait).await;
+    let r = run("broken", false).await;
     assert_eq!(r.status, RunStatus::Failed, "{r:#?}");
     assert_eq!(s3.list(&format!("{prefix}/")).await.unwrap().len(), 800);
 
     // A dry run says what would go and deletes nothing.
-    let dry = run("backups", true).await.unwrap();
-    let r = env.wait(dry.id, wait).await;
+    let r = run("backups", true).await;
     assert_eq!(r.status, RunStatus::Succeeded, "{r:#?}");
     let report = r.output.unwrap();
     assert_eq!(report["deleted"].as_array().unwrap().len(), 380);
     assert_eq!(s3.list(&format!("{prefix}/")).await.unwrap().len(), 800);
 
-    let real = run("backups", false).await.unwrap();
-    let r = env.wait(real.id, wait).await;
+    let r = run("backups", false).await;
     assert_eq!(r.status, RunStatus::Succeeded, "{r:#?}");
     let left: Vec<String> = s3
         .list(&format!("{prefix}/"))

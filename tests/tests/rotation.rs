@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use base64::Engine as _;
-use dayshift_engine::{FaultInjector, RunStatus, RunView, StartRun};
+use dayshift_engine::{FaultInjector, RunStatus, RunView};
 use dayshift_tests::kube_api::KubeApi;
 use dayshift_tests::{OpenBao, TestEnv, database_url, fast_worker, unique};
 use dayshift_workflows::adapters::kube::KubeConfig;
@@ -42,12 +42,11 @@ impl Rig {
     async fn new(dual: bool, faults: Option<FaultInjector>) -> Self {
         let mut rig = Self::world(dual).await;
         let defs = vec![rotate_postgres_password(Arc::new(rig.connections(&database_url())))];
-        let mut env = match faults {
-            Some(f) => TestEnv::with_faults(defs, f).await,
-            None => TestEnv::new(defs).await,
-        };
-        env.start_worker(fast_worker("w"));
-        rig.env = Some(env);
+        let mut env = TestEnv::builder(defs).worker(fast_worker("w"));
+        if let Some(f) = faults {
+            env = env.faults(f);
+        }
+        rig.env = Some(env.build().await);
         rig
     }
 
@@ -174,12 +173,8 @@ impl Rig {
 
     async fn run(&self, dual: bool) -> RunView {
         let env = self.env.as_ref().expect("dayshift in process");
-        let started = env
-            .engine
-            .start(StartRun::new("rotate.postgres-password", self.input(dual)))
+        env.run_within("rotate.postgres-password", self.input(dual), LIMIT)
             .await
-            .unwrap();
-        env.wait(started.id, LIMIT).await
     }
 
     /// The KV entry's current version and data.
@@ -646,12 +641,7 @@ async fn kv_secret_run(rig: &Rig, check_url: &str) -> RunView {
         "check": { "url": check_url },
     });
     let env = rig.env.as_ref().unwrap();
-    let started = env
-        .engine
-        .start(StartRun::new("rotate.kv-secret", input))
-        .await
-        .unwrap();
-    env.wait(started.id, LIMIT).await
+    env.run_within("rotate.kv-secret", input, LIMIT).await
 }
 
 async fn kv_entry(rig: &Rig, path: &str) -> Value {
@@ -748,15 +738,13 @@ async fn vaults_database_root_credential_is_rotated_and_still_issues_credentials
     let mut env = TestEnv::new(vec![rotate_vault_database_root(Arc::new(conns))]).await;
     env.start_worker(fast_worker("w"));
     assert!(logs_in(&root, &root_password).await);
-    let started = env
-        .engine
-        .start(StartRun::new(
+    let run = env
+        .run_within(
             "rotate.vault-database-root",
             json!({ "vault": "openbao", "mount": mount, "connection": "app", "verify_role": "reader" }),
-        ))
-        .await
-        .unwrap();
-    let run = env.wait(started.id, LIMIT).await;
+            LIMIT,
+        )
+        .await;
     assert_eq!(run.status, RunStatus::Succeeded, "{run:#?}");
     assert!(
         !logs_in(&root, &root_password).await,
@@ -773,12 +761,7 @@ async fn plan_mode_says_what_would_change_and_changes_nothing() {
     let mut input = rig.input(false);
     input["plan"] = json!(true);
     let env = rig.env.as_ref().unwrap();
-    let started = env
-        .engine
-        .start(StartRun::new("rotate.postgres-password", input))
-        .await
-        .unwrap();
-    let run = env.wait(started.id, LIMIT).await;
+    let run = env.run_within("rotate.postgres-password", input, LIMIT).await;
     assert_eq!(run.status, RunStatus::Succeeded, "{run:#?}");
     let changes: Vec<String> = serde_json::from_value(run.output.clone().unwrap()["would_change"].clone()).unwrap();
     assert_eq!(changes.len(), 7, "{changes:#?}");
@@ -792,4 +775,34 @@ async fn plan_mode_says_what_would_change_and_changes_nothing() {
     assert!(logs_in(&rig.roles[0], &rig.initial).await);
     assert!(rig.kube.writes().is_empty(), "{:?}", rig.kube.writes());
     rig.env().stop_workers().await;
+}
+
+#[tokio::test]
+async fn a_rotation_failing_at_any_step_leaves_the_old_password_working_everywhere() {
+    let rig = Rig::world(false).await;
+    let defs = vec![rotate_postgres_password(Arc::new(rig.connections(&database_url())))];
+    let r = &rig;
+    dayshift_tests::saga::failure_at_each_step_compensates(
+        TestEnv::builder(defs),
+        "rotate.postgres-password",
+        rig.input(false),
+        // What the role's users see: the KV entry's data and metadata, whether its password logs
+        // in, and the copies in the cluster. Not the KV version (a rollback writes the old value
+        // as a new version, as the existing rollback test asserts), not the role's SCRAM verifier
+        // (setting the old password again salts it anew), and not the consumers' restart and
+        // force-sync annotations (a rollback restarts them again so they read the old password).
+        move |_env| async move {
+            let (_, data) = r.kv().await;
+            let password = data["password"].as_str().unwrap().to_string();
+            (
+                logs_in(&r.roles[0], &password).await,
+                data,
+                r.custom_metadata().await,
+                r.secret("db", "username"),
+                r.secret("db", "password"),
+                r.secret("pgbouncer", "userlist.txt"),
+            )
+        },
+    )
+    .await;
 }

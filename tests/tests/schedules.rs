@@ -103,7 +103,10 @@ async fn catch_up_skip_latest_and_all() {
     latest.catch_up = CatchUp::Latest;
     all.catch_up = CatchUp::All;
     all.catch_up_limit = 3;
-    let env = TestEnv::with_schedules(vec![], vec![skip, latest, all]).await;
+    let env = TestEnv::builder(vec![])
+        .schedules(vec![skip, latest, all])
+        .build()
+        .await;
     let pool = env.db.pool.clone();
     for name in ["hourly-skip", "hourly-latest", "hourly-all"] {
         // Down for ten hours: ten ticks were missed.
@@ -152,7 +155,7 @@ async fn catch_up_skip_latest_and_all() {
 async fn overlap_skip_holds_ticks_back_while_the_previous_run_goes_and_records_them() {
     let mut gate = schedule("gate", "* * * * * *", "selftest.gate", json!({ "signal": "go" }));
     gate.overlap = Overlap::Skip;
-    let mut env = TestEnv::with_schedules(vec![], vec![gate]).await;
+    let mut env = TestEnv::builder(vec![]).schedules(vec![gate]).build().await;
     env.start_worker(dayshift_tests::fast_worker("w"));
     let token = tokio_util::sync::CancellationToken::new();
     let scheduler = tokio::spawn(env.scheduler().run(Duration::from_millis(100), token.clone()));
@@ -188,7 +191,7 @@ async fn overlap_skip_holds_ticks_back_while_the_previous_run_goes_and_records_t
 async fn overlap_cancel_replaces_the_previous_run() {
     let mut gate = schedule("gate", "* * * * * *", "selftest.gate", json!({ "signal": "go" }));
     gate.overlap = Overlap::Cancel;
-    let mut env = TestEnv::with_schedules(vec![], vec![gate]).await;
+    let mut env = TestEnv::builder(vec![]).schedules(vec![gate]).build().await;
     env.start_worker(dayshift_tests::fast_worker("w"));
     let token = tokio_util::sync::CancellationToken::new();
     let scheduler = tokio::spawn(env.scheduler().run(Duration::from_millis(100), token.clone()));

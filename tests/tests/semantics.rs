@@ -33,12 +33,7 @@ async fn a_fast_step_shows_how_long_it_ran() {
     });
     let mut env = TestEnv::new(vec![def]).await;
     env.start_worker(fast_worker("w"));
-    let started = env
-        .engine
-        .start(StartRun::new("test.timed", json!(null)))
-        .await
-        .unwrap();
-    let run = env.wait(started.id, Duration::from_secs(30)).await;
+    let run = env.run_within("test.timed", json!(null), Duration::from_secs(30)).await;
     assert_succeeded(&run);
     for step in &run.steps {
         let ms = step.duration_ms.unwrap();
@@ -68,12 +63,7 @@ async fn permanent_error_fails_the_run_at_once() {
     });
     let mut env = TestEnv::new(vec![def]).await;
     env.start_worker(fast_worker("w"));
-    let started = env
-        .engine
-        .start(StartRun::new("test.permanent", json!(null)))
-        .await
-        .unwrap();
-    let run = env.wait(started.id, LIMIT).await;
+    let run = env.run("test.permanent", json!(null)).await;
     assert_eq!(run.status, RunStatus::Failed);
     assert!(run.error.as_deref().unwrap().contains("403 forbidden"), "{run:#?}");
     assert_eq!(*attempts.lock().unwrap(), 1, "a permanent error must not be retried");
@@ -100,12 +90,7 @@ async fn retries_stop_after_max_attempts() {
     });
     let mut env = TestEnv::new(vec![def]).await;
     env.start_worker(fast_worker("w"));
-    let started = env
-        .engine
-        .start(StartRun::new("test.flaky", json!(null)))
-        .await
-        .unwrap();
-    let run = env.wait(started.id, LIMIT).await;
+    let run = env.run("test.flaky", json!(null)).await;
     assert_eq!(run.status, RunStatus::Failed);
     let step = &run.steps[0];
     assert_eq!(step.attempts, 3);
@@ -125,7 +110,7 @@ async fn retries_stop_after_max_attempts() {
 #[tokio::test]
 async fn redis_flushall_with_100_runs_in_flight_loses_none() {
     let redis = OwnRedis::start().await.expect("own redis");
-    let mut env = TestEnv::with_redis(vec![], &redis.url).await;
+    let mut env = TestEnv::builder(vec![]).redis(&redis.url).build().await;
     env.start_worker(fast_worker("a"));
     env.start_worker(fast_worker("b"));
     let table = format!("fx_{}", unique());
@@ -419,7 +404,7 @@ async fn failure_at_each_step_runs_exactly_the_undos_before_it() {
     let pool = shared.pool.clone();
     let snapshot_pool = pool.clone();
     dayshift_tests::saga::failure_at_each_step_compensates(
-        vec![rows_workflow(pool.clone(), false)],
+        TestEnv::builder(vec![rows_workflow(pool.clone(), false)]),
         "test.rows",
         json!(null),
         move |_env| {
@@ -549,12 +534,7 @@ async fn a_sensitive_result_is_never_stored_or_logged() {
 
     let mut env = TestEnv::new(vec![def]).await;
     env.start_worker(fast_worker("w"));
-    let started = env
-        .engine
-        .start(StartRun::new("test.secret", json!(null)))
-        .await
-        .unwrap();
-    let run = env.wait(started.id, LIMIT).await;
+    let run = env.run("test.secret", json!(null)).await;
     assert_succeeded(&run);
     assert_eq!(
         seen.lock().unwrap().as_deref(),
@@ -568,7 +548,7 @@ async fn a_sensitive_result_is_never_stored_or_logged() {
     let dump = env.db.dump().await;
     assert!(dump.contains("read-token"), "the dump must cover the journal");
     assert!(!dump.contains(&secret), "the secret is in PostgreSQL");
-    let api = serde_json::to_string(&env.engine.get_run(started.id).await.unwrap()).unwrap();
+    let api = serde_json::to_string(&env.engine.get_run(run.id).await.unwrap()).unwrap();
     assert!(!api.contains(&secret), "the secret is in the API output");
     let logged = String::from_utf8_lossy(&logs.lock().unwrap()).to_string();
     assert!(logged.contains("Run finished"), "the logs were captured");
@@ -608,8 +588,7 @@ async fn a_step_that_exceeds_its_timeout_is_retried_then_fails() {
     });
     let mut env = TestEnv::new(vec![def]).await;
     env.start_worker(fast_worker("w"));
-    let started = env.engine.start(StartRun::new("test.slow", json!(null))).await.unwrap();
-    let run = env.wait(started.id, LIMIT).await;
+    let run = env.run("test.slow", json!(null)).await;
     assert_eq!(run.status, RunStatus::Failed);
     let step = &run.steps[0];
     assert_eq!(step.attempts, 2);
@@ -687,12 +666,7 @@ async fn a_panicking_step_fails_its_run_and_the_worker_goes_on() {
     });
     let mut env = TestEnv::new(vec![def]).await;
     env.start_worker(fast_worker("w"));
-    let started = env
-        .engine
-        .start(StartRun::new("test.panics", json!(null)))
-        .await
-        .unwrap();
-    let run = env.wait(started.id, LIMIT).await;
+    let run = env.run("test.panics", json!(null)).await;
     assert_eq!(run.status, RunStatus::Failed);
     assert!(
         run.error
@@ -703,12 +677,7 @@ async fn a_panicking_step_fails_its_run_and_the_worker_goes_on() {
     );
     assert_eq!(run.steps[0].attempts, 1, "a panic is not retried");
     // The same worker still runs other runs.
-    let ok = env
-        .engine
-        .start(StartRun::new("selftest.chain", json!({ "steps": 1 })))
-        .await
-        .unwrap();
-    assert_succeeded(&env.wait(ok.id, LIMIT).await);
+    assert_succeeded(&env.run("selftest.chain", json!({ "steps": 1 })).await);
     env.stop_workers().await;
 }
 
@@ -775,7 +744,7 @@ async fn a_cancelled_sleep_stays_cancelled_when_compensation_outlives_it() {
 #[tokio::test]
 async fn a_consumer_silenced_by_lost_redis_data_is_replaced() {
     let redis = OwnRedis::start().await.expect("own redis");
-    let mut env = TestEnv::with_redis(vec![], &redis.url).await;
+    let mut env = TestEnv::builder(vec![]).redis(&redis.url).build().await;
     env.start_worker(dayshift_engine::WorkerConfig {
         concurrency: 1,
         ..fast_worker("solo")
@@ -791,12 +760,7 @@ async fn a_consumer_silenced_by_lost_redis_data_is_replaced() {
     .await;
     redis.flushall().await.unwrap();
     assert_succeeded(&env.wait(first.id, LIMIT).await);
-    let second = env
-        .engine
-        .start(StartRun::new("selftest.chain", json!({ "steps": 1 })))
-        .await
-        .unwrap();
-    assert_succeeded(&env.wait(second.id, LIMIT).await);
+    assert_succeeded(&env.run("selftest.chain", json!({ "steps": 1 })).await);
     env.stop_workers().await;
 }
 
@@ -810,9 +774,9 @@ async fn the_api_redacts_fields_named_like_secrets_in_runs() {
     let mut env = TestEnv::new(vec![def]).await;
     env.start_worker(fast_worker("w"));
     let input = json!({ "database": "app", "password": "hunter2", "nested": { "api_key": "k-123" } });
-    let started = env.engine.start(StartRun::new("test.echo", input)).await.unwrap();
-    assert_succeeded(&env.wait(started.id, LIMIT).await);
-    for path in [format!("/api/v1/runs/{}", started.id), "/api/v1/runs".to_string()] {
+    let run = env.run("test.echo", input).await;
+    assert_succeeded(&run);
+    for path in [format!("/api/v1/runs/{}", run.id), "/api/v1/runs".to_string()] {
         let (status, body) = env.get_text(&path).await;
         assert_eq!(status, 200);
         assert!(!body.contains("hunter2") && !body.contains("k-123"), "{path}: {body}");

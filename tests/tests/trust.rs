@@ -322,7 +322,10 @@ async fn a_trigger_s_key_is_refused_from_the_api_and_a_conflicting_tick_does_not
         overlap: Overlap::Allow,
         misfire_grace: Duration::from_secs(7200),
     };
-    let env = TestEnv::with_schedules(vec![], vec![hourly("a-first"), hourly("b-second")]).await;
+    let env = TestEnv::builder(vec![])
+        .schedules(vec![hourly("a-first"), hourly("b-second")])
+        .build()
+        .await;
     let api = Api::serve(&env).await;
     let op = api.token("op", Role::Operator).await;
     let tick = {

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use dayshift_engine::{RunStatus, StartRun};
+use dayshift_engine::RunStatus;
 use dayshift_tests::{OpenBao, TestEnv, fast_worker, s3_test_config, unique};
 use dayshift_workflows::adapters::s3::S3Store;
 use dayshift_workflows::adapters::vault::VaultConfig;
@@ -39,15 +39,13 @@ async fn a_vault_snapshot_is_stored_verified_and_accepted_back_by_openbao() {
     env.start_worker(fast_worker("w"));
     let prefix = format!("t-{}", unique());
 
-    let started = env
-        .engine
-        .start(StartRun::new(
+    let run = env
+        .run_within(
             "backup.vault",
             json!({ "vault": "openbao", "store": "backups", "prefix": prefix }),
-        ))
-        .await
-        .unwrap();
-    let run = env.wait(started.id, LIMIT).await;
+            LIMIT,
+        )
+        .await;
     assert_eq!(run.status, RunStatus::Succeeded, "{run:#?}");
     let manifest = run.output.clone().unwrap();
     assert_eq!(manifest["kind"], "vault");
@@ -89,15 +87,13 @@ async fn a_vault_snapshot_is_stored_verified_and_accepted_back_by_openbao() {
     assert_eq!(password.trim(), "before");
 
     // A token without the right fails at once (permission is not retried), with Vault's reason.
-    let started = env
-        .engine
-        .start(StartRun::new(
+    let run = env
+        .run_within(
             "backup.vault",
             json!({ "vault": "weak", "store": "backups", "prefix": prefix }),
-        ))
-        .await
-        .unwrap();
-    let run = env.wait(started.id, LIMIT).await;
+            LIMIT,
+        )
+        .await;
     assert_eq!(run.status, RunStatus::Failed);
     let error = run.error.clone().unwrap();
     assert!(error.contains("403") && error.contains("permission denied"), "{error}");

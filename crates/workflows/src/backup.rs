@@ -268,6 +268,12 @@ where
             .map_err(step_err)
     })
     .retry(network())
+    // A manifest must never name a dump that is not there: if verification fails, the dump's
+    // undo deletes it, and this one deletes its manifest first.
+    .undo({
+        let (s3, key) = (s3.clone(), format!("{}.manifest.json", m.key));
+        move |_s, ()| async move { s3.delete(&key).await.map_err(step_err) }
+    })
     .await?;
     ctx.step("verify", |_s| async move {
         let (size, sha256) = s3.digest(&m.key).await.map_err(step_err)?;
