@@ -365,10 +365,6 @@ async fn run(ctx: &Ctx, connections: &Connections, input: RemediateInput) -> Res
                 );
                 let n = &notifier;
                 ctx.step("escalate", |_s| async move { n.send(&text).await.map_err(step_err) })
-                    .retry(RetryPolicy {
-                        max_attempts: 5,
-                        ..RetryPolicy::default()
-                    })
                     .await?;
             }
             for (n, action) in escalation.iter().enumerate() {
@@ -411,10 +407,7 @@ async fn act(
         .step(format!("{step}:{}", action.describe()), |_s| async move {
             perform(connections, kube, action, max).await
         })
-        .retry(RetryPolicy {
-            max_attempts: 3,
-            ..RetryPolicy::default()
-        })
+        .retry(RetryPolicy::cautious())
         .await?;
     Ok(taken)
 }

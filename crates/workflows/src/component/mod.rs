@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use dayshift_engine::{Ctx, RetryPolicy, StepError, WorkflowError};
+use dayshift_engine::{Ctx, StepError, WorkflowError};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -263,10 +263,6 @@ async fn apply_phases(ctx: &Ctx, k: &Kube, i: &ComponentInput, checked: &Checked
                 }
                 Ok::<_, StepError>(n)
             })
-            .retry(RetryPolicy {
-                max_attempts: 5,
-                ..RetryPolicy::default()
-            })
             .await?;
         if phase == 0 && applied > 0 {
             ctx.step("wait:crds-established", |_s| async move {
@@ -360,10 +356,6 @@ async fn smoke(ctx: &Ctx, connections: &Connections, i: &ComponentInput) -> Resu
             }
         }
         Ok(())
-    })
-    .retry(RetryPolicy {
-        max_attempts: 5,
-        ..RetryPolicy::default()
     })
     .await?;
     Ok(())

@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use async_compression::tokio::bufread::{ZstdDecoder, ZstdEncoder};
 use base64::Engine as _;
-use dayshift_engine::{Ctx, RetryPolicy, StepError, WorkflowDef, WorkflowError};
+use dayshift_engine::{Ctx, StepError, WorkflowDef, WorkflowError};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::io::AsyncReadExt as _;
@@ -111,10 +111,6 @@ async fn upgrade(
     let c = &checked;
     let point: RollbackPoint = ctx
         .step("rollback-point", |_s| async move { record(k, i, c, &run_id).await })
-        .retry(RetryPolicy {
-            max_attempts: 5,
-            ..RetryPolicy::default()
-        })
         .undo({
             let (k, i, c, n, run) = (
                 kube.clone(),
@@ -132,13 +128,8 @@ async fn upgrade(
     smoke(ctx, connections, i).await?;
 
     let p = &point;
-    let (pruned, kept): (Vec<String>, Vec<String>) = ctx
-        .step("prune", |_s| async move { prune(k, i, c, p).await })
-        .retry(RetryPolicy {
-            max_attempts: 5,
-            ..RetryPolicy::default()
-        })
-        .await?;
+    let (pruned, kept): (Vec<String>, Vec<String>) =
+        ctx.step("prune", |_s| async move { prune(k, i, c, p).await }).await?;
     let retired = ctx
         .step("retire-rollback-points", |_s| async move {
             retire(k, &i.component, i.keep_rollback_points.max(1)).await

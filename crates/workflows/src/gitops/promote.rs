@@ -51,7 +51,7 @@ fn default_timeout() -> Duration {
     Duration::from_secs(600)
 }
 
-/// The input of `promote.image`.
+/// The input of `promote.image`; `promote.chain` hands it to each environment's child run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PromoteInput {
@@ -69,28 +69,28 @@ pub struct PromoteInput {
     /// The file, relative to the repository root (`envs/prod/values.yaml`).
     pub file: String,
     /// A Helm values key path (`api-gateway.image.tag`)...
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
     /// ...or a kustomization image name, whose `newTag` (or `digest`) is set.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
     /// The commit that built the image, for the message.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_commit: Option<String>,
     /// Wait for this Application to be Synced and Healthy at the pushed revision.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub argocd: Option<ArgoApp>,
     /// How long to wait for health. Default 10m.
     #[serde(default = "default_timeout", with = "humantime_serde")]
     pub timeout: Duration,
     /// A notice webhook (connections.notify).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notify: Option<String>,
     /// Wait for approval before pushing.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approval: Option<ApprovalGate>,
     /// Who made the change being promoted (the commit author): they may not approve it.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requested_by: Option<String>,
 }
 
@@ -115,10 +115,6 @@ pub struct Promotion {
     pub tag: String,
     #[serde(flatten)]
     pub pushed: Pushed,
-}
-
-fn git_err(e: GitError) -> StepError {
-    StepError::transient(e)
 }
 
 /// Checks a tag or digest the way registries do (OCI distribution spec).
@@ -224,10 +220,6 @@ async fn promote(ctx: &Ctx, p: Arc<Promote>) -> Result<Promotion, WorkflowError>
     let (pr, run) = (&p, run_id.as_str());
     let pushed: Pushed = ctx
         .step("commit-and-push", |_s| async move { commit_and_push(pr, run).await })
-        .retry(RetryPolicy {
-            max_attempts: 5,
-            ..RetryPolicy::default()
-        })
         .undo({
             let (p, run) = (p.clone(), run_id.clone());
             move |_s, pushed: Pushed| async move { revert(&p, &pushed, &run).await }
@@ -237,10 +229,7 @@ async fn promote(ctx: &Ctx, p: Arc<Promote>) -> Result<Promotion, WorkflowError>
     if let Some(app) = &p.input.argocd {
         let commit = pushed.commit.as_str();
         ctx.step("wait-healthy", |_s| async move { wait_healthy(pr, app, commit).await })
-            .retry(RetryPolicy {
-                max_attempts: 3,
-                ..RetryPolicy::default()
-            })
+            .retry(RetryPolicy::cautious())
             .await?;
     }
     let text = format!(
@@ -308,7 +297,7 @@ fn message(p: &Promote, run_id: &str) -> String {
 
 /// Our commit among the branch's recent ones (an attempt that pushed before a crash).
 async fn find_ours(checkout: &Checkout, marker: &str) -> Result<Option<String>, StepError> {
-    let recent = checkout.recent(50).await.map_err(git_err)?;
+    let recent = checkout.recent(50).await?;
     Ok(recent
         .into_iter()
         .find(|(_, msg)| msg.lines().any(|l| l.trim() == marker))
@@ -317,11 +306,11 @@ async fn find_ours(checkout: &Checkout, marker: &str) -> Result<Option<String>, 
 
 async fn commit_and_push(p: &Promote, run_id: &str) -> Result<Pushed, StepError> {
     let i = &p.input;
-    let checkout = p.git.checkout(&i.branch).await.map_err(git_err)?;
+    let checkout = p.git.checkout(&i.branch).await?;
     let marker = format!("Dayshift-Run: {run_id}");
     for attempt in 1..=PUSH_ATTEMPTS {
         if attempt > 1 {
-            checkout.reset_to_remote().await.map_err(git_err)?;
+            checkout.reset_to_remote().await?;
         }
         if let Some(commit) = find_ours(&checkout, &marker).await? {
             return Ok(Pushed {
@@ -339,17 +328,14 @@ async fn commit_and_push(p: &Promote, run_id: &str) -> Result<Pushed, StepError>
         if new_text == text {
             // Already there (someone promoted this tag before us): nothing to commit.
             return Ok(Pushed {
-                commit: checkout.head().await.map_err(git_err)?,
+                commit: checkout.head().await?,
                 changed: false,
                 line: None,
                 push_attempts: attempt - 1,
             });
         }
         std::fs::write(&file, &new_text).map_err(|e| StepError::Transient(format!("write {}: {e}", i.file)))?;
-        let commit = checkout
-            .commit(&[i.file.as_str()], &message(p, run_id))
-            .await
-            .map_err(git_err)?;
+        let commit = checkout.commit(&[i.file.as_str()], &message(p, run_id)).await?;
         match checkout.push().await {
             Ok(()) => {
                 return Ok(Pushed {
@@ -362,7 +348,7 @@ async fn commit_and_push(p: &Promote, run_id: &str) -> Result<Pushed, StepError>
             Err(GitError::Rejected { detail, .. }) => {
                 tracing::info!(run_id, attempt, detail, "The branch moved; applying the change again.");
             }
-            Err(e) => return Err(git_err(e)),
+            Err(e) => return Err(e.into()),
         }
     }
     Err(StepError::Transient(format!(
@@ -430,11 +416,11 @@ async fn revert(p: &Promote, pushed: &Pushed, run_id: &str) -> Result<(), StepEr
     }
     let i = &p.input;
     let marker = format!("Dayshift-Revert-Of: {}", pushed.commit);
-    let checkout = p.git.checkout(&i.branch).await.map_err(git_err)?;
+    let checkout = p.git.checkout(&i.branch).await?;
     let mut reverted = None;
     for attempt in 1..=PUSH_ATTEMPTS {
         if attempt > 1 {
-            checkout.reset_to_remote().await.map_err(git_err)?;
+            checkout.reset_to_remote().await?;
         }
         if let Some(commit) = find_ours(&checkout, &marker).await? {
             reverted = Some(commit);
@@ -444,14 +430,14 @@ async fn revert(p: &Promote, pushed: &Pushed, run_id: &str) -> Result<(), StepEr
             "revert the promotion of {} to {}: {}\n\nThe application did not become healthy.\n\n{marker}\nDayshift-Run: {run_id}\n",
             i.application, i.environment, i.tag
         );
-        let commit = checkout.revert(&pushed.commit, &message).await.map_err(git_err)?;
+        let commit = checkout.revert(&pushed.commit, &message).await?;
         match checkout.push().await {
             Ok(()) => {
                 reverted = Some(commit);
                 break;
             }
             Err(GitError::Rejected { .. }) => continue,
-            Err(e) => return Err(git_err(e)),
+            Err(e) => return Err(e.into()),
         }
     }
     let reverted = reverted.ok_or_else(|| StepError::transient("the branch kept moving while reverting"))?;
