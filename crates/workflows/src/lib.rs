@@ -15,6 +15,7 @@ mod rotate;
 pub mod secrets;
 mod selftest;
 mod vault_backup;
+mod wait;
 
 pub use backup::{BackupInput, Manifest, RestoreInput, backup_postgres, restore_postgres};
 pub use component::{

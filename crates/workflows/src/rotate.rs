@@ -30,6 +30,7 @@ use crate::adapters::step_err;
 use crate::adapters::vault::{Vault, VaultError};
 use crate::connections::Connections;
 use crate::secrets::{Generator, scram_verifier};
+use crate::wait::{self, Wait};
 
 /// Custom-metadata key marking an entry a run is rotating (so that a retried write can tell
 /// its own earlier write from a concurrent one).
@@ -571,20 +572,16 @@ async fn rotate(ctx: &Ctx, t: Targets) -> Result<RotationReport, WorkflowError> 
         .await?;
     }
     for w in &input.restart {
-        ctx.step(
-            format!("wait-rollout:{:?}/{}/{}", w.kind, w.namespace, w.name),
-            |_s| async move {
-                kube(tr)?
-                    .wait_rollout(
-                        w,
-                        Duration::from_secs(1).min(input.rollout_timeout / 10),
-                        input.rollout_timeout,
-                    )
-                    .await
-                    .map_err(step_err)
-            },
-        )
-        .retry(RetryPolicy::network())
+        let name = format!("wait-rollout:{:?}/{}/{}", w.kind, w.namespace, w.name);
+        let wait = Wait {
+            name: &name,
+            timeout: input.rollout_timeout,
+            every: Duration::from_secs(1).min(input.rollout_timeout / 10),
+            retry: RetryPolicy::network(),
+        };
+        wait::until(ctx, wait, || async move {
+            wait::rollout(kube(tr)?, w, input.rollout_timeout).await
+        })
         .await?;
     }
 

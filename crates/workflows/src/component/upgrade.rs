@@ -30,7 +30,7 @@ use tokio::io::AsyncReadExt as _;
 
 use super::{
     COMPONENT_LABEL, Checked, ComponentInput, ComponentReport, FIELD_MANAGER, apply_phases, check, comparable, connect,
-    notifier, phase_of, plan_and_approve, ready, smoke, wait_ready,
+    notifier, phase_of, plan_and_approve, ready_interval, smoke, wait_ready,
 };
 use crate::adapters::kube::{Kube, ObjectId, Resource};
 use crate::adapters::notify::Notifier;
@@ -393,9 +393,12 @@ async fn roll_back(
         k.delete(r, id).await.map_err(step_err)?;
     }
     let workloads: Vec<&ObjectId> = point.live.iter().map(|l| &l.id).collect();
-    ready(k, &workloads, i.timeout)
-        .await
-        .map_err(|e| StepError::Permanent(format!("the rollback point was re-applied, but: {e}")))?;
+    let workloads = &workloads;
+    crate::wait::in_step(i.timeout, ready_interval(i.timeout), || {
+        crate::wait::workloads_ready(k, workloads, i.timeout)
+    })
+    .await
+    .map_err(|e| StepError::Permanent(format!("the rollback point was re-applied, but: {e}")))?;
     if let Some(n) = notifier {
         let text = format!(
             "upgrade.component of {} (run {run_id}) failed and was rolled back; the previous version is healthy again. Rollback point: {}/{}",

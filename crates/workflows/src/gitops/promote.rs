@@ -4,9 +4,10 @@
 //! Steps: `commit-and-push` (clone, change exactly the value, commit with the `Dayshift-Run`
 //! trailer that dayshift's webhook intake recognises as its own, push; when the branch moved,
 //! fetch and apply again) and `wait-healthy` (the ArgoCD Application reports the pushed
-//! revision `Synced` and `Healthy`). When the application turns `Degraded` or the wait times
-//! out, the undo reverts the commit with a new commit (never a force-push), pushes it, waits for
-//! health again and sends a notice.
+//! revision `Synced` and `Healthy`): a durable wait, checks `wait-healthy`, `wait-healthy:2`, …
+//! with durable sleeps between them (see [`crate::wait`]). When the application turns
+//! `Degraded` or the wait times out, the undo reverts the commit with a new commit (never a
+//! force-push), pushes it, waits for health again and sends a notice.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +22,7 @@ use crate::adapters::notify::Notifier;
 use crate::adapters::step_err;
 use crate::connections::Connections;
 use crate::gates::ApprovalGate;
+use crate::wait::{self, Probe, Wait};
 
 /// How many times a push is re-applied on a branch that keeps moving.
 const PUSH_ATTEMPTS: u32 = 5;
@@ -228,9 +230,13 @@ async fn promote(ctx: &Ctx, p: Arc<Promote>) -> Result<Promotion, WorkflowError>
 
     if let Some(app) = &p.input.argocd {
         let commit = pushed.commit.as_str();
-        ctx.step("wait-healthy", |_s| async move { wait_healthy(pr, app, commit).await })
-            .retry(RetryPolicy::cautious())
-            .await?;
+        let wait = Wait {
+            name: "wait-healthy",
+            timeout: p.input.timeout,
+            every: check_interval(p.input.timeout),
+            retry: RetryPolicy::cautious(),
+        };
+        wait::until(ctx, wait, || async move { argo_probe(pr, app, commit).await }).await?;
     }
     let text = format!(
         ":white_check_mark: **{}** promoted to **{}**: `{}` (commit `{}`, run `{run_id}`)",
@@ -357,55 +363,59 @@ async fn commit_and_push(p: &Promote, run_id: &str) -> Result<Pushed, StepError>
     )))
 }
 
-/// Waits until the Application reports `commit` Synced and Healthy; a permanent error when it
-/// turns Degraded or the timeout passes.
-async fn wait_healthy(p: &Promote, app: &ArgoApp, commit: &str) -> Result<(), StepError> {
+/// How often the Application is read while waiting: every 2 s, more often for short timeouts.
+fn check_interval(timeout: Duration) -> Duration {
+    Duration::from_secs(2).min(timeout / 20).max(Duration::from_millis(20))
+}
+
+/// One read of the Application: ready when it reports `commit` Synced and Healthy; a permanent
+/// error when it is Degraded at `commit` or missing.
+async fn argo_probe(p: &Promote, app: &ArgoApp, commit: &str) -> Result<Probe, StepError> {
     let kube = p
         .kube
         .as_ref()
         .ok_or_else(|| StepError::permanent("no Kubernetes connection"))?;
-    let deadline = tokio::time::Instant::now() + p.input.timeout;
-    let every = Duration::from_secs(2)
-        .min(p.input.timeout / 20)
-        .max(Duration::from_millis(20));
-    loop {
-        let found = kube
-            .argocd_application(&app.namespace, &app.name)
-            .await
-            .map_err(step_err)?;
-        let Some(a) = found else {
-            return Err(StepError::Permanent(format!(
-                "there is no ArgoCD Application {}/{}",
-                app.namespace, app.name
-            )));
-        };
-        let status = &a["status"];
-        let revision = status["sync"]["revision"].as_str().unwrap_or_default();
-        let sync = status["sync"]["status"].as_str().unwrap_or("Unknown");
-        let health = status["health"]["status"].as_str().unwrap_or("Unknown");
-        let at_commit = revision == commit;
-        if at_commit && health == "Degraded" {
-            let why = status["health"]["message"].as_str().unwrap_or("no message");
-            return Err(StepError::Permanent(format!(
-                "Application {} is Degraded at {}: {why}",
-                app.name,
-                short(commit)
-            )));
-        }
-        if at_commit && sync == "Synced" && health == "Healthy" {
-            return Ok(());
-        }
-        let last = format!("revision {}, {sync}, {health}", short(revision));
-        if tokio::time::Instant::now() + every > deadline {
-            return Err(StepError::Permanent(format!(
-                "Application {} did not become Synced and Healthy at {} within {} (last: {last})",
-                app.name,
-                short(commit),
-                humantime::format_duration(p.input.timeout)
-            )));
-        }
-        tokio::time::sleep(every).await;
+    let found = kube
+        .argocd_application(&app.namespace, &app.name)
+        .await
+        .map_err(step_err)?;
+    let Some(a) = found else {
+        return Err(StepError::Permanent(format!(
+            "there is no ArgoCD Application {}/{}",
+            app.namespace, app.name
+        )));
+    };
+    let status = &a["status"];
+    let revision = status["sync"]["revision"].as_str().unwrap_or_default();
+    let sync = status["sync"]["status"].as_str().unwrap_or("Unknown");
+    let health = status["health"]["status"].as_str().unwrap_or("Unknown");
+    let at_commit = revision == commit;
+    if at_commit && health == "Degraded" {
+        let why = status["health"]["message"].as_str().unwrap_or("no message");
+        return Err(StepError::Permanent(format!(
+            "Application {} is Degraded at {}: {why}",
+            app.name,
+            short(commit)
+        )));
     }
+    if at_commit && sync == "Synced" && health == "Healthy" {
+        return Ok(Probe::Ready);
+    }
+    let last = format!("revision {}, {sync}, {health}", short(revision));
+    Ok(Probe::Pending {
+        late: not_healthy(p, app, commit, &last),
+        status: last,
+    })
+}
+
+/// The timeout error, with what the Application said `last`.
+fn not_healthy(p: &Promote, app: &ArgoApp, commit: &str, last: &str) -> String {
+    format!(
+        "Application {} did not become Synced and Healthy at {} within {} (last: {last})",
+        app.name,
+        short(commit),
+        humantime::format_duration(p.input.timeout)
+    )
 }
 
 /// The undo: a revert commit of ours (never a force-push), pushed, health awaited again, a
@@ -442,7 +452,11 @@ async fn revert(p: &Promote, pushed: &Pushed, run_id: &str) -> Result<(), StepEr
     }
     let reverted = reverted.ok_or_else(|| StepError::transient("the branch kept moving while reverting"))?;
     let health = match &i.argocd {
-        Some(app) => match wait_healthy(p, app, &reverted).await {
+        Some(app) => match wait::in_step(p.input.timeout, check_interval(p.input.timeout), || {
+            argo_probe(p, app, &reverted)
+        })
+        .await
+        {
             Ok(()) => "healthy again".to_string(),
             Err(e) => format!("NOT healthy after the revert: {e}"),
         },
