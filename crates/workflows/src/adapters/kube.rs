@@ -6,7 +6,7 @@
 //!   rollout.
 //! - [`Kube::rollout_status`] reads what `kubectl rollout status` reads; [`Kube::job_complete`]
 //!   and [`Kube::crd_established`] read a Job and a CustomResourceDefinition. Each is one read:
-//!   a workflow waits with them durably (`crate::wait`), holding no worker between reads.
+//!   a workflow waits with them durably, holding no worker between reads.
 //! - Secrets are changed key by key with a JSON merge patch, leaving their other keys alone.
 //!
 //! GitOps owns what ArgoCD syncs: these calls are for objects dayshift is asked to touch
@@ -275,7 +275,7 @@ impl Kube {
 
     /// Waits, polling every `every`, until the rollout completes; an error when it fails or
     /// `limit` passes. For callers outside a workflow: this holds its caller for the whole
-    /// wait, so a workflow waits durably instead (`crate::wait`, with [`Kube::rollout_status`]).
+    /// wait, so a workflow waits durably instead, one [`Kube::rollout_status`] per check.
     pub async fn wait_rollout(&self, w: &Workload, every: Duration, limit: Duration) -> Result<(), KubeError> {
         let deadline = tokio::time::Instant::now() + limit;
         loop {

@@ -344,7 +344,7 @@ async fn smoke(ctx: &Ctx, connections: &Connections, i: &ComponentInput) -> Resu
                     min,
                     max,
                 } => {
-                    let url = connections.postgres(postgres).map_err(StepError::Permanent)?;
+                    let url = connections.postgres(postgres).map_err(StepError::permanent)?;
                     let check = crate::restore_test::Check {
                         name: query.clone(),
                         query: query.clone(),

@@ -5,6 +5,8 @@
 //! Started by hand with a tag, or by a push to the first environment's values (a webhook
 //! route with `from: dev`): the tag is then read from that environment's values file.
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Datelike, NaiveTime, TimeZone, Utc};
@@ -14,7 +16,7 @@ use serde_json::{Value, json};
 
 use super::promote::{ArgoApp, PromoteInput, check_tag};
 use super::values;
-use crate::connections::Connections;
+use crate::connections::{Connections, lookup};
 use crate::gates::ApprovalGate;
 
 /// How one application is promoted (the config's `promotions.<application>`).
@@ -112,23 +114,35 @@ pub struct ChainPlan {
     pub environments: Vec<String>,
 }
 
-/// The `promote.chain` workflow.
-pub fn promote_chain(connections: std::sync::Arc<Connections>) -> WorkflowDef {
+/// How each application is promoted, by application (the config's `promotions:`).
+pub type Promotions = BTreeMap<String, AppPromotion>;
+
+/// The `promote.chain` workflow, with the promotions it may run.
+pub fn promote_chain(connections: Arc<Connections>, promotions: Arc<Promotions>) -> WorkflowDef {
     WorkflowDef::new(
         "promote.chain",
         "Promotes an application's tag through its environments in order, with each environment's gates (soak, window, approval).",
         move |ctx: Ctx, input: PromoteChainInput| {
-            let connections = connections.clone();
-            async move { chain(&ctx, &connections, input).await }
+            let (connections, promotions) = (connections.clone(), promotions.clone());
+            async move { chain(&ctx, &connections, &promotions, input).await }
         },
     )
 }
 
-async fn chain(ctx: &Ctx, connections: &Connections, input: PromoteChainInput) -> Result<Value, WorkflowError> {
-    let app = connections
-        .promotion(&input.application)
-        .map_err(WorkflowError::failed)?
-        .clone();
+async fn chain(
+    ctx: &Ctx,
+    connections: &Connections,
+    promotions: &Promotions,
+    input: PromoteChainInput,
+) -> Result<Value, WorkflowError> {
+    let app = lookup(
+        promotions,
+        &input.application,
+        "no promotions configured for application",
+        "promotions",
+    )
+    .map_err(WorkflowError::failed)?
+    .clone();
     let (a, i) = (&app, &input);
     let plan: ChainPlan = ctx
         .step("resolve", |_s| async move { resolve(connections, a, i).await })
@@ -207,7 +221,7 @@ async fn resolve(
     let tag = match (&input.tag, source) {
         (Some(tag), _) => tag.clone(),
         (None, Some(env)) => {
-            let git = connections.git(&app.repository).map_err(StepError::Permanent)?;
+            let git = connections.git(&app.repository).map_err(StepError::permanent)?;
             let checkout = git.checkout(&env.branch).await?;
             let text = std::fs::read_to_string(checkout.dir().join(&env.file))
                 .map_err(|e| StepError::Permanent(format!("{} on {}: {e}", env.file, env.branch)))?;
