@@ -2,6 +2,7 @@
 //! status through the Kubernetes API stand-in.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use dayshift_engine::{RunStatus, RunView};
@@ -23,6 +24,9 @@ struct Rig {
     /// dayshift in this process; absent when the test runs the binary.
     env: Option<TestEnv>,
     argocd: tokio::task::JoinHandle<()>,
+    /// ArgoCD lets a new revision turn Healthy only while this is set (the default); cleared,
+    /// the Application stays Synced and Progressing.
+    healthy: Arc<AtomicBool>,
     original: String,
 }
 
@@ -92,10 +96,12 @@ impl Rig {
             "metadata": { "name": "shop-prod", "namespace": "argocd" },
             "spec": { "source": { "repoURL": git.url("infra"), "targetRevision": "main", "path": "envs/prod" } },
         }));
+        let healthy = Arc::new(AtomicBool::new(true));
         let argocd = tokio::spawn(play_argocd(
             git.clone(),
             kube.clone(),
             vec![(APP.to_string(), VALUES.to_string())],
+            healthy.clone(),
         ));
         let chat = WebhookReceiver::start().await;
         Self {
@@ -104,6 +110,7 @@ impl Rig {
             chat,
             env: None,
             argocd,
+            healthy,
             original,
         }
     }
@@ -122,8 +129,8 @@ impl Drop for Rig {
 
 /// ArgoCD, as seen through the API: when the branch moves, the Application goes OutOfSync,
 /// then Synced and Progressing at the new revision, then Healthy; or Degraded when the values
-/// hold a tag ending in `-broken`.
-async fn play_argocd(git: Arc<GitServer>, kube: Arc<KubeApi>, apps: Vec<(String, String)>) {
+/// hold a tag ending in `-broken`. While `healthy` is cleared, the last step waits.
+async fn play_argocd(git: Arc<GitServer>, kube: Arc<KubeApi>, apps: Vec<(String, String)>, healthy: Arc<AtomicBool>) {
     let mut seen = String::new();
     loop {
         let head = git.head("infra", "main");
@@ -142,6 +149,9 @@ async fn play_argocd(git: Arc<GitServer>, kube: Arc<KubeApi>, apps: Vec<(String,
                 );
             }
             tokio::time::sleep(Duration::from_millis(60)).await;
+            while !healthy.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
             for (app, values) in &apps {
                 let broken = git.read("infra", "main", values).contains("-broken\"");
                 let health = if broken {
@@ -418,6 +428,113 @@ async fn a_prod_promotion_waits_for_approvals_across_a_restart_and_a_rejection_p
     env.server.as_mut().unwrap().kill9().await;
 }
 
+/// The journal entries of the health wait (its checks and the sleeps between them), in order.
+fn health_wait(run: &Value) -> Vec<Value> {
+    run["steps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["name"].as_str().is_some_and(|n| n.starts_with("wait-healthy")))
+        .cloned()
+        .collect()
+}
+
+fn health_checks(run: &Value) -> Vec<Value> {
+    health_wait(run).into_iter().filter(|s| s["kind"] == "step").collect()
+}
+
+/// Between two checks of the health wait: the run released, its sleep pending.
+fn between_checks(run: &Value) -> bool {
+    run["status"] == "waiting"
+        && health_wait(run)
+            .last()
+            .is_some_and(|s| s["kind"] == "sleep" && s["status"] == "waiting")
+}
+
+#[tokio::test]
+async fn a_worker_killed_during_wait_healthy_leaves_a_durable_wait_that_the_next_worker_resumes() {
+    let rig = Rig::world().await;
+    // ArgoCD syncs the promotion but keeps it Progressing until the test says otherwise.
+    rig.healthy.store(false, Ordering::SeqCst);
+    let mut env = dayshift_tests::BinEnv::start_with(&rig.connections_yaml()).await;
+    let mut first = env.start_worker().await;
+    let mut promotion = input("2.18.0");
+    // Checks 2 s apart (a twentieth of the timeout, at most 2 s).
+    promotion["timeout"] = json!("60s");
+    let id = env.start_run("promote.image", promotion).await;
+    env.wait_run(&id, LIMIT, between_checks).await;
+    // Killed while the run sleeps between two checks: it holds the run no longer.
+    first.kill9().await;
+    let (_, after_kill) = env.get(&format!("/api/v1/runs/{id}")).await;
+    assert!(
+        between_checks(&after_kill),
+        "the killed worker was holding the run: {after_kill:#}"
+    );
+    let checked_by_first = health_checks(&after_kill).len();
+
+    let _second = env.start_worker().await;
+    env.wait_run(&id, LIMIT, |r| health_checks(r).len() > checked_by_first)
+        .await;
+    rig.healthy.store(true, Ordering::SeqCst);
+    let run = env.wait_finished(&id, LIMIT).await;
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+
+    // The wait is check, sleep, check, …, check: each a journal entry of its own, in order.
+    let wait = health_wait(&run);
+    assert_eq!(wait.len() % 2, 1, "{wait:#?}");
+    for (n, entry) in wait.iter().enumerate() {
+        let k = n / 2 + 1;
+        let (name, kind) = match (n % 2, k) {
+            (0, 1) => ("wait-healthy".to_string(), "step"),
+            (0, k) => (format!("wait-healthy:{k}"), "step"),
+            (_, k) => (format!("wait-healthy:sleep:{k}"), "sleep"),
+        };
+        assert_eq!(
+            (entry["name"].as_str().unwrap(), entry["kind"].as_str().unwrap()),
+            (name.as_str(), kind),
+            "{wait:#?}"
+        );
+        assert_eq!(entry["status"], "succeeded", "{entry:#}");
+    }
+    let checks = health_checks(&run);
+    let (last, pending) = checks.split_last().unwrap();
+    assert_eq!(last["output"]["ready"], true, "{last:#}");
+    assert!(
+        pending
+            .iter()
+            .all(|c| c["output"]["ready"] == false && c["output"]["pending"].is_string()),
+        "{pending:#?}"
+    );
+    let held = pending.last().unwrap()["output"]["pending"].as_str().unwrap();
+    assert!(held.ends_with("Synced, Progressing"), "{held}");
+    // The second worker finished the wait: the check that found it still Progressing and the
+    // last one are its own, the first worker being dead.
+    assert!(checks.len() >= checked_by_first + 2, "{wait:#?}");
+    // The deadline set by the first check was kept by every later one, on either worker.
+    assert!(
+        checks
+            .iter()
+            .all(|c| c["output"]["deadline"] == checks[0]["output"]["deadline"]),
+        "{checks:#?}"
+    );
+    // No check ran again once journaled: one attempt each, and ArgoCD's Application was read
+    // exactly once per check (a replayed check would have read it again).
+    assert!(checks.iter().all(|c| c["attempts"] == 1), "{checks:#?}");
+    let reads = rig
+        .kube
+        .requests()
+        .iter()
+        .filter(|r| r.method == "GET" && r.path == APP)
+        .count();
+    assert_eq!(reads, checks.len(), "{checks:#?}");
+    // No step held a worker through the wait: each check took less than the sleep after it.
+    for c in &checks {
+        assert!(c["duration_ms"].as_i64().unwrap() < 2000, "{c:#}");
+    }
+    assert!(rig.git.read("infra", "main", VALUES).contains("tag: \"2.18.0\""));
+    env.server.as_mut().unwrap().kill9().await;
+}
+
 const SECRET: &str = "chain-webhook-secret";
 
 fn signed(body: &[u8]) -> String {
@@ -452,7 +569,12 @@ async fn chain_world() -> (
             format!("envs/{env}/values.yaml"),
         ));
     }
-    let argocd = tokio::spawn(play_argocd(git.clone(), kube.clone(), apps));
+    let argocd = tokio::spawn(play_argocd(
+        git.clone(),
+        kube.clone(),
+        apps,
+        Arc::new(AtomicBool::new(true)),
+    ));
 
     let dir = git.dir.join("config");
     std::fs::create_dir_all(&dir).unwrap();

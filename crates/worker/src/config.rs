@@ -919,6 +919,20 @@ impl Config {
         })
     }
 
+    /// The promotions and playbooks, checked, for the workflows that run them.
+    pub(crate) fn catalogs(&self) -> Result<dayshift_workflows::Catalogs, ConfigError> {
+        let mut out = dayshift_workflows::Catalogs::default();
+        for (name, p) in &self.playbooks {
+            out.playbooks
+                .insert(name.clone(), playbook(name, p).map_err(ConfigError::Invalid)?);
+        }
+        for (app, p) in &self.promotions {
+            out.promotions
+                .insert(app.clone(), promotion(app, p).map_err(ConfigError::Invalid)?);
+        }
+        Ok(out)
+    }
+
     /// The named connections with their credentials read, as the workflows use them.
     pub(crate) fn connections(&self) -> Result<dayshift_workflows::Connections, ConfigError> {
         let c = &self.connections;
@@ -981,14 +995,6 @@ impl Config {
                     context: k.context.clone(),
                 },
             );
-        }
-        for (name, p) in &self.playbooks {
-            out.playbooks
-                .insert(name.clone(), playbook(name, p).map_err(ConfigError::Invalid)?);
-        }
-        for (app, p) in &self.promotions {
-            out.promotions
-                .insert(app.clone(), promotion(app, p).map_err(ConfigError::Invalid)?);
         }
         for (name, g) in &c.git {
             let key = format!("connections.git.{name}");
@@ -1194,6 +1200,9 @@ impl Config {
             problems.push(format!("{path}: {e}"));
         }
         if let Err(ConfigError::Invalid(e)) = self.connections() {
+            problems.push(format!("{path}: {e}"));
+        }
+        if let Err(ConfigError::Invalid(e)) = self.catalogs() {
             problems.push(format!("{path}: {e}"));
         }
         if let Err(ConfigError::Invalid(e)) = self.webhooks() {
@@ -1635,7 +1644,7 @@ mod tests {
         ];
         for (extra, expected) in cases {
             let c = Config::load(Some(("c.yaml", &format!("{base}{extra}"))), &env(&[])).unwrap();
-            let err = c.connections().unwrap_err().to_string();
+            let err = c.catalogs().unwrap_err().to_string();
             assert!(err.contains(expected), "{err}");
         }
         let ok = Config::load(
@@ -1643,7 +1652,7 @@ mod tests {
             &env(&[]),
         )
         .unwrap();
-        let conns = ok.connections().unwrap();
+        let conns = ok.catalogs().unwrap();
         assert_eq!(
             conns.promotions["api"].environments[0].soak,
             Some(Duration::from_secs(600))

@@ -186,12 +186,13 @@ async fn connect(config: &Config, serve: bool) -> Result<Engine> {
     let pool = store.pool().clone();
     // serve checks inputs against the workflows but never runs a step: it holds no connection's
     // credentials (Vault tokens, database passwords, S3 keys), so a compromised API pod has none.
-    let connections = if serve {
-        dayshift_workflows::Connections::default()
+    let (connections, catalogs) = if serve {
+        Default::default()
     } else {
-        config.connections()?
+        (config.connections()?, config.catalogs()?)
     };
-    let mut builder = Engine::builder(store, queue).register_all(dayshift_workflows::all_with(pool, connections));
+    let mut builder =
+        Engine::builder(store, queue).register_all(dayshift_workflows::all_with(pool, connections, catalogs));
     if let Ok(step) = std::env::var("DAYSHIFT_TEST_STOP_AFTER_STEP") {
         builder = builder.on_step_journaled(stop_after_step(step));
     }

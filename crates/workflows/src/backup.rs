@@ -18,14 +18,6 @@ use crate::adapters::s3::{S3Store, Stored};
 use crate::adapters::step_err;
 use crate::connections::Connections;
 
-/// Network trouble with S3 or PostgreSQL is retried; bad credentials or a missing database are not.
-pub(crate) fn network() -> RetryPolicy {
-    RetryPolicy {
-        max_attempts: 5,
-        ..RetryPolicy::default()
-    }
-}
-
 /// A PostgreSQL URL split into what libpq takes on the command line and the password, which
 /// goes through the environment so that it never shows in a process listing.
 struct PgTarget {
@@ -243,7 +235,7 @@ where
         .await?;
     let (stored, server_version): (Stored, String) = ctx
         .step(upload_step, |_s: StepCtx| upload(key))
-        .retry(network())
+        .retry(RetryPolicy::network())
         .undo({
             let s3 = s3.clone();
             move |_s, (stored, _): (Stored, String)| async move { s3.delete(&stored.key).await.map_err(step_err) }
@@ -267,7 +259,7 @@ where
             .await
             .map_err(step_err)
     })
-    .retry(network())
+    .retry(RetryPolicy::network())
     // A manifest must never name a dump that is not there: if verification fails, the dump's
     // undo deletes it, and this one deletes its manifest first.
     .undo({
@@ -285,7 +277,7 @@ where
         }
         Ok(())
     })
-    .retry(network())
+    .retry(RetryPolicy::network())
     .await?;
     Ok(manifest)
 }
@@ -374,12 +366,12 @@ async fn run_restore(ctx: Ctx, connections: Arc<Connections>, input: RestoreInpu
         }
         Ok(())
     })
-    .retry(network())
+    .retry(RetryPolicy::network())
     .await?;
     ctx.step("restore", |_s| async move {
         restore_into(s3r, &m.key, url_ref, inp.overwrite).await
     })
-    .retry(network())
+    .retry(RetryPolicy::network())
     .await?;
     Ok(manifest)
 }
@@ -425,7 +417,7 @@ pub(crate) async fn choose_backup(
             serde_json::from_slice::<Manifest>(&bytes)
                 .map_err(|e| StepError::Permanent(format!("bad manifest for {key}: {e}")))
         })
-        .retry(network())
+        .retry(RetryPolicy::network())
         .await?;
     Ok(manifest)
 }
@@ -442,7 +434,7 @@ pub(crate) async fn verify_checksum(ctx: &Ctx, s3: &S3Store, m: &Manifest) -> Re
         }
         Ok(())
     })
-    .retry(network())
+    .retry(RetryPolicy::network())
     .await?;
     Ok(())
 }

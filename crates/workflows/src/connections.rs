@@ -1,5 +1,7 @@
-//! Named connections (S3 stores, PostgreSQL databases) that workflow inputs refer to by name,
-//! so that no input carries a credential.
+//! Named connections (S3 stores, PostgreSQL databases, Vaults, clusters, git repositories,
+//! chat webhooks) that workflow inputs refer to by name, so that no input carries a credential.
+//! Adapters only: what a workflow reads from the config besides them (promotions, playbooks)
+//! is handed to that workflow, not kept here.
 
 use std::collections::BTreeMap;
 
@@ -8,8 +10,6 @@ use crate::adapters::kube::KubeConfig;
 use crate::adapters::notify::Notifier;
 use crate::adapters::s3::S3Config;
 use crate::adapters::vault::VaultConfig;
-use crate::gitops::chain::AppPromotion;
-use crate::remediate::Playbook;
 
 /// The connections declared in the config file, with their secrets read. `Debug` shows the
 /// names only.
@@ -27,10 +27,6 @@ pub struct Connections {
     pub kubernetes: BTreeMap<String, KubeConfig>,
     /// Git repositories, by name.
     pub git: BTreeMap<String, GitConfig>,
-    /// How each application is promoted through its environments (`promotions:`).
-    pub promotions: BTreeMap<String, AppPromotion>,
-    /// Alertmanager remediation playbooks, by name (`playbooks:`).
-    pub playbooks: BTreeMap<String, Playbook>,
 }
 
 impl std::fmt::Debug for Connections {
@@ -46,84 +42,92 @@ impl std::fmt::Debug for Connections {
     }
 }
 
+/// A name the config does not declare; the message lists the names it does.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{missing} '{name}' ({section}: {known})")]
+pub struct NotConfigured {
+    missing: &'static str,
+    name: String,
+    section: &'static str,
+    known: String,
+}
+
+/// The one lookup by name: `map[name]`, or an error that says `missing` (`no S3 connection
+/// named`) and which names `section` (`connections.s3`) has.
+pub(crate) fn lookup<'a, T>(
+    map: &'a BTreeMap<String, T>,
+    name: &str,
+    missing: &'static str,
+    section: &'static str,
+) -> Result<&'a T, NotConfigured> {
+    map.get(name).ok_or_else(|| NotConfigured {
+        missing,
+        name: name.to_string(),
+        section,
+        known: map.keys().cloned().collect::<Vec<_>>().join(", "),
+    })
+}
+
 impl Connections {
     /// The S3 store named `name`.
-    pub fn s3(&self, name: &str) -> Result<&S3Config, String> {
-        self.s3.get(name).ok_or_else(|| {
-            format!(
-                "no S3 connection named '{name}' (connections.s3: {})",
-                self.s3.keys().cloned().collect::<Vec<_>>().join(", ")
-            )
-        })
+    pub fn s3(&self, name: &str) -> Result<&S3Config, NotConfigured> {
+        lookup(&self.s3, name, "no S3 connection named", "connections.s3")
     }
 
     /// The PostgreSQL URL named `name`.
-    pub fn postgres(&self, name: &str) -> Result<&str, String> {
-        self.postgres.get(name).map(String::as_str).ok_or_else(|| {
-            format!(
-                "no PostgreSQL connection named '{name}' (connections.postgres: {})",
-                self.postgres.keys().cloned().collect::<Vec<_>>().join(", ")
-            )
-        })
+    pub fn postgres(&self, name: &str) -> Result<&str, NotConfigured> {
+        lookup(
+            &self.postgres,
+            name,
+            "no PostgreSQL connection named",
+            "connections.postgres",
+        )
+        .map(String::as_str)
     }
 
     /// The Vault named `name`.
-    pub fn vault(&self, name: &str) -> Result<&VaultConfig, String> {
-        self.vault.get(name).ok_or_else(|| {
-            format!(
-                "no Vault connection named '{name}' (connections.vault: {})",
-                self.vault.keys().cloned().collect::<Vec<_>>().join(", ")
-            )
-        })
+    pub fn vault(&self, name: &str) -> Result<&VaultConfig, NotConfigured> {
+        lookup(&self.vault, name, "no Vault connection named", "connections.vault")
     }
 
     /// The Kubernetes cluster named `name`.
-    pub fn kubernetes(&self, name: &str) -> Result<&KubeConfig, String> {
-        self.kubernetes.get(name).ok_or_else(|| {
-            format!(
-                "no Kubernetes connection named '{name}' (connections.kubernetes: {})",
-                self.kubernetes.keys().cloned().collect::<Vec<_>>().join(", ")
-            )
-        })
+    pub fn kubernetes(&self, name: &str) -> Result<&KubeConfig, NotConfigured> {
+        lookup(
+            &self.kubernetes,
+            name,
+            "no Kubernetes connection named",
+            "connections.kubernetes",
+        )
     }
 
     /// The git repository named `name`.
-    pub fn git(&self, name: &str) -> Result<&GitConfig, String> {
-        self.git.get(name).ok_or_else(|| {
-            format!(
-                "no git connection named '{name}' (connections.git: {})",
-                self.git.keys().cloned().collect::<Vec<_>>().join(", ")
-            )
-        })
-    }
-
-    /// How application `name` is promoted.
-    pub fn promotion(&self, name: &str) -> Result<&AppPromotion, String> {
-        self.promotions.get(name).ok_or_else(|| {
-            format!(
-                "no promotions configured for application '{name}' (promotions: {})",
-                self.promotions.keys().cloned().collect::<Vec<_>>().join(", ")
-            )
-        })
-    }
-
-    /// The playbook named `name`.
-    pub fn playbook(&self, name: &str) -> Result<&Playbook, String> {
-        self.playbooks.get(name).ok_or_else(|| {
-            format!(
-                "no playbook named '{name}' (playbooks: {})",
-                self.playbooks.keys().cloned().collect::<Vec<_>>().join(", ")
-            )
-        })
+    pub fn git(&self, name: &str) -> Result<&GitConfig, NotConfigured> {
+        lookup(&self.git, name, "no git connection named", "connections.git")
     }
 
     /// The notice webhook named `name`.
-    pub fn notifier(&self, name: &str) -> Result<Notifier, String> {
-        self.notify.get(name).map(Notifier::new).ok_or_else(|| {
-            format!(
-                "no notice webhook named '{name}' (connections.notify: {})",
-                self.notify.keys().cloned().collect::<Vec<_>>().join(", ")
-            )
-        })
+    pub fn notifier(&self, name: &str) -> Result<Notifier, NotConfigured> {
+        lookup(&self.notify, name, "no notice webhook named", "connections.notify").map(Notifier::new)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Connections;
+
+    #[test]
+    fn a_missing_name_is_refused_with_the_names_there_are() {
+        let mut c = Connections::default();
+        c.postgres.insert("app".into(), "postgres://a".into());
+        c.postgres.insert("billing".into(), "postgres://b".into());
+        assert_eq!(c.postgres("app").unwrap(), "postgres://a");
+        assert_eq!(
+            c.postgres("ap").unwrap_err().to_string(),
+            "no PostgreSQL connection named 'ap' (connections.postgres: app, billing)"
+        );
+        assert_eq!(
+            c.notifier("ops").unwrap_err().to_string(),
+            "no notice webhook named 'ops' (connections.notify: )"
+        );
     }
 }

@@ -15,18 +15,19 @@ mod rotate;
 pub mod secrets;
 mod selftest;
 mod vault_backup;
+mod wait;
 
 pub use backup::{BackupInput, Manifest, RestoreInput, backup_postgres, restore_postgres};
 pub use component::{
     ChildRun, ComponentInput, ComponentReport, FIELD_MANAGER, Phase, PlatformInput, PlatformReport, RollbackPoint,
     SmokeCheck, install_component, install_platform, upgrade_component,
 };
-pub use connections::Connections;
+pub use connections::{Connections, NotConfigured};
 pub use gates::{ApprovalGate, ApprovalRequest, Approver, Counted};
-pub use gitops::chain::{AppPromotion, ChainPlan, EnvPromotion, PromoteChainInput, Window, promote_chain};
+pub use gitops::chain::{AppPromotion, ChainPlan, EnvPromotion, PromoteChainInput, Promotions, Window, promote_chain};
 pub use gitops::preview::{PreviewChange, PreviewInput, dns_label, preview_create, preview_delete};
 pub use gitops::promote::{ArgoApp, PromoteInput, Promotion, Pushed, promote_image};
-pub use remediate::{Action, ActionSpec, Playbook, RemediateInput, Remediation, Taken, remediate};
+pub use remediate::{Action, ActionSpec, Playbook, Playbooks, RemediateInput, Remediation, Taken, remediate};
 pub use restore_test::{Check, CheckResult, RestoreTestInput, RestoreTestReport, backup_restore_test};
 pub use retention::{Backup, RetentionInput, RetentionPolicy, RetentionReport, backup_retention, plan, time_of};
 pub use rotate::{
@@ -39,14 +40,24 @@ pub use vault_backup::{VaultBackupInput, backup_vault};
 use dayshift_engine::WorkflowDef;
 use sqlx::PgPool;
 
+/// What the config file declares for the workflows that read it besides the connections:
+/// each catalog is handed to the workflow that uses it.
+#[derive(Debug, Clone, Default)]
+pub struct Catalogs {
+    /// How each application is promoted (`promotions:`), for `promote.chain`.
+    pub promotions: Promotions,
+    /// Alertmanager remediation playbooks (`playbooks:`), for `remediate`.
+    pub playbooks: Playbooks,
+}
+
 /// Every built-in workflow, with no named connections. `pool` is the dayshift database, for
 /// workflows that keep tables of their own there.
 pub fn all(pool: PgPool) -> Vec<WorkflowDef> {
-    all_with(pool, Connections::default())
+    all_with(pool, Connections::default(), Catalogs::default())
 }
 
-/// Every built-in workflow, with the connections the config file names.
-pub fn all_with(pool: PgPool, connections: Connections) -> Vec<WorkflowDef> {
+/// Every built-in workflow, with the connections and catalogs the config file names.
+pub fn all_with(pool: PgPool, connections: Connections, catalogs: Catalogs) -> Vec<WorkflowDef> {
     let connections = std::sync::Arc::new(connections);
     vec![
         chain(pool),
@@ -59,10 +70,10 @@ pub fn all_with(pool: PgPool, connections: Connections) -> Vec<WorkflowDef> {
         rotate_kv_secret(connections.clone()),
         rotate_vault_database_root(connections.clone()),
         promote_image(connections.clone()),
-        promote_chain(connections.clone()),
+        promote_chain(connections.clone(), std::sync::Arc::new(catalogs.promotions)),
         preview_create(connections.clone()),
         preview_delete(connections.clone()),
-        remediate(connections.clone()),
+        remediate(connections.clone(), std::sync::Arc::new(catalogs.playbooks)),
         install_component(connections.clone()),
         upgrade_component(connections.clone()),
         install_platform(),

@@ -16,7 +16,7 @@ use serde_json::{Map, Value, json};
 
 use crate::adapters::kube::{Kube, Workload, WorkloadKind};
 use crate::adapters::step_err;
-use crate::connections::Connections;
+use crate::connections::{Connections, lookup};
 
 /// A playbook, as the config gives it.
 #[derive(Debug, Clone, Default)]
@@ -236,22 +236,29 @@ pub struct Remediation {
     pub time_to_resolve_seconds: Option<f64>,
 }
 
-/// The `remediate` workflow.
-pub fn remediate(connections: Arc<Connections>) -> WorkflowDef {
+/// The playbooks, by name (the config's `playbooks:`).
+pub type Playbooks = std::collections::BTreeMap<String, Playbook>;
+
+/// The `remediate` workflow, with the playbooks it may run.
+pub fn remediate(connections: Arc<Connections>, playbooks: Arc<Playbooks>) -> WorkflowDef {
     WorkflowDef::new(
         "remediate",
         "Runs an Alertmanager playbook: actions from the alert's labels, within guardrails; waits for the alert to resolve, escalates when it does not.",
         move |ctx: Ctx, input: RemediateInput| {
-            let connections = connections.clone();
-            async move { run(&ctx, &connections, input).await }
+            let (connections, playbooks) = (connections.clone(), playbooks.clone());
+            async move { run(&ctx, &connections, &playbooks, input).await }
         },
     )
     .freshness("playbook")
 }
 
-async fn run(ctx: &Ctx, connections: &Connections, input: RemediateInput) -> Result<Remediation, WorkflowError> {
-    let book = connections
-        .playbook(&input.playbook)
+async fn run(
+    ctx: &Ctx,
+    connections: &Connections,
+    playbooks: &Playbooks,
+    input: RemediateInput,
+) -> Result<Remediation, WorkflowError> {
+    let book = lookup(playbooks, &input.playbook, "no playbook named", "playbooks")
         .map_err(WorkflowError::failed)?
         .clone();
     let alert = json!({ "labels": input.labels, "annotations": input.annotations, "fingerprint": input.fingerprint });
@@ -365,10 +372,6 @@ async fn run(ctx: &Ctx, connections: &Connections, input: RemediateInput) -> Res
                 );
                 let n = &notifier;
                 ctx.step("escalate", |_s| async move { n.send(&text).await.map_err(step_err) })
-                    .retry(RetryPolicy {
-                        max_attempts: 5,
-                        ..RetryPolicy::default()
-                    })
                     .await?;
             }
             for (n, action) in escalation.iter().enumerate() {
@@ -411,10 +414,7 @@ async fn act(
         .step(format!("{step}:{}", action.describe()), |_s| async move {
             perform(connections, kube, action, max).await
         })
-        .retry(RetryPolicy {
-            max_attempts: 3,
-            ..RetryPolicy::default()
-        })
+        .retry(RetryPolicy::cautious())
         .await?;
     Ok(taken)
 }
@@ -565,7 +565,7 @@ async fn perform(
         }
         Action::Workflow { .. } => return Err(StepError::permanent("a workflow action runs as a child run")),
         Action::Notify { to, text } => {
-            let notifier = connections.notifier(to).map_err(StepError::Permanent)?;
+            let notifier = connections.notifier(to).map_err(StepError::permanent)?;
             notifier.send(text).await.map_err(step_err)?;
             json!({ "notified": to })
         }

@@ -5,11 +5,11 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use dayshift_engine::{Ctx, StepError, WorkflowDef, WorkflowError};
+use dayshift_engine::{Ctx, RetryPolicy, StepError, WorkflowDef, WorkflowError};
 use serde::{Deserialize, Serialize};
 
 use crate::adapters::step_err;
-use crate::backup::{choose_backup, count_tables, default_prefix, network, open, restore_into, verify_checksum};
+use crate::backup::{choose_backup, count_tables, default_prefix, open, restore_into, verify_checksum};
 use crate::connections::Connections;
 
 /// The input of `backup.restore-test`.
@@ -101,7 +101,7 @@ pub fn backup_restore_test(connections: Arc<Connections>) -> WorkflowDef {
                         .step("notify", |_s| async move {
                             notifier.send(&text).await.map_err(step_err)
                         })
-                        .retry(network())
+                        .retry(RetryPolicy::network())
                         .await;
                     if let Err(n) = sent {
                         return Err(WorkflowError::failed(format!("{e} (and the notice failed: {n})")));
@@ -132,7 +132,7 @@ async fn restore_test(
         admin(server, &format!("drop database if exists \"{name}\" with (force)")).await?;
         admin(server, &format!("create database \"{name}\"")).await
     })
-    .retry(network())
+    .retry(RetryPolicy::network())
     .undo({
         let (server, name) = (server_url.clone(), scratch.clone());
         move |_s, ()| async move { admin(&server, &format!("drop database if exists \"{name}\" with (force)")).await }
@@ -146,7 +146,7 @@ async fn restore_test(
             restore_into(s3r, key, target, true).await?;
             Ok(started.elapsed().as_secs_f64())
         })
-        .retry(network())
+        .retry(RetryPolicy::network())
         .await?;
 
     let tables: i64 = ctx
@@ -157,14 +157,14 @@ async fn restore_test(
             }
             Ok(tables)
         })
-        .retry(network())
+        .retry(RetryPolicy::network())
         .await?;
 
     let mut checks = Vec::with_capacity(input.checks.len());
     for check in &input.checks {
         let value: f64 = ctx
             .step(format!("check:{}", check.name), |_s| run_check(target, check))
-            .retry(network())
+            .retry(RetryPolicy::network())
             .await?;
         checks.push(CheckResult {
             name: check.name.clone(),
@@ -175,7 +175,7 @@ async fn restore_test(
     ctx.step("drop-scratch", |_s| async move {
         admin(server, &format!("drop database if exists \"{name}\" with (force)")).await
     })
-    .retry(network())
+    .retry(RetryPolicy::network())
     .await?;
 
     Ok(RestoreTestReport {

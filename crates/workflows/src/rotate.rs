@@ -30,6 +30,7 @@ use crate::adapters::step_err;
 use crate::adapters::vault::{Vault, VaultError};
 use crate::connections::Connections;
 use crate::secrets::{Generator, scram_verifier};
+use crate::wait::{self, Wait};
 
 /// Custom-metadata key marking an entry a run is rotating (so that a retried write can tell
 /// its own earlier write from a concurrent one).
@@ -272,13 +273,13 @@ pub fn rotate_vault_database_root(connections: Arc<Connections>) -> WorkflowDef 
                 ctx.step("rotate-root", |_s| async move {
                     v.rotate_database_root(&i.mount, &i.connection).await.map_err(step_err)
                 })
-                .retry(network())
+                .retry(RetryPolicy::network())
                 .await?;
                 if let Some(role) = &input.verify_role {
                     ctx.step("verify-credentials", |_s| async move {
                         v.check_database_credentials(&i.mount, role).await.map_err(step_err)
                     })
-                    .retry(network())
+                    .retry(RetryPolicy::network())
                     .await?;
                 }
                 Ok(serde_json::json!({ "connection": input.connection, "verified_with": input.verify_role }))
@@ -319,13 +320,6 @@ pub struct RotationReport {
     /// Plan mode: what the rotation would change (nothing was).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub would_change: Vec<String>,
-}
-
-fn network() -> RetryPolicy {
-    RetryPolicy {
-        max_attempts: 5,
-        ..RetryPolicy::default()
-    }
 }
 
 /// What is rotated, whichever workflow started it.
@@ -513,7 +507,7 @@ async fn rotate(ctx: &Ctx, t: Targets) -> Result<RotationReport, WorkflowError> 
                 at: chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string(),
             })
         })
-        .retry(network())
+        .retry(RetryPolicy::network())
         .await?;
 
     if input.plan {
@@ -524,7 +518,7 @@ async fn rotate(ctx: &Ctx, t: Targets) -> Result<RotationReport, WorkflowError> 
     let (b, run) = (&basis, run_id.as_str());
     let version: u64 = ctx
         .step("write-vault", |_s| async move { write_vault(tr, b, run).await })
-        .retry(network())
+        .retry(RetryPolicy::network())
         .undo({
             let (t, basis, run) = (t.clone(), basis.clone(), run_id.clone());
             move |_s, version: u64| async move { roll_back(&t, &basis, version, &run).await }
@@ -536,7 +530,7 @@ async fn rotate(ctx: &Ctx, t: Targets) -> Result<RotationReport, WorkflowError> 
             let password = new_secret(tr, version).await?;
             set_role_password(admin_url, &b.target_role, &password).await
         })
-        .retry(network())
+        .retry(RetryPolicy::network())
         .await?;
     }
 
@@ -548,7 +542,7 @@ async fn rotate(ctx: &Ctx, t: Targets) -> Result<RotationReport, WorkflowError> 
                 write_secret_copy(tr, s, &b.target_role, &password).await
             },
         )
-        .retry(network())
+        .retry(RetryPolicy::network())
         .await?;
     }
     for s in input.pgbouncer() {
@@ -559,14 +553,14 @@ async fn rotate(ctx: &Ctx, t: Targets) -> Result<RotationReport, WorkflowError> 
                 write_userlist(tr, s, &b.active_role, &b.target_role, &password).await
             },
         )
-        .retry(network())
+        .retry(RetryPolicy::network())
         .await?;
     }
     for es in &input.external_secrets {
         ctx.step(format!("force-sync:{}/{}", es.namespace, es.name), |_s| async move {
             kube(tr)?.force_sync_external_secret(es, &b.at).await.map_err(step_err)
         })
-        .retry(network())
+        .retry(RetryPolicy::network())
         .await?;
     }
     for w in &input.restart {
@@ -574,24 +568,20 @@ async fn rotate(ctx: &Ctx, t: Targets) -> Result<RotationReport, WorkflowError> 
             format!("restart:{:?}/{}/{}", w.kind, w.namespace, w.name),
             |_s| async move { kube(tr)?.rollout_restart(w, &b.at).await.map_err(step_err) },
         )
-        .retry(network())
+        .retry(RetryPolicy::network())
         .await?;
     }
     for w in &input.restart {
-        ctx.step(
-            format!("wait-rollout:{:?}/{}/{}", w.kind, w.namespace, w.name),
-            |_s| async move {
-                kube(tr)?
-                    .wait_rollout(
-                        w,
-                        Duration::from_secs(1).min(input.rollout_timeout / 10),
-                        input.rollout_timeout,
-                    )
-                    .await
-                    .map_err(step_err)
-            },
-        )
-        .retry(network())
+        let name = format!("wait-rollout:{:?}/{}/{}", w.kind, w.namespace, w.name);
+        let wait = Wait {
+            name: &name,
+            timeout: input.rollout_timeout,
+            every: Duration::from_secs(1).min(input.rollout_timeout / 10),
+            retry: RetryPolicy::network(),
+        };
+        wait::until(ctx, wait, || async move {
+            wait::rollout(kube(tr)?, w, input.rollout_timeout).await
+        })
         .await?;
     }
 
@@ -601,7 +591,7 @@ async fn rotate(ctx: &Ctx, t: Targets) -> Result<RotationReport, WorkflowError> 
                 let password = new_secret(tr, version).await?;
                 login(admin_url, &b.target_role, &password).await
             })
-            .retry(network())
+            .retry(RetryPolicy::network())
             .await?;
         }
         Subject::Generated { check: Some(check) } => {
@@ -609,7 +599,7 @@ async fn rotate(ctx: &Ctx, t: Targets) -> Result<RotationReport, WorkflowError> 
                 let secret = new_secret(tr, version).await?;
                 check.run(&secret).await
             })
-            .retry(network())
+            .retry(RetryPolicy::network())
             .await?;
         }
         Subject::Generated { check: None } => {}
@@ -630,7 +620,7 @@ async fn rotate(ctx: &Ctx, t: Targets) -> Result<RotationReport, WorkflowError> 
             .await
             .map_err(step_err)
     })
-    .retry(network())
+    .retry(RetryPolicy::network())
     .await?;
 
     Ok(RotationReport {

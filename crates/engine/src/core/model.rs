@@ -425,11 +425,29 @@ impl Default for RetryPolicy {
     }
 }
 
+/// The named policies: a step picks the one that says why it retries, and leaves out
+/// `.retry(…)` when the default (the same as [`RetryPolicy::network`]) is meant.
 impl RetryPolicy {
-    /// One attempt, no retry.
+    /// One attempt, no retry: for steps whose repetition would do harm or make no sense.
     pub fn none() -> Self {
         Self {
             max_attempts: 1,
+            ..Self::default()
+        }
+    }
+
+    /// For calls over the network to a service that may be briefly away (a timeout, a 5xx, a
+    /// connection refused while a pod restarts): 5 attempts over about half a minute, the
+    /// default. A permanent error (bad credentials, a missing object) still fails at once.
+    pub fn network() -> Self {
+        Self::default()
+    }
+
+    /// For steps that act on production (a remediation action) or poll until something is
+    /// ready, where five attempts would repeat an effect or a long wait too often: 3 attempts.
+    pub fn cautious() -> Self {
+        Self {
+            max_attempts: 3,
             ..Self::default()
         }
     }
@@ -463,6 +481,19 @@ mod tests {
         };
         let d: Vec<_> = (1..=5).map(|n| p.delay_after(n).as_millis()).collect();
         assert_eq!(d, vec![100, 200, 400, 500, 500]);
+    }
+
+    #[test]
+    fn named_policies_differ_only_in_attempts() {
+        assert_eq!(RetryPolicy::network(), RetryPolicy::default());
+        assert_eq!(RetryPolicy::cautious().max_attempts, 3);
+        assert_eq!(RetryPolicy::none().max_attempts, 1);
+        for p in [RetryPolicy::cautious(), RetryPolicy::none()] {
+            assert_eq!(
+                (p.initial_delay, p.max_delay),
+                (Duration::from_secs(1), Duration::from_secs(60))
+            );
+        }
     }
 
     #[test]

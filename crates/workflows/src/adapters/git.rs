@@ -41,6 +41,54 @@ pub enum GitError {
     Failed { command: String, detail: String },
 }
 
+/// What git prints when the network, the server or a lock got in the way: another attempt
+/// may succeed. Matched in git's stderr (`LC_ALL=C`, see [`GitConfig::command`]).
+const TRANSIENT: [&str; 15] = [
+    "could not resolve host",
+    "connection refused",
+    "connection reset",
+    "timed out",
+    "the remote end hung up unexpectedly",
+    "early eof",
+    "rpc failed",
+    "unable to connect",
+    "network is unreachable",
+    "temporary failure",
+    "returned error: 429",
+    "returned error: 5",
+    "could not lock",
+    "unable to create", // '….lock': File exists (another git process holds the lock)
+    "index.lock",
+];
+
+impl GitError {
+    /// Whether another attempt may succeed: a branch that moved, the network, a timeout or a
+    /// lock held by someone else. A refused credential or permission, a branch or revision that
+    /// does not exist, a conflict, a bad name: retrying changes nothing, so they are permanent
+    /// (a bad token is not tried five times).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Rejected { .. } => true,
+            Self::Failed { detail, .. } => {
+                let detail = detail.to_ascii_lowercase();
+                TRANSIENT.iter().any(|p| detail.contains(p))
+            }
+        }
+    }
+}
+
+/// The one mapping of a git failure to a step error: transient ones are retried, the others
+/// fail the step at once.
+impl From<GitError> for dayshift_engine::StepError {
+    fn from(e: GitError) -> Self {
+        if e.is_transient() {
+            Self::transient(e)
+        } else {
+            Self::permanent(e)
+        }
+    }
+}
+
 /// Refuses a branch name git would read as an option or a revision expression: every value
 /// that reaches a git command line from input is either checked here or after `--`.
 pub fn check_branch(branch: &str) -> Result<(), GitError> {
@@ -119,7 +167,9 @@ impl GitConfig {
         if let Some(dir) = dir {
             cmd.current_dir(dir);
         }
+        // English messages, so that `GitError::is_transient` can read them.
         cmd.env("GIT_TERMINAL_PROMPT", "0")
+            .env("LC_ALL", "C")
             .env("GIT_AUTHOR_NAME", &self.author_name)
             .env("GIT_AUTHOR_EMAIL", &self.author_email)
             .env("GIT_COMMITTER_NAME", &self.author_name)
@@ -320,5 +370,58 @@ impl Checkout {
             .run(Some(&self.dir), &["reset", "--quiet", "--hard", "FETCH_HEAD"])
             .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use dayshift_engine::StepError;
+
+    use super::GitError;
+
+    fn failed(detail: &str) -> GitError {
+        GitError::Failed {
+            command: "clone".into(),
+            detail: detail.into(),
+        }
+    }
+
+    #[test]
+    fn network_timeouts_locks_and_a_moved_branch_are_retried() {
+        for detail in [
+            "fatal: unable to access 'https://git.acme.io/infra.git/': Could not resolve host: git.acme.io",
+            "fatal: unable to access 'https://git.acme.io/infra.git/': Failed to connect to git.acme.io port 443: Connection refused",
+            "fatal: the remote end hung up unexpectedly",
+            "error: RPC failed; HTTP 502 curl 22 The requested URL returned error: 502",
+            "fatal: Unable to create '/tmp/repo/.git/index.lock': File exists.",
+            "fatal: unable to access 'https://git.acme.io/infra.git/': Operation timed out after 30000 milliseconds",
+        ] {
+            assert!(
+                matches!(StepError::from(failed(detail)), StepError::Transient(_)),
+                "{detail}"
+            );
+        }
+        let moved = GitError::Rejected {
+            branch: "main".into(),
+            detail: "! [rejected] HEAD -> main (fetch first)".into(),
+        };
+        assert!(matches!(StepError::from(moved), StepError::Transient(_)));
+    }
+
+    #[test]
+    fn credentials_permissions_missing_refs_and_conflicts_fail_at_once() {
+        for detail in [
+            "remote: Invalid username or password.\nfatal: Authentication failed for 'https://git.acme.io/infra.git/'",
+            "fatal: could not read Username for 'https://git.acme.io': terminal prompts disabled",
+            "fatal: unable to access 'https://git.acme.io/infra.git/': The requested URL returned error: 403",
+            "git@git.acme.io: Permission denied (publickey).",
+            "warning: Could not find remote branch nope to clone.\nfatal: Remote branch nope not found in upstream origin",
+            "fatal: bad revision 'deadbeef'",
+            "error: could not revert 1234567... promote\nCONFLICT (content): Merge conflict in envs/prod/values.yaml",
+        ] {
+            let e = StepError::from(failed(detail));
+            assert!(matches!(e, StepError::Permanent(_)), "{detail}");
+            assert_eq!(e.to_string(), format!("git clone failed: {detail}"));
+        }
     }
 }

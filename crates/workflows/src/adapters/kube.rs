@@ -4,7 +4,9 @@
 //!   patch of the pod template's `kubectl.kubernetes.io/restartedAt` annotation). The time is
 //!   the caller's, so a repeated call with the same time changes nothing and starts no second
 //!   rollout.
-//! - [`Kube::rollout_status`] reads what `kubectl rollout status` reads.
+//! - [`Kube::rollout_status`] reads what `kubectl rollout status` reads; [`Kube::job_complete`]
+//!   and [`Kube::crd_established`] read a Job and a CustomResourceDefinition. Each is one read:
+//!   a workflow waits with them durably, holding no worker between reads.
 //! - Secrets are changed key by key with a JSON merge patch, leaving their other keys alone.
 //!
 //! GitOps owns what ArgoCD syncs: these calls are for objects dayshift is asked to touch
@@ -97,6 +99,19 @@ pub enum Rollout {
     Waiting(String),
     /// It will not complete on its own (the progress deadline passed).
     Failed(String),
+}
+
+/// The error of a rollout that will not complete on its own.
+pub fn rollout_failed(w: &Workload, why: &str) -> KubeError {
+    KubeError::Permanent(format!("rollout of {w} failed: {why}"))
+}
+
+/// The error of a rollout still not complete after `limit`, with why (as of the last read).
+pub fn rollout_timed_out(w: &Workload, limit: Duration, why: &str) -> KubeError {
+    KubeError::Permanent(format!(
+        "rollout of {w} did not complete within {}: {why}",
+        humantime::format_duration(limit)
+    ))
 }
 
 /// A namespaced object as a Secret reference in workflow inputs.
@@ -259,19 +274,17 @@ impl Kube {
     }
 
     /// Waits, polling every `every`, until the rollout completes; an error when it fails or
-    /// `limit` passes.
+    /// `limit` passes. For callers outside a workflow: this holds its caller for the whole
+    /// wait, so a workflow waits durably instead, one [`Kube::rollout_status`] per check.
     pub async fn wait_rollout(&self, w: &Workload, every: Duration, limit: Duration) -> Result<(), KubeError> {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             match self.rollout_status(w).await? {
                 Rollout::Complete => return Ok(()),
-                Rollout::Failed(why) => return Err(KubeError::Permanent(format!("rollout of {w} failed: {why}"))),
+                Rollout::Failed(why) => return Err(rollout_failed(w, &why)),
                 Rollout::Waiting(why) => {
                     if tokio::time::Instant::now() + every > deadline {
-                        return Err(KubeError::Permanent(format!(
-                            "rollout of {w} did not complete within {}: {why}",
-                            humantime::format_duration(limit)
-                        )));
+                        return Err(rollout_timed_out(w, limit, &why));
                     }
                 }
             }
@@ -525,36 +538,27 @@ impl Kube {
             .collect())
     }
 
-    /// Waits until Job `namespace/name` has completed; a Job that failed fails at once, with the
-    /// reason its controller gave.
-    pub async fn wait_job(&self, namespace: &str, name: &str, limit: Duration) -> Result<(), KubeError> {
+    /// Whether Job `namespace/name` has completed; a Job that failed is a permanent error, with
+    /// the reason its controller gave.
+    pub async fn job_complete(&self, namespace: &str, name: &str) -> Result<bool, KubeError> {
         let jobs: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(self.client.clone(), namespace);
-        let deadline = tokio::time::Instant::now() + limit;
-        loop {
-            let job = jobs
-                .get(name)
-                .await
-                .map_err(|e| KubeError::from_kube(&format!("read Job {namespace}/{name}"), e))?;
-            let conditions = job.status.and_then(|s| s.conditions).unwrap_or_default();
-            let with = |t: &str| conditions.iter().find(|c| c.type_ == t && c.status == "True");
-            if with("Complete").is_some() {
-                return Ok(());
-            }
-            if let Some(c) = with("Failed") {
-                return Err(KubeError::Permanent(format!(
-                    "Job {namespace}/{name} failed: {} ({})",
-                    c.message.as_deref().unwrap_or("no message"),
-                    c.reason.as_deref().unwrap_or("no reason")
-                )));
-            }
-            if tokio::time::Instant::now() > deadline {
-                return Err(KubeError::Permanent(format!(
-                    "Job {namespace}/{name} did not complete within {}",
-                    humantime::format_duration(limit)
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(200).min(limit / 10)).await;
+        let job = jobs
+            .get(name)
+            .await
+            .map_err(|e| KubeError::from_kube(&format!("read Job {namespace}/{name}"), e))?;
+        let conditions = job.status.and_then(|s| s.conditions).unwrap_or_default();
+        let with = |t: &str| conditions.iter().find(|c| c.type_ == t && c.status == "True");
+        if with("Complete").is_some() {
+            return Ok(true);
         }
+        if let Some(c) = with("Failed") {
+            return Err(KubeError::Permanent(format!(
+                "Job {namespace}/{name} failed: {} ({})",
+                c.message.as_deref().unwrap_or("no message"),
+                c.reason.as_deref().unwrap_or("no reason")
+            )));
+        }
+        Ok(false)
     }
 
     /// Whether namespace `name` exists.
@@ -566,31 +570,18 @@ impl Kube {
             .map_err(|e| KubeError::from_kube(&format!("read Namespace {name}"), e))
     }
 
-    /// Waits until CustomResourceDefinition `name` is `Established` (its API is served).
-    pub async fn wait_crd_established(&self, name: &str, limit: Duration) -> Result<(), KubeError> {
+    /// Whether CustomResourceDefinition `name` is `Established` (its API is served).
+    pub async fn crd_established(&self, name: &str) -> Result<bool, KubeError> {
         let gvk = GroupVersionKind::gvk("apiextensions.k8s.io", "v1", "CustomResourceDefinition");
         let ar = ApiResource::from_gvk_with_plural(&gvk, "customresourcedefinitions");
         let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &ar);
-        let deadline = tokio::time::Instant::now() + limit;
-        loop {
-            let crd = api
-                .get(name)
-                .await
-                .map_err(|e| KubeError::from_kube(&format!("read CustomResourceDefinition {name}"), e))?;
-            let established = crd.data["status"]["conditions"]
-                .as_array()
-                .is_some_and(|c| c.iter().any(|c| c["type"] == "Established" && c["status"] == "True"));
-            if established {
-                return Ok(());
-            }
-            if tokio::time::Instant::now() > deadline {
-                return Err(KubeError::Permanent(format!(
-                    "CustomResourceDefinition {name} was not Established within {}",
-                    humantime::format_duration(limit)
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        let crd = api
+            .get(name)
+            .await
+            .map_err(|e| KubeError::from_kube(&format!("read CustomResourceDefinition {name}"), e))?;
+        Ok(crd.data["status"]["conditions"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|c| c["type"] == "Established" && c["status"] == "True")))
     }
 
     /// An ArgoCD `Application` (`argoproj.io/v1alpha1`), as JSON; `None` if it does not exist.

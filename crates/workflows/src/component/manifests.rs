@@ -9,6 +9,10 @@ use serde_json::{Value, json};
 
 use crate::adapters::kube::{ObjectId, Resource};
 
+/// The label naming the component an object belongs to; with the field manager, what makes an
+/// object dayshift's to prune.
+pub const COMPONENT_LABEL: &str = "dayshift.io/component";
+
 /// One object read from the manifests, with where it came from.
 #[derive(Debug, Clone)]
 pub struct Doc {
@@ -157,7 +161,7 @@ pub fn prepare(docs: &[Doc], kinds: &[Resource], component: &str, namespace: &st
                 meta.insert("namespace".into(), json!(namespace));
             }
             o["metadata"]["labels"]["app.kubernetes.io/managed-by"] = json!("dayshift");
-            o["metadata"]["labels"][super::COMPONENT_LABEL] = json!(component);
+            o["metadata"]["labels"][COMPONENT_LABEL] = json!(component);
             o
         })
         .collect()

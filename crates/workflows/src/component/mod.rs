@@ -25,11 +25,12 @@ use dayshift_engine::{Ctx, RetryPolicy, StepError, WorkflowError};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::adapters::kube::{Kube, ObjectId, Resource, Workload, WorkloadKind};
+use crate::adapters::kube::{Kube, ObjectId, Resource};
 use crate::adapters::notify::Notifier;
 use crate::adapters::step_err;
 use crate::connections::Connections;
 use crate::gates::ApprovalGate;
+use crate::wait::{self, Wait};
 
 pub use install::install_component;
 pub use platform::{Phase, PhaseReport, PhaseStart, PlatformInput, PlatformReport, install_platform};
@@ -37,9 +38,7 @@ pub use upgrade::{LiveObject, ROLLBACK_LABEL, RollbackPoint, applied_fields, upg
 
 /// The field manager of everything dayshift applies.
 pub const FIELD_MANAGER: &str = "dayshift";
-/// The label naming the component an object belongs to; with the field manager, what makes an
-/// object dayshift's to prune.
-pub const COMPONENT_LABEL: &str = "dayshift.io/component";
+pub use manifests::COMPONENT_LABEL;
 
 /// The input of `install.component` and `upgrade.component`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -263,56 +262,53 @@ async fn apply_phases(ctx: &Ctx, k: &Kube, i: &ComponentInput, checked: &Checked
                 }
                 Ok::<_, StepError>(n)
             })
-            .retry(RetryPolicy {
-                max_attempts: 5,
-                ..RetryPolicy::default()
-            })
             .await?;
         if phase == 0 && applied > 0 {
-            ctx.step("wait:crds-established", |_s| async move {
-                for (id, _) in checked.objects.iter().filter(|(id, _)| phase_of(&id.kind) == 0) {
-                    k.wait_crd_established(&id.name, i.timeout).await.map_err(step_err)?;
-                }
-                Ok(())
-            })
+            let crds: Vec<&str> = checked
+                .objects
+                .iter()
+                .filter(|(id, _)| phase_of(&id.kind) == 0)
+                .map(|(id, _)| id.name.as_str())
+                .collect();
+            let wait = Wait {
+                name: "wait:crds-established",
+                timeout: i.timeout,
+                every: Duration::from_millis(200).min(i.timeout / 10),
+                retry: RetryPolicy::network(),
+            };
+            let crds = &crds;
+            wait::paced(
+                ctx,
+                wait,
+                || async move { wait::crds_established(k, crds, i.timeout).await },
+            )
             .await?;
         }
     }
     Ok(())
 }
 
-/// Waits until every workload of `ids` is rolled out and every Job complete.
-async fn ready(k: &Kube, ids: &[&ObjectId], timeout: Duration) -> Result<(), StepError> {
-    for id in ids {
-        let namespace = id.namespace.clone().unwrap_or_default();
-        let kind = match id.kind.as_str() {
-            "Deployment" => WorkloadKind::Deployment,
-            "StatefulSet" => WorkloadKind::StatefulSet,
-            "DaemonSet" => WorkloadKind::DaemonSet,
-            "Job" => {
-                k.wait_job(&namespace, &id.name, timeout).await.map_err(step_err)?;
-                continue;
-            }
-            _ => continue,
-        };
-        let w = Workload {
-            kind,
-            namespace,
-            name: id.name.clone(),
-        };
-        k.wait_rollout(&w, Duration::from_millis(500).min(timeout / 10), timeout)
-            .await
-            .map_err(step_err)?;
-    }
-    Ok(())
+/// How often readiness is read while waiting.
+pub(crate) fn ready_interval(timeout: Duration) -> Duration {
+    Duration::from_millis(500).min(timeout / 10)
 }
 
-/// Step `wait-ready`.
+/// Step `wait-ready`, one step paced durably ([`crate::wait::paced`]): every workload rolled out,
+/// every Job complete.
 async fn wait_ready(ctx: &Ctx, k: &Kube, i: &ComponentInput, checked: &Checked) -> Result<(), WorkflowError> {
-    ctx.step("wait-ready", |_s| async move {
-        let ids: Vec<&ObjectId> = checked.objects.iter().map(|(id, _)| id).collect();
-        ready(k, &ids, i.timeout).await
-    })
+    let ids: Vec<&ObjectId> = checked.objects.iter().map(|(id, _)| id).collect();
+    let wait = Wait {
+        name: "wait-ready",
+        timeout: i.timeout,
+        every: ready_interval(i.timeout),
+        retry: RetryPolicy::network(),
+    };
+    let ids = &ids;
+    wait::paced(
+        ctx,
+        wait,
+        || async move { wait::workloads_ready(k, ids, i.timeout).await },
+    )
     .await?;
     Ok(())
 }
@@ -346,7 +342,7 @@ async fn smoke(ctx: &Ctx, connections: &Connections, i: &ComponentInput) -> Resu
                     min,
                     max,
                 } => {
-                    let url = connections.postgres(postgres).map_err(StepError::Permanent)?;
+                    let url = connections.postgres(postgres).map_err(StepError::permanent)?;
                     let check = crate::restore_test::Check {
                         name: query.clone(),
                         query: query.clone(),
@@ -360,10 +356,6 @@ async fn smoke(ctx: &Ctx, connections: &Connections, i: &ComponentInput) -> Resu
             }
         }
         Ok(())
-    })
-    .retry(RetryPolicy {
-        max_attempts: 5,
-        ..RetryPolicy::default()
     })
     .await?;
     Ok(())

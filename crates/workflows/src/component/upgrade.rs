@@ -23,14 +23,14 @@ use std::sync::Arc;
 
 use async_compression::tokio::bufread::{ZstdDecoder, ZstdEncoder};
 use base64::Engine as _;
-use dayshift_engine::{Ctx, RetryPolicy, StepError, WorkflowDef, WorkflowError};
+use dayshift_engine::{Ctx, StepError, WorkflowDef, WorkflowError};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::io::AsyncReadExt as _;
 
 use super::{
     COMPONENT_LABEL, Checked, ComponentInput, ComponentReport, FIELD_MANAGER, apply_phases, check, comparable, connect,
-    notifier, phase_of, plan_and_approve, ready, smoke, wait_ready,
+    notifier, phase_of, plan_and_approve, ready_interval, smoke, wait_ready,
 };
 use crate::adapters::kube::{Kube, ObjectId, Resource};
 use crate::adapters::notify::Notifier;
@@ -111,10 +111,6 @@ async fn upgrade(
     let c = &checked;
     let point: RollbackPoint = ctx
         .step("rollback-point", |_s| async move { record(k, i, c, &run_id).await })
-        .retry(RetryPolicy {
-            max_attempts: 5,
-            ..RetryPolicy::default()
-        })
         .undo({
             let (k, i, c, n, run) = (
                 kube.clone(),
@@ -132,13 +128,8 @@ async fn upgrade(
     smoke(ctx, connections, i).await?;
 
     let p = &point;
-    let (pruned, kept): (Vec<String>, Vec<String>) = ctx
-        .step("prune", |_s| async move { prune(k, i, c, p).await })
-        .retry(RetryPolicy {
-            max_attempts: 5,
-            ..RetryPolicy::default()
-        })
-        .await?;
+    let (pruned, kept): (Vec<String>, Vec<String>) =
+        ctx.step("prune", |_s| async move { prune(k, i, c, p).await }).await?;
     let retired = ctx
         .step("retire-rollback-points", |_s| async move {
             retire(k, &i.component, i.keep_rollback_points.max(1)).await
@@ -402,9 +393,12 @@ async fn roll_back(
         k.delete(r, id).await.map_err(step_err)?;
     }
     let workloads: Vec<&ObjectId> = point.live.iter().map(|l| &l.id).collect();
-    ready(k, &workloads, i.timeout)
-        .await
-        .map_err(|e| StepError::Permanent(format!("the rollback point was re-applied, but: {e}")))?;
+    let workloads = &workloads;
+    crate::wait::in_step(i.timeout, ready_interval(i.timeout), || {
+        crate::wait::workloads_ready(k, workloads, i.timeout)
+    })
+    .await
+    .map_err(|e| StepError::Permanent(format!("the rollback point was re-applied, but: {e}")))?;
     if let Some(n) = notifier {
         let text = format!(
             "upgrade.component of {} (run {run_id}) failed and was rolled back; the previous version is healthy again. Rollback point: {}/{}",

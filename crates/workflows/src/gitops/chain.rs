@@ -5,16 +5,18 @@
 //! Started by hand with a tag, or by a push to the first environment's values (a webhook
 //! route with `from: dev`): the tag is then read from that environment's values file.
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Datelike, NaiveTime, TimeZone, Utc};
-use dayshift_engine::{Ctx, RetryPolicy, StepError, WorkflowDef, WorkflowError};
+use dayshift_engine::{Ctx, StepError, WorkflowDef, WorkflowError};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::promote::check_tag;
+use super::promote::{ArgoApp, PromoteInput, check_tag};
 use super::values;
-use crate::connections::Connections;
+use crate::connections::{Connections, lookup};
 use crate::gates::ApprovalGate;
 
 /// How one application is promoted (the config's `promotions.<application>`).
@@ -112,30 +114,38 @@ pub struct ChainPlan {
     pub environments: Vec<String>,
 }
 
-/// The `promote.chain` workflow.
-pub fn promote_chain(connections: std::sync::Arc<Connections>) -> WorkflowDef {
+/// How each application is promoted, by application (the config's `promotions:`).
+pub type Promotions = BTreeMap<String, AppPromotion>;
+
+/// The `promote.chain` workflow, with the promotions it may run.
+pub fn promote_chain(connections: Arc<Connections>, promotions: Arc<Promotions>) -> WorkflowDef {
     WorkflowDef::new(
         "promote.chain",
         "Promotes an application's tag through its environments in order, with each environment's gates (soak, window, approval).",
         move |ctx: Ctx, input: PromoteChainInput| {
-            let connections = connections.clone();
-            async move { chain(&ctx, &connections, input).await }
+            let (connections, promotions) = (connections.clone(), promotions.clone());
+            async move { chain(&ctx, &connections, &promotions, input).await }
         },
     )
 }
 
-async fn chain(ctx: &Ctx, connections: &Connections, input: PromoteChainInput) -> Result<Value, WorkflowError> {
-    let app = connections
-        .promotion(&input.application)
-        .map_err(WorkflowError::failed)?
-        .clone();
+async fn chain(
+    ctx: &Ctx,
+    connections: &Connections,
+    promotions: &Promotions,
+    input: PromoteChainInput,
+) -> Result<Value, WorkflowError> {
+    let app = lookup(
+        promotions,
+        &input.application,
+        "no promotions configured for application",
+        "promotions",
+    )
+    .map_err(WorkflowError::failed)?
+    .clone();
     let (a, i) = (&app, &input);
     let plan: ChainPlan = ctx
         .step("resolve", |_s| async move { resolve(connections, a, i).await })
-        .retry(RetryPolicy {
-            max_attempts: 5,
-            ..RetryPolicy::default()
-        })
         .await?;
     let mut promoted = Vec::new();
     for (n, name) in plan.environments.iter().enumerate() {
@@ -162,36 +172,26 @@ async fn chain(ctx: &Ctx, connections: &Connections, input: PromoteChainInput) -
                     .await?;
             }
         }
-        let mut child = json!({
-            "repository": app.repository, "application": input.application, "environment": name,
-            "tag": plan.tag, "branch": env.branch, "file": env.file,
-            "timeout": humantime::format_duration(env.timeout).to_string(),
-        });
-        for (k, v) in [("key", &env.key), ("image", &env.image)] {
-            if let Some(v) = v {
-                child[k] = json!(v);
-            }
-        }
-        if let Some(name) = &env.argocd_application {
-            child["argocd"] = json!({ "kubernetes": app.kubernetes, "namespace": app.argocd_namespace, "name": name });
-        }
-        if let Some(n) = &app.notify {
-            child["notify"] = json!(n);
-        }
-        if let Some(gate) = &env.approval {
-            child["approval"] = json!({
-                "approvers": gate.approvers, "required": gate.required,
-                "timeout": humantime::format_duration(gate.timeout).to_string(),
-            });
-        }
-        for (k, v) in [
-            ("source_commit", &input.source_commit),
-            ("requested_by", &input.requested_by),
-        ] {
-            if let Some(v) = v {
-                child[k] = json!(v);
-            }
-        }
+        let child = PromoteInput {
+            repository: app.repository.clone(),
+            application: input.application.clone(),
+            environment: name.clone(),
+            tag: plan.tag.clone(),
+            branch: env.branch.clone(),
+            file: env.file.clone(),
+            key: env.key.clone(),
+            image: env.image.clone(),
+            source_commit: input.source_commit.clone(),
+            argocd: env.argocd_application.as_ref().map(|name| ArgoApp {
+                kubernetes: app.kubernetes.clone(),
+                namespace: app.argocd_namespace.clone(),
+                name: name.clone(),
+            }),
+            timeout: env.timeout,
+            notify: app.notify.clone(),
+            approval: env.approval.clone(),
+            requested_by: input.requested_by.clone(),
+        };
         let _: Value = ctx.child("promote.image", child).await?;
         promoted.push(name.clone());
     }
@@ -221,8 +221,8 @@ async fn resolve(
     let tag = match (&input.tag, source) {
         (Some(tag), _) => tag.clone(),
         (None, Some(env)) => {
-            let git = connections.git(&app.repository).map_err(StepError::Permanent)?;
-            let checkout = git.checkout(&env.branch).await.map_err(StepError::transient)?;
+            let git = connections.git(&app.repository).map_err(StepError::permanent)?;
+            let checkout = git.checkout(&env.branch).await?;
             let text = std::fs::read_to_string(checkout.dir().join(&env.file))
                 .map_err(|e| StepError::Permanent(format!("{} on {}: {e}", env.file, env.branch)))?;
             let path = match (&env.key, &env.image) {

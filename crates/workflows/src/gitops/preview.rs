@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use dayshift_engine::{Ctx, RetryPolicy, StepError, WorkflowDef, WorkflowError};
+use dayshift_engine::{Ctx, StepError, WorkflowDef, WorkflowError};
 use serde::{Deserialize, Serialize};
 
 use super::promote::check_tag;
@@ -158,10 +158,6 @@ async fn preview(
             if create { "write-and-push" } else { "remove-and-push" },
             |_s| async move { change_and_push(g, i, n, create, &run).await },
         )
-        .retry(RetryPolicy {
-            max_attempts: 5,
-            ..RetryPolicy::default()
-        })
         .await?;
     Ok(PreviewChange { name, commit })
 }
@@ -173,11 +169,11 @@ async fn change_and_push(
     create: bool,
     run_id: &str,
 ) -> Result<Option<String>, StepError> {
-    let checkout = git.checkout(&input.infra_branch).await.map_err(StepError::transient)?;
+    let checkout = git.checkout(&input.infra_branch).await?;
     let dir = format!("{}/{name}", input.directory.trim_end_matches('/'));
     for attempt in 1..=5 {
         if attempt > 1 {
-            checkout.reset_to_remote().await.map_err(StepError::transient)?;
+            checkout.reset_to_remote().await?;
         }
         let root = checkout.inside(&dir).map_err(StepError::Permanent)?;
         if create {
@@ -202,13 +198,13 @@ async fn change_and_push(
             "{verb} preview {name} for branch {}\n\nDayshift-Run: {run_id}\n",
             input.branch
         );
-        let Some(commit) = checkout.commit_all(&message).await.map_err(StepError::transient)? else {
+        let Some(commit) = checkout.commit_all(&message).await? else {
             return Ok(None);
         };
         match checkout.push().await {
             Ok(()) => return Ok(Some(commit)),
             Err(GitError::Rejected { .. }) => continue,
-            Err(e) => return Err(StepError::transient(e)),
+            Err(e) => return Err(e.into()),
         }
     }
     Err(StepError::transient(format!(

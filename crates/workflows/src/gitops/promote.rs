@@ -4,9 +4,10 @@
 //! Steps: `commit-and-push` (clone, change exactly the value, commit with the `Dayshift-Run`
 //! trailer that dayshift's webhook intake recognises as its own, push; when the branch moved,
 //! fetch and apply again) and `wait-healthy` (the ArgoCD Application reports the pushed
-//! revision `Synced` and `Healthy`). When the application turns `Degraded` or the wait times
-//! out, the undo reverts the commit with a new commit (never a force-push), pushes it, waits for
-//! health again and sends a notice.
+//! revision `Synced` and `Healthy`): a durable wait, checks `wait-healthy`, `wait-healthy:2`, …
+//! with durable sleeps between them (see [`crate::wait`]). When the application turns
+//! `Degraded` or the wait times out, the undo reverts the commit with a new commit (never a
+//! force-push), pushes it, waits for health again and sends a notice.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +22,7 @@ use crate::adapters::notify::Notifier;
 use crate::adapters::step_err;
 use crate::connections::Connections;
 use crate::gates::ApprovalGate;
+use crate::wait::{self, Probe, Wait};
 
 /// How many times a push is re-applied on a branch that keeps moving.
 const PUSH_ATTEMPTS: u32 = 5;
@@ -51,7 +53,7 @@ fn default_timeout() -> Duration {
     Duration::from_secs(600)
 }
 
-/// The input of `promote.image`.
+/// The input of `promote.image`; `promote.chain` hands it to each environment's child run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PromoteInput {
@@ -69,28 +71,28 @@ pub struct PromoteInput {
     /// The file, relative to the repository root (`envs/prod/values.yaml`).
     pub file: String,
     /// A Helm values key path (`api-gateway.image.tag`)...
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
     /// ...or a kustomization image name, whose `newTag` (or `digest`) is set.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
     /// The commit that built the image, for the message.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_commit: Option<String>,
     /// Wait for this Application to be Synced and Healthy at the pushed revision.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub argocd: Option<ArgoApp>,
     /// How long to wait for health. Default 10m.
     #[serde(default = "default_timeout", with = "humantime_serde")]
     pub timeout: Duration,
     /// A notice webhook (connections.notify).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notify: Option<String>,
     /// Wait for approval before pushing.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approval: Option<ApprovalGate>,
     /// Who made the change being promoted (the commit author): they may not approve it.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requested_by: Option<String>,
 }
 
@@ -115,10 +117,6 @@ pub struct Promotion {
     pub tag: String,
     #[serde(flatten)]
     pub pushed: Pushed,
-}
-
-fn git_err(e: GitError) -> StepError {
-    StepError::transient(e)
 }
 
 /// Checks a tag or digest the way registries do (OCI distribution spec).
@@ -224,10 +222,6 @@ async fn promote(ctx: &Ctx, p: Arc<Promote>) -> Result<Promotion, WorkflowError>
     let (pr, run) = (&p, run_id.as_str());
     let pushed: Pushed = ctx
         .step("commit-and-push", |_s| async move { commit_and_push(pr, run).await })
-        .retry(RetryPolicy {
-            max_attempts: 5,
-            ..RetryPolicy::default()
-        })
         .undo({
             let (p, run) = (p.clone(), run_id.clone());
             move |_s, pushed: Pushed| async move { revert(&p, &pushed, &run).await }
@@ -236,12 +230,13 @@ async fn promote(ctx: &Ctx, p: Arc<Promote>) -> Result<Promotion, WorkflowError>
 
     if let Some(app) = &p.input.argocd {
         let commit = pushed.commit.as_str();
-        ctx.step("wait-healthy", |_s| async move { wait_healthy(pr, app, commit).await })
-            .retry(RetryPolicy {
-                max_attempts: 3,
-                ..RetryPolicy::default()
-            })
-            .await?;
+        let wait = Wait {
+            name: "wait-healthy",
+            timeout: p.input.timeout,
+            every: check_interval(p.input.timeout),
+            retry: RetryPolicy::cautious(),
+        };
+        wait::until(ctx, wait, || async move { argo_probe(pr, app, commit).await }).await?;
     }
     let text = format!(
         ":white_check_mark: **{}** promoted to **{}**: `{}` (commit `{}`, run `{run_id}`)",
@@ -308,7 +303,7 @@ fn message(p: &Promote, run_id: &str) -> String {
 
 /// Our commit among the branch's recent ones (an attempt that pushed before a crash).
 async fn find_ours(checkout: &Checkout, marker: &str) -> Result<Option<String>, StepError> {
-    let recent = checkout.recent(50).await.map_err(git_err)?;
+    let recent = checkout.recent(50).await?;
     Ok(recent
         .into_iter()
         .find(|(_, msg)| msg.lines().any(|l| l.trim() == marker))
@@ -317,11 +312,11 @@ async fn find_ours(checkout: &Checkout, marker: &str) -> Result<Option<String>, 
 
 async fn commit_and_push(p: &Promote, run_id: &str) -> Result<Pushed, StepError> {
     let i = &p.input;
-    let checkout = p.git.checkout(&i.branch).await.map_err(git_err)?;
+    let checkout = p.git.checkout(&i.branch).await?;
     let marker = format!("Dayshift-Run: {run_id}");
     for attempt in 1..=PUSH_ATTEMPTS {
         if attempt > 1 {
-            checkout.reset_to_remote().await.map_err(git_err)?;
+            checkout.reset_to_remote().await?;
         }
         if let Some(commit) = find_ours(&checkout, &marker).await? {
             return Ok(Pushed {
@@ -339,17 +334,14 @@ async fn commit_and_push(p: &Promote, run_id: &str) -> Result<Pushed, StepError>
         if new_text == text {
             // Already there (someone promoted this tag before us): nothing to commit.
             return Ok(Pushed {
-                commit: checkout.head().await.map_err(git_err)?,
+                commit: checkout.head().await?,
                 changed: false,
                 line: None,
                 push_attempts: attempt - 1,
             });
         }
         std::fs::write(&file, &new_text).map_err(|e| StepError::Transient(format!("write {}: {e}", i.file)))?;
-        let commit = checkout
-            .commit(&[i.file.as_str()], &message(p, run_id))
-            .await
-            .map_err(git_err)?;
+        let commit = checkout.commit(&[i.file.as_str()], &message(p, run_id)).await?;
         match checkout.push().await {
             Ok(()) => {
                 return Ok(Pushed {
@@ -362,7 +354,7 @@ async fn commit_and_push(p: &Promote, run_id: &str) -> Result<Pushed, StepError>
             Err(GitError::Rejected { detail, .. }) => {
                 tracing::info!(run_id, attempt, detail, "The branch moved; applying the change again.");
             }
-            Err(e) => return Err(git_err(e)),
+            Err(e) => return Err(e.into()),
         }
     }
     Err(StepError::Transient(format!(
@@ -371,55 +363,59 @@ async fn commit_and_push(p: &Promote, run_id: &str) -> Result<Pushed, StepError>
     )))
 }
 
-/// Waits until the Application reports `commit` Synced and Healthy; a permanent error when it
-/// turns Degraded or the timeout passes.
-async fn wait_healthy(p: &Promote, app: &ArgoApp, commit: &str) -> Result<(), StepError> {
+/// How often the Application is read while waiting: every 2 s, more often for short timeouts.
+fn check_interval(timeout: Duration) -> Duration {
+    Duration::from_secs(2).min(timeout / 20).max(Duration::from_millis(20))
+}
+
+/// One read of the Application: ready when it reports `commit` Synced and Healthy; a permanent
+/// error when it is Degraded at `commit` or missing.
+async fn argo_probe(p: &Promote, app: &ArgoApp, commit: &str) -> Result<Probe, StepError> {
     let kube = p
         .kube
         .as_ref()
         .ok_or_else(|| StepError::permanent("no Kubernetes connection"))?;
-    let deadline = tokio::time::Instant::now() + p.input.timeout;
-    let every = Duration::from_secs(2)
-        .min(p.input.timeout / 20)
-        .max(Duration::from_millis(20));
-    loop {
-        let found = kube
-            .argocd_application(&app.namespace, &app.name)
-            .await
-            .map_err(step_err)?;
-        let Some(a) = found else {
-            return Err(StepError::Permanent(format!(
-                "there is no ArgoCD Application {}/{}",
-                app.namespace, app.name
-            )));
-        };
-        let status = &a["status"];
-        let revision = status["sync"]["revision"].as_str().unwrap_or_default();
-        let sync = status["sync"]["status"].as_str().unwrap_or("Unknown");
-        let health = status["health"]["status"].as_str().unwrap_or("Unknown");
-        let at_commit = revision == commit;
-        if at_commit && health == "Degraded" {
-            let why = status["health"]["message"].as_str().unwrap_or("no message");
-            return Err(StepError::Permanent(format!(
-                "Application {} is Degraded at {}: {why}",
-                app.name,
-                short(commit)
-            )));
-        }
-        if at_commit && sync == "Synced" && health == "Healthy" {
-            return Ok(());
-        }
-        let last = format!("revision {}, {sync}, {health}", short(revision));
-        if tokio::time::Instant::now() + every > deadline {
-            return Err(StepError::Permanent(format!(
-                "Application {} did not become Synced and Healthy at {} within {} (last: {last})",
-                app.name,
-                short(commit),
-                humantime::format_duration(p.input.timeout)
-            )));
-        }
-        tokio::time::sleep(every).await;
+    let found = kube
+        .argocd_application(&app.namespace, &app.name)
+        .await
+        .map_err(step_err)?;
+    let Some(a) = found else {
+        return Err(StepError::Permanent(format!(
+            "there is no ArgoCD Application {}/{}",
+            app.namespace, app.name
+        )));
+    };
+    let status = &a["status"];
+    let revision = status["sync"]["revision"].as_str().unwrap_or_default();
+    let sync = status["sync"]["status"].as_str().unwrap_or("Unknown");
+    let health = status["health"]["status"].as_str().unwrap_or("Unknown");
+    let at_commit = revision == commit;
+    if at_commit && health == "Degraded" {
+        let why = status["health"]["message"].as_str().unwrap_or("no message");
+        return Err(StepError::Permanent(format!(
+            "Application {} is Degraded at {}: {why}",
+            app.name,
+            short(commit)
+        )));
     }
+    if at_commit && sync == "Synced" && health == "Healthy" {
+        return Ok(Probe::Ready);
+    }
+    let last = format!("revision {}, {sync}, {health}", short(revision));
+    Ok(Probe::Pending {
+        late: not_healthy(p, app, commit, &last),
+        status: last,
+    })
+}
+
+/// The timeout error, with what the Application said `last`.
+fn not_healthy(p: &Promote, app: &ArgoApp, commit: &str, last: &str) -> String {
+    format!(
+        "Application {} did not become Synced and Healthy at {} within {} (last: {last})",
+        app.name,
+        short(commit),
+        humantime::format_duration(p.input.timeout)
+    )
 }
 
 /// The undo: a revert commit of ours (never a force-push), pushed, health awaited again, a
@@ -430,11 +426,11 @@ async fn revert(p: &Promote, pushed: &Pushed, run_id: &str) -> Result<(), StepEr
     }
     let i = &p.input;
     let marker = format!("Dayshift-Revert-Of: {}", pushed.commit);
-    let checkout = p.git.checkout(&i.branch).await.map_err(git_err)?;
+    let checkout = p.git.checkout(&i.branch).await?;
     let mut reverted = None;
     for attempt in 1..=PUSH_ATTEMPTS {
         if attempt > 1 {
-            checkout.reset_to_remote().await.map_err(git_err)?;
+            checkout.reset_to_remote().await?;
         }
         if let Some(commit) = find_ours(&checkout, &marker).await? {
             reverted = Some(commit);
@@ -444,19 +440,23 @@ async fn revert(p: &Promote, pushed: &Pushed, run_id: &str) -> Result<(), StepEr
             "revert the promotion of {} to {}: {}\n\nThe application did not become healthy.\n\n{marker}\nDayshift-Run: {run_id}\n",
             i.application, i.environment, i.tag
         );
-        let commit = checkout.revert(&pushed.commit, &message).await.map_err(git_err)?;
+        let commit = checkout.revert(&pushed.commit, &message).await?;
         match checkout.push().await {
             Ok(()) => {
                 reverted = Some(commit);
                 break;
             }
             Err(GitError::Rejected { .. }) => continue,
-            Err(e) => return Err(git_err(e)),
+            Err(e) => return Err(e.into()),
         }
     }
     let reverted = reverted.ok_or_else(|| StepError::transient("the branch kept moving while reverting"))?;
     let health = match &i.argocd {
-        Some(app) => match wait_healthy(p, app, &reverted).await {
+        Some(app) => match wait::in_step(p.input.timeout, check_interval(p.input.timeout), || {
+            argo_probe(p, app, &reverted)
+        })
+        .await
+        {
             Ok(()) => "healthy again".to_string(),
             Err(e) => format!("NOT healthy after the revert: {e}"),
         },
