@@ -391,3 +391,22 @@ fn every_route_is_added_with_its_access() {
         found.join("\n")
     );
 }
+
+/// The engine's SQL lives in its store (`core/store/`, a module per concern), never in a
+/// handler or a trigger.
+#[test]
+fn the_engines_sql_is_all_in_its_store() {
+    let mut files = Vec::new();
+    rust_files(&crate_src("engine"), &mut files);
+    let store = crate_src("engine").join("core/store");
+    let mut found = Vec::new();
+    for file in files.iter().filter(|f| !f.starts_with(&store)) {
+        let text = std::fs::read_to_string(file).unwrap();
+        for (i, line) in text.lines().enumerate() {
+            if line.contains("sqlx::query") {
+                found.push(format!("{}:{}: {}", file.display(), i + 1, line.trim()));
+            }
+        }
+    }
+    assert!(found.is_empty(), "SQL outside crates/engine/src/core/store:\n{}", found.join("\n"));
+}

@@ -15,18 +15,8 @@ use crate::engine::Engine;
 /// `GET /api/v1/alerts/episodes`: the newest alert episodes, with what became of each
 /// (started, held back by a guardrail and why, failed).
 pub(crate) async fn alert_episodes(State(engine): State<Engine>) -> Result<Json<Value>, ApiError> {
-    let rows: Vec<(Value,)> = sqlx::query_as(
-        "select jsonb_build_object('route', route, 'fingerprint', fingerprint, 'starts_at', starts_at, \
-           'target', target, 'labels', labels, 'outcome', outcome, 'detail', detail, 'run_id', run_id, \
-           'first_seen', first_seen, 'started_at', started_at, 'resolved_at', resolved_at) \
-         from alert_episodes order by first_seen desc limit 500",
-    )
-    .fetch_all(engine.store().pool())
-    .await
-    .map_err(|e| ApiError::from(EngineError::from(e)))?;
-    Ok(Json(
-        json!({ "episodes": rows.into_iter().map(|(v,)| v).collect::<Vec<_>>() }),
-    ))
+    let episodes = engine.store().alert_episodes().await.map_err(EngineError::from)?;
+    Ok(Json(json!({ "episodes": episodes })))
 }
 
 #[derive(Deserialize)]

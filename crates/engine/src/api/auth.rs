@@ -6,7 +6,8 @@
 //! - `operator`: also starts, cancels and signals runs, approves and rejects;
 //! - `admin`: also manages tokens and schedules (pause, resume, trigger) and reads the audit.
 //!
-//! `/healthz`, `/readyz`, `/metrics` (unless configured otherwise) and the webhook endpoints
+//! Which role each route needs is declared with the route ([`crate::api`]); `/healthz`,
+//! `/readyz`, `/metrics` (unless configured otherwise), the console's files and the intakes
 //! (`/hooks/…`, which check their own signatures) need no token.
 //!
 //! Besides dayshift's own tokens, JWTs of the platform's OpenID Connect provider can be
@@ -17,9 +18,10 @@ use rand::RngCore as _;
 use serde::Serialize;
 use serde_json::Value;
 use sha2::Digest as _;
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 
 use crate::core::error::StoreError;
+use crate::core::store::PgStore;
 pub use crate::identity::{Caller, Role, bearer, same};
 
 /// How the API authenticates.
@@ -75,27 +77,10 @@ pub async fn create_token(
     let mut secret = [0u8; 32];
     rand::rng().fill_bytes(&mut secret);
     let token = format!("{TOKEN_PREFIX}{}", hex::encode(secret));
-    let inserted = sqlx::query(
-        "insert into api_tokens (id, name, role, token_hash, created_by, expires_at) \
-         values ($1, $2, $3, $4, $5, $6)",
-    )
-    .bind(uuid::Uuid::now_v7())
-    .bind(name)
-    .bind(role.to_string())
-    .bind(hash(&token))
-    .bind(created_by)
-    .bind(expires_at)
-    .execute(pool)
-    .await;
-    match inserted {
-        Ok(_) => {}
-        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
-            return Err(StoreError::Conflict(format!(
-                "a token named '{name}' exists; revoke it first or choose another name"
-            )));
-        }
-        Err(e) => return Err(e.into()),
-    }
+    let store = PgStore::new(pool.clone());
+    store
+        .insert_token(name, &role.to_string(), &hash(&token), created_by, expires_at)
+        .await?;
     audit(
         pool,
         created_by,
@@ -110,12 +95,7 @@ pub async fn create_token(
 
 /// Revokes the live token named `name`; it stops working at once. `false` if there is none.
 pub async fn revoke_token(pool: &PgPool, name: &str, by: &str) -> Result<bool, StoreError> {
-    let done = sqlx::query("update api_tokens set revoked_at = now() where name = $1 and revoked_at is null")
-        .bind(name)
-        .execute(pool)
-        .await?
-        .rows_affected()
-        > 0;
+    let done = PgStore::new(pool.clone()).revoke_token(name).await?;
     if done {
         audit(pool, by, None, "token.revoke", Some(name), Value::Null).await?;
     }
@@ -124,22 +104,19 @@ pub async fn revoke_token(pool: &PgPool, name: &str, by: &str) -> Result<bool, S
 
 /// Every token, live ones first, newest first.
 pub async fn list_tokens(pool: &PgPool) -> Result<Vec<TokenInfo>, StoreError> {
-    let rows = sqlx::query(
-        "select name, role, created_at, created_by, expires_at, revoked_at, last_used_at from api_tokens \
-         order by revoked_at is not null, created_at desc",
-    )
-    .fetch_all(pool)
-    .await?;
-    rows.into_iter()
+    PgStore::new(pool.clone())
+        .tokens()
+        .await?
+        .into_iter()
         .map(|r| {
             Ok(TokenInfo {
-                name: r.get("name"),
-                role: r.get::<String, _>("role").parse().map_err(StoreError::Conflict)?,
-                created_at: r.get("created_at"),
-                created_by: r.get("created_by"),
-                expires_at: r.get("expires_at"),
-                revoked_at: r.get("revoked_at"),
-                last_used_at: r.get("last_used_at"),
+                name: r.name,
+                role: r.role.parse().map_err(StoreError::Conflict)?,
+                created_at: r.created_at,
+                created_by: r.created_by,
+                expires_at: r.expires_at,
+                revoked_at: r.revoked_at,
+                last_used_at: r.last_used_at,
             })
         })
         .collect()
@@ -151,26 +128,11 @@ pub async fn authenticate(pool: &PgPool, token: &str) -> Result<Option<Caller>, 
     if !token.starts_with(TOKEN_PREFIX) {
         return Ok(None);
     }
-    // last_used_at is written at most once a minute per token, not on every request.
-    let row = sqlx::query(
-        "with found as ( \
-           select id, name, role, last_used_at from api_tokens \
-           where token_hash = $1 and revoked_at is null and (expires_at is null or expires_at > now())), \
-         touched as ( \
-           update api_tokens t set last_used_at = now() from found \
-           where t.id = found.id and (found.last_used_at is null or found.last_used_at < now() - interval '1 minute')) \
-         select name, role from found",
-    )
-    .bind(hash(token))
-    .fetch_optional(pool)
-    .await?;
-    row.map(|r| {
-        Ok(Caller::token(
-            r.get("name"),
-            r.get::<String, _>("role").parse().map_err(StoreError::Conflict)?,
-        ))
-    })
-    .transpose()
+    PgStore::new(pool.clone())
+        .live_token(&hash(token))
+        .await?
+        .map(|(name, role)| Ok(Caller::token(&name, role.parse().map_err(StoreError::Conflict)?)))
+        .transpose()
 }
 
 /// Records that `actor` did `action` to `target`.
@@ -187,15 +149,9 @@ pub async fn audit(
     } else {
         detail
     };
-    sqlx::query("insert into audit_log (actor, role, action, target, detail) values ($1, $2, $3, $4, $5)")
-        .bind(actor)
-        .bind(role.map(|r| r.to_string()))
-        .bind(action)
-        .bind(target)
-        .bind(detail)
-        .execute(pool)
-        .await?;
-    Ok(())
+    PgStore::new(pool.clone())
+        .audit(actor, role.map(|r| r.to_string()).as_deref(), action, target, detail)
+        .await
 }
 
 /// One audit entry.
@@ -211,58 +167,19 @@ pub struct AuditEntry {
 
 /// The audit trail, newest first; only entries about `target` if given.
 pub async fn list_audit(pool: &PgPool, target: Option<&str>, limit: u32) -> Result<Vec<AuditEntry>, StoreError> {
-    let rows = sqlx::query(
-        "select at, actor, role, action, target, detail from audit_log \
-         where ($1::text is null or target = $1) order by at desc, id desc limit $2",
-    )
-    .bind(target)
-    .bind(i64::from(limit.clamp(1, 10_000)))
-    .fetch_all(pool)
-    .await?;
-    Ok(rows
+    Ok(PgStore::new(pool.clone())
+        .audit_entries(target, limit)
+        .await?
         .into_iter()
         .map(|r| AuditEntry {
-            at: r.get("at"),
-            actor: r.get("actor"),
-            role: r.get("role"),
-            action: r.get("action"),
-            target: r.get("target"),
-            detail: r.get("detail"),
+            at: r.at,
+            actor: r.actor,
+            role: r.role,
+            action: r.action,
+            target: r.target,
+            detail: r.detail,
         })
         .collect())
-}
-
-/// The role an API call needs, or `None` for a public one.
-pub fn required_role(method: &axum::http::Method, path: &str, config: &AuthConfig) -> Option<Role> {
-    use axum::http::Method;
-    if path == "/healthz" || path == "/readyz" || path.starts_with("/hooks/") {
-        return None;
-    }
-    // The console's pages and scripts hold no data: what they show comes from the API, with
-    // the token the person signs in with.
-    if (path == "/" || path == "/console" || path.starts_with("/console/"))
-        && (method == Method::GET || method == Method::HEAD)
-    {
-        return None;
-    }
-    if path == "/metrics" {
-        return (!config.public_metrics).then_some(Role::Viewer);
-    }
-    let admin_only = path.starts_with("/api/v1/tokens") || path.starts_with("/api/v1/audit");
-    if admin_only {
-        return Some(Role::Admin);
-    }
-    if method == Method::GET || method == Method::HEAD {
-        return Some(Role::Viewer);
-    }
-    if path.starts_with("/api/v1/schedules/") {
-        return Some(Role::Admin);
-    }
-    if path == "/api/v1/runs" || path.starts_with("/api/v1/runs/") {
-        return Some(Role::Operator);
-    }
-    // Anything else that changes something: the strictest role.
-    Some(Role::Admin)
 }
 
 /// OpenID Connect: JWTs issued by the platform's identity provider (Keycloak, Authentik, ...),

@@ -5,11 +5,11 @@
 //! Everything here is read from PostgreSQL and redacted like any run the API shows.
 
 use serde_json::{Value, json};
-use uuid::Uuid;
 
 use crate::api::auth::{Caller, Role};
 use crate::core::error::EngineError;
 use crate::core::model::{RunId, RunView, StepKind};
+use crate::core::store::views::TriggerRecord;
 use crate::engine::Engine;
 
 pub use crate::approval::APPROVAL_SIGNAL;
@@ -18,18 +18,10 @@ pub use crate::approval::APPROVAL_SIGNAL;
 /// approve (the `plan` step's result, else the run's input), who may approve, the decisions
 /// so far, and whether `caller` may decide (and why not).
 pub async fn approvals(engine: &Engine, caller: &Caller) -> Result<Vec<Value>, EngineError> {
-    let waiting: Vec<(Uuid,)> = sqlx::query_as(
-        "select s.run_id from steps s join runs r on r.id = s.run_id \
-         where s.kind = 'signal' and s.status = 'waiting' and s.name = $1 \
-           and r.status in ('pending', 'running', 'waiting') \
-         order by s.started_at limit 500",
-    )
-    .bind(APPROVAL_SIGNAL)
-    .fetch_all(engine.store().pool())
-    .await?;
+    let waiting = engine.store().runs_waiting_for_signal(APPROVAL_SIGNAL).await?;
     let mut out = Vec::with_capacity(waiting.len());
-    for (id,) in waiting {
-        let run = match engine.get_run(RunId(id)).await {
+    for id in waiting {
+        let run = match engine.get_run(id).await {
             Ok(run) => run.redacted(),
             Err(EngineError::RunNotFound(_)) => continue,
             Err(e) => return Err(e),
@@ -83,68 +75,28 @@ fn approval(run: &RunView, caller: &Caller) -> Option<Value> {
 /// the API caller. `kind` is one of `schedule`, `webhook`, `alertmanager`, `parent`, `api`,
 /// `other`; the record is null when it is gone (or the run predates it).
 pub async fn trigger(engine: &Engine, run: &RunView) -> Result<Value, EngineError> {
-    let pool = engine.store().pool();
+    let store = engine.store();
     let by = run.started_by.as_str();
-    let id = run.id.0;
-    let one = |sql: &'static str| sqlx::query_scalar::<_, Value>(sql).bind(id);
     let found = if let Some(rest) = by.strip_prefix("schedule:") {
         let (name, by_hand) = match rest.split_once(" (") {
             Some((name, _)) => (name, true),
             None => (rest, false),
         };
-        let tick = one(
-            "select jsonb_build_object('tick', tick, 'outcome', outcome, 'detail', detail, 'at', at) \
-             from schedule_ticks where run_id = $1 limit 1",
-        )
-        .fetch_optional(pool)
-        .await
-        .map_err(EngineError::from)?;
+        let tick = store.trigger_record(TriggerRecord::ScheduleTick, run.id).await?;
         let by_whom = if by_hand {
-            sqlx::query_scalar::<_, Value>(
-                "select jsonb_build_object('actor', actor, 'at', at) from audit_log \
-                 where target = $1 and action = 'schedule.trigger' and detail->>'run_id' = $2 limit 1",
-            )
-            .bind(name)
-            .bind(id.to_string())
-            .fetch_optional(pool)
-            .await
-            .map_err(EngineError::from)?
+            store.schedule_triggered_by(name, run.id).await?
         } else {
             None
         };
         json!({ "kind": "schedule", "schedule": name, "by_hand": by_hand, "tick": tick, "triggered_by": by_whom })
     } else if by.starts_with("webhook:") {
-        let delivery = one(
-            "select jsonb_build_object('forge', forge, 'delivery_id', delivery_id, 'event', event, \
-               'repository', repository, 'outcome', outcome, 'detail', detail, 'received_at', received_at, \
-               'runs', cardinality(run_ids)) \
-             from webhook_deliveries where run_ids @> array[$1] order by id limit 1",
-        )
-        .fetch_optional(pool)
-        .await
-        .map_err(EngineError::from)?;
+        let delivery = store.trigger_record(TriggerRecord::WebhookDelivery, run.id).await?;
         json!({ "kind": "webhook", "delivery": delivery })
     } else if by.starts_with("alertmanager:") {
-        let episode = one(
-            "select jsonb_build_object('route', route, 'fingerprint', fingerprint, 'starts_at', starts_at, \
-               'target', target, 'labels', labels, 'outcome', outcome, 'first_seen', first_seen, \
-               'resolved_at', resolved_at) \
-             from alert_episodes where run_id = $1 limit 1",
-        )
-        .fetch_optional(pool)
-        .await
-        .map_err(EngineError::from)?;
+        let episode = store.trigger_record(TriggerRecord::AlertEpisode, run.id).await?;
         json!({ "kind": "alertmanager", "episode": episode })
     } else if let Some(parent) = run.parent_run_id {
-        let found = sqlx::query_scalar::<_, Value>(
-            "select jsonb_build_object('id', r.id, 'workflow', r.workflow, 'status', r.status, 'step', s.name) \
-             from runs r left join steps s on s.run_id = r.id and s.child_run_id = $2 where r.id = $1 limit 1",
-        )
-        .bind(parent.0)
-        .bind(id)
-        .fetch_optional(pool)
-        .await
-        .map_err(EngineError::from)?;
+        let found = store.parent_step(parent, run.id).await?;
         json!({ "kind": "parent", "parent": found })
     } else if let Some(rest) = by.strip_prefix("api:") {
         let (caller, retry_of) = match rest.split_once(" (retry of ") {
@@ -162,12 +114,7 @@ pub async fn trigger(engine: &Engine, run: &RunView) -> Result<Value, EngineErro
 
 /// The concurrency limit `run` was started under, for starting it again the same way.
 pub async fn concurrency_limit(engine: &Engine, id: RunId) -> Result<Option<i32>, EngineError> {
-    sqlx::query_scalar("select concurrency_limit from runs where id = $1")
-        .bind(id.0)
-        .fetch_optional(engine.store().pool())
-        .await
-        .map(Option::flatten)
-        .map_err(EngineError::from)
+    Ok(engine.store().concurrency_limit(id).await?)
 }
 
 /// For each run of `ids` that waits, what it waits on: its newest waiting or retrying step
@@ -179,26 +126,13 @@ pub async fn waiting_on(
     if ids.is_empty() {
         return Ok(Default::default());
     }
-    let ids: Vec<Uuid> = ids.iter().map(|id| id.0).collect();
-    let rows: Vec<(Uuid, Value)> = sqlx::query_as(
-        "select distinct on (run_id) run_id, \
-           jsonb_build_object('kind', kind, 'name', name, 'status', status, 'until', wake_at) \
-         from steps where run_id = any($1) and status in ('waiting', 'retrying') \
-         order by run_id, seq desc",
-    )
-    .bind(&ids)
-    .fetch_all(engine.store().pool())
-    .await?;
-    Ok(rows.into_iter().map(|(id, v)| (RunId(id), v)).collect())
+    let rows = engine.store().waiting_steps(ids).await?;
+    Ok(rows.into_iter().collect())
 }
 
 /// How many runs were created since `since`, by status: the console's at-a-glance counts.
 pub async fn run_counts(engine: &Engine, since: chrono::DateTime<chrono::Utc>) -> Result<Value, EngineError> {
-    let rows: Vec<(String, i64)> =
-        sqlx::query_as("select status, count(*) from runs where created_at >= $1 group by status")
-            .bind(since)
-            .fetch_all(engine.store().pool())
-            .await?;
+    let rows = engine.store().run_counts(since).await?;
     let mut counts = serde_json::Map::new();
     for status in ["pending", "running", "waiting", "succeeded", "failed", "cancelled"] {
         let n = rows.iter().find(|(s, _)| s == status).map_or(0, |(_, n)| *n);

@@ -15,11 +15,11 @@
 
 use std::time::Duration;
 
+use crate::core::store::alerts::{self as store, Episode};
 use chrono::{DateTime, Utc};
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use sqlx::Row;
 
 use crate::core::error::EngineError;
 use crate::core::model::{RunId, StartRun};
@@ -277,7 +277,6 @@ pub(crate) async fn handle(
     alerts: &Alerts,
     n: Notification,
 ) -> Result<NotificationOutcome, EngineError> {
-    let pool = engine.store().pool();
     // Alertmanager sends `firing` or `resolved`; anything else is not its notification, and
     // taking it as firing would start a remediation. Refused whole, before anything is done.
     if let Some((i, a)) = n
@@ -323,19 +322,19 @@ pub(crate) async fn handle(
             }
         }
     }
-    sqlx::query(
-        "insert into alert_notifications (receiver, status, group_key, alerts, summary) values ($1, $2, $3, $4, $5)",
-    )
-    .bind(&n.receiver)
-    .bind(&n.status)
-    .bind(&n.group_key)
-    .bind(n.alerts.len() as i32)
-    .bind(json!({
-        "started": out.started.len(), "duplicates": out.duplicates, "held_back": out.held_back.len(),
-        "resolved_signals": out.resolved_signals, "no_route": out.no_route, "errors": out.errors.len()
-    }))
-    .execute(pool)
-    .await?;
+    engine
+        .store()
+        .record_notification(
+            n.receiver.as_deref(),
+            &n.status,
+            n.group_key.as_deref(),
+            n.alerts.len() as i32,
+            json!({
+                "started": out.started.len(), "duplicates": out.duplicates, "held_back": out.held_back.len(),
+                "resolved_signals": out.resolved_signals, "no_route": out.no_route, "errors": out.errors.len()
+            }),
+        )
+        .await?;
     tracing::info!(
         alerts = out.alerts,
         started = out.started.len(),
@@ -368,40 +367,22 @@ fn target_of(route: &AlertRoute, alert: &Alert) -> String {
 }
 
 async fn fire(engine: &Engine, route: &AlertRoute, alert: &Alert, n: &Notification) -> Result<Fired, EngineError> {
-    let pool = engine.store().pool();
     let target = target_of(route, alert);
+    let episode = Episode {
+        route: &route.name,
+        fingerprint: &alert.fingerprint,
+        starts_at: alert.starts_at,
+        target: &target,
+        labels: Value::Object(alert.labels.clone()),
+    };
     // Serialises decisions for this route, so that caps hold under concurrent notifications.
-    let mut tx = pool.begin().await?;
-    sqlx::query("select pg_advisory_xact_lock(hashtextextended($1, 1))")
-        .bind(format!("alert-route:{}", route.name))
-        .execute(&mut *tx)
-        .await?;
-    let existing =
-        sqlx::query("select outcome from alert_episodes where route = $1 and fingerprint = $2 and starts_at = $3")
-            .bind(&route.name)
-            .bind(&alert.fingerprint)
-            .bind(alert.starts_at)
-            .fetch_optional(&mut *tx)
-            .await?;
-    if let Some(row) = &existing
-        && row.get::<String, _>("outcome") == "started"
-    {
+    let mut tx = engine.store().pool().begin().await?;
+    store::lock_route(&mut tx, &route.name).await?;
+    if store::episode_outcome(&mut tx, &episode).await?.as_deref() == Some("started") {
         return Ok(Fired::Duplicate);
     }
     if let Some(why) = held_back(&mut tx, route, &target).await? {
-        sqlx::query(
-            "insert into alert_episodes (route, fingerprint, starts_at, target, labels, outcome, detail) \
-             values ($1, $2, $3, $4, $5, 'held-back', $6) \
-             on conflict (route, fingerprint, starts_at) do update set detail = excluded.detail",
-        )
-        .bind(&route.name)
-        .bind(&alert.fingerprint)
-        .bind(alert.starts_at)
-        .bind(&target)
-        .bind(Value::Object(alert.labels.clone()))
-        .bind(&why)
-        .execute(&mut *tx)
-        .await?;
+        store::hold_back(&mut tx, &episode, &why).await?;
         tx.commit().await?;
         tracing::warn!(route = %route.name, fingerprint = %alert.fingerprint, reason = %why, "Alert held back by a guardrail.");
         return Ok(Fired::HeldBack(why));
@@ -437,20 +418,7 @@ async fn fire(engine: &Engine, route: &AlertRoute, alert: &Alert, n: &Notificati
         }
         Err(e) => return Err(e),
     };
-    sqlx::query(
-        "insert into alert_episodes (route, fingerprint, starts_at, target, labels, outcome, run_id, started_at) \
-         values ($1, $2, $3, $4, $5, 'started', $6, now()) \
-         on conflict (route, fingerprint, starts_at) do update set outcome = 'started', detail = null, \
-           run_id = excluded.run_id, started_at = now()",
-    )
-    .bind(&route.name)
-    .bind(&alert.fingerprint)
-    .bind(alert.starts_at)
-    .bind(&target)
-    .bind(Value::Object(alert.labels.clone()))
-    .bind(started.id.0)
-    .execute(&mut *tx)
-    .await?;
+    store::started(&mut tx, &episode, started.id.0).await?;
     tx.commit().await?;
     engine.started_in_tx(&workflow, &started_by, &started, &due).await;
     Ok(if started.created {
@@ -468,15 +436,7 @@ async fn held_back(
 ) -> Result<Option<String>, EngineError> {
     let g = &route.guardrails;
     if let Some(cooldown) = g.cooldown {
-        let recent: Option<DateTime<Utc>> = sqlx::query_scalar(
-            "select max(started_at) from alert_episodes where route = $1 and target = $2 and outcome = 'started' \
-             and started_at > now() - make_interval(secs => $3)",
-        )
-        .bind(&route.name)
-        .bind(target)
-        .bind(cooldown.as_secs_f64())
-        .fetch_one(&mut **tx)
-        .await?;
+        let recent = store::last_start_within(tx, &route.name, target, cooldown.as_secs_f64()).await?;
         if let Some(at) = recent {
             return Ok(Some(format!(
                 "cooldown: a run for {target} started at {at}, less than {} ago",
@@ -486,14 +446,7 @@ async fn held_back(
     }
     if let Some(max) = g.max_runs {
         let window = g.window.unwrap_or(Duration::from_secs(3600));
-        let count: i64 = sqlx::query_scalar(
-            "select count(*) from alert_episodes where route = $1 and outcome = 'started' \
-             and started_at > now() - make_interval(secs => $2)",
-        )
-        .bind(&route.name)
-        .bind(window.as_secs_f64())
-        .fetch_one(&mut **tx)
-        .await?;
+        let count = store::starts_within(tx, &route.name, window.as_secs_f64()).await?;
         if count >= i64::from(max) {
             return Ok(Some(format!(
                 "max-runs: {count} runs in the last {}, the limit is {max}",
@@ -502,13 +455,7 @@ async fn held_back(
         }
     }
     if let Some(max) = g.max_concurrent {
-        let going: i64 = sqlx::query_scalar(
-            "select count(*) from alert_episodes e join runs r on r.id = e.run_id where e.route = $1 \
-             and r.status in ('pending', 'running', 'waiting')",
-        )
-        .bind(&route.name)
-        .fetch_one(&mut **tx)
-        .await?;
+        let going = store::runs_going(tx, &route.name).await?;
         if going >= i64::from(max) {
             return Ok(Some(format!("max-concurrent: {going} runs going, the limit is {max}")));
         }
@@ -518,25 +465,18 @@ async fn held_back(
 
 /// Signals `resolved` to the runs the alert's episode started. Returns how many were signalled.
 async fn resolve(engine: &Engine, alert: &Alert, routes: &[&AlertRoute]) -> Result<usize, EngineError> {
-    let pool = engine.store().pool();
     let names: Vec<String> = routes.iter().map(|r| r.name.clone()).collect();
-    let rows = sqlx::query(
-        "update alert_episodes set resolved_at = coalesce(resolved_at, now()) \
-         where fingerprint = $1 and starts_at = $2 and route = any($3) and outcome = 'started' \
-         returning run_id, (resolved_at = now()) as first",
-    )
-    .bind(&alert.fingerprint)
-    .bind(alert.starts_at)
-    .bind(&names)
-    .fetch_all(pool)
-    .await?;
+    let episodes = engine
+        .store()
+        .resolve_episodes(&alert.fingerprint, alert.starts_at, &names)
+        .await?;
     let mut signalled = 0;
-    for row in rows {
+    for (run, first) in episodes {
         // A repeated resolved notification signals nothing new.
-        if !row.get::<bool, _>("first") {
+        if !first {
             continue;
         }
-        let Some(run) = row.get::<Option<uuid::Uuid>, _>("run_id") else {
+        let Some(run) = run else {
             continue;
         };
         let payload = json!({ "fingerprint": alert.fingerprint, "labels": alert.labels, "starts_at": alert.starts_at });

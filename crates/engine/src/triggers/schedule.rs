@@ -25,7 +25,6 @@ use croner::Cron;
 use croner::parser::{CronParser, Seconds};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use sqlx::Row;
 use tokio_util::sync::CancellationToken;
 
 use crate::core::error::EngineError;
@@ -361,30 +360,18 @@ impl Scheduler {
 
     /// One pass: for every schedule, start the runs of the ticks that are due.
     pub async fn fire_due(&self) -> Result<(), EngineError> {
-        let pool = self.engine.store().pool();
+        let store = self.engine.store();
         let names: Vec<&str> = self.schedules.iter().map(|s| s.name.as_str()).collect();
         // Two statements per pass, however many schedules. A schedule seen for the first time
         // starts from now: no backfill.
-        let now: DateTime<Utc> = sqlx::query_scalar(
-            "with new as (insert into schedules (name, last_tick) select unnest($1::text[]), now() \
-               on conflict (name) do nothing) select now()",
-        )
-        .bind(&names)
-        .fetch_one(pool)
-        .await?;
-        let states: std::collections::HashMap<String, (bool, DateTime<Utc>)> =
-            sqlx::query_as::<_, (String, bool, DateTime<Utc>)>(
-                "select name, paused, last_tick from schedules where name = any($1)",
-            )
-            .bind(&names)
-            .fetch_all(pool)
-            .await?
-            .into_iter()
-            .map(|(name, paused, last)| (name, (paused, last)))
-            .collect();
+        let now = store.enrol_schedules(&names).await?;
+        let states = store.schedule_states(&names).await?;
         for schedule in self.schedules.iter() {
             // Missing only if it was inserted by this pass's first statement: due from now.
-            let (paused, last) = states.get(&schedule.name).copied().unwrap_or((false, now));
+            let (paused, last) = states
+                .get(&schedule.name)
+                .map(|s| (s.paused, s.last_tick))
+                .unwrap_or((false, now));
             if paused {
                 continue;
             }
@@ -394,7 +381,9 @@ impl Scheduler {
             }
             let (run, dropped) = schedule.plan(&due, now);
             for tick in &dropped {
-                record_tick(pool, &schedule.name, *tick, "missed", None, Some("catch-up policy")).await?;
+                store
+                    .record_tick(&schedule.name, *tick, "missed", None, Some("catch-up policy"))
+                    .await?;
             }
             for tick in &run {
                 // A tick that cannot start (recorded as failed) does not stop the others; only
@@ -406,21 +395,19 @@ impl Scheduler {
                 }
             }
             let newest = *due.last().expect("due is not empty");
-            sqlx::query("update schedules set last_tick = greatest(last_tick, $2), updated_at = now() where name = $1")
-                .bind(&schedule.name)
-                .bind(newest)
-                .execute(pool)
-                .await?;
+            store.advance_schedule(&schedule.name, newest).await?;
         }
         Ok(())
     }
 
     async fn start_tick(&self, schedule: &Schedule, tick: DateTime<Utc>, manual: bool) -> Result<RunId, EngineError> {
-        let pool = self.engine.store().pool();
+        let store = self.engine.store();
         let input = match schedule.input_for(tick) {
             Ok(i) => i,
             Err(e) => {
-                record_tick(pool, &schedule.name, tick, "failed", None, Some(&e)).await?;
+                store
+                    .record_tick(&schedule.name, tick, "failed", None, Some(&e))
+                    .await?;
                 return Err(EngineError::BadRequest(e));
             }
         };
@@ -441,14 +428,18 @@ impl Scheduler {
                         m.schedule_lag((Utc::now() - tick).num_milliseconds() as f64 / 1000.0);
                     }
                 }
-                record_tick(pool, &schedule.name, tick, outcome, Some(started.id), detail).await?;
+                store
+                    .record_tick(&schedule.name, tick, outcome, Some(started.id), detail)
+                    .await?;
                 Ok(started.id)
             }
             Err(
                 e @ (EngineError::UnknownWorkflow(_) | EngineError::InvalidInput { .. } | EngineError::Conflict(_)),
             ) => {
                 crate::core::metrics::metrics().delivery("schedule", "failed");
-                record_tick(pool, &schedule.name, tick, "failed", None, Some(&e.to_string())).await?;
+                store
+                    .record_tick(&schedule.name, tick, "failed", None, Some(&e.to_string()))
+                    .await?;
                 tracing::error!(schedule = %schedule.name, %tick, error = %e, "Schedule could not start its run.");
                 Err(e)
             }
@@ -472,27 +463,21 @@ impl Scheduler {
     }
 
     async fn view(&self, s: &Schedule) -> Result<ScheduleView, EngineError> {
-        let pool = self.engine.store().pool();
-        let state = sqlx::query("select paused, last_tick from schedules where name = $1")
-            .bind(&s.name)
-            .fetch_optional(pool)
-            .await?;
-        let paused = state.as_ref().is_some_and(|r| r.get::<bool, _>("paused"));
-        let last_tick = state.map(|r| r.get::<DateTime<Utc>, _>("last_tick"));
-        let recent = sqlx::query(
-            "select tick, outcome, run_id, detail from schedule_ticks where schedule = $1 order by tick desc limit 10",
-        )
-        .bind(&s.name)
-        .fetch_all(pool)
-        .await?
-        .into_iter()
-        .map(|r| TickView {
-            tick: r.get("tick"),
-            outcome: r.get("outcome"),
-            run_id: r.get::<Option<uuid::Uuid>, _>("run_id").map(RunId),
-            detail: r.get("detail"),
-        })
-        .collect();
+        let store = self.engine.store();
+        let state = store.schedule_state(&s.name).await?;
+        let paused = state.is_some_and(|s| s.paused);
+        let last_tick = state.map(|s| s.last_tick);
+        let recent = store
+            .recent_ticks(&s.name)
+            .await?
+            .into_iter()
+            .map(|r| TickView {
+                tick: r.tick,
+                outcome: r.outcome,
+                run_id: r.run_id,
+                detail: r.detail,
+            })
+            .collect();
         Ok(ScheduleView {
             name: s.name.clone(),
             cron: s.cron.as_str().to_string(),
@@ -523,17 +508,7 @@ impl Scheduler {
 
     async fn set_paused(&self, name: &str, paused: bool, by: &str) -> Result<ScheduleView, EngineError> {
         let s = self.schedule(name)?;
-        sqlx::query(
-            "insert into schedules (name, paused, last_tick, updated_by) values ($1, $2, now(), $3) \
-             on conflict (name) do update set paused = $2, updated_by = $3, updated_at = now(), \
-               last_tick = case when schedules.paused and not $2 then greatest(schedules.last_tick, now()) \
-                                else schedules.last_tick end",
-        )
-        .bind(name)
-        .bind(paused)
-        .bind(by)
-        .execute(self.engine.store().pool())
-        .await?;
+        self.engine.store().set_schedule_paused(name, paused, by).await?;
         tracing::info!(schedule = name, paused, by, "Schedule paused or resumed.");
         self.view(s).await
     }
@@ -545,28 +520,6 @@ impl Scheduler {
         tracing::info!(schedule = name, by, "Schedule triggered by hand.");
         self.start_tick(&s, now, true).await
     }
-}
-
-async fn record_tick(
-    pool: &sqlx::PgPool,
-    schedule: &str,
-    tick: DateTime<Utc>,
-    outcome: &str,
-    run_id: Option<RunId>,
-    detail: Option<&str>,
-) -> Result<(), EngineError> {
-    sqlx::query(
-        "insert into schedule_ticks (schedule, tick, outcome, run_id, detail) values ($1, $2, $3, $4, $5) \
-         on conflict (schedule, tick) do nothing",
-    )
-    .bind(schedule)
-    .bind(tick)
-    .bind(outcome)
-    .bind(run_id.map(|r| r.0))
-    .bind(detail)
-    .execute(pool)
-    .await?;
-    Ok(())
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ use sha2::Digest as _;
 
 use crate::core::error::EngineError;
 use crate::core::metrics::metrics;
+use crate::core::store::webhooks::DeliveryRow;
 use crate::engine::Engine;
 use crate::triggers::webhook::event::{EventKind, Forge, HookError, Parsed};
 use crate::triggers::webhook::parse::parse_payload;
@@ -149,7 +150,7 @@ async fn deliver(
     payload: &Value,
     body_sha256: &str,
 ) -> Result<DeliveryOutcome, EngineError> {
-    let pool = engine.store().pool();
+    let store = engine.store();
     let (mut out, mut event) = match parsed {
         Parsed::Ping => (DeliveryOutcome::new(Outcome::Pong), None),
         Parsed::NotHandled(what) => {
@@ -165,14 +166,9 @@ async fn deliver(
     };
     // The event type is not signed: a body is bound to the one it first came as.
     let kind = out.event.clone().unwrap_or_else(|| "ping".into());
-    let before: Option<String> = sqlx::query_scalar(
-        "select event from webhook_deliveries where forge = $1 and body_sha256 = $2 and event <> $3 limit 1",
-    )
-    .bind(forge.as_str())
-    .bind(body_sha256)
-    .bind(&kind)
-    .fetch_optional(pool)
-    .await?;
+    let before = store
+        .delivered_as_other_event(forge.as_str(), body_sha256, &kind)
+        .await?;
     if let Some(first) = before {
         return Err(EngineError::Conflict(format!(
             "this signed body was delivered before as a {first} event; it is not taken again as {kind}"
@@ -181,23 +177,9 @@ async fn deliver(
     if let Some(e) = &mut event
         && e.kind == EventKind::Tag
     {
-        let deleted: i64 = sqlx::query_scalar(
-            "select count(*) from webhook_deliveries where forge = $1 and event = 'tag-deleted' \
-             and repository = $2 and identity like $3",
-        )
-        .bind(forge.as_str())
-        .bind(&e.repository)
-        .bind(format!(
-            "tag-deleted|{}|refs/tags/{}|%",
-            e.repository.replace('%', "\\%").replace('_', "\\_"),
-            e.tag
-                .as_deref()
-                .unwrap_or_default()
-                .replace('%', "\\%")
-                .replace('_', "\\_")
-        ))
-        .fetch_one(pool)
-        .await?;
+        let deleted = store
+            .tag_deletions(forge.as_str(), &e.repository, e.tag.as_deref().unwrap_or_default())
+            .await?;
         e.generation = deleted as u64;
     }
     if let Some(e) = &event {
@@ -241,25 +223,22 @@ async fn deliver(
         }
     }
     let run_ids: Vec<uuid::Uuid> = out.runs.iter().map(|r| r.run_id.0).collect();
-    sqlx::query(
-        "insert into webhook_deliveries (forge, delivery_id, event, repository, identity, outcome, detail, run_ids, body_sha256) \
-         values ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-    )
-    .bind(forge.as_str())
-    .bind(event.as_ref().and_then(|e| e.delivery.clone()))
-    .bind(out.event.clone().unwrap_or_else(|| "ping".into()))
-    .bind(event.as_ref().map(|e| e.repository.clone()))
-    .bind(event.as_ref().map(|e| e.identity()))
-    .bind(out.outcome.as_str())
-    .bind(
-        out.reason
-            .clone()
-            .or_else(|| (!out.errors.is_empty()).then(|| out.errors.join("; "))),
-    )
-    .bind(&run_ids)
-    .bind(body_sha256)
-    .execute(pool)
-    .await?;
+    store
+        .record_delivery(DeliveryRow {
+            forge: forge.as_str(),
+            delivery_id: event.as_ref().and_then(|e| e.delivery.clone()),
+            event: out.event.clone().unwrap_or_else(|| "ping".into()),
+            repository: event.as_ref().map(|e| e.repository.clone()),
+            identity: event.as_ref().map(|e| e.identity()),
+            outcome: out.outcome.as_str(),
+            detail: out
+                .reason
+                .clone()
+                .or_else(|| (!out.errors.is_empty()).then(|| out.errors.join("; "))),
+            run_ids,
+            body_sha256,
+        })
+        .await?;
     tracing::info!(forge = forge.as_str(), event = ?out.event, outcome = out.outcome.as_str(), runs = out.runs.len(), "Webhook delivery handled.");
     Ok(out)
 }

@@ -9,6 +9,12 @@
 //!   the run row and checks the epoch.
 //! - All times are PostgreSQL's `now()`, so workers with skewed clocks agree on what is due.
 
+pub(crate) mod alerts;
+pub(crate) mod schedules;
+pub(crate) mod tokens;
+pub(crate) mod views;
+pub(crate) mod webhooks;
+
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
