@@ -408,5 +408,9 @@ fn the_engines_sql_is_all_in_its_store() {
             }
         }
     }
-    assert!(found.is_empty(), "SQL outside crates/engine/src/core/store:\n{}", found.join("\n"));
+    assert!(
+        found.is_empty(),
+        "SQL outside crates/engine/src/core/store:\n{}",
+        found.join("\n")
+    );
 }

@@ -17,6 +17,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
+use crate::core::error::{ConfigError, Refused};
 use serde::{Deserialize, Serialize};
 
 /// The signal an approval gate waits for. Sent only by [`crate::Engine::decide`].
@@ -134,20 +135,20 @@ impl ApprovalGate {
 
     /// What is wrong with the gate, if anything: nobody to approve, or a quorum that the named
     /// approvers can never meet.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), ConfigError> {
         if self.approvers.is_empty() {
-            return Err("an approval gate must name at least one approver".into());
+            return Err(ConfigError::from("an approval gate must name at least one approver"));
         }
         if self.required == 0 {
-            return Err("an approval gate must require at least one approval".into());
+            return Err(ConfigError::from("an approval gate must require at least one approval"));
         }
         let groups = self.approvers.iter().any(|a| matches!(a, Approver::Group(_)));
         if !groups && self.required > self.approvers.len() {
-            return Err(format!(
+            return Err(ConfigError::from(format!(
                 "an approval gate requires {} approvals but names only {} approver(s)",
                 self.required,
                 self.approvers.len()
-            ));
+            )));
         }
         Ok(())
     }
@@ -236,16 +237,16 @@ pub fn may_decide(
     approved: &[String],
     decider: &Decider,
     approve: bool,
-) -> Result<(), String> {
+) -> Result<(), Refused> {
     let me = &decider.identity;
     if !is_approver(request, decider) {
-        return Err(format!("{me} is not one of the approvers"));
+        return Err(Refused::from(format!("{me} is not one of the approvers")));
     }
     if is_author(request, decider) {
-        return Err(format!("{me} made the change and may not approve it"));
+        return Err(Refused::from(format!("{me} made the change and may not approve it")));
     }
     if approve && approved.iter().any(|a| a == me) {
-        return Err(format!("{me} has approved already"));
+        return Err(Refused::from(format!("{me} has approved already")));
     }
     Ok(())
 }
@@ -299,7 +300,7 @@ impl PendingApproval {
     }
 
     /// Whether `caller` may decide now ([`may_decide`]), and as whom.
-    pub fn may_decide(&self, caller: &crate::identity::Caller, approve: bool) -> Result<(), String> {
+    pub fn may_decide(&self, caller: &crate::identity::Caller, approve: bool) -> Result<(), Refused> {
         let decider = Decider {
             identity: caller.name.clone(),
             groups: caller.groups.clone(),

@@ -173,9 +173,9 @@ impl Engine {
             .registry
             .get(&req.workflow)
             .ok_or_else(|| EngineError::UnknownWorkflow(req.workflow.clone()))?;
-        def.validate(&req.input).map_err(|message| EngineError::InvalidInput {
+        def.validate(&req.input).map_err(|e| EngineError::InvalidInput {
             workflow: req.workflow.clone(),
-            message,
+            message: e.0,
         })?;
         if let Some(key) = &req.idempotency_key
             && (key.is_empty() || key.len() > 512)
@@ -263,7 +263,7 @@ impl Engine {
                 run.status
             )));
         };
-        pending.may_decide(caller, approve).map_err(EngineError::Forbidden)?;
+        pending.may_decide(caller, approve)?;
         let payload = serde_json::to_value(crate::approval::DecisionSignal {
             approve,
             comment,

@@ -22,6 +22,7 @@ use std::collections::BTreeMap;
 use globset::{Glob, GlobMatcher};
 use serde_json::Value;
 
+use crate::core::error::{ConfigError, Refused};
 use crate::core::workflow::Guard;
 use crate::identity::{Caller, Role};
 
@@ -79,13 +80,14 @@ impl Rule {
         pattern: &str,
         start: Option<Vec<Starter>>,
         inputs: BTreeMap<String, Vec<String>>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, ConfigError> {
         let matcher = Glob::new(pattern)
-            .map_err(|e| format!("policy.workflows.{pattern:?}: {e}"))?
+            .map_err(|e| ConfigError(format!("policy.workflows.{pattern:?}: {e}")))?
             .compile_matcher();
         for (field, values) in &inputs {
             for v in values {
-                Glob::new(v).map_err(|e| format!("policy.workflows.{pattern:?}.inputs.{field}: {v:?}: {e}"))?;
+                Glob::new(v)
+                    .map_err(|e| ConfigError(format!("policy.workflows.{pattern:?}.inputs.{field}: {v:?}: {e}")))?;
             }
         }
         Ok(Self {
@@ -110,24 +112,24 @@ impl Policy {
 
     /// Whether `caller` may start `workflow` at all (before its input is looked at); `Err`
     /// says why not.
-    pub fn may_start(&self, caller: &Caller, workflow: &str) -> Result<(), String> {
+    pub fn may_start(&self, caller: &Caller, workflow: &str) -> Result<(), Refused> {
         let named: Vec<(&Rule, &Vec<Starter>)> = self
             .matching(workflow)
             .filter_map(|r| r.start.as_ref().map(|s| (r, s)))
             .collect();
         if named.is_empty() {
             if DEFAULT_UNSTARTABLE.contains(&workflow) {
-                return Err(format!(
+                return Err(Refused::from(format!(
                     "{workflow} is started by its trigger only; the config's policy.workflows can name who else may"
-                ));
+                )));
             }
             return if caller.role >= Role::Operator {
                 Ok(())
             } else {
-                Err(format!(
+                Err(Refused::from(format!(
                     "starting a run needs the operator role; {} has {}",
                     caller.name, caller.role
-                ))
+                )))
             };
         }
         let admitted = named.iter().flat_map(|(_, s)| s.iter()).any(|s| match s {
@@ -138,17 +140,17 @@ impl Policy {
             return Ok(());
         }
         let (rule, starters) = named[0];
-        Err(format!(
+        Err(Refused::from(format!(
             "{} may not start {workflow}: policy.workflows.{:?}.start allows {}",
             caller.name,
             rule.pattern,
             starters.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
-        ))
+        )))
     }
 
     /// Whether every guarded field of `input` holds a value the config allows for `workflow`;
     /// `Err` names the first field that does not, with its value.
-    pub fn check_input(&self, workflow: &str, guards: &[Guard], input: &Value) -> Result<(), String> {
+    pub fn check_input(&self, workflow: &str, guards: &[Guard], input: &Value) -> Result<(), Refused> {
         for guard in guards {
             let allowed: Vec<&String> = self
                 .matching(workflow)
@@ -170,7 +172,7 @@ impl Policy {
                 });
                 if !ok {
                     let shown: String = text.chars().take(120).collect();
-                    return Err(if allowed.is_empty() {
+                    return Err(Refused(if allowed.is_empty() {
                         format!(
                             "input field {at} ({shown:?}) is a privileged target and the config allows none for {workflow} \
                              (policy.workflows.<glob>.inputs.{})",
@@ -183,7 +185,7 @@ impl Policy {
                             guard.path,
                             allowed.iter().map(|a| a.as_str()).collect::<Vec<_>>().join(", ")
                         )
-                    });
+                    }));
                 }
             }
         }

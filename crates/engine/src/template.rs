@@ -16,8 +16,10 @@
 
 use serde_json::Value;
 
+use crate::core::error::TemplateError;
+
 /// Renders `template` against `context`.
-pub fn render(template: &Value, context: &Value) -> Result<Value, String> {
+pub fn render(template: &Value, context: &Value) -> Result<Value, TemplateError> {
     render_at(template, context, "input")
 }
 
@@ -48,7 +50,7 @@ fn collect(v: &Value, at: &str, out: &mut Vec<(String, String)>) {
     }
 }
 
-fn render_at(template: &Value, context: &Value, at: &str) -> Result<Value, String> {
+fn render_at(template: &Value, context: &Value, at: &str) -> Result<Value, TemplateError> {
     match template {
         Value::String(s) => render_str(s, context, at),
         Value::Array(items) => items
@@ -60,13 +62,13 @@ fn render_at(template: &Value, context: &Value, at: &str) -> Result<Value, Strin
         Value::Object(map) => map
             .iter()
             .map(|(k, v)| Ok((k.clone(), render_at(v, context, &format!("{at}.{k}"))?)))
-            .collect::<Result<serde_json::Map<_, _>, String>>()
+            .collect::<Result<serde_json::Map<_, _>, TemplateError>>()
             .map(Value::Object),
         other => Ok(other.clone()),
     }
 }
 
-fn render_str(s: &str, context: &Value, at: &str) -> Result<Value, String> {
+fn render_str(s: &str, context: &Value, at: &str) -> Result<Value, TemplateError> {
     let trimmed = s.trim();
     if let Some(path) = whole_placeholder(trimmed) {
         return lookup(context, path, at).cloned();
@@ -77,7 +79,7 @@ fn render_str(s: &str, context: &Value, at: &str) -> Result<Value, String> {
         out.push_str(&rest[..start]);
         let after = &rest[start + 2..];
         let Some(end) = after.find("}}") else {
-            return Err(format!("{at}: '{{{{' without a closing '}}}}' in \"{s}\""));
+            return Err(format!("{at}: '{{{{' without a closing '}}}}' in \"{s}\"").into());
         };
         let path = after[..end].trim();
         match lookup(context, path, at)? {
@@ -96,9 +98,9 @@ fn whole_placeholder(s: &str) -> Option<&str> {
     (!inner.contains("{{") && !inner.contains("}}")).then(|| inner.trim())
 }
 
-fn lookup<'a>(context: &'a Value, path: &str, at: &str) -> Result<&'a Value, String> {
+fn lookup<'a>(context: &'a Value, path: &str, at: &str) -> Result<&'a Value, TemplateError> {
     if path.is_empty() {
-        return Err(format!("{at}: empty placeholder '{{{{ }}}}'"));
+        return Err(format!("{at}: empty placeholder '{{{{ }}}}'").into());
     }
     let mut current = context;
     for part in path.split('.') {
@@ -112,7 +114,9 @@ fn lookup<'a>(context: &'a Value, path: &str, at: &str) -> Result<&'a Value, Str
                 Value::Object(map) => map.keys().cloned().collect::<Vec<_>>().join(", "),
                 _ => String::new(),
             };
-            format!("{at}: '{{{{ {path} }}}}' refers to a field that is not there (the trigger provides: {known})")
+            TemplateError(format!(
+                "{at}: '{{{{ {path} }}}}' refers to a field that is not there (the trigger provides: {known})"
+            ))
         })?;
     }
     Ok(current)

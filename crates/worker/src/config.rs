@@ -1074,7 +1074,7 @@ impl Config {
                         .collect::<Result<Vec<_>, String>>()
                 })
                 .transpose()?;
-            rules.push(dayshift_engine::policy::Rule::new(pattern, start, rule.inputs.clone())?);
+            rules.push(dayshift_engine::policy::Rule::new(pattern, start, rule.inputs.clone()).map_err(|e| e.0)?);
         }
         Ok(dayshift_engine::policy::Policy { rules })
     }

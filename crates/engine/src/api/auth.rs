@@ -20,7 +20,7 @@ use serde_json::Value;
 use sha2::Digest as _;
 use sqlx::PgPool;
 
-use crate::core::error::StoreError;
+use crate::core::error::{ConfigError, StoreError};
 use crate::core::store::PgStore;
 pub use crate::identity::{Caller, Role, bearer, same};
 
@@ -254,7 +254,7 @@ impl std::fmt::Debug for Oidc {
 }
 
 impl Oidc {
-    pub fn new(config: OidcConfig) -> Result<Self, String> {
+    pub fn new(config: OidcConfig) -> Result<Self, ConfigError> {
         let http = reqwest::Client::builder()
             .timeout(FETCH_TIMEOUT)
             .build()

@@ -46,7 +46,7 @@ pub(crate) async fn start_run(
     for (field, key) in keys {
         if let Some(key) = key {
             crate::core::model::check_api_key(field, key)
-                .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_key", e))?;
+                .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_key", e.0))?;
         }
     }
     let workflow = req.workflow.clone();
@@ -409,10 +409,8 @@ pub(crate) fn check_api_start(api: &Api, caller: &Caller, req: &StartRun) -> Res
     if registry.get(&req.workflow).is_none() {
         return Err(EngineError::UnknownWorkflow(req.workflow.clone()));
     }
-    policy
-        .may_start(caller, &req.workflow)
-        .map_err(EngineError::Forbidden)?;
+    policy.may_start(caller, &req.workflow).map_err(EngineError::from)?;
     policy
         .check_input(&req.workflow, registry.guards_of(&req.workflow), &req.input)
-        .map_err(EngineError::Forbidden)
+        .map_err(EngineError::from)
 }

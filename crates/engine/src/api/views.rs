@@ -44,7 +44,7 @@ fn approval(run: &RunView, caller: &Caller) -> Option<Value> {
     let why_not = if caller.role < Role::Operator {
         Some(format!("the {} role cannot approve or reject", caller.role))
     } else {
-        pending.may_decide(caller, true).err()
+        pending.may_decide(caller, true).err().map(|r| r.0)
     };
     let (about, about_kind) = match plan {
         Some(plan) => (plan, "plan"),

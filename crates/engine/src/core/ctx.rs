@@ -397,7 +397,7 @@ impl Ctx {
                         identity: sent_by,
                         groups: d.groups,
                     };
-                    let ignored = may_decide(request, seen, &decider, d.approve).err();
+                    let ignored = may_decide(request, seen, &decider, d.approve).err().map(|r| r.0);
                     Ok::<_, StepError>(Counted {
                         by: decider.identity,
                         approve: d.approve,

@@ -134,3 +134,61 @@ impl From<sqlx::Error> for EngineError {
 
 /// The store's result type.
 pub(crate) type StoreResult<T> = std::result::Result<T, StoreError>;
+
+/// Declares an error that is one sentence for whoever reads it (a caller, a config's author):
+/// a type of its own, so that a signature says what went wrong, with the sentence as its text.
+macro_rules! message_error {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize)]
+        #[error("{0}")]
+        #[serde(transparent)]
+        pub struct $name(pub String);
+
+        impl From<String> for $name {
+            fn from(s: String) -> Self {
+                Self(s)
+            }
+        }
+
+        impl From<&str> for $name {
+            fn from(s: &str) -> Self {
+                Self(s.to_string())
+            }
+        }
+
+        impl std::ops::Deref for $name {
+            type Target = str;
+            fn deref(&self) -> &str {
+                &self.0
+            }
+        }
+    };
+}
+
+message_error!(
+    /// Why a caller may not do what it asks (who may start a workflow, a guarded input's value,
+    /// whether a decision at an approval gate counts): shown to the caller and audited.
+    Refused
+);
+
+message_error!(
+    /// What is wrong with a workflow's input: the field and why.
+    InvalidInput
+);
+
+message_error!(
+    /// What is wrong with a template or what it was filled with: the input key and the path.
+    TemplateError
+);
+
+message_error!(
+    /// What is wrong with a piece of configuration (an approval gate, an OIDC provider).
+    ConfigError
+);
+
+impl From<Refused> for EngineError {
+    fn from(r: Refused) -> Self {
+        Self::Forbidden(r.0)
+    }
+}

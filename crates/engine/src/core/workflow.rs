@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::core::ctx::Ctx;
-use crate::core::error::WorkflowError;
+use crate::core::error::{InvalidInput, WorkflowError};
 
 /// One guarded input field ([`crate::policy`] checks it against the config): a dotted path into the input, `[]` for every element of an array
 /// (`secrets[].namespace`). `exact` fields (SQL) match their allow-list verbatim, others as
@@ -140,8 +140,8 @@ impl WorkflowDef {
         &self.name
     }
 
-    pub(crate) fn validate(&self, input: &Value) -> Result<(), String> {
-        (self.validate)(input)
+    pub(crate) fn validate(&self, input: &Value) -> Result<(), InvalidInput> {
+        (self.validate)(input).map_err(InvalidInput)
     }
 }
 
@@ -181,7 +181,7 @@ impl Registry {
 
     /// Checks `input` against the input type of workflow `name`; `None` if there is no such
     /// workflow.
-    pub fn validate_input(&self, name: &str, input: &serde_json::Value) -> Option<Result<(), String>> {
+    pub fn validate_input(&self, name: &str, input: &serde_json::Value) -> Option<Result<(), InvalidInput>> {
         self.defs.get(name).map(|d| d.validate(input))
     }
 

@@ -394,7 +394,7 @@ async fn fire(engine: &Engine, route: &AlertRoute, alert: &Alert, n: &Notificati
     });
     let input = match template::render(&route.input, &context) {
         Ok(i) => i,
-        Err(e) => return Ok(Fired::Failed(e)),
+        Err(e) => return Ok(Fired::Failed(e.0)),
     };
     let mut req = StartRun::new(route.workflow.clone(), input);
     req.idempotency_key = Some(format!(

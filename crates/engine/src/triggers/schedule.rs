@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use crate::core::error::EngineError;
+use crate::core::error::{EngineError, TemplateError};
 use crate::core::model::{ConcurrencyPolicy, RunId, StartRun};
 use crate::engine::Engine;
 use crate::template;
@@ -211,7 +211,7 @@ pub struct TickView {
 
 impl Schedule {
     /// The input a tick starts the workflow with.
-    pub fn input_for(&self, tick: DateTime<Utc>) -> Result<Value, String> {
+    pub fn input_for(&self, tick: DateTime<Utc>) -> Result<Value, TemplateError> {
         let context = json!({
             "tick": tick.with_timezone(&self.timezone.0).to_rfc3339(),
             "tick_utc": tick.to_rfc3339(),
@@ -408,7 +408,7 @@ impl Scheduler {
                 store
                     .record_tick(&schedule.name, tick, "failed", None, Some(&e))
                     .await?;
-                return Err(EngineError::BadRequest(e));
+                return Err(EngineError::BadRequest(e.0));
             }
         };
         let span = tracing::info_span!("schedule", otel.name = %format!("schedule {}", schedule.name), schedule = %schedule.name, %tick);

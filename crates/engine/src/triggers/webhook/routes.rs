@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use crate::core::error::TemplateError;
 use crate::core::model::{Concurrency, StartRun};
 use crate::template;
 use crate::triggers::webhook::event::{EventKind, Forge, GitEvent};
@@ -130,7 +131,7 @@ impl WebhookRoute {
     }
 
     /// The run this route starts for the event.
-    pub fn start_request(&self, e: &GitEvent, payload: &Value) -> Result<StartRun, String> {
+    pub fn start_request(&self, e: &GitEvent, payload: &Value) -> Result<StartRun, TemplateError> {
         let input = template::render(&self.input, &e.context(payload))?;
         let mut req = StartRun::new(self.workflow.clone(), input);
         let digest = hex::encode(Sha256::digest(e.identity().as_bytes()));
