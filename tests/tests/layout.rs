@@ -367,24 +367,32 @@ fn the_check_finds_a_circle_when_there_is_one() {
     assert!(found[0].contains("triggers::schedule -> engine"), "{}", found[0]);
 }
 
+/// Every line of the engine's sources outside `skip` that `matches`, as `file:line: text`.
+fn engine_lines(skip: impl Fn(&Path) -> bool, matches: impl Fn(&str) -> bool) -> Vec<String> {
+    let mut files = Vec::new();
+    rust_files(&crate_src("engine"), &mut files);
+    let mut found = Vec::new();
+    for file in files.iter().filter(|f| !skip(f)) {
+        let text = std::fs::read_to_string(file).unwrap();
+        for (i, line) in text.lines().enumerate().filter(|(_, l)| matches(l)) {
+            found.push(format!("{}:{}: {}", file.display(), i + 1, line.trim()));
+        }
+    }
+    found
+}
+
 /// Routes are added only through `api::access::Routes`, which takes who may call each one: no
 /// other file of the API adds a route of its own (`Router::route`, `.route_service`, `.nest`).
 #[test]
 fn every_route_is_added_with_its_access() {
-    let mut files = Vec::new();
-    rust_files(&crate_src("engine"), &mut files);
-    let mut found = Vec::new();
-    for file in files.iter().filter(|f| !f.ends_with("api/access.rs")) {
-        let text = std::fs::read_to_string(file).unwrap();
-        for (i, line) in text.lines().enumerate() {
-            if [".route(", ".route_service(", ".nest(", ".nest_service("]
+    let found = engine_lines(
+        |f| f.ends_with("api/access.rs"),
+        |line| {
+            [".route(", ".route_service(", ".nest(", ".nest_service("]
                 .iter()
                 .any(|call| line.contains(call))
-            {
-                found.push(format!("{}:{}: {}", file.display(), i + 1, line.trim()));
-            }
-        }
-    }
+        },
+    );
     assert!(
         found.is_empty(),
         "routes added outside api::access::Routes:\n{}",
@@ -396,18 +404,8 @@ fn every_route_is_added_with_its_access() {
 /// handler or a trigger.
 #[test]
 fn the_engines_sql_is_all_in_its_store() {
-    let mut files = Vec::new();
-    rust_files(&crate_src("engine"), &mut files);
     let store = crate_src("engine").join("core/store");
-    let mut found = Vec::new();
-    for file in files.iter().filter(|f| !f.starts_with(&store)) {
-        let text = std::fs::read_to_string(file).unwrap();
-        for (i, line) in text.lines().enumerate() {
-            if line.contains("sqlx::query") {
-                found.push(format!("{}:{}: {}", file.display(), i + 1, line.trim()));
-            }
-        }
-    }
+    let found = engine_lines(|f| f.starts_with(&store), |line| line.contains("sqlx::query"));
     assert!(
         found.is_empty(),
         "SQL outside crates/engine/src/core/store:\n{}",
