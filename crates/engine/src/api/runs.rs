@@ -14,8 +14,8 @@ use crate::api::access::Who;
 use crate::api::audit::audit;
 use crate::api::error::{ApiError, Body, parse_id};
 use crate::api::state::Api;
-use crate::core::error::EngineError;
-use crate::core::model::{RunFilter, RunId, RunStatus, StartRun};
+use crate::core::error::{EngineError, InvalidInput};
+use crate::core::model::{RunFilter, RunId, RunStatus, StartRun, TRIGGER_KEY_PREFIXES};
 use crate::engine::Engine;
 use crate::identity::Caller;
 
@@ -45,7 +45,7 @@ pub(crate) async fn start_run(
     ];
     for (field, key) in keys {
         if let Some(key) = key {
-            crate::core::model::check_api_key(field, key)
+            check_api_key(field, key)
                 .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_key", e.0))?;
         }
     }
@@ -413,4 +413,21 @@ pub(crate) fn check_api_start(api: &Api, caller: &Caller, req: &StartRun) -> Res
     policy
         .check_input(&req.workflow, registry.guards_of(&req.workflow), &req.input)
         .map_err(EngineError::from)
+}
+
+/// Why a key given through the API is refused, if it is: too long, unprintable, or under a
+/// prefix a trigger owns. `field` names it in the message.
+fn check_api_key(field: &str, key: &str) -> Result<(), InvalidInput> {
+    if key.is_empty() || key.len() > 200 || key.chars().any(char::is_control) {
+        return Err(InvalidInput::from(format!(
+            "{field} must be 1 to 200 printable characters"
+        )));
+    }
+    if let Some(prefix) = TRIGGER_KEY_PREFIXES.iter().find(|p| key.starts_with(*p)) {
+        return Err(InvalidInput::from(format!(
+            "{field} may not start with '{prefix}': keys under {} belong to dayshift's triggers",
+            TRIGGER_KEY_PREFIXES.join(", ")
+        )));
+    }
+    Ok(())
 }

@@ -178,23 +178,6 @@ fn queue() -> ConcurrencyPolicy {
 /// concurrency keys.
 pub(crate) const TRIGGER_KEY_PREFIXES: &[&str] = &["schedule:", "hook:", "alert:", "retry:", "dayshift:"];
 
-/// Why a key given through the API is refused, if it is: too long, unprintable, or under a
-/// prefix a trigger owns. `field` names it in the message.
-pub(crate) fn check_api_key(field: &str, key: &str) -> Result<(), crate::core::error::InvalidInput> {
-    if key.is_empty() || key.len() > 200 || key.chars().any(char::is_control) {
-        return Err(crate::core::error::InvalidInput::from(format!(
-            "{field} must be 1 to 200 printable characters"
-        )));
-    }
-    if let Some(prefix) = TRIGGER_KEY_PREFIXES.iter().find(|p| key.starts_with(*p)) {
-        return Err(crate::core::error::InvalidInput::from(format!(
-            "{field} may not start with '{prefix}': keys under {} belong to dayshift's triggers",
-            TRIGGER_KEY_PREFIXES.join(", ")
-        )));
-    }
-    Ok(())
-}
-
 /// A request to start a run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
