@@ -65,9 +65,9 @@ pub(crate) struct Config {
     /// Named connections that workflow inputs refer to (`store: backups`, `database: app`).
     pub connections: ConnectionsConfig,
     /// How each application is promoted through its environments (`promote.chain`).
-    pub promotions: std::collections::BTreeMap<String, PromotionConfig>,
+    pub promotions: std::collections::BTreeMap<String, dayshift_workflows::PromotionConfig>,
     /// Alertmanager remediation playbooks (`remediate`), by name.
-    pub playbooks: std::collections::BTreeMap<String, PlaybookConfig>,
+    pub playbooks: std::collections::BTreeMap<String, dayshift_workflows::PlaybookConfig>,
     /// What API callers may make dayshift do: who starts which workflow, and the values the
     /// privileged input fields may take (docs/security.md).
     pub policy: PolicyConfig,
@@ -96,149 +96,6 @@ pub(crate) struct WorkflowPolicyConfig {
     /// SQL the exact query. A guarded field without a list here takes no value from the API.
     #[serde(default)]
     pub inputs: std::collections::BTreeMap<String, Vec<String>>,
-}
-
-/// A remediation playbook.
-#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub(crate) struct PlaybookConfig {
-    /// The Kubernetes connection. Default `default`.
-    #[serde(default = "default_connection")]
-    pub kubernetes: String,
-    /// Record what would be done and do nothing.
-    #[serde(default)]
-    pub dry_run: bool,
-    /// Namespaces the actions may touch (globs: `prod-*`; `"*"` means all and must be written
-    /// out). Required when an action acts in a namespace.
-    #[serde(default)]
-    pub namespaces: Vec<String>,
-    /// Never scale above this many replicas.
-    #[serde(default)]
-    pub max_replicas: Option<i32>,
-    /// In order: `{ action: kube.rollout-restart | kube.scale | notify, with: {...} }`, the
-    /// `with` values may hold `{{ labels.* }}` and `{{ annotations.* }}`.
-    pub actions: Vec<ActionConfig>,
-    /// How long to wait for the alert to resolve. Default 10m.
-    #[serde(default = "ten_minutes", with = "humantime_serde")]
-    #[schemars(with = "String")]
-    pub wait_resolved: Duration,
-    /// A notice webhook told when the alert does not resolve.
-    #[serde(default)]
-    pub escalate: Option<String>,
-    /// Actions taken after that notice, when the alert does not resolve.
-    #[serde(default)]
-    pub escalate_actions: Vec<ActionConfig>,
-    /// Approvals required before the first action marked `destructive`.
-    #[serde(default)]
-    pub approval: Option<dayshift_workflows::ApprovalGate>,
-}
-
-/// One playbook action.
-#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct ActionConfig {
-    pub action: String,
-    #[serde(default)]
-    pub with: serde_json::Value,
-    /// Wait for the playbook's `approval` before taking it.
-    #[serde(default)]
-    pub destructive: bool,
-}
-
-/// One application's promotions.
-#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub(crate) struct PromotionConfig {
-    /// The git connection of the infra repository.
-    pub repository: String,
-    /// The Kubernetes connection where ArgoCD runs. Default `default`.
-    #[serde(default = "default_connection")]
-    pub kubernetes: String,
-    /// Default `argocd`.
-    #[serde(default = "argocd")]
-    pub argocd_namespace: String,
-    /// A notice webhook (connections.notify).
-    #[serde(default)]
-    pub notify: Option<String>,
-    /// In promotion order (dev, staging, prod).
-    pub environments: Vec<EnvironmentConfig>,
-}
-
-/// One environment of an application.
-#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub(crate) struct EnvironmentConfig {
-    pub name: String,
-    /// Default `main` (a branch per environment: name it here).
-    #[serde(default = "main_branch")]
-    pub branch: String,
-    /// The values file (a file or directory per environment: name it here).
-    pub file: String,
-    /// A Helm values key path (`api-gateway.image.tag`)...
-    #[serde(default)]
-    pub key: Option<String>,
-    /// ...or a kustomization image name.
-    #[serde(default)]
-    pub image: Option<String>,
-    /// The ArgoCD Application that syncs it.
-    #[serde(default)]
-    pub argocd_application: Option<String>,
-    /// How long it may take to become healthy. Default 10m.
-    #[serde(default = "ten_minutes", with = "humantime_serde")]
-    #[schemars(with = "String")]
-    pub timeout: Duration,
-    /// Wait this long after the previous environment became healthy.
-    #[serde(default, with = "humantime_serde::option")]
-    #[schemars(with = "Option<String>")]
-    pub soak: Option<Duration>,
-    /// When promotions may happen.
-    #[serde(default)]
-    pub window: Option<WindowConfig>,
-    /// Approvals required before pushing.
-    #[serde(default)]
-    pub approval: Option<dayshift_workflows::ApprovalGate>,
-}
-
-/// A promotion window.
-#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub(crate) struct WindowConfig {
-    /// `mon` … `sun`; every day if empty.
-    #[serde(default)]
-    pub days: Vec<String>,
-    /// `HH:MM`.
-    pub from: String,
-    /// `HH:MM`.
-    pub to: String,
-    /// IANA time zone. Default UTC.
-    #[serde(default = "utc")]
-    pub timezone: String,
-}
-
-/// An approval gate as the config gives it ([`dayshift_workflows::ApprovalGate`]), checked; an
-/// error names `key`.
-fn checked_gate(
-    gate: &dayshift_workflows::ApprovalGate,
-    key: &str,
-) -> Result<dayshift_workflows::ApprovalGate, String> {
-    gate.check().map_err(|e| format!("{key}: {e}"))?;
-    Ok(gate.clone())
-}
-
-fn default_connection() -> String {
-    "default".into()
-}
-fn argocd() -> String {
-    "argocd".into()
-}
-fn main_branch() -> String {
-    "main".into()
-}
-fn ten_minutes() -> Duration {
-    Duration::from_secs(600)
-}
-fn utc() -> String {
-    "UTC".into()
 }
 
 /// Named connections. Credentials come from the environment or files, never from this file.
@@ -922,13 +779,12 @@ impl Config {
     /// The promotions and playbooks, checked, for the workflows that run them.
     pub(crate) fn catalogs(&self) -> Result<dayshift_workflows::Catalogs, ConfigError> {
         let mut out = dayshift_workflows::Catalogs::default();
+        let invalid = |e: dayshift_workflows::InvalidConfig| ConfigError::Invalid(e.to_string());
         for (name, p) in &self.playbooks {
-            out.playbooks
-                .insert(name.clone(), playbook(name, p).map_err(ConfigError::Invalid)?);
+            out.playbooks.insert(name.clone(), p.check(name).map_err(invalid)?);
         }
         for (app, p) in &self.promotions {
-            out.promotions
-                .insert(app.clone(), promotion(app, p).map_err(ConfigError::Invalid)?);
+            out.promotions.insert(app.clone(), p.check(app).map_err(invalid)?);
         }
         Ok(out)
     }
@@ -1364,141 +1220,6 @@ impl Config {
     }
 }
 
-/// `playbooks.<name>` as `remediate` takes it, checked.
-fn playbook(name: &str, p: &PlaybookConfig) -> Result<dayshift_workflows::Playbook, String> {
-    const ACTIONS: [&str; 8] = [
-        "kube.rollout-restart",
-        "kube.scale",
-        "kube.delete-pod",
-        "kube.cordon-node",
-        "pvc.expand",
-        "workflow",
-        "http",
-        "notify",
-    ];
-    let specs = |list: &[ActionConfig], field: &str| {
-        list.iter()
-            .enumerate()
-            .map(|(n, a)| {
-                if ACTIONS.contains(&a.action.as_str()) {
-                    Ok(dayshift_workflows::ActionSpec {
-                        action: a.action.clone(),
-                        with: a.with.clone(),
-                        destructive: a.destructive,
-                    })
-                } else {
-                    Err(format!(
-                        "playbooks.{name}.{field}[{n}].action: {:?} is not one of {}",
-                        a.action,
-                        ACTIONS.join(", ")
-                    ))
-                }
-            })
-            .collect::<Result<Vec<_>, _>>()
-    };
-    let actions = specs(&p.actions, "actions")?;
-    let escalate_actions = specs(&p.escalate_actions, "escalate-actions")?;
-    let namespaces = p
-        .namespaces
-        .iter()
-        .map(|g| {
-            globset::Glob::new(g)
-                .map(|g| g.compile_matcher())
-                .map_err(|e| format!("playbooks.{name}.namespaces: {g:?}: {e}"))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    const NAMESPACED: [&str; 4] = ["kube.rollout-restart", "kube.scale", "kube.delete-pod", "pvc.expand"];
-    if namespaces.is_empty()
-        && actions
-            .iter()
-            .chain(&escalate_actions)
-            .any(|a| NAMESPACED.contains(&a.action.as_str()))
-    {
-        return Err(format!(
-            "playbooks.{name}.namespaces: list the namespaces its actions may act in (globs such as \
-             `prod-*`, or \"*\" for all): alert labels choose the namespace"
-        ));
-    }
-    Ok(dayshift_workflows::Playbook {
-        kubernetes: p.kubernetes.clone(),
-        dry_run: p.dry_run,
-        namespaces,
-        actions,
-        wait_resolved: p.wait_resolved,
-        escalate_notify: p.escalate.clone(),
-        max_replicas: p.max_replicas,
-        escalate_actions,
-        approval: p
-            .approval
-            .as_ref()
-            .map(|a| checked_gate(a, &format!("playbooks.{name}.approval")))
-            .transpose()?,
-    })
-}
-
-/// `promotions.<app>` as `promote.chain` takes it, checked.
-fn promotion(app: &str, p: &PromotionConfig) -> Result<dayshift_workflows::AppPromotion, String> {
-    if p.environments.is_empty() {
-        return Err(format!("promotions.{app}.environments: give at least one"));
-    }
-    let mut environments = Vec::new();
-    for (n, e) in p.environments.iter().enumerate() {
-        let key = format!("promotions.{app}.environments[{n}]");
-        if e.key.is_some() == e.image.is_some() {
-            return Err(format!("{key}: give exactly one of `key` and `image`"));
-        }
-        let window = match &e.window {
-            Some(w) => {
-                let time = |t: &str, k: &str| {
-                    chrono::NaiveTime::parse_from_str(t, "%H:%M")
-                        .map_err(|_| format!("{key}.window.{k}: {t:?} is not HH:MM"))
-                };
-                let days = w
-                    .days
-                    .iter()
-                    .map(|d| {
-                        d.parse::<chrono::Weekday>()
-                            .map_err(|_| format!("{key}.window.days: {d:?} is not a day (mon … sun)"))
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
-                Some(dayshift_workflows::Window {
-                    days,
-                    from: time(&w.from, "from")?,
-                    to: time(&w.to, "to")?,
-                    timezone: w
-                        .timezone
-                        .parse()
-                        .map_err(|_| format!("{key}.window.timezone: {:?} is not an IANA time zone", w.timezone))?,
-                })
-            }
-            None => None,
-        };
-        environments.push(dayshift_workflows::EnvPromotion {
-            name: e.name.clone(),
-            branch: e.branch.clone(),
-            file: e.file.clone(),
-            key: e.key.clone(),
-            image: e.image.clone(),
-            argocd_application: e.argocd_application.clone(),
-            timeout: e.timeout,
-            soak: e.soak,
-            window,
-            approval: e
-                .approval
-                .as_ref()
-                .map(|a| checked_gate(a, &format!("{key}.approval")))
-                .transpose()?,
-        });
-    }
-    Ok(dayshift_workflows::AppPromotion {
-        repository: p.repository.clone(),
-        kubernetes: p.kubernetes.clone(),
-        argocd_namespace: p.argocd_namespace.clone(),
-        notify: p.notify.clone(),
-        environments,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1513,11 +1234,11 @@ mod tests {
                     with: { kind: Deployment, namespace: x, name: y }\n"
             .to_string();
         let c = Config::load(Some(("c.yaml", &text)), &env(&[])).unwrap();
-        let err = playbook("p", &c.playbooks["p"]).unwrap_err();
+        let err = c.playbooks["p"].check("p").unwrap_err().to_string();
         assert!(err.contains("playbooks.p.namespaces") && err.contains("\"*\""), "{err}");
         let text = text.replace("    actions:", "    namespaces: [\"*\"]\n    actions:");
         let c = Config::load(Some(("c.yaml", &text)), &env(&[])).unwrap();
-        assert!(playbook("p", &c.playbooks["p"]).is_ok());
+        assert!(c.playbooks["p"].check("p").is_ok());
         let text = format!("{text}    approval: {{ approvers: [alice] }}\n");
         let err = Config::load(Some(("c.yaml", &text)), &env(&[]))
             .unwrap_err()
