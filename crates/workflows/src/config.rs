@@ -1,9 +1,9 @@
 //! What the config sections the workflows own have in common: the error that names the key
-//! that is wrong, and the checked approval gate. Each section's type lives with the workflow
-//! that reads it (`promotions:` in `gitops/chain.rs`, `playbooks:` in `remediate.rs`,
-//! `connections:` in `connections.rs`); the binary only composes them.
-
-use crate::gates::ApprovalGate;
+//! that is wrong, and where a secret comes from. Each section's type lives with what reads it
+//! (`promotions:` in `gitops/chain.rs`, `playbooks:` in `remediate.rs`, `connections:` in
+//! `connections.rs` and each adapter); the binary only composes them and reads the secrets.
+//!
+//! Imports nothing of the crate, so that every module may use it.
 
 /// A config value that is wrong: `key` is where (`promotions.api.environments[0].window.from`),
 /// `problem` what.
@@ -26,11 +26,20 @@ impl InvalidConfig {
     }
 }
 
-/// `gate` checked; an error names `key`.
-pub(crate) fn checked_gate(gate: &ApprovalGate, key: &str) -> Result<ApprovalGate, InvalidConfig> {
-    gate.check().map_err(|e| InvalidConfig::new(key, e))?;
-    Ok(gate.clone())
+/// Where a secret comes from: an environment variable or a file (e.g. a mounted Kubernetes
+/// secret). Exactly one.
+#[derive(Debug, Clone, serde::Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SecretSource {
+    /// The environment variable holding it.
+    pub env: Option<String>,
+    /// The file holding it (trailing newline ignored).
+    pub file: Option<std::path::PathBuf>,
 }
+
+/// Reads a [`SecretSource`] as text; the error names the key (`connections.s3.backups.access-key`).
+/// The binary provides it: reading the environment and files is its business, not a workflow's.
+pub type SecretReader<'a> = &'a dyn Fn(&SecretSource, &str) -> Result<String, InvalidConfig>;
 
 pub(crate) fn default_connection() -> String {
     "default".into()

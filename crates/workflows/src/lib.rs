@@ -23,8 +23,8 @@ pub use component::{
     ChildRun, ComponentInput, ComponentReport, FIELD_MANAGER, Phase, PlatformInput, PlatformReport, RollbackPoint,
     SmokeCheck, install_component, install_platform, upgrade_component,
 };
-pub use config::InvalidConfig;
-pub use connections::{Connections, NotConfigured};
+pub use config::{InvalidConfig, SecretReader, SecretSource};
+pub use connections::{Connections, ConnectionsConfig, NotConfigured};
 pub use gates::{ApprovalGate, ApprovalRequest, Approver, Counted};
 pub use gitops::chain::{
     AppPromotion, ChainPlan, EnvPromotion, EnvironmentConfig, PromoteChainInput, PromotionConfig, Promotions, Window,

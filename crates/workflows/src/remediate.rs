@@ -16,8 +16,9 @@ use serde_json::{Map, Value, json};
 
 use crate::adapters::kube::{Kube, Workload, WorkloadKind};
 use crate::adapters::step_err;
-use crate::config::{InvalidConfig, checked_gate, default_connection, ten_minutes};
+use crate::config::{InvalidConfig, default_connection, ten_minutes};
 use crate::connections::{Connections, lookup};
+use crate::gates::checked_gate;
 
 /// A playbook, as the config gives it.
 #[derive(Debug, Clone, Default)]

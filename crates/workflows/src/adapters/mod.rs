@@ -5,7 +5,7 @@ pub mod git;
 pub mod http;
 pub mod kube;
 pub mod notify;
-pub(crate) mod postgres;
+pub mod postgres;
 pub mod s3;
 pub mod vault;
 

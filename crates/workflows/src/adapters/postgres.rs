@@ -16,6 +16,8 @@ use tokio::process::{Child, Command};
 
 use crate::secrets::scram_verifier;
 
+use crate::config::{InvalidConfig, SecretReader, SecretSource};
+
 /// A PostgreSQL server reached through one connection URL (with its credentials). `Debug` never
 /// shows the URL.
 #[derive(Clone)]
@@ -323,6 +325,27 @@ fn redact(e: sqlx::Error) -> String {
 
 fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+// `connections.postgres.<name>` as the config file gives it.
+/// A PostgreSQL database.
+#[derive(Debug, Clone, serde::Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct PostgresConnectionConfig {
+    /// Where the connection URL (`postgres://user:password@host/db`) is.
+    pub url: SecretSource,
+}
+
+impl PostgresConnectionConfig {
+    /// The connection URL, read and checked; `key` is where it is in the config.
+    pub fn resolve(&self, key: &str, read: SecretReader<'_>) -> Result<String, InvalidConfig> {
+        let key = format!("{key}.url");
+        let url = read(&self.url, &key)?;
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(InvalidConfig::new(key, "must start with postgres:// or postgresql://"));
+        }
+        Ok(url)
+    }
 }
 
 #[cfg(test)]

@@ -16,9 +16,10 @@ use serde_json::{Value, json};
 
 use super::promote::{ArgoApp, PromoteInput, check_tag};
 use super::values;
-use crate::config::{InvalidConfig, checked_gate, default_connection, ten_minutes};
+use crate::config::{InvalidConfig, default_connection, ten_minutes};
 use crate::connections::{Connections, lookup};
 use crate::gates::ApprovalGate;
+use crate::gates::checked_gate;
 
 /// How one application is promoted (the config's `promotions.<application>`).
 #[derive(Debug, Clone, Default)]
