@@ -566,6 +566,17 @@ pub(crate) enum ConfigError {
     Invalid(String),
 }
 
+/// Why the `policy:` section does not make a policy.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum PolicyError {
+    /// A `start` entry names no role or group.
+    #[error("policy.workflows.{pattern:?}.start: {problem}")]
+    Starter { pattern: String, problem: String },
+    /// The engine refuses the rule (its message names the key).
+    #[error("{0}")]
+    Rule(String),
+}
+
 /// The checks every kind of route needs: a unique name, a registered workflow, and input
 /// placeholders that name fields its trigger provides.
 fn check_route_basics(
@@ -676,7 +687,7 @@ impl Config {
     }
 
     /// The API's policy, as the engine applies it.
-    pub(crate) fn policy(&self) -> Result<dayshift_engine::policy::Policy, String> {
+    pub(crate) fn policy(&self) -> Result<dayshift_engine::policy::Policy, PolicyError> {
         let mut rules = Vec::new();
         for (pattern, rule) in &self.policy.workflows {
             let start = rule
@@ -685,13 +696,17 @@ impl Config {
                 .map(|s| {
                     s.iter()
                         .map(|x| {
-                            x.parse()
-                                .map_err(|e| format!("policy.workflows.{pattern:?}.start: {e}"))
+                            x.parse().map_err(|problem| PolicyError::Starter {
+                                pattern: pattern.clone(),
+                                problem,
+                            })
                         })
-                        .collect::<Result<Vec<_>, String>>()
+                        .collect::<Result<Vec<_>, _>>()
                 })
                 .transpose()?;
-            rules.push(dayshift_engine::policy::Rule::new(pattern, start, rule.inputs.clone())?);
+            rules.push(
+                dayshift_engine::policy::Rule::new(pattern, start, rule.inputs.clone()).map_err(PolicyError::Rule)?,
+            );
         }
         Ok(dayshift_engine::policy::Policy { rules })
     }
