@@ -63,11 +63,11 @@ pub(crate) struct Config {
     /// Alertmanager notifications (`POST /hooks/alertmanager`) and the remediations they start.
     pub alertmanager: AlertmanagerConfig,
     /// Named connections that workflow inputs refer to (`store: backups`, `database: app`).
-    pub connections: ConnectionsConfig,
+    pub connections: dayshift_workflows::ConnectionsConfig,
     /// How each application is promoted through its environments (`promote.chain`).
-    pub promotions: std::collections::BTreeMap<String, PromotionConfig>,
+    pub promotions: std::collections::BTreeMap<String, dayshift_workflows::PromotionConfig>,
     /// Alertmanager remediation playbooks (`remediate`), by name.
-    pub playbooks: std::collections::BTreeMap<String, PlaybookConfig>,
+    pub playbooks: std::collections::BTreeMap<String, dayshift_workflows::PlaybookConfig>,
     /// What API callers may make dayshift do: who starts which workflow, and the values the
     /// privileged input fields may take (docs/security.md).
     pub policy: PolicyConfig,
@@ -96,285 +96,6 @@ pub(crate) struct WorkflowPolicyConfig {
     /// SQL the exact query. A guarded field without a list here takes no value from the API.
     #[serde(default)]
     pub inputs: std::collections::BTreeMap<String, Vec<String>>,
-}
-
-/// A remediation playbook.
-#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub(crate) struct PlaybookConfig {
-    /// The Kubernetes connection. Default `default`.
-    #[serde(default = "default_connection")]
-    pub kubernetes: String,
-    /// Record what would be done and do nothing.
-    #[serde(default)]
-    pub dry_run: bool,
-    /// Namespaces the actions may touch (globs: `prod-*`; `"*"` means all and must be written
-    /// out). Required when an action acts in a namespace.
-    #[serde(default)]
-    pub namespaces: Vec<String>,
-    /// Never scale above this many replicas.
-    #[serde(default)]
-    pub max_replicas: Option<i32>,
-    /// In order: `{ action: kube.rollout-restart | kube.scale | notify, with: {...} }`, the
-    /// `with` values may hold `{{ labels.* }}` and `{{ annotations.* }}`.
-    pub actions: Vec<ActionConfig>,
-    /// How long to wait for the alert to resolve. Default 10m.
-    #[serde(default = "ten_minutes", with = "humantime_serde")]
-    #[schemars(with = "String")]
-    pub wait_resolved: Duration,
-    /// A notice webhook told when the alert does not resolve.
-    #[serde(default)]
-    pub escalate: Option<String>,
-    /// Actions taken after that notice, when the alert does not resolve.
-    #[serde(default)]
-    pub escalate_actions: Vec<ActionConfig>,
-    /// Approvals required before the first action marked `destructive`.
-    #[serde(default)]
-    pub approval: Option<dayshift_workflows::ApprovalGate>,
-}
-
-/// One playbook action.
-#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct ActionConfig {
-    pub action: String,
-    #[serde(default)]
-    pub with: serde_json::Value,
-    /// Wait for the playbook's `approval` before taking it.
-    #[serde(default)]
-    pub destructive: bool,
-}
-
-/// One application's promotions.
-#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub(crate) struct PromotionConfig {
-    /// The git connection of the infra repository.
-    pub repository: String,
-    /// The Kubernetes connection where ArgoCD runs. Default `default`.
-    #[serde(default = "default_connection")]
-    pub kubernetes: String,
-    /// Default `argocd`.
-    #[serde(default = "argocd")]
-    pub argocd_namespace: String,
-    /// A notice webhook (connections.notify).
-    #[serde(default)]
-    pub notify: Option<String>,
-    /// In promotion order (dev, staging, prod).
-    pub environments: Vec<EnvironmentConfig>,
-}
-
-/// One environment of an application.
-#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub(crate) struct EnvironmentConfig {
-    pub name: String,
-    /// Default `main` (a branch per environment: name it here).
-    #[serde(default = "main_branch")]
-    pub branch: String,
-    /// The values file (a file or directory per environment: name it here).
-    pub file: String,
-    /// A Helm values key path (`api-gateway.image.tag`)...
-    #[serde(default)]
-    pub key: Option<String>,
-    /// ...or a kustomization image name.
-    #[serde(default)]
-    pub image: Option<String>,
-    /// The ArgoCD Application that syncs it.
-    #[serde(default)]
-    pub argocd_application: Option<String>,
-    /// How long it may take to become healthy. Default 10m.
-    #[serde(default = "ten_minutes", with = "humantime_serde")]
-    #[schemars(with = "String")]
-    pub timeout: Duration,
-    /// Wait this long after the previous environment became healthy.
-    #[serde(default, with = "humantime_serde::option")]
-    #[schemars(with = "Option<String>")]
-    pub soak: Option<Duration>,
-    /// When promotions may happen.
-    #[serde(default)]
-    pub window: Option<WindowConfig>,
-    /// Approvals required before pushing.
-    #[serde(default)]
-    pub approval: Option<dayshift_workflows::ApprovalGate>,
-}
-
-/// A promotion window.
-#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub(crate) struct WindowConfig {
-    /// `mon` … `sun`; every day if empty.
-    #[serde(default)]
-    pub days: Vec<String>,
-    /// `HH:MM`.
-    pub from: String,
-    /// `HH:MM`.
-    pub to: String,
-    /// IANA time zone. Default UTC.
-    #[serde(default = "utc")]
-    pub timezone: String,
-}
-
-/// An approval gate as the config gives it ([`dayshift_workflows::ApprovalGate`]), checked; an
-/// error names `key`.
-fn checked_gate(
-    gate: &dayshift_workflows::ApprovalGate,
-    key: &str,
-) -> Result<dayshift_workflows::ApprovalGate, String> {
-    gate.check().map_err(|e| format!("{key}: {e}"))?;
-    Ok(gate.clone())
-}
-
-fn default_connection() -> String {
-    "default".into()
-}
-fn argocd() -> String {
-    "argocd".into()
-}
-fn main_branch() -> String {
-    "main".into()
-}
-fn ten_minutes() -> Duration {
-    Duration::from_secs(600)
-}
-fn utc() -> String {
-    "UTC".into()
-}
-
-/// Named connections. Credentials come from the environment or files, never from this file.
-#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
-pub(crate) struct ConnectionsConfig {
-    /// S3-compatible stores (SeaweedFS, MinIO, AWS), by name.
-    pub s3: std::collections::BTreeMap<String, S3ConnectionConfig>,
-    /// PostgreSQL databases, by name.
-    pub postgres: std::collections::BTreeMap<String, PostgresConnectionConfig>,
-    /// Chat webhooks for notices (Mattermost, Slack: anything taking `{"text": …}`), by name.
-    pub notify: std::collections::BTreeMap<String, NotifyConnectionConfig>,
-    /// Vault / OpenBao servers, by name.
-    pub vault: std::collections::BTreeMap<String, VaultConnectionConfig>,
-    /// Kubernetes clusters, by name.
-    pub kubernetes: std::collections::BTreeMap<String, KubernetesConnectionConfig>,
-    /// Git repositories (the infra repositories ArgoCD watches), by name.
-    pub git: std::collections::BTreeMap<String, GitConnectionConfig>,
-}
-
-/// A git repository dayshift commits to.
-#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub(crate) struct GitConnectionConfig {
-    /// `https://…`, `ssh://…` (keys from the usual ssh setup) or `git://…`.
-    pub url: String,
-    /// Where an https token is (sent as basic auth, user `x-access-token`).
-    #[serde(default)]
-    pub token: Option<SecretSource>,
-    /// Default `dayshift`.
-    #[serde(default = "dayshift_name")]
-    pub author_name: String,
-    /// Default `dayshift@localhost`; list it in webhooks.bot-emails too.
-    #[serde(default = "dayshift_email")]
-    pub author_email: String,
-}
-
-fn dayshift_name() -> String {
-    "dayshift".into()
-}
-
-fn dayshift_email() -> String {
-    "dayshift@localhost".into()
-}
-
-/// A Kubernetes cluster. With nothing set: the kubeconfig (`KUBECONFIG`, `~/.kube/config`),
-/// or inside a pod its service account.
-#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
-pub(crate) struct KubernetesConnectionConfig {
-    /// A kubeconfig context other than the current one.
-    pub context: Option<String>,
-    /// The API server URL, instead of a kubeconfig.
-    pub url: Option<String>,
-    /// Where the bearer token is, with `url`.
-    pub token: Option<SecretSource>,
-}
-
-/// A Vault or OpenBao server.
-#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub(crate) struct VaultConnectionConfig {
-    /// e.g. `https://vault.vault.svc:8200`.
-    pub address: String,
-    /// Where the token is; or use `kubernetes`.
-    #[serde(default)]
-    pub token: Option<SecretSource>,
-    /// Kubernetes auth with the pod's service account, instead of `token`.
-    #[serde(default)]
-    pub kubernetes: Option<VaultKubernetesAuthConfig>,
-    /// A namespace (Vault Enterprise, OpenBao namespaces).
-    #[serde(default)]
-    pub namespace: Option<String>,
-}
-
-/// Vault's Kubernetes auth method.
-#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub(crate) struct VaultKubernetesAuthConfig {
-    /// The Vault role to log in as.
-    pub role: String,
-    /// Where the auth method is mounted. Default `kubernetes`.
-    #[serde(default = "kubernetes_mount")]
-    pub mount: String,
-    /// The service account token. Default the one Kubernetes mounts into every pod.
-    #[serde(default = "service_account_token")]
-    pub jwt_file: std::path::PathBuf,
-}
-
-fn kubernetes_mount() -> String {
-    "kubernetes".into()
-}
-
-fn service_account_token() -> std::path::PathBuf {
-    "/var/run/secrets/kubernetes.io/serviceaccount/token".into()
-}
-
-/// A chat webhook.
-#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub(crate) struct NotifyConnectionConfig {
-    /// Where the incoming-webhook URL is (it is a credential: whoever has it can post).
-    pub url: SecretSource,
-}
-
-/// An S3 store.
-#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub(crate) struct S3ConnectionConfig {
-    /// e.g. `http://seaweedfs-s3.storage:8333`; absent for AWS itself.
-    pub endpoint: Option<String>,
-    /// Required by the SDK; any value for stores that ignore it. Default us-east-1.
-    #[serde(default = "us_east_1")]
-    pub region: String,
-    pub bucket: String,
-    /// Bucket in the path rather than the host name. Default true.
-    #[serde(default = "yes")]
-    pub path_style: bool,
-    pub access_key: SecretSource,
-    pub secret_key: SecretSource,
-}
-
-fn us_east_1() -> String {
-    "us-east-1".into()
-}
-
-fn yes() -> bool {
-    true
-}
-
-/// A PostgreSQL database.
-#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub(crate) struct PostgresConnectionConfig {
-    /// Where the connection URL (`postgres://user:password@host/db`) is.
-    pub url: SecretSource,
 }
 
 /// Alertmanager settings.
@@ -482,41 +203,56 @@ pub(crate) struct ForgeConfig {
     pub secret: SecretSource,
 }
 
-/// Where a secret comes from: an environment variable or a file (e.g. a mounted Kubernetes
-/// secret). Exactly one.
-#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct SecretSource {
-    /// The environment variable holding it.
-    pub env: Option<String>,
-    /// The file holding it (trailing newline ignored).
-    pub file: Option<std::path::PathBuf>,
+/// Where a secret comes from; the workflows' config types hold it, this module reads it.
+pub(crate) use dayshift_workflows::SecretSource;
+
+/// Why a secret could not be read (the caller says which key it was).
+#[derive(Debug, thiserror::Error)]
+enum SecretError {
+    #[error("environment variable {0} is not set")]
+    EnvNotSet(String),
+    #[error("{} is empty; an empty secret is a key anyone can use", .0.display())]
+    Empty(std::path::PathBuf),
+    #[error("cannot read {}: {source}", path.display())]
+    Unreadable {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("give exactly one of `env` and `file`")]
+    NotOne,
+    #[error("not UTF-8")]
+    NotUtf8,
 }
 
-impl SecretSource {
-    fn read(&self, key: &str) -> Result<Vec<u8>, String> {
-        match (&self.env, &self.file) {
-            (Some(var), None) => match std::env::var(var) {
-                Ok(v) if !v.is_empty() => Ok(v.into_bytes()),
-                _ => Err(format!("{key}: environment variable {var} is not set")),
-            },
-            (None, Some(path)) => match std::fs::read_to_string(path) {
-                Ok(s) if s.trim_end_matches(['\n', '\r']).is_empty() => Err(format!(
-                    "{key}: {} is empty; an empty secret is a key anyone can use",
-                    path.display()
-                )),
-                Ok(s) => Ok(s.trim_end_matches(['\n', '\r']).as_bytes().to_vec()),
-                Err(e) => Err(format!("{key}: cannot read {}: {e}", path.display())),
-            },
-            _ => Err(format!("{key}: give exactly one of `env` and `file`")),
-        }
+/// Reads `source` (a file's trailing newline dropped).
+fn read_secret(source: &SecretSource) -> Result<Vec<u8>, SecretError> {
+    match (&source.env, &source.file) {
+        (Some(var), None) => match std::env::var(var) {
+            Ok(v) if !v.is_empty() => Ok(v.into_bytes()),
+            _ => Err(SecretError::EnvNotSet(var.clone())),
+        },
+        (None, Some(path)) => match std::fs::read_to_string(path) {
+            Ok(s) if s.trim_end_matches(['\n', '\r']).is_empty() => Err(SecretError::Empty(path.clone())),
+            Ok(s) => Ok(s.trim_end_matches(['\n', '\r']).as_bytes().to_vec()),
+            Err(source) => Err(SecretError::Unreadable {
+                path: path.clone(),
+                source,
+            }),
+        },
+        _ => Err(SecretError::NotOne),
     }
+}
 
-    /// The secret as text (URLs, tokens).
-    fn read_text(&self, key: &str) -> Result<String, String> {
-        self.read(key)
-            .and_then(|b| String::from_utf8(b).map_err(|_| format!("{key}: not UTF-8")))
-    }
+/// Reads `source` for `key`, as the engine's intakes take it; an error names `key`.
+fn read_secret_at(source: &SecretSource, key: &str) -> Result<Vec<u8>, ConfigError> {
+    read_secret(source).map_err(|e| ConfigError::Invalid(format!("{key}: {e}")))
+}
+
+/// Reads `source` as text (URLs, tokens), as the workflows' config types take it.
+fn read_secret_text(source: &SecretSource, key: &str) -> Result<String, dayshift_workflows::InvalidConfig> {
+    read_secret(source)
+        .and_then(|b| String::from_utf8(b).map_err(|_| SecretError::NotUtf8))
+        .map_err(|e| dayshift_workflows::InvalidConfig::new(key, e))
 }
 
 /// A webhook route.
@@ -830,6 +566,17 @@ pub(crate) enum ConfigError {
     Invalid(String),
 }
 
+/// Why the `policy:` section does not make a policy.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum PolicyError {
+    /// A `start` entry names no role or group.
+    #[error("policy.workflows.{pattern:?}.start: {problem}")]
+    Starter { pattern: String, problem: String },
+    /// The engine refuses the rule (its message names the key).
+    #[error(transparent)]
+    Rule(#[from] dayshift_engine::core::error::ConfigError),
+}
+
 /// The checks every kind of route needs: a unique name, a registered workflow, and input
 /// placeholders that name fields its trigger provides.
 fn check_route_basics(
@@ -886,7 +633,7 @@ impl Config {
         ] {
             if let Some(conf) = conf {
                 let key = format!("webhooks.{}.secret", forge.as_str());
-                secrets.insert(forge, conf.secret.read(&key).map_err(ConfigError::Invalid)?);
+                secrets.insert(forge, read_secret_at(&conf.secret, &key)?);
             }
         }
         let routes = w
@@ -922,144 +669,25 @@ impl Config {
     /// The promotions and playbooks, checked, for the workflows that run them.
     pub(crate) fn catalogs(&self) -> Result<dayshift_workflows::Catalogs, ConfigError> {
         let mut out = dayshift_workflows::Catalogs::default();
+        let invalid = |e: dayshift_workflows::InvalidConfig| ConfigError::Invalid(e.to_string());
         for (name, p) in &self.playbooks {
-            out.playbooks
-                .insert(name.clone(), playbook(name, p).map_err(ConfigError::Invalid)?);
+            out.playbooks.insert(name.clone(), p.check(name).map_err(invalid)?);
         }
         for (app, p) in &self.promotions {
-            out.promotions
-                .insert(app.clone(), promotion(app, p).map_err(ConfigError::Invalid)?);
+            out.promotions.insert(app.clone(), p.check(app).map_err(invalid)?);
         }
         Ok(out)
     }
 
     /// The named connections with their credentials read, as the workflows use them.
     pub(crate) fn connections(&self) -> Result<dayshift_workflows::Connections, ConfigError> {
-        let c = &self.connections;
-        let mut out = dayshift_workflows::Connections::default();
-        for (name, s3) in &c.s3 {
-            let key = |k: &str| format!("connections.s3.{name}.{k}");
-            let read = |src: &SecretSource, k: &str| src.read_text(&key(k)).map_err(ConfigError::Invalid);
-            out.s3.insert(
-                name.clone(),
-                dayshift_workflows::adapters::s3::S3Config {
-                    endpoint: s3.endpoint.clone(),
-                    region: s3.region.clone(),
-                    bucket: s3.bucket.clone(),
-                    access_key: read(&s3.access_key, "access-key")?,
-                    secret_key: read(&s3.secret_key, "secret-key")?,
-                    path_style: s3.path_style,
-                },
-            );
-        }
-        for (name, pg) in &c.postgres {
-            let key = format!("connections.postgres.{name}.url");
-            let url = pg.url.read_text(&key).map_err(ConfigError::Invalid)?;
-            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-                return Err(ConfigError::Invalid(format!(
-                    "{key}: must start with postgres:// or postgresql://"
-                )));
-            }
-            out.postgres.insert(name.clone(), url);
-        }
-        for (name, notify) in &c.notify {
-            let key = format!("connections.notify.{name}.url");
-            let url = notify.url.read_text(&key).map_err(ConfigError::Invalid)?;
-            let url = url.trim().to_string();
-            if !(url.starts_with("http://") || url.starts_with("https://")) {
-                return Err(ConfigError::Invalid(format!(
-                    "{key}: must start with http:// or https://"
-                )));
-            }
-            out.notify.insert(name.clone(), url);
-        }
-        for (name, k) in &c.kubernetes {
-            let key = format!("connections.kubernetes.{name}");
-            let token = match &k.token {
-                Some(src) => Some(
-                    src.read_text(&format!("{key}.token"))
-                        .map_err(ConfigError::Invalid)?
-                        .trim()
-                        .to_string(),
-                ),
-                None => None,
-            };
-            if token.is_some() && k.url.is_none() {
-                return Err(ConfigError::Invalid(format!("{key}.token: give `url` with it")));
-            }
-            out.kubernetes.insert(
-                name.clone(),
-                dayshift_workflows::adapters::kube::KubeConfig {
-                    url: k.url.clone(),
-                    token,
-                    context: k.context.clone(),
-                },
-            );
-        }
-        for (name, g) in &c.git {
-            let key = format!("connections.git.{name}");
-            let token = match &g.token {
-                Some(src) => Some(
-                    src.read_text(&format!("{key}.token"))
-                        .map_err(ConfigError::Invalid)?
-                        .trim()
-                        .to_string(),
-                ),
-                None => None,
-            };
-            out.git.insert(
-                name.clone(),
-                dayshift_workflows::adapters::git::GitConfig {
-                    url: g.url.clone(),
-                    token,
-                    author_name: g.author_name.clone(),
-                    author_email: g.author_email.clone(),
-                },
-            );
-        }
-        for (name, vault) in &c.vault {
-            let key = format!("connections.vault.{name}");
-            if !(vault.address.starts_with("http://") || vault.address.starts_with("https://"))
-                || reqwest::Url::parse(&vault.address).is_err()
-            {
-                return Err(ConfigError::Invalid(format!(
-                    "{key}.address: must start with http:// or https://"
-                )));
-            }
-            use dayshift_workflows::adapters::vault::VaultAuth;
-            let auth = match (&vault.token, &vault.kubernetes) {
-                (Some(source), None) => VaultAuth::Token(
-                    source
-                        .read_text(&format!("{key}.token"))
-                        .map_err(ConfigError::Invalid)?
-                        .trim()
-                        .to_string(),
-                ),
-                (None, Some(k)) => VaultAuth::Kubernetes {
-                    mount: k.mount.clone(),
-                    role: k.role.clone(),
-                    jwt_file: k.jwt_file.clone(),
-                },
-                _ => {
-                    return Err(ConfigError::Invalid(format!(
-                        "{key}: give exactly one of `token` and `kubernetes`"
-                    )));
-                }
-            };
-            out.vault.insert(
-                name.clone(),
-                dayshift_workflows::adapters::vault::VaultConfig {
-                    address: vault.address.clone(),
-                    auth,
-                    namespace: vault.namespace.clone(),
-                },
-            );
-        }
-        Ok(out)
+        self.connections
+            .resolve(&read_secret_text)
+            .map_err(|e| ConfigError::Invalid(e.to_string()))
     }
 
     /// The API's policy, as the engine applies it.
-    pub(crate) fn policy(&self) -> Result<dayshift_engine::policy::Policy, String> {
+    pub(crate) fn policy(&self) -> Result<dayshift_engine::policy::Policy, PolicyError> {
         let mut rules = Vec::new();
         for (pattern, rule) in &self.policy.workflows {
             let start = rule
@@ -1068,13 +696,17 @@ impl Config {
                 .map(|s| {
                     s.iter()
                         .map(|x| {
-                            x.parse()
-                                .map_err(|e| format!("policy.workflows.{pattern:?}.start: {e}"))
+                            x.parse().map_err(|problem| PolicyError::Starter {
+                                pattern: pattern.clone(),
+                                problem,
+                            })
                         })
-                        .collect::<Result<Vec<_>, String>>()
+                        .collect::<Result<Vec<_>, _>>()
                 })
                 .transpose()?;
-            rules.push(dayshift_engine::policy::Rule::new(pattern, start, rule.inputs.clone()).map_err(|e| e.0)?);
+            rules.push(
+                dayshift_engine::policy::Rule::new(pattern, start, rule.inputs.clone()).map_err(PolicyError::Rule)?,
+            );
         }
         Ok(dayshift_engine::policy::Policy { rules })
     }
@@ -1089,15 +721,10 @@ impl Config {
                     "alertmanager: give one of `token` and `basic-auth`, not both".into(),
                 ));
             }
-            (Some(source), None) => {
-                IntakeAuth::Bearer(source.read("alertmanager.token").map_err(ConfigError::Invalid)?)
-            }
+            (Some(source), None) => IntakeAuth::Bearer(read_secret_at(source, "alertmanager.token")?),
             (None, Some(b)) => IntakeAuth::Basic {
                 username: b.username.clone(),
-                password: b
-                    .password
-                    .read("alertmanager.basic-auth.password")
-                    .map_err(ConfigError::Invalid)?,
+                password: read_secret_at(&b.password, "alertmanager.basic-auth.password")?,
             },
             (None, None) => IntakeAuth::None,
         };
@@ -1364,141 +991,6 @@ impl Config {
     }
 }
 
-/// `playbooks.<name>` as `remediate` takes it, checked.
-fn playbook(name: &str, p: &PlaybookConfig) -> Result<dayshift_workflows::Playbook, String> {
-    const ACTIONS: [&str; 8] = [
-        "kube.rollout-restart",
-        "kube.scale",
-        "kube.delete-pod",
-        "kube.cordon-node",
-        "pvc.expand",
-        "workflow",
-        "http",
-        "notify",
-    ];
-    let specs = |list: &[ActionConfig], field: &str| {
-        list.iter()
-            .enumerate()
-            .map(|(n, a)| {
-                if ACTIONS.contains(&a.action.as_str()) {
-                    Ok(dayshift_workflows::ActionSpec {
-                        action: a.action.clone(),
-                        with: a.with.clone(),
-                        destructive: a.destructive,
-                    })
-                } else {
-                    Err(format!(
-                        "playbooks.{name}.{field}[{n}].action: {:?} is not one of {}",
-                        a.action,
-                        ACTIONS.join(", ")
-                    ))
-                }
-            })
-            .collect::<Result<Vec<_>, _>>()
-    };
-    let actions = specs(&p.actions, "actions")?;
-    let escalate_actions = specs(&p.escalate_actions, "escalate-actions")?;
-    let namespaces = p
-        .namespaces
-        .iter()
-        .map(|g| {
-            globset::Glob::new(g)
-                .map(|g| g.compile_matcher())
-                .map_err(|e| format!("playbooks.{name}.namespaces: {g:?}: {e}"))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    const NAMESPACED: [&str; 4] = ["kube.rollout-restart", "kube.scale", "kube.delete-pod", "pvc.expand"];
-    if namespaces.is_empty()
-        && actions
-            .iter()
-            .chain(&escalate_actions)
-            .any(|a| NAMESPACED.contains(&a.action.as_str()))
-    {
-        return Err(format!(
-            "playbooks.{name}.namespaces: list the namespaces its actions may act in (globs such as \
-             `prod-*`, or \"*\" for all): alert labels choose the namespace"
-        ));
-    }
-    Ok(dayshift_workflows::Playbook {
-        kubernetes: p.kubernetes.clone(),
-        dry_run: p.dry_run,
-        namespaces,
-        actions,
-        wait_resolved: p.wait_resolved,
-        escalate_notify: p.escalate.clone(),
-        max_replicas: p.max_replicas,
-        escalate_actions,
-        approval: p
-            .approval
-            .as_ref()
-            .map(|a| checked_gate(a, &format!("playbooks.{name}.approval")))
-            .transpose()?,
-    })
-}
-
-/// `promotions.<app>` as `promote.chain` takes it, checked.
-fn promotion(app: &str, p: &PromotionConfig) -> Result<dayshift_workflows::AppPromotion, String> {
-    if p.environments.is_empty() {
-        return Err(format!("promotions.{app}.environments: give at least one"));
-    }
-    let mut environments = Vec::new();
-    for (n, e) in p.environments.iter().enumerate() {
-        let key = format!("promotions.{app}.environments[{n}]");
-        if e.key.is_some() == e.image.is_some() {
-            return Err(format!("{key}: give exactly one of `key` and `image`"));
-        }
-        let window = match &e.window {
-            Some(w) => {
-                let time = |t: &str, k: &str| {
-                    chrono::NaiveTime::parse_from_str(t, "%H:%M")
-                        .map_err(|_| format!("{key}.window.{k}: {t:?} is not HH:MM"))
-                };
-                let days = w
-                    .days
-                    .iter()
-                    .map(|d| {
-                        d.parse::<chrono::Weekday>()
-                            .map_err(|_| format!("{key}.window.days: {d:?} is not a day (mon … sun)"))
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
-                Some(dayshift_workflows::Window {
-                    days,
-                    from: time(&w.from, "from")?,
-                    to: time(&w.to, "to")?,
-                    timezone: w
-                        .timezone
-                        .parse()
-                        .map_err(|_| format!("{key}.window.timezone: {:?} is not an IANA time zone", w.timezone))?,
-                })
-            }
-            None => None,
-        };
-        environments.push(dayshift_workflows::EnvPromotion {
-            name: e.name.clone(),
-            branch: e.branch.clone(),
-            file: e.file.clone(),
-            key: e.key.clone(),
-            image: e.image.clone(),
-            argocd_application: e.argocd_application.clone(),
-            timeout: e.timeout,
-            soak: e.soak,
-            window,
-            approval: e
-                .approval
-                .as_ref()
-                .map(|a| checked_gate(a, &format!("{key}.approval")))
-                .transpose()?,
-        });
-    }
-    Ok(dayshift_workflows::AppPromotion {
-        repository: p.repository.clone(),
-        kubernetes: p.kubernetes.clone(),
-        argocd_namespace: p.argocd_namespace.clone(),
-        notify: p.notify.clone(),
-        environments,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1513,11 +1005,11 @@ mod tests {
                     with: { kind: Deployment, namespace: x, name: y }\n"
             .to_string();
         let c = Config::load(Some(("c.yaml", &text)), &env(&[])).unwrap();
-        let err = playbook("p", &c.playbooks["p"]).unwrap_err();
+        let err = c.playbooks["p"].check("p").unwrap_err().to_string();
         assert!(err.contains("playbooks.p.namespaces") && err.contains("\"*\""), "{err}");
         let text = text.replace("    actions:", "    namespaces: [\"*\"]\n    actions:");
         let c = Config::load(Some(("c.yaml", &text)), &env(&[])).unwrap();
-        assert!(playbook("p", &c.playbooks["p"]).is_ok());
+        assert!(c.playbooks["p"].check("p").is_ok());
         let text = format!("{text}    approval: {{ approvers: [alice] }}\n");
         let err = Config::load(Some(("c.yaml", &text)), &env(&[]))
             .unwrap_err()

@@ -11,72 +11,12 @@ use async_compression::tokio::bufread::{ZstdDecoder, ZstdEncoder};
 use chrono::{DateTime, Utc};
 use dayshift_engine::{Ctx, RetryPolicy, StepCtx, StepError, WorkflowDef, WorkflowError};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, BufReader};
-use tokio::process::Command;
+use tokio::io::BufReader;
 
+use crate::adapters::postgres::{PgAdmin, PgError};
 use crate::adapters::s3::{S3Store, Stored};
 use crate::adapters::step_err;
 use crate::connections::Connections;
-
-/// A PostgreSQL URL split into what libpq takes on the command line and the password, which
-/// goes through the environment so that it never shows in a process listing.
-struct PgTarget {
-    conninfo: String,
-    password: Option<String>,
-}
-
-fn pg_target(url: &str) -> PgTarget {
-    if let Some((scheme, rest)) = url.split_once("://")
-        && let Some((auth, host)) = rest.split_once('@')
-        && let Some((user, password)) = auth.split_once(':')
-    {
-        return PgTarget {
-            conninfo: format!("{scheme}://{user}@{host}"),
-            password: Some(password.to_string()),
-        };
-    }
-    PgTarget {
-        conninfo: url.to_string(),
-        password: None,
-    }
-}
-
-/// The directory of the client tools matching the server's major version, where installed.
-async fn pg_bin(url: &str) -> (std::path::PathBuf, String) {
-    let version = match sqlx::PgPool::connect(url).await {
-        Ok(pool) => {
-            let v: Result<String, _> = sqlx::query_scalar("show server_version").fetch_one(&pool).await;
-            pool.close().await;
-            v.unwrap_or_default()
-        }
-        Err(_) => String::new(),
-    };
-    let major = version.split(['.', ' ']).next().unwrap_or_default().to_string();
-    let dir = std::path::PathBuf::from(format!("/usr/lib/postgresql/{major}/bin"));
-    if !major.is_empty() && dir.join("pg_dump").exists() {
-        (dir, version)
-    } else {
-        (std::path::PathBuf::new(), version)
-    }
-}
-
-/// Errors of pg_dump/pg_restore that another attempt cannot fix.
-fn pg_tool_error(tool: &str, stderr: &str) -> StepError {
-    let message = format!("{tool} failed: {}", stderr.trim());
-    let permanent = [
-        "authentication failed",
-        "does not exist",
-        "permission denied",
-        "no pg_hba.conf entry",
-    ]
-    .iter()
-    .any(|p| stderr.contains(p));
-    if permanent {
-        StepError::Permanent(message)
-    } else {
-        StepError::Transient(message)
-    }
-}
 
 /// The input of `backup.postgres`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -118,52 +58,15 @@ pub(crate) fn is_backup_object(key: &str) -> bool {
     key.ends_with(".dump.zst") || key.ends_with(".snap")
 }
 
-/// The database URL and the store named in a workflow's input.
+/// The database and the store named in a workflow's input.
 pub(crate) async fn open(
     connections: &Connections,
     database: &str,
     store: &str,
-) -> Result<(String, S3Store), WorkflowError> {
-    let url = connections
-        .postgres(database)
-        .map_err(WorkflowError::failed)?
-        .to_string();
+) -> Result<(PgAdmin, S3Store), WorkflowError> {
+    let pg = PgAdmin::new(connections.postgres(database).map_err(WorkflowError::failed)?);
     let s3 = S3Store::new(connections.s3(store).map_err(WorkflowError::failed)?).await;
-    Ok((url, s3))
-}
-
-/// Starts `tool` (pg_dump, pg_restore) against `url` with `args`, its stdin/stdout as given, the
-/// password in the environment; returns the child and a task collecting the first 64 KiB of its
-/// stderr (read concurrently, so the tool never blocks on a full pipe).
-fn spawn_pg_tool(
-    bin: &std::path::Path,
-    tool: &str,
-    url: &str,
-    args: &[&str],
-    stdin: Stdio,
-    stdout: Stdio,
-) -> Result<(tokio::process::Child, tokio::task::JoinHandle<String>), StepError> {
-    let target = pg_target(url);
-    let mut cmd = Command::new(bin.join(tool));
-    cmd.args(args)
-        .args(["--no-password", "--dbname", &target.conninfo])
-        .stdin(stdin)
-        .stdout(stdout)
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    if let Some(p) = &target.password {
-        cmd.env("PGPASSWORD", p);
-    }
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| StepError::Permanent(format!("cannot run {tool}: {e}")))?;
-    let mut stderr = child.stderr.take().expect("piped stderr");
-    let errors = tokio::spawn(async move {
-        let mut text = String::new();
-        let _ = (&mut stderr).take(64 * 1024).read_to_string(&mut text).await;
-        text
-    });
-    Ok((child, errors))
+    Ok((pg, s3))
 }
 
 /// The `backup.postgres` workflow.
@@ -180,8 +83,8 @@ pub fn backup_postgres(connections: Arc<Connections>) -> WorkflowDef {
 }
 
 async fn run_backup(ctx: Ctx, connections: Arc<Connections>, input: BackupInput) -> Result<Manifest, WorkflowError> {
-    let (url, s3) = open(&connections, &input.database, &input.store).await?;
-    let (s3r, url) = (&s3, url.as_str());
+    let (pg, s3) = open(&connections, &input.database, &input.store).await?;
+    let (s3r, pg) = (&s3, &pg);
     let target = Target {
         kind: "postgres",
         source: &input.database,
@@ -189,7 +92,7 @@ async fn run_backup(ctx: Ctx, connections: Arc<Connections>, input: BackupInput)
         extension: "dump.zst",
     };
     store_backup(&ctx, &s3, target, "dump-and-upload", |key| async move {
-        dump_and_upload(s3r, &key, url).await
+        dump_and_upload(s3r, &key, pg).await
     })
     .await
 }
@@ -284,18 +187,19 @@ where
 
 /// Streams `pg_dump | zstd` into the object. Running it again replaces the object (and first
 /// aborts an upload a killed attempt left behind).
-async fn dump_and_upload(s3: &S3Store, key: &str, url: &str) -> Result<(Stored, String), StepError> {
+async fn dump_and_upload(s3: &S3Store, key: &str, pg: &PgAdmin) -> Result<(Stored, String), StepError> {
     s3.ensure_bucket().await.map_err(step_err)?;
-    let (bin, version) = pg_bin(url).await;
-    let (mut child, errors) = spawn_pg_tool(
-        &bin,
-        "pg_dump",
-        url,
-        // zstd below compresses; pg_dump's own zlib would cost CPU and leave zstd nothing to do.
-        &["--format=custom", "--compress=0"],
-        Stdio::null(),
-        Stdio::piped(),
-    )?;
+    let tools = pg.client_tools().await;
+    let (mut child, errors) = pg
+        .spawn_tool(
+            &tools,
+            "pg_dump",
+            // zstd below compresses; pg_dump's own zlib would cost CPU and leave zstd nothing to do.
+            &["--format=custom", "--compress=0"],
+            Stdio::null(),
+            Stdio::piped(),
+        )
+        .map_err(step_err)?;
     let stdout = child.stdout.take().expect("piped stdout");
     let compressed = ZstdEncoder::new(BufReader::new(stdout));
     let uploaded = s3.upload_stream(key, compressed, 8 << 20).await;
@@ -304,10 +208,10 @@ async fn dump_and_upload(s3: &S3Store, key: &str, url: &str) -> Result<(Stored, 
     if !status.success() {
         // The stream ended early but looked complete: the object is not a backup.
         let _ = s3.delete(key).await;
-        return Err(pg_tool_error("pg_dump", &stderr));
+        return Err(step_err(PgError::tool_failed("pg_dump", &stderr)));
     }
     let stored = uploaded.map_err(step_err)?;
-    Ok((stored, version))
+    Ok((stored, tools.server_version))
 }
 
 /// The input of `restore.postgres`.
@@ -346,7 +250,7 @@ pub fn restore_postgres(connections: Arc<Connections>) -> WorkflowDef {
 }
 
 async fn run_restore(ctx: Ctx, connections: Arc<Connections>, input: RestoreInput) -> Result<Manifest, WorkflowError> {
-    let (url, s3) = open(&connections, &input.target, &input.store).await?;
+    let (pg, s3) = open(&connections, &input.target, &input.store).await?;
     let manifest = choose_backup(
         &ctx,
         &s3,
@@ -356,9 +260,9 @@ async fn run_restore(ctx: Ctx, connections: Arc<Connections>, input: RestoreInpu
     )
     .await?;
     verify_checksum(&ctx, &s3, &manifest).await?;
-    let (s3r, inp, m, url_ref) = (&s3, &input, &manifest, url.as_str());
+    let (s3r, inp, m, pg) = (&s3, &input, &manifest, &pg);
     ctx.step("check-target", |_s| async move {
-        let tables = count_tables(url_ref).await?;
+        let tables = pg.count_tables().await.map_err(step_err)?;
         if tables > 0 && !inp.overwrite {
             return Err(StepError::Permanent(format!(
                 "the target database has {tables} tables; set `overwrite: true` to restore over them"
@@ -369,7 +273,7 @@ async fn run_restore(ctx: Ctx, connections: Arc<Connections>, input: RestoreInpu
     .retry(RetryPolicy::network())
     .await?;
     ctx.step("restore", |_s| async move {
-        restore_into(s3r, &m.key, url_ref, inp.overwrite).await
+        restore_into(s3r, &m.key, pg, inp.overwrite).await
     })
     .retry(RetryPolicy::network())
     .await?;
@@ -439,23 +343,10 @@ pub(crate) async fn verify_checksum(ctx: &Ctx, s3: &S3Store, m: &Manifest) -> Re
     Ok(())
 }
 
-/// The number of tables outside the system schemas.
-pub(crate) async fn count_tables(url: &str) -> Result<i64, StepError> {
-    let pool = sqlx::PgPool::connect(url).await.map_err(StepError::transient)?;
-    let tables = sqlx::query_scalar(
-        "select count(*) from information_schema.tables where table_schema not in ('pg_catalog', 'information_schema')",
-    )
-    .fetch_one(&pool)
-    .await
-    .map_err(StepError::transient);
-    pool.close().await;
-    tables
-}
-
 /// Streams the object through zstd into `pg_restore`, in one transaction: it restores all or
 /// nothing, so running it again after a failure starts from the same state.
-pub(crate) async fn restore_into(s3: &S3Store, key: &str, url: &str, overwrite: bool) -> Result<(), StepError> {
-    let (bin, _) = pg_bin(url).await;
+pub(crate) async fn restore_into(s3: &S3Store, key: &str, pg: &PgAdmin, overwrite: bool) -> Result<(), StepError> {
+    let tools = pg.client_tools().await;
     let out = s3
         .client()
         .get_object()
@@ -474,7 +365,9 @@ pub(crate) async fn restore_into(s3: &S3Store, key: &str, url: &str, overwrite: 
     if overwrite {
         args.extend(["--clean", "--if-exists"]);
     }
-    let (mut child, errors) = spawn_pg_tool(&bin, "pg_restore", url, &args, Stdio::piped(), Stdio::null())?;
+    let (mut child, errors) = pg
+        .spawn_tool(&tools, "pg_restore", &args, Stdio::piped(), Stdio::null())
+        .map_err(step_err)?;
     let mut stdin = child.stdin.take().expect("piped stdin");
     let copied = tokio::io::copy(&mut decompressed, &mut stdin).await;
     drop(stdin);
@@ -484,7 +377,7 @@ pub(crate) async fn restore_into(s3: &S3Store, key: &str, url: &str, overwrite: 
         return Err(StepError::transient(format!("reading the backup failed: {e}")));
     }
     if !status.success() {
-        return Err(pg_tool_error("pg_restore", &stderr));
+        return Err(step_err(PgError::tool_failed("pg_restore", &stderr)));
     }
     Ok(())
 }

@@ -5,11 +5,63 @@
 
 use std::collections::BTreeMap;
 
-use crate::adapters::git::GitConfig;
-use crate::adapters::kube::KubeConfig;
-use crate::adapters::notify::Notifier;
-use crate::adapters::s3::S3Config;
-use crate::adapters::vault::VaultConfig;
+use crate::adapters::git::{GitConfig, GitConnectionConfig};
+use crate::adapters::kube::{KubeConfig, KubernetesConnectionConfig};
+use crate::adapters::notify::{Notifier, NotifyConnectionConfig};
+use crate::adapters::postgres::PostgresConnectionConfig;
+use crate::adapters::s3::{S3Config, S3ConnectionConfig};
+use crate::adapters::vault::{VaultConfig, VaultConnectionConfig};
+use crate::config::{InvalidConfig, SecretReader};
+
+// The config file's `connections:`; `resolve` makes the `Connections` the workflows use.
+/// Named connections. Credentials come from the environment or files, never from this file.
+#[derive(Debug, Clone, Default, serde::Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct ConnectionsConfig {
+    /// S3-compatible stores (SeaweedFS, MinIO, AWS), by name.
+    pub s3: BTreeMap<String, S3ConnectionConfig>,
+    /// PostgreSQL databases, by name.
+    pub postgres: BTreeMap<String, PostgresConnectionConfig>,
+    /// Chat webhooks for notices (Mattermost, Slack: anything taking `{"text": …}`), by name.
+    pub notify: BTreeMap<String, NotifyConnectionConfig>,
+    /// Vault / OpenBao servers, by name.
+    pub vault: BTreeMap<String, VaultConnectionConfig>,
+    /// Kubernetes clusters, by name.
+    pub kubernetes: BTreeMap<String, KubernetesConnectionConfig>,
+    /// Git repositories (the infra repositories ArgoCD watches), by name.
+    pub git: BTreeMap<String, GitConnectionConfig>,
+}
+
+impl ConnectionsConfig {
+    /// The connections with their secrets read by `read`, each checked; the first problem
+    /// names its key (`connections.vault.openbao.address`).
+    pub fn resolve(&self, read: SecretReader<'_>) -> Result<Connections, InvalidConfig> {
+        fn each<C, T>(
+            section: &str,
+            map: &BTreeMap<String, C>,
+            resolve: impl Fn(&C, &str) -> Result<T, InvalidConfig>,
+        ) -> Result<BTreeMap<String, T>, InvalidConfig> {
+            map.iter()
+                .map(|(name, c)| Ok((name.clone(), resolve(c, &format!("connections.{section}.{name}"))?)))
+                .collect()
+        }
+        // In this order, so that the first problem reported stays the same.
+        let s3 = each("s3", &self.s3, |c, key| c.resolve(key, read))?;
+        let postgres = each("postgres", &self.postgres, |c, key| c.resolve(key, read))?;
+        let notify = each("notify", &self.notify, |c, key| c.resolve(key, read))?;
+        let kubernetes = each("kubernetes", &self.kubernetes, |c, key| c.resolve(key, read))?;
+        let git = each("git", &self.git, |c, key| c.resolve(key, read))?;
+        let vault = each("vault", &self.vault, |c, key| c.resolve(key, read))?;
+        Ok(Connections {
+            s3,
+            postgres,
+            notify,
+            vault,
+            kubernetes,
+            git,
+        })
+    }
+}
 
 /// The connections declared in the config file, with their secrets read. `Debug` shows the
 /// names only.

@@ -5,6 +5,7 @@
 pub mod adapters;
 mod backup;
 pub mod component;
+mod config;
 mod connections;
 mod gates;
 pub mod gitops;
@@ -22,12 +23,19 @@ pub use component::{
     ChildRun, ComponentInput, ComponentReport, FIELD_MANAGER, Phase, PlatformInput, PlatformReport, RollbackPoint,
     SmokeCheck, install_component, install_platform, upgrade_component,
 };
-pub use connections::{Connections, NotConfigured};
+pub use config::{InvalidConfig, SecretReader, SecretSource};
+pub use connections::{Connections, ConnectionsConfig, NotConfigured};
 pub use gates::{ApprovalGate, ApprovalRequest, Approver, Counted};
-pub use gitops::chain::{AppPromotion, ChainPlan, EnvPromotion, PromoteChainInput, Promotions, Window, promote_chain};
+pub use gitops::chain::{
+    AppPromotion, ChainPlan, EnvPromotion, EnvironmentConfig, PromoteChainInput, PromotionConfig, Promotions, Window,
+    WindowConfig, promote_chain,
+};
 pub use gitops::preview::{PreviewChange, PreviewInput, dns_label, preview_create, preview_delete};
 pub use gitops::promote::{ArgoApp, PromoteInput, Promotion, Pushed, promote_image};
-pub use remediate::{Action, ActionSpec, Playbook, Playbooks, RemediateInput, Remediation, Taken, remediate};
+pub use remediate::{
+    Action, ActionConfig, ActionSpec, Playbook, PlaybookConfig, Playbooks, RemediateInput, Remediation, Taken,
+    remediate,
+};
 pub use restore_test::{Check, CheckResult, RestoreTestInput, RestoreTestReport, backup_restore_test};
 pub use retention::{Backup, RetentionInput, RetentionPolicy, RetentionReport, backup_retention, plan, time_of};
 pub use rotate::{

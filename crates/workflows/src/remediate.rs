@@ -16,7 +16,9 @@ use serde_json::{Map, Value, json};
 
 use crate::adapters::kube::{Kube, Workload, WorkloadKind};
 use crate::adapters::step_err;
+use crate::config::{InvalidConfig, default_connection, ten_minutes};
 use crate::connections::{Connections, lookup};
+use crate::gates::checked_gate;
 
 /// A playbook, as the config gives it.
 #[derive(Debug, Clone, Default)]
@@ -46,6 +48,134 @@ pub struct ActionSpec {
     pub with: Value,
     /// Waits for the playbook's approval gate before it is taken.
     pub destructive: bool,
+}
+
+// `playbooks.<name>` as the config file gives it; `check` makes the `Playbook` that `remediate`
+// runs. (Its doc comment is the schema's description.)
+/// A remediation playbook.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct PlaybookConfig {
+    /// The Kubernetes connection. Default `default`.
+    #[serde(default = "default_connection")]
+    pub kubernetes: String,
+    /// Record what would be done and do nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// Namespaces the actions may touch (globs: `prod-*`; `"*"` means all and must be written
+    /// out). Required when an action acts in a namespace.
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+    /// Never scale above this many replicas.
+    #[serde(default)]
+    pub max_replicas: Option<i32>,
+    /// In order: `{ action: kube.rollout-restart | kube.scale | notify, with: {...} }`, the
+    /// `with` values may hold `{{ labels.* }}` and `{{ annotations.* }}`.
+    pub actions: Vec<ActionConfig>,
+    /// How long to wait for the alert to resolve. Default 10m.
+    #[serde(default = "ten_minutes", with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub wait_resolved: Duration,
+    /// A notice webhook told when the alert does not resolve.
+    #[serde(default)]
+    pub escalate: Option<String>,
+    /// Actions taken after that notice, when the alert does not resolve.
+    #[serde(default)]
+    pub escalate_actions: Vec<ActionConfig>,
+    /// Approvals required before the first action marked `destructive`.
+    #[serde(default)]
+    pub approval: Option<crate::gates::ApprovalGate>,
+}
+
+/// One playbook action.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ActionConfig {
+    pub action: String,
+    #[serde(default)]
+    pub with: Value,
+    /// Wait for the playbook's `approval` before taking it.
+    #[serde(default)]
+    pub destructive: bool,
+}
+
+/// The actions a playbook may name.
+const ACTIONS: [&str; 8] = [
+    "kube.rollout-restart",
+    "kube.scale",
+    "kube.delete-pod",
+    "kube.cordon-node",
+    "pvc.expand",
+    "workflow",
+    "http",
+    "notify",
+];
+
+/// The actions that act in a namespace, which the playbook must therefore list.
+const NAMESPACED: [&str; 4] = ["kube.rollout-restart", "kube.scale", "kube.delete-pod", "pvc.expand"];
+
+impl PlaybookConfig {
+    /// `playbooks.<name>` checked, as `remediate` takes it; an error names the key.
+    pub fn check(&self, name: &str) -> Result<Playbook, InvalidConfig> {
+        let specs = |list: &[ActionConfig], field: &str| {
+            list.iter()
+                .enumerate()
+                .map(|(n, a)| {
+                    if ACTIONS.contains(&a.action.as_str()) {
+                        Ok(ActionSpec {
+                            action: a.action.clone(),
+                            with: a.with.clone(),
+                            destructive: a.destructive,
+                        })
+                    } else {
+                        Err(InvalidConfig::new(
+                            format!("playbooks.{name}.{field}[{n}].action"),
+                            format!("{:?} is not one of {}", a.action, ACTIONS.join(", ")),
+                        ))
+                    }
+                })
+                .collect::<Result<Vec<_>, _>>()
+        };
+        let actions = specs(&self.actions, "actions")?;
+        let escalate_actions = specs(&self.escalate_actions, "escalate-actions")?;
+        let key = format!("playbooks.{name}.namespaces");
+        let namespaces = self
+            .namespaces
+            .iter()
+            .map(|g| {
+                globset::Glob::new(g)
+                    .map(|g| g.compile_matcher())
+                    .map_err(|e| InvalidConfig::new(&key, format!("{g:?}: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if namespaces.is_empty()
+            && actions
+                .iter()
+                .chain(&escalate_actions)
+                .any(|a| NAMESPACED.contains(&a.action.as_str()))
+        {
+            return Err(InvalidConfig::new(
+                key,
+                "list the namespaces its actions may act in (globs such as `prod-*`, or \"*\" for all): \
+                 alert labels choose the namespace",
+            ));
+        }
+        Ok(Playbook {
+            kubernetes: self.kubernetes.clone(),
+            dry_run: self.dry_run,
+            namespaces,
+            actions,
+            wait_resolved: self.wait_resolved,
+            escalate_notify: self.escalate.clone(),
+            max_replicas: self.max_replicas,
+            escalate_actions,
+            approval: self
+                .approval
+                .as_ref()
+                .map(|a| checked_gate(a, &format!("playbooks.{name}.approval")))
+                .transpose()?,
+        })
+    }
 }
 
 /// The input of `remediate` (what an alert route passes).

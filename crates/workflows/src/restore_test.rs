@@ -8,8 +8,9 @@ use std::time::Instant;
 use dayshift_engine::{Ctx, RetryPolicy, StepError, WorkflowDef, WorkflowError};
 use serde::{Deserialize, Serialize};
 
+use crate::adapters::postgres::{PgAdmin, PgError};
 use crate::adapters::step_err;
-use crate::backup::{choose_backup, count_tables, default_prefix, open, restore_into, verify_checksum};
+use crate::backup::{choose_backup, default_prefix, open, restore_into, verify_checksum};
 use crate::connections::Connections;
 
 /// The input of `backup.restore-test`.
@@ -120,26 +121,25 @@ async fn restore_test(
     connections: &Connections,
     input: &RestoreTestInput,
 ) -> Result<RestoreTestReport, WorkflowError> {
-    let (server_url, s3) = open(connections, &input.server, &input.store).await?;
+    let (server, s3) = open(connections, &input.server, &input.store).await?;
     let manifest = choose_backup(ctx, &s3, None, Some(&input.database), &input.prefix).await?;
     verify_checksum(ctx, &s3, &manifest).await?;
 
     let scratch = format!("dayshift_restore_test_{}", ctx.run_id().0.simple());
-    let scratch_url = with_database(&server_url, &scratch)?;
-    let (server, name) = (server_url.as_str(), scratch.as_str());
+    let scratch_db = server.on_database(&scratch).map_err(WorkflowError::failed)?;
+    let (server, name) = (&server, scratch.as_str());
     ctx.step("create-scratch", |_s| async move {
         // A retry after a crash finds the database of the attempt before; start clean.
-        admin(server, &format!("drop database if exists \"{name}\" with (force)")).await?;
-        admin(server, &format!("create database \"{name}\"")).await
+        server.recreate_database(name).await.map_err(step_err)
     })
     .retry(RetryPolicy::network())
     .undo({
-        let (server, name) = (server_url.clone(), scratch.clone());
-        move |_s, ()| async move { admin(&server, &format!("drop database if exists \"{name}\" with (force)")).await }
+        let (server, name) = (server.clone(), scratch.clone());
+        move |_s, ()| async move { server.drop_database(&name).await.map_err(step_err) }
     })
     .await?;
 
-    let (s3r, key, target) = (&s3, manifest.key.as_str(), scratch_url.as_str());
+    let (s3r, key, target) = (&s3, manifest.key.as_str(), &scratch_db);
     let restore_seconds: f64 = ctx
         .step("restore", |_s| async move {
             let started = Instant::now();
@@ -151,7 +151,7 @@ async fn restore_test(
 
     let tables: i64 = ctx
         .step("check:tables", |_s| async move {
-            let tables = count_tables(target).await?;
+            let tables = target.count_tables().await.map_err(step_err)?;
             if tables == 0 {
                 return Err(StepError::Permanent(format!("the backup {key} restored no tables")));
             }
@@ -173,7 +173,7 @@ async fn restore_test(
     }
 
     ctx.step("drop-scratch", |_s| async move {
-        admin(server, &format!("drop database if exists \"{name}\" with (force)")).await
+        server.drop_database(name).await.map_err(step_err)
     })
     .retry(RetryPolicy::network())
     .await?;
@@ -188,51 +188,17 @@ async fn restore_test(
     })
 }
 
-/// `url` with its database replaced by `database`.
-fn with_database(url: &str, database: &str) -> Result<String, WorkflowError> {
-    let mut parsed = url::Url::parse(url).map_err(|e| WorkflowError::failed(format!("the server's URL: {e}")))?;
-    parsed.set_path(&format!("/{database}"));
-    Ok(parsed.into())
-}
-
-/// Runs one statement (CREATE/DROP DATABASE, which cannot run in a transaction) on the server.
-async fn admin(url: &str, sql: &str) -> Result<(), StepError> {
-    use sqlx::Connection;
-    let mut conn = sqlx::PgConnection::connect(url).await.map_err(pg_err)?;
-    let done = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_string()))
-        .execute(&mut conn)
-        .await
-        .map_err(pg_err);
-    let _ = conn.close().await;
-    done.map(|_| ())
-}
-
 /// Runs `check` against the restored database, read-only, and compares its number with the
 /// bounds. A query that fails is reported by its SQLSTATE, not the server's message, which can
 /// quote the data it choked on (a value that is not a number) to everyone who reads the run.
-pub(crate) async fn run_check(url: &str, check: &Check) -> Result<f64, StepError> {
-    use sqlx::Connection;
+pub(crate) async fn run_check(pg: &PgAdmin, check: &Check) -> Result<f64, StepError> {
     let query = check.query.trim().trim_end_matches(';');
-    let mut conn = sqlx::PgConnection::connect(url).await.map_err(pg_err)?;
-    sqlx::query("set session characteristics as transaction read only")
-        .execute(&mut conn)
+    let value = pg
+        .read_only_number(query)
         .await
-        .map_err(pg_err)?;
-    let value: Result<Option<f64>, _> =
-        sqlx::query_scalar(sqlx::AssertSqlSafe(format!("select (({query}))::double precision")))
-            .fetch_one(&mut conn)
-            .await;
-    let _ = conn.close().await;
-    let value = value
-        .map_err(|e| {
-            let why = match &e {
-                sqlx::Error::Database(db) => format!(
-                    "SQLSTATE {} (the server's message is not shown: it may quote data)",
-                    db.code().as_deref().unwrap_or("unknown")
-                ),
-                other => other.to_string(),
-            };
-            StepError::Permanent(format!("check '{}': the query failed: {why}", check.name))
+        .map_err(|e| match e {
+            PgError::Query(why) => StepError::Permanent(format!("check '{}': the query failed: {why}", check.name)),
+            other => step_err(other),
         })?
         .ok_or_else(|| StepError::Permanent(format!("check '{}': the query returned NULL", check.name)))?;
     if let Some(min) = check.min
@@ -252,13 +218,4 @@ pub(crate) async fn run_check(url: &str, check: &Check) -> Result<f64, StepError
         )));
     }
     Ok(value)
-}
-
-/// Connection trouble is retried; what the server refuses (authentication, permissions, SQL)
-/// is not.
-fn pg_err(e: sqlx::Error) -> StepError {
-    match e {
-        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_) => StepError::transient(e),
-        other => StepError::permanent(other),
-    }
 }

@@ -26,10 +26,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::adapters::kube::{Kube, ObjectRef, Workload};
+use crate::adapters::postgres::PgAdmin;
 use crate::adapters::step_err;
 use crate::adapters::vault::{Vault, VaultError};
 use crate::connections::Connections;
-use crate::secrets::{Generator, scram_verifier};
+use crate::secrets::Generator;
 use crate::wait::{self, Wait};
 
 /// Custom-metadata key marking an entry a run is rotating (so that a retried write can tell
@@ -343,7 +344,7 @@ enum Subject {
     /// A PostgreSQL role's password (or two roles used in turn), set through an admin
     /// connection; PgBouncer user lists hold copies.
     Postgres {
-        admin_url: String,
+        admin: PgAdmin,
         role: Option<String>,
         roles: Option<[String; 2]>,
         pgbouncer: Vec<SecretKeyRef>,
@@ -415,10 +416,7 @@ async fn open(connections: &Connections, input: PgRotateInput) -> Result<Targets
             ));
         }
     }
-    let admin_url = connections
-        .postgres(&input.admin)
-        .map_err(WorkflowError::failed)?
-        .to_string();
+    let admin = PgAdmin::new(connections.postgres(&input.admin).map_err(WorkflowError::failed)?);
     let spec = Spec {
         mount: input.mount,
         path: input.path,
@@ -431,7 +429,7 @@ async fn open(connections: &Connections, input: PgRotateInput) -> Result<Targets
         rollout_timeout: input.rollout_timeout,
         plan: input.plan,
         subject: Subject::Postgres {
-            admin_url,
+            admin,
             role: input.role,
             roles: input.roles,
             pgbouncer: input.pgbouncer,
@@ -525,10 +523,13 @@ async fn rotate(ctx: &Ctx, t: Targets) -> Result<RotationReport, WorkflowError> 
         })
         .await?;
 
-    if let Subject::Postgres { admin_url, .. } = &input.subject {
+    if let Subject::Postgres { admin, .. } = &input.subject {
         ctx.step("set-role-password", |_s| async move {
             let password = new_secret(tr, version).await?;
-            set_role_password(admin_url, &b.target_role, &password).await
+            admin
+                .set_role_password(&b.target_role, &password)
+                .await
+                .map_err(step_err)
         })
         .retry(RetryPolicy::network())
         .await?;
@@ -586,10 +587,10 @@ async fn rotate(ctx: &Ctx, t: Targets) -> Result<RotationReport, WorkflowError> 
     }
 
     match &input.subject {
-        Subject::Postgres { admin_url, .. } => {
+        Subject::Postgres { admin, .. } => {
             ctx.step("verify-login", |_s| async move {
                 let password = new_secret(tr, version).await?;
-                login(admin_url, &b.target_role, &password).await
+                admin.check_login(&b.target_role, &password).await.map_err(step_err)
             })
             .retry(RetryPolicy::network())
             .await?;
@@ -750,11 +751,11 @@ async fn roll_back(t: &Targets, basis: &Basis, version: u64, run_id: &str) -> Re
         .and_then(Value::as_str)
         .unwrap_or(&basis.active_role)
         .to_string();
-    if let Subject::Postgres {
-        admin_url, roles: None, ..
-    } = &input.subject
-    {
-        set_role_password(admin_url, &basis.active_role, &old_password).await?;
+    if let Subject::Postgres { admin, roles: None, .. } = &input.subject {
+        admin
+            .set_role_password(&basis.active_role, &old_password)
+            .await
+            .map_err(step_err)?;
     }
     for s in &input.secrets {
         write_secret_copy(t, s, &old_username, &old_password).await?;
@@ -792,58 +793,6 @@ async fn new_secret(t: &Targets, version: u64) -> Result<String, StepError> {
         .await
         .map_err(step_err)?;
     secret_of(&data, &t.input.key)
-}
-
-/// `ALTER ROLE … PASSWORD '<SCRAM verifier>'`: the plaintext never reaches the server.
-async fn set_role_password(admin_url: &str, role: &str, password: &str) -> Result<(), StepError> {
-    use sqlx::Connection;
-    let mut conn = sqlx::PgConnection::connect(admin_url)
-        .await
-        .map_err(|e| pg_err("connect as admin", e))?;
-    let sql = format!(
-        "alter role {} password '{}'",
-        quote_ident(role),
-        scram_verifier(password)
-    );
-    let done = sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut conn).await;
-    let _ = conn.close().await;
-    done.map(|_| ())
-        .map_err(|e| pg_err(&format!("set the password of role {role}"), e))
-}
-
-/// Logs in as `role` with `password` where the admin connection points.
-async fn login(admin_url: &str, role: &str, password: &str) -> Result<(), StepError> {
-    use sqlx::Connection;
-    let options: sqlx::postgres::PgConnectOptions = admin_url
-        .parse()
-        .map_err(|e| StepError::Permanent(format!("the admin connection URL: {e}")))?;
-    let mut conn = sqlx::PgConnection::connect_with(&options.username(role).password(password))
-        .await
-        .map_err(|e| StepError::Permanent(format!("the new password of {role} does not log in: {}", redact(e))))?;
-    let one: Result<i32, _> = sqlx::query_scalar("select 1").fetch_one(&mut conn).await;
-    let _ = conn.close().await;
-    one.map(|_| ()).map_err(|e| pg_err("query as the rotated role", e))
-}
-
-fn pg_err(what: &str, e: sqlx::Error) -> StepError {
-    let message = format!("{what}: {}", redact(e));
-    if message.contains("connection refused") || message.contains("timed out") {
-        StepError::Transient(message)
-    } else {
-        StepError::Permanent(message)
-    }
-}
-
-/// A database error's message without the statement (which holds a verifier).
-fn redact(e: sqlx::Error) -> String {
-    match e {
-        sqlx::Error::Database(d) => d.message().to_string(),
-        other => other.to_string(),
-    }
-}
-
-fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 /// Writes the password (and, with two roles, the username) into a Secret that holds a copy.

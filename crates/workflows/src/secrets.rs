@@ -42,19 +42,16 @@ impl Generator {
     }
 
     /// Refuses generators that would make weak or unusable secrets.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), GeneratorError> {
         if !(16..=1024).contains(&self.length) {
-            return Err(format!("generator.length must be 16 to 1024, not {}", self.length));
+            return Err(GeneratorError::Length(self.length));
         }
         let chars = self.chars();
         if chars.len() < 10 {
-            return Err(format!(
-                "generator.alphabet must have at least 10 different characters, not {}",
-                chars.len()
-            ));
+            return Err(GeneratorError::NarrowAlphabet(chars.len()));
         }
         if chars.iter().any(|c| c.is_control()) {
-            return Err("generator.alphabet must not contain control characters".into());
+            return Err(GeneratorError::ControlCharacters);
         }
         Ok(())
     }
@@ -68,6 +65,20 @@ impl Generator {
             .map(|_| chars[rng.random_range(0..chars.len())])
             .collect()
     }
+}
+
+/// Why a generator would make weak or unusable secrets.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GeneratorError {
+    /// Too short to resist guessing, or too long for the systems that store it.
+    #[error("generator.length must be 16 to 1024, not {0}")]
+    Length(usize),
+    /// Too few different characters to draw from.
+    #[error("generator.alphabet must have at least 10 different characters, not {0}")]
+    NarrowAlphabet(usize),
+    /// Characters that configs and shells mangle.
+    #[error("generator.alphabet must not contain control characters")]
+    ControlCharacters,
 }
 
 /// The SCRAM-SHA-256 verifier of `password`, as PostgreSQL stores it in `pg_authid`
@@ -139,11 +150,23 @@ mod tests {
             length: 8,
             ..Generator::default()
         };
-        assert!(short.check().unwrap_err().contains("length must be 16 to 1024"));
+        assert!(
+            short
+                .check()
+                .unwrap_err()
+                .to_string()
+                .contains("length must be 16 to 1024")
+        );
         let narrow = Generator {
             alphabet: "aaab".into(),
             ..Generator::default()
         };
-        assert!(narrow.check().unwrap_err().contains("at least 10 different characters"));
+        assert!(
+            narrow
+                .check()
+                .unwrap_err()
+                .to_string()
+                .contains("at least 10 different characters")
+        );
     }
 }

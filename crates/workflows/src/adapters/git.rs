@@ -11,6 +11,8 @@ use std::process::Stdio;
 use base64::Engine as _;
 use tokio::process::Command;
 
+use crate::config::{InvalidConfig, SecretReader, SecretSource};
+
 /// A repository dayshift commits to.
 #[derive(Clone, Default)]
 pub struct GitConfig {
@@ -370,6 +372,48 @@ impl Checkout {
             .run(Some(&self.dir), &["reset", "--quiet", "--hard", "FETCH_HEAD"])
             .await?;
         Ok(())
+    }
+}
+
+// `connections.git.<name>` as the config file gives it.
+/// A git repository dayshift commits to.
+#[derive(Debug, Clone, serde::Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct GitConnectionConfig {
+    /// `https://…`, `ssh://…` (keys from the usual ssh setup) or `git://…`.
+    pub url: String,
+    /// Where an https token is (sent as basic auth, user `x-access-token`).
+    #[serde(default)]
+    pub token: Option<SecretSource>,
+    /// Default `dayshift`.
+    #[serde(default = "dayshift_name")]
+    pub author_name: String,
+    /// Default `dayshift@localhost`; list it in webhooks.bot-emails too.
+    #[serde(default = "dayshift_email")]
+    pub author_email: String,
+}
+
+fn dayshift_name() -> String {
+    "dayshift".into()
+}
+
+fn dayshift_email() -> String {
+    "dayshift@localhost".into()
+}
+
+impl GitConnectionConfig {
+    /// The repository with its token read; `key` is where it is in the config.
+    pub fn resolve(&self, key: &str, read: SecretReader<'_>) -> Result<GitConfig, InvalidConfig> {
+        let token = match &self.token {
+            Some(src) => Some(read(src, &format!("{key}.token"))?.trim().to_string()),
+            None => None,
+        };
+        Ok(GitConfig {
+            url: self.url.clone(),
+            token,
+            author_name: self.author_name.clone(),
+            author_email: self.author_email.clone(),
+        })
     }
 }
 

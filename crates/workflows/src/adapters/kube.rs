@@ -22,6 +22,8 @@ use kube::core::{ApiResource, GroupVersionKind};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::config::{InvalidConfig, SecretReader, SecretSource};
+
 /// How to reach a cluster.
 #[derive(Clone, Default)]
 pub struct KubeConfig {
@@ -762,6 +764,39 @@ pub fn parse_quantity(q: &str) -> Option<u64> {
 pub fn format_gi(bytes: u64) -> String {
     let gi = 1u64 << 30;
     format!("{}Gi", bytes.div_ceil(gi))
+}
+
+// `connections.kubernetes.<name>` as the config file gives it.
+/// A Kubernetes cluster. With nothing set: the kubeconfig (`KUBECONFIG`, `~/.kube/config`),
+/// or inside a pod its service account.
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct KubernetesConnectionConfig {
+    /// A kubeconfig context other than the current one.
+    pub context: Option<String>,
+    /// The API server URL, instead of a kubeconfig.
+    pub url: Option<String>,
+    /// Where the bearer token is, with `url`.
+    pub token: Option<SecretSource>,
+}
+
+impl KubernetesConnectionConfig {
+    /// The cluster with its token read; `key` is where it is in the config.
+    pub fn resolve(&self, key: &str, read: SecretReader<'_>) -> Result<KubeConfig, InvalidConfig> {
+        let key = format!("{key}.token");
+        let token = match &self.token {
+            Some(src) => Some(read(src, &key)?.trim().to_string()),
+            None => None,
+        };
+        if token.is_some() && self.url.is_none() {
+            return Err(InvalidConfig::new(key, "give `url` with it"));
+        }
+        Ok(KubeConfig {
+            url: self.url.clone(),
+            token,
+            context: self.context.clone(),
+        })
+    }
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@ pub mod git;
 pub mod http;
 pub mod kube;
 pub mod notify;
+pub mod postgres;
 pub mod s3;
 pub mod vault;
 
@@ -34,4 +35,10 @@ macro_rules! transient {
     };
 }
 
-transient!(s3::S3Error, kube::KubeError, vault::VaultError, notify::NotifyError);
+transient!(
+    s3::S3Error,
+    kube::KubeError,
+    vault::VaultError,
+    notify::NotifyError,
+    postgres::PgError
+);

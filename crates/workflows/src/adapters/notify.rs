@@ -5,6 +5,8 @@
 
 use serde::Serialize;
 
+use crate::config::{InvalidConfig, SecretReader, SecretSource};
+
 /// Why a notice did not go out.
 #[derive(Debug, thiserror::Error)]
 pub enum NotifyError {
@@ -72,5 +74,26 @@ impl Notifier {
             status: status.as_u16(),
             body: body.chars().take(300).collect(),
         })
+    }
+}
+
+// `connections.notify.<name>` as the config file gives it.
+/// A chat webhook.
+#[derive(Debug, Clone, serde::Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct NotifyConnectionConfig {
+    /// Where the incoming-webhook URL is (it is a credential: whoever has it can post).
+    pub url: SecretSource,
+}
+
+impl NotifyConnectionConfig {
+    /// The webhook URL, read and checked; `key` is where it is in the config.
+    pub fn resolve(&self, key: &str, read: SecretReader<'_>) -> Result<String, InvalidConfig> {
+        let key = format!("{key}.url");
+        let url = read(&self.url, &key)?.trim().to_string();
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(InvalidConfig::new(key, "must start with http:// or https://"));
+        }
+        Ok(url)
     }
 }

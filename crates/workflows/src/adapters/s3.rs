@@ -19,6 +19,8 @@ use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
+use crate::config::{InvalidConfig, SecretReader, SecretSource};
+
 /// Where a bucket is and how to reach it.
 #[derive(Clone)]
 pub struct S3Config {
@@ -401,5 +403,45 @@ impl S3Store {
             .await
             .map(|_| ())
             .map_err(|e| S3Error::from_sdk("DeleteObject", e))
+    }
+}
+
+// `connections.s3.<name>` as the config file gives it.
+/// An S3 store.
+#[derive(Debug, Clone, serde::Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct S3ConnectionConfig {
+    /// e.g. `http://seaweedfs-s3.storage:8333`; absent for AWS itself.
+    pub endpoint: Option<String>,
+    /// Required by the SDK; any value for stores that ignore it. Default us-east-1.
+    #[serde(default = "us_east_1")]
+    pub region: String,
+    pub bucket: String,
+    /// Bucket in the path rather than the host name. Default true.
+    #[serde(default = "yes")]
+    pub path_style: bool,
+    pub access_key: SecretSource,
+    pub secret_key: SecretSource,
+}
+
+fn us_east_1() -> String {
+    "us-east-1".into()
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl S3ConnectionConfig {
+    /// The store with its keys read; `key` is where it is in the config.
+    pub fn resolve(&self, key: &str, read: SecretReader<'_>) -> Result<S3Config, InvalidConfig> {
+        Ok(S3Config {
+            endpoint: self.endpoint.clone(),
+            region: self.region.clone(),
+            bucket: self.bucket.clone(),
+            access_key: read(&self.access_key, &format!("{key}.access-key"))?,
+            secret_key: read(&self.secret_key, &format!("{key}.secret-key"))?,
+            path_style: self.path_style,
+        })
     }
 }

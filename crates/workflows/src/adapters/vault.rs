@@ -12,6 +12,8 @@ use futures::TryStreamExt;
 use serde::Deserialize;
 use tokio::io::AsyncRead;
 
+use crate::config::{InvalidConfig, SecretReader, SecretSource};
+
 /// A Vault or OpenBao server.
 #[derive(Clone)]
 pub struct VaultConfig {
@@ -420,5 +422,73 @@ impl Vault {
         vaultrs::database::connection::rotate(&client, mount, connection)
             .await
             .map_err(|e| self.client_error(&format!("{mount}/rotate-root/{connection}"), e))
+    }
+}
+
+// `connections.vault.<name>` as the config file gives it.
+/// A Vault or OpenBao server.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct VaultConnectionConfig {
+    /// e.g. `https://vault.vault.svc:8200`.
+    pub address: String,
+    /// Where the token is; or use `kubernetes`.
+    #[serde(default)]
+    pub token: Option<SecretSource>,
+    /// Kubernetes auth with the pod's service account, instead of `token`.
+    #[serde(default)]
+    pub kubernetes: Option<VaultKubernetesAuthConfig>,
+    /// A namespace (Vault Enterprise, OpenBao namespaces).
+    #[serde(default)]
+    pub namespace: Option<String>,
+}
+
+/// Vault's Kubernetes auth method.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct VaultKubernetesAuthConfig {
+    /// The Vault role to log in as.
+    pub role: String,
+    /// Where the auth method is mounted. Default `kubernetes`.
+    #[serde(default = "kubernetes_mount")]
+    pub mount: String,
+    /// The service account token. Default the one Kubernetes mounts into every pod.
+    #[serde(default = "service_account_token")]
+    pub jwt_file: std::path::PathBuf,
+}
+
+fn kubernetes_mount() -> String {
+    "kubernetes".into()
+}
+
+fn service_account_token() -> std::path::PathBuf {
+    "/var/run/secrets/kubernetes.io/serviceaccount/token".into()
+}
+
+impl VaultConnectionConfig {
+    /// The server with its token read, checked; `key` is where it is in the config.
+    pub fn resolve(&self, key: &str, read: SecretReader<'_>) -> Result<VaultConfig, InvalidConfig> {
+        if !(self.address.starts_with("http://") || self.address.starts_with("https://"))
+            || url::Url::parse(&self.address).is_err()
+        {
+            return Err(InvalidConfig::new(
+                format!("{key}.address"),
+                "must start with http:// or https://",
+            ));
+        }
+        let auth = match (&self.token, &self.kubernetes) {
+            (Some(source), None) => VaultAuth::Token(read(source, &format!("{key}.token"))?.trim().to_string()),
+            (None, Some(k)) => VaultAuth::Kubernetes {
+                mount: k.mount.clone(),
+                role: k.role.clone(),
+                jwt_file: k.jwt_file.clone(),
+            },
+            _ => return Err(InvalidConfig::new(key, "give exactly one of `token` and `kubernetes`")),
+        };
+        Ok(VaultConfig {
+            address: self.address.clone(),
+            auth,
+            namespace: self.namespace.clone(),
+        })
     }
 }

@@ -349,7 +349,7 @@ async fn smoke(ctx: &Ctx, connections: &Connections, i: &ComponentInput) -> Resu
                         min: *min,
                         max: *max,
                     };
-                    crate::restore_test::run_check(url, &check)
+                    crate::restore_test::run_check(&crate::adapters::postgres::PgAdmin::new(url), &check)
                         .await
                         .map_err(|e| StepError::Transient(format!("smoke check: {e}")))?;
                 }

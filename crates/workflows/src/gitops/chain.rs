@@ -16,8 +16,10 @@ use serde_json::{Value, json};
 
 use super::promote::{ArgoApp, PromoteInput, check_tag};
 use super::values;
+use crate::config::{InvalidConfig, default_connection, ten_minutes};
 use crate::connections::{Connections, lookup};
 use crate::gates::ApprovalGate;
+use crate::gates::checked_gate;
 
 /// How one application is promoted (the config's `promotions.<application>`).
 #[derive(Debug, Clone, Default)]
@@ -84,6 +86,169 @@ impl Window {
             }
         }
         now
+    }
+}
+
+// `promotions.<application>` as the config file gives it; `check` makes the `AppPromotion` that
+// `promote.chain` runs. (Its doc comment is the schema's description.)
+/// One application's promotions.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct PromotionConfig {
+    /// The git connection of the infra repository.
+    pub repository: String,
+    /// The Kubernetes connection where ArgoCD runs. Default `default`.
+    #[serde(default = "default_connection")]
+    pub kubernetes: String,
+    /// Default `argocd`.
+    #[serde(default = "argocd")]
+    pub argocd_namespace: String,
+    /// A notice webhook (connections.notify).
+    #[serde(default)]
+    pub notify: Option<String>,
+    /// In promotion order (dev, staging, prod).
+    pub environments: Vec<EnvironmentConfig>,
+}
+
+/// One environment of an application.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct EnvironmentConfig {
+    pub name: String,
+    /// Default `main` (a branch per environment: name it here).
+    #[serde(default = "main_branch")]
+    pub branch: String,
+    /// The values file (a file or directory per environment: name it here).
+    pub file: String,
+    /// A Helm values key path (`api-gateway.image.tag`)...
+    #[serde(default)]
+    pub key: Option<String>,
+    /// ...or a kustomization image name.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// The ArgoCD Application that syncs it.
+    #[serde(default)]
+    pub argocd_application: Option<String>,
+    /// How long it may take to become healthy. Default 10m.
+    #[serde(default = "ten_minutes", with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub timeout: Duration,
+    /// Wait this long after the previous environment became healthy.
+    #[serde(default, with = "humantime_serde::option")]
+    #[schemars(with = "Option<String>")]
+    pub soak: Option<Duration>,
+    /// When promotions may happen.
+    #[serde(default)]
+    pub window: Option<WindowConfig>,
+    /// Approvals required before pushing.
+    #[serde(default)]
+    pub approval: Option<ApprovalGate>,
+}
+
+/// A promotion window.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct WindowConfig {
+    /// `mon` … `sun`; every day if empty.
+    #[serde(default)]
+    pub days: Vec<String>,
+    /// `HH:MM`.
+    pub from: String,
+    /// `HH:MM`.
+    pub to: String,
+    /// IANA time zone. Default UTC.
+    #[serde(default = "utc")]
+    pub timezone: String,
+}
+
+fn argocd() -> String {
+    "argocd".into()
+}
+fn main_branch() -> String {
+    "main".into()
+}
+fn utc() -> String {
+    "UTC".into()
+}
+
+impl PromotionConfig {
+    /// `promotions.<app>` checked, as `promote.chain` takes it; an error names the key.
+    pub fn check(&self, app: &str) -> Result<AppPromotion, InvalidConfig> {
+        if self.environments.is_empty() {
+            return Err(InvalidConfig::new(
+                format!("promotions.{app}.environments"),
+                "give at least one",
+            ));
+        }
+        let environments = self
+            .environments
+            .iter()
+            .enumerate()
+            .map(|(n, e)| e.check(&format!("promotions.{app}.environments[{n}]")))
+            .collect::<Result<_, _>>()?;
+        Ok(AppPromotion {
+            repository: self.repository.clone(),
+            kubernetes: self.kubernetes.clone(),
+            argocd_namespace: self.argocd_namespace.clone(),
+            notify: self.notify.clone(),
+            environments,
+        })
+    }
+}
+
+impl EnvironmentConfig {
+    fn check(&self, key: &str) -> Result<EnvPromotion, InvalidConfig> {
+        if self.key.is_some() == self.image.is_some() {
+            return Err(InvalidConfig::new(key, "give exactly one of `key` and `image`"));
+        }
+        Ok(EnvPromotion {
+            name: self.name.clone(),
+            branch: self.branch.clone(),
+            file: self.file.clone(),
+            key: self.key.clone(),
+            image: self.image.clone(),
+            argocd_application: self.argocd_application.clone(),
+            timeout: self.timeout,
+            soak: self.soak,
+            window: self
+                .window
+                .as_ref()
+                .map(|w| w.check(&format!("{key}.window")))
+                .transpose()?,
+            approval: self
+                .approval
+                .as_ref()
+                .map(|a| checked_gate(a, &format!("{key}.approval")))
+                .transpose()?,
+        })
+    }
+}
+
+impl WindowConfig {
+    fn check(&self, key: &str) -> Result<Window, InvalidConfig> {
+        let time = |t: &str, k: &str| {
+            NaiveTime::parse_from_str(t, "%H:%M")
+                .map_err(|_| InvalidConfig::new(format!("{key}.{k}"), format!("{t:?} is not HH:MM")))
+        };
+        let days = self
+            .days
+            .iter()
+            .map(|d| {
+                d.parse::<chrono::Weekday>()
+                    .map_err(|_| InvalidConfig::new(format!("{key}.days"), format!("{d:?} is not a day (mon … sun)")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Window {
+            days,
+            from: time(&self.from, "from")?,
+            to: time(&self.to, "to")?,
+            timezone: self.timezone.parse().map_err(|_| {
+                InvalidConfig::new(
+                    format!("{key}.timezone"),
+                    format!("{:?} is not an IANA time zone", self.timezone),
+                )
+            })?,
+        })
     }
 }
 
