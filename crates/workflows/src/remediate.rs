@@ -20,6 +20,11 @@ use crate::config::{InvalidConfig, default_connection, ten_minutes};
 use crate::connections::{Connections, lookup};
 use crate::gates::checked_gate;
 
+dayshift_engine::message_error!(
+    /// A label value that is not the Kubernetes name it is used as.
+    InvalidName
+);
+
 /// A playbook, as the config gives it.
 #[derive(Debug, Clone, Default)]
 pub struct Playbook {
@@ -324,7 +329,7 @@ pub(crate) enum KubeName {
 
 impl KubeName {
     /// `Err` says what is wrong with `value`.
-    pub(crate) fn check(self, value: &str) -> Result<(), String> {
+    pub(crate) fn check(self, value: &str) -> Result<(), InvalidName> {
         let label_ok = |l: &str| {
             !l.is_empty()
                 && l.len() <= 63

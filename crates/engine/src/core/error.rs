@@ -137,10 +137,12 @@ pub(crate) type StoreResult<T> = std::result::Result<T, StoreError>;
 
 /// Declares an error that is one sentence for whoever reads it (a caller, a config's author):
 /// a type of its own, so that a signature says what went wrong, with the sentence as its text.
+/// The crate using it needs `thiserror` and `serde`.
+#[macro_export]
 macro_rules! message_error {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
-        #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize)]
+        #[derive(Debug, Clone, PartialEq, Eq, ::thiserror::Error, ::serde::Serialize)]
         #[error("{0}")]
         #[serde(transparent)]
         pub struct $name(pub String);

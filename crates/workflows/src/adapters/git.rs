@@ -13,6 +13,11 @@ use tokio::process::Command;
 
 use crate::config::{InvalidConfig, SecretReader, SecretSource};
 
+dayshift_engine::message_error!(
+    /// A path that would leave the checkout it is given in.
+    OutsideCheckout
+);
+
 /// A repository dayshift commits to.
 #[derive(Clone, Default)]
 pub struct GitConfig {
@@ -115,7 +120,7 @@ pub fn check_branch(branch: &str) -> Result<(), GitError> {
 }
 
 /// `relative` under `root`, refused unless it stays inside `root` (see [`Checkout::inside`]).
-pub fn inside(root: &Path, relative: &str) -> Result<PathBuf, String> {
+pub fn inside(root: &Path, relative: &str) -> Result<PathBuf, OutsideCheckout> {
     use std::path::Component;
     let path = Path::new(relative);
     let plain = !relative.is_empty()
@@ -124,9 +129,9 @@ pub fn inside(root: &Path, relative: &str) -> Result<PathBuf, String> {
             .components()
             .all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
     if !plain {
-        return Err(format!(
+        return Err(OutsideCheckout::from(format!(
             "{relative:?} must be a path relative to the repository, without '..' or a leading '/'"
-        ));
+        )));
     }
     let joined = root.join(path);
     let root = root.canonicalize().map_err(|e| format!("{}: {e}", root.display()))?;
@@ -139,9 +144,9 @@ pub fn inside(root: &Path, relative: &str) -> Result<PathBuf, String> {
         .canonicalize()
         .map_err(|e| format!("{relative:?} cannot be resolved inside the repository: {e}"))?;
     if !resolved.starts_with(&root) {
-        return Err(format!(
+        return Err(OutsideCheckout::from(format!(
             "{relative:?} leads out of the repository (through a symbolic link)"
-        ));
+        )));
     }
     Ok(joined)
 }
@@ -251,7 +256,7 @@ impl Checkout {
     /// The path of `relative` in the work tree, refused unless it stays inside it: relative,
     /// no `..`, and no symbolic link on the way that leads out (the nearest part that exists
     /// is resolved and checked).
-    pub fn inside(&self, relative: &str) -> Result<PathBuf, String> {
+    pub fn inside(&self, relative: &str) -> Result<PathBuf, OutsideCheckout> {
         inside(&self.dir, relative)
     }
 

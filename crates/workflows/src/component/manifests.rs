@@ -9,6 +9,11 @@ use serde_json::{Value, json};
 
 use crate::adapters::kube::{ObjectId, Resource};
 
+dayshift_engine::message_error!(
+    /// Manifests that cannot be read or rendered.
+    ManifestError
+);
+
 /// The label naming the component an object belongs to; with the field manager, what makes an
 /// object dayshift's to prune.
 pub const COMPONENT_LABEL: &str = "dayshift.io/component";
@@ -25,10 +30,10 @@ pub struct Doc {
 const KUSTOMIZATIONS: [&str; 3] = ["kustomization.yaml", "kustomization.yml", "Kustomization"];
 
 /// Every object in the manifests at `path`, in order; each has apiVersion, kind and a name.
-pub fn read(path: &Path) -> Result<Vec<Doc>, String> {
+pub fn read(path: &Path) -> Result<Vec<Doc>, ManifestError> {
     if path.is_dir() && KUSTOMIZATIONS.iter().any(|k| path.join(k).is_file()) {
         let text = kustomize(path)?;
-        return parse(&format!("{} (kustomize output)", path.display()), &text);
+        return Ok(parse(&format!("{} (kustomize output)", path.display()), &text)?);
     }
     let files: Vec<PathBuf> = if path.is_dir() {
         let mut files: Vec<PathBuf> = std::fs::read_dir(path)
@@ -42,7 +47,7 @@ pub fn read(path: &Path) -> Result<Vec<Doc>, String> {
         vec![path.to_path_buf()]
     };
     if files.is_empty() {
-        return Err(format!("{}: no .yaml files", path.display()));
+        return Err(format!("{}: no .yaml files", path.display()).into());
     }
     let mut out = Vec::new();
     for file in files {
@@ -50,7 +55,7 @@ pub fn read(path: &Path) -> Result<Vec<Doc>, String> {
         out.extend(parse(&file.display().to_string(), &text)?);
     }
     if out.is_empty() {
-        return Err(format!("{}: no Kubernetes objects", path.display()));
+        return Err(format!("{}: no Kubernetes objects", path.display()).into());
     }
     Ok(out)
 }
@@ -82,28 +87,29 @@ fn parse(name: &str, text: &str) -> Result<Vec<Doc>, String> {
 }
 
 /// Renders a kustomize directory with `kubectl kustomize`, or `kustomize build` without kubectl.
-fn kustomize(dir: &Path) -> Result<String, String> {
+fn kustomize(dir: &Path) -> Result<String, ManifestError> {
     let tools: [(&str, &[&str]); 2] = [("kubectl", &["kustomize"]), ("kustomize", &["build"])];
     for (tool, args) in tools {
         let output = match Command::new(tool).args(args).arg(dir).output() {
             Ok(o) => o,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(format!("{}: running {tool}: {e}", dir.display())),
+            Err(e) => return Err(ManifestError::from(format!("{}: running {tool}: {e}", dir.display()))),
         };
         if !output.status.success() {
-            return Err(format!(
+            return Err(ManifestError::from(format!(
                 "{}: {tool} {} failed: {}",
                 dir.display(),
                 args.join(" "),
                 String::from_utf8_lossy(&output.stderr).trim()
-            ));
+            )));
         }
-        return String::from_utf8(output.stdout).map_err(|e| format!("{}: kustomize output: {e}", dir.display()));
+        return String::from_utf8(output.stdout)
+            .map_err(|e| ManifestError(format!("{}: kustomize output: {e}", dir.display())));
     }
-    Err(format!(
+    Err(ManifestError::from(format!(
         "{} is a kustomize directory, and rendering it needs kubectl or kustomize, neither of which is on PATH",
         dir.display()
-    ))
+    )))
 }
 
 /// The kind of every document: a built-in kind, one a CustomResourceDefinition in the manifests

@@ -172,7 +172,7 @@ fn phase_of(kind: &str) -> usize {
 
 /// The objects as checked; an error if the manifests changed since.
 fn reload(input: &ComponentInput, checked: &Checked) -> Result<Vec<Value>, StepError> {
-    let docs = manifests::read(&input.manifests).map_err(StepError::Permanent)?;
+    let docs = manifests::read(&input.manifests).map_err(StepError::permanent)?;
     let kinds: Vec<Resource> = checked.objects.iter().map(|(_, r)| r.clone()).collect();
     let objects = if docs.len() == kinds.len() {
         manifests::prepare(&docs, &kinds, &input.component, &input.namespace)
@@ -209,10 +209,10 @@ async fn connect(connections: &Connections, input: &ComponentInput) -> Result<Ku
 async fn check(ctx: &Ctx, k: &Kube, i: &ComponentInput) -> Result<Checked, WorkflowError> {
     let checked = ctx
         .step("check", |_s| async move {
-            let docs = manifests::read(&i.manifests).map_err(StepError::Permanent)?;
+            let docs = manifests::read(&i.manifests).map_err(StepError::permanent)?;
             let kinds = manifests::resolve(&docs, || async { k.crds().await.map_err(|e| e.to_string()) })
                 .await
-                .map_err(StepError::Permanent)?;
+                .map_err(StepError::permanent)?;
             let objects = manifests::prepare(&docs, &kinds, &i.component, &i.namespace);
             let created: Vec<&str> = objects
                 .iter()

@@ -10,6 +10,11 @@ use serde::{Deserialize, Serialize};
 
 use super::{ComponentInput, ComponentReport};
 
+dayshift_engine::message_error!(
+    /// What is wrong with a platform's phases.
+    InvalidPlatform
+);
+
 /// The input of `install.platform`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -62,30 +67,30 @@ pub fn install_platform() -> WorkflowDef {
     .guard("phases[].components[].backup.workflow")
 }
 
-fn check(input: &PlatformInput) -> Result<(), String> {
+fn check(input: &PlatformInput) -> Result<(), InvalidPlatform> {
     if input.phases.is_empty() {
         return Err("phases: a platform needs at least one phase".into());
     }
     let mut seen = std::collections::HashSet::new();
     for (n, phase) in input.phases.iter().enumerate() {
         if phase.components.is_empty() {
-            return Err(format!(
+            return Err(InvalidPlatform::from(format!(
                 "phases[{n}] ({}): a phase needs at least one component",
                 phase.name
-            ));
+            )));
         }
         for (m, c) in phase.components.iter().enumerate() {
             if !seen.insert(c.component.clone()) {
-                return Err(format!(
+                return Err(InvalidPlatform::from(format!(
                     "phases[{n}].components[{m}]: component {} is in the platform twice",
                     c.component
-                ));
+                )));
             }
             if c.backup.is_some() || c.plan {
-                return Err(format!(
+                return Err(InvalidPlatform::from(format!(
                     "phases[{n}].components[{m}] ({}): backup and plan are not for a platform install",
                     c.component
-                ));
+                )));
             }
         }
     }

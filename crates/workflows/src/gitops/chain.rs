@@ -403,7 +403,7 @@ async fn resolve(
             ));
         }
     };
-    check_tag(&tag).map_err(StepError::Permanent)?;
+    check_tag(&tag).map_err(StepError::permanent)?;
     if targets.is_empty() {
         return Err(StepError::Permanent(format!(
             "{} is the last environment of {}: nothing to promote to",

@@ -13,9 +13,19 @@ use super::values;
 use crate::adapters::git::{GitConfig, GitError};
 use crate::connections::Connections;
 
+dayshift_engine::message_error!(
+    /// A branch no preview can be named after.
+    InvalidBranch
+);
+
+dayshift_engine::message_error!(
+    /// A preview's Application that cannot be written.
+    InvalidPreview
+);
+
 /// A branch name as a DNS label (RFC 1123): lower case, `a-z0-9-`, at most 63 characters, not
 /// starting or ending with `-`. Long names keep a hash suffix so that two branches do not meet.
-pub fn dns_label(branch: &str) -> Result<String, String> {
+pub fn dns_label(branch: &str) -> Result<String, InvalidBranch> {
     let mut label = String::new();
     for c in branch.chars() {
         let c = c.to_ascii_lowercase();
@@ -27,9 +37,9 @@ pub fn dns_label(branch: &str) -> Result<String, String> {
     }
     let label = label.trim_matches('-').to_string();
     if label.is_empty() {
-        return Err(format!(
+        return Err(InvalidBranch::from(format!(
             "branch {branch:?} has no letters or digits to name a preview after (a DNS label needs a-z, 0-9)"
-        ));
+        )));
     }
     if label.len() <= 63 {
         return Ok(label);
@@ -175,10 +185,10 @@ async fn change_and_push(
         if attempt > 1 {
             checkout.reset_to_remote().await?;
         }
-        let root = checkout.inside(&dir).map_err(StepError::Permanent)?;
+        let root = checkout.inside(&dir).map_err(StepError::permanent)?;
         if create {
             let template = input.template.as_deref().unwrap_or_default();
-            let text = std::fs::read_to_string(checkout.inside(template).map_err(StepError::Permanent)?)
+            let text = std::fs::read_to_string(checkout.inside(template).map_err(StepError::permanent)?)
                 .map_err(|e| StepError::Permanent(format!("{template}: {e}")))?;
             let (values, _) = values::set(
                 &text,
@@ -188,7 +198,7 @@ async fn change_and_push(
             .map_err(|e| StepError::Permanent(format!("{template}: {e}")))?;
             std::fs::create_dir_all(&root).map_err(StepError::transient)?;
             std::fs::write(root.join("values.yaml"), values).map_err(StepError::transient)?;
-            let app = application(input, name, git, &dir).map_err(StepError::Permanent)?;
+            let app = application(input, name, git, &dir).map_err(StepError::permanent)?;
             std::fs::write(root.join("application.yaml"), app).map_err(StepError::transient)?;
         } else if root.exists() {
             std::fs::remove_dir_all(&root).map_err(StepError::transient)?;
@@ -215,7 +225,7 @@ async fn change_and_push(
 
 /// The ArgoCD Application of a preview: its own namespace, synced and pruned automatically.
 /// Written by a YAML serializer, so no input can add a key or a document to it.
-fn application(input: &PreviewInput, name: &str, git: &GitConfig, dir: &str) -> Result<String, String> {
+fn application(input: &PreviewInput, name: &str, git: &GitConfig, dir: &str) -> Result<String, InvalidPreview> {
     let chart = input.chart.as_deref().unwrap_or_default().trim_end_matches('/');
     let depth = chart.split('/').filter(|p| !p.is_empty()).count();
     let values = format!("{}{dir}/values.yaml", "../".repeat(depth));

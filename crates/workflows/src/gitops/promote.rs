@@ -24,6 +24,16 @@ use crate::connections::Connections;
 use crate::gates::ApprovalGate;
 use crate::wait::{self, Probe, Wait};
 
+dayshift_engine::message_error!(
+    /// An image tag or digest registries would not take.
+    InvalidTag
+);
+
+dayshift_engine::message_error!(
+    /// A promotion that does not say which value to change.
+    InvalidTarget
+);
+
 /// How many times a push is re-applied on a branch that keeps moving.
 const PUSH_ATTEMPTS: u32 = 5;
 
@@ -120,14 +130,14 @@ pub struct Promotion {
 }
 
 /// Checks a tag or digest the way registries do (OCI distribution spec).
-pub fn check_tag(tag: &str) -> Result<(), String> {
+pub fn check_tag(tag: &str) -> Result<(), InvalidTag> {
     if let Some(hex) = tag.strip_prefix("sha256:") {
         if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
             return Ok(());
         }
-        return Err(format!(
+        return Err(InvalidTag::from(format!(
             "{tag:?} is not a sha256 digest (sha256: and 64 lowercase hex digits)"
-        ));
+        )));
     }
     let ok = !tag.is_empty()
         && tag.len() <= 128
@@ -139,14 +149,14 @@ pub fn check_tag(tag: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
+        Err(InvalidTag::from(format!(
             "{tag:?} is not a valid image tag: 1 to 128 of A-Z a-z 0-9 _ . -, not starting with . or -"
-        ))
+        )))
     }
 }
 
 /// The key path the input names.
-fn key_path(input: &PromoteInput) -> Result<String, String> {
+fn key_path(input: &PromoteInput) -> Result<String, InvalidTarget> {
     match (&input.key, &input.image) {
         (Some(key), None) => Ok(key.clone()),
         (None, Some(image)) => {
@@ -326,7 +336,7 @@ async fn commit_and_push(p: &Promote, run_id: &str) -> Result<Pushed, StepError>
                 push_attempts: attempt,
             });
         }
-        let file = checkout.inside(&i.file).map_err(StepError::Permanent)?;
+        let file = checkout.inside(&i.file).map_err(StepError::permanent)?;
         let text = std::fs::read_to_string(&file)
             .map_err(|e| StepError::Permanent(format!("{} on {}: {e}", i.file, i.branch)))?;
         let (new_text, change) =

@@ -12,6 +12,11 @@
 
 use serde_json::Value;
 
+dayshift_engine::message_error!(
+    /// What is wrong with a values file, or with the key path to edit in it.
+    ValuesError
+);
+
 /// What [`set`] changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Change {
@@ -340,20 +345,20 @@ fn set_in(doc: &mut Value, path: &[Segment], value: &str) -> bool {
 
 /// Sets the scalar at `path` of `text` to the string `value`. Returns the new text and the
 /// change, or an error that says what is wrong and where (and changes nothing).
-pub fn set(text: &str, path: &str, value: &str) -> Result<(String, Change), String> {
+pub fn set(text: &str, path: &str, value: &str) -> Result<(String, Change), ValuesError> {
     let segments = parse_path(path)?;
     let before: Vec<Value> =
         serde_saphyr::from_multiple(text).map_err(|e| format!("the file is not valid YAML: {e}"))?;
     let (found, seen) = locate(text, &segments)?;
     let at = match found.as_slice() {
         [one] => one.clone(),
-        [] => return Err(not_found(&segments, &seen)),
+        [] => return Err(not_found(&segments, &seen).into()),
         many => {
-            return Err(format!(
+            return Err(ValuesError::from(format!(
                 "{} is set more than once (lines {})",
                 path,
                 many.iter().map(|f| f.line.to_string()).collect::<Vec<_>>().join(", ")
-            ));
+            )));
         }
     };
     let old = text[at.start..at.end].to_string();
@@ -366,10 +371,10 @@ pub fn set(text: &str, path: &str, value: &str) -> Result<(String, Change), Stri
     let after: Vec<Value> = serde_saphyr::from_multiple(&out).map_err(|e| format!("the edit broke the YAML: {e}"))?;
     let mut expected = before;
     if !expected.get_mut(at.doc).is_some_and(|d| set_in(d, &segments, value)) || after != expected {
-        return Err(format!(
+        return Err(ValuesError::from(format!(
             "changing line {} would change more than {path} (is the value anchored and aliased elsewhere?); nothing changed",
             at.line
-        ));
+        )));
     }
     Ok((
         out,
@@ -382,13 +387,13 @@ pub fn set(text: &str, path: &str, value: &str) -> Result<(String, Change), Stri
 }
 
 /// The string value at `path` of `text`.
-pub fn get(text: &str, path: &str) -> Result<String, String> {
+pub fn get(text: &str, path: &str) -> Result<String, ValuesError> {
     let segments = parse_path(path)?;
     let (found, seen) = locate(text, &segments)?;
     match found.as_slice() {
         [one] => Ok(unquote(&text[one.start..one.end], one.style)),
-        [] => Err(not_found(&segments, &seen)),
-        _ => Err(format!("{path} is set more than once")),
+        [] => Err(not_found(&segments, &seen).into()),
+        _ => Err(ValuesError::from(format!("{path} is set more than once"))),
     }
 }
 
