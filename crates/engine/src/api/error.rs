@@ -11,7 +11,7 @@ use serde_json::json;
 
 use crate::core::error::EngineError;
 use crate::core::model::RunId;
-use crate::triggers::webhook::{HookError, Refusal};
+use crate::triggers::intake::{IntakeError, Refusal};
 
 /// An API error response.
 #[derive(Debug)]
@@ -61,11 +61,11 @@ impl From<EngineError> for ApiError {
     }
 }
 
-impl From<HookError> for ApiError {
-    fn from(e: HookError) -> Self {
+impl From<IntakeError> for ApiError {
+    fn from(e: IntakeError) -> Self {
         match e {
-            HookError::Unauthorized(m) => Self::new(StatusCode::UNAUTHORIZED, "unauthorized", m),
-            HookError::BadRequest(m) => Self::new(StatusCode::BAD_REQUEST, "bad_request", m),
+            IntakeError::Unauthorized(m) => Self::new(StatusCode::UNAUTHORIZED, "unauthorized", m),
+            IntakeError::BadRequest(m) => Self::new(StatusCode::BAD_REQUEST, "bad_request", m),
         }
     }
 }
@@ -73,7 +73,7 @@ impl From<HookError> for ApiError {
 impl From<Refusal> for ApiError {
     fn from(e: Refusal) -> Self {
         match e {
-            Refusal::Hook(e) => e.into(),
+            Refusal::Intake(e) => e.into(),
             Refusal::Engine(e) => e.into(),
         }
     }

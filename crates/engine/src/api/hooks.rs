@@ -107,55 +107,9 @@ pub(crate) async fn alertmanager(
     let authorization = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    if !alerts.auth.admits(authorization) {
-        return Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "missing or wrong credentials (the token or basic auth of alertmanager in dayshift's config)",
-        ));
-    }
+    crate::triggers::alerts::admit(&alerts, authorization)?;
     let bytes = read_body(body, alerts.max_body, body_timeout).await?;
-    let notification: crate::triggers::alerts::Notification = serde_json::from_slice(&bytes).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            format!("not an Alertmanager notification: {e}"),
-        )
-    })?;
-    if notification.version != "4" {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            format!(
-                "notification version {} is not supported; Alertmanager sends version 4",
-                notification.version
-            ),
-        ));
-    }
-    let span = tracing::info_span!(
-        "alertmanager",
-        otel.name = "alertmanager notification",
-        receiver = notification.receiver.as_deref().unwrap_or("")
-    );
-    let outcome = tracing::Instrument::instrument(
-        crate::triggers::alerts::handle(api.engine(), &alerts, notification),
-        span,
-    )
-    .await?;
-    let m = crate::core::metrics::metrics();
-    let results = [
-        ("started", outcome.started.len()),
-        ("duplicate", outcome.duplicates),
-        ("held_back", outcome.held_back.len()),
-        ("resolved", outcome.resolved_signals),
-        ("no_route", outcome.no_route),
-        ("failed", outcome.errors.len()),
-    ];
-    for (result, n) in results {
-        for _ in 0..n {
-            m.delivery("alertmanager", result);
-        }
-    }
+    let outcome = crate::triggers::alerts::receive(api.engine(), &alerts, &bytes).await?;
     Ok((
         StatusCode::OK,
         Json(serde_json::to_value(outcome).unwrap_or(Value::Null)),

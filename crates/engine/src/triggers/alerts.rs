@@ -25,6 +25,7 @@ use crate::core::error::EngineError;
 use crate::core::model::{RunId, StartRun};
 use crate::engine::Engine;
 use crate::template;
+use crate::triggers::intake::{IntakeError, Refusal};
 
 /// One label matcher, in Alertmanager's syntax: `name="value"`, `name!="value"`,
 /// `name=~"regex"`, `name!~"regex"`.
@@ -271,12 +272,55 @@ pub struct NotificationOutcome {
     pub errors: Vec<String>,
 }
 
+/// Whether the request's `Authorization` header carries the credentials the config names:
+/// checked before the body is read.
+pub fn admit(alerts: &Alerts, authorization: Option<&str>) -> Result<(), IntakeError> {
+    if alerts.auth.admits(authorization) {
+        Ok(())
+    } else {
+        Err(IntakeError::Unauthorized(
+            "missing or wrong credentials (the token or basic auth of alertmanager in dayshift's config)".into(),
+        ))
+    }
+}
+
+/// Takes one notification whose sender was admitted ([`admit`]) and whose body has been read:
+/// reads it (version 4 only), starts and signals what its routes say, counts the results.
+pub async fn receive(engine: &Engine, alerts: &Alerts, body: &[u8]) -> Result<NotificationOutcome, Refusal> {
+    let notification: Notification = serde_json::from_slice(body)
+        .map_err(|e| IntakeError::BadRequest(format!("not an Alertmanager notification: {e}")))?;
+    if notification.version != "4" {
+        return Err(IntakeError::BadRequest(format!(
+            "notification version {} is not supported; Alertmanager sends version 4",
+            notification.version
+        ))
+        .into());
+    }
+    let span = tracing::info_span!(
+        "alertmanager",
+        otel.name = "alertmanager notification",
+        receiver = notification.receiver.as_deref().unwrap_or("")
+    );
+    let outcome = tracing::Instrument::instrument(handle(engine, alerts, notification), span).await?;
+    let m = crate::core::metrics::metrics();
+    let results = [
+        ("started", outcome.started.len()),
+        ("duplicate", outcome.duplicates),
+        ("held_back", outcome.held_back.len()),
+        ("resolved", outcome.resolved_signals),
+        ("no_route", outcome.no_route),
+        ("failed", outcome.errors.len()),
+    ];
+    for (result, n) in results {
+        for _ in 0..n {
+            m.delivery("alertmanager", result);
+        }
+    }
+    Ok(outcome)
+}
+
 /// Handles one notification.
-pub(crate) async fn handle(
-    engine: &Engine,
-    alerts: &Alerts,
-    n: Notification,
-) -> Result<NotificationOutcome, EngineError> {
+async fn handle(engine: &Engine, alerts: &Alerts, n: Notification) -> Result<NotificationOutcome, EngineError> {
     // Alertmanager sends `firing` or `resolved`; anything else is not its notification, and
     // taking it as firing would start a remediation. Refused whole, before anything is done.
     if let Some((i, a)) = n

@@ -5,5 +5,6 @@
 //! API and the scheduler loop; the engine holds none of them.
 
 pub mod alerts;
+pub mod intake;
 pub mod schedule;
 pub mod webhook;

@@ -10,6 +10,7 @@ use crate::core::error::EngineError;
 use crate::core::metrics::metrics;
 use crate::core::store::webhooks::DeliveryRow;
 use crate::engine::Engine;
+use crate::triggers::intake::Refusal;
 use crate::triggers::webhook::event::{EventKind, Forge, HookError, Parsed};
 use crate::triggers::webhook::parse::parse_payload;
 use crate::triggers::webhook::routes::Webhooks;
@@ -99,17 +100,6 @@ impl DeliveryOutcome {
             errors: Vec::new(),
         }
     }
-}
-
-/// Why a delivery was not taken.
-#[derive(Debug, thiserror::Error)]
-pub enum Refusal {
-    /// The sender is not who the secret says, or the delivery is not a forge's.
-    #[error(transparent)]
-    Hook(#[from] HookError),
-    /// The engine refused or failed (a replay under another event: `Conflict`).
-    #[error(transparent)]
-    Engine(#[from] EngineError),
 }
 
 /// Takes one delivery of `forge` whose body has been read: checks its signature or token,

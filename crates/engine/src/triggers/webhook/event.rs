@@ -250,11 +250,5 @@ pub enum Parsed {
     NotHandled(String),
 }
 
-/// Why a delivery was refused.
-#[derive(Debug, thiserror::Error, PartialEq)]
-pub enum HookError {
-    #[error("{0}")]
-    Unauthorized(String),
-    #[error("{0}")]
-    BadRequest(String),
-}
+/// Why a delivery was refused: an [`IntakeError`], as every intake refuses.
+pub type HookError = crate::triggers::intake::IntakeError;

@@ -27,7 +27,7 @@ pub mod parse;
 pub mod routes;
 pub mod verify;
 
-pub use delivery::{DeliveryOutcome, Outcome, Refusal, StartedByRoute, receive};
+pub use delivery::{DeliveryOutcome, Outcome, StartedByRoute, receive};
 pub use event::{CONTEXT_FIELDS, Commit, EventKind, Forge, GitEvent, HookError, Parsed, PullRequest};
 pub use parse::parse;
 pub use routes::{Pattern, WebhookRoute, Webhooks};
