@@ -535,6 +535,83 @@ async fn a_worker_killed_during_wait_healthy_leaves_a_durable_wait_that_the_next
     env.server.as_mut().unwrap().kill9().await;
 }
 
+/// The revert's undo entry (`undo:commit-and-push`), if it has one yet.
+fn revert_undo(run: &Value) -> Option<Value> {
+    run["steps"]
+        .as_array()?
+        .iter()
+        .find(|s| s["name"] == "undo:commit-and-push")
+        .cloned()
+}
+
+/// Between two health checks of the revert: the run released, its undo retrying.
+fn reverting(run: &Value) -> bool {
+    run["status"] == "waiting" && revert_undo(run).is_some_and(|u| u["status"] == "retrying")
+}
+
+#[tokio::test]
+async fn a_revert_waits_for_health_again_without_holding_a_worker_and_a_killed_worker_resumes_it() {
+    let rig = Rig::world().await;
+    // ArgoCD keeps every new revision Progressing: the promotion times out, and the revert
+    // waits for health until the test lets it turn Healthy.
+    rig.healthy.store(false, Ordering::SeqCst);
+    let mut env = dayshift_tests::BinEnv::start_with(&rig.connections_yaml()).await;
+    let mut first = env.start_worker().await;
+    let mut promotion = input("2.19.0");
+    // Checks 400 ms apart, for 8 s: the promotion's wait, then the revert's.
+    promotion["timeout"] = json!("8s");
+    let id = env.start_run("promote.image", promotion).await;
+    env.wait_run(&id, LIMIT, reverting).await;
+    // Killed between two of the revert's checks: it holds the run no longer.
+    first.kill9().await;
+    let (_, after_kill) = env.get(&format!("/api/v1/runs/{id}")).await;
+    assert!(
+        reverting(&after_kill),
+        "the killed worker was holding the run: {after_kill:#}"
+    );
+    let by_first = revert_undo(&after_kill).unwrap()["attempts"].as_i64().unwrap();
+    assert!(
+        revert_undo(&after_kill).unwrap()["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("not yet") && e.contains("Progressing")),
+        "{after_kill:#}"
+    );
+
+    let _second = env.start_worker().await;
+    env.wait_run(&id, LIMIT, |r| {
+        revert_undo(r).is_some_and(|u| u["attempts"].as_i64().unwrap() > by_first)
+    })
+    .await;
+    rig.healthy.store(true, Ordering::SeqCst);
+    let run = env.wait_finished(&id, LIMIT).await;
+    assert_eq!(run["status"], "failed", "{run:#}");
+    assert!(
+        run["error"]
+            .as_str()
+            .unwrap()
+            .contains("did not become Synced and Healthy"),
+        "{run:#}"
+    );
+    let undo = revert_undo(&run).unwrap();
+    assert_eq!(undo["status"], "succeeded", "{undo:#}");
+    assert!(undo["attempts"].as_i64().unwrap() > by_first, "{undo:#}");
+    // However many attempts, on two workers: one revert commit, the promotion's.
+    let log = rig.git.log("infra", "main");
+    assert_eq!(log.len(), 3, "seed, promotion, revert: {log:#?}");
+    assert!(
+        log[0].2.contains(&format!("Dayshift-Revert-Of: {}", log[1].0)),
+        "{log:#?}"
+    );
+    assert_eq!(rig.git.read("infra", "main", VALUES), rig.original.trim_end());
+    let notices = rig.chat.wait_for(2, LIMIT).await;
+    let text = notices[1]["text"].as_str().unwrap();
+    assert!(
+        text.contains("was rolled back") && text.contains("healthy again"),
+        "{text}"
+    );
+    env.server.as_mut().unwrap().kill9().await;
+}
+
 const SECRET: &str = "chain-webhook-secret";
 
 fn signed(body: &[u8]) -> String {

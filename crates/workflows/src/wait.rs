@@ -15,12 +15,13 @@
 //! result; every later check reads it from there, on any worker and in any replay, so a restart
 //! neither extends nor shortens the wait.
 //!
-//! # One entry instead: [`paced`]
+//! # One entry instead: [`paced`], [`Pace`]
 //! Where the journal keeps one entry per phase (a component's `wait-ready`, which its plan and
 //! the console show as one step), [`paced`] makes the checks the attempts of one step: "not
 //! yet" is a transient error retried after a fixed delay, during which the run is released
 //! like any retry backoff. Its deadline is a number of attempts (timeout / interval), which the
-//! journal keeps as the step's attempt count.
+//! journal keeps as the step's attempt count. An undo that waits is paced the same way
+//! ([`Pace`] with the step's `undo_retry`): no wait anywhere holds a worker.
 
 use std::future::Future;
 use std::time::Duration;
@@ -125,46 +126,67 @@ where
     C: Fn() -> Fut + Sync,
     Fut: Future<Output = Result<Probe, StepError>> + Send,
 {
-    let every = wait.every.max(Duration::from_millis(1));
-    let attempts = u32::try_from(wait.timeout.as_millis() / every.as_millis())
-        .unwrap_or(u32::MAX)
-        .max(1);
-    let pace = RetryPolicy {
-        max_attempts: attempts,
-        initial_delay: every,
-        multiplier: 1.0,
-        max_delay: every,
-        jitter: 0.0,
-    };
+    let pace = Pace::new(wait.timeout, wait.every);
     let check = &check;
     ctx.step(wait.name, |s| async move {
-        match check().await? {
-            Probe::Ready => Ok(()),
-            Probe::Pending { late, .. } if s.attempt >= attempts => Err(StepError::Permanent(late)),
-            Probe::Pending { status, .. } => Err(StepError::Transient(format!("not yet: {status}"))),
+        match pace.attempt(s.attempt, check()).await? {
+            None => Ok(()),
+            Some(late) => Err(StepError::Permanent(late)),
         }
     })
-    .retry(pace)
+    .retry(pace.policy())
     .await
 }
 
-/// The same wait inside one step, for an undo: an undo has no `ctx` to sleep with, so this one
-/// holds its worker for up to `timeout` (TODO-robustness: durable once undos can sleep).
-pub(crate) async fn in_step<C, Fut>(timeout: Duration, every: Duration, check: C) -> Result<(), StepError>
-where
-    C: Fn() -> Fut,
-    Fut: Future<Output = Result<Probe, StepError>>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        let late = match check().await? {
-            Probe::Ready => return Ok(()),
-            Probe::Pending { late, .. } => late,
-        };
-        if tokio::time::Instant::now() + every > deadline {
-            return Err(StepError::Permanent(late));
+/// A wait whose checks are the attempts of one step or undo: `attempts` of them, `every` apart,
+/// the run released in between. An undo that waits (health after a revert, readiness after a
+/// rollback) is paced so: it has no `ctx` to sleep with, and its action is safe to repeat, so
+/// each attempt does the action again (a no-op once done) and checks once.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Pace {
+    every: Duration,
+    attempts: u32,
+}
+
+impl Pace {
+    /// Checks every `every` for `timeout`.
+    pub(crate) fn new(timeout: Duration, every: Duration) -> Self {
+        let every = every.max(Duration::from_millis(1));
+        let attempts = u32::try_from(timeout.as_millis() / every.as_millis())
+            .unwrap_or(u32::MAX)
+            .max(1);
+        Self { every, attempts }
+    }
+
+    /// The retry policy that paces the attempts (for `.retry` or `.undo_retry`).
+    pub(crate) fn policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: self.attempts,
+            initial_delay: self.every,
+            multiplier: 1.0,
+            max_delay: self.every,
+            jitter: 0.0,
         }
-        tokio::time::sleep(every).await;
+    }
+
+    /// Whether `attempt` is the last one the pace allows.
+    pub(crate) fn is_last(&self, attempt: u32) -> bool {
+        attempt >= self.attempts
+    }
+
+    /// Attempt `attempt`'s check: `None` when ready; a transient "not yet" error (retried at
+    /// the pace) while attempts are left; on the last attempt, `Some(late)`: the wait is over
+    /// without the thing ready, and the caller says what that means.
+    pub(crate) async fn attempt(
+        &self,
+        attempt: u32,
+        check: impl Future<Output = Result<Probe, StepError>>,
+    ) -> Result<Option<String>, StepError> {
+        match check.await? {
+            Probe::Ready => Ok(None),
+            Probe::Pending { late, .. } if self.is_last(attempt) => Ok(Some(late)),
+            Probe::Pending { status, .. } => Err(StepError::Transient(format!("not yet: {status}"))),
+        }
     }
 }
 

@@ -213,6 +213,7 @@ impl Ctx {
             timeout: None,
             sensitive: false,
             undo: None,
+            undo_policy: None,
             _t: PhantomData,
         }
     }
@@ -940,6 +941,7 @@ pub struct Step<'a, T, F> {
     timeout: Option<Duration>,
     sensitive: bool,
     undo: Option<UndoSpec<T>>,
+    undo_policy: Option<RetryPolicy>,
     _t: PhantomData<fn() -> T>,
 }
 
@@ -978,6 +980,14 @@ where
         self.undo = Some(Box::new(move |s, t| Box::pin(undo(s, t))));
         self
     }
+
+    /// How the undo's failed attempts are retried, when not as the step's: an undo that waits
+    /// for something (health after a revert) is paced, each attempt one check, with the run
+    /// released between two of them like any retry backoff. Default: the step's policy.
+    pub fn undo_retry(mut self, policy: RetryPolicy) -> Self {
+        self.undo_policy = Some(policy);
+        self
+    }
 }
 
 impl<'a, T, F, Fut> IntoFuture for Step<'a, T, F>
@@ -999,6 +1009,7 @@ where
                 timeout,
                 sensitive,
                 undo,
+                undo_policy,
                 ..
             } = self;
             let f = move |s: StepCtx| -> BoxFuture<'a, Result<Value, StepError>> {
@@ -1016,7 +1027,7 @@ where
                 let arg = out.clone();
                 ctx.push_undo(Undo {
                     step: name,
-                    policy,
+                    policy: undo_policy.unwrap_or(policy),
                     timeout,
                     run: Box::new(move |s| undo(s, arg)),
                 });

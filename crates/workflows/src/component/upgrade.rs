@@ -36,6 +36,7 @@ use crate::adapters::kube::{Kube, ObjectId, Resource};
 use crate::adapters::notify::Notifier;
 use crate::adapters::step_err;
 use crate::connections::Connections;
+use crate::wait::Pace;
 
 /// The label on rollback point Secrets, naming their component.
 pub const ROLLBACK_LABEL: &str = "dayshift.io/rollback-point-of";
@@ -109,19 +110,22 @@ async fn upgrade(
 
     let run_id = ctx.run_id().to_string();
     let c = &checked;
-    let point: RollbackPoint = ctx
-        .step("rollback-point", |_s| async move { record(k, i, c, &run_id).await })
-        .undo({
-            let (k, i, c, n, run) = (
-                kube.clone(),
-                input.clone(),
-                checked.clone(),
-                notifier.clone(),
-                ctx.run_id().to_string(),
-            );
-            move |_s, point: RollbackPoint| async move { roll_back(&k, &i, &c, &point, n.as_ref(), &run).await }
-        })
-        .await?;
+    let point: RollbackPoint =
+        ctx.step("rollback-point", |_s| async move { record(k, i, c, &run_id).await })
+            .undo({
+                let (k, i, c, n, run) = (
+                    kube.clone(),
+                    input.clone(),
+                    checked.clone(),
+                    notifier.clone(),
+                    ctx.run_id().to_string(),
+                );
+                move |s, point: RollbackPoint| async move {
+                    roll_back(&k, &i, &c, &point, n.as_ref(), &run, s.attempt).await
+                }
+            })
+            .undo_retry(rollback_pace(&input).policy())
+            .await?;
 
     apply_phases(ctx, k, i, &checked).await?;
     wait_ready(ctx, k, i, &checked).await?;
@@ -367,8 +371,15 @@ async fn load_point(k: &Kube, point: &RollbackPoint) -> Result<Vec<(Resource, Va
         .collect()
 }
 
+/// How the rollback's attempts wait for the old version: as often and as long as `wait-ready`.
+fn rollback_pace(i: &ComponentInput) -> Pace {
+    Pace::new(i.timeout, ready_interval(i.timeout))
+}
+
 /// The undo: re-applies the rollback point, deletes what the upgrade created, and waits until
-/// the old version is healthy.
+/// the old version is healthy. Safe to repeat (applying the point again changes nothing, a
+/// deleted object stays deleted), so each attempt of [`rollback_pace`] does it and checks once;
+/// "not yet" is retried with the run released.
 async fn roll_back(
     k: &Kube,
     i: &ComponentInput,
@@ -376,6 +387,7 @@ async fn roll_back(
     point: &RollbackPoint,
     notifier: Option<&Notifier>,
     run_id: &str,
+    attempt: u32,
 ) -> Result<(), StepError> {
     let mut objects = load_point(k, point).await?;
     objects.sort_by_key(|(r, _)| phase_of(&r.kind));
@@ -393,12 +405,21 @@ async fn roll_back(
         k.delete(r, id).await.map_err(step_err)?;
     }
     let workloads: Vec<&ObjectId> = point.live.iter().map(|l| &l.id).collect();
-    let workloads = &workloads;
-    crate::wait::in_step(i.timeout, ready_interval(i.timeout), || {
-        crate::wait::workloads_ready(k, workloads, i.timeout)
-    })
-    .await
-    .map_err(|e| StepError::Permanent(format!("the rollback point was re-applied, but: {e}")))?;
+    let pace = rollback_pace(i);
+    let late = match pace
+        .attempt(attempt, crate::wait::workloads_ready(k, &workloads, i.timeout))
+        .await
+    {
+        Ok(None) => None,
+        Ok(Some(late)) => Some(late),
+        Err(e) if e.is_retryable() && !pace.is_last(attempt) => return Err(e),
+        Err(e) => Some(e.to_string()),
+    };
+    if let Some(why) = late {
+        return Err(StepError::Permanent(format!(
+            "the rollback point was re-applied, but: {why}"
+        )));
+    }
     if let Some(n) = notifier {
         let text = format!(
             "upgrade.component of {} (run {run_id}) failed and was rolled back; the previous version is healthy again. Rollback point: {}/{}",

@@ -22,7 +22,7 @@ use crate::adapters::notify::Notifier;
 use crate::adapters::step_err;
 use crate::connections::Connections;
 use crate::gates::ApprovalGate;
-use crate::wait::{self, Probe, Wait};
+use crate::wait::{self, Pace, Probe, Wait};
 
 dayshift_engine::message_error!(
     /// An image tag or digest registries would not take.
@@ -230,13 +230,17 @@ async fn promote(ctx: &Ctx, p: Arc<Promote>) -> Result<Promotion, WorkflowError>
         approve(ctx, &p, gate).await?;
     }
     let (pr, run) = (&p, run_id.as_str());
-    let pushed: Pushed = ctx
+    let step = ctx
         .step("commit-and-push", |_s| async move { commit_and_push(pr, run).await })
         .undo({
             let (p, run) = (p.clone(), run_id.clone());
-            move |_s, pushed: Pushed| async move { revert(&p, &pushed, &run).await }
-        })
-        .await?;
+            move |s, pushed: Pushed| async move { revert(&p, &pushed, &run, s.attempt).await }
+        });
+    // The revert waits for health again, one check per attempt (see `revert`).
+    let pushed: Pushed = match &p.input.argocd {
+        Some(_) => step.undo_retry(revert_pace(&p.input).policy()).await?,
+        None => step.await?,
+    };
 
     if let Some(app) = &p.input.argocd {
         let commit = pushed.commit.as_str();
@@ -428,9 +432,16 @@ fn not_healthy(p: &Promote, app: &ArgoApp, commit: &str, last: &str) -> String {
     )
 }
 
+/// How the revert's attempts wait for health again: as often and as long as `wait-healthy`.
+fn revert_pace(i: &PromoteInput) -> Pace {
+    Pace::new(i.timeout, check_interval(i.timeout))
+}
+
 /// The undo: a revert commit of ours (never a force-push), pushed, health awaited again, a
-/// notice. Safe to repeat: an existing revert is found by its trailer.
-async fn revert(p: &Promote, pushed: &Pushed, run_id: &str) -> Result<(), StepError> {
+/// notice. Safe to repeat: an existing revert is found by its trailer, so each attempt (of
+/// [`revert_pace`]) finds it and checks the Application once; "not yet" is retried with the run
+/// released, and the last attempt says in the notice that it is still not healthy.
+async fn revert(p: &Promote, pushed: &Pushed, run_id: &str, attempt: u32) -> Result<(), StepError> {
     if !pushed.changed {
         return Ok(());
     }
@@ -462,14 +473,15 @@ async fn revert(p: &Promote, pushed: &Pushed, run_id: &str) -> Result<(), StepEr
     }
     let reverted = reverted.ok_or_else(|| StepError::transient("the branch kept moving while reverting"))?;
     let health = match &i.argocd {
-        Some(app) => match wait::in_step(p.input.timeout, check_interval(p.input.timeout), || {
-            argo_probe(p, app, &reverted)
-        })
-        .await
-        {
-            Ok(()) => "healthy again".to_string(),
-            Err(e) => format!("NOT healthy after the revert: {e}"),
-        },
+        Some(app) => {
+            let pace = revert_pace(i);
+            match pace.attempt(attempt, argo_probe(p, app, &reverted)).await {
+                Ok(None) => "healthy again".to_string(),
+                Ok(Some(late)) => format!("NOT healthy after the revert: {late}"),
+                Err(e) if e.is_retryable() && !pace.is_last(attempt) => return Err(e),
+                Err(e) => format!("NOT healthy after the revert: {e}"),
+            }
+        }
         None => "no Application to watch".to_string(),
     };
     tracing::warn!(run_id, commit = %pushed.commit, revert = %reverted, "Promotion reverted.");
