@@ -33,7 +33,7 @@ const KUSTOMIZATIONS: [&str; 3] = ["kustomization.yaml", "kustomization.yml", "K
 pub fn read(path: &Path) -> Result<Vec<Doc>, ManifestError> {
     if path.is_dir() && KUSTOMIZATIONS.iter().any(|k| path.join(k).is_file()) {
         let text = kustomize(path)?;
-        return Ok(parse(&format!("{} (kustomize output)", path.display()), &text)?);
+        return parse(&format!("{} (kustomize output)", path.display()), &text);
     }
     let files: Vec<PathBuf> = if path.is_dir() {
         let mut files: Vec<PathBuf> = std::fs::read_dir(path)
@@ -60,8 +60,9 @@ pub fn read(path: &Path) -> Result<Vec<Doc>, ManifestError> {
     Ok(out)
 }
 
-fn parse(name: &str, text: &str) -> Result<Vec<Doc>, String> {
-    let docs: Vec<Value> = serde_saphyr::from_multiple(text).map_err(|e| format!("{name} is not valid YAML: {e}"))?;
+fn parse(name: &str, text: &str) -> Result<Vec<Doc>, ManifestError> {
+    let docs: Vec<Value> =
+        serde_saphyr::from_multiple(text).map_err(|e| ManifestError(format!("{name} is not valid YAML: {e}")))?;
     let mut out = Vec::new();
     for (n, object) in docs.into_iter().enumerate() {
         if object.is_null() {
@@ -73,13 +74,15 @@ fn parse(name: &str, text: &str) -> Result<Vec<Doc>, String> {
             || object["kind"].as_str().is_none_or(str::is_empty)
             || object["metadata"]["name"].as_str().is_none_or(str::is_empty)
         {
-            return Err(format!("{at}: an object needs apiVersion, kind and metadata.name"));
+            return Err(ManifestError(format!(
+                "{at}: an object needs apiVersion, kind and metadata.name"
+            )));
         }
         if object["kind"].as_str().is_some_and(|k| k.ends_with("List")) {
-            return Err(format!(
+            return Err(ManifestError(format!(
                 "{at}: a {} is not applied as such; list its items as documents",
                 object["kind"]
-            ));
+            )));
         }
         out.push(Doc { at, object });
     }
@@ -113,11 +116,13 @@ fn kustomize(dir: &Path) -> Result<String, ManifestError> {
 }
 
 /// The kind of every document: a built-in kind, one a CustomResourceDefinition in the manifests
-/// defines, or one the cluster's CRDs (`cluster`, asked only when needed) define.
-pub async fn resolve<F, Fut>(docs: &[Doc], cluster: F) -> Result<Vec<Resource>, String>
+/// defines, or one the cluster's CRDs (`cluster`, asked only when needed) define. An error
+/// reading the cluster's CRDs is returned as it says.
+pub async fn resolve<F, Fut, E>(docs: &[Doc], cluster: F) -> Result<Vec<Resource>, ManifestError>
 where
     F: FnOnce() -> Fut,
-    Fut: std::future::Future<Output = Result<Vec<Value>, String>>,
+    Fut: std::future::Future<Output = Result<Vec<Value>, E>>,
+    E: std::fmt::Display,
 {
     let mut known: Vec<Resource> = docs
         .iter()
@@ -137,17 +142,18 @@ where
         })
     };
     if docs.iter().any(|d| find(&known, d).is_none()) {
-        known.extend(cluster().await?.iter().flat_map(Resource::from_crd));
+        let crds = cluster().await.map_err(|e| ManifestError(e.to_string()))?;
+        known.extend(crds.iter().flat_map(Resource::from_crd));
     }
     docs.iter()
         .map(|d| {
             find(&known, d).ok_or_else(|| {
-                format!(
+                ManifestError(format!(
                     "{}: kind {} ({}) is not one the cluster serves: it is not built in, and no CustomResourceDefinition in the manifests or the cluster defines it",
                     d.at,
                     d.object["kind"].as_str().unwrap_or_default(),
                     d.object["apiVersion"].as_str().unwrap_or_default()
-                )
+                ))
             })
         })
         .collect()

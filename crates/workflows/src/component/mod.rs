@@ -210,7 +210,7 @@ async fn check(ctx: &Ctx, k: &Kube, i: &ComponentInput) -> Result<Checked, Workf
     let checked = ctx
         .step("check", |_s| async move {
             let docs = manifests::read(&i.manifests).map_err(StepError::permanent)?;
-            let kinds = manifests::resolve(&docs, || async { k.crds().await.map_err(|e| e.to_string()) })
+            let kinds = manifests::resolve(&docs, || k.crds())
                 .await
                 .map_err(StepError::permanent)?;
             let objects = manifests::prepare(&docs, &kinds, &i.component, &i.namespace);

@@ -47,7 +47,7 @@ fn show(path: &[Segment]) -> String {
 }
 
 /// Parses `a.b.[name=x.y].c`: dots inside brackets belong to the value.
-fn parse_path(path: &str) -> Result<Vec<Segment>, String> {
+fn parse_path(path: &str) -> Result<Vec<Segment>, ValuesError> {
     let mut out = Vec::new();
     let mut rest = path;
     while !rest.is_empty() {
@@ -67,7 +67,7 @@ fn parse_path(path: &str) -> Result<Vec<Segment>, String> {
         } else {
             let end = rest.find('.').unwrap_or(rest.len());
             if end == 0 {
-                return Err(format!("key path {path:?}: an empty key"));
+                return Err(format!("key path {path:?}: an empty key").into());
             }
             out.push(Segment::Key(rest[..end].to_string()));
             rest = rest.get(end + 1..).unwrap_or("");
@@ -129,7 +129,7 @@ fn split_key(s: &str) -> Option<(String, &str)> {
 
 /// The scalar in `rest` (the text after a key's colon, at byte `offset` of the file): its
 /// range and style. `None` when there is no inline scalar (a nested block follows).
-fn scalar_in(rest: &str, offset: usize) -> Result<Option<(usize, usize, Style)>, String> {
+fn scalar_in(rest: &str, offset: usize) -> Result<Option<(usize, usize, Style)>, ValuesError> {
     let mut pos = rest.len() - rest.trim_start().len();
     let mut s = &rest[pos..];
     // An anchor and a tag may precede the value.
@@ -186,7 +186,7 @@ fn scalar_in(rest: &str, offset: usize) -> Result<Option<(usize, usize, Style)>,
 }
 
 /// Every place `path` is set in `text`, and the paths seen (for error messages).
-fn locate(text: &str, path: &[Segment]) -> Result<(Vec<Found>, Vec<Vec<Segment>>), String> {
+fn locate(text: &str, path: &[Segment]) -> Result<(Vec<Found>, Vec<Vec<Segment>>), ValuesError> {
     let mut found = Vec::new();
     let mut seen: Vec<Vec<Segment>> = Vec::new();
     let mut stack: Vec<Frame> = Vec::new();
@@ -221,7 +221,7 @@ fn locate(text: &str, path: &[Segment]) -> Result<(Vec<Found>, Vec<Vec<Segment>>
         }
         in_doc = true;
         if content.starts_with('\t') {
-            return Err(format!("line {}: a tab in the indentation", n + 1));
+            return Err(format!("line {}: a tab in the indentation", n + 1).into());
         }
         let mut rest = content;
         // Sequence items: `- key: value` opens an item whose mapping is two columns in.
@@ -288,7 +288,7 @@ fn locate(text: &str, path: &[Segment]) -> Result<(Vec<Found>, Vec<Vec<Segment>>
             }),
             Err(why) => {
                 if here == path {
-                    return Err(format!("line {}: {} {why}", n + 1, show(path)));
+                    return Err(format!("line {}: {} {why}", n + 1, show(path)).into());
                 }
                 if why.starts_with("is a block scalar") {
                     block = Some(indent);
