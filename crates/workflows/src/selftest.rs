@@ -1,5 +1,5 @@
 //! `selftest.chain`: a chain of real, journaled steps, for checking an installation, for tests
-//! and for benchmarks.
+//! and for benchmarks; with `parallel`, the same steps as one fan-out ([`Ctx::all`]).
 //!
 //! With `side_effects` set to a table name, each step's work is to insert a row
 //! `(run_id, step, attempt)` into that table of the dayshift database, in its own transaction,
@@ -26,6 +26,9 @@ pub struct ChainInput {
     /// A table of the dayshift database to record each step attempt in; created if missing.
     #[serde(default)]
     pub side_effects: Option<TableName>,
+    /// Run the steps as one fan-out, this many at once (1 to 1000), instead of one after another.
+    #[serde(default)]
+    pub parallel: Option<StepCount>,
 }
 
 /// A number of steps, 1 to 1000.
@@ -111,6 +114,21 @@ async fn run_chain(ctx: Ctx, pool: PgPool, input: ChainInput) -> Result<ChainOut
         jitter: 0.2,
     };
     let mut attempts = Vec::with_capacity(steps as usize);
+    if let Some(limit) = input.parallel {
+        let (pool, table, input_ref) = (&pool, table.as_deref(), &input);
+        let fan_out = (1..=steps)
+            .map(|i| {
+                ctx.step(format!("step-{i}"), move |s: StepCtx| async move {
+                    one_step(s, pool, table, input_ref).await
+                })
+                .retry(retry.clone())
+            })
+            .collect();
+        for attempt in ctx.all(fan_out, u32::from(limit) as usize).await {
+            attempts.push(attempt?);
+        }
+        return Ok(ChainOutput { steps, attempts });
+    }
     for i in 1..=steps {
         let name = format!("step-{i}");
         let (pool, table, input_ref) = (&pool, table.as_deref(), &input);

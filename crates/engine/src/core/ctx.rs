@@ -78,6 +78,11 @@ struct Undo {
     run: UndoFn,
 }
 
+/// A result, or the [`Halt`] that pauses the pass instead (a retry backoff, cancellation,
+/// shutdown). The steps of [`Ctx::all`] return pauses as values, so that one branch's pause
+/// waits for the branches still in flight; a lone step halts with it.
+type Paused<T> = Result<T, Halt>;
+
 /// Why a pass over the workflow stopped before the workflow returned.
 #[derive(Debug, Clone, PartialEq)]
 pub(super) enum Halt {
@@ -170,7 +175,8 @@ impl CtxInner {
 
 /// The workflow's handle on the runtime. Every side effect goes through it.
 ///
-/// Calls must be awaited one at a time: their journal positions are taken in call order.
+/// Calls must be awaited one at a time: their journal positions are taken in call order. Steps
+/// that may run at once go through [`Ctx::all`], which takes their positions in a fixed order.
 #[derive(Clone)]
 pub struct Ctx {
     inner: Arc<CtxInner>,
@@ -554,17 +560,26 @@ impl Ctx {
     }
 
     async fn halt_if_cancelled(&self, seq: i32, name: &str, kind: StepKind) {
-        if self.inner.cancel.is_cancelled() {
-            self.mark_cancelled(seq, name, kind).await;
-            self.halt::<()>(Halt::Cancelled).await;
-        }
-        if self.inner.shutdown.is_cancelled() {
-            self.halt::<()>(Halt::Shutdown).await;
+        if let Err(pause) = self.stop_if_cancelled(seq, name, kind).await {
+            self.halt::<()>(pause).await;
         }
     }
 
+    /// [`Halt::Cancelled`] (the entry at `seq` marked so) if the run is cancelled,
+    /// [`Halt::Shutdown`] if the worker stops.
+    async fn stop_if_cancelled(&self, seq: i32, name: &str, kind: StepKind) -> Paused<()> {
+        if self.inner.cancel.is_cancelled() {
+            self.mark_cancelled(seq, name, kind).await;
+            return Err(Halt::Cancelled);
+        }
+        if self.inner.shutdown.is_cancelled() {
+            return Err(Halt::Shutdown);
+        }
+        Ok(())
+    }
+
     async fn mark_cancelled(&self, seq: i32, name: &str, kind: StepKind) {
-        // Only positions that exist are marked; a new position stays empty.
+        // A position not journaled yet is journaled cancelled: the step never started.
         let _ = self
             .inner
             .host
@@ -618,7 +633,8 @@ impl Ctx {
     }
 
     /// Runs attempts of a step (or undo) at `seq` until one succeeds, fails for good, or a retry
-    /// must wait. Returns the result to hand back, or halts.
+    /// must wait. Returns the result to hand back, or the pause that ends the pass (a retry
+    /// backoff, cancellation, shutdown: [`Paused`]); a lost lease or a failed store halts at once.
     #[allow(clippy::too_many_arguments)]
     async fn execute<'f>(
         &self,
@@ -631,11 +647,11 @@ impl Ctx {
         sensitive: bool,
         cancellable: bool,
         f: impl FnOnce(StepCtx) -> BoxFuture<'f, Result<Value, StepError>>,
-    ) -> Result<Value, StepError> {
+    ) -> Paused<Result<Value, StepError>> {
         if cancellable {
-            self.halt_if_cancelled(seq, name, kind).await;
+            self.stop_if_cancelled(seq, name, kind).await?;
         } else if self.inner.shutdown.is_cancelled() {
-            self.halt::<()>(Halt::Shutdown).await;
+            return Err(Halt::Shutdown);
         }
         let store = &self.inner.host.store();
         let lease = &self.inner.lease;
@@ -736,11 +752,11 @@ impl Ctx {
                 })
                 .await;
                 self.inner.host.step_journaled(lease.run_id, name);
-                Ok(value)
+                Ok(Ok(value))
             }
             Err(StepError::Cancelled) => {
                 self.mark_cancelled(seq, name, kind).await;
-                self.halt(Halt::Cancelled).await
+                Err(Halt::Cancelled)
             }
             Err(e) if e.is_retryable() && attempt < policy.max_attempts => {
                 let delay = policy.delay_after(attempt);
@@ -761,7 +777,7 @@ impl Ctx {
                         ran_for,
                     })
                     .await;
-                self.halt(Halt::Suspend(wake_at)).await
+                Err(Halt::Suspend(wake_at))
             }
             Err(e) => {
                 tracing::info!(run_id = %lease.run_id, step = name, attempt, error = %e, "Step failed.");
@@ -784,7 +800,7 @@ impl Ctx {
                     ran_for,
                 })
                 .await;
-                Err(StepError::Permanent(msg))
+                Ok(Err(StepError::Permanent(msg)))
             }
         }
     }
@@ -829,22 +845,23 @@ impl Ctx {
         }
     }
 
-    /// Decides what to do with a journaled step entry, or runs it.
+    /// Decides what to do with the step at `seq` (`found` in the journal, or new), or runs it.
     #[allow(clippy::too_many_arguments)]
     async fn run_step<'f>(
         &self,
+        seq: i32,
+        found: Lookup,
         name: &str,
         policy: &RetryPolicy,
         timeout: Option<Duration>,
         sensitive: bool,
         f: impl FnOnce(StepCtx) -> BoxFuture<'f, Result<Value, StepError>>,
-    ) -> Result<Value, StepError> {
-        let (seq, found) = self.next(StepKind::Step, name).await;
+    ) -> Paused<Result<Value, StepError>> {
         let attempt = match found {
             Lookup::New => 1,
             Lookup::Found(e) => match e.status() {
                 StepStatus::Succeeded if !e.sensitive => {
-                    return Ok(e.output.unwrap_or(Value::Null));
+                    return Ok(Ok(e.output.unwrap_or(Value::Null)));
                 }
                 StepStatus::Succeeded => {
                     // Re-derive the sensitive result; it was never stored.
@@ -856,23 +873,23 @@ impl Ctx {
                         cancel: self.inner.cancel.child_token(),
                     };
                     return match f(sctx).await {
-                        Ok(v) => Ok(v),
+                        Ok(v) => Ok(Ok(v)),
                         Err(err) => {
                             tracing::warn!(run_id = %self.run_id(), step = name, error = %err,
                                 "Re-deriving a sensitive step result failed; trying again later.");
                             let at = self.now() + chrono::Duration::from_std(policy.delay_after(1)).unwrap_or_default();
-                            self.halt(Halt::Suspend(Some(at))).await
+                            Err(Halt::Suspend(Some(at)))
                         }
                     };
                 }
                 StepStatus::Failed => {
-                    return Err(StepError::from_journal(e.error_kind.as_deref(), e.error));
+                    return Ok(Err(StepError::from_journal(e.error_kind.as_deref(), e.error)));
                 }
-                StepStatus::Cancelled => return self.halt(Halt::Cancelled).await,
+                StepStatus::Cancelled => return Err(Halt::Cancelled),
                 StepStatus::Retrying => match e.wake_at {
                     Some(at) if at > self.now() => {
-                        self.halt_if_cancelled(seq, name, StepKind::Step).await;
-                        return self.halt(Halt::Suspend(Some(at))).await;
+                        self.stop_if_cancelled(seq, name, StepKind::Step).await?;
+                        return Err(Halt::Suspend(Some(at)));
                     }
                     _ => e.attempts as u32 + 1,
                 },
@@ -898,7 +915,7 @@ impl Ctx {
                             ran_for: None,
                         })
                         .await;
-                        return Err(StepError::Permanent(msg));
+                        return Ok(Err(StepError::Permanent(msg)));
                     }
                     tried + 1
                 }
@@ -990,6 +1007,77 @@ where
     }
 }
 
+/// A step's function, boxed to return its result as JSON.
+type StepFn<'a> = Box<dyn FnOnce(StepCtx) -> BoxFuture<'a, Result<Value, StepError>> + Send + 'a>;
+
+/// A step taken apart for running: its settings, its undo, and its function.
+struct Parts<'a, T> {
+    name: String,
+    policy: RetryPolicy,
+    timeout: Option<Duration>,
+    sensitive: bool,
+    undo: Option<UndoSpec<T>>,
+    undo_policy: Option<RetryPolicy>,
+    f: StepFn<'a>,
+}
+
+impl<'a, T, F, Fut> Step<'a, T, F>
+where
+    T: Serialize + DeserializeOwned + Clone + Send + 'static,
+    F: FnOnce(StepCtx) -> Fut + Send + 'a,
+    Fut: Future<Output = Result<T, StepError>> + Send + 'a,
+{
+    fn into_parts(self) -> (&'a Ctx, Parts<'a, T>) {
+        let Step {
+            ctx,
+            name,
+            f,
+            policy,
+            timeout,
+            sensitive,
+            undo,
+            undo_policy,
+            ..
+        } = self;
+        let f: StepFn<'a> = Box::new(move |s: StepCtx| -> BoxFuture<'a, Result<Value, StepError>> {
+            let fut = f(s);
+            Box::pin(async move {
+                let v = fut.await?;
+                serde_json::to_value(v).map_err(|e| StepError::Permanent(format!("result is not JSON: {e}")))
+            })
+        });
+        let parts = Parts {
+            name,
+            policy,
+            timeout,
+            sensitive,
+            undo,
+            undo_policy,
+            f,
+        };
+        (ctx, parts)
+    }
+}
+
+impl<T: DeserializeOwned + Clone + Send + 'static> Parts<'_, T> {
+    /// The step's journaled `value` as `T`, its undo registered if it has one.
+    fn finish(self, ctx: &Ctx, value: Value) -> Result<T, StepError> {
+        let name = self.name;
+        let out: T = serde_json::from_value(value)
+            .map_err(|e| StepError::Permanent(format!("journaled result of step '{name}' no longer decodes: {e}")))?;
+        if let Some(undo) = self.undo {
+            let arg = out.clone();
+            ctx.push_undo(Undo {
+                step: name,
+                policy: self.undo_policy.unwrap_or(self.policy),
+                timeout: self.timeout,
+                run: Box::new(move |s| undo(s, arg)),
+            });
+        }
+        Ok(out)
+    }
+}
+
 impl<'a, T, F, Fut> IntoFuture for Step<'a, T, F>
 where
     T: Serialize + DeserializeOwned + Clone + Send + 'static,
@@ -1001,39 +1089,127 @@ where
 
     fn into_future(self) -> Self::IntoFuture {
         Box::pin(async move {
-            let Step {
-                ctx,
-                name,
-                f,
-                policy,
-                timeout,
-                sensitive,
-                undo,
-                undo_policy,
-                ..
-            } = self;
-            let f = move |s: StepCtx| -> BoxFuture<'a, Result<Value, StepError>> {
-                let fut = f(s);
-                Box::pin(async move {
-                    let v = fut.await?;
-                    serde_json::to_value(v).map_err(|e| StepError::Permanent(format!("result is not JSON: {e}")))
-                })
+            let (ctx, mut p) = self.into_parts();
+            let (seq, found) = ctx.next(StepKind::Step, &p.name).await;
+            let f = std::mem::replace(&mut p.f, Box::new(|_| Box::pin(async { Ok(Value::Null) })));
+            let value = match ctx
+                .run_step(seq, found, &p.name, &p.policy, p.timeout, p.sensitive, f)
+                .await
+            {
+                Ok(result) => result?,
+                Err(pause) => return ctx.halt(pause).await,
             };
-            let value = ctx.run_step(&name, &policy, timeout, sensitive, f).await?;
-            let out: T = serde_json::from_value(value).map_err(|e| {
-                StepError::Permanent(format!("journaled result of step '{name}' no longer decodes: {e}"))
-            })?;
-            if let Some(undo) = undo {
-                let arg = out.clone();
-                ctx.push_undo(Undo {
-                    step: name,
-                    policy: undo_policy.unwrap_or(policy),
-                    timeout,
-                    run: Box::new(move |s| undo(s, arg)),
-                });
-            }
-            Ok(out)
+            p.finish(ctx, value)
         })
+    }
+}
+
+impl Ctx {
+    /// Runs `steps` concurrently, at most `limit` at once: a fan-out within one run. Each step
+    /// is journaled at a position of its own, all taken in the order of `steps` before any
+    /// runs, so replay, non-determinism detection, cancellation and undo work exactly as for
+    /// steps awaited one after another.
+    ///
+    /// Every step runs to its end, success or failure (one failing does not stop the others),
+    /// and the results come back in the order of `steps`; the undos of those that succeeded
+    /// are registered in that order too, so compensation runs them in reverse of it. A step
+    /// that must wait (a retry backoff) lets the steps in flight finish, then the pass waits
+    /// for the earliest such step; cancellation stops every step.
+    ///
+    /// # Journal
+    /// Positions `p..p+n` for `n` steps, where `p` is the next position; the call after this
+    /// one takes `p+n`. A replay with steps of other names, or in another order, is
+    /// non-determinism.
+    pub async fn all<'a, T, F, Fut>(&'a self, steps: Vec<Step<'a, T, F>>, limit: usize) -> Vec<Result<T, StepError>>
+    where
+        T: Serialize + DeserializeOwned + Clone + Send + 'static,
+        F: FnOnce(StepCtx) -> Fut + Send + 'a,
+        Fut: Future<Output = Result<T, StepError>> + Send + 'a,
+    {
+        use futures::StreamExt as _;
+        let mut parts = Vec::with_capacity(steps.len());
+        let mut fs = Vec::with_capacity(steps.len());
+        for step in steps {
+            let (_, mut p) = step.into_parts();
+            fs.push(std::mem::replace(
+                &mut p.f,
+                Box::new(|_| Box::pin(async { Ok(Value::Null) })),
+            ));
+            parts.push(p);
+        }
+        // What each branch needs of its step (the undos stay behind: they are not `Sync`).
+        let settings: Vec<_> = parts
+            .iter()
+            .map(|p| (p.name.clone(), p.policy.clone(), p.timeout, p.sensitive))
+            .collect();
+        let settings = &settings;
+        // Every position first: the journal must agree with each before any step runs.
+        let mut at = Vec::with_capacity(parts.len());
+        for (name, ..) in settings {
+            at.push(self.next(StepKind::Step, name).await);
+        }
+        // Boxed, so that the stream's type names no closure (which trips up `Send` inference).
+        let runs: Vec<BoxFuture<'_, (usize, Branch)>> = fs
+            .into_iter()
+            .zip(at)
+            .enumerate()
+            .map(|(i, (f, (seq, found)))| -> BoxFuture<'_, _> {
+                Box::pin(async move {
+                    let (name, policy, timeout, sensitive) = &settings[i];
+                    (
+                        i,
+                        self.run_step(seq, found, name, policy, *timeout, *sensitive, f).await,
+                    )
+                })
+            })
+            .collect();
+        let mut outcomes: Vec<(usize, Branch)> = futures::stream::iter(runs)
+            .buffer_unordered(limit.max(1))
+            .collect()
+            .await;
+        outcomes.sort_by_key(|(i, _)| *i);
+        let mut pause: Option<Halt> = None;
+        let mut results = Vec::with_capacity(parts.len());
+        for (p, (_, outcome)) in parts.into_iter().zip(outcomes) {
+            match outcome {
+                Ok(Ok(value)) => results.push(p.finish(self, value)),
+                Ok(Err(e)) => results.push(Err(e)),
+                Err(h) => {
+                    pause = Some(match pause {
+                        None => h,
+                        Some(other) => sooner(other, h),
+                    });
+                    results.push(Err(StepError::Cancelled));
+                }
+            }
+        }
+        match pause {
+            Some(pause) => self.halt(pause).await,
+            None => results,
+        }
+    }
+}
+
+/// How one branch of [`Ctx::all`] ended: its step's result, or the pause it asks for.
+type Branch = Paused<Result<Value, StepError>>;
+
+/// Of two branches' pauses, the one the pass takes: cancellation, then shutdown, then the
+/// earliest wake-up.
+fn sooner(a: Halt, b: Halt) -> Halt {
+    fn rank(h: &Halt) -> u8 {
+        match h {
+            Halt::Suspend(_) => 0,
+            Halt::Shutdown => 1,
+            _ => 2,
+        }
+    }
+    match (a, b) {
+        (Halt::Suspend(x), Halt::Suspend(y)) => Halt::Suspend(match (x, y) {
+            (Some(x), Some(y)) => Some(x.min(y)),
+            (x, y) => x.or(y),
+        }),
+        (a, b) if rank(&b) > rank(&a) => b,
+        (a, _) => a,
     }
 }
 
@@ -1101,8 +1277,9 @@ pub(super) async fn compensate(ctx: &Ctx) -> Result<Vec<String>, Halt> {
             |s| Box::pin(async move { run(s).await.map(|()| Value::Null) }),
         );
         match drive(inner, work).await? {
-            Ok(_) => {}
-            Err(e) => failures.push(format!("{name}: {e}")),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => failures.push(format!("{name}: {e}")),
+            Err(pause) => return Err(pause),
         }
     }
     Ok(failures)
