@@ -599,6 +599,7 @@ impl Ctx {
                     event: Some("step_cancelled"),
                     ran_for: None,
                 },
+                false,
             )
             .await;
     }
@@ -621,11 +622,19 @@ impl Ctx {
     }
 
     /// Journals, or halts the pass if the store refuses.
+    ///
+    /// The write renews the lease only once a third of it has passed since the last renewal
+    /// (as [`Ctx::keep_lease`] would): a run of fast steps renews it every `ttl / 3`, not at
+    /// every step, and each step writes its own row only.
     async fn record(&self, r: &StepRecord<'_>) -> Option<DateTime<Utc>> {
         let sent = std::time::Instant::now();
-        match self.inner.host.store().record(&self.inner.lease, r).await {
+        let lease = &self.inner.lease;
+        let renew = sent.duration_since(*self.inner.renewed.lock().expect("lease clock")) >= lease.ttl / 3;
+        match self.inner.host.store().record(lease, r, renew).await {
             Ok(at) => {
-                *self.inner.renewed.lock().expect("lease clock") = sent;
+                if renew {
+                    *self.inner.renewed.lock().expect("lease clock") = sent;
+                }
                 at
             }
             Err(e) => self.halt(store_halt(e)).await,

@@ -134,6 +134,46 @@ pub(crate) struct Outcome {
     pub(crate) error: Option<String>,
 }
 
+/// The statement that journals a step, after its lease check `lease` (see [`PgStore::record`]).
+macro_rules! record_sql {
+    ($lease:literal) => {
+        concat!(
+            $lease,
+            "step as ( \
+               insert into steps (run_id, seq, name, kind, status, attempts, output, sensitive, error, error_kind, \
+                                  wake_at, finished_at, started_at) \
+               select $1, $3, $4, $5, $6, $7, $8, $9, $10, $11, \
+                      now() + $12 * interval '1 millisecond', case when $14 then now() end, \
+                      now() - coalesce($16, 0) * interval '1 millisecond' from lease \
+               on conflict (run_id, seq) do update set status = excluded.status, attempts = excluded.attempts, \
+                 output = excluded.output, sensitive = excluded.sensitive, \
+                 error = coalesce(excluded.error, steps.error), \
+                 error_kind = coalesce(excluded.error_kind, steps.error_kind), wake_at = excluded.wake_at, \
+                 finished_at = excluded.finished_at, updated_at = now() \
+               returning wake_at), \
+             event as ( \
+               insert into run_events (run_id, kind, seq, step, attempt, detail) \
+               select $1, $15, $3, $4, $7, jsonb_build_object('status', $6::text, 'error', $10::text) from lease \
+               where $15 is not null) \
+             select (select wake_at from step) as wake_at, exists (select 1 from lease) as held"
+        )
+    };
+}
+
+/// [`PgStore::record`] renewing the lease.
+const RECORD_RENEWING: &str = record_sql!(
+    "with lease as ( \
+       update runs set lease_expires_at = now() + make_interval(secs => $13), updated_at = now() \
+       where id = $1 and lease_epoch = $2 returning id), "
+);
+
+/// [`PgStore::record`] checking the lease with a lock, writing nothing to the run's row ($13 is
+/// bound either way; here it only keeps the parameter list the same).
+const RECORD: &str = record_sql!(
+    "with lease as ( \
+       select id from runs where id = $1 and lease_epoch = $2 and $13::float8 is not null for share), "
+);
+
 /// The PostgreSQL store.
 #[derive(Debug, Clone)]
 pub struct PgStore {
@@ -451,10 +491,23 @@ impl PgStore {
         done.map(|_| ()).ok_or(StoreError::LeaseLost(lease.run_id))
     }
 
-    /// Journals a step's state, fenced by the lease, in one statement (the hot path).
+    /// Journals a step's state, fenced by the lease, in one statement (the hot path); with
+    /// `renew`, the same statement renews the lease.
+    ///
+    /// # Fencing without a write
+    /// Without `renew`, the lease is checked by locking the run's row `for share`, which
+    /// conflicts with a claim's update: a claim by another worker that committed first makes
+    /// the check see the new epoch and write nothing, and a claim that comes later waits for
+    /// this statement to commit (the new holder then reads this entry with the journal). The
+    /// run's row gets no new version, so a step costs one tuple written, not two.
     ///
     /// Returns the entry's `wake_at`.
-    pub(crate) async fn record(&self, lease: &Lease, r: &StepRecord<'_>) -> StoreResult<Option<DateTime<Utc>>> {
+    pub(crate) async fn record(
+        &self,
+        lease: &Lease,
+        r: &StepRecord<'_>,
+        renew: bool,
+    ) -> StoreResult<Option<DateTime<Utc>>> {
         let terminal = matches!(
             r.status,
             StepStatus::Succeeded | StepStatus::Failed | StepStatus::Cancelled
@@ -463,46 +516,26 @@ impl PgStore {
             Some((kind, msg)) => (Some(msg), Some(kind)),
             None => (None, None),
         };
-        let row = sqlx::query(
-            "with lease as ( \
-               update runs set lease_expires_at = now() + make_interval(secs => $13), updated_at = now() \
-               where id = $1 and lease_epoch = $2 returning id), \
-             step as ( \
-               insert into steps (run_id, seq, name, kind, status, attempts, output, sensitive, error, error_kind, \
-                                  wake_at, finished_at, started_at) \
-               select $1, $3, $4, $5, $6, $7, $8, $9, $10, $11, \
-                      now() + $12 * interval '1 millisecond', case when $14 then now() end, \
-                      now() - coalesce($16, 0) * interval '1 millisecond' from lease \
-               on conflict (run_id, seq) do update set status = excluded.status, attempts = excluded.attempts, \
-                 output = excluded.output, sensitive = excluded.sensitive, \
-                 error = coalesce(excluded.error, steps.error), \
-                 error_kind = coalesce(excluded.error_kind, steps.error_kind), wake_at = excluded.wake_at, \
-                 finished_at = excluded.finished_at, updated_at = now() \
-               returning wake_at), \
-             event as ( \
-               insert into run_events (run_id, kind, seq, step, attempt, detail) \
-               select $1, $15, $3, $4, $7, jsonb_build_object('status', $6::text, 'error', $10::text) from lease \
-               where $15 is not null) \
-             select (select wake_at from step) as wake_at, exists (select 1 from lease) as held",
-        )
-        .bind(lease.run_id.0)
-        .bind(lease.epoch)
-        .bind(r.seq)
-        .bind(r.name)
-        .bind(r.kind.as_str())
-        .bind(r.status.as_str())
-        .bind(r.attempts)
-        .bind(if r.sensitive { None } else { r.output })
-        .bind(r.sensitive)
-        .bind(error)
-        .bind(error_kind)
-        .bind(r.wake_in.map(|d| d.as_millis() as f64))
-        .bind(lease.ttl_secs())
-        .bind(terminal)
-        .bind(r.event)
-        .bind(r.ran_for.map(|d| d.as_secs_f64() * 1000.0))
-        .fetch_one(&self.pool)
-        .await?;
+        let sql = if renew { RECORD_RENEWING } else { RECORD };
+        let row = sqlx::query(sql)
+            .bind(lease.run_id.0)
+            .bind(lease.epoch)
+            .bind(r.seq)
+            .bind(r.name)
+            .bind(r.kind.as_str())
+            .bind(r.status.as_str())
+            .bind(r.attempts)
+            .bind(if r.sensitive { None } else { r.output })
+            .bind(r.sensitive)
+            .bind(error)
+            .bind(error_kind)
+            .bind(r.wake_in.map(|d| d.as_millis() as f64))
+            .bind(lease.ttl_secs())
+            .bind(terminal)
+            .bind(r.event)
+            .bind(r.ran_for.map(|d| d.as_secs_f64() * 1000.0))
+            .fetch_one(&self.pool)
+            .await?;
         if !row.get::<bool, _>("held") {
             return Err(StoreError::LeaseLost(lease.run_id));
         }
@@ -1203,6 +1236,53 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_step_journaled_while_another_worker_claims_the_run_waits_for_the_claim_and_writes_nothing() {
+        let store = fresh_store().await;
+        let (started, _) = store
+            .create_run(&StartRun::new("w", json!(null)), 1, None)
+            .await
+            .unwrap();
+        let id = started.id;
+        let (a, _) = store
+            .claim(id, "a", Duration::from_secs(30))
+            .await
+            .unwrap()
+            .expect("a claims");
+        // Another worker's claim, not committed yet (as `claim` does it: a new epoch).
+        let mut claim = store.pool().begin().await.unwrap();
+        sqlx::query("update runs set lease_epoch = lease_epoch + 1, lease_owner = 'b' where id = $1")
+            .bind(id.0)
+            .execute(&mut *claim)
+            .await
+            .unwrap();
+        // a journals a step without renewing: its lease check waits for the claim's row lock.
+        let output = json!("from a");
+        let journal = {
+            let store = store.clone();
+            tokio::spawn(async move { store.record(&a, &record(&output), false).await })
+        };
+        let waiting = "select count(*) from pg_stat_activity where datname = current_database() \
+                       and wait_event_type = 'Lock' and query like '%for share%'";
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while sqlx::query_scalar::<_, i64>(waiting)
+            .fetch_one(store.pool())
+            .await
+            .unwrap()
+            == 0
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the journal write did not wait for the claim"
+            );
+            tokio::task::yield_now().await;
+        }
+        claim.commit().await.unwrap();
+        // Once the claim commits, the check sees the new epoch: nothing is written.
+        assert!(matches!(journal.await.unwrap(), Err(StoreError::LeaseLost(_))));
+        assert!(store.journal(id).await.unwrap().is_empty(), "a wrote to the journal");
+    }
+
+    #[tokio::test]
     async fn a_worker_that_lost_its_lease_cannot_write() {
         let store = fresh_store().await;
         let (started, _) = store
@@ -1227,10 +1307,12 @@ mod tests {
         assert!(b.epoch > a.epoch);
 
         let stale = json!("from a");
-        assert!(matches!(
-            store.record(&a, &record(&stale)).await,
-            Err(StoreError::LeaseLost(_))
-        ));
+        for renew in [true, false] {
+            assert!(matches!(
+                store.record(&a, &record(&stale), renew).await,
+                Err(StoreError::LeaseLost(_))
+            ));
+        }
         assert!(matches!(
             store.step_started(&a, 0, "s", StepKind::Step, 1).await,
             Err(StoreError::LeaseLost(_))
@@ -1268,7 +1350,7 @@ mod tests {
         assert!(store.journal(id).await.unwrap().is_empty(), "a wrote to the journal");
 
         let fresh = json!("from b");
-        store.record(&b, &record(&fresh)).await.unwrap();
+        store.record(&b, &record(&fresh), false).await.unwrap();
         store.finish(&b, &done, false, false).await.unwrap();
         let journal = store.journal(id).await.unwrap();
         assert_eq!(journal[0].output, Some(fresh));
