@@ -279,11 +279,10 @@ impl PgStore {
         let started_by = req.started_by.clone().unwrap_or_else(|| "api".to_string());
         if req.idempotency_key.is_none() && req.concurrency.is_none() {
             // The common case in one statement.
+            // Its `run_created` event is the run's row itself ([`PgStore::events`]).
             sqlx::query(
-                "with r as ( \
-                   insert into runs (id, workflow, workflow_version, input, started_by, parent_run_id, parent_seq, wake_at, trace_context) \
-                   values ($1, $2, $3, $4, $5, $6, $7, now(), $9) returning id) \
-                 insert into run_events (run_id, kind, detail) select id, 'run_created', $8 from r",
+                "insert into runs (id, workflow, workflow_version, input, started_by, parent_run_id, parent_seq, wake_at, trace_context) \
+                 values ($1, $2, $3, $4, $5, $6, $7, now(), $8)",
             )
             .bind(id.0)
             .bind(&req.workflow)
@@ -292,7 +291,6 @@ impl PgStore {
             .bind(&started_by)
             .bind(parent.map(|p| p.0.0))
             .bind(parent.map(|p| p.1))
-            .bind(json!({ "started_by": started_by, "workflow": req.workflow }))
             .bind(&req.trace_context)
             .execute(&self.pool)
             .await?;
@@ -679,19 +677,16 @@ impl PgStore {
              returning parent_run_id, concurrency_key, concurrency_limit";
         let detail = json!({ "status": outcome.status, "error": outcome.error });
         if !has_parent && !has_concurrency_key {
-            // The common case in one statement.
-            let done = sqlx::query(AssertSqlSafe(format!(
-                "with r as ({FINISH}) \
-                 insert into run_events (run_id, kind, detail) select $1, 'run_finished', $6 from r returning 1"
-            )))
-            .bind(lease.run_id.0)
-            .bind(lease.epoch)
-            .bind(outcome.status.as_str())
-            .bind(&outcome.output)
-            .bind(&outcome.error)
-            .bind(&detail)
-            .fetch_optional(&self.pool)
-            .await?;
+            // The common case in one statement; its `run_finished` event is the run's row
+            // itself ([`PgStore::events`]).
+            let done = sqlx::query(FINISH)
+                .bind(lease.run_id.0)
+                .bind(lease.epoch)
+                .bind(outcome.status.as_str())
+                .bind(&outcome.output)
+                .bind(&outcome.error)
+                .fetch_optional(&self.pool)
+                .await?;
             return done.map(|_| Vec::new()).ok_or(StoreError::LeaseLost(lease.run_id));
         }
         let mut tx = self.pool.begin().await?;
@@ -902,10 +897,27 @@ impl PgStore {
     }
 
     /// The run's history, oldest first.
+    ///
+    /// A run's start and end are its row's `created_at` and `finished_at`: the common paths
+    /// write no `run_created`/`run_finished` event (a tuple each per run), and this reads them
+    /// from the row, unless a path that has more to say (a note, a key) stored them.
     pub async fn events(&self, id: RunId) -> StoreResult<Vec<Value>> {
         let rows = sqlx::query(
-            "select jsonb_build_object('at', at, 'kind', kind, 'seq', seq, 'step', step, 'attempt', attempt, \
-               'detail', detail) as e from run_events where run_id = $1 order by id",
+            "with stored as (select * from run_events where run_id = $1), \
+             history as ( \
+               select 0 as part, 0::bigint as id, created_at as at, 'run_created' as kind, null::int as seq, \
+                      null::text as step, null::int as attempt, \
+                      jsonb_build_object('started_by', started_by, 'workflow', workflow) as detail \
+               from runs where id = $1 and not exists (select 1 from stored where kind = 'run_created') \
+               union all \
+               select 1, id, at, kind, seq, step, attempt, detail from stored \
+               union all \
+               select 2, 0, finished_at, 'run_finished', null, null, null, \
+                      jsonb_build_object('status', status, 'error', error) \
+               from runs where id = $1 and finished_at is not null \
+                 and not exists (select 1 from stored where kind = 'run_finished')) \
+             select jsonb_build_object('at', at, 'kind', kind, 'seq', seq, 'step', step, 'attempt', attempt, \
+               'detail', detail) as e from history order by part, id",
         )
         .bind(id.0)
         .fetch_all(&self.pool)
@@ -1280,6 +1292,53 @@ mod tests {
         // Once the claim commits, the check sees the new epoch: nothing is written.
         assert!(matches!(journal.await.unwrap(), Err(StoreError::LeaseLost(_))));
         assert!(store.journal(id).await.unwrap().is_empty(), "a wrote to the journal");
+    }
+
+    #[tokio::test]
+    async fn a_runs_history_begins_with_its_creation_and_ends_with_its_end_without_storing_either() {
+        let store = fresh_store().await;
+        let mut req = StartRun::new("w", json!(null));
+        req.started_by = Some("api:alice".into());
+        let (started, _) = store.create_run(&req, 1, None).await.unwrap();
+        let id = started.id;
+        let (lease, _) = store
+            .claim(id, "a", Duration::from_secs(30))
+            .await
+            .unwrap()
+            .expect("claims");
+        let mut failed = record(&Value::Null);
+        (failed.status, failed.output, failed.wake_in) = (StepStatus::Retrying, None, Some(Duration::ZERO));
+        failed.error = Some(("transient", "503"));
+        failed.event = Some("step_attempt_failed");
+        store.record(&lease, &failed, false).await.unwrap();
+        let done = Outcome {
+            status: RunStatus::Failed,
+            output: None,
+            error: Some("gave up".into()),
+        };
+        store.finish(&lease, &done, false, false).await.unwrap();
+        let events = store.events(id).await.unwrap();
+        let kinds: Vec<&str> = events.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+        assert_eq!(
+            kinds,
+            ["run_created", "step_attempt_failed", "run_finished"],
+            "{events:#?}"
+        );
+        assert_eq!(
+            events[0]["detail"],
+            json!({ "started_by": "api:alice", "workflow": "w" })
+        );
+        assert_eq!(events[2]["detail"], json!({ "status": "failed", "error": "gave up" }));
+        let run = store.get_run(id).await.unwrap().unwrap();
+        let at: DateTime<Utc> = events[0]["at"].as_str().unwrap().parse().unwrap();
+        assert_eq!(at, run.created_at);
+        // Only the failure is a row of its own.
+        let stored: i64 = sqlx::query_scalar("select count(*) from run_events where run_id = $1")
+            .bind(id.0)
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+        assert_eq!(stored, 1);
     }
 
     #[tokio::test]
