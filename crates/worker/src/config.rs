@@ -571,7 +571,10 @@ pub(crate) enum ConfigError {
 pub(crate) enum PolicyError {
     /// A `start` entry names no role or group.
     #[error("policy.workflows.{pattern:?}.start: {problem}")]
-    Starter { pattern: String, problem: String },
+    Starter {
+        pattern: String,
+        problem: dayshift_engine::policy::InvalidStarter,
+    },
     /// The engine refuses the rule (its message names the key).
     #[error(transparent)]
     Rule(#[from] dayshift_engine::core::error::ConfigError),

@@ -22,6 +22,7 @@ use sqlx::PgPool;
 
 use crate::core::error::{ConfigError, StoreError};
 use crate::core::store::PgStore;
+use crate::identity::UnknownRole;
 pub use crate::identity::{Caller, Role, bearer, same};
 
 /// How the API authenticates.
@@ -111,7 +112,7 @@ pub async fn list_tokens(pool: &PgPool) -> Result<Vec<TokenInfo>, StoreError> {
         .map(|r| {
             Ok(TokenInfo {
                 name: r.name,
-                role: r.role.parse().map_err(StoreError::Conflict)?,
+                role: r.role.parse().map_err(|e: UnknownRole| StoreError::Conflict(e.0))?,
                 created_at: r.created_at,
                 created_by: r.created_by,
                 expires_at: r.expires_at,
@@ -131,7 +132,12 @@ pub async fn authenticate(pool: &PgPool, token: &str) -> Result<Option<Caller>, 
     PgStore::new(pool.clone())
         .live_token(&hash(token))
         .await?
-        .map(|(name, role)| Ok(Caller::token(&name, role.parse().map_err(StoreError::Conflict)?)))
+        .map(|(name, role)| {
+            Ok(Caller::token(
+                &name,
+                role.parse().map_err(|e: UnknownRole| StoreError::Conflict(e.0))?,
+            ))
+        })
         .transpose()
 }
 
@@ -238,6 +244,11 @@ pub const FAILURE_TTL: std::time::Duration = std::time::Duration::from_secs(10);
 /// How long a fetch of the provider's keys may take.
 const FETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
+crate::message_error!(
+    /// Why the provider's signing keys could not be fetched (the HTTP client's error).
+    KeysNotFetched
+);
+
 #[derive(Default)]
 struct KeyCache {
     keys: Option<jsonwebtoken::jwk::JwkSet>,
@@ -314,7 +325,7 @@ impl Oidc {
     }
 
     /// Fetches the keys into the cache. Call with `fetching` held.
-    async fn fetch(&self) -> Result<(), String> {
+    async fn fetch(&self) -> Result<(), KeysNotFetched> {
         let fetched: Result<jsonwebtoken::jwk::JwkSet, reqwest::Error> = async {
             self.http
                 .get(&self.config.jwks_url)
@@ -339,7 +350,7 @@ impl Oidc {
             Err(e) => {
                 let why = e.to_string();
                 cache.failed = Some((std::time::Instant::now(), why.clone()));
-                Err(why)
+                Err(KeysNotFetched(why))
             }
         }
     }

@@ -46,13 +46,18 @@ enum Op {
     NotRe,
 }
 
+crate::message_error!(
+    /// Text that is not a label matcher: the text, and what a matcher looks like.
+    InvalidMatcher
+);
+
 impl std::str::FromStr for Matcher {
-    type Err = String;
+    type Err = InvalidMatcher;
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         let bad = || {
-            format!(
+            InvalidMatcher(format!(
                 "'{text}' is not a matcher; expected name=\"value\", name!=\"value\", name=~\"regex\" or name!~\"regex\""
-            )
+            ))
         };
         let pos = text.find(['=', '!']).ok_or_else(bad)?;
         let name = text[..pos].trim();
@@ -80,7 +85,8 @@ impl std::str::FromStr for Matcher {
             .to_string();
         let regex = match op {
             Op::Re | Op::NotRe => Some(
-                Regex::new(&format!("^(?:{value})$")).map_err(|e| format!("'{text}': bad regular expression: {e}"))?,
+                Regex::new(&format!("^(?:{value})$"))
+                    .map_err(|e| InvalidMatcher(format!("'{text}': bad regular expression: {e}")))?,
             ),
             _ => None,
         };

@@ -51,15 +51,25 @@ impl PartialEq for CronExpr {
     }
 }
 
+crate::message_error!(
+    /// Text that is not a cron expression: the text, why, and what is expected.
+    InvalidCron
+);
+
+crate::message_error!(
+    /// A name that is not an IANA time zone.
+    InvalidTimeZone
+);
+
 impl FromStr for CronExpr {
-    type Err = String;
+    type Err = InvalidCron;
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         let parser = CronParser::builder().seconds(Seconds::Optional).build();
         let cron = parser.parse(text.trim()).map_err(|e| {
-            format!(
+            InvalidCron(format!(
                 "'{text}' is not a cron expression ({e}); expected 5 fields \
                  (minute hour day-of-month month day-of-week), 6 or 7 with seconds and year, or @daily/@hourly/…"
-            )
+            ))
         })?;
         Ok(Self {
             text: text.trim().to_string(),
@@ -69,7 +79,7 @@ impl FromStr for CronExpr {
 }
 
 impl TryFrom<String> for CronExpr {
-    type Error = String;
+    type Error = InvalidCron;
     fn try_from(s: String) -> Result<Self, Self::Error> {
         s.parse()
     }
@@ -112,11 +122,13 @@ impl Default for TimeZone {
 }
 
 impl FromStr for TimeZone {
-    type Err = String;
+    type Err = InvalidTimeZone;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        s.parse::<Tz>()
-            .map(Self)
-            .map_err(|_| format!("'{s}' is not a time zone; expected an IANA name such as UTC or Europe/Berlin"))
+        s.parse::<Tz>().map(Self).map_err(|_| {
+            InvalidTimeZone(format!(
+                "'{s}' is not a time zone; expected an IANA name such as UTC or Europe/Berlin"
+            ))
+        })
     }
 }
 

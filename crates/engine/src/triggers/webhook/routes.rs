@@ -18,13 +18,18 @@ pub struct Pattern {
     matcher: GlobMatcher,
 }
 
+crate::message_error!(
+    /// Text that is not a glob: the text, and why.
+    InvalidPattern
+);
+
 impl std::str::FromStr for Pattern {
-    type Err = String;
+    type Err = InvalidPattern;
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         let glob = globset::GlobBuilder::new(text)
             .literal_separator(true)
             .build()
-            .map_err(|e| format!("'{text}' is not a glob pattern: {e}"))?;
+            .map_err(|e| InvalidPattern(format!("'{text}' is not a glob pattern: {e}")))?;
         Ok(Self {
             text: text.to_string(),
             matcher: glob.compile_matcher(),
