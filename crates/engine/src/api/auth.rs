@@ -188,23 +188,46 @@ pub async fn list_audit(pool: &PgPool, target: Option<&str>, limit: u32) -> Resu
         .collect())
 }
 
-/// OpenID Connect: JWTs issued by the platform's identity provider (Keycloak, Authentik, ...),
-/// accepted beside dayshift's own tokens.
-#[derive(Debug, Clone)]
+// OpenID Connect: JWTs issued by the platform's identity provider, accepted beside dayshift's
+// own tokens. The config file's `server.oidc`, as `Oidc::new` takes it; its doc comments are
+// the schema's descriptions.
+/// An OpenID Connect provider whose tokens the API accepts.
+#[derive(Debug, Clone, serde::Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct OidcConfig {
-    /// The `iss` the tokens must carry, e.g. `https://sso.example.com/realms/platform`.
+    /// The tokens' `iss`, e.g. `https://sso.example.com/realms/platform`.
     pub issuer: String,
-    /// The `aud` the tokens must carry (the client id dayshift is registered as).
+    /// The tokens' `aud`: the client id dayshift is registered as.
     pub audience: String,
-    /// Where the provider publishes its signing keys (JWKS).
+    /// The provider's signing keys (JWKS), e.g. `<issuer>/protocol/openid-connect/certs`.
     pub jwks_url: String,
-    /// The claim naming the caller (recorded as who did what). Default `preferred_username`.
+    /// The claim naming the caller. Default `preferred_username`.
+    // Recorded as who did what.
+    #[serde(default = "preferred_username")]
     pub username_claim: String,
-    /// The claim listing the caller's groups or roles; a dotted path for nested claims
-    /// (`realm_access.roles` in Keycloak). Default `groups`.
+    /// The claim with the caller's groups; a dotted path for nested ones (Keycloak:
+    /// `realm_access.roles`). Default `groups`.
+    #[serde(default = "groups")]
     pub roles_claim: String,
-    /// Which claim values grant which role; the caller gets the strongest role granted.
+    /// Which groups grant which role, e.g. `{ operator: [platform-oncall], viewer: [platform] }`;
+    /// the strongest role granted wins.
+    // Written as a map by role; held as pairs, in the order of the roles.
+    #[serde(deserialize_with = "roles_by_role")]
+    #[schemars(with = "std::collections::BTreeMap<Role, Vec<String>>")]
     pub roles: Vec<(Role, Vec<String>)>,
+}
+
+fn preferred_username() -> String {
+    "preferred_username".into()
+}
+
+fn groups() -> String {
+    "groups".into()
+}
+
+fn roles_by_role<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<(Role, Vec<String>)>, D::Error> {
+    let roles: std::collections::BTreeMap<Role, Vec<String>> = serde::Deserialize::deserialize(d)?;
+    Ok(roles.into_iter().collect())
 }
 
 /// Why an OIDC token was refused.

@@ -14,6 +14,12 @@
 //!   with the idempotency key `schedule:<name>:<tick>`, which is unique in PostgreSQL.
 //! - A tick more than `misfire-grace` old when the loop sees it was missed (dayshift was down);
 //!   the catch-up policy decides what to do with missed ticks.
+//!
+//! [`config`] holds the config file's `schedules:` and their checks.
+
+pub mod config;
+
+pub use config::ScheduleConfig;
 
 use std::fmt;
 use std::str::FromStr;
@@ -308,38 +314,6 @@ impl Scheduler {
     /// The schedules.
     pub fn schedules(&self) -> &[Schedule] {
         &self.schedules
-    }
-
-    /// Checks what can be checked of the schedules before any fires: names are unique, each
-    /// names a registered workflow, and its input (filled for a sample tick) fits the
-    /// workflow's input type. Returns one message per problem, naming the schedule.
-    pub fn check(&self) -> Vec<String> {
-        let mut problems = Vec::new();
-        let mut seen = std::collections::HashSet::new();
-        for s in self.schedules.iter() {
-            if !seen.insert(s.name.as_str()) {
-                problems.push(format!("schedule '{}' is declared twice", s.name));
-            }
-            let Some(def) = self.engine.registry().get(&s.workflow) else {
-                problems.push(format!(
-                    "schedule '{}': unknown workflow '{}'; `dayshift workflows` lists the registered ones",
-                    s.name, s.workflow
-                ));
-                continue;
-            };
-            match s.input_for(chrono::Utc::now()) {
-                Err(e) => problems.push(format!("schedule '{}': {e}", s.name)),
-                Ok(input) => {
-                    if let Err(e) = def.validate(&input) {
-                        problems.push(format!(
-                            "schedule '{}': input for workflow '{}': {e}",
-                            s.name, s.workflow
-                        ));
-                    }
-                }
-            }
-        }
-        problems
     }
 
     fn schedule(&self, name: &str) -> Result<&Schedule, EngineError> {
