@@ -162,7 +162,7 @@ impl TestEnv {
     pub async fn get_text(&self, path: &str) -> (u16, String) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
-        let app = self.api().router(dayshift_engine::api::Limits::default());
+        let app = self.api().router(dayshift_engine::api::ServerConfig::default());
         let server = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });

@@ -112,7 +112,7 @@ async fn serve_with_auth(
         .auth(auth)
         .policy(policy)
         .build();
-    Api::on(api.router(dayshift_engine::api::Limits::default()), &env.db.pool).await
+    Api::on(api.router(dayshift_engine::api::ServerConfig::default()), &env.db.pool).await
 }
 
 /// A workflow behind a gate that its "config" (this test) names: two of alice, bob and carol.
@@ -555,7 +555,7 @@ async fn a_token_that_would_expire_beyond_any_date_is_refused_not_a_crash() {
 async fn a_slow_body_is_cut_off_and_requests_beyond_the_limit_are_shed_at_once() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let env = TestEnv::new(vec![]).await;
-    let limits = dayshift_engine::api::Limits {
+    let limits = dayshift_engine::api::ServerConfig {
         max_concurrent_requests: 2,
         body_timeout: Duration::from_secs(3),
         ..Default::default()
@@ -1011,7 +1011,7 @@ async fn headers_sent_a_byte_at_a_time_are_cut_off_and_connections_are_capped() 
     let env = TestEnv::new(vec![]).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let limits = dayshift_engine::api::Limits {
+    let limits = dayshift_engine::api::ServerConfig {
         header_timeout: Duration::from_secs(2),
         max_connections: 2,
         ..Default::default()
@@ -1073,7 +1073,7 @@ async fn headers_sent_a_byte_at_a_time_are_cut_off_and_connections_are_capped() 
 #[tokio::test]
 async fn a_request_past_its_deadline_gets_504_and_still_completes_whole() {
     let env = TestEnv::new(vec![]).await;
-    let limits = dayshift_engine::api::Limits {
+    let limits = dayshift_engine::api::ServerConfig {
         request_timeout: Duration::ZERO,
         ..Default::default()
     };
@@ -1113,11 +1113,11 @@ async fn a_request_past_its_deadline_gets_504_and_still_completes_whole() {
 /// an access does not compile (`Routes` takes one with every route).
 #[tokio::test]
 async fn every_route_refuses_a_caller_below_the_role_it_declares() {
-    use dayshift_engine::api::{Access, Limits, route_table};
+    use dayshift_engine::api::{Access, ServerConfig, route_table};
     let env = TestEnv::new(vec![]).await;
     let state = env.api();
     let table = route_table(&state);
-    let api = Api::on(state.router(Limits::default()), &env.db.pool).await;
+    let api = Api::on(state.router(ServerConfig::default()), &env.db.pool).await;
     let weaker = |role: Role| match role {
         Role::Viewer => None,
         Role::Operator => Some(Role::Viewer),

@@ -44,23 +44,28 @@ pub enum Approver {
     Group(String),
 }
 
+crate::message_error!(
+    /// Text that is not an approver: the text, and what an approver looks like.
+    InvalidApprover
+);
+
 impl FromStr for Approver {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = InvalidApprover;
+    fn from_str(s: &str) -> Result<Self, InvalidApprover> {
         let (kind, name) = s.split_once(':').unwrap_or(("", s));
         if name.is_empty() || name.len() > 200 || name.chars().any(char::is_control) {
-            return Err(format!(
+            return Err(InvalidApprover(format!(
                 "approver '{s}': the name after the kind must be 1 to 200 printable characters"
-            ));
+            )));
         }
         match kind {
             "token" => Ok(Self::Token(name.into())),
             "oidc" => Ok(Self::Oidc(name.into())),
             "group" => Ok(Self::Group(name.into())),
-            _ => Err(format!(
+            _ => Err(InvalidApprover(format!(
                 "approver '{s}' must say what it is: token:{name} (an API token's name), oidc:{name} \
                  (an OpenID Connect user) or group:{name} (an OpenID Connect group)"
-            )),
+            ))),
         }
     }
 }

@@ -27,14 +27,21 @@ impl fmt::Display for Role {
     }
 }
 
+crate::message_error!(
+    /// A role name that is none of the roles: the name, and the ones there are.
+    UnknownRole
+);
+
 impl FromStr for Role {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownRole;
+    fn from_str(s: &str) -> Result<Self, UnknownRole> {
         match s {
             "viewer" => Ok(Self::Viewer),
             "operator" => Ok(Self::Operator),
             "admin" => Ok(Self::Admin),
-            other => Err(format!("unknown role '{other}'; use viewer, operator or admin")),
+            other => Err(UnknownRole(format!(
+                "unknown role '{other}'; use viewer, operator or admin"
+            ))),
         }
     }
 }

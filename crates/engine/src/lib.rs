@@ -10,11 +10,16 @@
 //! - [`core`]: model, context and pass (journal and replay), store, queue, worker loops;
 //! - [`Engine`] (`engine.rs`): the front door over the core (start, cancel, signal, decide, read);
 //! - [`identity`], [`approval`], [`policy`], [`template`]: what the front doors share;
-//! - [`triggers`]: cron schedules, git webhooks, Alertmanager: each intake whole in its module;
-//! - [`api`]: the HTTP API (one file per resource, roles declared on the routes), the console.
+//!   [`config`]: what every config section shares (the error naming a key, secret sources and
+//!   the reader the binary provides);
+//! - [`triggers`]: cron schedules, git webhooks, Alertmanager: each intake whole in its module,
+//!   with its config section;
+//! - [`api`]: the HTTP API (one file per resource, roles declared on the routes), the console,
+//!   its config section (`api::ServerConfig`).
 
 pub mod api;
 pub mod approval;
+pub mod config;
 pub mod core;
 mod engine;
 pub mod identity;

@@ -39,16 +39,21 @@ pub enum Starter {
     Group(String),
 }
 
+crate::message_error!(
+    /// Text that names neither a role nor an OIDC group.
+    InvalidStarter
+);
+
 impl std::str::FromStr for Starter {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = InvalidStarter;
+    fn from_str(s: &str) -> Result<Self, InvalidStarter> {
         match s.strip_prefix("group:") {
             Some(g) if !g.is_empty() => Ok(Self::Group(g.into())),
             Some(_) => Err("group: needs a name".into()),
             None => s
                 .parse::<Role>()
                 .map(Self::Role)
-                .map_err(|e| format!("'{s}': {e}, or group:<OIDC group>")),
+                .map_err(|e| InvalidStarter(format!("'{s}': {e}, or group:<OIDC group>"))),
         }
     }
 }

@@ -204,15 +204,7 @@ async fn connect(config: &Config, serve: bool) -> Result<Engine> {
 fn api(config: &Config, engine: &Engine) -> Result<dayshift_engine::api::Api> {
     let oidc = match &config.server.oidc {
         Some(o) => Some(std::sync::Arc::new(
-            dayshift_engine::api::auth::Oidc::new(dayshift_engine::api::auth::OidcConfig {
-                issuer: o.issuer.clone(),
-                audience: o.audience.clone(),
-                jwks_url: o.jwks_url.clone(),
-                username_claim: o.username_claim.clone(),
-                roles_claim: o.roles_claim.clone(),
-                roles: o.roles.iter().map(|(r, v)| (*r, v.clone())).collect(),
-            })
-            .map_err(anyhow::Error::msg)?,
+            dayshift_engine::api::auth::Oidc::new(o.clone()).map_err(anyhow::Error::msg)?,
         )),
         None => None,
     };
@@ -476,7 +468,7 @@ async fn serve(config: Config) -> Result<()> {
     let token = CancellationToken::new();
     let scheduler = tokio::spawn(api.scheduler().clone().run(Duration::from_millis(250), token.clone()));
     let stop = token.clone();
-    let limits = config.server.limits();
+    let limits = config.server.clone();
     dayshift_engine::api::serve(listener, api.router(limits.clone()), &limits, async move {
         shutdown_signal().await;
         stop.cancel();

@@ -22,6 +22,7 @@ use sqlx::PgPool;
 
 use crate::core::error::{ConfigError, StoreError};
 use crate::core::store::PgStore;
+use crate::identity::UnknownRole;
 pub use crate::identity::{Caller, Role, bearer, same};
 
 /// How the API authenticates.
@@ -111,7 +112,7 @@ pub async fn list_tokens(pool: &PgPool) -> Result<Vec<TokenInfo>, StoreError> {
         .map(|r| {
             Ok(TokenInfo {
                 name: r.name,
-                role: r.role.parse().map_err(StoreError::Conflict)?,
+                role: r.role.parse().map_err(|e: UnknownRole| StoreError::Conflict(e.0))?,
                 created_at: r.created_at,
                 created_by: r.created_by,
                 expires_at: r.expires_at,
@@ -131,7 +132,12 @@ pub async fn authenticate(pool: &PgPool, token: &str) -> Result<Option<Caller>, 
     PgStore::new(pool.clone())
         .live_token(&hash(token))
         .await?
-        .map(|(name, role)| Ok(Caller::token(&name, role.parse().map_err(StoreError::Conflict)?)))
+        .map(|(name, role)| {
+            Ok(Caller::token(
+                &name,
+                role.parse().map_err(|e: UnknownRole| StoreError::Conflict(e.0))?,
+            ))
+        })
         .transpose()
 }
 
@@ -182,23 +188,46 @@ pub async fn list_audit(pool: &PgPool, target: Option<&str>, limit: u32) -> Resu
         .collect())
 }
 
-/// OpenID Connect: JWTs issued by the platform's identity provider (Keycloak, Authentik, ...),
-/// accepted beside dayshift's own tokens.
-#[derive(Debug, Clone)]
+// OpenID Connect: JWTs issued by the platform's identity provider, accepted beside dayshift's
+// own tokens. The config file's `server.oidc`, as `Oidc::new` takes it; its doc comments are
+// the schema's descriptions.
+/// An OpenID Connect provider whose tokens the API accepts.
+#[derive(Debug, Clone, serde::Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct OidcConfig {
-    /// The `iss` the tokens must carry, e.g. `https://sso.example.com/realms/platform`.
+    /// The tokens' `iss`, e.g. `https://sso.example.com/realms/platform`.
     pub issuer: String,
-    /// The `aud` the tokens must carry (the client id dayshift is registered as).
+    /// The tokens' `aud`: the client id dayshift is registered as.
     pub audience: String,
-    /// Where the provider publishes its signing keys (JWKS).
+    /// The provider's signing keys (JWKS), e.g. `<issuer>/protocol/openid-connect/certs`.
     pub jwks_url: String,
-    /// The claim naming the caller (recorded as who did what). Default `preferred_username`.
+    /// The claim naming the caller. Default `preferred_username`.
+    // Recorded as who did what.
+    #[serde(default = "preferred_username")]
     pub username_claim: String,
-    /// The claim listing the caller's groups or roles; a dotted path for nested claims
-    /// (`realm_access.roles` in Keycloak). Default `groups`.
+    /// The claim with the caller's groups; a dotted path for nested ones (Keycloak:
+    /// `realm_access.roles`). Default `groups`.
+    #[serde(default = "groups")]
     pub roles_claim: String,
-    /// Which claim values grant which role; the caller gets the strongest role granted.
+    /// Which groups grant which role, e.g. `{ operator: [platform-oncall], viewer: [platform] }`;
+    /// the strongest role granted wins.
+    // Written as a map by role; held as pairs, in the order of the roles.
+    #[serde(deserialize_with = "roles_by_role")]
+    #[schemars(with = "std::collections::BTreeMap<Role, Vec<String>>")]
     pub roles: Vec<(Role, Vec<String>)>,
+}
+
+fn preferred_username() -> String {
+    "preferred_username".into()
+}
+
+fn groups() -> String {
+    "groups".into()
+}
+
+fn roles_by_role<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<(Role, Vec<String>)>, D::Error> {
+    let roles: std::collections::BTreeMap<Role, Vec<String>> = serde::Deserialize::deserialize(d)?;
+    Ok(roles.into_iter().collect())
 }
 
 /// Why an OIDC token was refused.
@@ -237,6 +266,11 @@ pub const REFETCH_AFTER: std::time::Duration = std::time::Duration::from_secs(30
 pub const FAILURE_TTL: std::time::Duration = std::time::Duration::from_secs(10);
 /// How long a fetch of the provider's keys may take.
 const FETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+crate::message_error!(
+    /// Why the provider's signing keys could not be fetched (the HTTP client's error).
+    KeysNotFetched
+);
 
 #[derive(Default)]
 struct KeyCache {
@@ -314,7 +348,7 @@ impl Oidc {
     }
 
     /// Fetches the keys into the cache. Call with `fetching` held.
-    async fn fetch(&self) -> Result<(), String> {
+    async fn fetch(&self) -> Result<(), KeysNotFetched> {
         let fetched: Result<jsonwebtoken::jwk::JwkSet, reqwest::Error> = async {
             self.http
                 .get(&self.config.jwks_url)
@@ -339,7 +373,7 @@ impl Oidc {
             Err(e) => {
                 let why = e.to_string();
                 cache.failed = Some((std::time::Instant::now(), why.clone()));
-                Err(why)
+                Err(KeysNotFetched(why))
             }
         }
     }

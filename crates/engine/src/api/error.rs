@@ -104,5 +104,5 @@ pub(crate) struct Body<T>(pub(crate) T);
 
 pub(crate) fn parse_id(id: &str) -> Result<RunId, ApiError> {
     id.parse()
-        .map_err(|e: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_run_id", e))
+        .map_err(|e: crate::core::model::InvalidRunId| ApiError::new(StatusCode::BAD_REQUEST, "invalid_run_id", e.0))
 }

@@ -28,7 +28,7 @@ use axum::Router;
 
 pub use access::{Access, RouteInfo};
 pub use error::ApiError;
-pub use server::{Limits, serve};
+pub use server::{ServerConfig, serve};
 pub use state::{Api, ApiBuilder};
 
 use crate::engine::Engine;
@@ -81,19 +81,20 @@ fn routes(api: &Api, guard: std::sync::Arc<server::Guard>) -> access::Routes {
 
 /// Every route the API declares, with who may call it (for tests and documentation).
 pub fn route_table(api: &Api) -> Vec<RouteInfo> {
-    let guard = server::Guard::new(Limits::default());
+    let guard = server::Guard::new(ServerConfig::default());
     routes(api, guard).table().to_vec()
 }
 
 /// The API's routes over `engine` alone: no schedules, webhook or Alertmanager routes, the
-/// default authentication and policy, the default [`Limits`].
+/// default authentication and policy, the default limits ([`ServerConfig`]).
 pub fn router(engine: Engine) -> Router {
-    Api::builder(engine).build().router(Limits::default())
+    Api::builder(engine).build().router(ServerConfig::default())
 }
 
 impl Api {
-    /// The API's routes, serving this state within `limits`.
-    pub fn router(&self, limits: Limits) -> Router {
+    /// The API's routes, serving this state within the limits of `limits` (its other settings
+    /// are not the router's: see [`ServerConfig`]).
+    pub fn router(&self, limits: ServerConfig) -> Router {
         let hook_limit = self.webhooks().map(|w| w.max_body).unwrap_or(1 << 20);
         let body_timeout = limits.body_timeout;
         let guard = server::Guard::new(limits);

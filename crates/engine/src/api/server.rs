@@ -1,39 +1,72 @@
-//! Serving the API to strangers: the limits one request, or all of them at once, may take
-//! before anything is checked ([`Limits`]), the accept loop ([`serve`]) and the middlewares
-//! that enforce them.
+//! Serving the API to strangers: the config file's `server:` section ([`ServerConfig`]: where
+//! to listen, who is let in besides dayshift's tokens, and the limits one request, or all of
+//! them at once, may take before anything is checked), the accept loop ([`serve`]) and the
+//! middlewares that enforce the limits.
 
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
+use crate::api::auth::OidcConfig;
 use crate::api::error::ApiError;
+use crate::core::error::ConfigError;
 
-/// What `serve` lets one request, or all of them at once, take before anything is checked.
-#[derive(Debug, Clone)]
-pub struct Limits {
-    /// Requests handled at once; more are answered 503 at once (load shedding), not queued.
+// The config file's `server:` section, which is also what `serve` and the router take: one
+// type, because its keys are one flat map in the file and serde's `flatten` cannot be combined
+// with `deny_unknown_fields`. `listen` is the binary's; `public-metrics` and `oidc` reach the
+// API as its `AuthConfig` (the OIDC verifier is built from them); the rest are the limits one
+// request, or all of them at once, may take before anything is checked. Its doc comments are
+// the schema's descriptions.
+/// HTTP API settings.
+#[derive(Debug, Clone, serde::Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct ServerConfig {
+    /// Address to listen on. Default `127.0.0.1:8080`.
+    #[schemars(with = "String")]
+    pub listen: std::net::SocketAddr,
+    /// Serve `/metrics` without a token (for Prometheus). Default true; false: it needs a
+    /// viewer token.
+    pub public_metrics: bool,
+    /// Also accept JWTs of the platform's OpenID Connect provider (Keycloak, Authentik, ...).
+    pub oidc: Option<OidcConfig>,
+    /// Requests handled at once; more get 503 at once (with `Retry-After`), never a queue.
+    /// Default 512.
+    // Load shedding: a queue would only make every caller wait.
     pub max_concurrent_requests: usize,
-    /// How long a request body may take to arrive (a client sending one byte a minute holds
-    /// nothing longer than this). 408 after it.
+    /// How long a request body may take to arrive; 408 after it. Default 10s.
+    // A client sending one byte a minute holds nothing longer than this.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub body_timeout: std::time::Duration,
-    /// All the request's header names and values together; 431 above it.
+    /// All of a request's headers together, in bytes; 431 above it. Default 16384.
     pub max_header_bytes: usize,
-    /// The largest API request body (webhook and Alertmanager bodies have their own); 413.
+    /// The largest API request body, in bytes (webhooks and Alertmanager have their own);
+    /// 413 above it. Default 2 MiB.
     pub max_body_bytes: usize,
-    /// How long a client may take to send a request's headers; the connection is closed after
-    /// it ([`serve`]).
+    /// How long a client may take to send its request's headers; then the connection is
+    /// closed. Default 10s.
+    // Enforced by `serve`, not the router.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub header_timeout: std::time::Duration,
-    /// Connections open at once; more are closed as they are accepted ([`serve`]).
+    /// Connections open at once; more are closed as they arrive. Default 1024.
+    // Enforced by `serve`, not the router.
     pub max_connections: usize,
-    /// How long the caller waits for an answer; 504 after it. The handler is not cut off (it
-    /// finishes in the background, holding its slot), so nothing is left half done.
+    /// How long a caller waits for an answer; 504 after it (the request still completes, it
+    /// is never cut off half done). Default 60s.
+    // The handler finishes in the background, holding its slot.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub request_timeout: std::time::Duration,
 }
 
-impl Default for Limits {
+impl Default for ServerConfig {
     fn default() -> Self {
         Self {
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], 8080)),
+            public_metrics: true,
+            oidc: None,
             max_concurrent_requests: 512,
             body_timeout: std::time::Duration::from_secs(10),
             max_header_bytes: 16 << 10,
@@ -45,6 +78,25 @@ impl Default for Limits {
     }
 }
 
+impl ServerConfig {
+    /// Refuses limits that would refuse everything.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_concurrent_requests == 0
+            || self.body_timeout.is_zero()
+            || self.header_timeout.is_zero()
+            || self.max_connections == 0
+            || self.request_timeout.is_zero()
+        {
+            return Err(ConfigError(
+                "server.max-concurrent-requests, server.max-connections, server.body-timeout, \
+                 server.header-timeout and server.request-timeout must be more than 0"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Serves `app` on `listener` until `shutdown` resolves, then lets the requests in flight
 /// finish (the caller bounds how long). Over `axum::serve` it adds what a server facing
 /// strangers needs before any request reaches a handler: a deadline for the headers
@@ -53,7 +105,7 @@ impl Default for Limits {
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
-    limits: &Limits,
+    limits: &ServerConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
     use hyper_util::rt::{TokioIo, TokioTimer};
@@ -112,12 +164,12 @@ pub async fn serve(
 
 /// The limits as the middleware holds them.
 pub(crate) struct Guard {
-    limits: Limits,
+    limits: ServerConfig,
     permits: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 impl Guard {
-    pub(crate) fn new(limits: Limits) -> std::sync::Arc<Self> {
+    pub(crate) fn new(limits: ServerConfig) -> std::sync::Arc<Self> {
         std::sync::Arc::new(Self {
             permits: std::sync::Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent_requests.max(1))),
             limits,
@@ -228,6 +280,6 @@ pub(crate) async fn read_body(
 #[derive(Clone, Copy)]
 pub(crate) struct HookLimit(pub(crate) usize);
 
-/// How long an intake's body may take to arrive ([`Limits::body_timeout`]).
+/// How long an intake's body may take to arrive ([`ServerConfig::body_timeout`]).
 #[derive(Clone, Copy)]
 pub(crate) struct BodyTimeout(pub(crate) std::time::Duration);

@@ -33,12 +33,23 @@ impl fmt::Display for RunId {
     }
 }
 
+crate::message_error!(
+    /// Text that is not a run id: the text, and why.
+    InvalidRunId
+);
+
+crate::message_error!(
+    /// A name that is none of a kind's (a run status, a step kind, ...): the name, and the ones
+    /// there are.
+    UnknownVariant
+);
+
 impl FromStr for RunId {
-    type Err = String;
+    type Err = InvalidRunId;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Uuid::parse_str(s)
             .map(Self)
-            .map_err(|e| format!("'{s}' is not a run id (a UUID): {e}"))
+            .map_err(|e| InvalidRunId(format!("'{s}' is not a run id (a UUID): {e}")))
     }
 }
 
@@ -63,15 +74,15 @@ macro_rules! text_enum {
         }
 
         impl FromStr for $name {
-            type Err = String;
+            type Err = UnknownVariant;
             fn from_str(s: &str) -> Result<Self, Self::Err> {
                 match s {
                     $($text => Ok(Self::$variant),)+
-                    other => Err(format!(
+                    other => Err(UnknownVariant(format!(
                         "'{other}' is not a {}; expected one of: {}",
                         stringify!($name),
                         [$($text),+].join(", ")
-                    )),
+                    ))),
                 }
             }
         }

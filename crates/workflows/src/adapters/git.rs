@@ -410,7 +410,7 @@ impl GitConnectionConfig {
     /// The repository with its token read; `key` is where it is in the config.
     pub fn resolve(&self, key: &str, read: SecretReader<'_>) -> Result<GitConfig, InvalidConfig> {
         let token = match &self.token {
-            Some(src) => Some(read(src, &format!("{key}.token"))?.trim().to_string()),
+            Some(src) => Some(read.text(src, &format!("{key}.token"))?.trim().to_string()),
             None => None,
         };
         Ok(GitConfig {

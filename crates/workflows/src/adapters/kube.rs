@@ -785,7 +785,7 @@ impl KubernetesConnectionConfig {
     pub fn resolve(&self, key: &str, read: SecretReader<'_>) -> Result<KubeConfig, InvalidConfig> {
         let key = format!("{key}.token");
         let token = match &self.token {
-            Some(src) => Some(read(src, &key)?.trim().to_string()),
+            Some(src) => Some(read.text(src, &key)?.trim().to_string()),
             None => None,
         };
         if token.is_some() && self.url.is_none() {

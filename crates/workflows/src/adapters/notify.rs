@@ -90,7 +90,7 @@ impl NotifyConnectionConfig {
     /// The webhook URL, read and checked; `key` is where it is in the config.
     pub fn resolve(&self, key: &str, read: SecretReader<'_>) -> Result<String, InvalidConfig> {
         let key = format!("{key}.url");
-        let url = read(&self.url, &key)?.trim().to_string();
+        let url = read.text(&self.url, &key)?.trim().to_string();
         if !(url.starts_with("http://") || url.starts_with("https://")) {
             return Err(InvalidConfig::new(key, "must start with http:// or https://"));
         }

@@ -340,7 +340,7 @@ impl PostgresConnectionConfig {
     /// The connection URL, read and checked; `key` is where it is in the config.
     pub fn resolve(&self, key: &str, read: SecretReader<'_>) -> Result<String, InvalidConfig> {
         let key = format!("{key}.url");
-        let url = read(&self.url, &key)?;
+        let url = read.text(&self.url, &key)?;
         if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
             return Err(InvalidConfig::new(key, "must start with postgres:// or postgresql://"));
         }

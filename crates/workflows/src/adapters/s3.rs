@@ -439,8 +439,8 @@ impl S3ConnectionConfig {
             endpoint: self.endpoint.clone(),
             region: self.region.clone(),
             bucket: self.bucket.clone(),
-            access_key: read(&self.access_key, &format!("{key}.access-key"))?,
-            secret_key: read(&self.secret_key, &format!("{key}.secret-key"))?,
+            access_key: read.text(&self.access_key, &format!("{key}.access-key"))?,
+            secret_key: read.text(&self.secret_key, &format!("{key}.secret-key"))?,
             path_style: self.path_style,
         })
     }

@@ -477,7 +477,7 @@ impl VaultConnectionConfig {
             ));
         }
         let auth = match (&self.token, &self.kubernetes) {
-            (Some(source), None) => VaultAuth::Token(read(source, &format!("{key}.token"))?.trim().to_string()),
+            (Some(source), None) => VaultAuth::Token(read.text(source, &format!("{key}.token"))?.trim().to_string()),
             (None, Some(k)) => VaultAuth::Kubernetes {
                 mount: k.mount.clone(),
                 role: k.role.clone(),

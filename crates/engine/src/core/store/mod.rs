@@ -26,7 +26,7 @@ use uuid::Uuid;
 use crate::core::error::{StoreError, StoreResult};
 use crate::core::model::{
     AttemptError, ConcurrencyPolicy, RunFilter, RunId, RunStatus, RunView, StartRun, Started, StepKind, StepStatus,
-    StepView,
+    StepView, UnknownVariant,
 };
 
 /// The migrations in `migrations/`, embedded in the binary.
@@ -206,7 +206,10 @@ impl RunRow {
             id: RunId(self.id),
             workflow: self.workflow,
             workflow_version: self.workflow_version,
-            status: self.status.parse().map_err(StoreError::Corrupt)?,
+            status: self
+                .status
+                .parse()
+                .map_err(|e: UnknownVariant| StoreError::Corrupt(e.0))?,
             input: self.input,
             output: self.output,
             error: self.error,
@@ -656,7 +659,9 @@ impl PgStore {
             .fetch_one(&self.pool)
             .await?;
         Ok((
-            row.get::<String, _>("status").parse().map_err(StoreError::Corrupt)?,
+            row.get::<String, _>("status")
+                .parse()
+                .map_err(|e: UnknownVariant| StoreError::Corrupt(e.0))?,
             row.get("output"),
             row.get("error"),
         ))
@@ -757,7 +762,10 @@ impl PgStore {
             .await
             .unwrap_or(status);
         tx.commit().await?;
-        Ok(Some((status.parse().map_err(StoreError::Corrupt)?, due)))
+        Ok(Some((
+            status.parse().map_err(|e: UnknownVariant| StoreError::Corrupt(e.0))?,
+            due,
+        )))
     }
 
     /// Buffers a signal for the run and wakes it. `Err(status)` if the run is over.
@@ -776,7 +784,7 @@ impl PgStore {
         else {
             return Ok(None);
         };
-        let status: RunStatus = status.parse().map_err(StoreError::Corrupt)?;
+        let status: RunStatus = status.parse().map_err(|e: UnknownVariant| StoreError::Corrupt(e.0))?;
         if status.is_terminal() {
             return Ok(Some(Err(status)));
         }
@@ -848,8 +856,14 @@ impl PgStore {
             steps.push(StepView {
                 seq,
                 name: r.get("name"),
-                kind: r.get::<String, _>("kind").parse().map_err(StoreError::Corrupt)?,
-                status: r.get::<String, _>("status").parse().map_err(StoreError::Corrupt)?,
+                kind: r
+                    .get::<String, _>("kind")
+                    .parse()
+                    .map_err(|e: UnknownVariant| StoreError::Corrupt(e.0))?,
+                status: r
+                    .get::<String, _>("status")
+                    .parse()
+                    .map_err(|e: UnknownVariant| StoreError::Corrupt(e.0))?,
                 attempts: r.get("attempts"),
                 sensitive: r.get("sensitive"),
                 output: r.get("output"),
@@ -961,7 +975,10 @@ pub(crate) async fn create_run_in(
         return Ok((
             Started {
                 id: RunId(row.get("id")),
-                status: row.get::<String, _>("status").parse().map_err(StoreError::Corrupt)?,
+                status: row
+                    .get::<String, _>("status")
+                    .parse()
+                    .map_err(|e: UnknownVariant| StoreError::Corrupt(e.0))?,
                 created: false,
                 note: Some(format!(
                     "idempotency key '{key}' was used before; this is the first run"

@@ -181,14 +181,14 @@ async fn deliver(
                 let req = match route.start_request(e, payload) {
                     Ok(req) => req,
                     Err(err) => {
-                        out.errors.push(format!("route '{}': {err}", route.name));
+                        out.errors.push(format!("route '{}': {err}", route.name.value));
                         continue;
                     }
                 };
                 match engine.start(req).await {
                     Ok(started) => out.runs.push(StartedByRoute {
-                        route: route.name.clone(),
-                        workflow: route.workflow.clone(),
+                        route: route.name.value.clone(),
+                        workflow: route.workflow.value.clone(),
                         run_id: started.id,
                         duplicate: !started.created,
                     }),
@@ -197,7 +197,7 @@ async fn deliver(
                         | EngineError::UnknownWorkflow(_)
                         | EngineError::BadRequest(_)
                         | EngineError::Conflict(_)),
-                    ) => out.errors.push(format!("route '{}': {err}", route.name)),
+                    ) => out.errors.push(format!("route '{}': {err}", route.name.value)),
                     Err(err) => return Err(err),
                 }
             }

@@ -19,14 +19,16 @@
 //!
 //! The files: [`event`] the event model, [`verify`] signatures and tokens, [`parse`] each
 //! forge's payload, [`routes`] what starts what, [`delivery`] a delivery from verification to
-//! its recorded outcome.
+//! its recorded outcome, [`config`] the config file's `webhooks:` and its checks.
 
+pub mod config;
 pub mod delivery;
 pub mod event;
 pub mod parse;
 pub mod routes;
 pub mod verify;
 
+pub use config::{ForgeConfig, WebhooksConfig};
 pub use delivery::{DeliveryOutcome, Outcome, StartedByRoute, receive};
 pub use event::{CONTEXT_FIELDS, Commit, EventKind, Forge, GitEvent, HookError, Parsed, PullRequest};
 pub use parse::parse;

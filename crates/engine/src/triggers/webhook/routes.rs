@@ -1,9 +1,11 @@
 //! Routes: which events start which workflow, with what input (placeholders filled from the
-//! event), and the webhook settings they belong to.
+//! event), and the webhook settings they belong to, as the intake runs them. A route is the
+//! config file's as it is; the rest of `webhooks:` is in [`super::config`].
 
 use globset::GlobMatcher;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_saphyr::Spanned;
 use sha2::{Digest, Sha256};
 
 use crate::core::error::TemplateError;
@@ -18,13 +20,18 @@ pub struct Pattern {
     matcher: GlobMatcher,
 }
 
+crate::message_error!(
+    /// Text that is not a glob: the text, and why.
+    InvalidPattern
+);
+
 impl std::str::FromStr for Pattern {
-    type Err = String;
+    type Err = InvalidPattern;
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         let glob = globset::GlobBuilder::new(text)
             .literal_separator(true)
             .build()
-            .map_err(|e| format!("'{text}' is not a glob pattern: {e}"))?;
+            .map_err(|e| InvalidPattern(format!("'{text}' is not a glob pattern: {e}")))?;
         Ok(Self {
             text: text.to_string(),
             matcher: glob.compile_matcher(),
@@ -50,26 +57,46 @@ impl Pattern {
     }
 }
 
-/// A route: which events start which workflow.
-#[derive(Debug, Clone)]
+// The config file's route as it is (`webhooks.routes`), with the lines of its name and workflow
+// kept for the config's messages. Its doc comments are the schema's descriptions.
+/// A webhook route.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+// The name the schema has always had (docs/config.schema.json).
+#[schemars(rename = "RouteConfig")]
 pub struct WebhookRoute {
-    pub name: String,
-    /// Only deliveries from this forge; any if `None`.
+    /// Unique name; in the runs' `started_by`.
+    #[schemars(with = "String")]
+    pub name: Spanned<String>,
+    /// Only deliveries from this forge (a `gitea` route also takes Forgejo's); any if absent.
     pub forge: Option<Forge>,
-    /// Repository full names (`platform/infra`, `platform/*`); any if empty.
+    /// Repository full names, globs allowed (`platform/*`); any if absent.
+    #[serde(default)]
+    #[schemars(with = "Vec<String>")]
     pub repositories: Vec<Pattern>,
-    /// Event kinds; at least one.
+    /// push, tag, branch-deleted, tag-deleted, pull-request-opened, pull-request-reopened,
+    /// pull-request-synchronized, pull-request-closed, pull-request-merged.
     pub events: Vec<EventKind>,
-    /// Branches (of a push or deletion; the base branch of a pull request); any if empty.
+    /// Branch globs (the pushed branch, or a pull request's base branch); any if absent.
+    #[serde(default)]
+    #[schemars(with = "Vec<String>")]
     pub branches: Vec<Pattern>,
-    /// Tags; any if empty.
+    /// Tag globs (`v*`); any if absent.
+    #[serde(default)]
+    #[schemars(with = "Vec<String>")]
     pub tags: Vec<Pattern>,
-    /// Changed paths of a push (`apps/web/**`): at least one must match; any if empty.
+    /// Changed-path globs of a push (`apps/web/**`); at least one changed path must match.
+    #[serde(default)]
+    #[schemars(with = "Vec<String>")]
     pub paths: Vec<Pattern>,
-    pub workflow: String,
-    /// Input with placeholders; see [`GitEvent::context`].
+    /// The workflow to start.
+    #[schemars(with = "String")]
+    pub workflow: Spanned<String>,
+    /// Its input; placeholders such as `{{ branch }}`, `{{ sha }}`, `{{ payload.pusher.name }}`.
+    // The fields are those of `GitEvent::context`.
+    #[serde(default)]
     pub input: Value,
-    /// Limits runs started by this route.
+    /// One (or n) at a time per target; the key may hold placeholders (`promote:{{ repository }}`).
     pub concurrency: Option<Concurrency>,
 }
 
@@ -133,12 +160,12 @@ impl WebhookRoute {
     /// The run this route starts for the event.
     pub fn start_request(&self, e: &GitEvent, payload: &Value) -> Result<StartRun, TemplateError> {
         let input = template::render(&self.input, &e.context(payload))?;
-        let mut req = StartRun::new(self.workflow.clone(), input);
+        let mut req = StartRun::new(self.workflow.value.clone(), input);
         let digest = hex::encode(Sha256::digest(e.identity().as_bytes()));
-        req.idempotency_key = Some(format!("hook:{}:{}", self.name, &digest[..32]));
+        req.idempotency_key = Some(format!("hook:{}:{}", self.name.value, &digest[..32]));
         req.started_by = Some(format!(
             "webhook:{}:{} {}{}",
-            self.name,
+            self.name.value,
             e.forge.as_str(),
             e.kind.as_str(),
             e.delivery

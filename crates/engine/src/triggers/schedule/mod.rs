@@ -14,6 +14,12 @@
 //!   with the idempotency key `schedule:<name>:<tick>`, which is unique in PostgreSQL.
 //! - A tick more than `misfire-grace` old when the loop sees it was missed (dayshift was down);
 //!   the catch-up policy decides what to do with missed ticks.
+//!
+//! [`config`] holds the config file's `schedules:` and their checks.
+
+pub mod config;
+
+pub use config::ScheduleConfig;
 
 use std::fmt;
 use std::str::FromStr;
@@ -51,15 +57,25 @@ impl PartialEq for CronExpr {
     }
 }
 
+crate::message_error!(
+    /// Text that is not a cron expression: the text, why, and what is expected.
+    InvalidCron
+);
+
+crate::message_error!(
+    /// A name that is not an IANA time zone.
+    InvalidTimeZone
+);
+
 impl FromStr for CronExpr {
-    type Err = String;
+    type Err = InvalidCron;
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         let parser = CronParser::builder().seconds(Seconds::Optional).build();
         let cron = parser.parse(text.trim()).map_err(|e| {
-            format!(
+            InvalidCron(format!(
                 "'{text}' is not a cron expression ({e}); expected 5 fields \
                  (minute hour day-of-month month day-of-week), 6 or 7 with seconds and year, or @daily/@hourly/…"
-            )
+            ))
         })?;
         Ok(Self {
             text: text.trim().to_string(),
@@ -69,7 +85,7 @@ impl FromStr for CronExpr {
 }
 
 impl TryFrom<String> for CronExpr {
-    type Error = String;
+    type Error = InvalidCron;
     fn try_from(s: String) -> Result<Self, Self::Error> {
         s.parse()
     }
@@ -112,11 +128,13 @@ impl Default for TimeZone {
 }
 
 impl FromStr for TimeZone {
-    type Err = String;
+    type Err = InvalidTimeZone;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        s.parse::<Tz>()
-            .map(Self)
-            .map_err(|_| format!("'{s}' is not a time zone; expected an IANA name such as UTC or Europe/Berlin"))
+        s.parse::<Tz>().map(Self).map_err(|_| {
+            InvalidTimeZone(format!(
+                "'{s}' is not a time zone; expected an IANA name such as UTC or Europe/Berlin"
+            ))
+        })
     }
 }
 
@@ -296,38 +314,6 @@ impl Scheduler {
     /// The schedules.
     pub fn schedules(&self) -> &[Schedule] {
         &self.schedules
-    }
-
-    /// Checks what can be checked of the schedules before any fires: names are unique, each
-    /// names a registered workflow, and its input (filled for a sample tick) fits the
-    /// workflow's input type. Returns one message per problem, naming the schedule.
-    pub fn check(&self) -> Vec<String> {
-        let mut problems = Vec::new();
-        let mut seen = std::collections::HashSet::new();
-        for s in self.schedules.iter() {
-            if !seen.insert(s.name.as_str()) {
-                problems.push(format!("schedule '{}' is declared twice", s.name));
-            }
-            let Some(def) = self.engine.registry().get(&s.workflow) else {
-                problems.push(format!(
-                    "schedule '{}': unknown workflow '{}'; `dayshift workflows` lists the registered ones",
-                    s.name, s.workflow
-                ));
-                continue;
-            };
-            match s.input_for(chrono::Utc::now()) {
-                Err(e) => problems.push(format!("schedule '{}': {e}", s.name)),
-                Ok(input) => {
-                    if let Err(e) = def.validate(&input) {
-                        problems.push(format!(
-                            "schedule '{}': input for workflow '{}': {e}",
-                            s.name, s.workflow
-                        ));
-                    }
-                }
-            }
-        }
-        problems
     }
 
     fn schedule(&self, name: &str) -> Result<&Schedule, EngineError> {

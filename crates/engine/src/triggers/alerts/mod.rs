@@ -12,6 +12,12 @@
 //! - Guardrails per route: a cooldown per target (the values of the labels named), at most
 //!   `max-runs` per `window`, at most `max-concurrent` runs going. An episode held back is
 //!   recorded with the reason and tried again when a later notification still reports it firing.
+//!
+//! [`config`] holds the config file's `alertmanager:` and its checks.
+
+pub mod config;
+
+pub use config::{AlertmanagerConfig, BasicAuthConfig};
 
 use std::time::Duration;
 
@@ -20,6 +26,7 @@ use chrono::{DateTime, Utc};
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use serde_saphyr::Spanned;
 
 use crate::core::error::EngineError;
 use crate::core::model::{RunId, StartRun};
@@ -46,13 +53,18 @@ enum Op {
     NotRe,
 }
 
+crate::message_error!(
+    /// Text that is not a label matcher: the text, and what a matcher looks like.
+    InvalidMatcher
+);
+
 impl std::str::FromStr for Matcher {
-    type Err = String;
+    type Err = InvalidMatcher;
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         let bad = || {
-            format!(
+            InvalidMatcher(format!(
                 "'{text}' is not a matcher; expected name=\"value\", name!=\"value\", name=~\"regex\" or name!~\"regex\""
-            )
+            ))
         };
         let pos = text.find(['=', '!']).ok_or_else(bad)?;
         let name = text[..pos].trim();
@@ -80,7 +92,8 @@ impl std::str::FromStr for Matcher {
             .to_string();
         let regex = match op {
             Op::Re | Op::NotRe => Some(
-                Regex::new(&format!("^(?:{value})$")).map_err(|e| format!("'{text}': bad regular expression: {e}"))?,
+                Regex::new(&format!("^(?:{value})$"))
+                    .map_err(|e| InvalidMatcher(format!("'{text}': bad regular expression: {e}")))?,
             ),
             _ => None,
         };
@@ -141,16 +154,30 @@ pub struct Guardrails {
     pub max_concurrent: Option<u32>,
 }
 
+// The config file's route as it is (`alertmanager.routes`), with the lines of its name and
+// workflow kept for the config's messages. Its doc comments are the schema's descriptions.
 /// An alert route.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+// The name the schema has always had (docs/config.schema.json).
+#[schemars(rename = "AlertRouteConfig")]
 pub struct AlertRoute {
-    pub name: String,
-    /// All must match the alert's labels.
+    /// Unique name; in the runs' `started_by`.
+    #[schemars(with = "String")]
+    pub name: Spanned<String>,
+    /// Label matchers, all of which must match one alert: `alertname="KubePodCrashLooping"`,
+    /// `namespace=~"prod-.*"`, `severity!="info"`, `team!~"data|ml"`.
+    #[schemars(with = "Vec<String>")]
     pub matchers: Vec<Matcher>,
-    pub workflow: String,
-    /// Input with placeholders: `labels.*`, `annotations.*`, `fingerprint`, `starts_at`,
-    /// `generator_url`, `status`, `receiver`, `external_url`.
+    /// The workflow to start, once per alert episode.
+    #[schemars(with = "String")]
+    pub workflow: Spanned<String>,
+    /// Its input; placeholders such as `{{ labels.namespace }}`, `{{ annotations.summary }}`.
+    // The fields are those of `CONTEXT_FIELDS`.
+    #[serde(default)]
     pub input: Value,
+    /// Cooldown per target, runs per window, runs at once.
+    #[serde(default)]
     pub guardrails: Guardrails,
 }
 
@@ -359,10 +386,10 @@ async fn handle(engine: &Engine, alerts: &Alerts, n: Notification) -> Result<Not
                 Fired::Duplicate => out.duplicates += 1,
                 Fired::HeldBack(why) => out
                     .held_back
-                    .push(format!("{} ({}): {why}", route.name, alert.fingerprint)),
+                    .push(format!("{} ({}): {why}", route.name.value, alert.fingerprint)),
                 Fired::Failed(why) => out
                     .errors
-                    .push(format!("{} ({}): {why}", route.name, alert.fingerprint)),
+                    .push(format!("{} ({}): {why}", route.name.value, alert.fingerprint)),
             }
         }
     }
@@ -413,7 +440,7 @@ fn target_of(route: &AlertRoute, alert: &Alert) -> String {
 async fn fire(engine: &Engine, route: &AlertRoute, alert: &Alert, n: &Notification) -> Result<Fired, EngineError> {
     let target = target_of(route, alert);
     let episode = Episode {
-        route: &route.name,
+        route: &route.name.value,
         fingerprint: &alert.fingerprint,
         starts_at: alert.starts_at,
         target: &target,
@@ -421,14 +448,14 @@ async fn fire(engine: &Engine, route: &AlertRoute, alert: &Alert, n: &Notificati
     };
     // Serialises decisions for this route, so that caps hold under concurrent notifications.
     let mut tx = engine.store().pool().begin().await?;
-    store::lock_route(&mut tx, &route.name).await?;
+    store::lock_route(&mut tx, &route.name.value).await?;
     if store::episode_outcome(&mut tx, &episode).await?.as_deref() == Some("started") {
         return Ok(Fired::Duplicate);
     }
     if let Some(why) = held_back(&mut tx, route, &target).await? {
         store::hold_back(&mut tx, &episode, &why).await?;
         tx.commit().await?;
-        tracing::warn!(route = %route.name, fingerprint = %alert.fingerprint, reason = %why, "Alert held back by a guardrail.");
+        tracing::warn!(route = %route.name.value, fingerprint = %alert.fingerprint, reason = %why, "Alert held back by a guardrail.");
         return Ok(Fired::HeldBack(why));
     }
     let context = json!({
@@ -440,16 +467,16 @@ async fn fire(engine: &Engine, route: &AlertRoute, alert: &Alert, n: &Notificati
         Ok(i) => i,
         Err(e) => return Ok(Fired::Failed(e.0)),
     };
-    let mut req = StartRun::new(route.workflow.clone(), input);
+    let mut req = StartRun::new(route.workflow.value.clone(), input);
     req.idempotency_key = Some(format!(
         "alert:{}:{}:{}",
-        route.name,
+        route.name.value,
         alert.fingerprint,
         alert.starts_at.to_rfc3339()
     ));
     req.started_by = Some(format!(
         "alertmanager:{} {}",
-        route.name,
+        route.name.value,
         alert.labels.get("alertname").and_then(Value::as_str).unwrap_or("alert")
     ));
     // Created in this transaction: no second connection, no Redis call while the route's lock
@@ -480,7 +507,7 @@ async fn held_back(
 ) -> Result<Option<String>, EngineError> {
     let g = &route.guardrails;
     if let Some(cooldown) = g.cooldown {
-        let recent = store::last_start_within(tx, &route.name, target, cooldown.as_secs_f64()).await?;
+        let recent = store::last_start_within(tx, &route.name.value, target, cooldown.as_secs_f64()).await?;
         if let Some(at) = recent {
             return Ok(Some(format!(
                 "cooldown: a run for {target} started at {at}, less than {} ago",
@@ -490,7 +517,7 @@ async fn held_back(
     }
     if let Some(max) = g.max_runs {
         let window = g.window.unwrap_or(Duration::from_secs(3600));
-        let count = store::starts_within(tx, &route.name, window.as_secs_f64()).await?;
+        let count = store::starts_within(tx, &route.name.value, window.as_secs_f64()).await?;
         if count >= i64::from(max) {
             return Ok(Some(format!(
                 "max-runs: {count} runs in the last {}, the limit is {max}",
@@ -499,7 +526,7 @@ async fn held_back(
         }
     }
     if let Some(max) = g.max_concurrent {
-        let going = store::runs_going(tx, &route.name).await?;
+        let going = store::runs_going(tx, &route.name.value).await?;
         if going >= i64::from(max) {
             return Ok(Some(format!("max-concurrent: {going} runs going, the limit is {max}")));
         }
@@ -509,7 +536,7 @@ async fn held_back(
 
 /// Signals `resolved` to the runs the alert's episode started. Returns how many were signalled.
 async fn resolve(engine: &Engine, alert: &Alert, routes: &[&AlertRoute]) -> Result<usize, EngineError> {
-    let names: Vec<String> = routes.iter().map(|r| r.name.clone()).collect();
+    let names: Vec<String> = routes.iter().map(|r| r.name.value.clone()).collect();
     let episodes = engine
         .store()
         .resolve_episodes(&alert.fingerprint, alert.starts_at, &names)
