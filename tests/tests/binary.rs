@@ -123,6 +123,98 @@ async fn a_worker_killed_mid_step_loses_nothing() {
     assert!(step(&run, "step-2")["attempts"].as_i64().unwrap() >= 2, "{run:#}");
 }
 
+/// The side effects of every step journaled succeeded: (run, step) → how often it ran.
+async fn completed_steps(env: &BinEnv, table: &str) -> std::collections::HashMap<(String, String), i64> {
+    sqlx::query_as::<_, (String, String, i64)>(sqlx::AssertSqlSafe(format!(
+        "select s.run_id::text, s.name, count(f.*) from steps s join {table} f \
+           on f.run_id = s.run_id::text and f.step = s.name \
+         where s.status = 'succeeded' group by s.run_id, s.name"
+    )))
+    .fetch_all(&env.db.pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|(run, step, n)| ((run, step), n))
+    .collect()
+}
+
+#[tokio::test]
+async fn workers_killed_while_batches_of_step_records_commit_lose_and_repeat_no_completed_step() {
+    let env = BinEnv::start().await;
+    let table = format!("fx_{}", unique());
+    // As selftest.chain creates it, so that it can be read before the first step.
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "create table {table} (run_id text not null, step text not null, attempt int not null, \
+           at timestamptz not null default clock_timestamp())"
+    )))
+    .execute(&env.db.pool)
+    .await
+    .unwrap();
+    // 48 runs of 8 instant steps, 16 at once on a worker: its step records share commits
+    // (`store::journal::tests` shows they do).
+    let mut ids = Vec::new();
+    for _ in 0..48 {
+        ids.push(
+            env.start_run(
+                "selftest.chain",
+                json!({ "steps": 8, "sleep_ms": 0, "side_effects": table }),
+            )
+            .await,
+        );
+    }
+    let mut worker = env.start_worker().await;
+    let mut seen: std::collections::HashMap<(String, String), i64> = Default::default();
+    for round in 1..=3 {
+        // Killed at once when a quarter more of the steps are journaled: mid-stream, with
+        // records in flight.
+        let target = round * 48 * 8 / 4;
+        let deadline = std::time::Instant::now() + LIMIT;
+        while completed_steps(&env, &table).await.len() < target {
+            assert!(std::time::Instant::now() < deadline, "the runs stopped advancing");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        worker.kill9().await;
+        // Nothing lands after the kill: what is journaled now is what the dead worker committed.
+        let completed = completed_steps(&env, &table).await;
+        for (key, n) in &seen {
+            assert_eq!(completed.get(key), Some(n), "{key:?} ran again after it completed");
+        }
+        seen = completed;
+        worker = env.start_worker().await;
+    }
+    for id in &ids {
+        let run = env.wait_finished(id, LIMIT).await;
+        assert_eq!(run["status"], "succeeded", "{run:#}");
+        let names: Vec<&str> = run["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            (1..=8).map(|i| format!("step-{i}")).collect::<Vec<_>>(),
+            "{run:#}"
+        );
+    }
+    let completed = completed_steps(&env, &table).await;
+    assert_eq!(completed.len(), 48 * 8, "a completed step is missing");
+    for (key, n) in &seen {
+        assert_eq!(completed.get(key), Some(n), "{key:?} ran again after it completed");
+    }
+    // The rows' `xmin` is the transaction that wrote them: the records shared commits.
+    let (rows, transactions): (i64, i64) = sqlx::query_as("select count(*), count(distinct xmin::text) from steps")
+        .fetch_one(&env.db.pool)
+        .await
+        .unwrap();
+    eprintln!("{rows} step rows written by {transactions} transactions");
+    assert!(
+        transactions < rows,
+        "{transactions} transactions wrote {rows} step rows: no batching"
+    );
+    drop(worker);
+}
+
 #[tokio::test]
 async fn a_worker_that_lost_its_lease_cannot_journal() {
     let env = BinEnv::start().await;

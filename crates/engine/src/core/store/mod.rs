@@ -10,6 +10,7 @@
 //! - All times are PostgreSQL's `now()`, so workers with skewed clocks agree on what is due.
 
 pub(crate) mod alerts;
+mod journal;
 pub(crate) mod schedules;
 pub(crate) mod tokens;
 pub(crate) mod views;
@@ -178,6 +179,8 @@ const RECORD: &str = record_sql!(
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// The group-commit writer of step records ([`journal`]), started with the first record.
+    journal: std::sync::Arc<std::sync::OnceLock<journal::Journal>>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -235,7 +238,10 @@ const ACTIVE: &str = "('pending', 'running', 'waiting')";
 impl PgStore {
     /// A store on an existing pool.
     pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+        Self {
+            pool,
+            journal: Default::default(),
+        }
     }
 
     /// Connects a pool of at most `max_connections` to `url`.
@@ -247,7 +253,7 @@ impl PgStore {
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(options)
             .await?;
-        Ok(Self { pool })
+        Ok(Self::new(pool))
     }
 
     /// The pool, for workflows that keep their own tables in the dayshift database.
@@ -503,8 +509,25 @@ impl PgStore {
     /// run's row gets no new version, so a step costs one tuple written, not two.
     ///
     /// Returns the entry's `wake_at`.
+    ///
+    /// Records of many runs share a commit ([`journal`]); this answers once its own committed.
     pub(crate) async fn record(
         &self,
+        lease: &Lease,
+        r: &StepRecord<'_>,
+        renew: bool,
+    ) -> StoreResult<Option<DateTime<Utc>>> {
+        // The writer's own store has no writer: it writes with `record_now`.
+        let journal = self
+            .journal
+            .get_or_init(|| journal::Journal::start(PgStore::new(self.pool.clone())));
+        journal.record(lease, r, renew).await
+    }
+
+    /// [`PgStore::record`] at once, on `db` (the pool, or a batch's transaction).
+    pub(crate) async fn record_now<'e>(
+        &self,
+        db: impl sqlx::PgExecutor<'e>,
         lease: &Lease,
         r: &StepRecord<'_>,
         renew: bool,
@@ -535,7 +558,7 @@ impl PgStore {
             .bind(terminal)
             .bind(r.event)
             .bind(r.ran_for.map(|d| d.as_secs_f64() * 1000.0))
-            .fetch_one(&self.pool)
+            .fetch_one(db)
             .await?;
         if !row.get::<bool, _>("held") {
             return Err(StoreError::LeaseLost(lease.run_id));
