@@ -1019,15 +1019,14 @@ where
 /// A step's function, boxed to return its result as JSON.
 type StepFn<'a> = Box<dyn FnOnce(StepCtx) -> BoxFuture<'a, Result<Value, StepError>> + Send + 'a>;
 
-/// A step taken apart for running: its settings, its undo, and its function.
-struct Parts<'a, T> {
+/// A step taken apart for running: its settings and its undo (its function goes apart).
+struct Parts<T> {
     name: String,
     policy: RetryPolicy,
     timeout: Option<Duration>,
     sensitive: bool,
     undo: Option<UndoSpec<T>>,
     undo_policy: Option<RetryPolicy>,
-    f: StepFn<'a>,
 }
 
 impl<'a, T, F, Fut> Step<'a, T, F>
@@ -1036,7 +1035,7 @@ where
     F: FnOnce(StepCtx) -> Fut + Send + 'a,
     Fut: Future<Output = Result<T, StepError>> + Send + 'a,
 {
-    fn into_parts(self) -> (&'a Ctx, Parts<'a, T>) {
+    fn into_parts(self) -> (&'a Ctx, Parts<T>, StepFn<'a>) {
         let Step {
             ctx,
             name,
@@ -1062,13 +1061,12 @@ where
             sensitive,
             undo,
             undo_policy,
-            f,
         };
-        (ctx, parts)
+        (ctx, parts, f)
     }
 }
 
-impl<T: DeserializeOwned + Clone + Send + 'static> Parts<'_, T> {
+impl<T: DeserializeOwned + Clone + Send + 'static> Parts<T> {
     /// The step's journaled `value` as `T`, its undo registered if it has one.
     fn finish(self, ctx: &Ctx, value: Value) -> Result<T, StepError> {
         let name = self.name;
@@ -1098,9 +1096,8 @@ where
 
     fn into_future(self) -> Self::IntoFuture {
         Box::pin(async move {
-            let (ctx, mut p) = self.into_parts();
+            let (ctx, p, f) = self.into_parts();
             let (seq, found) = ctx.next(StepKind::Step, &p.name).await;
-            let f = std::mem::replace(&mut p.f, Box::new(|_| Box::pin(async { Ok(Value::Null) })));
             let value = match ctx
                 .run_step(seq, found, &p.name, &p.policy, p.timeout, p.sensitive, f)
                 .await
@@ -1139,11 +1136,8 @@ impl Ctx {
         let mut parts = Vec::with_capacity(steps.len());
         let mut fs = Vec::with_capacity(steps.len());
         for step in steps {
-            let (_, mut p) = step.into_parts();
-            fs.push(std::mem::replace(
-                &mut p.f,
-                Box::new(|_| Box::pin(async { Ok(Value::Null) })),
-            ));
+            let (_, p, f) = step.into_parts();
+            fs.push(f);
             parts.push(p);
         }
         // What each branch needs of its step (the undos stay behind: they are not `Sync`).

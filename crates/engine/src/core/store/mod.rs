@@ -1668,31 +1668,10 @@ mod tests {
         );
         assert!(store.due_runs(Duration::ZERO, 10).await.unwrap().is_empty());
     }
-}
-
-#[cfg(test)]
-mod journal_tests {
-    use std::time::Duration;
-
-    use serde_json::json;
-    use sqlx::postgres::PgPoolOptions;
-
-    use super::*;
-    use crate::core::model::StartRun;
 
     #[tokio::test]
     async fn records_of_many_runs_written_at_once_share_commits_and_each_keeps_its_fencing() {
-        let url = std::env::var("DAYSHIFT_DATABASE_URL")
-            .expect("DAYSHIFT_DATABASE_URL is not set: run `scripts/services.sh up` and source .dayshift/env");
-        let admin = PgPoolOptions::new().max_connections(1).connect(&url).await.unwrap();
-        let name = format!("dayshift_test_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-        sqlx::query(sqlx::AssertSqlSafe(format!("create database {name}")))
-            .execute(&admin)
-            .await
-            .unwrap();
-        let base = &url[..url.rfind('/').unwrap()];
-        let store = PgStore::connect(&format!("{base}/{name}"), 10).await.unwrap();
-        store.migrate().await.unwrap();
+        let store = fresh_store().await;
         let mut leases = Vec::new();
         for _ in 0..60 {
             let (started, _) = store
