@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
+use crate::core::changes::Hub;
 use crate::core::error::{EngineError, StoreError};
 use crate::core::model::{RunFilter, RunId, RunStatus, RunView, StartRun, Started};
 use crate::core::queue::RedisQueue;
@@ -17,6 +18,8 @@ use crate::core::{Core, FaultInjector, StepHook};
 #[derive(Clone)]
 pub struct Engine {
     core: Arc<Core>,
+    /// The run-change announcements, for [`Engine::wait_run`].
+    changes: Arc<Hub>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -80,6 +83,7 @@ impl EngineBuilder {
                 faults: self.faults,
                 after_step: self.after_step,
             }),
+            changes: Arc::default(),
         }
     }
 }
@@ -200,6 +204,29 @@ impl Engine {
     /// A run with its steps.
     pub async fn get_run(&self, id: RunId) -> Result<RunView, EngineError> {
         self.core.store.get_run(id).await?.ok_or(EngineError::RunNotFound(id))
+    }
+
+    /// Run `id` once `done` holds for it, or as it is after `timeout`: woken by the workers'
+    /// announcements ([`crate::core::changes`]), re-read every `recheck` should one be lost.
+    /// Each read is a fresh read of PostgreSQL.
+    pub async fn wait_run(
+        &self,
+        id: RunId,
+        timeout: std::time::Duration,
+        recheck: std::time::Duration,
+        mut done: impl FnMut(&RunView) -> bool,
+    ) -> Result<RunView, EngineError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        // Listening starts before the first read, so no change after that read is missed.
+        let mut changes = self.changes.listen(&self.core.queue).await;
+        loop {
+            let run = self.get_run(id).await?;
+            let now = tokio::time::Instant::now();
+            if done(&run) || now >= deadline {
+                return Ok(run);
+            }
+            changes.changed(id, deadline.min(now + recheck)).await;
+        }
     }
 
     /// Runs, newest first.

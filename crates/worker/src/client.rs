@@ -39,7 +39,13 @@ pub(crate) enum RunsCommand {
         limit: u32,
     },
     /// Shows a run and its steps.
-    Show { id: String },
+    Show {
+        id: String,
+        /// Follows the run until it ends: each step as it finishes and what the run waits on,
+        /// on stderr; the run at the end, on stdout (exit status 0 only if it succeeded).
+        #[arg(long)]
+        follow: bool,
+    },
     /// Cancels a run: the step in flight is cancelled and the undos run.
     Cancel {
         id: String,
@@ -107,6 +113,11 @@ impl Api {
                 self.base
             )
         })?;
+        self.answer(resp).await
+    }
+
+    /// The body of an answer, or its error.
+    async fn answer(&self, resp: reqwest::Response) -> Result<Value> {
         let status = resp.status();
         let body: Value = resp.json().await.unwrap_or(Value::Null);
         if !status.is_success() {
@@ -160,18 +171,143 @@ pub(crate) async fn run(
         }
         return Ok(ExitCode::SUCCESS);
     }
+    eprintln!("run {id} started ({})", started["status"].as_str().unwrap_or("?"));
+    follow(&api, &id, args.json).await
+}
+
+/// How long one waiting read asks the server to wait (below the client's 30 s timeout and the
+/// server's default `max-wait`).
+const FOLLOW_WAIT: &str = "25s";
+
+/// Follows run `id` until it ends, through waiting reads (`?wait=` with `If-None-Match`: the
+/// server answers when the run changes, no polling): prints each step as it ends, with its
+/// duration, and what the run waits on whenever that changes, to stderr; then the run, to
+/// stdout. Exit status 0 only if it succeeded.
+async fn follow(api: &Api, id: &str, json: bool) -> Result<ExitCode> {
+    let url = format!("{}/api/v1/runs/{id}", api.base);
+    let mut tag: Option<reqwest::header::HeaderValue> = None;
+    let mut progress = Progress::default();
     loop {
-        let run = api.get(&format!("/api/v1/runs/{id}")).await?;
+        // The first read answers at once; each next one when the run differs from the last.
+        let req = match &tag {
+            None => api.http.get(&url),
+            Some(t) => api
+                .http
+                .get(format!("{url}?wait={FOLLOW_WAIT}"))
+                .header(reqwest::header::IF_NONE_MATCH, t.clone()),
+        };
+        let resp = req.send().await.with_context(|| {
+            format!(
+                "cannot reach the dayshift API at {} (is `dayshift serve` running?)",
+                api.base
+            )
+        })?;
+        match resp.status() {
+            reqwest::StatusCode::NOT_MODIFIED => continue,
+            reqwest::StatusCode::SERVICE_UNAVAILABLE => {
+                let after = resp
+                    .headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok()?.parse().ok())
+                    .unwrap_or(1);
+                tokio::time::sleep(Duration::from_secs(after)).await;
+                continue;
+            }
+            _ => {}
+        }
+        let new_tag = resp.headers().get(reqwest::header::ETAG).cloned();
+        let run = api.answer(resp).await?;
+        tag = new_tag;
+        progress.show(&run);
         let status = run["status"].as_str().unwrap_or("");
         if matches!(status, "succeeded" | "failed" | "cancelled") {
-            print_run(&run, args.json);
+            print_run(&run, json);
             return Ok(if status == "succeeded" {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
             });
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// What [`follow`] has shown so far.
+#[derive(Default)]
+struct Progress {
+    /// The steps shown as ended, by position.
+    ended: std::collections::HashSet<i64>,
+    /// What the run was last shown waiting on.
+    waiting: Option<Value>,
+}
+
+impl Progress {
+    /// Prints, to stderr, the steps that ended since the last call and what the run now waits
+    /// on, if that changed.
+    fn show(&mut self, run: &Value) {
+        let s = |v: &Value| v.as_str().unwrap_or("?").to_string();
+        for st in run["steps"].as_array().into_iter().flatten() {
+            let status = s(&st["status"]);
+            if !matches!(status.as_str(), "succeeded" | "failed" | "cancelled") {
+                continue;
+            }
+            if !self.ended.insert(st["seq"].as_i64().unwrap_or(-1)) {
+                continue;
+            }
+            let took = st["duration_ms"]
+                .as_i64()
+                .map(|ms| format!("{ms} ms"))
+                .unwrap_or_default();
+            let attempts = st["attempts"].as_i64().unwrap_or(1);
+            let tries = if attempts > 1 {
+                format!(", {attempts} attempts")
+            } else {
+                String::new()
+            };
+            let error = st["last_error"]
+                .as_str()
+                .filter(|_| status != "succeeded")
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default();
+            eprintln!("  {status:<9} {} {}{tries}{error}", s(&st["name"]), took);
+        }
+        let waiting = run.get("waiting_on").filter(|w| !w.is_null()).cloned();
+        if waiting != self.waiting {
+            if let Some(w) = &waiting {
+                eprintln!("  waiting   {}", describe_wait(w, run["id"].as_str().unwrap_or("?")));
+            }
+            self.waiting = waiting;
+        }
+    }
+}
+
+/// What a run waits on, in words.
+fn describe_wait(w: &Value, id: &str) -> String {
+    let s = |v: &Value| v.as_str().unwrap_or("?").to_string();
+    let until = w["until"].as_str().map(|t| format!(" (until {t})")).unwrap_or_default();
+    match w["kind"].as_str().unwrap_or("") {
+        "approval" => {
+            let who: Vec<String> = w["approvers"].as_array().into_iter().flatten().map(s).collect();
+            let given = w["approved_by"].as_array().map_or(0, Vec::len);
+            format!(
+                "for approval by {} ({given} of {} given){until}: `dayshift runs approve {id}` as one of them",
+                if who.is_empty() {
+                    "no one named".into()
+                } else {
+                    who.join(", ")
+                },
+                w["required"].as_u64().unwrap_or(1),
+            )
+        }
+        "signal" => format!("for the signal '{}'{until}", s(&w["name"])),
+        "sleep" => format!("on a timer{until}"),
+        "child" => format!("for the child run of step '{}'", s(&w["name"])),
+        _ if w["status"] == "retrying" => format!(
+            "to retry step '{}' (attempt {} failed: {}){until}",
+            s(&w["name"]),
+            w["attempts"].as_i64().unwrap_or(1),
+            w["last_error"].as_str().unwrap_or("no error recorded")
+        ),
+        _ => format!("on step '{}'{until}", s(&w["name"])),
     }
 }
 
@@ -208,7 +344,8 @@ pub(crate) async fn runs(args: &ApiArgs, command: RunsCommand) -> Result<ExitCod
                 }
             }
         }
-        RunsCommand::Show { id } => {
+        RunsCommand::Show { id, follow: true } => return follow(&api, &id, args.json).await,
+        RunsCommand::Show { id, follow: false } => {
             let run = api.get(&format!("/api/v1/runs/{id}")).await?;
             print_run(&run, args.json);
         }

@@ -97,12 +97,14 @@ impl Api {
     pub fn router(&self, limits: ServerConfig) -> Router {
         let hook_limit = self.webhooks().map(|w| w.max_body).unwrap_or(1 << 20);
         let body_timeout = limits.body_timeout;
+        let waits = server::Waits::new(&limits);
         let guard = server::Guard::new(limits);
         routes(self, guard.clone())
             .into_router()
             .fallback(access::no_such_route)
             .layer(axum::Extension(server::HookLimit(hook_limit)))
             .layer(axum::Extension(server::BodyTimeout(body_timeout)))
+            .layer(axum::Extension(waits))
             .layer(axum::middleware::from_fn_with_state(guard, server::admit))
             .with_state(self.clone())
     }

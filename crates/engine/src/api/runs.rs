@@ -130,9 +130,147 @@ pub(crate) async fn list_runs(
     Ok(Json(json!({ "runs": runs, "next": next })))
 }
 
-pub(crate) async fn get_run(State(engine): State<Engine>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
-    let run = engine.get_run(parse_id(&id)?).await?.redacted();
-    Ok(Json(serde_json::to_value(run).unwrap_or(Value::Null)))
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct GetQuery {
+    /// How long to wait (`30s`, `2m`): for the run to end, or with `If-None-Match`, for it to
+    /// differ from the version named there.
+    wait: Option<String>,
+}
+
+/// `GET /api/v1/runs/{id}[?wait=30s]`: the run, its steps and what it waits on, with an `ETag`.
+///
+/// With `wait`, the answer comes when the run has ended (at once if it has), or with
+/// `If-None-Match: <etag>`, as soon as the run no longer matches that version: a step
+/// finished, a wait began, the run ended. When `wait` runs out first, the answer is the run as
+/// it is (`200`), or `304` if it still matches `If-None-Match`. The wait is woken by the
+/// workers' announcements, not by polling (see [`crate::core::changes`]); it is cut to
+/// `server.max-wait`, and beyond `server.max-waiting-requests` waiting reads one more gets 503.
+pub(crate) async fn get_run(
+    State(engine): State<Engine>,
+    axum::Extension(waits): axum::Extension<crate::api::server::Waits>,
+    Path(id): Path<String>,
+    headers: axum::http::HeaderMap,
+    q: Result<Query<GetQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    let Query(q) = q?;
+    let seen = headers
+        .get(axum::http::header::IF_NONE_MATCH)
+        .map(|v| {
+            v.to_str()
+                .map(str::to_owned)
+                .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "invalid_header", "If-None-Match is not text"))
+        })
+        .transpose()?;
+    let matches = |tag: &str| seen.as_deref().is_some_and(|seen| etag_matches(seen, tag));
+    let wait = match q.wait.as_deref() {
+        None | Some("") => None,
+        Some(w) => Some(parse_wait(w)?.min(waits.max)),
+    };
+    let run = match wait {
+        None => engine.get_run(id).await?,
+        Some(timeout) => {
+            let Ok(_slot) = waits.slots.clone().try_acquire_owned() else {
+                let mut r = ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "too_many_waits",
+                    "too many reads are waiting at once; ask again shortly",
+                )
+                .into_response();
+                r.headers_mut().insert(
+                    axum::http::header::RETRY_AFTER,
+                    axum::http::HeaderValue::from_static("1"),
+                );
+                return Ok(r);
+            };
+            engine
+                .wait_run(id, timeout, waits.recheck, |run| {
+                    run.status.is_terminal() || (seen.is_some() && !matches(&run_view(run.clone()).1))
+                })
+                .await?
+        }
+    };
+    let (body, tag) = run_view(run);
+    let mut response = if matches(&tag) {
+        StatusCode::NOT_MODIFIED.into_response()
+    } else {
+        (StatusCode::OK, Json(body)).into_response()
+    };
+    if let Ok(value) = axum::http::HeaderValue::from_str(&tag) {
+        response.headers_mut().insert(axum::http::header::ETAG, value);
+    }
+    Ok(response)
+}
+
+/// A run as `GET /api/v1/runs/{id}` shows it (redacted, with `waiting_on` while it waits on
+/// something), and its entity tag: a digest of exactly that.
+fn run_view(run: crate::core::model::RunView) -> (Value, String) {
+    let waiting = waiting_on(&run);
+    let mut body = serde_json::to_value(run.redacted()).unwrap_or(Value::Null);
+    if let Some(w) = waiting {
+        body["waiting_on"] = w;
+    }
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(body.to_string().as_bytes());
+    (body, format!("\"{}\"", hex::encode(&digest[..12])))
+}
+
+/// What a run that has not ended waits on, if anything: an approval (who may give it, how many
+/// are needed, who gave one), or its newest step that waits (a signal, a timer, a child run)
+/// or retries (with its last error).
+fn waiting_on(run: &crate::core::model::RunView) -> Option<Value> {
+    use crate::core::model::StepStatus;
+    if run.status.is_terminal() {
+        return None;
+    }
+    if let Some(pending) = crate::approval::PendingApproval::of(run) {
+        return Some(json!({
+            "kind": "approval",
+            "name": pending.wait.name,
+            "approvers": pending.request.approvers,
+            "required": pending.request.required,
+            "approved_by": pending.approved,
+            "since": pending.wait.started_at,
+            "until": pending.wait.wake_at,
+        }));
+    }
+    let step = run
+        .steps
+        .iter()
+        .rev()
+        .find(|s| matches!(s.status, StepStatus::Waiting | StepStatus::Retrying))?;
+    let mut w = json!({
+        "kind": step.kind,
+        "name": step.name,
+        "status": step.status,
+        "since": step.started_at,
+        "until": step.wake_at,
+        "attempts": step.attempts,
+    });
+    if step.status == StepStatus::Retrying {
+        w["last_error"] = json!(step.last_error);
+    }
+    Some(w)
+}
+
+/// Whether an `If-None-Match` value names `tag` (a list, weak tags and `*` included).
+fn etag_matches(header: &str, tag: &str) -> bool {
+    header
+        .split(',')
+        .map(|t| t.trim().trim_start_matches("W/"))
+        .any(|t| t == "*" || t == tag)
+}
+
+/// `wait=` as a duration.
+fn parse_wait(text: &str) -> Result<std::time::Duration, ApiError> {
+    humantime::parse_duration(text).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            format!("wait: '{text}' is not a duration such as 30s or 2m ({e})"),
+        )
+    })
 }
 
 pub(crate) async fn run_events(State(engine): State<Engine>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {

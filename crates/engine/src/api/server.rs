@@ -59,6 +59,20 @@ pub struct ServerConfig {
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String")]
     pub request_timeout: std::time::Duration,
+    /// The longest a read of a run with `?wait=` waits for it to end (or change); a longer
+    /// `wait` is cut to this. Must be below `request-timeout`. Default 50s.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub max_wait: std::time::Duration,
+    /// Reads with `?wait=` waiting at once; one more is answered 503 with `Retry-After`, so
+    /// that waiting readers never take every slot of `max-concurrent-requests`. Default 256.
+    pub max_waiting_requests: usize,
+    /// How often a waiting read looks at its run again should the announcement of a change be
+    /// lost (they travel on Redis pub/sub); it is woken by the announcement otherwise.
+    /// Default 5s.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub wait_recheck: std::time::Duration,
 }
 
 impl Default for ServerConfig {
@@ -74,6 +88,9 @@ impl Default for ServerConfig {
             header_timeout: std::time::Duration::from_secs(10),
             max_connections: 1024,
             request_timeout: std::time::Duration::from_secs(60),
+            max_wait: std::time::Duration::from_secs(50),
+            max_waiting_requests: 256,
+            wait_recheck: std::time::Duration::from_secs(5),
         }
     }
 }
@@ -93,7 +110,35 @@ impl ServerConfig {
                     .into(),
             ));
         }
+        if self.max_wait.is_zero() || self.max_wait >= self.request_timeout {
+            return Err(ConfigError(format!(
+                "server.max-wait must be more than 0 and less than server.request-timeout ({}), \
+                 or every waiting read would end in 504",
+                humantime::format_duration(self.request_timeout)
+            )));
+        }
+        if self.wait_recheck.is_zero() {
+            return Err(ConfigError("server.wait-recheck must be more than 0".into()));
+        }
         Ok(())
+    }
+}
+
+/// What a read with `?wait=` may take, as the handlers hold it.
+#[derive(Clone)]
+pub(crate) struct Waits {
+    pub(crate) max: std::time::Duration,
+    pub(crate) recheck: std::time::Duration,
+    pub(crate) slots: std::sync::Arc<tokio::sync::Semaphore>,
+}
+
+impl Waits {
+    pub(crate) fn new(limits: &ServerConfig) -> Self {
+        Self {
+            max: limits.max_wait,
+            recheck: limits.wait_recheck,
+            slots: std::sync::Arc::new(tokio::sync::Semaphore::new(limits.max_waiting_requests)),
+        }
     }
 }
 

@@ -1,10 +1,11 @@
 //! The durable core: what a run is ([`model`]), how a workflow's calls are journaled and
 //! replayed ([`ctx`], [`pass`]), where that journal lives ([`store`], PostgreSQL), how wake-ups
-//! travel ([`queue`], Redis), and the loops that advance runs ([`worker`]).
+//! travel ([`queue`], Redis), how readers learn that a run moved on ([`changes`]), and the loops that advance runs ([`worker`]).
 //!
 //! Nothing here knows of triggers, the HTTP API or any workflow: those are front doors and
 //! users of the core, above it (see ARCHITECTURE.md).
 
+pub mod changes;
 pub mod ctx;
 pub mod error;
 pub mod metrics;

@@ -201,6 +201,7 @@ async fn conclude(
     match due {
         Ok(due) => {
             crate::core::metrics::metrics().run_finished(&claimed.workflow, outcome.status.as_str());
+            core.queue.announce(run_id);
             core.queue.wake_now(&due).await;
             Ok(())
         }
@@ -239,10 +240,15 @@ async fn settle(core: &Arc<Core>, lease: &Lease, halt: Halt) -> Result<(), Store
     };
     match core.store.release(lease, wake_at, status).await {
         Ok(Some(at)) => {
+            core.queue.announce(run_id);
             core.queue.wake_at(run_id, at).await;
             Ok(())
         }
-        Ok(None) | Err(StoreError::LeaseLost(_)) => Ok(()),
+        Ok(None) => {
+            core.queue.announce(run_id);
+            Ok(())
+        }
+        Err(StoreError::LeaseLost(_)) => Ok(()),
         Err(e) => Err(e),
     }
 }

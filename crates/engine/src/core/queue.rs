@@ -92,6 +92,8 @@ pub struct RedisQueue {
     conn: ConnectionManager,
     client: redis::Client,
     config: QueueConfig,
+    /// The batching publisher of [`RedisQueue::announce`], started on first use.
+    announcer: Arc<std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<RunId>>>,
 }
 
 impl std::fmt::Debug for RedisQueue {
@@ -144,6 +146,7 @@ impl RedisQueue {
             conn,
             client: pubsub_client,
             config,
+            announcer: Arc::default(),
         })
     }
 
@@ -179,19 +182,84 @@ impl RedisQueue {
 
     /// Relays wake-up messages to `notify` until `shutdown`, reconnecting as needed.
     pub(crate) async fn listen_for_wakeups(&self, notify: Arc<Notify>, shutdown: CancellationToken) {
-        let channel = self.wake_channel();
+        self.listen(&self.wake_channel(), "wake-ups", shutdown, None, |_| {
+            notify.notify_one()
+        })
+        .await
+    }
+
+    fn changes_channel(&self) -> String {
+        format!("{}:changed", self.config.name)
+    }
+
+    /// Says that run `run` moved on (a step recorded, a pass released, the run ended) to
+    /// whoever waits on it ([`crate::core::changes`]). Called after the change committed; best
+    /// effort, like the wake-ups: a reader that misses it re-reads the run on its own.
+    ///
+    /// Announcements are batched: one task per queue publishes whatever queued while its last
+    /// `PUBLISH` was in flight, as one message of run ids separated by spaces.
+    pub(crate) fn announce(&self, run: RunId) {
+        let sender = self.announcer.get_or_init(|| {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            tokio::spawn(publish_announcements(self.conn.clone(), self.changes_channel(), rx));
+            tx
+        });
+        let _ = sender.send(run);
+    }
+
+    /// Relays the run ids of change announcements to `to` until `shutdown`, reconnecting as
+    /// needed; `subscribed` says whether the subscription stands (a reader that starts waiting
+    /// while it does not re-reads the run on its own schedule).
+    pub(crate) async fn listen_for_changes(
+        &self,
+        to: tokio::sync::broadcast::Sender<RunId>,
+        subscribed: tokio::sync::watch::Sender<bool>,
+        shutdown: CancellationToken,
+    ) {
+        self.listen(
+            &self.changes_channel(),
+            "run changes",
+            shutdown,
+            Some(&subscribed),
+            |payload| {
+                let text = String::from_utf8_lossy(payload);
+                for id in text.split_ascii_whitespace() {
+                    if let Ok(id) = id.parse::<uuid::Uuid>() {
+                        let _ = to.send(RunId(id));
+                    }
+                }
+            },
+        )
+        .await
+    }
+
+    /// Calls `on_message` with the payload of each message on `channel` until `shutdown`,
+    /// subscribing again after a lost connection.
+    async fn listen(
+        &self,
+        channel: &str,
+        what: &str,
+        shutdown: CancellationToken,
+        subscribed: Option<&tokio::sync::watch::Sender<bool>>,
+        mut on_message: impl FnMut(&[u8]),
+    ) {
+        let set = |up: bool| {
+            if let Some(s) = subscribed {
+                s.send_replace(up);
+            }
+        };
         loop {
-            let subscribed = async {
+            let subscribing = async {
                 let mut pubsub = self.client.get_async_pubsub().await?;
-                pubsub.subscribe(&channel).await?;
+                pubsub.subscribe(channel).await?;
                 Ok::<_, redis::RedisError>(pubsub)
             };
             let mut pubsub = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                p = subscribed => match p {
+                p = subscribing => match p {
                     Ok(p) => p,
                     Err(e) => {
-                        tracing::warn!(error = %e, "Cannot subscribe to wake-ups; polling meanwhile.");
+                        tracing::warn!(error = %e, "Cannot subscribe to {what}; polling meanwhile.");
                         tokio::select! {
                             _ = shutdown.cancelled() => return,
                             _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
@@ -199,19 +267,21 @@ impl RedisQueue {
                     }
                 },
             };
+            set(true);
             let mut messages = pubsub.on_message();
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     m = messages.next() => match m {
-                        Some(_) => notify.notify_one(),
+                        Some(m) => on_message(m.get_payload_bytes()),
                         None => {
-                            tracing::warn!("Wake-up subscription closed; resubscribing.");
+                            tracing::warn!("The subscription to {what} closed; subscribing again.");
                             break;
                         }
                     },
                 }
             }
+            set(false);
         }
     }
 
@@ -298,6 +368,46 @@ impl RedisQueue {
         Tick::new(self.config.poll_interval, wake)
     }
 }
+
+/// The announcer's loop: waits for one announcement, takes every other one queued meanwhile
+/// (distinct ids, at most [`MAX_ANNOUNCED`]), publishes them in one message. It ends when the
+/// last clone of the queue is gone.
+async fn publish_announcements(
+    mut conn: ConnectionManager,
+    channel: String,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<RunId>,
+) {
+    let mut batch: Vec<RunId> = Vec::new();
+    while let Some(first) = rx.recv().await {
+        batch.clear();
+        batch.push(first);
+        while batch.len() < MAX_ANNOUNCED {
+            match rx.try_recv() {
+                Ok(id) if !batch.contains(&id) => batch.push(id),
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        let mut payload = String::with_capacity(batch.len() * 37);
+        for id in &batch {
+            if !payload.is_empty() {
+                payload.push(' ');
+            }
+            payload.push_str(&id.to_string());
+        }
+        let sent = redis::cmd("PUBLISH")
+            .arg(&channel)
+            .arg(payload)
+            .query_async::<i64>(&mut conn)
+            .await;
+        if let Err(e) = sent {
+            tracing::debug!(error = %e, "Run changes not announced; waiting readers re-read on their own.");
+        }
+    }
+}
+
+/// The most run ids one announcement carries.
+const MAX_ANNOUNCED: usize = 256;
 
 /// Wakes the apalis fetcher on a wake-up message, and every `every` regardless. Unlike the
 /// stock interval strategy, it re-arms and polls the next timer (and the next notification)

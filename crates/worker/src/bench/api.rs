@@ -14,10 +14,12 @@ use tokio::process::{Child, Command};
 
 use super::{TempFile, write_private};
 
-/// How W2's client learns that a run has finished. Only polling exists today; a call that waits
-/// server-side is to be added as a variant, so W2 can switch to it without changing.
+/// How W2's client learns that a run has finished.
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Finish {
+    /// `GET /api/v1/runs/{id}?wait=30s`, answered by `serve` when the run ends (woken by the
+    /// worker's announcement), again should the wait run out first.
+    Wait,
     /// `GET /api/v1/runs/{id}` until the run has ended, pausing this long between two reads
     /// (zero: back to back, each read starting when the previous answer is in).
     Poll { interval: Duration },
@@ -148,7 +150,23 @@ impl Connection {
 
     /// Returns once run `id` has succeeded (an error if it failed or was cancelled).
     pub(super) async fn until_finished(&self, id: RunId, how: Finish) -> Result<()> {
+        let done = |v: &Value| match v["status"].as_str() {
+            Some("succeeded") => Ok(true),
+            Some(s @ ("failed" | "cancelled")) => bail!("run {id} ended {s}"),
+            _ => Ok(false),
+        };
         match how {
+            Finish::Wait => loop {
+                let resp = self
+                    .http
+                    .get(format!("{}/api/v1/runs/{id}?wait=30s", self.base))
+                    .send()
+                    .await?
+                    .error_for_status()?;
+                if done(&resp.json().await?)? {
+                    return Ok(());
+                }
+            },
             Finish::Poll { interval } => loop {
                 let resp = self
                     .http
@@ -156,11 +174,8 @@ impl Connection {
                     .send()
                     .await?
                     .error_for_status()?;
-                let v: Value = resp.json().await?;
-                match v["status"].as_str() {
-                    Some("succeeded") => return Ok(()),
-                    Some(s @ ("failed" | "cancelled")) => bail!("run {id} ended {s}"),
-                    _ => {}
+                if done(&resp.json().await?)? {
+                    return Ok(());
                 }
                 if !interval.is_zero() {
                     tokio::time::sleep(interval).await;

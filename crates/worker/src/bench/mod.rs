@@ -56,13 +56,18 @@ pub(crate) struct BenchArgs {
     submitters: usize,
     /// Starts runs through the API, as a client does: a `dayshift serve` of the bench's own on
     /// 127.0.0.1, `POST /api/v1/runs` with an operator token (created for the bench, deleted
-    /// after), W2 polling `GET /api/v1/runs/{id}`.
+    /// after), W2 reading each run with `GET /api/v1/runs/{id}?wait=` (or polling: --w2-poll).
     #[arg(long)]
     api: bool,
+    /// With --api: W2 polls `GET /api/v1/runs/{id}` instead of waiting on it (how clients
+    /// learned of a run's end before the wait call).
+    #[arg(long)]
+    w2_poll: bool,
     /// With --api: W1's HTTP/1.1 keep-alive connections, each starting runs one after another.
     #[arg(long, default_value_t = 100)]
     connections: usize,
-    /// With --api: W2's pause between two reads of a run, in microseconds; 0 reads back to back.
+    /// With --api --w2-poll: W2's pause between two reads of a run, in microseconds; 0 reads
+    /// back to back.
     #[arg(long, default_value_t = 0)]
     poll_interval_us: u64,
 }
@@ -199,8 +204,12 @@ pub(crate) async fn run(config: &Config, args: BenchArgs) -> Result<()> {
     .await?;
     let measured = async {
         let client = api::Client::connect(&serve.base, &token, args.connections, args.steps).await?;
-        let finish = api::Finish::Poll {
-            interval: Duration::from_micros(args.poll_interval_us),
+        let finish = if args.w2_poll {
+            api::Finish::Poll {
+                interval: Duration::from_micros(args.poll_interval_us),
+            }
+        } else {
+            api::Finish::Wait
         };
         measure(
             config,
@@ -369,14 +378,15 @@ async fn measure(
 
     let mode = if args.api {
         format!(
-            "through the API: `serve` (database.max-connections {}), {} HTTP/1.1 connections; W2 polls \
-             `GET /api/v1/runs/{{id}}` {}",
+            "through the API: `serve` (database.max-connections {}), {} HTTP/1.1 connections; W2 {}",
             config.database.max_connections,
             args.connections,
-            if args.poll_interval_us == 0 {
-                "back to back".to_string()
+            if !args.w2_poll {
+                "waits with `GET /api/v1/runs/{id}?wait=30s`".to_string()
+            } else if args.poll_interval_us == 0 {
+                "polls `GET /api/v1/runs/{id}` back to back".to_string()
             } else {
-                format!("every {} µs", args.poll_interval_us)
+                format!("polls `GET /api/v1/runs/{{id}}` every {} µs", args.poll_interval_us)
             }
         )
     } else {
