@@ -20,6 +20,13 @@ pub struct OwnAlertmanager {
 impl OwnAlertmanager {
     /// Starts it and waits until its API answers.
     pub async fn start(receiver_url: &str, token: &str) -> Result<Self> {
+        Self::start_with(receiver_url, token, "0s", "1s").await
+    }
+
+    /// Same, waiting `group_wait` before a group's first notification and `repeat_interval`
+    /// before sending an unchanged one again. Its notification timeout is Alertmanager's own:
+    /// `group_interval` (1s here) raised to its minimum of 10 s.
+    pub async fn start_with(receiver_url: &str, token: &str, group_wait: &str, repeat_interval: &str) -> Result<Self> {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("dayshift-am-{}", unique()));
         std::fs::create_dir_all(dir.join("data"))?;
@@ -27,8 +34,8 @@ impl OwnAlertmanager {
         std::fs::write(
             &config,
             format!(
-                "route:\n  receiver: dayshift\n  group_by: [alertname]\n  group_wait: 0s\n  group_interval: 1s\n  \
-                 repeat_interval: 1s\nreceivers:\n  - name: dayshift\n    webhook_configs:\n      - url: {receiver_url}\n        \
+                "route:\n  receiver: dayshift\n  group_by: [alertname]\n  group_wait: {group_wait}\n  group_interval: 1s\n  \
+                 repeat_interval: {repeat_interval}\nreceivers:\n  - name: dayshift\n    webhook_configs:\n      - url: {receiver_url}\n        \
                  send_resolved: true\n        http_config:\n          authorization:\n            type: Bearer\n            \
                  credentials: {token}\n"
             ),
@@ -54,6 +61,24 @@ impl OwnAlertmanager {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         bail!("Alertmanager on port {port} did not become ready")
+    }
+
+    /// The value of one of its own metrics (`/metrics`), summed over the series whose labels
+    /// contain `labels` (e.g. `integration="webhook"`); 0 if there is none.
+    pub async fn metric(&self, name: &str, labels: &str) -> Result<f64> {
+        let text = dayshift_workflows::adapters::http::client()
+            .get(format!("{}/metrics", self.url))
+            .send()
+            .await?
+            .text()
+            .await?;
+        Ok(text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.rsplit_once(' '))
+            .filter(|(series, _)| series.split('{').next() == Some(name) && series.contains(labels))
+            .filter_map(|(_, v)| v.parse::<f64>().ok())
+            .sum())
     }
 
     /// Posts alerts to its API (`/api/v2/alerts`), as Prometheus does.

@@ -169,6 +169,15 @@ impl BinEnv {
 
     /// Same, on another Redis.
     pub async fn start_on(redis: &str, extra_yaml: &str) -> Self {
+        Self::start_serving(redis, "", extra_yaml).await
+    }
+
+    /// Same, with `server_yaml` (lines indented by two spaces) added to the `server` section.
+    pub async fn start_with_server(server_yaml: &str, extra_yaml: &str) -> Self {
+        Self::start_serving(&redis_url(), server_yaml, extra_yaml).await
+    }
+
+    async fn start_serving(redis: &str, server_yaml: &str, extra_yaml: &str) -> Self {
         let db = TestDb::new().await;
         let dir = std::env::temp_dir().join(format!("dayshift-test-{}", unique()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -180,7 +189,7 @@ impl BinEnv {
             open_policy_yaml()
         };
         let yaml = format!(
-            "database:\n  url: {}\nredis:\n  url: {}\nserver:\n  listen: 127.0.0.1:{port}\n\
+            "database:\n  url: {}\nredis:\n  url: {}\nserver:\n  listen: 127.0.0.1:{port}\n{server_yaml}\
              queue:\n  name: dayshift:test:{}\n\
              worker:\n  lease-ttl: 2s\n  sweep-interval: 300ms\nshutdown-grace-period: 5s\n{extra_yaml}{policy}",
             db.url,

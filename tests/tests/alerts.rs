@@ -189,6 +189,89 @@ async fn a_storm_of_10000_alerts_is_taken_in_one_request_and_starts_runs_only_fo
     assert_eq!(count(&env, "select count(*) from runs").await, 5);
 }
 
+/// 10,000 firing alerts, each its own pod, through a real Alertmanager that groups them into
+/// one notification: answered well within Alertmanager's notification timeout (10 s here), so
+/// it neither fails nor sends it again; one run per episode, and the route's `max-runs` holds
+/// back exactly the alerts beyond it.
+#[tokio::test]
+async fn a_real_alertmanagers_notification_of_10000_alerts_is_answered_in_time_and_not_sent_again() {
+    let env = alert_env(
+        "    - name: pods\n      matchers: ['alertname=\"KubePodCrashLooping\"']\n      workflow: selftest.chain\n      \
+         input: { steps: 1 }\n      guardrails:\n        target: [pod]\n        cooldown: 1h\n        max-runs: 9000\n",
+    )
+    .await;
+    // Alertmanager gathers the group for 5 s, then sends all of it at once; it would send the
+    // unchanged group again only after an hour, or after a failed or timed-out attempt. (The
+    // alerts start now: a group whose alerts started longer than `group_wait` ago is sent at
+    // once, before the rest of them has arrived.)
+    let am = OwnAlertmanager::start_with(&format!("{}/hooks/alertmanager", env.api), TOKEN, "5s", "1h")
+        .await
+        .unwrap();
+    let started = Utc::now();
+    let alerts: Vec<Value> = (0..10_000)
+        .map(|i| {
+            let mut a = am_alert("KubePodCrashLooping", "prod-web", started, None);
+            a["labels"]["pod"] = json!(format!("web-{i:05}"));
+            a
+        })
+        .collect();
+    am.post_alerts(&Value::Array(alerts)).await.unwrap();
+
+    let webhook = "integration=\"webhook\"";
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    // Counted when the attempt has ended (its answer in, or the timeout past).
+    while am
+        .metric("alertmanager_notification_latency_seconds_count", webhook)
+        .await
+        .unwrap()
+        < 1.0
+    {
+        assert!(tokio::time::Instant::now() < deadline, "Alertmanager sent nothing");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let latency = am
+        .metric("alertmanager_notification_latency_seconds_sum", webhook)
+        .await
+        .unwrap();
+    println!("Alertmanager's notification of 10,000 alerts took {latency:.3} s");
+    assert_eq!(
+        am.metric("alertmanager_notifications_failed_total", webhook)
+            .await
+            .unwrap(),
+        0.0
+    );
+    assert!(latency < 10.0, "the notification took {latency} s");
+    let notified: Vec<(i32,)> = sqlx::query_as("select alerts from alert_notifications")
+        .fetch_all(&env.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(notified, [(10_000,)], "one notification with every alert");
+    assert_eq!(count(&env, "select count(*) from runs").await, 9_000);
+    assert_eq!(
+        count(
+            &env,
+            "select count(*) from alert_episodes where outcome = 'started' and run_id is not null"
+        )
+        .await,
+        9_000
+    );
+    assert_eq!(
+        count(
+            &env,
+            "select count(*) from alert_episodes where outcome = 'held-back' and detail like 'max-runs: 9000 runs%'"
+        )
+        .await,
+        1_000
+    );
+    // Two group intervals later it has sent nothing again.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        am.metric("alertmanager_notifications_total", webhook).await.unwrap(),
+        1.0
+    );
+    assert_eq!(count(&env, "select count(*) from alert_notifications").await, 1);
+}
+
 #[tokio::test]
 async fn guardrails_hold_runs_back_and_say_why() {
     let env = alert_env(

@@ -93,8 +93,9 @@ async fn each_endpoint_refuses_callers_without_the_role_it_needs() {
 }
 
 #[tokio::test]
-async fn tokens_are_stored_hashed_and_a_revoked_one_stops_working_at_once() {
-    let env = BinEnv::start().await;
+async fn tokens_are_stored_hashed_and_a_revoked_one_stops_working_within_the_cache_time_and_at_once_through_the_api() {
+    let ttl = Duration::from_secs(1);
+    let env = BinEnv::start_with_server("  token-cache-ttl: 1s\n", "").await;
     let cli = |args: &[&str]| env.local_cli(args);
     let out = cli(&["tokens", "create", "ci", "--role", "operator"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -123,9 +124,18 @@ async fn tokens_are_stored_hashed_and_a_revoked_one_stops_working_at_once() {
     let out = cli(&["tokens", "list"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("ci "), "{out:?}");
 
-    // Revoked: the very next call is refused.
+    // Revoked in the database (the CLI): refused once serve's lookup of it is older than
+    // `server.token-cache-ttl`, and from then on.
     let out = cli(&["tokens", "revoke", "ci"]);
+    let revoked = tokio::time::Instant::now();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    while call(&env, "GET", "/api/v1/runs", Some(&token)).await.0 != 401 {
+        assert!(
+            revoked.elapsed() < ttl + Duration::from_secs(2),
+            "a revoked token still works"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(call(&env, "GET", "/api/v1/runs", Some(&token)).await.0, 401);
     let out = cli(&["tokens", "revoke", "ci"]);
     assert!(!out.status.success());
@@ -138,6 +148,7 @@ async fn tokens_are_stored_hashed_and_a_revoked_one_stops_working_at_once() {
     assert_eq!(status, 201, "{made}");
     let bot = made["token"].as_str().unwrap().to_string();
     assert_eq!(call(&env, "GET", "/api/v1/runs", Some(&bot)).await.0, 200);
+    // Revoked through this serve: the very next call is refused, its lookup fresh or not.
     assert_eq!(
         call(&env, "DELETE", "/api/v1/tokens/deploy-bot", Some(&env.token))
             .await

@@ -682,7 +682,8 @@ async fn a_panicking_step_fails_its_run_and_the_worker_goes_on() {
 }
 
 /// A run cancelled during a sleep whose compensation waits (an undo retrying) until past the
-/// sleep's deadline: the replay must stop at the cancelled sleep, not wake up from it.
+/// sleep's deadline: the replay must stop at the cancelled sleep, not wake up from it. (The
+/// sleep is long enough for the cancellation to reach it on a busy machine.)
 #[tokio::test]
 async fn a_cancelled_sleep_stays_cancelled_when_compensation_outlives_it() {
     let after: Arc<Mutex<u32>> = Arc::default();
@@ -694,9 +695,9 @@ async fn a_cancelled_sleep_stays_cancelled_when_compensation_outlives_it() {
             ctx.step("reserve", |_s| async { Ok::<_, StepError>("slot-1".to_string()) })
                 .retry(RetryPolicy {
                     max_attempts: 3,
-                    initial_delay: Duration::from_millis(600),
+                    initial_delay: Duration::from_millis(1500),
                     multiplier: 1.0,
-                    max_delay: Duration::from_millis(600),
+                    max_delay: Duration::from_millis(1500),
                     jitter: 0.0,
                 })
                 .undo(move |_s, _slot: String| async move {
@@ -709,7 +710,7 @@ async fn a_cancelled_sleep_stays_cancelled_when_compensation_outlives_it() {
                     }
                 })
                 .await?;
-            ctx.sleep("nap", Duration::from_millis(300)).await?;
+            ctx.sleep("nap", Duration::from_millis(1000)).await?;
             ctx.step("after-nap", move |_s| async move {
                 *a.lock().unwrap() += 1;
                 Ok::<_, StepError>(())

@@ -126,12 +126,22 @@ impl Engine {
     }
 
     /// Starts a run (or returns the earlier one with the same idempotency key).
-    pub async fn start(&self, mut req: StartRun) -> Result<Started, EngineError> {
+    pub async fn start(&self, req: StartRun) -> Result<Started, EngineError> {
+        self.start_audited(req, None).await
+    }
+
+    /// [`Engine::start`], recording `audit` in the same commit when a run is created (an API
+    /// start: one commit for the run and the record of who started it).
+    pub(crate) async fn start_audited(
+        &self,
+        mut req: StartRun,
+        audit: Option<crate::core::store::AuditEntry>,
+    ) -> Result<Started, EngineError> {
         let version = self.prepare(&mut req)?;
         let (started, due) = self
             .core
             .store
-            .create_run(&req, version, None)
+            .create_run(&req, version, None, audit.as_ref())
             .await
             .map_err(|e| match e {
                 StoreError::Conflict(m) => EngineError::Conflict(m),
@@ -144,30 +154,47 @@ impl Engine {
         Ok(started)
     }
 
-    /// [`Engine::start`] inside the caller's transaction (a trigger recording what it did in
-    /// the same commit). Nothing is enqueued: once `tx` commits, pass the runs returned to
-    /// [`Engine::started_in_tx`].
-    pub(crate) async fn start_in_tx(
-        &self,
-        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-        mut req: StartRun,
-    ) -> Result<(Started, Vec<RunId>), EngineError> {
-        let version = self.prepare(&mut req)?;
-        crate::core::store::create_run_in(tx, RunId::new(), &req, version, None)
-            .await
-            .map_err(|e| match e {
-                StoreError::Conflict(m) => EngineError::Conflict(m),
-                other => EngineError::Store(other),
-            })
+    /// Checks a trigger's start request before it goes into [`Engine::start_many_in_tx`]: the
+    /// workflow's version, or why it cannot start.
+    pub(crate) fn prepare_start(&self, req: &mut StartRun) -> Result<u32, EngineError> {
+        self.prepare(req)
     }
 
-    /// What follows the commit of [`Engine::start_in_tx`]'s transaction.
-    pub(crate) async fn started_in_tx(&self, workflow: &str, started_by: &str, started: &Started, due: &[RunId]) {
-        if started.created {
-            crate::core::metrics::metrics().run_started(workflow, started_by);
-            tracing::info!(run_id = %started.id, workflow, status = %started.status, "Run started.");
+    /// Many prepared starts ([`Engine::prepare_start`]) in the caller's transaction, in two
+    /// statements: see [`crate::core::store::create_runs_in`], whose rule on serialising the
+    /// keys the caller keeps. Once `tx` commits, pass the runs created to
+    /// [`Engine::started_many`].
+    pub(crate) async fn start_many_in_tx(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+        reqs: &[(&StartRun, u32)],
+    ) -> Result<Vec<Result<Started, EngineError>>, EngineError> {
+        Ok(crate::core::store::create_runs_in(tx, reqs)
+            .await?
+            .into_iter()
+            .map(|r| {
+                r.map_err(|e| match e {
+                    StoreError::Conflict(m) => EngineError::Conflict(m),
+                    other => EngineError::Store(other),
+                })
+            })
+            .collect())
+    }
+
+    /// What follows the commit of [`Engine::start_many_in_tx`]'s transaction: the runs are
+    /// counted and enqueued, in the background (they are committed; should this process die
+    /// first, the sweeper enqueues them).
+    pub(crate) fn started_many(&self, workflow: &str, started_by: &str, created: Vec<RunId>) {
+        if created.is_empty() {
+            return;
         }
-        self.core.queue.wake_now(due).await;
+        let m = crate::core::metrics::metrics();
+        for _ in &created {
+            m.run_started(workflow, started_by);
+        }
+        tracing::info!(runs = created.len(), workflow, started_by, "Runs started.");
+        let queue = self.core.queue.clone();
+        tokio::spawn(async move { queue.wake_now(&created).await });
     }
 
     /// Checks a start request before anything is written; the workflow's version.

@@ -217,6 +217,7 @@ fn api(config: &Config, engine: &Engine) -> Result<dayshift_engine::api::Api> {
         .auth(dayshift_engine::api::auth::AuthConfig {
             public_metrics: config.server.public_metrics,
             oidc,
+            token_cache_ttl: config.server.token_cache_ttl,
         })
         .policy(config.policy().map_err(anyhow::Error::msg)?)
         .schedules(config.schedules())

@@ -165,7 +165,7 @@ async fn authenticated(api: &Api, headers: &axum::http::HeaderMap) -> Result<Cal
                 return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", why).into_response());
             }
         },
-        None => match crate::api::auth::authenticate(api.engine().store().pool(), token).await {
+        None => match api.tokens().authenticate(api.engine().store().pool(), token).await {
             Ok(Some(caller)) => caller,
             Ok(None) => {
                 return Err(unauthorized(

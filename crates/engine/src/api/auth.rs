@@ -32,6 +32,9 @@ pub struct AuthConfig {
     pub public_metrics: bool,
     /// Also accept JWTs of this OpenID Connect provider.
     pub oidc: Option<std::sync::Arc<Oidc>>,
+    /// How long a dayshift token's lookup is reused (`server.token-cache-ttl`); zero looks it up
+    /// on every request.
+    pub token_cache_ttl: std::time::Duration,
 }
 
 impl Default for AuthConfig {
@@ -39,6 +42,7 @@ impl Default for AuthConfig {
         Self {
             public_metrics: true,
             oidc: None,
+            token_cache_ttl: std::time::Duration::from_secs(5),
         }
     }
 }
@@ -123,22 +127,83 @@ pub async fn list_tokens(pool: &PgPool) -> Result<Vec<TokenInfo>, StoreError> {
         .collect()
 }
 
-/// The caller a token belongs to, if it is live (not revoked, not expired). Looked up on every
-/// request, so a revocation takes effect at once.
+/// The caller a token belongs to, if it is live (not revoked, not expired), looked up now.
 pub async fn authenticate(pool: &PgPool, token: &str) -> Result<Option<Caller>, StoreError> {
+    Ok(look_up(pool, token).await?.map(|(caller, _)| caller))
+}
+
+/// [`authenticate`], and until when the token is valid (if it expires).
+async fn look_up(pool: &PgPool, token: &str) -> Result<Option<(Caller, Option<DateTime<Utc>>)>, StoreError> {
     if !token.starts_with(TOKEN_PREFIX) {
         return Ok(None);
     }
     PgStore::new(pool.clone())
         .live_token(&hash(token))
         .await?
-        .map(|(name, role)| {
-            Ok(Caller::token(
-                &name,
-                role.parse().map_err(|e: UnknownRole| StoreError::Conflict(e.0))?,
-            ))
+        .map(|(name, role, expires)| {
+            let role = role.parse().map_err(|e: UnknownRole| StoreError::Conflict(e.0))?;
+            Ok((Caller::token(&name, role), expires))
         })
         .transpose()
+}
+
+/// The live tokens `serve` looked up lately, by hash, each reused for at most `ttl` (and never
+/// past its expiry), so that a client's burst of requests reads its token once rather than on
+/// every request. A revocation through this `serve` empties it at once; one made elsewhere
+/// (`dayshift tokens revoke`, another replica) takes effect here within `ttl`. Unknown, revoked
+/// and expired tokens are not kept: each is looked up again.
+#[derive(Debug)]
+pub(crate) struct TokenCache {
+    ttl: std::time::Duration,
+    entries: std::sync::Mutex<std::collections::HashMap<Vec<u8>, (Caller, std::time::Instant)>>,
+}
+
+/// The most tokens kept; past it the cache starts over (tokens are few, callers fewer).
+const TOKEN_CACHE_MAX: usize = 4096;
+
+impl TokenCache {
+    pub(crate) fn new(ttl: std::time::Duration) -> Self {
+        Self {
+            ttl,
+            entries: Default::default(),
+        }
+    }
+
+    /// The caller `token` belongs to, from the cache while it is fresh, else from PostgreSQL.
+    pub(crate) async fn authenticate(&self, pool: &PgPool, token: &str) -> Result<Option<Caller>, StoreError> {
+        if self.ttl.is_zero() {
+            return authenticate(pool, token).await;
+        }
+        let key = hash(token);
+        let now = std::time::Instant::now();
+        if let Some((caller, until)) = self.entries.lock().expect("token cache").get(&key)
+            && *until > now
+        {
+            return Ok(Some(caller.clone()));
+        }
+        let Some((caller, expires)) = look_up(pool, token).await? else {
+            self.entries.lock().expect("token cache").remove(&key);
+            return Ok(None);
+        };
+        let mut until = now + self.ttl;
+        if let Some(expires) = expires {
+            until = until.min(now + (expires - Utc::now()).to_std().unwrap_or_default());
+        }
+        let mut entries = self.entries.lock().expect("token cache");
+        if entries.len() >= TOKEN_CACHE_MAX {
+            entries.retain(|_, (_, until)| *until > now);
+            if entries.len() >= TOKEN_CACHE_MAX {
+                entries.clear();
+            }
+        }
+        entries.insert(key, (caller.clone(), until));
+        Ok(Some(caller))
+    }
+
+    /// Forgets every token: after a revocation.
+    pub(crate) fn forget_all(&self) {
+        self.entries.lock().expect("token cache").clear();
+    }
 }
 
 /// Records that `actor` did `action` to `target`.

@@ -49,18 +49,13 @@ pub(crate) async fn start_run(
                 .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_key", e.0))?;
         }
     }
-    let workflow = req.workflow.clone();
-    let started = engine.start(req).await?;
-    if started.created {
-        audit(
-            engine,
-            &caller,
-            "run.start",
-            &started.id.to_string(),
-            json!({ "workflow": workflow }),
-        )
-        .await;
-    }
+    let audit = crate::core::store::AuditEntry {
+        actor: caller.name.clone(),
+        role: Some(caller.role.to_string()),
+        action: "run.start".into(),
+        detail: json!({ "workflow": req.workflow }),
+    };
+    let started = engine.start_audited(req, Some(audit)).await?;
     let status = if started.created {
         StatusCode::CREATED
     } else {

@@ -73,6 +73,13 @@ pub struct ServerConfig {
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String")]
     pub wait_recheck: std::time::Duration,
+    /// How long `serve` reuses the lookup of a dayshift API token: a token revoked elsewhere
+    /// (`dayshift tokens revoke`, another replica) still works on this `serve` for at most this
+    /// long; one revoked through this `serve` stops at once. 0s looks the token up on every
+    /// request. Default 5s.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub token_cache_ttl: std::time::Duration,
 }
 
 impl Default for ServerConfig {
@@ -91,6 +98,7 @@ impl Default for ServerConfig {
             max_wait: std::time::Duration::from_secs(50),
             max_waiting_requests: 256,
             wait_recheck: std::time::Duration::from_secs(5),
+            token_cache_ttl: std::time::Duration::from_secs(5),
         }
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use axum::extract::FromRef;
 
-use crate::api::auth::AuthConfig;
+use crate::api::auth::{AuthConfig, TokenCache};
 use crate::engine::Engine;
 use crate::policy::Policy;
 use crate::triggers::alerts::Alerts;
@@ -23,6 +23,7 @@ pub struct Api {
 struct ApiInner {
     engine: Engine,
     auth: AuthConfig,
+    tokens: TokenCache,
     policy: Policy,
     scheduler: Scheduler,
     webhooks: Option<Arc<Webhooks>>,
@@ -79,6 +80,7 @@ impl ApiBuilder {
         Api {
             inner: Arc::new(ApiInner {
                 engine: self.engine,
+                tokens: TokenCache::new(self.auth.token_cache_ttl),
                 auth: self.auth,
                 policy: self.policy,
                 scheduler,
@@ -110,6 +112,11 @@ impl Api {
     /// How callers authenticate.
     pub fn auth(&self) -> &AuthConfig {
         &self.inner.auth
+    }
+
+    /// The dayshift tokens looked up lately.
+    pub(crate) fn tokens(&self) -> &TokenCache {
+        &self.inner.tokens
     }
 
     /// The policy on what API callers may start.

@@ -61,13 +61,15 @@ pub(crate) async fn create_token(
 }
 
 pub(crate) async fn revoke_token(
-    State(engine): State<Engine>,
+    State(api): State<crate::api::Api>,
     axum::Extension(caller): Who,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let revoked = crate::api::auth::revoke_token(engine.store().pool(), &name, &caller.name)
+    let revoked = crate::api::auth::revoke_token(api.engine().store().pool(), &name, &caller.name)
         .await
         .map_err(EngineError::from)?;
+    // At once on this serve; elsewhere within `server.token-cache-ttl`.
+    api.tokens().forget_all();
     if !revoked {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,

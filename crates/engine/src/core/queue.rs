@@ -110,10 +110,22 @@ impl RedisQueue {
     /// Enqueues wake-ups for runs that are due now. A failure is logged, not returned: the
     /// sweeper finds every due run in PostgreSQL anyway.
     pub(crate) async fn wake_now(&self, runs: &[RunId]) {
-        for run in runs {
+        if let [run] = runs {
             if let Err(e) = self.enqueue(*run).await {
                 tracing::warn!(run_id = %run, error = %e, "Enqueue failed; the sweeper will pick the run up.");
             }
+            return;
+        }
+        // Many at once (a storm of alerts): pushed in batches, one wake-up message for all.
+        for chunk in runs.chunks(500) {
+            let jobs = chunk.iter().map(|&run_id| AdvanceJob { run_id }).collect();
+            let mut storage = self.storage.clone();
+            if let Err(e) = storage.push_bulk(jobs).await {
+                tracing::warn!(runs = chunk.len(), error = %e, "Enqueue failed; the sweeper will pick the runs up.");
+            }
+        }
+        if !runs.is_empty() {
+            self.wake_workers().await;
         }
     }
 

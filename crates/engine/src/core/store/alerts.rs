@@ -3,6 +3,8 @@
 //! (`alert_notifications`). The decisions for a route are made under its advisory lock, in the
 //! transaction the intake holds, so that its guardrails hold under concurrent notifications.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::{Postgres, Row, Transaction};
@@ -29,76 +31,6 @@ pub(crate) async fn lock_route(tx: &mut Transaction<'_, Postgres>, route: &str) 
     Ok(())
 }
 
-/// What became of the episode so far, if it was seen.
-pub(crate) async fn episode_outcome(
-    tx: &mut Transaction<'_, Postgres>,
-    e: &Episode<'_>,
-) -> StoreResult<Option<String>> {
-    let row =
-        sqlx::query("select outcome from alert_episodes where route = $1 and fingerprint = $2 and starts_at = $3")
-            .bind(e.route)
-            .bind(e.fingerprint)
-            .bind(e.starts_at)
-            .fetch_optional(&mut **tx)
-            .await?;
-    Ok(row.map(|r| r.get("outcome")))
-}
-
-/// Records the episode as held back by a guardrail, and why.
-pub(crate) async fn hold_back(tx: &mut Transaction<'_, Postgres>, e: &Episode<'_>, why: &str) -> StoreResult<()> {
-    sqlx::query(
-        "insert into alert_episodes (route, fingerprint, starts_at, target, labels, outcome, detail) \
-         values ($1, $2, $3, $4, $5, 'held-back', $6) \
-         on conflict (route, fingerprint, starts_at) do update set detail = excluded.detail",
-    )
-    .bind(e.route)
-    .bind(e.fingerprint)
-    .bind(e.starts_at)
-    .bind(e.target)
-    .bind(&e.labels)
-    .bind(why)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
-}
-
-/// Records the episode as having started `run`.
-pub(crate) async fn started(tx: &mut Transaction<'_, Postgres>, e: &Episode<'_>, run: uuid::Uuid) -> StoreResult<()> {
-    sqlx::query(
-        "insert into alert_episodes (route, fingerprint, starts_at, target, labels, outcome, run_id, started_at) \
-         values ($1, $2, $3, $4, $5, 'started', $6, now()) \
-         on conflict (route, fingerprint, starts_at) do update set outcome = 'started', detail = null, \
-           run_id = excluded.run_id, started_at = now()",
-    )
-    .bind(e.route)
-    .bind(e.fingerprint)
-    .bind(e.starts_at)
-    .bind(e.target)
-    .bind(&e.labels)
-    .bind(run)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
-}
-
-/// When the route last started a run for `target`, if within the last `secs` seconds.
-pub(crate) async fn last_start_within(
-    tx: &mut Transaction<'_, Postgres>,
-    route: &str,
-    target: &str,
-    secs: f64,
-) -> StoreResult<Option<DateTime<Utc>>> {
-    Ok(sqlx::query_scalar(
-        "select max(started_at) from alert_episodes where route = $1 and target = $2 and outcome = 'started' \
-         and started_at > now() - make_interval(secs => $3)",
-    )
-    .bind(route)
-    .bind(target)
-    .bind(secs)
-    .fetch_one(&mut **tx)
-    .await?)
-}
-
 /// How many runs the route started in the last `secs` seconds.
 pub(crate) async fn starts_within(tx: &mut Transaction<'_, Postgres>, route: &str, secs: f64) -> StoreResult<i64> {
     Ok(sqlx::query_scalar(
@@ -120,6 +52,112 @@ pub(crate) async fn runs_going(tx: &mut Transaction<'_, Postgres>, route: &str) 
     .bind(route)
     .fetch_one(&mut **tx)
     .await?)
+}
+
+/// What became of each of these episodes of `route` so far, for those seen: by fingerprint
+/// and start.
+pub(crate) async fn episode_outcomes(
+    tx: &mut Transaction<'_, Postgres>,
+    route: &str,
+    episodes: &[(&str, DateTime<Utc>)],
+) -> StoreResult<HashMap<(String, DateTime<Utc>), String>> {
+    let (fingerprints, starts): (Vec<&str>, Vec<DateTime<Utc>>) = episodes.iter().copied().unzip();
+    let rows = sqlx::query(
+        "select e.fingerprint, e.starts_at, e.outcome from alert_episodes e \
+         join unnest($2::text[], $3::timestamptz[]) as t(fingerprint, starts_at) \
+           on e.fingerprint = t.fingerprint and e.starts_at = t.starts_at \
+         where e.route = $1",
+    )
+    .bind(route)
+    .bind(&fingerprints)
+    .bind(&starts)
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| ((r.get("fingerprint"), r.get("starts_at")), r.get("outcome")))
+        .collect())
+}
+
+/// When the route last started a run for each of `targets`, for those within the last `secs`
+/// seconds.
+pub(crate) async fn last_starts_within(
+    tx: &mut Transaction<'_, Postgres>,
+    route: &str,
+    targets: &[&str],
+    secs: f64,
+) -> StoreResult<HashMap<String, DateTime<Utc>>> {
+    let rows = sqlx::query(
+        "select target, max(started_at) as at from alert_episodes where route = $1 and target = any($2) \
+         and outcome = 'started' and started_at > now() - make_interval(secs => $3) group by target",
+    )
+    .bind(route)
+    .bind(targets)
+    .bind(secs)
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.get("target"), r.get("at"))).collect())
+}
+
+/// Records episodes as held back by a guardrail (each with why) or as having started a run, in
+/// one statement.
+pub(crate) async fn record_episodes(
+    tx: &mut Transaction<'_, Postgres>,
+    held: &[(Episode<'_>, String)],
+    started: &[(Episode<'_>, uuid::Uuid)],
+) -> StoreResult<()> {
+    if held.is_empty() && started.is_empty() {
+        return Ok(());
+    }
+    let all = held
+        .iter()
+        .map(|(e, why)| (e, "held-back", Some(why.as_str()), None))
+        .chain(started.iter().map(|(e, run)| (e, "started", None, Some(*run))));
+    let (mut routes, mut fps, mut starts, mut targets, mut labels, mut outcomes, mut details, mut runs) = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
+    for (e, outcome, detail, run) in all {
+        routes.push(e.route);
+        fps.push(e.fingerprint);
+        starts.push(e.starts_at);
+        targets.push(e.target);
+        labels.push(e.labels.clone());
+        outcomes.push(outcome);
+        details.push(detail);
+        runs.push(run);
+    }
+    // A held-back episode seen again keeps its first outcome's row and takes the new reason;
+    // one that starts a run now says so (as `started` does).
+    sqlx::query(
+        "insert into alert_episodes (route, fingerprint, starts_at, target, labels, outcome, detail, run_id, started_at) \
+         select route, fingerprint, starts_at, target, labels, outcome, detail, run_id, \
+                case when outcome = 'started' then now() end \
+         from unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::jsonb[], $6::text[], $7::text[], $8::uuid[]) \
+           as t(route, fingerprint, starts_at, target, labels, outcome, detail, run_id) \
+         on conflict (route, fingerprint, starts_at) do update set \
+           outcome = case when excluded.outcome = 'started' then 'started' else alert_episodes.outcome end, \
+           detail = excluded.detail, \
+           run_id = coalesce(excluded.run_id, alert_episodes.run_id), \
+           started_at = case when excluded.outcome = 'started' then now() else alert_episodes.started_at end",
+    )
+    .bind(&routes)
+    .bind(&fps)
+    .bind(&starts)
+    .bind(&targets)
+    .bind(&labels)
+    .bind(&outcomes)
+    .bind(&details)
+    .bind(&runs)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 impl PgStore {

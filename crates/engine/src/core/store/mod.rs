@@ -175,6 +175,16 @@ const RECORD: &str = record_sql!(
        select id from runs where id = $1 and lease_epoch = $2 and $13::float8 is not null for share), "
 );
 
+/// An audit entry written in the commit of the change it records; its target is the run
+/// created (see [`PgStore::create_run_audited`]).
+#[derive(Debug, Clone)]
+pub(crate) struct AuditEntry {
+    pub(crate) actor: String,
+    pub(crate) role: Option<String>,
+    pub(crate) action: String,
+    pub(crate) detail: Value,
+}
+
 /// The PostgreSQL store.
 #[derive(Debug, Clone)]
 pub struct PgStore {
@@ -278,31 +288,46 @@ impl PgStore {
     /// Creates a run, honouring its idempotency key and concurrency key.
     ///
     /// Returns what the caller sees and the runs that are now due (to enqueue after commit).
+    /// `audit`, if given, is written in the same commit when a run is created (its target is
+    /// the new run).
     pub(crate) async fn create_run(
         &self,
         req: &StartRun,
         version: u32,
         parent: Option<(RunId, i32)>,
+        audit: Option<&AuditEntry>,
     ) -> StoreResult<(Started, Vec<RunId>)> {
         let id = RunId::new();
         let started_by = req.started_by.clone().unwrap_or_else(|| "api".to_string());
         if req.idempotency_key.is_none() && req.concurrency.is_none() {
-            // The common case in one statement.
+            // The common case in one statement, its audit entry included.
             // Its `run_created` event is the run's row itself ([`PgStore::events`]).
-            sqlx::query(
-                "insert into runs (id, workflow, workflow_version, input, started_by, parent_run_id, parent_seq, wake_at, trace_context) \
-                 values ($1, $2, $3, $4, $5, $6, $7, now(), $8)",
-            )
-            .bind(id.0)
-            .bind(&req.workflow)
-            .bind(version as i32)
-            .bind(&req.input)
-            .bind(&started_by)
-            .bind(parent.map(|p| p.0.0))
-            .bind(parent.map(|p| p.1))
-            .bind(&req.trace_context)
-            .execute(&self.pool)
-            .await?;
+            const INSERT: &str = "insert into runs (id, workflow, workflow_version, input, started_by, \
+                 parent_run_id, parent_seq, wake_at, trace_context) values ($1, $2, $3, $4, $5, $6, $7, now(), $8)";
+            let audited;
+            let sql = match audit {
+                None => INSERT,
+                Some(_) => {
+                    audited = format!(
+                        "with run as ({INSERT} returning id) insert into audit_log (actor, role, action, target, detail) \
+                         select $9, $10, $11, id::text, $12 from run"
+                    );
+                    &audited
+                }
+            };
+            let mut query = sqlx::query(AssertSqlSafe(sql))
+                .bind(id.0)
+                .bind(&req.workflow)
+                .bind(version as i32)
+                .bind(&req.input)
+                .bind(&started_by)
+                .bind(parent.map(|p| p.0.0))
+                .bind(parent.map(|p| p.1))
+                .bind(&req.trace_context);
+            if let Some(a) = audit {
+                query = query.bind(&a.actor).bind(&a.role).bind(&a.action).bind(&a.detail);
+            }
+            query.execute(&self.pool).await?;
             let started = Started {
                 id,
                 status: RunStatus::Pending,
@@ -314,6 +339,16 @@ impl PgStore {
         }
         let mut tx = self.pool.begin().await?;
         let (started, due) = create_run_in(&mut tx, id, req, version, parent).await?;
+        if let Some(a) = audit.filter(|_| started.created) {
+            sqlx::query("insert into audit_log (actor, role, action, target, detail) values ($1, $2, $3, $4, $5)")
+                .bind(&a.actor)
+                .bind(&a.role)
+                .bind(&a.action)
+                .bind(started.id.to_string())
+                .bind(&a.detail)
+                .execute(&mut *tx)
+                .await?;
+        }
         tx.commit().await?;
         if started.created {
             crate::core::metrics::metrics().run_started(&req.workflow, &started_by);
@@ -1122,6 +1157,108 @@ pub(crate) async fn create_run_in(
     ))
 }
 
+/// Many runs started in `tx` at once: a run is created for each request whose idempotency key
+/// has none yet, and the earlier run returned (`created: false`) for the others; `Conflict` for
+/// a key that started another workflow. For requests without a concurrency key or a parent
+/// (a trigger's starts), in two statements whatever their number.
+///
+/// The caller serialises starts under these keys (the Alertmanager intake holds its route's
+/// lock, and only it makes `alert:` keys): no advisory lock per key is taken, as thousands of
+/// them would fill PostgreSQL's lock table.
+pub(crate) async fn create_runs_in(
+    tx: &mut Transaction<'_, Postgres>,
+    reqs: &[(&StartRun, u32)],
+) -> StoreResult<Vec<StoreResult<Started>>> {
+    debug_assert!(reqs.iter().all(|(r, _)| r.concurrency.is_none()));
+    let keys: Vec<&str> = reqs.iter().filter_map(|(r, _)| r.idempotency_key.as_deref()).collect();
+    let mut earlier = std::collections::HashMap::new();
+    if !keys.is_empty() {
+        let rows =
+            sqlx::query("select idempotency_key, id, status, workflow from runs where idempotency_key = any($1)")
+                .bind(&keys)
+                .fetch_all(&mut **tx)
+                .await?;
+        for r in rows {
+            let key: String = r.get("idempotency_key");
+            earlier.insert(
+                key,
+                (
+                    r.get::<Uuid, _>("id"),
+                    r.get::<String, _>("status"),
+                    r.get::<String, _>("workflow"),
+                ),
+            );
+        }
+    }
+    let mut out = Vec::with_capacity(reqs.len());
+    let (mut ids, mut workflows, mut versions, mut inputs, mut by, mut new_keys, mut traces) = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
+    for (req, version) in reqs {
+        let key = req.idempotency_key.as_deref();
+        if let Some((id, status, workflow)) = key.and_then(|k| earlier.get(k)) {
+            let key = key.unwrap_or_default();
+            out.push(if *workflow != req.workflow {
+                Err(StoreError::Conflict(format!(
+                    "idempotency key '{key}' was already used to start workflow '{workflow}'"
+                )))
+            } else {
+                status
+                    .parse()
+                    .map_err(|e: UnknownVariant| StoreError::Corrupt(e.0))
+                    .map(|status| Started {
+                        id: RunId(*id),
+                        status,
+                        created: false,
+                        note: Some(format!(
+                            "idempotency key '{key}' was used before; this is the first run"
+                        )),
+                    })
+            });
+            continue;
+        }
+        let id = RunId::new();
+        ids.push(id.0);
+        workflows.push(req.workflow.as_str());
+        versions.push(*version as i32);
+        inputs.push(req.input.clone());
+        by.push(req.started_by.as_deref().unwrap_or("api"));
+        new_keys.push(key);
+        traces.push(req.trace_context.as_deref());
+        out.push(Ok(Started {
+            id,
+            status: RunStatus::Pending,
+            created: true,
+            note: None,
+        }));
+    }
+    if !ids.is_empty() {
+        // Their `run_created` events are the rows themselves ([`PgStore::events`]).
+        sqlx::query(
+            "insert into runs (id, workflow, workflow_version, input, started_by, idempotency_key, trace_context, wake_at) \
+             select id, workflow, version, input, started_by, key, trace, now() \
+             from unnest($1::uuid[], $2::text[], $3::int[], $4::jsonb[], $5::text[], $6::text[], $7::text[]) \
+               as t(id, workflow, version, input, started_by, key, trace)",
+        )
+        .bind(&ids)
+        .bind(&workflows)
+        .bind(&versions)
+        .bind(&inputs)
+        .bind(&by)
+        .bind(&new_keys)
+        .bind(&traces)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(out)
+}
+
 async fn lock_leased(tx: &mut Transaction<'_, Postgres>, lease: &Lease) -> StoreResult<()> {
     sqlx::query(
         "update runs set lease_expires_at = now() + make_interval(secs => $3), updated_at = now() \
@@ -1483,7 +1620,7 @@ mod tests {
     async fn a_step_journaled_while_another_worker_claims_the_run_waits_for_the_claim_and_writes_nothing() {
         let store = fresh_store().await;
         let (started, _) = store
-            .create_run(&StartRun::new("w", json!(null)), 1, None)
+            .create_run(&StartRun::new("w", json!(null)), 1, None, None)
             .await
             .unwrap();
         let id = started.id;
@@ -1531,7 +1668,7 @@ mod tests {
         let store = fresh_store().await;
         let mut req = StartRun::new("w", json!(null));
         req.started_by = Some("api:alice".into());
-        let (started, _) = store.create_run(&req, 1, None).await.unwrap();
+        let (started, _) = store.create_run(&req, 1, None, None).await.unwrap();
         let id = started.id;
         let (lease, _) = store
             .claim(id, "a", Duration::from_secs(30))
@@ -1577,7 +1714,7 @@ mod tests {
     async fn a_worker_that_lost_its_lease_cannot_write() {
         let store = fresh_store().await;
         let (started, _) = store
-            .create_run(&StartRun::new("w", json!(null)), 1, None)
+            .create_run(&StartRun::new("w", json!(null)), 1, None, None)
             .await
             .unwrap();
         let id = started.id;
@@ -1652,7 +1789,7 @@ mod tests {
     async fn a_run_is_not_claimed_before_it_is_due() {
         let store = fresh_store().await;
         let (started, _) = store
-            .create_run(&StartRun::new("w", json!(null)), 1, None)
+            .create_run(&StartRun::new("w", json!(null)), 1, None, None)
             .await
             .unwrap();
         let ttl = Duration::from_secs(30);
@@ -1675,7 +1812,7 @@ mod tests {
         let mut leases = Vec::new();
         for _ in 0..60 {
             let (started, _) = store
-                .create_run(&StartRun::new("w", json!(null)), 1, None)
+                .create_run(&StartRun::new("w", json!(null)), 1, None, None)
                 .await
                 .unwrap();
             let (lease, _) = store

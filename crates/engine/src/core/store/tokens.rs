@@ -96,22 +96,22 @@ impl PgStore {
             .collect())
     }
 
-    /// The name and role of the live token (not revoked, not expired) with this hash. Its last
-    /// use is written at most once a minute, not on every request.
-    pub(crate) async fn live_token(&self, hash: &[u8]) -> StoreResult<Option<(String, String)>> {
+    /// The name, role and expiry of the live token (not revoked, not expired) with this hash.
+    /// Its last use is written at most once a minute, not on every request.
+    pub(crate) async fn live_token(&self, hash: &[u8]) -> StoreResult<Option<(String, String, Option<DateTime<Utc>>)>> {
         let row = sqlx::query(
             "with found as ( \
-               select id, name, role, last_used_at from api_tokens \
+               select id, name, role, expires_at, last_used_at from api_tokens \
                where token_hash = $1 and revoked_at is null and (expires_at is null or expires_at > now())), \
              touched as ( \
                update api_tokens t set last_used_at = now() from found \
                where t.id = found.id and (found.last_used_at is null or found.last_used_at < now() - interval '1 minute')) \
-             select name, role from found",
+             select name, role, expires_at from found",
         )
         .bind(hash)
         .fetch_optional(self.pool())
         .await?;
-        Ok(row.map(|r| (r.get("name"), r.get("role"))))
+        Ok(row.map(|r| (r.get("name"), r.get("role"), r.get("expires_at"))))
     }
 
     /// Records that `actor` did `action` to `target`.

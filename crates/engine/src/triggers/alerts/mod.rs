@@ -366,22 +366,29 @@ async fn handle(engine: &Engine, alerts: &Alerts, n: Notification) -> Result<Not
         alerts: n.alerts.len(),
         ..Default::default()
     };
+    // Firing alerts by route (each route's decided in one transaction); resolved ones by alert.
+    let mut firing: Vec<Vec<&Alert>> = vec![Vec::new(); alerts.routes.len()];
+    let mut resolved = Vec::new();
     for alert in &n.alerts {
-        let matching: Vec<&AlertRoute> = alerts
-            .routes
-            .iter()
-            .filter(|r| r.matchers.iter().all(|m| m.matches(&alert.labels)))
+        let matching: Vec<usize> = (0..alerts.routes.len())
+            .filter(|&i| alerts.routes[i].matchers.iter().all(|m| m.matches(&alert.labels)))
             .collect();
         if alert.status == "resolved" {
-            out.resolved_signals += resolve(engine, alert, &matching).await?;
-            continue;
-        }
-        if matching.is_empty() {
+            resolved.push((alert, matching));
+        } else if matching.is_empty() {
             out.no_route += 1;
+        } else {
+            for i in matching {
+                firing[i].push(alert);
+            }
+        }
+    }
+    for (route, alerts_of_route) in alerts.routes.iter().zip(&firing) {
+        if alerts_of_route.is_empty() {
             continue;
         }
-        for route in matching {
-            match fire(engine, route, alert, &n).await? {
+        for (alert, fired) in fire(engine, route, alerts_of_route, &n).await? {
+            match fired {
                 Fired::Started(id) => out.started.push(id),
                 Fired::Duplicate => out.duplicates += 1,
                 Fired::HeldBack(why) => out
@@ -392,6 +399,10 @@ async fn handle(engine: &Engine, alerts: &Alerts, n: Notification) -> Result<Not
                     .push(format!("{} ({}): {why}", route.name.value, alert.fingerprint)),
             }
         }
+    }
+    for (alert, matching) in resolved {
+        let routes: Vec<&AlertRoute> = matching.into_iter().map(|i| &alerts.routes[i]).collect();
+        out.resolved_signals += resolve(engine, alert, &routes).await?;
     }
     engine
         .store()
@@ -437,36 +448,137 @@ fn target_of(route: &AlertRoute, alert: &Alert) -> String {
         .join(",")
 }
 
-async fn fire(engine: &Engine, route: &AlertRoute, alert: &Alert, n: &Notification) -> Result<Fired, EngineError> {
-    let target = target_of(route, alert);
-    let episode = Episode {
-        route: &route.name.value,
-        fingerprint: &alert.fingerprint,
-        starts_at: alert.starts_at,
-        target: &target,
-        labels: Value::Object(alert.labels.clone()),
+/// Decides, for the firing alerts of one notification that `route` matches, which start a run,
+/// which already have theirs and which a guardrail holds back, and starts those runs: in one
+/// transaction under the route's lock, reading what it needs in a few statements and deciding
+/// in memory, alert after alert in the notification's order, exactly as if each were decided
+/// alone (a run started for one counts in the guardrails of the next).
+async fn fire<'n>(
+    engine: &Engine,
+    route: &AlertRoute,
+    alerts: &[&'n Alert],
+    n: &Notification,
+) -> Result<Vec<(&'n Alert, Fired)>, EngineError> {
+    let name = route.name.value.as_str();
+    let g = &route.guardrails;
+    let targets: Vec<String> = alerts.iter().map(|a| target_of(route, a)).collect();
+    let episode = |i: usize| Episode {
+        route: name,
+        fingerprint: &alerts[i].fingerprint,
+        starts_at: alerts[i].starts_at,
+        target: &targets[i],
+        labels: Value::Object(alerts[i].labels.clone()),
     };
     // Serialises decisions for this route, so that caps hold under concurrent notifications.
     let mut tx = engine.store().pool().begin().await?;
-    store::lock_route(&mut tx, &route.name.value).await?;
-    if store::episode_outcome(&mut tx, &episode).await?.as_deref() == Some("started") {
-        return Ok(Fired::Duplicate);
+    store::lock_route(&mut tx, name).await?;
+    let seen: Vec<(&str, DateTime<Utc>)> = alerts.iter().map(|a| (a.fingerprint.as_str(), a.starts_at)).collect();
+    let mut outcomes = store::episode_outcomes(&mut tx, name, &seen).await?;
+    let mut state = GuardState::default();
+    if let Some(cooldown) = g.cooldown {
+        let distinct: std::collections::BTreeSet<&str> = targets.iter().map(String::as_str).collect();
+        let distinct: Vec<&str> = distinct.into_iter().collect();
+        state.last_start = store::last_starts_within(&mut tx, name, &distinct, cooldown.as_secs_f64()).await?;
     }
-    if let Some(why) = held_back(&mut tx, route, &target).await? {
-        store::hold_back(&mut tx, &episode, &why).await?;
-        tx.commit().await?;
-        tracing::warn!(route = %route.name.value, fingerprint = %alert.fingerprint, reason = %why, "Alert held back by a guardrail.");
-        return Ok(Fired::HeldBack(why));
+    if g.max_runs.is_some() {
+        let window = g.window.unwrap_or(Duration::from_secs(3600));
+        state.in_window = store::starts_within(&mut tx, name, window.as_secs_f64()).await?;
     }
+    if g.max_concurrent.is_some() {
+        state.going = store::runs_going(&mut tx, name).await?;
+    }
+
+    enum Decision {
+        Fired(Fired),
+        Start(usize),
+    }
+    let mut decisions = Vec::with_capacity(alerts.len());
+    let mut held = Vec::new();
+    let mut reqs: Vec<(StartRun, u32)> = Vec::new();
+    for (i, alert) in alerts.iter().enumerate() {
+        let key = (alert.fingerprint.clone(), alert.starts_at);
+        if outcomes.get(&key).map(String::as_str) == Some("started") {
+            decisions.push(Decision::Fired(Fired::Duplicate));
+            continue;
+        }
+        if let Some(why) = state.held_back(g, &targets[i]) {
+            held.push((episode(i), why.clone()));
+            outcomes.entry(key).or_insert_with(|| "held-back".into());
+            decisions.push(Decision::Fired(Fired::HeldBack(why)));
+            continue;
+        }
+        let mut req = match start_request(route, alert, n) {
+            Ok(req) => req,
+            Err(why) => {
+                decisions.push(Decision::Fired(Fired::Failed(why)));
+                continue;
+            }
+        };
+        let version = match engine.prepare_start(&mut req) {
+            Ok(v) => v,
+            Err(
+                e @ (EngineError::InvalidInput { .. } | EngineError::UnknownWorkflow(_) | EngineError::BadRequest(_)),
+            ) => {
+                decisions.push(Decision::Fired(Fired::Failed(e.to_string())));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        reqs.push((req, version));
+        decisions.push(Decision::Start(reqs.len() - 1));
+        outcomes.insert(key, "started".into());
+        state.started(&targets[i]);
+    }
+    // Created in this transaction: no second connection, no Redis call while the route's lock
+    // is held (about twenty concurrent notifications used to exhaust the pool).
+    let refs: Vec<(&StartRun, u32)> = reqs.iter().map(|(r, v)| (r, *v)).collect();
+    let mut results: Vec<Option<Result<crate::core::model::Started, EngineError>>> = engine
+        .start_many_in_tx(&mut tx, &refs)
+        .await?
+        .into_iter()
+        .map(Some)
+        .collect();
+    let mut started = Vec::new();
+    let mut created = Vec::new();
+    let mut fired = Vec::with_capacity(alerts.len());
+    for (i, decision) in decisions.into_iter().enumerate() {
+        let f = match decision {
+            Decision::Fired(f) => f,
+            Decision::Start(j) => match results[j].take().expect("one result per start") {
+                Ok(s) => {
+                    started.push((episode(i), s.id.0));
+                    if s.created {
+                        created.push(s.id);
+                        Fired::Started(s.id)
+                    } else {
+                        Fired::Duplicate
+                    }
+                }
+                Err(e @ EngineError::Conflict(_)) => Fired::Failed(e.to_string()),
+                Err(e) => return Err(e),
+            },
+        };
+        fired.push((alerts[i], f));
+    }
+    store::record_episodes(&mut tx, &held, &started).await?;
+    tx.commit().await?;
+    if let Some((_, why)) = held.first() {
+        tracing::warn!(route = name, held_back = held.len(), first_reason = %why, "Alerts held back by a guardrail.");
+    }
+    let started_by = reqs.first().and_then(|(r, _)| r.started_by.clone()).unwrap_or_default();
+    engine.started_many(&route.workflow.value, &started_by, created);
+    Ok(fired)
+}
+
+/// The run `route` starts for `alert`: its input rendered from the alert, its idempotency key
+/// the episode's. Why not, if the input cannot be rendered.
+fn start_request(route: &AlertRoute, alert: &Alert, n: &Notification) -> Result<StartRun, String> {
     let context = json!({
         "labels": alert.labels, "annotations": alert.annotations, "fingerprint": alert.fingerprint,
         "starts_at": alert.starts_at.to_rfc3339(), "generator_url": alert.generator_url, "status": alert.status,
         "receiver": n.receiver, "external_url": n.external_url,
     });
-    let input = match template::render(&route.input, &context) {
-        Ok(i) => i,
-        Err(e) => return Ok(Fired::Failed(e.0)),
-    };
+    let input = template::render(&route.input, &context).map_err(|e| e.0)?;
     let mut req = StartRun::new(route.workflow.value.clone(), input);
     req.idempotency_key = Some(format!(
         "alert:{}:{}:{}",
@@ -479,59 +591,56 @@ async fn fire(engine: &Engine, route: &AlertRoute, alert: &Alert, n: &Notificati
         route.name.value,
         alert.labels.get("alertname").and_then(Value::as_str).unwrap_or("alert")
     ));
-    // Created in this transaction: no second connection, no Redis call while the route's lock
-    // is held (about twenty concurrent notifications used to exhaust the pool).
-    let (workflow, started_by) = (req.workflow.clone(), req.started_by.clone().unwrap_or_default());
-    let (started, due) = match engine.start_in_tx(&mut tx, req).await {
-        Ok(s) => s,
-        Err(e @ (EngineError::InvalidInput { .. } | EngineError::UnknownWorkflow(_) | EngineError::BadRequest(_))) => {
-            return Ok(Fired::Failed(e.to_string()));
-        }
-        Err(e) => return Err(e),
-    };
-    store::started(&mut tx, &episode, started.id.0).await?;
-    tx.commit().await?;
-    engine.started_in_tx(&workflow, &started_by, &started, &due).await;
-    Ok(if started.created {
-        Fired::Started(started.id)
-    } else {
-        Fired::Duplicate
-    })
+    Ok(req)
 }
 
-/// Why a new run would break a guardrail, if it would.
-async fn held_back(
-    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-    route: &AlertRoute,
-    target: &str,
-) -> Result<Option<String>, EngineError> {
-    let g = &route.guardrails;
-    if let Some(cooldown) = g.cooldown {
-        let recent = store::last_start_within(tx, &route.name.value, target, cooldown.as_secs_f64()).await?;
-        if let Some(at) = recent {
-            return Ok(Some(format!(
+/// What a route's guardrails look at, read once per notification and kept up to date in
+/// memory as its alerts start runs.
+#[derive(Default)]
+struct GuardState {
+    /// The last start per target, within the cooldown.
+    last_start: std::collections::HashMap<String, DateTime<Utc>>,
+    /// Starts within the `max-runs` window.
+    in_window: i64,
+    /// Runs of the route going.
+    going: i64,
+}
+
+impl GuardState {
+    /// Why a new run for `target` would break a guardrail, if it would.
+    fn held_back(&self, g: &Guardrails, target: &str) -> Option<String> {
+        if let Some(cooldown) = g.cooldown
+            && let Some(at) = self.last_start.get(target)
+        {
+            return Some(format!(
                 "cooldown: a run for {target} started at {at}, less than {} ago",
                 humantime::format_duration(cooldown)
-            )));
+            ));
         }
-    }
-    if let Some(max) = g.max_runs {
-        let window = g.window.unwrap_or(Duration::from_secs(3600));
-        let count = store::starts_within(tx, &route.name.value, window.as_secs_f64()).await?;
-        if count >= i64::from(max) {
-            return Ok(Some(format!(
-                "max-runs: {count} runs in the last {}, the limit is {max}",
+        if let Some(max) = g.max_runs
+            && self.in_window >= i64::from(max)
+        {
+            let window = g.window.unwrap_or(Duration::from_secs(3600));
+            return Some(format!(
+                "max-runs: {} runs in the last {}, the limit is {max}",
+                self.in_window,
                 humantime::format_duration(window)
-            )));
+            ));
         }
-    }
-    if let Some(max) = g.max_concurrent {
-        let going = store::runs_going(tx, &route.name.value).await?;
-        if going >= i64::from(max) {
-            return Ok(Some(format!("max-concurrent: {going} runs going, the limit is {max}")));
+        if let Some(max) = g.max_concurrent
+            && self.going >= i64::from(max)
+        {
+            return Some(format!("max-concurrent: {} runs going, the limit is {max}", self.going));
         }
+        None
     }
-    Ok(None)
+
+    /// Counts a run started for `target`.
+    fn started(&mut self, target: &str) {
+        self.last_start.insert(target.to_string(), Utc::now());
+        self.in_window += 1;
+        self.going += 1;
+    }
 }
 
 /// Signals `resolved` to the runs the alert's episode started. Returns how many were signalled.
