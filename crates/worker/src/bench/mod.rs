@@ -63,6 +63,12 @@ pub(crate) struct BenchArgs {
     /// learned of a run's end before the wait call).
     #[arg(long)]
     w2_poll: bool,
+    /// W3: steps of the one run whose steps all run at once (0: no W3).
+    #[arg(long, default_value_t = 500)]
+    fan_out: u32,
+    /// W3: how many times it is measured.
+    #[arg(long, default_value_t = 3)]
+    fan_out_runs: usize,
     /// With --api: W1's HTTP/1.1 keep-alive connections, each starting runs one after another.
     #[arg(long, default_value_t = 100)]
     connections: usize,
@@ -128,11 +134,15 @@ impl Front {
 
     /// W2: starts one run and returns once it is seen succeeded.
     async fn one(&self, poller: &mut PgConnection, steps: u32) -> Result<RunId> {
+        self.one_with(poller, None, json!({ "steps": steps })).await
+    }
+
+    /// Starts one run of `selftest.chain` with `input` and returns once it is seen succeeded.
+    /// `body` is the API's start body, if it is not the client's usual one.
+    async fn one_with(&self, poller: &mut PgConnection, body: Option<&str>, input: serde_json::Value) -> Result<RunId> {
         match self {
             Self::Engine(engine) => {
-                let started = engine
-                    .start(StartRun::new("selftest.chain", json!({ "steps": steps })))
-                    .await?;
+                let started = engine.start(StartRun::new("selftest.chain", input)).await?;
                 loop {
                     let status: String = sqlx::query_scalar("/* bench */ select status from runs where id = $1")
                         .bind(started.id.0)
@@ -149,7 +159,7 @@ impl Front {
             }
             Self::Api { client, finish } => {
                 let c = client.one();
-                let id = c.start(client.body()).await?;
+                let id = c.start(body.unwrap_or(client.body())).await?;
                 c.until_finished(id, *finish).await?;
                 Ok(id)
             }
@@ -363,6 +373,17 @@ async fn measure(
         .await?;
         pickups.push(pickup);
     }
+    // W3: one run whose steps all run at once (`ctx.all`), a few times.
+    let mut fan_outs = Vec::new();
+    if args.fan_out > 0 {
+        let input = json!({ "steps": args.fan_out, "parallel": args.fan_out });
+        let body = json!({ "workflow": "selftest.chain", "input": input }).to_string();
+        for _ in 0..args.fan_out_runs {
+            let t = Instant::now();
+            front.one_with(&mut poller, Some(&body), input.clone()).await?;
+            fan_outs.push(t.elapsed());
+        }
+    }
     let rss: Vec<(String, Option<f64>)> = named
         .iter()
         .map(|(l, pid)| (l.clone(), procs::peak_rss_mib(*pid)))
@@ -414,6 +435,20 @@ async fn measure(
         ppct(0.50),
         ppct(0.95)
     );
+    if !fan_outs.is_empty() {
+        let mut sorted = fan_outs.clone();
+        sorted.sort();
+        println!(
+            "| W3: one run of {n} steps all at once (`parallel: {n}`), start to seen succeeded: runs, median | {}; **{:.3} s** |",
+            fan_outs
+                .iter()
+                .map(|d| format!("{:.3}", d.as_secs_f64()))
+                .collect::<Vec<_>>()
+                .join(", "),
+            sorted[sorted.len() / 2].as_secs_f64(),
+            n = args.fan_out
+        );
+    }
     let mib = |m: Option<f64>| m.map_or("–".into(), |m| format!("{m:.1}"));
     println!(
         "| peak RSS (VmHWM) MiB: {} | {} |",

@@ -135,6 +135,12 @@ pub(crate) struct Outcome {
     pub(crate) error: Option<String>,
 }
 
+/// The statement that ends a run whose lease is `$1`, `$2`.
+const FINISH: &str = "update runs set status = $3, output = $4, error = $5, finished_at = now(), \
+       updated_at = now(), lease_owner = null, lease_expires_at = null, wake_at = null \
+     where id = $1 and lease_epoch = $2 \
+     returning parent_run_id, concurrency_key, concurrency_limit";
+
 /// The statement that journals a step, after its lease check `lease` (see [`PgStore::record`]).
 macro_rules! record_sql {
     ($lease:literal) => {
@@ -300,34 +306,16 @@ impl PgStore {
         let id = RunId::new();
         let started_by = req.started_by.clone().unwrap_or_else(|| "api".to_string());
         if req.idempotency_key.is_none() && req.concurrency.is_none() {
-            // The common case in one statement, its audit entry included.
-            // Its `run_created` event is the run's row itself ([`PgStore::events`]).
-            const INSERT: &str = "insert into runs (id, workflow, workflow_version, input, started_by, \
-                 parent_run_id, parent_seq, wake_at, trace_context) values ($1, $2, $3, $4, $5, $6, $7, now(), $8)";
-            let audited;
-            let sql = match audit {
-                None => INSERT,
-                Some(_) => {
-                    audited = format!(
-                        "with run as ({INSERT} returning id) insert into audit_log (actor, role, action, target, detail) \
-                         select $9, $10, $11, id::text, $12 from run"
-                    );
-                    &audited
-                }
+            // The common case in one statement, its audit entry included, sharing a commit with
+            // the other writes of this process ([`Journal`]).
+            let create = Create {
+                id,
+                req: req.clone(),
+                version,
+                parent,
+                audit: audit.cloned(),
             };
-            let mut query = sqlx::query(AssertSqlSafe(sql))
-                .bind(id.0)
-                .bind(&req.workflow)
-                .bind(version as i32)
-                .bind(&req.input)
-                .bind(&started_by)
-                .bind(parent.map(|p| p.0.0))
-                .bind(parent.map(|p| p.1))
-                .bind(&req.trace_context);
-            if let Some(a) = audit {
-                query = query.bind(&a.actor).bind(&a.role).bind(&a.action).bind(&a.detail);
-            }
-            query.execute(&self.pool).await?;
+            self.writer().create(create).await?;
             let started = Started {
                 id,
                 status: RunStatus::Pending,
@@ -368,6 +356,69 @@ impl PgStore {
         owner: &str,
         ttl: Duration,
     ) -> StoreResult<Result<(Lease, ClaimedRun), ClaimMiss>> {
+        // Claims of many runs share a commit with the journal's writes ([`Journal`]).
+        if let Some(claimed) = self.writer().claim(run_id, owner, ttl).await? {
+            return Ok(Ok(claimed));
+        }
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "select wake_at, now() as now from runs where id = $1 and status in {ACTIVE} and admitted \
+             and (lease_expires_at is null or lease_expires_at < now())"
+        )))
+        .bind(run_id.0)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(Err(match row {
+            Some(row) => match row.get::<Option<DateTime<Utc>>, _>("wake_at") {
+                Some(at) if at > row.get::<DateTime<Utc>, _>("now") => ClaimMiss::NotYet(at),
+                _ => ClaimMiss::NotRunnable,
+            },
+            None => ClaimMiss::NotRunnable,
+        }))
+    }
+
+    /// The common start ([`PgStore::create_run`]: no idempotency or concurrency key) at once, on
+    /// `db` (the pool, or a batch's transaction).
+    async fn create_now<'e>(db: impl sqlx::PgExecutor<'e>, c: &Create) -> StoreResult<()> {
+        // Its `run_created` event is the run's row itself ([`PgStore::events`]).
+        const INSERT: &str = "insert into runs (id, workflow, workflow_version, input, started_by, \
+             parent_run_id, parent_seq, wake_at, trace_context) values ($1, $2, $3, $4, $5, $6, $7, now(), $8)";
+        let audited;
+        let sql = match c.audit {
+            None => INSERT,
+            Some(_) => {
+                audited = format!(
+                    "with run as ({INSERT} returning id) insert into audit_log (actor, role, action, target, detail) \
+                     select $9, $10, $11, id::text, $12 from run"
+                );
+                &audited
+            }
+        };
+        let req = &c.req;
+        let mut query = sqlx::query(AssertSqlSafe(sql))
+            .bind(c.id.0)
+            .bind(&req.workflow)
+            .bind(c.version as i32)
+            .bind(&req.input)
+            .bind(req.started_by.as_deref().unwrap_or("api"))
+            .bind(c.parent.map(|p| p.0.0))
+            .bind(c.parent.map(|p| p.1))
+            .bind(&req.trace_context);
+        if let Some(a) = &c.audit {
+            query = query.bind(&a.actor).bind(&a.role).bind(&a.action).bind(&a.detail);
+        }
+        query.execute(db).await?;
+        Ok(())
+    }
+
+    /// The claim's update at once, on `db` (the pool, or a batch's transaction): the lease and
+    /// the run, or nothing if the run cannot be claimed now.
+    async fn claim_now<'e>(
+        &self,
+        db: impl sqlx::PgExecutor<'e>,
+        run_id: RunId,
+        owner: &str,
+        ttl: Duration,
+    ) -> StoreResult<Option<(Lease, ClaimedRun)>> {
         // `before` is the row as it was: a lease owner still set means the worker holding the
         // run stopped renewing (a clean pass clears it).
         let row = sqlx::query(AssertSqlSafe(format!(
@@ -385,7 +436,7 @@ impl PgStore {
         .bind(run_id.0)
         .bind(owner)
         .bind(ttl.as_secs_f64())
-        .fetch_optional(&self.pool)
+        .fetch_optional(db)
         .await?;
         if let Some(row) = row {
             let lease = Lease {
@@ -397,7 +448,7 @@ impl PgStore {
             if row.get::<bool, _>("recovered") {
                 crate::core::metrics::metrics().run_recovered();
             }
-            return Ok(Ok((
+            return Ok(Some((
                 lease,
                 ClaimedRun {
                     workflow: row.get("workflow"),
@@ -413,20 +464,7 @@ impl PgStore {
                 },
             )));
         }
-        let row = sqlx::query(AssertSqlSafe(format!(
-            "select wake_at, now() as now from runs where id = $1 and status in {ACTIVE} and admitted \
-             and (lease_expires_at is null or lease_expires_at < now())"
-        )))
-        .bind(run_id.0)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(Err(match row {
-            Some(row) => match row.get::<Option<DateTime<Utc>>, _>("wake_at") {
-                Some(at) if at > row.get::<DateTime<Utc>, _>("now") => ClaimMiss::NotYet(at),
-                _ => ClaimMiss::NotRunnable,
-            },
-            None => ClaimMiss::NotRunnable,
-        }))
+        Ok(None)
     }
 
     /// Runs due now that no worker holds, and how long the oldest of them has waited (seconds).
@@ -552,11 +590,14 @@ impl PgStore {
         r: &StepRecord<'_>,
         renew: bool,
     ) -> StoreResult<Option<DateTime<Utc>>> {
-        // The writer's own store has no writer: it writes with `record_now`.
-        let journal = self
-            .journal
-            .get_or_init(|| Journal::start(PgStore::new(self.pool.clone())));
-        journal.record(lease, r, renew).await
+        self.writer().record(lease, r, renew).await
+    }
+
+    /// The store's group-commit writer, started on first use. (The writer's own store has no
+    /// writer: it writes with the `…_now` functions.)
+    fn writer(&self) -> &Journal {
+        self.journal
+            .get_or_init(|| Journal::start(PgStore::new(self.pool.clone())))
     }
 
     /// [`PgStore::record`] at once, on `db` (the pool, or a batch's transaction).
@@ -734,23 +775,13 @@ impl PgStore {
         has_parent: bool,
         has_concurrency_key: bool,
     ) -> StoreResult<Vec<RunId>> {
-        const FINISH: &str = "update runs set status = $3, output = $4, error = $5, finished_at = now(), \
-               updated_at = now(), lease_owner = null, lease_expires_at = null, wake_at = null \
-             where id = $1 and lease_epoch = $2 \
-             returning parent_run_id, concurrency_key, concurrency_limit";
         let detail = json!({ "status": outcome.status, "error": outcome.error });
         if !has_parent && !has_concurrency_key {
-            // The common case in one statement; its `run_finished` event is the run's row
-            // itself ([`PgStore::events`]).
-            let done = sqlx::query(FINISH)
-                .bind(lease.run_id.0)
-                .bind(lease.epoch)
-                .bind(outcome.status.as_str())
-                .bind(&outcome.output)
-                .bind(&outcome.error)
-                .fetch_optional(&self.pool)
-                .await?;
-            return done.map(|_| Vec::new()).ok_or(StoreError::LeaseLost(lease.run_id));
+            // The common case in one statement, sharing a commit with other runs' writes
+            // ([`Journal`]); its `run_finished` event is the run's row itself
+            // ([`PgStore::events`]).
+            self.writer().finish(lease, outcome).await?;
+            return Ok(Vec::new());
         }
         let mut tx = self.pool.begin().await?;
         let row = sqlx::query(FINISH)
@@ -773,6 +804,20 @@ impl PgStore {
         }
         tx.commit().await?;
         Ok(due)
+    }
+
+    /// The common finish at once, on `db` (the pool, or a batch's transaction).
+    async fn finish_now<'e>(db: impl sqlx::PgExecutor<'e>, lease: &Lease, outcome: &Outcome) -> StoreResult<()> {
+        sqlx::query(FINISH)
+            .bind(lease.run_id.0)
+            .bind(lease.epoch)
+            .bind(outcome.status.as_str())
+            .bind(&outcome.output)
+            .bind(&outcome.error)
+            .fetch_optional(db)
+            .await?
+            .map(|_| ())
+            .ok_or(StoreError::LeaseLost(lease.run_id))
     }
 
     /// For each value of input field `field` among the succeeded runs of `workflow`, when the
@@ -1388,24 +1433,28 @@ fn request_cancel<'a>(
 
 // ---------------------------------------------------------------- group commit (the journal writer)
 //
-// Group commit of journal writes: the step records of many runs, written in one transaction.
+// Group commit: the writes of many runs, in one transaction.
 //
 // # Design notes
 // A worker advancing 32 runs at once journals a step of each every few milliseconds, and each
 // write used to be a commit of its own: on a machine where PostgreSQL shares the CPU, the
-// commits are what sets the ceiling. Here every `PgStore::record` goes to one writer per
-// store, which writes *what queued while the last commit ran*: no batching window, so a lone
-// write (one run at a time) waits for nothing but its own statement, and a busy worker's
-// writes share commits.
+// commits are what sets the ceiling. Here the hot writes of a process go to one writer per
+// store: step records (`PgStore::record`), claims (`PgStore::claim`), the common start
+// (`PgStore::create_run` without idempotency or concurrency key: an API start under load) and
+// the common end (`PgStore::finish` without parent or concurrency key). The writer writes
+// *what queued while the last commit ran*: no batching window, so a lone write (one run at a
+// time) waits for nothing but its own statement, and a busy process's writes share commits.
 //
 // # Guarantees
 // - A write is answered only after the transaction holding it committed: a run's next step
-//   starts only once its own record is durable, exactly as with one commit per record.
-// - Each record keeps its own fencing (the lease check in its statement); a record whose lease
-//   is lost writes nothing and is answered `LeaseLost`, the others commit.
+//   starts only once its own record is durable, a claim's lease is held only once committed,
+//   a start is answered only once the run is stored — exactly as with one commit per write.
+// - Each write keeps its own fencing (the lease check or the claim's condition in its own
+//   statement); one whose lease is lost writes nothing and is answered `LeaseLost` (a claim
+//   that finds the run not claimable answers nothing to claim), the others commit.
 // - A batch that fails as a whole (one record PostgreSQL refuses, a lost connection) is
 //   written again one record at a time, so that a record only ever fails for its own reason.
-// - Records of a batch are written in run order, so that batches take the runs' row locks in
+// - Writes of a batch are written in run order, so that batches take the runs' row locks in
 //   one order; a batch that waits for a lock longer than `BATCH_LOCK_TIMEOUT` is written
 //   again record by record, so one run's lock never holds up the others for long.
 
@@ -1457,10 +1506,98 @@ impl Pending {
     }
 }
 
+/// A run to create, the common way ([`PgStore::create_now`]).
+struct Create {
+    id: RunId,
+    req: StartRun,
+    version: u32,
+    parent: Option<(RunId, i32)>,
+    audit: Option<AuditEntry>,
+}
+
+/// What the writer writes: a step record, the common start of a run (no idempotency or
+/// concurrency key), a claim, or the common end of a run (no parent to wake, no concurrency
+/// key to hand on).
+enum Write {
+    Record(Pending),
+    Create {
+        create: Create,
+        reply: oneshot::Sender<StoreResult<()>>,
+    },
+    Claim {
+        run_id: RunId,
+        owner: String,
+        ttl: Duration,
+        reply: oneshot::Sender<StoreResult<Option<(Lease, ClaimedRun)>>>,
+    },
+    Finish {
+        lease: Lease,
+        outcome: Outcome,
+        reply: oneshot::Sender<StoreResult<()>>,
+    },
+}
+
+/// What a write answers, until it is sent back.
+enum Answer {
+    Record(StoreResult<Option<DateTime<Utc>>>),
+    Create(StoreResult<()>),
+    Claim(StoreResult<Option<(Lease, ClaimedRun)>>),
+    Finish(StoreResult<()>),
+}
+
+impl Write {
+    /// The run it writes, and an order among the writes of one run.
+    fn order(&self) -> (Uuid, i32) {
+        match self {
+            Self::Create { create, .. } => (create.id.0, i32::MIN),
+            Self::Claim { run_id, .. } => (run_id.0, i32::MIN),
+            Self::Record(p) => (p.lease.run_id.0, p.seq),
+            Self::Finish { lease, .. } => (lease.run_id.0, i32::MAX),
+        }
+    }
+
+    /// Writes it on `db`. `Err` only for an error that fails a batch: a lost lease is an answer.
+    async fn write<'e>(&self, store: &PgStore, db: impl sqlx::PgExecutor<'e>) -> Result<Answer, StoreError> {
+        let answer = match self {
+            Self::Record(p) => Answer::Record(store.record_now(db, &p.lease, &p.record(), p.renew).await),
+            Self::Create { create, .. } => Answer::Create(PgStore::create_now(db, create).await),
+            Self::Claim { run_id, owner, ttl, .. } => Answer::Claim(store.claim_now(db, *run_id, owner, *ttl).await),
+            Self::Finish { lease, outcome, .. } => Answer::Finish(PgStore::finish_now(db, lease, outcome).await),
+        };
+        match answer {
+            Answer::Record(Err(e @ StoreError::Db(_)))
+            | Answer::Create(Err(e @ StoreError::Db(_)))
+            | Answer::Claim(Err(e @ StoreError::Db(_)))
+            | Answer::Finish(Err(e @ StoreError::Db(_))) => Err(e),
+            answer => Ok(answer),
+        }
+    }
+
+    /// Sends `answer` back (an error for every write when the batch failed).
+    fn reply(self, answer: Result<Answer, StoreError>) {
+        match (self, answer) {
+            (Self::Record(p), Ok(Answer::Record(r))) => drop(p.reply.send(r)),
+            (Self::Create { reply, .. }, Ok(Answer::Create(r))) => drop(reply.send(r)),
+            (Self::Create { reply, .. }, Err(e)) => drop(reply.send(Err(e))),
+            (Self::Claim { reply, .. }, Ok(Answer::Claim(r))) => drop(reply.send(r)),
+            (Self::Finish { reply, .. }, Ok(Answer::Finish(r))) => drop(reply.send(r)),
+            (Self::Record(p), Err(e)) => drop(p.reply.send(Err(e))),
+            (Self::Claim { reply, .. }, Err(e)) => drop(reply.send(Err(e))),
+            (Self::Finish { reply, .. }, Err(e)) => drop(reply.send(Err(e))),
+            (_, Ok(_)) => unreachable!("each write is answered in its own kind"),
+        }
+    }
+}
+
 /// The handle on a store's writer; the writer stops when every handle is gone.
 #[derive(Debug, Clone)]
 pub(crate) struct Journal {
-    queue: mpsc::UnboundedSender<Pending>,
+    queue: mpsc::UnboundedSender<Write>,
+}
+
+/// The error of a writer that is gone (its runtime ended).
+fn writer_gone() -> StoreError {
+    StoreError::Db(sqlx::Error::PoolClosed)
 }
 
 impl Journal {
@@ -1495,16 +1632,53 @@ impl Journal {
             renew,
             reply,
         };
+        self.queue.send(Write::Record(pending)).map_err(|_| writer_gone())?;
+        // The writer answers every write it took; a dropped answer means its runtime is gone.
+        answer.await.map_err(|_| writer_gone())?
+    }
+
+    /// Creates a run (see [`PgStore::create_now`]); answers once committed.
+    async fn create(&self, create: Create) -> StoreResult<()> {
+        let (reply, answer) = oneshot::channel();
         self.queue
-            .send(pending)
-            .map_err(|_| StoreError::Db(sqlx::Error::PoolClosed))?;
-        // The writer answers every record it took; a dropped answer means its runtime is gone.
-        answer.await.map_err(|_| StoreError::Db(sqlx::Error::PoolClosed))?
+            .send(Write::Create { create, reply })
+            .map_err(|_| writer_gone())?;
+        answer.await.map_err(|_| writer_gone())?
+    }
+
+    /// Claims `run_id` (see [`PgStore::claim_now`]); answers once committed.
+    pub(crate) async fn claim(
+        &self,
+        run_id: RunId,
+        owner: &str,
+        ttl: Duration,
+    ) -> StoreResult<Option<(Lease, ClaimedRun)>> {
+        let (reply, answer) = oneshot::channel();
+        let write = Write::Claim {
+            run_id,
+            owner: owner.to_string(),
+            ttl,
+            reply,
+        };
+        self.queue.send(write).map_err(|_| writer_gone())?;
+        answer.await.map_err(|_| writer_gone())?
+    }
+
+    /// Ends the run of `lease` (see [`PgStore::finish_now`]); answers once committed.
+    pub(crate) async fn finish(&self, lease: &Lease, outcome: &Outcome) -> StoreResult<()> {
+        let (reply, answer) = oneshot::channel();
+        let write = Write::Finish {
+            lease: lease.clone(),
+            outcome: outcome.clone(),
+            reply,
+        };
+        self.queue.send(write).map_err(|_| writer_gone())?;
+        answer.await.map_err(|_| writer_gone())?
     }
 }
 
 /// The writer: takes what queued, writes it as one transaction, [`WRITERS`] at once.
-async fn write_batches(store: PgStore, mut rx: mpsc::UnboundedReceiver<Pending>) {
+async fn write_batches(store: PgStore, mut rx: mpsc::UnboundedReceiver<Write>) {
     let writers = std::sync::Arc::new(Semaphore::new(WRITERS));
     while let Some(first) = rx.recv().await {
         let Ok(permit) = writers.clone().acquire_owned().await else {
@@ -1526,56 +1700,175 @@ async fn write_batches(store: PgStore, mut rx: mpsc::UnboundedReceiver<Pending>)
     }
 }
 
-async fn write(store: &PgStore, mut batch: Vec<Pending>) {
+async fn write(store: &PgStore, mut batch: Vec<Write>) {
     if batch.len() == 1 {
-        let p = batch.pop().expect("one record");
-        let result = store.record_now(store.pool(), &p.lease, &p.record(), p.renew).await;
-        let _ = p.reply.send(result);
+        let w = batch.pop().expect("one write");
+        let answer = w.write(store, store.pool()).await;
+        w.reply(answer);
         return;
     }
-    batch.sort_by_key(|p| (p.lease.run_id.0, p.seq));
+    batch.sort_by_key(Write::order);
     match write_together(store, &batch).await {
-        Ok(results) => {
-            for (p, result) in batch.into_iter().zip(results) {
-                let _ = p.reply.send(result);
+        Ok(answers) => {
+            for (w, answer) in batch.into_iter().zip(answers) {
+                w.reply(Ok(answer));
             }
         }
         Err(e) => {
-            tracing::debug!(error = %e, records = batch.len(), "A batch of journal writes failed; writing them one by one.");
-            // Each on its own, at once: a record that waits for a lock holds up no other.
-            for p in batch {
+            tracing::debug!(error = %e, writes = batch.len(), "A batch of writes failed; writing them one by one.");
+            // Each on its own, at once: a write that waits for a lock holds up no other.
+            for w in batch {
                 let store = store.clone();
                 tokio::spawn(async move {
-                    let result = store.record_now(store.pool(), &p.lease, &p.record(), p.renew).await;
-                    let _ = p.reply.send(result);
+                    let answer = w.write(&store, store.pool()).await;
+                    w.reply(answer);
                 });
             }
         }
     }
 }
 
-/// Every record of `batch` in one transaction; each its own result (a lost lease), or the
-/// error that failed the transaction.
-async fn write_together(
-    store: &PgStore,
-    batch: &[Pending],
-) -> Result<Vec<StoreResult<Option<DateTime<Utc>>>>, StoreError> {
+/// Every write of `batch` in one transaction; each its own answer (a lost lease, a run that
+/// cannot be claimed), or the error that failed the transaction.
+async fn write_together(store: &PgStore, batch: &[Write]) -> Result<Vec<Answer>, StoreError> {
     let mut tx = store.pool().begin().await?;
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "set local lock_timeout = '{BATCH_LOCK_TIMEOUT}'"
     )))
     .execute(&mut *tx)
     .await?;
-    let mut results = Vec::with_capacity(batch.len());
-    for p in batch {
-        match store.record_now(&mut *tx, &p.lease, &p.record(), p.renew).await {
-            Err(StoreError::LeaseLost(id)) => results.push(Err(StoreError::LeaseLost(id))),
-            Err(e) => return Err(e),
-            Ok(at) => results.push(Ok(at)),
+    let mut answers: Vec<Option<Answer>> = batch.iter().map(|_| None).collect();
+    // The step records that need no lease renewal, in one statement (one round trip however
+    // many); a run's records at one position twice (never, as a run awaits each) go one by one.
+    let plain: Vec<usize> = (0..batch.len())
+        .filter(|&i| matches!(&batch[i], Write::Record(p) if !p.renew))
+        .collect();
+    let positions: std::collections::HashSet<(Uuid, i32)> = plain.iter().map(|&i| batch[i].order()).collect();
+    if plain.len() > 1 && positions.len() == plain.len() {
+        let records: Vec<&Pending> = plain
+            .iter()
+            .map(|&i| match &batch[i] {
+                Write::Record(p) => p,
+                _ => unreachable!("only records are plain"),
+            })
+            .collect();
+        for (i, answer) in plain.iter().zip(record_all(&mut tx, &records).await?) {
+            answers[*i] = Some(Answer::Record(answer));
+        }
+    }
+    for (w, answer) in batch.iter().zip(answers.iter_mut()) {
+        if answer.is_none() {
+            *answer = Some(w.write(store, &mut *tx).await?);
         }
     }
     tx.commit().await?;
-    Ok(results)
+    Ok(answers.into_iter().map(|a| a.expect("every write answered")).collect())
+}
+
+/// Step records without lease renewal ([`RECORD`]) in one statement: each checks its own lease
+/// (its run's row locked `for share`, in run order) and is written only if it holds. Each
+/// record's `wake_at`, or `LeaseLost`.
+async fn record_all(
+    tx: &mut Transaction<'_, Postgres>,
+    records: &[&Pending],
+) -> Result<Vec<StoreResult<Option<DateTime<Utc>>>>, StoreError> {
+    let n = records.len();
+    let (mut runs, mut epochs, mut seqs, mut names, mut kinds, mut statuses, mut attempts) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut outputs, mut sensitive, mut errors, mut error_kinds, mut wake_in, mut terminal, mut events, mut ran_for) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for p in records {
+        runs.push(p.lease.run_id.0);
+        epochs.push(p.lease.epoch);
+        seqs.push(p.seq);
+        names.push(p.name.as_str());
+        kinds.push(p.kind.as_str());
+        statuses.push(p.status.as_str());
+        attempts.push(p.attempts);
+        outputs.push(if p.sensitive { None } else { p.output.clone() });
+        sensitive.push(p.sensitive);
+        errors.push(p.error.as_ref().map(|(_, m)| m.as_str()));
+        error_kinds.push(p.error.as_ref().map(|(k, _)| k.as_str()));
+        wake_in.push(p.wake_in.map(|d| d.as_millis() as f64));
+        terminal.push(matches!(
+            p.status,
+            StepStatus::Succeeded | StepStatus::Failed | StepStatus::Cancelled
+        ));
+        events.push(p.event.as_deref());
+        ran_for.push(p.ran_for.map(|d| d.as_secs_f64() * 1000.0));
+    }
+    let rows = sqlx::query(
+        "with input as ( \
+           select * from unnest($1::uuid[], $2::bigint[], $3::int[], $4::text[], $5::text[], $6::text[], $7::int[], \
+                                $8::jsonb[], $9::bool[], $10::text[], $11::text[], $12::float8[], $13::bool[], \
+                                $14::text[], $15::float8[]) \
+             as t(run_id, epoch, seq, name, kind, status, attempts, output, sensitive, error, error_kind, \
+                  wake_ms, terminal, event, ran_ms)), \
+         held as ( \
+           select r.id from runs r join input i on r.id = i.run_id and r.lease_epoch = i.epoch \
+           order by r.id for share of r), \
+         lease as (select i.* from input i where exists (select 1 from held h where h.id = i.run_id)), \
+         step as ( \
+           insert into steps (run_id, seq, name, kind, status, attempts, output, sensitive, error, error_kind, \
+                              wake_at, finished_at, started_at) \
+           select run_id, seq, name, kind, status, attempts, output, sensitive, error, error_kind, \
+                  now() + wake_ms * interval '1 millisecond', case when terminal then now() end, \
+                  now() - coalesce(ran_ms, 0) * interval '1 millisecond' from lease \
+           on conflict (run_id, seq) do update set status = excluded.status, attempts = excluded.attempts, \
+             output = excluded.output, sensitive = excluded.sensitive, \
+             error = coalesce(excluded.error, steps.error), \
+             error_kind = coalesce(excluded.error_kind, steps.error_kind), wake_at = excluded.wake_at, \
+             finished_at = excluded.finished_at, updated_at = now() \
+           returning run_id, seq, wake_at), \
+         event as ( \
+           insert into run_events (run_id, kind, seq, step, attempt, detail) \
+           select run_id, event, seq, name, attempts, jsonb_build_object('status', status, 'error', error) \
+           from lease where event is not null) \
+         select s.run_id, s.seq, s.wake_at from step s",
+    )
+    .bind(&runs)
+    .bind(&epochs)
+    .bind(&seqs)
+    .bind(&names)
+    .bind(&kinds)
+    .bind(&statuses)
+    .bind(&attempts)
+    .bind(&outputs)
+    .bind(&sensitive)
+    .bind(&errors)
+    .bind(&error_kinds)
+    .bind(&wake_in)
+    .bind(&terminal)
+    .bind(&events)
+    .bind(&ran_for)
+    .fetch_all(&mut **tx)
+    .await?;
+    let written: std::collections::HashMap<(Uuid, i32), Option<DateTime<Utc>>> = rows
+        .into_iter()
+        .map(|r| ((r.get("run_id"), r.get("seq")), r.get("wake_at")))
+        .collect();
+    Ok(records
+        .iter()
+        .map(|p| match written.get(&(p.lease.run_id.0, p.seq)) {
+            Some(at) => Ok(*at),
+            None => Err(StoreError::LeaseLost(p.lease.run_id)),
+        })
+        .collect())
 }
 
 #[cfg(test)]
