@@ -137,6 +137,40 @@ async fn a_waiting_read_on_another_serve_answers_as_the_run_ends_and_times_out_c
     assert_eq!(status, 400, "{body}");
     let (status, _, _) = get(&other, "", &format!("/api/v1/runs/{id}?wait=1s"), None).await;
     assert_eq!(status, 401);
+    // A start can wait for its run's end in the same request; bad input starts nothing.
+    let (status, started) = env
+        .post(
+            "/api/v1/runs?wait=20s",
+            &json!({ "workflow": "selftest.chain", "input": { "steps": 2 } }),
+        )
+        .await;
+    assert_eq!(status, 201, "{started}");
+    assert_eq!(started["run"]["status"], "succeeded", "{started}");
+    assert_eq!(started["run"]["steps"].as_array().map(Vec::len), Some(2), "{started}");
+    let runs = || async {
+        sqlx::query_scalar::<_, i64>("select count(*) from runs")
+            .fetch_one(&env.db.pool)
+            .await
+            .unwrap()
+    };
+    let before = runs().await;
+    let (status, body) = env
+        .post(
+            "/api/v1/runs?wait=later",
+            &json!({ "workflow": "selftest.chain", "input": { "steps": 1 } }),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    let (status, _) = env
+        .post_as(
+            &viewer,
+            "/api/v1/runs?wait=1s",
+            &json!({ "workflow": "selftest.chain", "input": { "steps": 1 } }),
+        )
+        .await;
+    assert_eq!(status, 403);
+    assert_eq!(runs().await, before, "a refused start started a run");
+
     let missing = uuid::Uuid::now_v7();
     let (status, _, _) = get(&other, &viewer, &format!("/api/v1/runs/{missing}?wait=1s"), None).await;
     assert_eq!(status, 404);

@@ -234,13 +234,14 @@ impl Engine {
     }
 
     /// Run `id` once `done` holds for it, or as it is after `timeout`: woken by the workers'
-    /// announcements ([`crate::core::changes`]), re-read every `recheck` should one be lost.
-    /// Each read is a fresh read of PostgreSQL.
+    /// announcements ([`crate::core::changes`]; with `ended_only`, by that of its end alone),
+    /// re-read every `recheck` should one be lost. Each read is a fresh read of PostgreSQL.
     pub async fn wait_run(
         &self,
         id: RunId,
         timeout: std::time::Duration,
         recheck: std::time::Duration,
+        ended_only: bool,
         mut done: impl FnMut(&RunView) -> bool,
     ) -> Result<RunView, EngineError> {
         let deadline = tokio::time::Instant::now() + timeout;
@@ -252,7 +253,7 @@ impl Engine {
             if done(&run) || now >= deadline {
                 return Ok(run);
             }
-            changes.changed(id, deadline.min(now + recheck)).await;
+            changes.changed(id, ended_only, deadline.min(now + recheck)).await;
         }
     }
 

@@ -19,11 +19,28 @@ use crate::core::model::{RunFilter, RunId, RunStatus, StartRun, TRIGGER_KEY_PREF
 use crate::engine::Engine;
 use crate::identity::Caller;
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct StartQuery {
+    /// How long to wait for the run to end before answering (as `GET …?wait=`).
+    wait: Option<String>,
+}
+
+/// `POST /api/v1/runs[?wait=30s]`: starts a run. With `wait`, the answer also holds the run as
+/// `GET /api/v1/runs/{id}` shows it, once it has ended or the wait has run out (one round trip
+/// for a run a client waits for).
 pub(crate) async fn start_run(
     State(api): State<Api>,
     axum::Extension(caller): Who,
+    axum::Extension(waits): axum::Extension<crate::api::server::Waits>,
+    q: Result<Query<StartQuery>, QueryRejection>,
     Body(mut req): Body<StartRun>,
 ) -> Result<Response, ApiError> {
+    let Query(q) = q?;
+    let wait = match q.wait.as_deref() {
+        None | Some("") => None,
+        Some(w) => Some(parse_wait(w)?.min(waits.max)),
+    };
     let engine = api.engine();
     req.started_by = Some(format!("api:{}", caller.name));
     if let Err(e) = check_api_start(&api, &caller, &req) {
@@ -61,7 +78,22 @@ pub(crate) async fn start_run(
     } else {
         StatusCode::OK
     };
-    Ok((status, Json(started)).into_response())
+    let Some(timeout) = wait else {
+        return Ok((status, Json(started)).into_response());
+    };
+    // The run is started whatever happens to the wait: too many waiting reads only mean the
+    // answer comes at once.
+    let run = match waits.slots.clone().try_acquire_owned() {
+        Ok(_slot) => {
+            engine
+                .wait_run(started.id, timeout, waits.recheck, true, |r| r.status.is_terminal())
+                .await?
+        }
+        Err(_) => engine.get_run(started.id).await?,
+    };
+    let mut body = serde_json::to_value(&started).unwrap_or(Value::Null);
+    body["run"] = run_view(run).0;
+    Ok((status, Json(body)).into_response())
 }
 
 #[derive(Deserialize)]
@@ -180,7 +212,7 @@ pub(crate) async fn get_run(
                 return Ok(r);
             };
             engine
-                .wait_run(id, timeout, waits.recheck, |run| {
+                .wait_run(id, timeout, waits.recheck, seen.is_none(), |run| {
                     run.status.is_terminal() || (seen.is_some() && !matches(&run_view(run.clone()).1))
                 })
                 .await?

@@ -27,7 +27,7 @@ const SUBSCRIBE_GRACE: Duration = Duration::from_secs(1);
 /// The announcements of run changes, for the readers of one process.
 #[derive(Default)]
 pub(crate) struct Hub {
-    started: OnceCell<(broadcast::Sender<RunId>, watch::Receiver<bool>)>,
+    started: OnceCell<(broadcast::Sender<(RunId, bool)>, watch::Receiver<bool>)>,
     stop: CancellationToken,
 }
 
@@ -39,17 +39,18 @@ impl Drop for Hub {
 
 /// One reader's view of the announcements.
 pub(crate) struct Listener {
-    rx: broadcast::Receiver<RunId>,
+    rx: broadcast::Receiver<(RunId, bool)>,
 }
 
 impl Listener {
     /// Resolves when an announcement may concern `run` (one named it, or some were missed),
-    /// or at `until`, whichever is first.
-    pub(crate) async fn changed(&mut self, run: RunId, until: tokio::time::Instant) {
+    /// or at `until`, whichever is first. With `ended_only`, only the announcement of its end
+    /// counts (a reader waiting for the end is not woken by each step).
+    pub(crate) async fn changed(&mut self, run: RunId, ended_only: bool, until: tokio::time::Instant) {
         let named = async {
             loop {
                 match self.rx.recv().await {
-                    Ok(id) if id == run => return,
+                    Ok((id, ended)) if id == run && (ended || !ended_only) => return,
                     Ok(_) => {}
                     Err(broadcast::error::RecvError::Lagged(_)) => return,
                     // The hub stopped: only the deadline is left.

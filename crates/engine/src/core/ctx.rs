@@ -635,7 +635,7 @@ impl Ctx {
                 if renew {
                     *self.inner.renewed.lock().expect("lease clock") = sent;
                 }
-                self.inner.host.queue().announce(lease.run_id);
+                self.inner.host.queue().announce(lease.run_id, false);
                 at
             }
             Err(e) => self.halt(store_halt(e)).await,

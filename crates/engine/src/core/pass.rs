@@ -201,7 +201,7 @@ async fn conclude(
     match due {
         Ok(due) => {
             crate::core::metrics::metrics().run_finished(&claimed.workflow, outcome.status.as_str());
-            core.queue.announce(run_id);
+            core.queue.announce(run_id, true);
             core.queue.wake_now(&due).await;
             Ok(())
         }
@@ -240,12 +240,12 @@ async fn settle(core: &Arc<Core>, lease: &Lease, halt: Halt) -> Result<(), Store
     };
     match core.store.release(lease, wake_at, status).await {
         Ok(Some(at)) => {
-            core.queue.announce(run_id);
+            core.queue.announce(run_id, false);
             core.queue.wake_at(run_id, at).await;
             Ok(())
         }
         Ok(None) => {
-            core.queue.announce(run_id);
+            core.queue.announce(run_id, false);
             Ok(())
         }
         Err(StoreError::LeaseLost(_)) => Ok(()),

@@ -93,7 +93,7 @@ pub struct RedisQueue {
     client: redis::Client,
     config: QueueConfig,
     /// The batching publisher of [`RedisQueue::announce`], started on first use.
-    announcer: Arc<std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<RunId>>>,
+    announcer: Arc<std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<(RunId, bool)>>>,
 }
 
 impl std::fmt::Debug for RedisQueue {
@@ -210,21 +210,22 @@ impl RedisQueue {
     ///
     /// Announcements are batched: one task per queue publishes whatever queued while its last
     /// `PUBLISH` was in flight, as one message of run ids separated by spaces.
-    pub(crate) fn announce(&self, run: RunId) {
+    /// `ended`: the change is the run's end (readers waiting only for that wake on it alone).
+    pub(crate) fn announce(&self, run: RunId, ended: bool) {
         let sender = self.announcer.get_or_init(|| {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
             tokio::spawn(publish_announcements(self.conn.clone(), self.changes_channel(), rx));
             tx
         });
-        let _ = sender.send(run);
+        let _ = sender.send((run, ended));
     }
 
-    /// Relays the run ids of change announcements to `to` until `shutdown`, reconnecting as
-    /// needed; `subscribed` says whether the subscription stands (a reader that starts waiting
+    /// Relays change announcements (the run, and whether it ended) to `to` until `shutdown`,
+    /// reconnecting as needed; `subscribed` says whether the subscription stands (a reader that starts waiting
     /// while it does not re-reads the run on its own schedule).
     pub(crate) async fn listen_for_changes(
         &self,
-        to: tokio::sync::broadcast::Sender<RunId>,
+        to: tokio::sync::broadcast::Sender<(RunId, bool)>,
         subscribed: tokio::sync::watch::Sender<bool>,
         shutdown: CancellationToken,
     ) {
@@ -236,8 +237,12 @@ impl RedisQueue {
             |payload| {
                 let text = String::from_utf8_lossy(payload);
                 for id in text.split_ascii_whitespace() {
+                    let (id, ended) = match id.strip_suffix('!') {
+                        Some(id) => (id, true),
+                        None => (id, false),
+                    };
                     if let Ok(id) = id.parse::<uuid::Uuid>() {
-                        let _ = to.send(RunId(id));
+                        let _ = to.send((RunId(id), ended));
                     }
                 }
             },
@@ -382,30 +387,35 @@ impl RedisQueue {
 }
 
 /// The announcer's loop: waits for one announcement, takes every other one queued meanwhile
-/// (distinct ids, at most [`MAX_ANNOUNCED`]), publishes them in one message. It ends when the
-/// last clone of the queue is gone.
+/// (distinct ids, at most [`MAX_ANNOUNCED`]), publishes them in one message: each id, followed
+/// by `!` if the run ended. It ends when the last clone of the queue is gone.
 async fn publish_announcements(
     mut conn: ConnectionManager,
     channel: String,
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<RunId>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<(RunId, bool)>,
 ) {
-    let mut batch: Vec<RunId> = Vec::new();
+    let mut batch: Vec<(RunId, bool)> = Vec::new();
     while let Some(first) = rx.recv().await {
         batch.clear();
         batch.push(first);
         while batch.len() < MAX_ANNOUNCED {
             match rx.try_recv() {
-                Ok(id) if !batch.contains(&id) => batch.push(id),
-                Ok(_) => {}
+                Ok((id, ended)) => match batch.iter_mut().find(|(seen, _)| *seen == id) {
+                    Some(seen) => seen.1 |= ended,
+                    None => batch.push((id, ended)),
+                },
                 Err(_) => break,
             }
         }
-        let mut payload = String::with_capacity(batch.len() * 37);
-        for id in &batch {
+        let mut payload = String::with_capacity(batch.len() * 38);
+        for (id, ended) in &batch {
             if !payload.is_empty() {
                 payload.push(' ');
             }
             payload.push_str(&id.to_string());
+            if *ended {
+                payload.push('!');
+            }
         }
         let sent = redis::cmd("PUBLISH")
             .arg(&channel)

@@ -17,8 +17,8 @@ use super::{TempFile, write_private};
 /// How W2's client learns that a run has finished.
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Finish {
-    /// `GET /api/v1/runs/{id}?wait=30s`, answered by `serve` when the run ends (woken by the
-    /// worker's announcement), again should the wait run out first.
+    /// `POST /api/v1/runs?wait=30s`, answered by `serve` when the run ends (woken by the
+    /// worker's announcement), then `GET /api/v1/runs/{id}?wait=30s` should the wait run out.
     Wait,
     /// `GET /api/v1/runs/{id}` until the run has ended, pausing this long between two reads
     /// (zero: back to back, each read starting when the previous answer is in).
@@ -134,9 +134,14 @@ impl Client {
 impl Connection {
     /// `POST /api/v1/runs`; the new run's id.
     pub(super) async fn start(&self, body: &str) -> Result<RunId> {
+        Ok(self.start_with(body, "").await?.0)
+    }
+
+    /// `POST /api/v1/runs{query}`; the new run's id and the answer.
+    async fn start_with(&self, body: &str, query: &str) -> Result<(RunId, Value)> {
         let resp = self
             .http
-            .post(format!("{}/api/v1/runs", self.base))
+            .post(format!("{}/api/v1/runs{query}", self.base))
             .body(body.to_string())
             .send()
             .await?;
@@ -145,7 +150,25 @@ impl Connection {
         if status != reqwest::StatusCode::CREATED {
             bail!("POST /api/v1/runs answered {status}: {v}");
         }
-        started_id(&v)
+        Ok((started_id(&v)?, v))
+    }
+
+    /// Starts a run with `body` and returns once it has succeeded (an error if it failed or
+    /// was cancelled); its id.
+    pub(super) async fn start_until_finished(&self, body: &str, how: Finish) -> Result<RunId> {
+        if let Finish::Wait = how {
+            let (id, v) = self.start_with(body, "?wait=30s").await?;
+            match v["run"]["status"].as_str() {
+                Some("succeeded") => return Ok(id),
+                Some(s @ ("failed" | "cancelled")) => bail!("run {id} ended {s}"),
+                _ => {}
+            }
+            self.until_finished(id, how).await?;
+            return Ok(id);
+        }
+        let id = self.start(body).await?;
+        self.until_finished(id, how).await?;
+        Ok(id)
     }
 
     /// Returns once run `id` has succeeded (an error if it failed or was cancelled).

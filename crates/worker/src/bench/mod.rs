@@ -158,10 +158,10 @@ impl Front {
                 }
             }
             Self::Api { client, finish } => {
-                let c = client.one();
-                let id = c.start(body.unwrap_or(client.body())).await?;
-                c.until_finished(id, *finish).await?;
-                Ok(id)
+                client
+                    .one()
+                    .start_until_finished(body.unwrap_or(client.body()), *finish)
+                    .await
             }
         }
     }
@@ -403,7 +403,7 @@ async fn measure(
             config.database.max_connections,
             args.connections,
             if !args.w2_poll {
-                "waits with `GET /api/v1/runs/{id}?wait=30s`".to_string()
+                "waits with `POST /api/v1/runs?wait=30s` (the start's answer comes at the run's end)".to_string()
             } else if args.poll_interval_us == 0 {
                 "polls `GET /api/v1/runs/{id}` back to back".to_string()
             } else {
