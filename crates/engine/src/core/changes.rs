@@ -24,10 +24,13 @@ const BACKLOG: usize = 4096;
 /// How long a reader that starts waiting before the first subscription stands waits for it.
 const SUBSCRIBE_GRACE: Duration = Duration::from_secs(1);
 
+/// An announcement as the hub hands it on: the run, and whether it ended.
+type Change = (RunId, bool);
+
 /// The announcements of run changes, for the readers of one process.
 #[derive(Default)]
 pub(crate) struct Hub {
-    started: OnceCell<(broadcast::Sender<(RunId, bool)>, watch::Receiver<bool>)>,
+    started: OnceCell<(broadcast::Sender<Change>, watch::Receiver<bool>)>,
     stop: CancellationToken,
 }
 
@@ -39,7 +42,7 @@ impl Drop for Hub {
 
 /// One reader's view of the announcements.
 pub(crate) struct Listener {
-    rx: broadcast::Receiver<(RunId, bool)>,
+    rx: broadcast::Receiver<Change>,
 }
 
 impl Listener {
