@@ -29,6 +29,16 @@ impl ApiError {
             message: message.into(),
         }
     }
+
+    /// 503 with `Retry-After: 1`: a limit of requests at once is reached; nothing was done.
+    pub(crate) fn busy(code: &'static str, message: &str) -> Response {
+        let mut r = Self::new(StatusCode::SERVICE_UNAVAILABLE, code, message).into_response();
+        r.headers_mut().insert(
+            axum::http::header::RETRY_AFTER,
+            axum::http::HeaderValue::from_static("1"),
+        );
+        r
+    }
 }
 
 impl IntoResponse for ApiError {

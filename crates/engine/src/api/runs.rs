@@ -199,17 +199,10 @@ pub(crate) async fn get_run(
         None => engine.get_run(id).await?,
         Some(timeout) => {
             let Ok(_slot) = waits.slots.clone().try_acquire_owned() else {
-                let mut r = ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
+                return Ok(ApiError::busy(
                     "too_many_waits",
                     "too many reads are waiting at once; ask again shortly",
-                )
-                .into_response();
-                r.headers_mut().insert(
-                    axum::http::header::RETRY_AFTER,
-                    axum::http::HeaderValue::from_static("1"),
-                );
-                return Ok(r);
+                ));
             };
             engine
                 .wait_run(id, timeout, waits.recheck, seen.is_none(), |run| {

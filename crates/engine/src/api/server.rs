@@ -253,17 +253,7 @@ pub(crate) async fn admit(
         .into_response();
     }
     let Ok(permit) = guard.permits.clone().try_acquire_owned() else {
-        let mut r = ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "busy",
-            "too many requests in flight; try again shortly",
-        )
-        .into_response();
-        r.headers_mut().insert(
-            axum::http::header::RETRY_AFTER,
-            axum::http::HeaderValue::from_static("1"),
-        );
-        return r;
+        return ApiError::busy("busy", "too many requests in flight; try again shortly");
     };
     // The handler runs as a task of its own, holding its slot until it ends: past the deadline
     // the caller gets 504, but the handler is never cut off in the middle of a transaction

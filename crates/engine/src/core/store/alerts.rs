@@ -113,16 +113,16 @@ pub(crate) async fn record_episodes(
         .iter()
         .map(|(e, why)| (e, "held-back", Some(why.as_str()), None))
         .chain(started.iter().map(|(e, run)| (e, "started", None, Some(*run))));
-    let (mut routes, mut fps, mut starts, mut targets, mut labels, mut outcomes, mut details, mut runs) = (
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-    );
+    let (mut routes, mut fps, mut starts, mut targets, mut labels, mut outcomes, mut details, mut runs): (
+        Vec<_>,
+        Vec<_>,
+        Vec<_>,
+        Vec<_>,
+        Vec<_>,
+        Vec<_>,
+        Vec<_>,
+        Vec<_>,
+    ) = Default::default();
     for (e, outcome, detail, run) in all {
         routes.push(e.route);
         fps.push(e.fingerprint);

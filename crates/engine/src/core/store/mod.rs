@@ -1236,15 +1236,15 @@ pub(crate) async fn create_runs_in(
         }
     }
     let mut out = Vec::with_capacity(reqs.len());
-    let (mut ids, mut workflows, mut versions, mut inputs, mut by, mut new_keys, mut traces) = (
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-    );
+    let (mut ids, mut workflows, mut versions, mut inputs, mut by, mut new_keys, mut traces): (
+        Vec<_>,
+        Vec<_>,
+        Vec<_>,
+        Vec<_>,
+        Vec<_>,
+        Vec<_>,
+        Vec<_>,
+    ) = Default::default();
     for (req, version) in reqs {
         let key = req.idempotency_key.as_deref();
         if let Some((id, status, workflow)) = key.and_then(|k| earlier.get(k)) {
@@ -1772,26 +1772,26 @@ async fn record_all(
     tx: &mut Transaction<'_, Postgres>,
     records: &[&Pending],
 ) -> Result<Vec<StoreResult<Option<DateTime<Utc>>>>, StoreError> {
-    let n = records.len();
-    let (mut runs, mut epochs, mut seqs, mut names, mut kinds, mut statuses, mut attempts) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
-    let (mut outputs, mut sensitive, mut errors, mut error_kinds, mut wake_in, mut terminal, mut events, mut ran_for) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
+    // Each field a column of the statement's `unnest`.
+    let (mut runs, mut epochs, mut seqs, mut names, mut kinds, mut statuses, mut attempts): (
+        Vec<_>,
+        Vec<_>,
+        Vec<_>,
+        Vec<_>,
+        Vec<_>,
+        Vec<_>,
+        Vec<_>,
+    ) = Default::default();
+    let (mut outputs, mut sensitive, mut errors, mut error_kinds, mut wake_in, mut terminal, mut events, mut ran_for): (
+        Vec<_>,
+        Vec<_>,
+        Vec<_>,
+        Vec<_>,
+        Vec<_>,
+        Vec<_>,
+        Vec<_>,
+        Vec<_>,
+    ) = Default::default();
     for p in records {
         runs.push(p.lease.run_id.0);
         epochs.push(p.lease.epoch);
