@@ -1740,6 +1740,10 @@ async fn write_together(store: &PgStore, batch: &[Write]) -> Result<Vec<Answer>,
     let mut answers: Vec<Option<Answer>> = batch.iter().map(|_| None).collect();
     // The step records that need no lease renewal, in one statement (one round trip however
     // many); a run's records at one position twice (never, as a run awaits each) go one by one.
+    // They go first, then the other writes in run order: so two batches can lock rows in
+    // crossing orders only when each claims a run the other is recording (duplicate jobs on
+    // two workers at once), and then the lock timeout (or PostgreSQL's deadlock detection)
+    // fails one of them, whose writes are written again one by one.
     let plain: Vec<usize> = (0..batch.len())
         .filter(|&i| matches!(&batch[i], Write::Record(p) if !p.renew))
         .collect();
