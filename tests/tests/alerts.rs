@@ -270,6 +270,55 @@ async fn a_real_alertmanagers_notification_of_10000_alerts_is_answered_in_time_a
         1.0
     );
     assert_eq!(count(&env, "select count(*) from alert_notifications").await, 1);
+
+    // They all resolve: one notification again, in time, and each run started gets its
+    // `resolved` signal once.
+    let ended = Utc::now();
+    let resolved: Vec<Value> = (0..10_000)
+        .map(|i| {
+            let mut a = am_alert("KubePodCrashLooping", "prod-web", started, Some(ended));
+            a["labels"]["pod"] = json!(format!("web-{i:05}"));
+            a
+        })
+        .collect();
+    am.post_alerts(&Value::Array(resolved)).await.unwrap();
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while am
+        .metric("alertmanager_notification_latency_seconds_count", webhook)
+        .await
+        .unwrap()
+        < 2.0
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "Alertmanager sent no resolution"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let resolution = am
+        .metric("alertmanager_notification_latency_seconds_sum", webhook)
+        .await
+        .unwrap()
+        - latency;
+    println!("Alertmanager's resolution of 10,000 alerts took {resolution:.3} s");
+    assert_eq!(
+        am.metric("alertmanager_notifications_failed_total", webhook)
+            .await
+            .unwrap(),
+        0.0
+    );
+    assert!(resolution < 10.0, "the resolution took {resolution} s");
+    let signalled = "select count(distinct run_id) from signals where name = 'resolved' and sent_by = 'alertmanager'";
+    assert_eq!(count(&env, signalled).await, 9_000);
+    assert_eq!(count(&env, "select count(*) from signals").await, 9_000);
+    assert_eq!(
+        count(
+            &env,
+            "select count(*) from alert_episodes where resolved_at is not null"
+        )
+        .await,
+        9_000
+    );
 }
 
 #[tokio::test]

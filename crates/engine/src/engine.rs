@@ -343,6 +343,19 @@ impl Engine {
         }
     }
 
+    /// Sends the engine's signal `name` to many runs at once (see [`PgStore::signal_many`]):
+    /// how many took it (the others had ended).
+    pub(crate) async fn send_signals(
+        &self,
+        signals: &[(RunId, Value)],
+        name: &str,
+        by: &str,
+    ) -> Result<usize, EngineError> {
+        let (sent, due) = self.core.store.signal_many(signals, name, by).await?;
+        self.core.queue.wake_now(&due).await;
+        Ok(sent)
+    }
+
     /// Whether PostgreSQL and Redis answer.
     pub async fn ready(&self) -> Result<(), EngineError> {
         self.core.store.ping().await?;

@@ -161,25 +161,35 @@ pub(crate) async fn record_episodes(
 }
 
 impl PgStore {
-    /// Marks the alert's started episodes of `routes` resolved; each one's run, and whether
-    /// this is the first time it was resolved.
-    pub(crate) async fn resolve_episodes(
+    /// Marks these started episodes resolved (fingerprint, start, route), in one statement:
+    /// for each one that was started, its index in `episodes`, its run, and whether this is the
+    /// first time it was resolved.
+    pub(crate) async fn resolve_episodes_all(
         &self,
-        fingerprint: &str,
-        starts_at: DateTime<Utc>,
-        routes: &[String],
-    ) -> StoreResult<Vec<(Option<uuid::Uuid>, bool)>> {
+        episodes: &[(&str, DateTime<Utc>, &str)],
+    ) -> StoreResult<Vec<(usize, Option<uuid::Uuid>, bool)>> {
+        if episodes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let fingerprints: Vec<&str> = episodes.iter().map(|e| e.0).collect();
+        let starts: Vec<DateTime<Utc>> = episodes.iter().map(|e| e.1).collect();
+        let routes: Vec<&str> = episodes.iter().map(|e| e.2).collect();
         let rows = sqlx::query(
-            "update alert_episodes set resolved_at = coalesce(resolved_at, now()) \
-             where fingerprint = $1 and starts_at = $2 and route = any($3) and outcome = 'started' \
-             returning run_id, (resolved_at = now()) as first",
+            "update alert_episodes e set resolved_at = coalesce(e.resolved_at, now()) \
+             from unnest($1::text[], $2::timestamptz[], $3::text[]) with ordinality as t(fingerprint, starts_at, route, i) \
+             where e.fingerprint = t.fingerprint and e.starts_at = t.starts_at and e.route = t.route \
+               and e.outcome = 'started' \
+             returning t.i, e.run_id, (e.resolved_at = now()) as first",
         )
-        .bind(fingerprint)
-        .bind(starts_at)
-        .bind(routes)
+        .bind(&fingerprints)
+        .bind(&starts)
+        .bind(&routes)
         .fetch_all(self.pool())
         .await?;
-        Ok(rows.into_iter().map(|r| (r.get("run_id"), r.get("first"))).collect())
+        Ok(rows
+            .into_iter()
+            .map(|r| (r.get::<i64, _>("i") as usize - 1, r.get("run_id"), r.get("first")))
+            .collect())
     }
 
     /// Records a notification and what it led to.

@@ -904,6 +904,47 @@ impl PgStore {
         Ok(Some(Ok(due)))
     }
 
+    /// Sends signal `name` with its payload to each of these runs that has not ended, in one
+    /// statement (a storm's resolutions): how many were sent, and the runs now due.
+    pub(crate) async fn signal_many(
+        &self,
+        signals: &[(RunId, Value)],
+        name: &str,
+        by: &str,
+    ) -> StoreResult<(usize, Vec<RunId>)> {
+        if signals.is_empty() {
+            return Ok((0, Vec::new()));
+        }
+        let ids: Vec<Uuid> = signals.iter().map(|(id, _)| id.0).collect();
+        let payloads: Vec<&Value> = signals.iter().map(|(_, p)| p).collect();
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "with active as ( \
+               select id from runs where id = any($1) and status in {ACTIVE} order by id for update), \
+             sent as ( \
+               insert into signals (run_id, name, payload, sent_by) \
+               select t.run_id, $3, t.payload, $4 from unnest($1::uuid[], $2::jsonb[]) as t(run_id, payload) \
+               where t.run_id in (select id from active) returning run_id), \
+             noted as ( \
+               insert into run_events (run_id, kind, detail) \
+               select run_id, 'signal_sent', jsonb_build_object('name', $3::text, 'by', $4::text) from sent) \
+             update runs r set wake_at = now(), wakeup_pending = true, updated_at = now() \
+             where r.id in (select id from active) returning r.id, r.admitted"
+        )))
+        .bind(&ids)
+        .bind(&payloads)
+        .bind(name)
+        .bind(by)
+        .fetch_all(&self.pool)
+        .await?;
+        let sent = rows.len();
+        let due = rows
+            .into_iter()
+            .filter(|r| r.get::<bool, _>("admitted"))
+            .map(|r| RunId(r.get("id")))
+            .collect();
+        Ok((sent, due))
+    }
+
     /// Runs that have been due for longer than `grace` and are not held by a live lease: what
     /// the sweeper re-enqueues. The grace leaves alone runs whose wake-up is simply still in
     /// the queue, so a backlog does not turn into duplicate jobs.

@@ -400,10 +400,7 @@ async fn handle(engine: &Engine, alerts: &Alerts, n: Notification) -> Result<Not
             }
         }
     }
-    for (alert, matching) in resolved {
-        let routes: Vec<&AlertRoute> = matching.into_iter().map(|i| &alerts.routes[i]).collect();
-        out.resolved_signals += resolve(engine, alert, &routes).await?;
-    }
+    out.resolved_signals = resolve(engine, alerts, &resolved).await?;
     engine
         .store()
         .record_notification(
@@ -643,34 +640,30 @@ impl GuardState {
     }
 }
 
-/// Signals `resolved` to the runs the alert's episode started. Returns how many were signalled.
-async fn resolve(engine: &Engine, alert: &Alert, routes: &[&AlertRoute]) -> Result<usize, EngineError> {
-    let names: Vec<String> = routes.iter().map(|r| r.name.value.clone()).collect();
-    let episodes = engine
-        .store()
-        .resolve_episodes(&alert.fingerprint, alert.starts_at, &names)
-        .await?;
-    let mut signalled = 0;
-    for (run, first) in episodes {
-        // A repeated resolved notification signals nothing new.
-        if !first {
-            continue;
+/// Signals `resolved` to the runs the resolved alerts' episodes started, the first time each
+/// is resolved (a repeated resolved notification signals nothing new): the episodes in one
+/// statement, the signals in one more. Returns how many runs were signalled (a run that has
+/// ended takes no signal).
+async fn resolve(engine: &Engine, alerts: &Alerts, resolved: &[(&Alert, Vec<usize>)]) -> Result<usize, EngineError> {
+    let mut episodes: Vec<(&str, DateTime<Utc>, &str)> = Vec::new();
+    let mut of_alert: Vec<&Alert> = Vec::new();
+    for (alert, routes) in resolved {
+        for &i in routes {
+            episodes.push((&alert.fingerprint, alert.starts_at, &alerts.routes[i].name.value));
+            of_alert.push(alert);
         }
-        let Some(run) = run else {
+    }
+    let mut signals = Vec::new();
+    for (i, run, first) in engine.store().resolve_episodes_all(&episodes).await? {
+        let (Some(run), true, Some(alert)) = (run, first, of_alert.get(i)) else {
             continue;
         };
         let payload = json!({ "fingerprint": alert.fingerprint, "labels": alert.labels, "starts_at": alert.starts_at });
-        match engine
-            .send_signal(RunId(run), crate::approval::RESOLVED_SIGNAL, payload, "alertmanager")
-            .await
-        {
-            Ok(()) => signalled += 1,
-            // The run already ended: nothing waits for the signal.
-            Err(EngineError::Conflict(_)) => {}
-            Err(e) => return Err(e),
-        }
+        signals.push((RunId(run), payload));
     }
-    Ok(signalled)
+    engine
+        .send_signals(&signals, crate::approval::RESOLVED_SIGNAL, "alertmanager")
+        .await
 }
 
 #[cfg(test)]
