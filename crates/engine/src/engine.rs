@@ -154,13 +154,7 @@ impl Engine {
         Ok(started)
     }
 
-    /// Checks a trigger's start request before it goes into [`Engine::start_many_in_tx`]: the
-    /// workflow's version, or why it cannot start.
-    pub(crate) fn prepare_start(&self, req: &mut StartRun) -> Result<u32, EngineError> {
-        self.prepare(req)
-    }
-
-    /// Many prepared starts ([`Engine::prepare_start`]) in the caller's transaction, in two
+    /// Many prepared starts ([`Engine::prepare`]) in the caller's transaction, in two
     /// statements: see [`crate::core::store::create_runs_in`], whose rule on serialising the
     /// keys the caller keeps. Once `tx` commits, pass the runs created to
     /// [`Engine::started_many`].
@@ -197,8 +191,9 @@ impl Engine {
         tokio::spawn(async move { queue.wake_now(&created).await });
     }
 
-    /// Checks a start request before anything is written; the workflow's version.
-    fn prepare(&self, req: &mut StartRun) -> Result<u32, EngineError> {
+    /// Checks a start request before anything is written (a trigger's, before it goes into
+    /// [`Engine::start_many_in_tx`]); the workflow's version.
+    pub(crate) fn prepare(&self, req: &mut StartRun) -> Result<u32, EngineError> {
         let def = self
             .core
             .registry

@@ -178,32 +178,23 @@ impl Connection {
             Some(s @ ("failed" | "cancelled")) => bail!("run {id} ended {s}"),
             _ => Ok(false),
         };
-        match how {
-            Finish::Wait => loop {
-                let resp = self
-                    .http
-                    .get(format!("{}/api/v1/runs/{id}?wait=30s", self.base))
-                    .send()
-                    .await?
-                    .error_for_status()?;
-                if done(&resp.json().await?)? {
-                    return Ok(());
-                }
-            },
-            Finish::Poll { interval } => loop {
-                let resp = self
-                    .http
-                    .get(format!("{}/api/v1/runs/{id}", self.base))
-                    .send()
-                    .await?
-                    .error_for_status()?;
-                if done(&resp.json().await?)? {
-                    return Ok(());
-                }
-                if !interval.is_zero() {
-                    tokio::time::sleep(interval).await;
-                }
-            },
+        let (query, pause) = match how {
+            Finish::Wait => ("?wait=30s", Duration::ZERO),
+            Finish::Poll { interval } => ("", interval),
+        };
+        loop {
+            let resp = self
+                .http
+                .get(format!("{}/api/v1/runs/{id}{query}", self.base))
+                .send()
+                .await?
+                .error_for_status()?;
+            if done(&resp.json().await?)? {
+                return Ok(());
+            }
+            if !pause.is_zero() {
+                tokio::time::sleep(pause).await;
+            }
         }
     }
 }

@@ -511,7 +511,7 @@ async fn fire<'n>(
                 continue;
             }
         };
-        let version = match engine.prepare_start(&mut req) {
+        let version = match engine.prepare(&mut req) {
             Ok(v) => v,
             Err(
                 e @ (EngineError::InvalidInput { .. } | EngineError::UnknownWorkflow(_) | EngineError::BadRequest(_)),
