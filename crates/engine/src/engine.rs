@@ -150,7 +150,7 @@ impl Engine {
         if started.created {
             tracing::info!(run_id = %started.id, workflow = %req.workflow, status = %started.status, "Run started.");
         }
-        self.core.queue.wake_now(&due).await;
+        self.core.queue.wake_now(&due);
         Ok(started)
     }
 
@@ -187,8 +187,7 @@ impl Engine {
             m.run_started(workflow, started_by);
         }
         tracing::info!(runs = created.len(), workflow, started_by, "Runs started.");
-        let queue = self.core.queue.clone();
-        tokio::spawn(async move { queue.wake_now(&created).await });
+        self.core.queue.wake_now(&created);
     }
 
     /// Checks a start request before anything is written (a trigger's, before it goes into
@@ -237,17 +236,59 @@ impl Engine {
         timeout: std::time::Duration,
         recheck: std::time::Duration,
         ended_only: bool,
-        mut done: impl FnMut(&RunView) -> bool,
+        done: impl FnMut(&RunView) -> bool,
     ) -> Result<RunView, EngineError> {
         let deadline = tokio::time::Instant::now() + timeout;
         // Listening starts before the first read, so no change after that read is missed.
-        let mut changes = self.changes.listen(&self.core.queue).await;
+        let changes = self.changes.listen(&self.core.queue).await;
+        self.wait_with(changes, id, deadline, recheck, ended_only, true, done)
+            .await
+    }
+
+    /// [`Engine::start_audited`], then [`Engine::wait_run`] for the run's end. Listening
+    /// starts before the run is created, so a run this call created is not read until its end
+    /// is announced (or `recheck` passes): one read of it, not two.
+    pub(crate) async fn start_and_wait(
+        &self,
+        req: StartRun,
+        audit: Option<crate::core::store::AuditEntry>,
+        timeout: std::time::Duration,
+        recheck: std::time::Duration,
+    ) -> Result<(Started, RunView), EngineError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let changes = self.changes.listen(&self.core.queue).await;
+        let started = self.start_audited(req, audit).await?;
+        let read_now = !started.created || started.status.is_terminal();
+        let run = self
+            .wait_with(changes, started.id, deadline, recheck, true, read_now, |r| {
+                r.status.is_terminal()
+            })
+            .await?;
+        Ok((started, run))
+    }
+
+    /// The loop of [`Engine::wait_run`]: reads run `id` (at once if `read_now`, else after the
+    /// first announcement) until `done` holds or `deadline` passes.
+    #[allow(clippy::too_many_arguments)]
+    async fn wait_with(
+        &self,
+        mut changes: crate::core::changes::Listener,
+        id: RunId,
+        deadline: tokio::time::Instant,
+        recheck: std::time::Duration,
+        ended_only: bool,
+        mut read_now: bool,
+        mut done: impl FnMut(&RunView) -> bool,
+    ) -> Result<RunView, EngineError> {
         loop {
-            let run = self.get_run(id).await?;
             let now = tokio::time::Instant::now();
-            if done(&run) || now >= deadline {
-                return Ok(run);
+            if read_now || now >= deadline {
+                let run = self.get_run(id).await?;
+                if done(&run) || tokio::time::Instant::now() >= deadline {
+                    return Ok(run);
+                }
             }
+            read_now = true;
             changes.changed(id, ended_only, deadline.min(now + recheck)).await;
         }
     }
@@ -274,7 +315,7 @@ impl Engine {
             .await?
             .ok_or(EngineError::RunNotFound(id))?;
         tracing::info!(run_id = %id, by, reason, "Cancellation requested.");
-        self.core.queue.wake_now(&due).await;
+        self.core.queue.wake_now(&due);
         Ok(status)
     }
 
@@ -332,7 +373,7 @@ impl Engine {
                 "run {id} is {status}; it takes no more signals"
             ))),
             Some(Ok(due)) => {
-                self.core.queue.wake_now(&due).await;
+                self.core.queue.wake_now(&due);
                 Ok(())
             }
         }
@@ -347,7 +388,7 @@ impl Engine {
         by: &str,
     ) -> Result<usize, EngineError> {
         let (sent, due) = self.core.store.signal_many(signals, name, by).await?;
-        self.core.queue.wake_now(&due).await;
+        self.core.queue.wake_now(&due);
         Ok(sent)
     }
 

@@ -7,7 +7,7 @@
 use std::process::Stdio;
 use std::sync::Arc;
 
-use async_compression::tokio::bufread::{ZstdDecoder, ZstdEncoder};
+use async_compression::tokio::bufread::ZstdDecoder;
 use chrono::{DateTime, Utc};
 use dayshift_engine::{Ctx, RetryPolicy, StepCtx, StepError, WorkflowDef, WorkflowError};
 use serde::{Deserialize, Serialize};
@@ -201,8 +201,11 @@ async fn dump_and_upload(s3: &S3Store, key: &str, pg: &PgAdmin) -> Result<(Store
         )
         .map_err(step_err)?;
     let stdout = child.stdout.take().expect("piped stdout");
-    let compressed = ZstdEncoder::new(BufReader::new(stdout));
+    let raw = stdout.into_owned_fd().map_err(StepError::transient)?;
+    let (compressed, compressor) = compress_on_a_thread(std::fs::File::from(raw));
     let uploaded = s3.upload_stream(key, compressed, 8 << 20).await;
+    // The compressor ends once pg_dump's output ends, or at once if the upload stopped reading.
+    let _ = compressor.await;
     let status = child.wait().await.map_err(StepError::transient)?;
     let stderr = errors.await.unwrap_or_default();
     if !status.success() {
@@ -212,6 +215,54 @@ async fn dump_and_upload(s3: &S3Store, key: &str, pg: &PgAdmin) -> Result<(Store
     }
     let stored = uploaded.map_err(step_err)?;
     Ok((stored, tools.server_version))
+}
+
+/// Compressed chunks on their way from the compressing thread to the upload: with the parts
+/// of the upload, what bounds the memory a backup holds.
+const COMPRESSED_CHUNKS: usize = 4;
+const CHUNK: usize = 1 << 20;
+
+/// `raw` compressed with zstd (level 3, as `zstd -3`) on a blocking thread of its own, read as
+/// a stream. Compression is the CPU-heavy part of a backup: on the async workers it would
+/// hold up everything else the worker does meanwhile, the step's own lease renewals included
+/// (a long enough stretch loses the lease), and it would not overlap the upload. The thread
+/// stops when `raw` ends or the stream is dropped; a read error ends the stream with it.
+fn compress_on_a_thread(raw: std::fs::File) -> (impl tokio::io::AsyncRead + Unpin, tokio::task::JoinHandle<()>) {
+    use std::io::Read;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<std::io::Result<std::io::Cursor<Vec<u8>>>>(COMPRESSED_CHUNKS);
+    let compressor = tokio::task::spawn_blocking(move || {
+        let mut encoder = match zstd::stream::read::Encoder::new(raw, 3) {
+            Ok(e) => e,
+            Err(e) => {
+                let _ = tx.blocking_send(Err(e));
+                return;
+            }
+        };
+        loop {
+            let mut chunk = vec![0u8; CHUNK];
+            let mut filled = 0;
+            while filled < CHUNK {
+                match encoder.read(&mut chunk[filled..]) {
+                    Ok(0) => break,
+                    Ok(n) => filled += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(e));
+                        return;
+                    }
+                }
+            }
+            if filled == 0 {
+                return;
+            }
+            chunk.truncate(filled);
+            if tx.blocking_send(Ok(std::io::Cursor::new(chunk))).is_err() {
+                return; // the upload stopped
+            }
+        }
+    });
+    let chunks = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+    (tokio_util::io::StreamReader::new(chunks), compressor)
 }
 
 /// The input of `restore.postgres`.

@@ -72,24 +72,28 @@ pub(crate) async fn start_run(
         action: "run.start".into(),
         detail: json!({ "workflow": req.workflow }),
     };
-    let started = engine.start_audited(req, Some(audit)).await?;
+    // The run is started whatever happens to the wait: too many waiting reads only mean the
+    // answer comes at once.
+    let slot = wait.and_then(|w| Some((w, waits.slots.clone().try_acquire_owned().ok()?)));
+    let (started, run) = match (wait, slot) {
+        (None, _) => (engine.start_audited(req, Some(audit)).await?, None),
+        (Some(_), Some((timeout, _slot))) => {
+            let (started, run) = engine.start_and_wait(req, Some(audit), timeout, waits.recheck).await?;
+            (started, Some(run))
+        }
+        (Some(_), None) => {
+            let started = engine.start_audited(req, Some(audit)).await?;
+            let run = engine.get_run(started.id).await?;
+            (started, Some(run))
+        }
+    };
     let status = if started.created {
         StatusCode::CREATED
     } else {
         StatusCode::OK
     };
-    let Some(timeout) = wait else {
+    let Some(run) = run else {
         return Ok((status, Json(started)).into_response());
-    };
-    // The run is started whatever happens to the wait: too many waiting reads only mean the
-    // answer comes at once.
-    let run = match waits.slots.clone().try_acquire_owned() {
-        Ok(_slot) => {
-            engine
-                .wait_run(started.id, timeout, waits.recheck, true, |r| r.status.is_terminal())
-                .await?
-        }
-        Err(_) => engine.get_run(started.id).await?,
     };
     let mut body = serde_json::to_value(&started).unwrap_or(Value::Null);
     body["run"] = run_view(run).0;

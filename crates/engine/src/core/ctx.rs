@@ -84,6 +84,15 @@ struct Undo {
 type Paused<T> = Result<T, Halt>;
 
 /// Why a pass over the workflow stopped before the workflow returned.
+/// Aborts a task when dropped (the lease keeper of a step that ended, however it ended).
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub(super) enum Halt {
     /// Due again at this time, or on an outside event if `None`.
@@ -463,7 +472,7 @@ impl Ctx {
                     Ok(id) => id,
                     Err(e) => return self.halt(store_halt(e)).await,
                 };
-                self.inner.host.queue().wake_now(&[child]).await;
+                self.inner.host.queue().wake_now(&[child]);
                 return self.halt(Halt::Suspend(None)).await;
             }
         };
@@ -712,7 +721,16 @@ impl Ctx {
         // and a worker that dies mid-attempt still counts the attempt. Faster steps are
         // journaled once, when they finish: most steps cost one write.
         let mut work = std::pin::pin!(work);
-        let mut keep = std::pin::pin!(self.keep_lease());
+        // The lease is kept on a task of its own: a step whose poll runs long (CPU work on the
+        // async workers: compression, hashing) cannot hold up its own lease's renewals while
+        // another worker thread is free. The task stops with the step.
+        let keeper = {
+            let ctx = self.clone();
+            tokio::spawn(async move { ctx.keep_lease().await })
+        };
+        let _stop_keeper = AbortOnDrop(keeper.abort_handle());
+        // A keeper that panicked cannot vouch for the lease: the step stops, as if it were lost.
+        let mut keep = std::pin::pin!(async { keeper.await.unwrap_or(Halt::LeaseLost) });
         let mut marker = std::pin::pin!(tokio::time::sleep(MARKER_DELAY));
         let mut marked = false;
         let began = std::time::Instant::now();

@@ -202,7 +202,7 @@ async fn conclude(
         Ok(due) => {
             crate::core::metrics::metrics().run_finished(&claimed.workflow, outcome.status.as_str());
             core.queue.announce(run_id, true);
-            core.queue.wake_now(&due).await;
+            core.queue.wake_now(&due);
             Ok(())
         }
         Err(StoreError::LeaseLost(_)) => {

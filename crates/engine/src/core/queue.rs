@@ -94,6 +94,9 @@ pub struct RedisQueue {
     config: QueueConfig,
     /// The batching publisher of [`RedisQueue::announce`], started on first use.
     announcer: Arc<std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<(RunId, bool)>>>,
+    /// The batching pusher of [`RedisQueue::wake_now`], started on first use (and again should
+    /// its runtime have ended).
+    enqueuer: Arc<std::sync::Mutex<Option<tokio::sync::mpsc::Sender<RunId>>>>,
 }
 
 impl std::fmt::Debug for RedisQueue {
@@ -107,25 +110,38 @@ fn redis_err(e: impl std::fmt::Display) -> QueueError {
 }
 
 impl RedisQueue {
-    /// Enqueues wake-ups for runs that are due now. A failure is logged, not returned: the
-    /// sweeper finds every due run in PostgreSQL anyway.
-    pub(crate) async fn wake_now(&self, runs: &[RunId]) {
-        if let [run] = runs {
-            if let Err(e) = self.enqueue(*run).await {
-                tracing::warn!(run_id = %run, error = %e, "Enqueue failed; the sweeper will pick the run up.");
-            }
+    /// Enqueues wake-ups for runs that are due now, in the background: the runs are committed,
+    /// so a wake-up lost here (Redis down, this process killed) only waits for the sweeper,
+    /// which finds every due run in PostgreSQL. The caller never waits on Redis.
+    ///
+    /// One task per queue pushes whatever queued while its last push was in flight, as one
+    /// `push_bulk` and one wake-up message: under load a serve's starts cost Redis two
+    /// commands per batch, not per run.
+    pub(crate) fn wake_now(&self, runs: &[RunId]) {
+        if runs.is_empty() {
             return;
         }
-        // Many at once (a storm of alerts): pushed in batches, one wake-up message for all.
-        for chunk in runs.chunks(500) {
-            let jobs = chunk.iter().map(|&run_id| AdvanceJob { run_id }).collect();
-            let mut storage = self.storage.clone();
-            if let Err(e) = storage.push_bulk(jobs).await {
-                tracing::warn!(runs = chunk.len(), error = %e, "Enqueue failed; the sweeper will pick the runs up.");
+        let sender = {
+            let mut slot = self.enqueuer.lock().unwrap_or_else(|e| e.into_inner());
+            match slot.as_ref() {
+                Some(tx) if !tx.is_closed() => tx.clone(),
+                _ => {
+                    let (tx, rx) = tokio::sync::mpsc::channel(MAX_PENDING_WAKEUPS);
+                    tokio::spawn(push_wakeups(
+                        self.storage.clone(),
+                        self.conn.clone(),
+                        self.wake_channel(),
+                        rx,
+                    ));
+                    slot.insert(tx).clone()
+                }
             }
-        }
-        if !runs.is_empty() {
-            self.wake_workers().await;
+        };
+        for &run in runs {
+            if sender.try_send(run).is_err() {
+                // Redis is down or far behind: leave the rest to the sweeper.
+                tracing::debug!(run_id = %run, "Wake-up queue full; the sweeper will pick the run up.");
+            }
         }
     }
 
@@ -159,6 +175,7 @@ impl RedisQueue {
             client: pubsub_client,
             config,
             announcer: Arc::default(),
+            enqueuer: Arc::default(),
         })
     }
 
@@ -181,15 +198,7 @@ impl RedisQueue {
 
     /// Tells idle workers to fetch now. Best effort: polling covers a lost message.
     async fn wake_workers(&self) {
-        let mut conn = self.conn.clone();
-        let sent = redis::cmd("PUBLISH")
-            .arg(self.wake_channel())
-            .arg(1)
-            .query_async::<i64>(&mut conn)
-            .await;
-        if let Err(e) = sent {
-            tracing::debug!(error = %e, "Wake-up message not sent; workers will poll.");
-        }
+        publish_wakeup(&mut self.conn.clone(), &self.wake_channel()).await
     }
 
     /// Relays wake-up messages to `notify` until `shutdown`, reconnecting as needed.
@@ -306,15 +315,14 @@ impl RedisQueue {
     pub async fn enqueue_at(&self, run: RunId, at: DateTime<Utc>) -> Result<(), QueueError> {
         let delay = (at - Utc::now()).to_std().unwrap_or_default();
         if delay.is_zero() {
-            return self.enqueue(run).await;
+            self.wake_now(&[run]);
+            return Ok(());
         }
         if delay <= self.config.local_timer_horizon {
             let queue = self.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(delay).await;
-                if let Err(e) = queue.enqueue(run).await {
-                    tracing::warn!(run_id = %run, error = %e, "Timed enqueue failed; the sweeper will pick the run up.");
-                }
+                queue.wake_now(&[run]);
             });
             return Ok(());
         }
@@ -427,6 +435,49 @@ async fn publish_announcements(
         }
     }
 }
+
+/// The task behind [`RedisQueue::wake_now`]: pushes the runs that queued meanwhile as one batch
+/// and sends one wake-up message for them.
+/// It ends when the queue's last clone is dropped.
+async fn push_wakeups(
+    storage: RedisStorage<AdvanceJob>,
+    mut conn: ConnectionManager,
+    channel: String,
+    mut rx: tokio::sync::mpsc::Receiver<RunId>,
+) {
+    let mut batch = Vec::with_capacity(MAX_PUSHED);
+    while rx.recv_many(&mut batch, MAX_PUSHED).await > 0 {
+        let jobs: Vec<AdvanceJob> = batch.drain(..).map(|run_id| AdvanceJob { run_id }).collect();
+        let count = jobs.len();
+        let mut storage = storage.clone();
+        let pushed = if count == 1 {
+            storage.push(jobs.into_iter().next().expect("one job")).await
+        } else {
+            storage.push_bulk(jobs).await
+        };
+        match pushed {
+            Ok(_) => publish_wakeup(&mut conn, &channel).await,
+            Err(e) => {
+                tracing::warn!(runs = count, error = %e, "Enqueue failed; the sweeper will pick the runs up.");
+            }
+        }
+    }
+}
+
+/// Tells idle workers to fetch now. Best effort: polling covers a lost message.
+async fn publish_wakeup(conn: &mut ConnectionManager, channel: &str) {
+    let sent = redis::cmd("PUBLISH").arg(channel).arg(1).query_async::<i64>(conn).await;
+    if let Err(e) = sent {
+        tracing::debug!(error = %e, "Wake-up message not sent; workers will poll.");
+    }
+}
+
+/// The most wake-ups one push carries.
+const MAX_PUSHED: usize = 500;
+
+/// Wake-ups waiting for their push beyond which new ones are left to the sweeper (Redis is
+/// down or far behind; memory stays bounded).
+const MAX_PENDING_WAKEUPS: usize = 50_000;
 
 /// The most run ids one announcement carries.
 const MAX_ANNOUNCED: usize = 256;

@@ -210,7 +210,7 @@ async fn sweep(core: Arc<Core>, every: Duration, shutdown: CancellationToken) {
         match core.store.due_runs(every, 10_000).await {
             Ok(due) if !due.is_empty() => {
                 tracing::debug!(count = due.len(), "Sweeper re-enqueues due runs.");
-                core.queue.wake_now(&due).await;
+                core.queue.wake_now(&due);
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "Sweep failed."),

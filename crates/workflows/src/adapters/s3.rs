@@ -274,13 +274,14 @@ impl S3Store {
                 if n == 0 {
                     break;
                 }
+                // Hashed as it comes, in small pieces: no long stretch of CPU on the async workers.
+                hasher.update(&buf[filled..filled + n]);
                 filled += n;
             }
             buf.truncate(filled);
             if buf.is_empty() && number > 0 {
                 break;
             }
-            hasher.update(&buf);
             size += buf.len() as u64;
             number += 1;
             let last = buf.len() < part_size;

@@ -438,33 +438,7 @@ impl PgStore {
         .bind(ttl.as_secs_f64())
         .fetch_optional(db)
         .await?;
-        if let Some(row) = row {
-            let lease = Lease {
-                run_id,
-                owner: owner.to_string(),
-                epoch: row.get("lease_epoch"),
-                ttl,
-            };
-            if row.get::<bool, _>("recovered") {
-                crate::core::metrics::metrics().run_recovered();
-            }
-            return Ok(Some((
-                lease,
-                ClaimedRun {
-                    workflow: row.get("workflow"),
-                    input: row.get("input"),
-                    cancel_requested: row.get("cancel_requested"),
-                    cancel_reason: row.get("cancel_reason"),
-                    has_parent: row.get("has_parent"),
-                    has_concurrency_key: row.get("has_key"),
-                    first_claim: row.get("first_claim"),
-                    now: row.get("now"),
-                    trace_context: row.get("trace_context"),
-                    started_by: row.get("started_by"),
-                },
-            )));
-        }
-        Ok(None)
+        Ok(row.map(|row| claimed_run(&row, run_id, owner, ttl)))
     }
 
     /// Runs due now that no worker holds, and how long the oldest of them has waited (seconds).
@@ -965,62 +939,49 @@ impl PgStore {
 
     /// One run with its steps.
     pub async fn get_run(&self, id: RunId) -> StoreResult<Option<RunView>> {
-        let Some(row) =
-            sqlx::query_as::<_, RunRow>(AssertSqlSafe(format!("select {RUN_COLUMNS} from runs where id = $1")))
-                .bind(id.0)
-                .fetch_optional(&self.pool)
-                .await?
-        else {
+        // Two statements on two connections at once: a waiting reader's answer costs one
+        // round trip of latency.
+        let run = sqlx::query_as::<_, RunRow>(AssertSqlSafe(format!("select {RUN_COLUMNS} from runs where id = $1")))
+            .bind(id.0)
+            .fetch_optional(&self.pool);
+        let (row, steps) = tokio::try_join!(async { run.await.map_err(StoreError::from) }, self.steps(id))?;
+        let Some(row) = row else {
             return Ok(None);
         };
         let mut view = row.into_view()?;
-        view.steps = self.steps(id).await?;
+        view.steps = steps;
         Ok(Some(view))
     }
 
+    /// The steps of run `id`, each with its failed attempts, in one statement.
     async fn steps(&self, id: RunId) -> StoreResult<Vec<StepView>> {
         let rows = sqlx::query(
-            "select seq, name, kind, status, attempts, sensitive, output, error, child_run_id, wake_at, \
-               started_at, finished_at, (extract(epoch from (finished_at - started_at)) * 1000)::bigint as ms \
-             from steps where run_id = $1 order by seq",
+            "with failed as ( \
+               select seq, json_agg(json_build_object('attempt', coalesce(attempt, 0), 'at', at, \
+                                                      'error', coalesce(detail->>'error', '')) order by id) as errors \
+               from run_events where run_id = $1 and kind = 'step_attempt_failed' group by seq) \
+             select s.seq, s.name, s.kind, s.status, s.attempts, s.sensitive, s.output, s.error, s.child_run_id, \
+               s.wake_at, s.started_at, s.finished_at, \
+               (extract(epoch from (s.finished_at - s.started_at)) * 1000)::bigint as ms, failed.errors \
+             from steps s left join failed on failed.seq = s.seq where s.run_id = $1 order by s.seq",
         )
         .bind(id.0)
         .fetch_all(&self.pool)
         .await?;
-        let errors = sqlx::query(
-            "select seq, attempt, at, detail->>'error' as error from run_events \
-             where run_id = $1 and kind = 'step_attempt_failed' order by id",
-        )
-        .bind(id.0)
-        .fetch_all(&self.pool)
-        .await?;
+        let corrupt = |e: UnknownVariant| StoreError::Corrupt(e.0);
         let mut steps = Vec::with_capacity(rows.len());
         for r in rows {
-            let seq: i32 = r.get("seq");
+            let errors: Option<sqlx::types::Json<Vec<AttemptError>>> = r.get("errors");
             steps.push(StepView {
-                seq,
+                seq: r.get("seq"),
                 name: r.get("name"),
-                kind: r
-                    .get::<String, _>("kind")
-                    .parse()
-                    .map_err(|e: UnknownVariant| StoreError::Corrupt(e.0))?,
-                status: r
-                    .get::<String, _>("status")
-                    .parse()
-                    .map_err(|e: UnknownVariant| StoreError::Corrupt(e.0))?,
+                kind: r.get::<String, _>("kind").parse().map_err(corrupt)?,
+                status: r.get::<String, _>("status").parse().map_err(corrupt)?,
                 attempts: r.get("attempts"),
                 sensitive: r.get("sensitive"),
                 output: r.get("output"),
                 last_error: r.get("error"),
-                errors: errors
-                    .iter()
-                    .filter(|e| e.get::<Option<i32>, _>("seq") == Some(seq))
-                    .map(|e| AttemptError {
-                        attempt: e.get::<Option<i32>, _>("attempt").unwrap_or_default(),
-                        at: e.get("at"),
-                        error: e.get::<Option<String>, _>("error").unwrap_or_default(),
-                    })
-                    .collect(),
+                errors: errors.map(|e| e.0).unwrap_or_default(),
                 child_run_id: r.get::<Option<Uuid>, _>("child_run_id").map(RunId),
                 wake_at: r.get("wake_at"),
                 started_at: r.get("started_at"),
@@ -1485,6 +1446,10 @@ fn request_cancel<'a>(
 // the common end (`PgStore::finish` without parent or concurrency key). The writer writes
 // *what queued while the last commit ran*: no batching window, so a lone write (one run at a
 // time) waits for nothing but its own statement, and a busy process's writes share commits.
+// Within a batch, each kind of write is one statement however many there are (the plain
+// records, the claims, the ends, the starts: `unnest` of their fields), so a batch costs a
+// handful of round trips rather than one per write: the batch's time is what the next batch
+// waits for.
 //
 // # Guarantees
 // - A write is answered only after the transaction holding it committed: a run's next step
@@ -1495,9 +1460,11 @@ fn request_cancel<'a>(
 //   that finds the run not claimable answers nothing to claim), the others commit.
 // - A batch that fails as a whole (one record PostgreSQL refuses, a lost connection) is
 //   written again one record at a time, so that a record only ever fails for its own reason.
-// - Writes of a batch are written in run order, so that batches take the runs' row locks in
-//   one order; a batch that waits for a lock longer than `BATCH_LOCK_TIMEOUT` is written
-//   again record by record, so one run's lock never holds up the others for long.
+// - Each statement of a batch takes its runs' row locks in run order; a run has at most one
+//   write in a batch (each run awaits its last), so two batches cross locks only over a run
+//   one of them no longer holds (a duplicate job). A batch that waits for a lock longer than
+//   `BATCH_LOCK_TIMEOUT` (or that PostgreSQL's deadlock detection fails) is written again
+//   write by write, so one run's lock never holds up the others for long.
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
@@ -1801,6 +1768,34 @@ async fn write_together(store: &PgStore, batch: &[Write]) -> Result<Vec<Answer>,
             answers[*i] = Some(Answer::Record(answer));
         }
     }
+    // Claims, ends and starts: one statement each, however many.
+    let claims: Vec<usize> = (0..batch.len())
+        .filter(|&i| matches!(batch[i], Write::Claim { .. }))
+        .collect();
+    if claims.len() > 1 {
+        let claimed = claim_all(&mut tx, claims.iter().map(|&i| &batch[i])).await?;
+        for (i, answer) in claims.iter().zip(claimed) {
+            answers[*i] = Some(Answer::Claim(answer));
+        }
+    }
+    let finishes: Vec<usize> = (0..batch.len())
+        .filter(|&i| matches!(batch[i], Write::Finish { .. }))
+        .collect();
+    if finishes.len() > 1 {
+        let finished = finish_all(&mut tx, finishes.iter().map(|&i| &batch[i])).await?;
+        for (i, answer) in finishes.iter().zip(finished) {
+            answers[*i] = Some(Answer::Finish(answer));
+        }
+    }
+    let creates: Vec<usize> = (0..batch.len())
+        .filter(|&i| matches!(batch[i], Write::Create { .. }))
+        .collect();
+    if creates.len() > 1 {
+        create_all(&mut tx, creates.iter().map(|&i| &batch[i])).await?;
+        for i in creates {
+            answers[i] = Some(Answer::Create(Ok(())));
+        }
+    }
     for (w, answer) in batch.iter().zip(answers.iter_mut()) {
         if answer.is_none() {
             *answer = Some(w.write(store, &mut *tx).await?);
@@ -1808,6 +1803,189 @@ async fn write_together(store: &PgStore, batch: &[Write]) -> Result<Vec<Answer>,
     }
     tx.commit().await?;
     Ok(answers.into_iter().map(|a| a.expect("every write answered")).collect())
+}
+
+/// The lease and run a claim's row returns.
+fn claimed_run(row: &sqlx::postgres::PgRow, run_id: RunId, owner: &str, ttl: Duration) -> (Lease, ClaimedRun) {
+    let lease = Lease {
+        run_id,
+        owner: owner.to_string(),
+        epoch: row.get("lease_epoch"),
+        ttl,
+    };
+    if row.get::<bool, _>("recovered") {
+        crate::core::metrics::metrics().run_recovered();
+    }
+    let run = ClaimedRun {
+        workflow: row.get("workflow"),
+        input: row.get("input"),
+        cancel_requested: row.get("cancel_requested"),
+        cancel_reason: row.get("cancel_reason"),
+        has_parent: row.get("has_parent"),
+        has_concurrency_key: row.get("has_key"),
+        first_claim: row.get("first_claim"),
+        now: row.get("now"),
+        trace_context: row.get("trace_context"),
+        started_by: row.get("started_by"),
+    };
+    (lease, run)
+}
+
+/// Claims ([`PgStore::claim_now`]) in one statement: the runs' rows locked in id order, each
+/// claimed if it is claimable now. Each claim's lease and run, or nothing; of two claims of
+/// one run (duplicate jobs), the first gets it.
+async fn claim_all<'w>(
+    tx: &mut Transaction<'_, Postgres>,
+    claims: impl Iterator<Item = &'w Write>,
+) -> Result<Vec<StoreResult<Option<(Lease, ClaimedRun)>>>, StoreError> {
+    let claims: Vec<(RunId, &str, Duration)> = claims
+        .map(|w| match w {
+            Write::Claim { run_id, owner, ttl, .. } => (*run_id, owner.as_str(), *ttl),
+            _ => unreachable!("only claims"),
+        })
+        .collect();
+    let ids: Vec<Uuid> = claims.iter().map(|c| c.0.0).collect();
+    let owners: Vec<&str> = claims.iter().map(|c| c.1).collect();
+    let ttls: Vec<f64> = claims.iter().map(|c| c.2.as_secs_f64()).collect();
+    // `before` is the row as it was, as in the claim of one run; `distinct on` keeps the
+    // first claim of a run claimed twice.
+    let rows = sqlx::query(AssertSqlSafe(format!(
+        "with input as ( \
+           select distinct on (id) id, owner, ttl from unnest($1::uuid[], $2::text[], $3::float8[]) \
+             with ordinality as t(id, owner, ttl, n) order by id, n), \
+         before as (select id, lease_owner from runs where id = any($1::uuid[]) order by id for update) \
+         update runs r set lease_owner = i.owner, lease_epoch = r.lease_epoch + 1, \
+           lease_expires_at = now() + make_interval(secs => i.ttl), wakeup_pending = false, \
+           status = 'running', started_at = coalesce(r.started_at, now()), updated_at = now() \
+         from before join input i on i.id = before.id \
+         where r.id = any($1::uuid[]) and r.id = before.id and r.status in {ACTIVE} and r.admitted and r.wake_at <= now() \
+           and (r.lease_expires_at is null or r.lease_expires_at < now()) \
+         returning r.id, r.lease_owner, r.lease_epoch, r.workflow, r.input, r.cancel_requested, r.cancel_reason, \
+           r.parent_run_id is not null as has_parent, r.concurrency_key is not null as has_key, \
+           r.started_at = now() as first_claim, now() as now, before.lease_owner is not null as recovered, \
+           r.trace_context, r.started_by"
+    )))
+    .bind(&ids)
+    .bind(&owners)
+    .bind(&ttls)
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut claimed: std::collections::HashMap<Uuid, sqlx::postgres::PgRow> =
+        rows.into_iter().map(|r| (r.get("id"), r)).collect();
+    Ok(claims
+        .iter()
+        .map(|&(run_id, owner, ttl)| {
+            let Some(row) = claimed
+                .remove(&run_id.0)
+                .filter(|r| r.get::<String, _>("lease_owner") == owner)
+            else {
+                return Ok(None);
+            };
+            Ok(Some(claimed_run(&row, run_id, owner, ttl)))
+        })
+        .collect())
+}
+
+/// Ends of runs ([`PgStore::finish_now`]) in one statement, each under its own lease check
+/// (rows locked in id order). Each end's answer: done, or `LeaseLost`.
+async fn finish_all<'w>(
+    tx: &mut Transaction<'_, Postgres>,
+    finishes: impl Iterator<Item = &'w Write>,
+) -> Result<Vec<StoreResult<()>>, StoreError> {
+    let finishes: Vec<(&Lease, &Outcome)> = finishes
+        .map(|w| match w {
+            Write::Finish { lease, outcome, .. } => (lease, outcome),
+            _ => unreachable!("only ends"),
+        })
+        .collect();
+    let ids: Vec<Uuid> = finishes.iter().map(|f| f.0.run_id.0).collect();
+    let epochs: Vec<i64> = finishes.iter().map(|f| f.0.epoch).collect();
+    let statuses: Vec<&str> = finishes.iter().map(|f| f.1.status.as_str()).collect();
+    let outputs: Vec<Option<&Value>> = finishes.iter().map(|f| f.1.output.as_ref()).collect();
+    let errors: Vec<Option<&str>> = finishes.iter().map(|f| f.1.error.as_deref()).collect();
+    let ended: Vec<Uuid> = sqlx::query_scalar(
+        "with input as ( \
+           select * from unnest($1::uuid[], $2::bigint[], $3::text[], $4::jsonb[], $5::text[]) \
+             as t(id, epoch, status, output, error)), \
+         held as (select id, lease_epoch from runs where id = any($1::uuid[]) order by id for update) \
+         update runs r set status = i.status, output = i.output, error = i.error, finished_at = now(), \
+           updated_at = now(), lease_owner = null, lease_expires_at = null, wake_at = null \
+         from input i join held h on h.id = i.id and h.lease_epoch = i.epoch \
+         where r.id = any($1::uuid[]) and r.id = h.id \
+         returning r.id",
+    )
+    .bind(&ids)
+    .bind(&epochs)
+    .bind(&statuses)
+    .bind(&outputs)
+    .bind(&errors)
+    .fetch_all(&mut **tx)
+    .await?;
+    let ended: std::collections::HashSet<Uuid> = ended.into_iter().collect();
+    Ok(finishes
+        .iter()
+        .map(|(lease, _)| {
+            if ended.contains(&lease.run_id.0) {
+                Ok(())
+            } else {
+                Err(StoreError::LeaseLost(lease.run_id))
+            }
+        })
+        .collect())
+}
+
+/// Starts ([`PgStore::create_now`]) in one statement, each with its audit entry if it has one.
+async fn create_all<'w>(
+    tx: &mut Transaction<'_, Postgres>,
+    creates: impl Iterator<Item = &'w Write>,
+) -> Result<(), StoreError> {
+    let creates: Vec<&Create> = creates
+        .map(|w| match w {
+            Write::Create { create, .. } => create,
+            _ => unreachable!("only starts"),
+        })
+        .collect();
+    let column = |f: &dyn Fn(&Create) -> Option<&str>| creates.iter().map(|c| f(c)).collect::<Vec<_>>();
+    let ids: Vec<Uuid> = creates.iter().map(|c| c.id.0).collect();
+    let versions: Vec<i32> = creates.iter().map(|c| c.version as i32).collect();
+    let inputs: Vec<&Value> = creates.iter().map(|c| &c.req.input).collect();
+    let parents: Vec<Option<Uuid>> = creates.iter().map(|c| c.parent.map(|p| p.0.0)).collect();
+    let parent_seqs: Vec<Option<i32>> = creates.iter().map(|c| c.parent.map(|p| p.1)).collect();
+    let details: Vec<Option<&Value>> = creates.iter().map(|c| c.audit.as_ref().map(|a| &a.detail)).collect();
+    let workflows = column(&|c| Some(&c.req.workflow));
+    let started_by = column(&|c| Some(c.req.started_by.as_deref().unwrap_or("api")));
+    let traces = column(&|c| c.req.trace_context.as_deref());
+    let actors = column(&|c| c.audit.as_ref().map(|a| a.actor.as_str()));
+    let roles = column(&|c| c.audit.as_ref().and_then(|a| a.role.as_deref()));
+    let actions = column(&|c| c.audit.as_ref().map(|a| a.action.as_str()));
+    sqlx::query(
+        "with input as ( \
+           select * from unnest($1::uuid[], $2::text[], $3::int[], $4::jsonb[], $5::text[], $6::uuid[], $7::int[], \
+                                $8::text[], $9::text[], $10::text[], $11::text[], $12::jsonb[]) \
+             as t(id, workflow, version, input, started_by, parent, parent_seq, trace, actor, role, action, detail)), \
+         run as ( \
+           insert into runs (id, workflow, workflow_version, input, started_by, parent_run_id, parent_seq, wake_at, \
+                             trace_context) \
+           select id, workflow, version, input, started_by, parent, parent_seq, now(), trace from input returning id) \
+         insert into audit_log (actor, role, action, target, detail) \
+         select i.actor, i.role, i.action, i.id::text, i.detail from input i join run on run.id = i.id \
+         where i.actor is not null",
+    )
+    .bind(&ids)
+    .bind(&workflows)
+    .bind(&versions)
+    .bind(&inputs)
+    .bind(&started_by)
+    .bind(&parents)
+    .bind(&parent_seqs)
+    .bind(&traces)
+    .bind(&actors)
+    .bind(&roles)
+    .bind(&actions)
+    .bind(&details)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 /// Step records without lease renewal ([`RECORD`]) in one statement: each checks its own lease
@@ -1864,10 +2042,8 @@ async fn record_all(
                                 $14::text[], $15::float8[]) \
              as t(run_id, epoch, seq, name, kind, status, attempts, output, sensitive, error, error_kind, \
                   wake_ms, terminal, event, ran_ms)), \
-         held as ( \
-           select r.id from runs r join input i on r.id = i.run_id and r.lease_epoch = i.epoch \
-           order by r.id for share of r), \
-         lease as (select i.* from input i where exists (select 1 from held h where h.id = i.run_id)), \
+         held as (select id, lease_epoch from runs where id = any($1::uuid[]) order by id for share), \
+         lease as (select i.* from input i join held h on h.id = i.run_id and h.lease_epoch = i.epoch), \
          step as ( \
            insert into steps (run_id, seq, name, kind, status, attempts, output, sensitive, error, error_kind, \
                               wake_at, finished_at, started_at) \
@@ -2200,5 +2376,99 @@ mod tests {
             .await
             .unwrap();
         assert!(transactions <= 30, "{transactions} transactions wrote 59 records");
+    }
+
+    #[tokio::test]
+    async fn starts_claims_and_ends_of_many_runs_at_once_share_commits_and_each_keeps_its_own_conditions() {
+        let store = fresh_store().await;
+        let audit = AuditEntry {
+            actor: "alice".into(),
+            role: Some("operator".into()),
+            action: "run.start".into(),
+            detail: json!({ "workflow": "w" }),
+        };
+        let starts = (0..60).map(|i| {
+            let (store, audit) = (&store, &audit);
+            async move {
+                let req = StartRun::new("w", json!({ "i": i }));
+                let audit = (i % 2 == 0).then_some(audit);
+                store.create_run(&req, 1, None, audit).await.unwrap().0.id
+            }
+        });
+        let ids = futures::future::join_all(starts).await;
+        let (runs, audited): (i64, i64) = sqlx::query_as(
+            "select (select count(*) from runs), (select count(*) from audit_log a join runs r on a.target = r.id::text \
+               where a.actor = 'alice' and (r.input->>'i')::int % 2 = 0)",
+        )
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+        assert_eq!(
+            (runs, audited),
+            (60, 30),
+            "every run stored, and the audit entry of each audited one"
+        );
+        // Run 5 is not due yet; run 9 is claimed twice at once (a duplicate job).
+        sqlx::query("update runs set wake_at = now() + interval '1 hour' where id = $1")
+            .bind(ids[5].0)
+            .execute(store.pool())
+            .await
+            .unwrap();
+        let ttl = Duration::from_secs(30);
+        let claims = ids.iter().chain([&ids[9]]).map(|&id| {
+            let store = &store;
+            async move { (id, store.claim(id, "w", ttl).await.unwrap()) }
+        });
+        let claimed = futures::future::join_all(claims).await;
+        let twice: Vec<bool> = claimed
+            .iter()
+            .filter(|(id, _)| *id == ids[9])
+            .map(|(_, c)| c.is_ok())
+            .collect();
+        assert_eq!(
+            twice.iter().filter(|c| **c).count(),
+            1,
+            "one of two claims of a run gets it"
+        );
+        let mut leases: Vec<Lease> = claimed
+            .into_iter()
+            .filter_map(|(id, c)| {
+                assert!(id != ids[5] || c.is_err(), "a run not due is not claimed");
+                c.ok().map(|(lease, _)| lease)
+            })
+            .collect();
+        assert_eq!(leases.len(), 59);
+        let transactions: i64 =
+            sqlx::query_scalar("select count(distinct xmin::text) from runs where lease_owner = 'w'")
+                .fetch_one(store.pool())
+                .await
+                .unwrap();
+        assert!(transactions <= 30, "{transactions} transactions claimed 59 runs");
+        // One lease is stale: its end must write nothing.
+        leases[3].epoch -= 1;
+        let done = Outcome {
+            status: RunStatus::Succeeded,
+            output: Some(json!("ok")),
+            error: None,
+        };
+        let ends = leases.iter().map(|lease| {
+            let (store, done) = (&store, &done);
+            async move { store.finish(lease, done, false, false).await }
+        });
+        let ended = futures::future::join_all(ends).await;
+        for (i, r) in ended.iter().enumerate() {
+            match i {
+                3 => assert!(matches!(r, Err(StoreError::LeaseLost(_))), "{r:?}"),
+                _ => assert!(r.is_ok(), "{i}: {r:?}"),
+            }
+        }
+        let (succeeded, transactions): (i64, i64) = sqlx::query_as(
+            "select count(*), count(distinct xmin::text) from runs where status = 'succeeded' and output = '\"ok\"'",
+        )
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+        assert_eq!(succeeded, 58);
+        assert!(transactions <= 30, "{transactions} transactions ended 58 runs");
     }
 }
