@@ -20,25 +20,32 @@ fn chain(steps: u32, sleep_ms: u64, table: &str) -> Value {
 #[tokio::test]
 async fn a_fast_step_shows_how_long_it_ran() {
     // Steps faster than the in-flight marker are journaled once, when they end; their duration
-    // must still be theirs, not zero.
-    let def = WorkflowDef::new("test.timed", "two short steps", |ctx: Ctx, _: Value| async move {
-        for name in ["first", "second"] {
-            ctx.step(name, |_s| async {
-                tokio::time::sleep(Duration::from_millis(12)).await;
-                Ok::<_, StepError>(())
-            })
-            .await?;
-        }
-        Ok(())
-    });
+    // must still be theirs, not zero. A slower one is marked in flight first (20 ms after it
+    // began, committed later still): its duration is still all of it, not what followed the mark.
+    let def = WorkflowDef::new(
+        "test.timed",
+        "two short steps and a longer one",
+        |ctx: Ctx, _: Value| async move {
+            for (name, ms) in [("first", 12), ("second", 12), ("third", 60)] {
+                ctx.step(name, move |_s| async move {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    Ok::<_, StepError>(())
+                })
+                .await?;
+            }
+            Ok(())
+        },
+    );
     let mut env = TestEnv::new(vec![def]).await;
     env.start_worker(fast_worker("w"));
     let run = env.run_within("test.timed", json!(null), Duration::from_secs(30)).await;
     assert_succeeded(&run);
     for step in &run.steps {
         let ms = step.duration_ms.unwrap();
-        assert!((12..1000).contains(&ms), "{}: {ms} ms", step.name);
+        let slept = if step.name == "third" { 60 } else { 12 };
+        assert!((slept..1000).contains(&ms), "{}: {ms} ms", step.name);
     }
+    assert_eq!(run.steps.len(), 3);
     env.stop_workers().await;
 }
 

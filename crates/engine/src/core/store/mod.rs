@@ -142,6 +142,10 @@ const FINISH: &str = "update runs set status = $3, output = $4, error = $5, fini
      returning parent_run_id, concurrency_key, concurrency_limit";
 
 /// The statement that journals a step, after its lease check `lease` (see [`PgStore::record`]).
+///
+/// A step's start is the earlier of the in-flight marker's (stamped when the marker was
+/// committed, `MARKER_DELAY` and a commit after the step began) and the record's own (its
+/// commit time less how long the attempt ran), so a step's duration is how long it ran.
 macro_rules! record_sql {
     ($lease:literal) => {
         concat!(
@@ -156,7 +160,8 @@ macro_rules! record_sql {
                  output = excluded.output, sensitive = excluded.sensitive, \
                  error = coalesce(excluded.error, steps.error), \
                  error_kind = coalesce(excluded.error_kind, steps.error_kind), wake_at = excluded.wake_at, \
-                 finished_at = excluded.finished_at, updated_at = now() \
+                 finished_at = excluded.finished_at, updated_at = now(), \
+                 started_at = least(steps.started_at, excluded.started_at) \
                returning wake_at), \
              event as ( \
                insert into run_events (run_id, kind, seq, step, attempt, detail) \
@@ -2054,7 +2059,8 @@ async fn record_all(
              output = excluded.output, sensitive = excluded.sensitive, \
              error = coalesce(excluded.error, steps.error), \
              error_kind = coalesce(excluded.error_kind, steps.error_kind), wake_at = excluded.wake_at, \
-             finished_at = excluded.finished_at, updated_at = now() \
+             finished_at = excluded.finished_at, updated_at = now(), \
+             started_at = least(steps.started_at, excluded.started_at) \
            returning run_id, seq, wake_at), \
          event as ( \
            insert into run_events (run_id, kind, seq, step, attempt, detail) \
