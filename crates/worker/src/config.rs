@@ -77,6 +77,12 @@ pub(crate) struct Config {
     pub promotions: std::collections::BTreeMap<String, dayshift_workflows::PromotionConfig>,
     /// Alertmanager remediation playbooks (`remediate`), by name.
     pub playbooks: std::collections::BTreeMap<String, dayshift_workflows::PlaybookConfig>,
+    /// Workflows written as files (docs/workflows.md).
+    pub workflows: dayshift_workflows::declarative::WorkflowsConfig,
+    /// The directory of the config file, which relative paths are read from.
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub base_dir: std::path::PathBuf,
     /// What API callers may make dayshift do: who starts which workflow, and the values the
     /// privileged input fields may take (docs/security.md).
     pub policy: PolicyConfig,
@@ -305,6 +311,15 @@ impl Config {
         for (app, p) in &self.promotions {
             out.promotions.insert(app.clone(), p.check(app).map_err(invalid)?);
         }
+        let names = self.connections.names();
+        out.workflows = dayshift_workflows::declarative::load(
+            &self.workflows.dirs,
+            &self.base_dir,
+            &names,
+            &dayshift_workflows::BUILT_IN,
+        )
+        .map_err(|problems| ConfigError::Invalid(problems.join("\n")))?;
+        out.connection_names = std::sync::Arc::new(names);
         Ok(out)
     }
 
@@ -413,6 +428,12 @@ impl Config {
             }
             _ => Config::default(),
         };
+        if let Some((path, _)) = file {
+            config.base_dir = std::path::Path::new(path)
+                .parent()
+                .map(std::path::Path::to_path_buf)
+                .unwrap_or_default();
+        }
         if let Some(url) = env.get("DAYSHIFT_DATABASE_URL").filter(|v| !v.is_empty()) {
             config.database.url = Secret(url.clone());
         }
@@ -527,6 +548,35 @@ mod tests {
         assert_eq!(c.worker.lease_ttl, Duration::from_secs(10));
         assert_eq!(c.server.listen.port(), 9000);
         assert_eq!(c.shutdown_grace_period.0, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn workflow_files_are_read_from_the_config_s_directory_and_their_problems_named() {
+        let dir = std::env::temp_dir().join(format!("dayshift-config-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(dir.join("wf")).unwrap();
+        std::fs::write(
+            dir.join("wf/ok.yaml"),
+            "name: ops.ok\nsteps:\n  - { id: a, action: log, with: { message: hi } }\n",
+        )
+        .unwrap();
+        let path = dir.join("dayshift.yaml").display().to_string();
+        let text = "workflows:\n  dirs: [wf]\n";
+        let c = Config::load(Some((&path, text)), &HashMap::new()).unwrap();
+        let catalogs = c.catalogs().unwrap();
+        assert_eq!(catalogs.workflows.len(), 1);
+        assert_eq!(catalogs.workflows[0].name(), "ops.ok");
+
+        std::fs::write(
+            dir.join("wf/bad.yaml"),
+            "name: ops.bad\nsteps:\n  - { id: a, action: nope }\n",
+        )
+        .unwrap();
+        let err = c.catalogs().unwrap_err().to_string();
+        let bad = dir.join("wf/bad.yaml").display().to_string();
+        assert!(
+            err.contains(&format!("{bad}:3:")) && err.contains("no action \"nope\""),
+            "{err}"
+        );
     }
 
     #[test]

@@ -186,8 +186,9 @@ async fn connect(config: &Config, serve: bool) -> Result<Engine> {
     let pool = store.pool().clone();
     // serve checks inputs against the workflows but never runs a step: it holds no connection's
     // credentials (Vault tokens, database passwords, S3 keys), so a compromised API pod has none.
+    // The catalogs hold no credentials; serve needs the workflow files to check inputs.
     let (connections, catalogs) = if serve {
-        Default::default()
+        (Default::default(), config.catalogs()?)
     } else {
         (config.connections()?, config.catalogs()?)
     };
@@ -241,11 +242,13 @@ fn stop_after_step(step: String) -> dayshift_engine::StepHook {
 }
 
 /// The built-in workflows, without a database (for checks and listings).
-fn offline_registry() -> Result<dayshift_engine::Registry> {
-    // This pool never connects: only the workflows' input types are used.
+fn offline_registry(config: &Config) -> Result<dayshift_engine::Registry> {
+    // This pool never connects: only the workflows' input types are used. The workflow files
+    // are among them; a file's own problems are reported by the config's checks.
     let pool = sqlx::PgPool::connect_lazy("postgres://localhost/unused")?;
+    let catalogs = config.catalogs().unwrap_or_default();
     let mut registry = dayshift_engine::Registry::default();
-    for d in dayshift_workflows::all(pool) {
+    for d in dayshift_workflows::all_with(pool, Default::default(), catalogs) {
         registry.register(d);
     }
     Ok(registry)
@@ -267,7 +270,7 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
         } => {
             let path = file.or(cli.config.clone());
             let c = Config::from_path(path.as_deref(), &env)?;
-            c.check_with(&config_path(path.as_deref(), &env), &offline_registry()?)?;
+            c.check_with(&config_path(path.as_deref(), &env), &offline_registry(&c)?)?;
             println!(
                 "config ok: server.listen={} worker.concurrency={} worker.lease-ttl={:?} schedules={}",
                 c.server.listen,
@@ -297,7 +300,7 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
                 c.server.listen = l;
             }
             telemetry::init(&c, Some("serve"));
-            c.check_with(&config_path(cli.config.as_deref(), &env), &offline_registry()?)?;
+            c.check_with(&config_path(cli.config.as_deref(), &env), &offline_registry(&c)?)?;
             serve(c).await?;
         }
         Command::Worker { concurrency } => {
@@ -344,7 +347,7 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             }
         }
         Command::Workflows { json } => {
-            let registry = offline_registry()?;
+            let registry = offline_registry(&config()?)?;
             let list = registry.list();
             if json {
                 println!("{}", serde_json::to_string_pretty(&list)?);

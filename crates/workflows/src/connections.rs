@@ -33,6 +33,19 @@ pub struct ConnectionsConfig {
 }
 
 impl ConnectionsConfig {
+    /// The connections' names by kind (`postgres`, `s3`, …), without reading any secret.
+    pub fn names(&self) -> BTreeMap<String, std::collections::BTreeSet<String>> {
+        let names = |m: Vec<&String>| m.into_iter().cloned().collect();
+        BTreeMap::from([
+            ("s3".to_string(), names(self.s3.keys().collect())),
+            ("postgres".to_string(), names(self.postgres.keys().collect())),
+            ("notify".to_string(), names(self.notify.keys().collect())),
+            ("vault".to_string(), names(self.vault.keys().collect())),
+            ("kubernetes".to_string(), names(self.kubernetes.keys().collect())),
+            ("git".to_string(), names(self.git.keys().collect())),
+        ])
+    }
+
     /// The connections with their secrets read by `read`, each checked; the first problem
     /// names its key (`connections.vault.openbao.address`).
     pub fn resolve(&self, read: SecretReader<'_>) -> Result<Connections, InvalidConfig> {

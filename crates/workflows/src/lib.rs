@@ -7,6 +7,7 @@ mod backup;
 pub mod component;
 mod config;
 mod connections;
+pub mod declarative;
 mod gates;
 pub mod gitops;
 mod remediate;
@@ -56,6 +57,11 @@ pub struct Catalogs {
     pub promotions: Promotions,
     /// Alertmanager remediation playbooks (`playbooks:`), for `remediate`.
     pub playbooks: Playbooks,
+    /// Workflows written as files (`workflows.dirs`), each registered under its own name.
+    pub workflows: Vec<std::sync::Arc<declarative::Definition>>,
+    /// The config's connection names by kind (no credentials): what a `type: connection` input
+    /// of a workflow file may name.
+    pub connection_names: std::sync::Arc<std::collections::BTreeMap<String, std::collections::BTreeSet<String>>>,
 }
 
 /// Every built-in workflow, with no named connections. `pool` is the dayshift database, for
@@ -67,7 +73,15 @@ pub fn all(pool: PgPool) -> Vec<WorkflowDef> {
 /// Every built-in workflow, with the connections and catalogs the config file names.
 pub fn all_with(pool: PgPool, connections: Connections, catalogs: Catalogs) -> Vec<WorkflowDef> {
     let connections = std::sync::Arc::new(connections);
-    vec![
+    let declared: Vec<WorkflowDef> = catalogs
+        .workflows
+        .iter()
+        .map(|d| {
+            d.clone()
+                .workflow(connections.clone(), catalogs.connection_names.clone())
+        })
+        .collect();
+    let mut all = vec![
         chain(pool),
         gate(),
         backup_postgres(connections.clone()),
@@ -86,5 +100,44 @@ pub fn all_with(pool: PgPool, connections: Connections, catalogs: Catalogs) -> V
         upgrade_component(connections.clone()),
         install_platform(),
         restore_postgres(connections),
-    ]
+    ];
+    all.extend(declared);
+    all
+}
+
+/// The built-in workflows' names, which a workflow file may not take.
+pub const BUILT_IN: [&str; 18] = [
+    "selftest.chain",
+    "selftest.gate",
+    "backup.postgres",
+    "backup.retention",
+    "backup.restore-test",
+    "backup.vault",
+    "rotate.postgres-password",
+    "rotate.kv-secret",
+    "rotate.vault-database-root",
+    "promote.image",
+    "promote.chain",
+    "preview.create",
+    "preview.delete",
+    "remediate",
+    "install.component",
+    "upgrade.component",
+    "install.platform",
+    "restore.postgres",
+];
+
+#[cfg(test)]
+mod tests {
+    #[tokio::test]
+    async fn the_reserved_names_are_those_of_the_built_in_workflows() {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .connect_lazy("postgres://localhost/unused")
+            .unwrap();
+        let mut registered: Vec<String> = super::all(pool).iter().map(|w| w.name().to_string()).collect();
+        let mut reserved: Vec<String> = super::BUILT_IN.iter().map(|s| s.to_string()).collect();
+        registered.sort();
+        reserved.sort();
+        assert_eq!(registered, reserved);
+    }
 }

@@ -93,6 +93,14 @@ impl WorkflowDef {
         }
     }
 
+    /// Replaces the check of a run's input made when the run is started (by default, that it
+    /// deserializes into the input type): for workflows whose input is declared as data (a
+    /// workflow file's `input:`), not as a type.
+    pub fn checked_by(mut self, check: impl Fn(&Value) -> Result<(), String> + Send + Sync + 'static) -> Self {
+        self.validate = Arc::new(check);
+        self
+    }
+
     /// Marks the input field at `path` (dotted, `[]` for each element of an array:
     /// `secrets[].namespace`) as choosing a privileged target: given through the API, its
     /// value must match an allow-list of the config's `policy` ([`crate::policy`]).

@@ -1,0 +1,222 @@
+//! Workflows written as YAML files (docs/workflows.md), loaded from the directories the config
+//! names (`workflows.dirs`), run by the same engine as the built-in ones: each step journaled,
+//! retried by its policy, replayed without running again.
+//!
+//! ```yaml
+//! name: notify.disk-usage
+//! description: Tells the on-call channel how full a volume is.
+//! input:
+//!   volume: { type: string }
+//!   channel: { type: connection, connection: notify }
+//! steps:
+//!   - id: tell
+//!     action: notify
+//!     with:
+//!       connection: ${{ input.channel }}
+//!       text: "volume ${{ input.volume }} is filling up"
+//! ```
+//!
+//! `file.rs` is the format and every check made when a file is loaded; `model.rs` the
+//! compiled definition and the input it takes; `expr.rs` the expressions (CEL); `actions.rs`
+//! the catalog of actions; here, loading the files and the interpreter that runs one.
+
+mod actions;
+mod expr;
+mod file;
+mod model;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use dayshift_engine::{Ctx, WorkflowDef, WorkflowError};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use crate::connections::Connections;
+use expr::Scope;
+pub use model::Definition;
+use model::{InputType, StepKind};
+
+/// The config's `workflows:`: where workflow files are.
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct WorkflowsConfig {
+    /// Directories of workflow files (`*.yaml`, `*.yml`), each file one workflow. A relative
+    /// path is read from the config file's directory.
+    #[serde(default)]
+    pub dirs: Vec<PathBuf>,
+}
+
+/// The catalog of actions a step may call: each one's name, what it does and why repeating it
+/// is safe, and its parameters (docs/workflows.md lists them all; a test keeps it so).
+pub fn catalog() -> Value {
+    Value::Array(
+        actions::Action::ALL
+            .iter()
+            .map(|a| {
+                let params: Vec<Value> = a
+                    .params()
+                    .iter()
+                    .map(|p| {
+                        serde_json::json!({
+                            "name": p.name, "required": p.required, "type": p.kind, "description": p.description,
+                        })
+                    })
+                    .collect();
+                serde_json::json!({ "name": a.name(), "description": a.description(), "params": params })
+            })
+            .collect(),
+    )
+}
+
+impl Definition {
+    /// Compiles the workflow file `text` read from `path`; `connections` names the config's
+    /// connections by kind. Each problem is `path:line:column: key: what is wrong`.
+    pub fn compile(
+        path: &str,
+        text: &str,
+        connections: &BTreeMap<String, BTreeSet<String>>,
+    ) -> Result<Self, Vec<String>> {
+        file::compile(path, text, connections)
+    }
+
+    /// The workflow the engine registers: it checks a run's input when the run is started
+    /// (so bad input is refused before a run exists), and guards every `connection` input
+    /// (the policy's allow-list applies to what an API caller gives).
+    pub fn workflow(
+        self: Arc<Self>,
+        connections: Arc<Connections>,
+        names: Arc<BTreeMap<String, BTreeSet<String>>>,
+    ) -> WorkflowDef {
+        let guarded: Vec<String> = self
+            .input
+            .iter()
+            .filter(|f| f.kind == InputType::Connection)
+            .map(|f| f.name.clone())
+            .collect();
+        let (def, check, check_names) = (self.clone(), self.clone(), names.clone());
+        let mut workflow = WorkflowDef::new(
+            self.name.clone(),
+            self.description.clone(),
+            move |ctx: Ctx, input: Value| {
+                let (def, connections, names) = (def.clone(), connections.clone(), names.clone());
+                async move { def.run(ctx, input, &connections, &names).await }
+            },
+        )
+        .checked_by(move |input| check.complete(input, &check_names).map(|_| ()));
+        for field in &guarded {
+            workflow = workflow.guard(field);
+        }
+        workflow
+    }
+
+    async fn run(
+        &self,
+        ctx: Ctx,
+        input: Value,
+        connections: &Connections,
+        names: &BTreeMap<String, BTreeSet<String>>,
+    ) -> Result<Value, WorkflowError> {
+        let input = self.complete(&input, names).map_err(WorkflowError::failed)?;
+        let mut outputs = Map::new();
+        for step in &self.steps {
+            let at = |e: String| WorkflowError::failed(format!("{}:{}: step {}: {e}", self.path, step.line, step.id));
+            let scope = Scope {
+                input: &input,
+                steps: &outputs,
+            };
+            if let Some(when) = &step.when {
+                match when.eval(&scope).map_err(at)? {
+                    Value::Bool(true) => {}
+                    Value::Bool(false) => {
+                        outputs.insert(step.id.clone(), Value::Null);
+                        continue;
+                    }
+                    other => return Err(at(format!("`when` must be true or false, not {other}"))),
+                }
+            }
+            let output = match &step.kind {
+                StepKind::Action { action, with } => {
+                    let params = with.eval(&scope).map_err(at)?;
+                    let action = *action;
+                    let mut call = ctx
+                        .step(step.id.clone(), move |_s| async move {
+                            action.run(params, connections).await
+                        })
+                        .retry(step.retry.clone());
+                    if let Some(t) = step.timeout {
+                        call = call.timeout(t);
+                    }
+                    call.await?
+                }
+                StepKind::Sleep(d) => {
+                    ctx.sleep(step.id.clone(), *d).await?;
+                    Value::Null
+                }
+            };
+            outputs.insert(step.id.clone(), output);
+        }
+        match &self.output {
+            Some(t) => t
+                .eval(&Scope {
+                    input: &input,
+                    steps: &outputs,
+                })
+                .map_err(|e| WorkflowError::failed(format!("{}: output: {e}", self.path))),
+            None => Ok(Value::Object(outputs)),
+        }
+    }
+}
+
+/// Reads every workflow file (`*.yaml`, `*.yml`) of `dirs`, a relative one read from `base`,
+/// in name order. `reserved` are the built-in workflows' names, which a file may not take.
+/// Every problem of every file is returned, each with its file, line and key.
+pub fn load(
+    dirs: &[PathBuf],
+    base: &Path,
+    names: &BTreeMap<String, BTreeSet<String>>,
+    reserved: &[&str],
+) -> Result<Vec<Arc<Definition>>, Vec<String>> {
+    let mut problems = Vec::new();
+    let mut out: Vec<Arc<Definition>> = Vec::new();
+    for dir in dirs {
+        let dir = if dir.is_absolute() { dir.clone() } else { base.join(dir) };
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) => {
+                problems.push(format!("workflows.dirs: cannot read {}: {e}", dir.display()));
+                continue;
+            }
+        };
+        let mut files: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+            .collect();
+        files.sort();
+        for file in files {
+            let path = file.display().to_string();
+            let text = match std::fs::read_to_string(&file) {
+                Ok(t) => t,
+                Err(e) => {
+                    problems.push(format!("{path}: cannot read: {e}"));
+                    continue;
+                }
+            };
+            match Definition::compile(&path, &text, names) {
+                Err(e) => problems.extend(e),
+                Ok(def) if reserved.contains(&def.name.as_str()) => {
+                    problems.push(format!("{path}: name: {:?} is a built-in workflow's name", def.name))
+                }
+                Ok(def) => match out.iter().find(|d| d.name == def.name) {
+                    Some(first) => problems.push(format!(
+                        "{path}: name: {:?} is already the name of the workflow in {}",
+                        def.name, first.path
+                    )),
+                    None => out.push(Arc::new(def)),
+                },
+            }
+        }
+    }
+    if problems.is_empty() { Ok(out) } else { Err(problems) }
+}

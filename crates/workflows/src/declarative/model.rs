@@ -1,0 +1,170 @@
+//! A workflow file compiled: the definition the interpreter runs, and the input it takes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use dayshift_engine::RetryPolicy;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use super::actions::Action;
+use super::expr::{Expr, Template};
+
+/// A workflow file, compiled: every expression parsed, every reference checked.
+#[derive(Debug)]
+pub struct Definition {
+    pub(super) name: String,
+    pub(super) description: String,
+    pub(super) path: String,
+    /// SHA-256 of the file's text.
+    pub(super) hash: String,
+    pub(super) input: Vec<InputField>,
+    pub(super) steps: Vec<Step>,
+    pub(super) output: Option<Template>,
+}
+
+/// The type of a declared input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum InputType {
+    String,
+    Integer,
+    Number,
+    Boolean,
+    List,
+    Object,
+    /// The name of one of the config's connections of a kind (`connection: postgres`): what a
+    /// caller may choose is only what the config names, and the policy's allow-list on top.
+    Connection,
+}
+
+#[derive(Debug)]
+pub(super) struct InputField {
+    pub(super) name: String,
+    pub(super) kind: InputType,
+    #[allow(dead_code)] // shown by the API's workflow view, next
+    pub(super) description: String,
+    pub(super) default: Option<Value>,
+    pub(super) required: bool,
+    pub(super) choices: Option<Vec<Value>>,
+    pub(super) connection: Option<String>,
+}
+
+impl InputField {
+    /// Whether `v` is a value of this field.
+    pub(super) fn check(&self, v: &Value, connections: &BTreeMap<String, BTreeSet<String>>) -> Result<(), String> {
+        let ok = match self.kind {
+            InputType::String | InputType::Connection => v.is_string(),
+            InputType::Integer => v.is_i64() || v.is_u64(),
+            InputType::Number => v.is_number(),
+            InputType::Boolean => v.is_boolean(),
+            InputType::List => v.is_array(),
+            InputType::Object => v.is_object(),
+        };
+        if !ok {
+            return Err(format!("must be {}, not {v}", self.kind_name()));
+        }
+        if let Some(choices) = &self.choices
+            && !choices.contains(v)
+        {
+            let list: Vec<String> = choices.iter().map(Value::to_string).collect();
+            return Err(format!("must be one of {}, not {v}", list.join(", ")));
+        }
+        if let (Some(kind), Some(name)) = (&self.connection, v.as_str()) {
+            let names = connections.get(kind);
+            if !names.is_some_and(|n| n.contains(name)) {
+                return Err(format!(
+                    "{name:?} is not a connection of connections.{kind} in the config"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn kind_name(&self) -> &'static str {
+        match self.kind {
+            InputType::String => "a string",
+            InputType::Integer => "an integer",
+            InputType::Number => "a number",
+            InputType::Boolean => "true or false",
+            InputType::List => "a list",
+            InputType::Object => "an object",
+            InputType::Connection => "a connection's name",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(super) struct Step {
+    pub(super) id: String,
+    /// Where it is written, for messages.
+    pub(super) line: u64,
+    pub(super) kind: StepKind,
+    pub(super) when: Option<Expr>,
+    pub(super) retry: RetryPolicy,
+    pub(super) timeout: Option<Duration>,
+}
+
+#[derive(Debug)]
+pub(super) enum StepKind {
+    Action { action: Action, with: Template },
+    Sleep(Duration),
+}
+
+impl Definition {
+    /// The workflow's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The SHA-256 of its file's text.
+    pub fn hash(&self) -> &str {
+        &self.hash
+    }
+
+    /// The file it was read from.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// `input` checked against the declared fields, defaults filled in.
+    pub(super) fn complete(
+        &self,
+        input: &Value,
+        connections: &BTreeMap<String, BTreeSet<String>>,
+    ) -> Result<Value, String> {
+        let given = match input {
+            Value::Object(m) => m.clone(),
+            Value::Null => Map::new(),
+            other => return Err(format!("the input must be an object, not {other}")),
+        };
+        if let Some(unknown) = given.keys().find(|k| !self.input.iter().any(|f| &f.name == *k)) {
+            let known: Vec<&str> = self.input.iter().map(|f| f.name.as_str()).collect();
+            return Err(format!(
+                "{unknown}: not an input of {} (it takes: {})",
+                self.name,
+                if known.is_empty() {
+                    "nothing".to_string()
+                } else {
+                    known.join(", ")
+                }
+            ));
+        }
+        let mut out = Map::new();
+        for field in &self.input {
+            match given.get(&field.name).or(field.default.as_ref()) {
+                Some(v) => {
+                    field
+                        .check(v, connections)
+                        .map_err(|e| format!("{}: {e}", field.name))?;
+                    out.insert(field.name.clone(), v.clone());
+                }
+                None if field.required => return Err(format!("{}: required", field.name)),
+                None => {
+                    out.insert(field.name.clone(), Value::Null);
+                }
+            }
+        }
+        Ok(Value::Object(out))
+    }
+}

@@ -1,0 +1,268 @@
+//! Workflows written as YAML files: loaded from a directory, run by the engine, their input
+//! checked when a run is started, their connection inputs under the API's policy.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dayshift_engine::StartRun;
+use dayshift_engine::api::auth::Role;
+use dayshift_engine::policy::{Policy, Rule};
+use dayshift_tests::{TestEnv, WebhookReceiver, assert_succeeded, fast_worker, unique};
+use dayshift_workflows::Connections;
+use dayshift_workflows::declarative::{self, Definition};
+use serde_json::{Value, json};
+
+const ANNOUNCE: &str = r#"
+name: ops.announce
+description: Tells the on-call channel what a scale-up would do.
+input:
+  service: { type: string, description: The service. }
+  replicas: { type: integer, default: 2 }
+  loud: { type: boolean, default: false }
+  channel: { type: connection, connection: notify }
+steps:
+  - id: plan
+    action: log
+    with:
+      message: "scaling ${{ input.service }} to ${{ input.replicas * 2 }}"
+      data: { target: "${{ input.replicas * 2 }}" }
+  - id: shout
+    when: input.loud
+    action: notify
+    with: { connection: "${{ input.channel }}", text: "LOUD" }
+  - id: tell
+    action: notify
+    retry: { attempts: 3, delay: 100ms }
+    with:
+      connection: ${{ input.channel }}
+      text: "${{ steps.plan.message }} (target ${{ steps.plan.data.target }})"
+output:
+  target: ${{ steps.plan.data.target }}
+  shouted: ${{ steps.shout != null }}
+"#;
+
+/// The workflows of `files` (name, text) written into a directory of their own and loaded as
+/// the binary loads them, with one notify connection `ops` posting to `chat`.
+fn load(files: &[(&str, &str)], chat: &WebhookReceiver) -> (Vec<Arc<Definition>>, Arc<Connections>) {
+    let dir = std::env::temp_dir().join(format!("dayshift-workflows-{}", unique()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, text) in files {
+        std::fs::write(dir.join(name), text).unwrap();
+    }
+    let mut conns = Connections::default();
+    conns.notify.insert("ops".into(), chat.url.clone());
+    let names = BTreeMap::from([("notify".to_string(), ["ops".to_string()].into())]);
+    let defs = declarative::load(&[dir], std::path::Path::new("/"), &names, &dayshift_workflows::BUILT_IN).unwrap();
+    (defs, Arc::new(conns))
+}
+
+fn registered(defs: &[Arc<Definition>], conns: &Arc<Connections>) -> Vec<dayshift_engine::WorkflowDef> {
+    let names = Arc::new(BTreeMap::from([("notify".to_string(), ["ops".to_string()].into())]));
+    defs.iter()
+        .map(|d| d.clone().workflow(conns.clone(), names.clone()))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_workflow_file_runs_its_steps_skips_what_its_when_says_and_answers_its_output() {
+    let chat = WebhookReceiver::start().await;
+    let (defs, conns) = load(&[("announce.yaml", ANNOUNCE), ("notes.txt", "not a workflow")], &chat);
+    assert_eq!(defs.len(), 1, "only the YAML file is a workflow");
+    let mut env = TestEnv::new(registered(&defs, &conns)).await;
+    env.start_worker(fast_worker("w"));
+
+    let run = env
+        .run(
+            "ops.announce",
+            json!({ "service": "shop", "replicas": 3, "channel": "ops" }),
+        )
+        .await;
+    assert_succeeded(&run);
+    assert_eq!(run.output, Some(json!({ "target": 6, "shouted": false })));
+    // The skipped step is not journaled; the others are, in order, with their outputs.
+    let names: Vec<&str> = run.steps.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["plan", "tell"]);
+    assert_eq!(
+        run.steps[0].output,
+        Some(json!({ "message": "scaling shop to 6", "data": { "target": 6 } }))
+    );
+    let notices = chat.wait_for(1, Duration::from_secs(10)).await;
+    assert_eq!(notices.len(), 1);
+    assert_eq!(notices[0]["text"], "scaling shop to 6 (target 6)");
+
+    // With `loud`, the conditional step runs too; the default replicas (2) is used.
+    let run = env
+        .run(
+            "ops.announce",
+            json!({ "service": "db", "loud": true, "channel": "ops" }),
+        )
+        .await;
+    assert_succeeded(&run);
+    assert_eq!(run.output, Some(json!({ "target": 4, "shouted": true })));
+    let texts: Vec<Value> = chat
+        .wait_for(3, Duration::from_secs(10))
+        .await
+        .iter()
+        .map(|n| n["text"].clone())
+        .collect();
+    assert_eq!(texts[1..], [json!("LOUD"), json!("scaling db to 4 (target 4)")]);
+    env.stop_workers().await;
+}
+
+#[tokio::test]
+async fn bad_input_and_a_connection_the_config_does_not_name_are_refused_before_a_run_exists() {
+    let chat = WebhookReceiver::start().await;
+    let (defs, conns) = load(&[("announce.yaml", ANNOUNCE)], &chat);
+    let env = TestEnv::new(registered(&defs, &conns)).await;
+    for (input, says) in [
+        (
+            json!({ "service": "shop", "channel": "elsewhere" }),
+            "\"elsewhere\" is not a connection of connections.notify",
+        ),
+        (json!({ "service": "shop" }), "channel: required"),
+        (json!({ "service": 7, "channel": "ops" }), "service: must be a string"),
+        (
+            json!({ "service": "shop", "channel": "ops", "replicas": "3" }),
+            "replicas: must be an integer",
+        ),
+        (
+            json!({ "service": "shop", "channel": "ops", "url": "http://x" }),
+            "url: not an input of ops.announce",
+        ),
+    ] {
+        let err = env
+            .engine
+            .start(StartRun::new("ops.announce", input.clone()))
+            .await
+            .expect_err(&input.to_string())
+            .to_string();
+        assert!(err.contains(says), "{input}: {err}");
+    }
+    let runs: i64 = sqlx::query_scalar("select count(*) from runs")
+        .fetch_one(&env.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(runs, 0, "a refused start made a run");
+    assert!(chat.received().is_empty());
+}
+
+#[tokio::test]
+async fn a_connection_input_from_the_api_takes_only_what_the_policy_allows() {
+    let chat = WebhookReceiver::start().await;
+    let (defs, conns) = load(&[("announce.yaml", ANNOUNCE)], &chat);
+    let env = TestEnv::new(registered(&defs, &conns)).await;
+    let serve = |policy: Policy| {
+        let api = dayshift_engine::api::Api::builder(env.engine.clone())
+            .policy(policy)
+            .build();
+        api.router(dayshift_engine::api::ServerConfig::default())
+    };
+    let token = dayshift_engine::api::auth::create_token(&env.db.pool, "op", Role::Operator, None, "test")
+        .await
+        .unwrap();
+    let post = |app: axum::Router, body: Value| {
+        let token = token.clone();
+        async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("http://{}/api/v1/runs", listener.local_addr().unwrap());
+            let server = tokio::spawn(async move {
+                let _ = axum::serve(listener, app).await;
+            });
+            let r = dayshift_workflows::adapters::http::client()
+                .post(url)
+                .bearer_auth(token)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let out = (r.status().as_u16(), r.json::<Value>().await.unwrap_or(Value::Null));
+            server.abort();
+            out
+        }
+    };
+    let start = json!({ "workflow": "ops.announce", "input": { "service": "shop", "channel": "ops" } });
+    // The guarded field without an allow-list in the policy takes no value from the API.
+    let (status, body) = post(serve(Policy::default()), start.clone()).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.to_string().contains("channel"), "{body}");
+    let runs = || async {
+        sqlx::query_scalar::<_, i64>("select count(*) from runs")
+            .fetch_one(&env.db.pool)
+            .await
+            .unwrap()
+    };
+    assert_eq!(runs().await, 0);
+    // With `ops` allowed it is started; another name is still refused.
+    let allowed = Policy {
+        rules: vec![
+            Rule::new(
+                "ops.*",
+                None,
+                [("channel".to_string(), vec!["ops".to_string()])].into_iter().collect(),
+            )
+            .unwrap(),
+        ],
+    };
+    let (status, body) = post(serve(allowed.clone()), start).await;
+    assert!(status == 201 || status == 202, "{status}: {body}");
+    assert_eq!(runs().await, 1);
+    let other = json!({ "workflow": "ops.announce", "input": { "service": "shop", "channel": "pager" } });
+    let (status, body) = post(serve(allowed), other).await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(runs().await, 1);
+}
+
+#[test]
+fn files_with_problems_are_all_reported_and_a_built_in_name_is_refused() {
+    let dir = std::env::temp_dir().join(format!("dayshift-workflows-{}", unique()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("a.yaml"),
+        "name: backup.postgres\nsteps:\n  - { id: a, action: log, with: { message: x } }\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("b.yml"), "name: ops.b\nsteps:\n  - { id: a, action: nope }\n").unwrap();
+    std::fs::write(dir.join("c.yaml"), "name: ops.c\nsteps:\n  - { id: a, sleep: 1s }\n").unwrap();
+    std::fs::write(dir.join("d.yaml"), "name: ops.c\nsteps:\n  - { id: a, sleep: 2s }\n").unwrap();
+    let problems = declarative::load(
+        std::slice::from_ref(&dir),
+        std::path::Path::new("/"),
+        &Default::default(),
+        &dayshift_workflows::BUILT_IN,
+    )
+    .unwrap_err();
+    let at = |file: &str| dir.join(file).display().to_string();
+    assert_eq!(problems.len(), 3, "{problems:#?}");
+    assert!(
+        problems[0].starts_with(&at("a.yaml")) && problems[0].contains("a built-in workflow's name"),
+        "{problems:#?}"
+    );
+    assert!(
+        problems[1].starts_with(&format!("{}:3:", at("b.yml"))) && problems[1].contains("no action \"nope\""),
+        "{problems:#?}"
+    );
+    assert!(
+        problems[2].starts_with(&at("d.yaml"))
+            && problems[2].contains(&format!("already the name of the workflow in {}", at("c.yaml"))),
+        "{problems:#?}"
+    );
+}
+
+#[test]
+fn docs_workflows_md_describes_every_action_and_each_of_its_parameters() {
+    let docs = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/workflows.md")).unwrap();
+    for action in declarative::catalog().as_array().unwrap() {
+        let name = action["name"].as_str().unwrap();
+        let heading = format!("### `{name}`\n");
+        let at = docs
+            .find(&heading)
+            .unwrap_or_else(|| panic!("docs/workflows.md has no section {heading:?}"));
+        let section = &docs[at + heading.len()..];
+        let section = &section[..section.find("\n#").unwrap_or(section.len())];
+        for param in action["params"].as_array().unwrap() {
+            let row = format!("| `{}` |", param["name"].as_str().unwrap());
+            assert!(section.contains(&row), "docs/workflows.md, {name}: no row {row}");
+        }
+    }
+}
