@@ -5,9 +5,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dayshift_engine::StartRun;
 use dayshift_engine::api::auth::Role;
 use dayshift_engine::policy::{Policy, Rule};
+use dayshift_engine::{RunStatus, StartRun};
 use dayshift_tests::{TestEnv, WebhookReceiver, assert_succeeded, fast_worker, unique};
 use dayshift_workflows::Connections;
 use dayshift_workflows::declarative::{self, Definition};
@@ -60,7 +60,7 @@ fn load(files: &[(&str, &str)], chat: &WebhookReceiver) -> (Vec<Arc<Definition>>
 fn registered(defs: &[Arc<Definition>], conns: &Arc<Connections>) -> Vec<dayshift_engine::WorkflowDef> {
     let names = Arc::new(BTreeMap::from([("notify".to_string(), ["ops".to_string()].into())]));
     defs.iter()
-        .map(|d| d.clone().workflow(conns.clone(), names.clone()))
+        .map(|d| d.clone().workflow(conns.clone(), names.clone(), None))
         .collect()
 }
 
@@ -265,4 +265,146 @@ fn docs_workflows_md_describes_every_action_and_each_of_its_parameters() {
             assert!(section.contains(&row), "docs/workflows.md, {name}: no row {row}");
         }
     }
+}
+
+/// Version 1 of `ops.change`: a step, a durable sleep, a step; version 2 has no sleep.
+const CHANGE_V1: &str = r#"
+name: ops.change
+steps:
+  - { id: first, action: log, with: { message: v1 first } }
+  - { id: pause, sleep: 1500ms }
+  - { id: last, action: log, with: { message: v1 last } }
+output: ${{ steps.last.message }}
+"#;
+const CHANGE_V2: &str = r#"
+name: ops.change
+steps:
+  - { id: first, action: log, with: { message: v2 first } }
+  - { id: last, action: log, with: { message: v2 last } }
+output: ${{ steps.last.message }}
+"#;
+
+/// A release of `defs`: their versions kept, and an engine on `env`'s database that has them.
+async fn release(
+    env: &TestEnv,
+    defs: Vec<Arc<Definition>>,
+    conns: Arc<Connections>,
+) -> (Vec<Arc<Definition>>, dayshift_engine::Engine) {
+    let pool = env.db.pool.clone();
+    declarative::keep_versions(&pool, &defs).await.unwrap();
+    let names = Arc::new(BTreeMap::new());
+    let workflows = defs
+        .iter()
+        .map(|d| d.clone().workflow(conns.clone(), names.clone(), Some(pool.clone())))
+        .collect();
+    (defs, env.engine_with(workflows).await)
+}
+
+#[tokio::test]
+async fn a_run_finishes_on_the_version_it_started_on_after_its_file_is_edited() {
+    let chat = WebhookReceiver::start().await;
+    let mut env = TestEnv::new(vec![]).await;
+    let pool = env.db.pool.clone();
+    // The file as first deployed: a run of it starts and sleeps between its steps.
+    let (v1, conns) = load(&[("change.yaml", CHANGE_V1)], &chat);
+    let (v1, engine) = release(&env, v1, conns.clone()).await;
+    assert_eq!(v1[0].version(), 1);
+    let old = engine.start(StartRun::new("ops.change", json!({}))).await.unwrap();
+    env.start_worker_on(engine.clone(), fast_worker("v1"));
+    dayshift_tests::wait_for(&engine, old.id, Duration::from_secs(30), |r| {
+        r.steps.iter().any(|s| s.name == "pause")
+    })
+    .await;
+    env.stop_workers().await;
+
+    // The file is edited (the sleep removed) and every process restarted with the new text.
+    let (v2, _) = load(&[("change.yaml", CHANGE_V2)], &chat);
+    let (v2, engine) = release(&env, v2, conns.clone()).await;
+    assert_eq!(v2[0].version(), 2);
+    // Loading the same text again keeps its number.
+    let (again, _) = load(&[("change.yaml", CHANGE_V2)], &chat);
+    declarative::keep_versions(&pool, &again).await.unwrap();
+    assert_eq!(again[0].version(), 2);
+
+    env.start_worker_on(engine.clone(), fast_worker("v2"));
+    let new = engine.start(StartRun::new("ops.change", json!({}))).await.unwrap();
+    let old = env.wait(old.id, Duration::from_secs(30)).await;
+    let new = env.wait(new.id, Duration::from_secs(30)).await;
+    // The run in flight finished on its own steps, none run twice; the new one on the new ones.
+    assert_eq!(old.status, RunStatus::Succeeded, "{old:#?}");
+    assert_eq!((old.workflow_version, old.output.clone()), (1, Some(json!("v1 last"))));
+    let steps: Vec<&str> = old.steps.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(steps, ["first", "pause", "last"]);
+    assert!(old.steps.iter().all(|s| s.attempts == 1), "{:#?}", old.steps);
+    assert_eq!(new.status, RunStatus::Succeeded, "{new:#?}");
+    assert_eq!((new.workflow_version, new.output.clone()), (2, Some(json!("v2 last"))));
+    let kept: Vec<(i32, String)> =
+        sqlx::query_as("select version, hash from workflow_definitions where name = 'ops.change' order by version")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(kept.iter().map(|k| k.0).collect::<Vec<_>>(), [1, 2]);
+    assert_eq!(kept[1].1, v2[0].hash());
+    env.stop_workers().await;
+}
+
+/// Three notices, each a step; the text says which step of which run sent it.
+const THREE_NOTICES: &str = r#"
+name: ops.three-notices
+input:
+  tag: { type: string }
+steps:
+  - { id: one, action: notify, with: { connection: ops, text: "one ${{ input.tag }}" } }
+  - { id: two, action: notify, with: { connection: ops, text: "two ${{ input.tag }}" } }
+  - { id: three, action: notify, with: { connection: ops, text: "three ${{ input.tag }}" } }
+output: ${{ steps.one.sent && steps.two.sent && steps.three.sent }}
+"#;
+
+#[tokio::test]
+async fn a_worker_killed_at_each_step_boundary_of_a_workflow_file_runs_no_completed_step_again() {
+    let chat = WebhookReceiver::start().await;
+    let dir = std::env::temp_dir().join(format!("dayshift-workflows-{}", unique()));
+    std::fs::create_dir_all(dir.join("wf")).unwrap();
+    std::fs::write(dir.join("wf/three.yaml"), THREE_NOTICES).unwrap();
+    std::fs::write(dir.join("chat-url"), &chat.url).unwrap();
+    let env = dayshift_tests::BinEnv::start_with(&format!(
+        "workflows:\n  dirs: [{}]\nconnections:\n  notify:\n    ops: {{ url: {{ file: {} }} }}\n",
+        dir.join("wf").display(),
+        dir.join("chat-url").display()
+    ))
+    .await;
+    let limit = Duration::from_secs(60);
+    for step in ["one", "two", "three"] {
+        // The first worker stops itself right after `step` is journaled and is SIGKILLed there;
+        // a second one finishes the run.
+        let mut first = dayshift_tests::spawn_dayshift(
+            &env.config_path,
+            &["worker"],
+            "worker ",
+            &[("DAYSHIFT_TEST_STOP_AFTER_STEP", step)],
+        )
+        .await;
+        let id = env.start_run("ops.three-notices", json!({ "tag": step })).await;
+        first.wait_stopped(limit).await;
+        first.kill9().await;
+        let mut second = env.start_worker().await;
+        let run = env.wait_finished(&id, limit).await;
+        second.kill9().await;
+        assert_eq!(run["status"], "succeeded", "killed after {step}: {run:#}");
+        assert_eq!(run["output"], json!(true));
+    }
+    // Each step of each run posted its notice exactly once.
+    let mut texts: Vec<String> = chat
+        .wait_for(9, limit)
+        .await
+        .iter()
+        .map(|n| n["text"].as_str().unwrap().to_string())
+        .collect();
+    texts.sort();
+    let mut expected: Vec<String> = ["one", "two", "three"]
+        .iter()
+        .flat_map(|run| ["one", "two", "three"].map(|s| format!("{s} {run}")))
+        .collect();
+    expected.sort();
+    assert_eq!(texts, expected);
 }

@@ -192,6 +192,11 @@ async fn connect(config: &Config, serve: bool) -> Result<Engine> {
     } else {
         (config.connections()?, config.catalogs()?)
     };
+    // serve and every worker number the workflow files' texts in PostgreSQL the same way, so the
+    // version a run records at its start is the one every worker replays it with.
+    dayshift_workflows::declarative::keep_versions(&pool, &catalogs.workflows)
+        .await
+        .context("cannot keep the workflow files' versions in PostgreSQL (has `dayshift migrate` run?)")?;
     let mut builder =
         Engine::builder(store, queue).register_all(dayshift_workflows::all_with(pool, connections, catalogs));
     if let Ok(step) = std::env::var("DAYSHIFT_TEST_STOP_AFTER_STEP") {

@@ -77,8 +77,11 @@ pub fn all_with(pool: PgPool, connections: Connections, catalogs: Catalogs) -> V
         .workflows
         .iter()
         .map(|d| {
-            d.clone()
-                .workflow(connections.clone(), catalogs.connection_names.clone())
+            d.clone().workflow(
+                connections.clone(),
+                catalogs.connection_names.clone(),
+                Some(pool.clone()),
+            )
         })
         .collect();
     let mut all = vec![

@@ -136,6 +136,8 @@ pub(crate) trait Host: Send + Sync + 'static {
 pub(crate) struct CtxInner {
     pub(super) host: Arc<dyn Host>,
     workflow: String,
+    /// The version of the workflow the run was started on.
+    version: u32,
     /// What started the run (`api:token:alice`, ...): an API caller made the change.
     started_by: String,
     /// When the last write that renewed the lease was sent (the claim, a journal write, a
@@ -154,6 +156,7 @@ impl CtxInner {
     pub(super) fn new(
         host: Arc<dyn Host>,
         workflow: String,
+        version: u32,
         started_by: String,
         renewed: std::time::Instant,
         lease: Lease,
@@ -165,6 +168,7 @@ impl CtxInner {
         Self {
             host,
             workflow,
+            version,
             started_by,
             renewed: Mutex::new(renewed),
             lease,
@@ -210,6 +214,12 @@ impl Ctx {
     /// The run this workflow executes.
     pub fn run_id(&self) -> RunId {
         self.inner.lease.run_id
+    }
+
+    /// The version of the workflow the run was started on ([`crate::WorkflowDef::version`]):
+    /// a workflow whose definition is data (a workflow file) replays the run with that one.
+    pub fn workflow_version(&self) -> u32 {
+        self.inner.version
     }
 
     /// A step: `f` runs once per attempt until it succeeds, fails permanently or runs out of

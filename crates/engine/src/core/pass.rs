@@ -117,6 +117,7 @@ async fn pass(
     let inner = Arc::new(CtxInner::new(
         core.clone(),
         claimed.workflow.clone(),
+        claimed.workflow_version,
         claimed.started_by.clone(),
         claimed_at,
         lease.clone(),

@@ -394,6 +394,8 @@ pub(crate) fn compile(
         description: spec.description,
         path: path.to_string(),
         hash: hex::encode(Sha256::digest(text.as_bytes())),
+        source: text.to_string(),
+        version: std::sync::OnceLock::new(),
         input,
         steps,
         output,

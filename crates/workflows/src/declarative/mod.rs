@@ -29,9 +29,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+
 use dayshift_engine::{Ctx, WorkflowDef, WorkflowError};
 use serde::Deserialize;
 use serde_json::{Map, Value};
+use sqlx::PgPool;
 
 use crate::connections::Connections;
 use expr::Scope;
@@ -82,12 +86,14 @@ impl Definition {
     }
 
     /// The workflow the engine registers: it checks a run's input when the run is started
-    /// (so bad input is refused before a run exists), and guards every `connection` input
-    /// (the policy's allow-list applies to what an API caller gives).
+    /// (so bad input is refused before a run exists), guards every `connection` input (the
+    /// policy's allow-list applies to what an API caller gives), and replays each run with the
+    /// version it started on, read from `pool` when it is not this one.
     pub fn workflow(
         self: Arc<Self>,
         connections: Arc<Connections>,
         names: Arc<BTreeMap<String, BTreeSet<String>>>,
+        pool: Option<PgPool>,
     ) -> WorkflowDef {
         let guarded: Vec<String> = self
             .input
@@ -95,15 +101,25 @@ impl Definition {
             .filter(|f| f.kind == InputType::Connection)
             .map(|f| f.name.clone())
             .collect();
-        let (def, check, check_names) = (self.clone(), self.clone(), names.clone());
+        let versions = Arc::new(Versions {
+            current: self.clone(),
+            pool,
+            names: names.clone(),
+            older: Mutex::new(HashMap::new()),
+        });
+        let (check, check_names) = (self.clone(), names.clone());
         let mut workflow = WorkflowDef::new(
             self.name.clone(),
             self.description.clone(),
             move |ctx: Ctx, input: Value| {
-                let (def, connections, names) = (def.clone(), connections.clone(), names.clone());
-                async move { def.run(ctx, input, &connections, &names).await }
+                let (versions, connections, names) = (versions.clone(), connections.clone(), names.clone());
+                async move {
+                    let def = versions.of(ctx.workflow_version()).await?;
+                    def.run(ctx, input, &connections, &names).await
+                }
             },
         )
+        .version(self.version())
         .checked_by(move |input| check.complete(input, &check_names).map(|_| ()));
         for field in &guarded {
             workflow = workflow.guard(field);
@@ -219,4 +235,94 @@ pub fn load(
         }
     }
     if problems.is_empty() { Ok(out) } else { Err(problems) }
+}
+
+/// Keeps each definition's text in PostgreSQL, once per content, and numbers it: a name's first
+/// text is version 1, each different text the next. Every process that loads the files (serve
+/// and each worker) calls it before registering them, so all of them agree on the numbers; a
+/// run records the version it started on and is replayed with that text, whatever the file
+/// says by then (a run waiting days for an approval finishes on the steps it started with).
+pub async fn keep_versions(pool: &PgPool, defs: &[Arc<Definition>]) -> Result<(), sqlx::Error> {
+    for def in defs {
+        // Two processes numbering new texts at once: the loser's insert conflicts, and it reads
+        // the winner's number (same text) or takes the next one (another text).
+        let mut attempt = 0;
+        let version: i32 = loop {
+            attempt += 1;
+            let kept = sqlx::query_scalar(
+                "with found as (select version from workflow_definitions where name = $1 and hash = $2), \
+                 added as ( \
+                   insert into workflow_definitions (name, version, hash, source, path) \
+                   select $1, coalesce((select max(version) from workflow_definitions where name = $1), 0) + 1, \
+                          $2, $3, $4 \
+                   where not exists (select 1 from found) \
+                   returning version) \
+                 select version from found union all select version from added",
+            )
+            .bind(&def.name)
+            .bind(&def.hash)
+            .bind(&def.source)
+            .bind(&def.path)
+            .fetch_one(pool)
+            .await;
+            match kept {
+                Ok(v) => break v,
+                Err(sqlx::Error::Database(e)) if e.is_unique_violation() && attempt < 10 => continue,
+                Err(e) => return Err(e),
+            }
+        };
+        let _ = def.version.set(version.max(1) as u32);
+    }
+    Ok(())
+}
+
+/// A workflow's definitions by version: the current one (the file as loaded) and the older ones
+/// runs in flight started on, read from PostgreSQL once each.
+struct Versions {
+    current: Arc<Definition>,
+    pool: Option<PgPool>,
+    names: Arc<BTreeMap<String, BTreeSet<String>>>,
+    older: Mutex<HashMap<u32, Arc<Definition>>>,
+}
+
+impl Versions {
+    async fn of(&self, version: u32) -> Result<Arc<Definition>, WorkflowError> {
+        if version == self.current.version() {
+            return Ok(self.current.clone());
+        }
+        if let Some(def) = self.older.lock().unwrap_or_else(|e| e.into_inner()).get(&version) {
+            return Ok(def.clone());
+        }
+        let name = &self.current.name;
+        let Some(pool) = &self.pool else {
+            return Err(WorkflowError::failed(format!(
+                "the run started on version {version} of {name}, which this process does not have"
+            )));
+        };
+        let row: Option<(String, String)> =
+            sqlx::query_as("select source, path from workflow_definitions where name = $1 and version = $2")
+                .bind(name)
+                .bind(version as i32)
+                .fetch_optional(pool)
+                .await
+                .map_err(|e| WorkflowError::failed(format!("cannot read version {version} of {name}: {e}")))?;
+        let Some((source, path)) = row else {
+            return Err(WorkflowError::failed(format!(
+                "the run started on version {version} of {name}, which is not in workflow_definitions"
+            )));
+        };
+        let def = Definition::compile(&path, &source, &self.names).map_err(|problems| {
+            WorkflowError::failed(format!(
+                "version {version} of {name} no longer compiles: {}",
+                problems.join("; ")
+            ))
+        })?;
+        let _ = def.version.set(version);
+        let def = Arc::new(def);
+        self.older
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(version, def.clone());
+        Ok(def)
+    }
 }

@@ -18,6 +18,10 @@ pub struct Definition {
     pub(super) path: String,
     /// SHA-256 of the file's text.
     pub(super) hash: String,
+    /// The file's text, kept in PostgreSQL by version.
+    pub(super) source: String,
+    /// Its number among the texts of this name ([`super::keep_versions`]); 1 until then.
+    pub(super) version: std::sync::OnceLock<u32>,
     pub(super) input: Vec<InputField>,
     pub(super) steps: Vec<Step>,
     pub(super) output: Option<Template>,
@@ -120,6 +124,11 @@ impl Definition {
     /// The SHA-256 of its file's text.
     pub fn hash(&self) -> &str {
         &self.hash
+    }
+
+    /// Its version: its number among the texts of its name kept in PostgreSQL.
+    pub fn version(&self) -> u32 {
+        self.version.get().copied().unwrap_or(1)
     }
 
     /// The file it was read from.

@@ -72,6 +72,8 @@ pub(crate) struct ClaimedRun {
     pub(crate) trace_context: Option<String>,
     /// What started the run (`api:token:alice`, `schedule:nightly`, ...).
     pub(crate) started_by: String,
+    /// The version of the workflow the run was started on.
+    pub(crate) workflow_version: u32,
 }
 
 /// Why a claim did not succeed.
@@ -436,7 +438,7 @@ impl PgStore {
              returning r.lease_epoch, r.workflow, r.input, r.cancel_requested, r.cancel_reason, \
                r.parent_run_id is not null as has_parent, r.concurrency_key is not null as has_key, \
                r.started_at = now() as first_claim, now() as now, before.lease_owner is not null as recovered, \
-               r.trace_context, r.started_by"
+               r.trace_context, r.started_by, r.workflow_version"
         )))
         .bind(run_id.0)
         .bind(owner)
@@ -1832,6 +1834,7 @@ fn claimed_run(row: &sqlx::postgres::PgRow, run_id: RunId, owner: &str, ttl: Dur
         now: row.get("now"),
         trace_context: row.get("trace_context"),
         started_by: row.get("started_by"),
+        workflow_version: row.get::<i32, _>("workflow_version").max(0) as u32,
     };
     (lease, run)
 }
@@ -1868,7 +1871,7 @@ async fn claim_all<'w>(
          returning r.id, r.lease_owner, r.lease_epoch, r.workflow, r.input, r.cancel_requested, r.cancel_reason, \
            r.parent_run_id is not null as has_parent, r.concurrency_key is not null as has_key, \
            r.started_at = now() as first_claim, now() as now, before.lease_owner is not null as recovered, \
-           r.trace_context, r.started_by"
+           r.trace_context, r.started_by, r.workflow_version"
     )))
     .bind(&ids)
     .bind(&owners)
