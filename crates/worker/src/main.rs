@@ -183,6 +183,11 @@ async fn connect(config: &Config, serve: bool) -> Result<Engine> {
     let queue = RedisQueue::connect(config.redis.url.expose(), config.queue.clone())
         .await
         .context("cannot connect to Redis (redis.url)")?;
+    if serve {
+        // serve migrates at start-up, before anything reads the schema (the workflow files'
+        // versions below).
+        store.migrate().await.context("migration failed")?;
+    }
     let pool = store.pool().clone();
     // serve checks inputs against the workflows but never runs a step: it holds no connection's
     // credentials (Vault tokens, database passwords, S3 keys), so a compromised API pod has none.
@@ -461,7 +466,6 @@ async fn shutdown_signal() {
 async fn serve(config: Config) -> Result<()> {
     let engine = connect(&config, true).await?;
     let api = api(&config, &engine)?;
-    engine.store().migrate().await.context("migration failed")?;
     let listener = tokio::net::TcpListener::bind(config.server.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.server.listen))?;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use dayshift_engine::RunId;
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -42,7 +42,7 @@ pub(super) struct Client {
 impl Client {
     /// `n` connections to `base` with `token`, each opened ([`Client::touch`]) so that W1 does
     /// not time TCP handshakes.
-    pub(super) async fn connect(base: &str, token: &str, n: usize, steps: u32) -> Result<Self> {
+    pub(super) async fn connect(base: &str, token: &str, n: usize, body: serde_json::Value) -> Result<Self> {
         let mut headers = reqwest::header::HeaderMap::new();
         let mut auth = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))?;
         auth.set_sensitive(true);
@@ -68,9 +68,7 @@ impl Client {
         }
         let client = Self {
             connections,
-            body: json!({ "workflow": "selftest.chain", "input": { "steps": steps } })
-                .to_string()
-                .into(),
+            body: body.to_string().into(),
         };
         client.touch().await?;
         Ok(client)
@@ -103,7 +101,7 @@ impl Client {
         &self.connections[0]
     }
 
-    /// The body of a start of `selftest.chain`.
+    /// The body of a start of the bench's workflow.
     pub(super) fn body(&self) -> &str {
         &self.body
     }
@@ -262,6 +260,7 @@ fn listening_on(line: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn the_address_is_read_from_serves_line() {

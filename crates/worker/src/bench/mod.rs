@@ -76,6 +76,54 @@ pub(crate) struct BenchArgs {
     /// back to back.
     #[arg(long, default_value_t = 0)]
     poll_interval_us: u64,
+    /// W1 and W2 run a workflow file of `--steps` `log` steps (`bench.chain`, written for the
+    /// bench) instead of `selftest.chain`: what interpreting a definition costs. No W3.
+    #[arg(long)]
+    declarative: bool,
+}
+
+/// What each run of W1 and W2 is: a workflow and its input.
+struct Subject {
+    workflow: &'static str,
+    input: serde_json::Value,
+}
+
+impl Subject {
+    fn of(args: &BenchArgs) -> Self {
+        if args.declarative {
+            Self {
+                workflow: "bench.chain",
+                input: json!({}),
+            }
+        } else {
+            Self {
+                workflow: "selftest.chain",
+                input: json!({ "steps": args.steps }),
+            }
+        }
+    }
+
+    /// The API's start body.
+    fn body(&self) -> serde_json::Value {
+        json!({ "workflow": self.workflow, "input": self.input })
+    }
+}
+
+/// The bench's workflow file for `--declarative`: `steps` steps of the `log` action, each a
+/// journaled step doing nothing, as `selftest.chain`'s do.
+fn bench_workflow_dir(steps: u32) -> Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("dayshift-bench-workflows-{}", rand_u32()));
+    std::fs::create_dir_all(&dir)?;
+    let mut text = String::from(
+        "name: bench.chain\ndescription: A chain of no-op steps, for `dayshift bench --declarative`.\nsteps:\n",
+    );
+    for i in 1..=steps {
+        text.push_str(&format!(
+            "  - {{ id: step{i}, action: log, with: {{ message: step {i} }} }}\n"
+        ));
+    }
+    std::fs::write(dir.join("bench.yaml"), text)?;
+    Ok(dir)
 }
 
 struct Workers {
@@ -125,24 +173,31 @@ impl Front {
     }
 
     /// Starts `n` runs at once: `submitters` tasks in-process, every connection through the API.
-    async fn submit(&self, n: usize, steps: u32, submitters: usize) -> Result<Vec<RunId>> {
+    async fn submit(&self, n: usize, subject: &Subject, submitters: usize) -> Result<Vec<RunId>> {
         match self {
-            Self::Engine(engine) => submit(engine, n, steps, submitters).await,
+            Self::Engine(engine) => submit(engine, n, subject, submitters).await,
             Self::Api { client, .. } => client.submit(n).await,
         }
     }
 
     /// W2: starts one run and returns once it is seen succeeded.
-    async fn one(&self, poller: &mut PgConnection, steps: u32) -> Result<RunId> {
-        self.one_with(poller, None, json!({ "steps": steps })).await
+    async fn one(&self, poller: &mut PgConnection, subject: &Subject) -> Result<RunId> {
+        self.one_with(poller, None, subject.workflow, subject.input.clone())
+            .await
     }
 
-    /// Starts one run of `selftest.chain` with `input` and returns once it is seen succeeded.
+    /// Starts one run of `workflow` with `input` and returns once it is seen succeeded.
     /// `body` is the API's start body, if it is not the client's usual one.
-    async fn one_with(&self, poller: &mut PgConnection, body: Option<&str>, input: serde_json::Value) -> Result<RunId> {
+    async fn one_with(
+        &self,
+        poller: &mut PgConnection,
+        body: Option<&str>,
+        workflow: &str,
+        input: serde_json::Value,
+    ) -> Result<RunId> {
         match self {
             Self::Engine(engine) => {
-                let started = engine.start(StartRun::new("selftest.chain", input)).await?;
+                let started = engine.start(StartRun::new(workflow, input)).await?;
                 loop {
                     let status: String = sqlx::query_scalar("/* bench */ select status from runs where id = $1")
                         .bind(started.id.0)
@@ -175,7 +230,12 @@ pub(crate) async fn run(config: &Config, args: BenchArgs) -> Result<()> {
         .context("cannot connect to PostgreSQL")?;
     store.migrate().await?;
     let pool = store.pool().clone();
-    let workers = start_workers(config, &queue_name, &args).await?;
+    let workflows = if args.declarative {
+        Some(bench_workflow_dir(args.steps)?)
+    } else {
+        None
+    };
+    let workers = start_workers(config, &queue_name, &args, workflows.as_deref()).await?;
     eprintln!(
         "bench: {} worker processes × concurrency {} on queue {queue_name}",
         args.workers, args.concurrency
@@ -190,13 +250,24 @@ pub(crate) async fn run(config: &Config, args: BenchArgs) -> Result<()> {
         )
         .await
         .context("cannot connect to Redis")?;
+        let mut catalogs = dayshift_workflows::Catalogs::default();
+        if let Some(dir) = &workflows {
+            catalogs.workflows = dayshift_workflows::declarative::load(
+                std::slice::from_ref(dir),
+                dir,
+                &Default::default(),
+                &dayshift_workflows::BUILT_IN,
+            )
+            .map_err(|problems| anyhow::anyhow!(problems.join("\n")))?;
+            dayshift_workflows::declarative::keep_versions(&pool, &catalogs.workflows).await?;
+        }
         let engine = Engine::builder(store, queue)
-            .register_all(dayshift_workflows::all(pool.clone()))
+            .register_all(dayshift_workflows::all_with(pool.clone(), Default::default(), catalogs))
             .build();
         return measure(config, &args, &pool, Front::Engine(engine), workers, None).await;
     }
 
-    let serve = api::start_serve(&serve_yaml(config, &queue_name)).await?;
+    let serve = api::start_serve(&serve_yaml(config, &queue_name, workflows.as_deref())).await?;
     eprintln!(
         "bench: serve at {} (database.max-connections {}), {} connections",
         serve.base, config.database.max_connections, args.connections
@@ -213,7 +284,7 @@ pub(crate) async fn run(config: &Config, args: BenchArgs) -> Result<()> {
     )
     .await?;
     let measured = async {
-        let client = api::Client::connect(&serve.base, &token, args.connections, args.steps).await?;
+        let client = api::Client::connect(&serve.base, &token, args.connections, Subject::of(&args).body()).await?;
         let finish = if args.w2_poll {
             api::Finish::Poll {
                 interval: Duration::from_micros(args.poll_interval_us),
@@ -252,13 +323,21 @@ pub(crate) async fn run(config: &Config, args: BenchArgs) -> Result<()> {
 
 /// The config of the bench's `serve`: the same database and Redis, the bench's queue, and the
 /// pool size of the config (what a deployed `serve` has).
-fn serve_yaml(config: &Config, queue_name: &str) -> String {
+fn serve_yaml(config: &Config, queue_name: &str, workflows: Option<&std::path::Path>) -> String {
     format!(
-        "database:\n  url: {}\n  max-connections: {}\nredis:\n  url: {}\nqueue:\n  name: {queue_name}\nlog:\n  level: warn\n",
+        "database:\n  url: {}\n  max-connections: {}\nredis:\n  url: {}\nqueue:\n  name: {queue_name}\nlog:\n  level: warn\n{}",
         config.database.url.expose(),
         config.database.max_connections,
         config.redis.url.expose(),
+        workflows_yaml(workflows),
     )
+}
+
+/// The `workflows:` of the bench's processes, for `--declarative`.
+fn workflows_yaml(workflows: Option<&std::path::Path>) -> String {
+    workflows
+        .map(|d| format!("workflows:\n  dirs: [{}]\n", d.display()))
+        .unwrap_or_default()
 }
 
 /// What W1 measured, and the idle rates its counters were corrected by.
@@ -301,7 +380,8 @@ async fn measure(
     }
 
     // Warm-up: connections, prepared statements, the workers' first polls.
-    let warm = front.submit(50, args.steps, 8).await?;
+    let subject = Subject::of(args);
+    let warm = front.submit(50, &subject, 8).await?;
     wait_all(&mut poller, &warm).await?;
 
     tokio::time::sleep(STATS_SETTLE).await;
@@ -333,7 +413,7 @@ async fn measure(
     let window = Instant::now();
     let cpu_start = probe.cpu(&named).await?;
     let t0 = Instant::now();
-    let ids = front.submit(args.runs, args.steps, args.submitters).await?;
+    let ids = front.submit(args.runs, &subject, args.submitters).await?;
     let submitted = t0.elapsed();
     let polls = wait_all(&mut poller, &ids).await?;
     let wall = t0.elapsed();
@@ -363,7 +443,7 @@ async fn measure(
     let mut pickups = Vec::with_capacity(args.latency_runs);
     for _ in 0..args.latency_runs {
         let t = Instant::now();
-        let id = front.one(&mut poller, args.steps).await?;
+        let id = front.one(&mut poller, &subject).await?;
         latencies.push(t.elapsed());
         let pickup: f64 = sqlx::query_scalar(
             "/* bench */ select extract(epoch from (started_at - created_at))::float8 * 1000 from runs where id = $1",
@@ -375,12 +455,14 @@ async fn measure(
     }
     // W3: one run whose steps all run at once (`ctx.all`), a few times.
     let mut fan_outs = Vec::new();
-    if args.fan_out > 0 {
+    if args.fan_out > 0 && !args.declarative {
         let input = json!({ "steps": args.fan_out, "parallel": args.fan_out });
         let body = json!({ "workflow": "selftest.chain", "input": input }).to_string();
         for _ in 0..args.fan_out_runs {
             let t = Instant::now();
-            front.one_with(&mut poller, Some(&body), input.clone()).await?;
+            front
+                .one_with(&mut poller, Some(&body), "selftest.chain", input.clone())
+                .await?;
             fan_outs.push(t.elapsed());
         }
     }
@@ -642,15 +724,21 @@ fn rand_u32() -> u32 {
     RandomState::new().hash_one(Instant::now()) as u32
 }
 
-async fn start_workers(config: &Config, queue_name: &str, args: &BenchArgs) -> Result<Workers> {
+async fn start_workers(
+    config: &Config,
+    queue_name: &str,
+    args: &BenchArgs,
+    workflows: Option<&std::path::Path>,
+) -> Result<Workers> {
     let path = std::env::temp_dir().join(format!("dayshift-bench-{}.yaml", rand_u32()));
     let yaml = format!(
         "database:\n  url: {}\n  max-connections: {}\nredis:\n  url: {}\nqueue:\n  name: {queue_name}\n\
-         worker:\n  concurrency: {}\nlog:\n  level: warn\n",
+         worker:\n  concurrency: {}\nlog:\n  level: warn\n{}",
         config.database.url.expose(),
         args.concurrency + 4,
         config.redis.url.expose(),
         args.concurrency,
+        workflows_yaml(workflows),
     );
     write_private(&path, &yaml)?;
     let config_file = TempFile(path.clone());
@@ -695,18 +783,16 @@ fn write_private(path: &std::path::Path, text: &str) -> Result<()> {
     Ok(())
 }
 
-async fn submit(engine: &Engine, n: usize, steps: u32, submitters: usize) -> Result<Vec<RunId>> {
+async fn submit(engine: &Engine, n: usize, subject: &Subject, submitters: usize) -> Result<Vec<RunId>> {
     let per = n.div_ceil(submitters.max(1));
     let mut tasks = Vec::new();
     for chunk in 0..submitters.max(1) {
-        let engine = engine.clone();
+        let (engine, workflow, input) = (engine.clone(), subject.workflow, subject.input.clone());
         let count = per.min(n.saturating_sub(chunk * per));
         tasks.push(tokio::spawn(async move {
             let mut ids = Vec::with_capacity(count);
             for _ in 0..count {
-                let s = engine
-                    .start(StartRun::new("selftest.chain", json!({ "steps": steps })))
-                    .await?;
+                let s = engine.start(StartRun::new(workflow, input.clone())).await?;
                 ids.push(s.id);
             }
             Ok::<_, anyhow::Error>(ids)
