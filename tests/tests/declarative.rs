@@ -408,3 +408,12 @@ async fn a_worker_killed_at_each_step_boundary_of_a_workflow_file_runs_no_comple
     expected.sort();
     assert_eq!(texts, expected);
 }
+
+#[test]
+fn every_shipped_example_workflow_compiles() {
+    let dir = std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/workflows"));
+    let names = BTreeMap::from([("notify".to_string(), ["ops".to_string()].into())]);
+    let defs = declarative::load(&[dir], std::path::Path::new("/"), &names, &dayshift_workflows::BUILT_IN)
+        .unwrap_or_else(|problems| panic!("{}", problems.join("\n")));
+    assert!(defs.iter().any(|d| d.name() == "notice.maintenance"), "{defs:?}");
+}
