@@ -287,7 +287,17 @@ async fn a_worker_killed_mid_install_resumes_without_applying_completed_phases_a
         let mut unique_writes = writes.clone();
         unique_writes.sort();
         unique_writes.dedup();
-        assert_eq!(unique_writes.len(), 5, "killed after {step}: {writes:#?}");
+        let attempts: Vec<(serde_json::Value, serde_json::Value)> = run["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| (s["name"].clone(), s["attempts"].clone()))
+            .collect();
+        assert_eq!(
+            unique_writes.len(),
+            5,
+            "killed after {step}: {writes:#?}; steps and attempts: {attempts:?}"
+        );
         for (done, path) in [
             (
                 "apply:crds",
@@ -298,7 +308,10 @@ async fn a_worker_killed_mid_install_resumes_without_applying_completed_phases_a
             let journaled_before_the_kill = done == "apply:crds" || step == "apply:namespaces";
             if journaled_before_the_kill {
                 let n = writes.iter().filter(|w| *w == path).count();
-                assert_eq!(n, 1, "killed after {step}: {path} applied {n} times: {writes:#?}");
+                assert_eq!(
+                    n, 1,
+                    "killed after {step}: {path} applied {n} times: {writes:#?}; steps and attempts: {attempts:?}"
+                );
             }
         }
     }
