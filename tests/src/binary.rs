@@ -231,6 +231,26 @@ impl BinEnv {
         self.spawn(&["worker"], "worker ").await
     }
 
+    /// Starts `workflow` with `input` on a worker that stops itself right after step `step` is
+    /// journaled (DAYSHIFT_TEST_STOP_AFTER_STEP) and is SIGKILLed there, then lets a second
+    /// worker finish the run. The run as the API shows it, and both workers' logs.
+    pub async fn run_killed_after(&self, step: &str, workflow: &str, input: Value, limit: Duration) -> (Value, String) {
+        let mut first = spawn_dayshift(
+            &self.config_path,
+            &["worker"],
+            "worker ",
+            &[("DAYSHIFT_TEST_STOP_AFTER_STEP", step)],
+        )
+        .await;
+        let id = self.start_run(workflow, input).await;
+        first.wait_stopped(limit).await;
+        first.kill9().await;
+        let mut second = self.start_worker().await;
+        let run = self.wait_finished(&id, limit).await;
+        second.kill9().await;
+        (run, format!("{}{}", first.logs(), second.logs()))
+    }
+
     /// Runs `dayshift ARGS` with this env's config, waiting for `ready` on stdout.
     pub async fn spawn(&self, args: &[&str], ready: &str) -> Proc {
         spawn_dayshift(&self.config_path, args, ready, &[]).await

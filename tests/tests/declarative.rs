@@ -375,21 +375,9 @@ async fn a_worker_killed_at_each_step_boundary_of_a_workflow_file_runs_no_comple
     .await;
     let limit = Duration::from_secs(60);
     for step in ["one", "two", "three"] {
-        // The first worker stops itself right after `step` is journaled and is SIGKILLed there;
-        // a second one finishes the run.
-        let mut first = dayshift_tests::spawn_dayshift(
-            &env.config_path,
-            &["worker"],
-            "worker ",
-            &[("DAYSHIFT_TEST_STOP_AFTER_STEP", step)],
-        )
-        .await;
-        let id = env.start_run("ops.three-notices", json!({ "tag": step })).await;
-        first.wait_stopped(limit).await;
-        first.kill9().await;
-        let mut second = env.start_worker().await;
-        let run = env.wait_finished(&id, limit).await;
-        second.kill9().await;
+        let (run, _) = env
+            .run_killed_after(step, "ops.three-notices", json!({ "tag": step }), limit)
+            .await;
         assert_eq!(run["status"], "succeeded", "killed after {step}: {run:#}");
         assert_eq!(run["output"], json!(true));
     }

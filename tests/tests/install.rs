@@ -260,24 +260,8 @@ async fn a_worker_killed_mid_install_resumes_without_applying_completed_phases_a
     let env = dayshift_tests::BinEnv::start_with(&yaml).await;
     for step in ["apply:crds", "apply:namespaces"] {
         let before = kube.writes().len();
-        let mut first = dayshift_tests::spawn_dayshift(
-            &env.config_path,
-            &["worker"],
-            "worker ",
-            &[("DAYSHIFT_TEST_STOP_AFTER_STEP", step)],
-        )
-        .await;
-        let id = env
-            .start_run(
-                "install.component",
-                json!({ "component": "catalog", "manifests": dir, "namespace": "catalog", "kubernetes": "cluster", "timeout": "10s" }),
-            )
-            .await;
-        first.wait_stopped(LIMIT).await;
-        first.kill9().await;
-        let mut second = env.start_worker().await;
-        let run = env.wait_finished(&id, LIMIT).await;
-        second.kill9().await;
+        let input = json!({ "component": "catalog", "manifests": dir, "namespace": "catalog", "kubernetes": "cluster", "timeout": "10s" });
+        let (run, _) = env.run_killed_after(step, "install.component", input, LIMIT).await;
         assert_eq!(run["status"], "succeeded", "killed after {step}: {run:#}");
         // Every object was applied, and those of the phases journaled as done before the kill
         // exactly once: nothing journaled as done was applied again. (A phase not yet journaled
@@ -818,19 +802,7 @@ async fn a_worker_killed_mid_upgrade_resumes_and_either_finishes_or_rolls_back()
         worker.kill9().await;
 
         let before = kube.writes().len();
-        let mut first = dayshift_tests::spawn_dayshift(
-            &env.config_path,
-            &["worker"],
-            "worker ",
-            &[("DAYSHIFT_TEST_STOP_AFTER_STEP", step)],
-        )
-        .await;
-        let id = env.start_run("upgrade.component", input(&v2)).await;
-        first.wait_stopped(LIMIT).await;
-        first.kill9().await;
-        let mut second = env.start_worker().await;
-        let run = env.wait_finished(&id, LIMIT).await;
-        second.kill9().await;
+        let (run, _) = env.run_killed_after(step, "upgrade.component", input(&v2), LIMIT).await;
 
         let deployment = format!("/apis/apps/v1/namespaces/{ns}/deployments/catalog-api");
         let image = kube.get(&deployment).unwrap()["spec"]["template"]["spec"]["containers"][0]["image"].clone();

@@ -466,20 +466,8 @@ fn connections_yaml(rig: &Rig, dir: &std::path::Path) -> String {
 /// see DAYSHIFT_TEST_STOP_AFTER_STEP), lets a second worker finish the run, and returns it with
 /// both workers' logs.
 async fn kill_at(env: &dayshift_tests::BinEnv, rig: &Rig, step: &str) -> (Value, String) {
-    let mut first = dayshift_tests::spawn_dayshift(
-        &env.config_path,
-        &["worker"],
-        "worker ",
-        &[("DAYSHIFT_TEST_STOP_AFTER_STEP", step)],
-    )
-    .await;
-    let id = env.start_run("rotate.postgres-password", rig.input(false)).await;
-    first.wait_stopped(LIMIT).await;
-    first.kill9().await;
-    let mut second = env.start_worker().await;
-    let run = env.wait_finished(&id, LIMIT).await;
-    second.kill9().await;
-    (run, format!("{}{}", first.logs(), second.logs()))
+    env.run_killed_after(step, "rotate.postgres-password", rig.input(false), LIMIT)
+        .await
 }
 
 #[tokio::test]
