@@ -235,13 +235,9 @@ impl BinEnv {
     /// journaled (DAYSHIFT_TEST_STOP_AFTER_STEP) and is SIGKILLed there, then lets a second
     /// worker finish the run. The run as the API shows it, and both workers' logs.
     pub async fn run_killed_after(&self, step: &str, workflow: &str, input: Value, limit: Duration) -> (Value, String) {
-        let mut first = spawn_dayshift(
-            &self.config_path,
-            &["worker"],
-            "worker ",
-            &[("DAYSHIFT_TEST_STOP_AFTER_STEP", step)],
-        )
-        .await;
+        let mut first = self
+            .spawn_with_env(&["worker"], "worker ", &[("DAYSHIFT_TEST_STOP_AFTER_STEP", step)])
+            .await;
         let id = self.start_run(workflow, input).await;
         first.wait_stopped(limit).await;
         first.kill9().await;
@@ -254,6 +250,11 @@ impl BinEnv {
     /// Runs `dayshift ARGS` with this env's config, waiting for `ready` on stdout.
     pub async fn spawn(&self, args: &[&str], ready: &str) -> Proc {
         spawn_dayshift(&self.config_path, args, ready, &[]).await
+    }
+
+    /// [`BinEnv::spawn`] with more environment variables.
+    pub async fn spawn_with_env(&self, args: &[&str], ready: &str, env: &[(&str, &str)]) -> Proc {
+        spawn_dayshift(&self.config_path, args, ready, env).await
     }
 
     /// A new token named `name` with `role`.

@@ -267,12 +267,12 @@ fn docs_workflows_md_describes_every_action_and_each_of_its_parameters() {
     }
 }
 
-/// Version 1 of `ops.change`: a step, a durable sleep, a step; version 2 has no sleep.
+/// Version 1 of `ops.change`: a step, an approval by alice, a step; version 2 has no approval.
 const CHANGE_V1: &str = r#"
 name: ops.change
 steps:
   - { id: first, action: log, with: { message: v1 first } }
-  - { id: pause, sleep: 1500ms }
+  - { id: approve, approval: { approvers: ["token:alice"], timeout: 1h } }
   - { id: last, action: log, with: { message: v1 last } }
 output: ${{ steps.last.message }}
 "#;
@@ -301,23 +301,23 @@ async fn release(
 }
 
 #[tokio::test]
-async fn a_run_finishes_on_the_version_it_started_on_after_its_file_is_edited() {
+async fn a_run_waiting_for_approval_finishes_on_the_version_it_started_on_after_its_file_is_edited() {
     let chat = WebhookReceiver::start().await;
     let mut env = TestEnv::new(vec![]).await;
     let pool = env.db.pool.clone();
-    // The file as first deployed: a run of it starts and sleeps between its steps.
+    // The file as first deployed: a run of it starts and waits for alice's approval.
     let (v1, conns) = load(&[("change.yaml", CHANGE_V1)], &chat);
     let (v1, engine) = release(&env, v1, conns.clone()).await;
     assert_eq!(v1[0].version(), 1);
     let old = engine.start(StartRun::new("ops.change", json!({}))).await.unwrap();
     env.start_worker_on(engine.clone(), fast_worker("v1"));
     dayshift_tests::wait_for(&engine, old.id, Duration::from_secs(30), |r| {
-        r.steps.iter().any(|s| s.name == "pause")
+        r.status == RunStatus::Waiting && r.steps.iter().any(|s| s.name == "request-approval")
     })
     .await;
     env.stop_workers().await;
 
-    // The file is edited (the sleep removed) and every process restarted with the new text.
+    // The file is edited (the approval removed) and every process restarted with the new text.
     let (v2, _) = load(&[("change.yaml", CHANGE_V2)], &chat);
     let (v2, engine) = release(&env, v2, conns.clone()).await;
     assert_eq!(v2[0].version(), 2);
@@ -328,13 +328,16 @@ async fn a_run_finishes_on_the_version_it_started_on_after_its_file_is_edited() 
 
     env.start_worker_on(engine.clone(), fast_worker("v2"));
     let new = engine.start(StartRun::new("ops.change", json!({}))).await.unwrap();
+    // The new version has no gate, but the run in flight still waits at its own.
+    let alice = dayshift_engine::identity::Caller::token("alice", Role::Operator);
+    engine.decide(old.id, &alice, true, None).await.unwrap();
     let old = env.wait(old.id, Duration::from_secs(30)).await;
     let new = env.wait(new.id, Duration::from_secs(30)).await;
     // The run in flight finished on its own steps, none run twice; the new one on the new ones.
     assert_eq!(old.status, RunStatus::Succeeded, "{old:#?}");
     assert_eq!((old.workflow_version, old.output.clone()), (1, Some(json!("v1 last"))));
     let steps: Vec<&str> = old.steps.iter().map(|s| s.name.as_str()).collect();
-    assert_eq!(steps, ["first", "pause", "last"]);
+    assert_eq!(steps, ["first", "request-approval", "approval", "decision:1", "last"]);
     assert!(old.steps.iter().all(|s| s.attempts == 1), "{:#?}", old.steps);
     assert_eq!(new.status, RunStatus::Succeeded, "{new:#?}");
     assert_eq!((new.workflow_version, new.output.clone()), (2, Some(json!("v2 last"))));
@@ -404,4 +407,255 @@ fn every_shipped_example_workflow_compiles() {
     let defs = declarative::load(&[dir], std::path::Path::new("/"), &names, &dayshift_workflows::BUILT_IN)
         .unwrap_or_else(|problems| panic!("{}", problems.join("\n")));
     assert!(defs.iter().any(|d| d.name() == "notice.maintenance"), "{defs:?}");
+}
+
+/// Every kind of step but an action alone: a fan-out, a child run of another file, a wait for a
+/// signal and an approval gate.
+const PARENT: &str = r#"
+name: ops.parent
+input:
+  hosts: { type: list }
+steps:
+  - id: each
+    for_each: ${{ input.hosts }}
+    max-in-flight: 2
+    action: log
+    with: { message: "drained ${{ item }}" }
+  - id: child
+    workflow: ops.child
+    with: { count: "${{ steps.each.size() }}" }
+  - id: go
+    wait: go
+    timeout: 1m
+  - id: approve
+    approval: { approvers: ["token:alice"], timeout: 1h }
+output:
+  drained: ${{ steps.each.map(m, m.message) }}
+  child: ${{ steps.child }}
+  go: ${{ steps.go }}
+  by: ${{ steps.approve.approved_by }}
+"#;
+const CHILD: &str = r#"
+name: ops.child
+input:
+  count: { type: integer }
+steps:
+  - { id: say, action: log, with: { message: "${{ input.count }} hosts drained" } }
+output: ${{ steps.say.message }}
+"#;
+
+#[tokio::test]
+async fn a_workflow_file_fans_out_starts_a_child_run_and_waits_for_a_signal_and_an_approval() {
+    let chat = WebhookReceiver::start().await;
+    let (defs, conns) = load(&[("parent.yaml", PARENT), ("child.yaml", CHILD)], &chat);
+    let mut env = TestEnv::new(registered(&defs, &conns)).await;
+    env.start_worker(fast_worker("parent"));
+    let run = env
+        .engine
+        .start(StartRun::new("ops.parent", json!({ "hosts": ["a", "b", "c"] })))
+        .await
+        .unwrap();
+    let limit = Duration::from_secs(30);
+    dayshift_tests::wait_for(&env.engine, run.id, limit, |r| r.steps.iter().any(|s| s.name == "go")).await;
+    env.engine
+        .signal(run.id, "go", json!({ "ticket": "OPS-7" }), "token:bob")
+        .await
+        .unwrap();
+    dayshift_tests::wait_for(&env.engine, run.id, limit, |r| {
+        r.steps.iter().any(|s| s.name == "request-approval")
+    })
+    .await;
+    // Who started the run may not approve it; the gate's approver may.
+    let alice = dayshift_engine::identity::Caller::token("alice", Role::Operator);
+    env.engine.decide(run.id, &alice, true, None).await.unwrap();
+    let done = env.wait(run.id, limit).await;
+    assert_succeeded(&done);
+    assert_eq!(
+        done.output,
+        Some(json!({
+            "drained": ["drained a", "drained b", "drained c"],
+            "child": "3 hosts drained",
+            "go": { "received": true, "payload": { "ticket": "OPS-7" } },
+            "by": ["token:alice"],
+        }))
+    );
+    let steps: Vec<&str> = done.steps.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(
+        steps,
+        [
+            "each[0]",
+            "each[1]",
+            "each[2]",
+            "child",
+            "go",
+            "request-approval",
+            "approval",
+            "decision:1"
+        ]
+    );
+    // The child is a run of its own, started by this one.
+    let children: i64 = sqlx::query_scalar("select count(*) from runs where workflow = 'ops.child'")
+        .fetch_one(&env.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(children, 1);
+    env.stop_workers().await;
+}
+
+#[tokio::test]
+async fn a_wait_that_times_out_says_so_and_the_run_goes_on() {
+    let chat = WebhookReceiver::start().await;
+    let text = "name: ops.timeout\nsteps:\n  - { id: go, wait: go, timeout: 200ms }\n  - { id: after, action: log, with: { message: \"received: ${{ steps.go.received }}\" } }\noutput: ${{ steps.after.message }}\n";
+    let (defs, conns) = load(&[("t.yaml", text)], &chat);
+    let mut env = TestEnv::new(registered(&defs, &conns)).await;
+    env.start_worker(fast_worker("timeout"));
+    let run = env.engine.start(StartRun::new("ops.timeout", json!({}))).await.unwrap();
+    let done = env.wait(run.id, Duration::from_secs(30)).await;
+    assert_succeeded(&done);
+    assert_eq!(done.output, Some(json!("received: false")));
+    // A signal the engine owns cannot be waited for by a file.
+    let bad = "name: ops.bad\nsteps:\n  - { id: go, wait: approval, timeout: 1s }\n";
+    let problems = Definition::compile("bad.yaml", bad, &BTreeMap::new()).unwrap_err();
+    assert!(problems[0].starts_with("bad.yaml:3:21: steps[0].wait:"), "{problems:?}");
+    env.stop_workers().await;
+}
+
+/// The registry `serve` builds: the built-in workflows and `defs`.
+fn registry_with(defs: &[Arc<Definition>]) -> dayshift_engine::Registry {
+    let pool = sqlx::PgPool::connect_lazy("postgres://localhost/unused").unwrap();
+    let mut registry = dayshift_engine::Registry::default();
+    for w in dayshift_workflows::all(pool) {
+        registry.register(w);
+    }
+    let conns = Arc::new(Connections::default());
+    for w in registered(defs, &conns) {
+        registry.register(w);
+    }
+    registry
+}
+
+#[tokio::test]
+async fn a_child_run_takes_a_guarded_input_only_from_the_file_or_from_a_guarded_input() {
+    // restore.postgres guards `target` (the database overwritten): an API caller's free text may not
+    // choose it through a workflow file, a connection input (under the policy) or the file may.
+    let text = r#"
+name: ops.dump
+input:
+  store: { type: connection, connection: notify }
+  where: { type: string, default: x }
+steps:
+  - id: from_caller
+    workflow: restore.postgres
+    with: { store: backups, target: "${{ input.where }}" }
+  - id: built
+    workflow: restore.postgres
+    with: { store: backups, target: "s3-${{ input.store }}" }
+  - id: passed_on
+    workflow: restore.postgres
+    with: { store: backups, target: "${{ input.store }}" }
+  - id: written
+    workflow: restore.postgres
+    with: { store: backups, target: seaweed }
+  - id: unknown
+    workflow: backup.mysql
+  - id: again
+    workflow: ops.dump
+"#;
+    let chat = WebhookReceiver::start().await;
+    let (defs, _) = load(&[("dump.yaml", text)], &chat);
+    let problems = declarative::check_children(&defs, &registry_with(&defs));
+    let path = defs[0].path().to_string();
+    let expect = [
+        ("9:37: steps[0].with.target", "restore.postgres guards `target`"),
+        ("12:37: steps[1].with.target", "restore.postgres guards `target`"),
+        ("20:15: steps[4].workflow", "no workflow \"backup.mysql\""),
+        ("22:15: steps[5].workflow", "ops.dump starts ops.dump again"),
+    ];
+    assert_eq!(problems.len(), expect.len(), "{problems:#?}");
+    for (at, what) in expect {
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with(&format!("{path}:{at}")) && p.contains(what)),
+            "no {at}: {what} in {problems:#?}"
+        );
+    }
+}
+
+/// 500 notices, 50 at a time, each one a branch of one step.
+const FAN_OUT: &str = r#"
+name: ops.fan-out
+input:
+  items: { type: list }
+steps:
+  - id: fan
+    for_each: ${{ input.items }}
+    max-in-flight: 50
+    action: notify
+    with: { connection: ops, text: "branch ${{ item }}" }
+output: ${{ steps.fan.size() }}
+"#;
+
+#[tokio::test]
+async fn a_for_each_of_500_branches_survives_a_worker_kill_and_runs_no_journaled_branch_again() {
+    let chat = WebhookReceiver::start().await;
+    let dir = std::env::temp_dir().join(format!("dayshift-workflows-{}", unique()));
+    std::fs::create_dir_all(dir.join("wf")).unwrap();
+    std::fs::write(dir.join("wf/fan.yaml"), FAN_OUT).unwrap();
+    std::fs::write(dir.join("chat-url"), &chat.url).unwrap();
+    let env = dayshift_tests::BinEnv::start_with(&format!(
+        "workflows:\n  dirs: [{}]\nconnections:\n  notify:\n    ops: {{ url: {{ file: {} }} }}\n",
+        dir.join("wf").display(),
+        dir.join("chat-url").display()
+    ))
+    .await;
+    let limit = Duration::from_secs(120);
+    // The worker freezes when branch 250 is journaled and is SIGKILLed there.
+    let mut first = env
+        .spawn_with_env(&["worker"], "worker ", &[("DAYSHIFT_TEST_STOP_AFTER_STEP", "fan[250]")])
+        .await;
+    let items: Vec<usize> = (0..500).collect();
+    let id = env.start_run("ops.fan-out", json!({ "items": items })).await;
+    first.wait_stopped(limit).await;
+    first.kill9().await;
+    let succeeded = |r: &Value| -> Vec<String> {
+        r["steps"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|s| s["status"] == "succeeded")
+            .map(|s| s["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let (_, at_kill) = env.get(&format!("/api/v1/runs/{id}")).await;
+    let done_before = succeeded(&at_kill);
+    assert!(
+        done_before.contains(&"fan[250]".to_string()) && done_before.len() < 500,
+        "{} journaled at the kill",
+        done_before.len()
+    );
+
+    let mut second = env.start_worker().await;
+    let run = env.wait_finished(&id, limit).await;
+    second.kill9().await;
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    assert_eq!(run["output"], json!(500));
+    let steps = run["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 500);
+    for (i, s) in steps.iter().enumerate() {
+        assert_eq!(s["name"], json!(format!("fan[{i}]")), "{s:#}");
+    }
+    let mut posted: BTreeMap<String, usize> = BTreeMap::new();
+    for n in chat.received() {
+        *posted.entry(n["text"].as_str().unwrap().to_string()).or_default() += 1;
+    }
+    assert_eq!(posted.len(), 500, "every branch posted its notice");
+    // A branch journaled before the kill never ran again; one in flight at the kill (at most
+    // the 50 the limit allows) ran again once: a step's effect is at least once until journaled.
+    for name in &done_before {
+        let i = &name["fan[".len()..name.len() - 1];
+        assert_eq!(posted[&format!("branch {i}")], 1, "{name} ran again after the kill");
+    }
+    let again: Vec<_> = posted.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(again.len() <= 50 && again.iter().all(|(_, n)| **n == 2), "{again:?}");
 }

@@ -404,8 +404,11 @@ impl Config {
         if let Err(ConfigError::Invalid(e)) = self.connections() {
             problems.push(format!("{path}: {e}"));
         }
-        if let Err(ConfigError::Invalid(e)) = self.catalogs() {
-            problems.push(format!("{path}: {e}"));
+        match self.catalogs() {
+            Err(ConfigError::Invalid(e)) => problems.push(format!("{path}: {e}")),
+            // Each names its workflow file.
+            Ok(c) => problems.extend(dayshift_workflows::declarative::check_children(&c.workflows, registry)),
+            Err(_) => {}
         }
         if let Err(ConfigError::Invalid(e)) = self.webhooks() {
             problems.push(format!("{path}: {e}"));

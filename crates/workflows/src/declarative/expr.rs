@@ -16,6 +16,8 @@ use serde_json::{Map, Value};
 pub(crate) struct Scope<'a> {
     pub input: &'a Value,
     pub steps: &'a Map<String, Value>,
+    /// In a `for_each` step's parameters: the branch's item.
+    pub item: Option<&'a Value>,
 }
 
 /// A name an expression reads, for the checks.
@@ -55,6 +57,11 @@ impl Expr {
         }
     }
 
+    /// Its text.
+    pub(crate) fn source(&self) -> &str {
+        &self.source
+    }
+
     /// The variables it reads (a comprehension's own variables left out).
     pub(crate) fn reads(&self) -> Vec<Read> {
         let mut out = Vec::new();
@@ -68,6 +75,9 @@ impl Expr {
         context.add_variable_from_value("input", to_cel(scope.input));
         let steps: HashMap<String, cel::Value> = scope.steps.iter().map(|(k, v)| (k.clone(), to_cel(v))).collect();
         context.add_variable_from_value("steps", steps);
+        if let Some(item) = scope.item {
+            context.add_variable_from_value("item", to_cel(item));
+        }
         let value = self
             .program
             .execute(&context)
@@ -277,6 +287,45 @@ impl Template {
     }
 }
 
+/// The parts of `t` that give the value at `path` (dotted, `field[]` for each element of a list),
+/// each with its key below `t` (`.secrets[0].namespace`): the templates there, or the first one
+/// above it that is an expression (which computes everything below). A plain value gives none:
+/// what is written in the file is not a caller's.
+pub(crate) fn at_path<'t>(t: &'t Template, path: &[&str], below: &str) -> Vec<(String, &'t Template)> {
+    let Some((first, rest)) = path.split_first() else {
+        return match t {
+            Template::Plain(_) => Vec::new(),
+            other => vec![(below.to_string(), other)],
+        };
+    };
+    let (field, each) = match first.strip_suffix("[]") {
+        Some(f) => (f, true),
+        None => (*first, false),
+    };
+    match t {
+        Template::Plain(_) => Vec::new(),
+        Template::Object(fields) => match fields.iter().find(|(k, _)| k == field) {
+            None => Vec::new(),
+            Some((_, v)) => {
+                let below = format!("{below}.{field}");
+                if !each {
+                    return at_path(v, rest, &below);
+                }
+                match v {
+                    Template::List(items) => items
+                        .iter()
+                        .enumerate()
+                        .flat_map(|(i, item)| at_path(item, rest, &format!("{below}[{i}]")))
+                        .collect(),
+                    Template::Plain(_) => Vec::new(),
+                    other => vec![(below, other)],
+                }
+            }
+        },
+        other => vec![(below.to_string(), other)],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -287,6 +336,7 @@ mod tests {
         t.eval(&Scope {
             input: &input,
             steps: &steps,
+            item: None,
         })
     }
 

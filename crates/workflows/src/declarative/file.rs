@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use dayshift_engine::RetryPolicy;
+use dayshift_engine::approval::ApprovalGate;
 use serde::Deserialize;
 use serde_json::Value;
 use serde_saphyr::Spanned;
@@ -13,7 +14,7 @@ use sha2::{Digest, Sha256};
 
 use super::actions::Action;
 use super::expr::{Expr, Read, Template};
-use super::model::{Definition, InputField, InputType, Step, StepKind};
+use super::model::{Definition, ForEach, InputField, InputType, Step, StepKind};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -54,8 +55,20 @@ struct StepSpec {
     action: Option<Spanned<String>>,
     #[serde(default)]
     with: BTreeMap<String, Spanned<Value>>,
+    /// A child run of this workflow, `with:` its input.
+    #[serde(default)]
+    workflow: Option<Spanned<String>>,
+    #[serde(default)]
+    approval: Option<Spanned<ApprovalGate>>,
+    /// A signal to wait for, at most `timeout`.
+    #[serde(default)]
+    wait: Option<Spanned<String>>,
     #[serde(default, with = "humantime_serde")]
     sleep: Option<Duration>,
+    #[serde(default, rename = "for_each", alias = "for-each")]
+    for_each: Option<Spanned<Value>>,
+    #[serde(default)]
+    max_in_flight: Option<usize>,
     #[serde(default)]
     when: Option<Spanned<String>>,
     #[serde(default)]
@@ -90,6 +103,17 @@ fn two() -> f64 {
 /// The connection kinds a `type: connection` input may name.
 pub(crate) const CONNECTION_KINDS: [&str; 6] = ["postgres", "s3", "notify", "vault", "kubernetes", "git"];
 
+/// What an expression may read where it is written.
+#[derive(Clone, Copy)]
+struct Visible<'a> {
+    inputs: &'a BTreeSet<&'a str>,
+    /// The steps whose output it may read; `unseen` says why another is not one of them.
+    steps: &'a BTreeSet<&'a str>,
+    unseen: &'a str,
+    /// Whether `item` exists (the parameters of a `for_each` step).
+    item: bool,
+}
+
 /// Problems found in one file, each `path:line:column: key: what is wrong`.
 struct Problems<'a> {
     path: &'a str,
@@ -99,22 +123,23 @@ struct Problems<'a> {
 impl Problems<'_> {
     /// Checks what `e` reads: declared inputs, the `steps` it may see (`unseen` says why another
     /// is not one of them), and no other name.
-    fn reads(
-        &mut self,
-        e: &Expr,
-        at: &serde_saphyr::Location,
-        key: &str,
-        inputs: &BTreeSet<&str>,
-        steps: &BTreeSet<&str>,
-        unseen: &str,
-    ) {
+    fn reads(&mut self, e: &Expr, at: &serde_saphyr::Location, key: &str, seen: &Visible<'_>) {
+        let Visible {
+            inputs,
+            steps,
+            unseen,
+            item,
+        } = *seen;
         for read in e.reads() {
             match read {
                 Read::Input(f) if !inputs.contains(f.as_str()) => {
                     self.at(at, key, format!("input.{f} is not declared under `input:`"))
                 }
                 Read::Step(s) if !steps.contains(s.as_str()) => self.at(at, key, format!("steps.{s} {unseen}")),
-                Read::Other(v) if v != "input" && v != "steps" => self.at(
+                Read::Other(v) if v == "item" && !item => {
+                    self.at(at, key, "`item` is known only in the parameters of a `for_each` step")
+                }
+                Read::Other(v) if v != "input" && v != "steps" && v != "item" => self.at(
                     at,
                     key,
                     format!("`{v}` is not known here (an expression reads `input` and `steps`)"),
@@ -232,8 +257,15 @@ pub(crate) fn compile(
             );
         }
         let earlier: BTreeSet<&str> = steps.iter().map(|s: &Step| s.id.as_str()).collect();
-        let check_reads = |p: &mut Problems<'_>, e: &Expr, at: &serde_saphyr::Location, key: &str| {
-            p.reads(e, at, key, &declared, &earlier, "is not a step before this one")
+        let each = s.for_each.is_some();
+        let check_reads = |p: &mut Problems<'_>, e: &Expr, at: &serde_saphyr::Location, key: &str, item: bool| {
+            let seen = Visible {
+                inputs: &declared,
+                steps: &earlier,
+                unseen: "is not a step before this one",
+                item,
+            };
+            p.reads(e, at, key, &seen)
         };
         let when = match &s.when {
             None => None,
@@ -245,7 +277,7 @@ pub(crate) fn compile(
                     .unwrap_or(source);
                 match Expr::compile(source) {
                     Ok(e) => {
-                        check_reads(&mut p, &e, &w.referenced, &format!("{key}.when"));
+                        check_reads(&mut p, &e, &w.referenced, &format!("{key}.when"), false);
                         Some(e)
                     }
                     Err(e) => {
@@ -255,23 +287,18 @@ pub(crate) fn compile(
                 }
             }
         };
-        let kind = match (&s.action, s.sleep) {
-            (Some(a), None) => match Action::parse(&a.value) {
-                None => {
-                    let known: Vec<&str> = Action::ALL.iter().map(|a| a.name()).collect();
-                    p.at(
-                        &a.referenced,
-                        &format!("{key}.action"),
-                        format!("no action {:?} (the catalog: {})", a.value, known.join(", ")),
-                    );
-                    None
-                }
-                Some(action) => {
-                    let mut with = Vec::new();
-                    for (param, v) in &s.with {
-                        let pkey = format!("{key}.with.{param}");
-                        let Some(def) = action.params().iter().find(|d| d.name == param) else {
-                            let known: Vec<&str> = action.params().iter().map(|d| d.name).collect();
+        // The values of `with:`, compiled; `params` names what they may be (an action's), or
+        // `None` for a child workflow's input, checked by the child when the run starts it.
+        let compile_with = |p: &mut Problems<'_>, params: Option<(Action, &[super::actions::Param])>| {
+            let mut with = Vec::new();
+            for (param, v) in &s.with {
+                let pkey = format!("{key}.with.{param}");
+                let def = match params {
+                    None => None,
+                    Some((action, defs)) => match defs.iter().find(|d| d.name == param) {
+                        Some(d) => Some(d),
+                        None => {
+                            let known: Vec<&str> = defs.iter().map(|d| d.name).collect();
                             p.at(
                                 &v.referenced,
                                 &pkey,
@@ -282,51 +309,228 @@ pub(crate) fn compile(
                                 ),
                             );
                             continue;
-                        };
-                        match Template::compile(&v.value) {
-                            Err((below, e)) => p.at(&v.referenced, &format!("{pkey}{below}"), e),
-                            Ok(t) => {
-                                if let Template::Plain(value) = &t
-                                    && def.kind == "string"
-                                    && !value.is_string()
-                                {
-                                    p.at(&v.referenced, &pkey, format!("must be a string, not {value}"));
-                                }
-                                for e in t.exprs() {
-                                    check_reads(&mut p, e, &v.referenced, &pkey);
-                                }
-                                with.push((param.clone(), t));
+                        }
+                    },
+                };
+                match Template::compile(&v.value) {
+                    Err((below, e)) => p.at(&v.referenced, &format!("{pkey}{below}"), e),
+                    Ok(t) => {
+                        if let (Template::Plain(value), Some(def)) = (&t, def)
+                            && def.kind == "string"
+                            && !value.is_string()
+                        {
+                            p.at(&v.referenced, &pkey, format!("must be a string, not {value}"));
+                        }
+                        for e in t.exprs() {
+                            check_reads(p, e, &v.referenced, &pkey, each);
+                        }
+                        with.push((param.clone(), t));
+                    }
+                }
+            }
+            Template::Object(with)
+        };
+        let chosen: Vec<&str> = [
+            ("action", s.action.is_some()),
+            ("workflow", s.workflow.is_some()),
+            ("approval", s.approval.is_some()),
+            ("wait", s.wait.is_some()),
+            ("sleep", s.sleep.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(k, set)| set.then_some(k))
+        .collect();
+        const KINDS: &str = "`action`, `workflow`, `approval`, `wait` or `sleep`";
+        if chosen.len() > 1 {
+            p.at(
+                loc,
+                &key,
+                format!("a step is one of {KINDS}, not {}", chosen.join(" and ")),
+            );
+        }
+        let no_with = |p: &mut Problems<'_>, what: &str| {
+            if !s.with.is_empty() {
+                p.at(
+                    loc,
+                    &format!("{key}.with"),
+                    format!("`with:` is for an action's parameters or a workflow's input, not a {what} step"),
+                );
+            }
+        };
+        let kind = match chosen.first().copied() {
+            _ if chosen.len() > 1 => None,
+            None => {
+                p.at(loc, &key, format!("a step needs one of {KINDS}"));
+                None
+            }
+            Some("action") => {
+                let a = s.action.as_ref().expect("chosen");
+                match Action::parse(&a.value) {
+                    None => {
+                        let known: Vec<&str> = Action::ALL.iter().map(|a| a.name()).collect();
+                        p.at(
+                            &a.referenced,
+                            &format!("{key}.action"),
+                            format!("no action {:?} (the catalog: {})", a.value, known.join(", ")),
+                        );
+                        None
+                    }
+                    Some(action) => {
+                        let with = compile_with(&mut p, Some((action, action.params())));
+                        for def in action.params().iter().filter(|d| d.required) {
+                            if !s.with.contains_key(def.name) {
+                                p.at(
+                                    &a.referenced,
+                                    &format!("{key}.with"),
+                                    format!("action {} needs the parameter {:?}", action.name(), def.name),
+                                );
                             }
                         }
+                        Some(StepKind::Action { action, with })
                     }
-                    for def in action.params().iter().filter(|d| d.required) {
-                        if !s.with.contains_key(def.name) {
-                            p.at(
-                                &a.referenced,
-                                &format!("{key}.with"),
-                                format!("action {} needs the parameter {:?}", action.name(), def.name),
-                            );
+                }
+            }
+            Some("workflow") => {
+                let w = s.workflow.as_ref().expect("chosen");
+                let with = compile_with(&mut p, None);
+                Some(StepKind::Workflow {
+                    workflow: w.value.clone(),
+                    with,
+                    at: format!("{path}:{}:{}: {key}", w.referenced.line(), w.referenced.column()),
+                    with_at: s
+                        .with
+                        .iter()
+                        .map(|(k, v)| {
+                            let at = format!("{path}:{}:{}", v.referenced.line(), v.referenced.column());
+                            (k.clone(), at)
+                        })
+                        .collect(),
+                })
+            }
+            Some("approval") => {
+                let gate = &s.approval.as_ref().expect("chosen");
+                no_with(&mut p, "approval");
+                if let Err(e) = gate.value.check() {
+                    p.at(&gate.referenced, &format!("{key}.approval"), e);
+                }
+                Some(StepKind::Approval(gate.value.clone()))
+            }
+            Some("wait") => {
+                let signal = s.wait.as_ref().expect("chosen");
+                no_with(&mut p, "wait");
+                let name = &signal.value;
+                let valid = !name.is_empty()
+                    && name.len() <= 100
+                    && name
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+                if !valid {
+                    p.at(
+                        &signal.referenced,
+                        &format!("{key}.wait"),
+                        format!("{name:?} is not a signal name (letters, digits, `.`, `-`, `_`)"),
+                    );
+                } else if dayshift_engine::approval::is_reserved_signal(name) {
+                    p.at(
+                        &signal.referenced,
+                        &format!("{key}.wait"),
+                        format!("{name:?} is a signal only the engine sends (approvals, resolved alerts)"),
+                    );
+                }
+                match s.timeout {
+                    Some(timeout) => Some(StepKind::Wait {
+                        signal: name.clone(),
+                        timeout,
+                    }),
+                    None => {
+                        p.at(
+                            &signal.referenced,
+                            &format!("{key}.timeout"),
+                            "a `wait` step needs `timeout:`, how long to wait for the signal",
+                        );
+                        None
+                    }
+                }
+            }
+            Some(_) => {
+                no_with(&mut p, "sleep");
+                s.sleep.map(StepKind::Sleep)
+            }
+        };
+        let is_action = matches!(kind, Some(StepKind::Action { .. }));
+        if !is_action && kind.is_some() {
+            if s.retry.is_some() {
+                p.at(loc, &format!("{key}.retry"), "`retry` is for action steps");
+            }
+            if s.timeout.is_some() && !matches!(kind, Some(StepKind::Wait { .. })) {
+                p.at(
+                    loc,
+                    &format!("{key}.timeout"),
+                    "`timeout` is for action and wait steps (an approval has its own)",
+                );
+            }
+        }
+        let for_each = match &s.for_each {
+            None => {
+                if s.max_in_flight.is_some() {
+                    p.at(loc, &format!("{key}.max-in-flight"), "is for a `for_each` step");
+                }
+                None
+            }
+            Some(_) if !is_action => {
+                if kind.is_some() {
+                    p.at(loc, &format!("{key}.for_each"), "`for_each` is for action steps");
+                }
+                None
+            }
+            Some(items) => {
+                let fkey = format!("{key}.for_each");
+                let max_in_flight = s.max_in_flight.unwrap_or(10);
+                if !(1..=1000).contains(&max_in_flight) {
+                    p.at(loc, &format!("{key}.max-in-flight"), "must be 1 to 1000");
+                }
+                match Template::compile(&items.value) {
+                    Err((below, e)) => {
+                        p.at(&items.referenced, &format!("{fkey}{below}"), e);
+                        None
+                    }
+                    Ok(t) => {
+                        for e in t.exprs() {
+                            check_reads(&mut p, e, &items.referenced, &fkey, false);
                         }
+                        match &t {
+                            Template::Plain(Value::Array(_)) | Template::List(_) => {}
+                            Template::Whole(e) => {
+                                // `input.x` of a declared type that is not a list.
+                                let field = e.source().strip_prefix("input.").and_then(|f| {
+                                    spec.input.get(f).filter(|f| f.value.kind != InputType::List).map(|_| f)
+                                });
+                                if let Some(f) = field {
+                                    p.at(
+                                        &items.referenced,
+                                        &fkey,
+                                        format!("input.{f} is not a list (its type is not `list`)"),
+                                    );
+                                }
+                            }
+                            other => p.at(
+                                &items.referenced,
+                                &fkey,
+                                format!(
+                                    "must be a list or `${{{{ expression }}}}` giving one, not {}",
+                                    match other {
+                                        Template::Plain(v) => v.to_string(),
+                                        _ => "text".into(),
+                                    }
+                                ),
+                            ),
+                        }
+                        Some(ForEach {
+                            items: t,
+                            max_in_flight: max_in_flight.clamp(1, 1000),
+                        })
                     }
-                    Some(StepKind::Action {
-                        action,
-                        with: Template::Object(with),
-                    })
                 }
-            },
-            (None, Some(d)) => {
-                if !s.with.is_empty() {
-                    p.at(loc, &format!("{key}.with"), "`with:` is for an action's parameters");
-                }
-                Some(StepKind::Sleep(d))
-            }
-            (Some(_), Some(_)) => {
-                p.at(loc, &key, "a step is one of `action` or `sleep`, not both");
-                None
-            }
-            (None, None) => {
-                p.at(loc, &key, "a step needs one of `action` or `sleep`");
-                None
             }
         };
         let retry = match &s.retry {
@@ -355,6 +559,7 @@ pub(crate) fn compile(
                 when,
                 retry,
                 timeout: s.timeout,
+                for_each,
             });
         }
     }
@@ -372,14 +577,13 @@ pub(crate) fn compile(
             }
             Ok(t) => {
                 for e in t.exprs() {
-                    p.reads(
-                        e,
-                        &o.referenced,
-                        "output",
-                        &declared,
-                        &all_steps,
-                        "is not a step of this workflow",
-                    );
+                    let seen = Visible {
+                        inputs: &declared,
+                        steps: &all_steps,
+                        unseen: "is not a step of this workflow",
+                        item: false,
+                    };
+                    p.reads(e, &o.referenced, "output", &seen);
                 }
                 Some(t)
             }
@@ -498,11 +702,86 @@ output:
         has(&p, "19:11: steps[3].when", "`input.app ==` does not compile (column");
         has(&p, "21:22: steps[3].with.message", "must be a string, not 42");
         has(&p, "22:9: steps[4].id", "the id of an earlier step");
-        has(&p, "22:5: steps[4]", "one of `action` or `sleep`, not both");
+        has(&p, "22:5: steps[4]", "`wait` or `sleep`, not action and sleep");
         has(&p, "25:9: steps[5].id", "\"get-app\" is not an id");
-        has(&p, "25:5: steps[5].with", "`with:` is for an action's parameters");
-        has(&p, "28:5: steps[6]", "needs one of `action` or `sleep`");
+        has(&p, "25:5: steps[5].with", "not a sleep step");
+        has(&p, "28:5: steps[6]", "needs one of `action`, `workflow`");
         has(&p, "30:3: output", "`later` is not known here");
+    }
+
+    #[test]
+    fn each_kind_of_step_is_checked_with_its_line_column_and_key() {
+        let p = problems(
+            r#"name: ops.kinds
+input:
+  app: { type: string }
+  hosts: { type: list }
+steps:
+  - id: each
+    for_each: ${{ input.app }}
+    action: log
+    with: { message: "${{ item }}" }
+  - id: plain
+    for_each: seven
+    max-in-flight: 0
+    action: log
+    with: { message: x }
+  - id: outside
+    action: log
+    max-in-flight: 3
+    with: { message: "${{ item }}" }
+  - id: gate
+    approval: { approvers: [], timeout: 1h }
+    retry: { attempts: 2 }
+  - id: bad_approver
+    approval: { approvers: ["token:a", "token:b"], required: 3 }
+  - id: wait_forever
+    wait: go
+  - id: engine_signal
+    wait: resolved
+    timeout: 1m
+    with: { x: 1 }
+  - id: nap
+    sleep: 1s
+    timeout: 1s
+    for_each: ${{ input.hosts }}
+  - id: child
+    workflow: ops.other
+    with: { app: "${{ steps.later.x }}" }
+"#,
+        );
+        has(&p, "7:15: steps[0].for_each", "input.app is not a list");
+        has(
+            &p,
+            "11:15: steps[1].for_each",
+            "must be a list or `${{ expression }}` giving one, not \"seven\"",
+        );
+        has(&p, "10:5: steps[1].max-in-flight", "must be 1 to 1000");
+        has(&p, "15:5: steps[2].max-in-flight", "is for a `for_each` step");
+        has(
+            &p,
+            "18:22: steps[2].with.message",
+            "`item` is known only in the parameters of a `for_each` step",
+        );
+        has(&p, "20:15: steps[3].approval", "must name at least one approver");
+        has(&p, "19:5: steps[3].retry", "`retry` is for action steps");
+        has(&p, "23:15: steps[4].approval", "requires 3 approvals but names only 2");
+        has(&p, "25:11: steps[5].timeout", "a `wait` step needs `timeout:`");
+        has(&p, "27:11: steps[6].wait", "a signal only the engine sends");
+        has(&p, "26:5: steps[6].with", "not a wait step");
+        has(&p, "30:5: steps[7].timeout", "`timeout` is for action and wait steps");
+        has(&p, "30:5: steps[7].for_each", "`for_each` is for action steps");
+        has(
+            &p,
+            "36:18: steps[8].with.app",
+            "steps.later is not a step before this one",
+        );
+        // An approver that is not one stops the reading there, with its line and column.
+        let p = problems("name: ops.x\nsteps:\n  - { id: a, approval: { approvers: [alice] } }\n");
+        assert!(
+            p.len() == 1 && p[0].contains("line 3") && p[0].contains("approver 'alice' must say what it is"),
+            "{p:?}"
+        );
     }
 
     #[test]

@@ -141,6 +141,7 @@ impl Definition {
             let scope = Scope {
                 input: &input,
                 steps: &outputs,
+                item: None,
             };
             if let Some(when) = &step.when {
                 match when.eval(&scope).map_err(at)? {
@@ -153,19 +154,84 @@ impl Definition {
                 }
             }
             let output = match &step.kind {
-                StepKind::Action { action, with } => {
-                    let params = with.eval(&scope).map_err(at)?;
-                    let action = *action;
-                    let mut call = ctx
-                        .step(step.id.clone(), move |_s| async move {
-                            action.run(params, connections).await
-                        })
-                        .retry(step.retry.clone());
-                    if let Some(t) = step.timeout {
-                        call = call.timeout(t);
+                StepKind::Action { action, with } => match &step.for_each {
+                    None => {
+                        let params = with.eval(&scope).map_err(at)?;
+                        self.action(&ctx, step, step.id.clone(), *action, params, connections)
+                            .await?
                     }
-                    call.await?
+                    Some(each) => {
+                        let items = match each.items.eval(&scope).map_err(at)? {
+                            Value::Array(items) => items,
+                            other => return Err(at(format!("for_each must give a list, not {other}"))),
+                        };
+                        if items.len() > MAX_BRANCHES {
+                            return Err(at(format!(
+                                "for_each gave {} items; a step runs at most {MAX_BRANCHES} branches",
+                                items.len()
+                            )));
+                        }
+                        // Every branch's parameters first: one that cannot be evaluated fails the
+                        // step before any branch runs.
+                        let mut params = Vec::with_capacity(items.len());
+                        for (i, item) in items.iter().enumerate() {
+                            let scope = Scope {
+                                item: Some(item),
+                                ..scope
+                            };
+                            params.push(with.eval(&scope).map_err(|e| at(format!("item {i}: {e}")))?);
+                        }
+                        let branches = params
+                            .into_iter()
+                            .enumerate()
+                            .map(|(i, params)| {
+                                let action = *action;
+                                let mut call = ctx
+                                    .step(format!("{}[{i}]", step.id), move |_s| async move {
+                                        action.run(params, connections).await
+                                    })
+                                    .retry(step.retry.clone());
+                                if let Some(t) = step.timeout {
+                                    call = call.timeout(t);
+                                }
+                                call
+                            })
+                            .collect();
+                        let results = ctx.all(branches, each.max_in_flight).await;
+                        let mut out = Vec::with_capacity(results.len());
+                        let mut failed = Vec::new();
+                        for (i, r) in results.into_iter().enumerate() {
+                            match r {
+                                Ok(v) => out.push(v),
+                                Err(e) => failed.push(format!("[{i}]: {e}")),
+                            }
+                        }
+                        if !failed.is_empty() {
+                            let n = failed.len();
+                            failed.truncate(5);
+                            return Err(at(format!(
+                                "{n} of {} branches failed: {}{}",
+                                out.len() + n,
+                                failed.join("; "),
+                                if n > 5 { "; …" } else { "" }
+                            )));
+                        }
+                        Value::Array(out)
+                    }
+                },
+                StepKind::Workflow { workflow, with, .. } => {
+                    let child_input = with.eval(&scope).map_err(at)?;
+                    ctx.child_named::<Value>(&step.id, workflow, child_input).await?
                 }
+                StepKind::Approval(gate) => {
+                    let none = None::<fn() -> std::future::Ready<Result<(), dayshift_engine::StepError>>>;
+                    let by = ctx.approval(gate, None, none).await?;
+                    serde_json::json!({ "approved_by": by })
+                }
+                StepKind::Wait { signal, timeout } => match ctx.wait_signal(signal.clone(), *timeout).await? {
+                    Some(payload) => serde_json::json!({ "received": true, "payload": payload }),
+                    None => serde_json::json!({ "received": false, "payload": null }),
+                },
                 StepKind::Sleep(d) => {
                     ctx.sleep(step.id.clone(), *d).await?;
                     Value::Null
@@ -178,12 +244,35 @@ impl Definition {
                 .eval(&Scope {
                     input: &input,
                     steps: &outputs,
+                    item: None,
                 })
                 .map_err(|e| WorkflowError::failed(format!("{}: output: {e}", self.path))),
             None => Ok(Value::Object(outputs)),
         }
     }
+
+    /// Runs `action` with `params` as the step `name`, with `step`'s retry policy and timeout.
+    async fn action(
+        &self,
+        ctx: &Ctx,
+        step: &model::Step,
+        name: String,
+        action: actions::Action,
+        params: Value,
+        connections: &Connections,
+    ) -> Result<Value, WorkflowError> {
+        let mut call = ctx
+            .step(name, move |_s| async move { action.run(params, connections).await })
+            .retry(step.retry.clone());
+        if let Some(t) = step.timeout {
+            call = call.timeout(t);
+        }
+        Ok(call.await?)
+    }
 }
+
+/// The most branches a `for_each` step runs: each is a journal entry of the run.
+const MAX_BRANCHES: usize = 10_000;
 
 /// Reads every workflow file (`*.yaml`, `*.yml`) of `dirs`, a relative one read from `base`,
 /// in name order. `reserved` are the built-in workflows' names, which a file may not take.
@@ -235,6 +324,91 @@ pub fn load(
         }
     }
     if problems.is_empty() { Ok(out) } else { Err(problems) }
+}
+
+/// Checks the `workflow` steps of `defs` against every workflow `registry` has (the built-in
+/// ones and the files): the workflow exists, no file starts itself again through its children,
+/// and a guarded input of the child is given only what the config controls. That is a value
+/// written in the file, or `${{ input.x }}` where `x` is a guarded input of this workflow (so
+/// an API caller's value has passed this workflow's policy); anything else would let a caller
+/// steer a privileged field past the policy. Each problem is `path:line:column: key: what`.
+pub fn check_children(defs: &[Arc<Definition>], registry: &dayshift_engine::Registry) -> Vec<String> {
+    let known: BTreeSet<String> = registry.list().into_iter().map(|w| w.name).collect();
+    let mut problems = Vec::new();
+    for def in defs {
+        let guarded: BTreeSet<&str> = def
+            .input
+            .iter()
+            .filter(|f| f.kind == InputType::Connection)
+            .map(|f| f.name.as_str())
+            .collect();
+        for step in &def.steps {
+            let StepKind::Workflow {
+                workflow,
+                with,
+                at,
+                with_at,
+            } = &step.kind
+            else {
+                continue;
+            };
+            let (file_at, key) = at.rsplit_once(": ").unwrap_or((at.as_str(), ""));
+            let file_at = file_at.to_string();
+            if !known.contains(workflow) {
+                problems.push(format!(
+                    "{at}.workflow: no workflow {workflow:?} (neither built in nor a workflow file)"
+                ));
+                continue;
+            }
+            if starts_again(defs, workflow, &def.name, &mut BTreeSet::new()) {
+                problems.push(format!(
+                    "{at}.workflow: {workflow} starts {} again, which would start runs without end",
+                    def.name
+                ));
+            }
+            for guard in registry.guards(workflow) {
+                let path: Vec<&str> = guard.split('.').collect();
+                for (below, t) in expr::at_path(with, &path, "") {
+                    let passed_on = match t {
+                        expr::Template::Whole(e) => {
+                            e.source().strip_prefix("input.").is_some_and(|f| guarded.contains(f))
+                        }
+                        _ => false,
+                    };
+                    if !passed_on {
+                        problems.push(format!(
+                            "{}: {key}.with{below}: {workflow} guards `{guard}`, so it takes a value written in the file \
+                             or `${{{{ input.<name> }}}}` of a guarded input of {} (type: connection), not a value \
+                             computed from what a caller gives",
+                            with_at
+                                .iter()
+                                .find(|(k, _)| below[1..].split(['.', '[']).next() == Some(k.as_str()))
+                                .map_or(file_at.as_str(), |(_, at)| at.as_str()),
+                            def.name
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    problems
+}
+
+/// Whether the file workflow `name` (or one it starts) starts `target`.
+fn starts_again(defs: &[Arc<Definition>], name: &str, target: &str, seen: &mut BTreeSet<String>) -> bool {
+    if name == target {
+        return true;
+    }
+    if !seen.insert(name.to_string()) {
+        return false;
+    }
+    let Some(def) = defs.iter().find(|d| d.name == name) else {
+        return false;
+    };
+    def.steps.iter().any(|s| match &s.kind {
+        StepKind::Workflow { workflow, .. } => starts_again(defs, workflow, target, seen),
+        _ => false,
+    })
 }
 
 /// Keeps each definition's text in PostgreSQL, once per content, and numbers it: a name's first

@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use dayshift_engine::RetryPolicy;
+use dayshift_engine::approval::ApprovalGate;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
@@ -107,12 +108,41 @@ pub(super) struct Step {
     pub(super) when: Option<Expr>,
     pub(super) retry: RetryPolicy,
     pub(super) timeout: Option<Duration>,
+    /// Runs the step once per item of a list, at most `max_in_flight` at once.
+    pub(super) for_each: Option<ForEach>,
 }
 
 #[derive(Debug)]
 pub(super) enum StepKind {
-    Action { action: Action, with: Template },
+    /// An action of the catalog, with its parameters.
+    Action {
+        action: Action,
+        with: Template,
+    },
+    /// A child run of another workflow (built-in or a file), with its input.
+    Workflow {
+        workflow: String,
+        with: Template,
+        /// `path:line:column: steps[i]`, for the checks made once every workflow is known.
+        at: String,
+        /// Each key of `with:` and where its value is (`path:line:column`).
+        with_at: Vec<(String, String)>,
+    },
+    /// The engine's approval gate.
+    Approval(ApprovalGate),
+    /// A durable wait for a signal, at most `timeout`.
+    Wait {
+        signal: String,
+        timeout: Duration,
+    },
     Sleep(Duration),
+}
+
+/// What a `for_each` step goes over: each item is one branch, the step's output their list.
+#[derive(Debug)]
+pub(super) struct ForEach {
+    pub(super) items: Template,
+    pub(super) max_in_flight: usize,
 }
 
 impl Definition {
