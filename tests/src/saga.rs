@@ -38,6 +38,7 @@ pub struct Saga<I> {
     workflow: String,
     input: I,
     tolerated: Vec<String>,
+    finally: Vec<String>,
 }
 
 impl<I: Fn(usize) -> Value> Saga<I> {
@@ -50,7 +51,16 @@ impl<I: Fn(usize) -> Value> Saga<I> {
             workflow: workflow.to_string(),
             input,
             tolerated: Vec::new(),
+            finally: Vec::new(),
         }
+    }
+
+    /// The steps the workflow runs at its end however it ends (a workflow file's `finally`),
+    /// in order: every run, the one that succeeds and each failed one, must run exactly these,
+    /// once each, after all its undos.
+    pub fn finally<S: Into<String>>(mut self, steps: impl IntoIterator<Item = S>) -> Self {
+        self.finally = steps.into_iter().map(Into::into).collect();
+        self
     }
 
     /// Steps whose failure the workflow carries on past by design (a chat notice, a cleanup of
@@ -80,6 +90,7 @@ impl<I: Fn(usize) -> Value> Saga<I> {
         // The steps, in order, from a run that succeeds.
         let run = env.run_within(workflow, (self.input)(0), LIMIT).await;
         assert_succeeded(&run);
+        self.ran_its_finally(&run, "the run that succeeded");
         let steps: Vec<String> = run
             .steps
             .iter()
@@ -99,13 +110,14 @@ impl<I: Fn(usize) -> Value> Saga<I> {
             *target.lock().unwrap() = Some(failing.clone());
             let run = env.run_within(workflow, (self.input)(i + 1), LIMIT).await;
             *target.lock().unwrap() = None;
+            self.ran_its_finally(&run, &format!("the run failing at '{failing}'"));
             let undos: Vec<&str> = run
                 .steps
                 .iter()
                 .filter(|s| s.kind == StepKind::Undo)
-                .map(|s| {
+                .filter_map(|s| {
                     assert_eq!(s.status, StepStatus::Succeeded, "undo did not succeed: {s:#?}");
-                    s.name.strip_prefix("undo:").unwrap_or(&s.name)
+                    s.name.strip_prefix("undo:")
                 })
                 .collect();
 
@@ -137,5 +149,27 @@ impl<I: Fn(usize) -> Value> Saga<I> {
             }
         }
         env.stop_workers().await;
+    }
+
+    /// Checks that `run` ran the `finally` steps, each once, in order, after every undo.
+    fn ran_its_finally(&self, run: &dayshift_engine::RunView, which: &str) {
+        let ends: Vec<(usize, &str)> = run
+            .steps
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.kind == StepKind::Undo)
+            .map(|(i, s)| (i, s.name.as_str()))
+            .collect();
+        let finals: Vec<&str> = ends.iter().filter_map(|(_, n)| n.strip_prefix("finally:")).collect();
+        assert_eq!(finals, self.finally, "{which}: the finally steps that ran");
+        let first_final = ends.iter().find(|(_, n)| n.starts_with("finally:")).map(|(i, _)| *i);
+        let last_undo = ends
+            .iter()
+            .filter(|(_, n)| n.starts_with("undo:"))
+            .map(|(i, _)| *i)
+            .max();
+        if let (Some(f), Some(u)) = (first_final, last_undo) {
+            assert!(u < f, "{which}: an undo ran after a finally step: {ends:?}");
+        }
     }
 }

@@ -659,3 +659,104 @@ async fn a_for_each_of_500_branches_survives_a_worker_kill_and_runs_no_journaled
     let again: Vec<_> = posted.iter().filter(|(_, n)| **n > 1).collect();
     assert!(again.len() <= 50 && again.iter().all(|(_, n)| **n == 2), "{again:?}");
 }
+
+/// A drill: freezes deploys (released by `finally`, whatever happens), scales up (undone on
+/// failure), checks, records (undone on failure). Each change is a chat message, `+what` or
+/// `-what`, so what is left changed is what the messages add up to.
+const DRILL: &str = r#"
+name: ops.drill
+input:
+  tag: { type: string }
+steps:
+  - id: freeze
+    action: notify
+    with: { connection: ops, text: "+freeze ${{ input.tag }}" }
+  - id: scale
+    action: notify
+    with: { connection: ops, text: "+scale ${{ input.tag }}" }
+    undo:
+      action: notify
+      retry: { attempts: 3, delay: 100ms }
+      with: { connection: ops, text: "-scale ${{ input.tag }}" }
+  - id: check
+    action: log
+    with: { message: healthy }
+  - id: record
+    action: notify
+    with: { connection: ops, text: "+record ${{ input.tag }}" }
+    undo: { action: notify, with: { connection: ops, text: "-record ${{ input.tag }}" } }
+  - id: hold
+    wait: done
+    timeout: 100ms
+finally:
+  - id: thaw
+    when: steps.freeze != null
+    action: notify
+    with: { connection: ops, text: "-freeze ${{ input.tag }}" }
+  - id: report
+    when: steps.check != null
+    action: log
+    with: { message: "check said ${{ steps.check.message }}" }
+"#;
+
+/// What the chat messages of `chat` leave changed: each `+what` not taken back by a `-what`.
+fn left_changed(chat: &WebhookReceiver) -> BTreeMap<String, i32> {
+    let mut net: BTreeMap<String, i32> = BTreeMap::new();
+    for m in chat.received() {
+        let text = m["text"].as_str().unwrap_or_default();
+        let (sign, what) = text.split_at(1);
+        *net.entry(what.to_string()).or_default() += if sign == "+" { 1 } else { -1 };
+    }
+    net.retain(|_, n| *n != 0);
+    net
+}
+
+#[tokio::test]
+async fn a_failure_at_each_step_of_a_workflow_file_runs_the_undos_before_it_then_its_finally_steps() {
+    let chat = Arc::new(WebhookReceiver::start().await);
+    let (defs, conns) = load(&[("drill.yaml", DRILL)], &chat);
+    dayshift_tests::saga::Saga::new("ops.drill", |i| json!({ "tag": format!("run{i}") }))
+        .finally(["thaw", "report"])
+        .failure_at_each_step_compensates(TestEnv::builder(registered(&defs, &conns)), |_| {
+            let chat = chat.clone();
+            async move { left_changed(&chat) }
+        })
+        .await;
+    // The run that succeeded kept its scale-up and record; its freeze was thawed.
+    let left = left_changed(&chat);
+    assert_eq!(
+        left.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["record run0", "scale run0"]
+    );
+}
+
+#[tokio::test]
+async fn a_cancelled_run_of_a_workflow_file_runs_its_undos_then_its_finally_steps() {
+    let chat = WebhookReceiver::start().await;
+    let text = DRILL.replace("timeout: 100ms", "timeout: 1h");
+    let (defs, conns) = load(&[("drill.yaml", &text)], &chat);
+    let mut env = TestEnv::new(registered(&defs, &conns)).await;
+    env.start_worker(fast_worker("cancel"));
+    let run = env
+        .engine
+        .start(StartRun::new("ops.drill", json!({ "tag": "c" })))
+        .await
+        .unwrap();
+    let limit = Duration::from_secs(30);
+    dayshift_tests::wait_for(&env.engine, run.id, limit, |r| r.status == RunStatus::Waiting).await;
+    env.engine
+        .cancel(run.id, Some("drill over"), "token:ops")
+        .await
+        .unwrap();
+    let done = env.wait(run.id, limit).await;
+    assert_eq!(done.status, RunStatus::Cancelled, "{done:#?}");
+    let ends: Vec<&str> = done
+        .steps
+        .iter()
+        .filter(|s| s.kind == dayshift_engine::StepKind::Undo)
+        .map(|s| s.name.as_str())
+        .collect();
+    assert_eq!(ends, ["undo:record", "undo:scale", "finally:thaw", "finally:report"]);
+    assert!(left_changed(&chat).is_empty(), "{:?}", chat.received());
+    env.stop_workers().await;
+}

@@ -113,6 +113,8 @@ struct State {
     journal: Vec<Option<JournalEntry>>,
     cursor: i32,
     undos: Vec<Undo>,
+    /// Registered by [`Ctx::finally`]: run after the undos when the run fails or is cancelled.
+    finals: Vec<Undo>,
     halt: Option<Halt>,
     now: DateTime<Utc>,
 }
@@ -179,6 +181,7 @@ impl CtxInner {
                 journal,
                 cursor: 0,
                 undos: Vec::new(),
+                finals: Vec::new(),
                 halt: None,
                 now,
             }),
@@ -966,6 +969,39 @@ impl Ctx {
     fn push_undo(&self, undo: Undo) {
         self.inner.state.lock().expect("ctx state").undos.push(undo);
     }
+
+    /// Registers `f` to run when the run ends, however it ends: after the undos when it fails
+    /// or is cancelled (the engine runs it then), or when the workflow calls
+    /// [`Ctx::run_finally`] on success. Journaled as `finally:<name>` after the undos, retried
+    /// by `policy`, never cut short by a cancellation (it is what must happen then), so it must
+    /// be safe to repeat. Finals run in the order they were registered; register them on every
+    /// pass, before the steps they clean up after, like the steps themselves.
+    pub fn finally<F, Fut>(&self, name: impl Into<String>, policy: RetryPolicy, timeout: Option<Duration>, f: F)
+    where
+        F: FnOnce(StepCtx) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(), StepError>> + Send + 'static,
+    {
+        let run: UndoFn = Box::new(move |s| Box::pin(f(s)));
+        self.inner.state.lock().expect("ctx state").finals.push(Undo {
+            step: name.into(),
+            policy,
+            timeout,
+            run,
+        });
+    }
+
+    /// Runs what [`Ctx::finally`] registered, now (the end of a run that succeeded): each one
+    /// journaled as on failure. Fails, naming them, if any failed for good; the run's undos run
+    /// then as for any failure (the finals do not run twice).
+    pub async fn run_finally(&self) -> Result<(), WorkflowError> {
+        let finals = std::mem::take(&mut self.inner.state.lock().expect("ctx state").finals);
+        let entries = finals.into_iter().map(|f| (format!("finally:{}", f.step), f)).collect();
+        match run_journaled(self, entries, true).await {
+            Ok(failed) if failed.is_empty() => Ok(()),
+            Ok(failed) => Err(WorkflowError::failed(format!("finally failed: {}", failed.join("; ")))),
+            Err(halt) => self.halt(halt).await,
+        }
+    }
 }
 
 /// The message of a panic payload, if it has one.
@@ -1260,17 +1296,37 @@ pub(super) async fn drive<F: Future>(inner: &CtxInner, fut: F) -> Result<F::Outp
     }
 }
 
-/// Runs the registered undos in reverse. Returns the undos that failed for good.
+/// Runs the registered undos in reverse, then what [`Ctx::finally`] registered. Returns those
+/// that failed for good.
 pub(super) async fn compensate(ctx: &Ctx) -> Result<Vec<String>, Halt> {
+    let (undos, finals) = {
+        let mut st = ctx.inner.state.lock().expect("ctx state");
+        (std::mem::take(&mut st.undos), std::mem::take(&mut st.finals))
+    };
+    let mut entries: Vec<(String, Undo)> = undos
+        .into_iter()
+        .rev()
+        .map(|u| (format!("undo:{}", u.step), u))
+        .collect();
+    entries.extend(finals.into_iter().map(|f| (format!("finally:{}", f.step), f)));
+    run_journaled(ctx, entries, false).await
+}
+
+/// Runs `entries` (journal name, work) one after another at the next positions of the journal,
+/// each journaled like a step of kind undo, none cut short by a cancellation. Returns those that
+/// failed for good. `in_body`: called by the workflow, whose pass is already driven (a halt
+/// inside stops the workflow), rather than by the pass after it.
+async fn run_journaled(ctx: &Ctx, entries: Vec<(String, Undo)>, in_body: bool) -> Result<Vec<String>, Halt> {
     let inner = &ctx.inner;
-    let (undos, base) = {
+    let base = {
         let mut st = inner.state.lock().expect("ctx state");
-        (std::mem::take(&mut st.undos), st.cursor)
+        let base = st.cursor;
+        st.cursor += entries.len() as i32;
+        base
     };
     let mut failures = Vec::new();
-    for (i, undo) in undos.into_iter().rev().enumerate() {
+    for (i, (name, undo)) in entries.into_iter().enumerate() {
         let seq = base + i as i32;
-        let name = format!("undo:{}", undo.step);
         let found = {
             let mut st = inner.state.lock().expect("ctx state");
             st.journal.get_mut(seq as usize).and_then(Option::take)
@@ -1308,7 +1364,8 @@ pub(super) async fn compensate(ctx: &Ctx) -> Result<Vec<String>, Halt> {
             false,
             |s| Box::pin(async move { run(s).await.map(|()| Value::Null) }),
         );
-        match drive(inner, work).await? {
+        let done = if in_body { work.await } else { drive(inner, work).await? };
+        match done {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => failures.push(format!("{name}: {e}")),
             Err(pause) => return Err(pause),

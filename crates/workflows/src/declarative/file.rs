@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 
 use super::actions::Action;
 use super::expr::{Expr, Read, Template};
-use super::model::{Definition, ForEach, InputField, InputType, Step, StepKind};
+use super::model::{Definition, ForEach, InputField, InputType, Step, StepKind, Undo};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -25,6 +25,9 @@ struct FileSpec {
     #[serde(default)]
     input: BTreeMap<String, Spanned<InputSpec>>,
     steps: Vec<Spanned<StepSpec>>,
+    /// Action steps run when the run ends, however it ends.
+    #[serde(default)]
+    finally: Vec<Spanned<StepSpec>>,
     #[serde(default)]
     output: Option<Spanned<Value>>,
 }
@@ -75,6 +78,19 @@ struct StepSpec {
     retry: Option<RetrySpec>,
     #[serde(default, with = "humantime_serde")]
     timeout: Option<Duration>,
+    /// An action that puts back what the step did, if the run later fails or is cancelled.
+    #[serde(default)]
+    undo: Option<Spanned<UndoSpec>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct UndoSpec {
+    action: Spanned<String>,
+    #[serde(default)]
+    with: BTreeMap<String, Spanned<Value>>,
+    #[serde(default)]
+    retry: Option<RetrySpec>,
 }
 
 #[derive(Deserialize)]
@@ -147,6 +163,87 @@ impl Problems<'_> {
                 _ => {}
             }
         }
+    }
+
+    /// The values of `with:` (under `key`), compiled, each checked against `seen`; `params` names
+    /// what they may be (an action's), or `None` for a child workflow's input, checked by the
+    /// child when the run starts it.
+    fn with_values(
+        &mut self,
+        key: &str,
+        with: &BTreeMap<String, Spanned<Value>>,
+        params: Option<Action>,
+        seen: &Visible<'_>,
+    ) -> Template {
+        let mut out = Vec::new();
+        for (param, v) in with {
+            let pkey = format!("{key}.with.{param}");
+            let def = match params {
+                None => None,
+                Some(action) => match action.params().iter().find(|d| d.name == param) {
+                    Some(d) => Some(d),
+                    None => {
+                        let known: Vec<&str> = action.params().iter().map(|d| d.name).collect();
+                        self.at(
+                            &v.referenced,
+                            &pkey,
+                            format!(
+                                "action {} has no parameter {param:?} (it has: {})",
+                                action.name(),
+                                known.join(", ")
+                            ),
+                        );
+                        continue;
+                    }
+                },
+            };
+            match Template::compile(&v.value) {
+                Err((below, e)) => self.at(&v.referenced, &format!("{pkey}{below}"), e),
+                Ok(t) => {
+                    if let (Template::Plain(value), Some(def)) = (&t, def)
+                        && def.kind == "string"
+                        && !value.is_string()
+                    {
+                        self.at(&v.referenced, &pkey, format!("must be a string, not {value}"));
+                    }
+                    for e in t.exprs() {
+                        self.reads(e, &v.referenced, &pkey, seen);
+                    }
+                    out.push((param.clone(), t));
+                }
+            }
+        }
+        Template::Object(out)
+    }
+
+    /// The action `name` of the catalog with its parameters `with` (under `key`), checked.
+    fn action(
+        &mut self,
+        key: &str,
+        name: &Spanned<String>,
+        with: &BTreeMap<String, Spanned<Value>>,
+        seen: &Visible<'_>,
+    ) -> Option<(Action, Template)> {
+        let Some(action) = Action::parse(&name.value) else {
+            let known: Vec<&str> = Action::ALL.iter().map(|a| a.name()).collect();
+            self.at(
+                &name.referenced,
+                &format!("{key}.action"),
+                format!("no action {:?} (the catalog: {})", name.value, known.join(", ")),
+            );
+            return None;
+        };
+        let params = self.with_values(key, with, Some(action), seen);
+        for def in action.params().iter().filter(|d| d.required) {
+            if !with.contains_key(def.name) {
+                self.at(
+                    &name.referenced,
+                    &format!("{key}.with"),
+                    format!("action {} needs the parameter {:?}", action.name(), def.name),
+                );
+            }
+        }
+        Some((action, params))
     }
 
     fn at(&mut self, loc: &serde_saphyr::Location, key: &str, what: impl std::fmt::Display) {
@@ -236,12 +333,18 @@ pub(crate) fn compile(
     let declared: BTreeSet<&str> = spec.input.keys().map(String::as_str).collect();
 
     let mut steps = Vec::new();
+    let mut finals = Vec::new();
     let mut seen: BTreeSet<String> = BTreeSet::new();
-    for (i, s) in spec.steps.iter().enumerate() {
+    let all = spec.steps.iter().enumerate().map(|(i, s)| (false, i, s));
+    for (fin, i, s) in all.chain(spec.finally.iter().enumerate().map(|(i, s)| (true, i, s))) {
         let loc = &s.referenced;
         let s = &s.value;
         let id = s.id.value.clone();
-        let key = format!("steps[{i}]");
+        let key = if fin {
+            format!("finally[{i}]")
+        } else {
+            format!("steps[{i}]")
+        };
         if !is_identifier(&id) {
             p.at(
                 &s.id.referenced,
@@ -287,49 +390,6 @@ pub(crate) fn compile(
                 }
             }
         };
-        // The values of `with:`, compiled; `params` names what they may be (an action's), or
-        // `None` for a child workflow's input, checked by the child when the run starts it.
-        let compile_with = |p: &mut Problems<'_>, params: Option<(Action, &[super::actions::Param])>| {
-            let mut with = Vec::new();
-            for (param, v) in &s.with {
-                let pkey = format!("{key}.with.{param}");
-                let def = match params {
-                    None => None,
-                    Some((action, defs)) => match defs.iter().find(|d| d.name == param) {
-                        Some(d) => Some(d),
-                        None => {
-                            let known: Vec<&str> = defs.iter().map(|d| d.name).collect();
-                            p.at(
-                                &v.referenced,
-                                &pkey,
-                                format!(
-                                    "action {} has no parameter {param:?} (it has: {})",
-                                    action.name(),
-                                    known.join(", ")
-                                ),
-                            );
-                            continue;
-                        }
-                    },
-                };
-                match Template::compile(&v.value) {
-                    Err((below, e)) => p.at(&v.referenced, &format!("{pkey}{below}"), e),
-                    Ok(t) => {
-                        if let (Template::Plain(value), Some(def)) = (&t, def)
-                            && def.kind == "string"
-                            && !value.is_string()
-                        {
-                            p.at(&v.referenced, &pkey, format!("must be a string, not {value}"));
-                        }
-                        for e in t.exprs() {
-                            check_reads(p, e, &v.referenced, &pkey, each);
-                        }
-                        with.push((param.clone(), t));
-                    }
-                }
-            }
-            Template::Object(with)
-        };
         let chosen: Vec<&str> = [
             ("action", s.action.is_some()),
             ("workflow", s.workflow.is_some()),
@@ -365,34 +425,24 @@ pub(crate) fn compile(
             }
             Some("action") => {
                 let a = s.action.as_ref().expect("chosen");
-                match Action::parse(&a.value) {
-                    None => {
-                        let known: Vec<&str> = Action::ALL.iter().map(|a| a.name()).collect();
-                        p.at(
-                            &a.referenced,
-                            &format!("{key}.action"),
-                            format!("no action {:?} (the catalog: {})", a.value, known.join(", ")),
-                        );
-                        None
-                    }
-                    Some(action) => {
-                        let with = compile_with(&mut p, Some((action, action.params())));
-                        for def in action.params().iter().filter(|d| d.required) {
-                            if !s.with.contains_key(def.name) {
-                                p.at(
-                                    &a.referenced,
-                                    &format!("{key}.with"),
-                                    format!("action {} needs the parameter {:?}", action.name(), def.name),
-                                );
-                            }
-                        }
-                        Some(StepKind::Action { action, with })
-                    }
-                }
+                let seen = Visible {
+                    inputs: &declared,
+                    steps: &earlier,
+                    unseen: "is not a step before this one",
+                    item: each,
+                };
+                p.action(&key, a, &s.with, &seen)
+                    .map(|(action, with)| StepKind::Action { action, with })
             }
             Some("workflow") => {
                 let w = s.workflow.as_ref().expect("chosen");
-                let with = compile_with(&mut p, None);
+                let seen = Visible {
+                    inputs: &declared,
+                    steps: &earlier,
+                    unseen: "is not a step before this one",
+                    item: false,
+                };
+                let with = p.with_values(&key, &s.with, None, &seen);
                 Some(StepKind::Workflow {
                     workflow: w.value.clone(),
                     with,
@@ -533,26 +583,46 @@ pub(crate) fn compile(
                 }
             }
         };
-        let retry = match &s.retry {
-            None => RetryPolicy::network(),
-            Some(r) => {
-                if r.attempts == 0 || r.attempts > 100 {
-                    p.at(loc, &format!("{key}.retry.attempts"), "must be 1 to 100");
-                }
-                if !(1.0..=10.0).contains(&r.multiplier) {
-                    p.at(loc, &format!("{key}.retry.multiplier"), "must be 1 to 10");
-                }
-                RetryPolicy {
-                    max_attempts: r.attempts.clamp(1, 100),
-                    initial_delay: r.delay,
-                    multiplier: r.multiplier,
-                    max_delay: r.max_delay,
-                    ..RetryPolicy::network()
-                }
+        let retry = retry_policy(&mut p, loc, &key, s.retry.as_ref());
+        let undo = match &s.undo {
+            None => None,
+            Some(_) if !is_action => {
+                p.at(loc, &format!("{key}.undo"), "`undo` is for action steps");
+                None
+            }
+            Some(_) if fin => {
+                p.at(loc, &format!("{key}.undo"), "a `finally` step has no undo");
+                None
+            }
+            Some(u) => {
+                let ukey = format!("{key}.undo");
+                // The undo reads this step's output too (`steps.<id>`: the branch's, in a
+                // `for_each`).
+                let mut with_this = earlier.clone();
+                with_this.insert(id.as_str());
+                let seen = Visible {
+                    inputs: &declared,
+                    steps: &with_this,
+                    unseen: "is not this step or one before it",
+                    item: each,
+                };
+                let action = p.action(&ukey, &u.value.action, &u.value.with, &seen);
+                let retry = u
+                    .value
+                    .retry
+                    .as_ref()
+                    .map(|r| retry_policy(&mut p, &u.referenced, &ukey, Some(r)));
+                action.map(|(action, with)| Undo { action, with, retry })
             }
         };
+        if fin && kind.is_some() && !is_action {
+            p.at(loc, &key, "a `finally` step is an `action` step");
+        }
+        if fin && for_each.is_some() {
+            p.at(loc, &format!("{key}.for_each"), "a `finally` step has no `for_each`");
+        }
         if let Some(kind) = kind {
-            steps.push(Step {
+            let step = Step {
                 id,
                 line: loc.line(),
                 kind,
@@ -560,7 +630,9 @@ pub(crate) fn compile(
                 retry,
                 timeout: s.timeout,
                 for_each,
-            });
+                undo,
+            };
+            if fin { finals.push(step) } else { steps.push(step) }
         }
     }
     if spec.steps.is_empty() {
@@ -602,8 +674,34 @@ pub(crate) fn compile(
         version: std::sync::OnceLock::new(),
         input,
         steps,
+        finally: finals,
         output,
     })
+}
+
+/// A step's `retry:` as the engine's policy (default: [`RetryPolicy::network`]).
+fn retry_policy(
+    p: &mut Problems<'_>,
+    loc: &serde_saphyr::Location,
+    key: &str,
+    retry: Option<&RetrySpec>,
+) -> RetryPolicy {
+    let Some(r) = retry else {
+        return RetryPolicy::network();
+    };
+    if r.attempts == 0 || r.attempts > 100 {
+        p.at(loc, &format!("{key}.retry.attempts"), "must be 1 to 100");
+    }
+    if !(1.0..=10.0).contains(&r.multiplier) {
+        p.at(loc, &format!("{key}.retry.multiplier"), "must be 1 to 10");
+    }
+    RetryPolicy {
+        max_attempts: r.attempts.clamp(1, 100),
+        initial_delay: r.delay,
+        multiplier: r.multiplier,
+        max_delay: r.max_delay,
+        ..RetryPolicy::network()
+    }
 }
 
 #[cfg(test)]
@@ -782,6 +880,47 @@ steps:
             p.len() == 1 && p[0].contains("line 3") && p[0].contains("approver 'alice' must say what it is"),
             "{p:?}"
         );
+    }
+
+    #[test]
+    fn undo_and_finally_are_checked_with_their_line_column_and_key() {
+        let p = problems(
+            r#"name: ops.undo
+steps:
+  - id: scale
+    action: log
+    with: { message: up }
+    undo: { action: log, with: { message: "${{ steps.scale.message }} ${{ steps.later.x }}" } }
+  - id: nap
+    sleep: 1s
+    undo: { action: log, with: { message: x } }
+  - id: later
+    action: log
+    with: { message: x }
+    undo: { action: lgo }
+finally:
+  - id: scale
+    action: log
+    with: { message: x }
+  - id: wait_more
+    sleep: 1s
+  - id: tidy
+    action: log
+    with: { message: "${{ steps.later.message }} ${{ input.nope }}" }
+    undo: { action: log, with: { message: x } }
+"#,
+        );
+        has(
+            &p,
+            "6:43: steps[0].undo.with.message",
+            "steps.later is not this step or one before it",
+        );
+        has(&p, "7:5: steps[1].undo", "`undo` is for action steps");
+        has(&p, "13:21: steps[2].undo.action", "no action \"lgo\"");
+        has(&p, "15:9: finally[0].id", "the id of an earlier step");
+        has(&p, "18:5: finally[1]", "a `finally` step is an `action` step");
+        has(&p, "22:22: finally[2].with.message", "input.nope is not declared");
+        has(&p, "20:5: finally[2].undo", "a `finally` step has no undo");
     }
 
     #[test]

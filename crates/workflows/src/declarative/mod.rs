@@ -32,7 +32,8 @@ use std::sync::Arc;
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use dayshift_engine::{Ctx, WorkflowDef, WorkflowError};
+use dayshift_engine::{Ctx, StepCtx, StepError, WorkflowDef, WorkflowError};
+use futures::future::BoxFuture;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use sqlx::PgPool;
@@ -128,15 +129,25 @@ impl Definition {
     }
 
     async fn run(
-        &self,
+        self: &Arc<Self>,
         ctx: Ctx,
         input: Value,
-        connections: &Connections,
+        connections: &Arc<Connections>,
         names: &BTreeMap<String, BTreeSet<String>>,
     ) -> Result<Value, WorkflowError> {
         let input = self.complete(&input, names).map_err(WorkflowError::failed)?;
         let mut outputs = Map::new();
-        for step in &self.steps {
+        // What the `finally` steps read when they run: the outputs of the steps that ran.
+        let ended = Arc::new(Mutex::new(Map::new()));
+        for i in 0..self.finally.len() {
+            let fin = &self.finally[i];
+            let (def, connections, input, ended) = (self.clone(), connections.clone(), input.clone(), ended.clone());
+            ctx.finally(fin.id.clone(), fin.retry.clone(), fin.timeout, move |_s| async move {
+                let steps = ended.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                def.run_final(i, &input, steps, &connections).await
+            });
+        }
+        for (index, step) in self.steps.iter().enumerate() {
             let at = |e: String| WorkflowError::failed(format!("{}:{}: step {}: {e}", self.path, step.line, step.id));
             let scope = Scope {
                 input: &input,
@@ -157,8 +168,11 @@ impl Definition {
                 StepKind::Action { action, with } => match &step.for_each {
                     None => {
                         let params = with.eval(&scope).map_err(at)?;
-                        self.action(&ctx, step, step.id.clone(), *action, params, connections)
-                            .await?
+                        let undo = step
+                            .undo
+                            .as_ref()
+                            .map(|_| self.undo_of(index, &input, &outputs, None, connections));
+                        self.action(&ctx, step, *action, params, undo, connections).await?
                     }
                     Some(each) => {
                         let items = match each.items.eval(&scope).map_err(at)? {
@@ -186,13 +200,21 @@ impl Definition {
                             .enumerate()
                             .map(|(i, params)| {
                                 let action = *action;
+                                let conns: &Connections = connections;
                                 let mut call = ctx
                                     .step(format!("{}[{i}]", step.id), move |_s| async move {
-                                        action.run(params, connections).await
+                                        action.run(params, conns).await
                                     })
                                     .retry(step.retry.clone());
                                 if let Some(t) = step.timeout {
                                     call = call.timeout(t);
+                                }
+                                if let Some(undo) = &step.undo {
+                                    let item = Some(&items[i]);
+                                    call = call.undo(self.undo_of(index, &input, &outputs, item, connections));
+                                    if let Some(r) = &undo.retry {
+                                        call = call.undo_retry(r.clone());
+                                    }
                                 }
                                 call
                             })
@@ -237,8 +259,15 @@ impl Definition {
                     Value::Null
                 }
             };
+            if !self.finally.is_empty() {
+                ended
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(step.id.clone(), output.clone());
+            }
             outputs.insert(step.id.clone(), output);
         }
+        ctx.run_finally().await?;
         match &self.output {
             Some(t) => t
                 .eval(&Scope {
@@ -251,25 +280,102 @@ impl Definition {
         }
     }
 
-    /// Runs `action` with `params` as the step `name`, with `step`'s retry policy and timeout.
+    /// Runs `action` with `params` as `step`, with its retry policy, timeout and `undo`.
     async fn action(
         &self,
         ctx: &Ctx,
         step: &model::Step,
-        name: String,
         action: actions::Action,
         params: Value,
+        undo: Option<UndoFn>,
         connections: &Connections,
     ) -> Result<Value, WorkflowError> {
         let mut call = ctx
-            .step(name, move |_s| async move { action.run(params, connections).await })
+            .step(step.id.clone(), move |_s| async move {
+                action.run(params, connections).await
+            })
             .retry(step.retry.clone());
         if let Some(t) = step.timeout {
             call = call.timeout(t);
         }
+        if let Some(undo) = undo {
+            call = call.undo(undo);
+            if let Some(r) = step.undo.as_ref().and_then(|u| u.retry.clone()) {
+                call = call.undo_retry(r);
+            }
+        }
         Ok(call.await?)
     }
+
+    /// The undo of step `index` (of the branch of `item`, in a `for_each`): its action, with
+    /// parameters that read the input, the steps before it and its own output.
+    fn undo_of(
+        self: &Arc<Self>,
+        index: usize,
+        input: &Value,
+        outputs: &Map<String, Value>,
+        item: Option<&Value>,
+        connections: &Arc<Connections>,
+    ) -> UndoFn {
+        let (def, input, mut steps) = (self.clone(), input.clone(), outputs.clone());
+        let (item, connections) = (item.cloned(), connections.clone());
+        Box::new(move |_s, output: Value| {
+            Box::pin(async move {
+                let step = &def.steps[index];
+                let Some(undo) = &step.undo else {
+                    return Ok(());
+                };
+                steps.insert(step.id.clone(), output);
+                let scope = Scope {
+                    input: &input,
+                    steps: &steps,
+                    item: item.as_ref(),
+                };
+                let params = undo
+                    .with
+                    .eval(&scope)
+                    .map_err(|e| StepError::Permanent(format!("{}: undo of {}: {e}", def.path, step.id)))?;
+                undo.action.run(params, &connections).await.map(|_| ())
+            })
+        })
+    }
+
+    /// Runs `finally` step `index`, over the outputs of the steps that ran (`null` for the
+    /// others).
+    async fn run_final(
+        &self,
+        index: usize,
+        input: &Value,
+        mut steps: Map<String, Value>,
+        connections: &Connections,
+    ) -> Result<(), StepError> {
+        let fin = &self.finally[index];
+        for s in &self.steps {
+            steps.entry(s.id.clone()).or_insert(Value::Null);
+        }
+        let scope = Scope {
+            input,
+            steps: &steps,
+            item: None,
+        };
+        let at = |e: String| StepError::Permanent(format!("{}:{}: finally {}: {e}", self.path, fin.line, fin.id));
+        if let Some(when) = &fin.when {
+            match when.eval(&scope).map_err(at)? {
+                Value::Bool(true) => {}
+                Value::Bool(false) => return Ok(()),
+                other => return Err(at(format!("`when` must be true or false, not {other}"))),
+            }
+        }
+        let StepKind::Action { action, with } = &fin.kind else {
+            return Err(at("a finally step is an action".into()));
+        };
+        let params = with.eval(&scope).map_err(at)?;
+        action.run(params, connections).await.map(|_| ())
+    }
 }
+
+/// A step's undo, as the engine takes it.
+type UndoFn = Box<dyn FnOnce(StepCtx, Value) -> BoxFuture<'static, Result<(), StepError>> + Send>;
 
 /// The most branches a `for_each` step runs: each is a journal entry of the run.
 const MAX_BRANCHES: usize = 10_000;

@@ -25,6 +25,8 @@ pub struct Definition {
     pub(super) version: std::sync::OnceLock<u32>,
     pub(super) input: Vec<InputField>,
     pub(super) steps: Vec<Step>,
+    /// Action steps run when the run ends, however it ends: after the undos on failure.
+    pub(super) finally: Vec<Step>,
     pub(super) output: Option<Template>,
 }
 
@@ -110,6 +112,17 @@ pub(super) struct Step {
     pub(super) timeout: Option<Duration>,
     /// Runs the step once per item of a list, at most `max_in_flight` at once.
     pub(super) for_each: Option<ForEach>,
+    /// What puts back what the step did, if the run later fails or is cancelled.
+    pub(super) undo: Option<Undo>,
+}
+
+/// A step's `undo`: an action, its parameters able to read the step's own output.
+#[derive(Debug)]
+pub(super) struct Undo {
+    pub(super) action: Action,
+    pub(super) with: Template,
+    /// Its own retry policy, if not the step's.
+    pub(super) retry: Option<RetryPolicy>,
 }
 
 #[derive(Debug)]
