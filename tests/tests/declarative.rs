@@ -760,3 +760,118 @@ async fn a_cancelled_run_of_a_workflow_file_runs_its_undos_then_its_finally_step
     assert!(left_changed(&chat).is_empty(), "{:?}", chat.received());
     env.stop_workers().await;
 }
+
+const NOTE: &str = r#"
+name: ops.note
+input:
+  text: { type: string }
+steps:
+  - { id: tell, action: notify, with: { connection: ops, text: "${{ input.text }}" } }
+"#;
+
+#[tokio::test]
+async fn a_schedule_a_webhook_route_and_an_alert_route_each_start_a_workflow_file() {
+    let chat = WebhookReceiver::start().await;
+    let dir = std::env::temp_dir().join(format!("dayshift-workflows-{}", unique()));
+    std::fs::create_dir_all(dir.join("wf")).unwrap();
+    std::fs::write(dir.join("wf/note.yaml"), NOTE).unwrap();
+    std::fs::write(dir.join("chat-url"), &chat.url).unwrap();
+    std::fs::write(dir.join("secret"), "hook secret\n").unwrap();
+    std::fs::write(dir.join("token"), "am token\n").unwrap();
+    let d = dir.display();
+    let env = dayshift_tests::BinEnv::start_with(&format!(
+        r#"workflows:
+  dirs: [{d}/wf]
+connections:
+  notify:
+    ops: {{ url: {{ file: {d}/chat-url }} }}
+schedules:
+  - {{ name: every-second, cron: "* * * * * *", workflow: ops.note, input: {{ text: "tick {{{{ schedule }}}}" }} }}
+webhooks:
+  github: {{ secret: {{ file: {d}/secret }} }}
+  routes:
+    - {{ name: pushed, forge: github, events: [push], workflow: ops.note, input: {{ text: "push {{{{ sha }}}}" }} }}
+alertmanager:
+  token: {{ file: {d}/token }}
+  routes:
+    - name: degraded
+      matchers: ['alertname="ArgoCDAppDegraded"']
+      workflow: ops.note
+      input: {{ text: "alert {{{{ fingerprint }}}}" }}
+"#
+    ))
+    .await;
+    let _worker = env.start_worker().await;
+
+    let push = serde_json::to_vec(&json!({
+        "ref": "refs/heads/main", "before": "0".repeat(40), "after": "a".repeat(40),
+        "repository": { "full_name": "platform/infra" }, "commits": [], "head_commit": null,
+        "pusher": { "name": "alice", "email": "alice@platform.example" },
+    }))
+    .unwrap();
+    let sig = format!("sha256={}", dayshift_tests::hmac_sha256_hex("hook secret", &push));
+    let resp = env
+        .http
+        .post(format!("{}/hooks/github", env.api))
+        .header("content-type", "application/json")
+        .header("X-GitHub-Event", "push")
+        .header("X-GitHub-Delivery", "wf-1")
+        .header("X-Hub-Signature-256", sig)
+        .body(push)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 202, "{:?}", resp.text().await);
+
+    let alert = json!({
+        "version": "4", "groupKey": "{}:{alertname=\"ArgoCDAppDegraded\"}", "truncatedAlerts": 0,
+        "status": "firing", "receiver": "dayshift", "groupLabels": {}, "commonLabels": {},
+        "commonAnnotations": {}, "externalURL": "http://alertmanager.example",
+        "alerts": [{
+            "status": "firing", "labels": { "alertname": "ArgoCDAppDegraded", "name": "shop" },
+            "annotations": {}, "startsAt": "2026-12-03T08:00:00Z", "endsAt": "0001-01-01T00:00:00Z",
+            "generatorURL": "http://prometheus.example/graph", "fingerprint": "00000000000000aa",
+        }],
+    });
+    let resp = env
+        .http
+        .post(format!("{}/hooks/alertmanager", env.api))
+        .bearer_auth("am token")
+        .json(&alert)
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{:?}", resp.text().await);
+
+    // Each trigger's run of the file posted its notice.
+    let limit = Duration::from_secs(60);
+    let deadline = tokio::time::Instant::now() + limit;
+    let expect = [
+        "tick every-second".to_string(),
+        format!("push {}", "a".repeat(40)),
+        "alert 00000000000000aa".into(),
+    ];
+    loop {
+        let texts: Vec<String> = chat
+            .received()
+            .iter()
+            .map(|m| m["text"].as_str().unwrap_or_default().to_string())
+            .collect();
+        if expect.iter().all(|e| texts.contains(e)) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "only {texts:?}");
+        chat.wait_for(texts.len() + 1, limit).await;
+    }
+    let started_by: Vec<String> = sqlx::query_scalar(
+        "select distinct split_part(started_by, ':', 1) from runs where workflow = 'ops.note' order by 1",
+    )
+    .fetch_all(&env.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        started_by,
+        ["alertmanager", "schedule", "webhook"],
+        "who started the runs"
+    );
+}
