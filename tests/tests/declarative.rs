@@ -875,3 +875,180 @@ alertmanager:
         "who started the runs"
     );
 }
+
+/// ExternalSecret force-sync, the workflow-file way: read it, annotate it, restart its
+/// consumers, scale one of them.
+const FORCE_SYNC: &str = r#"
+name: secrets.force-sync
+input:
+  namespace: { type: string, guarded: true }
+  secret: { type: string, guarded: true }
+  consumers: { type: list, guarded: true }
+  stamp: { type: string }
+steps:
+  - id: before
+    action: kubernetes.get
+    with:
+      api-version: external-secrets.io/v1beta1
+      kind: ExternalSecret
+      namespace: ${{ input.namespace }}
+      name: ${{ input.secret }}
+      field: spec.target.name
+  - id: sync
+    action: kubernetes.annotate
+    with:
+      api-version: external-secrets.io/v1beta1
+      kind: ExternalSecret
+      namespace: ${{ input.namespace }}
+      name: ${{ input.secret }}
+      annotations: { force-sync: "${{ input.stamp }}" }
+  - id: restart
+    for_each: ${{ input.consumers }}
+    action: kubernetes.restart
+    with: { namespace: "${{ input.namespace }}", name: "${{ item }}" }
+  - id: scale
+    action: kubernetes.scale
+    with: { namespace: "${{ input.namespace }}", name: "${{ input.consumers[0] }}", replicas: 3 }
+    undo:
+      action: kubernetes.scale
+      with: { namespace: "${{ input.namespace }}", name: "${{ input.consumers[0] }}", replicas: "${{ steps.scale.previous }}" }
+output:
+  target: ${{ steps.before.value }}
+  annotations: ${{ steps.sync.annotations }}
+  previous: ${{ steps.scale.previous }}
+"#;
+
+fn kube_objects(kube: &dayshift_tests::kube_api::KubeApi) {
+    kube.put(json!({
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": { "name": "externalsecrets.external-secrets.io" },
+        "spec": { "group": "external-secrets.io", "scope": "Namespaced",
+                  "names": { "kind": "ExternalSecret", "plural": "externalsecrets" },
+                  "versions": [{ "name": "v1beta1", "served": true, "storage": true }] },
+    }));
+    kube.put(json!({
+        "apiVersion": "external-secrets.io/v1beta1", "kind": "ExternalSecret",
+        "metadata": { "name": "shop-db", "namespace": "shop" },
+        "spec": { "target": { "name": "shop-db-credentials" } },
+    }));
+    for name in ["web", "worker"] {
+        kube.put(json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": { "name": name, "namespace": "shop" },
+            "spec": { "replicas": 1, "selector": { "matchLabels": { "app": name } },
+                      "template": { "metadata": { "labels": { "app": name } }, "spec": { "containers": [] } } },
+        }));
+    }
+}
+
+#[tokio::test]
+async fn a_workflow_file_reads_annotates_restarts_and_scales_kubernetes_objects() {
+    let kube = dayshift_tests::kube_api::KubeApi::start().await;
+    kube_objects(&kube);
+    let chat = WebhookReceiver::start().await;
+    let (defs, _) = load(&[("force-sync.yaml", FORCE_SYNC)], &chat);
+    let mut conns = Connections::default();
+    conns.kubernetes.insert(
+        "default".into(),
+        dayshift_workflows::adapters::kube::KubeConfig {
+            url: Some(kube.url.clone()),
+            ..Default::default()
+        },
+    );
+    let workflows = registered(&defs, &Arc::new(conns));
+    // Its guarded inputs are under the policy for API callers: a namespace it does not list,
+    // or a consumer outside the list, is refused.
+    let guards: Vec<&str> = workflows[0].guards().collect();
+    assert_eq!(guards, ["consumers[]", "namespace", "secret"]);
+    let guards: Vec<dayshift_engine::Guard> = guards
+        .iter()
+        .map(|g| dayshift_engine::Guard {
+            path: g.to_string(),
+            exact: false,
+        })
+        .collect();
+    let allow = |k: &str, v: &[&str]| (k.to_string(), v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+    let policy = Policy {
+        rules: vec![
+            Rule::new(
+                "secrets.*",
+                None,
+                [
+                    allow("namespace", &["shop"]),
+                    allow("secret", &["shop-*"]),
+                    allow("consumers[]", &["web", "worker"]),
+                ]
+                .into_iter()
+                .collect(),
+            )
+            .unwrap(),
+        ],
+    };
+    let check = |input: Value| policy.check_input("secrets.force-sync", &guards, &input);
+    let ok = json!({ "namespace": "shop", "secret": "shop-db", "consumers": ["web", "worker"], "stamp": "s" });
+    assert!(check(ok).is_ok());
+    let other_ns = json!({ "namespace": "kube-system", "secret": "shop-db", "consumers": ["web"], "stamp": "s" });
+    assert!(check(other_ns).unwrap_err().to_string().contains("namespace"));
+    let other_consumer =
+        json!({ "namespace": "shop", "secret": "shop-db", "consumers": ["web", "coredns"], "stamp": "s" });
+    assert!(check(other_consumer).unwrap_err().to_string().contains("consumers"));
+
+    let mut env = TestEnv::new(workflows).await;
+    env.start_worker(fast_worker("kube"));
+    let input = json!({ "namespace": "shop", "secret": "shop-db", "consumers": ["web", "worker"], "stamp": "s-1" });
+    let run = env
+        .run_within("secrets.force-sync", input, Duration::from_secs(30))
+        .await;
+    assert_succeeded(&run);
+    assert_eq!(
+        run.output,
+        Some(json!({
+            "target": "shop-db-credentials",
+            "annotations": { "force-sync": "s-1" },
+            "previous": 1,
+        }))
+    );
+    let es = kube
+        .get("/apis/external-secrets.io/v1beta1/namespaces/shop/externalsecrets/shop-db")
+        .unwrap();
+    assert_eq!(es["metadata"]["annotations"]["force-sync"], "s-1");
+    for (name, replicas) in [("web", 3), ("worker", 1)] {
+        let d = kube
+            .get(&format!("/apis/apps/v1/namespaces/shop/deployments/{name}"))
+            .unwrap();
+        let stamp = &d["spec"]["template"]["metadata"]["annotations"]["kubectl.kubernetes.io/restartedAt"];
+        // Stamped with the run and the branch: a repeat of the step stamps the same value.
+        assert!(
+            stamp
+                .as_str()
+                .is_some_and(|s| s.starts_with("dayshift ") && s.contains("/restart[")),
+            "{d:#}"
+        );
+        assert_eq!(d["spec"]["replicas"], replicas, "{d:#}");
+    }
+    env.stop_workers().await;
+}
+
+#[test]
+fn an_action_target_read_from_an_input_that_is_not_guarded_is_refused_when_the_file_is_loaded() {
+    let text = FORCE_SYNC
+        .replace(
+            "namespace: { type: string, guarded: true }",
+            "namespace: { type: string }",
+        )
+        .replace("consumers: { type: list, guarded: true }", "consumers: { type: list }");
+    let problems = Definition::compile("fs.yaml", &text, &BTreeMap::new()).unwrap_err();
+    let at = |line: usize, key: &str| {
+        problems
+            .iter()
+            .any(|p| p.starts_with(&format!("fs.yaml:{line}:")) && p.contains(key) && p.contains("guarded"))
+    };
+    // The namespace of every step, and the consumers restarted (through `item`) and scaled.
+    assert!(at(14, "steps[0].with.namespace"), "{problems:#?}");
+    assert!(at(22, "steps[1].with.namespace"), "{problems:#?}");
+    assert!(at(28, "steps[2].with.name"), "{problems:#?}");
+    assert!(at(31, "steps[3].with.name"), "{problems:#?}");
+    assert!(at(34, "steps[3].undo.with.name"), "{problems:#?}");
+    // A free-text input that chooses nothing (the stamp) needs no guard.
+    assert!(!problems.iter().any(|p| p.contains("stamp")), "{problems:#?}");
+}

@@ -37,7 +37,7 @@ pub use core::model::{
 pub use core::queue::{QueueConfig, RedisQueue};
 pub use core::store::{Lease, MIGRATOR, PgStore};
 pub use core::worker::{Worker, WorkerConfig};
-pub use core::workflow::{Registry, WorkflowDef, WorkflowInfo};
+pub use core::workflow::{Guard, Registry, WorkflowDef, WorkflowInfo};
 pub use core::{Core, FaultInjector, StepHook};
 pub use engine::{Engine, EngineBuilder};
 pub use triggers::schedule::{CatchUp, CronExpr, Overlap, Schedule, ScheduleView, Scheduler, TickView, TimeZone};

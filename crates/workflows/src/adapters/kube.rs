@@ -486,6 +486,39 @@ impl Kube {
         Ok(found.map(|o| serde_json::to_value(o).unwrap_or_default()))
     }
 
+    /// Where objects of `kind` in `api_version` live: a built-in kind, or one a
+    /// CustomResourceDefinition of the cluster defines (an ExternalSecret, a Certificate).
+    pub async fn resource(&self, api_version: &str, kind: &str) -> Result<Resource, KubeError> {
+        if let Some(r) = Resource::builtin(api_version, kind) {
+            return Ok(r);
+        }
+        self.crds()
+            .await?
+            .iter()
+            .flat_map(Resource::from_crd)
+            .find(|r| r.api_version == api_version && r.kind == kind)
+            .ok_or_else(|| {
+                KubeError::Permanent(format!(
+                    "the cluster serves no kind {kind} in {api_version} (no built-in kind, no CustomResourceDefinition)"
+                ))
+            })
+    }
+
+    /// A JSON merge patch of object `id`; returns the object as patched.
+    pub async fn merge_patch(
+        &self,
+        r: &Resource,
+        id: &ObjectId,
+        patch: &serde_json::Value,
+    ) -> Result<serde_json::Value, KubeError> {
+        let patched = self
+            .dynamic(r, id.namespace.as_deref())
+            .patch(&id.name, &PatchParams::default(), &Patch::Merge(patch))
+            .await
+            .map_err(|e| KubeError::from_kube(&format!("patch {id}"), e))?;
+        Ok(serde_json::to_value(patched).unwrap_or_default())
+    }
+
     /// Deletes object `id`; `false` if it was already gone. Dependents are deleted in the
     /// background, as `kubectl delete` does.
     pub async fn delete(&self, r: &Resource, id: &ObjectId) -> Result<bool, KubeError> {

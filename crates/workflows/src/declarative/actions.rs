@@ -5,17 +5,70 @@
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::adapters::kube::{Kube, KubeError, ObjectId, Workload, WorkloadKind};
 use crate::connections::Connections;
-use dayshift_engine::StepError;
+use dayshift_engine::{StepCtx, StepError};
 
 /// One parameter of an action.
 pub(crate) struct Param {
     pub name: &'static str,
     pub required: bool,
-    /// The JSON type its value must have: "string", "any".
+    /// The JSON type its value must have: "string", "integer", "object", "any".
     pub kind: &'static str,
     pub description: &'static str,
+    /// It chooses what the action acts on (a namespace, a name): it may read only guarded
+    /// inputs, so that an API caller picks only what the policy allows.
+    pub target: bool,
 }
+
+const fn param(name: &'static str, required: bool, kind: &'static str, description: &'static str) -> Param {
+    Param {
+        name,
+        required,
+        kind,
+        description,
+        target: false,
+    }
+}
+
+const fn target(name: &'static str, required: bool, description: &'static str) -> Param {
+    Param {
+        name,
+        required,
+        kind: "string",
+        description,
+        target: true,
+    }
+}
+
+const KUBE_CONNECTION: Param = param(
+    "connection",
+    false,
+    "string",
+    "A cluster of connections.kubernetes, by name. Default `default`.",
+);
+const API_VERSION: Param = param(
+    "api-version",
+    true,
+    "string",
+    "The kind's API version: `v1`, `apps/v1`, `external-secrets.io/v1beta1`.",
+);
+const KIND: Param = param(
+    "kind",
+    true,
+    "string",
+    "The kind: `ConfigMap`, `ExternalSecret`, `Certificate`.",
+);
+const NAMESPACE: Param = target("namespace", false, "The namespace (none for a cluster-wide kind).");
+const NAME: Param = target("name", true, "The object's name.");
+const WORKLOAD_KIND: Param = param(
+    "kind",
+    false,
+    "string",
+    "`Deployment` (default), `StatefulSet` or `DaemonSet`.",
+);
+const WORKLOAD_NAMESPACE: Param = target("namespace", true, "The workload's namespace.");
+const WORKLOAD_NAME: Param = target("name", true, "The workload's name.");
 
 /// An action of the catalog.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,15 +77,34 @@ pub(crate) enum Action {
     Log,
     /// Posts a notice to a chat webhook the config names (`connections.notify`).
     Notify,
+    /// Reads one object.
+    KubeGet,
+    /// Sets annotations on one object.
+    KubeAnnotate,
+    /// Restarts a workload's pods, as `kubectl rollout restart`.
+    KubeRestart,
+    /// Sets a workload's replicas.
+    KubeScale,
 }
 
 impl Action {
-    pub(crate) const ALL: [Action; 2] = [Action::Log, Action::Notify];
+    pub(crate) const ALL: [Action; 6] = [
+        Action::Log,
+        Action::Notify,
+        Action::KubeGet,
+        Action::KubeAnnotate,
+        Action::KubeRestart,
+        Action::KubeScale,
+    ];
 
     pub(crate) fn name(self) -> &'static str {
         match self {
             Action::Log => "log",
             Action::Notify => "notify",
+            Action::KubeGet => "kubernetes.get",
+            Action::KubeAnnotate => "kubernetes.annotate",
+            Action::KubeRestart => "kubernetes.restart",
+            Action::KubeScale => "kubernetes.scale",
         }
     }
 
@@ -50,44 +122,97 @@ impl Action {
                 "Posts `text` to the chat webhook `connection` names (connections.notify). A retry after a lost answer \
                  may post the notice twice; nothing else changes."
             }
+            Action::KubeGet => {
+                "Reads one object: output `found` (false if it does not exist), `object`, and `value`, the value at \
+                 `field` (a dotted path such as `status.conditions`), if given. Changes nothing."
+            }
+            Action::KubeAnnotate => {
+                "Sets `annotations` on one object with a merge patch (a value of null removes one): output \
+                 `annotations`, the object's annotations after it. Setting the same values again changes nothing."
+            }
+            Action::KubeRestart => {
+                "Restarts a workload's pods as `kubectl rollout restart` does, stamping the pod template with the \
+                 run and step: a repeat stamps the same value, so it restarts the pods once. Output `restarted`."
+            }
+            Action::KubeScale => {
+                "Sets a Deployment's or StatefulSet's `replicas`: output `replicas` and `previous`, what it asked for \
+                 before (for an undo). Setting the same count again changes nothing."
+            }
         }
     }
 
     pub(crate) fn params(self) -> &'static [Param] {
         match self {
-            Action::Log => &[
-                Param {
-                    name: "message",
-                    required: true,
-                    kind: "string",
-                    description: "The text recorded.",
-                },
-                Param {
-                    name: "data",
-                    required: false,
-                    kind: "any",
-                    description: "Any value recorded with it.",
-                },
-            ],
-            Action::Notify => &[
-                Param {
-                    name: "connection",
-                    required: true,
-                    kind: "string",
-                    description: "A chat webhook of connections.notify, by name.",
-                },
-                Param {
-                    name: "text",
-                    required: true,
-                    kind: "string",
-                    description: "The notice (Markdown).",
-                },
-            ],
+            Action::Log => {
+                const P: &[Param] = &[
+                    param("message", true, "string", "The text recorded."),
+                    param("data", false, "any", "Any value recorded with it."),
+                ];
+                P
+            }
+            Action::Notify => {
+                const P: &[Param] = &[
+                    param(
+                        "connection",
+                        true,
+                        "string",
+                        "A chat webhook of connections.notify, by name.",
+                    ),
+                    param("text", true, "string", "The notice (Markdown)."),
+                ];
+                P
+            }
+            Action::KubeGet => {
+                const P: &[Param] = &[
+                    KUBE_CONNECTION,
+                    API_VERSION,
+                    KIND,
+                    NAMESPACE,
+                    NAME,
+                    param(
+                        "field",
+                        false,
+                        "string",
+                        "A dotted path into the object whose value is `value`.",
+                    ),
+                ];
+                P
+            }
+            Action::KubeAnnotate => {
+                const P: &[Param] = &[
+                    KUBE_CONNECTION,
+                    API_VERSION,
+                    KIND,
+                    NAMESPACE,
+                    NAME,
+                    param(
+                        "annotations",
+                        true,
+                        "object",
+                        "The annotations to set, name to value (null removes one).",
+                    ),
+                ];
+                P
+            }
+            Action::KubeRestart => {
+                const P: &[Param] = &[KUBE_CONNECTION, WORKLOAD_KIND, WORKLOAD_NAMESPACE, WORKLOAD_NAME];
+                P
+            }
+            Action::KubeScale => {
+                const P: &[Param] = &[
+                    KUBE_CONNECTION,
+                    WORKLOAD_KIND,
+                    WORKLOAD_NAMESPACE,
+                    WORKLOAD_NAME,
+                    param("replicas", true, "integer", "The replicas to ask for (0 to 1000)."),
+                ];
+                P
+            }
         }
     }
 
     /// Runs it with `params` (the step's `with:`, expressions evaluated).
-    pub(crate) async fn run(self, params: Value, connections: &Connections) -> Result<Value, StepError> {
+    pub(crate) async fn run(self, params: Value, connections: &Connections, s: &StepCtx) -> Result<Value, StepError> {
         match self {
             Action::Log => {
                 let p: LogParams = parse(self, params)?;
@@ -105,8 +230,181 @@ impl Action {
                 })?;
                 Ok(json!({ "sent": true }))
             }
+            Action::KubeGet => {
+                let p: KubeObjectParams = parse(self, params)?;
+                let (kube, r, id) = p.object.resolve(connections).await?;
+                let found = kube.get(&r, &id).await.map_err(kube_error)?;
+                let value = match (&found, &p.field) {
+                    (Some(o), Some(f)) => f
+                        .split('.')
+                        .try_fold(o, |v, k| v.get(k))
+                        .cloned()
+                        .unwrap_or(Value::Null),
+                    _ => Value::Null,
+                };
+                Ok(json!({ "found": found.is_some(), "object": found, "value": value }))
+            }
+            Action::KubeAnnotate => {
+                let p: KubeAnnotateParams = parse(self, params)?;
+                for (k, v) in &p.annotations {
+                    if !(v.is_string() || v.is_null()) || k.is_empty() || k.len() > 317 {
+                        return Err(StepError::permanent(format!(
+                            "action {}: annotation {k:?} must be a name with a string or null value",
+                            self.name()
+                        )));
+                    }
+                }
+                let (kube, r, id) = p.object.resolve(connections).await?;
+                let patch = json!({ "metadata": { "annotations": p.annotations } });
+                let patched = kube.merge_patch(&r, &id, &patch).await.map_err(kube_error)?;
+                Ok(json!({ "annotations": patched["metadata"]["annotations"] }))
+            }
+            Action::KubeRestart => {
+                let p: WorkloadParams = parse(self, params)?;
+                let (kube, w) = p.resolve(connections).await?;
+                kube.rollout_restart(&w, &format!("dayshift {}/{}", s.run_id, s.step))
+                    .await
+                    .map_err(kube_error)?;
+                Ok(json!({ "restarted": w.to_string() }))
+            }
+            Action::KubeScale => {
+                let p: ScaleParams = parse(self, params)?;
+                if !(0..=1000).contains(&p.replicas) {
+                    return Err(StepError::permanent(format!(
+                        "action {}: replicas must be 0 to 1000, not {}",
+                        self.name(),
+                        p.replicas
+                    )));
+                }
+                let (kube, w) = p.workload.resolve(connections).await?;
+                let previous = kube.replicas(&w).await.map_err(kube_error)?;
+                kube.scale(&w, p.replicas as i32).await.map_err(kube_error)?;
+                Ok(json!({ "replicas": p.replicas, "previous": previous }))
+            }
         }
     }
+}
+
+fn kube_error(e: KubeError) -> StepError {
+    if e.is_transient() {
+        StepError::transient(e)
+    } else {
+        StepError::permanent(e)
+    }
+}
+
+/// Whether `s` is a Kubernetes name (DNS subdomain: lowercase letters, digits, `-` and `.`).
+fn kube_name(what: &str, s: &str) -> Result<(), StepError> {
+    let ok = !s.is_empty()
+        && s.len() <= 253
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && s.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if ok {
+        Ok(())
+    } else {
+        Err(StepError::permanent(format!("{what} {s:?} is not a Kubernetes name")))
+    }
+}
+
+fn default_cluster() -> String {
+    "default".into()
+}
+
+async fn cluster(connections: &Connections, name: &str) -> Result<Kube, StepError> {
+    let config = connections.kubernetes(name).map_err(StepError::permanent)?;
+    Kube::connect(config).await.map_err(kube_error)
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct KubeObject {
+    #[serde(default = "default_cluster")]
+    connection: String,
+    api_version: String,
+    kind: String,
+    #[serde(default)]
+    namespace: Option<String>,
+    name: String,
+}
+
+impl KubeObject {
+    async fn resolve(
+        &self,
+        connections: &Connections,
+    ) -> Result<(Kube, crate::adapters::kube::Resource, ObjectId), StepError> {
+        kube_name("name", &self.name)?;
+        if let Some(ns) = &self.namespace {
+            kube_name("namespace", ns)?;
+        }
+        let kube = cluster(connections, &self.connection).await?;
+        let r = kube.resource(&self.api_version, &self.kind).await.map_err(kube_error)?;
+        if r.namespaced != self.namespace.is_some() {
+            return Err(StepError::permanent(format!(
+                "{} is {}, so it needs {}",
+                self.kind,
+                if r.namespaced { "namespaced" } else { "cluster-wide" },
+                if r.namespaced { "a namespace" } else { "no namespace" }
+            )));
+        }
+        let id = ObjectId {
+            api_version: self.api_version.clone(),
+            kind: self.kind.clone(),
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+        };
+        Ok((kube, r, id))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct KubeObjectParams {
+    #[serde(flatten)]
+    object: KubeObject,
+    #[serde(default)]
+    field: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct KubeAnnotateParams {
+    #[serde(flatten)]
+    object: KubeObject,
+    annotations: serde_json::Map<String, Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct WorkloadParams {
+    #[serde(default = "default_cluster")]
+    connection: String,
+    #[serde(default)]
+    kind: Option<WorkloadKind>,
+    namespace: String,
+    name: String,
+}
+
+impl WorkloadParams {
+    async fn resolve(&self, connections: &Connections) -> Result<(Kube, Workload), StepError> {
+        kube_name("namespace", &self.namespace)?;
+        kube_name("name", &self.name)?;
+        let w = Workload {
+            kind: self.kind.unwrap_or(WorkloadKind::Deployment),
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+        };
+        Ok((cluster(connections, &self.connection).await?, w))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct ScaleParams {
+    #[serde(flatten)]
+    workload: WorkloadParams,
+    replicas: i64,
 }
 
 fn parse<T: serde::de::DeserializeOwned>(action: Action, params: Value) -> Result<T, StepError> {

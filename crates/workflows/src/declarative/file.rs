@@ -45,6 +45,10 @@ struct InputSpec {
     required: Option<bool>,
     #[serde(default, rename = "enum")]
     choices: Option<Vec<Value>>,
+    /// Through the API, the value must be one the policy allows (`policy.workflows.<glob>.inputs`):
+    /// for an input that chooses what an action acts on (a namespace, a name).
+    #[serde(default)]
+    guarded: bool,
     /// For `type: connection`: which kind (`postgres`, `s3`, `notify`, `vault`, `kubernetes`, `git`).
     #[serde(default)]
     connection: Option<String>,
@@ -128,6 +132,10 @@ struct Visible<'a> {
     unseen: &'a str,
     /// Whether `item` exists (the parameters of a `for_each` step).
     item: bool,
+    /// The inputs an API caller gives only as the policy allows (connections, `guarded: true`).
+    guarded: &'a BTreeSet<&'a str>,
+    /// Whether `item` comes only from guarded inputs (or from no input at all).
+    item_guarded: bool,
 }
 
 /// Problems found in one file, each `path:line:column: key: what is wrong`.
@@ -145,6 +153,7 @@ impl Problems<'_> {
             steps,
             unseen,
             item,
+            ..
         } = *seen;
         for read in e.reads() {
             match read {
@@ -200,20 +209,56 @@ impl Problems<'_> {
             match Template::compile(&v.value) {
                 Err((below, e)) => self.at(&v.referenced, &format!("{pkey}{below}"), e),
                 Ok(t) => {
-                    if let (Template::Plain(value), Some(def)) = (&t, def)
-                        && def.kind == "string"
-                        && !value.is_string()
-                    {
-                        self.at(&v.referenced, &pkey, format!("must be a string, not {value}"));
+                    if let (Template::Plain(value), Some(def)) = (&t, def) {
+                        let ok = match def.kind {
+                            "string" => value.is_string(),
+                            "integer" => value.is_i64() || value.is_u64(),
+                            "object" => value.is_object(),
+                            _ => true,
+                        };
+                        if !ok {
+                            self.at(
+                                &v.referenced,
+                                &pkey,
+                                format!("must be {}, not {value}", a_kind(def.kind)),
+                            );
+                        }
                     }
                     for e in t.exprs() {
                         self.reads(e, &v.referenced, &pkey, seen);
+                        if def.is_some_and(|d| d.target) {
+                            self.target_reads(e, &v.referenced, &pkey, seen);
+                        }
                     }
                     out.push((param.clone(), t));
                 }
             }
         }
         Template::Object(out)
+    }
+
+    /// Checks that `e`, the value of a parameter choosing what an action acts on, reads only
+    /// what an API caller cannot choose past the policy.
+    fn target_reads(&mut self, e: &Expr, at: &serde_saphyr::Location, key: &str, seen: &Visible<'_>) {
+        for read in e.reads() {
+            match read {
+                Read::Input(f) if seen.inputs.contains(f.as_str()) && !seen.guarded.contains(f.as_str()) => self.at(
+                    at,
+                    key,
+                    format!(
+                        "chooses what the action acts on, so it may read only guarded inputs: declare input.{f} \
+                         `guarded: true` (an API caller then gives only what policy.workflows.<glob>.inputs.{f} allows)"
+                    ),
+                ),
+                Read::Other(v) if v == "item" && seen.item && !seen.item_guarded => self.at(
+                    at,
+                    key,
+                    "chooses what the action acts on, so `item` must come from guarded inputs only \
+                     (declare the inputs `for_each` reads `guarded: true`)",
+                ),
+                _ => {}
+            }
+        }
     }
 
     /// The action `name` of the catalog with its parameters `with` (under `key`), checked.
@@ -249,6 +294,14 @@ impl Problems<'_> {
     fn at(&mut self, loc: &serde_saphyr::Location, key: &str, what: impl std::fmt::Display) {
         self.list
             .push(format!("{}:{}:{}: {key}: {what}", self.path, loc.line(), loc.column()));
+    }
+}
+
+/// "a string", "an integer", "an object".
+fn a_kind(kind: &str) -> String {
+    match kind {
+        "integer" | "object" => format!("an {kind}"),
+        other => format!("a {other}"),
     }
 }
 
@@ -321,8 +374,12 @@ pub(crate) fn compile(
             default: s.default.clone(),
             required: s.required.unwrap_or(s.default.is_none()),
             choices: s.choices.clone(),
+            guarded: s.guarded || s.kind == InputType::Connection,
             connection,
         };
+        if s.guarded && !matches!(s.kind, InputType::String | InputType::List | InputType::Connection) {
+            p.at(loc, &format!("{key}.guarded"), "is for a string or a list of strings");
+        }
         if let Some(d) = &s.default
             && let Err(e) = field_def.check(d, connections)
         {
@@ -331,6 +388,7 @@ pub(crate) fn compile(
         input.push(field_def);
     }
     let declared: BTreeSet<&str> = spec.input.keys().map(String::as_str).collect();
+    let guarded: BTreeSet<&str> = input.iter().filter(|f| f.guarded).map(|f| f.name.as_str()).collect();
 
     let mut steps = Vec::new();
     let mut finals = Vec::new();
@@ -361,12 +419,24 @@ pub(crate) fn compile(
         }
         let earlier: BTreeSet<&str> = steps.iter().map(|s: &Step| s.id.as_str()).collect();
         let each = s.for_each.is_some();
+        // Whether the items of a `for_each` come only from guarded inputs.
+        let item_guarded = s.for_each.as_ref().is_none_or(|f| {
+            Template::compile(&f.value).is_ok_and(|t| {
+                t.exprs().iter().all(|e| {
+                    e.reads()
+                        .iter()
+                        .all(|r| !matches!(r, Read::Input(x) if !guarded.contains(x.as_str())))
+                })
+            })
+        });
         let check_reads = |p: &mut Problems<'_>, e: &Expr, at: &serde_saphyr::Location, key: &str, item: bool| {
             let seen = Visible {
                 inputs: &declared,
                 steps: &earlier,
                 unseen: "is not a step before this one",
                 item,
+                guarded: &guarded,
+                item_guarded,
             };
             p.reads(e, at, key, &seen)
         };
@@ -430,6 +500,8 @@ pub(crate) fn compile(
                     steps: &earlier,
                     unseen: "is not a step before this one",
                     item: each,
+                    guarded: &guarded,
+                    item_guarded,
                 };
                 p.action(&key, a, &s.with, &seen)
                     .map(|(action, with)| StepKind::Action { action, with })
@@ -441,6 +513,8 @@ pub(crate) fn compile(
                     steps: &earlier,
                     unseen: "is not a step before this one",
                     item: false,
+                    guarded: &guarded,
+                    item_guarded: true,
                 };
                 let with = p.with_values(&key, &s.with, None, &seen);
                 Some(StepKind::Workflow {
@@ -605,6 +679,8 @@ pub(crate) fn compile(
                     steps: &with_this,
                     unseen: "is not this step or one before it",
                     item: each,
+                    guarded: &guarded,
+                    item_guarded,
                 };
                 let action = p.action(&ukey, &u.value.action, &u.value.with, &seen);
                 let retry = u
@@ -654,6 +730,8 @@ pub(crate) fn compile(
                         steps: &all_steps,
                         unseen: "is not a step of this workflow",
                         item: false,
+                        guarded: &guarded,
+                        item_guarded: true,
                     };
                     p.reads(e, &o.referenced, "output", &seen);
                 }
@@ -783,7 +861,7 @@ output:
         has(
             &p,
             "8:13: steps[0].action",
-            "no action \"lgo\" (the catalog: log, notify)",
+            "no action \"lgo\" (the catalog: log, notify, kubernetes.get,",
         );
         has(&p, "12:16: steps[1].with.message", "input.nope is not declared");
         has(

@@ -66,6 +66,7 @@ pub fn catalog() -> Value {
                     .map(|p| {
                         serde_json::json!({
                             "name": p.name, "required": p.required, "type": p.kind, "description": p.description,
+                            "target": p.target,
                         })
                     })
                     .collect();
@@ -96,11 +97,15 @@ impl Definition {
         names: Arc<BTreeMap<String, BTreeSet<String>>>,
         pool: Option<PgPool>,
     ) -> WorkflowDef {
+        // A guarded list is checked element by element.
         let guarded: Vec<String> = self
             .input
             .iter()
-            .filter(|f| f.kind == InputType::Connection)
-            .map(|f| f.name.clone())
+            .filter(|f| f.guarded)
+            .map(|f| match f.kind {
+                InputType::List => format!("{}[]", f.name),
+                _ => f.name.clone(),
+            })
             .collect();
         let versions = Arc::new(Versions {
             current: self.clone(),
@@ -142,9 +147,9 @@ impl Definition {
         for i in 0..self.finally.len() {
             let fin = &self.finally[i];
             let (def, connections, input, ended) = (self.clone(), connections.clone(), input.clone(), ended.clone());
-            ctx.finally(fin.id.clone(), fin.retry.clone(), fin.timeout, move |_s| async move {
+            ctx.finally(fin.id.clone(), fin.retry.clone(), fin.timeout, move |s| async move {
                 let steps = ended.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                def.run_final(i, &input, steps, &connections).await
+                def.run_final(i, &input, steps, &connections, &s).await
             });
         }
         for (index, step) in self.steps.iter().enumerate() {
@@ -202,8 +207,8 @@ impl Definition {
                                 let action = *action;
                                 let conns: &Connections = connections;
                                 let mut call = ctx
-                                    .step(format!("{}[{i}]", step.id), move |_s| async move {
-                                        action.run(params, conns).await
+                                    .step(format!("{}[{i}]", step.id), move |s| async move {
+                                        action.run(params, conns, &s).await
                                     })
                                     .retry(step.retry.clone());
                                 if let Some(t) = step.timeout {
@@ -291,8 +296,8 @@ impl Definition {
         connections: &Connections,
     ) -> Result<Value, WorkflowError> {
         let mut call = ctx
-            .step(step.id.clone(), move |_s| async move {
-                action.run(params, connections).await
+            .step(step.id.clone(), move |s| async move {
+                action.run(params, connections, &s).await
             })
             .retry(step.retry.clone());
         if let Some(t) = step.timeout {
@@ -319,7 +324,7 @@ impl Definition {
     ) -> UndoFn {
         let (def, input, mut steps) = (self.clone(), input.clone(), outputs.clone());
         let (item, connections) = (item.cloned(), connections.clone());
-        Box::new(move |_s, output: Value| {
+        Box::new(move |s, output: Value| {
             Box::pin(async move {
                 let step = &def.steps[index];
                 let Some(undo) = &step.undo else {
@@ -335,7 +340,7 @@ impl Definition {
                     .with
                     .eval(&scope)
                     .map_err(|e| StepError::Permanent(format!("{}: undo of {}: {e}", def.path, step.id)))?;
-                undo.action.run(params, &connections).await.map(|_| ())
+                undo.action.run(params, &connections, &s).await.map(|_| ())
             })
         })
     }
@@ -348,6 +353,7 @@ impl Definition {
         input: &Value,
         mut steps: Map<String, Value>,
         connections: &Connections,
+        s: &StepCtx,
     ) -> Result<(), StepError> {
         let fin = &self.finally[index];
         for s in &self.steps {
@@ -370,7 +376,7 @@ impl Definition {
             return Err(at("a finally step is an action".into()));
         };
         let params = with.eval(&scope).map_err(at)?;
-        action.run(params, connections).await.map(|_| ())
+        action.run(params, connections, s).await.map(|_| ())
     }
 }
 
@@ -445,7 +451,7 @@ pub fn check_children(defs: &[Arc<Definition>], registry: &dayshift_engine::Regi
         let guarded: BTreeSet<&str> = def
             .input
             .iter()
-            .filter(|f| f.kind == InputType::Connection)
+            .filter(|f| f.guarded)
             .map(|f| f.name.as_str())
             .collect();
         for step in &def.steps {
@@ -484,7 +490,7 @@ pub fn check_children(defs: &[Arc<Definition>], registry: &dayshift_engine::Regi
                     if !passed_on {
                         problems.push(format!(
                             "{}: {key}.with{below}: {workflow} guards `{guard}`, so it takes a value written in the file \
-                             or `${{{{ input.<name> }}}}` of a guarded input of {} (type: connection), not a value \
+                             or `${{{{ input.<name> }}}}` of a guarded input of {} (a connection or `guarded: true`), not a value \
                              computed from what a caller gives",
                             with_at
                                 .iter()

@@ -55,6 +55,8 @@ pub(super) struct InputField {
     pub(super) required: bool,
     pub(super) choices: Option<Vec<Value>>,
     pub(super) connection: Option<String>,
+    /// Through the API, it takes only what the policy allows (connections, `guarded: true`).
+    pub(super) guarded: bool,
 }
 
 impl InputField {
