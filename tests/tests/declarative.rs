@@ -407,6 +407,7 @@ fn every_shipped_example_workflow_compiles() {
     let defs = declarative::load(&[dir], std::path::Path::new("/"), &names, &dayshift_workflows::BUILT_IN)
         .unwrap_or_else(|problems| panic!("{}", problems.join("\n")));
     assert!(defs.iter().any(|d| d.name() == "notice.maintenance"), "{defs:?}");
+    assert!(defs.iter().any(|d| d.name() == "secrets.force-sync"), "{defs:?}");
 }
 
 /// Every kind of step but an action alone: a fan-out, a child run of another file, a wait for a
@@ -1051,4 +1052,123 @@ fn an_action_target_read_from_an_input_that_is_not_guarded_is_refused_when_the_f
     assert!(at(34, "steps[3].undo.with.name"), "{problems:#?}");
     // A free-text input that chooses nothing (the stamp) needs no guard.
     assert!(!problems.iter().any(|p| p.contains("stamp")), "{problems:#?}");
+}
+
+#[tokio::test]
+async fn the_externalsecret_force_sync_example_syncs_waits_for_the_new_secret_and_restarts_its_consumers() {
+    let kube = dayshift_tests::kube_api::KubeApi::start().await;
+    kube.put(json!({
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": { "name": "externalsecrets.external-secrets.io" },
+        "spec": { "group": "external-secrets.io", "scope": "Namespaced",
+                  "names": { "kind": "ExternalSecret", "plural": "externalsecrets" },
+                  "versions": [{ "name": "v1", "served": true, "storage": true }] },
+    }));
+    let es_path = "/apis/external-secrets.io/v1/namespaces/shop/externalsecrets/shop-db";
+    kube.put(json!({
+        "apiVersion": "external-secrets.io/v1", "kind": "ExternalSecret",
+        "metadata": { "name": "shop-db", "namespace": "shop" },
+        "spec": { "target": { "name": "shop-db-credentials" } },
+    }));
+    kube.set_status(
+        es_path,
+        json!({ "conditions": [{ "type": "Ready", "status": "True", "reason": "SecretSynced" }] }),
+    );
+    let secret = |password: &str| {
+        json!({ "apiVersion": "v1", "kind": "Secret", "metadata": { "name": "shop-db-credentials", "namespace": "shop" },
+                "data": { "password": password } })
+    };
+    kube.put(secret("b2xk"));
+    for name in ["web", "worker"] {
+        kube.put(json!({
+            "apiVersion": "apps/v1", "kind": "Deployment", "metadata": { "name": name, "namespace": "shop" },
+            "spec": { "replicas": 1, "selector": { "matchLabels": { "app": name } },
+                      "template": { "metadata": { "labels": { "app": name } }, "spec": { "containers": [] } } },
+        }));
+    }
+    // The example as shipped, its checks paced for a test (10 s apart in the file).
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/workflows/externalsecret-force-sync.yaml"
+    ))
+    .unwrap()
+    .replace("delay: 10s", "delay: 100ms");
+    let names = BTreeMap::from([("kubernetes".to_string(), ["default".to_string()].into())]);
+    let def = Arc::new(Definition::compile("force-sync.yaml", &text, &names).unwrap_or_else(|p| panic!("{p:#?}")));
+    let mut conns = Connections::default();
+    conns.kubernetes.insert(
+        "default".into(),
+        dayshift_workflows::adapters::kube::KubeConfig {
+            url: Some(kube.url.clone()),
+            ..Default::default()
+        },
+    );
+    let workflow = def.workflow(Arc::new(conns), Arc::new(names), None);
+    let mut env = TestEnv::new(vec![workflow]).await;
+    env.start_worker(fast_worker("force-sync"));
+    let run = env
+        .engine
+        .start(StartRun::new(
+            "secrets.force-sync",
+            json!({ "kubernetes": "default", "namespace": "shop", "external_secret": "shop-db", "consumers": ["web", "worker"] }),
+        ))
+        .await
+        .unwrap();
+    let limit = Duration::from_secs(30);
+    // The ExternalSecret is Ready, but the Secret has not changed yet: the run keeps checking.
+    dayshift_tests::wait_for(&env.engine, run.id, limit, |r| {
+        r.steps.iter().any(|s| s.name == "secret_changed" && s.attempts >= 2)
+    })
+    .await;
+    let es = kube.get(es_path).unwrap();
+    let stamp = es["metadata"]["annotations"]["force-sync"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(stamp.starts_with("dayshift-"), "{es:#}");
+    let before_restart = kube.get("/apis/apps/v1/namespaces/shop/deployments/web").unwrap();
+    assert!(
+        before_restart["spec"]["template"]["metadata"]["annotations"].is_null(),
+        "restarted before the Secret changed"
+    );
+    // The operator writes the new value.
+    kube.put(secret("bmV3"));
+    let done = env.wait(run.id, limit).await;
+    assert_succeeded(&done);
+    assert_eq!(
+        done.output,
+        Some(json!({
+            "secret": "shop-db-credentials",
+            "restarted": ["Deployment shop/web", "Deployment shop/worker"],
+        }))
+    );
+    for name in ["web", "worker"] {
+        let d = kube
+            .get(&format!("/apis/apps/v1/namespaces/shop/deployments/{name}"))
+            .unwrap();
+        assert!(
+            d["spec"]["template"]["metadata"]["annotations"]["kubectl.kubernetes.io/restartedAt"].is_string(),
+            "{d:#}"
+        );
+    }
+
+    // Without the ExternalSecret, the run fails at its check and restarts nothing.
+    let writes = kube.writes().len();
+    let missing = env
+        .run_within(
+            "secrets.force-sync",
+            json!({ "kubernetes": "default", "namespace": "shop", "external_secret": "nope", "consumers": ["web"] }),
+            limit,
+        )
+        .await;
+    assert_eq!(missing.status, RunStatus::Failed, "{missing:#?}");
+    assert!(
+        missing
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("no ExternalSecret shop/nope")),
+        "{missing:#?}"
+    );
+    assert_eq!(kube.writes().len(), writes, "{:#?}", &kube.writes()[writes..]);
+    env.stop_workers().await;
 }

@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 
 use crate::adapters::kube::{Kube, KubeError, ObjectId, Workload, WorkloadKind};
 use crate::connections::Connections;
-use dayshift_engine::{StepCtx, StepError};
+use dayshift_engine::{RetryPolicy, StepCtx, StepError};
 
 /// One parameter of an action.
 pub(crate) struct Param {
@@ -85,16 +85,22 @@ pub(crate) enum Action {
     KubeRestart,
     /// Sets a workload's replicas.
     KubeScale,
+    /// Checks that an object has a condition; a check that fails is retried, paced.
+    KubeWait,
+    /// Fails the run unless a condition holds.
+    Assert,
 }
 
 impl Action {
-    pub(crate) const ALL: [Action; 6] = [
+    pub(crate) const ALL: [Action; 8] = [
         Action::Log,
         Action::Notify,
         Action::KubeGet,
         Action::KubeAnnotate,
         Action::KubeRestart,
         Action::KubeScale,
+        Action::KubeWait,
+        Action::Assert,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -105,6 +111,8 @@ impl Action {
             Action::KubeAnnotate => "kubernetes.annotate",
             Action::KubeRestart => "kubernetes.restart",
             Action::KubeScale => "kubernetes.scale",
+            Action::KubeWait => "kubernetes.wait",
+            Action::Assert => "assert",
         }
     }
 
@@ -137,6 +145,17 @@ impl Action {
             Action::KubeScale => {
                 "Sets a Deployment's or StatefulSet's `replicas`: output `replicas` and `previous`, what it asked for \
                  before (for an undo). Setting the same count again changes nothing."
+            }
+            Action::KubeWait => {
+                "Checks that one object has the status condition `condition` (default `Ready`; none when `field` is \
+                 given) at `status` (default `True`) and, with `field` and `changed-from`, a value at `field` other than `changed-from` (a refresh \
+                 done since). Each attempt is one check; one that finds it not so is retried by the step's `retry` \
+                 (default: every 10s for 10 minutes), the run holding no worker in between. Output `condition`, the \
+                 condition as found. Changes nothing."
+            }
+            Action::Assert => {
+                "Fails the run (at once, without retries) with `message` unless `that` is true: a check between \
+                 steps (`that: ${{ steps.get.found }}`). Output `held: true`. Changes nothing."
             }
         }
     }
@@ -194,6 +213,42 @@ impl Action {
                 ];
                 P
             }
+            Action::KubeWait => {
+                const P: &[Param] = &[
+                    KUBE_CONNECTION,
+                    API_VERSION,
+                    KIND,
+                    NAMESPACE,
+                    NAME,
+                    param(
+                        "condition",
+                        false,
+                        "string",
+                        "The condition's type. Default `Ready`, or none with `field`.",
+                    ),
+                    param("status", false, "string", "The status it must have. Default `True`."),
+                    param(
+                        "field",
+                        false,
+                        "string",
+                        "A dotted path into the object that must also have changed.",
+                    ),
+                    param(
+                        "changed-from",
+                        false,
+                        "any",
+                        "With `field`: the value it had before; the wait ends once it differs.",
+                    ),
+                ];
+                P
+            }
+            Action::Assert => {
+                const P: &[Param] = &[
+                    param("that", true, "any", "What must be true, usually `${{ expression }}`."),
+                    param("message", true, "string", "The run's error when it is not."),
+                ];
+                P
+            }
             Action::KubeRestart => {
                 const P: &[Param] = &[KUBE_CONNECTION, WORKLOAD_KIND, WORKLOAD_NAMESPACE, WORKLOAD_NAME];
                 P
@@ -208,6 +263,21 @@ impl Action {
                 ];
                 P
             }
+        }
+    }
+
+    /// The retry policy of a step calling it, when the step gives none: a wait checks every
+    /// 10 s for 10 minutes; an assert never retries; the others retry as network calls do.
+    pub(crate) fn default_retry(self) -> RetryPolicy {
+        match self {
+            Action::KubeWait => RetryPolicy {
+                max_attempts: 60,
+                initial_delay: std::time::Duration::from_secs(10),
+                multiplier: 1.0,
+                max_delay: std::time::Duration::from_secs(10),
+                ..RetryPolicy::network()
+            },
+            _ => RetryPolicy::network(),
         }
     }
 
@@ -258,6 +328,61 @@ impl Action {
                 let patch = json!({ "metadata": { "annotations": p.annotations } });
                 let patched = kube.merge_patch(&r, &id, &patch).await.map_err(kube_error)?;
                 Ok(json!({ "annotations": patched["metadata"]["annotations"] }))
+            }
+            Action::KubeWait => {
+                let p: KubeWaitParams = parse(self, params)?;
+                let (kube, r, id) = p.object.resolve(connections).await?;
+                // With a field to watch, a condition is checked only if one is named.
+                let kind = match (&p.condition, &p.field) {
+                    (Some(c), _) => Some(c.as_str()),
+                    (None, Some(_)) => None,
+                    (None, None) => Some("Ready"),
+                };
+                let want = p.status.as_deref().unwrap_or("True");
+                let Some(object) = kube.get(&r, &id).await.map_err(kube_error)? else {
+                    return Err(StepError::transient(format!("{id} does not exist (yet)")));
+                };
+                let found = |kind: &str| {
+                    object["status"]["conditions"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .find(|c| c["type"] == kind)
+                        .cloned()
+                };
+                if let (Some(field), Some(before)) = (&p.field, &p.changed_from) {
+                    let now = field
+                        .split('.')
+                        .try_fold(&object, |v, k| v.get(k))
+                        .unwrap_or(&Value::Null);
+                    if now == before {
+                        return Err(StepError::transient(format!("{id}: {field} is still {now}")));
+                    }
+                }
+                let Some(kind) = kind else {
+                    return Ok(json!({ "condition": null }));
+                };
+                let found = found(kind);
+                match found {
+                    Some(c) if c["status"] == want => Ok(json!({ "condition": c })),
+                    Some(c) => Err(StepError::transient(format!(
+                        "{id} is {kind}={} ({}), not {kind}={want}",
+                        c["status"].as_str().unwrap_or("?"),
+                        c["message"].as_str().or(c["reason"].as_str()).unwrap_or("no message")
+                    ))),
+                    None => Err(StepError::transient(format!("{id} has no condition {kind} yet"))),
+                }
+            }
+            Action::Assert => {
+                let p: AssertParams = parse(self, params)?;
+                match p.that {
+                    Value::Bool(true) => Ok(json!({ "held": true })),
+                    Value::Bool(false) => Err(StepError::permanent(p.message)),
+                    other => Err(StepError::permanent(format!(
+                        "action assert: `that` must be true or false, not {other} ({})",
+                        p.message
+                    ))),
+                }
             }
             Action::KubeRestart => {
                 let p: WorkloadParams = parse(self, params)?;
@@ -365,6 +490,28 @@ struct KubeObjectParams {
     object: KubeObject,
     #[serde(default)]
     field: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct KubeWaitParams {
+    #[serde(flatten)]
+    object: KubeObject,
+    #[serde(default)]
+    condition: Option<String>,
+    #[serde(default)]
+    status: Option<String>,
+    #[serde(default)]
+    field: Option<String>,
+    #[serde(default)]
+    changed_from: Option<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AssertParams {
+    that: Value,
+    message: String,
 }
 
 #[derive(Deserialize)]

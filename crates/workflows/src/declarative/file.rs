@@ -657,7 +657,10 @@ pub(crate) fn compile(
                 }
             }
         };
-        let retry = retry_policy(&mut p, loc, &key, s.retry.as_ref());
+        let retry = match (&kind, &s.retry) {
+            (Some(StepKind::Action { action, .. }), None) => action.default_retry(),
+            _ => retry_policy(&mut p, loc, &key, s.retry.as_ref()),
+        };
         let undo = match &s.undo {
             None => None,
             Some(_) if !is_action => {
