@@ -1172,3 +1172,51 @@ async fn the_externalsecret_force_sync_example_syncs_waits_for_the_new_secret_an
     assert_eq!(kube.writes().len(), writes, "{:#?}", &kube.writes()[writes..]);
     env.stop_workers().await;
 }
+
+/// A cleanup: the ConfigMaps of one app, listed by label, each deleted.
+const CLEANUP: &str = r#"
+name: ops.cleanup
+input:
+  app: { type: string }
+steps:
+  - id: found
+    action: kubernetes.list
+    with: { api-version: v1, kind: ConfigMap, namespace: shop, labels: "app=${{ input.app }}" }
+  - id: delete
+    for_each: ${{ steps.found.names }}
+    action: kubernetes.delete
+    with: { api-version: v1, kind: ConfigMap, namespace: shop, name: "${{ item }}" }
+output: ${{ steps.delete.map(d, d.deleted) }}
+"#;
+
+#[tokio::test]
+async fn a_workflow_file_lists_objects_by_label_and_deletes_each_once() {
+    let kube = dayshift_tests::kube_api::KubeApi::start().await;
+    for (name, app) in [("web-a", "web"), ("web-b", "web"), ("db-a", "db")] {
+        kube.put(json!({ "apiVersion": "v1", "kind": "ConfigMap",
+                         "metadata": { "name": name, "namespace": "shop", "labels": { "app": app } } }));
+    }
+    let chat = WebhookReceiver::start().await;
+    let (defs, _) = load(&[("cleanup.yaml", CLEANUP)], &chat);
+    let mut conns = Connections::default();
+    conns.kubernetes.insert(
+        "default".into(),
+        dayshift_workflows::adapters::kube::KubeConfig {
+            url: Some(kube.url.clone()),
+            ..Default::default()
+        },
+    );
+    let mut env = TestEnv::new(registered(&defs, &Arc::new(conns))).await;
+    env.start_worker(fast_worker("cleanup"));
+    // The app label comes from the caller, but it only selects within the namespace the file
+    // names: it needs no guard (a selector is not a target).
+    let run = env
+        .run_within("ops.cleanup", json!({ "app": "web" }), Duration::from_secs(30))
+        .await;
+    assert_succeeded(&run);
+    assert_eq!(run.output, Some(json!([true, true])));
+    assert!(kube.get("/api/v1/namespaces/shop/configmaps/web-a").is_none());
+    assert!(kube.get("/api/v1/namespaces/shop/configmaps/web-b").is_none());
+    assert!(kube.get("/api/v1/namespaces/shop/configmaps/db-a").is_some());
+    env.stop_workers().await;
+}

@@ -504,6 +504,32 @@ impl Kube {
             })
     }
 
+    /// The objects of resource `r` in `namespace` (every namespace if `None`) matching the label
+    /// selector `labels` (`app=web,tier!=cache`), at most `limit`.
+    pub async fn list(
+        &self,
+        r: &Resource,
+        namespace: Option<&str>,
+        labels: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<serde_json::Value>, KubeError> {
+        let mut params = kube::api::ListParams::default().limit(limit);
+        if let Some(l) = labels {
+            params = params.labels(l);
+        }
+        let list = self
+            .dynamic(r, namespace)
+            .list(&params)
+            .await
+            .map_err(|e| KubeError::from_kube(&format!("list {}", r.plural), e))?;
+        Ok(list
+            .items
+            .into_iter()
+            .take(limit as usize)
+            .map(|o| serde_json::to_value(o).unwrap_or_default())
+            .collect())
+    }
+
     /// A JSON merge patch of object `id`; returns the object as patched.
     pub async fn merge_patch(
         &self,

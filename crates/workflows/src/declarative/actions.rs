@@ -89,10 +89,14 @@ pub(crate) enum Action {
     KubeWait,
     /// Fails the run unless a condition holds.
     Assert,
+    /// Lists objects of a kind.
+    KubeList,
+    /// Deletes one object.
+    KubeDelete,
 }
 
 impl Action {
-    pub(crate) const ALL: [Action; 8] = [
+    pub(crate) const ALL: [Action; 10] = [
         Action::Log,
         Action::Notify,
         Action::KubeGet,
@@ -101,6 +105,8 @@ impl Action {
         Action::KubeScale,
         Action::KubeWait,
         Action::Assert,
+        Action::KubeList,
+        Action::KubeDelete,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -113,6 +119,8 @@ impl Action {
             Action::KubeScale => "kubernetes.scale",
             Action::KubeWait => "kubernetes.wait",
             Action::Assert => "assert",
+            Action::KubeList => "kubernetes.list",
+            Action::KubeDelete => "kubernetes.delete",
         }
     }
 
@@ -152,6 +160,14 @@ impl Action {
                  done since). Each attempt is one check; one that finds it not so is retried by the step's `retry` \
                  (default: every 10s for 10 minutes), the run holding no worker in between. Output `condition`, the \
                  condition as found. Changes nothing."
+            }
+            Action::KubeList => {
+                "Lists the objects of a kind in `namespace` (every namespace without it) matching `labels`, at most \
+                 `limit` (default 500): output `items` (each object) and `names`. Changes nothing."
+            }
+            Action::KubeDelete => {
+                "Deletes one object (its dependents in the background, as `kubectl delete`): output `deleted`, false if \
+                 it was already gone, so repeating it is harmless."
             }
             Action::Assert => {
                 "Fails the run (at once, without retries) with `message` unless `that` is true: a check between \
@@ -240,6 +256,26 @@ impl Action {
                         "With `field`: the value it had before; the wait ends once it differs.",
                     ),
                 ];
+                P
+            }
+            Action::KubeList => {
+                const P: &[Param] = &[
+                    KUBE_CONNECTION,
+                    API_VERSION,
+                    KIND,
+                    target("namespace", false, "The namespace; every namespace without it."),
+                    param("labels", false, "string", "A label selector: `app=web,tier!=cache`."),
+                    param(
+                        "limit",
+                        false,
+                        "integer",
+                        "At most this many objects (1 to 5000). Default 500.",
+                    ),
+                ];
+                P
+            }
+            Action::KubeDelete => {
+                const P: &[Param] = &[KUBE_CONNECTION, API_VERSION, KIND, NAMESPACE, NAME];
                 P
             }
             Action::Assert => {
@@ -373,6 +409,32 @@ impl Action {
                     None => Err(StepError::transient(format!("{id} has no condition {kind} yet"))),
                 }
             }
+            Action::KubeList => {
+                let p: KubeListParams = parse(self, params)?;
+                if let Some(ns) = &p.namespace {
+                    kube_name("namespace", ns)?;
+                }
+                let limit = p.limit.unwrap_or(500);
+                if !(1..=5000).contains(&limit) {
+                    return Err(StepError::permanent(format!(
+                        "action {}: limit must be 1 to 5000",
+                        self.name()
+                    )));
+                }
+                let kube = cluster(connections, &p.connection).await?;
+                let r = kube.resource(&p.api_version, &p.kind).await.map_err(kube_error)?;
+                let items = kube
+                    .list(&r, p.namespace.as_deref(), p.labels.as_deref(), limit)
+                    .await
+                    .map_err(kube_error)?;
+                let names: Vec<Value> = items.iter().map(|o| o["metadata"]["name"].clone()).collect();
+                Ok(json!({ "items": items, "names": names }))
+            }
+            Action::KubeDelete => {
+                let p: KubeObjectOnly = parse(self, params)?;
+                let (kube, r, id) = p.object.resolve(connections).await?;
+                Ok(json!({ "deleted": kube.delete(&r, &id).await.map_err(kube_error)? }))
+            }
             Action::Assert => {
                 let p: AssertParams = parse(self, params)?;
                 match p.that {
@@ -505,6 +567,28 @@ struct KubeWaitParams {
     field: Option<String>,
     #[serde(default)]
     changed_from: Option<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct KubeListParams {
+    #[serde(default = "default_cluster")]
+    connection: String,
+    api_version: String,
+    kind: String,
+    #[serde(default)]
+    namespace: Option<String>,
+    #[serde(default)]
+    labels: Option<String>,
+    #[serde(default)]
+    limit: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KubeObjectOnly {
+    #[serde(flatten)]
+    object: KubeObject,
 }
 
 #[derive(Deserialize)]
