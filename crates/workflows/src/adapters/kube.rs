@@ -771,9 +771,18 @@ const BUILTIN: [(&str, &str); 20] = [
     ("autoscaling/v2", "HorizontalPodAutoscaler"),
 ];
 
-/// The resource name and scope of the built-in kinds dayshift applies.
+/// The resource name and scope of the built-in kinds dayshift applies ([`BUILTIN`]), and of
+/// those it only reads or changes in place (nodes, pods, events).
 fn builtin(api_version: &str, kind: &str) -> Option<(&'static str, bool)> {
     Some(match (api_version, kind) {
+        ("v1", "Node") => ("nodes", false),
+        ("v1", "Pod") => ("pods", true),
+        ("v1", "Event") => ("events", true),
+        ("events.k8s.io/v1", "Event") => ("events", true),
+        ("v1", "PersistentVolume") => ("persistentvolumes", false),
+        ("v1", "Endpoints") => ("endpoints", true),
+        ("apps/v1", "ReplicaSet") => ("replicasets", true),
+        ("storage.k8s.io/v1", "StorageClass") => ("storageclasses", false),
         ("v1", "Namespace") => ("namespaces", false),
         ("v1", "ConfigMap") => ("configmaps", true),
         ("v1", "Secret") => ("secrets", true),

@@ -93,10 +93,12 @@ pub(crate) enum Action {
     KubeList,
     /// Deletes one object.
     KubeDelete,
+    /// A JSON merge patch of one object.
+    KubePatch,
 }
 
 impl Action {
-    pub(crate) const ALL: [Action; 10] = [
+    pub(crate) const ALL: [Action; 11] = [
         Action::Log,
         Action::Notify,
         Action::KubeGet,
@@ -107,6 +109,7 @@ impl Action {
         Action::Assert,
         Action::KubeList,
         Action::KubeDelete,
+        Action::KubePatch,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -121,6 +124,7 @@ impl Action {
             Action::Assert => "assert",
             Action::KubeList => "kubernetes.list",
             Action::KubeDelete => "kubernetes.delete",
+            Action::KubePatch => "kubernetes.patch",
         }
     }
 
@@ -164,6 +168,11 @@ impl Action {
             Action::KubeList => {
                 "Lists the objects of a kind in `namespace` (every namespace without it) matching `labels`, at most \
                  `limit` (default 500): output `items` (each object) and `names`. Changes nothing."
+            }
+            Action::KubePatch => {
+                "Changes one object with a JSON merge patch (`patch`: the fields to set, null removes one): uncordon a \
+                 node (`spec: { unschedulable: false }`), label an object, start an ArgoCD sync (`operation`). Output \
+                 `object`, the object after it. The same patch again changes nothing more."
             }
             Action::KubeDelete => {
                 "Deletes one object (its dependents in the background, as `kubectl delete`): output `deleted`, false if \
@@ -276,6 +285,22 @@ impl Action {
             }
             Action::KubeDelete => {
                 const P: &[Param] = &[KUBE_CONNECTION, API_VERSION, KIND, NAMESPACE, NAME];
+                P
+            }
+            Action::KubePatch => {
+                const P: &[Param] = &[
+                    KUBE_CONNECTION,
+                    API_VERSION,
+                    KIND,
+                    NAMESPACE,
+                    NAME,
+                    param(
+                        "patch",
+                        true,
+                        "object",
+                        "The merge patch: the fields to set (null removes one).",
+                    ),
+                ];
                 P
             }
             Action::Assert => {
@@ -430,6 +455,15 @@ impl Action {
                 let names: Vec<Value> = items.iter().map(|o| o["metadata"]["name"].clone()).collect();
                 Ok(json!({ "items": items, "names": names }))
             }
+            Action::KubePatch => {
+                let p: KubePatchParams = parse(self, params)?;
+                let (kube, r, id) = p.object.resolve(connections).await?;
+                let patched = kube
+                    .merge_patch(&r, &id, &Value::Object(p.patch))
+                    .await
+                    .map_err(kube_error)?;
+                Ok(json!({ "object": patched }))
+            }
             Action::KubeDelete => {
                 let p: KubeObjectOnly = parse(self, params)?;
                 let (kube, r, id) = p.object.resolve(connections).await?;
@@ -582,6 +616,14 @@ struct KubeListParams {
     labels: Option<String>,
     #[serde(default)]
     limit: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KubePatchParams {
+    #[serde(flatten)]
+    object: KubeObject,
+    patch: serde_json::Map<String, Value>,
 }
 
 #[derive(Deserialize)]
