@@ -351,6 +351,20 @@ async fn a_run_waiting_for_approval_finishes_on_the_version_it_started_on_after_
     env.stop_workers().await;
 }
 
+/// `serve` with the workflow file `text` and one notify connection, `ops`, posting to `chat`.
+async fn serve_file(text: &str, chat: &WebhookReceiver) -> dayshift_tests::BinEnv {
+    let dir = std::env::temp_dir().join(format!("dayshift-workflows-{}", unique()));
+    std::fs::create_dir_all(dir.join("wf")).unwrap();
+    std::fs::write(dir.join("wf/workflow.yaml"), text).unwrap();
+    std::fs::write(dir.join("chat-url"), &chat.url).unwrap();
+    dayshift_tests::BinEnv::start_with(&format!(
+        "workflows:\n  dirs: [{}]\nconnections:\n  notify:\n    ops: {{ url: {{ file: {} }} }}\n",
+        dir.join("wf").display(),
+        dir.join("chat-url").display()
+    ))
+    .await
+}
+
 /// Three notices, each a step; the text says which step of which run sent it.
 const THREE_NOTICES: &str = r#"
 name: ops.three-notices
@@ -366,16 +380,7 @@ output: ${{ steps.one.sent && steps.two.sent && steps.three.sent }}
 #[tokio::test]
 async fn a_worker_killed_at_each_step_boundary_of_a_workflow_file_runs_no_completed_step_again() {
     let chat = WebhookReceiver::start().await;
-    let dir = std::env::temp_dir().join(format!("dayshift-workflows-{}", unique()));
-    std::fs::create_dir_all(dir.join("wf")).unwrap();
-    std::fs::write(dir.join("wf/three.yaml"), THREE_NOTICES).unwrap();
-    std::fs::write(dir.join("chat-url"), &chat.url).unwrap();
-    let env = dayshift_tests::BinEnv::start_with(&format!(
-        "workflows:\n  dirs: [{}]\nconnections:\n  notify:\n    ops: {{ url: {{ file: {} }} }}\n",
-        dir.join("wf").display(),
-        dir.join("chat-url").display()
-    ))
-    .await;
+    let env = serve_file(THREE_NOTICES, &chat).await;
     let limit = Duration::from_secs(60);
     for step in ["one", "two", "three"] {
         let (run, _) = env
@@ -600,16 +605,7 @@ output: ${{ steps.fan.size() }}
 #[tokio::test]
 async fn a_for_each_of_500_branches_survives_a_worker_kill_and_runs_no_journaled_branch_again() {
     let chat = WebhookReceiver::start().await;
-    let dir = std::env::temp_dir().join(format!("dayshift-workflows-{}", unique()));
-    std::fs::create_dir_all(dir.join("wf")).unwrap();
-    std::fs::write(dir.join("wf/fan.yaml"), FAN_OUT).unwrap();
-    std::fs::write(dir.join("chat-url"), &chat.url).unwrap();
-    let env = dayshift_tests::BinEnv::start_with(&format!(
-        "workflows:\n  dirs: [{}]\nconnections:\n  notify:\n    ops: {{ url: {{ file: {} }} }}\n",
-        dir.join("wf").display(),
-        dir.join("chat-url").display()
-    ))
-    .await;
+    let env = serve_file(FAN_OUT, &chat).await;
     let limit = Duration::from_secs(120);
     // The worker freezes when branch 250 is journaled and is SIGKILLed there.
     let mut first = env
@@ -933,6 +929,19 @@ output:
   previous: ${{ steps.scale.previous }}
 "#;
 
+/// Connections with the Kubernetes stand-in `kube` as cluster `default`.
+fn on_stand_in(kube: &dayshift_tests::kube_api::KubeApi) -> Connections {
+    let mut conns = Connections::default();
+    conns.kubernetes.insert(
+        "default".into(),
+        dayshift_workflows::adapters::kube::KubeConfig {
+            url: Some(kube.url.clone()),
+            ..Default::default()
+        },
+    );
+    conns
+}
+
 fn kube_objects(kube: &dayshift_tests::kube_api::KubeApi) {
     kube.put(json!({
         "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
@@ -962,14 +971,7 @@ async fn a_workflow_file_reads_annotates_restarts_and_scales_kubernetes_objects(
     kube_objects(&kube);
     let chat = WebhookReceiver::start().await;
     let (defs, _) = load(&[("force-sync.yaml", FORCE_SYNC)], &chat);
-    let mut conns = Connections::default();
-    conns.kubernetes.insert(
-        "default".into(),
-        dayshift_workflows::adapters::kube::KubeConfig {
-            url: Some(kube.url.clone()),
-            ..Default::default()
-        },
-    );
+    let conns = on_stand_in(&kube);
     let workflows = registered(&defs, &Arc::new(conns));
     // Its guarded inputs are under the policy for API callers: a namespace it does not list,
     // or a consumer outside the list, is refused.
@@ -1109,14 +1111,7 @@ async fn the_externalsecret_force_sync_example_syncs_waits_for_the_new_secret_an
     .replace("delay: 10s", "delay: 100ms");
     let names = BTreeMap::from([("kubernetes".to_string(), ["default".to_string()].into())]);
     let def = Arc::new(Definition::compile("force-sync.yaml", &text, &names).unwrap_or_else(|p| panic!("{p:#?}")));
-    let mut conns = Connections::default();
-    conns.kubernetes.insert(
-        "default".into(),
-        dayshift_workflows::adapters::kube::KubeConfig {
-            url: Some(kube.url.clone()),
-            ..Default::default()
-        },
-    );
+    let conns = on_stand_in(&kube);
     let workflow = def.workflow(Arc::new(conns), Arc::new(names), None);
     let mut env = TestEnv::new(vec![workflow]).await;
     env.start_worker(fast_worker("force-sync"));
@@ -1221,14 +1216,7 @@ async fn a_workflow_file_lists_objects_by_label_deletes_each_once_and_patches_a_
     );
     let chat = WebhookReceiver::start().await;
     let (defs, _) = load(&[("cleanup.yaml", CLEANUP)], &chat);
-    let mut conns = Connections::default();
-    conns.kubernetes.insert(
-        "default".into(),
-        dayshift_workflows::adapters::kube::KubeConfig {
-            url: Some(kube.url.clone()),
-            ..Default::default()
-        },
-    );
+    let conns = on_stand_in(&kube);
     let mut env = TestEnv::new(registered(&defs, &Arc::new(conns))).await;
     env.start_worker(fast_worker("cleanup"));
     // The app label comes from the caller, but it only selects within the namespace the file
