@@ -5,7 +5,8 @@
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::adapters::kube::{Kube, KubeError, ObjectId, Workload, WorkloadKind};
+use crate::adapters::kube::{Kube, ObjectId, Workload, WorkloadKind};
+use crate::adapters::step_err;
 use crate::connections::Connections;
 use dayshift_engine::{RetryPolicy, StepCtx, StepError};
 
@@ -352,19 +353,13 @@ impl Action {
             Action::Notify => {
                 let p: NotifyParams = parse(self, params)?;
                 let notifier = connections.notifier(&p.connection).map_err(StepError::permanent)?;
-                notifier.send(&p.text).await.map_err(|e| {
-                    if e.is_transient() {
-                        StepError::transient(e)
-                    } else {
-                        StepError::permanent(e)
-                    }
-                })?;
+                notifier.send(&p.text).await.map_err(step_err)?;
                 Ok(json!({ "sent": true }))
             }
             Action::KubeGet => {
                 let p: KubeObjectParams = parse(self, params)?;
                 let (kube, r, id) = p.object.resolve(connections).await?;
-                let found = kube.get(&r, &id).await.map_err(kube_error)?;
+                let found = kube.get(&r, &id).await.map_err(step_err)?;
                 let value = match (&found, &p.field) {
                     (Some(o), Some(f)) => f
                         .split('.')
@@ -387,7 +382,7 @@ impl Action {
                 }
                 let (kube, r, id) = p.object.resolve(connections).await?;
                 let patch = json!({ "metadata": { "annotations": p.annotations } });
-                let patched = kube.merge_patch(&r, &id, &patch).await.map_err(kube_error)?;
+                let patched = kube.merge_patch(&r, &id, &patch).await.map_err(step_err)?;
                 Ok(json!({ "annotations": patched["metadata"]["annotations"] }))
             }
             Action::KubeWait => {
@@ -400,7 +395,7 @@ impl Action {
                     (None, None) => Some("Ready"),
                 };
                 let want = p.status.as_deref().unwrap_or("True");
-                let Some(object) = kube.get(&r, &id).await.map_err(kube_error)? else {
+                let Some(object) = kube.get(&r, &id).await.map_err(step_err)? else {
                     return Err(StepError::transient(format!("{id} does not exist (yet)")));
                 };
                 let found = |kind: &str| {
@@ -447,11 +442,11 @@ impl Action {
                     )));
                 }
                 let kube = cluster(connections, &p.connection).await?;
-                let r = kube.resource(&p.api_version, &p.kind).await.map_err(kube_error)?;
+                let r = kube.resource(&p.api_version, &p.kind).await.map_err(step_err)?;
                 let items = kube
                     .list(&r, p.namespace.as_deref(), p.labels.as_deref(), limit)
                     .await
-                    .map_err(kube_error)?;
+                    .map_err(step_err)?;
                 let names: Vec<Value> = items.iter().map(|o| o["metadata"]["name"].clone()).collect();
                 Ok(json!({ "items": items, "names": names }))
             }
@@ -461,13 +456,13 @@ impl Action {
                 let patched = kube
                     .merge_patch(&r, &id, &Value::Object(p.patch))
                     .await
-                    .map_err(kube_error)?;
+                    .map_err(step_err)?;
                 Ok(json!({ "object": patched }))
             }
             Action::KubeDelete => {
                 let p: KubeObjectOnly = parse(self, params)?;
                 let (kube, r, id) = p.object.resolve(connections).await?;
-                Ok(json!({ "deleted": kube.delete(&r, &id).await.map_err(kube_error)? }))
+                Ok(json!({ "deleted": kube.delete(&r, &id).await.map_err(step_err)? }))
             }
             Action::Assert => {
                 let p: AssertParams = parse(self, params)?;
@@ -485,7 +480,7 @@ impl Action {
                 let (kube, w) = p.resolve(connections).await?;
                 kube.rollout_restart(&w, &format!("dayshift {}/{}", s.run_id, s.step))
                     .await
-                    .map_err(kube_error)?;
+                    .map_err(step_err)?;
                 Ok(json!({ "restarted": w.to_string() }))
             }
             Action::KubeScale => {
@@ -498,19 +493,11 @@ impl Action {
                     )));
                 }
                 let (kube, w) = p.workload.resolve(connections).await?;
-                let previous = kube.replicas(&w).await.map_err(kube_error)?;
-                kube.scale(&w, p.replicas as i32).await.map_err(kube_error)?;
+                let previous = kube.replicas(&w).await.map_err(step_err)?;
+                kube.scale(&w, p.replicas as i32).await.map_err(step_err)?;
                 Ok(json!({ "replicas": p.replicas, "previous": previous }))
             }
         }
-    }
-}
-
-fn kube_error(e: KubeError) -> StepError {
-    if e.is_transient() {
-        StepError::transient(e)
-    } else {
-        StepError::permanent(e)
     }
 }
 
@@ -535,7 +522,7 @@ fn default_cluster() -> String {
 
 async fn cluster(connections: &Connections, name: &str) -> Result<Kube, StepError> {
     let config = connections.kubernetes(name).map_err(StepError::permanent)?;
-    Kube::connect(config).await.map_err(kube_error)
+    Kube::connect(config).await.map_err(step_err)
 }
 
 #[derive(Deserialize)]
@@ -560,7 +547,7 @@ impl KubeObject {
             kube_name("namespace", ns)?;
         }
         let kube = cluster(connections, &self.connection).await?;
-        let r = kube.resource(&self.api_version, &self.kind).await.map_err(kube_error)?;
+        let r = kube.resource(&self.api_version, &self.kind).await.map_err(step_err)?;
         if r.namespaced != self.namespace.is_some() {
             return Err(StepError::permanent(format!(
                 "{} is {}, so it needs {}",
