@@ -123,13 +123,15 @@ redis_up() {
 }
 
 monitoring_installed() {
-  # Tests start their own Alertmanager per test (each pointed at its own `dayshift serve`), and
-  # check the shipped alerting rules with Prometheus' promtool; here both are only installed
-  # (and git, whose daemon serves the tests' infra repositories).
+  # Tests start their own Alertmanager per test (each pointed at its own `dayshift serve`) and
+  # their own Prometheus (the `prometheus.query` tests), and check the shipped alerting rules
+  # with Prometheus' promtool; here they are only installed (and git, whose daemon serves the
+  # tests' infra repositories).
   # The Debian packages' services are not started (no systemd).
   apt_install prometheus-alertmanager prometheus git
   command -v prometheus-alertmanager >/dev/null || { log "prometheus-alertmanager missing after install"; return 1; }
   command -v promtool >/dev/null || { log "promtool missing after installing prometheus"; return 1; }
+  command -v prometheus >/dev/null || { log "prometheus missing after install"; return 1; }
 }
 
 kubectl_installed() {

@@ -20,6 +20,9 @@
 //! generation goes up and the status follows as a rollout would, either completing (the default)
 //! or never becoming ready ([`KubeApi::stall_rollouts`], [`KubeApi::stall_image`]). A Job
 //! completes at once, or fails when stalled; its pod template is immutable, as on a real server.
+//! It plays ArgoCD's application controller too: an Application's `operation` (a sync) is
+//! carried out right after the write that sets it ([`KubeApi::break_application`] for one that
+//! stays Degraded).
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -58,6 +61,8 @@ struct Inner {
     stalled_images: HashSet<String>,
     /// Paths (`/api/v1/namespaces/shop/secrets/db`) whose writes fail with a 500.
     failing: HashSet<String>,
+    /// ArgoCD Applications (`ns/name`) that a sync leaves Degraded.
+    broken_apps: HashSet<String>,
     /// Service account tokens issued: token → (namespace, name, uid).
     tokens: BTreeMap<String, (String, String, String)>,
 }
@@ -197,6 +202,16 @@ impl KubeApi {
         self.inner.lock().unwrap().stalled_images.insert(image.to_string());
     }
 
+    /// From now on, a sync of ArgoCD Application `namespace/name` leaves it Degraded (its new
+    /// pods never become ready).
+    pub fn break_application(&self, namespace: &str, name: &str) {
+        self.inner
+            .lock()
+            .unwrap()
+            .broken_apps
+            .insert(format!("{namespace}/{name}"));
+    }
+
     /// A token of service account `namespace/name`, shaped like the ones the kubelet mounts (a
     /// JWT with the service account claims); the TokenReview API authenticates it.
     pub fn issue_service_account_token(&self, namespace: &str, name: &str) -> String {
@@ -223,6 +238,19 @@ impl KubeApi {
             .tokens
             .insert(token.clone(), (namespace.into(), name.into(), uid));
         token
+    }
+
+    /// Connections with this stand-in as Kubernetes cluster `default`.
+    pub fn connections(&self) -> dayshift_workflows::Connections {
+        let mut conns = dayshift_workflows::Connections::default();
+        conns.kubernetes.insert(
+            "default".into(),
+            dayshift_workflows::adapters::kube::KubeConfig {
+                url: Some(self.url.clone()),
+                ..Default::default()
+            },
+        );
+        conns
     }
 
     /// From now on, writes to `path` fail with a 500.
@@ -377,6 +405,38 @@ fn settle(inner: &Inner, plural: &str, object: &mut Value) {
         })
     };
     object["status"] = status;
+}
+
+/// What ArgoCD's application controller does with an Application's `operation`: it removes it,
+/// records it in `status.operationState` as Succeeded, and the Application is Synced at its
+/// target revision and Healthy, unless [`KubeApi::break_application`] said it stays Degraded.
+fn argocd_sync(inner: &Inner, app: &mut Value) {
+    let operation = app
+        .as_object_mut()
+        .and_then(|o| o.remove("operation"))
+        .unwrap_or_default();
+    let now = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string();
+    let revision = operation["sync"]["revision"]
+        .as_str()
+        .or(app["spec"]["source"]["targetRevision"].as_str())
+        .unwrap_or("HEAD")
+        .to_string();
+    let id = format!(
+        "{}/{}",
+        app["metadata"]["namespace"].as_str().unwrap_or_default(),
+        app["metadata"]["name"].as_str().unwrap_or_default()
+    );
+    let health = if inner.broken_apps.contains(&id) {
+        json!({ "status": "Degraded", "message": "Deployment \"web\" exceeded its progress deadline" })
+    } else {
+        json!({ "status": "Healthy" })
+    };
+    app["status"]["operationState"] = json!({
+        "operation": operation, "phase": "Succeeded", "message": "successfully synced (all tasks run)",
+        "startedAt": now, "finishedAt": now, "syncResult": { "revision": revision },
+    });
+    app["status"]["sync"] = json!({ "status": "Synced", "revision": revision });
+    app["status"]["health"] = health;
 }
 
 /// Server-side apply, as far as it can be observed: creates the object or merges the applied
@@ -803,7 +863,15 @@ async fn handle(inner: Arc<Mutex<Inner>>, req: Req) -> Response {
                 updated["metadata"]["generation"] = json!(generation);
                 updated["status"] = current["status"].clone();
             }
-            state.objects.insert(key, updated.clone());
+            state.objects.insert(key.clone(), updated.clone());
+            if plural == "applications" && updated["operation"].is_object() {
+                // The ArgoCD application controller picks the operation up after the write.
+                let mut synced = updated.clone();
+                argocd_sync(&state, &mut synced);
+                state.resource_version += 1;
+                synced["metadata"]["resourceVersion"] = json!(state.resource_version.to_string());
+                state.objects.insert(key, synced);
+            }
             Json(updated).into_response()
         }
         _ => status(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", "method not allowed"),

@@ -929,19 +929,6 @@ output:
   previous: ${{ steps.scale.previous }}
 "#;
 
-/// Connections with the Kubernetes stand-in `kube` as cluster `default`.
-fn on_stand_in(kube: &dayshift_tests::kube_api::KubeApi) -> Connections {
-    let mut conns = Connections::default();
-    conns.kubernetes.insert(
-        "default".into(),
-        dayshift_workflows::adapters::kube::KubeConfig {
-            url: Some(kube.url.clone()),
-            ..Default::default()
-        },
-    );
-    conns
-}
-
 fn kube_objects(kube: &dayshift_tests::kube_api::KubeApi) {
     kube.put(json!({
         "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
@@ -971,7 +958,7 @@ async fn a_workflow_file_reads_annotates_restarts_and_scales_kubernetes_objects(
     kube_objects(&kube);
     let chat = WebhookReceiver::start().await;
     let (defs, _) = load(&[("force-sync.yaml", FORCE_SYNC)], &chat);
-    let conns = on_stand_in(&kube);
+    let conns = kube.connections();
     let workflows = registered(&defs, &Arc::new(conns));
     // Its guarded inputs are under the policy for API callers: a namespace it does not list,
     // or a consumer outside the list, is refused.
@@ -1070,118 +1057,6 @@ fn an_action_target_read_from_an_input_that_is_not_guarded_is_refused_when_the_f
     assert!(!problems.iter().any(|p| p.contains("stamp")), "{problems:#?}");
 }
 
-#[tokio::test]
-async fn the_externalsecret_force_sync_example_syncs_waits_for_the_new_secret_and_restarts_its_consumers() {
-    let kube = dayshift_tests::kube_api::KubeApi::start().await;
-    kube.put(json!({
-        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
-        "metadata": { "name": "externalsecrets.external-secrets.io" },
-        "spec": { "group": "external-secrets.io", "scope": "Namespaced",
-                  "names": { "kind": "ExternalSecret", "plural": "externalsecrets" },
-                  "versions": [{ "name": "v1", "served": true, "storage": true }] },
-    }));
-    let es_path = "/apis/external-secrets.io/v1/namespaces/shop/externalsecrets/shop-db";
-    kube.put(json!({
-        "apiVersion": "external-secrets.io/v1", "kind": "ExternalSecret",
-        "metadata": { "name": "shop-db", "namespace": "shop" },
-        "spec": { "target": { "name": "shop-db-credentials" } },
-    }));
-    kube.set_status(
-        es_path,
-        json!({ "conditions": [{ "type": "Ready", "status": "True", "reason": "SecretSynced" }] }),
-    );
-    let secret = |password: &str| {
-        json!({ "apiVersion": "v1", "kind": "Secret", "metadata": { "name": "shop-db-credentials", "namespace": "shop" },
-                "data": { "password": password } })
-    };
-    kube.put(secret("b2xk"));
-    for name in ["web", "worker"] {
-        kube.put(json!({
-            "apiVersion": "apps/v1", "kind": "Deployment", "metadata": { "name": name, "namespace": "shop" },
-            "spec": { "replicas": 1, "selector": { "matchLabels": { "app": name } },
-                      "template": { "metadata": { "labels": { "app": name } }, "spec": { "containers": [] } } },
-        }));
-    }
-    // The example as shipped, its checks paced for a test (10 s apart in the file).
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../examples/workflows/externalsecret-force-sync.yaml"
-    ))
-    .unwrap()
-    .replace("delay: 10s", "delay: 100ms");
-    let names = BTreeMap::from([("kubernetes".to_string(), ["default".to_string()].into())]);
-    let def = Arc::new(Definition::compile("force-sync.yaml", &text, &names).unwrap_or_else(|p| panic!("{p:#?}")));
-    let conns = on_stand_in(&kube);
-    let workflow = def.workflow(Arc::new(conns), Arc::new(names), None);
-    let mut env = TestEnv::new(vec![workflow]).await;
-    env.start_worker(fast_worker("force-sync"));
-    let run = env
-        .engine
-        .start(StartRun::new(
-            "secrets.force-sync",
-            json!({ "kubernetes": "default", "namespace": "shop", "external_secret": "shop-db", "consumers": ["web", "worker"] }),
-        ))
-        .await
-        .unwrap();
-    let limit = Duration::from_secs(30);
-    // The ExternalSecret is Ready, but the Secret has not changed yet: the run keeps checking.
-    dayshift_tests::wait_for(&env.engine, run.id, limit, |r| {
-        r.steps.iter().any(|s| s.name == "secret_changed" && s.attempts >= 2)
-    })
-    .await;
-    let es = kube.get(es_path).unwrap();
-    let stamp = es["metadata"]["annotations"]["force-sync"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    assert!(stamp.starts_with("dayshift-"), "{es:#}");
-    let before_restart = kube.get("/apis/apps/v1/namespaces/shop/deployments/web").unwrap();
-    assert!(
-        before_restart["spec"]["template"]["metadata"]["annotations"].is_null(),
-        "restarted before the Secret changed"
-    );
-    // The operator writes the new value.
-    kube.put(secret("bmV3"));
-    let done = env.wait(run.id, limit).await;
-    assert_succeeded(&done);
-    assert_eq!(
-        done.output,
-        Some(json!({
-            "secret": "shop-db-credentials",
-            "restarted": ["Deployment shop/web", "Deployment shop/worker"],
-        }))
-    );
-    for name in ["web", "worker"] {
-        let d = kube
-            .get(&format!("/apis/apps/v1/namespaces/shop/deployments/{name}"))
-            .unwrap();
-        assert!(
-            d["spec"]["template"]["metadata"]["annotations"]["kubectl.kubernetes.io/restartedAt"].is_string(),
-            "{d:#}"
-        );
-    }
-
-    // Without the ExternalSecret, the run fails at its check and restarts nothing.
-    let writes = kube.writes().len();
-    let missing = env
-        .run_within(
-            "secrets.force-sync",
-            json!({ "kubernetes": "default", "namespace": "shop", "external_secret": "nope", "consumers": ["web"] }),
-            limit,
-        )
-        .await;
-    assert_eq!(missing.status, RunStatus::Failed, "{missing:#?}");
-    assert!(
-        missing
-            .error
-            .as_deref()
-            .is_some_and(|e| e.contains("no ExternalSecret shop/nope")),
-        "{missing:#?}"
-    );
-    assert_eq!(kube.writes().len(), writes, "{:#?}", &kube.writes()[writes..]);
-    env.stop_workers().await;
-}
-
 /// A cleanup: the ConfigMaps of one app, listed by label, each deleted.
 const CLEANUP: &str = r#"
 name: ops.cleanup
@@ -1216,7 +1091,7 @@ async fn a_workflow_file_lists_objects_by_label_deletes_each_once_and_patches_a_
     );
     let chat = WebhookReceiver::start().await;
     let (defs, _) = load(&[("cleanup.yaml", CLEANUP)], &chat);
-    let conns = on_stand_in(&kube);
+    let conns = kube.connections();
     let mut env = TestEnv::new(registered(&defs, &Arc::new(conns))).await;
     env.start_worker(fast_worker("cleanup"));
     // The app label comes from the caller, but it only selects within the namespace the file

@@ -9,6 +9,7 @@ use crate::adapters::git::{GitConfig, GitConnectionConfig};
 use crate::adapters::kube::{KubeConfig, KubernetesConnectionConfig};
 use crate::adapters::notify::{Notifier, NotifyConnectionConfig};
 use crate::adapters::postgres::PostgresConnectionConfig;
+use crate::adapters::prometheus::{PrometheusConfig, PrometheusConnectionConfig};
 use crate::adapters::s3::{S3Config, S3ConnectionConfig};
 use crate::adapters::vault::{VaultConfig, VaultConnectionConfig};
 use crate::config::{InvalidConfig, SecretReader};
@@ -30,6 +31,8 @@ pub struct ConnectionsConfig {
     pub kubernetes: BTreeMap<String, KubernetesConnectionConfig>,
     /// Git repositories (the infra repositories ArgoCD watches), by name.
     pub git: BTreeMap<String, GitConnectionConfig>,
+    /// Prometheus HTTP APIs (Prometheus, Thanos, Mimir), by name.
+    pub prometheus: BTreeMap<String, PrometheusConnectionConfig>,
 }
 
 impl ConnectionsConfig {
@@ -43,6 +46,7 @@ impl ConnectionsConfig {
             ("vault".to_string(), names(self.vault.keys().collect())),
             ("kubernetes".to_string(), names(self.kubernetes.keys().collect())),
             ("git".to_string(), names(self.git.keys().collect())),
+            ("prometheus".to_string(), names(self.prometheus.keys().collect())),
         ])
     }
 
@@ -65,6 +69,7 @@ impl ConnectionsConfig {
         let kubernetes = each("kubernetes", &self.kubernetes, |c, key| c.resolve(key, read))?;
         let git = each("git", &self.git, |c, key| c.resolve(key, read))?;
         let vault = each("vault", &self.vault, |c, key| c.resolve(key, read))?;
+        let prometheus = each("prometheus", &self.prometheus, |c, key| c.resolve(key, read))?;
         Ok(Connections {
             s3,
             postgres,
@@ -72,6 +77,7 @@ impl ConnectionsConfig {
             vault,
             kubernetes,
             git,
+            prometheus,
         })
     }
 }
@@ -92,6 +98,8 @@ pub struct Connections {
     pub kubernetes: BTreeMap<String, KubeConfig>,
     /// Git repositories, by name.
     pub git: BTreeMap<String, GitConfig>,
+    /// Prometheus HTTP APIs, by name.
+    pub prometheus: BTreeMap<String, PrometheusConfig>,
 }
 
 impl std::fmt::Debug for Connections {
@@ -103,6 +111,7 @@ impl std::fmt::Debug for Connections {
             .field("vault", &self.vault.keys().collect::<Vec<_>>())
             .field("kubernetes", &self.kubernetes.keys().collect::<Vec<_>>())
             .field("git", &self.git.keys().collect::<Vec<_>>())
+            .field("prometheus", &self.prometheus.keys().collect::<Vec<_>>())
             .finish()
     }
 }
@@ -168,6 +177,16 @@ impl Connections {
     /// The git repository named `name`.
     pub fn git(&self, name: &str) -> Result<&GitConfig, NotConfigured> {
         lookup(&self.git, name, "no git connection named", "connections.git")
+    }
+
+    /// The Prometheus named `name`.
+    pub fn prometheus(&self, name: &str) -> Result<&PrometheusConfig, NotConfigured> {
+        lookup(
+            &self.prometheus,
+            name,
+            "no Prometheus connection named",
+            "connections.prometheus",
+        )
     }
 
     /// The notice webhook named `name`.

@@ -6,6 +6,7 @@ pub mod http;
 pub mod kube;
 pub mod notify;
 pub mod postgres;
+pub mod prometheus;
 pub mod s3;
 pub mod vault;
 
@@ -40,5 +41,6 @@ transient!(
     kube::KubeError,
     vault::VaultError,
     notify::NotifyError,
-    postgres::PgError
+    postgres::PgError,
+    prometheus::PromError
 );

@@ -70,6 +70,12 @@ const WORKLOAD_KIND: Param = param(
 );
 const WORKLOAD_NAMESPACE: Param = target("namespace", true, "The workload's namespace.");
 const WORKLOAD_NAME: Param = target("name", true, "The workload's name.");
+const ARGO_NAMESPACE: Param = target(
+    "namespace",
+    false,
+    "The Application's namespace (where ArgoCD keeps Applications). Default `argocd`.",
+);
+const ARGO_NAME: Param = target("name", true, "The Application's name.");
 
 /// An action of the catalog.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,10 +102,16 @@ pub(crate) enum Action {
     KubeDelete,
     /// A JSON merge patch of one object.
     KubePatch,
+    /// Starts an ArgoCD sync of one Application.
+    ArgoSync,
+    /// Checks that an ArgoCD Application is Synced and Healthy; retried, paced.
+    ArgoWaitHealthy,
+    /// An instant query to a Prometheus the config names.
+    PromQuery,
 }
 
 impl Action {
-    pub(crate) const ALL: [Action; 11] = [
+    pub(crate) const ALL: [Action; 14] = [
         Action::Log,
         Action::Notify,
         Action::KubeGet,
@@ -111,6 +123,9 @@ impl Action {
         Action::KubeList,
         Action::KubeDelete,
         Action::KubePatch,
+        Action::ArgoSync,
+        Action::ArgoWaitHealthy,
+        Action::PromQuery,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -126,6 +141,9 @@ impl Action {
             Action::KubeList => "kubernetes.list",
             Action::KubeDelete => "kubernetes.delete",
             Action::KubePatch => "kubernetes.patch",
+            Action::ArgoSync => "argocd.sync",
+            Action::ArgoWaitHealthy => "argocd.wait-healthy",
+            Action::PromQuery => "prometheus.query",
         }
     }
 
@@ -178,6 +196,28 @@ impl Action {
             Action::KubeDelete => {
                 "Deletes one object (its dependents in the background, as `kubectl delete`): output `deleted`, false if \
                  it was already gone, so repeating it is harmless."
+            }
+            Action::ArgoSync => {
+                "Starts a sync of one ArgoCD Application, as `argocd app sync` does: it sets the Application's \
+                 `operation` (initiated by `dayshift`, marked with the run and step), which the application controller \
+                 carries out. A sync already started by this step (still pending, or finished) is not started again; \
+                 while another operation runs, the step is retried. Output `started` (false when it had been) and \
+                 `marker`."
+            }
+            Action::ArgoWaitHealthy => {
+                "Checks that one ArgoCD Application has no operation running and is Synced (at `revision`, if given) \
+                 and Healthy. Each attempt is one read; one that finds it not so is retried by the step's `retry` \
+                 (default: every 10s for 10 minutes), the run holding no worker in between. A sync that ended Failed \
+                 or in Error fails the step at once, with ArgoCD's message. Output `sync`, `health` and `revision`. \
+                 Changes nothing."
+            }
+            Action::PromQuery => {
+                "Evaluates the PromQL instant query `query` on the Prometheus `connection` names \
+                 (connections.prometheus): output `series`, one `{labels, value}` per series (a scalar gives one), \
+                 `count`, the number of series, and `value`, the value when there is exactly one series (null \
+                 otherwise). A gate reads it (`that: ${{ steps.firing.count == 0 }}`), a digest lists it. A query \
+                 that does not parse fails the step at once; an unreachable Prometheus is retried. Reads only, so \
+                 repeating it is harmless (the answer may differ: the step keeps the one it got)."
             }
             Action::Assert => {
                 "Fails the run (at once, without retries) with `message` unless `that` is true: a check between \
@@ -304,6 +344,57 @@ impl Action {
                 ];
                 P
             }
+            Action::ArgoSync => {
+                const P: &[Param] = &[
+                    KUBE_CONNECTION,
+                    ARGO_NAMESPACE,
+                    ARGO_NAME,
+                    param(
+                        "revision",
+                        false,
+                        "string",
+                        "The revision to sync to (a commit, tag or branch). Default: the Application's target.",
+                    ),
+                    param(
+                        "prune",
+                        false,
+                        "boolean",
+                        "Delete the resources no longer in git. Default false.",
+                    ),
+                ];
+                P
+            }
+            Action::ArgoWaitHealthy => {
+                const P: &[Param] = &[
+                    KUBE_CONNECTION,
+                    ARGO_NAMESPACE,
+                    ARGO_NAME,
+                    param(
+                        "revision",
+                        false,
+                        "string",
+                        "The revision it must be Synced at (a full commit SHA, as ArgoCD reports it).",
+                    ),
+                ];
+                P
+            }
+            Action::PromQuery => {
+                const P: &[Param] = &[
+                    param(
+                        "connection",
+                        false,
+                        "string",
+                        "A Prometheus of connections.prometheus, by name. Default `default`.",
+                    ),
+                    param(
+                        "query",
+                        true,
+                        "string",
+                        "The PromQL expression: `ALERTS{alertstate=\"firing\"}`.",
+                    ),
+                ];
+                P
+            }
             Action::Assert => {
                 const P: &[Param] = &[
                     param("that", true, "any", "What must be true, usually `${{ expression }}`."),
@@ -332,7 +423,7 @@ impl Action {
     /// 10 s for 10 minutes; an assert never retries; the others retry as network calls do.
     pub(crate) fn default_retry(self) -> RetryPolicy {
         match self {
-            Action::KubeWait => RetryPolicy {
+            Action::KubeWait | Action::ArgoWaitHealthy => RetryPolicy {
                 max_attempts: 60,
                 initial_delay: std::time::Duration::from_secs(10),
                 multiplier: 1.0,
@@ -463,6 +554,83 @@ impl Action {
                 let p: KubeObjectOnly = parse(self, params)?;
                 let (kube, r, id) = p.object.resolve(connections).await?;
                 Ok(json!({ "deleted": kube.delete(&r, &id).await.map_err(step_err)? }))
+            }
+            Action::ArgoSync => {
+                let p: ArgoSyncParams = parse(self, params)?;
+                let (kube, r, id) = p.app.resolve(connections).await?;
+                let marker = format!("{}/{}", s.run_id, s.step);
+                let Some(app) = kube.get(&r, &id).await.map_err(step_err)? else {
+                    return Err(StepError::permanent(format!("there is no ArgoCD Application {id}")));
+                };
+                let ours = |op: &Value| {
+                    op["info"].as_array().is_some_and(|i| {
+                        i.iter()
+                            .any(|i| i["name"] == "dayshift" && i["value"] == marker.as_str())
+                    })
+                };
+                if ours(&app["operation"]) || ours(&app["status"]["operationState"]["operation"]) {
+                    return Ok(json!({ "started": false, "marker": marker }));
+                }
+                let running = app["status"]["operationState"]["phase"]
+                    .as_str()
+                    .is_some_and(|p| p == "Running" || p == "Terminating");
+                if app["operation"].is_object() || running {
+                    return Err(StepError::transient(format!(
+                        "another operation is running on Application {id}"
+                    )));
+                }
+                let mut sync = json!({ "prune": p.prune });
+                if let Some(rev) = &p.revision {
+                    sync["revision"] = json!(rev);
+                }
+                let patch = json!({ "operation": {
+                    "initiatedBy": { "username": "dayshift" },
+                    "info": [{ "name": "dayshift", "value": marker }],
+                    "sync": sync,
+                } });
+                kube.merge_patch(&r, &id, &patch).await.map_err(step_err)?;
+                Ok(json!({ "started": true, "marker": marker }))
+            }
+            Action::ArgoWaitHealthy => {
+                let p: ArgoWaitParams = parse(self, params)?;
+                let (kube, r, id) = p.app.resolve(connections).await?;
+                let Some(app) = kube.get(&r, &id).await.map_err(step_err)? else {
+                    return Err(StepError::permanent(format!("there is no ArgoCD Application {id}")));
+                };
+                let status = &app["status"];
+                let text = |v: &Value| v.as_str().unwrap_or("Unknown").to_string();
+                let (sync, health) = (text(&status["sync"]["status"]), text(&status["health"]["status"]));
+                let revision = status["sync"]["revision"].as_str().unwrap_or_default();
+                let op = &status["operationState"];
+                let phase = op["phase"].as_str().unwrap_or_default();
+                if app["operation"].is_object() || phase == "Running" || phase == "Terminating" {
+                    return Err(StepError::transient(format!("Application {id}: a sync is running")));
+                }
+                if phase == "Failed" || phase == "Error" {
+                    return Err(StepError::permanent(format!(
+                        "Application {id}: the sync ended {phase}: {}",
+                        op["message"].as_str().unwrap_or("no message")
+                    )));
+                }
+                let at_revision = p.revision.as_deref().is_none_or(|r| r == revision);
+                if sync == "Synced" && health == "Healthy" && at_revision {
+                    return Ok(json!({ "sync": sync, "health": health, "revision": revision }));
+                }
+                let why = status["health"]["message"].as_str().unwrap_or("no message");
+                Err(StepError::transient(format!(
+                    "Application {id} is {sync} and {health} ({why}) at revision {revision:?}"
+                )))
+            }
+            Action::PromQuery => {
+                let p: PromQueryParams = parse(self, params)?;
+                let prometheus = connections.prometheus(&p.connection).map_err(StepError::permanent)?;
+                let answer = prometheus
+                    .query(&p.query, std::time::Duration::from_secs(20))
+                    .await
+                    .map_err(step_err)?;
+                Ok(json!({
+                    "series": answer.series, "count": answer.series.len(), "value": answer.value(),
+                }))
             }
             Action::Assert => {
                 let p: AssertParams = parse(self, params)?;
@@ -618,6 +786,74 @@ struct KubePatchParams {
 struct KubeObjectOnly {
     #[serde(flatten)]
     object: KubeObject,
+}
+
+/// An ArgoCD Application, by namespace (default `argocd`) and name.
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct ArgoApp {
+    #[serde(default = "default_cluster")]
+    connection: String,
+    #[serde(default = "argocd_namespace")]
+    namespace: String,
+    name: String,
+}
+
+fn argocd_namespace() -> String {
+    "argocd".into()
+}
+
+impl ArgoApp {
+    async fn resolve(
+        &self,
+        connections: &Connections,
+    ) -> Result<(Kube, crate::adapters::kube::Resource, ObjectId), StepError> {
+        kube_name("namespace", &self.namespace)?;
+        kube_name("name", &self.name)?;
+        let kube = cluster(connections, &self.connection).await?;
+        // Applications are ArgoCD's CRD; its shape is known, so no discovery is needed.
+        let r = crate::adapters::kube::Resource {
+            api_version: "argoproj.io/v1alpha1".into(),
+            kind: "Application".into(),
+            plural: "applications".into(),
+            namespaced: true,
+        };
+        let id = ObjectId {
+            api_version: r.api_version.clone(),
+            kind: r.kind.clone(),
+            namespace: Some(self.namespace.clone()),
+            name: self.name.clone(),
+        };
+        Ok((kube, r, id))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ArgoSyncParams {
+    #[serde(flatten)]
+    app: ArgoApp,
+    #[serde(default)]
+    revision: Option<String>,
+    #[serde(default)]
+    prune: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ArgoWaitParams {
+    #[serde(flatten)]
+    app: ArgoApp,
+    #[serde(default)]
+    revision: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PromQueryParams {
+    #[serde(default = "default_cluster")]
+    connection: String,
+    query: String,
 }
 
 #[derive(Deserialize)]

@@ -41,7 +41,7 @@ pub(crate) struct Expr {
 impl Expr {
     /// Compiles `source`; the error is the parser's first, with its column in `source`.
     pub(crate) fn compile(source: &str) -> Result<Self, String> {
-        match cel::Program::compile(source.trim()) {
+        match ENV.compile(source.trim()) {
             Ok(program) => Ok(Self {
                 source: source.trim().to_string(),
                 program,
@@ -71,7 +71,7 @@ impl Expr {
 
     /// Its value in `scope`, as JSON.
     pub(crate) fn eval(&self, scope: &Scope<'_>) -> Result<Value, String> {
-        let mut context = cel::Context::default();
+        let mut context = cel::Context::with_env(ENV.clone());
         context.add_variable_from_value("input", to_cel(scope.input));
         let steps: HashMap<String, cel::Value> = scope.steps.iter().map(|(k, v)| (k.clone(), to_cel(v))).collect();
         context.add_variable_from_value("steps", steps);
@@ -87,6 +87,22 @@ impl Expr {
             .map_err(|e| format!("`{}` gave a value that is not JSON: {e:?}", self.source))
     }
 }
+
+/// CEL's standard library with the extensions Kubernetes also enables: strings (`join`,
+/// `split`, `lowerAscii`, …), lists (`sort`, `distinct`, `slice`, …) and math (`greatest`,
+/// `least`, …). Built once.
+static ENV: std::sync::LazyLock<std::sync::Arc<cel::Env>> = std::sync::LazyLock::new(|| {
+    let mut env = cel::Env::stdlib();
+    for extension in [
+        cel::extensions::strings as fn(&mut cel::Env) -> Result<(), cel::DeclarationError>,
+        cel::extensions::lists,
+        cel::extensions::math,
+    ] {
+        env.add_extension(extension)
+            .expect("the CEL extensions declare distinct overloads");
+    }
+    std::sync::Arc::new(env)
+});
 
 /// JSON as CEL sees it: whole numbers are `int` (so `input.replicas * 2` works), others `double`.
 fn to_cel(v: &Value) -> cel::Value {
@@ -358,6 +374,28 @@ mod tests {
         assert_eq!(
             v,
             json!({"replicas": 6, "names": ["a", "b"], "text": "scaled shop to 6", "plain": "no expression"})
+        );
+    }
+
+    #[test]
+    fn the_string_list_and_math_extensions_kubernetes_has_are_there() {
+        let t = Template::compile(&json!({
+            "joined": "${{ steps.pods.names.sort().join(', ') }}",
+            "distinct": "${{ size(steps.pods.names.distinct()) }}",
+            "upper": "${{ 'web'.upperAscii() }}",
+            "most": "${{ math.greatest(steps.pods.ages) }}",
+            "timed": "${{ timestamp('2026-12-14T00:00:00Z') - timestamp('2026-12-04T00:00:00Z') < duration('336h') }}",
+        }))
+        .unwrap();
+        let v = eval(
+            &t,
+            json!({}),
+            json!({"pods": {"names": ["web", "db", "web"], "ages": [3, 9, 1]}}),
+        )
+        .unwrap();
+        assert_eq!(
+            v,
+            json!({"joined": "db, web, web", "distinct": 2, "upper": "WEB", "most": 9, "timed": true})
         );
     }
 

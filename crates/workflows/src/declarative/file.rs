@@ -121,7 +121,7 @@ fn two() -> f64 {
 }
 
 /// The connection kinds a `type: connection` input may name.
-pub(crate) const CONNECTION_KINDS: [&str; 6] = ["postgres", "s3", "notify", "vault", "kubernetes", "git"];
+pub(crate) const CONNECTION_KINDS: [&str; 7] = ["postgres", "s3", "notify", "vault", "kubernetes", "git", "prometheus"];
 
 /// What an expression may read where it is written.
 #[derive(Clone, Copy)]
@@ -214,6 +214,7 @@ impl Problems<'_> {
                             "string" => value.is_string(),
                             "integer" => value.is_i64() || value.is_u64(),
                             "object" => value.is_object(),
+                            "boolean" => value.is_boolean(),
                             _ => true,
                         };
                         if !ok {
