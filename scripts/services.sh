@@ -142,6 +142,13 @@ kubectl_installed() {
   command -v kubectl >/dev/null || { log "kubectl missing after installing kubernetes-client"; return 1; }
 }
 
+job_tools_installed() {
+  # The Kubernetes stand-in runs a Job's command as a local program (tests/src/kube_api.rs): the
+  # database-dump Job example runs bash, pg_dump (installed with PostgreSQL), gzip and curl.
+  apt_install bash gzip curl
+  command -v curl >/dev/null || { log "curl missing after install"; return 1; }
+}
+
 AXE_VERSION=4.14.1
 
 console_tools_installed() {
@@ -280,6 +287,7 @@ case "${1:-up}" in
     openbao_up
     monitoring_installed
     kubectl_installed
+    job_tools_installed
     console_tools_installed
     write_env
     log "ready: source $state/env"

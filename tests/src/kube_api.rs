@@ -61,6 +61,12 @@ struct Inner {
     stalled_images: HashSet<String>,
     /// Paths (`/api/v1/namespaces/shop/secrets/db`) whose writes fail with a 500.
     failing: HashSet<String>,
+    /// Whether Jobs run their containers' commands as local processes ([`KubeApi::run_jobs`]).
+    kubelet: bool,
+    /// Jobs (`ns/name`) whose pod has been started.
+    launched: HashSet<String>,
+    /// Each pod's log (what its process wrote), by `ns/name`.
+    logs: BTreeMap<String, String>,
     /// ArgoCD Applications (`ns/name`) that a sync leaves Degraded.
     broken_apps: HashSet<String>,
     /// Service account tokens issued: token → (namespace, name, uid).
@@ -200,6 +206,29 @@ impl KubeApi {
     /// version crashes); rolling back to another image completes.
     pub fn stall_image(&self, image: &str) {
         self.inner.lock().unwrap().stalled_images.insert(image.to_string());
+    }
+
+    /// From now on, a Job runs as a kubelet would run it on a node whose images are this machine's
+    /// programs: its pod (`<job>-<5 letters>`, labelled `job-name`) runs the container's
+    /// `command` and `args` as a local process, with the container's `env` (values, and
+    /// `secretKeyRef`s read from the Secrets stored here) and nothing else of this process's
+    /// environment but `PATH`; what it writes is the pod's log (`GET …/pods/<name>/log`), its exit
+    /// code the container's, and the Job ends Complete or Failed with it. A Secret reference that
+    /// does not resolve fails the Job, as `CreateContainerConfigError` would hold it. Without
+    /// this, a Job completes at once.
+    pub fn run_jobs(&self) {
+        self.inner.lock().unwrap().kubelet = true;
+    }
+
+    /// The pods stored (of Jobs, once they run), by `ns/name`.
+    pub fn pods(&self) -> Vec<String> {
+        let inner = self.inner.lock().unwrap();
+        inner
+            .objects
+            .keys()
+            .filter(|(p, r, _, _)| p == "/api/v1" && r == "pods")
+            .map(|(_, _, ns, name)| format!("{ns}/{name}"))
+            .collect()
     }
 
     /// From now on, a sync of ArgoCD Application `namespace/name` leaves it Degraded (its new
@@ -362,7 +391,9 @@ fn settle(inner: &Inner, plural: &str, object: &mut Value) {
         });
     let stalled = inner.stalled.contains(&id) || stalled_image;
     let now = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string();
-    let status = if plural == "jobs" && !stalled {
+    let status = if plural == "jobs" && inner.kubelet {
+        json!({ "active": 1, "startTime": now })
+    } else if plural == "jobs" && !stalled {
         let completions = object["spec"]["completions"].as_i64().unwrap_or(1);
         json!({
             "succeeded": completions, "startTime": now, "completionTime": now,
@@ -716,6 +747,15 @@ struct Req {
 }
 
 async fn handle(inner: Arc<Mutex<Inner>>, req: Req) -> Response {
+    let jobs = req.plural == "jobs" && req.method != Method::GET;
+    let response = serve_request(&inner, req);
+    if jobs {
+        start_jobs(&inner);
+    }
+    response
+}
+
+fn serve_request(inner: &Arc<Mutex<Inner>>, req: Req) -> Response {
     let Req {
         method,
         prefix,
@@ -732,7 +772,7 @@ async fn handle(inner: Arc<Mutex<Inner>>, req: Req) -> Response {
         (None, true) => format!("{prefix}/{plural}"),
         (None, false) => format!("{prefix}/namespaces/{ns}/{plural}"),
     };
-    record(&inner, &method, path.clone(), query.clone(), &headers, &body);
+    record(inner, &method, path.clone(), query.clone(), &headers, &body);
     let mut state = inner.lock().unwrap();
     if method != Method::GET && state.failing.contains(&path) {
         return status(
@@ -811,6 +851,12 @@ async fn handle(inner: Arc<Mutex<Inner>>, req: Req) -> Response {
         Method::GET => Json(current).into_response(),
         Method::DELETE => {
             state.objects.remove(&key);
+            if plural == "jobs" {
+                // Its pods go with it (background propagation, as dayshift asks).
+                state.objects.retain(|(p, r, n, _), o| {
+                    !(p == "/api/v1" && r == "pods" && *n == ns && o["metadata"]["labels"]["job-name"] == name.as_str())
+                });
+            }
             Json(json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "details": {"name": name}}))
                 .into_response()
         }
@@ -903,6 +949,9 @@ async fn resource(
     let (ns, plural, name) = match rest {
         [ns_word, ns, plural] if ns_word == "namespaces" => (ns.clone(), plural.clone(), None),
         [ns_word, ns, plural, name] if ns_word == "namespaces" => (ns.clone(), plural.clone(), Some(name.clone())),
+        [ns_word, ns, pods, name, log] if ns_word == "namespaces" && pods == "pods" && log == "log" => {
+            return pod_log(&s, ns, name, query.as_deref().unwrap_or_default());
+        }
         [plural] => (String::new(), plural.clone(), None),
         [plural, name] => (String::new(), plural.clone(), Some(name.clone())),
         _ => return not_a_resource(&method, &uri),
@@ -918,6 +967,188 @@ async fn resource(
         body,
     };
     handle(s, req).await
+}
+
+/// `GET /api/v1/namespaces/<ns>/pods/<name>/log`, with `tailLines`.
+fn pod_log(inner: &Arc<Mutex<Inner>>, ns: &str, name: &str, query: &str) -> Response {
+    let inner = inner.lock().unwrap();
+    let id = format!("{ns}/{name}");
+    if !inner
+        .objects
+        .contains_key(&("/api/v1".into(), "pods".into(), ns.to_string(), name.to_string()))
+    {
+        return not_found("pods", "/api/v1", name);
+    }
+    let log = inner.logs.get(&id).cloned().unwrap_or_default();
+    let tail = query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("tailLines="))
+        .and_then(|n| n.parse::<usize>().ok());
+    let lines: Vec<&str> = log.lines().collect();
+    let from = tail.map_or(0, |n| lines.len().saturating_sub(n));
+    let mut text = lines[from..].join("\n");
+    if !text.is_empty() {
+        text.push('\n');
+    }
+    (StatusCode::OK, [("content-type", "text/plain")], text).into_response()
+}
+
+/// Starts the pod of each Job not started yet, when Jobs run ([`KubeApi::run_jobs`]).
+fn start_jobs(inner: &Arc<Mutex<Inner>>) {
+    let mut state = inner.lock().unwrap();
+    if !state.kubelet {
+        return;
+    }
+    let pending: Vec<(Key, Value)> = state
+        .objects
+        .iter()
+        .filter(|((p, r, ns, name), _)| {
+            p == "/apis/batch/v1" && r == "jobs" && !state.launched.contains(&format!("{ns}/{name}"))
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    for (key, job) in pending {
+        let (ns, job_name) = (key.2.clone(), key.3.clone());
+        state.launched.insert(format!("{ns}/{job_name}"));
+        let suffix: String = uuid::Uuid::new_v4()
+            .simple()
+            .to_string()
+            .chars()
+            .filter(char::is_ascii_lowercase)
+            .take(5)
+            .collect();
+        let pod_name = format!("{job_name}-{suffix:a<5}");
+        let container = job["spec"]["template"]["spec"]["containers"][0].clone();
+        // The container's environment, Secret references resolved as the kubelet does.
+        let mut env: Vec<(String, String)> = Vec::new();
+        let mut unresolved = None;
+        for e in container["env"].as_array().into_iter().flatten() {
+            let var = e["name"].as_str().unwrap_or_default().to_string();
+            if let Some(v) = e["value"].as_str() {
+                env.push((var, v.to_string()));
+            } else if let Some(r) = e["valueFrom"]["secretKeyRef"].as_object() {
+                let (secret, k) = (
+                    r["name"].as_str().unwrap_or_default(),
+                    r["key"].as_str().unwrap_or_default(),
+                );
+                let value = state
+                    .objects
+                    .get(&("/api/v1".into(), "secrets".into(), ns.clone(), secret.to_string()))
+                    .and_then(|s| s["data"][k].as_str().map(str::to_string))
+                    .and_then(|b| {
+                        use base64::Engine as _;
+                        base64::engine::general_purpose::STANDARD.decode(b).ok()
+                    })
+                    .and_then(|b| String::from_utf8(b).ok());
+                match value {
+                    Some(v) => env.push((var, v)),
+                    None => unresolved = Some(format!("secret \"{secret}\" (key {k:?}) not found")),
+                }
+            }
+        }
+        let mut pod = json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": { "name": pod_name, "namespace": ns,
+                          "labels": { "job-name": job_name, "batch.kubernetes.io/job-name": job_name } },
+            "spec": job["spec"]["template"]["spec"].clone(),
+            "status": { "phase": "Running" },
+        });
+        stamp_new(&mut state, &mut pod);
+        state
+            .objects
+            .insert(("/api/v1".into(), "pods".into(), ns.clone(), pod_name.clone()), pod);
+        if let Some(why) = unresolved {
+            finish_job(&mut state, &key, &pod_name, None, why);
+            continue;
+        }
+        let argv: Vec<String> = container["command"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .chain(container["args"].as_array().into_iter().flatten())
+            .filter_map(|a| a.as_str().map(str::to_string))
+            .collect();
+        let inner = inner.clone();
+        tokio::spawn(async move {
+            let Some((program, args)) = argv.split_first() else {
+                let mut state = inner.lock().unwrap();
+                finish_job(&mut state, &key, &pod_name, None, "the container has no command".into());
+                return;
+            };
+            let out = tokio::process::Command::new(program)
+                .args(args)
+                .env_clear()
+                .env("PATH", std::env::var("PATH").unwrap_or_default())
+                .envs(env)
+                .stdin(std::process::Stdio::null())
+                .output()
+                .await;
+            let mut state = inner.lock().unwrap();
+            match out {
+                Ok(out) => {
+                    let mut log = String::from_utf8_lossy(&out.stdout).to_string();
+                    log.push_str(&String::from_utf8_lossy(&out.stderr));
+                    state.logs.insert(format!("{}/{pod_name}", key.2), log);
+                    let code = out.status.code().unwrap_or(137);
+                    finish_job(&mut state, &key, &pod_name, Some(code), String::new());
+                }
+                Err(e) => finish_job(
+                    &mut state,
+                    &key,
+                    &pod_name,
+                    None,
+                    format!("cannot start {program}: {e}"),
+                ),
+            }
+        });
+    }
+}
+
+/// Records that the pod `pod` of Job `key` ended with `code` (`None`: it never started, for
+/// `why`), and the Job with it. A Job deleted meanwhile stays deleted.
+fn finish_job(state: &mut Inner, key: &Key, pod: &str, code: Option<i32>, why: String) {
+    let now = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string();
+    state.resource_version += 1;
+    let rv = state.resource_version.to_string();
+    let pod_key = (
+        "/api/v1".to_string(),
+        "pods".to_string(),
+        key.2.clone(),
+        pod.to_string(),
+    );
+    if let Some(p) = state.objects.get_mut(&pod_key) {
+        p["metadata"]["resourceVersion"] = json!(rv);
+        p["status"] = match code {
+            Some(c) => json!({
+                "phase": if c == 0 { "Succeeded" } else { "Failed" },
+                "containerStatuses": [{ "name": p["spec"]["containers"][0]["name"], "ready": false, "state": { "terminated": {
+                    "exitCode": c, "reason": if c == 0 { "Completed" } else { "Error" }, "finishedAt": now,
+                } } }],
+            }),
+            None => json!({
+                "phase": "Pending",
+                "containerStatuses": [{ "name": p["spec"]["containers"][0]["name"], "ready": false, "state": { "waiting": {
+                    "reason": "CreateContainerConfigError", "message": why,
+                } } }],
+            }),
+        };
+    }
+    let Some(job) = state.objects.get_mut(key) else {
+        return;
+    };
+    job["metadata"]["resourceVersion"] = json!(rv);
+    job["status"] = if code == Some(0) {
+        json!({ "succeeded": 1, "startTime": job["status"]["startTime"], "completionTime": now,
+                "conditions": [{ "type": "Complete", "status": "True", "lastTransitionTime": now }] })
+    } else {
+        let message = match code {
+            Some(_) => "Job has reached the specified backoff limit".to_string(),
+            None => why,
+        };
+        json!({ "failed": 1, "startTime": job["status"]["startTime"],
+                "conditions": [{ "type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
+                                 "message": message, "lastTransitionTime": now }] })
+    };
 }
 
 fn not_a_resource(method: &Method, uri: &axum::http::Uri) -> Response {

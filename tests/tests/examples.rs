@@ -354,3 +354,143 @@ alertmanager:
         .unwrap();
     assert_eq!(count, 2);
 }
+
+#[tokio::test]
+async fn the_dump_job_example_runs_a_real_dump_in_a_job_whose_output_lands_in_seaweedfs_and_a_failed_one_fails_with_its_log()
+ {
+    use base64::Engine as _;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    // The database dumped: a real one, with a table the dump must hold.
+    let db = dayshift_tests::TestDb::new().await;
+    for sql in [
+        "create table orders (id int primary key, item text)",
+        "insert into orders values (1, 'kettle-7731')",
+    ] {
+        sqlx::query(sql).execute(&db.pool).await.unwrap();
+    }
+    // A backup role of its own, with a password found nowhere else.
+    let (role, password) = (
+        format!("dumper_{}", dayshift_tests::unique()),
+        format!("pw-{}", dayshift_tests::unique()),
+    );
+    for sql in [
+        format!("create role {role} login password '{password}'"),
+        format!("grant pg_read_all_data to {role}"),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&db.pool).await.unwrap();
+    }
+    let mut url = url::Url::parse(&db.url).unwrap();
+    url.set_username(&role).unwrap();
+    url.set_password(Some(&password)).unwrap();
+    let kube = dayshift_tests::kube_api::KubeApi::start().await;
+    kube.run_jobs();
+    let db_secret = |name: &str, dbname: &str| {
+        json!({ "apiVersion": "v1", "kind": "Secret", "metadata": { "name": name, "namespace": "shop" }, "data": {
+            "host": b64(url.host_str().unwrap()), "port": b64(&url.port().unwrap().to_string()),
+            "username": b64(url.username()), "password": b64(url.password().unwrap()), "dbname": b64(dbname),
+        } })
+    };
+    kube.put(db_secret("shop-db-app", url.path().trim_start_matches('/')));
+    kube.put(db_secret("gone-db-app", "no_such_database"));
+    let s3 = dayshift_tests::s3_test_config(None);
+    kube.put(json!({ "apiVersion": "v1", "kind": "Secret", "metadata": { "name": "backup-s3", "namespace": "shop" }, "data": {
+        "access-key": b64(&s3.access_key), "secret-key": b64(&s3.secret_key),
+    } }));
+
+    let mut env = TestEnv::new(vec![example("database-dump-job.yaml", kube.connections())]).await;
+    env.start_worker(fast_worker("dump-job"));
+    let prefix = format!("dump-job-{}", dayshift_tests::unique());
+    let input = |secret: &str| {
+        json!({
+            "kubernetes": "default", "namespace": "shop", "database_secret": secret, "s3_secret": "backup-s3",
+            "endpoint": s3.endpoint.clone().unwrap(), "bucket": s3.bucket, "region": s3.region, "prefix": prefix,
+            "image": "postgres:16",
+            "dump": r#"pg_dump --host="$DB_HOST" --port="$DB_PORT" --username="$DB_USER" --no-password "$DB_NAME""#,
+        })
+    };
+    let limit = Duration::from_secs(60);
+    let run = env.run_within("backup.dump-job", input("shop-db-app"), limit).await;
+    assert_succeeded(&run);
+    let key = format!("{prefix}/{}.sql.gz", run.id);
+    let output = run.output.clone().unwrap();
+    assert_eq!(output["log"], format!("uploaded {key}\n"), "{output:#}");
+
+    // The object is in SeaweedFS, through its S3 API: the gzipped dump, table and row included.
+    let store = dayshift_workflows::adapters::s3::S3Store::new(&s3).await;
+    let object = store
+        .client()
+        .get_object()
+        .bucket(store.bucket())
+        .key(&key)
+        .send()
+        .await
+        .unwrap();
+    let gz = object.body.collect().await.unwrap().into_bytes();
+    let mut gunzip = std::process::Command::new("gunzip")
+        .arg("-c")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    gunzip.stdin.take().unwrap().write_all(&gz).unwrap();
+    let sql = String::from_utf8(gunzip.wait_with_output().unwrap().stdout).unwrap();
+    assert!(sql.contains("CREATE TABLE public.orders"), "{sql}");
+    assert!(sql.contains("kettle-7731"), "{sql}");
+    // The Job and its pod are gone; the password is nowhere in the run.
+    assert!(kube.pods().is_empty(), "{:?}", kube.pods());
+    let job_path = format!(
+        "/apis/batch/v1/namespaces/shop/jobs/{}",
+        output["job"].as_str().unwrap()
+    );
+    assert!(kube.get(&job_path).is_none());
+    let journal = serde_json::to_string(&run).unwrap();
+    assert!(!journal.contains(url.password().unwrap()), "{journal}");
+    let created = kube
+        .writes()
+        .into_iter()
+        .find(|w| w.path.ends_with(output["job"].as_str().unwrap()))
+        .unwrap();
+    let pod = &created.body["spec"]["template"]["spec"];
+    assert_eq!(pod["automountServiceAccountToken"], false, "{pod:#}");
+    assert!(!created.body.to_string().contains(url.password().unwrap()));
+
+    // A dump that fails (its database does not exist): the run fails with the Job's log, and
+    // the Job is cleaned up all the same.
+    let failed = env.run_within("backup.dump-job", input("gone-db-app"), limit).await;
+    assert_eq!(failed.status, RunStatus::Failed, "{failed:#?}");
+    let error = failed.error.clone().unwrap_or_default();
+    assert!(
+        error.contains("failed (") && error.contains("no_such_database"),
+        "{error}"
+    );
+    assert!(kube.pods().is_empty(), "{:?}", kube.pods());
+    env.stop_workers().await;
+}
+
+#[test]
+fn the_dump_job_example_lets_no_caller_choose_the_image_or_the_command_unless_they_are_guarded() {
+    let path = format!(
+        "{}/../examples/workflows/database-dump-job.yaml",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let shipped = std::fs::read_to_string(path).unwrap();
+    let text = shipped
+        .replace("image: { type: string, guarded: true,", "image: { type: string,")
+        .replace(
+            "  dump:\n    type: string\n    guarded: true\n",
+            "  dump:\n    type: string\n",
+        );
+    assert_ne!(text, shipped);
+    let names = BTreeMap::from([("kubernetes".to_string(), BTreeSet::from(["default".to_string()]))]);
+    let problems = Definition::compile("dump.yaml", &text, &names).unwrap_err();
+    for key in ["steps[0].with.image", "steps[0].with.env"] {
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains(&format!("{key}: chooses what the action acts on"))),
+            "{key}: {problems:#?}"
+        );
+    }
+    assert_eq!(problems.len(), 2, "{problems:#?}");
+}

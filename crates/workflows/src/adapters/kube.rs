@@ -378,6 +378,26 @@ impl Kube {
         }
     }
 
+    /// The last `lines` lines of container `container`'s log in pod `namespace/name`, as
+    /// `kubectl logs --tail` gives them (lossy UTF-8).
+    pub async fn pod_log_tail(
+        &self,
+        namespace: &str,
+        name: &str,
+        container: &str,
+        lines: i64,
+    ) -> Result<String, KubeError> {
+        let api = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(self.client.clone(), namespace);
+        let params = kube::api::LogParams {
+            container: Some(container.to_string()),
+            tail_lines: Some(lines),
+            ..Default::default()
+        };
+        api.logs(name, &params)
+            .await
+            .map_err(|e| KubeError::from_kube(&format!("read the log of Pod {namespace}/{name}"), e))
+    }
+
     /// Marks a node unschedulable, as `kubectl cordon` does.
     pub async fn cordon(&self, node: &str) -> Result<(), KubeError> {
         let api = Api::<k8s_openapi::api::core::v1::Node>::all(self.client.clone());

@@ -33,10 +33,14 @@ const fn param(name: &'static str, required: bool, kind: &'static str, descripti
 }
 
 const fn target(name: &'static str, required: bool, description: &'static str) -> Param {
+    target_of(name, required, "string", description)
+}
+
+const fn target_of(name: &'static str, required: bool, kind: &'static str, description: &'static str) -> Param {
     Param {
         name,
         required,
-        kind: "string",
+        kind,
         description,
         target: true,
     }
@@ -108,10 +112,12 @@ pub(crate) enum Action {
     ArgoWaitHealthy,
     /// An instant query to a Prometheus the config names.
     PromQuery,
+    /// Runs an image to completion as a Kubernetes Job.
+    KubeJob,
 }
 
 impl Action {
-    pub(crate) const ALL: [Action; 14] = [
+    pub(crate) const ALL: [Action; 15] = [
         Action::Log,
         Action::Notify,
         Action::KubeGet,
@@ -126,6 +132,7 @@ impl Action {
         Action::ArgoSync,
         Action::ArgoWaitHealthy,
         Action::PromQuery,
+        Action::KubeJob,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -144,6 +151,7 @@ impl Action {
             Action::ArgoSync => "argocd.sync",
             Action::ArgoWaitHealthy => "argocd.wait-healthy",
             Action::PromQuery => "prometheus.query",
+            Action::KubeJob => "kubernetes.job",
         }
     }
 
@@ -218,6 +226,17 @@ impl Action {
                  otherwise). A gate reads it (`that: ${{ steps.firing.count == 0 }}`), a digest lists it. A query \
                  that does not parse fails the step at once; an unreachable Prometheus is retried. Reads only, so \
                  repeating it is harmless (the answer may differ: the step keeps the one it got)."
+            }
+            Action::KubeJob => {
+                "Runs `image` to completion as a Job in `namespace` (the escape hatch for what dayshift has no action \
+                 for: `mysqldump`, `occ`, `mmctl`, `redis-cli`), with `command`, `args`, `env` and `secret-env` (values \
+                 the kubelet reads from Secrets, so they never pass through dayshift); the container also gets \
+                 `DAYSHIFT_RUN_ID` and `DAYSHIFT_STEP`. Each attempt is one look at the Job, the run holding no worker \
+                 while it runs (default: every 10s for an hour). The Job is named `<name>-<8 hex digits of the run and \
+                 step>`, so a repeat finds the Job it started instead of starting another. Once it ends, the step reads \
+                 its exit code and the tail of its log and deletes it; a Job that failed fails the step with its log. \
+                 Output `job`, `succeeded`, `exit_code` and `logs`. A repeat after the Job was collected but before the \
+                 step was recorded runs it again, so its command must be safe to run twice (a dump to a key of the run)."
             }
             Action::Assert => {
                 "Fails the run (at once, without retries) with `message` unless `that` is true: a check between \
@@ -395,6 +414,51 @@ impl Action {
                 ];
                 P
             }
+            Action::KubeJob => {
+                const P: &[Param] = &[
+                    KUBE_CONNECTION,
+                    target("namespace", true, "The namespace the Job runs in."),
+                    param(
+                        "name",
+                        true,
+                        "string",
+                        "The Job's name, before `-<8 hex digits>` (at most 54 characters).",
+                    ),
+                    target("image", true, "The container image: `mysql:8.4`."),
+                    target_of(
+                        "command",
+                        false,
+                        "any",
+                        "The command, a list (the image's entrypoint without it).",
+                    ),
+                    target_of("args", false, "any", "Its arguments, a list."),
+                    target_of("env", false, "object", "Environment variables, name to value."),
+                    target_of(
+                        "secret-env",
+                        false,
+                        "object",
+                        "Environment variables from Secrets of the namespace: name to `<secret>/<key>`.",
+                    ),
+                    target(
+                        "service-account",
+                        false,
+                        "The service account it runs as; without it, the pod gets no API token.",
+                    ),
+                    param(
+                        "deadline",
+                        false,
+                        "string",
+                        "How long it may run before Kubernetes stops it (`activeDeadlineSeconds`). Default `1h`.",
+                    ),
+                    param(
+                        "log-lines",
+                        false,
+                        "integer",
+                        "How many lines of its log end up in the output (0 to 1000). Default 20.",
+                    ),
+                ];
+                P
+            }
             Action::Assert => {
                 const P: &[Param] = &[
                     param("that", true, "any", "What must be true, usually `${{ expression }}`."),
@@ -425,6 +489,13 @@ impl Action {
         match self {
             Action::KubeWait | Action::ArgoWaitHealthy => RetryPolicy {
                 max_attempts: 60,
+                initial_delay: std::time::Duration::from_secs(10),
+                multiplier: 1.0,
+                max_delay: std::time::Duration::from_secs(10),
+                ..RetryPolicy::network()
+            },
+            Action::KubeJob => RetryPolicy {
+                max_attempts: 360,
                 initial_delay: std::time::Duration::from_secs(10),
                 multiplier: 1.0,
                 max_delay: std::time::Duration::from_secs(10),
@@ -631,6 +702,11 @@ impl Action {
                 Ok(json!({
                     "series": answer.series, "count": answer.series.len(), "value": answer.value(),
                 }))
+            }
+            Action::KubeJob => {
+                let p: super::job::JobParams = parse(self, params)?;
+                let kube = cluster(connections, &p.connection).await?;
+                p.run(&kube, s).await
             }
             Action::Assert => {
                 let p: AssertParams = parse(self, params)?;

@@ -23,6 +23,7 @@
 mod actions;
 mod expr;
 mod file;
+mod job;
 mod model;
 
 use std::collections::{BTreeMap, BTreeSet};
