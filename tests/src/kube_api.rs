@@ -65,6 +65,8 @@ struct Inner {
     kubelet: bool,
     /// Jobs (`ns/name`) whose pod has been started.
     launched: HashSet<String>,
+    /// Commands run in pods: `ns/name` and the command.
+    execs: Vec<(String, Vec<String>)>,
     /// Each pod's log (what its process wrote), by `ns/name`.
     logs: BTreeMap<String, String>,
     /// ArgoCD Applications (`ns/name`) that a sync leaves Degraded.
@@ -108,6 +110,7 @@ impl KubeApi {
                 "/apis/authentication.k8s.io/v1/tokenreviews",
                 axum::routing::post(token_review),
             )
+            .route("/api/v1/namespaces/{ns}/pods/{name}/exec", any(exec))
             // Namespaced and cluster-scoped objects and lists, core and grouped.
             .route("/api/{*path}", any(resource))
             .route("/apis/{*path}", any(resource))
@@ -218,6 +221,11 @@ impl KubeApi {
     /// this, a Job completes at once.
     pub fn run_jobs(&self) {
         self.inner.lock().unwrap().kubelet = true;
+    }
+
+    /// Every command run in a pod (`ns/name`, the command), in order.
+    pub fn execs(&self) -> Vec<(String, Vec<String>)> {
+        self.inner.lock().unwrap().execs.clone()
     }
 
     /// The pods stored (of Jobs, once they run), by `ns/name`.
@@ -967,6 +975,111 @@ async fn resource(
         body,
     };
     handle(s, req).await
+}
+
+/// `GET /api/v1/namespaces/<ns>/pods/<name>/exec`, upgraded to a WebSocket with the
+/// `v5.channel.k8s.io` or `v4.channel.k8s.io` subprotocol, as `kubectl exec` and kube-rs use
+/// it: the command runs as a local program (the node's images are this machine's programs, as
+/// for Jobs) with the container's plain `env` values and `PATH`; its stdout is sent on channel
+/// 1, its stderr on 2, and its end as a `Status` on channel 3 (`NonZeroExitCode` with the code
+/// for a failure). A pod that is not there is a 404; one not Running, a 400.
+async fn exec(
+    State(s): Shared,
+    axum::extract::Path((ns, name)): axum::extract::Path<(String, String)>,
+    RawQuery(query): RawQuery,
+    upgrade: axum::extract::ws::WebSocketUpgrade,
+) -> Response {
+    let mut argv = Vec::new();
+    let mut container_name = None;
+    for (k, v) in url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        match k.as_ref() {
+            "command" => argv.push(v.into_owned()),
+            "container" => container_name = Some(v.into_owned()),
+            _ => {}
+        }
+    }
+    let env: Vec<(String, String)> = {
+        let mut inner = s.lock().unwrap();
+        let Some(pod) = inner
+            .objects
+            .get(&("/api/v1".into(), "pods".into(), ns.clone(), name.clone()))
+            .cloned()
+        else {
+            return not_found("pods", "/api/v1", &name);
+        };
+        if pod["status"]["phase"] != "Running" {
+            return status(
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                &format!("pod {name} is not running (phase {})", pod["status"]["phase"]),
+            );
+        }
+        let containers = pod["spec"]["containers"].as_array().cloned().unwrap_or_default();
+        let container = match &container_name {
+            Some(c) => containers.iter().find(|x| x["name"] == c.as_str()).cloned(),
+            None => containers.first().cloned(),
+        };
+        let Some(container) = container else {
+            return status(
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                &format!("container {container_name:?} is not valid for pod {name}"),
+            );
+        };
+        inner.execs.push((format!("{ns}/{name}"), argv.clone()));
+        container["env"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| Some((e["name"].as_str()?.to_string(), e["value"].as_str()?.to_string())))
+            .collect()
+    };
+    upgrade
+        .protocols(["v5.channel.k8s.io", "v4.channel.k8s.io"])
+        .on_upgrade(move |mut socket| async move {
+            use axum::extract::ws::Message;
+            let frame = |channel: u8, data: &[u8]| {
+                let mut b = vec![channel];
+                b.extend_from_slice(data);
+                Message::Binary(b.into())
+            };
+            let Some((program, args)) = argv.split_first() else {
+                return;
+            };
+            let out = tokio::process::Command::new(program)
+                .args(args)
+                .env_clear()
+                .env("PATH", std::env::var("PATH").unwrap_or_default())
+                .envs(env)
+                .stdin(std::process::Stdio::null())
+                .output()
+                .await;
+            let end = match out {
+                Ok(out) => {
+                    if !out.stdout.is_empty() {
+                        let _ = socket.send(frame(1, &out.stdout)).await;
+                    }
+                    if !out.stderr.is_empty() {
+                        let _ = socket.send(frame(2, &out.stderr)).await;
+                    }
+                    match out.status.code() {
+                        Some(0) => json!({ "metadata": {}, "status": "Success" }),
+                        code => json!({
+                            "metadata": {}, "status": "Failure",
+                            "message": format!("command terminated with non-zero exit code: exit status {}", code.unwrap_or(137)),
+                            "reason": "NonZeroExitCode",
+                            "details": { "causes": [{ "reason": "ExitCode", "message": code.unwrap_or(137).to_string() }] },
+                        }),
+                    }
+                }
+                Err(e) => json!({
+                    "metadata": {}, "status": "Failure", "reason": "InternalError",
+                    "message": format!("failed to exec in container: exec: {program:?}: {e}"),
+                }),
+            };
+            let _ = socket.send(frame(3, end.to_string().as_bytes())).await;
+            let _ = socket.send(Message::Close(None)).await;
+        })
 }
 
 /// `GET /api/v1/namespaces/<ns>/pods/<name>/log`, with `tailLines`.

@@ -494,3 +494,107 @@ fn the_dump_job_example_lets_no_caller_choose_the_image_or_the_command_unless_th
     }
     assert_eq!(problems.len(), 2, "{problems:#?}");
 }
+
+#[tokio::test]
+async fn the_app_consistent_backup_example_quiesces_backs_up_and_always_unquiesces() {
+    let source = dayshift_tests::TestDb::new().await;
+    sqlx::query("create table files (id int primary key)")
+        .execute(&source.pool)
+        .await
+        .unwrap();
+    let kube = dayshift_tests::kube_api::KubeApi::start().await;
+    // The app's pod: its CLI writes the maintenance mode to a file (the node is this machine).
+    let state = std::env::temp_dir().join(format!("dayshift-maintenance-{}", dayshift_tests::unique()));
+    std::fs::create_dir_all(&state).unwrap();
+    let modes = state.join("modes");
+    for (name, phase) in [("nextcloud-0", "Running"), ("nextcloud-1", "Pending")] {
+        kube.put(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": { "name": name, "namespace": "nextcloud", "labels": { "app": "nextcloud" } },
+            "spec": { "containers": [
+                { "name": "nextcloud", "image": "nextcloud:30", "env": [{ "name": "MODES", "value": modes.display().to_string() }] },
+                { "name": "cron", "image": "nextcloud:30" },
+            ] },
+            "status": { "phase": phase },
+        }));
+    }
+    let store = dayshift_tests::s3_test_config(None);
+    let mut conns = kube.connections();
+    conns.postgres.insert("nextcloud".into(), source.url.clone());
+    conns.s3.insert("backups".into(), store.clone());
+    let mut broken = store.clone();
+    broken.secret_key = "not-the-secret".into();
+    conns.s3.insert("broken".into(), broken);
+    let conns_arc = Arc::new(conns.clone());
+    let mut env = TestEnv::new(vec![
+        example("app-consistent-backup.yaml", conns),
+        dayshift_workflows::backup_postgres(conns_arc),
+    ])
+    .await;
+    env.start_worker(fast_worker("app-backup"));
+    let prefix = format!("app-{}", dayshift_tests::unique());
+    let input = |store: &str| {
+        json!({
+            "kubernetes": "default", "namespace": "nextcloud", "labels": "app=nextcloud", "container": "nextcloud",
+            "quiesce": ["sh", "-c", "echo on >> \"$MODES\""], "unquiesce": ["sh", "-c", "echo off >> \"$MODES\""],
+            "database": "nextcloud", "store": store, "prefix": prefix,
+        })
+    };
+    let limit = Duration::from_secs(60);
+    let run = env.run_within("backup.app-consistent", input("backups"), limit).await;
+    assert_succeeded(&run);
+    assert_eq!(std::fs::read_to_string(&modes).unwrap(), "on\noff\n");
+    // In that order: quiesced, backed up (a child run), unquiesced.
+    let order: Vec<&str> = run.steps.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(order, ["quiesce", "backup", "finally:unquiesce"], "{run:#?}");
+    let output = run.output.clone().unwrap();
+    assert_eq!(output["quiesced_in"], "nextcloud-0");
+    let key = output["backup"]["key"].as_str().unwrap().to_string();
+    assert!(key.starts_with(&format!("{prefix}/")), "{output:#}");
+    let stored = dayshift_workflows::adapters::s3::S3Store::new(&store)
+        .await
+        .list(&prefix)
+        .await
+        .unwrap();
+    assert!(stored.iter().any(|o| o.key == key), "{stored:#?}");
+    // Only the first Running pod's container was run in, with the commands given.
+    assert_eq!(
+        kube.execs(),
+        [
+            (
+                "nextcloud/nextcloud-0".to_string(),
+                vec!["sh".to_string(), "-c".into(), "echo on >> \"$MODES\"".into()]
+            ),
+            (
+                "nextcloud/nextcloud-0".to_string(),
+                vec!["sh".to_string(), "-c".into(), "echo off >> \"$MODES\"".into()]
+            ),
+        ]
+    );
+
+    // The backup fails (the store refuses the credentials): the app is unquiesced all the same.
+    std::fs::remove_file(&modes).unwrap();
+    let failed = env.run_within("backup.app-consistent", input("broken"), limit).await;
+    assert_eq!(failed.status, RunStatus::Failed, "{failed:#?}");
+    assert_eq!(std::fs::read_to_string(&modes).unwrap(), "on\noff\n");
+    assert!(
+        failed
+            .steps
+            .iter()
+            .any(|s| s.name == "finally:unquiesce" && s.status == dayshift_engine::StepStatus::Succeeded),
+        "{failed:#?}"
+    );
+
+    // A quiesce command that fails stops the run before the backup, and still unquiesces.
+    std::fs::remove_file(&modes).unwrap();
+    let mut bad = input("backups");
+    bad["quiesce"] = json!(["sh", "-c", "echo 'maintenance mode is locked' >&2; exit 3"]);
+    let refused = env.run_within("backup.app-consistent", bad, limit).await;
+    assert_eq!(refused.status, RunStatus::Failed, "{refused:#?}");
+    let error = refused.error.clone().unwrap_or_default();
+    assert!(error.contains("exited 3: maintenance mode is locked"), "{error}");
+    assert!(!refused.steps.iter().any(|s| s.name == "backup"), "{refused:#?}");
+    assert_eq!(std::fs::read_to_string(&modes).unwrap(), "off\n");
+    env.stop_workers().await;
+    let _ = std::fs::remove_dir_all(&state);
+}

@@ -398,6 +398,75 @@ impl Kube {
             .map_err(|e| KubeError::from_kube(&format!("read the log of Pod {namespace}/{name}"), e))
     }
 
+    /// Runs `command` in container `container` (the pod's only one if `None`) of pod
+    /// `namespace/name`, as `kubectl exec` does (no stdin, no TTY), and waits for it to end.
+    /// Each of stdout and stderr keeps its last `keep` bytes.
+    pub async fn exec(
+        &self,
+        namespace: &str,
+        name: &str,
+        container: Option<&str>,
+        command: &[String],
+        keep: usize,
+    ) -> Result<Executed, KubeError> {
+        use tokio::io::AsyncReadExt as _;
+        let what = format!("exec in Pod {namespace}/{name}");
+        let api = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(self.client.clone(), namespace);
+        let mut params = kube::api::AttachParams::default()
+            .stdin(false)
+            .stdout(true)
+            .stderr(true);
+        if let Some(c) = container {
+            params = params.container(c);
+        }
+        let mut process = api
+            .exec(name, command.to_vec(), &params)
+            .await
+            .map_err(|e| KubeError::from_kube(&what, e))?;
+        let status = process.take_status();
+        async fn tail(r: Option<impl tokio::io::AsyncRead + Unpin>, keep: usize) -> String {
+            let mut buf = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut buf).await;
+            }
+            let from = buf.len().saturating_sub(keep);
+            String::from_utf8_lossy(&buf[from..]).into_owned()
+        }
+        let (stdout, stderr) = tokio::join!(tail(process.stdout(), keep), tail(process.stderr(), keep));
+        let status = match status {
+            Some(s) => s.await,
+            None => None,
+        };
+        let _ = process.join().await;
+        let Some(status) = status else {
+            return Err(KubeError::Transient(format!(
+                "{what}: the connection ended without an exit status"
+            )));
+        };
+        let exit_code = match status.status.as_deref() {
+            Some("Success") => 0,
+            _ if status.reason.as_deref() == Some("NonZeroExitCode") => status
+                .details
+                .as_ref()
+                .and_then(|d| d.causes.as_ref())
+                .and_then(|c| c.iter().find(|c| c.reason.as_deref() == Some("ExitCode")))
+                .and_then(|c| c.message.as_deref())
+                .and_then(|m| m.parse().ok())
+                .unwrap_or(1),
+            _ => {
+                return Err(KubeError::Permanent(format!(
+                    "{what}: {}",
+                    status.message.as_deref().unwrap_or("the command could not be run")
+                )));
+            }
+        };
+        Ok(Executed {
+            exit_code,
+            stdout,
+            stderr,
+        })
+    }
+
     /// Marks a node unschedulable, as `kubectl cordon` does.
     pub async fn cordon(&self, node: &str) -> Result<(), KubeError> {
         let api = Api::<k8s_openapi::api::core::v1::Node>::all(self.client.clone());
@@ -680,6 +749,14 @@ impl Kube {
             .map_err(|e| KubeError::from_kube(&format!("read Application {namespace}/{name}"), e))?;
         Ok(app.map(|a| serde_json::to_value(a).unwrap_or_default()))
     }
+}
+
+/// What a command run in a container (`Kube::exec`) ended with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Executed {
+    pub exit_code: i32,
+    pub stdout: String,
+    pub stderr: String,
 }
 
 /// A kind as the API serves it: where its objects live and whether they are namespaced.

@@ -114,10 +114,12 @@ pub(crate) enum Action {
     PromQuery,
     /// Runs an image to completion as a Kubernetes Job.
     KubeJob,
+    /// Runs a command in a running pod's container.
+    KubeExec,
 }
 
 impl Action {
-    pub(crate) const ALL: [Action; 15] = [
+    pub(crate) const ALL: [Action; 16] = [
         Action::Log,
         Action::Notify,
         Action::KubeGet,
@@ -133,6 +135,7 @@ impl Action {
         Action::ArgoWaitHealthy,
         Action::PromQuery,
         Action::KubeJob,
+        Action::KubeExec,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -152,6 +155,7 @@ impl Action {
             Action::ArgoWaitHealthy => "argocd.wait-healthy",
             Action::PromQuery => "prometheus.query",
             Action::KubeJob => "kubernetes.job",
+            Action::KubeExec => "kubernetes.exec",
         }
     }
 
@@ -237,6 +241,13 @@ impl Action {
                  its exit code and the tail of its log and deletes it; a Job that failed fails the step with its log. \
                  Output `job`, `succeeded`, `exit_code` and `logs`. A repeat after the Job was collected but before the \
                  step was recorded runs it again, so its command must be safe to run twice (a dump to a key of the run)."
+            }
+            Action::KubeExec => {
+                "Runs `command` in a container of a running pod, as `kubectl exec` does (no stdin, no TTY): the pod \
+                 named `pod`, or the first Running one, by name, matching `labels` (none running is retried: it may be \
+                 restarting). Output `pod`, `exit_code`, `stdout` and `stderr` (the last 64 KiB of each). A command that \
+                 exits non-zero fails the step at once, with its stderr. A retry after a lost connection runs the \
+                 command again, so it must be safe to repeat (`occ maintenance:mode --on` is)."
             }
             Action::Assert => {
                 "Fails the run (at once, without retries) with `message` unless `that` is true: a check between \
@@ -456,6 +467,25 @@ impl Action {
                         "integer",
                         "How many lines of its log end up in the output (0 to 1000). Default 20.",
                     ),
+                ];
+                P
+            }
+            Action::KubeExec => {
+                const P: &[Param] = &[
+                    KUBE_CONNECTION,
+                    target("namespace", true, "The pod's namespace."),
+                    target("pod", false, "The pod's name; or give `labels`."),
+                    target(
+                        "labels",
+                        false,
+                        "A label selector: the first Running pod matching it, by name (`app=nextcloud`).",
+                    ),
+                    target(
+                        "container",
+                        false,
+                        "The container; default the pod's only one (or its default container).",
+                    ),
+                    target_of("command", true, "any", "The command and its arguments, a list."),
                 ];
                 P
             }
@@ -708,6 +738,73 @@ impl Action {
                 let kube = cluster(connections, &p.connection).await?;
                 p.run(&kube, s).await
             }
+            Action::KubeExec => {
+                let p: ExecParams = parse(self, params)?;
+                kube_name("namespace", &p.namespace)?;
+                if let Some(c) = &p.container {
+                    kube_name("container", c)?;
+                }
+                if p.command.is_empty() {
+                    return Err(StepError::permanent("action kubernetes.exec: `command` is empty"));
+                }
+                let kube = cluster(connections, &p.connection).await?;
+                let pod = match (&p.pod, &p.labels) {
+                    (Some(pod), None) => {
+                        kube_name("pod", pod)?;
+                        pod.clone()
+                    }
+                    (None, Some(labels)) => {
+                        let pods = crate::adapters::kube::Resource::builtin("v1", "Pod").expect("Pod is built in");
+                        let mut running: Vec<String> = kube
+                            .list(&pods, Some(&p.namespace), Some(labels), 500)
+                            .await
+                            .map_err(step_err)?
+                            .iter()
+                            .filter(|o| {
+                                o["status"]["phase"] == "Running" && o["metadata"]["deletionTimestamp"].is_null()
+                            })
+                            .filter_map(|o| o["metadata"]["name"].as_str().map(str::to_string))
+                            .collect();
+                        running.sort();
+                        running.into_iter().next().ok_or_else(|| {
+                            StepError::transient(format!("no Running pod in {} matches {labels}", p.namespace))
+                        })?
+                    }
+                    _ => {
+                        return Err(StepError::permanent(
+                            "action kubernetes.exec: give either `pod` or `labels`",
+                        ));
+                    }
+                };
+                let done = kube
+                    .exec(&p.namespace, &pod, p.container.as_deref(), &p.command, 64 * 1024)
+                    .await
+                    .map_err(step_err)?;
+                if done.exit_code != 0 {
+                    let why = if done.stderr.trim().is_empty() {
+                        &done.stdout
+                    } else {
+                        &done.stderr
+                    };
+                    let tail: String = why
+                        .trim_end()
+                        .chars()
+                        .rev()
+                        .take(2000)
+                        .collect::<Vec<_>>()
+                        .into_iter()
+                        .rev()
+                        .collect();
+                    return Err(StepError::permanent(format!(
+                        "{} in pod {}/{pod} exited {}: {}",
+                        p.command[0],
+                        p.namespace,
+                        done.exit_code,
+                        if tail.is_empty() { "no output" } else { &tail }
+                    )));
+                }
+                Ok(json!({ "pod": pod, "exit_code": done.exit_code, "stdout": done.stdout, "stderr": done.stderr }))
+            }
             Action::Assert => {
                 let p: AssertParams = parse(self, params)?;
                 match p.that {
@@ -922,6 +1019,21 @@ struct ArgoWaitParams {
     app: ArgoApp,
     #[serde(default)]
     revision: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExecParams {
+    #[serde(default = "default_cluster")]
+    connection: String,
+    namespace: String,
+    #[serde(default)]
+    pod: Option<String>,
+    #[serde(default)]
+    labels: Option<String>,
+    #[serde(default)]
+    container: Option<String>,
+    command: Vec<String>,
 }
 
 #[derive(Deserialize)]
