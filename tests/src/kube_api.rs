@@ -22,7 +22,8 @@
 //! completes at once, or fails when stalled; its pod template is immutable, as on a real server.
 //! It plays ArgoCD's application controller too: an Application's `operation` (a sync) is
 //! carried out right after the write that sets it ([`KubeApi::break_application`] for one that
-//! stays Degraded).
+//! stays Degraded), and cert-manager: a Certificate whose status asks for issuance (as `cmctl
+//! renew` writes it) is issued again ([`KubeApi::break_certificate`] for one whose issuer fails).
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -69,8 +70,9 @@ struct Inner {
     execs: Vec<(String, Vec<String>)>,
     /// Each pod's log (what its process wrote), by `ns/name`.
     logs: BTreeMap<String, String>,
-    /// ArgoCD Applications (`ns/name`) that a sync leaves Degraded.
-    broken_apps: HashSet<String>,
+    /// ArgoCD Applications that a sync leaves Degraded and Certificates that cert-manager fails
+    /// to issue, by `ns/name`.
+    broken: HashSet<String>,
     /// Service account tokens issued: token → (namespace, name, uid).
     tokens: BTreeMap<String, (String, String, String)>,
 }
@@ -242,11 +244,13 @@ impl KubeApi {
     /// From now on, a sync of ArgoCD Application `namespace/name` leaves it Degraded (its new
     /// pods never become ready).
     pub fn break_application(&self, namespace: &str, name: &str) {
-        self.inner
-            .lock()
-            .unwrap()
-            .broken_apps
-            .insert(format!("{namespace}/{name}"));
+        self.inner.lock().unwrap().broken.insert(format!("{namespace}/{name}"));
+    }
+
+    /// From now on, cert-manager fails to issue Certificate `namespace/name` (its issuer is not
+    /// ready).
+    pub fn break_certificate(&self, namespace: &str, name: &str) {
+        self.inner.lock().unwrap().broken.insert(format!("{namespace}/{name}"));
     }
 
     /// A token of service account `namespace/name`, shaped like the ones the kubelet mounts (a
@@ -465,7 +469,7 @@ fn argocd_sync(inner: &Inner, app: &mut Value) {
         app["metadata"]["namespace"].as_str().unwrap_or_default(),
         app["metadata"]["name"].as_str().unwrap_or_default()
     );
-    let health = if inner.broken_apps.contains(&id) {
+    let health = if inner.broken.contains(&id) {
         json!({ "status": "Degraded", "message": "Deployment \"web\" exceeded its progress deadline" })
     } else {
         json!({ "status": "Healthy" })
@@ -960,6 +964,17 @@ async fn resource(
         [ns_word, ns, pods, name, log] if ns_word == "namespaces" && pods == "pods" && log == "log" => {
             return pod_log(&s, ns, name, query.as_deref().unwrap_or_default());
         }
+        [ns_word, ns, plural, name, sub] if ns_word == "namespaces" && sub == "status" && method == Method::PATCH => {
+            record(
+                &s,
+                &method,
+                format!("{prefix}/namespaces/{ns}/{plural}/{name}/status"),
+                query.clone(),
+                &headers,
+                &body,
+            );
+            return patch_status(&s, (prefix, plural.clone(), ns.clone(), name.clone()), &body);
+        }
         [plural] => (String::new(), plural.clone(), None),
         [plural, name] => (String::new(), plural.clone(), Some(name.clone())),
         _ => return not_a_resource(&method, &uri),
@@ -1080,6 +1095,61 @@ async fn exec(
             let _ = socket.send(frame(3, end.to_string().as_bytes())).await;
             let _ = socket.send(Message::Close(None)).await;
         })
+}
+
+/// `PATCH …/<name>/status`: a merge patch of the status subresource (the rest of the body is
+/// ignored, as on a real server). cert-manager is played here: a Certificate whose `Issuing`
+/// condition turns True is issued again at once (a new `notAfter` 90 days on, `revision` up,
+/// Ready), unless [`KubeApi::break_certificate`] said its issuer fails.
+fn patch_status(inner: &Arc<Mutex<Inner>>, key: Key, body: &Bytes) -> Response {
+    let patch: Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string()),
+    };
+    let mut state = inner.lock().unwrap();
+    let Some(mut object) = state.objects.get(&key).cloned() else {
+        return not_found(&key.1, &key.0, &key.3);
+    };
+    let mut status = object["status"].clone();
+    if status.is_null() {
+        status = json!({});
+    }
+    merge(&mut status, &patch["status"]);
+    object["status"] = status;
+    state.resource_version += 1;
+    object["metadata"]["resourceVersion"] = json!(state.resource_version.to_string());
+    let answer = object.clone();
+    let conditions = object["status"]["conditions"].as_array().cloned().unwrap_or_default();
+    if key.1 == "certificates"
+        && conditions
+            .iter()
+            .any(|c| c["type"] == "Issuing" && c["status"] == "True")
+    {
+        let now = chrono::Utc::now();
+        let stamp = |t: chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%dT%H:%M:%SZ").to_string();
+        let broken = state.broken.contains(&format!("{}/{}", key.2, key.3));
+        let ready = if broken {
+            json!({ "type": "Ready", "status": "False", "reason": "Failed", "lastTransitionTime": stamp(now),
+                    "message": "The certificate request has failed to complete and will be retried: the issuer is not ready" })
+        } else {
+            object["status"]["notBefore"] = json!(stamp(now));
+            object["status"]["notAfter"] = json!(stamp(now + chrono::Duration::days(90)));
+            object["status"]["renewalTime"] = json!(stamp(now + chrono::Duration::days(60)));
+            object["status"]["revision"] = json!(object["status"]["revision"].as_i64().unwrap_or(0) + 1);
+            json!({ "type": "Ready", "status": "True", "reason": "Ready", "lastTransitionTime": stamp(now),
+                    "message": "Certificate is up to date and has not expired" })
+        };
+        let mut kept: Vec<Value> = conditions
+            .into_iter()
+            .filter(|c| c["type"] != "Issuing" && c["type"] != "Ready")
+            .collect();
+        kept.push(ready);
+        object["status"]["conditions"] = json!(kept);
+        state.resource_version += 1;
+        object["metadata"]["resourceVersion"] = json!(state.resource_version.to_string());
+    }
+    state.objects.insert(key, object);
+    Json(answer).into_response()
 }
 
 /// `GET /api/v1/namespaces/<ns>/pods/<name>/log`, with `tailLines`.

@@ -598,3 +598,88 @@ async fn the_app_consistent_backup_example_quiesces_backs_up_and_always_unquiesc
     env.stop_workers().await;
     let _ = std::fs::remove_dir_all(&state);
 }
+
+#[tokio::test]
+async fn the_certificate_guard_example_renews_what_is_not_ready_or_expiring_and_escalates_what_stays_broken() {
+    let kube = dayshift_tests::kube_api::KubeApi::start().await;
+    kube.put(json!({
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": { "name": "certificates.cert-manager.io" },
+        "spec": { "group": "cert-manager.io", "scope": "Namespaced",
+                  "names": { "kind": "Certificate", "plural": "certificates" },
+                  "versions": [{ "name": "v1", "served": true, "storage": true }] },
+    }));
+    let path = |ns: &str, name: &str| format!("/apis/cert-manager.io/v1/namespaces/{ns}/certificates/{name}");
+    let stamp = |days: i64| {
+        (chrono::Utc::now() + chrono::Duration::days(days))
+            .format("%Y-%m-%dT%H:%M:%SZ")
+            .to_string()
+    };
+    for (ns, name, ready, expires_in) in [
+        ("shop", "web-tls", "True", 5),
+        ("shop", "api-tls", "False", 40),
+        ("billing", "pay-tls", "True", 60),
+    ] {
+        kube.put(json!({ "apiVersion": "cert-manager.io/v1", "kind": "Certificate",
+                         "metadata": { "name": name, "namespace": ns },
+                         "spec": { "secretName": name, "dnsNames": [format!("{name}.example")], "issuerRef": { "name": "letsencrypt", "kind": "ClusterIssuer" } } }));
+        kube.set_status(
+            &path(ns, name),
+            json!({ "revision": 3, "notAfter": stamp(expires_in),
+                    "conditions": [{ "type": "Ready", "status": ready, "reason": if ready == "True" { "Ready" } else { "DoesNotExist" } }] }),
+        );
+    }
+    let chat = WebhookReceiver::start().await;
+    let mut conns = kube.connections();
+    conns.notify.insert("ops".into(), chat.url.clone());
+    let mut env = TestEnv::new(vec![example("certificate-guard.yaml", conns)]).await;
+    env.start_worker(fast_worker("certs"));
+    let input = json!({ "kubernetes": "default", "channel": "ops" });
+    let limit = Duration::from_secs(60);
+    let run = env.run_within("certificates.guard", input.clone(), limit).await;
+    assert_succeeded(&run);
+    assert_eq!(run.output, Some(json!({ "renewed": ["shop/api-tls", "shop/web-tls"] })));
+    for name in ["web-tls", "api-tls"] {
+        let c = kube.get(&path("shop", name)).unwrap();
+        assert_eq!(c["status"]["revision"], 4, "{c:#}");
+        assert_eq!(c["status"]["conditions"][0]["status"], "True", "{c:#}");
+    }
+    // The one not due was not touched.
+    assert!(
+        !kube.writes().iter().any(|w| w.path.contains("pay-tls")),
+        "{:#?}",
+        kube.writes()
+    );
+    let texts: Vec<String> = chat
+        .received()
+        .iter()
+        .map(|m| m["text"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(texts.len(), 1, "{texts:?}");
+    assert!(
+        texts[0].starts_with(
+            "Renewed 2 certificate(s), all Ready again: shop/api-tls (was not Ready), shop/web-tls (expiring "
+        ),
+        "{texts:?}"
+    );
+
+    // Its issuer broken, a Certificate does not become Ready again: the run fails and says so.
+    kube.break_certificate("shop", "api-tls");
+    kube.set_status(
+        &path("shop", "api-tls"),
+        json!({ "revision": 4, "notAfter": stamp(90), "conditions": [{ "type": "Ready", "status": "False", "reason": "Failed" }] }),
+    );
+    let failed = env.run_within("certificates.guard", input, limit).await;
+    assert_eq!(failed.status, RunStatus::Failed, "{failed:#?}");
+    let texts: Vec<String> = chat
+        .wait_for(2, limit)
+        .await
+        .iter()
+        .map(|m| m["text"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(
+        texts[1],
+        "Certificates still not Ready after a renewal by dayshift, please look at them: shop/api-tls"
+    );
+    env.stop_workers().await;
+}

@@ -634,6 +634,22 @@ impl Kube {
         Ok(serde_json::to_value(patched).unwrap_or_default())
     }
 
+    /// A JSON merge patch of object `id`'s `status` subresource (what its controller reads, as
+    /// `cmctl renew` writes a Certificate's); returns the object as patched.
+    pub async fn merge_patch_status(
+        &self,
+        r: &Resource,
+        id: &ObjectId,
+        patch: &serde_json::Value,
+    ) -> Result<serde_json::Value, KubeError> {
+        let patched = self
+            .dynamic(r, id.namespace.as_deref())
+            .patch_status(&id.name, &PatchParams::default(), &Patch::Merge(patch))
+            .await
+            .map_err(|e| KubeError::from_kube(&format!("patch the status of {id}"), e))?;
+        Ok(serde_json::to_value(patched).unwrap_or_default())
+    }
+
     /// Deletes object `id`; `false` if it was already gone. Dependents are deleted in the
     /// background, as `kubectl delete` does.
     pub async fn delete(&self, r: &Resource, id: &ObjectId) -> Result<bool, KubeError> {

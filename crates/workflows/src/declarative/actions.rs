@@ -116,10 +116,14 @@ pub(crate) enum Action {
     KubeJob,
     /// Runs a command in a running pod's container.
     KubeExec,
+    /// Asks cert-manager to issue a Certificate again, as `cmctl renew` does.
+    CertRenew,
+    /// Reads the clock once.
+    TimeNow,
 }
 
 impl Action {
-    pub(crate) const ALL: [Action; 16] = [
+    pub(crate) const ALL: [Action; 18] = [
         Action::Log,
         Action::Notify,
         Action::KubeGet,
@@ -136,6 +140,8 @@ impl Action {
         Action::PromQuery,
         Action::KubeJob,
         Action::KubeExec,
+        Action::CertRenew,
+        Action::TimeNow,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -156,6 +162,8 @@ impl Action {
             Action::PromQuery => "prometheus.query",
             Action::KubeJob => "kubernetes.job",
             Action::KubeExec => "kubernetes.exec",
+            Action::CertRenew => "cert-manager.renew",
+            Action::TimeNow => "time.now",
         }
     }
 
@@ -248,6 +256,18 @@ impl Action {
                  restarting). Output `pod`, `exit_code`, `stdout` and `stderr` (the last 64 KiB of each). A command that \
                  exits non-zero fails the step at once, with its stderr. A retry after a lost connection runs the \
                  command again, so it must be safe to repeat (`occ maintenance:mode --on` is)."
+            }
+            Action::CertRenew => {
+                "Asks cert-manager to issue one Certificate again, as `cmctl renew` does: it sets the Certificate's \
+                 `Issuing` condition (reason `ManuallyTriggered`), which cert-manager answers with a new certificate. \
+                 A Certificate already issuing is left as it is (output `renewing: false`), so a repeat while it \
+                 issues changes nothing; a repeat after the new certificate was issued asks for one more. Output \
+                 `renewing` and `revision`, the revision being replaced."
+            }
+            Action::TimeNow => {
+                "Reads the clock once: output `time` (UTC, RFC 3339) and `unix` (seconds). The value is journaled, so \
+                 every replay of the run, and every expression after it, sees the same instant \
+                 (`timestamp(c.status.notAfter) - timestamp(steps.now.time) < duration('336h')`). Changes nothing."
             }
             Action::Assert => {
                 "Fails the run (at once, without retries) with `message` unless `that` is true: a check between \
@@ -489,6 +509,15 @@ impl Action {
                 ];
                 P
             }
+            Action::CertRenew => {
+                const P: &[Param] = &[
+                    KUBE_CONNECTION,
+                    target("namespace", true, "The Certificate's namespace."),
+                    target("name", true, "The Certificate's name."),
+                ];
+                P
+            }
+            Action::TimeNow => &[],
             Action::Assert => {
                 const P: &[Param] = &[
                     param("that", true, "any", "What must be true, usually `${{ expression }}`."),
@@ -805,6 +834,49 @@ impl Action {
                 }
                 Ok(json!({ "pod": pod, "exit_code": done.exit_code, "stdout": done.stdout, "stderr": done.stderr }))
             }
+            Action::CertRenew => {
+                let p: CertParams = parse(self, params)?;
+                kube_name("namespace", &p.namespace)?;
+                kube_name("name", &p.name)?;
+                let kube = cluster(connections, &p.connection).await?;
+                let r = kube
+                    .resource("cert-manager.io/v1", "Certificate")
+                    .await
+                    .map_err(step_err)?;
+                let id = ObjectId {
+                    api_version: "cert-manager.io/v1".into(),
+                    kind: "Certificate".into(),
+                    namespace: Some(p.namespace.clone()),
+                    name: p.name.clone(),
+                };
+                let Some(cert) = kube.get(&r, &id).await.map_err(step_err)? else {
+                    return Err(StepError::permanent(format!("there is no {id}")));
+                };
+                let revision = cert["status"]["revision"].clone();
+                let mut conditions: Vec<Value> = cert["status"]["conditions"].as_array().cloned().unwrap_or_default();
+                if conditions
+                    .iter()
+                    .any(|c| c["type"] == "Issuing" && c["status"] == "True")
+                {
+                    return Ok(json!({ "renewing": false, "revision": revision }));
+                }
+                conditions.retain(|c| c["type"] != "Issuing");
+                conditions.push(json!({
+                    "type": "Issuing", "status": "True", "reason": "ManuallyTriggered",
+                    "message": format!("Certificate re-issuance manually triggered by dayshift ({}/{})", s.run_id, s.step),
+                    "lastTransitionTime": chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+                    "observedGeneration": cert["metadata"]["generation"],
+                }));
+                kube.merge_patch_status(&r, &id, &json!({ "status": { "conditions": conditions } }))
+                    .await
+                    .map_err(step_err)?;
+                Ok(json!({ "renewing": true, "revision": revision }))
+            }
+            Action::TimeNow => {
+                let _: serde_json::Map<String, Value> = parse(self, params)?;
+                let now = chrono::Utc::now();
+                Ok(json!({ "time": now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true), "unix": now.timestamp() }))
+            }
             Action::Assert => {
                 let p: AssertParams = parse(self, params)?;
                 match p.that {
@@ -1019,6 +1091,15 @@ struct ArgoWaitParams {
     app: ArgoApp,
     #[serde(default)]
     revision: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CertParams {
+    #[serde(default = "default_cluster")]
+    connection: String,
+    namespace: String,
+    name: String,
 }
 
 #[derive(Deserialize)]
