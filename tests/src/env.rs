@@ -160,9 +160,14 @@ impl TestEnv {
     /// GETs `path` from the HTTP API of this env's engine (served for the call), with a viewer
     /// token; status and body.
     pub async fn get_text(&self, path: &str) -> (u16, String) {
+        self.get_text_on(self.api(), path).await
+    }
+
+    /// [`TestEnv::get_text`] from the HTTP API over `api` (another engine's, say).
+    pub async fn get_text_on(&self, api: dayshift_engine::api::Api, path: &str) -> (u16, String) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
-        let app = self.api().router(dayshift_engine::api::ServerConfig::default());
+        let app = api.router(dayshift_engine::api::ServerConfig::default());
         let server = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });

@@ -325,6 +325,36 @@ async fn a_run_waiting_for_approval_finishes_on_the_version_it_started_on_after_
     let (again, _) = load(&[("change.yaml", CHANGE_V2)], &chat);
     declarative::keep_versions(&pool, &again).await.unwrap();
     assert_eq!(again[0].version(), 2);
+    // The API shows both versions, the current text, and the run still going on version 1.
+    let api = |engine: &dayshift_engine::Engine| dayshift_engine::api::Api::builder(engine.clone()).build();
+    let (status, body) = env.get_text_on(api(&engine), "/api/v1/workflows/ops.change").await;
+    assert_eq!(status, 200, "{body}");
+    let shown: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(shown["version"], 2);
+    assert_eq!(shown["source"], CHANGE_V2);
+    let versions: Vec<(i64, bool, Value, Value)> = shown["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            (
+                v["version"].as_i64().unwrap(),
+                v["current"].as_bool().unwrap(),
+                v["runs"].clone(),
+                v["in_flight"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        versions,
+        [
+            (2, true, json!({}), json!([])),
+            (1, false, json!({ "waiting": 1 }), json!([old.id.to_string()])),
+        ]
+    );
+    assert_eq!(shown["input_schema"]["type"], "object", "{shown:#}");
+    let (status, body) = env.get_text_on(api(&engine), "/api/v1/workflows/ops.nope").await;
+    assert_eq!(status, 404, "{body}");
 
     env.start_worker_on(engine.clone(), fast_worker("v2"));
     let new = engine.start(StartRun::new("ops.change", json!({}))).await.unwrap();
@@ -348,6 +378,15 @@ async fn a_run_waiting_for_approval_finishes_on_the_version_it_started_on_after_
             .unwrap();
     assert_eq!(kept.iter().map(|k| k.0).collect::<Vec<_>>(), [1, 2]);
     assert_eq!(kept[1].1, v2[0].hash());
+    let (_, body) = env.get_text_on(api(&engine), "/api/v1/workflows/ops.change").await;
+    let shown: Value = serde_json::from_str(&body).unwrap();
+    let runs: Vec<&Value> = shown["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| &v["runs"])
+        .collect();
+    assert_eq!(runs, [&json!({ "succeeded": 1 }), &json!({ "succeeded": 1 })]);
     env.stop_workers().await;
 }
 
@@ -1108,5 +1147,128 @@ async fn a_workflow_file_lists_objects_by_label_deletes_each_once_and_patches_a_
     assert!(kube.get("/api/v1/namespaces/shop/configmaps/web-a").is_none());
     assert!(kube.get("/api/v1/namespaces/shop/configmaps/web-b").is_none());
     assert!(kube.get("/api/v1/namespaces/shop/configmaps/db-a").is_some());
+    env.stop_workers().await;
+}
+
+/// A change behind an approval: a read, a check, the gate, a scale, a notice, a final log.
+const PLANNED: &str = r#"
+name: ops.planned
+input:
+  namespace: { type: string, guarded: true }
+  replicas: { type: integer, default: 3 }
+steps:
+  - id: web
+    action: kubernetes.get
+    with: { api-version: apps/v1, kind: Deployment, namespace: "${{ input.namespace }}", name: web, field: spec.replicas }
+  - id: exists
+    action: assert
+    with: { that: "${{ steps.web.found }}", message: "there is a Deployment web" }
+  - { id: gate, approval: { approvers: ["token:alice"], timeout: 1h } }
+  - id: scale
+    action: kubernetes.scale
+    with: { namespace: "${{ input.namespace }}", name: web, replicas: "${{ input.replicas }}" }
+  - id: tell
+    action: notify
+    with: { connection: ops, text: "web was at ${{ steps.web.value }}, now ${{ steps.scale.replicas }}" }
+finally:
+  - { id: note, action: log, with: { message: "scaled ${{ input.namespace }}/web" } }
+"#;
+
+#[tokio::test]
+async fn a_plan_run_reads_says_what_each_step_would_do_and_changes_nothing_and_an_approval_shows_the_plan() {
+    let kube = dayshift_tests::kube_api::KubeApi::start().await;
+    kube.put(json!({
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": { "name": "web", "namespace": "shop" },
+        "spec": { "replicas": 1, "selector": { "matchLabels": { "app": "web" } },
+                  "template": { "metadata": { "labels": { "app": "web" } }, "spec": { "containers": [] } } },
+    }));
+    let chat = WebhookReceiver::start().await;
+    let (defs, _) = load(&[("planned.yaml", PLANNED)], &chat);
+    let mut conns = kube.connections();
+    conns.notify.insert("ops".into(), chat.url.clone());
+    let mut workflows = registered(&defs, &Arc::new(conns));
+    workflows.push(dayshift_workflows::gate());
+    let mut env = TestEnv::new(workflows).await;
+    env.start_worker(fast_worker("plan"));
+    let limit = Duration::from_secs(30);
+
+    let mut start = StartRun::new("ops.planned", json!({ "namespace": "shop" }));
+    start.plan = true;
+    let run = env.engine.start(start).await.unwrap();
+    let run = env.wait(run.id, limit).await;
+    assert_succeeded(&run);
+    assert_eq!(run.input, json!({ "namespace": "shop", "$plan": true }));
+    let plan = &run.output.as_ref().unwrap()["plan"];
+    assert_eq!(
+        plan,
+        &json!([
+            { "step": "web", "action": "kubernetes.get", "read": "read Deployment shop/web" },
+            { "step": "exists", "action": "assert", "held": true,
+              "with": { "that": true, "message": "there is a Deployment web" } },
+            { "step": "gate", "would": "wait up to 1h for 1 approval(s) from token:alice" },
+            { "step": "scale", "action": "kubernetes.scale", "would": "scale Deployment shop/web to 3 replicas",
+              "with": { "namespace": "shop", "name": "web", "replicas": 3 } },
+            { "step": "tell", "action": "notify",
+              "depends": "depends on what an earlier step does (`steps.scale.replicas` failed: No such key: replicas)" },
+            { "step": "note", "finally": true, "action": "log", "would": "record \"scaled shop/web\"",
+              "with": { "message": "scaled shop/web" } },
+        ]),
+        "{plan:#}"
+    );
+    // Only the read was made; no notice, no approval asked, nothing written.
+    assert!(kube.writes().is_empty(), "{:#?}", kube.writes());
+    assert!(chat.received().is_empty());
+    assert!(!run.steps.iter().any(|s| s.name == "request-approval"), "{run:#?}");
+
+    // A built-in has no plan mode: refused, and no run is made.
+    let runs_before = dayshift_tests::active_runs(&env.db.pool).await;
+    let mut start = StartRun::new("selftest.gate", json!({ "signal": "go", "timeout_ms": 1000 }));
+    start.plan = true;
+    let refused = env.engine.start(start).await.unwrap_err().to_string();
+    assert!(refused.contains("has no plan mode"), "{refused}");
+    let sneaked = env
+        .engine
+        .start(StartRun::new(
+            "selftest.gate",
+            json!({ "signal": "go", "timeout_ms": 1000, "$plan": true }),
+        ))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(sneaked.contains("may not have \"$plan\""), "{sneaked}");
+    assert_eq!(dayshift_tests::active_runs(&env.db.pool).await, runs_before);
+
+    // A real run waits at its gate, and the approvers see what it will do once approved.
+    let real = env
+        .engine
+        .start(StartRun::new("ops.planned", json!({ "namespace": "shop" })))
+        .await
+        .unwrap();
+    dayshift_tests::wait_for(&env.engine, real.id, limit, |r| r.status == RunStatus::Waiting).await;
+    let alice = dayshift_engine::identity::Caller::token("alice", Role::Operator);
+    let shown = dayshift_engine::api::views::approvals(&env.engine, &alice)
+        .await
+        .unwrap();
+    assert_eq!(shown.len(), 1, "{shown:#?}");
+    assert_eq!(shown[0]["about_kind"], "plan");
+    let would: Vec<&str> = shown[0]["about"]["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["would"].as_str().unwrap_or("(depends)"))
+        .collect();
+    assert_eq!(
+        would,
+        [
+            "scale Deployment shop/web to 3 replicas",
+            "(depends)",
+            "record \"scaled shop/web\""
+        ]
+    );
+    assert!(kube.writes().is_empty(), "{:#?}", kube.writes());
+    env.engine.decide(real.id, &alice, true, None).await.unwrap();
+    let done = env.wait(real.id, limit).await;
+    assert_succeeded(&done);
+    assert_eq!(chat.received()[0]["text"], "web was at 1, now 3");
     env.stop_workers().await;
 }

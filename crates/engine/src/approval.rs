@@ -170,6 +170,10 @@ pub struct ApprovalRequest {
     #[serde(default)]
     pub started_by: Option<String>,
     pub since: String,
+    /// What the run will do once approved, as its workflow plans it (a workflow file's steps
+    /// after the gate), shown to the approvers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<serde_json::Value>,
 }
 
 /// Who decides: the authenticated identity the engine recorded with the decision.
@@ -325,6 +329,7 @@ mod tests {
             requested_by: requested_by.map(str::to_string),
             started_by: started_by.map(str::to_string),
             since: String::new(),
+            plan: None,
         }
     }
 

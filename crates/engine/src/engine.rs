@@ -198,6 +198,28 @@ impl Engine {
             .registry
             .get(&req.workflow)
             .ok_or_else(|| EngineError::UnknownWorkflow(req.workflow.clone()))?;
+        let invalid = |message: String| EngineError::InvalidInput {
+            workflow: req.workflow.clone(),
+            message,
+        };
+        let asks_plan = req.input.get(crate::core::model::PLAN_INPUT).is_some();
+        if (req.plan || asks_plan) && !def.plans {
+            return Err(invalid(format!(
+                "it has no plan mode (workflow files do), so it cannot be run with plan: true{}",
+                if asks_plan {
+                    format!(", and its input may not have {:?}", crate::core::model::PLAN_INPUT)
+                } else {
+                    String::new()
+                }
+            )));
+        }
+        if req.plan {
+            let Some(fields) = req.input.as_object_mut() else {
+                return Err(invalid("a plan run's input must be an object".into()));
+            };
+            fields.insert(crate::core::model::PLAN_INPUT.into(), Value::Bool(true));
+            req.plan = false;
+        }
         def.validate(&req.input).map_err(|e| EngineError::InvalidInput {
             workflow: req.workflow.clone(),
             message: e.0,

@@ -31,8 +31,8 @@ pub use approval::{ApprovalGate, ApprovalRequest, Approver, Counted};
 pub use core::ctx::{Ctx, Step, StepCtx};
 pub use core::error::{EngineError, QueueError, StepError, StoreError, WorkflowError};
 pub use core::model::{
-    AttemptError, Concurrency, ConcurrencyPolicy, RetryPolicy, RunFilter, RunId, RunStatus, RunView, StartRun, Started,
-    StepKind, StepStatus, StepView,
+    AttemptError, Concurrency, ConcurrencyPolicy, PLAN_INPUT, RetryPolicy, RunFilter, RunId, RunStatus, RunView,
+    StartRun, Started, StepKind, StepStatus, StepView,
 };
 pub use core::queue::{QueueConfig, RedisQueue};
 pub use core::store::{Lease, MIGRATOR, PgStore};

@@ -147,11 +147,12 @@ pub(crate) async fn run(
     workflow: &str,
     input: &str,
     wait: bool,
+    plan: bool,
     key: Option<String>,
 ) -> Result<ExitCode> {
     let api = Api::new(args)?;
     let input = parse_json("--input", input)?;
-    let mut body = json!({ "workflow": workflow, "input": input });
+    let mut body = json!({ "workflow": workflow, "input": input, "plan": plan });
     if let Some(k) = key {
         body["idempotency_key"] = json!(k);
     }

@@ -54,6 +54,9 @@ enum Command {
         /// Waits until the run has finished, then shows it.
         #[arg(long)]
         wait: bool,
+        /// A plan run: each step says what it would do, nothing is changed (workflow files).
+        #[arg(long)]
+        plan: bool,
         /// A second start with the same key returns the first run.
         #[arg(long)]
         idempotency_key: Option<String>,
@@ -371,9 +374,10 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             workflow,
             input,
             wait,
+            plan,
             idempotency_key,
             api,
-        } => return client::run(&api, &workflow, &input, wait, idempotency_key).await,
+        } => return client::run(&api, &workflow, &input, wait, plan, idempotency_key).await,
         Command::Runs { command, api } => return client::runs(&api, command).await,
         Command::Schedules { command, api } => return client::schedules(&api, command).await,
         Command::Remediations { limit, api } => return client::remediations(&api, limit).await,

@@ -51,6 +51,7 @@ fn routes(api: &Api, guard: std::sync::Arc<server::Guard>) -> access::Routes {
         .get("/metrics", metrics, health::metrics)
         .get("/api/v1/whoami", VIEWER, tokens::whoami)
         .get("/api/v1/workflows", VIEWER, workflows::workflows)
+        .get("/api/v1/workflows/{name}", VIEWER, workflows::workflow)
         .get("/api/v1/runs", VIEWER, runs::list_runs)
         .post("/api/v1/runs", OPERATOR, runs::start_run)
         .get("/api/v1/runs/summary", VIEWER, runs::run_summary)

@@ -15,7 +15,7 @@ use crate::engine::Engine;
 pub use crate::approval::APPROVAL_SIGNAL;
 
 /// The runs waiting at an approval gate, longest-waiting first, each with what it asks to
-/// approve (the `plan` step's result, else the run's input), who may approve, the decisions
+/// approve (the plan its gate was asked with or its `plan` step's result, else the run's input), who may approve, the decisions
 /// so far, and whether `caller` may decide (and why not).
 pub async fn approvals(engine: &Engine, caller: &Caller) -> Result<Vec<Value>, EngineError> {
     let waiting = engine.store().runs_waiting_for_signal(APPROVAL_SIGNAL).await?;
@@ -35,12 +35,14 @@ pub async fn approvals(engine: &Engine, caller: &Caller) -> Result<Vec<Value>, E
 /// rule the gate applies ([`crate::approval::may_decide`]), after the role the API needs.
 fn approval(run: &RunView, caller: &Caller) -> Option<Value> {
     let pending = crate::approval::PendingApproval::of(run)?;
-    let plan = run
-        .steps
-        .iter()
-        .rev()
-        .find(|s| s.name == "plan" && s.kind == StepKind::Step)
-        .and_then(|s| s.output.clone());
+    // The plan the gate was asked with (a workflow file's), else a `plan` step's result.
+    let plan = pending.request.plan.clone().or_else(|| {
+        run.steps
+            .iter()
+            .rev()
+            .find(|s| s.name == "plan" && s.kind == StepKind::Step)
+            .and_then(|s| s.output.clone())
+    });
     let why_not = if caller.role < Role::Operator {
         Some(format!("the {} role cannot approve or reject", caller.role))
     } else {

@@ -372,6 +372,22 @@ impl Ctx {
         F: FnOnce() -> Fut + Send,
         Fut: Future<Output = Result<(), StepError>> + Send,
     {
+        self.approval_showing(gate, requested_by, notice, None).await
+    }
+
+    /// [`Ctx::approval`], showing the approvers `plan`: what the run will do once approved
+    /// (journaled with the request, so every replay shows the same).
+    pub async fn approval_showing<F, Fut>(
+        &self,
+        gate: &crate::approval::ApprovalGate,
+        requested_by: Option<&str>,
+        notice: Option<F>,
+        plan: Option<Value>,
+    ) -> Result<Vec<String>, WorkflowError>
+    where
+        F: FnOnce() -> Fut + Send,
+        Fut: Future<Output = Result<(), StepError>> + Send,
+    {
         use crate::approval::{APPROVAL_SIGNAL, ApprovalRequest, Counted, Decider, DecisionSignal, may_decide};
         let started_by = self
             .inner
@@ -386,6 +402,7 @@ impl Ctx {
                     requested_by: requested_by.map(str::to_string),
                     started_by,
                     since: Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+                    plan,
                 })
             })
             .await?;

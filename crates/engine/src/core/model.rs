@@ -210,7 +210,16 @@ pub struct StartRun {
     /// The run's trace (W3C traceparent); set by the engine when tracing is on.
     #[serde(skip)]
     pub trace_context: Option<String>,
+    /// A plan run: each step says what it would do and nothing is changed. Only workflows with
+    /// a plan mode (workflow files) take it; the engine records it in the input as
+    /// [`PLAN_INPUT`].
+    #[serde(default)]
+    pub plan: bool,
 }
+
+/// The input field that makes a run a plan run ([`StartRun::plan`]), reserved: a workflow
+/// without a plan mode refuses input that has it.
+pub const PLAN_INPUT: &str = "$plan";
 
 impl StartRun {
     /// A start of `workflow` with `input` and nothing else.
@@ -222,6 +231,7 @@ impl StartRun {
             concurrency: None,
             started_by: None,
             trace_context: None,
+            plan: false,
         }
     }
 

@@ -44,6 +44,11 @@ pub struct WorkflowDef {
     freshness: Option<String>,
     /// The input fields that choose privileged targets ([`crate::policy`]).
     guards: Vec<Guard>,
+    /// The input as a JSON Schema, when the workflow declares it as data (a workflow file).
+    input_schema: Option<Value>,
+    /// Whether it runs as a plan ([`crate::core::model::PLAN_INPUT`]): says what each step
+    /// would do, changes nothing.
+    pub(crate) plans: bool,
 }
 
 impl std::fmt::Debug for WorkflowDef {
@@ -90,7 +95,24 @@ impl WorkflowDef {
             validate,
             freshness: None,
             guards: Vec::new(),
+            input_schema: None,
+            plans: false,
         }
+    }
+
+    /// Declares that it has a plan mode: a run whose input has
+    /// [`crate::core::model::PLAN_INPUT`] `true` says what each step would do and changes
+    /// nothing. Without it, such input is refused.
+    pub fn with_plan_mode(mut self) -> Self {
+        self.plans = true;
+        self
+    }
+
+    /// Publishes `schema` (a JSON Schema) as the workflow's input: `GET /api/v1/workflows/{name}`
+    /// answers it and the console's start form is made from it.
+    pub fn input_schema(mut self, schema: Value) -> Self {
+        self.input_schema = Some(schema);
+        self
     }
 
     /// Replaces the check of a run's input made when the run is started (by default, that it
@@ -175,6 +197,11 @@ impl Registry {
 
     pub(crate) fn get(&self, name: &str) -> Option<&WorkflowDef> {
         self.defs.get(name)
+    }
+
+    /// The input schema of workflow `name`, if it publishes one.
+    pub fn input_schema_of(&self, name: &str) -> Option<&Value> {
+        self.defs.get(name).and_then(|d| d.input_schema.as_ref())
     }
 
     /// The guarded input fields of workflow `name`.

@@ -25,6 +25,7 @@ mod expr;
 mod file;
 mod job;
 mod model;
+mod plan;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -115,6 +116,7 @@ impl Definition {
             older: Mutex::new(HashMap::new()),
         });
         let (check, check_names) = (self.clone(), names.clone());
+        let schema = self.input_schema(&names);
         let mut workflow = WorkflowDef::new(
             self.name.clone(),
             self.description.clone(),
@@ -127,6 +129,8 @@ impl Definition {
             },
         )
         .version(self.version())
+        .input_schema(schema)
+        .with_plan_mode()
         .checked_by(move |input| check.complete(input, &check_names).map(|_| ()));
         for field in &guarded {
             workflow = workflow.guard(field);
@@ -141,7 +145,11 @@ impl Definition {
         connections: &Arc<Connections>,
         names: &BTreeMap<String, BTreeSet<String>>,
     ) -> Result<Value, WorkflowError> {
+        let planning = input.get(dayshift_engine::PLAN_INPUT) == Some(&Value::Bool(true));
         let input = self.complete(&input, names).map_err(WorkflowError::failed)?;
+        if planning {
+            return self.plan_run(&ctx, &input, connections).await;
+        }
         let mut outputs = Map::new();
         // What the `finally` steps read when they run: the outputs of the steps that ran.
         let ended = Arc::new(Mutex::new(Map::new()));
@@ -253,7 +261,9 @@ impl Definition {
                 }
                 StepKind::Approval(gate) => {
                     let none = None::<fn() -> std::future::Ready<Result<(), dayshift_engine::StepError>>>;
-                    let by = ctx.approval(gate, None, none).await?;
+                    // The approvers see what the run will do once approved.
+                    let plan = self.plan_after(index, &input, &outputs);
+                    let by = ctx.approval_showing(gate, None, none, Some(plan)).await?;
                     serde_json::json!({ "approved_by": by })
                 }
                 StepKind::Wait { signal, timeout } => match ctx.wait_signal(signal.clone(), *timeout).await? {

@@ -49,7 +49,6 @@ pub(super) enum InputType {
 pub(super) struct InputField {
     pub(super) name: String,
     pub(super) kind: InputType,
-    #[allow(dead_code)] // shown by the API's workflow view, next
     pub(super) description: String,
     pub(super) default: Option<Value>,
     pub(super) required: bool,
@@ -57,6 +56,54 @@ pub(super) struct InputField {
     pub(super) connection: Option<String>,
     /// Through the API, it takes only what the policy allows (connections, `guarded: true`).
     pub(super) guarded: bool,
+}
+
+impl Definition {
+    /// Its input as a JSON Schema (2020-12), what `GET /api/v1/workflows/{name}` answers and the
+    /// console's start form is made from: each field's type, description, default and choices; a
+    /// connection's choices are the config's names of its kind (`connections`), and a guarded
+    /// field says so (`x-dayshift-guarded`: through the API, the policy decides what it takes).
+    pub fn input_schema(&self, connections: &BTreeMap<String, BTreeSet<String>>) -> Value {
+        let mut properties = Map::new();
+        let mut required = Vec::new();
+        for f in &self.input {
+            let kind = match f.kind {
+                InputType::String | InputType::Connection => "string",
+                InputType::Integer => "integer",
+                InputType::Number => "number",
+                InputType::Boolean => "boolean",
+                InputType::List => "array",
+                InputType::Object => "object",
+            };
+            let mut p = serde_json::json!({ "type": kind });
+            if !f.description.is_empty() {
+                p["description"] = Value::String(f.description.clone());
+            }
+            if let Some(d) = &f.default {
+                p["default"] = d.clone();
+            }
+            if let Some(c) = &f.choices {
+                p["enum"] = Value::Array(c.clone());
+            }
+            if let Some(kind) = &f.connection {
+                let names = connections.get(kind).cloned().unwrap_or_default();
+                p["enum"] = names.into_iter().map(Value::String).collect();
+                p["x-dayshift-connection"] = Value::String(kind.clone());
+            }
+            if f.guarded {
+                p["x-dayshift-guarded"] = Value::Bool(true);
+            }
+            if f.required {
+                required.push(Value::String(f.name.clone()));
+            }
+            properties.insert(f.name.clone(), p);
+        }
+        serde_json::json!({
+            "$schema": "https://json-schema.org/draft/2020-12/schema",
+            "type": "object", "additionalProperties": false,
+            "properties": properties, "required": required,
+        })
+    }
 }
 
 impl InputField {
@@ -187,11 +234,17 @@ impl Definition {
         input: &Value,
         connections: &BTreeMap<String, BTreeSet<String>>,
     ) -> Result<Value, String> {
-        let given = match input {
+        let mut given = match input {
             Value::Object(m) => m.clone(),
             Value::Null => Map::new(),
             other => return Err(format!("the input must be an object, not {other}")),
         };
+        // Plan mode is the engine's, not an input of the file.
+        if let Some(plan) = given.remove(dayshift_engine::PLAN_INPUT)
+            && !plan.is_boolean()
+        {
+            return Err(format!("{}: must be true or false", dayshift_engine::PLAN_INPUT));
+        }
         if let Some(unknown) = given.keys().find(|k| !self.input.iter().any(|f| &f.name == *k)) {
             let known: Vec<&str> = self.input.iter().map(|f| f.name.as_str()).collect();
             return Err(format!(

@@ -120,4 +120,39 @@ impl PgStore {
                 .await?,
         )
     }
+
+    /// The versions of workflow `name` kept in `workflow_definitions` (its files' texts), newest
+    /// first, at most 100: version, hash, path, when first loaded, and the text.
+    pub(crate) async fn workflow_definitions(&self, name: &str) -> StoreResult<Vec<Value>> {
+        let rows: Vec<(Value,)> = sqlx::query_as(
+            "select jsonb_build_object('version', version, 'hash', hash, 'path', path, 'loaded_at', loaded_at, \
+               'source', source) \
+             from workflow_definitions where name = $1 order by version desc limit 100",
+        )
+        .bind(name)
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows.into_iter().map(|(v,)| v).collect())
+    }
+
+    /// The runs of workflow `name` by the version they started on: per version, the count by
+    /// status and the ids of the runs still going (the oldest 20).
+    pub(crate) async fn runs_by_version(&self, name: &str) -> StoreResult<Vec<(i32, Value, Vec<RunId>)>> {
+        let rows: Vec<(i32, Value, Vec<Uuid>)> = sqlx::query_as(
+            "select workflow_version, jsonb_object_agg(status, n), \
+               coalesce((select array_agg(id order by created_at) from ( \
+                  select id, created_at from runs r where r.workflow = $1 and r.workflow_version = c.workflow_version \
+                    and r.status in ('pending', 'running', 'waiting') order by created_at limit 20) g), '{}') \
+             from (select workflow_version, status, count(*) as n from runs where workflow = $1 \
+                   group by workflow_version, status) c \
+             group by workflow_version order by workflow_version desc",
+        )
+        .bind(name)
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(v, counts, ids)| (v, counts, ids.into_iter().map(RunId).collect()))
+            .collect())
+    }
 }
