@@ -583,6 +583,8 @@ async fn every_page_passes_axe_in_light_and_dark_and_works_from_the_keyboard() {
             ("#/approvals", "article.approval"),
             ("#/schedules", "tr[data-schedule]"),
             ("#/remediations", "table.episodes"),
+            ("#/workflows", "tr[data-workflow]"),
+            ("#/workflows/selftest.chain", "form.start"),
         ];
         for (route, ready) in pages {
             b.open(route).await;
@@ -948,5 +950,88 @@ async fn an_operator_signals_and_cancels_waiting_runs_from_their_pages() {
     assert!(asked.to_string().contains("oncall"), "{asked}");
     let (_, signals) = rig.env.get(&format!("/api/v1/runs/{doomed}")).await;
     assert_eq!(signals["status"], "cancelled");
+    b.close().await;
+}
+
+/// A workflow file behind a gate: read the Deployment, scale it.
+const SCALE_WEB: &str = r#"
+name: ops.scale-web
+description: Scales a namespace's web Deployment.
+input:
+  namespace: { type: string, guarded: true, description: "The namespace." }
+  replicas: { type: integer, default: 3, description: "How many pods." }
+  kubernetes: { type: connection, connection: kubernetes }
+steps:
+  - id: web
+    action: kubernetes.get
+    with: { connection: "${{ input.kubernetes }}", api-version: apps/v1, kind: Deployment, namespace: "${{ input.namespace }}", name: web }
+  - id: scale
+    action: kubernetes.scale
+    with: { connection: "${{ input.kubernetes }}", namespace: "${{ input.namespace }}", name: web, replicas: "${{ input.replicas }}" }
+"#;
+
+#[tokio::test]
+async fn a_workflow_file_s_page_shows_its_definition_and_versions_and_starts_a_plan_from_its_form() {
+    let kube = KubeApi::start().await;
+    kube.put(json!({
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": { "name": "web", "namespace": "shop" },
+        "spec": { "replicas": 1, "template": { "metadata": { "labels": { "app": "web" } } } },
+    }));
+    let dir = manifests(&[("scale-web.yaml", SCALE_WEB)]);
+    let env = BinEnv::start_with(&format!(
+        "workflows:\n  dirs: [{}]\nconnections:\n  kubernetes:\n    cluster: {{ url: \"{}\" }}\n\
+         policy:\n  workflows:\n    \"ops.*\":\n      inputs:\n        namespace: [shop]\n        kubernetes: [cluster]\n",
+        dir.display(),
+        kube.url
+    ))
+    .await;
+    let _worker = env.start_worker().await;
+    let b = Browser::start(&env.api, Scheme::Light).await;
+    b.sign_in(&env.as_user("alice").await).await;
+    b.click("#nav a[data-nav=workflows]").await;
+    b.wait_text(
+        "tr[data-workflow='ops.scale-web']",
+        "Scales a namespace's web Deployment.",
+    )
+    .await;
+    b.click("tr[data-workflow='ops.scale-web'] a").await;
+    b.wait_text("h1", "ops.scale-web").await;
+    let source = b.text("pre.source").await;
+    assert!(source.contains("action: kubernetes.scale"), "{source}");
+    b.wait_text("table.versions", "v1").await;
+    // The form is made from the file's input: the connection is a choice of the config's.
+    let options = b.text("#input-kubernetes").await;
+    assert!(options.contains("cluster"), "{options}");
+    assert!(b.has("#input-replicas[type=number]").await);
+    assert!(
+        b.accessibility_violations().await.is_empty(),
+        "{:?}",
+        b.accessibility_violations().await
+    );
+    b.type_into("#input-namespace", "shop").await;
+    b.click("#start-plan").await;
+    b.screenshot("workflow").await;
+    b.click("form.start button[type=submit]").await;
+    // The run page shows the plan; nothing was changed.
+    let plan = b
+        .wait_text("table.steps-plan", "scale Deployment shop/web to 3 replicas")
+        .await;
+    assert!(plan.contains("read: read Deployment shop/web"), "{plan}");
+    assert!(kube.writes().is_empty(), "{:#?}", kube.writes());
+
+    // A namespace the policy does not list is refused, said on the page, and starts nothing.
+    let (_, before) = env.get("/api/v1/runs?workflow=ops.scale-web").await;
+    b.open("#/workflows/ops.scale-web").await;
+    b.wait_text("h1", "ops.scale-web").await;
+    b.type_into("#input-namespace", "kube-system").await;
+    b.click("form.start button[type=submit]").await;
+    let said = b.wait_text("#announcer", "namespace").await;
+    assert!(said.contains("kube-system"), "{said}");
+    let (_, after) = env.get("/api/v1/runs?workflow=ops.scale-web").await;
+    assert_eq!(
+        before["runs"].as_array().map(Vec::len),
+        after["runs"].as_array().map(Vec::len)
+    );
+    assert!(kube.writes().is_empty(), "{:#?}", kube.writes());
     b.close().await;
 }

@@ -11,6 +11,8 @@ import * as run from "./views/run.js";
 import * as approvals from "./views/approvals.js";
 import * as schedules from "./views/schedules.js";
 import * as remediations from "./views/remediations.js";
+import * as workflows from "./views/workflows.js";
+import * as workflow from "./views/workflow.js";
 
 const REFRESH_MS = 3000;
 
@@ -20,6 +22,8 @@ const routes = [
   { pattern: /^\/approvals$/, view: approvals, nav: "approvals" },
   { pattern: /^\/schedules$/, view: schedules, nav: "schedules" },
   { pattern: /^\/remediations$/, view: remediations, nav: "remediations" },
+  { pattern: /^\/workflows\/([^/]+)$/, view: workflow, nav: "workflows" },
+  { pattern: /^\/workflows$/, view: workflows, nav: "workflows" },
 ];
 
 const main = document.getElementById("main");

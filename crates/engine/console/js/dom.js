@@ -144,3 +144,21 @@ export function announce(text, kind = "info") {
   // Information goes away after a while; an error stays until the next message.
   if (kind === "info") setTimeout(() => notice.remove(), 8000);
 }
+
+/** A workflow file's plan (plan mode, or what an approval step shows): each step and what it
+ * would do, or what it read, or why that cannot be told before it runs. */
+export function planTable(entries, caption) {
+  const what = (e) => {
+    if (e.read) return ["read: ", e.read];
+    if (e.held) return "check held";
+    if (e.skipped) return h("span", { class: "muted" }, `skipped: ${e.skipped}`);
+    if (e.depends) return h("span", { class: "muted" }, e.depends);
+    return e.would ?? "";
+  };
+  return table(caption, ["Step", "Action", "What it would do"],
+    entries.map((e) => h("tr", { dataset: { step: e.step } },
+      h("td", { class: "mono" }, e.finally ? `finally: ${e.step}` : e.step),
+      h("td", { class: "mono" }, e.action ?? ""),
+      h("td", {}, what(e)))),
+    { class: "plan steps-plan" });
+}

@@ -47,6 +47,8 @@ static ASSETS: &[Asset] = assets! {
     "js/views/approvals.js" => JS,
     "js/views/schedules.js" => JS,
     "js/views/remediations.js" => JS,
+    "js/views/workflows.js" => JS,
+    "js/views/workflow.js" => JS,
 };
 
 /// Each asset's ETag: a digest of its content, so a browser revalidates and gets a 304 until

@@ -3,7 +3,7 @@
 // rejecting is recorded with the signed-in identity and the comment.
 
 import { get, post } from "../api.js";
-import { announce, exact, fill, h, json, runLink, shortId, table, when } from "../dom.js";
+import { announce, exact, fill, h, json, planTable, runLink, shortId, table, when } from "../dom.js";
 
 export async function mount(ctx) {
   const list = h("div", { id: "approvals" });
@@ -50,9 +50,13 @@ function decisions(list) {
       d.ignored ? h("span", { class: "muted" }, ` — not counted: ${d.ignored}`) : "")));
 }
 
-/** A plan as a diff table when it lists objects (install/upgrade), else as JSON. */
+/** A plan as a diff table when it lists objects (install/upgrade), as its steps for a
+ * workflow file, else as JSON. */
 function about(a) {
   const plan = a.about;
+  if (a.about_kind === "plan" && Array.isArray(plan?.steps)) {
+    return planTable(plan.steps, "What the run will do once approved, step by step");
+  }
   if (Array.isArray(plan) && plan.every((c) => c && typeof c.object === "string" && typeof c.action === "string")) {
     return table("What applying would change, object by object", ["Object", "Change", "Fields"],
       plan.map((c) => h("tr", { class: `change-${c.action}` },

@@ -3,7 +3,7 @@
 // its history. Operators can cancel, retry, signal, approve or reject from here.
 
 import { get, post } from "../api.js";
-import { announce, duration, exact, fill, h, json, redraw, runLink, shortId, status, table, when } from "../dom.js";
+import { announce, duration, exact, fill, h, json, planTable, redraw, runLink, shortId, status, table, when } from "../dom.js";
 import { decisionPanel } from "./approvals.js";
 
 const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
@@ -40,7 +40,10 @@ export async function mount(ctx) {
     fill(data,
       h("section", { class: "card", "aria-labelledby": "input-h" }, h("h2", { id: "input-h" }, "Input"),
         h("p", { class: "help" }, "Values of fields named like secrets are shown as [redacted]."), json(run.input, "Run input")),
-      run.output !== null && run.output !== undefined
+      run.input?.["$plan"] === true && Array.isArray(run.output?.plan)
+        ? h("section", { class: "card", "aria-labelledby": "output-h" }, h("h2", { id: "output-h" }, "Plan (nothing was changed)"),
+          planTable(run.output.plan, "What each step would do"))
+        : run.output !== null && run.output !== undefined
         ? h("section", { class: "card", "aria-labelledby": "output-h" }, h("h2", { id: "output-h" }, "Output"), json(run.output, "Run output"))
         : null);
     redraw(history, () => fill(history, h("h2", { id: "events-h" }, "History"), eventsTable(events)));
