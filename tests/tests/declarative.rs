@@ -1272,3 +1272,150 @@ async fn a_plan_run_reads_says_what_each_step_would_do_and_changes_nothing_and_a
     assert_eq!(chat.received()[0]["text"], "web was at 1, now 3");
     env.stop_workers().await;
 }
+
+/// An IdP's admin API, as a client secret rotation calls it: find the client, make it a new
+/// secret (the answer holds it), and say so without it.
+const ROTATE_CLIENT: &str = r#"
+name: idp.rotate-client-secret
+input:
+  client: { type: string, guarded: true }
+steps:
+  - id: found
+    action: http.request
+    with: { connection: idp, path: clients, query: { clientId: "${{ input.client }}" } }
+  - id: exists
+    action: assert
+    with: { that: "${{ size(steps.found.json) == 1 }}", message: "no client ${{ input.client }}" }
+  - id: rotate
+    sensitive: true
+    action: http.request
+    with: { connection: idp, method: POST, path: "clients/${{ steps.found.json[0].id }}/client-secret", expect: [200] }
+  - id: tell
+    action: log
+    with: { message: "rotated ${{ input.client }}: ${{ steps.rotate.json.type }}" }
+output: ${{ steps.tell.message }}
+"#;
+
+#[tokio::test]
+async fn http_request_calls_only_the_api_the_config_names_with_its_credentials_and_keeps_a_sensitive_answer_out_of_the_journal()
+ {
+    use axum::routing::{get, post};
+    let seen: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+    let log = seen.clone();
+    let authorized = move |headers: &axum::http::HeaderMap, what: &str| {
+        log.lock().unwrap().push(what.to_string());
+        headers.get("authorization").and_then(|v| v.to_str().ok()) == Some("Bearer idp-admin-token")
+    };
+    let (a, b) = (authorized.clone(), authorized);
+    let app = axum::Router::new()
+        .route(
+            "/admin/realms/platform/clients",
+            get(
+                move |headers: axum::http::HeaderMap, q: axum::extract::Query<BTreeMap<String, String>>| async move {
+                    if !a(&headers, &format!("GET clients {:?}", q.get("clientId"))) {
+                        return (
+                            axum::http::StatusCode::UNAUTHORIZED,
+                            axum::Json(json!({ "error": "HTTP 401" })),
+                        );
+                    }
+                    let found: Vec<Value> = match q.get("clientId").map(String::as_str) {
+                        Some("grafana") => vec![json!({ "id": "c-42", "clientId": "grafana" })],
+                        _ => vec![],
+                    };
+                    (axum::http::StatusCode::OK, axum::Json(Value::Array(found)))
+                },
+            ),
+        )
+        .route(
+            "/admin/realms/platform/clients/{id}/client-secret",
+            post(
+                move |headers: axum::http::HeaderMap, axum::extract::Path(id): axum::extract::Path<String>| async move {
+                    if !b(&headers, &format!("POST secret {id}")) {
+                        return (
+                            axum::http::StatusCode::UNAUTHORIZED,
+                            axum::Json(json!({ "error": "HTTP 401" })),
+                        );
+                    }
+                    (
+                        axum::http::StatusCode::OK,
+                        axum::Json(json!({ "type": "secret", "value": "brand-new-secret-7f3a" })),
+                    )
+                },
+            ),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}/admin/realms/platform", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let dir = std::env::temp_dir().join(format!("dayshift-idp-{}", unique()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("token"), "idp-admin-token\n").unwrap();
+    let config: dayshift_workflows::ConnectionsConfig = serde_saphyr::from_str(&format!(
+        "http:\n  idp: {{ url: \"{base}\", token: {{ file: {} }} }}\n",
+        dir.join("token").display()
+    ))
+    .unwrap();
+    let read = |src: &dayshift_workflows::SecretSource, key: &str| match &src.file {
+        Some(f) => std::fs::read(f).map_err(|e| dayshift_workflows::InvalidConfig::new(key, e.to_string())),
+        None => Err(dayshift_workflows::InvalidConfig::new(key, "file only here")),
+    };
+    let conns = config.resolve(dayshift_workflows::SecretReader::new(&read)).unwrap();
+    let names = config.names();
+    let text = |t: &str| Arc::new(Definition::compile("rotate.yaml", t, &names).unwrap_or_else(|p| panic!("{p:#?}")));
+    let hostile = ROTATE_CLIENT
+        .replace("name: idp.rotate-client-secret", "name: idp.hostile")
+        .replace(
+            "path: clients, query:",
+            "path: clients, headers: { Authorization: Bearer stolen }, query:",
+        );
+    let escape = ROTATE_CLIENT
+        .replace("name: idp.rotate-client-secret", "name: idp.escape")
+        .replace("path: clients, query:", "path: \"../master/clients\", query:");
+    let (conns, names) = (Arc::new(conns), Arc::new(names.clone()));
+    let defs: Vec<_> = [ROTATE_CLIENT, &hostile, &escape]
+        .into_iter()
+        .map(|t| text(t).workflow(conns.clone(), names.clone(), None))
+        .collect();
+    let mut env = TestEnv::new(defs).await;
+    env.start_worker(fast_worker("idp"));
+    let limit = Duration::from_secs(30);
+
+    let run = env
+        .run_within("idp.rotate-client-secret", json!({ "client": "grafana" }), limit)
+        .await;
+    assert_succeeded(&run);
+    assert_eq!(run.output, Some(json!("rotated grafana: secret")));
+    assert_eq!(
+        *seen.lock().unwrap(),
+        ["GET clients Some(\"grafana\")", "POST secret c-42"]
+    );
+    // The new secret and the connection's token are nowhere in what the run kept.
+    let kept: String = sqlx::query_scalar("select coalesce(string_agg(coalesce(output::text, '') || coalesce(error, ''), ' '), '') from steps where run_id = $1")
+        .bind(run.id.0)
+        .fetch_one(&env.db.pool)
+        .await
+        .unwrap();
+    assert!(!kept.contains("brand-new-secret"), "{kept}");
+    assert!(
+        !kept.contains("idp-admin-token") && !format!("{run:?}").contains("idp-admin-token"),
+        "{kept}"
+    );
+    assert!(run.steps.iter().any(|s| s.name == "rotate" && s.sensitive), "{run:#?}");
+
+    // A step cannot replace the connection's credentials, nor leave its URL: refused before
+    // any request is sent.
+    seen.lock().unwrap().clear();
+    for (workflow, why) in [
+        ("idp.hostile", "header \"Authorization\" is not one a step may set"),
+        ("idp.escape", "may not leave the connection's URL"),
+    ] {
+        let refused = env.run_within(workflow, json!({ "client": "grafana" }), limit).await;
+        assert_eq!(refused.status, RunStatus::Failed, "{refused:#?}");
+        assert!(
+            refused.error.as_deref().is_some_and(|e| e.contains(why)),
+            "{refused:#?}"
+        );
+    }
+    assert!(seen.lock().unwrap().is_empty(), "{:?}", seen.lock().unwrap());
+    env.stop_workers().await;
+}

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::adapters::endpoint::{Endpoint, HttpConnectionConfig};
 use crate::adapters::git::{GitConfig, GitConnectionConfig};
 use crate::adapters::kube::{KubeConfig, KubernetesConnectionConfig};
 use crate::adapters::notify::{Notifier, NotifyConnectionConfig};
@@ -33,6 +34,8 @@ pub struct ConnectionsConfig {
     pub git: BTreeMap<String, GitConnectionConfig>,
     /// Prometheus HTTP APIs (Prometheus, Thanos, Mimir), by name.
     pub prometheus: BTreeMap<String, PrometheusConnectionConfig>,
+    /// HTTP APIs the `http.request` action may call (a registry, an IdP, a forge), by name.
+    pub http: BTreeMap<String, HttpConnectionConfig>,
 }
 
 impl ConnectionsConfig {
@@ -47,6 +50,7 @@ impl ConnectionsConfig {
             ("kubernetes".to_string(), names(self.kubernetes.keys().collect())),
             ("git".to_string(), names(self.git.keys().collect())),
             ("prometheus".to_string(), names(self.prometheus.keys().collect())),
+            ("http".to_string(), names(self.http.keys().collect())),
         ])
     }
 
@@ -70,6 +74,7 @@ impl ConnectionsConfig {
         let git = each("git", &self.git, |c, key| c.resolve(key, read))?;
         let vault = each("vault", &self.vault, |c, key| c.resolve(key, read))?;
         let prometheus = each("prometheus", &self.prometheus, |c, key| c.resolve(key, read))?;
+        let http = each("http", &self.http, |c, key| c.resolve(key, read))?;
         Ok(Connections {
             s3,
             postgres,
@@ -78,6 +83,7 @@ impl ConnectionsConfig {
             kubernetes,
             git,
             prometheus,
+            http,
         })
     }
 }
@@ -100,6 +106,8 @@ pub struct Connections {
     pub git: BTreeMap<String, GitConfig>,
     /// Prometheus HTTP APIs, by name.
     pub prometheus: BTreeMap<String, PrometheusConfig>,
+    /// HTTP APIs, by name. Their credentials are never journaled, logged or returned.
+    pub http: BTreeMap<String, Endpoint>,
 }
 
 impl std::fmt::Debug for Connections {
@@ -112,6 +120,7 @@ impl std::fmt::Debug for Connections {
             .field("kubernetes", &self.kubernetes.keys().collect::<Vec<_>>())
             .field("git", &self.git.keys().collect::<Vec<_>>())
             .field("prometheus", &self.prometheus.keys().collect::<Vec<_>>())
+            .field("http", &self.http.keys().collect::<Vec<_>>())
             .finish()
     }
 }
@@ -187,6 +196,11 @@ impl Connections {
             "no Prometheus connection named",
             "connections.prometheus",
         )
+    }
+
+    /// The HTTP API named `name`.
+    pub fn http(&self, name: &str) -> Result<&Endpoint, NotConfigured> {
+        lookup(&self.http, name, "no HTTP connection named", "connections.http")
     }
 
     /// The notice webhook named `name`.

@@ -1,6 +1,7 @@
 //! Adapters to the systems the built-in workflows act on. Each is a thin, tested wrapper that
 //! says how its operations behave when repeated (steps are at-least-once).
 
+pub mod endpoint;
 pub mod git;
 pub mod http;
 pub mod kube;
@@ -42,5 +43,6 @@ transient!(
     vault::VaultError,
     notify::NotifyError,
     postgres::PgError,
-    prometheus::PromError
+    prometheus::PromError,
+    endpoint::EndpointError
 );

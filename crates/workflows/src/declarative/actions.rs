@@ -120,10 +120,12 @@ pub(crate) enum Action {
     CertRenew,
     /// Reads the clock once.
     TimeNow,
+    /// A request to an HTTP API the config names.
+    HttpRequest,
 }
 
 impl Action {
-    pub(crate) const ALL: [Action; 18] = [
+    pub(crate) const ALL: [Action; 19] = [
         Action::Log,
         Action::Notify,
         Action::KubeGet,
@@ -142,6 +144,7 @@ impl Action {
         Action::KubeExec,
         Action::CertRenew,
         Action::TimeNow,
+        Action::HttpRequest,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -164,6 +167,7 @@ impl Action {
             Action::KubeExec => "kubernetes.exec",
             Action::CertRenew => "cert-manager.renew",
             Action::TimeNow => "time.now",
+            Action::HttpRequest => "http.request",
         }
     }
 
@@ -268,6 +272,15 @@ impl Action {
                 "Reads the clock once: output `time` (UTC, RFC 3339) and `unix` (seconds). The value is journaled, so \
                  every replay of the run, and every expression after it, sees the same instant \
                  (`timestamp(c.status.notAfter) - timestamp(steps.now.time) < duration('336h')`). Changes nothing."
+            }
+            Action::HttpRequest => {
+                "Sends `method` (default GET) to `path` below the base URL of the HTTP API `connection` names \
+                 (connections.http), with `query`, `headers` and a JSON `body`; the connection adds its credentials, \
+                 which a step's headers cannot replace, and no request leaves its URL. An answer with a status in \
+                 `expect` (default any 2xx) is the output: `status` and `json` (or `text`, for a body that is not \
+                 JSON). 429 and 5xx answers and network errors are retried, others fail the step. A GET is safe to \
+                 repeat; a retried POST may be sent twice, so give the API an idempotency key if it takes one. A step \
+                 whose answer holds a secret is `sensitive: true`."
             }
             Action::Assert => {
                 "Fails the run (at once, without retries) with `message` unless `that` is true: a check between \
@@ -518,6 +531,42 @@ impl Action {
                 P
             }
             Action::TimeNow => &[],
+            Action::HttpRequest => {
+                const P: &[Param] = &[
+                    param(
+                        "connection",
+                        true,
+                        "string",
+                        "An HTTP API of connections.http, by name.",
+                    ),
+                    param(
+                        "method",
+                        false,
+                        "string",
+                        "GET (default), HEAD, POST, PUT, PATCH or DELETE.",
+                    ),
+                    target(
+                        "path",
+                        false,
+                        "The path below the connection's URL: `clients/${{ input.client }}/secret`.",
+                    ),
+                    param("query", false, "object", "Query parameters, name to value."),
+                    param(
+                        "headers",
+                        false,
+                        "object",
+                        "Request headers, name to value (not the connection's own).",
+                    ),
+                    param("body", false, "any", "The JSON body."),
+                    param(
+                        "expect",
+                        false,
+                        "any",
+                        "The statuses that are an answer, a list (`[200, 404]`). Default any 2xx.",
+                    ),
+                ];
+                P
+            }
             Action::Assert => {
                 const P: &[Param] = &[
                     param("that", true, "any", "What must be true, usually `${{ expression }}`."),
@@ -877,6 +926,23 @@ impl Action {
                 let now = chrono::Utc::now();
                 Ok(json!({ "time": now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true), "unix": now.timestamp() }))
             }
+            Action::HttpRequest => {
+                let p: HttpParams = parse(self, params)?;
+                let endpoint = connections.http(&p.connection).map_err(StepError::permanent)?;
+                let text = |v: &Value| match v {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                let request = crate::adapters::endpoint::Request {
+                    method: p.method.unwrap_or_else(|| "GET".into()),
+                    path: p.path.unwrap_or_default(),
+                    query: p.query.iter().map(|(k, v)| (k.clone(), text(v))).collect(),
+                    headers: p.headers.iter().map(|(k, v)| (k.clone(), text(v))).collect(),
+                    body: p.body,
+                    expect: p.expect,
+                };
+                endpoint.send(&request).await.map_err(step_err)
+            }
             Action::Assert => {
                 let p: AssertParams = parse(self, params)?;
                 match p.that {
@@ -1091,6 +1157,24 @@ struct ArgoWaitParams {
     app: ArgoApp,
     #[serde(default)]
     revision: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HttpParams {
+    connection: String,
+    #[serde(default)]
+    method: Option<String>,
+    #[serde(default)]
+    path: Option<String>,
+    #[serde(default)]
+    query: serde_json::Map<String, Value>,
+    #[serde(default)]
+    headers: serde_json::Map<String, Value>,
+    #[serde(default)]
+    body: Option<Value>,
+    #[serde(default)]
+    expect: Vec<u16>,
 }
 
 #[derive(Deserialize)]

@@ -85,6 +85,9 @@ struct StepSpec {
     /// An action that puts back what the step did, if the run later fails or is cancelled.
     #[serde(default)]
     undo: Option<Spanned<UndoSpec>>,
+    /// Its output holds a secret: never journaled, the step run again on replay.
+    #[serde(default)]
+    sensitive: bool,
 }
 
 #[derive(Deserialize)]
@@ -121,7 +124,16 @@ fn two() -> f64 {
 }
 
 /// The connection kinds a `type: connection` input may name.
-pub(crate) const CONNECTION_KINDS: [&str; 7] = ["postgres", "s3", "notify", "vault", "kubernetes", "git", "prometheus"];
+pub(crate) const CONNECTION_KINDS: [&str; 8] = [
+    "postgres",
+    "s3",
+    "notify",
+    "vault",
+    "kubernetes",
+    "git",
+    "prometheus",
+    "http",
+];
 
 /// What an expression may read where it is written.
 #[derive(Clone, Copy)]
@@ -701,6 +713,16 @@ pub(crate) fn compile(
         if fin && for_each.is_some() {
             p.at(loc, &format!("{key}.for_each"), "a `finally` step has no `for_each`");
         }
+        if s.sensitive && !is_action {
+            p.at(loc, &format!("{key}.sensitive"), "`sensitive` is for action steps");
+        }
+        if s.sensitive && s.undo.is_some() {
+            p.at(
+                loc,
+                &format!("{key}.sensitive"),
+                "a sensitive step has no undo (its output, which an undo reads, is not kept)",
+            );
+        }
         if let Some(kind) = kind {
             let step = Step {
                 id,
@@ -711,6 +733,7 @@ pub(crate) fn compile(
                 timeout: s.timeout,
                 for_each,
                 undo,
+                sensitive: s.sensitive,
             };
             if fin { finals.push(step) } else { steps.push(step) }
         }

@@ -223,6 +223,9 @@ impl Definition {
                                 if let Some(t) = step.timeout {
                                     call = call.timeout(t);
                                 }
+                                if step.sensitive {
+                                    call = call.sensitive();
+                                }
                                 if let Some(undo) = &step.undo {
                                     let item = Some(&items[i]);
                                     call = call.undo(self.undo_of(index, &input, &outputs, item, connections));
@@ -313,6 +316,9 @@ impl Definition {
             .retry(step.retry.clone());
         if let Some(t) = step.timeout {
             call = call.timeout(t);
+        }
+        if step.sensitive {
+            call = call.sensitive();
         }
         if let Some(undo) = undo {
             call = call.undo(undo);

@@ -163,6 +163,8 @@ pub(super) struct Step {
     pub(super) for_each: Option<ForEach>,
     /// What puts back what the step did, if the run later fails or is cancelled.
     pub(super) undo: Option<Undo>,
+    /// Its output holds a secret: never journaled, and the step runs again on replay.
+    pub(super) sensitive: bool,
 }
 
 /// A step's `undo`: an action, its parameters able to read the step's own output.

@@ -130,6 +130,14 @@ impl Action {
             ),
             Action::CertRenew => format!("renew Certificate {}", object(p, "Certificate")),
             Action::TimeNow => "read the clock".into(),
+            Action::HttpRequest => format!(
+                "send {} {} to {}",
+                p["method"].as_str().unwrap_or("GET").to_ascii_uppercase(),
+                p["path"]
+                    .as_str()
+                    .map_or("/".to_string(), |x| format!("/{}", x.trim_start_matches('/'))),
+                text(&p["connection"])
+            ),
         }
     }
 }
