@@ -1419,3 +1419,160 @@ async fn http_request_calls_only_the_api_the_config_names_with_its_credentials_a
     assert!(seen.lock().unwrap().is_empty(), "{:?}", seen.lock().unwrap());
     env.stop_workers().await;
 }
+
+/// A password bump: read the entry (sensitive), write the next version with check-and-set,
+/// count what a database holds, read the keys back without their values.
+const BUMP: &str = r#"
+name: secrets.bump
+input:
+  mount: { type: string, guarded: true }
+  stamp: { type: string }
+steps:
+  - id: current
+    action: vault.kv-read
+    sensitive: true
+    with: { connection: bao, mount: "${{ input.mount }}", path: shop/db }
+  - id: write
+    action: vault.kv-write
+    with:
+      connection: bao
+      mount: ${{ input.mount }}
+      path: shop/db
+      cas: ${{ steps.current.version }}
+      data: { username: "${{ steps.current.data.username }}", password: "rotated-${{ input.stamp }}" }
+  - id: orders
+    action: postgres.query
+    with: { connection: app, sql: "select count(*)::int as n, max(item) as item from orders where id > $1", params: [0] }
+  - id: keys
+    action: vault.kv-read
+    with: { connection: bao, mount: "${{ input.mount }}", path: shop/db, values: false }
+output: { version: "${{ steps.write.version }}", keys: "${{ steps.keys.keys }}", orders: "${{ steps.orders.rows[0] }}" }
+"#;
+
+#[tokio::test]
+async fn vault_kv_and_postgres_query_read_and_write_only_what_they_say_and_keep_secrets_out_of_the_journal() {
+    let bao = dayshift_tests::OpenBao::shared();
+    let mount = format!("kv-{}", unique());
+    bao.bao(&["secrets", "enable", &format!("-path={mount}"), "kv-v2"])
+        .await
+        .unwrap();
+    bao.bao(&[
+        "kv",
+        "put",
+        &format!("-mount={mount}"),
+        "shop/db",
+        "username=shop",
+        "password=old-pw-3c9d",
+    ])
+    .await
+    .unwrap();
+    let db = dayshift_tests::TestDb::new().await;
+    for sql in [
+        "create table orders (id int primary key, item text)",
+        "insert into orders values (1, 'kettle')",
+    ] {
+        sqlx::query(sql).execute(&db.pool).await.unwrap();
+    }
+    let mut conns = Connections::default();
+    conns.vault.insert(
+        "bao".into(),
+        dayshift_workflows::adapters::vault::VaultConfig::with_token(bao.addr.clone(), bao.token.clone()),
+    );
+    conns.postgres.insert("app".into(), db.url.clone());
+    let names = BTreeMap::from([
+        ("vault".to_string(), ["bao".to_string()].into()),
+        ("postgres".to_string(), ["app".to_string()].into()),
+    ]);
+    let (conns, names_arc) = (Arc::new(conns), Arc::new(names.clone()));
+    let compile = |text: &str| {
+        Arc::new(Definition::compile("bump.yaml", text, &names).unwrap_or_else(|p| panic!("{p:#?}"))).workflow(
+            conns.clone(),
+            names_arc.clone(),
+            None,
+        )
+    };
+    let stale = BUMP
+        .replace("name: secrets.bump", "name: secrets.stale")
+        .replace("cas: ${{ steps.current.version }}", "cas: 1");
+    let writes = BUMP.replace("name: secrets.bump", "name: secrets.sneaky").replace(
+        "select count(*)::int as n, max(item) as item from orders where id > $1",
+        "delete from orders where id > $1 returning id",
+    );
+    let mut env = TestEnv::new(vec![compile(BUMP), compile(&stale), compile(&writes)]).await;
+    env.start_worker(fast_worker("bump"));
+    let limit = Duration::from_secs(30);
+    let input = json!({ "mount": mount, "stamp": "5e1f" });
+
+    let run = env.run_within("secrets.bump", input.clone(), limit).await;
+    assert_succeeded(&run);
+    assert_eq!(
+        run.output,
+        Some(json!({ "version": 2, "keys": ["password", "username"], "orders": { "n": 1, "item": "kettle" } }))
+    );
+    let now = bao
+        .bao(&["kv", "get", "-format=json", &format!("-mount={mount}"), "shop/db"])
+        .await
+        .unwrap();
+    let now: Value = serde_json::from_str(&now).unwrap();
+    assert_eq!(
+        now["data"]["data"],
+        json!({ "username": "shop", "password": "rotated-5e1f" })
+    );
+    // Neither the old password nor the new one is in what the run kept.
+    let kept: String = sqlx::query_scalar(
+        "select coalesce(string_agg(coalesce(output::text, '') || coalesce(error, ''), ' '), '') from steps where run_id = $1",
+    )
+    .bind(run.id.0)
+    .fetch_one(&env.db.pool)
+    .await
+    .unwrap();
+    assert!(
+        !kept.contains("old-pw-3c9d") && !kept.contains("rotated-5e1f"),
+        "{kept}"
+    );
+
+    // Written by someone else in between (a stale cas): refused, nothing written.
+    let refused = env
+        .run_within("secrets.stale", json!({ "mount": mount, "stamp": "9a0b" }), limit)
+        .await;
+    assert_eq!(refused.status, RunStatus::Failed, "{refused:#?}");
+    assert!(
+        refused
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("another writer changed it first")),
+        "{refused:#?}"
+    );
+    let after = bao
+        .bao(&["kv", "get", "-format=json", &format!("-mount={mount}"), "shop/db"])
+        .await
+        .unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(&after).unwrap()["data"]["metadata"]["version"],
+        2
+    );
+
+    // A query that would write is refused by the server; the table is as it was.
+    let refused = env.run_within("secrets.sneaky", input, limit).await;
+    assert_eq!(refused.status, RunStatus::Failed, "{refused:#?}");
+    assert!(
+        refused.error.as_deref().is_some_and(|e| e.contains("SQLSTATE")),
+        "{refused:#?}"
+    );
+    let n: i64 = sqlx::query_scalar("select count(*) from orders")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+
+    // Reading the values without `sensitive: true` is refused when the file is loaded.
+    let open = BUMP.replace("    sensitive: true\n", "");
+    let problems = Definition::compile("bump.yaml", &open, &names).unwrap_err();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("steps[0].sensitive: vault.kv-read gives secrets")),
+        "{problems:#?}"
+    );
+    env.stop_workers().await;
+}

@@ -232,6 +232,54 @@ impl PgAdmin {
         })
     }
 
+    /// The rows of `query` (a SELECT, VALUES or WITH … SELECT) with `params` bound as `$1`…, as
+    /// JSON objects, at most `limit`, in a read-only transaction with a 30 s statement timeout.
+    /// The query is run as a subquery, so it is one statement. A query that fails is
+    /// [`PgError::Query`] with its SQLSTATE only.
+    pub(crate) async fn read_only_rows(
+        &self,
+        query: &str,
+        params: &[serde_json::Value],
+        limit: i64,
+    ) -> Result<Vec<serde_json::Value>, PgError> {
+        let mut conn = sqlx::PgConnection::connect(&self.url)
+            .await
+            .map_err(PgError::Unreachable)?;
+        for setup in [
+            "set session characteristics as transaction read only",
+            "set statement_timeout = '30s'",
+        ] {
+            sqlx::query(setup).execute(&mut conn).await.map_err(PgError::Sql)?;
+        }
+        let wrapped = format!(
+            "select coalesce(json_agg(row_to_json(q)), '[]'::json)::jsonb from (select * from ({query}) r limit {limit}) q"
+        );
+        let mut q = sqlx::query_scalar::<_, serde_json::Value>(sqlx::AssertSqlSafe(wrapped));
+        for p in params {
+            q = match p {
+                serde_json::Value::String(s) => q.bind(s.clone()),
+                serde_json::Value::Bool(b) => q.bind(*b),
+                serde_json::Value::Number(n) if n.is_i64() => q.bind(n.as_i64()),
+                serde_json::Value::Number(n) => q.bind(n.as_f64()),
+                serde_json::Value::Null => q.bind(None::<String>),
+                other => q.bind(other.clone()),
+            };
+        }
+        let rows = q.fetch_one(&mut conn).await;
+        let _ = conn.close().await;
+        match rows {
+            Ok(serde_json::Value::Array(rows)) => Ok(rows),
+            Ok(other) => Ok(vec![other]),
+            Err(e) => Err(PgError::Query(match &e {
+                sqlx::Error::Database(db) => format!(
+                    "SQLSTATE {} (the server's message is not shown: it may quote data)",
+                    db.code().as_deref().unwrap_or("unknown")
+                ),
+                other => other.to_string(),
+            })),
+        }
+    }
+
     /// The directory of the client tools matching the server's major version, where installed
     /// (else the `PATH`'s), and the server's version.
     pub(crate) async fn client_tools(&self) -> ClientTools {

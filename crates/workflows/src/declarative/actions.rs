@@ -122,10 +122,16 @@ pub(crate) enum Action {
     TimeNow,
     /// A request to an HTTP API the config names.
     HttpRequest,
+    /// Reads a Vault KV v2 entry.
+    VaultKvRead,
+    /// Writes a Vault KV v2 entry with check-and-set.
+    VaultKvWrite,
+    /// A read-only query on a PostgreSQL database the config names.
+    PgQuery,
 }
 
 impl Action {
-    pub(crate) const ALL: [Action; 19] = [
+    pub(crate) const ALL: [Action; 22] = [
         Action::Log,
         Action::Notify,
         Action::KubeGet,
@@ -145,6 +151,9 @@ impl Action {
         Action::CertRenew,
         Action::TimeNow,
         Action::HttpRequest,
+        Action::VaultKvRead,
+        Action::VaultKvWrite,
+        Action::PgQuery,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -168,6 +177,9 @@ impl Action {
             Action::CertRenew => "cert-manager.renew",
             Action::TimeNow => "time.now",
             Action::HttpRequest => "http.request",
+            Action::VaultKvRead => "vault.kv-read",
+            Action::VaultKvWrite => "vault.kv-write",
+            Action::PgQuery => "postgres.query",
         }
     }
 
@@ -281,6 +293,26 @@ impl Action {
                  JSON). 429 and 5xx answers and network errors are retried, others fail the step. A GET is safe to \
                  repeat; a retried POST may be sent twice, so give the API an idempotency key if it takes one. A step \
                  whose answer holds a secret is `sensitive: true`."
+            }
+            Action::VaultKvRead => {
+                "Reads the current version of the KV v2 entry at `path` of `mount` (default `secret`) on the Vault \
+                 `connection` names: output `version`, `keys`, and `data`, the keys and values (with `values: false`, \
+                 only the version and the keys). Its values are secrets, so a step that reads them must be \
+                 `sensitive: true` (its output is never journaled; a replay reads again). Changes nothing."
+            }
+            Action::VaultKvWrite => {
+                "Writes `data` as the next version of the KV v2 entry at `path` of `mount` (default `secret`), only if \
+                 its current version is still `cas` (check-and-set; 0 creates it): output `version`, the new one. \
+                 If another writer was first, the step fails without writing. A repeat after a lost answer finds its \
+                 own write (the version after `cas`, with the same data) and succeeds without writing again."
+            }
+            Action::PgQuery => {
+                "Runs the query `sql` (a SELECT, VALUES or WITH … SELECT, as one statement) on the PostgreSQL database \
+                 `connection` names, with `params` bound as $1, $2, …, in a read-only transaction with a 30 s \
+                 statement timeout: output `rows` (each a JSON object of its columns, at most `limit`, default 100) \
+                 and `count`. A check (`that: ${{ steps.lag.rows[0].seconds < 60 }}`), a digest line. A query that \
+                 fails says its SQLSTATE, not the server's message (it may quote data). Give the connection a role \
+                 that can only read: a read-only transaction still runs functions such as pg_terminate_backend."
             }
             Action::Assert => {
                 "Fails the run (at once, without retries) with `message` unless `that` is true: a check between \
@@ -531,6 +563,58 @@ impl Action {
                 P
             }
             Action::TimeNow => &[],
+            Action::VaultKvRead => {
+                const P: &[Param] = &[
+                    param("connection", true, "string", "A Vault of connections.vault, by name."),
+                    target("mount", false, "The KV v2 mount. Default `secret`."),
+                    target("path", true, "The entry's path: `apps/shop/db`."),
+                    param(
+                        "values",
+                        false,
+                        "boolean",
+                        "false: only the version and the keys (no secret). Default true.",
+                    ),
+                ];
+                P
+            }
+            Action::VaultKvWrite => {
+                const P: &[Param] = &[
+                    param("connection", true, "string", "A Vault of connections.vault, by name."),
+                    target("mount", false, "The KV v2 mount. Default `secret`."),
+                    target("path", true, "The entry's path: `apps/shop/db`."),
+                    param("data", true, "object", "The entry's keys and values."),
+                    param(
+                        "cas",
+                        true,
+                        "integer",
+                        "The version it must still be at (0: it must not exist yet).",
+                    ),
+                ];
+                P
+            }
+            Action::PgQuery => {
+                const P: &[Param] = &[
+                    param(
+                        "connection",
+                        true,
+                        "string",
+                        "A database of connections.postgres, by name.",
+                    ),
+                    target(
+                        "sql",
+                        true,
+                        "The query: `select now() - pg_last_xact_replay_timestamp() as lag`.",
+                    ),
+                    param("params", false, "any", "Values bound as $1, $2, …, a list."),
+                    param(
+                        "limit",
+                        false,
+                        "integer",
+                        "At most this many rows (1 to 1000). Default 100.",
+                    ),
+                ];
+                P
+            }
             Action::HttpRequest => {
                 const P: &[Param] = &[
                     param(
@@ -943,6 +1027,58 @@ impl Action {
                 };
                 endpoint.send(&request).await.map_err(step_err)
             }
+            Action::VaultKvRead => {
+                let p: KvReadParams = parse(self, params)?;
+                let vault = crate::adapters::vault::Vault::new(
+                    connections.vault(&p.connection).map_err(StepError::permanent)?.clone(),
+                );
+                let entry = vault
+                    .kv_read(p.mount.as_deref().unwrap_or("secret"), &p.path)
+                    .await
+                    .map_err(step_err)?;
+                let keys: Vec<&String> = entry.data.keys().collect();
+                Ok(if p.values.unwrap_or(true) {
+                    json!({ "version": entry.version, "keys": keys, "data": entry.data })
+                } else {
+                    json!({ "version": entry.version, "keys": keys })
+                })
+            }
+            Action::VaultKvWrite => {
+                let p: KvWriteParams = parse(self, params)?;
+                let vault = crate::adapters::vault::Vault::new(
+                    connections.vault(&p.connection).map_err(StepError::permanent)?.clone(),
+                );
+                let mount = p.mount.as_deref().unwrap_or("secret");
+                match vault.kv_write(mount, &p.path, &p.data, p.cas).await {
+                    Ok(version) => Ok(json!({ "version": version })),
+                    Err(crate::adapters::vault::VaultError::Conflict { .. }) => {
+                        // Our own write, whose answer was lost, or another writer's.
+                        let current = vault.kv_read(mount, &p.path).await.map_err(step_err)?;
+                        if current.version == p.cas + 1 && current.data == p.data {
+                            Ok(json!({ "version": current.version }))
+                        } else {
+                            Err(StepError::permanent(format!(
+                                "{mount}/{}: it is at version {}, not {}: another writer changed it first",
+                                p.path, current.version, p.cas
+                            )))
+                        }
+                    }
+                    Err(e) => Err(step_err(e)),
+                }
+            }
+            Action::PgQuery => {
+                let p: PgQueryParams = parse(self, params)?;
+                let limit = p.limit.unwrap_or(100);
+                if !(1..=1000).contains(&limit) {
+                    return Err(StepError::permanent("action postgres.query: limit must be 1 to 1000"));
+                }
+                let url = connections.postgres(&p.connection).map_err(StepError::permanent)?;
+                let rows = crate::adapters::postgres::PgAdmin::new(url)
+                    .read_only_rows(&p.sql, &p.params, limit)
+                    .await
+                    .map_err(step_err)?;
+                Ok(json!({ "count": rows.len(), "rows": rows }))
+            }
             Action::Assert => {
                 let p: AssertParams = parse(self, params)?;
                 match p.that {
@@ -1157,6 +1293,39 @@ struct ArgoWaitParams {
     app: ArgoApp,
     #[serde(default)]
     revision: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KvReadParams {
+    connection: String,
+    #[serde(default)]
+    mount: Option<String>,
+    path: String,
+    #[serde(default)]
+    values: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KvWriteParams {
+    connection: String,
+    #[serde(default)]
+    mount: Option<String>,
+    path: String,
+    data: serde_json::Map<String, Value>,
+    cas: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PgQueryParams {
+    connection: String,
+    sql: String,
+    #[serde(default)]
+    params: Vec<Value>,
+    #[serde(default)]
+    limit: Option<i64>,
 }
 
 #[derive(Deserialize)]

@@ -716,6 +716,20 @@ pub(crate) fn compile(
         if s.sensitive && !is_action {
             p.at(loc, &format!("{key}.sensitive"), "`sensitive` is for action steps");
         }
+        if let Some(StepKind::Action {
+            action: Action::VaultKvRead,
+            ..
+        }) = &kind
+            && !s.sensitive
+            && s.with.get("values").map(|v| &v.value) != Some(&Value::Bool(false))
+        {
+            p.at(
+                loc,
+                &format!("{key}.sensitive"),
+                "vault.kv-read gives secrets, so the step must be `sensitive: true` (or give `values: false` for \
+                 the version and keys only)",
+            );
+        }
         if s.sensitive && s.undo.is_some() {
             p.at(
                 loc,

@@ -52,7 +52,7 @@ impl Action {
     pub(super) fn reads_only(self) -> bool {
         matches!(
             self,
-            Action::Log | Action::KubeGet | Action::KubeList | Action::PromQuery | Action::TimeNow
+            Action::Log | Action::KubeGet | Action::KubeList | Action::PromQuery | Action::TimeNow | Action::PgQuery
         )
     }
 
@@ -130,6 +130,24 @@ impl Action {
             ),
             Action::CertRenew => format!("renew Certificate {}", object(p, "Certificate")),
             Action::TimeNow => "read the clock".into(),
+            Action::VaultKvRead => format!(
+                "read {}/{} from Vault {}",
+                p["mount"].as_str().unwrap_or("secret"),
+                text(&p["path"]),
+                text(&p["connection"])
+            ),
+            Action::VaultKvWrite => format!(
+                "write keys {} to {}/{} on Vault {}, if it is still at version {}",
+                p["data"]
+                    .as_object()
+                    .map(|o| o.keys().cloned().collect::<Vec<_>>().join(", "))
+                    .unwrap_or_default(),
+                p["mount"].as_str().unwrap_or("secret"),
+                text(&p["path"]),
+                text(&p["connection"]),
+                p["cas"]
+            ),
+            Action::PgQuery => format!("query {}: {}", text(&p["connection"]), text(&p["sql"])),
             Action::HttpRequest => format!(
                 "send {} {} to {}",
                 p["method"].as_str().unwrap_or("GET").to_ascii_uppercase(),
