@@ -1576,3 +1576,46 @@ async fn vault_kv_and_postgres_query_read_and_write_only_what_they_say_and_keep_
     );
     env.stop_workers().await;
 }
+
+#[test]
+fn the_workflow_file_schema_is_current_and_every_shipped_example_and_none_with_a_wrong_parameter_fits_it() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let schema = declarative::file_schema();
+    let written: Value =
+        serde_json::from_str(&std::fs::read_to_string(format!("{root}/docs/workflow.schema.json")).unwrap()).unwrap();
+    assert!(
+        written == schema,
+        "docs/workflow.schema.json is out of date: run `dayshift config schema --workflows > docs/workflow.schema.json`"
+    );
+    let validator = jsonschema::validator_for(&schema).unwrap();
+    let mut checked = 0;
+    for entry in std::fs::read_dir(format!("{root}/examples/workflows")).unwrap() {
+        let path = entry.unwrap().path();
+        let file: Value = serde_saphyr::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let errors: Vec<String> = validator
+            .iter_errors(&file)
+            .map(|e| format!("{}: {e}", e.instance_path()))
+            .collect();
+        assert!(errors.is_empty(), "{}: {errors:#?}", path.display());
+        checked += 1;
+    }
+    assert!(checked >= 7, "{checked} examples");
+    // What an editor then flags: an action's unknown parameter, one of the wrong type.
+    let wrong: Value = serde_saphyr::from_str(
+        "name: x\nsteps:\n  - { id: a, action: kubernetes.scale, with: { namespace: shop, name: web, replicas: many, size: 3 } }\n",
+    )
+    .unwrap();
+    let errors: Vec<String> = validator.iter_errors(&wrong).map(|e| e.to_string()).collect();
+    assert!(errors.iter().any(|e| e.contains("size")), "{errors:#?}");
+    assert!(errors.iter().any(|e| e.contains("many")), "{errors:#?}");
+    // And the config schema is what `dayshift config schema` prints.
+    let out = std::process::Command::new(dayshift_tests::dayshift_bin())
+        .args(["config", "schema"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        std::fs::read_to_string(format!("{root}/docs/config.schema.json")).unwrap(),
+        "docs/config.schema.json is out of date: run `dayshift config schema > docs/config.schema.json`"
+    );
+}

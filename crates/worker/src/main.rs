@@ -147,8 +147,13 @@ enum ConfigCommand {
         /// The config file to check.
         file: Option<String>,
     },
-    /// Prints the JSON Schema of the config file, for editors (also in docs/config.schema.json).
-    Schema,
+    /// Prints the JSON Schema of the config file, for editors (also in docs/config.schema.json),
+    /// or with --workflows that of a workflow file, every action's parameters included (also
+    /// in docs/workflow.schema.json).
+    Schema {
+        #[arg(long)]
+        workflows: bool,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -293,10 +298,15 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             );
         }
         Command::Config {
-            command: ConfigCommand::Schema,
+            command: ConfigCommand::Schema { workflows },
         } => {
-            let schema = schemars::schema_for!(Config);
-            println!("{}", serde_json::to_string_pretty(&schema)?);
+            if workflows {
+                let schema = dayshift_workflows::declarative::file_schema();
+                println!("{}", serde_json::to_string_pretty(&schema)?);
+            } else {
+                let schema = schemars::schema_for!(Config);
+                println!("{}", serde_json::to_string_pretty(&schema)?);
+            }
         }
         Command::Migrate => {
             let c = config()?;

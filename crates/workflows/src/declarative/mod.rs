@@ -26,6 +26,7 @@ mod file;
 mod job;
 mod model;
 mod plan;
+mod schema;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -44,6 +45,7 @@ use crate::connections::Connections;
 use expr::Scope;
 pub use model::Definition;
 use model::{InputType, StepKind};
+pub use schema::file_schema;
 
 /// The config's `workflows:`: where workflow files are.
 #[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
