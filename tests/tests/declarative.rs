@@ -1619,3 +1619,56 @@ fn the_workflow_file_schema_is_current_and_every_shipped_example_and_none_with_a
         "docs/config.schema.json is out of date: run `dayshift config schema > docs/config.schema.json`"
     );
 }
+
+/// One maintenance per database at a time: a second start for the same database is skipped.
+const ONE_PER_DATABASE: &str = r#"
+name: ops.maintain
+input:
+  database: { type: string }
+  region: { type: string, default: eu }
+concurrency: { key: "${{ input.region }}/${{ input.database }}", policy: skip }
+steps:
+  - { id: hold, wait: done, timeout: 1h }
+  - { id: note, action: log, with: { message: "maintained ${{ input.database }}" } }
+"#;
+
+#[tokio::test]
+async fn a_workflow_file_s_concurrency_key_holds_one_run_per_target_whatever_the_starter_asks() {
+    let chat = WebhookReceiver::start().await;
+    let (defs, conns) = load(&[("maintain.yaml", ONE_PER_DATABASE)], &chat);
+    let mut env = TestEnv::new(registered(&defs, &conns)).await;
+    env.start_worker(fast_worker("maintain"));
+    let limit = Duration::from_secs(30);
+    let first = env
+        .engine
+        .start(StartRun::new("ops.maintain", json!({ "database": "shop" })))
+        .await
+        .unwrap();
+    dayshift_tests::wait_for(&env.engine, first.id, limit, |r| r.status == RunStatus::Waiting).await;
+    // The same database: skipped, even with a key of the caller's own; another one runs.
+    let mut second = StartRun::new("ops.maintain", json!({ "database": "shop" }));
+    second.concurrency = Some(serde_json::from_value(json!({ "key": "mine", "limit": 5 })).unwrap());
+    let second = env.engine.start(second).await.unwrap();
+    let other = env
+        .engine
+        .start(StartRun::new("ops.maintain", json!({ "database": "billing" })))
+        .await
+        .unwrap();
+    let skipped = env.wait(second.id, limit).await;
+    assert_eq!(skipped.status, RunStatus::Cancelled, "{skipped:#?}");
+    assert_eq!(
+        skipped.concurrency_key.as_deref(),
+        Some("dayshift:ops.maintain:eu/shop")
+    );
+    dayshift_tests::wait_for(&env.engine, other.id, limit, |r| r.status == RunStatus::Waiting).await;
+    // A plan takes no slot: it is not skipped.
+    let mut plan = StartRun::new("ops.maintain", json!({ "database": "shop" }));
+    plan.plan = true;
+    let plan = env.engine.start(plan).await.unwrap();
+    assert_succeeded(&env.wait(plan.id, limit).await);
+    for run in [first.id, other.id] {
+        env.engine.signal(run, "done", json!({}), "token:test").await.unwrap();
+        assert_succeeded(&env.wait(run, limit).await);
+    }
+    env.stop_workers().await;
+}

@@ -224,6 +224,15 @@ impl Engine {
             workflow: req.workflow.clone(),
             message: e.0,
         })?;
+        if let Some(by) = &def.concurrency
+            && let Some(mut c) = by(&req.input).map_err(|message| EngineError::InvalidInput {
+                workflow: req.workflow.clone(),
+                message: format!("concurrency: {message}"),
+            })?
+        {
+            c.key = format!("dayshift:{}:{}", req.workflow, c.key);
+            req.concurrency = Some(c);
+        }
         if let Some(key) = &req.idempotency_key
             && (key.is_empty() || key.len() > 512)
         {

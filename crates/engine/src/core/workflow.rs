@@ -49,7 +49,12 @@ pub struct WorkflowDef {
     /// Whether it runs as a plan ([`crate::core::model::PLAN_INPUT`]): says what each step
     /// would do, changes nothing.
     pub(crate) plans: bool,
+    /// The concurrency every run of it takes, from its input ([`WorkflowDef::concurrency_by`]).
+    pub(crate) concurrency: Option<Arc<ConcurrencyFn>>,
 }
+
+/// A workflow's concurrency from a run's input, or why the input gives none.
+pub type ConcurrencyFn = dyn Fn(&Value) -> Result<Option<crate::core::model::Concurrency>, String> + Send + Sync;
 
 impl std::fmt::Debug for WorkflowDef {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -97,7 +102,19 @@ impl WorkflowDef {
             guards: Vec::new(),
             input_schema: None,
             plans: false,
+            concurrency: None,
         }
+    }
+
+    /// Gives every run of it the concurrency `by` makes from its input (a key per target: one
+    /// backup of a database at a time), whatever the starter asked: the key is kept under
+    /// `dayshift:<workflow>:`, a prefix no API caller may use, so no other run shares it.
+    pub fn concurrency_by(
+        mut self,
+        by: impl Fn(&Value) -> Result<Option<crate::core::model::Concurrency>, String> + Send + Sync + 'static,
+    ) -> Self {
+        self.concurrency = Some(Arc::new(by));
+        self
     }
 
     /// Declares that it has a plan mode: a run whose input has

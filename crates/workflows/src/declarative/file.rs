@@ -30,6 +30,23 @@ struct FileSpec {
     finally: Vec<Spanned<StepSpec>>,
     #[serde(default)]
     output: Option<Spanned<Value>>,
+    /// The concurrency every run takes: a key made from the input, a limit, a policy.
+    #[serde(default)]
+    concurrency: Option<Spanned<ConcurrencySpec>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct ConcurrencySpec {
+    key: Value,
+    #[serde(default = "one_run")]
+    limit: u32,
+    #[serde(default)]
+    policy: Option<dayshift_engine::ConcurrencyPolicy>,
+}
+
+fn one_run() -> u32 {
+    1
 }
 
 #[derive(Deserialize)]
@@ -781,6 +798,40 @@ pub(crate) fn compile(
         },
     };
 
+    let concurrency = match &spec.concurrency {
+        None => None,
+        Some(c) => {
+            let no_steps = BTreeSet::new();
+            let seen = Visible {
+                inputs: &declared,
+                steps: &no_steps,
+                unseen: "is not known when a run starts (the key reads only `input`)",
+                item: false,
+                guarded: &guarded,
+                item_guarded: true,
+            };
+            if !(1..=1000).contains(&c.value.limit) {
+                p.at(&c.referenced, "concurrency.limit", "must be 1 to 1000");
+            }
+            match Template::compile(&c.value.key) {
+                Err((below, e)) => {
+                    p.at(&c.referenced, &format!("concurrency.key{below}"), e);
+                    None
+                }
+                Ok(t) => {
+                    for e in t.exprs() {
+                        p.reads(e, &c.referenced, "concurrency.key", &seen);
+                    }
+                    Some(super::model::ConcurrencyTemplate {
+                        key: t,
+                        limit: c.value.limit,
+                        policy: c.value.policy.unwrap_or(dayshift_engine::ConcurrencyPolicy::Queue),
+                    })
+                }
+            }
+        }
+    };
+
     if !p.list.is_empty() {
         return Err(p.list);
     }
@@ -795,6 +846,7 @@ pub(crate) fn compile(
         steps,
         finally: finals,
         output,
+        concurrency,
     })
 }
 

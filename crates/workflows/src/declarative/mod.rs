@@ -119,6 +119,7 @@ impl Definition {
         });
         let (check, check_names) = (self.clone(), names.clone());
         let schema = self.input_schema(&names);
+        let concurrency_names = names.clone();
         let mut workflow = WorkflowDef::new(
             self.name.clone(),
             self.description.clone(),
@@ -137,7 +138,46 @@ impl Definition {
         for field in &guarded {
             workflow = workflow.guard(field);
         }
+        if self.concurrency.is_some() {
+            let def = self.clone();
+            workflow = workflow.concurrency_by(move |input| def.concurrency_of(input, &concurrency_names));
+        }
         workflow
+    }
+
+    /// The concurrency a run with `input` takes: the file's key evaluated over the input
+    /// (defaults filled in). A plan run takes none: it changes nothing, and must not queue
+    /// behind a run, or cancel one, for a key.
+    fn concurrency_of(
+        &self,
+        input: &Value,
+        names: &BTreeMap<String, BTreeSet<String>>,
+    ) -> Result<Option<dayshift_engine::Concurrency>, String> {
+        let Some(c) = &self.concurrency else {
+            return Ok(None);
+        };
+        if input.get(dayshift_engine::PLAN_INPUT) == Some(&Value::Bool(true)) {
+            return Ok(None);
+        }
+        let input = self.complete(input, names)?;
+        let steps = Map::new();
+        let key = c.key.eval(&Scope {
+            input: &input,
+            steps: &steps,
+            item: None,
+        })?;
+        let key = match key {
+            Value::String(s) => s,
+            other => other.to_string(),
+        };
+        if key.is_empty() || key.len() > 200 {
+            return Err(format!("the key must be 1 to 200 characters, not {key:?}"));
+        }
+        Ok(Some(dayshift_engine::Concurrency {
+            key,
+            limit: c.limit,
+            policy: c.policy,
+        }))
     }
 
     async fn run(

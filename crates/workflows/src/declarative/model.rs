@@ -28,6 +28,16 @@ pub struct Definition {
     /// Action steps run when the run ends, however it ends: after the undos on failure.
     pub(super) finally: Vec<Step>,
     pub(super) output: Option<Template>,
+    /// The concurrency every run takes.
+    pub(super) concurrency: Option<ConcurrencyTemplate>,
+}
+
+/// A file's `concurrency:`: the key, made from the input when a run starts.
+#[derive(Debug)]
+pub(super) struct ConcurrencyTemplate {
+    pub(super) key: Template,
+    pub(super) limit: u32,
+    pub(super) policy: dayshift_engine::ConcurrencyPolicy,
 }
 
 /// The type of a declared input.

@@ -125,6 +125,15 @@ pub fn file_schema() -> Value {
             "steps": { "type": "array", "minItems": 1, "items": { "$ref": "#/$defs/step" } },
             "finally": { "type": "array", "items": { "$ref": "#/$defs/step" } },
             "output": { "description": "The run's output: a value, or expressions over the steps." },
+            "concurrency": {
+                "type": "object", "additionalProperties": false, "required": ["key"],
+                "description": "Every run takes this concurrency: runs with one key share `limit` slots.",
+                "properties": {
+                    "key": { "type": "string", "description": "A text over `input`: `db-${{ input.database }}`." },
+                    "limit": { "type": "integer", "minimum": 1, "maximum": 1000 },
+                    "policy": { "enum": ["queue", "skip", "cancel-older", "latest-wins"] },
+                },
+            },
         },
         "$defs": defs,
     })
