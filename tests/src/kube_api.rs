@@ -23,7 +23,9 @@
 //! It plays ArgoCD's application controller too: an Application's `operation` (a sync) is
 //! carried out right after the write that sets it ([`KubeApi::break_application`] for one that
 //! stays Degraded), and cert-manager: a Certificate whose status asks for issuance (as `cmctl
-//! renew` writes it) is issued again ([`KubeApi::break_certificate`] for one whose issuer fails).
+//! renew` writes it) is issued again ([`KubeApi::break_certificate`] for one whose issuer fails),
+//! and CloudNativePG: a `Backup` completes when created ([`KubeApi::break_cnpg_cluster`] for
+//! one that fails).
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -247,6 +249,20 @@ impl KubeApi {
         self.inner.lock().unwrap().broken.insert(format!("{namespace}/{name}"));
     }
 
+    /// The log of pod `namespace/name` (as its container wrote it) and of its previous instance.
+    pub fn set_log(&self, namespace: &str, name: &str, log: &str, previous: &str) {
+        let mut inner = self.inner.lock().unwrap();
+        inner.logs.insert(format!("{namespace}/{name}"), log.to_string());
+        inner
+            .logs
+            .insert(format!("{namespace}/{name} previous"), previous.to_string());
+    }
+
+    /// From now on, a CloudNativePG backup of Cluster `namespace/name` fails.
+    pub fn break_cnpg_cluster(&self, namespace: &str, name: &str) {
+        self.inner.lock().unwrap().broken.insert(format!("{namespace}/{name}"));
+    }
+
     /// From now on, cert-manager fails to issue Certificate `namespace/name` (its issuer is not
     /// ready).
     pub fn break_certificate(&self, namespace: &str, name: &str) {
@@ -375,6 +391,24 @@ fn stamp_new(inner: &mut Inner, object: &mut Value) {
 
 /// What the controllers would do to a workload: complete its rollout, unless it is stalled.
 fn settle(inner: &Inner, plural: &str, object: &mut Value) {
+    if plural == "backups"
+        && object["apiVersion"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("postgresql.cnpg.io/"))
+    {
+        // CloudNativePG takes the backup of the Cluster named, unless it is broken.
+        let cluster = object["spec"]["cluster"]["name"].as_str().unwrap_or_default();
+        let ns = object["metadata"]["namespace"].as_str().unwrap_or_default();
+        let now = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string();
+        object["status"] = if inner.broken.contains(&format!("{ns}/{cluster}")) {
+            json!({ "phase": "failed", "error": "can't execute backup: the instance is not ready", "startedAt": now })
+        } else {
+            json!({ "phase": "completed", "method": object["spec"]["method"].as_str().unwrap_or("barmanObjectStore"),
+                    "backupId": format!("{}", chrono::Utc::now().format("%Y%m%dT%H%M%S")), "startedAt": now, "stoppedAt": now,
+                    "destinationPath": format!("s3://backups/{cluster}") })
+        };
+        return;
+    }
     if plural == "customresourcedefinitions" {
         object["status"] = json!({
             "conditions": [
@@ -1162,7 +1196,12 @@ fn pod_log(inner: &Arc<Mutex<Inner>>, ns: &str, name: &str, query: &str) -> Resp
     {
         return not_found("pods", "/api/v1", name);
     }
-    let log = inner.logs.get(&id).cloned().unwrap_or_default();
+    let previous = query.split('&').any(|kv| kv == "previous=true");
+    let log = inner
+        .logs
+        .get(&if previous { format!("{id} previous") } else { id })
+        .cloned()
+        .unwrap_or_default();
     let tail = query
         .split('&')
         .find_map(|kv| kv.strip_prefix("tailLines="))

@@ -1672,3 +1672,53 @@ async fn a_workflow_file_s_concurrency_key_holds_one_run_per_target_whatever_the
     }
     env.stop_workers().await;
 }
+
+/// The end of a crashing pod's log, now and from before the crash.
+const LOGS: &str = r#"
+name: ops.why-crashing
+input:
+  namespace: { type: string, guarded: true }
+steps:
+  - id: now
+    action: kubernetes.logs
+    with: { namespace: "${{ input.namespace }}", labels: app=web, lines: 2 }
+  - id: before
+    action: kubernetes.logs
+    with: { namespace: "${{ input.namespace }}", pod: web-0, previous: true }
+output: { pod: "${{ steps.now.pod }}", now: "${{ steps.now.logs }}", before: "${{ steps.before.logs }}" }
+"#;
+
+#[tokio::test]
+async fn kubernetes_logs_reads_the_end_of_a_pod_s_log_and_its_previous_instance_s() {
+    let kube = dayshift_tests::kube_api::KubeApi::start().await;
+    for name in ["web-1", "web-0"] {
+        kube.put(json!({ "apiVersion": "v1", "kind": "Pod", "metadata": { "name": name, "namespace": "shop", "labels": { "app": "web" } },
+                         "status": { "phase": "Running" } }));
+    }
+    kube.set_log(
+        "shop",
+        "web-0",
+        "starting\nlistening on :8080\nGET /health 200\n",
+        "starting\npanic: no DATABASE_URL\n",
+    );
+    let chat = WebhookReceiver::start().await;
+    let (defs, _) = load(&[("logs.yaml", LOGS)], &chat);
+    let mut env = TestEnv::new(registered(&defs, &Arc::new(kube.connections()))).await;
+    env.start_worker(fast_worker("logs"));
+    let run = env
+        .run_within(
+            "ops.why-crashing",
+            json!({ "namespace": "shop" }),
+            Duration::from_secs(30),
+        )
+        .await;
+    assert_succeeded(&run);
+    assert_eq!(
+        run.output,
+        Some(
+            json!({ "pod": "web-0", "now": "listening on :8080\nGET /health 200\n", "before": "starting\npanic: no DATABASE_URL\n" })
+        )
+    );
+    assert!(kube.writes().is_empty());
+    env.stop_workers().await;
+}

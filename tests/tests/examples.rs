@@ -683,3 +683,62 @@ async fn the_certificate_guard_example_renews_what_is_not_ready_or_expiring_and_
     );
     env.stop_workers().await;
 }
+
+#[tokio::test]
+async fn the_cnpg_backup_example_creates_a_backup_waits_for_it_and_reports_a_failed_one() {
+    let kube = dayshift_tests::kube_api::KubeApi::start().await;
+    kube.put(json!({
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": { "name": "backups.postgresql.cnpg.io" },
+        "spec": { "group": "postgresql.cnpg.io", "scope": "Namespaced",
+                  "names": { "kind": "Backup", "plural": "backups" },
+                  "versions": [{ "name": "v1", "served": true, "storage": true }] },
+    }));
+    kube.break_cnpg_cluster("shop", "broken-db");
+    let chat = WebhookReceiver::start().await;
+    let mut conns = kube.connections();
+    conns.notify.insert("ops".into(), chat.url.clone());
+    let mut env = TestEnv::new(vec![example("cnpg-backup.yaml", conns)]).await;
+    env.start_worker(fast_worker("cnpg"));
+    let limit = Duration::from_secs(60);
+    let input =
+        |cluster: &str| json!({ "kubernetes": "default", "namespace": "shop", "cluster": cluster, "channel": "ops" });
+    let run = env.run_within("backup.cnpg", input("shop-db"), limit).await;
+    assert_succeeded(&run);
+    let output = run.output.clone().unwrap();
+    let name = output["backup"].as_str().unwrap();
+    assert!(name.starts_with("shop-db-"), "{output:#}");
+    let backup = kube
+        .get(&format!("/apis/postgresql.cnpg.io/v1/namespaces/shop/backups/{name}"))
+        .unwrap();
+    assert_eq!(
+        backup["spec"],
+        json!({ "cluster": { "name": "shop-db" }, "method": "barmanObjectStore" })
+    );
+    assert_eq!(backup["metadata"]["managedFields"][0]["manager"], "dayshift");
+    assert_eq!(
+        chat.received()[0]["text"],
+        format!(
+            "CloudNativePG backup of shop/shop-db completed: {}.",
+            output["id"].as_str().unwrap()
+        )
+    );
+
+    let failed = env.run_within("backup.cnpg", input("broken-db"), limit).await;
+    assert_eq!(failed.status, RunStatus::Failed, "{failed:#?}");
+    assert!(
+        failed
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("status.phase is \"failed\"")),
+        "{failed:#?}"
+    );
+    let texts = chat.wait_for(2, limit).await;
+    let text = texts[1]["text"].as_str().unwrap();
+    assert!(
+        text.starts_with("CloudNativePG backup shop/broken-db-")
+            && text.ends_with("did not complete: kubectl describe backup shows why."),
+        "{text}"
+    );
+    env.stop_workers().await;
+}

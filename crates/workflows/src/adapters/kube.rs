@@ -387,10 +387,24 @@ impl Kube {
         container: &str,
         lines: i64,
     ) -> Result<String, KubeError> {
+        self.pod_log(namespace, name, Some(container), lines, false).await
+    }
+
+    /// [`Kube::pod_log_tail`] of `container` (the pod's only one if `None`), or of its previous
+    /// instance (`kubectl logs --previous`: the one that crashed) with `previous`.
+    pub async fn pod_log(
+        &self,
+        namespace: &str,
+        name: &str,
+        container: Option<&str>,
+        lines: i64,
+        previous: bool,
+    ) -> Result<String, KubeError> {
         let api = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(self.client.clone(), namespace);
         let params = kube::api::LogParams {
-            container: Some(container.to_string()),
+            container: container.map(str::to_string),
             tail_lines: Some(lines),
+            previous,
             ..Default::default()
         };
         api.logs(name, &params)

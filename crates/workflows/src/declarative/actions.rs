@@ -128,10 +128,14 @@ pub(crate) enum Action {
     VaultKvWrite,
     /// A read-only query on a PostgreSQL database the config names.
     PgQuery,
+    /// Creates or updates one object by server-side apply.
+    KubeApply,
+    /// Reads the end of a pod's log.
+    KubeLogs,
 }
 
 impl Action {
-    pub(crate) const ALL: [Action; 22] = [
+    pub(crate) const ALL: [Action; 24] = [
         Action::Log,
         Action::Notify,
         Action::KubeGet,
@@ -154,6 +158,8 @@ impl Action {
         Action::VaultKvRead,
         Action::VaultKvWrite,
         Action::PgQuery,
+        Action::KubeApply,
+        Action::KubeLogs,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -180,6 +186,8 @@ impl Action {
             Action::VaultKvRead => "vault.kv-read",
             Action::VaultKvWrite => "vault.kv-write",
             Action::PgQuery => "postgres.query",
+            Action::KubeApply => "kubernetes.apply",
+            Action::KubeLogs => "kubernetes.logs",
         }
     }
 
@@ -216,7 +224,8 @@ impl Action {
             Action::KubeWait => {
                 "Checks that one object has the status condition `condition` (default `Ready`; none when `field` is \
                  given) at `status` (default `True`) and, with `field` and `changed-from`, a value at `field` other than `changed-from` (a refresh \
-                 done since). Each attempt is one check; one that finds it not so is retried by the step's `retry` \
+                 done since), or with `field` and `equals`, that value (`status.phase` `completed`; a value of \
+                 `fails-on` fails the step at once). Each attempt is one check; one that finds it not so is retried by the step's `retry` \
                  (default: every 10s for 10 minutes), the run holding no worker in between. Output `condition`, the \
                  condition as found. Changes nothing."
             }
@@ -314,6 +323,19 @@ impl Action {
                  fails says its SQLSTATE, not the server's message (it may quote data). Give the connection a role \
                  that can only read: a read-only transaction still runs functions such as pg_terminate_backend."
             }
+            Action::KubeApply => {
+                "Creates or updates the object `manifest` (apiVersion, kind, metadata.name, metadata.namespace for a \
+                 namespaced kind) by server-side apply, as field manager `dayshift`: the fields it gives are set, \
+                 the others left to their owners, and a field dayshift applied before and no longer gives is removed. \
+                 Applying the same manifest again changes nothing, so repeating it is harmless. Output `object`, the \
+                 object as the server has it. A CNPG `Backup`, a drill namespace's NetworkPolicy, a Velero `Backup`."
+            }
+            Action::KubeLogs => {
+                "Reads the last `lines` lines (default 100, at most 5000) of a container's log in a pod: the pod named \
+                 `pod`, or the first one, by name, matching `labels`; with `previous: true`, the log of its previous \
+                 instance (the one that crashed). Output `pod` and `logs`. Logs are journaled with the run: read them \
+                 from workloads that do not print secrets. Changes nothing."
+            }
             Action::Assert => {
                 "Fails the run (at once, without retries) with `message` unless `that` is true: a check between \
                  steps (`that: ${{ steps.get.found }}`). Output `held: true`. Changes nothing."
@@ -399,6 +421,18 @@ impl Action {
                         false,
                         "any",
                         "With `field`: the value it had before; the wait ends once it differs.",
+                    ),
+                    param(
+                        "equals",
+                        false,
+                        "any",
+                        "With `field`: the value it must reach (`completed`).",
+                    ),
+                    param(
+                        "fails-on",
+                        false,
+                        "any",
+                        "With `equals`: values of `field` that fail the step at once, a list (`[failed]`).",
                     ),
                 ];
                 P
@@ -563,6 +597,40 @@ impl Action {
                 P
             }
             Action::TimeNow => &[],
+            Action::KubeApply => {
+                const P: &[Param] = &[
+                    KUBE_CONNECTION,
+                    target_of(
+                        "manifest",
+                        true,
+                        "object",
+                        "The object: apiVersion, kind, metadata (name, namespace) and what it sets.",
+                    ),
+                ];
+                P
+            }
+            Action::KubeLogs => {
+                const P: &[Param] = &[
+                    KUBE_CONNECTION,
+                    target("namespace", true, "The pod's namespace."),
+                    target("pod", false, "The pod's name; or give `labels`."),
+                    target("labels", false, "A label selector: the first pod matching it, by name."),
+                    target("container", false, "The container; default the pod's only one."),
+                    param(
+                        "lines",
+                        false,
+                        "integer",
+                        "How many lines, from the end (1 to 5000). Default 100.",
+                    ),
+                    param(
+                        "previous",
+                        false,
+                        "boolean",
+                        "The log of the container's previous instance (the one that crashed).",
+                    ),
+                ];
+                P
+            }
             Action::VaultKvRead => {
                 const P: &[Param] = &[
                     param("connection", true, "string", "A Vault of connections.vault, by name."),
@@ -767,6 +835,18 @@ impl Action {
                         .unwrap_or(&Value::Null);
                     if now == before {
                         return Err(StepError::transient(format!("{id}: {field} is still {now}")));
+                    }
+                }
+                if let (Some(field), Some(want)) = (&p.field, &p.equals) {
+                    let now = field
+                        .split('.')
+                        .try_fold(&object, |v, k| v.get(k))
+                        .unwrap_or(&Value::Null);
+                    if p.fails_on.contains(now) {
+                        return Err(StepError::permanent(format!("{id}: {field} is {now}")));
+                    }
+                    if now != want {
+                        return Err(StepError::transient(format!("{id}: {field} is {now}, not {want} yet")));
                     }
                 }
                 let Some(kind) = kind else {
@@ -1079,6 +1159,71 @@ impl Action {
                     .map_err(step_err)?;
                 Ok(json!({ "count": rows.len(), "rows": rows }))
             }
+            Action::KubeApply => {
+                let p: ApplyParams = parse(self, params)?;
+                let m = &p.manifest;
+                let text = |v: &Value| v.as_str().map(str::to_string);
+                let (Some(api_version), Some(kind), Some(name)) =
+                    (text(&m["apiVersion"]), text(&m["kind"]), text(&m["metadata"]["name"]))
+                else {
+                    return Err(StepError::permanent(
+                        "action kubernetes.apply: the manifest needs apiVersion, kind and metadata.name",
+                    ));
+                };
+                let namespace = text(&m["metadata"]["namespace"]);
+                let object = KubeObject {
+                    connection: p.connection.clone(),
+                    api_version,
+                    kind,
+                    namespace,
+                    name,
+                };
+                let (kube, r, _) = object.resolve(connections).await?;
+                let applied = kube.apply(&r, m, "dayshift", false).await.map_err(step_err)?;
+                Ok(json!({ "object": applied }))
+            }
+            Action::KubeLogs => {
+                let p: LogsParams = parse(self, params)?;
+                kube_name("namespace", &p.namespace)?;
+                if let Some(c) = &p.container {
+                    kube_name("container", c)?;
+                }
+                let lines = p.lines.unwrap_or(100);
+                if !(1..=5000).contains(&lines) {
+                    return Err(StepError::permanent("action kubernetes.logs: lines must be 1 to 5000"));
+                }
+                let kube = cluster(connections, &p.connection).await?;
+                let pod = match (&p.pod, &p.labels) {
+                    (Some(pod), None) => {
+                        kube_name("pod", pod)?;
+                        pod.clone()
+                    }
+                    (None, Some(labels)) => {
+                        let pods = crate::adapters::kube::Resource::builtin("v1", "Pod").expect("Pod is built in");
+                        let mut names: Vec<String> = kube
+                            .list(&pods, Some(&p.namespace), Some(labels), 500)
+                            .await
+                            .map_err(step_err)?
+                            .iter()
+                            .filter_map(|o| o["metadata"]["name"].as_str().map(str::to_string))
+                            .collect();
+                        names.sort();
+                        names.into_iter().next().ok_or_else(|| {
+                            StepError::permanent(format!("no pod in {} matches {labels}", p.namespace))
+                        })?
+                    }
+                    _ => {
+                        return Err(StepError::permanent(
+                            "action kubernetes.logs: give either `pod` or `labels`",
+                        ));
+                    }
+                };
+                let logs = kube
+                    .pod_log(&p.namespace, &pod, p.container.as_deref(), lines, p.previous)
+                    .await
+                    .map_err(step_err)?;
+                Ok(json!({ "pod": pod, "logs": logs }))
+            }
             Action::Assert => {
                 let p: AssertParams = parse(self, params)?;
                 match p.that {
@@ -1203,6 +1348,11 @@ struct KubeWaitParams {
     field: Option<String>,
     #[serde(default)]
     changed_from: Option<Value>,
+    #[serde(default)]
+    equals: Option<Value>,
+    /// With `equals`: values of the field that end the wait as a failure.
+    #[serde(default)]
+    fails_on: Vec<Value>,
 }
 
 #[derive(Deserialize)]
@@ -1293,6 +1443,32 @@ struct ArgoWaitParams {
     app: ArgoApp,
     #[serde(default)]
     revision: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApplyParams {
+    #[serde(default = "default_cluster")]
+    connection: String,
+    manifest: Value,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogsParams {
+    #[serde(default = "default_cluster")]
+    connection: String,
+    namespace: String,
+    #[serde(default)]
+    pod: Option<String>,
+    #[serde(default)]
+    labels: Option<String>,
+    #[serde(default)]
+    container: Option<String>,
+    #[serde(default)]
+    lines: Option<i64>,
+    #[serde(default)]
+    previous: bool,
 }
 
 #[derive(Deserialize)]

@@ -52,7 +52,13 @@ impl Action {
     pub(super) fn reads_only(self) -> bool {
         matches!(
             self,
-            Action::Log | Action::KubeGet | Action::KubeList | Action::PromQuery | Action::TimeNow | Action::PgQuery
+            Action::Log
+                | Action::KubeGet
+                | Action::KubeList
+                | Action::KubeLogs
+                | Action::PromQuery
+                | Action::TimeNow
+                | Action::PgQuery
         )
     }
 
@@ -79,6 +85,9 @@ impl Action {
             Action::KubeRestart => format!("restart the pods of {}", object(p, "Deployment")),
             Action::KubeScale => format!("scale {} to {} replicas", object(p, "Deployment"), p["replicas"]),
             Action::KubeWait => match p["field"].as_str() {
+                Some(f) if p.get("equals").is_some() => {
+                    format!("wait until {} of {} is {}", f, object(p, "?"), p["equals"])
+                }
                 Some(f) if p.get("changed-from").is_some() => {
                     format!(
                         "wait until {} of {} changes from {}",
@@ -130,6 +139,23 @@ impl Action {
             ),
             Action::CertRenew => format!("renew Certificate {}", object(p, "Certificate")),
             Action::TimeNow => "read the clock".into(),
+            Action::KubeApply => format!(
+                "apply {} {}{}",
+                text(&p["manifest"]["kind"]),
+                p["manifest"]["metadata"]["namespace"]
+                    .as_str()
+                    .map(|n| format!("{n}/"))
+                    .unwrap_or_default(),
+                text(&p["manifest"]["metadata"]["name"])
+            ),
+            Action::KubeLogs => format!(
+                "read the log of {} in namespace {}",
+                p["pod"].as_str().map_or_else(
+                    || format!("the first pod labelled {}", text(&p["labels"])),
+                    |pod| format!("pod {pod}")
+                ),
+                text(&p["namespace"])
+            ),
             Action::VaultKvRead => format!(
                 "read {}/{} from Vault {}",
                 p["mount"].as_str().unwrap_or("secret"),
