@@ -227,6 +227,18 @@ impl KubeApi {
         self.inner.lock().unwrap().kubelet = true;
     }
 
+    /// Puts the CustomResourceDefinition of `kind` (plural `plural`) in `group`, served at
+    /// `version`, as the operator's chart would install it.
+    pub fn put_crd(&self, group: &str, kind: &str, plural: &str, version: &str) {
+        self.put(json!({
+            "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+            "metadata": { "name": format!("{plural}.{group}") },
+            "spec": { "group": group, "scope": "Namespaced",
+                      "names": { "kind": kind, "plural": plural },
+                      "versions": [{ "name": version, "served": true, "storage": true }] },
+        }));
+    }
+
     /// Every command run in a pod (`ns/name`, the command), in order.
     pub fn execs(&self) -> Vec<(String, Vec<String>)> {
         self.inner.lock().unwrap().execs.clone()
@@ -1095,14 +1107,7 @@ async fn exec(
             let Some((program, args)) = argv.split_first() else {
                 return;
             };
-            let out = tokio::process::Command::new(program)
-                .args(args)
-                .env_clear()
-                .env("PATH", std::env::var("PATH").unwrap_or_default())
-                .envs(env)
-                .stdin(std::process::Stdio::null())
-                .output()
-                .await;
+            let out = run_in_container(program, args, env).await;
             let end = match out {
                 Ok(out) => {
                     if !out.stdout.is_empty() {
@@ -1215,6 +1220,24 @@ fn pod_log(inner: &Arc<Mutex<Inner>>, ns: &str, name: &str, query: &str) -> Resp
     (StatusCode::OK, [("content-type", "text/plain")], text).into_response()
 }
 
+/// Runs a container's command as the stand-in's nodes do: a local program with the
+/// container's environment `env` and this machine's `PATH`, nothing else of this process's
+/// environment, no stdin.
+async fn run_in_container(
+    program: &str,
+    args: &[String],
+    env: Vec<(String, String)>,
+) -> std::io::Result<std::process::Output> {
+    tokio::process::Command::new(program)
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+}
+
 /// Starts the pod of each Job not started yet, when Jobs run ([`KubeApi::run_jobs`]).
 fn start_jobs(inner: &Arc<Mutex<Inner>>) {
     let mut state = inner.lock().unwrap();
@@ -1297,14 +1320,7 @@ fn start_jobs(inner: &Arc<Mutex<Inner>>) {
                 finish_job(&mut state, &key, &pod_name, None, "the container has no command".into());
                 return;
             };
-            let out = tokio::process::Command::new(program)
-                .args(args)
-                .env_clear()
-                .env("PATH", std::env::var("PATH").unwrap_or_default())
-                .envs(env)
-                .stdin(std::process::Stdio::null())
-                .output()
-                .await;
+            let out = run_in_container(program, args, env).await;
             let mut state = inner.lock().unwrap();
             match out {
                 Ok(out) => {

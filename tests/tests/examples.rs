@@ -35,13 +35,7 @@ fn example(file: &str, conns: Connections) -> dayshift_engine::WorkflowDef {
 #[tokio::test]
 async fn the_externalsecret_force_sync_example_syncs_waits_for_the_new_secret_and_restarts_its_consumers() {
     let kube = dayshift_tests::kube_api::KubeApi::start().await;
-    kube.put(json!({
-        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
-        "metadata": { "name": "externalsecrets.external-secrets.io" },
-        "spec": { "group": "external-secrets.io", "scope": "Namespaced",
-                  "names": { "kind": "ExternalSecret", "plural": "externalsecrets" },
-                  "versions": [{ "name": "v1", "served": true, "storage": true }] },
-    }));
+    kube.put_crd("external-secrets.io", "ExternalSecret", "externalsecrets", "v1");
     let es_path = "/apis/external-secrets.io/v1/namespaces/shop/externalsecrets/shop-db";
     kube.put(json!({
         "apiVersion": "external-secrets.io/v1", "kind": "ExternalSecret",
@@ -231,13 +225,7 @@ fn example_dir(file: &str) -> std::path::PathBuf {
 #[tokio::test]
 async fn the_argocd_example_syncs_a_degraded_application_a_real_alertmanager_reports_and_escalates_one_that_stays_so() {
     let kube = dayshift_tests::kube_api::KubeApi::start().await;
-    kube.put(json!({
-        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
-        "metadata": { "name": "applications.argoproj.io" },
-        "spec": { "group": "argoproj.io", "scope": "Namespaced",
-                  "names": { "kind": "Application", "plural": "applications" },
-                  "versions": [{ "name": "v1alpha1", "served": true, "storage": true }] },
-    }));
+    kube.put_crd("argoproj.io", "Application", "applications", "v1alpha1");
     let app_path = |name: &str| format!("/apis/argoproj.io/v1alpha1/namespaces/argocd/applications/{name}");
     for name in ["shop", "billing", "payments"] {
         kube.put(json!({
@@ -602,13 +590,7 @@ async fn the_app_consistent_backup_example_quiesces_backs_up_and_always_unquiesc
 #[tokio::test]
 async fn the_certificate_guard_example_renews_what_is_not_ready_or_expiring_and_escalates_what_stays_broken() {
     let kube = dayshift_tests::kube_api::KubeApi::start().await;
-    kube.put(json!({
-        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
-        "metadata": { "name": "certificates.cert-manager.io" },
-        "spec": { "group": "cert-manager.io", "scope": "Namespaced",
-                  "names": { "kind": "Certificate", "plural": "certificates" },
-                  "versions": [{ "name": "v1", "served": true, "storage": true }] },
-    }));
+    kube.put_crd("cert-manager.io", "Certificate", "certificates", "v1");
     let path = |ns: &str, name: &str| format!("/apis/cert-manager.io/v1/namespaces/{ns}/certificates/{name}");
     let stamp = |days: i64| {
         (chrono::Utc::now() + chrono::Duration::days(days))
@@ -687,13 +669,7 @@ async fn the_certificate_guard_example_renews_what_is_not_ready_or_expiring_and_
 #[tokio::test]
 async fn the_cnpg_backup_example_creates_a_backup_waits_for_it_and_reports_a_failed_one() {
     let kube = dayshift_tests::kube_api::KubeApi::start().await;
-    kube.put(json!({
-        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
-        "metadata": { "name": "backups.postgresql.cnpg.io" },
-        "spec": { "group": "postgresql.cnpg.io", "scope": "Namespaced",
-                  "names": { "kind": "Backup", "plural": "backups" },
-                  "versions": [{ "name": "v1", "served": true, "storage": true }] },
-    }));
+    kube.put_crd("postgresql.cnpg.io", "Backup", "backups", "v1");
     kube.break_cnpg_cluster("shop", "broken-db");
     let chat = WebhookReceiver::start().await;
     let mut conns = kube.connections();

@@ -990,34 +990,7 @@ impl Action {
                     return Err(StepError::permanent("action kubernetes.exec: `command` is empty"));
                 }
                 let kube = cluster(connections, &p.connection).await?;
-                let pod = match (&p.pod, &p.labels) {
-                    (Some(pod), None) => {
-                        kube_name("pod", pod)?;
-                        pod.clone()
-                    }
-                    (None, Some(labels)) => {
-                        let pods = crate::adapters::kube::Resource::builtin("v1", "Pod").expect("Pod is built in");
-                        let mut running: Vec<String> = kube
-                            .list(&pods, Some(&p.namespace), Some(labels), 500)
-                            .await
-                            .map_err(step_err)?
-                            .iter()
-                            .filter(|o| {
-                                o["status"]["phase"] == "Running" && o["metadata"]["deletionTimestamp"].is_null()
-                            })
-                            .filter_map(|o| o["metadata"]["name"].as_str().map(str::to_string))
-                            .collect();
-                        running.sort();
-                        running.into_iter().next().ok_or_else(|| {
-                            StepError::transient(format!("no Running pod in {} matches {labels}", p.namespace))
-                        })?
-                    }
-                    _ => {
-                        return Err(StepError::permanent(
-                            "action kubernetes.exec: give either `pod` or `labels`",
-                        ));
-                    }
-                };
+                let pod = pick_pod(self, &kube, &p.namespace, &p.pod, &p.labels, true).await?;
                 let done = kube
                     .exec(&p.namespace, &pod, p.container.as_deref(), &p.command, 64 * 1024)
                     .await
@@ -1193,31 +1166,7 @@ impl Action {
                     return Err(StepError::permanent("action kubernetes.logs: lines must be 1 to 5000"));
                 }
                 let kube = cluster(connections, &p.connection).await?;
-                let pod = match (&p.pod, &p.labels) {
-                    (Some(pod), None) => {
-                        kube_name("pod", pod)?;
-                        pod.clone()
-                    }
-                    (None, Some(labels)) => {
-                        let pods = crate::adapters::kube::Resource::builtin("v1", "Pod").expect("Pod is built in");
-                        let mut names: Vec<String> = kube
-                            .list(&pods, Some(&p.namespace), Some(labels), 500)
-                            .await
-                            .map_err(step_err)?
-                            .iter()
-                            .filter_map(|o| o["metadata"]["name"].as_str().map(str::to_string))
-                            .collect();
-                        names.sort();
-                        names.into_iter().next().ok_or_else(|| {
-                            StepError::permanent(format!("no pod in {} matches {labels}", p.namespace))
-                        })?
-                    }
-                    _ => {
-                        return Err(StepError::permanent(
-                            "action kubernetes.logs: give either `pod` or `labels`",
-                        ));
-                    }
-                };
+                let pod = pick_pod(self, &kube, &p.namespace, &p.pod, &p.labels, false).await?;
                 let logs = kube
                     .pod_log(&p.namespace, &pod, p.container.as_deref(), lines, p.previous)
                     .await
@@ -1273,6 +1222,49 @@ fn kube_name(what: &str, s: &str) -> Result<(), StepError> {
         Ok(())
     } else {
         Err(StepError::permanent(format!("{what} {s:?} is not a Kubernetes name")))
+    }
+}
+
+/// The pod a step acts in: `pod`, by name, or the first pod by name matching `labels`; with
+/// `running`, the first Running one (none running is retried: the pod may be restarting).
+async fn pick_pod(
+    action: Action,
+    kube: &Kube,
+    namespace: &str,
+    pod: &Option<String>,
+    labels: &Option<String>,
+    running: bool,
+) -> Result<String, StepError> {
+    match (pod, labels) {
+        (Some(pod), None) => {
+            kube_name("pod", pod)?;
+            Ok(pod.clone())
+        }
+        (None, Some(labels)) => {
+            let pods = crate::adapters::kube::Resource::builtin("v1", "Pod").expect("Pod is built in");
+            let mut names: Vec<String> = kube
+                .list(&pods, Some(namespace), Some(labels), 500)
+                .await
+                .map_err(step_err)?
+                .iter()
+                .filter(|o| {
+                    !running || (o["status"]["phase"] == "Running" && o["metadata"]["deletionTimestamp"].is_null())
+                })
+                .filter_map(|o| o["metadata"]["name"].as_str().map(str::to_string))
+                .collect();
+            names.sort();
+            match names.into_iter().next() {
+                Some(first) => Ok(first),
+                None if running => Err(StepError::transient(format!(
+                    "no Running pod in {namespace} matches {labels}"
+                ))),
+                None => Err(StepError::permanent(format!("no pod in {namespace} matches {labels}"))),
+            }
+        }
+        _ => Err(StepError::permanent(format!(
+            "action {}: give either `pod` or `labels`",
+            action.name()
+        ))),
     }
 }
 
