@@ -1722,3 +1722,154 @@ async fn kubernetes_logs_reads_the_end_of_a_pod_s_log_and_its_previous_instance_
     assert!(kube.writes().is_empty());
     env.stop_workers().await;
 }
+
+/// A credential made once and stored first: the next version of the entry gets a new password
+/// (its other keys kept), and what follows reads the stored one.
+const REGENERATE: &str = r#"
+name: secrets.regenerate
+input:
+  mount: { type: string, guarded: true }
+steps:
+  - id: keys
+    action: vault.kv-read
+    with: { connection: bao, mount: "${{ input.mount }}", path: shop/db, values: false }
+  - id: fresh
+    action: vault.kv-generate
+    with: { connection: bao, mount: "${{ input.mount }}", path: shop/db, key: password, cas: "${{ steps.keys.version }}", length: 40 }
+  - id: stored
+    action: vault.kv-read
+    sensitive: true
+    with: { connection: bao, mount: "${{ input.mount }}", path: shop/db }
+  - id: check
+    action: assert
+    with:
+      that: ${{ size(steps.stored.data.password) == 40 && steps.stored.data.username == 'shop' }}
+      message: the stored password is not the generated one
+output: ${{ steps.fresh.version }}
+"#;
+
+/// The `data` of `shop/db` in `mount`, as `bao kv get` shows it (its data and metadata).
+async fn kv_get(bao: &dayshift_tests::OpenBao, mount: &str) -> Value {
+    let text = bao
+        .bao(&["kv", "get", "-format=json", &format!("-mount={mount}"), "shop/db"])
+        .await
+        .unwrap();
+    serde_json::from_str::<Value>(&text).unwrap()["data"].clone()
+}
+
+#[tokio::test]
+async fn vault_kv_generate_makes_a_secret_once_stores_it_first_and_never_journals_it() {
+    let bao = dayshift_tests::OpenBao::shared();
+    let mount = format!("kv-{}", unique());
+    bao.bao(&["secrets", "enable", &format!("-path={mount}"), "kv-v2"])
+        .await
+        .unwrap();
+    bao.bao(&[
+        "kv",
+        "put",
+        &format!("-mount={mount}"),
+        "shop/db",
+        "username=shop",
+        "password=old-pw-77e1",
+    ])
+    .await
+    .unwrap();
+    let mut conns = Connections::default();
+    conns.vault.insert(
+        "bao".into(),
+        dayshift_workflows::adapters::vault::VaultConfig::with_token(bao.addr.clone(), bao.token.clone()),
+    );
+    let names = BTreeMap::from([("vault".to_string(), ["bao".to_string()].into())]);
+    let (conns, names_arc) = (Arc::new(conns), Arc::new(names.clone()));
+    let compile =
+        |text: &str| {
+            Arc::new(Definition::compile("regenerate.yaml", text, &names).unwrap_or_else(|p| panic!("{p:#?}")))
+                .workflow(conns.clone(), names_arc.clone(), None)
+        };
+    let stale = REGENERATE
+        .replace("name: secrets.regenerate", "name: secrets.regenerate-stale")
+        .replace("cas: \"${{ steps.keys.version }}\"", "cas: 1");
+    // Held before it generates, so the test can play the attempt whose answer was lost.
+    let held = REGENERATE
+        .replace("name: secrets.regenerate", "name: secrets.regenerate-held")
+        .replace(
+            "  - id: fresh\n",
+            "  - { id: hold, wait: go, timeout: 1h }\n  - id: fresh\n",
+        );
+    let mut env = TestEnv::new(vec![compile(REGENERATE), compile(&stale), compile(&held)]).await;
+    env.start_worker(fast_worker("regenerate"));
+    let limit = Duration::from_secs(30);
+
+    let run = env
+        .run_within("secrets.regenerate", json!({ "mount": mount }), limit)
+        .await;
+    assert_succeeded(&run);
+    assert_eq!(run.output, Some(json!(2)));
+    let now = kv_get(&bao, &mount).await;
+    let password = now["data"]["password"].as_str().unwrap().to_string();
+    assert_eq!(password.len(), 40);
+    assert_ne!(password, "old-pw-77e1");
+    assert_eq!(now["data"]["username"], "shop");
+    let kept: String = sqlx::query_scalar(
+        "select coalesce(string_agg(coalesce(output::text, '') || coalesce(error, ''), ' '), '') from steps where run_id = $1",
+    )
+    .bind(run.id.0)
+    .fetch_one(&env.db.pool)
+    .await
+    .unwrap();
+    assert!(!kept.contains(&password) && !kept.contains("old-pw-77e1"), "{kept}");
+
+    // Another run that read version 1 before this one wrote: refused, nothing generated.
+    let refused = env
+        .run_within("secrets.regenerate-stale", json!({ "mount": mount }), limit)
+        .await;
+    assert_eq!(refused.status, RunStatus::Failed, "{refused:#?}");
+    assert!(
+        refused
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("another writer changed it first")),
+        "{refused:#?}"
+    );
+    let after = kv_get(&bao, &mount).await;
+    assert_eq!(after["metadata"]["version"], 2);
+    assert_eq!(after["data"]["password"], password.as_str());
+
+    // A repeat whose first attempt wrote the secret but lost the answer (played here: the
+    // entry at the next version, marked with this run's step) makes no second secret.
+    let run = env
+        .engine
+        .start(StartRun::new("secrets.regenerate-held", json!({ "mount": mount })))
+        .await
+        .unwrap();
+    dayshift_tests::wait_for(&env.engine, run.id, limit, |r| r.status == RunStatus::Waiting).await;
+    let written = "written-by-the-lost-attempt-0123456789ab";
+    bao.bao(&[
+        "kv",
+        "metadata",
+        "put",
+        &format!("-mount={mount}"),
+        &format!("-custom-metadata=dayshift-generated-by={}/fresh:3", run.id),
+        "shop/db",
+    ])
+    .await
+    .unwrap();
+    bao.bao(&[
+        "kv",
+        "put",
+        &format!("-mount={mount}"),
+        "shop/db",
+        "username=shop",
+        &format!("password={written}"),
+    ])
+    .await
+    .unwrap();
+    env.engine.signal(run.id, "go", json!({}), "token:test").await.unwrap();
+    let done = env.wait(run.id, limit).await;
+    assert_succeeded(&done);
+    assert_eq!(done.output, Some(json!(3)));
+    let after = kv_get(&bao, &mount).await;
+    assert_eq!(after["metadata"]["version"], 3);
+    assert_eq!(after["data"]["password"], written);
+    env.stop_workers().await;
+}

@@ -132,10 +132,12 @@ pub(crate) enum Action {
     KubeApply,
     /// Reads the end of a pod's log.
     KubeLogs,
+    /// Generates a secret into a Vault KV v2 entry, with check-and-set.
+    VaultKvGenerate,
 }
 
 impl Action {
-    pub(crate) const ALL: [Action; 24] = [
+    pub(crate) const ALL: [Action; 25] = [
         Action::Log,
         Action::Notify,
         Action::KubeGet,
@@ -160,6 +162,7 @@ impl Action {
         Action::PgQuery,
         Action::KubeApply,
         Action::KubeLogs,
+        Action::VaultKvGenerate,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -188,6 +191,7 @@ impl Action {
             Action::PgQuery => "postgres.query",
             Action::KubeApply => "kubernetes.apply",
             Action::KubeLogs => "kubernetes.logs",
+            Action::VaultKvGenerate => "vault.kv-generate",
         }
     }
 
@@ -335,6 +339,14 @@ impl Action {
                  `pod`, or the first one, by name, matching `labels`; with `previous: true`, the log of its previous \
                  instance (the one that crashed). Output `pod` and `logs`. Logs are journaled with the run: read them \
                  from workloads that do not print secrets. Changes nothing."
+            }
+            Action::VaultKvGenerate => {
+                "Generates a new secret (`length` characters, default 32, of `alphabet`: `alphanumeric`, `urlsafe` or \
+                 the characters given) and writes it under `key` of the KV v2 entry at `path`, the entry's other keys \
+                 kept, only if the entry is still at version `cas` (check-and-set): output `version`, the new one, \
+                 never the secret. The secret is made once: a repeat after a lost answer finds the version after `cas` \
+                 and succeeds without making another, so the steps after it read the one stored (`vault.kv-read`, \
+                 `sensitive: true`) on every replay. The way to rotate a credential: store it first, then hand it out."
             }
             Action::Assert => {
                 "Fails the run (at once, without retries) with `message` unless `that` is true: a check between \
@@ -597,6 +609,33 @@ impl Action {
                 P
             }
             Action::TimeNow => &[],
+            Action::VaultKvGenerate => {
+                const P: &[Param] = &[
+                    param("connection", true, "string", "A Vault of connections.vault, by name."),
+                    target("mount", false, "The KV v2 mount. Default `secret`."),
+                    target("path", true, "The entry's path: `apps/shop/db`."),
+                    param(
+                        "key",
+                        true,
+                        "string",
+                        "The key the secret is written under: `password`.",
+                    ),
+                    param(
+                        "cas",
+                        true,
+                        "integer",
+                        "The version it must still be at (0: it must not exist yet).",
+                    ),
+                    param("length", false, "integer", "Its length (16 to 1024). Default 32."),
+                    param(
+                        "alphabet",
+                        false,
+                        "string",
+                        "`alphanumeric` (default), `urlsafe`, or the characters to draw from.",
+                    ),
+                ];
+                P
+            }
             Action::KubeApply => {
                 const P: &[Param] = &[
                     KUBE_CONNECTION,
@@ -1173,6 +1212,57 @@ impl Action {
                     .map_err(step_err)?;
                 Ok(json!({ "pod": pod, "logs": logs }))
             }
+            Action::VaultKvGenerate => {
+                let p: KvGenerateParams = parse(self, params)?;
+                let generator = crate::secrets::Generator {
+                    length: p.length.unwrap_or(32),
+                    alphabet: p.alphabet.unwrap_or_else(|| "alphanumeric".into()),
+                };
+                generator
+                    .check()
+                    .map_err(|e| StepError::permanent(format!("action {}: {e}", self.name())))?;
+                let vault = crate::adapters::vault::Vault::new(
+                    connections.vault(&p.connection).map_err(StepError::permanent)?.clone(),
+                );
+                let mount = p.mount.as_deref().unwrap_or("secret");
+                let mut data = if p.cas == 0 {
+                    serde_json::Map::new()
+                } else {
+                    vault.kv_read_version(mount, &p.path, p.cas).await.map_err(step_err)?
+                };
+                // The entry's custom metadata names the run, the step and the version it writes,
+                // set before the write: an attempt that finds its own mark on the version after
+                // `cas` is a repeat whose answer was lost, and makes no other secret.
+                let marker = format!("{}/{}:{}", s.run_id, s.step, p.cas + 1);
+                let meta = match vault.kv_custom_metadata(mount, &p.path).await {
+                    Ok(meta) => meta,
+                    // An entry to create has no metadata yet.
+                    Err(_) if p.cas == 0 => Default::default(),
+                    Err(e) => return Err(step_err(e)),
+                };
+                if meta.get(GENERATED_BY) == Some(&marker) {
+                    let current = vault.kv_read(mount, &p.path).await.map_err(step_err)?;
+                    if current.version == p.cas + 1 {
+                        return Ok(json!({ "version": current.version }));
+                    }
+                }
+                data.insert(p.key.clone(), Value::String(generator.generate()));
+                vault
+                    .kv_update_custom_metadata(mount, &p.path, &[(GENERATED_BY, Some(&marker))])
+                    .await
+                    .map_err(step_err)?;
+                match vault.kv_write(mount, &p.path, &data, p.cas).await {
+                    Ok(version) => Ok(json!({ "version": version })),
+                    Err(crate::adapters::vault::VaultError::Conflict { .. }) => {
+                        let current = vault.kv_read(mount, &p.path).await.map_err(step_err)?;
+                        Err(StepError::permanent(format!(
+                            "{mount}/{}: it is at version {}, not {}: another writer changed it first",
+                            p.path, current.version, p.cas
+                        )))
+                    }
+                    Err(e) => Err(step_err(e)),
+                }
+            }
             Action::Assert => {
                 let p: AssertParams = parse(self, params)?;
                 match p.that {
@@ -1267,6 +1357,9 @@ async fn pick_pod(
         ))),
     }
 }
+
+/// The KV v2 custom metadata key naming the run, step and version of a generated secret.
+const GENERATED_BY: &str = "dayshift-generated-by";
 
 fn default_cluster() -> String {
     "default".into()
@@ -1461,6 +1554,21 @@ struct LogsParams {
     lines: Option<i64>,
     #[serde(default)]
     previous: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KvGenerateParams {
+    connection: String,
+    #[serde(default)]
+    mount: Option<String>,
+    path: String,
+    key: String,
+    cas: u64,
+    #[serde(default)]
+    length: Option<usize>,
+    #[serde(default)]
+    alphabet: Option<String>,
 }
 
 #[derive(Deserialize)]

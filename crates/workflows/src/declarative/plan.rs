@@ -174,6 +174,14 @@ impl Action {
                 p["cas"]
             ),
             Action::PgQuery => format!("query {}: {}", text(&p["connection"]), text(&p["sql"])),
+            Action::VaultKvGenerate => format!(
+                "generate a new {} in {}/{} on Vault {}, if it is still at version {}",
+                text(&p["key"]),
+                p["mount"].as_str().unwrap_or("secret"),
+                text(&p["path"]),
+                text(&p["connection"]),
+                p["cas"]
+            ),
             Action::HttpRequest => format!(
                 "send {} {} to {}",
                 p["method"].as_str().unwrap_or("GET").to_ascii_uppercase(),
