@@ -1420,6 +1420,32 @@ async fn http_request_calls_only_the_api_the_config_names_with_its_credentials_a
     env.stop_workers().await;
 }
 
+/// A KV v2 mount of its own on the shared OpenBao, holding `shop/db` with user `shop` and
+/// `password`; its name.
+async fn kv_mount_with_shop_db(bao: &dayshift_tests::OpenBao, password: &str) -> String {
+    let mount = format!("kv-{}", unique());
+    bao.bao(&["secrets", "enable", &format!("-path={mount}"), "kv-v2"])
+        .await
+        .unwrap();
+    let password = format!("password={password}");
+    bao.bao(&[
+        "kv",
+        "put",
+        &format!("-mount={mount}"),
+        "shop/db",
+        "username=shop",
+        &password,
+    ])
+    .await
+    .unwrap();
+    mount
+}
+
+/// The connection to `bao` with its root token.
+fn vault_of(bao: &dayshift_tests::OpenBao) -> dayshift_workflows::adapters::vault::VaultConfig {
+    dayshift_workflows::adapters::vault::VaultConfig::with_token(bao.addr.clone(), bao.token.clone())
+}
+
 /// A password bump: read the entry (sensitive), write the next version with check-and-set,
 /// count what a database holds, read the keys back without their values.
 const BUMP: &str = r#"
@@ -1452,20 +1478,7 @@ output: { version: "${{ steps.write.version }}", keys: "${{ steps.keys.keys }}",
 #[tokio::test]
 async fn vault_kv_and_postgres_query_read_and_write_only_what_they_say_and_keep_secrets_out_of_the_journal() {
     let bao = dayshift_tests::OpenBao::shared();
-    let mount = format!("kv-{}", unique());
-    bao.bao(&["secrets", "enable", &format!("-path={mount}"), "kv-v2"])
-        .await
-        .unwrap();
-    bao.bao(&[
-        "kv",
-        "put",
-        &format!("-mount={mount}"),
-        "shop/db",
-        "username=shop",
-        "password=old-pw-3c9d",
-    ])
-    .await
-    .unwrap();
+    let mount = kv_mount_with_shop_db(&bao, "old-pw-3c9d").await;
     let db = dayshift_tests::TestDb::new().await;
     for sql in [
         "create table orders (id int primary key, item text)",
@@ -1474,10 +1487,7 @@ async fn vault_kv_and_postgres_query_read_and_write_only_what_they_say_and_keep_
         sqlx::query(sql).execute(&db.pool).await.unwrap();
     }
     let mut conns = Connections::default();
-    conns.vault.insert(
-        "bao".into(),
-        dayshift_workflows::adapters::vault::VaultConfig::with_token(bao.addr.clone(), bao.token.clone()),
-    );
+    conns.vault.insert("bao".into(), vault_of(&bao));
     conns.postgres.insert("app".into(), db.url.clone());
     let names = BTreeMap::from([
         ("vault".to_string(), ["bao".to_string()].into()),
@@ -1760,25 +1770,9 @@ async fn kv_get(bao: &dayshift_tests::OpenBao, mount: &str) -> Value {
 #[tokio::test]
 async fn vault_kv_generate_makes_a_secret_once_stores_it_first_and_never_journals_it() {
     let bao = dayshift_tests::OpenBao::shared();
-    let mount = format!("kv-{}", unique());
-    bao.bao(&["secrets", "enable", &format!("-path={mount}"), "kv-v2"])
-        .await
-        .unwrap();
-    bao.bao(&[
-        "kv",
-        "put",
-        &format!("-mount={mount}"),
-        "shop/db",
-        "username=shop",
-        "password=old-pw-77e1",
-    ])
-    .await
-    .unwrap();
+    let mount = kv_mount_with_shop_db(&bao, "old-pw-77e1").await;
     let mut conns = Connections::default();
-    conns.vault.insert(
-        "bao".into(),
-        dayshift_workflows::adapters::vault::VaultConfig::with_token(bao.addr.clone(), bao.token.clone()),
-    );
+    conns.vault.insert("bao".into(), vault_of(&bao));
     let names = BTreeMap::from([("vault".to_string(), ["bao".to_string()].into())]);
     let (conns, names_arc) = (Arc::new(conns), Arc::new(names.clone()));
     let compile =

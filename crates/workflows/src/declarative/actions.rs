@@ -80,6 +80,9 @@ const ARGO_NAMESPACE: Param = target(
     "The Application's namespace (where ArgoCD keeps Applications). Default `argocd`.",
 );
 const ARGO_NAME: Param = target("name", true, "The Application's name.");
+const VAULT_CONNECTION: Param = param("connection", true, "string", "A Vault of connections.vault, by name.");
+const KV_MOUNT: Param = target("mount", false, "The KV v2 mount. Default `secret`.");
+const KV_PATH: Param = target("path", true, "The entry's path: `apps/shop/db`.");
 
 /// An action of the catalog.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -611,9 +614,9 @@ impl Action {
             Action::TimeNow => &[],
             Action::VaultKvGenerate => {
                 const P: &[Param] = &[
-                    param("connection", true, "string", "A Vault of connections.vault, by name."),
-                    target("mount", false, "The KV v2 mount. Default `secret`."),
-                    target("path", true, "The entry's path: `apps/shop/db`."),
+                    VAULT_CONNECTION,
+                    KV_MOUNT,
+                    KV_PATH,
                     param(
                         "key",
                         true,
@@ -672,9 +675,9 @@ impl Action {
             }
             Action::VaultKvRead => {
                 const P: &[Param] = &[
-                    param("connection", true, "string", "A Vault of connections.vault, by name."),
-                    target("mount", false, "The KV v2 mount. Default `secret`."),
-                    target("path", true, "The entry's path: `apps/shop/db`."),
+                    VAULT_CONNECTION,
+                    KV_MOUNT,
+                    KV_PATH,
                     param(
                         "values",
                         false,
@@ -686,9 +689,9 @@ impl Action {
             }
             Action::VaultKvWrite => {
                 const P: &[Param] = &[
-                    param("connection", true, "string", "A Vault of connections.vault, by name."),
-                    target("mount", false, "The KV v2 mount. Default `secret`."),
-                    target("path", true, "The entry's path: `apps/shop/db`."),
+                    VAULT_CONNECTION,
+                    KV_MOUNT,
+                    KV_PATH,
                     param("data", true, "object", "The entry's keys and values."),
                     param(
                         "cas",
@@ -1121,9 +1124,7 @@ impl Action {
             }
             Action::VaultKvRead => {
                 let p: KvReadParams = parse(self, params)?;
-                let vault = crate::adapters::vault::Vault::new(
-                    connections.vault(&p.connection).map_err(StepError::permanent)?.clone(),
-                );
+                let vault = vault_of(connections, &p.connection)?;
                 let entry = vault
                     .kv_read(p.mount.as_deref().unwrap_or("secret"), &p.path)
                     .await
@@ -1137,9 +1138,7 @@ impl Action {
             }
             Action::VaultKvWrite => {
                 let p: KvWriteParams = parse(self, params)?;
-                let vault = crate::adapters::vault::Vault::new(
-                    connections.vault(&p.connection).map_err(StepError::permanent)?.clone(),
-                );
+                let vault = vault_of(connections, &p.connection)?;
                 let mount = p.mount.as_deref().unwrap_or("secret");
                 match vault.kv_write(mount, &p.path, &p.data, p.cas).await {
                     Ok(version) => Ok(json!({ "version": version })),
@@ -1149,10 +1148,7 @@ impl Action {
                         if current.version == p.cas + 1 && current.data == p.data {
                             Ok(json!({ "version": current.version }))
                         } else {
-                            Err(StepError::permanent(format!(
-                                "{mount}/{}: it is at version {}, not {}: another writer changed it first",
-                                p.path, current.version, p.cas
-                            )))
+                            Err(changed_first(mount, &p.path, current.version, p.cas))
                         }
                     }
                     Err(e) => Err(step_err(e)),
@@ -1221,9 +1217,7 @@ impl Action {
                 generator
                     .check()
                     .map_err(|e| StepError::permanent(format!("action {}: {e}", self.name())))?;
-                let vault = crate::adapters::vault::Vault::new(
-                    connections.vault(&p.connection).map_err(StepError::permanent)?.clone(),
-                );
+                let vault = vault_of(connections, &p.connection)?;
                 let mount = p.mount.as_deref().unwrap_or("secret");
                 let mut data = if p.cas == 0 {
                     serde_json::Map::new()
@@ -1255,10 +1249,7 @@ impl Action {
                     Ok(version) => Ok(json!({ "version": version })),
                     Err(crate::adapters::vault::VaultError::Conflict { .. }) => {
                         let current = vault.kv_read(mount, &p.path).await.map_err(step_err)?;
-                        Err(StepError::permanent(format!(
-                            "{mount}/{}: it is at version {}, not {}: another writer changed it first",
-                            p.path, current.version, p.cas
-                        )))
+                        Err(changed_first(mount, &p.path, current.version, p.cas))
                     }
                     Err(e) => Err(step_err(e)),
                 }
@@ -1356,6 +1347,19 @@ async fn pick_pod(
             action.name()
         ))),
     }
+}
+
+/// The Vault `connections.vault` names `name`.
+fn vault_of(connections: &Connections, name: &str) -> Result<crate::adapters::vault::Vault, StepError> {
+    let config = connections.vault(name).map_err(StepError::permanent)?;
+    Ok(crate::adapters::vault::Vault::new(config.clone()))
+}
+
+/// A check-and-set write refused: the entry moved past `cas` under another writer.
+fn changed_first(mount: &str, path: &str, version: u64, cas: u64) -> StepError {
+    StepError::permanent(format!(
+        "{mount}/{path}: it is at version {version}, not {cas}: another writer changed it first"
+    ))
 }
 
 /// The KV v2 custom metadata key naming the run, step and version of a generated secret.
