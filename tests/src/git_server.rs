@@ -195,7 +195,7 @@ impl Drop for GitServer {
 }
 
 /// Runs git in `dir`; its trimmed stdout. Panics with stderr on failure.
-fn git(dir: &std::path::Path, args: &[&str]) -> String {
+pub(crate) fn git(dir: &std::path::Path, args: &[&str]) -> String {
     let out = std::process::Command::new("git")
         .args(args)
         .current_dir(dir)

@@ -19,7 +19,7 @@
 //! | [`browser`] | headless Chromium for the console's tests |
 //! | `redis`, `alertmanager`, `openbao` | a service of a test's own: [`OwnRedis`], [`OwnAlertmanager`], [`OpenBao`] |
 //! | `webhook_receiver`, `otlp`, `git_server` | stand-ins that record what dayshift sends: [`WebhookReceiver`], [`OtlpReceiver`], [`GitServer`] |
-//! | `forge` | what a git forge does to its webhook deliveries ([`hmac_sha256_hex`]) |
+//! | `forge` | what a git forge does: signs webhook deliveries ([`hmac_sha256_hex`]), serves pull requests ([`ForgeServer`]: GitHub, Gitea, GitLab) |
 //!
 //! Tests import everything from the crate root (`use dayshift_tests::{TestEnv, ...}`).
 
@@ -43,7 +43,7 @@ pub use alertmanager::OwnAlertmanager;
 pub use binary::{BinEnv, Proc, dayshift_bin, open_policy_yaml, spawn_dayshift};
 pub use db::TestDb;
 pub use env::{RUN_LIMIT, TestEnv, TestEnvBuilder, active_runs, assert_succeeded, fast_worker, wait_for};
-pub use forge::hmac_sha256_hex;
+pub use forge::{ForgeKind, ForgeServer, Pull, hmac_sha256_hex};
 pub use git_server::GitServer;
 pub use openbao::OpenBao;
 pub use otlp::{OtlpReceiver, ReceivedSpan};

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dayshift_engine::{RunStatus, StartRun};
-use dayshift_tests::{OwnPrometheus, TestEnv, WebhookReceiver, assert_succeeded, fast_worker};
+use dayshift_tests::{ForgeKind, ForgeServer, OwnPrometheus, TestEnv, WebhookReceiver, assert_succeeded, fast_worker};
 use dayshift_workflows::Connections;
 use dayshift_workflows::declarative::Definition;
 use serde_json::json;
@@ -18,7 +18,8 @@ fn example(file: &str, conns: Connections) -> dayshift_engine::WorkflowDef {
     let path = format!("{}/../examples/workflows/{file}", env!("CARGO_MANIFEST_DIR"));
     let text = std::fs::read_to_string(&path)
         .unwrap()
-        .replace("delay: 10s", "delay: 100ms");
+        .replace("delay: 10s", "delay: 100ms")
+        .replace("delay: 10m", "delay: 100ms");
     let mut names: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let mut add = |kind: &str, keys: Vec<&String>| {
         names.insert(kind.into(), keys.into_iter().cloned().collect());
@@ -28,6 +29,7 @@ fn example(file: &str, conns: Connections) -> dayshift_engine::WorkflowDef {
     add("prometheus", conns.prometheus.keys().collect());
     add("postgres", conns.postgres.keys().collect());
     add("s3", conns.s3.keys().collect());
+    add("git", conns.git.keys().collect());
     let def = Arc::new(Definition::compile(file, &text, &names).unwrap_or_else(|p| panic!("{p:#?}")));
     def.workflow(Arc::new(conns), Arc::new(names), None)
 }
@@ -716,5 +718,322 @@ async fn the_cnpg_backup_example_creates_a_backup_waits_for_it_and_reports_a_fai
             && text.ends_with("did not complete: kubectl describe backup shows why."),
         "{text}"
     );
+    env.stop_workers().await;
+}
+
+/// A values file of `env` whose image tag is `tag`, with the comments and quoting a team's
+/// file has (the promotion must keep them).
+fn values_file(env: &str, tag: &str) -> String {
+    format!(
+        "# shop in {env}: the tag is set by promotions\nimage:\n  repository: registry.acme.io/shop  # built by CI\n  tag: \"{tag}\"\nreplicas: 2\n"
+    )
+}
+
+/// The promotion example's connections: the repository `infra` of `git` on `forge`, whose
+/// token is `token`, and the chat webhook `ops`.
+fn forge_connections(
+    git: &dayshift_tests::GitServer,
+    forge: &ForgeServer,
+    kind: ForgeKind,
+    repository: &str,
+    token: &str,
+    chat: &WebhookReceiver,
+) -> Connections {
+    let dir = std::env::temp_dir().join(format!("dayshift-forge-{}", dayshift_tests::unique()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("token"), format!("{token}\n")).unwrap();
+    let config: dayshift_workflows::ConnectionsConfig = serde_saphyr::from_str(&format!(
+        "git:\n  infra:\n    url: \"{}\"\n    author-email: dayshift@acme.io\n    forge: {{ kind: {}, api-url: \"{}\", repository: {repository}, token: {{ file: {} }} }}\n",
+        git.url("infra"),
+        kind.name(),
+        forge.api_url,
+        dir.join("token").display()
+    ))
+    .unwrap();
+    let read = |src: &dayshift_workflows::SecretSource, key: &str| match &src.file {
+        Some(f) => std::fs::read(f).map_err(|e| dayshift_workflows::InvalidConfig::new(key, e.to_string())),
+        None => Err(dayshift_workflows::InvalidConfig::new(key, "file only here")),
+    };
+    let mut conns = config.resolve(dayshift_workflows::SecretReader::new(&read)).unwrap();
+    conns.notify.insert("ops".into(), chat.url.clone());
+    conns
+}
+
+/// The promotion example on `kind`: a pull request with a format-preserving edit on a branch
+/// of its own, the base untouched until a reviewer merges it; then nothing to propose; a pull
+/// request closed unmerged fails the run and says so.
+async fn promote_by_pull_request_on(kind: ForgeKind) {
+    let git = dayshift_tests::GitServer::start().await;
+    let (staging, production) = ("envs/staging/shop/values.yaml", "envs/production/shop/values.yaml");
+    git.create(
+        "infra",
+        "main",
+        &[
+            (staging, &values_file("staging", "v1.4.2")),
+            (production, &values_file("production", "v1.3.0")),
+        ],
+    );
+    let repository = if kind == ForgeKind::Gitlab {
+        "platform/gitops/infra"
+    } else {
+        "acme/infra"
+    };
+    let forge = ForgeServer::start(kind, &git, "infra", repository, "forge-t0ken").await;
+    let chat = WebhookReceiver::start().await;
+    let conns = forge_connections(&git, &forge, kind, repository, "forge-t0ken", &chat);
+    let mut env = TestEnv::new(vec![example("promote-by-pull-request.yaml", conns)]).await;
+    env.start_worker(fast_worker("promote-pr"));
+    let input = json!({ "application": "shop", "from": "staging", "to": "production", "repository": "infra", "channel": "ops" });
+    let limit = Duration::from_secs(60);
+    let main_before = git.head("infra", "main");
+    let run = env
+        .engine
+        .start(StartRun::new("gitops.promote-by-pull-request", input.clone()))
+        .await
+        .unwrap();
+
+    // The run waits for the review: one pull request, from a branch of its own, the base as it was.
+    dayshift_tests::wait_for(&env.engine, run.id, limit, |r| {
+        r.steps.iter().any(|s| s.name == "merged" && s.attempts >= 2)
+    })
+    .await;
+    let pulls = forge.pulls();
+    assert_eq!(pulls.len(), 1, "{pulls:#?}");
+    let pr = &pulls[0];
+    assert_eq!(
+        (pr.head.as_str(), pr.base.as_str(), pr.state),
+        ("promote/shop-production-v1.4.2", "main", "open")
+    );
+    assert_eq!(pr.title, "Promote shop to production: v1.4.2");
+    assert_eq!(git.head("infra", "main"), main_before, "the base was pushed to");
+    assert_eq!(
+        git.read("infra", &pr.head, production),
+        values_file("production", "v1.4.2").trim_end()
+    );
+    let log = git.log("infra", &pr.head);
+    assert_eq!(log[0].1, "dayshift@acme.io");
+    assert!(
+        log[0].2.starts_with("promote shop to production: v1.4.2"),
+        "{}",
+        log[0].2
+    );
+    assert!(
+        log[0].2.contains(&format!("Dayshift-Step: {}/change", run.id)),
+        "{}",
+        log[0].2
+    );
+    let notices = chat.wait_for(1, limit).await;
+    assert!(notices[0].to_string().contains("waits for review"), "{notices:#?}");
+
+    // A reviewer merges it: the run ends with the merge commit, and production runs the tag.
+    let merge = forge.merge(pr.number);
+    let done = env.wait(run.id, limit).await;
+    assert_succeeded(&done);
+    let output = done.output.clone().unwrap();
+    assert_eq!(output["tag"], "v1.4.2");
+    assert_eq!(output["merge-commit"], merge.as_str());
+    assert!(output["pull-request"].as_str().unwrap().ends_with("/1"), "{output:#}");
+    assert_eq!(
+        git.read("infra", "main", production),
+        values_file("production", "v1.4.2").trim_end()
+    );
+    let notices = chat.wait_for(2, limit).await;
+    assert!(notices[1].to_string().contains("was merged"), "{notices:#?}");
+
+    // Promoting again proposes nothing: production runs that tag.
+    let again = env
+        .run_within("gitops.promote-by-pull-request", input.clone(), limit)
+        .await;
+    assert_succeeded(&again);
+    assert_eq!(again.output.as_ref().unwrap()["changed"], false, "{again:#?}");
+    assert_eq!(forge.pulls().len(), 1);
+
+    // A new tag in staging, its pull request closed by a reviewer: the run fails and says so.
+    git.push_other("infra", "main", staging, &values_file("staging", "v1.5.0"));
+    let run = env
+        .engine
+        .start(StartRun::new("gitops.promote-by-pull-request", input))
+        .await
+        .unwrap();
+    dayshift_tests::wait_for(&env.engine, run.id, limit, |r| {
+        r.steps.iter().any(|s| s.name == "merged" && s.attempts >= 1)
+    })
+    .await;
+    forge.close(2);
+    let closed = env.wait(run.id, limit).await;
+    assert_eq!(closed.status, RunStatus::Failed, "{closed:#?}");
+    assert!(
+        closed
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("closed without being merged")),
+        "{closed:#?}"
+    );
+    let notices = chat.wait_for(4, limit).await;
+    assert!(notices[3].to_string().contains("was not merged"), "{notices:#?}");
+    assert_eq!(
+        git.read("infra", "main", production),
+        values_file("production", "v1.4.2").trim_end()
+    );
+    assert_eq!(forge.unauthorized(), 0);
+    env.stop_workers().await;
+}
+
+#[tokio::test]
+async fn the_promotion_by_pull_request_example_proposes_waits_for_the_merge_and_reports_on_github() {
+    promote_by_pull_request_on(ForgeKind::Github).await;
+}
+
+#[tokio::test]
+async fn the_promotion_by_pull_request_example_proposes_waits_for_the_merge_and_reports_on_gitea() {
+    promote_by_pull_request_on(ForgeKind::Gitea).await;
+}
+
+#[tokio::test]
+async fn the_promotion_by_pull_request_example_proposes_waits_for_the_merge_and_reports_on_gitlab() {
+    promote_by_pull_request_on(ForgeKind::Gitlab).await;
+}
+
+#[tokio::test]
+async fn a_forge_that_refuses_the_token_fails_the_promotion_at_once_without_the_token_in_the_error() {
+    let git = dayshift_tests::GitServer::start().await;
+    git.create(
+        "infra",
+        "main",
+        &[
+            ("envs/staging/shop/values.yaml", &values_file("staging", "v1.4.2")),
+            ("envs/production/shop/values.yaml", &values_file("production", "v1.3.0")),
+        ],
+    );
+    let forge = ForgeServer::start(ForgeKind::Github, &git, "infra", "acme/infra", "the-right-one").await;
+    let chat = WebhookReceiver::start().await;
+    let conns = forge_connections(&git, &forge, ForgeKind::Github, "acme/infra", "wr0ng-t0ken", &chat);
+    let mut env = TestEnv::new(vec![example("promote-by-pull-request.yaml", conns)]).await;
+    env.start_worker(fast_worker("promote-pr-401"));
+    let done = env
+        .run_within(
+            "gitops.promote-by-pull-request",
+            json!({ "application": "shop", "from": "staging", "to": "production", "repository": "infra", "channel": "ops" }),
+            Duration::from_secs(60),
+        )
+        .await;
+    assert_eq!(done.status, RunStatus::Failed, "{done:#?}");
+    let pr_step = done.steps.iter().find(|s| s.name == "pr").unwrap();
+    assert_eq!(pr_step.attempts, 1, "a refused token is not tried again: {pr_step:#?}");
+    let error = done.error.clone().unwrap_or_default();
+    assert!(error.contains("401"), "{error}");
+    let journal = serde_json::to_string(&done).unwrap();
+    assert!(!journal.contains("wr0ng-t0ken"), "{journal}");
+    assert!(forge.pulls().is_empty());
+    assert_eq!(forge.unauthorized(), 1);
+    env.stop_workers().await;
+}
+
+#[test]
+fn the_promotion_example_lets_no_caller_choose_the_file_or_the_branch_unless_they_are_guarded() {
+    let path = format!(
+        "{}/../examples/workflows/promote-by-pull-request.yaml",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let shipped = std::fs::read_to_string(path).unwrap();
+    let text = shipped
+        .replace("to: { type: string, guarded: true,", "to: { type: string,")
+        .replace("base: { type: string, guarded: true,", "base: { type: string,");
+    assert_ne!(text, shipped);
+    let names = BTreeMap::from([
+        ("git".to_string(), BTreeSet::from(["infra".to_string()])),
+        ("notify".to_string(), BTreeSet::from(["ops".to_string()])),
+    ]);
+    let problems = Definition::compile("promote.yaml", &text, &names).unwrap_err();
+    for key in [
+        "steps[0].with.branch",
+        "steps[1].with.branch",
+        "steps[1].with.from",
+        "steps[1].with.file",
+        "steps[2].with.base",
+    ] {
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains(&format!("{key}: chooses what the action acts on"))),
+            "{key}: {problems:#?}"
+        );
+    }
+    assert_eq!(problems.len(), 5, "{problems:#?}");
+}
+
+#[tokio::test]
+async fn the_gitops_revert_example_proposes_the_revert_of_the_commit_a_degraded_application_runs_once() {
+    let git = dayshift_tests::GitServer::start().await;
+    let production = "envs/production/shop/values.yaml";
+    git.create("infra", "main", &[(production, &values_file("production", "v1.3.0"))]);
+    let good = git.head("infra", "main");
+    git.push_other("infra", "main", production, &values_file("production", "v1.4.0"));
+    let bad = git.head("infra", "main");
+    let forge = ForgeServer::start(ForgeKind::Github, &git, "infra", "acme/infra", "forge-t0ken").await;
+    let chat = WebhookReceiver::start().await;
+    let mut conns = forge_connections(&git, &forge, ForgeKind::Github, "acme/infra", "forge-t0ken", &chat);
+    let kube = dayshift_tests::kube_api::KubeApi::start().await;
+    kube.put_crd("argoproj.io", "Application", "applications", "v1alpha1");
+    let app = "/apis/argoproj.io/v1alpha1/namespaces/argocd/applications/shop";
+    kube.put(json!({
+        "apiVersion": "argoproj.io/v1alpha1", "kind": "Application",
+        "metadata": { "name": "shop", "namespace": "argocd" },
+        "spec": { "project": "default", "source": { "repoURL": git.url("infra"), "path": "envs/production/shop", "targetRevision": "main" },
+                  "destination": { "server": "https://kubernetes.default.svc", "namespace": "shop" } },
+    }));
+    let degraded_at = |revision: &str| {
+        json!({ "sync": { "status": "Synced", "revision": revision },
+                "health": { "status": "Degraded", "message": "Deployment \"web\" exceeded its progress deadline" } })
+    };
+    kube.set_status(app, degraded_at(&bad));
+    conns.kubernetes = kube.connections().kubernetes;
+    let mut env = TestEnv::new(vec![example("gitops-revert.yaml", conns)]).await;
+    env.start_worker(fast_worker("revert"));
+    let input = json!({ "application": "shop", "kubernetes": "default", "repository": "infra", "channel": "ops" });
+    let limit = Duration::from_secs(60);
+
+    let done = env.run_within("gitops.revert-degraded", input.clone(), limit).await;
+    assert_succeeded(&done);
+    assert_eq!(done.output.as_ref().unwrap()["reverted"], bad.as_str());
+    let pulls = forge.pulls();
+    assert_eq!(pulls.len(), 1, "{pulls:#?}");
+    let branch = format!("revert/{bad}");
+    assert_eq!(
+        (pulls[0].head.as_str(), pulls[0].base.as_str()),
+        (branch.as_str(), "main")
+    );
+    // The branch holds exactly what ran before the bad commit; main is as it was.
+    assert_eq!(git.tree("infra", &branch), git.tree("infra", &good));
+    assert_eq!(git.head("infra", "main"), bad);
+    let log = git.log("infra", &branch);
+    assert!(
+        log[0].2.contains(&format!("This reverts commit {bad}.")),
+        "{}",
+        log[0].2
+    );
+    let notices = chat.wait_for(1, limit).await;
+    assert!(notices[0].to_string().contains("waits for review"), "{notices:#?}");
+
+    // The alert fires again before the review: the revert is there, nothing new is proposed.
+    let again = env.run_within("gitops.revert-degraded", input.clone(), limit).await;
+    assert_succeeded(&again);
+    assert_eq!(again.output.as_ref().unwrap()["pull-request"], serde_json::Value::Null);
+    assert_eq!(git.log("infra", &branch).len(), log.len());
+    assert_eq!(forge.pulls().len(), 1);
+
+    // A revision that is not a commit of the branch reverts nothing and proposes nothing.
+    kube.set_status(app, degraded_at("0123456789abcdef0123456789abcdef01234567"));
+    let unknown = env.run_within("gitops.revert-degraded", input, limit).await;
+    assert_eq!(unknown.status, RunStatus::Failed, "{unknown:#?}");
+    assert!(
+        unknown
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("is not a commit of main")),
+        "{unknown:#?}"
+    );
+    assert_eq!(forge.pulls().len(), 1);
+    assert_eq!(chat.received().len(), 1);
     env.stop_workers().await;
 }

@@ -52,6 +52,7 @@ impl Rig {
                 token: None,
                 author_name: "dayshift".into(),
                 author_email: "dayshift@acme.io".into(),
+                forge: None,
             },
         );
         conns.kubernetes.insert(

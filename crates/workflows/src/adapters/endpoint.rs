@@ -233,6 +233,27 @@ impl Endpoint {
     /// Sends `req`; the answer as `{status, json}` (or `{status, text}` for a body that is not
     /// JSON), or an error saying what was answered instead.
     pub async fn send(&self, req: &Request) -> Result<Value, EndpointError> {
+        let url = self.url_of(&req.path, &req.query)?;
+        self.send_to(url, req).await
+    }
+
+    /// The connection's own credentials and headers, for an adapter that builds on it (a forge).
+    pub(crate) fn new(base: url::Url, secret: Vec<(String, String)>, plain: Vec<(String, String)>) -> Self {
+        Self {
+            base,
+            secret,
+            plain,
+            http: super::http::client(),
+        }
+    }
+
+    /// The base URL, for an adapter that builds its own paths below it.
+    pub(crate) fn base(&self) -> &url::Url {
+        &self.base
+    }
+
+    /// Sends `req` to `url` (its path and query are not read): see [`Endpoint::send`].
+    pub(crate) async fn send_to(&self, url: url::Url, req: &Request) -> Result<Value, EndpointError> {
         let method = reqwest::Method::from_bytes(req.method.to_ascii_uppercase().as_bytes())
             .ok()
             .filter(|m| ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"].contains(&m.as_str()))
@@ -242,7 +263,6 @@ impl Endpoint {
                     req.method
                 ))
             })?;
-        let url = self.url_of(&req.path, &req.query)?;
         let what = format!("{method} {}", url.path());
         let mut builder = self.http.request(method, url);
         for (name, v) in &req.headers {

@@ -27,6 +27,8 @@ pub struct GitConfig {
     pub token: Option<String>,
     pub author_name: String,
     pub author_email: String,
+    /// The forge hosting it, for pull requests (`forge:` in the config).
+    pub forge: Option<super::forge::Forge>,
 }
 
 impl std::fmt::Debug for GitConfig {
@@ -156,6 +158,8 @@ pub struct Checkout {
     config: GitConfig,
     dir: PathBuf,
     pub branch: String,
+    /// The branch cloned: `branch`, or the one it was started from.
+    cloned: String,
     _tmp: TempDir,
 }
 
@@ -242,8 +246,36 @@ impl GitConfig {
             config: self.clone(),
             dir,
             branch: branch.to_string(),
+            cloned: branch.to_string(),
             _tmp: guard,
         })
+    }
+
+    /// Whether `branch` exists on the remote.
+    pub async fn branch_exists(&self, branch: &str) -> Result<bool, GitError> {
+        check_branch(branch)?;
+        let out = self
+            .run(
+                None,
+                &["ls-remote", "--heads", "--", &self.url, &format!("refs/heads/{branch}")],
+            )
+            .await?;
+        Ok(!out.is_empty())
+    }
+
+    /// A checkout of `branch`, or, when it does not exist yet and `base` is given, of `base`
+    /// with `branch` started from it (the push creates it); and whether it was started here.
+    pub async fn checkout_or_branch(&self, branch: &str, base: Option<&str>) -> Result<(Checkout, bool), GitError> {
+        match base {
+            Some(base) if !self.branch_exists(branch).await? => {
+                let mut checkout = self.checkout(base).await?;
+                self.run(Some(&checkout.dir), &["switch", "--quiet", "-c", branch])
+                    .await?;
+                checkout.branch = branch.to_string();
+                Ok((checkout, true))
+            }
+            _ => Ok((self.checkout(branch).await?, false)),
+        }
     }
 }
 
@@ -263,6 +295,13 @@ impl Checkout {
     /// The commit checked out.
     pub async fn head(&self) -> Result<String, GitError> {
         self.config.run(Some(&self.dir), &["rev-parse", "HEAD"]).await
+    }
+
+    /// The full id of `rev`.
+    pub async fn rev_parse(&self, rev: &str) -> Result<String, GitError> {
+        self.config
+            .run(Some(&self.dir), &["rev-parse", "--verify", "--end-of-options", rev])
+            .await
     }
 
     /// The full message of commit `rev`.
@@ -325,6 +364,45 @@ impl Checkout {
             .run(Some(&self.dir), &["commit", "--quiet", "--no-verify", "-m", message])
             .await?;
         self.head().await
+    }
+
+    /// Makes sure `commit` is in the checkout's history, fetching the whole history of the
+    /// branch when the shallow clone does not reach it. A commit that is not on the branch at
+    /// all is an error that says so.
+    pub async fn reach(&self, commit: &str) -> Result<(), GitError> {
+        let present = |c: &str| {
+            let c = format!("{c}^{{commit}}");
+            async move {
+                self.config
+                    .run(Some(&self.dir), &["cat-file", "-e", "--end-of-options", &c])
+                    .await
+                    .is_ok()
+            }
+        };
+        let shallow = self
+            .config
+            .run(Some(&self.dir), &["rev-parse", "--is-shallow-repository"])
+            .await?;
+        if shallow == "true" && !present(commit).await {
+            self.config
+                .run(Some(&self.dir), &["fetch", "--quiet", "--unshallow", "origin"])
+                .await?;
+        }
+        let on_branch = self
+            .config
+            .run(
+                Some(&self.dir),
+                &["merge-base", "--is-ancestor", "--end-of-options", commit, "HEAD"],
+            )
+            .await
+            .is_ok();
+        if !on_branch {
+            return Err(GitError::Failed {
+                command: "revert".into(),
+                detail: format!("{commit} is not a commit of {}", self.cloned),
+            });
+        }
+        Ok(())
     }
 
     /// Pushes the branch. A rejection because the remote branch moved is
@@ -396,6 +474,9 @@ pub struct GitConnectionConfig {
     /// Default `dayshift@localhost`; list it in webhooks.bot-emails too.
     #[serde(default = "dayshift_email")]
     pub author_email: String,
+    /// The forge that hosts it, for the `git.pull-request` and `git.wait-merged` actions.
+    #[serde(default)]
+    pub forge: Option<super::forge::ForgeConfig>,
 }
 
 fn dayshift_name() -> String {
@@ -413,11 +494,16 @@ impl GitConnectionConfig {
             Some(src) => Some(read.text(src, &format!("{key}.token"))?.trim().to_string()),
             None => None,
         };
+        let forge = match &self.forge {
+            Some(f) => Some(f.resolve(&format!("{key}.forge"), &self.url, token.as_deref(), read)?),
+            None => None,
+        };
         Ok(GitConfig {
             url: self.url.clone(),
             token,
             author_name: self.author_name.clone(),
             author_email: self.author_email.clone(),
+            forge,
         })
     }
 }

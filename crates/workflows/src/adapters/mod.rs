@@ -2,6 +2,7 @@
 //! says how its operations behave when repeated (steps are at-least-once).
 
 pub mod endpoint;
+pub mod forge;
 pub mod git;
 pub mod http;
 pub mod kube;

@@ -84,6 +84,13 @@ const VAULT_CONNECTION: Param = param("connection", true, "string", "A Vault of 
 const KV_MOUNT: Param = target("mount", false, "The KV v2 mount. Default `secret`.");
 const KV_PATH: Param = target("path", true, "The entry's path: `apps/shop/db`.");
 
+const GIT_CONNECTION: Param = param(
+    "connection",
+    true,
+    "string",
+    "A repository of connections.git, by name.",
+);
+
 /// An action of the catalog.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Action {
@@ -137,10 +144,20 @@ pub(crate) enum Action {
     KubeLogs,
     /// Generates a secret into a Vault KV v2 entry, with check-and-set.
     VaultKvGenerate,
+    /// Reads a value (or a file) from a branch of a git repository the config names.
+    GitRead,
+    /// Sets values in a YAML file, keeping its format, and pushes one commit.
+    GitSetValues,
+    /// Reverts a commit and pushes.
+    GitRevert,
+    /// Opens a pull (merge) request on the repository's forge.
+    GitPullRequest,
+    /// Waits until a pull request is merged; retried, paced.
+    GitWaitMerged,
 }
 
 impl Action {
-    pub(crate) const ALL: [Action; 25] = [
+    pub(crate) const ALL: [Action; 30] = [
         Action::Log,
         Action::Notify,
         Action::KubeGet,
@@ -166,6 +183,11 @@ impl Action {
         Action::KubeApply,
         Action::KubeLogs,
         Action::VaultKvGenerate,
+        Action::GitRead,
+        Action::GitSetValues,
+        Action::GitRevert,
+        Action::GitPullRequest,
+        Action::GitWaitMerged,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -195,6 +217,11 @@ impl Action {
             Action::KubeApply => "kubernetes.apply",
             Action::KubeLogs => "kubernetes.logs",
             Action::VaultKvGenerate => "vault.kv-generate",
+            Action::GitRead => "git.read",
+            Action::GitSetValues => "git.set-values",
+            Action::GitRevert => "git.revert",
+            Action::GitPullRequest => "git.pull-request",
+            Action::GitWaitMerged => "git.wait-merged",
         }
     }
 
@@ -350,6 +377,39 @@ impl Action {
                  never the secret. The secret is made once: a repeat after a lost answer finds the version after `cas` \
                  and succeeds without making another, so the steps after it read the one stored (`vault.kv-read`, \
                  `sensitive: true`) on every replay. The way to rotate a credential: store it first, then hand it out."
+            }
+            Action::GitRead => {
+                "Reads `key` (a path such as `image.tag` or `services[name=api].image`) of the YAML file `file` on \
+                 `branch` of a repository of connections.git: output `value` and `commit`; without `key`, the whole \
+                 file as `text`. Reads only."
+            }
+            Action::GitSetValues => {
+                "Sets each key of `values` in the YAML file `file` on `branch`, keeping the file's comments, quoting \
+                 and order (only the values' text changes; a change that would alter anything else is refused), as \
+                 one commit pushed to `branch`. With `from`, a `branch` that does not exist yet is started from \
+                 `from` (the branch a pull request is then opened from). Output `commit`, `changed` (false when \
+                 every value was set already: no commit), `lines`, `branch` and `created`. Safe to repeat: the \
+                 commit carries `Dayshift-Step: <run>/<step>` and a repeat finds it instead of committing again; a \
+                 branch that moved meanwhile gets the edit again on its new tip. Never force-pushes."
+            }
+            Action::GitRevert => {
+                "Reverts `commit` on `branch` (a `git revert`, its message saying `This reverts commit <id>.`) and \
+                 pushes; with `from`, a `branch` that does not exist yet is started from `from`, for a revert \
+                 proposed as a pull request. Output `commit`, `reverted` (the full id), `changed`, `branch`, \
+                 `created`. Once per commit: a branch whose recent history already reverts it (this step's or \
+                 anyone's revert) is left as it is. A commit that is not on the branch, or that does not revert \
+                 cleanly, fails the step."
+            }
+            Action::GitPullRequest => {
+                "Opens a pull request (a merge request on GitLab) from `head` to `base` on the forge the git \
+                 connection names (`forge:` in its config: GitHub, Gitea, Forgejo or GitLab), with `title`, `body` \
+                 and `draft`. Output `number`, `url`, `state` and `created`. Once per branch pair: when one is open \
+                 between them already (a repeat, or another writer's), it is the answer and none is opened."
+            }
+            Action::GitWaitMerged => {
+                "Checks that pull request `number` is merged; one still open is checked again, paced (default: \
+                 every minute for a day), the run holding no worker meanwhile; one closed without merging fails the \
+                 step. Output `merged`, `merge-commit` and `url`. Reads only."
             }
             Action::Assert => {
                 "Fails the run (at once, without retries) with `message` unless `that` is true: a check between \
@@ -612,6 +672,82 @@ impl Action {
                 P
             }
             Action::TimeNow => &[],
+            Action::GitRead => {
+                const P: &[Param] = &[
+                    GIT_CONNECTION,
+                    target("branch", true, "The branch."),
+                    target("file", true, "The file's path in the repository."),
+                    param(
+                        "key",
+                        false,
+                        "string",
+                        "The value's path: `image.tag`, `services[name=api].image`. Default: the whole file.",
+                    ),
+                ];
+                P
+            }
+            Action::GitSetValues => {
+                const P: &[Param] = &[
+                    GIT_CONNECTION,
+                    target("branch", true, "The branch the commit is pushed to."),
+                    target(
+                        "from",
+                        false,
+                        "The branch `branch` is started from when it does not exist yet.",
+                    ),
+                    target("file", true, "The YAML file's path in the repository."),
+                    param(
+                        "values",
+                        true,
+                        "object",
+                        "Each value's path and its new value: `{ image.tag: v1.4.2 }`.",
+                    ),
+                    param("message", false, "string", "The commit message. Default: what it sets."),
+                ];
+                P
+            }
+            Action::GitRevert => {
+                const P: &[Param] = &[
+                    GIT_CONNECTION,
+                    target("branch", true, "The branch the revert is pushed to."),
+                    target(
+                        "from",
+                        false,
+                        "The branch `branch` is started from when it does not exist yet.",
+                    ),
+                    target("commit", true, "The commit to revert (its id, 7 to 64 hex digits)."),
+                    param(
+                        "message",
+                        false,
+                        "string",
+                        "The commit's title. Default: `Revert \"<its title>\"`.",
+                    ),
+                ];
+                P
+            }
+            Action::GitPullRequest => {
+                const P: &[Param] = &[
+                    GIT_CONNECTION,
+                    target("head", true, "The branch with the changes."),
+                    target("base", true, "The branch they are proposed for."),
+                    param("title", true, "string", "The pull request's title."),
+                    param("body", false, "string", "Its description (Markdown)."),
+                    param("draft", false, "boolean", "Opened as a draft. Default false."),
+                ];
+                P
+            }
+            Action::GitWaitMerged => {
+                const P: &[Param] = &[
+                    GIT_CONNECTION,
+                    param(
+                        "number",
+                        true,
+                        "integer",
+                        "The pull request's number (`steps.<id>.number`).",
+                    ),
+                ];
+                P
+            }
             Action::VaultKvGenerate => {
                 const P: &[Param] = &[
                     VAULT_CONNECTION,
@@ -794,6 +930,13 @@ impl Action {
                 initial_delay: std::time::Duration::from_secs(10),
                 multiplier: 1.0,
                 max_delay: std::time::Duration::from_secs(10),
+                ..RetryPolicy::network()
+            },
+            Action::GitWaitMerged => RetryPolicy {
+                max_attempts: 1440,
+                initial_delay: std::time::Duration::from_secs(60),
+                multiplier: 1.0,
+                max_delay: std::time::Duration::from_secs(60),
                 ..RetryPolicy::network()
             },
             Action::KubeJob => RetryPolicy {
@@ -1017,6 +1160,11 @@ impl Action {
                     "series": answer.series, "count": answer.series.len(), "value": answer.value(),
                 }))
             }
+            Action::GitRead => super::git::read(parse(self, params)?, connections).await,
+            Action::GitSetValues => super::git::set_values(parse(self, params)?, connections, s).await,
+            Action::GitRevert => super::git::revert(parse(self, params)?, connections, s).await,
+            Action::GitPullRequest => super::git::pull_request(parse(self, params)?, connections).await,
+            Action::GitWaitMerged => super::git::wait_merged(parse(self, params)?, connections).await,
             Action::KubeJob => {
                 let p: super::job::JobParams = parse(self, params)?;
                 let kube = cluster(connections, &p.connection).await?;

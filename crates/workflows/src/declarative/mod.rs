@@ -23,6 +23,7 @@
 mod actions;
 mod expr;
 mod file;
+mod git;
 mod job;
 mod model;
 mod plan;

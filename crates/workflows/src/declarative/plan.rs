@@ -59,6 +59,7 @@ impl Action {
                 | Action::PromQuery
                 | Action::TimeNow
                 | Action::PgQuery
+                | Action::GitRead
         )
     }
 
@@ -181,6 +182,53 @@ impl Action {
                 text(&p["path"]),
                 text(&p["connection"]),
                 p["cas"]
+            ),
+            Action::GitRead => format!(
+                "read {} of {} on {} of {}",
+                p["key"].as_str().unwrap_or("all"),
+                text(&p["file"]),
+                text(&p["branch"]),
+                text(&p["connection"])
+            ),
+            Action::GitSetValues => format!(
+                "set {} in {} and push it to {}{} of {}",
+                p["values"]
+                    .as_object()
+                    .map(|m| m
+                        .iter()
+                        .map(|(k, v)| format!("{k}={}", text(v)))
+                        .collect::<Vec<_>>()
+                        .join(", "))
+                    .unwrap_or_default(),
+                text(&p["file"]),
+                text(&p["branch"]),
+                p["from"]
+                    .as_str()
+                    .map(|f| format!(" (started from {f})"))
+                    .unwrap_or_default(),
+                text(&p["connection"])
+            ),
+            Action::GitRevert => format!(
+                "revert commit {} on {}{} of {}",
+                text(&p["commit"]),
+                text(&p["branch"]),
+                p["from"]
+                    .as_str()
+                    .map(|f| format!(" (started from {f})"))
+                    .unwrap_or_default(),
+                text(&p["connection"])
+            ),
+            Action::GitPullRequest => format!(
+                "open a pull request from {} to {} on {}: {}",
+                text(&p["head"]),
+                text(&p["base"]),
+                text(&p["connection"]),
+                text(&p["title"])
+            ),
+            Action::GitWaitMerged => format!(
+                "wait until pull request {} of {} is merged",
+                p["number"],
+                text(&p["connection"])
             ),
             Action::HttpRequest => format!(
                 "send {} {} to {}",
