@@ -1867,3 +1867,126 @@ async fn vault_kv_generate_makes_a_secret_once_stores_it_first_and_never_journal
     assert_eq!(after["data"]["password"], written);
     env.stop_workers().await;
 }
+
+const PROPOSE_BACKUP: &str = r#"
+name: gitops.add-backup
+description: Adds a ScheduledBackup to a database's directory and sets its retention.
+input:
+  cluster: { type: string, guarded: true }
+  repository: { type: connection, connection: git }
+  kind: { type: string, default: ScheduledBackup }
+steps:
+  - id: manifest
+    action: git.write-file
+    with:
+      connection: ${{ input.repository }}
+      branch: main
+      file: "apps/${{ input.cluster }}/scheduled-backup.yaml"
+      content: |
+        apiVersion: postgresql.cnpg.io/v1
+        kind: ${{ input.kind }}
+        metadata:
+          name: ${{ input.cluster }}-daily
+        spec:
+          schedule: "0 0 3 * * *"
+          cluster:
+            name: ${{ input.cluster }}
+  - id: retention
+    action: git.set-values
+    with:
+      connection: ${{ input.repository }}
+      branch: main
+      file: "apps/${{ input.cluster }}/cluster.yaml"
+      values: { spec.backup.retentionPolicy: 30d, spec.instances: 3 }
+"#;
+
+#[tokio::test]
+async fn git_write_file_and_set_values_commit_once_on_a_branch_that_moved_and_keep_the_file_s_format() {
+    let git = dayshift_tests::GitServer::start().await;
+    let cluster_yaml =
+        "# the shop database\nspec:\n  instances: 2   # one per zone\n  backup:\n    retentionPolicy: \"7d\"\n";
+    git.create(
+        "infra",
+        "main",
+        &[("apps/shop-db/cluster.yaml", cluster_yaml), ("README.md", "infra\n")],
+    );
+    let mut conns = Connections::default();
+    conns.git.insert(
+        "infra".into(),
+        dayshift_workflows::adapters::git::GitConfig {
+            url: git.url("infra"),
+            author_name: "dayshift".into(),
+            author_email: "dayshift@acme.io".into(),
+            ..Default::default()
+        },
+    );
+    let names = BTreeMap::from([("git".to_string(), ["infra".to_string()].into())]);
+    let def =
+        Arc::new(Definition::compile("propose.yaml", PROPOSE_BACKUP, &names).unwrap_or_else(|p| panic!("{p:#?}")));
+    let mut env = TestEnv::new(vec![def.workflow(Arc::new(conns), Arc::new(names), None)]).await;
+    env.start_worker(fast_worker("git-edit"));
+    let input = json!({ "cluster": "shop-db", "repository": "infra" });
+    let limit = Duration::from_secs(60);
+
+    // Another writer pushes while the first commit is on its way: it is made again on the new tip.
+    let run = env
+        .engine
+        .start(StartRun::new("gitops.add-backup", input.clone()))
+        .await
+        .unwrap();
+    git.race_next_push("infra", "main", "README.md", "infra, edited meanwhile\n")
+        .await;
+    let done = env.wait(run.id, limit).await;
+    assert_succeeded(&done);
+    let log = git.log("infra", "main");
+    assert_eq!(log.len(), 4, "{log:#?}");
+    // Newest first: the set, the write made again on top of the other writer's commit, the seed.
+    assert!(
+        log[0].2.contains(&format!("Dayshift-Step: {}/retention", run.id)),
+        "{log:#?}"
+    );
+    assert!(
+        log[1].2.starts_with("write apps/shop-db/scheduled-backup.yaml"),
+        "{log:#?}"
+    );
+    assert_eq!(log[2].2, "another writer", "{log:#?}");
+    assert_eq!(git.read("infra", "main", "README.md"), "infra, edited meanwhile");
+    let manifest = git.read("infra", "main", "apps/shop-db/scheduled-backup.yaml");
+    assert!(
+        manifest.contains("kind: ScheduledBackup") && manifest.contains("name: shop-db-daily"),
+        "{manifest}"
+    );
+    // Only the two values changed: the comments and the quoting stay.
+    assert_eq!(
+        git.read("infra", "main", "apps/shop-db/cluster.yaml"),
+        "# the shop database\nspec:\n  instances: 3   # one per zone\n  backup:\n    retentionPolicy: \"30d\""
+    );
+
+    // Run again: everything says so already; no commit.
+    let again = env.run_within("gitops.add-backup", input, limit).await;
+    assert_succeeded(&again);
+    assert!(
+        again
+            .steps
+            .iter()
+            .all(|s| s.output.as_ref().unwrap()["changed"] == false),
+        "{again:#?}"
+    );
+    assert_eq!(git.log("infra", "main").len(), 4);
+
+    // Content that is not YAML for a YAML file fails the step, and nothing is pushed.
+    let broken = env
+        .run_within(
+            "gitops.add-backup",
+            json!({ "cluster": "shop-db", "repository": "infra", "kind": "[unclosed" }),
+            limit,
+        )
+        .await;
+    assert_eq!(broken.status, RunStatus::Failed, "{broken:#?}");
+    assert!(
+        broken.error.as_deref().is_some_and(|e| e.contains("is not valid YAML")),
+        "{broken:#?}"
+    );
+    assert_eq!(git.log("infra", "main").len(), 4);
+    env.stop_workers().await;
+}

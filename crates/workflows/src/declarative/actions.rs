@@ -148,6 +148,8 @@ pub(crate) enum Action {
     GitRead,
     /// Sets values in a YAML file, keeping its format, and pushes one commit.
     GitSetValues,
+    /// Writes a whole file and pushes one commit.
+    GitWriteFile,
     /// Reverts a commit and pushes.
     GitRevert,
     /// Opens a pull (merge) request on the repository's forge.
@@ -157,7 +159,7 @@ pub(crate) enum Action {
 }
 
 impl Action {
-    pub(crate) const ALL: [Action; 30] = [
+    pub(crate) const ALL: [Action; 31] = [
         Action::Log,
         Action::Notify,
         Action::KubeGet,
@@ -185,6 +187,7 @@ impl Action {
         Action::VaultKvGenerate,
         Action::GitRead,
         Action::GitSetValues,
+        Action::GitWriteFile,
         Action::GitRevert,
         Action::GitPullRequest,
         Action::GitWaitMerged,
@@ -219,6 +222,7 @@ impl Action {
             Action::VaultKvGenerate => "vault.kv-generate",
             Action::GitRead => "git.read",
             Action::GitSetValues => "git.set-values",
+            Action::GitWriteFile => "git.write-file",
             Action::GitRevert => "git.revert",
             Action::GitPullRequest => "git.pull-request",
             Action::GitWaitMerged => "git.wait-merged",
@@ -391,6 +395,14 @@ impl Action {
                  every value was set already: no commit), `lines`, `branch` and `created`. Safe to repeat: the \
                  commit carries `Dayshift-Step: <run>/<step>` and a repeat finds it instead of committing again; a \
                  branch that moved meanwhile gets the edit again on its new tip. Never force-pushes."
+            }
+            Action::GitWriteFile => {
+                "Writes `content` as the whole of `file` on `branch` (created, or replaced) as one commit pushed to \
+                 `branch`; with `from`, a `branch` that does not exist yet is started from `from`. A `.yaml` or \
+                 `.yml` file's content must be valid YAML. For a new manifest in an application's directory; to \
+                 change values in a file that exists, `git.set-values` keeps the rest of it. Output `commit`, \
+                 `changed` (false when the file held that already: no commit), `branch` and `created`. Safe to \
+                 repeat, as `git.set-values` is."
             }
             Action::GitRevert => {
                 "Reverts `commit` on `branch` (a `git revert`, its message saying `This reverts commit <id>.`) and \
@@ -703,6 +715,26 @@ impl Action {
                         "Each value's path and its new value: `{ image.tag: v1.4.2 }`.",
                     ),
                     param("message", false, "string", "The commit message. Default: what it sets."),
+                ];
+                P
+            }
+            Action::GitWriteFile => {
+                const P: &[Param] = &[
+                    GIT_CONNECTION,
+                    target("branch", true, "The branch the commit is pushed to."),
+                    target(
+                        "from",
+                        false,
+                        "The branch `branch` is started from when it does not exist yet.",
+                    ),
+                    target("file", true, "The file's path in the repository."),
+                    param("content", true, "string", "The file's whole content."),
+                    param(
+                        "message",
+                        false,
+                        "string",
+                        "The commit message. Default: `write <file>`.",
+                    ),
                 ];
                 P
             }
@@ -1162,6 +1194,7 @@ impl Action {
             }
             Action::GitRead => super::git::read(parse(self, params)?, connections).await,
             Action::GitSetValues => super::git::set_values(parse(self, params)?, connections, s).await,
+            Action::GitWriteFile => super::git::write_file(parse(self, params)?, connections, s).await,
             Action::GitRevert => super::git::revert(parse(self, params)?, connections, s).await,
             Action::GitPullRequest => super::git::pull_request(parse(self, params)?, connections).await,
             Action::GitWaitMerged => super::git::wait_merged(parse(self, params)?, connections).await,

@@ -1,5 +1,5 @@
 //! The git actions of workflow files: read a value, set values (the format-preserving edit
-//! promotions use) and push, revert a commit, open a pull (merge) request on the forge and wait
+//! promotions use) or write a file and push, revert a commit, open a pull (merge) request on the forge and wait
 //! until it is merged.
 //!
 //! Every write is safe to repeat. A commit carries the trailer `Dayshift-Step: <run>/<step>`,
@@ -44,6 +44,19 @@ pub(crate) struct SetValuesParams {
     from: Option<String>,
     file: String,
     values: BTreeMap<String, Value>,
+    #[serde(default)]
+    message: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct WriteFileParams {
+    connection: String,
+    branch: String,
+    #[serde(default)]
+    from: Option<String>,
+    file: String,
+    content: String,
     #[serde(default)]
     message: Option<String>,
 }
@@ -130,13 +143,11 @@ async fn find_line(checkout: &Checkout, line: &str) -> Result<Option<String>, St
         .map(|(id, _)| id))
 }
 
-/// What a value given in `values` becomes in the file: a string as it is, a number or a boolean
-/// written out (the file's quoting style is kept either way).
-fn scalar(key: &str, v: &Value) -> Result<String, StepError> {
+/// A value given in `values`, refused unless it is a string (written with the file's quoting
+/// kept), a number or a boolean (written plain).
+fn scalar(key: &str, v: &Value) -> Result<Value, StepError> {
     match v {
-        Value::String(s) => Ok(s.clone()),
-        Value::Number(n) => Ok(n.to_string()),
-        Value::Bool(b) => Ok(b.to_string()),
+        Value::String(_) | Value::Number(_) | Value::Bool(_) => Ok(v.clone()),
         other => Err(StepError::permanent(format!(
             "action git.set-values: values.{key} must be a string, a number or a boolean, not {other}"
         ))),
@@ -149,71 +160,130 @@ pub(crate) async fn set_values(p: SetValuesParams, connections: &Connections, s:
     if p.values.is_empty() {
         return Err(StepError::permanent("action git.set-values: `values` sets nothing"));
     }
-    let values: Vec<(String, String)> = p
+    let values: Vec<(String, Value)> = p
         .values
         .iter()
         .map(|(k, v)| Ok((k.clone(), scalar(k, v)?)))
         .collect::<Result<_, StepError>>()?;
-    let git = git_of(connections, &p.connection)?;
-    let (checkout, created) = git.checkout_or_branch(&p.branch, p.from.as_deref()).await?;
-    let marker = marker(s);
     let default = format!(
         "set {} in {}",
         values
             .iter()
-            .map(|(k, v)| format!("{k}={v}"))
+            .map(|(k, v)| format!("{k}={}", v.as_str().map_or_else(|| v.to_string(), str::to_string)))
             .collect::<Vec<_>>()
             .join(", "),
         p.file
     );
-    let message = with_marker(p.message.as_deref(), default, s);
-    for attempt in 1..=PUSH_ATTEMPTS {
-        if attempt > 1 {
-            checkout.reset_to_remote().await?;
-        }
-        if let Some(commit) = find_line(&checkout, &marker).await? {
-            return Ok(
-                json!({ "commit": commit, "changed": true, "lines": [], "branch": p.branch, "created": created }),
-            );
-        }
-        let path = checkout.inside(&p.file).map_err(StepError::permanent)?;
-        let before = std::fs::read_to_string(&path)
-            .map_err(|e| StepError::permanent(format!("{} on {}: {e}", p.file, checkout.branch)))?;
-        let mut text = before.clone();
+    let target = Target {
+        connection: &p.connection,
+        branch: &p.branch,
+        from: p.from.as_deref(),
+        file: &p.file,
+        message: with_marker(p.message.as_deref(), default, s),
+    };
+    let file = p.file.clone();
+    edit_and_push(target, connections, s, move |before| {
+        let Some(before) = before else {
+            return Err(StepError::permanent(format!("{file}: there is no such file")));
+        };
+        let mut text = before.to_string();
         let mut lines = Vec::new();
         for (key, value) in &values {
             let (next, change) =
-                values::set(&text, key, value).map_err(|e| StepError::permanent(format!("{}: {e}", p.file)))?;
+                values::set_scalar(&text, key, value).map_err(|e| StepError::permanent(format!("{file}: {e}")))?;
             if next != text {
                 lines.push(change.line);
             }
             text = next;
         }
-        if text == before {
-            // Every value is there already (set by someone else, or by a replay): no commit,
-            // and no new branch (there is nothing to propose).
-            let commit = checkout.head().await?;
-            return Ok(
-                json!({ "commit": commit, "changed": false, "lines": [], "branch": p.branch, "created": false }),
-            );
+        Ok((text, lines))
+    })
+    .await
+}
+
+/// `git.write-file`: `file` holds `content` (created, or replaced whole), one commit, pushed to
+/// `branch` (started from `from` when it does not exist yet).
+pub(crate) async fn write_file(p: WriteFileParams, connections: &Connections, s: &StepCtx) -> Result<Value, StepError> {
+    let yaml = p.file.ends_with(".yaml") || p.file.ends_with(".yml");
+    if yaml && let Err(e) = serde_saphyr::from_multiple::<Value>(&p.content) {
+        return Err(StepError::permanent(format!(
+            "action git.write-file: the content for {} is not valid YAML: {e}",
+            p.file
+        )));
+    }
+    let content = if p.content.ends_with('\n') || p.content.is_empty() {
+        p.content.clone()
+    } else {
+        format!("{}\n", p.content)
+    };
+    let target = Target {
+        connection: &p.connection,
+        branch: &p.branch,
+        from: p.from.as_deref(),
+        file: &p.file,
+        message: with_marker(p.message.as_deref(), format!("write {}", p.file), s),
+    };
+    edit_and_push(target, connections, s, move |_| Ok((content.clone(), Vec::new()))).await
+}
+
+/// Where an edit is committed, and with what message.
+struct Target<'a> {
+    connection: &'a str,
+    branch: &'a str,
+    from: Option<&'a str>,
+    file: &'a str,
+    message: String,
+}
+
+/// Makes `edit` of the file (its text, `None` when it does not exist; the new text and the lines
+/// changed) one commit on the branch and pushes it: once (a commit with this step's trailer is
+/// found, not made again), with no commit when nothing changes, and again on the new tip when
+/// the branch moved.
+async fn edit_and_push(
+    t: Target<'_>,
+    connections: &Connections,
+    s: &StepCtx,
+    edit: impl Fn(Option<&str>) -> Result<(String, Vec<usize>), StepError>,
+) -> Result<Value, StepError> {
+    let git = git_of(connections, t.connection)?;
+    let (checkout, created) = git.checkout_or_branch(t.branch, t.from).await?;
+    let marker = marker(s);
+    let answer = |commit: String, changed: bool, lines: Vec<usize>, created: bool| json!({ "commit": commit, "changed": changed, "lines": lines, "branch": t.branch, "created": created });
+    for attempt in 1..=PUSH_ATTEMPTS {
+        if attempt > 1 {
+            checkout.reset_to_remote().await?;
         }
-        std::fs::write(&path, &text).map_err(|e| StepError::transient(format!("write {}: {e}", p.file)))?;
-        let commit = checkout.commit(&[p.file.as_str()], &message).await?;
+        if let Some(commit) = find_line(&checkout, &marker).await? {
+            return Ok(answer(commit, true, Vec::new(), created));
+        }
+        let path = checkout.inside(t.file).map_err(StepError::permanent)?;
+        let before = match std::fs::read_to_string(&path) {
+            Ok(text) => Some(text),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(StepError::permanent(format!("{} on {}: {e}", t.file, checkout.branch))),
+        };
+        let (text, lines) = edit(before.as_deref())?;
+        if before.as_deref() == Some(text.as_str()) {
+            // It says so already (set by someone else, or by a replay): no commit, and no new
+            // branch (there is nothing to propose).
+            return Ok(answer(checkout.head().await?, false, Vec::new(), false));
+        }
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| StepError::transient(format!("create {}: {e}", dir.display())))?;
+        }
+        std::fs::write(&path, &text).map_err(|e| StepError::transient(format!("write {}: {e}", t.file)))?;
+        let commit = checkout.commit(&[t.file], &t.message).await?;
         match checkout.push().await {
-            Ok(()) => {
-                return Ok(
-                    json!({ "commit": commit, "changed": true, "lines": lines, "branch": p.branch, "created": created }),
-                );
-            }
+            Ok(()) => return Ok(answer(commit, true, lines, created)),
             Err(GitError::Rejected { detail, .. }) => {
-                tracing::info!(run_id = %s.run_id, step = %s.step, attempt, detail, "The branch moved; setting the values again on its new tip.");
+                tracing::info!(run_id = %s.run_id, step = %s.step, attempt, detail, "The branch moved; making the change again on its new tip.");
             }
             Err(e) => return Err(e.into()),
         }
     }
     Err(StepError::transient(format!(
         "{} kept moving: {PUSH_ATTEMPTS} pushes were rejected",
-        p.branch
+        t.branch
     )))
 }
 
@@ -347,8 +417,8 @@ mod tests {
 
     #[test]
     fn values_are_strings_numbers_or_booleans() {
-        assert_eq!(scalar("a", &json!(3)).unwrap(), "3");
-        assert_eq!(scalar("a", &json!(true)).unwrap(), "true");
+        assert_eq!(scalar("a", &json!(3)).unwrap(), json!(3));
+        assert_eq!(scalar("a", &json!("v1")).unwrap(), json!("v1"));
         let e = scalar("image.tag", &json!({"x": 1})).unwrap_err();
         assert!(e.to_string().contains("values.image.tag"), "{e}");
     }

@@ -208,6 +208,17 @@ impl Action {
                     .unwrap_or_default(),
                 text(&p["connection"])
             ),
+            Action::GitWriteFile => format!(
+                "write {} ({} bytes) and push it to {}{} of {}",
+                text(&p["file"]),
+                p["content"].as_str().map_or(0, str::len),
+                text(&p["branch"]),
+                p["from"]
+                    .as_str()
+                    .map(|f| format!(" (started from {f})"))
+                    .unwrap_or_default(),
+                text(&p["connection"])
+            ),
             Action::GitRevert => format!(
                 "revert commit {} on {}{} of {}",
                 text(&p["commit"]),

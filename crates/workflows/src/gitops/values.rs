@@ -324,9 +324,9 @@ fn render(value: &str, style: Style) -> String {
     }
 }
 
-fn set_in(doc: &mut Value, path: &[Segment], value: &str) -> bool {
+fn set_in(doc: &mut Value, path: &[Segment], value: &Value) -> bool {
     let Some((first, rest)) = path.split_first() else {
-        *doc = Value::String(value.to_string());
+        *doc = value.clone();
         return true;
     };
     let next = match first {
@@ -346,6 +346,17 @@ fn set_in(doc: &mut Value, path: &[Segment], value: &str) -> bool {
 /// Sets the scalar at `path` of `text` to the string `value`. Returns the new text and the
 /// change, or an error that says what is wrong and where (and changes nothing).
 pub fn set(text: &str, path: &str, value: &str) -> Result<(String, Change), ValuesError> {
+    set_scalar(text, path, &Value::String(value.to_string()))
+}
+
+/// Sets the scalar at `path` of `text` to `value`: a string (quoted as the value was, or when
+/// YAML would read it as something else), a number or a boolean (written plain). See [`set`].
+pub fn set_scalar(text: &str, path: &str, value: &Value) -> Result<(String, Change), ValuesError> {
+    if !matches!(value, Value::String(_) | Value::Number(_) | Value::Bool(_)) {
+        return Err(ValuesError::from(format!(
+            "{path}: a value set is a string, a number or a boolean, not {value}"
+        )));
+    }
     let segments = parse_path(path)?;
     let before: Vec<Value> =
         serde_saphyr::from_multiple(text).map_err(|e| format!("the file is not valid YAML: {e}"))?;
@@ -362,7 +373,10 @@ pub fn set(text: &str, path: &str, value: &str) -> Result<(String, Change), Valu
         }
     };
     let old = text[at.start..at.end].to_string();
-    let new = render(value, at.style);
+    let new = match value {
+        Value::String(s) => render(s, at.style),
+        other => other.to_string(),
+    };
     let mut out = String::with_capacity(text.len() + new.len());
     out.push_str(&text[..at.start]);
     out.push_str(&new);
