@@ -131,6 +131,12 @@ impl GitServer {
 
     /// Another writer commits `content` to `path` on `branch` and pushes.
     pub fn push_other(&self, repo: &str, branch: &str, path: &str, content: &str) {
+        self.push_changes(repo, branch, &[(path, Some(content))]);
+    }
+
+    /// Another writer commits `changes` (each a path and its new content, or `None` to delete
+    /// it) to `branch` in one commit, and pushes.
+    pub fn push_changes(&self, repo: &str, branch: &str, changes: &[(&str, Option<&str>)]) {
         let work = self.dir.join(format!("{repo}-other-{}", unique()));
         git(
             &self.dir,
@@ -143,8 +149,17 @@ impl GitServer {
                 work.to_str().unwrap(),
             ],
         );
-        std::fs::write(work.join(path), content).unwrap();
-        git(&work, &["add", "."]);
+        for (path, content) in changes {
+            let file = work.join(path);
+            match content {
+                Some(c) => {
+                    std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+                    std::fs::write(file, c).unwrap();
+                }
+                None => std::fs::remove_file(file).unwrap(),
+            }
+        }
+        git(&work, &["add", "-A", "."]);
         git(
             &work,
             &[

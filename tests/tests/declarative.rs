@@ -1990,3 +1990,183 @@ async fn git_write_file_and_set_values_commit_once_on_a_branch_that_moved_and_ke
     assert_eq!(git.log("infra", "main").len(), 4);
     env.stop_workers().await;
 }
+
+/// A workflow file named `name` whose one step records `said`, its output.
+fn saying(name: &str, said: &str) -> String {
+    format!(
+        "name: {name}\nsteps:\n  - {{ id: say, action: log, with: {{ message: {said} }} }}\noutput: ${{{{ steps.say.message }}}}\n"
+    )
+}
+
+/// A GitHub push delivery of `branch` of `repository`, signed with `secret`, to `env`.
+async fn push_delivery(
+    env: &dayshift_tests::BinEnv,
+    secret: &str,
+    repository: &str,
+    branch: &str,
+    after: &str,
+) -> Value {
+    let body = serde_json::to_vec(&json!({
+        "ref": format!("refs/heads/{branch}"), "before": "0".repeat(40), "after": after,
+        "repository": { "full_name": repository, "name": repository.split('/').nth(1) },
+        "commits": [{ "id": after, "message": "edit", "author": { "email": "alice@acme.io" }, "added": [], "modified": [], "removed": [] }],
+        "head_commit": { "id": after, "author": { "email": "alice@acme.io" } },
+        "sender": { "login": "alice" },
+    }))
+    .unwrap();
+    let sig = format!("sha256={}", dayshift_tests::hmac_sha256_hex(secret, &body));
+    let resp = env
+        .http
+        .post(format!("{}/hooks/github", env.api))
+        .header("content-type", "application/json")
+        .header("X-GitHub-Event", "push")
+        .header("X-GitHub-Delivery", unique())
+        .header("X-Hub-Signature-256", sig)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 202, "{:?}", resp.text().await);
+    resp.json().await.unwrap()
+}
+
+/// The version of workflow `name` that `serve` starts runs on.
+async fn current_version(env: &dayshift_tests::BinEnv, name: &str) -> Value {
+    let (status, w) = env.get(&format!("/api/v1/workflows/{name}")).await;
+    if status != 200 {
+        return Value::Null;
+    }
+    w["version"].clone()
+}
+
+#[tokio::test]
+async fn workflow_files_in_git_are_loaded_kept_in_sync_on_a_push_and_a_broken_commit_changes_nothing() {
+    let git = dayshift_tests::GitServer::start().await;
+    git.create(
+        "platform-workflows",
+        "main",
+        &[("workflows/hello.yaml", &saying("ops.hello", "v1"))],
+    );
+    let dir = std::env::temp_dir().join(format!("dayshift-wf-git-{}", unique()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("secret"), "push-secret\n").unwrap();
+    let source = |refresh: &str| {
+        format!(
+            "workflows:\n  git: {{ url: \"{}\", path: workflows, refresh: {refresh}, repository: acme/platform-workflows }}\n\
+             webhooks:\n  github:\n    secret: {{ file: {} }}\n  routes: []\n",
+            git.url("platform-workflows"),
+            dir.join("secret").display()
+        )
+    };
+    // serve refreshes on a push only (its timer is an hour); the worker every second.
+    let env = dayshift_tests::BinEnv::start_with(&source("1h")).await;
+    let worker_config = dir.join("worker.yaml");
+    std::fs::write(
+        &worker_config,
+        std::fs::read_to_string(&env.config_path)
+            .unwrap()
+            .replace("refresh: 1h", "refresh: 1s"),
+    )
+    .unwrap();
+    let mut worker = dayshift_tests::spawn_dayshift(&worker_config, &["worker"], "worker ", &[]).await;
+    let limit = Duration::from_secs(60);
+    assert_eq!(current_version(&env, "ops.hello").await, 1);
+    let id = env.start_run("ops.hello", json!({})).await;
+    assert_eq!(env.wait_finished(&id, limit).await["output"], "v1");
+
+    // A commit edits one file and adds another; the forge's push makes serve load it at once.
+    git.push_changes(
+        "platform-workflows",
+        "main",
+        &[
+            ("workflows/hello.yaml", Some(&saying("ops.hello", "v2"))),
+            ("workflows/new.yaml", Some(&saying("ops.new", "new"))),
+        ],
+    );
+    let head = git.head("platform-workflows", "main");
+    let delivered = push_delivery(&env, "push-secret", "acme/platform-workflows", "main", &head).await;
+    assert!(
+        delivered["reason"].as_str().is_some_and(|r| r.contains("refreshes")),
+        "{delivered:#}"
+    );
+    let deadline = tokio::time::Instant::now() + limit;
+    while current_version(&env, "ops.new").await != 1 || current_version(&env, "ops.hello").await != 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "serve did not load the pushed commit"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The worker has loaded it on its own timer before it is asked to run the new workflow.
+    while !worker.logs().contains("Workflow files loaded from git.") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the worker did not load the pushed commit"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let id = env.start_run("ops.hello", json!({})).await;
+    assert_eq!(env.wait_finished(&id, limit).await["output"], "v2");
+    let id = env.start_run("ops.new", json!({})).await;
+    assert_eq!(env.wait_finished(&id, limit).await["output"], "new");
+
+    // A commit with a broken file is not loaded: the workflows stay as they were, and serve says why.
+    git.push_changes(
+        "platform-workflows",
+        "main",
+        &[(
+            "workflows/hello.yaml",
+            Some("name: ops.hello\nsteps:\n  - { id: a, action: nope }\n"),
+        )],
+    );
+    let head = git.head("platform-workflows", "main");
+    push_delivery(&env, "push-secret", "acme/platform-workflows", "main", &head).await;
+    while !env.server.as_ref().unwrap().logs().contains("were not loaded") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "serve did not report the broken commit"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let logs = env.server.as_ref().unwrap().logs();
+    assert!(
+        logs.contains("workflows/hello.yaml:3:") && logs.contains("no action \"nope\""),
+        "{logs}"
+    );
+    assert_eq!(current_version(&env, "ops.hello").await, 2);
+    let id = env.start_run("ops.hello", json!({})).await;
+    assert_eq!(env.wait_finished(&id, limit).await["output"], "v2");
+
+    // A file deleted: its workflow can no longer be started.
+    git.push_changes(
+        "platform-workflows",
+        "main",
+        &[
+            ("workflows/hello.yaml", Some(&saying("ops.hello", "v2"))),
+            ("workflows/new.yaml", None),
+        ],
+    );
+    let head = git.head("platform-workflows", "main");
+    push_delivery(&env, "push-secret", "acme/platform-workflows", "main", &head).await;
+    loop {
+        let (status, body) = env
+            .post("/api/v1/runs", &json!({ "workflow": "ops.new", "input": {} }))
+            .await;
+        if status == 422 {
+            assert!(
+                body["error"]
+                    .as_str()
+                    .unwrap()
+                    .contains("it can no longer be started: its file was removed"),
+                "{body:#}"
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "ops.new can still be started: {status} {body:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    worker.kill9().await;
+}

@@ -79,7 +79,7 @@ impl EngineBuilder {
             core: Arc::new(Core {
                 store: self.store,
                 queue: self.queue,
-                registry: self.registry,
+                registry: std::sync::RwLock::new(Arc::new(self.registry)),
                 faults: self.faults,
                 after_step: self.after_step,
             }),
@@ -110,9 +110,20 @@ impl Engine {
         &self.core.store
     }
 
-    /// The registered workflows, as definitions.
-    pub(crate) fn registry(&self) -> &Registry {
-        &self.core.registry
+    /// The registered workflows, as definitions, as they are now.
+    pub fn registry(&self) -> Arc<Registry> {
+        self.core.registry()
+    }
+
+    /// Changes the registered workflows (workflow files that changed): `change` edits a copy,
+    /// which then replaces them whole, so a run or a request sees either the old set or the new
+    /// one. Runs in flight keep the version they started on (a workflow file's definition
+    /// replays each run with its own).
+    pub fn update_workflows(&self, change: impl FnOnce(&mut Registry)) {
+        let mut guard = self.core.registry.write().unwrap_or_else(|e| e.into_inner());
+        let mut next = Registry::clone(&guard);
+        change(&mut next);
+        *guard = Arc::new(next);
     }
 
     /// The queue.
@@ -122,7 +133,7 @@ impl Engine {
 
     /// The registered workflows.
     pub fn workflows(&self) -> Vec<WorkflowInfo> {
-        self.core.registry.list()
+        self.core.registry().list()
     }
 
     /// Starts a run (or returns the earlier one with the same idempotency key).
@@ -193,9 +204,8 @@ impl Engine {
     /// Checks a start request before anything is written (a trigger's, before it goes into
     /// [`Engine::start_many_in_tx`]); the workflow's version.
     pub(crate) fn prepare(&self, req: &mut StartRun) -> Result<u32, EngineError> {
-        let def = self
-            .core
-            .registry
+        let registry = self.core.registry();
+        let def = registry
             .get(&req.workflow)
             .ok_or_else(|| EngineError::UnknownWorkflow(req.workflow.clone()))?;
         let invalid = |message: String| EngineError::InvalidInput {

@@ -154,7 +154,7 @@ fn read_secret_at(source: &SecretSource, key: &str) -> Result<Vec<u8>, InvalidCo
 }
 
 /// What the config sections read their secrets with.
-fn secrets() -> SecretReader<'static> {
+pub(crate) fn secrets() -> SecretReader<'static> {
     SecretReader::new(&read_secret_at)
 }
 
@@ -365,8 +365,14 @@ impl Config {
 
     /// Checks what needs the registered workflows (each section's checks: schedules, webhook
     /// and alert routes, the policy) and what needs the secrets read (the triggers' and the
-    /// connections'). Each problem names the file, the line and the key.
-    pub(crate) fn check_with(&self, path: &str, registry: &Registry) -> Result<(), ConfigError> {
+    /// connections'). Each problem names the file, the line and the key. `catalogs` are the
+    /// config's, with every workflow file (those of `workflows.git` fetched).
+    pub(crate) fn check_with(
+        &self,
+        path: &str,
+        registry: &Registry,
+        catalogs: Result<dayshift_workflows::Catalogs, ConfigError>,
+    ) -> Result<(), ConfigError> {
         let mut problems = dayshift_engine::triggers::schedule::config::check(&self.schedules, path, registry);
         problems.extend(self.webhooks.check(path, registry));
         problems.extend(self.alertmanager.check(path, registry));
@@ -404,7 +410,7 @@ impl Config {
         if let Err(ConfigError::Invalid(e)) = self.connections() {
             problems.push(format!("{path}: {e}"));
         }
-        match self.catalogs() {
+        match catalogs {
             Err(ConfigError::Invalid(e)) => problems.push(format!("{path}: {e}")),
             // Each names its workflow file.
             Ok(c) => problems.extend(dayshift_workflows::declarative::check_children(&c.workflows, registry)),

@@ -200,23 +200,58 @@ async fn connect(config: &Config, serve: bool) -> Result<Engine> {
     // serve checks inputs against the workflows but never runs a step: it holds no connection's
     // credentials (Vault tokens, database passwords, S3 keys), so a compromised API pod has none.
     // The catalogs hold no credentials; serve needs the workflow files to check inputs.
-    let (connections, catalogs) = if serve {
-        (Default::default(), config.catalogs()?)
+    let connections = if serve {
+        Default::default()
     } else {
-        (config.connections()?, config.catalogs()?)
+        config.connections()?
     };
+    // Workflow files kept in git are loaded with those of workflows.dirs, then kept in sync.
+    let (catalogs, from_git) = catalogs(config).await?;
+    let sync_names = catalogs.connection_names.clone();
+    let sync_connections = std::sync::Arc::new(connections.clone());
     // serve and every worker number the workflow files' texts in PostgreSQL the same way, so the
     // version a run records at its start is the one every worker replays it with.
     dayshift_workflows::declarative::keep_versions(&pool, &catalogs.workflows)
         .await
         .context("cannot keep the workflow files' versions in PostgreSQL (has `dayshift migrate` run?)")?;
     let mut builder =
-        Engine::builder(store, queue).register_all(dayshift_workflows::all_with(pool, connections, catalogs));
+        Engine::builder(store, queue).register_all(dayshift_workflows::all_with(pool.clone(), connections, catalogs));
     if let Ok(step) = std::env::var("DAYSHIFT_TEST_STOP_AFTER_STEP") {
         builder = builder.on_step_journaled(stop_after_step(step));
     }
-    Ok(builder.build())
+    let engine = builder.build();
+    if let Some((source, local, loaded)) = from_git {
+        let (schedules, webhooks, alertmanager) = (
+            config.schedules.clone(),
+            config.webhooks.clone(),
+            config.alertmanager.clone(),
+        );
+        let check: dayshift_workflows::file_sync::TriggerCheck = Box::new(move |registry| {
+            let path = "the config";
+            let mut problems = dayshift_engine::triggers::schedule::config::check(&schedules, path, registry);
+            problems.extend(webhooks.check(path, registry));
+            problems.extend(alertmanager.check(path, registry));
+            problems
+        });
+        let sync = std::sync::Arc::new(dayshift_workflows::file_sync::FileSync::new(
+            engine.clone(),
+            pool,
+            sync_connections,
+            sync_names,
+            local,
+            source,
+            check,
+            loaded,
+        ));
+        tokio::spawn(sync.run(WORKFLOWS_PUSHED.clone(), tokio_util::sync::CancellationToken::new()));
+    }
+    Ok(engine)
 }
+
+/// Notified when the forge reports a push to the workflow files' branch: the sync then looks at
+/// once instead of at its next `refresh`.
+static WORKFLOWS_PUSHED: std::sync::LazyLock<std::sync::Arc<tokio::sync::Notify>> =
+    std::sync::LazyLock::new(Default::default);
 
 /// What `serve` serves over `engine`: authentication, the policy and the triggers, from the
 /// config.
@@ -232,6 +267,15 @@ fn api(config: &Config, engine: &Engine) -> Result<dayshift_engine::api::Api> {
         // login to wait for it.
         oidc.clone().refresh_every(Duration::from_secs(15 * 60));
     }
+    let mut webhooks = config.webhooks()?;
+    if let Some(git) = &config.workflows.git {
+        // A push to the workflow files' branch refreshes them at once.
+        webhooks.watches.push(dayshift_engine::triggers::webhook::PushWatch {
+            repository: git.repository_name(),
+            branch: git.branch.clone(),
+            pushed: WORKFLOWS_PUSHED.clone(),
+        });
+    }
     Ok(dayshift_engine::api::Api::builder(engine.clone())
         .auth(dayshift_engine::api::auth::AuthConfig {
             public_metrics: config.server.public_metrics,
@@ -240,7 +284,7 @@ fn api(config: &Config, engine: &Engine) -> Result<dayshift_engine::api::Api> {
         })
         .policy(config.policy().map_err(anyhow::Error::msg)?)
         .schedules(config.schedules())
-        .webhooks(config.webhooks()?)
+        .webhooks(webhooks)
         .alerts(config.alerts()?)
         .build())
 }
@@ -260,11 +304,49 @@ fn stop_after_step(step: String) -> dayshift_engine::StepHook {
 }
 
 /// The built-in workflows, without a database (for checks and listings).
-fn offline_registry(config: &Config) -> Result<dayshift_engine::Registry> {
+/// What the sync of workflow files kept in git starts from: the source, the files of
+/// `workflows.dirs`, and the commit loaded with its workflows' names.
+type FromGit = (
+    dayshift_workflows::declarative::source::GitSource,
+    Vec<(String, String)>,
+    (String, std::collections::BTreeSet<String>),
+);
+
+/// The config's catalogs, the workflow files of `workflows.git` (fetched now) among them.
+async fn catalogs(config: &Config) -> Result<(dayshift_workflows::Catalogs, Option<FromGit>), config::ConfigError> {
+    let mut catalogs = config.catalogs()?;
+    let Some(git) = &config.workflows.git else {
+        return Ok((catalogs, None));
+    };
+    let invalid = |p: Vec<String>| config::ConfigError::Invalid(p.join("\n"));
+    let source = git
+        .resolve("workflows.git", config::secrets())
+        .map_err(|e| config::ConfigError::Invalid(e.to_string()))?;
+    let fetched = source.fetch().await.map_err(|e| invalid(vec![e]))?;
+    let mut files =
+        dayshift_workflows::declarative::read_dirs(&config.workflows.dirs, &config.base_dir).map_err(invalid)?;
+    let local = files.clone();
+    files.extend(fetched.files);
+    catalogs.workflows =
+        dayshift_workflows::declarative::compile_all(&files, &catalogs.connection_names, &dayshift_workflows::BUILT_IN)
+            .map_err(invalid)?;
+    let names = catalogs.workflows.iter().map(|d| d.name().to_string()).collect();
+    Ok((catalogs, Some((source, local, (fetched.commit, names)))))
+}
+
+/// Checks the config ([`Config::check_with`]) against every workflow, those of `workflows.git`
+/// fetched now.
+async fn check_config(config: &Config, path: &str) -> Result<()> {
+    let catalogs = catalogs(config).await;
+    let registry = offline_registry(catalogs.as_ref().map(|c| c.0.clone()).unwrap_or_default())?;
+    config.check_with(path, &registry, catalogs.map(|c| c.0))?;
+    Ok(())
+}
+
+fn offline_registry(catalogs: dayshift_workflows::Catalogs) -> Result<dayshift_engine::Registry> {
     // This pool never connects: only the workflows' input types are used. The workflow files
     // are among them; a file's own problems are reported by the config's checks.
     let pool = sqlx::PgPool::connect_lazy("postgres://localhost/unused")?;
-    let catalogs = config.catalogs().unwrap_or_default();
     let mut registry = dayshift_engine::Registry::default();
     for d in dayshift_workflows::all_with(pool, Default::default(), catalogs) {
         registry.register(d);
@@ -288,7 +370,7 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
         } => {
             let path = file.or(cli.config.clone());
             let c = Config::from_path(path.as_deref(), &env)?;
-            c.check_with(&config_path(path.as_deref(), &env), &offline_registry(&c)?)?;
+            check_config(&c, &config_path(path.as_deref(), &env)).await?;
             println!(
                 "config ok: server.listen={} worker.concurrency={} worker.lease-ttl={:?} schedules={}",
                 c.server.listen,
@@ -323,7 +405,7 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
                 c.server.listen = l;
             }
             telemetry::init(&c, Some("serve"));
-            c.check_with(&config_path(cli.config.as_deref(), &env), &offline_registry(&c)?)?;
+            check_config(&c, &config_path(cli.config.as_deref(), &env)).await?;
             serve(c).await?;
         }
         Command::Worker { concurrency } => {
@@ -370,7 +452,7 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             }
         }
         Command::Workflows { json } => {
-            let registry = offline_registry(&config()?)?;
+            let registry = offline_registry(catalogs(&config()?).await.map(|c| c.0).unwrap_or_default())?;
             let list = registry.list();
             if json {
                 println!("{}", serde_json::to_string_pretty(&list)?);

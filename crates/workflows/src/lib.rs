@@ -8,6 +8,7 @@ pub mod component;
 mod config;
 mod connections;
 pub mod declarative;
+pub mod file_sync;
 mod gates;
 pub mod gitops;
 mod remediate;

@@ -16,7 +16,8 @@ pub async fn render(engine: &Engine, scheduler: &Scheduler) -> Result<String, En
         "# HELP dayshift_workflow_last_success_timestamp_seconds When the last successful run for this source finished (Unix time).\n\
          # TYPE dayshift_workflow_last_success_timestamp_seconds gauge\n",
     );
-    for (workflow, field) in engine.registry().freshness_fields() {
+    let registry = engine.registry();
+    for (workflow, field) in registry.freshness_fields() {
         for (source, at) in engine.store().last_successes(workflow, field).await? {
             let _ = writeln!(
                 out,

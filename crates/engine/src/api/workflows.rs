@@ -25,12 +25,12 @@ pub(crate) fn workflows_for(api: &Api, caller: &Caller) -> Vec<Value> {
         .into_iter()
         .map(|w| {
             let why_not = api.policy().may_start(caller, &w.name).err();
-            let guarded: Vec<&str> = api
+            let guarded: Vec<String> = api
                 .engine()
                 .registry()
                 .guards_of(&w.name)
                 .iter()
-                .map(|g| g.path.as_str())
+                .map(|g| g.path.clone())
                 .collect();
             serde_json::json!({
                 "name": w.name, "version": w.version, "description": w.description,

@@ -41,7 +41,8 @@ pub type StepHook = Arc<dyn Fn(RunId, &str) + Send + Sync>;
 pub struct Core {
     pub(crate) store: PgStore,
     pub(crate) queue: RedisQueue,
-    pub(crate) registry: Registry,
+    /// The workflows; replaced whole when workflow files change ([`crate::Engine::update_workflows`]).
+    pub(crate) registry: std::sync::RwLock<Arc<Registry>>,
     pub(crate) faults: Option<FaultInjector>,
     pub(crate) after_step: Option<StepHook>,
 }
@@ -49,8 +50,15 @@ pub struct Core {
 impl std::fmt::Debug for Core {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Core")
-            .field("registry", &self.registry)
+            .field("registry", &self.registry())
             .finish_non_exhaustive()
+    }
+}
+
+impl Core {
+    /// The workflows registered now.
+    pub(crate) fn registry(&self) -> Arc<Registry> {
+        self.registry.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 
@@ -64,7 +72,8 @@ impl ctx::Host for Core {
     }
 
     fn child_version(&self, workflow: &str, input: &Value) -> Result<u32, StepError> {
-        let Some(def) = self.registry.get(workflow) else {
+        let registry = self.registry();
+        let Some(def) = registry.get(workflow) else {
             return Err(StepError::Permanent(format!("unknown workflow '{workflow}'")));
         };
         def.validate(input)

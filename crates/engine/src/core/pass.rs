@@ -69,7 +69,7 @@ pub(crate) async fn advance(core: &Arc<Core>, run_id: RunId, opts: &PassOptions)
         }
         Err(ClaimMiss::NotRunnable) => return Ok(()),
     };
-    let Some(def) = core.registry.get(&claimed.workflow).cloned() else {
+    let Some(def) = core.registry().get(&claimed.workflow).cloned() else {
         tracing::warn!(run_id = %run_id, workflow = %claimed.workflow, worker = %opts.owner,
             "Workflow not registered on this worker; leaving the run for another.");
         let retry_at = claimed.now + chrono::Duration::seconds(30);

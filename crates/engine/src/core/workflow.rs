@@ -212,6 +212,20 @@ impl Registry {
         self.defs.insert(def.name.clone(), def);
     }
 
+    /// Removes workflow `name` (to check what a set without it would lack).
+    pub fn remove(&mut self, name: &str) -> Option<WorkflowDef> {
+        self.defs.remove(name)
+    }
+
+    /// Refuses new runs of workflow `name`, saying `why`; its runs in flight go on (a workflow
+    /// file that was deleted: its runs finish on their version).
+    pub fn retire(&mut self, name: &str, why: &str) {
+        if let Some(def) = self.defs.get_mut(name) {
+            let why = why.to_string();
+            def.validate = Arc::new(move |_| Err(why.clone()));
+        }
+    }
+
     pub(crate) fn get(&self, name: &str) -> Option<&WorkflowDef> {
         self.defs.get(name)
     }

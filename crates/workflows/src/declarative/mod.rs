@@ -28,6 +28,7 @@ mod job;
 mod model;
 mod plan;
 mod schema;
+pub mod source;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -56,6 +57,9 @@ pub struct WorkflowsConfig {
     /// path is read from the config file's directory.
     #[serde(default)]
     pub dirs: Vec<PathBuf>,
+    /// A git repository of workflow files, loaded with those of `dirs` and kept in sync.
+    #[serde(default)]
+    pub git: Option<source::GitSourceConfig>,
 }
 
 /// The catalog of actions a step may call: each one's name, what it does and why repeating it
@@ -455,8 +459,15 @@ pub fn load(
     names: &BTreeMap<String, BTreeSet<String>>,
     reserved: &[&str],
 ) -> Result<Vec<Arc<Definition>>, Vec<String>> {
+    let files = read_dirs(dirs, base)?;
+    compile_all(&files, names, reserved)
+}
+
+/// The workflow files (`*.yaml`, `*.yml`) of `dirs`, a relative one read from `base`, in name
+/// order: each one's path and text.
+pub fn read_dirs(dirs: &[PathBuf], base: &Path) -> Result<Vec<(String, String)>, Vec<String>> {
     let mut problems = Vec::new();
-    let mut out: Vec<Arc<Definition>> = Vec::new();
+    let mut out = Vec::new();
     for dir in dirs {
         let dir = if dir.is_absolute() { dir.clone() } else { base.join(dir) };
         let entries = match std::fs::read_dir(&dir) {
@@ -473,26 +484,38 @@ pub fn load(
         files.sort();
         for file in files {
             let path = file.display().to_string();
-            let text = match std::fs::read_to_string(&file) {
-                Ok(t) => t,
-                Err(e) => {
-                    problems.push(format!("{path}: cannot read: {e}"));
-                    continue;
-                }
-            };
-            match Definition::compile(&path, &text, names) {
-                Err(e) => problems.extend(e),
-                Ok(def) if reserved.contains(&def.name.as_str()) => {
-                    problems.push(format!("{path}: name: {:?} is a built-in workflow's name", def.name))
-                }
-                Ok(def) => match out.iter().find(|d| d.name == def.name) {
-                    Some(first) => problems.push(format!(
-                        "{path}: name: {:?} is already the name of the workflow in {}",
-                        def.name, first.path
-                    )),
-                    None => out.push(Arc::new(def)),
-                },
+            match std::fs::read_to_string(&file) {
+                Ok(t) => out.push((path, t)),
+                Err(e) => problems.push(format!("{path}: cannot read: {e}")),
             }
+        }
+    }
+    if problems.is_empty() { Ok(out) } else { Err(problems) }
+}
+
+/// Compiles `files` (each one's path and text): every problem of every file, each with its
+/// file, line and key, or the definitions. A file may not take a name of `reserved` (the
+/// built-in workflows) or of an earlier file.
+pub fn compile_all(
+    files: &[(String, String)],
+    names: &BTreeMap<String, BTreeSet<String>>,
+    reserved: &[&str],
+) -> Result<Vec<Arc<Definition>>, Vec<String>> {
+    let mut problems = Vec::new();
+    let mut out: Vec<Arc<Definition>> = Vec::new();
+    for (path, text) in files {
+        match Definition::compile(path, text, names) {
+            Err(e) => problems.extend(e),
+            Ok(def) if reserved.contains(&def.name.as_str()) => {
+                problems.push(format!("{path}: name: {:?} is a built-in workflow's name", def.name))
+            }
+            Ok(def) => match out.iter().find(|d| d.name == def.name) {
+                Some(first) => problems.push(format!(
+                    "{path}: name: {:?} is already the name of the workflow in {}",
+                    def.name, first.path
+                )),
+                None => out.push(Arc::new(def)),
+            },
         }
     }
     if problems.is_empty() { Ok(out) } else { Err(problems) }

@@ -78,6 +78,7 @@ impl WebhooksConfig {
             }
         }
         Ok(Webhooks {
+            watches: Vec::new(),
             secrets,
             routes: self.routes.clone(),
             max_body: self.max_body_bytes,

@@ -173,6 +173,14 @@ async fn deliver(
         e.generation = deleted as u64;
     }
     if let Some(e) = &event {
+        // Told even for dayshift's own pushes: a refresh only reads.
+        for watch in hooks.watches.iter().filter(|w| w.matches(e)) {
+            watch.pushed.notify_one();
+            out.reason = Some(format!(
+                "refreshes what serve keeps of {}#{}",
+                watch.repository, watch.branch
+            ));
+        }
         if let Some(run) = e.pushed_by_dayshift(&hooks.bot_emails) {
             out.outcome = Outcome::Ignored;
             out.reason = Some(format!("pushed by dayshift ({run}); its own commits start nothing"));

@@ -32,7 +32,7 @@ pub use config::{ForgeConfig, WebhooksConfig};
 pub use delivery::{DeliveryOutcome, Outcome, StartedByRoute, receive};
 pub use event::{CONTEXT_FIELDS, Commit, EventKind, Forge, GitEvent, HookError, Parsed, PullRequest};
 pub use parse::parse;
-pub use routes::{Pattern, WebhookRoute, Webhooks};
+pub use routes::{Pattern, PushWatch, WebhookRoute, Webhooks};
 pub use verify::{Headers, verify};
 
 #[cfg(test)]

@@ -189,4 +189,24 @@ pub struct Webhooks {
     pub max_body: usize,
     /// Commit authors that are dayshift itself (besides the `Dayshift-Run:` trailer).
     pub bot_emails: Vec<String>,
+    /// Branches whose pushes refresh something of serve's own (the workflow files kept in git).
+    pub watches: Vec<PushWatch>,
+}
+
+/// A branch whose pushes are told to `pushed`: the forge's repository name (`owner/name`,
+/// GitLab's project path), compared without regard to case, and the branch.
+#[derive(Debug, Clone)]
+pub struct PushWatch {
+    pub repository: String,
+    pub branch: String,
+    pub pushed: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl PushWatch {
+    /// Whether `e` is a push to this branch.
+    pub fn matches(&self, e: &GitEvent) -> bool {
+        e.kind == super::event::EventKind::Push
+            && e.repository.eq_ignore_ascii_case(&self.repository)
+            && e.branch.as_deref() == Some(self.branch.as_str())
+    }
 }
