@@ -2170,3 +2170,91 @@ async fn workflow_files_in_git_are_loaded_kept_in_sync_on_a_push_and_a_broken_co
     }
     worker.kill9().await;
 }
+
+const APPLY_FROM_GIT: &str = r#"
+name: ops.apply-from-git
+input:
+  path: { type: string, guarded: true, default: plain }
+steps:
+  - id: plain
+    action: kubernetes.apply
+    with: { repository: infra, path: "${{ input.path }}", namespace: shop }
+  - id: overlay
+    action: kubernetes.apply
+    with: { repository: infra, branch: main, path: overlays/prod }
+output: ${{ steps.plain.applied + steps.overlay.applied }}
+"#;
+
+#[tokio::test]
+async fn kubernetes_apply_takes_a_directory_or_a_kustomize_overlay_from_git_and_nothing_outside_the_repository() {
+    let git = dayshift_tests::GitServer::start().await;
+    let settings = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: settings\ndata:\n  mode: fast\n";
+    git.create(
+        "infra",
+        "main",
+        &[
+            ("plain/10-settings.yaml", settings),
+            (
+                "plain/20-flags.yaml",
+                "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: flags\n  namespace: shop\ndata:\n  beta: \"true\"\n---\n",
+            ),
+            ("overlays/base/settings.yaml", settings),
+            ("overlays/base/kustomization.yaml", "resources: [settings.yaml]\n"),
+            (
+                "overlays/prod/kustomization.yaml",
+                "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nnamespace: shop\nnamePrefix: prod-\nresources: [../base]\n",
+            ),
+        ],
+    );
+    let kube = dayshift_tests::kube_api::KubeApi::start().await;
+    let mut conns = kube.connections();
+    conns.git.insert(
+        "infra".into(),
+        dayshift_workflows::adapters::git::GitConfig {
+            url: git.url("infra"),
+            author_name: "dayshift".into(),
+            author_email: "dayshift@acme.io".into(),
+            ..Default::default()
+        },
+    );
+    let names = BTreeMap::from([
+        ("git".to_string(), ["infra".to_string()].into()),
+        ("kubernetes".to_string(), ["default".to_string()].into()),
+    ]);
+    let def = Arc::new(Definition::compile("apply.yaml", APPLY_FROM_GIT, &names).unwrap_or_else(|p| panic!("{p:#?}")));
+    let mut env = TestEnv::new(vec![def.workflow(Arc::new(conns), Arc::new(names), None)]).await;
+    env.start_worker(fast_worker("apply-git"));
+    let limit = Duration::from_secs(60);
+
+    let done = env.run_within("ops.apply-from-git", json!({}), limit).await;
+    assert_succeeded(&done);
+    assert_eq!(
+        done.output,
+        Some(json!([
+            "ConfigMap shop/settings",
+            "ConfigMap shop/flags",
+            "ConfigMap shop/prod-settings"
+        ]))
+    );
+    for name in ["settings", "flags", "prod-settings"] {
+        let cm = kube.get(&format!("/api/v1/namespaces/shop/configmaps/{name}"));
+        assert!(cm.is_some(), "{name} was not applied");
+    }
+    assert_eq!(
+        kube.get("/api/v1/namespaces/shop/configmaps/prod-settings").unwrap()["data"]["mode"],
+        "fast"
+    );
+
+    // A path out of the repository is refused before anything is applied.
+    let writes = kube.writes().len();
+    let escape = env
+        .run_within("ops.apply-from-git", json!({ "path": "../../../etc" }), limit)
+        .await;
+    assert_eq!(escape.status, RunStatus::Failed, "{escape:#?}");
+    assert!(
+        escape.error.as_deref().is_some_and(|e| e.contains("without '..'")),
+        "{escape:#?}"
+    );
+    assert_eq!(kube.writes().len(), writes);
+    env.stop_workers().await;
+}

@@ -366,7 +366,10 @@ impl Action {
                  namespaced kind) by server-side apply, as field manager `dayshift`: the fields it gives are set, \
                  the others left to their owners, and a field dayshift applied before and no longer gives is removed. \
                  Applying the same manifest again changes nothing, so repeating it is harmless. Output `object`, the \
-                 object as the server has it. A CNPG `Backup`, a drill namespace's NetworkPolicy, a Velero `Backup`."
+                 object as the server has it. A CNPG `Backup`, a drill namespace's NetworkPolicy, a Velero `Backup`. \
+                 Or, instead of `manifest`, the objects at `path` on `branch` of the git `repository`: a file (every \
+                 document), a directory (its `.yaml` files in name order) or a kustomize directory (rendered by \
+                 `kubectl kustomize`), applied in order; output `applied` (each `Kind namespace/name`) and `commit`."
             }
             Action::KubeLogs => {
                 "Reads the last `lines` lines (default 100, at most 5000) of a container's log in a pod: the pod named \
@@ -812,9 +815,25 @@ impl Action {
                     KUBE_CONNECTION,
                     target_of(
                         "manifest",
-                        true,
+                        false,
                         "object",
-                        "The object: apiVersion, kind, metadata (name, namespace) and what it sets.",
+                        "The object: apiVersion, kind, metadata (name, namespace) and what it sets. Or give `repository` and `path`.",
+                    ),
+                    target(
+                        "repository",
+                        false,
+                        "A repository of connections.git the objects are read from, instead of `manifest`.",
+                    ),
+                    target("branch", false, "The repository's branch. Default `main`."),
+                    target(
+                        "path",
+                        false,
+                        "A file, a directory of `.yaml` files or a kustomize directory in the repository.",
+                    ),
+                    target(
+                        "namespace",
+                        false,
+                        "With `path`: the namespace of the namespaced objects that name none.",
                     ),
                 ];
                 P
@@ -1350,7 +1369,24 @@ impl Action {
             }
             Action::KubeApply => {
                 let p: ApplyParams = parse(self, params)?;
-                let m = &p.manifest;
+                let m = match (&p.manifest, &p.repository, &p.path) {
+                    (Some(m), None, None) => m,
+                    (None, Some(repository), Some(path)) => {
+                        let branch = p.branch.as_deref().unwrap_or("main");
+                        let at = GitManifests {
+                            repository,
+                            branch,
+                            path,
+                            namespace: p.namespace.as_deref(),
+                        };
+                        return apply_from_git(connections, &p.connection, at).await;
+                    }
+                    _ => {
+                        return Err(StepError::permanent(
+                            "action kubernetes.apply: give either `manifest`, or `repository` and `path`",
+                        ));
+                    }
+                };
                 let text = |v: &Value| v.as_str().map(str::to_string);
                 let (Some(api_version), Some(kind), Some(name)) =
                     (text(&m["apiVersion"]), text(&m["kind"]), text(&m["metadata"]["name"]))
@@ -1720,7 +1756,100 @@ struct ArgoWaitParams {
 struct ApplyParams {
     #[serde(default = "default_cluster")]
     connection: String,
-    manifest: Value,
+    #[serde(default)]
+    manifest: Option<Value>,
+    #[serde(default)]
+    repository: Option<String>,
+    #[serde(default)]
+    branch: Option<String>,
+    #[serde(default)]
+    path: Option<String>,
+    #[serde(default)]
+    namespace: Option<String>,
+}
+
+/// Where `kubernetes.apply` reads its objects from, in git.
+struct GitManifests<'a> {
+    repository: &'a str,
+    branch: &'a str,
+    path: &'a str,
+    /// The namespace of the namespaced objects that name none.
+    namespace: Option<&'a str>,
+}
+
+/// `kubernetes.apply` of the objects at `path` on `branch` of git `repository`, in order.
+async fn apply_from_git(
+    connections: &Connections,
+    cluster_name: &str,
+    GitManifests {
+        repository,
+        branch,
+        path,
+        namespace,
+    }: GitManifests<'_>,
+) -> Result<Value, StepError> {
+    if let Some(ns) = namespace {
+        kube_name("namespace", ns)?;
+    }
+    let git = connections.git(repository).map_err(StepError::permanent)?;
+    let checkout = git.checkout(branch).await?;
+    let at = checkout.inside(path).map_err(StepError::permanent)?;
+    let docs = crate::component::manifests::read(&at).map_err(|e| {
+        // Named as in the repository, not by the temporary checkout's path.
+        let dir = checkout.dir().display().to_string();
+        StepError::permanent(format!(
+            "{repository} on {branch}: {}",
+            e.to_string().replace(&format!("{dir}/"), "")
+        ))
+    })?;
+    let commit = checkout.head().await?;
+    drop(checkout);
+    let kube = cluster(connections, cluster_name).await?;
+    let mut applied = Vec::new();
+    for doc in &docs {
+        let mut m = doc.object.clone();
+        let text = |v: &Value| v.as_str().map(str::to_string);
+        let object = KubeObject {
+            connection: cluster_name.to_string(),
+            api_version: text(&m["apiVersion"]).unwrap_or_default(),
+            kind: text(&m["kind"]).unwrap_or_default(),
+            namespace: text(&m["metadata"]["namespace"]),
+            name: text(&m["metadata"]["name"]).unwrap_or_default(),
+        };
+        kube_name("name", &object.name)?;
+        if let Some(ns) = &object.namespace {
+            kube_name("namespace", ns)?;
+        }
+        let r = kube
+            .resource(&object.api_version, &object.kind)
+            .await
+            .map_err(step_err)?;
+        let mut object = object;
+        if r.namespaced
+            && object.namespace.is_none()
+            && let Some(ns) = namespace
+        {
+            m["metadata"]["namespace"] = json!(ns);
+            object.namespace = Some(ns.to_string());
+        }
+        if r.namespaced != object.namespace.is_some() {
+            return Err(StepError::permanent(format!(
+                "{}: {} is {}, so it needs {}",
+                doc.at.replace(&format!("{}/", at.display()), ""),
+                object.kind,
+                if r.namespaced { "namespaced" } else { "cluster-wide" },
+                if r.namespaced { "a namespace" } else { "no namespace" }
+            )));
+        }
+        kube.apply(&r, &m, "dayshift", false).await.map_err(step_err)?;
+        applied.push(format!(
+            "{} {}{}",
+            object.kind,
+            object.namespace.map(|n| format!("{n}/")).unwrap_or_default(),
+            object.name
+        ));
+    }
+    Ok(json!({ "applied": applied, "commit": commit }))
 }
 
 #[derive(Deserialize)]

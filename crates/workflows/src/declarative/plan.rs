@@ -140,6 +140,12 @@ impl Action {
             ),
             Action::CertRenew => format!("renew Certificate {}", object(p, "Certificate")),
             Action::TimeNow => "read the clock".into(),
+            Action::KubeApply if p.get("path").is_some() => format!(
+                "apply the objects of {} on {} of {}",
+                text(&p["path"]),
+                p["branch"].as_str().unwrap_or("main"),
+                text(&p["repository"])
+            ),
             Action::KubeApply => format!(
                 "apply {} {}{}",
                 text(&p["manifest"]["kind"]),
