@@ -1037,3 +1037,116 @@ async fn the_gitops_revert_example_proposes_the_revert_of_the_commit_a_degraded_
     assert_eq!(chat.received().len(), 1);
     env.stop_workers().await;
 }
+
+#[tokio::test]
+async fn the_missing_backup_example_proposes_a_scheduled_backup_in_the_owner_s_directory_once() {
+    let git = dayshift_tests::GitServer::start().await;
+    git.create(
+        "infra",
+        "main",
+        &[(
+            "apps/shop/cluster.yaml",
+            "apiVersion: postgresql.cnpg.io/v1\nkind: Cluster\nmetadata:\n  name: shop-db\n",
+        )],
+    );
+    let forge = ForgeServer::start(ForgeKind::Gitea, &git, "infra", "acme/infra", "forge-t0ken").await;
+    let chat = WebhookReceiver::start().await;
+    let mut conns = forge_connections(&git, &forge, ForgeKind::Gitea, "acme/infra", "forge-t0ken", &chat);
+    let kube = dayshift_tests::kube_api::KubeApi::start().await;
+    kube.put_crd("postgresql.cnpg.io", "Cluster", "clusters", "v1");
+    kube.put_crd("postgresql.cnpg.io", "ScheduledBackup", "scheduledbackups", "v1");
+    kube.put_crd("argoproj.io", "Application", "applications", "v1alpha1");
+    let cluster = |ns: &str, name: &str, meta: serde_json::Value| {
+        let mut metadata = json!({ "name": name, "namespace": ns });
+        metadata
+            .as_object_mut()
+            .unwrap()
+            .extend(meta.as_object().unwrap().clone());
+        json!({ "apiVersion": "postgresql.cnpg.io/v1", "kind": "Cluster", "metadata": metadata, "spec": { "instances": 2 } })
+    };
+    // Owned through ArgoCD's tracking annotation, and no backup.
+    kube.put(cluster(
+        "shop",
+        "shop-db",
+        json!({ "annotations": { "argocd.argoproj.io/tracking-id": "shop:postgresql.cnpg.io/Cluster:shop/shop-db" } }),
+    ));
+    // Backed up already.
+    kube.put(cluster(
+        "billing",
+        "billing-db",
+        json!({ "labels": { "app.kubernetes.io/instance": "billing" } }),
+    ));
+    kube.put(json!({
+        "apiVersion": "postgresql.cnpg.io/v1", "kind": "ScheduledBackup",
+        "metadata": { "name": "billing-db-daily", "namespace": "billing" },
+        "spec": { "schedule": "0 0 2 * * *", "cluster": { "name": "billing-db" } },
+    }));
+    // No owner.
+    kube.put(cluster("scratch", "orphan-db", json!({})));
+    kube.put(json!({
+        "apiVersion": "argoproj.io/v1alpha1", "kind": "Application", "metadata": { "name": "shop", "namespace": "argocd" },
+        "spec": { "project": "default", "source": { "repoURL": git.url("infra"), "path": "apps/shop", "targetRevision": "main" },
+                  "destination": { "server": "https://kubernetes.default.svc", "namespace": "shop" } },
+    }));
+    conns.kubernetes = kube.connections().kubernetes;
+    let mut env = TestEnv::new(vec![example("propose-missing-backup.yaml", conns)]).await;
+    env.start_worker(fast_worker("propose"));
+    let input = |ns: &str, name: &str| json!({ "cluster": name, "namespace": ns, "kubernetes": "default", "repository": "infra", "channel": "ops" });
+    let limit = Duration::from_secs(60);
+    let writes = kube.writes().len();
+
+    let done = env
+        .run_within("gitops.propose-missing-backup", input("shop", "shop-db"), limit)
+        .await;
+    assert_succeeded(&done);
+    let output = done.output.clone().unwrap();
+    assert_eq!(
+        (output["covered"].clone(), output["owner"].clone()),
+        (json!(false), json!("shop"))
+    );
+    let pulls = forge.pulls();
+    assert_eq!(pulls.len(), 1, "{pulls:#?}");
+    let branch = "dayshift/scheduled-backup-shop-shop-db";
+    assert_eq!((pulls[0].head.as_str(), pulls[0].base.as_str()), (branch, "main"));
+    let manifest = git.read("infra", branch, "apps/shop/shop-db-scheduled-backup.yaml");
+    let parsed: serde_json::Value = serde_saphyr::from_str(&manifest).unwrap();
+    assert_eq!(parsed["kind"], "ScheduledBackup");
+    assert_eq!(parsed["spec"]["cluster"]["name"], "shop-db");
+    assert_eq!(parsed["metadata"]["namespace"], "shop");
+    // Proposed in Git only: the live cluster is not touched, and the base branch is as it was.
+    assert_eq!(kube.writes().len(), writes, "{:#?}", &kube.writes()[writes..]);
+    assert_eq!(git.log("infra", "main").len(), 1);
+    assert!(
+        chat.wait_for(1, limit).await[0]
+            .to_string()
+            .contains("waits for review")
+    );
+
+    // Again, the proposal still open: nothing new.
+    let again = env
+        .run_within("gitops.propose-missing-backup", input("shop", "shop-db"), limit)
+        .await;
+    assert_succeeded(&again);
+    assert_eq!(forge.pulls().len(), 1);
+    assert_eq!(git.log("infra", branch).len(), 2);
+
+    // A cluster with a ScheduledBackup is covered: nothing is proposed.
+    let covered = env
+        .run_within("gitops.propose-missing-backup", input("billing", "billing-db"), limit)
+        .await;
+    assert_succeeded(&covered);
+    assert_eq!(covered.output.as_ref().unwrap()["covered"], true);
+    // One that no Application owns fails and says so.
+    let orphan = env
+        .run_within("gitops.propose-missing-backup", input("scratch", "orphan-db"), limit)
+        .await;
+    assert_eq!(orphan.status, RunStatus::Failed, "{orphan:#?}");
+    assert!(
+        orphan.error.as_deref().is_some_and(|e| e.contains("no ArgoCD owner")),
+        "{orphan:#?}"
+    );
+    assert_eq!(forge.pulls().len(), 1);
+    assert_eq!(chat.received().len(), 1);
+    assert_eq!(kube.writes().len(), writes);
+    env.stop_workers().await;
+}

@@ -90,6 +90,12 @@ const GIT_CONNECTION: Param = param(
     "string",
     "A repository of connections.git, by name.",
 );
+const GIT_PUSHED_TO: Param = target("branch", true, "The branch the commit is pushed to.");
+const GIT_FROM: Param = target(
+    "from",
+    false,
+    "The branch `branch` is started from when it does not exist yet.",
+);
 
 /// An action of the catalog.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -704,12 +710,8 @@ impl Action {
             Action::GitSetValues => {
                 const P: &[Param] = &[
                     GIT_CONNECTION,
-                    target("branch", true, "The branch the commit is pushed to."),
-                    target(
-                        "from",
-                        false,
-                        "The branch `branch` is started from when it does not exist yet.",
-                    ),
+                    GIT_PUSHED_TO,
+                    GIT_FROM,
                     target("file", true, "The YAML file's path in the repository."),
                     param(
                         "values",
@@ -724,12 +726,8 @@ impl Action {
             Action::GitWriteFile => {
                 const P: &[Param] = &[
                     GIT_CONNECTION,
-                    target("branch", true, "The branch the commit is pushed to."),
-                    target(
-                        "from",
-                        false,
-                        "The branch `branch` is started from when it does not exist yet.",
-                    ),
+                    GIT_PUSHED_TO,
+                    GIT_FROM,
                     target("file", true, "The file's path in the repository."),
                     param("content", true, "string", "The file's whole content."),
                     param(
@@ -744,12 +742,8 @@ impl Action {
             Action::GitRevert => {
                 const P: &[Param] = &[
                     GIT_CONNECTION,
-                    target("branch", true, "The branch the revert is pushed to."),
-                    target(
-                        "from",
-                        false,
-                        "The branch `branch` is started from when it does not exist yet.",
-                    ),
+                    GIT_PUSHED_TO,
+                    GIT_FROM,
                     target("commit", true, "The commit to revert (its id, 7 to 64 hex digits)."),
                     param(
                         "message",
