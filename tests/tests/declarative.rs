@@ -1998,14 +1998,17 @@ fn saying(name: &str, said: &str) -> String {
     )
 }
 
-/// A GitHub push delivery of `branch` of `repository`, signed with `secret`, to `env`.
-async fn push_delivery(
+/// Pushes `changes` to `main` of `platform-workflows` in one commit, and delivers the forge's
+/// push webhook for it to `env` (GitHub's, signed with `push-secret`); the delivery's answer.
+async fn push_and_deliver(
     env: &dayshift_tests::BinEnv,
-    secret: &str,
-    repository: &str,
-    branch: &str,
-    after: &str,
+    git: &dayshift_tests::GitServer,
+    changes: &[(&str, Option<&str>)],
 ) -> Value {
+    let (secret, repository, branch) = ("push-secret", "acme/platform-workflows", "main");
+    git.push_changes("platform-workflows", branch, changes);
+    let after = git.head("platform-workflows", branch);
+    let after = after.as_str();
     let body = serde_json::to_vec(&json!({
         "ref": format!("refs/heads/{branch}"), "before": "0".repeat(40), "after": after,
         "repository": { "full_name": repository, "name": repository.split('/').nth(1) },
@@ -2075,16 +2078,15 @@ async fn workflow_files_in_git_are_loaded_kept_in_sync_on_a_push_and_a_broken_co
     assert_eq!(env.wait_finished(&id, limit).await["output"], "v1");
 
     // A commit edits one file and adds another; the forge's push makes serve load it at once.
-    git.push_changes(
-        "platform-workflows",
-        "main",
+    let delivered = push_and_deliver(
+        &env,
+        &git,
         &[
             ("workflows/hello.yaml", Some(&saying("ops.hello", "v2"))),
             ("workflows/new.yaml", Some(&saying("ops.new", "new"))),
         ],
-    );
-    let head = git.head("platform-workflows", "main");
-    let delivered = push_delivery(&env, "push-secret", "acme/platform-workflows", "main", &head).await;
+    )
+    .await;
     assert!(
         delivered["reason"].as_str().is_some_and(|r| r.contains("refreshes")),
         "{delivered:#}"
@@ -2111,16 +2113,15 @@ async fn workflow_files_in_git_are_loaded_kept_in_sync_on_a_push_and_a_broken_co
     assert_eq!(env.wait_finished(&id, limit).await["output"], "new");
 
     // A commit with a broken file is not loaded: the workflows stay as they were, and serve says why.
-    git.push_changes(
-        "platform-workflows",
-        "main",
+    push_and_deliver(
+        &env,
+        &git,
         &[(
             "workflows/hello.yaml",
             Some("name: ops.hello\nsteps:\n  - { id: a, action: nope }\n"),
         )],
-    );
-    let head = git.head("platform-workflows", "main");
-    push_delivery(&env, "push-secret", "acme/platform-workflows", "main", &head).await;
+    )
+    .await;
     while !env.server.as_ref().unwrap().logs().contains("were not loaded") {
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -2138,16 +2139,15 @@ async fn workflow_files_in_git_are_loaded_kept_in_sync_on_a_push_and_a_broken_co
     assert_eq!(env.wait_finished(&id, limit).await["output"], "v2");
 
     // A file deleted: its workflow can no longer be started.
-    git.push_changes(
-        "platform-workflows",
-        "main",
+    push_and_deliver(
+        &env,
+        &git,
         &[
             ("workflows/hello.yaml", Some(&saying("ops.hello", "v2"))),
             ("workflows/new.yaml", None),
         ],
-    );
-    let head = git.head("platform-workflows", "main");
-    push_delivery(&env, "push-secret", "acme/platform-workflows", "main", &head).await;
+    )
+    .await;
     loop {
         let (status, body) = env
             .post("/api/v1/runs", &json!({ "workflow": "ops.new", "input": {} }))

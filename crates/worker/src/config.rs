@@ -371,7 +371,7 @@ impl Config {
         &self,
         path: &str,
         registry: &Registry,
-        catalogs: Result<dayshift_workflows::Catalogs, ConfigError>,
+        catalogs: Result<&dayshift_workflows::Catalogs, &ConfigError>,
     ) -> Result<(), ConfigError> {
         let mut problems = dayshift_engine::triggers::schedule::config::check(&self.schedules, path, registry);
         problems.extend(self.webhooks.check(path, registry));

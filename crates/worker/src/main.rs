@@ -183,8 +183,9 @@ fn env_map() -> HashMap<String, String> {
 }
 
 /// The engine with every built-in workflow, connected to PostgreSQL and Redis. `serve` is the
-/// API's role: it holds no connection's credentials.
-async fn connect(config: &Config, serve: bool) -> Result<Engine> {
+/// API's role: it holds no connection's credentials. `loaded` are the catalogs when the caller
+/// has read them already (serve, after checking the config), so git is fetched once.
+async fn connect(config: &Config, serve: bool, loaded: Option<Loaded>) -> Result<Engine> {
     let store = PgStore::connect(config.database.url.expose(), config.database.max_connections)
         .await
         .context("cannot connect to PostgreSQL (database.url)")?;
@@ -206,7 +207,10 @@ async fn connect(config: &Config, serve: bool) -> Result<Engine> {
         config.connections()?
     };
     // Workflow files kept in git are loaded with those of workflows.dirs, then kept in sync.
-    let (catalogs, from_git) = catalogs(config).await?;
+    let (catalogs, from_git) = match loaded {
+        Some(loaded) => loaded,
+        None => catalogs(config).await?,
+    };
     let sync_names = catalogs.connection_names.clone();
     let sync_connections = std::sync::Arc::new(connections.clone());
     // serve and every worker number the workflow files' texts in PostgreSQL the same way, so the
@@ -312,8 +316,11 @@ type FromGit = (
     (String, std::collections::BTreeSet<String>),
 );
 
+/// The config's catalogs, and what the sync of `workflows.git` starts from.
+type Loaded = (dayshift_workflows::Catalogs, Option<FromGit>);
+
 /// The config's catalogs, the workflow files of `workflows.git` (fetched now) among them.
-async fn catalogs(config: &Config) -> Result<(dayshift_workflows::Catalogs, Option<FromGit>), config::ConfigError> {
+async fn catalogs(config: &Config) -> Result<Loaded, config::ConfigError> {
     let mut catalogs = config.catalogs()?;
     let Some(git) = &config.workflows.git else {
         return Ok((catalogs, None));
@@ -335,12 +342,12 @@ async fn catalogs(config: &Config) -> Result<(dayshift_workflows::Catalogs, Opti
 }
 
 /// Checks the config ([`Config::check_with`]) against every workflow, those of `workflows.git`
-/// fetched now.
-async fn check_config(config: &Config, path: &str) -> Result<()> {
-    let catalogs = catalogs(config).await;
-    let registry = offline_registry(catalogs.as_ref().map(|c| c.0.clone()).unwrap_or_default())?;
-    config.check_with(path, &registry, catalogs.map(|c| c.0))?;
-    Ok(())
+/// fetched now; the catalogs it checked.
+async fn check_config(config: &Config, path: &str) -> Result<Loaded> {
+    let loaded = catalogs(config).await;
+    let registry = offline_registry(loaded.as_ref().map(|c| c.0.clone()).unwrap_or_default())?;
+    config.check_with(path, &registry, loaded.as_ref().map(|c| &c.0))?;
+    Ok(loaded?)
 }
 
 fn offline_registry(catalogs: dayshift_workflows::Catalogs) -> Result<dayshift_engine::Registry> {
@@ -405,8 +412,8 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
                 c.server.listen = l;
             }
             telemetry::init(&c, Some("serve"));
-            check_config(&c, &config_path(cli.config.as_deref(), &env)).await?;
-            serve(c).await?;
+            let loaded = check_config(&c, &config_path(cli.config.as_deref(), &env)).await?;
+            serve(c, loaded).await?;
         }
         Command::Worker { concurrency } => {
             let mut c = config()?;
@@ -559,8 +566,8 @@ async fn shutdown_signal() {
     });
 }
 
-async fn serve(config: Config) -> Result<()> {
-    let engine = connect(&config, true).await?;
+async fn serve(config: Config, loaded: Loaded) -> Result<()> {
+    let engine = connect(&config, true, Some(loaded)).await?;
     let api = api(&config, &engine)?;
     let listener = tokio::net::TcpListener::bind(config.server.listen)
         .await
@@ -589,7 +596,7 @@ async fn serve(config: Config) -> Result<()> {
 }
 
 async fn worker(config: Config) -> Result<()> {
-    let engine = connect(&config, false).await?;
+    let engine = connect(&config, false, None).await?;
     let token = CancellationToken::new();
     let worker = Worker::new(engine.core(), config.worker.clone());
     let name = worker.name().to_string();

@@ -210,8 +210,7 @@ impl Forge {
             expect: expect.to_vec(),
             ..Request::default()
         };
-        let answer = self.api.send_to(url, &req).await?;
-        Ok(answer)
+        self.api.send_to(url, &req).await
     }
 
     fn read(&self, v: &Value) -> Result<PullRequest, EndpointError> {

@@ -121,13 +121,13 @@ pub fn check_branch(branch: &str) -> Result<(), GitError> {
     Ok(())
 }
 
-/// `relative` under `root`, refused unless it stays inside `root` (see [`Checkout::inside`]).
-pub fn inside(root: &Path, relative: &str) -> Result<PathBuf, OutsideCheckout> {
+/// Refuses a path that is not relative, or that goes up (`..`): what [`inside`] checks before
+/// it looks at the files.
+pub fn check_relative(relative: &str) -> Result<(), OutsideCheckout> {
     use std::path::Component;
-    let path = Path::new(relative);
     let plain = !relative.is_empty()
         && !relative.contains('\0')
-        && path
+        && Path::new(relative)
             .components()
             .all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
     if !plain {
@@ -135,7 +135,13 @@ pub fn inside(root: &Path, relative: &str) -> Result<PathBuf, OutsideCheckout> {
             "{relative:?} must be a path relative to the repository, without '..' or a leading '/'"
         )));
     }
-    let joined = root.join(path);
+    Ok(())
+}
+
+/// `relative` under `root`, refused unless it stays inside `root` (see [`Checkout::inside`]).
+pub fn inside(root: &Path, relative: &str) -> Result<PathBuf, OutsideCheckout> {
+    check_relative(relative)?;
+    let joined = root.join(relative);
     let root = root.canonicalize().map_err(|e| format!("{}: {e}", root.display()))?;
     let mut existing = joined.as_path();
     // A dangling link counts as existing: resolving it then fails, as it must.

@@ -41,6 +41,20 @@ fn text(v: &Value) -> String {
     }
 }
 
+/// The branch a git action pushes to, where it starts from, and the repository:
+/// `promote/x (started from main) of infra`.
+fn pushed_to(p: &Value) -> String {
+    format!(
+        "{}{} of {}",
+        text(&p["branch"]),
+        p["from"]
+            .as_str()
+            .map(|f| format!(" (started from {f})"))
+            .unwrap_or_default(),
+        text(&p["connection"])
+    )
+}
+
 fn words(v: &Value) -> String {
     v.as_array()
         .map(|a| a.iter().map(text).collect::<Vec<_>>().join(" "))
@@ -197,7 +211,7 @@ impl Action {
                 text(&p["connection"])
             ),
             Action::GitSetValues => format!(
-                "set {} in {} and push it to {}{} of {}",
+                "set {} in {} and push it to {}",
                 p["values"]
                     .as_object()
                     .map(|m| m
@@ -207,34 +221,15 @@ impl Action {
                         .join(", "))
                     .unwrap_or_default(),
                 text(&p["file"]),
-                text(&p["branch"]),
-                p["from"]
-                    .as_str()
-                    .map(|f| format!(" (started from {f})"))
-                    .unwrap_or_default(),
-                text(&p["connection"])
+                pushed_to(p)
             ),
             Action::GitWriteFile => format!(
-                "write {} ({} bytes) and push it to {}{} of {}",
+                "write {} ({} bytes) and push it to {}",
                 text(&p["file"]),
                 p["content"].as_str().map_or(0, str::len),
-                text(&p["branch"]),
-                p["from"]
-                    .as_str()
-                    .map(|f| format!(" (started from {f})"))
-                    .unwrap_or_default(),
-                text(&p["connection"])
+                pushed_to(p)
             ),
-            Action::GitRevert => format!(
-                "revert commit {} on {}{} of {}",
-                text(&p["commit"]),
-                text(&p["branch"]),
-                p["from"]
-                    .as_str()
-                    .map(|f| format!(" (started from {f})"))
-                    .unwrap_or_default(),
-                text(&p["connection"])
-            ),
+            Action::GitRevert => format!("revert commit {} on {}", text(&p["commit"]), pushed_to(p)),
             Action::GitPullRequest => format!(
                 "open a pull request from {} to {} on {}: {}",
                 text(&p["head"]),

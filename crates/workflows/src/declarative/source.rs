@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::adapters::git::{GitConfig, check_branch, inside};
+use crate::adapters::git::{GitConfig, check_branch, check_relative};
 use crate::config::{InvalidConfig, SecretReader, SecretSource};
 
 // `workflows.git` as the config file gives it.
@@ -61,8 +61,7 @@ impl GitSourceConfig {
     pub fn resolve(&self, key: &str, read: SecretReader<'_>) -> Result<GitSource, InvalidConfig> {
         check_branch(&self.branch).map_err(|e| InvalidConfig::new(format!("{key}.branch"), e.to_string()))?;
         let path = self.path.clone().unwrap_or_else(|| ".".into());
-        inside(std::path::Path::new("/"), &path)
-            .map_err(|e| InvalidConfig::new(format!("{key}.path"), e.to_string()))?;
+        check_relative(&path).map_err(|e| InvalidConfig::new(format!("{key}.path"), e.to_string()))?;
         if self.refresh < Duration::from_secs(1) {
             return Err(InvalidConfig::new(format!("{key}.refresh"), "must be at least 1s"));
         }
